@@ -1,0 +1,62 @@
+//! Durations as people write them: `90s`, `15m`, `2h`, `1d`, or combined (`1h30m`).
+
+use std::time::Duration;
+
+/// Why a duration was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {0:?}: use a number followed by s, m, h or d, e.g. 90s, 15m, 2h")]
+pub struct DurationError(String);
+
+/// Parses `90s`, `15m`, `2h`, `1d` and combinations such as `1h30m`.
+pub fn parse(input: &str) -> Result<Duration, DurationError> {
+    let fail = || DurationError(input.to_owned());
+    let mut total: u64 = 0;
+    let mut number: Option<u64> = None;
+    for c in input.trim().chars() {
+        if let Some(digit) = c.to_digit(10) {
+            let n = number.unwrap_or(0);
+            number = Some(
+                n.checked_mul(10)
+                    .and_then(|n| n.checked_add(u64::from(digit)))
+                    .ok_or_else(fail)?,
+            );
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(fail()),
+        };
+        let n = number.take().ok_or_else(fail)?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|s| total.checked_add(s))
+            .ok_or_else(fail)?;
+    }
+    if number.is_some() || total == 0 && input.trim().is_empty() {
+        return Err(fail());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// Formats a whole number of seconds the short way (`1h30m`, `45s`, `0s`).
+pub fn format(duration: Duration) -> String {
+    let mut secs = duration.as_secs();
+    if secs == 0 {
+        return "0s".to_owned();
+    }
+    let mut out = String::new();
+    for (unit, name) in [(86_400, 'd'), (3600, 'h'), (60, 'm'), (1, 's')] {
+        if secs >= unit {
+            out.push_str(&(secs / unit).to_string());
+            out.push(name);
+            secs %= unit;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,25 @@
+use super::*;
+
+#[test]
+fn parses_units() {
+    assert_eq!(parse("90s"), Ok(Duration::from_secs(90)));
+    assert_eq!(parse("15m"), Ok(Duration::from_secs(900)));
+    assert_eq!(parse("2h"), Ok(Duration::from_secs(7200)));
+    assert_eq!(parse("1d"), Ok(Duration::from_secs(86_400)));
+    assert_eq!(parse("1h30m"), Ok(Duration::from_secs(5400)));
+}
+
+#[test]
+fn refuses_garbage() {
+    for bad in ["", "15", "m", "15x", "-5m", "1.5h", "99999999999999999999s", "5 m"] {
+        assert!(parse(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn formats_short() {
+    assert_eq!(format(Duration::from_secs(5400)), "1h30m");
+    assert_eq!(format(Duration::from_secs(45)), "45s");
+    assert_eq!(format(Duration::from_secs(0)), "0s");
+    assert_eq!(format(Duration::from_secs(90_061)), "1d1h1m1s");
+}

@@ -1,0 +1,21 @@
+//! Pure types and rules of airlock. Nothing in this crate performs I/O.
+//!
+//! - [`secret`]: [`Secret`], a string whose `Debug`/`Display` redact and whose memory is zeroed on drop.
+//! - [`token`]: session tokens (`sess_…`), their hashes and session ids (`ses_…`).
+//! - [`path`]: strict validation of request paths; ambiguous paths are refused, never normalised.
+//! - [`rule`]: scope rules (`PROVIDER:METHODS:PATH`), path patterns and the matcher.
+//! - [`duration`]: the `90s` / `15m` / `2h` durations used by the CLI and config.
+//! - [`limits`]: per-session limits.
+#![forbid(unsafe_code)]
+
+pub mod duration;
+pub mod limits;
+pub mod path;
+pub mod rule;
+pub mod secret;
+pub mod token;
+
+pub use limits::Limits;
+pub use rule::{Method, MethodSet, PathPattern, Rule, Scope};
+pub use secret::Secret;
+pub use token::{SessionId, TokenHash};

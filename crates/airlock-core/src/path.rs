@@ -1,0 +1,156 @@
+//! Strict validation of request paths.
+//!
+//! The scope check and the upstream request use the same bytes, so a path is
+//! accepted only when no decoding a server might apply could turn it into a
+//! different path. Anything ambiguous is refused, never normalised:
+//!
+//! - it must start with `/` and hold only unreserved characters, sub-delims
+//!   other than `;`, `:`, `@`, `/` and percent escapes;
+//! - no empty segment (`//`) except a single trailing slash, no `.` or `..`
+//!   segment;
+//! - a percent escape must be two hex digits and must not decode to `/`, `\`,
+//!   `.`, `%`, NUL or another control character; the decoded bytes of every
+//!   segment must be valid UTF-8 (which rules out overlong encodings).
+
+use std::fmt;
+
+/// Why a path was refused. The text is safe to show to the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathError {
+    /// The path does not start with `/`.
+    NotAbsolute,
+    /// A byte outside the allowed set (backslash, `;`, space, non-ASCII, ...).
+    ForbiddenByte(u8),
+    /// `%` not followed by two hex digits.
+    BadEscape,
+    /// An escape decoding to `/`, `\`, `.`, `%` or a control character.
+    ForbiddenEscape(u8),
+    /// A `.` or `..` segment.
+    DotSegment,
+    /// An empty segment (`//`).
+    EmptySegment,
+    /// A segment whose decoded bytes are not UTF-8.
+    NotUtf8,
+}
+
+/// Checks that `path` (the path part of a request target, without the query)
+/// is unambiguous. Returns it unchanged when it is.
+pub fn validate(path: &str) -> Result<&str, PathError> {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let body = &path[1..];
+    let last = body.split('/').count().saturating_sub(1);
+    for (index, segment) in body.split('/').enumerate() {
+        validate_segment(segment, index == last)?;
+    }
+    Ok(path)
+}
+
+/// Checks one segment (no `/` inside). `is_last` allows the empty trailing
+/// segment of a path ending in `/` (and the bare root `/`).
+pub(crate) fn validate_segment(segment: &str, is_last: bool) -> Result<(), PathError> {
+    if segment.is_empty() {
+        return if is_last {
+            Ok(())
+        } else {
+            Err(PathError::EmptySegment)
+        };
+    }
+    if segment == "." || segment == ".." {
+        return Err(PathError::DotSegment);
+    }
+    let bytes = segment.as_bytes();
+    let mut escaped = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let decoded = decode_escape(bytes.get(i + 1..i + 3)).ok_or(PathError::BadEscape)?;
+            if matches!(decoded, b'/' | b'\\' | b'.' | b'%') || decoded < 0x20 || decoded == 0x7f {
+                return Err(PathError::ForbiddenEscape(decoded));
+            }
+            escaped = true;
+            i += 3;
+            continue;
+        }
+        if !is_allowed_byte(b) {
+            return Err(PathError::ForbiddenByte(b));
+        }
+        i += 1;
+    }
+    if escaped && std::str::from_utf8(&percent_decode(bytes)).is_err() {
+        return Err(PathError::NotUtf8);
+    }
+    Ok(())
+}
+
+/// Unreserved, sub-delims without `;`, `:` and `@`.
+fn is_allowed_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b'='
+                | b':'
+                | b'@'
+        )
+}
+
+fn decode_escape(hex: Option<&[u8]>) -> Option<u8> {
+    let hex = hex?;
+    let hi = char::from(hex[0]).to_digit(16)?;
+    let lo = char::from(hex[1]).to_digit(16)?;
+    u8::try_from(hi * 16 + lo).ok()
+}
+
+/// Decodes the escapes of an already validated segment.
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            if let Some(b) = decode_escape(bytes.get(i + 1..i + 3)) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotAbsolute => f.write_str("path must start with '/'"),
+            Self::ForbiddenByte(b) => write!(f, "path contains a forbidden byte 0x{b:02x}"),
+            Self::BadEscape => f.write_str("path contains a malformed percent escape"),
+            Self::ForbiddenEscape(b) => {
+                write!(f, "path contains an encoded forbidden byte 0x{b:02x}")
+            }
+            Self::DotSegment => f.write_str("path contains a '.' or '..' segment"),
+            Self::EmptySegment => f.write_str("path contains an empty segment ('//')"),
+            Self::NotUtf8 => f.write_str("path does not decode to UTF-8"),
+        }
+    }
+}
+
+impl std::error::Error for PathError {}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,150 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn pattern(s: &str) -> PathPattern {
+    s.parse().unwrap()
+}
+
+#[test]
+fn parses_cli_rules() {
+    let rule: Rule = "openai:POST:/v1/chat/completions".parse().unwrap();
+    assert!(rule.allows("openai", Method::Post, "/v1/chat/completions"));
+    assert!(!rule.allows("openai", Method::Get, "/v1/chat/completions"));
+    assert!(!rule.allows("anthropic", Method::Post, "/v1/chat/completions"));
+
+    let rule: Rule = "github:GET,HEAD:/repos/acme/**".parse().unwrap();
+    assert!(rule.allows("github", Method::Head, "/repos/acme/x"));
+    assert!(!rule.allows("github", Method::Post, "/repos/acme/x"));
+
+    let rule: Rule = "openai:*:/v1/files/a:b".parse().unwrap();
+    assert!(rule.allows("openai", Method::Delete, "/v1/files/a:b"));
+}
+
+#[test]
+fn refuses_bad_rules() {
+    for (input, want) in [
+        ("openai", "not PROVIDER:METHODS:PATH"),
+        ("openai:POST", "not PROVIDER:METHODS:PATH"),
+        ("openai::/v1", "not PROVIDER:METHODS:PATH"),
+        ("openai:POST:", "not PROVIDER:METHODS:PATH"),
+        ("OpenAI:POST:/v1", "provider name"),
+        (":POST:/v1", "provider name"),
+        ("openai:post:/v1", "method \"post\""),
+        ("openai:CONNECT:/v1", "method \"CONNECT\""),
+        ("openai:GET,:/v1", "method \"\""),
+        ("openai:POST:v1/chat", "must start with '/'"),
+        ("openai:POST:/v1/**/x", "'*' must be a whole segment"),
+        ("openai:POST:/v1/a*", "'*' must be a whole segment"),
+        ("openai:POST:/v1//x", "empty segment"),
+        ("openai:POST:/v1/../x", "'.' or '..'"),
+        ("openai:POST:/v1/%2e%2e", "encoded forbidden"),
+        ("openai:POST:/v1/a;b", "forbidden byte"),
+    ] {
+        let err = input.parse::<Rule>().unwrap_err().to_string();
+        assert!(err.contains(want), "{input}: {err}");
+    }
+}
+
+#[test]
+fn star_matches_exactly_one_segment() {
+    let p = pattern("/v1/models/*");
+    assert!(p.matches("/v1/models/gpt-4o"));
+    assert!(!p.matches("/v1/models"));
+    assert!(!p.matches("/v1/models/"));
+    assert!(!p.matches("/v1/models/a/b"));
+    assert!(!p.matches("/v1/models/a/"));
+    let p = pattern("/v1/*/messages");
+    assert!(p.matches("/v1/threads/messages"));
+    assert!(!p.matches("/v1/messages"));
+}
+
+#[test]
+fn double_star_matches_any_rest_including_none() {
+    let p = pattern("/repos/acme/**");
+    assert!(p.matches("/repos/acme"));
+    assert!(p.matches("/repos/acme/"));
+    assert!(p.matches("/repos/acme/widget"));
+    assert!(p.matches("/repos/acme/widget/issues/1"));
+    assert!(!p.matches("/repos/acmex"));
+    assert!(!p.matches("/repos/acmex/widget"));
+    assert!(!p.matches("/repos"));
+    assert!(!p.matches("/"));
+    let all = pattern("/**");
+    assert!(all.matches("/"));
+    assert!(all.matches("/anything/at/all"));
+}
+
+#[test]
+fn literals_are_exact() {
+    let p = pattern("/v1/chat/completions");
+    assert!(p.matches("/v1/chat/completions"));
+    assert!(!p.matches("/v1/chat/completions/"));
+    assert!(!p.matches("/v1/chat/completions/x"));
+    assert!(!p.matches("/v1/chat"));
+    assert!(!p.matches("/V1/chat/completions"));
+    assert!(!p.matches("/v1/chat/%63ompletions"));
+    let root = pattern("/");
+    assert!(root.matches("/"));
+    assert!(!root.matches("/x"));
+}
+
+#[test]
+fn json_round_trip() {
+    let json = r#"[{"provider":"openai","methods":["POST","GET"],"paths":["/v1/chat/completions","/v1/models/*"]},{"provider":"github","methods":["*"],"paths":["/repos/**"]}]"#;
+    let scope: Scope = serde_json::from_str(json).unwrap();
+    assert!(scope.allows("openai", Method::Get, "/v1/models/x"));
+    assert!(scope.allows("github", Method::Delete, "/repos/a/b"));
+    assert_eq!(scope.providers(), vec!["openai", "github"]);
+    let back = serde_json::to_string(&scope).unwrap();
+    assert_eq!(
+        back,
+        r#"[{"provider":"openai","methods":["GET","POST"],"paths":["/v1/chat/completions","/v1/models/*"]},{"provider":"github","methods":["*"],"paths":["/repos/**"]}]"#
+    );
+    let err = serde_json::from_str::<Scope>(r#"[{"provider":"openai","methods":["FETCH"],"paths":["/x"]}]"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("FETCH"), "{err}");
+    assert!(serde_json::from_str::<Scope>(r#"[{"provider":"openai","methods":["GET"],"paths":["/x"],"extra":1}]"#).is_err());
+    assert!(Scope::new(vec![]).is_err());
+}
+
+proptest! {
+    #[test]
+    fn rule_parser_never_panics(s in "\\PC{0,60}") {
+        let _ = s.parse::<Rule>();
+    }
+
+    #[test]
+    fn literal_pattern_matches_only_itself(
+        a in "/[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,4}",
+        b in "/[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,4}",
+    ) {
+        let p = pattern(&a);
+        prop_assert!(p.matches(&a));
+        prop_assert_eq!(p.matches(&b), a == b);
+    }
+
+    #[test]
+    fn double_star_matches_exactly_its_prefix(
+        prefix in "(/[a-z]{1,4}){1,3}",
+        path in "(/[a-z]{1,4}){0,5}",
+    ) {
+        let p = pattern(&format!("{prefix}/**"));
+        let full = format!("{prefix}{path}");
+        prop_assert!(p.matches(&full));
+        let starts = path.starts_with(&prefix)
+            && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/');
+        prop_assert_eq!(p.matches(&path), starts);
+    }
+
+    #[test]
+    fn star_segments_match_same_arity(
+        n in 1usize..5,
+        segs in proptest::collection::vec("[a-z]{1,4}", 0..7),
+    ) {
+        let p = pattern(&"/*".repeat(n));
+        let path = if segs.is_empty() { "/".to_owned() } else { format!("/{}", segs.join("/")) };
+        prop_assert_eq!(p.matches(&path), segs.len() == n);
+    }
+}
