@@ -1,0 +1,21 @@
+//! The live session registry.
+//!
+//! [`Registry`] keeps every session that has been used or created by this
+//! process in memory, keyed by token hash, so that a call with a known token
+//! never touches the database. Counters and limits live on the cached
+//! [`LiveSession`] as atomics; a background task flushes the counters to the
+//! store. Nothing here holds a lock across I/O.
+
+mod live;
+mod registry;
+
+pub use live::{Admission, LiveSession, SessionState};
+pub use registry::{AuthError, NewSession, Registry, RegistryError};
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
