@@ -1,0 +1,157 @@
+//! Why a call was refused, and the JSON error an SDK can parse.
+//!
+//! Every refusal is a [`Denial`]; [`Denial::status`] and [`Denial::code`] are
+//! the one place that maps a reason to an HTTP status and an error code.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::ProxyBody;
+
+/// The `code` field of airlock's error bodies. Also the `decision` recorded
+/// for a refused call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadRequest,
+    InvalidToken,
+    OutOfScope,
+    RateLimited,
+    UnknownProvider,
+    UpstreamError,
+    UpstreamTimeout,
+}
+
+/// A refused or failed call. The message is shown to the caller and must
+/// never hold a token or credential.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    code: ErrorCode,
+    message: String,
+}
+
+// === impl ErrorCode ===
+
+impl ErrorCode {
+    /// All codes, in a fixed order (used to pre-register metrics).
+    pub const ALL: [ErrorCode; 7] = [
+        ErrorCode::BadRequest,
+        ErrorCode::InvalidToken,
+        ErrorCode::OutOfScope,
+        ErrorCode::RateLimited,
+        ErrorCode::UnknownProvider,
+        ErrorCode::UpstreamError,
+        ErrorCode::UpstreamTimeout,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::InvalidToken => "invalid_token",
+            Self::OutOfScope => "out_of_scope",
+            Self::RateLimited => "rate_limited",
+            Self::UnknownProvider => "unknown_provider",
+            Self::UpstreamError => "upstream_error",
+            Self::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// The HTTP status for this code.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::InvalidToken => StatusCode::UNAUTHORIZED,
+            Self::OutOfScope => StatusCode::FORBIDDEN,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::UnknownProvider => StatusCode::NOT_FOUND,
+            Self::UpstreamError => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `type` field, in the vocabulary the OpenAI and Anthropic SDKs use.
+    fn error_type(self) -> &'static str {
+        match self {
+            Self::BadRequest | Self::UnknownProvider => "invalid_request_error",
+            Self::InvalidToken => "authentication_error",
+            Self::OutOfScope => "permission_error",
+            Self::RateLimited => "rate_limit_error",
+            Self::UpstreamError | Self::UpstreamTimeout => "api_error",
+        }
+    }
+
+    /// Index into [`ErrorCode::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl Denial ===
+
+impl Denial {
+    /// A denial with a message for the caller.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+
+    /// The error code.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.code.status()
+    }
+
+    /// The message shown to the caller.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The JSON error response.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        error_response(self.status(), self.code.error_type(), self.code.as_str(), &self.message)
+    }
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// Builds `{"error":{"type":..,"code":..,"message":..}}` with the given status.
+pub fn error_response(
+    status: StatusCode,
+    error_type: &str,
+    code: &str,
+    message: &str,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": { "type": error_type, "code": code, "message": message }
+    });
+    let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

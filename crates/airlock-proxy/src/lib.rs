@@ -1,0 +1,22 @@
+//! The airlock data plane.
+//!
+//! Every call goes through the same stages, in this order (see
+//! [`handler`]): route to a provider, authenticate the session token (401),
+//! validate the path (400), check the scope (403), apply limits (429), swap the
+//! token for the real credential, forward and stream the answer back
+//! (502/504 on upstream failure). A refused call never reaches the provider.
+
+pub mod body;
+pub mod credentials;
+pub mod error;
+pub mod handler;
+pub mod headers;
+pub mod metrics;
+pub mod provider;
+pub mod server;
+
+pub use error::{Denial, ErrorCode};
+pub use handler::{Proxy, ProxySettings};
+pub use metrics::ProxyMetrics;
+pub use provider::{AuthStyle, Provider, ProviderError, ProviderSpec};
+pub use server::{serve, ServerSettings};

@@ -1,0 +1,14 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Test support for airlock integration tests.
+//!
+//! - [`MockProvider`]: an in-process HTTP/1.1 server that imitates the
+//!   upstream providers (OpenAI, Anthropic, plain streaming endpoints) and
+//!   records every request it receives.
+//! - [`Airlock`]: the real `airlock` binary running as a child process on
+//!   port 0, with a generated config in a temporary data directory.
+
+mod mock;
+mod process;
+
+pub use mock::{MockProvider, RecordedRequest, MAX_RECORDED_BODY};
+pub use process::{Airlock, AirlockBuilder};

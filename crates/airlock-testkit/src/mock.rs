@@ -1,0 +1,320 @@
+//! A recording mock provider: an in-process hyper HTTP/1.1 server.
+
+mod body;
+mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// Most body bytes kept in [`RecordedRequest::body`] (1 MiB).
+pub const MAX_RECORDED_BODY: usize = 1024 * 1024;
+
+/// How long [`MockProvider::wait_for_requests`] waits before panicking.
+const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// One request as the mock received it.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    /// Request method, e.g. `POST`.
+    pub method: String,
+    /// The request target exactly as received (origin form: path and query).
+    pub path_and_query: String,
+    /// Header lines with lower-case names and raw values. Lines keep their
+    /// arrival order, except that repeated names are grouped with the first
+    /// line of that name (this is how hyper's `HeaderMap` stores them).
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The first [`MAX_RECORDED_BODY`] bytes of the body.
+    pub body: Bytes,
+    /// Number of body bytes actually received.
+    pub body_len: u64,
+}
+
+impl RecordedRequest {
+    /// First value of header `name` (case-insensitive), as lossy UTF-8.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// All values of header `name` (case-insensitive), in order, as lossy UTF-8.
+    pub fn header_values(&self, name: &str) -> Vec<String> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .collect()
+    }
+
+    /// The target up to (not including) the first `?`.
+    pub fn path(&self) -> &str {
+        match self.path_and_query.split_once('?') {
+            Some((path, _)) => path,
+            None => &self.path_and_query,
+        }
+    }
+
+    /// The target after the first `?`, if there is one.
+    pub fn query(&self) -> Option<&str> {
+        self.path_and_query.split_once('?').map(|(_, q)| q)
+    }
+
+    /// True if `needle` appears anywhere in the request: the target, any
+    /// header name or value, or the recorded body.
+    pub fn contains(&self, needle: &str) -> bool {
+        let needle = needle.as_bytes();
+        contains_bytes(self.path_and_query.as_bytes(), needle)
+            || contains_bytes(self.method.as_bytes(), needle)
+            || self.headers.iter().any(|(name, value)| {
+                contains_bytes(name.as_bytes(), needle) || contains_bytes(value, needle)
+            })
+            || contains_bytes(&self.body, needle)
+    }
+}
+
+fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A request being or having been recorded.
+struct Entry {
+    seq: u64,
+    complete: bool,
+    method: String,
+    path_and_query: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    body_len: u64,
+}
+
+impl Entry {
+    fn to_recorded(&self) -> RecordedRequest {
+        RecordedRequest {
+            method: self.method.clone(),
+            path_and_query: self.path_and_query.clone(),
+            headers: self.headers.clone(),
+            body: Bytes::copy_from_slice(&self.body),
+            body_len: self.body_len,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    next_seq: u64,
+    entries: Vec<Entry>,
+}
+
+impl Log {
+    fn entry_mut(&mut self, seq: u64) -> Option<&mut Entry> {
+        // In-flight requests are nearly always at the end.
+        self.entries.iter_mut().rev().find(|e| e.seq == seq)
+    }
+
+    fn complete_count(&self) -> usize {
+        self.entries.iter().filter(|e| e.complete).count()
+    }
+}
+
+/// State shared between the handle and the server.
+pub(crate) struct Shared {
+    log: Mutex<Log>,
+    /// Number of fully recorded entries currently in the log.
+    complete: watch::Sender<usize>,
+    /// Permits released by [`MockProvider::open_gate`].
+    gate: Semaphore,
+}
+
+impl Shared {
+    /// Records a request whose head just arrived; returns its sequence number.
+    fn begin(
+        &self,
+        method: String,
+        path_and_query: String,
+        headers: Vec<(String, Vec<u8>)>,
+    ) -> u64 {
+        let mut log = self.log.lock();
+        let seq = log.next_seq;
+        log.next_seq += 1;
+        log.entries.push(Entry {
+            seq,
+            complete: false,
+            method,
+            path_and_query,
+            headers,
+            body: Vec::new(),
+            body_len: 0,
+        });
+        seq
+    }
+
+    /// Adds a body chunk to request `seq` (ignored if it was cleared).
+    fn append(&self, seq: u64, chunk: &[u8]) {
+        let mut log = self.log.lock();
+        if let Some(entry) = log.entry_mut(seq) {
+            entry.body_len += chunk.len() as u64;
+            let room = MAX_RECORDED_BODY.saturating_sub(entry.body.len());
+            entry
+                .body
+                .extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+    }
+
+    /// Marks request `seq` as fully recorded (its body ended or failed).
+    fn finish(&self, seq: u64) {
+        let mut log = self.log.lock();
+        if let Some(entry) = log.entry_mut(seq) {
+            entry.complete = true;
+        }
+        let count = log.complete_count();
+        self.complete.send_replace(count);
+    }
+}
+
+/// A recording mock upstream provider on `127.0.0.1:<random port>`.
+///
+/// Every request is recorded as soon as its head arrives; its body and
+/// `body_len` are updated while the body is read. The mock reads the whole
+/// request body before answering, so a request is complete by the time its
+/// response starts. [`request_count`](Self::request_count) and
+/// [`requests`](Self::requests) include requests still receiving their body;
+/// [`wait_for_requests`](Self::wait_for_requests) counts only complete ones.
+///
+/// The server (and every open connection) stops when this is dropped.
+pub struct MockProvider {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: JoinHandle<()>,
+}
+
+impl MockProvider {
+    /// Binds `127.0.0.1:0` and starts serving.
+    pub async fn start() -> MockProvider {
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("mock provider: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("mock provider: local_addr");
+        let (complete, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            log: Mutex::new(Log::default()),
+            complete,
+            gate: Semaphore::new(0),
+        });
+        let server = tokio::spawn(serve(listener, shared.clone()));
+        MockProvider {
+            addr,
+            shared,
+            server,
+        }
+    }
+
+    /// Base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The bound socket address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A copy of every request recorded so far, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared
+            .log
+            .lock()
+            .entries
+            .iter()
+            .map(Entry::to_recorded)
+            .collect()
+    }
+
+    /// Number of requests recorded so far (including ones still in flight).
+    pub fn request_count(&self) -> usize {
+        self.shared.log.lock().entries.len()
+    }
+
+    /// Forgets every recorded request. Requests still in flight stop being
+    /// recorded.
+    pub fn clear(&self) {
+        let mut log = self.shared.log.lock();
+        log.entries.clear();
+        self.shared.complete.send_replace(0);
+    }
+
+    /// Releases one waiting `/gated-sse` stream to send its remaining events.
+    /// A gate opened before any stream waits is kept for the next one.
+    pub fn open_gate(&self) {
+        self.shared.gate.add_permits(1);
+    }
+
+    /// Waits until at least `n` requests are fully recorded (head and body).
+    ///
+    /// # Panics
+    /// After 30 s without reaching `n`, so a broken test fails instead of
+    /// hanging.
+    pub async fn wait_for_requests(&self, n: usize) {
+        let mut rx = self.shared.complete.subscribe();
+        let reached = tokio::time::timeout(WAIT_LIMIT, async {
+            // The sender lives in `self.shared`, so this cannot fail.
+            let _ = rx.wait_for(|count| *count >= n).await;
+        })
+        .await;
+        if reached.is_err() {
+            panic!(
+                "mock provider: timed out after {WAIT_LIMIT:?} waiting for {n} requests; \
+                 recorded: {:#?}",
+                self.requests()
+            );
+        }
+    }
+}
+
+impl Drop for MockProvider {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl std::fmt::Debug for MockProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockProvider")
+            .field("addr", &self.addr)
+            .field("requests", &self.request_count())
+            .finish()
+    }
+}
+
+/// Accept loop. Connections live in a `JoinSet` owned by this task, so
+/// aborting the task also aborts every connection.
+async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                connections.spawn(async move {
+                    let service = service_fn(move |req| routes::handle(shared.clone(), req));
+                    let _ = http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
