@@ -53,7 +53,9 @@ pub fn is_well_formed(candidate: &str) -> bool {
 pub struct TokenHash([u8; 32]);
 
 /// A session id (`ses_…`). Not a secret.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct SessionId(String);
 

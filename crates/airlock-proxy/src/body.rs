@@ -45,7 +45,9 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().0 {
             Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
-            Inner::Full(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
+            Inner::Full(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
         }
     }
 

@@ -15,6 +15,7 @@ use crate::body::ProxyBody;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     BadRequest,
+    CredentialUnavailable,
     InvalidToken,
     OutOfScope,
     RateLimited,
@@ -35,8 +36,9 @@ pub struct Denial {
 
 impl ErrorCode {
     /// All codes, in a fixed order (used to pre-register metrics).
-    pub const ALL: [ErrorCode; 7] = [
+    pub const ALL: [ErrorCode; 8] = [
         ErrorCode::BadRequest,
+        ErrorCode::CredentialUnavailable,
         ErrorCode::InvalidToken,
         ErrorCode::OutOfScope,
         ErrorCode::RateLimited,
@@ -49,6 +51,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::BadRequest => "bad_request",
+            Self::CredentialUnavailable => "credential_unavailable",
             Self::InvalidToken => "invalid_token",
             Self::OutOfScope => "out_of_scope",
             Self::RateLimited => "rate_limited",
@@ -62,6 +65,7 @@ impl ErrorCode {
     pub fn status(self) -> StatusCode {
         match self {
             Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::CredentialUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::InvalidToken => StatusCode::UNAUTHORIZED,
             Self::OutOfScope => StatusCode::FORBIDDEN,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -78,7 +82,9 @@ impl ErrorCode {
             Self::InvalidToken => "authentication_error",
             Self::OutOfScope => "permission_error",
             Self::RateLimited => "rate_limit_error",
-            Self::UpstreamError | Self::UpstreamTimeout => "api_error",
+            Self::CredentialUnavailable | Self::UpstreamError | Self::UpstreamTimeout => {
+                "api_error"
+            }
         }
     }
 
@@ -127,7 +133,12 @@ impl Denial {
 
     /// The JSON error response.
     pub fn into_response(self) -> Response<ProxyBody> {
-        error_response(self.status(), self.code.error_type(), self.code.as_str(), &self.message)
+        error_response(
+            self.status(),
+            self.code.error_type(),
+            self.code.as_str(),
+            &self.message,
+        )
     }
 }
 

@@ -143,7 +143,10 @@ impl Proxy {
         let method = Method::parse(req.method().as_str()).ok_or_else(|| {
             Denial::bad_request(format!("method {} is not supported", req.method()))
         })?;
-        if !session.scope().allows(provider.name(), method, upstream_path) {
+        if !session
+            .scope()
+            .allows(provider.name(), method, upstream_path)
+        {
             return Err(Denial::new(
                 ErrorCode::OutOfScope,
                 format!(
@@ -181,9 +184,22 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Denial> {
         let provider = admitted.provider;
+        if !provider.has_credential() {
+            return Err(Denial::new(
+                ErrorCode::CredentialUnavailable,
+                format!(
+                    "no credential is configured for provider {}",
+                    provider.name()
+                ),
+            ));
+        }
         let (mut parts, body) = req.into_parts();
         let full = parts.uri.path().to_owned();
-        credentials::prepare_upstream(&mut parts, provider, upstream_path(&full, admitted.path_start))?;
+        credentials::prepare_upstream(
+            &mut parts,
+            provider,
+            upstream_path(&full, admitted.path_start),
+        )?;
         let upstream_req = Request::from_parts(parts, body);
 
         let sent = Instant::now();
@@ -192,7 +208,9 @@ impl Proxy {
             provider.client().request(upstream_req),
         )
         .await;
-        provider.metrics.record_upstream(sent.elapsed().as_secs_f64());
+        provider
+            .metrics
+            .record_upstream(sent.elapsed().as_secs_f64());
         let response = match response {
             Err(_) => {
                 return Err(Denial::new(

@@ -36,7 +36,8 @@ pub struct ProviderSpec {
     /// `http://` or `https://` URL, optionally with a path prefix.
     pub upstream: String,
     pub auth: AuthStyle,
-    pub credential: Secret,
+    /// `None` when no credential is configured yet: calls are then refused with 503.
+    pub credential: Option<Secret>,
 }
 
 /// The HTTP client used to reach upstreams.
@@ -50,7 +51,7 @@ pub struct Provider {
     /// Upstream path prefix without trailing slash (often empty).
     path_prefix: String,
     auth: AuthStyle,
-    injected: Injected,
+    injected: Option<Injected>,
     client: UpstreamClient,
     pub(crate) metrics: ProviderMetrics,
 }
@@ -140,25 +141,18 @@ impl Provider {
             return Err(bad_upstream());
         }
         let path_prefix = uri.path().trim_end_matches('/').to_owned();
-        airlock_core::path::validate(if path_prefix.is_empty() { "/" } else { &path_prefix })
-            .map_err(|_| bad_upstream())?;
+        airlock_core::path::validate(if path_prefix.is_empty() {
+            "/"
+        } else {
+            &path_prefix
+        })
+        .map_err(|_| bad_upstream())?;
 
-        if spec.credential.is_empty() {
-            return Err(ProviderError::CredentialEmpty);
-        }
-        let injected = match &spec.auth {
-            AuthStyle::Bearer => Injected::Header(
-                http::header::AUTHORIZATION,
-                sensitive_header(&format!("Bearer {}", spec.credential.expose()))?,
-            ),
-            AuthStyle::Header(name) => {
-                Injected::Header(name.clone(), sensitive_header(spec.credential.expose())?)
-            }
-            AuthStyle::Query(name) => Injected::Query(Secret::new(format!(
-                "{name}={}",
-                utf8_percent_encode(spec.credential.expose(), NON_ALPHANUMERIC)
-            ))),
-        };
+        let injected = spec
+            .credential
+            .as_ref()
+            .map(|credential| prepare_credential(&spec.auth, credential))
+            .transpose()?;
 
         let client = build_client(scheme == Scheme::HTTPS, connect_timeout)?;
         Ok(Self {
@@ -185,8 +179,9 @@ impl Provider {
 
     /// The upstream URI for `path` (already validated) and the query to send.
     pub(crate) fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        let mut path_and_query =
-            String::with_capacity(self.path_prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        let mut path_and_query = String::with_capacity(
+            self.path_prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
         path_and_query.push_str(&self.path_prefix);
         path_and_query.push_str(path);
         if let Some(query) = query {
@@ -200,19 +195,24 @@ impl Provider {
             .build()
     }
 
+    /// Whether a real credential is configured.
+    pub fn has_credential(&self) -> bool {
+        self.injected.is_some()
+    }
+
     /// The header to insert, for header-based styles.
     pub(crate) fn credential_header(&self) -> Option<(&HeaderName, &HeaderValue)> {
         match &self.injected {
-            Injected::Header(name, value) => Some((name, value)),
-            Injected::Query(_) => None,
+            Some(Injected::Header(name, value)) => Some((name, value)),
+            _ => None,
         }
     }
 
     /// The `NAME=VALUE` query pair to append, for the query style.
     pub(crate) fn credential_query_pair(&self) -> Option<&str> {
         match &self.injected {
-            Injected::Query(pair) => Some(pair.expose()),
-            Injected::Header(..) => None,
+            Some(Injected::Query(pair)) => Some(pair.expose()),
+            _ => None,
         }
     }
 
@@ -226,10 +226,33 @@ impl fmt::Debug for Provider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Provider")
             .field("name", &self.name)
-            .field("upstream", &format_args!("{}://{}{}", self.scheme, self.authority, self.path_prefix))
+            .field(
+                "upstream",
+                &format_args!("{}://{}{}", self.scheme, self.authority, self.path_prefix),
+            )
             .field("auth", &self.auth)
             .finish_non_exhaustive()
     }
+}
+
+/// The credential in the form the request path inserts.
+fn prepare_credential(auth: &AuthStyle, credential: &Secret) -> Result<Injected, ProviderError> {
+    if credential.is_empty() {
+        return Err(ProviderError::CredentialEmpty);
+    }
+    Ok(match auth {
+        AuthStyle::Bearer => Injected::Header(
+            http::header::AUTHORIZATION,
+            sensitive_header(&format!("Bearer {}", credential.expose()))?,
+        ),
+        AuthStyle::Header(name) => {
+            Injected::Header(name.clone(), sensitive_header(credential.expose())?)
+        }
+        AuthStyle::Query(name) => Injected::Query(Secret::new(format!(
+            "{name}={}",
+            utf8_percent_encode(credential.expose(), NON_ALPHANUMERIC)
+        ))),
+    })
 }
 
 fn sensitive_header(value: &str) -> Result<HeaderValue, ProviderError> {

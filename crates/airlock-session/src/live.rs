@@ -27,7 +27,7 @@ pub struct LiveSession {
 }
 
 /// The lifecycle state shown by the admin API.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionState {
     Active,
@@ -135,7 +135,9 @@ impl LiveSession {
         if let Some(max) = self.limits.max_requests {
             let counted = self
                 .allowed
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                });
             if counted.is_err() {
                 return Admission::QuotaExhausted;
             }
@@ -161,9 +163,9 @@ impl LiveSession {
 
     /// Marks the session revoked in memory (first revocation time wins).
     pub(crate) fn mark_revoked(&self, at_ms: i64) {
-        let _ = self
-            .revoked_at
-            .compare_exchange(0, at_ms.max(1), Ordering::AcqRel, Ordering::Acquire);
+        let _ =
+            self.revoked_at
+                .compare_exchange(0, at_ms.max(1), Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Counter increments not yet written to the store; marks them written.

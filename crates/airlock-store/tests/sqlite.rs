@@ -39,22 +39,38 @@ async fn sessions_round_trip_and_survive_reopen() {
     store.insert_session(&a).await.unwrap();
     store.insert_session(&b).await.unwrap();
 
-    let found = store.session_by_token(&TokenHash::of(&token)).await.unwrap();
+    let found = store
+        .session_by_token(&TokenHash::of(&token))
+        .await
+        .unwrap();
     assert_eq!(found.as_ref(), Some(&a));
     assert_eq!(store.session_by_id(&a.id).await.unwrap().as_ref(), Some(&a));
-    assert!(store.session_by_token(&TokenHash::of("sess_nope")).await.unwrap().is_none());
+    assert!(store
+        .session_by_token(&TokenHash::of("sess_nope"))
+        .await
+        .unwrap()
+        .is_none());
 
     // At t=5000, b has expired: only a is active.
     let active = store.list_sessions(false, 5_000).await.unwrap();
-    assert_eq!(active.iter().map(|s| &s.id).collect::<Vec<_>>(), vec![&a.id]);
+    assert_eq!(
+        active.iter().map(|s| &s.id).collect::<Vec<_>>(),
+        vec![&a.id]
+    );
     let all = store.list_sessions(true, 5_000).await.unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].id, b.id, "newest first");
 
     store.add_call_counts(&a.id, 5, 2).await.unwrap();
     assert!(store.revoke_session(&a.id, 6_000).await.unwrap());
-    assert!(store.revoke_session(&a.id, 7_000).await.unwrap(), "idempotent");
-    assert!(!store.revoke_session(&SessionId::generate(), 7_000).await.unwrap());
+    assert!(
+        store.revoke_session(&a.id, 7_000).await.unwrap(),
+        "idempotent"
+    );
+    assert!(!store
+        .revoke_session(&SessionId::generate(), 7_000)
+        .await
+        .unwrap());
     store.close().await;
 
     let store = open(&url).await.unwrap();
@@ -67,7 +83,9 @@ async fn sessions_round_trip_and_survive_reopen() {
 #[tokio::test]
 async fn settings_are_set_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(&format!("sqlite://{}/s.db", dir.path().display())).await.unwrap();
+    let store = open(&format!("sqlite://{}/s.db", dir.path().display()))
+        .await
+        .unwrap();
     assert_eq!(store.setting("k").await.unwrap(), None);
     assert_eq!(store.set_setting_if_absent("k", "v1").await.unwrap(), "v1");
     assert_eq!(store.set_setting_if_absent("k", "v2").await.unwrap(), "v1");

@@ -11,7 +11,16 @@ fn parses_units() {
 
 #[test]
 fn refuses_garbage() {
-    for bad in ["", "15", "m", "15x", "-5m", "1.5h", "99999999999999999999s", "5 m"] {
+    for bad in [
+        "",
+        "15",
+        "m",
+        "15x",
+        "-5m",
+        "1.5h",
+        "99999999999999999999s",
+        "5 m",
+    ] {
         assert!(parse(bad).is_err(), "{bad}");
     }
 }

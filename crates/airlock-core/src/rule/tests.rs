@@ -101,11 +101,16 @@ fn json_round_trip() {
         back,
         r#"[{"provider":"openai","methods":["GET","POST"],"paths":["/v1/chat/completions","/v1/models/*"]},{"provider":"github","methods":["*"],"paths":["/repos/**"]}]"#
     );
-    let err = serde_json::from_str::<Scope>(r#"[{"provider":"openai","methods":["FETCH"],"paths":["/x"]}]"#)
-        .unwrap_err()
-        .to_string();
+    let err = serde_json::from_str::<Scope>(
+        r#"[{"provider":"openai","methods":["FETCH"],"paths":["/x"]}]"#,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("FETCH"), "{err}");
-    assert!(serde_json::from_str::<Scope>(r#"[{"provider":"openai","methods":["GET"],"paths":["/x"],"extra":1}]"#).is_err());
+    assert!(serde_json::from_str::<Scope>(
+        r#"[{"provider":"openai","methods":["GET"],"paths":["/x"],"extra":1}]"#
+    )
+    .is_err());
     assert!(Scope::new(vec![]).is_err());
 }
 

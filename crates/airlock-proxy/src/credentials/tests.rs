@@ -5,7 +5,10 @@ use super::*;
 fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (k, v) in pairs {
-        h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
     }
     h
 }
@@ -32,15 +35,24 @@ fn finds_bearer_and_provider_header() {
 fn finds_query_token() {
     let q = AuthStyle::Query("key".into());
     let h = HeaderMap::new();
-    assert_eq!(find_token(&q, &h, Some("a=1&key=sess_q")), Ok(Some("sess_q")));
+    assert_eq!(
+        find_token(&q, &h, Some("a=1&key=sess_q")),
+        Ok(Some("sess_q"))
+    );
     assert_eq!(find_token(&q, &h, Some("a=1&keys=sess_q")), Ok(None));
-    assert_eq!(find_token(&q, &h, Some("key=sess_q&key=sess_q")), Ok(Some("sess_q")));
+    assert_eq!(
+        find_token(&q, &h, Some("key=sess_q&key=sess_q")),
+        Ok(Some("sess_q"))
+    );
     assert!(find_token(&q, &h, Some("key=sess_q&key=sess_r")).is_err());
 }
 
 #[test]
 fn refuses_duplicates_and_conflicts() {
-    let h = headers(&[("authorization", "Bearer sess_a"), ("authorization", "Bearer sess_a")]);
+    let h = headers(&[
+        ("authorization", "Bearer sess_a"),
+        ("authorization", "Bearer sess_a"),
+    ]);
     assert!(find_token(&AuthStyle::Bearer, &h, None).is_err());
     let h = headers(&[("authorization", "Bearer sess_a"), ("x-api-key", "sess_b")]);
     assert!(find_token(&x_api_key(), &h, None).is_err());

@@ -37,16 +37,26 @@ async fn authenticates_known_tokens_and_refuses_others() {
     let now = crate::now_ms();
     let got = reg.authenticate(Some(token.expose()), now).await.unwrap();
     assert_eq!(got.id(), live.id());
-    assert_eq!(reg.authenticate(None, now).await.unwrap_err(), AuthError::Missing);
-    assert_eq!(reg.authenticate(Some("sk-real"), now).await.unwrap_err(), AuthError::Unknown);
+    assert_eq!(
+        reg.authenticate(None, now).await.unwrap_err(),
+        AuthError::Missing
+    );
+    assert_eq!(
+        reg.authenticate(Some("sk-real"), now).await.unwrap_err(),
+        AuthError::Unknown
+    );
     let other = airlock_core::token::generate_token();
     assert_eq!(
-        reg.authenticate(Some(other.expose()), now).await.unwrap_err(),
+        reg.authenticate(Some(other.expose()), now)
+            .await
+            .unwrap_err(),
         AuthError::Unknown
     );
     // Expiry is decided by the clock passed in.
     assert_eq!(
-        reg.authenticate(Some(token.expose()), live.expires_at()).await.unwrap_err(),
+        reg.authenticate(Some(token.expose()), live.expires_at())
+            .await
+            .unwrap_err(),
         AuthError::Expired
     );
 }
@@ -60,7 +70,10 @@ async fn a_fresh_registry_finds_sessions_in_the_store() {
         .unwrap();
     let other = Registry::new(Arc::clone(reg.store()));
     assert!(other.cached(live.id()).is_none());
-    let found = other.authenticate(Some(token.expose()), crate::now_ms()).await.unwrap();
+    let found = other
+        .authenticate(Some(token.expose()), crate::now_ms())
+        .await
+        .unwrap();
     assert_eq!(found.id(), live.id());
     assert!(other.cached(live.id()).is_some());
 }
@@ -75,12 +88,17 @@ async fn revocation_is_immediate_and_persisted() {
     assert!(reg.revoke(live.id()).await.unwrap());
     let now = crate::now_ms();
     assert_eq!(
-        reg.authenticate(Some(token.expose()), now).await.unwrap_err(),
+        reg.authenticate(Some(token.expose()), now)
+            .await
+            .unwrap_err(),
         AuthError::Revoked
     );
     let other = Registry::new(Arc::clone(reg.store()));
     assert_eq!(
-        other.authenticate(Some(token.expose()), now).await.unwrap_err(),
+        other
+            .authenticate(Some(token.expose()), now)
+            .await
+            .unwrap_err(),
         AuthError::Revoked
     );
     assert!(!reg.revoke(&SessionId::generate()).await.unwrap());
@@ -93,7 +111,10 @@ async fn max_requests_and_rate_limits() {
         max_requests: Some(3),
         ..Limits::default()
     };
-    let (live, _) = reg.create(new_session(limits, Duration::from_secs(60))).await.unwrap();
+    let (live, _) = reg
+        .create(new_session(limits, Duration::from_secs(60)))
+        .await
+        .unwrap();
     for _ in 0..3 {
         assert_eq!(live.admit(), Admission::Admitted);
     }
@@ -104,7 +125,10 @@ async fn max_requests_and_rate_limits() {
         requests_per_minute: Some(2),
         ..Limits::default()
     };
-    let (live, _) = reg.create(new_session(limits, Duration::from_secs(60))).await.unwrap();
+    let (live, _) = reg
+        .create(new_session(limits, Duration::from_secs(60)))
+        .await
+        .unwrap();
     assert_eq!(live.admit(), Admission::Admitted);
     assert_eq!(live.admit(), Admission::Admitted);
     assert_eq!(live.admit(), Admission::RateLimited);
@@ -118,7 +142,10 @@ async fn max_denied_triggers_once() {
         max_denied: Some(2),
         ..Limits::default()
     };
-    let (live, _) = reg.create(new_session(limits, Duration::from_secs(60))).await.unwrap();
+    let (live, _) = reg
+        .create(new_session(limits, Duration::from_secs(60)))
+        .await
+        .unwrap();
     assert!(!live.count_denied());
     assert!(live.count_denied());
     assert!(!live.count_denied());

@@ -1,0 +1,70 @@
+//! Admin API errors: one enum, one mapping to status and code.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// An admin API error. Messages never hold secrets.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    Unauthorized,
+    NotFound(String),
+    Internal(String),
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str, &str) {
+        match self {
+            Self::BadRequest(m) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "bad_request",
+                m,
+            ),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "unauthorized",
+                "a valid admin token is required (Authorization: Bearer ...)",
+            ),
+            Self::NotFound(m) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                m,
+            ),
+            Self::Internal(m) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "internal",
+                m,
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, error_type, code, message) = self.parts();
+        if status.is_server_error() {
+            tracing::error!(%message, "admin request failed");
+        }
+        let body = serde_json::json!({
+            "error": { "type": error_type, "code": code, "message": message }
+        });
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<airlock_session::RegistryError> for ApiError {
+    fn from(e: airlock_session::RegistryError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+impl From<airlock_store::StoreError> for ApiError {
+    fn from(e: airlock_store::StoreError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}

@@ -1,0 +1,15 @@
+//! The airlock control plane: the admin API of SPEC §4.
+//!
+//! Every route but `/healthz` needs `Authorization: Bearer <admin token>`;
+//! the token is compared by its SHA-256 hash in constant time. Errors use the
+//! same JSON shape as the proxy.
+
+mod error;
+mod routes;
+mod sessions;
+mod state;
+
+pub use error::ApiError;
+pub use routes::router;
+pub use sessions::{CreateSession, SessionView};
+pub use state::{AdminMetrics, AdminState, ProviderEnv};

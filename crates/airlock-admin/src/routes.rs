@@ -1,0 +1,198 @@
+//! Routes of the admin API.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use airlock_core::{token, SessionId, TokenHash};
+use airlock_session::now_ms;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::sessions::{CreateSession, SessionView};
+use crate::state::AdminState;
+
+type Shared = State<Arc<AdminState>>;
+
+/// The admin router.
+pub fn router(state: Arc<AdminState>) -> Router {
+    let authenticated = Router::new()
+        .route("/v1/sessions", post(create_session).get(list_sessions))
+        .route("/v1/sessions/revoke", post(revoke_by_token))
+        .route(
+            "/v1/sessions/{id}",
+            get(show_session).delete(revoke_session),
+        )
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_admin,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(authenticated)
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn require_admin(
+    State(state): Shared,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match presented {
+        Some(token) if TokenHash::of(token) == state.admin_token_hash => Ok(next.run(req).await),
+        _ => Err(ApiError::Unauthorized),
+    }
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such admin route".into())
+}
+
+async fn create_session(State(state): Shared, body: Bytes) -> Result<Response, ApiError> {
+    let new = CreateSession::parse(&body, &state)?;
+    let (live, token) = state.registry.create(new).await?;
+    state.metrics.sessions_created.inc();
+    let env = session_env(&state, live.scope().providers(), token.expose());
+    let view = SessionView::from_live(&live, now_ms());
+    tracing::info!(session = %live.id(), expires_at = %view.expires_at, "session created");
+    let mut body = serde_json::to_value(&view).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(object) = body.as_object_mut() {
+        object.insert("token".into(), Value::String(token.expose().to_owned()));
+        object.insert("env".into(), json!(env));
+    }
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// For every provider in scope: its key variable = token, its base-URL
+/// variable = `{public_url}/{provider}{base_path}`.
+fn session_env(state: &AdminState, providers: Vec<&str>, token: &str) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for name in providers {
+        if let Some(p) = state.providers.get(name) {
+            env.insert(p.env_key.clone(), token.to_owned());
+            env.insert(
+                p.env_base_url.clone(),
+                format!("{}/{name}{}", state.public_url, p.base_path),
+            );
+        }
+    }
+    env
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_sessions(
+    State(state): Shared,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let now = now_ms();
+    let rows = state.registry.store().list_sessions(query.all, now).await?;
+    let sessions: Vec<SessionView> = rows
+        .iter()
+        .map(|row| SessionView::new(row, state.registry.cached(&row.id).as_deref(), now))
+        .filter(|view| query.all || view.state == airlock_session::SessionState::Active)
+        .collect();
+    Ok(Json(json!({ "sessions": sessions })))
+}
+
+fn parse_id(id: &str) -> Result<SessionId, ApiError> {
+    SessionId::parse(id)
+        .ok_or_else(|| ApiError::BadRequest(format!("{id:?} is not a session id (ses_...)")))
+}
+
+async fn show_session(
+    State(state): Shared,
+    Path(id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
+    let id = parse_id(&id)?;
+    let row = state
+        .registry
+        .store()
+        .session_by_id(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no session {id}")))?;
+    Ok(Json(SessionView::new(
+        &row,
+        state.registry.cached(&id).as_deref(),
+        now_ms(),
+    )))
+}
+
+async fn revoke_session(
+    State(state): Shared,
+    Path(id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
+    let id = parse_id(&id)?;
+    if !state.registry.revoke(&id).await? {
+        return Err(ApiError::NotFound(format!("no session {id}")));
+    }
+    state.metrics.sessions_revoked.inc();
+    tracing::info!(session = %id, "session revoked");
+    show_session(State(state), Path(id.to_string())).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeByToken {
+    token: String,
+}
+
+/// `POST /v1/sessions/revoke {"token": "sess_..."}`: revocation by token, so
+/// a token never has to appear in a URL.
+async fn revoke_by_token(State(state): Shared, body: Bytes) -> Result<Json<SessionView>, ApiError> {
+    let req: RevokeByToken = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid revoke request: {e}")))?;
+    if !token::is_well_formed(&req.token) {
+        return Err(ApiError::BadRequest(
+            "token is not a session token (sess_...)".into(),
+        ));
+    }
+    let id = state
+        .registry
+        .revoke_by_token(&req.token)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no session has this token".into()))?;
+    state.metrics.sessions_revoked.inc();
+    tracing::info!(session = %id, "session revoked by token");
+    show_session(State(state), Path(id.to_string())).await
+}
+
+async fn metrics(State(state): Shared) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &state.metrics_registry)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}

@@ -1,0 +1,195 @@
+//! Session request and answer bodies.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use airlock_core::{Limits, Scope};
+use airlock_session::{LiveSession, NewSession, SessionState};
+use airlock_store::SessionRow;
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::error::ApiError;
+use crate::state::AdminState;
+
+const MAX_LABELS: usize = 32;
+const MAX_LABEL_KEY: usize = 63;
+const MAX_LABEL_VALUE: usize = 256;
+
+/// Body of `POST /v1/sessions`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSession {
+    pub scope: Scope,
+    pub ttl_seconds: u64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// A session as the admin API shows it: never the token.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SessionView {
+    pub id: String,
+    pub state: SessionState,
+    pub created_at: String,
+    pub expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+    pub scope: Scope,
+    pub limits: Limits,
+    pub labels: BTreeMap<String, String>,
+    pub calls: Calls,
+}
+
+/// Call counters of a session.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Calls {
+    pub allowed: u64,
+    pub denied: u64,
+}
+
+// === impl CreateSession ===
+
+impl CreateSession {
+    /// Parses and checks a request body; every problem is a 400 naming it.
+    pub fn parse(body: &[u8], state: &AdminState) -> Result<NewSession, ApiError> {
+        let req: CreateSession = serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid session request: {e}")))?;
+        if req.scope.rules().is_empty() {
+            return Err(ApiError::BadRequest(
+                "scope must hold at least one rule".into(),
+            ));
+        }
+        for provider in req.scope.providers() {
+            if !state.providers.contains_key(provider) {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown provider {provider:?}; configured: {}",
+                    state
+                        .providers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        let max = state.max_ttl.as_secs();
+        if req.ttl_seconds == 0 || req.ttl_seconds > max {
+            return Err(ApiError::BadRequest(format!(
+                "ttl_seconds must be between 1 and {max} (sessions.max_ttl)"
+            )));
+        }
+        req.limits
+            .validate()
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        validate_labels(&req.labels)?;
+        Ok(NewSession {
+            scope: req.scope,
+            limits: req.limits,
+            labels: req.labels,
+            ttl: Duration::from_secs(req.ttl_seconds),
+        })
+    }
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ApiError::BadRequest(format!("at most {MAX_LABELS} labels")));
+    }
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_LABEL_KEY
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
+        if !key_ok {
+            return Err(ApiError::BadRequest(format!(
+                "label key {key:?} must be 1-{MAX_LABEL_KEY} characters of a-z, A-Z, 0-9, '_', '-', '.', '/'"
+            )));
+        }
+        if value.len() > MAX_LABEL_VALUE || value.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest(format!(
+                "label {key:?}: value must be at most {MAX_LABEL_VALUE} bytes without control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+// === impl SessionView ===
+
+impl SessionView {
+    /// Shows a stored session, preferring the live counters and revocation
+    /// of this process when it has the session cached.
+    pub fn new(row: &SessionRow, live: Option<&LiveSession>, now_ms: i64) -> Self {
+        let (state, revoked_at, calls) = match live {
+            Some(live) => (
+                live.state(now_ms),
+                live.revoked_at().or(row.revoked_at),
+                Calls {
+                    allowed: live.allowed(),
+                    denied: live.denied(),
+                },
+            ),
+            None => {
+                let state = if row.revoked_at.is_some() {
+                    SessionState::Revoked
+                } else if now_ms >= row.expires_at {
+                    SessionState::Expired
+                } else {
+                    SessionState::Active
+                };
+                (
+                    state,
+                    row.revoked_at,
+                    Calls {
+                        allowed: row.allowed,
+                        denied: row.denied,
+                    },
+                )
+            }
+        };
+        Self {
+            id: row.id.to_string(),
+            state,
+            created_at: rfc3339(row.created_at),
+            expires_at: rfc3339(row.expires_at),
+            revoked_at: revoked_at.map(rfc3339),
+            scope: row.scope.clone(),
+            limits: row.limits,
+            labels: row.labels.clone(),
+            calls,
+        }
+    }
+}
+
+/// Formats unix milliseconds as RFC 3339 (UTC).
+pub(crate) fn rfc3339(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+impl SessionView {
+    /// Shows a session this process has in memory.
+    pub fn from_live(live: &LiveSession, now_ms: i64) -> Self {
+        Self {
+            id: live.id().to_string(),
+            state: live.state(now_ms),
+            created_at: rfc3339(live.created_at()),
+            expires_at: rfc3339(live.expires_at()),
+            revoked_at: live.revoked_at().map(rfc3339),
+            scope: live.scope().clone(),
+            limits: *live.limits(),
+            labels: live.labels().clone(),
+            calls: Calls {
+                allowed: live.allowed(),
+                denied: live.denied(),
+            },
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! What the admin API needs to do its job.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_core::TokenHash;
+use airlock_session::Registry;
+use prometheus_client::metrics::counter::Counter;
+
+/// Per-provider values a session's `env` is built from.
+#[derive(Clone, Debug)]
+pub struct ProviderEnv {
+    pub env_key: String,
+    pub env_base_url: String,
+    pub base_path: String,
+}
+
+/// Counters of the control plane.
+#[derive(Clone, Default)]
+pub struct AdminMetrics {
+    pub sessions_created: Counter,
+    pub sessions_revoked: Counter,
+}
+
+/// Shared state of the admin API.
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    /// Configured providers by name.
+    pub providers: BTreeMap<String, ProviderEnv>,
+    /// Base URL agents are told to use, without trailing slash.
+    pub public_url: String,
+    /// SHA-256 of the admin token.
+    pub admin_token_hash: TokenHash,
+    pub max_ttl: Duration,
+    pub metrics_registry: prometheus_client::registry::Registry,
+    pub metrics: AdminMetrics,
+}
+
+impl AdminMetrics {
+    /// Creates and registers the counters.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "airlock_sessions_created",
+            "Sessions created",
+            metrics.sessions_created.clone(),
+        );
+        registry.register(
+            "airlock_sessions_revoked",
+            "Sessions revoked through the admin API",
+            metrics.sessions_revoked.clone(),
+        );
+        metrics
+    }
+}

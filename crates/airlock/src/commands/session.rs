@@ -1,0 +1,228 @@
+//! `airlock session create|list|show|revoke`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use airlock_core::{duration, Rule};
+use anyhow::{bail, Context};
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::cli::{CreateArgs, OutputFormat, SessionCommand};
+use crate::client::{AdminClient, DEFAULT_ADMIN_URL};
+use crate::config::Config;
+
+/// Runs a session subcommand.
+pub async fn run(cmd: SessionCommand, config: Option<&Path>) -> anyhow::Result<()> {
+    let client = AdminClient::from_env(default_admin_url(config));
+    match cmd {
+        SessionCommand::Create(args) => {
+            let body = create_body(&args)?;
+            let session = client
+                .call(Method::POST, "/v1/sessions", Some(&body))
+                .await?;
+            print!("{}", render_created(&session, args.format));
+        }
+        SessionCommand::List { all, json } => {
+            let path = if all {
+                "/v1/sessions?all=true"
+            } else {
+                "/v1/sessions"
+            };
+            let answer = client.call(Method::GET, path, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print!("{}", render_table(&answer, airlock_session::now_ms()));
+            }
+        }
+        SessionCommand::Show { id } => {
+            check_id(&id)?;
+            let session = client
+                .call(Method::GET, &format!("/v1/sessions/{id}"), None)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&session)?);
+        }
+        SessionCommand::Revoke { id_or_token } => {
+            let session = if id_or_token.starts_with("sess_") {
+                let body = json!({ "token": id_or_token });
+                client
+                    .call(Method::POST, "/v1/sessions/revoke", Some(&body))
+                    .await?
+            } else {
+                check_id(&id_or_token)?;
+                client
+                    .call(Method::DELETE, &format!("/v1/sessions/{id_or_token}"), None)
+                    .await?
+            };
+            let id = session.get("id").and_then(Value::as_str).unwrap_or("?");
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+/// The admin URL from the config's `admin.listen` when a config is present.
+fn default_admin_url(config: Option<&Path>) -> String {
+    let explicit = config.is_some();
+    match Config::load(config) {
+        Ok(c) if explicit || Path::new(crate::config::DEFAULT_CONFIG).exists() => {
+            format!("http://{}", c.admin_listen)
+        }
+        _ => DEFAULT_ADMIN_URL.to_owned(),
+    }
+}
+
+fn check_id(id: &str) -> anyhow::Result<()> {
+    if airlock_core::SessionId::parse(id).is_none() {
+        bail!("{id:?} is not a session id (ses_...)");
+    }
+    Ok(())
+}
+
+/// Turns command-line options into the `POST /v1/sessions` body, refusing
+/// bad rules, TTLs and labels before anything is sent.
+pub fn create_body(args: &CreateArgs) -> anyhow::Result<Value> {
+    let mut merged: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    for text in &args.allow {
+        let rule: Rule = text.parse().with_context(|| format!("--allow {text}"))?;
+        let value = serde_json::to_value(&rule)?;
+        let methods = strings(&value["methods"]);
+        let paths = strings(&value["paths"]);
+        merged.push((rule.provider().to_owned(), methods, paths));
+    }
+    let scope: Vec<Value> = merged
+        .into_iter()
+        .map(|(provider, methods, paths)| json!({"provider": provider, "methods": methods, "paths": paths}))
+        .collect();
+    let ttl = duration::parse(&args.ttl).with_context(|| format!("--ttl {}", args.ttl))?;
+    let mut labels = BTreeMap::new();
+    for label in &args.labels {
+        let (k, v) = label
+            .split_once('=')
+            .with_context(|| format!("--label {label:?} must be KEY=VALUE"))?;
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    let mut limits = serde_json::Map::new();
+    if let Some(rpm) = args.rpm {
+        limits.insert("requests_per_minute".into(), json!(rpm));
+    }
+    if let Some(n) = args.max_requests {
+        limits.insert("max_requests".into(), json!(n));
+    }
+    if let Some(n) = args.max_denied {
+        limits.insert("max_denied".into(), json!(n));
+    }
+    Ok(json!({
+        "scope": scope,
+        "ttl_seconds": ttl.as_secs(),
+        "labels": labels,
+        "limits": limits,
+    }))
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Prints a created session in the chosen format.
+pub fn render_created(session: &Value, format: OutputFormat) -> String {
+    let env: Vec<(&str, &str)> = session
+        .get("env")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    match format {
+        OutputFormat::Json => format!(
+            "{}\n",
+            serde_json::to_string_pretty(session).unwrap_or_default()
+        ),
+        OutputFormat::Env => env.iter().map(|(k, v)| format!("{k}={v}\n")).collect(),
+        OutputFormat::Shell => env
+            .iter()
+            .map(|(k, v)| format!("export {k}={}\n", shell_quote(v)))
+            .collect(),
+    }
+}
+
+/// Single-quotes a value for POSIX shells.
+pub fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+/// An aligned table of sessions.
+pub fn render_table(answer: &Value, now_ms: i64) -> String {
+    let sessions = answer
+        .get("sessions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut rows = vec![[
+        "ID".to_owned(),
+        "STATE".to_owned(),
+        "EXPIRES IN".to_owned(),
+        "ALLOWED/DENIED".to_owned(),
+        "LABELS".to_owned(),
+    ]];
+    for s in &sessions {
+        let text = |key: &str| s.get(key).and_then(Value::as_str).unwrap_or("").to_owned();
+        let expires_in = time::OffsetDateTime::parse(
+            &text("expires_at"),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map(|t| {
+            let left_ms = i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0) - now_ms;
+            if left_ms <= 0 {
+                "-".to_owned()
+            } else {
+                duration::format(std::time::Duration::from_millis(left_ms.unsigned_abs()))
+            }
+        })
+        .unwrap_or_else(|_| "?".into());
+        let calls = format!(
+            "{}/{}",
+            s.pointer("/calls/allowed")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            s.pointer("/calls/denied")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        );
+        let labels = s
+            .get("labels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        rows.push([text("id"), text("state"), expires_in, calls, labels]);
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
