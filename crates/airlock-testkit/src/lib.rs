@@ -7,6 +7,7 @@
 //! - [`Airlock`]: the real `airlock` binary running as a child process on
 //!   port 0, with a generated config in a temporary data directory.
 
+pub mod client;
 mod mock;
 mod process;
 

@@ -35,6 +35,7 @@ pub struct AirlockBuilder {
     bin: PathBuf,
     providers: String,
     extra: String,
+    proxy_options: String,
     env: Vec<(String, String)>,
     store_url: Option<String>,
     dir: Option<PathBuf>,
@@ -48,6 +49,7 @@ impl AirlockBuilder {
             bin: bin.into(),
             providers: String::new(),
             extra: String::new(),
+            proxy_options: String::new(),
             env: Vec::new(),
             store_url: None,
             dir: None,
@@ -62,6 +64,14 @@ impl AirlockBuilder {
         if !toml.ends_with('\n') {
             self.extra.push('\n');
         }
+        self
+    }
+
+    /// A `key = value` line added to the generated `[proxy]` table, e.g.
+    /// `upstream_timeout = "1s"`.
+    pub fn proxy_option(mut self, line: &str) -> Self {
+        self.proxy_options.push_str(line);
+        self.proxy_options.push('\n');
         self
     }
 
@@ -139,9 +149,10 @@ impl AirlockBuilder {
             .store_url
             .unwrap_or_else(|| format!("sqlite://{}/airlock.db", dir.display()));
         let config = format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_options}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [store]\nurl = {store}\n\n{providers}{extra}",
             store = toml_str(&store_url),
+            proxy_options = self.proxy_options,
             providers = self.providers,
             extra = self.extra,
         );
@@ -356,7 +367,22 @@ impl Airlock {
         self.exit.wait_blocking(DRAIN_LIMIT);
     }
 
-    /// Every stdout and stderr line the process printed so far.
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Peak resident memory of the process so far, in KiB (`VmHWM`).
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid, "VmHWM:")
+    }
+
+    /// Current resident memory of the process, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid, "VmRSS:")
+    }
+
+    /// All stdout+stderr lines the process printed so far.
     pub fn output(&self) -> String {
         self.output.lock().clone()
     }
@@ -754,4 +780,13 @@ mod tests {
         drop(airlock);
         assert!(exit.get().is_some(), "process still running after drop");
     }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -1,0 +1,709 @@
+//! End-to-end tests of the proxy: the real `airlock` binary on port 0 in
+//! front of a recording mock provider, driven over real sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use airlock_testkit::client::{raw, raw_status, request, Reply};
+use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
+use serde_json::{json, Value};
+
+const OPENAI_KEY: &str = "sk-real-openai-0123456789";
+const ANTHROPIC_KEY: &str = "sk-ant-real-abcdef";
+const GOOGLE_KEY: &str = "AIza-real-google+/=";
+
+struct Setup {
+    mock: MockProvider,
+    airlock: Airlock,
+}
+
+async fn setup_with(extra: &str) -> Setup {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .provider(
+            "anthropic",
+            &mock.url(),
+            "header:x-api-key",
+            ANTHROPIC_KEY,
+            "",
+        )
+        .provider("google", &mock.url(), "query:key", GOOGLE_KEY, "")
+        .config(extra)
+        .start()
+        .await
+        .unwrap();
+    Setup { mock, airlock }
+}
+
+async fn setup() -> Setup {
+    setup_with("").await
+}
+
+/// Creates a session; returns (id, token).
+async fn session(airlock: &Airlock, scope: Value, limits: Value) -> (String, String) {
+    let s = airlock
+        .create_session(json!({"scope": scope, "ttl_seconds": 300, "limits": limits}))
+        .await
+        .unwrap();
+    (
+        s["id"].as_str().unwrap().to_owned(),
+        s["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn chat_scope() -> Value {
+    json!([{"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]}])
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+async fn chat(setup: &Setup, token: &str) -> Reply {
+    request(
+        "POST",
+        &format!("{}/openai/v1/chat/completions", setup.airlock.proxy_url()),
+        &[
+            ("authorization", &bearer(token)),
+            ("content-type", "application/json"),
+        ],
+        r#"{"model":"gpt-mock","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await
+}
+
+fn assert_error(reply: &Reply, status: u16, code: &str) {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["type"].is_string(), "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+}
+
+#[tokio::test]
+async fn allowed_call_carries_the_real_credential_and_never_the_token() {
+    let s = setup().await;
+    let (_, token) = session(&s.airlock, chat_scope(), json!({})).await;
+    let reply = request(
+        "POST",
+        &format!(
+            "{}/openai/v1/chat/completions?trace=1&x=%20y",
+            s.airlock.proxy_url()
+        ),
+        &[
+            ("authorization", &bearer(&token)),
+            ("content-type", "application/json"),
+            ("x-custom", "kept"),
+        ],
+        r#"{"model":"gpt-mock","messages":[]}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json()["choices"][0]["message"]["content"],
+        "Hello from mock"
+    );
+
+    let seen = s.mock.requests();
+    assert_eq!(seen.len(), 1);
+    let req = &seen[0];
+    assert_eq!(req.method, "POST");
+    assert_eq!(req.path_and_query, "/v1/chat/completions?trace=1&x=%20y");
+    assert_eq!(
+        req.header("authorization").unwrap(),
+        format!("Bearer {OPENAI_KEY}")
+    );
+    assert_eq!(req.header_values("authorization").len(), 1);
+    assert_eq!(req.header("host").unwrap(), s.mock.addr().to_string());
+    assert_eq!(req.header("x-custom").unwrap(), "kept");
+    assert_eq!(req.body, r#"{"model":"gpt-mock","messages":[]}"#);
+    assert!(
+        !req.contains(&token),
+        "the session token reached the provider"
+    );
+    assert!(!req.contains("sess_"));
+}
+
+#[tokio::test]
+async fn header_style_accepts_the_token_in_either_place() {
+    let s = setup().await;
+    let scope = json!([{"provider": "anthropic", "methods": ["POST"], "paths": ["/v1/messages"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let url = format!("{}/anthropic/v1/messages", s.airlock.proxy_url());
+    let body = r#"{"model":"claude-mock","max_tokens":5,"messages":[]}"#;
+    let a = request(
+        "POST",
+        &url,
+        &[("x-api-key", &token), ("anthropic-version", "2023-06-01")],
+        body,
+    )
+    .await;
+    let b = request("POST", &url, &[("authorization", &bearer(&token))], body).await;
+    let both = request(
+        "POST",
+        &url,
+        &[("authorization", &bearer(&token)), ("x-api-key", &token)],
+        body,
+    )
+    .await;
+    for reply in [&a, &b, &both] {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let seen = s.mock.requests();
+    assert_eq!(seen.len(), 3);
+    for req in &seen {
+        assert_eq!(
+            req.header_values("x-api-key"),
+            vec![ANTHROPIC_KEY.to_owned()]
+        );
+        assert!(
+            req.header("authorization").is_none(),
+            "authorization must not be forwarded"
+        );
+        assert!(!req.contains(&token));
+    }
+    assert_eq!(seen[0].header("anthropic-version").unwrap(), "2023-06-01");
+}
+
+#[tokio::test]
+async fn query_style_moves_the_credential_into_the_query() {
+    let s = setup().await;
+    let scope = json!([{"provider": "google", "methods": ["GET"], "paths": ["/v1beta/models/*"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let url = format!(
+        "{}/google/v1beta/models/gemini?alt=json&key={token}",
+        s.airlock.proxy_url()
+    );
+    let reply = request("GET", &url, &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let seen = s.mock.requests();
+    assert_eq!(seen[0].path(), "/v1beta/models/gemini");
+    assert_eq!(
+        seen[0].query().unwrap(),
+        "alt=json&key=AIza%2Dreal%2Dgoogle%2B%2F%3D"
+    );
+    assert!(!seen[0].contains(&token));
+}
+
+#[tokio::test]
+async fn bad_tokens_get_401_and_reach_nothing() {
+    let s = setup().await;
+    let (_, token) = session(&s.airlock, chat_scope(), json!({})).await;
+    let url = format!("{}/openai/v1/chat/completions", s.airlock.proxy_url());
+    let unknown = "sess_0123456789012345678901234567890123456789abc";
+    let cases: Vec<Vec<(&str, String)>> = vec![
+        vec![],
+        vec![("authorization", "Bearer".to_owned())],
+        vec![("authorization", bearer("sk-real-key-guess"))],
+        vec![("authorization", bearer(unknown))],
+        vec![("authorization", bearer(&format!("{token}x")))],
+        vec![("authorization", format!("Basic {token}"))],
+    ];
+    for headers in cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let reply = request("POST", &url, &headers, "{}").await;
+        assert_error(&reply, 401, "invalid_token");
+        assert!(!reply.text().contains(&token));
+    }
+    // Two different tokens, or the same header twice: ambiguous -> 400.
+    let reply = request(
+        "POST",
+        &format!("{}/anthropic/v1/messages", s.airlock.proxy_url()),
+        &[("authorization", &bearer(&token)), ("x-api-key", unknown)],
+        "{}",
+    )
+    .await;
+    assert_error(&reply, 400, "bad_request");
+    let answer = raw(
+        &s.airlock.proxy_url(),
+        format!(
+            "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 400, "{answer}");
+    assert_eq!(
+        s.mock.request_count(),
+        0,
+        "a refused call reached the provider"
+    );
+}
+
+#[tokio::test]
+async fn out_of_scope_calls_get_403_and_reach_nothing() {
+    let s = setup().await;
+    let scope = json!([
+        {"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]},
+        {"provider": "openai", "methods": ["GET", "HEAD"], "paths": ["/v1/models/*", "/v1/files/**"]}
+    ]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let auth = bearer(&token);
+    let base = s.airlock.proxy_url();
+    let denied = [
+        ("GET", "/openai/v1/chat/completions"),
+        ("DELETE", "/openai/v1/models/gpt-4o"),
+        ("GET", "/openai/v1/models"),
+        ("GET", "/openai/v1/models/a/b"),
+        ("POST", "/openai/v1/files/x"),
+        ("POST", "/openai/v1/chat/completions/x"),
+        ("POST", "/openai/v1/chat"),
+        ("POST", "/anthropic/v1/messages"),
+        ("GET", "/openai/v1/Models/gpt-4o"),
+        ("GET", "/openai/v1/models/%2e%2e"),
+    ];
+    for (method, path) in denied {
+        let reply = request(
+            method,
+            &format!("{base}{path}"),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+        let want = if path.contains('%') { 400 } else { 403 };
+        assert_eq!(reply.status, want, "{method} {path}: {}", reply.text());
+    }
+    assert_eq!(s.mock.request_count(), 0);
+    let allowed = [
+        ("GET", "/openai/v1/models/gpt-4o"),
+        ("HEAD", "/openai/v1/models/gpt-4o"),
+        ("GET", "/openai/v1/files"),
+        ("GET", "/openai/v1/files/a/b/c"),
+    ];
+    for (method, path) in allowed {
+        let reply = request(
+            method,
+            &format!("{base}{path}"),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{method} {path}: {}", reply.text());
+    }
+    assert_eq!(s.mock.request_count(), allowed.len());
+}
+
+#[tokio::test]
+async fn ambiguous_paths_are_refused_not_normalised() {
+    let s = setup().await;
+    let scope = json!([{"provider": "openai", "methods": ["*"], "paths": ["/**"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let paths = [
+        "/openai/v1/../admin",
+        "/openai/./v1/models",
+        "/openai/v1//models",
+        "/openai/v1/%2e%2e/admin",
+        "/openai/v1/%2E%2e/admin",
+        "/openai/v1%2fadmin",
+        "/openai/v1%5cadmin",
+        "/openai/v1\\admin",
+        "/openai/v1/a%00b",
+        "/openai/v1/models;jsessionid=1",
+        "/openai/v1/%c0%ae%c0%ae/x",
+        "/openai/v1/%ff",
+        "/openai/v1/a%2",
+        "/openai/v1/%252e%252e/x",
+        "/openai/v1/caf\u{e9}",
+    ];
+    for path in paths {
+        let answer = raw(
+            &s.airlock.proxy_url(),
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert_eq!(raw_status(&answer), 400, "{path}: {answer}");
+        if answer.contains("\r\n\r\n{") {
+            assert!(
+                answer.contains("\"code\":\"bad_request\""),
+                "{path}: {answer}"
+            );
+        }
+    }
+    assert_eq!(
+        s.mock.request_count(),
+        0,
+        "an ambiguous path reached the provider"
+    );
+    // The server is still healthy.
+    let reply = request(
+        "GET",
+        &format!("{}/openai/v1/models", s.airlock.proxy_url()),
+        &[("authorization", &bearer(&token))],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn unknown_provider_and_methods() {
+    let s = setup().await;
+    let scope = json!([{"provider": "openai", "methods": ["*"], "paths": ["/**"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let auth = bearer(&token);
+    let reply = request(
+        "GET",
+        &format!("{}/nope/v1/models", s.airlock.proxy_url()),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_error(&reply, 404, "unknown_provider");
+    for method in ["TRACE", "PROPFIND"] {
+        let reply = request(
+            method,
+            &format!("{}/openai/v1/models", s.airlock.proxy_url()),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+        assert_error(&reply, 400, "bad_request");
+    }
+    assert_eq!(s.mock.request_count(), 0);
+}
+
+#[tokio::test]
+async fn revoked_and_expired_sessions_get_401() {
+    let s = setup().await;
+    let (id, token) = session(&s.airlock, chat_scope(), json!({})).await;
+    assert_eq!(chat(&s, &token).await.status, 200);
+    let (status, body) = s
+        .airlock
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["state"], "revoked");
+    assert_error(&chat(&s, &token).await, 401, "invalid_token");
+    assert_eq!(s.mock.request_count(), 1);
+
+    let created = s
+        .airlock
+        .create_session(json!({"scope": chat_scope(), "ttl_seconds": 1}))
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap();
+    assert_eq!(chat(&s, token).await.status, 200);
+    // Wait for the session's own clock to run out (not a synchronisation sleep).
+    let expires = time::OffsetDateTime::parse(
+        created["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let left = expires - time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(
+        left.whole_milliseconds().max(0) as u64 + 50,
+    ))
+    .await;
+    assert_error(&chat(&s, token).await, 401, "invalid_token");
+    let (_, view) = s
+        .airlock
+        .admin(
+            "GET",
+            &format!("/v1/sessions/{}", created["id"].as_str().unwrap()),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(view["state"], "expired");
+    assert_eq!(s.mock.request_count(), 2);
+}
+
+#[tokio::test]
+async fn limits_rate_and_quota() {
+    let s = setup().await;
+    let (_, token) = session(&s.airlock, chat_scope(), json!({"requests_per_minute": 2})).await;
+    assert_eq!(chat(&s, &token).await.status, 200);
+    assert_eq!(chat(&s, &token).await.status, 200);
+    assert_error(&chat(&s, &token).await, 429, "rate_limited");
+    assert_eq!(s.mock.request_count(), 2);
+
+    let (id, token) = session(&s.airlock, chat_scope(), json!({"max_requests": 3})).await;
+    for _ in 0..3 {
+        assert_eq!(chat(&s, &token).await.status, 200);
+    }
+    assert_error(&chat(&s, &token).await, 429, "rate_limited");
+    assert_eq!(s.mock.request_count(), 5);
+    let (_, view) = s
+        .airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(view["calls"], json!({"allowed": 3, "denied": 1}));
+    assert_eq!(view["state"], "active");
+}
+
+#[tokio::test]
+async fn max_denied_revokes_the_session() {
+    let s = setup().await;
+    let (id, token) = session(&s.airlock, chat_scope(), json!({"max_denied": 2})).await;
+    let out = format!("{}/openai/v1/files", s.airlock.proxy_url());
+    assert_eq!(chat(&s, &token).await.status, 200);
+    for _ in 0..2 {
+        let reply = request("GET", &out, &[("authorization", &bearer(&token))], "").await;
+        assert_error(&reply, 403, "out_of_scope");
+    }
+    // Now even an in-scope call is refused: the session is revoked.
+    assert_error(&chat(&s, &token).await, 401, "invalid_token");
+    assert_eq!(s.mock.request_count(), 1);
+    let (_, view) = s
+        .airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(view["state"], "revoked");
+    assert_eq!(view["calls"], json!({"allowed": 1, "denied": 2}));
+}
+
+#[tokio::test]
+async fn sse_events_arrive_as_the_provider_sends_them() {
+    use futures_util::StreamExt;
+    use http_body_util::BodyStream;
+
+    let s = setup().await;
+    let scope = json!([{"provider": "openai", "methods": ["GET"], "paths": ["/gated-sse"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let req = hyper::Request::get(format!("{}/openai/gated-sse", s.airlock.proxy_url()))
+        .header("authorization", bearer(&token))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = client.request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut frames = BodyStream::new(response.into_body());
+    let mut received = String::new();
+    // The provider holds its second event until the gate opens, so the
+    // first one can only arrive here if airlock does not buffer.
+    while !received.contains("data: first") {
+        let frame = tokio::time::timeout(Duration::from_secs(10), frames.next())
+            .await
+            .expect("the first event did not arrive while the provider held the stream open: airlock buffers")
+            .unwrap()
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            received.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(!received.contains("second"));
+    s.mock.open_gate();
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), frames.next())
+        .await
+        .unwrap()
+    {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(received.contains("data: second"), "{received}");
+}
+
+#[tokio::test]
+async fn large_bodies_stream_through_in_bounded_memory() {
+    use futures_util::StreamExt;
+    use http_body_util::{BodyStream, StreamBody};
+
+    let s = setup().await;
+    let scope =
+        json!([{"provider": "openai", "methods": ["GET", "POST"], "paths": ["/upload", "/bytes"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let baseline = s.airlock.peak_rss_kib();
+    const SIZE: u64 = 512 * 1024 * 1024;
+    const CHUNK: usize = 256 * 1024;
+
+    // Upload: a generated stream, never held whole by the client either.
+    let chunks = futures_util::stream::iter((0..SIZE / CHUNK as u64).map(|_| {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(vec![
+            b'x';
+            CHUNK
+        ])))
+    }));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<StreamBody<_>>();
+    let req = hyper::Request::post(format!("{}/openai/upload", s.airlock.proxy_url()))
+        .header("authorization", bearer(&token))
+        .header("content-length", SIZE.to_string())
+        .body(StreamBody::new(chunks))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(120), client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["received"], SIZE);
+
+    // Download.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let req = hyper::Request::get(format!("{}/openai/bytes?n={SIZE}", s.airlock.proxy_url()))
+        .header("authorization", bearer(&token))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = client.request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut frames = BodyStream::new(response.into_body());
+    let mut total = 0u64;
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(60), frames.next())
+        .await
+        .unwrap()
+    {
+        if let Ok(data) = frame.unwrap().into_data() {
+            total += data.len() as u64;
+        }
+    }
+    assert_eq!(total, SIZE);
+
+    let grown_mib = s.airlock.peak_rss_kib().saturating_sub(baseline) / 1024;
+    assert!(
+        grown_mib < 64,
+        "peak RSS grew by {grown_mib} MiB while moving 2 x 512 MiB"
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_not_forwarded_and_redirects_not_followed() {
+    let s = setup().await;
+    let scope =
+        json!([{"provider": "openai", "methods": ["GET"], "paths": ["/echo", "/redirect"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let answer = raw(
+        &s.airlock.proxy_url(),
+        format!(
+            "GET /openai/echo HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close, X-Private\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+             Proxy-Authorization: Basic Zm9v\r\nUpgrade: websocket\r\nX-Kept: yes\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    let req = &s.mock.requests()[0];
+    for h in [
+        "x-private",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "upgrade",
+    ] {
+        assert!(req.header(h).is_none(), "{h} was forwarded");
+    }
+    assert_eq!(req.header("x-kept").unwrap(), "yes");
+    assert_eq!(req.header("host").unwrap(), s.mock.addr().to_string());
+
+    let reply = request(
+        "GET",
+        &format!("{}/openai/redirect", s.airlock.proxy_url()),
+        &[("authorization", &bearer(&token))],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 302);
+    assert_eq!(reply.headers["location"], "http://example.invalid/stolen");
+    assert_eq!(s.mock.request_count(), 2);
+}
+
+#[tokio::test]
+async fn upstream_failures_are_502_and_504() {
+    // An upstream that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    // A port with nothing listening.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("slow", &silent_url, "bearer", "k1", "")
+        .provider("down", &closed_url, "bearer", "k2", "")
+        .proxy_option("upstream_timeout = \"1s\"")
+        .start()
+        .await
+        .unwrap();
+    let scope = json!([
+        {"provider": "slow", "methods": ["GET"], "paths": ["/**"]},
+        {"provider": "down", "methods": ["GET"], "paths": ["/**"]}
+    ]);
+    let (_, token) = session(&airlock, scope, json!({})).await;
+    let reply = request(
+        "GET",
+        &format!("{}/down/x", airlock.proxy_url()),
+        &[("authorization", &bearer(&token))],
+        "",
+    )
+    .await;
+    assert_error(&reply, 502, "upstream_error");
+    assert!(!reply.text().contains("k2"));
+    let reply = request(
+        "GET",
+        &format!("{}/slow/x", airlock.proxy_url()),
+        &[("authorization", &bearer(&token))],
+        "",
+    )
+    .await;
+    assert_error(&reply, 504, "upstream_timeout");
+    holder.abort();
+}
+
+#[tokio::test]
+async fn sessions_survive_a_restart() {
+    let mock = MockProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+            .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+            .dir(dir.path().to_path_buf())
+            .start()
+    };
+    let mut first = start().await.unwrap();
+    let (id, token) = session(&first, chat_scope(), json!({})).await;
+    let (revoked_id, revoked_token) = session(&first, chat_scope(), json!({})).await;
+    first
+        .admin("DELETE", &format!("/v1/sessions/{revoked_id}"), None)
+        .await
+        .unwrap();
+    let status = first.terminate().await.unwrap();
+    assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+
+    let second = start().await.unwrap();
+    let s = Setup {
+        mock,
+        airlock: second,
+    };
+    assert_eq!(chat(&s, &token).await.status, 200);
+    assert_error(&chat(&s, &revoked_token).await, 401, "invalid_token");
+    let (_, view) = s
+        .airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(view["state"], "active");
+
+    // Only the hash of a token is stored.
+    let db = std::fs::read(dir.path().join("airlock.db")).unwrap();
+    let wal = std::fs::read(dir.path().join("airlock.db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(
+            !text.contains(&token),
+            "a session token is stored in plain text"
+        );
+        assert!(
+            !text.contains(OPENAI_KEY),
+            "the credential is stored in plain text"
+        );
+    }
+}
