@@ -166,8 +166,7 @@ struct RevokeByToken {
 /// `POST /v1/sessions/revoke {"token": "sess_..."}`: revocation by token, so
 /// a token never has to appear in a URL.
 async fn revoke_by_token(State(state): Shared, body: Bytes) -> Result<Json<SessionView>, ApiError> {
-    let req: RevokeByToken = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid revoke request: {e}")))?;
+    let req: RevokeByToken = crate::sessions::parse_json(&body, "revoke request")?;
     if !token::is_well_formed(&req.token) {
         return Err(ApiError::BadRequest(
             "token is not a session token (sess_...)".into(),

@@ -56,8 +56,7 @@ pub struct Calls {
 impl CreateSession {
     /// Parses and checks a request body; every problem is a 400 naming it.
     pub fn parse(body: &[u8], state: &AdminState) -> Result<NewSession, ApiError> {
-        let req: CreateSession = serde_json::from_slice(body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid session request: {e}")))?;
+        let req: CreateSession = parse_json(body, "session request")?;
         if req.scope.rules().is_empty() {
             return Err(ApiError::BadRequest(
                 "scope must hold at least one rule".into(),
@@ -93,6 +92,23 @@ impl CreateSession {
             ttl: Duration::from_secs(req.ttl_seconds),
         })
     }
+}
+
+/// Parses a JSON body; the error names the field at fault.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::BadRequest(format!("invalid {what}: {inner}"))
+        } else {
+            ApiError::BadRequest(format!("invalid {what}: {path}: {inner}"))
+        }
+    })
 }
 
 fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {

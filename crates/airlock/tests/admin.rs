@@ -1,0 +1,652 @@
+//! End-to-end tests of the admin API and the `airlock` CLI against a real server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Output;
+
+use airlock_testkit::client::request;
+use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_airlock");
+
+async fn start(mock: &MockProvider) -> Airlock {
+    AirlockBuilder::new(BIN)
+        .provider("openai", &mock.url(), "bearer", "sk-real-1", "/v1")
+        .provider("anthropic", &mock.url(), "header:x-api-key", "sk-ant-1", "")
+        .config("[sessions]\nmax_ttl = \"1h\"\n")
+        .start()
+        .await
+        .unwrap()
+}
+
+fn valid_body() -> Value {
+    json!({
+        "scope": [{"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]}],
+        "ttl_seconds": 900,
+        "labels": {"agent": "a1"},
+        "limits": {"requests_per_minute": 60, "max_requests": 1000, "max_denied": 3}
+    })
+}
+
+#[tokio::test]
+async fn create_show_list_revoke() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let scope = json!([
+        {"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]},
+        {"provider": "anthropic", "methods": ["POST"], "paths": ["/v1/messages"]}
+    ]);
+    let mut body = valid_body();
+    body["scope"] = scope.clone();
+    let created = airlock.create_session(body).await.unwrap();
+    let id = created["id"].as_str().unwrap();
+    let token = created["token"].as_str().unwrap();
+    assert!(id.starts_with("ses_"));
+    assert!(token.starts_with("sess_") && token.len() >= 5 + 43);
+    assert_eq!(created["scope"], scope);
+    assert_eq!(
+        created["limits"],
+        json!({"requests_per_minute": 60, "max_requests": 1000, "max_denied": 3})
+    );
+    assert_eq!(created["labels"], json!({"agent": "a1"}));
+    assert_eq!(created["state"], "active");
+    assert_eq!(
+        created["env"],
+        json!({
+            "OPENAI_API_KEY": token,
+            "OPENAI_BASE_URL": format!("{}/openai/v1", airlock.proxy_url()),
+            "ANTHROPIC_API_KEY": token,
+            "ANTHROPIC_BASE_URL": format!("{}/anthropic", airlock.proxy_url()),
+        })
+    );
+    assert!(created["expires_at"].as_str().unwrap().ends_with('Z'));
+
+    let (status, shown) = airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        shown.get("token").is_none(),
+        "show must never return the token"
+    );
+    assert_eq!(shown["calls"], json!({"allowed": 0, "denied": 0}));
+    for key in [
+        "created_at",
+        "expires_at",
+        "scope",
+        "limits",
+        "labels",
+        "state",
+    ] {
+        assert!(shown.get(key).is_some(), "{key} missing: {shown}");
+    }
+
+    let (_, list) = airlock.admin("GET", "/v1/sessions", None).await.unwrap();
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
+    assert!(!list.to_string().contains(token));
+
+    let (status, _) = airlock
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (_, list) = airlock.admin("GET", "/v1/sessions", None).await.unwrap();
+    assert_eq!(list["sessions"], json!([]));
+    let (_, list) = airlock
+        .admin("GET", "/v1/sessions?all=true", None)
+        .await
+        .unwrap();
+    assert_eq!(list["sessions"][0]["state"], "revoked");
+
+    let (status, _) = airlock
+        .admin("GET", "/v1/sessions/ses_doesnotexist", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    let (status, _) = airlock
+        .admin("DELETE", "/v1/sessions/ses_doesnotexist", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn bad_session_requests_get_400_saying_what_is_wrong() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let with = |pointer: &str, value: Value| {
+        let mut body = valid_body();
+        *body.pointer_mut(pointer).unwrap() = value;
+        body
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            with("/scope/0/provider", json!("nope")),
+            "unknown provider \"nope\"",
+        ),
+        (with("/scope/0/methods", json!(["FETCH"])), "FETCH"),
+        (with("/scope/0/methods", json!(["post"])), "\"post\""),
+        (with("/scope/0/methods", json!([])), "at least one method"),
+        (
+            with("/scope/0/paths", json!(["v1/chat"])),
+            "must start with '/'",
+        ),
+        (with("/scope/0/paths", json!([])), "at least one path"),
+        (
+            with("/scope/0/paths", json!(["/v1/../admin"])),
+            "'.' or '..'",
+        ),
+        (with("/scope", json!([])), "at least one rule"),
+        (with("/ttl_seconds", json!(-5)), "ttl_seconds"),
+        (
+            with("/ttl_seconds", json!(0)),
+            "ttl_seconds must be between 1 and 3600",
+        ),
+        (
+            with("/ttl_seconds", json!(3601)),
+            "ttl_seconds must be between 1 and 3600",
+        ),
+        (with("/ttl_seconds", json!(1e30)), "ttl_seconds"),
+        (with("/ttl_seconds", json!("15m")), "ttl_seconds"),
+        (
+            with("/limits/requests_per_minute", json!(0)),
+            "requests_per_minute",
+        ),
+        (with("/limits/max_denied", json!(-1)), "max_denied"),
+        (with("/labels", json!({"bad key": "v"})), "label key"),
+        (json!({"scope": valid_body()["scope"]}), "ttl_seconds"),
+        (json!({"ttl_seconds": 60}), "scope"),
+        (
+            {
+                let mut b = valid_body();
+                b["extra"] = json!(1);
+                b
+            },
+            "unknown field `extra`",
+        ),
+        (json!("not an object"), "invalid session request"),
+    ];
+    for (body, want) in cases {
+        let (status, answer) = airlock
+            .admin("POST", "/v1/sessions", Some(body.clone()))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error"]["code"], "bad_request");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(want),
+            "{body}\n  message: {message}\n  want: {want}"
+        );
+    }
+    // Not JSON at all.
+    let reply = request(
+        "POST",
+        &format!("{}/v1/sessions", airlock.admin_url()),
+        &[(
+            "authorization",
+            &format!("Bearer {}", airlock.admin_token()),
+        )],
+        "{not json",
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.error_code().as_deref(), Some("bad_request"));
+    // Still healthy.
+    airlock.create_session(valid_body()).await.unwrap();
+}
+
+#[tokio::test]
+async fn admin_token_is_required_except_for_healthz() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let base = airlock.admin_url();
+    let reply = request("GET", &format!("{base}/healthz"), &[], "").await;
+    assert_eq!(reply.status, 200);
+    for (method, path) in [
+        ("GET", "/v1/sessions"),
+        ("POST", "/v1/sessions"),
+        ("GET", "/metrics"),
+        ("DELETE", "/v1/sessions/ses_x"),
+    ] {
+        for headers in [
+            vec![],
+            vec![("authorization", "Bearer wrong")],
+            vec![("authorization", "adm_x")],
+        ] {
+            let reply = request(method, &format!("{base}{path}"), &headers, "").await;
+            assert_eq!(reply.status, 401, "{method} {path} {headers:?}");
+            assert_eq!(reply.error_code().as_deref(), Some("unauthorized"));
+        }
+    }
+    let (status, answer) = airlock.admin("GET", "/v1/nothing", None).await.unwrap();
+    assert_eq!(status, 404, "{answer}");
+}
+
+#[tokio::test]
+async fn metrics_count_calls_by_provider_and_decision() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let created = airlock.create_session(valid_body()).await.unwrap();
+    let token = created["token"].as_str().unwrap();
+    let url = format!("{}/openai/v1/chat/completions", airlock.proxy_url());
+    let auth = format!("Bearer {token}");
+    assert_eq!(
+        request("POST", &url, &[("authorization", &auth)], "{}")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        request("GET", &url, &[("authorization", &auth)], "")
+            .await
+            .status,
+        403
+    );
+    assert_eq!(request("POST", &url, &[], "").await.status, 401);
+    let reply = request(
+        "GET",
+        &format!("{}/metrics", airlock.admin_url()),
+        &[(
+            "authorization",
+            &format!("Bearer {}", airlock.admin_token()),
+        )],
+        "",
+    )
+    .await;
+    let text = reply.text();
+    for line in [
+        "airlock_proxy_calls_total{provider=\"openai\",decision=\"allow\"} 1",
+        "airlock_proxy_calls_total{provider=\"openai\",decision=\"out_of_scope\"} 1",
+        "airlock_proxy_calls_total{provider=\"openai\",decision=\"invalid_token\"} 1",
+        "airlock_sessions_created_total 1",
+        "airlock_proxy_response_seconds_bucket{",
+    ] {
+        assert!(text.contains(line), "missing {line}\n{text}");
+    }
+    assert!(!text.contains(token) && !text.contains("sk-real-1"));
+}
+
+#[tokio::test]
+async fn generated_admin_token_is_printed_once_and_only_its_hash_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        AirlockBuilder::new(BIN)
+            .env("AIRLOCK_ADMIN_TOKEN", "")
+            .dir(dir.path().to_path_buf())
+            .start()
+    };
+    let mut first = start().await.unwrap();
+    let output = first.output();
+    let token = output
+        .split("AIRLOCK_ADMIN_TOKEN=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the generated admin token is printed")
+        .to_owned();
+    let reply = request(
+        "GET",
+        &format!("{}/v1/sessions", first.admin_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    first.terminate().await.unwrap();
+
+    let second = start().await.unwrap();
+    assert!(
+        !second.output().contains("AIRLOCK_ADMIN_TOKEN="),
+        "printed again"
+    );
+    let reply = request(
+        "GET",
+        &format!("{}/v1/sessions", second.admin_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "the stored hash still admits the token");
+    let db = std::fs::read(dir.path().join("airlock.db")).unwrap();
+    let wal = std::fs::read(dir.path().join("airlock.db-wal")).unwrap_or_default();
+    assert!(!String::from_utf8_lossy(&db).contains(&token));
+    assert!(!String::from_utf8_lossy(&wal).contains(&token));
+}
+
+async fn cli(airlock: &Airlock, args: &[&str]) -> Output {
+    tokio::process::Command::new(BIN)
+        .args(args)
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+        .current_dir(airlock.dir())
+        .output()
+        .await
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn cli_session_commands() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+
+    let out = cli(
+        &airlock,
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--allow",
+            "anthropic:POST:/v1/messages",
+            "--ttl",
+            "10m",
+            "--label",
+            "agent=a1",
+            "--max-denied",
+            "3",
+            "--rpm",
+            "10",
+            "--max-requests",
+            "5",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        created["limits"],
+        json!({"requests_per_minute": 10, "max_requests": 5, "max_denied": 3})
+    );
+    assert_eq!(created["labels"], json!({"agent": "a1"}));
+
+    let out = cli(
+        &airlock,
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--format",
+            "env",
+        ],
+    )
+    .await;
+    let env = stdout(&out);
+    let lines: Vec<&str> = env.lines().collect();
+    assert_eq!(lines.len(), 2, "{env}");
+    assert!(lines.iter().any(|l| l.starts_with("OPENAI_API_KEY=sess_")));
+    assert!(lines.contains(&format!("OPENAI_BASE_URL={}/openai/v1", airlock.proxy_url()).as_str()));
+
+    let out = cli(
+        &airlock,
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--format",
+            "shell",
+        ],
+    )
+    .await;
+    let shell = stdout(&out);
+    assert!(
+        shell
+            .lines()
+            .all(|l| l.starts_with("export ") && l.ends_with('\'')),
+        "{shell}"
+    );
+    // The shell output works in a real shell.
+    let sh = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{shell}\nprintf %s \"$OPENAI_BASE_URL\""))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(stdout(&sh), format!("{}/openai/v1", airlock.proxy_url()));
+    let shell_token = shell
+        .lines()
+        .find_map(|l| l.strip_prefix("export OPENAI_API_KEY='"))
+        .unwrap()
+        .trim_end_matches('\'')
+        .to_owned();
+
+    let out = cli(&airlock, &["session", "list"]).await;
+    let table = stdout(&out);
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(
+        table.contains(&id) && table.contains("agent=a1") && table.contains("active"),
+        "{table}"
+    );
+    assert!(!table.contains("sess_"));
+    let header_cols = table.lines().next().unwrap().find("STATE").unwrap();
+    assert!(
+        table
+            .lines()
+            .skip(1)
+            .all(|l| l[header_cols..].starts_with("active")),
+        "aligned:\n{table}"
+    );
+
+    let out = cli(&airlock, &["session", "show", &id]).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap()["id"],
+        id.as_str()
+    );
+
+    let out = cli(&airlock, &["session", "revoke", &id]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), format!("revoked {id}"));
+    let out = cli(&airlock, &["session", "revoke", &shell_token]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reply = request(
+        "POST",
+        &format!("{}/openai/v1/chat/completions", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {shell_token}"))],
+        "{}",
+    )
+    .await;
+    assert_eq!(reply.status, 401, "revoked by token");
+
+    let out = cli(&airlock, &["session", "list", "--all", "--json"]).await;
+    let all: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(all["sessions"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn cli_errors_are_one_clear_line_and_nonzero() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["session", "create", "--allow", "openai:post:/v1/x"],
+            "method \"post\"",
+        ),
+        (
+            &["session", "create", "--allow", "openai:POST"],
+            "not PROVIDER:METHODS:PATH",
+        ),
+        (
+            &["session", "create", "--allow", "openai:POST:v1"],
+            "must start with '/'",
+        ),
+        (
+            &["session", "create", "--allow", "nope:POST:/v1"],
+            "unknown provider \"nope\"",
+        ),
+        (
+            &[
+                "session",
+                "create",
+                "--allow",
+                "openai:POST:/v1",
+                "--ttl",
+                "forever",
+            ],
+            "invalid duration",
+        ),
+        (
+            &[
+                "session",
+                "create",
+                "--allow",
+                "openai:POST:/v1",
+                "--ttl",
+                "2h",
+            ],
+            "ttl_seconds must be between 1 and 3600",
+        ),
+        (
+            &[
+                "session",
+                "create",
+                "--allow",
+                "openai:POST:/v1",
+                "--label",
+                "novalue",
+            ],
+            "KEY=VALUE",
+        ),
+        (&["session", "show", "nope"], "is not a session id"),
+        (&["session", "revoke", "ses_unknown"], "no session"),
+    ];
+    for (args, want) in cases {
+        let out = cli(&airlock, args).await;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("airlock: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+
+    let out = tokio::process::Command::new(BIN)
+        .args(["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", "http://127.0.0.1:1")
+        .env("AIRLOCK_ADMIN_TOKEN", "x")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot reach the airlock admin API at http://127.0.0.1:1"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = tokio::process::Command::new(BIN)
+        .args(["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env("AIRLOCK_ADMIN_TOKEN", "wrong")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        stderr(&out).contains("AIRLOCK_ADMIN_TOKEN"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn bad_config_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("airlock.toml");
+    std::fs::write(&path, "[proxy]\nlisten = \"127.0.0.1:0\"\n[providers.openai]\nupstream = \"https://x\"\nauth = \"basic\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"Y\"\n").unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{}: providers.openai.auth: auth must be",
+            path.display()
+        )),
+        "{err}"
+    );
+
+    let out = tokio::process::Command::new(BIN)
+        .args(["serve", "--config", "/nonexistent/airlock.toml"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("/nonexistent/airlock.toml"));
+}
+
+#[tokio::test]
+async fn serve_runs_with_no_config_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    // No airlock.toml in the working directory: built-in defaults, except
+    // for the ports, which the defaults fix at 8080/8081 and may be taken
+    // here. So run with only a port override to prove the rest defaults.
+    let path = dir.path().join("ports.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("AIRLOCK_ADMIN_TOKEN", "t")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut admin = None;
+    while let Some(line) =
+        tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+    {
+        if let Some(url) = line.strip_prefix("airlock admin listening on ") {
+            admin = Some(url.to_owned());
+            break;
+        }
+    }
+    let admin = admin.unwrap();
+    assert!(
+        dir.path().join("airlock.db").exists(),
+        "sqlite://airlock.db in the working directory"
+    );
+    // Built-in providers exist: a session for openai and anthropic can be made.
+    let reply = request(
+        "POST",
+        &format!("{admin}/v1/sessions"),
+        &[("authorization", "Bearer t")],
+        r#"{"scope":[{"provider":"openai","methods":["POST"],"paths":["/v1/chat/completions"]},{"provider":"anthropic","methods":["POST"],"paths":["/v1/messages"]}],"ttl_seconds":60}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let env = &reply.json()["env"];
+    assert!(env["OPENAI_BASE_URL"]
+        .as_str()
+        .unwrap()
+        .ends_with("/openai/v1"));
+    assert!(env["ANTHROPIC_BASE_URL"]
+        .as_str()
+        .unwrap()
+        .ends_with("/anthropic"));
+    child.kill().await.unwrap();
+}
