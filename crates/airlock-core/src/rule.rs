@@ -227,7 +227,7 @@ impl FromStr for PathPattern {
             .strip_prefix('/')
             .ok_or_else(|| fail("must start with '/'"))?;
         let (body, any_rest) = match body.strip_suffix("**") {
-            Some(prefix) if prefix.is_empty() => ("", true),
+            Some("") => ("", true),
             Some(prefix) => (
                 prefix
                     .strip_suffix('/')

@@ -49,7 +49,7 @@ pub fn is_well_formed(candidate: &str) -> bool {
 /// SHA-256 of a token: the only form in which tokens are stored or indexed.
 ///
 /// Equality is constant-time.
-#[derive(Clone, Copy, Hash)]
+#[derive(Clone, Copy)]
 pub struct TokenHash([u8; 32]);
 
 /// A session id (`ses_…`). Not a secret.
@@ -108,6 +108,14 @@ impl PartialEq for TokenHash {
 }
 
 impl Eq for TokenHash {}
+
+impl std::hash::Hash for TokenHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Equal hashes have equal bytes, so hashing the bytes is consistent
+        // with the constant-time `PartialEq`.
+        self.0.hash(state);
+    }
+}
 
 impl fmt::Debug for TokenHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

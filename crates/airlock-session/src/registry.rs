@@ -160,10 +160,7 @@ impl Registry {
     /// Revokes a session by its token.
     pub async fn revoke_by_token(&self, token: &str) -> Result<Option<SessionId>, RegistryError> {
         let hash = TokenHash::of(token);
-        let id = match self.by_token.read().get(&hash) {
-            Some(live) => Some(live.id().clone()),
-            None => None,
-        };
+        let id = self.by_token.read().get(&hash).map(|live| live.id().clone());
         let id = match id {
             Some(id) => Some(id),
             None => self.store.session_by_token(&hash).await?.map(|r| r.id),
