@@ -160,7 +160,11 @@ impl Registry {
     /// Revokes a session by its token.
     pub async fn revoke_by_token(&self, token: &str) -> Result<Option<SessionId>, RegistryError> {
         let hash = TokenHash::of(token);
-        let id = self.by_token.read().get(&hash).map(|live| live.id().clone());
+        let id = self
+            .by_token
+            .read()
+            .get(&hash)
+            .map(|live| live.id().clone());
         let id = match id {
             Some(id) => Some(id),
             None => self.store.session_by_token(&hash).await?.map(|r| r.id),

@@ -1,4 +1,5 @@
 //! The Store contract, run against SQLite.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 
