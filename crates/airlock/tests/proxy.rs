@@ -60,6 +60,11 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
+/// A call with the session token and no body.
+async fn call(method: &str, url: &str, token: &str) -> Reply {
+    request(method, url, &[("authorization", &bearer(token))], "").await
+}
+
 async fn chat(setup: &Setup, token: &str) -> Reply {
     request(
         "POST",
@@ -239,7 +244,6 @@ async fn out_of_scope_calls_get_403_and_reach_nothing() {
         {"provider": "openai", "methods": ["GET", "HEAD"], "paths": ["/v1/models/*", "/v1/files/**"]}
     ]);
     let (_, token) = session(&s.airlock, scope, json!({})).await;
-    let auth = bearer(&token);
     let base = s.airlock.proxy_url();
     let denied = [
         ("GET", "/openai/v1/chat/completions"),
@@ -254,13 +258,7 @@ async fn out_of_scope_calls_get_403_and_reach_nothing() {
         ("GET", "/openai/v1/models/%2e%2e"),
     ];
     for (method, path) in denied {
-        let reply = request(
-            method,
-            &format!("{base}{path}"),
-            &[("authorization", &auth)],
-            "",
-        )
-        .await;
+        let reply = call(method, &format!("{base}{path}"), &token).await;
         let want = if path.contains('%') { 400 } else { 403 };
         assert_eq!(reply.status, want, "{method} {path}: {}", reply.text());
     }
@@ -272,13 +270,7 @@ async fn out_of_scope_calls_get_403_and_reach_nothing() {
         ("GET", "/openai/v1/files/a/b/c"),
     ];
     for (method, path) in allowed {
-        let reply = request(
-            method,
-            &format!("{base}{path}"),
-            &[("authorization", &auth)],
-            "",
-        )
-        .await;
+        let reply = call(method, &format!("{base}{path}"), &token).await;
         assert_eq!(reply.status, 200, "{method} {path}: {}", reply.text());
     }
     assert_eq!(s.mock.request_count(), allowed.len());
@@ -327,11 +319,10 @@ async fn ambiguous_paths_are_refused_not_normalised() {
         "an ambiguous path reached the provider"
     );
     // The server is still healthy.
-    let reply = request(
+    let reply = call(
         "GET",
         &format!("{}/openai/v1/models", s.airlock.proxy_url()),
-        &[("authorization", &bearer(&token))],
-        "",
+        &token,
     )
     .await;
     assert_eq!(reply.status, 200);
@@ -342,21 +333,18 @@ async fn unknown_provider_and_methods() {
     let s = setup().await;
     let scope = json!([{"provider": "openai", "methods": ["*"], "paths": ["/**"]}]);
     let (_, token) = session(&s.airlock, scope, json!({})).await;
-    let auth = bearer(&token);
-    let reply = request(
+    let reply = call(
         "GET",
         &format!("{}/nope/v1/models", s.airlock.proxy_url()),
-        &[("authorization", &auth)],
-        "",
+        &token,
     )
     .await;
     assert_error(&reply, 404, "unknown_provider");
     for method in ["TRACE", "PROPFIND"] {
-        let reply = request(
+        let reply = call(
             method,
             &format!("{}/openai/v1/models", s.airlock.proxy_url()),
-            &[("authorization", &auth)],
-            "",
+            &token,
         )
         .await;
         assert_error(&reply, 400, "bad_request");
@@ -442,7 +430,7 @@ async fn max_denied_revokes_the_session() {
     let out = format!("{}/openai/v1/files", s.airlock.proxy_url());
     assert_eq!(chat(&s, &token).await.status, 200);
     for _ in 0..2 {
-        let reply = request("GET", &out, &[("authorization", &bearer(&token))], "").await;
+        let reply = call("GET", &out, &token).await;
         assert_error(&reply, 403, "out_of_scope");
     }
     // Now even an in-scope call is refused: the session is revoked.
@@ -598,11 +586,10 @@ async fn hop_by_hop_headers_are_not_forwarded_and_redirects_not_followed() {
     assert_eq!(req.header("x-kept").unwrap(), "yes");
     assert_eq!(req.header("host").unwrap(), s.mock.addr().to_string());
 
-    let reply = request(
+    let reply = call(
         "GET",
         &format!("{}/openai/redirect", s.airlock.proxy_url()),
-        &[("authorization", &bearer(&token))],
-        "",
+        &token,
     )
     .await;
     assert_eq!(reply.status, 302);
@@ -638,22 +625,10 @@ async fn upstream_failures_are_502_and_504() {
         {"provider": "down", "methods": ["GET"], "paths": ["/**"]}
     ]);
     let (_, token) = session(&airlock, scope, json!({})).await;
-    let reply = request(
-        "GET",
-        &format!("{}/down/x", airlock.proxy_url()),
-        &[("authorization", &bearer(&token))],
-        "",
-    )
-    .await;
+    let reply = call("GET", &format!("{}/down/x", airlock.proxy_url()), &token).await;
     assert_error(&reply, 502, "upstream_error");
     assert!(!reply.text().contains("k2"));
-    let reply = request(
-        "GET",
-        &format!("{}/slow/x", airlock.proxy_url()),
-        &[("authorization", &bearer(&token))],
-        "",
-    )
-    .await;
+    let reply = call("GET", &format!("{}/slow/x", airlock.proxy_url()), &token).await;
     assert_error(&reply, 504, "upstream_timeout");
     holder.abort();
 }
