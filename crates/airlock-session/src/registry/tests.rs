@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use airlock_core::Limits;
 
+use airlock_store::{SessionRow, Store};
+
 use super::*;
 use crate::Admission;
 
@@ -165,4 +167,83 @@ async fn counters_flush_to_the_store() {
     reg.flush().await;
     let row = reg.store().session_by_id(live.id()).await.unwrap().unwrap();
     assert_eq!((row.allowed, row.denied), (2, 1));
+}
+
+/// A store that counts token lookups, to prove the request path does not
+/// touch the database for a cached token.
+struct CountingStore {
+    inner: Arc<dyn Store>,
+    token_lookups: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Store for CountingStore {
+    async fn insert_session(&self, s: &SessionRow) -> airlock_store::Result<()> {
+        self.inner.insert_session(s).await
+    }
+    async fn session_by_token(&self, h: &TokenHash) -> airlock_store::Result<Option<SessionRow>> {
+        self.token_lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.session_by_token(h).await
+    }
+    async fn session_by_id(&self, id: &SessionId) -> airlock_store::Result<Option<SessionRow>> {
+        self.inner.session_by_id(id).await
+    }
+    async fn list_sessions(&self, all: bool, now: i64) -> airlock_store::Result<Vec<SessionRow>> {
+        self.inner.list_sessions(all, now).await
+    }
+    async fn revoke_session(&self, id: &SessionId, at: i64) -> airlock_store::Result<bool> {
+        self.inner.revoke_session(id, at).await
+    }
+    async fn add_call_counts(&self, id: &SessionId, a: u64, d: u64) -> airlock_store::Result<()> {
+        self.inner.add_call_counts(id, a, d).await
+    }
+    async fn setting(&self, key: &str) -> airlock_store::Result<Option<String>> {
+        self.inner.setting(key).await
+    }
+    async fn set_setting_if_absent(&self, key: &str, value: &str) -> airlock_store::Result<String> {
+        self.inner.set_setting_if_absent(key, value).await
+    }
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}
+
+#[tokio::test]
+async fn known_tokens_never_touch_the_store() {
+    let (_dir, reg) = registry().await;
+    let (_, token) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let counting = Arc::new(CountingStore {
+        inner: Arc::clone(reg.store()),
+        token_lookups: Default::default(),
+    });
+    let lookups = || {
+        counting
+            .token_lookups
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let fresh = Registry::new(Arc::clone(&counting) as Arc<dyn Store>);
+    let now = crate::now_ms();
+    fresh.authenticate(Some(token.expose()), now).await.unwrap();
+    assert_eq!(lookups(), 1, "first use of a token is looked up once");
+    for _ in 0..100 {
+        fresh.authenticate(Some(token.expose()), now).await.unwrap();
+    }
+    assert_eq!(lookups(), 1, "a cached token never touches the store");
+    // Unknown tokens are never cached (a session created elsewhere must work at once)...
+    let unknown = airlock_core::token::generate_token();
+    for _ in 0..2 {
+        assert!(fresh
+            .authenticate(Some(unknown.expose()), now)
+            .await
+            .is_err());
+    }
+    assert_eq!(lookups(), 3);
+    // ...but malformed ones are refused before any lookup.
+    assert!(fresh.authenticate(Some("sess_short"), now).await.is_err());
+    assert!(fresh.authenticate(Some("sk-real-key"), now).await.is_err());
+    assert_eq!(lookups(), 3);
 }
