@@ -245,17 +245,9 @@ async fn metrics_count_calls_by_provider_and_decision() {
         403
     );
     assert_eq!(request("POST", &url, &[], "").await.status, 401);
-    let reply = request(
-        "GET",
-        &format!("{}/metrics", airlock.admin_url()),
-        &[(
-            "authorization",
-            &format!("Bearer {}", airlock.admin_token()),
-        )],
-        "",
-    )
-    .await;
-    let text = reply.text();
+    let (status, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
+    assert_eq!(status, 200);
+    let text = metrics.as_str().unwrap();
     for line in [
         "airlock_proxy_calls_total{provider=\"openai\",decision=\"allow\"} 1",
         "airlock_proxy_calls_total{provider=\"openai\",decision=\"out_of_scope\"} 1",
