@@ -85,8 +85,13 @@ fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
 /// Turns the agent's request head into the upstream request head: hop-by-hop
 /// headers and every place a token could be are emptied, `Host` is left for
 /// the client to set from the upstream URI, and the real credential is put
-/// where the provider expects it.
-pub fn prepare_upstream(parts: &mut Parts, provider: &Provider, path: &str) -> Result<(), Denial> {
+/// where the provider expects it. The upstream path is the request path from
+/// byte `path_start` on (the part after `/{provider}`, already validated).
+pub fn prepare_upstream(
+    parts: &mut Parts,
+    provider: &Provider,
+    path_start: usize,
+) -> Result<(), Denial> {
     crate::headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove(header::HOST);
@@ -112,6 +117,7 @@ pub fn prepare_upstream(parts: &mut Parts, provider: &Provider, path: &str) -> R
         }
         _ => parts.uri.query().map(Cow::Borrowed),
     };
+    let path = crate::handler::upstream_path(parts.uri.path(), path_start);
     let uri = provider
         .upstream_uri(path, query.as_deref())
         .map_err(|_| Denial::bad_request("the request target cannot be forwarded"))?;

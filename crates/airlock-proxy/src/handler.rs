@@ -194,12 +194,7 @@ impl Proxy {
             ));
         }
         let (mut parts, body) = req.into_parts();
-        let full = parts.uri.path().to_owned();
-        credentials::prepare_upstream(
-            &mut parts,
-            provider,
-            upstream_path(&full, admitted.path_start),
-        )?;
+        credentials::prepare_upstream(&mut parts, provider, admitted.path_start)?;
         let upstream_req = Request::from_parts(parts, body);
 
         let sent = Instant::now();
@@ -234,7 +229,7 @@ impl Proxy {
 }
 
 /// The part of the request path after `/{provider}`; `/` when nothing follows.
-fn upstream_path(full: &str, start: usize) -> &str {
+pub(crate) fn upstream_path(full: &str, start: usize) -> &str {
     match full.get(start..) {
         Some("") | None => "/",
         Some(rest) => rest,
