@@ -277,13 +277,7 @@ async fn generated_admin_token_is_printed_once_and_only_its_hash_kept() {
         .and_then(|rest| rest.split_whitespace().next())
         .expect("the generated admin token is printed")
         .to_owned();
-    let reply = request(
-        "GET",
-        &format!("{}/v1/sessions", first.admin_url()),
-        &[("authorization", &format!("Bearer {token}"))],
-        "",
-    )
-    .await;
+    let reply = list_sessions_with(&first.admin_url(), &token).await;
     assert_eq!(reply.status, 200);
     first.terminate().await.unwrap();
 
@@ -292,18 +286,23 @@ async fn generated_admin_token_is_printed_once_and_only_its_hash_kept() {
         !second.output().contains("AIRLOCK_ADMIN_TOKEN="),
         "printed again"
     );
-    let reply = request(
-        "GET",
-        &format!("{}/v1/sessions", second.admin_url()),
-        &[("authorization", &format!("Bearer {token}"))],
-        "",
-    )
-    .await;
+    let reply = list_sessions_with(&second.admin_url(), &token).await;
     assert_eq!(reply.status, 200, "the stored hash still admits the token");
     let db = std::fs::read(dir.path().join("airlock.db")).unwrap();
     let wal = std::fs::read(dir.path().join("airlock.db-wal")).unwrap_or_default();
     assert!(!String::from_utf8_lossy(&db).contains(&token));
     assert!(!String::from_utf8_lossy(&wal).contains(&token));
+}
+
+/// `GET /v1/sessions` with a given admin token.
+async fn list_sessions_with(admin_url: &str, token: &str) -> airlock_testkit::client::Reply {
+    request(
+        "GET",
+        &format!("{admin_url}/v1/sessions"),
+        &[("authorization", &format!("Bearer {token}"))],
+        "",
+    )
+    .await
 }
 
 async fn cli(airlock: &Airlock, args: &[&str]) -> Output {

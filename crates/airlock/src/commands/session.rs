@@ -62,15 +62,12 @@ pub async fn run(cmd: SessionCommand, config: Option<&Path>) -> anyhow::Result<(
     Ok(())
 }
 
-/// The admin URL from the config's `admin.listen` when a config is present.
+/// The admin URL from the config's `admin.listen` (built-in default
+/// `127.0.0.1:8081` when there is no config file); `AIRLOCK_ADMIN_URL` overrides it.
 fn default_admin_url(config: Option<&Path>) -> String {
-    let explicit = config.is_some();
-    match Config::load(config) {
-        Ok(c) if explicit || Path::new(crate::config::DEFAULT_CONFIG).exists() => {
-            format!("http://{}", c.admin_listen)
-        }
-        _ => DEFAULT_ADMIN_URL.to_owned(),
-    }
+    Config::load(config)
+        .map(|c| format!("http://{}", c.admin_listen))
+        .unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
 }
 
 fn check_id(id: &str) -> anyhow::Result<()> {
