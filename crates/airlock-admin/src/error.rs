@@ -10,6 +10,7 @@ pub enum ApiError {
     BadRequest(String),
     Unauthorized,
     NotFound(String),
+    Conflict(String),
     Internal(String),
 }
 
@@ -34,6 +35,7 @@ impl ApiError {
                 "not_found",
                 m,
             ),
+            Self::Conflict(m) => (StatusCode::CONFLICT, "invalid_request_error", "conflict", m),
             Self::Internal(m) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "api_error",

@@ -4,12 +4,16 @@
 //! the token is compared by its SHA-256 hash in constant time. Errors use the
 //! same JSON shape as the proxy.
 
+mod audit;
 mod error;
+mod providers;
 mod routes;
 mod sessions;
 mod state;
 
+pub use audit::AuditAccess;
 pub use error::ApiError;
+pub use providers::{CredentialAdmin, CredentialAdminError, CredentialStatus};
 pub use routes::router;
 pub use sessions::{CreateSession, SessionView};
 pub use state::{AdminMetrics, AdminState, ProviderEnv};

@@ -30,6 +30,12 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/v1/sessions/{id}",
             get(show_session).delete(revoke_session),
         )
+        .route(
+            "/v1/providers/{name}/credential",
+            get(crate::providers::get_credential).put(crate::providers::put_credential),
+        )
+        .route("/v1/audit", get(crate::audit::list))
+        .route("/v1/audit/verify", get(crate::audit::verify))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -37,6 +43,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         ));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .merge(authenticated)
         .fallback(not_found)
         .with_state(state)
@@ -62,6 +69,20 @@ async fn require_admin(
 
 async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// Readiness: 200 while serving, 503 while starting or draining. Like
+/// `/healthz`, it needs no admin token.
+async fn readyz(State(state): Shared) -> Response {
+    if state.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response()
+    }
 }
 
 async fn not_found() -> ApiError {

@@ -11,7 +11,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::error::ApiError;
-use crate::state::AdminState;
+use crate::state::{AdminState, ProviderEnv};
 
 const MAX_LABELS: usize = 32;
 const MAX_LABEL_KEY: usize = 63;
@@ -56,6 +56,16 @@ pub struct Calls {
 impl CreateSession {
     /// Parses and checks a request body; every problem is a 400 naming it.
     pub fn parse(body: &[u8], state: &AdminState) -> Result<NewSession, ApiError> {
+        Self::parse_with(body, &state.providers, state.max_ttl)
+    }
+
+    /// [`CreateSession::parse`] against the configured `providers` and
+    /// `[sessions] max_ttl` (no server state needed: used by the fuzzer).
+    pub fn parse_with(
+        body: &[u8],
+        providers: &BTreeMap<String, ProviderEnv>,
+        max_ttl: Duration,
+    ) -> Result<NewSession, ApiError> {
         let req: CreateSession = parse_json(body, "session request")?;
         if req.scope.rules().is_empty() {
             return Err(ApiError::BadRequest(
@@ -63,19 +73,14 @@ impl CreateSession {
             ));
         }
         for provider in req.scope.providers() {
-            if !state.providers.contains_key(provider) {
+            if !providers.contains_key(provider) {
                 return Err(ApiError::BadRequest(format!(
                     "unknown provider {provider:?}; configured: {}",
-                    state
-                        .providers
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    providers.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
             }
         }
-        let max = state.max_ttl.as_secs();
+        let max = max_ttl.as_secs();
         if req.ttl_seconds == 0 || req.ttl_seconds > max {
             return Err(ApiError::BadRequest(format!(
                 "ttl_seconds must be between 1 and {max} (sessions.max_ttl)"
@@ -142,12 +147,17 @@ impl SessionView {
     /// of this process when it has the session cached.
     pub fn new(row: &SessionRow, live: Option<&LiveSession>, now_ms: i64) -> Self {
         let (state, revoked_at, calls) = match live {
+            // On a shared store the row may be ahead of this replica's
+            // cache (another replica revoked it, or counted calls).
             Some(live) => (
-                live.state(now_ms),
+                match row.revoked_at {
+                    Some(_) => SessionState::Revoked,
+                    None => live.state(now_ms),
+                },
                 live.revoked_at().or(row.revoked_at),
                 Calls {
-                    allowed: live.allowed(),
-                    denied: live.denied(),
+                    allowed: live.allowed().max(row.allowed),
+                    denied: live.denied().max(row.denied),
                 },
             ),
             None => {

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use airlock_core::TokenHash;
 use airlock_session::Registry;
+
+use crate::audit::AuditAccess;
+use crate::providers::CredentialAdmin;
 use prometheus_client::metrics::counter::Counter;
 
 /// Per-provider values a session's `env` is built from.
@@ -33,8 +36,15 @@ pub struct AdminState {
     /// SHA-256 of the admin token.
     pub admin_token_hash: TokenHash,
     pub max_ttl: Duration,
+    /// Provider credentials (write-only).
+    pub credentials: Arc<dyn CredentialAdmin>,
+    /// The audit trail; `None` when audit is disabled.
+    pub audit: Option<AuditAccess>,
     pub metrics_registry: prometheus_client::registry::Registry,
     pub metrics: AdminMetrics,
+    /// Whether this process accepts new calls: true once serving, false
+    /// while draining after SIGTERM (`/readyz` answers 503 then).
+    pub ready: std::sync::atomic::AtomicBool,
 }
 
 impl AdminMetrics {

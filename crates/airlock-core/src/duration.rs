@@ -4,15 +4,18 @@ use std::time::Duration;
 
 /// Why a duration was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {0:?}: use a number followed by s, m, h or d, e.g. 90s, 15m, 2h")]
+#[error(
+    "invalid duration {0:?}: use a number followed by ms, s, m, h or d, e.g. 500ms, 90s, 15m, 2h"
+)]
 pub struct DurationError(String);
 
-/// Parses `90s`, `15m`, `2h`, `1d` and combinations such as `1h30m`.
+/// Parses `500ms`, `90s`, `15m`, `2h`, `1d` and combinations such as `1h30m`.
 pub fn parse(input: &str) -> Result<Duration, DurationError> {
     let fail = || DurationError(input.to_owned());
     let mut total: u64 = 0;
     let mut number: Option<u64> = None;
-    for c in input.trim().chars() {
+    let mut chars = input.trim().chars().peekable();
+    while let Some(c) = chars.next() {
         if let Some(digit) = c.to_digit(10) {
             let n = number.unwrap_or(0);
             number = Some(
@@ -22,11 +25,16 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
             );
             continue;
         }
+        // Units in milliseconds.
         let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1
+            }
+            's' => 1_000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
             _ => return Err(fail()),
         };
         let n = number.take().ok_or_else(fail)?;
@@ -38,7 +46,7 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
     if number.is_some() || total == 0 && input.trim().is_empty() {
         return Err(fail());
     }
-    Ok(Duration::from_secs(total))
+    Ok(Duration::from_millis(total))
 }
 
 /// Formats a whole number of seconds the short way (`1h30m`, `45s`, `0s`).

@@ -10,9 +10,12 @@ use std::borrow::Cow;
 
 use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
+use http::Request;
+use percent_encoding::percent_decode_str;
 
 use crate::error::Denial;
-use crate::provider::{AuthStyle, Provider};
+use crate::headers::{check_head, FramingAnomaly, RequestPolicy};
+use crate::provider::{AuthStyle, PreparedCredential, Provider};
 
 /// Finds the session token in the request. `Ok(None)` when none was given.
 pub fn find_token<'a>(
@@ -82,6 +85,112 @@ fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
         .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
 }
 
+/// Everything about an authenticated call's head that is checked before its
+/// path and scope: the head itself ([`check_head`]: framing, overrides,
+/// client-address headers, `Connection`, `Host`, body size) and that the
+/// session token appears nowhere but where it is read as the credential
+/// (another header, the path, the query string), where it would be
+/// forwarded to the provider.
+pub fn screen<B>(
+    req: &Request<B>,
+    provider: &Provider,
+    policy: &RequestPolicy,
+) -> Result<(), Denial> {
+    let auth = provider.auth();
+    check_head(
+        req.method(),
+        req.uri(),
+        req.version(),
+        req.headers(),
+        req.extensions().get::<FramingAnomaly>(),
+        auth,
+        policy,
+    )?;
+    check_query_auth(auth, req.uri().query())?;
+    if let Some(token) = find_token(auth, req.headers(), req.uri().query())? {
+        check_token_not_elsewhere(
+            token,
+            auth,
+            req.headers(),
+            req.uri().path(),
+            req.uri().query(),
+        )?;
+    }
+    Ok(())
+}
+
+/// With a query-style provider, a parameter that decodes to the credential
+/// parameter's name but is spelled differently (`k%65y=`) would reach the
+/// provider next to the real credential: refused.
+fn check_query_auth(auth: &AuthStyle, query: Option<&str>) -> Result<(), Denial> {
+    let AuthStyle::Query(name) = auth else {
+        return Ok(());
+    };
+    for (key, _) in query_pairs(query) {
+        if key != name && percent_decode_str(key).decode_utf8_lossy() == name.as_str() {
+            return Err(Denial::bad_request(format!(
+                "the query parameter {name} is spelled ambiguously"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses the call when the session token (or its random part) appears
+/// anywhere it would be forwarded: a header other than the one it was read
+/// from, the path, or a query parameter other than the credential's.
+fn check_token_not_elsewhere(
+    token: &str,
+    auth: &AuthStyle,
+    headers: &HeaderMap,
+    path: &str,
+    query: Option<&str>,
+) -> Result<(), Denial> {
+    // The random part is what makes a token; `sess_` alone is no secret.
+    let needle = token
+        .strip_prefix("sess_")
+        .filter(|rest| rest.len() >= 16)
+        .unwrap_or(token);
+    if needle.len() < 8 {
+        return Ok(());
+    }
+    let holds = |text: &[u8]| memchr::memmem::find(text, needle.as_bytes()).is_some();
+    let decoded_holds = |text: &str| {
+        holds(text.as_bytes()) || holds(&percent_decode_str(text).collect::<Vec<u8>>())
+    };
+    let leak = |place: String| {
+        Err(Denial::bad_request(format!(
+            "the session token may only be sent as the credential; it was also found in {place}"
+        )))
+    };
+    for (name, value) in headers {
+        let is_credential = match auth {
+            AuthStyle::Header(auth_name) if name == auth_name => {
+                value.to_str().is_ok_and(|v| v.trim() == token)
+            }
+            _ if name == header::AUTHORIZATION => value
+                .to_str()
+                .ok()
+                .and_then(strip_bearer)
+                .is_some_and(|t| t == token),
+            _ => false,
+        };
+        if !is_credential && holds(value.as_bytes()) {
+            return leak(format!("the {name} header"));
+        }
+    }
+    if decoded_holds(path) {
+        return leak("the path".to_owned());
+    }
+    for (key, value) in query_pairs(query) {
+        let is_credential = matches!(auth, AuthStyle::Query(name) if key == name && value == token);
+        if !is_credential && (decoded_holds(key) || decoded_holds(value)) {
+            return leak("the query string".to_owned());
+        }
+    }
+    Ok(())
+}
+
 /// Turns the agent's request head into the upstream request head: hop-by-hop
 /// headers and every place a token could be are emptied, `Host` is left for
 /// the client to set from the upstream URI, and the real credential is put
@@ -90,20 +199,25 @@ fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
 pub fn prepare_upstream(
     parts: &mut Parts,
     provider: &Provider,
+    credential: &PreparedCredential,
     path_start: usize,
 ) -> Result<(), Denial> {
     crate::headers::strip_hop_by_hop(&mut parts.headers);
+    crate::headers::strip_forwarded(&mut parts.headers);
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove(header::HOST);
     parts.headers.remove(header::EXPECT);
     if let AuthStyle::Header(name) = provider.auth() {
         parts.headers.remove(name);
     }
-    if let Some((name, value)) = provider.credential_header() {
+    for (name, value) in provider.extra_headers() {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    if let Some((name, value)) = credential.header() {
         parts.headers.insert(name.clone(), value.clone());
     }
 
-    let query: Option<Cow<'_, str>> = match (provider.auth(), provider.credential_query_pair()) {
+    let query: Option<Cow<'_, str>> = match (provider.auth(), credential.query_pair()) {
         (AuthStyle::Query(name), Some(pair)) => {
             let mut rebuilt = String::new();
             for (key, value) in query_pairs(parts.uri.query()).filter(|(k, _)| k != name) {

@@ -14,14 +14,18 @@ use crate::body::ProxyBody;
 /// for a refused call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
+    AuditUnavailable,
     BadRequest,
     CredentialUnavailable,
     InvalidToken,
     OutOfScope,
     RateLimited,
+    StoreUnavailable,
     UnknownProvider,
+    UpstreamAuthFailed,
     UpstreamError,
     UpstreamTimeout,
+    PayloadTooLarge,
 }
 
 /// A refused or failed call. The message is shown to the caller and must
@@ -36,55 +40,72 @@ pub struct Denial {
 
 impl ErrorCode {
     /// All codes, in a fixed order (used to pre-register metrics).
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::AuditUnavailable,
         ErrorCode::BadRequest,
         ErrorCode::CredentialUnavailable,
         ErrorCode::InvalidToken,
         ErrorCode::OutOfScope,
         ErrorCode::RateLimited,
+        ErrorCode::StoreUnavailable,
         ErrorCode::UnknownProvider,
+        ErrorCode::UpstreamAuthFailed,
         ErrorCode::UpstreamError,
         ErrorCode::UpstreamTimeout,
+        ErrorCode::PayloadTooLarge,
     ];
 
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::AuditUnavailable => "audit_unavailable",
             Self::BadRequest => "bad_request",
             Self::CredentialUnavailable => "credential_unavailable",
             Self::InvalidToken => "invalid_token",
             Self::OutOfScope => "out_of_scope",
             Self::RateLimited => "rate_limited",
+            Self::StoreUnavailable => "store_unavailable",
             Self::UnknownProvider => "unknown_provider",
+            Self::UpstreamAuthFailed => "upstream_auth_failed",
             Self::UpstreamError => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::PayloadTooLarge => "payload_too_large",
         }
     }
 
     /// The HTTP status for this code.
     pub fn status(self) -> StatusCode {
         match self {
+            Self::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadRequest => StatusCode::BAD_REQUEST,
             Self::CredentialUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::InvalidToken => StatusCode::UNAUTHORIZED,
             Self::OutOfScope => StatusCode::FORBIDDEN,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::UnknownProvider => StatusCode::NOT_FOUND,
+            Self::UpstreamAuthFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
     /// The `type` field, in the vocabulary the OpenAI and Anthropic SDKs use.
     fn error_type(self) -> &'static str {
         match self {
-            Self::BadRequest | Self::UnknownProvider => "invalid_request_error",
+            Self::BadRequest | Self::UnknownProvider | Self::PayloadTooLarge => {
+                "invalid_request_error"
+            }
             Self::InvalidToken => "authentication_error",
             Self::OutOfScope => "permission_error",
             Self::RateLimited => "rate_limit_error",
-            Self::CredentialUnavailable | Self::UpstreamError | Self::UpstreamTimeout => {
-                "api_error"
-            }
+            Self::AuditUnavailable
+            | Self::CredentialUnavailable
+            | Self::StoreUnavailable
+            | Self::UpstreamAuthFailed
+            | Self::UpstreamError
+            | Self::UpstreamTimeout => "api_error",
         }
     }
 
@@ -132,13 +153,16 @@ impl Denial {
     }
 
     /// The JSON error response.
+    /// The response carries its [`ErrorCode`] as an extension.
     pub fn into_response(self) -> Response<ProxyBody> {
-        error_response(
+        let mut response = error_response(
             self.status(),
             self.code.error_type(),
             self.code.as_str(),
             &self.message,
-        )
+        );
+        response.extensions_mut().insert(self.code);
+        response
     }
 }
 

@@ -4,31 +4,46 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use airlock_audit::Auditor;
+use airlock_core::audit::Flags;
 use airlock_core::{path, Method};
 use airlock_session::{now_ms, Admission, AuthError, LiveSession, Registry};
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
 use hyper::body::Incoming;
 
-use crate::body::ProxyBody;
+use crate::audit::CallRecord;
+use crate::body::{ProxyBody, RequestBody};
+use crate::credential_source::Loaded;
 use crate::credentials;
 use crate::error::{Denial, ErrorCode};
 use crate::headers::strip_hop_by_hop;
 use crate::metrics::ProviderMetrics;
-use crate::provider::Provider;
+use crate::provider::{PreparedCredential, Provider};
+use crate::redact::{RedactingBody, RedactionFlag};
 
 /// Tunables of the request path.
 #[derive(Clone, Debug)]
 pub struct ProxySettings {
     /// How long the upstream may take to send response headers (504 after).
     pub upstream_timeout: Duration,
+    /// Checks on the request head and body size ([`credentials::screen`]).
+    pub request: crate::headers::RequestPolicy,
 }
 
-/// The proxy: providers by name and the session registry.
+/// The proxy: providers by name, the session registry and the audit trail.
 pub struct Proxy {
     providers: HashMap<String, Provider>,
     registry: Arc<Registry>,
+    auditor: Auditor,
     settings: ProxySettings,
     unknown_provider: ProviderMetrics,
+}
+
+/// The provider's answer and the credential the call was sent with.
+struct Forwarded {
+    response: Response<Incoming>,
+    credential: Arc<Loaded<PreparedCredential>>,
 }
 
 /// A call that got past every check, ready to forward.
@@ -40,11 +55,13 @@ struct Admitted<'a> {
 // === impl Proxy ===
 
 impl Proxy {
-    /// A proxy for `providers`, authenticating against `registry`.
-    /// `unknown_provider` counts calls to names that are not configured.
+    /// A proxy for `providers`, authenticating against `registry` and
+    /// recording every call with `auditor`. `unknown_provider` counts calls
+    /// to names that are not configured.
     pub fn new(
         providers: Vec<Provider>,
         registry: Arc<Registry>,
+        auditor: Auditor,
         settings: ProxySettings,
         unknown_provider: ProviderMetrics,
     ) -> Self {
@@ -54,26 +71,39 @@ impl Proxy {
                 .map(|p| (p.name().to_owned(), p))
                 .collect(),
             registry,
+            auditor,
             settings,
             unknown_provider,
         }
     }
 
     /// Handles one call. Never fails: every refusal is a JSON error response.
+    /// Every call gets exactly one audit record (see [`crate::audit`]).
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let (provider, result) = self.process(req).await;
+        if !self.auditor.admits_calls() {
+            // Fail closed: nothing goes upstream while records cannot be written.
+            let denial = Denial::new(
+                ErrorCode::AuditUnavailable,
+                "the audit trail cannot be written; calls are refused until it can",
+            );
+            self.unknown_provider
+                .record(Some(denial.code()), started.elapsed().as_secs_f64());
+            return denial.into_response();
+        }
+        let mut call = CallRecord::begin(&self.auditor, &req, started);
+        let (provider, result) = self.process(req, &mut call).await;
         let metrics = provider.map_or(&self.unknown_provider, |p| &p.metrics);
         let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(response) => {
                 metrics.record(None, seconds);
-                response
+                self.relay(response, call).await
             }
             Err(denial) => {
                 metrics.record(Some(denial.code()), seconds);
                 tracing::debug!(code = %denial.code(), "call refused");
-                denial.into_response()
+                self.refuse(denial, call).await
             }
         }
     }
@@ -81,25 +111,103 @@ impl Proxy {
     async fn process(
         &self,
         req: Request<Incoming>,
-    ) -> (Option<&Provider>, Result<Response<ProxyBody>, Denial>) {
+        call: &mut CallRecord,
+    ) -> (Option<&Provider>, Result<Forwarded, Denial>) {
         let provider = match self.route(req.uri().path()) {
             Ok(provider) => provider,
             Err(denial) => return (None, Err(denial)),
         };
-        (Some(provider), self.process_for(provider, req).await)
+        call.set_provider(provider.name());
+        (Some(provider), self.process_for(provider, req, call).await)
     }
 
     async fn process_for(
         &self,
         provider: &Provider,
         req: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Denial> {
+        call: &mut CallRecord,
+    ) -> Result<Forwarded, Denial> {
         let token = credentials::find_token(provider.auth(), req.headers(), req.uri().query())?;
         let session = self.authenticate(token).await?;
+        call.set_session(&session);
         let admitted = self
             .authorize(&session, provider, &req)
             .inspect_err(|_| self.count_denied(&session))?;
-        self.forward(admitted, req).await
+        self.forward(admitted, req, call).await
+    }
+
+    /// Answers with airlock's own error once its record is durable (503
+    /// `audit_unavailable` instead, when fail-closed audit cannot write it).
+    async fn refuse(&self, denial: Denial, mut call: CallRecord) -> Response<ProxyBody> {
+        let response = denial.into_response();
+        call.bytes_out = response.body().size_hint().exact().unwrap_or(0);
+        let Some(commit) = call.finish(
+            Some(denial_code(&response)),
+            response.status().as_u16(),
+            Flags::empty(),
+        ) else {
+            return response;
+        };
+        match commit.await {
+            Ok(()) => response,
+            Err(e) if call.fail_closed() => {
+                tracing::error!(error = %e, "audit record not written; call refused");
+                audit_unavailable()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit record not written");
+                response
+            }
+        }
+    }
+
+    /// Relays the provider's answer, with the credential scrubbed from its
+    /// headers and body. Its record completes when the body ends; a response
+    /// without a body is recorded before it is sent. A provider refusing the
+    /// real credential (401/403) gets the agent airlock's own 502 instead of
+    /// a body that may quote part of the key.
+    async fn relay(&self, forwarded: Forwarded, mut call: CallRecord) -> Response<ProxyBody> {
+        let Forwarded {
+            response,
+            credential,
+        } = forwarded;
+        let (mut parts, body) = response.into_parts();
+        let status = parts.status.as_u16();
+        call.set_forwarded(status);
+        if parts.status == StatusCode::UNAUTHORIZED || parts.status == StatusCode::FORBIDDEN {
+            tracing::warn!(
+                provider = call.provider().unwrap_or("-"),
+                status,
+                "the provider refused the real credential"
+            );
+            let denial = Denial::new(
+                ErrorCode::UpstreamAuthFailed,
+                format!(
+                    "the provider refused airlock's credential (HTTP {status}); \
+                     ask the operator to check it"
+                ),
+            );
+            return self.refuse(denial, call).await;
+        }
+        strip_hop_by_hop(&mut parts.headers);
+        let redactor = credential.value.redactor();
+        if redactor.scrub_headers(&mut parts.headers) {
+            call.flag(Flags::CREDENTIAL_REDACTED);
+        }
+        if !has_body(parts.status, &body) {
+            if let Some(commit) = call.finish(None, status, Flags::empty()) {
+                if let Err(e) = commit.await {
+                    if call.fail_closed() {
+                        tracing::error!(error = %e, "audit record not written; response withheld");
+                        return audit_unavailable();
+                    }
+                    tracing::warn!(error = %e, "audit record not written");
+                }
+            }
+            return Response::from_parts(parts, ProxyBody::upstream(body));
+        }
+        let body = RedactingBody::new(body, redactor, RedactionFlag::default());
+        Response::from_parts(parts, ProxyBody::audited(body, call, status))
     }
 
     /// The provider named by the first path segment.
@@ -122,9 +230,10 @@ impl Proxy {
             .authenticate(token, now_ms())
             .await
             .map_err(|e| match e {
-                AuthError::StoreUnavailable => {
-                    Denial::new(ErrorCode::UpstreamError, "session store unavailable")
-                }
+                AuthError::StoreUnavailable => Denial::new(
+                    ErrorCode::StoreUnavailable,
+                    "the session store cannot be reached; try again shortly",
+                ),
                 other => Denial::new(ErrorCode::InvalidToken, other.to_string()),
             })
     }
@@ -136,6 +245,7 @@ impl Proxy {
         provider: &'a Provider,
         req: &Request<Incoming>,
     ) -> Result<Admitted<'a>, Denial> {
+        credentials::screen(req, provider, &self.settings.request)?;
         let full = req.uri().path();
         let path_start = 1 + provider.name().len();
         let upstream_path = upstream_path(full, path_start);
@@ -182,9 +292,10 @@ impl Proxy {
         &self,
         admitted: Admitted<'_>,
         req: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Denial> {
+        call: &mut CallRecord,
+    ) -> Result<Forwarded, Denial> {
         let provider = admitted.provider;
-        if !provider.has_credential() {
+        let Some(credential) = provider.credential() else {
             return Err(Denial::new(
                 ErrorCode::CredentialUnavailable,
                 format!(
@@ -192,9 +303,15 @@ impl Proxy {
                     provider.name()
                 ),
             ));
-        }
+        };
         let (mut parts, body) = req.into_parts();
-        credentials::prepare_upstream(&mut parts, provider, admitted.path_start)?;
+        credentials::prepare_upstream(
+            &mut parts,
+            provider,
+            &credential.value,
+            admitted.path_start,
+        )?;
+        let body = RequestBody::new(body, call.count_request_body());
         let upstream_req = Request::from_parts(parts, body);
 
         let sent = Instant::now();
@@ -222,10 +339,35 @@ impl Proxy {
             }
             Ok(Ok(response)) => response,
         };
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, ProxyBody::upstream(body)))
+        Ok(Forwarded {
+            response,
+            credential,
+        })
     }
+}
+
+/// Whether a response carries a body the agent will read.
+fn has_body(status: StatusCode, body: &Incoming) -> bool {
+    !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || body.is_end_stream())
+}
+
+/// The error code of one of airlock's own error responses.
+fn denial_code(response: &Response<ProxyBody>) -> &'static str {
+    response
+        .extensions()
+        .get::<ErrorCode>()
+        .map_or("error", |code| code.as_str())
+}
+
+fn audit_unavailable() -> Response<ProxyBody> {
+    Denial::new(
+        ErrorCode::AuditUnavailable,
+        "the audit trail cannot be written; calls are refused until it can",
+    )
+    .into_response()
 }
 
 /// The part of the request path after `/{provider}`; `/` when nothing follows.

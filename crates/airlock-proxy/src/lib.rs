@@ -6,17 +6,22 @@
 //! token for the real credential, forward and stream the answer back
 //! (502/504 on upstream failure). A refused call never reaches the provider.
 
+mod audit;
 pub mod body;
+pub mod credential_source;
 pub mod credentials;
 pub mod error;
 pub mod handler;
 pub mod headers;
 pub mod metrics;
 pub mod provider;
+pub mod redact;
 pub mod server;
 
 pub use error::{Denial, ErrorCode};
 pub use handler::{Proxy, ProxySettings};
 pub use metrics::ProxyMetrics;
-pub use provider::{AuthStyle, Provider, ProviderError, ProviderSpec};
+pub use provider::{
+    AuthStyle, CredentialFormat, PreparedCredential, Provider, ProviderError, ProviderSpec,
+};
 pub use server::{serve, ServerSettings};

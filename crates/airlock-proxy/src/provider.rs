@@ -2,21 +2,27 @@
 //! presented (the auth style), and the HTTP client that reaches it.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::Secret;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::Uri;
-use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
+use crate::body::RequestBody;
+use crate::credential_source::{CredentialCell, Loaded};
 use crate::metrics::ProviderMetrics;
+use crate::redact::{Redactor, RedactorError};
 
 /// How a provider expects its credential, and where agents put their token.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,12 +42,34 @@ pub struct ProviderSpec {
     /// `http://` or `https://` URL, optionally with a path prefix.
     pub upstream: String,
     pub auth: AuthStyle,
-    /// `None` when no credential is configured yet: calls are then refused with 503.
-    pub credential: Option<Secret>,
+    /// Extra headers sent on every call (e.g. `anthropic-version`); they
+    /// replace any the agent sent under the same name.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Extra trusted CA certificates (PEM) for an `https://` upstream.
+    pub ca_file: Option<PathBuf>,
+    /// The real credential, kept current by its source. Empty: calls are
+    /// refused with 503 until one is set.
+    pub credential: Arc<CredentialCell<PreparedCredential>>,
+}
+
+/// How the real credential is written into a request: the auth style and,
+/// for header styles, a format such as `token {key}` or `Basic {key}`.
+#[derive(Clone, Debug)]
+pub struct CredentialFormat {
+    auth: AuthStyle,
+    /// Text around `{key}`: (before, after).
+    template: Option<(String, String)>,
+}
+
+/// A credential ready for the request path: the header or query pair to
+/// insert, and the leak guard that looks for it in responses.
+pub struct PreparedCredential {
+    injected: Injected,
+    redactor: Redactor,
 }
 
 /// The HTTP client used to reach upstreams.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 /// A configured provider, ready for the request path.
 pub struct Provider {
@@ -51,7 +79,8 @@ pub struct Provider {
     /// Upstream path prefix without trailing slash (often empty).
     path_prefix: String,
     auth: AuthStyle,
-    injected: Option<Injected>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    credential: Arc<CredentialCell<PreparedCredential>>,
     client: UpstreamClient,
     pub(crate) metrics: ProviderMetrics,
 }
@@ -74,8 +103,16 @@ pub enum ProviderError {
     CredentialNotHeaderSafe,
     #[error("the credential is empty")]
     CredentialEmpty,
+    #[error("auth_format must contain {{key}} exactly once, not {0:?}")]
+    Format(String),
+    #[error("auth_format applies to header styles only (bearer or header:NAME)")]
+    FormatNeedsHeader,
+    #[error("the credential cannot be guarded against echoes")]
+    Guard(#[from] RedactorError),
     #[error("could not load the system's root certificates: {0}")]
     Roots(std::io::Error),
+    #[error("ca_file {path}: {reason}")]
+    CaFile { path: String, reason: String },
 }
 
 // === impl AuthStyle ===
@@ -148,20 +185,19 @@ impl Provider {
         })
         .map_err(|_| bad_upstream())?;
 
-        let injected = spec
-            .credential
-            .as_ref()
-            .map(|credential| prepare_credential(&spec.auth, credential))
-            .transpose()?;
-
-        let client = build_client(scheme == Scheme::HTTPS, connect_timeout)?;
+        let client = build_client(
+            scheme == Scheme::HTTPS,
+            spec.ca_file.as_deref(),
+            connect_timeout,
+        )?;
         Ok(Self {
             name: spec.name,
             scheme,
             authority,
             path_prefix,
             auth: spec.auth,
-            injected,
+            headers: spec.headers,
+            credential: spec.credential,
             client,
             metrics,
         })
@@ -195,25 +231,15 @@ impl Provider {
             .build()
     }
 
-    /// Whether a real credential is configured.
-    pub fn has_credential(&self) -> bool {
-        self.injected.is_some()
+    /// The credential in force now (one atomic load), or `None` when none
+    /// is configured.
+    pub fn credential(&self) -> Option<Arc<Loaded<PreparedCredential>>> {
+        self.credential.load()
     }
 
-    /// The header to insert, for header-based styles.
-    pub(crate) fn credential_header(&self) -> Option<(&HeaderName, &HeaderValue)> {
-        match &self.injected {
-            Some(Injected::Header(name, value)) => Some((name, value)),
-            _ => None,
-        }
-    }
-
-    /// The `NAME=VALUE` query pair to append, for the query style.
-    pub(crate) fn credential_query_pair(&self) -> Option<&str> {
-        match &self.injected {
-            Some(Injected::Query(pair)) => Some(pair.expose()),
-            _ => None,
-        }
+    /// Headers sent on every call.
+    pub(crate) fn extra_headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.headers
     }
 
     /// The client that reaches this provider.
@@ -235,24 +261,98 @@ impl fmt::Debug for Provider {
     }
 }
 
-/// The credential in the form the request path inserts.
-fn prepare_credential(auth: &AuthStyle, credential: &Secret) -> Result<Injected, ProviderError> {
-    if credential.is_empty() {
-        return Err(ProviderError::CredentialEmpty);
+// === impl CredentialFormat ===
+
+impl CredentialFormat {
+    /// `auth` with an optional `format` containing `{key}` once (header
+    /// styles only; bearer's default is `Bearer {key}`).
+    pub fn new(auth: AuthStyle, format: Option<&str>) -> Result<Self, ProviderError> {
+        let template = match format {
+            None => None,
+            Some(_) if matches!(auth, AuthStyle::Query(_)) => {
+                return Err(ProviderError::FormatNeedsHeader)
+            }
+            Some(f) => match f.split_once("{key}") {
+                Some((before, after)) if !after.contains("{key}") => {
+                    Some((before.to_owned(), after.to_owned()))
+                }
+                _ => return Err(ProviderError::Format(f.to_owned())),
+            },
+        };
+        Ok(Self { auth, template })
     }
-    Ok(match auth {
-        AuthStyle::Bearer => Injected::Header(
-            http::header::AUTHORIZATION,
-            sensitive_header(&format!("Bearer {}", credential.expose()))?,
-        ),
-        AuthStyle::Header(name) => {
-            Injected::Header(name.clone(), sensitive_header(credential.expose())?)
+
+    /// The auth style.
+    pub fn auth(&self) -> &AuthStyle {
+        &self.auth
+    }
+
+    /// Prepares `credential` for the request path. Refuses an empty
+    /// credential, one that cannot be sent in a header, and one too short
+    /// for the leak guard.
+    pub fn prepare(&self, credential: &Secret) -> Result<PreparedCredential, ProviderError> {
+        let key = credential.expose();
+        if key.is_empty() {
+            return Err(ProviderError::CredentialEmpty);
         }
-        AuthStyle::Query(name) => Injected::Query(Secret::new(format!(
-            "{name}={}",
-            utf8_percent_encode(credential.expose(), NON_ALPHANUMERIC)
-        ))),
-    })
+        let formatted = |default_before: &str| match &self.template {
+            Some((before, after)) => format!("{before}{key}{after}"),
+            None => format!("{default_before}{key}"),
+        };
+        let injected = match &self.auth {
+            AuthStyle::Bearer => Injected::Header(
+                http::header::AUTHORIZATION,
+                sensitive_header(&formatted("Bearer "))?,
+            ),
+            AuthStyle::Header(name) => {
+                Injected::Header(name.clone(), sensitive_header(&formatted(""))?)
+            }
+            AuthStyle::Query(name) => Injected::Query(Secret::new(format!(
+                "{name}={}",
+                utf8_percent_encode(key, NON_ALPHANUMERIC)
+            ))),
+        };
+        // Guard the raw key and, where it differs, the form sent upstream.
+        let mut secrets: Vec<&[u8]> = vec![key.as_bytes()];
+        if let Injected::Header(_, value) = &injected {
+            if value.as_bytes() != key.as_bytes() {
+                secrets.push(value.as_bytes());
+            }
+        }
+        let redactor = Redactor::new(&secrets)?;
+        Ok(PreparedCredential { injected, redactor })
+    }
+}
+
+// === impl PreparedCredential ===
+
+impl PreparedCredential {
+    /// The header to insert, for header-based styles.
+    pub(crate) fn header(&self) -> Option<(&HeaderName, &HeaderValue)> {
+        match &self.injected {
+            Injected::Header(name, value) => Some((name, value)),
+            Injected::Query(_) => None,
+        }
+    }
+
+    /// The `NAME=VALUE` query pair to append, for the query style.
+    pub(crate) fn query_pair(&self) -> Option<&str> {
+        match &self.injected {
+            Injected::Query(pair) => Some(pair.expose()),
+            Injected::Header(..) => None,
+        }
+    }
+
+    /// The leak guard for this credential.
+    pub(crate) fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+}
+
+impl fmt::Debug for PreparedCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PreparedCredential([redacted])")
+    }
 }
 
 fn sensitive_header(value: &str) -> Result<HeaderValue, ProviderError> {
@@ -262,21 +362,56 @@ fn sensitive_header(value: &str) -> Result<HeaderValue, ProviderError> {
     Ok(value)
 }
 
-fn build_client(https: bool, connect_timeout: Duration) -> Result<UpstreamClient, ProviderError> {
+/// The system's root certificates, plus those in `ca_file` (PEM).
+fn trust_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, ProviderError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::debug!(%error, "skipped a system root certificate");
+    }
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = ca_file {
+        let bad = |reason: String| ProviderError::CaFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+            let cert = cert.map_err(|e| bad(e.to_string()))?;
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(bad("no PEM certificate in the file".into()));
+        }
+    }
+    if roots.is_empty() {
+        return Err(ProviderError::Roots(std::io::Error::other(
+            "no trusted root certificate: install the system's CA bundle or set ca_file",
+        )));
+    }
+    Ok(roots)
+}
+
+fn build_client(
+    https: bool,
+    ca_file: Option<&Path>,
+    connect_timeout: Duration,
+) -> Result<UpstreamClient, ProviderError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    let builder = HttpsConnectorBuilder::new();
-    let builder = if https {
-        builder.with_native_roots().map_err(ProviderError::Roots)?
+    let roots = if https {
+        trust_roots(ca_file)?
     } else {
-        builder.with_tls_config(
-            rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-        )
+        rustls::RootCertStore::empty()
     };
+    let builder = HttpsConnectorBuilder::new().with_tls_config(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
     let connector = builder
         .https_or_http()
         .enable_http1()

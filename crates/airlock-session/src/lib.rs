@@ -5,12 +5,16 @@
 //! never touches the database. Counters and limits live on the cached
 //! [`LiveSession`] as atomics; a background task flushes the counters to the
 //! store. Nothing here holds a lock across I/O.
+//!
+//! On a store shared by replicas (PostgreSQL), [`Registry::run_sync`] keeps
+//! the cache in step with the other replicas and fails closed when the
+//! store has been out of reach for longer than a bound.
 
 mod live;
 mod registry;
 
 pub use live::{Admission, LiveSession, SessionState};
-pub use registry::{AuthError, NewSession, Registry, RegistryError};
+pub use registry::{AuthError, NewSession, Registry, RegistryError, SyncSettings};
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> i64 {

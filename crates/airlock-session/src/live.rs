@@ -2,28 +2,55 @@
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use airlock_core::{Limits, Scope, SessionId};
-use airlock_store::SessionRow;
+use airlock_store::{SessionRow, SessionStatus};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::Notify;
 
 /// A cached session.
 pub struct LiveSession {
     id: SessionId,
     created_at: i64,
-    expires_at: i64,
+    /// Unix ms; another replica may change it.
+    expires_at: AtomicI64,
     scope: Scope,
     limits: Limits,
     labels: BTreeMap<String, String>,
     /// Unix ms of revocation; 0 while not revoked.
     revoked_at: AtomicI64,
+    /// Calls forwarded: by this process, plus what the store reported for
+    /// all processes.
     allowed: AtomicU64,
+    /// Calls denied, counted the same way.
     denied: AtomicU64,
-    /// Counter values already written to the store.
-    flushed_allowed: AtomicU64,
-    flushed_denied: AtomicU64,
+    /// Increments not yet written to the store.
+    unflushed_allowed: AtomicU64,
+    unflushed_denied: AtomicU64,
+    /// Set once `max_denied` was reached here (the caller revokes once).
+    max_denied_reached: AtomicBool,
     rate: Option<DefaultDirectRateLimiter>,
+    /// On a shared store, `max_requests` is spent from leases.
+    lease: Option<Lease>,
+    /// On a shared store, asks the flusher to write denials at once (so
+    /// `max_denied` is applied to the totals of every replica promptly).
+    flush_soon: Option<Arc<Notify>>,
+}
+
+/// This process's share of a session's `max_requests` on a shared store:
+/// calls reserved in the store that this process may still admit.
+pub(crate) struct Lease {
+    left: AtomicU64,
+    /// Size of the last grant, to decide when to ask for more early.
+    last_grant: AtomicU64,
+    /// Unix ms when the store last said the quota was spent; 0 otherwise.
+    spent_at: AtomicI64,
+    /// Unix ms of the last admitted call.
+    last_used: AtomicI64,
+    /// One refill at a time.
+    pub(crate) refill: tokio::sync::Mutex<()>,
 }
 
 /// The lifecycle state shown by the admin API.
@@ -48,25 +75,32 @@ pub enum Admission {
 // === impl LiveSession ===
 
 impl LiveSession {
-    pub(crate) fn from_row(row: SessionRow) -> Self {
+    /// A cached session from its stored row. `shared`: the store is shared
+    /// by several processes (`flush_soon` is then the flusher's wake-up).
+    pub(crate) fn from_row(row: SessionRow, shared: Option<&Arc<Notify>>) -> Self {
         let rate = row
             .limits
             .requests_per_minute
             .and_then(NonZeroU32::new)
             .map(|rpm| RateLimiter::direct(Quota::per_minute(rpm)));
+        let lease = (shared.is_some() && row.limits.max_requests.is_some()).then(Lease::empty);
+        let flush_soon = shared.filter(|_| row.limits.max_denied.is_some()).cloned();
         Self {
             id: row.id,
             created_at: row.created_at,
-            expires_at: row.expires_at,
+            expires_at: AtomicI64::new(row.expires_at),
             scope: row.scope,
             limits: row.limits,
             labels: row.labels,
             revoked_at: AtomicI64::new(row.revoked_at.unwrap_or(0)),
             allowed: AtomicU64::new(row.allowed),
             denied: AtomicU64::new(row.denied),
-            flushed_allowed: AtomicU64::new(row.allowed),
-            flushed_denied: AtomicU64::new(row.denied),
+            unflushed_allowed: AtomicU64::new(0),
+            unflushed_denied: AtomicU64::new(0),
+            max_denied_reached: AtomicBool::new(false),
             rate,
+            lease,
+            flush_soon,
         }
     }
 
@@ -97,7 +131,7 @@ impl LiveSession {
 
     /// Expiry time, unix ms.
     pub fn expires_at(&self) -> i64 {
-        self.expires_at
+        self.expires_at.load(Ordering::Acquire)
     }
 
     /// Revocation time, unix ms.
@@ -112,26 +146,43 @@ impl LiveSession {
     pub fn state(&self, now_ms: i64) -> SessionState {
         if self.revoked_at().is_some() {
             SessionState::Revoked
-        } else if now_ms >= self.expires_at {
+        } else if now_ms >= self.expires_at() {
             SessionState::Expired
         } else {
             SessionState::Active
         }
     }
 
-    /// Calls forwarded so far.
+    /// Calls forwarded so far (on a shared store: by every replica, as far
+    /// as this one knows).
     pub fn allowed(&self) -> u64 {
         self.allowed.load(Ordering::Relaxed)
     }
 
-    /// Calls denied so far.
+    /// Calls denied so far (counted like [`LiveSession::allowed`]).
     pub fn denied(&self) -> u64 {
         self.denied.load(Ordering::Relaxed)
     }
 
     /// Applies `max_requests` and `requests_per_minute`; an admitted call is
     /// counted as allowed.
+    ///
+    /// `requests_per_minute` is a token bucket in this process. On a store
+    /// shared by replicas, `max_requests` is spent from this process's
+    /// lease, which the registry refills from the store before the call
+    /// gets here; alone, it is counted here.
     pub fn admit(&self) -> Admission {
+        if let Some(lease) = &self.lease {
+            if !lease.take() {
+                return Admission::QuotaExhausted;
+            }
+            if self.rate_limited() {
+                lease.give_back();
+                return Admission::RateLimited;
+            }
+            self.count_allowed();
+            return Admission::Admitted;
+        }
         if let Some(max) = self.limits.max_requests {
             let counted = self
                 .allowed
@@ -141,24 +192,40 @@ impl LiveSession {
             if counted.is_err() {
                 return Admission::QuotaExhausted;
             }
-            if self.rate.as_ref().is_some_and(|r| r.check().is_err()) {
+            if self.rate_limited() {
                 self.allowed.fetch_sub(1, Ordering::AcqRel);
                 return Admission::RateLimited;
             }
+            self.unflushed_allowed.fetch_add(1, Ordering::AcqRel);
             return Admission::Admitted;
         }
-        if self.rate.as_ref().is_some_and(|r| r.check().is_err()) {
+        if self.rate_limited() {
             return Admission::RateLimited;
         }
-        self.allowed.fetch_add(1, Ordering::Relaxed);
+        self.count_allowed();
         Admission::Admitted
     }
 
-    /// Counts a denied call. Returns `true` when this call reached
-    /// `max_denied`, i.e. the caller must revoke the session.
+    fn rate_limited(&self) -> bool {
+        self.rate.as_ref().is_some_and(|r| r.check().is_err())
+    }
+
+    fn count_allowed(&self) {
+        self.allowed.fetch_add(1, Ordering::AcqRel);
+        self.unflushed_allowed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Counts a denied call. Returns `true` once, for the call that reached
+    /// `max_denied` (counting the denials of every replica this process
+    /// knows of): the caller must revoke the session.
     pub fn count_denied(&self) -> bool {
         let denied = self.denied.fetch_add(1, Ordering::AcqRel) + 1;
-        self.limits.max_denied == Some(denied)
+        self.unflushed_denied.fetch_add(1, Ordering::AcqRel);
+        if let Some(flush) = &self.flush_soon {
+            flush.notify_one();
+        }
+        self.limits.max_denied.is_some_and(|max| denied >= max)
+            && !self.max_denied_reached.swap(true, Ordering::AcqRel)
     }
 
     /// Marks the session revoked in memory (first revocation time wins).
@@ -168,22 +235,42 @@ impl LiveSession {
                 .compare_exchange(0, at_ms.max(1), Ordering::AcqRel, Ordering::Acquire);
     }
 
+    /// Takes in what the store says about the session (possibly changed by
+    /// other replicas): revocation, expiry and call totals.
+    pub(crate) fn apply_status(&self, status: &SessionStatus) {
+        if let Some(at) = status.revoked_at {
+            self.mark_revoked(at);
+        }
+        self.set_expires_at(status.expires_at);
+        // The stored totals lack what this process has not written yet.
+        let allowed = status.allowed + self.unflushed_allowed.load(Ordering::Acquire);
+        let denied = status.denied + self.unflushed_denied.load(Ordering::Acquire);
+        self.allowed.fetch_max(allowed, Ordering::AcqRel);
+        self.denied.fetch_max(denied, Ordering::AcqRel);
+    }
+
+    /// Sets the expiry (changed elsewhere).
+    pub(crate) fn set_expires_at(&self, at_ms: i64) {
+        self.expires_at.store(at_ms, Ordering::Release);
+    }
+
     /// Counter increments not yet written to the store; marks them written.
     pub(crate) fn take_unflushed(&self) -> (u64, u64) {
-        let allowed = self.allowed.load(Ordering::Acquire);
-        let denied = self.denied.load(Ordering::Acquire);
-        let prev_allowed = self.flushed_allowed.swap(allowed, Ordering::AcqRel);
-        let prev_denied = self.flushed_denied.swap(denied, Ordering::AcqRel);
         (
-            allowed.saturating_sub(prev_allowed),
-            denied.saturating_sub(prev_denied),
+            self.unflushed_allowed.swap(0, Ordering::AcqRel),
+            self.unflushed_denied.swap(0, Ordering::AcqRel),
         )
     }
 
     /// Puts back increments whose write failed, so the next flush retries them.
     pub(crate) fn restore_unflushed(&self, allowed: u64, denied: u64) {
-        self.flushed_allowed.fetch_sub(allowed, Ordering::AcqRel);
-        self.flushed_denied.fetch_sub(denied, Ordering::AcqRel);
+        self.unflushed_allowed.fetch_add(allowed, Ordering::AcqRel);
+        self.unflushed_denied.fetch_add(denied, Ordering::AcqRel);
+    }
+
+    /// This process's lease of `max_requests`, on a shared store.
+    pub(crate) fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
     }
 }
 
@@ -191,8 +278,81 @@ impl std::fmt::Debug for LiveSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LiveSession")
             .field("id", &self.id)
-            .field("expires_at", &self.expires_at)
+            .field("expires_at", &self.expires_at())
             .field("revoked_at", &self.revoked_at())
             .finish_non_exhaustive()
+    }
+}
+
+// === impl Lease ===
+
+impl Lease {
+    fn empty() -> Self {
+        Self {
+            left: AtomicU64::new(0),
+            last_grant: AtomicU64::new(0),
+            spent_at: AtomicI64::new(0),
+            last_used: AtomicI64::new(0),
+            refill: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Calls this process may still admit.
+    pub(crate) fn left(&self) -> u64 {
+        self.left.load(Ordering::Acquire)
+    }
+
+    /// Takes one call from the lease.
+    fn take(&self) -> bool {
+        let took = self
+            .left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if took {
+            self.last_used.store(crate::now_ms(), Ordering::Relaxed);
+        }
+        took
+    }
+
+    fn give_back(&self) {
+        self.left.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Adds a grant from the store.
+    pub(crate) fn add(&self, granted: u64) {
+        self.last_grant.store(granted, Ordering::Relaxed);
+        self.left.fetch_add(granted, Ordering::AcqRel);
+        self.spent_at.store(0, Ordering::Release);
+    }
+
+    /// Takes everything left, to give it back to the store.
+    pub(crate) fn take_all(&self) -> u64 {
+        self.left.swap(0, Ordering::AcqRel)
+    }
+
+    /// Whether a refill should be asked for before the lease runs dry: it
+    /// is down to a quarter of a grant of at least four calls. (Small
+    /// grants are not refilled early, so that the last calls of a quota are
+    /// not parked on a replica that does not need them.)
+    pub(crate) fn running_low(&self) -> bool {
+        let grant = self.last_grant.load(Ordering::Relaxed);
+        grant >= 4 && self.left() <= grant / 4
+    }
+
+    /// Records that the store has nothing left to grant.
+    pub(crate) fn mark_spent(&self, now_ms: i64) {
+        self.spent_at.store(now_ms.max(1), Ordering::Release);
+    }
+
+    /// Whether the store said, less than `retry_ms` ago, that the quota was
+    /// spent.
+    pub(crate) fn recently_spent(&self, now_ms: i64, retry_ms: i64) -> bool {
+        let at = self.spent_at.load(Ordering::Acquire);
+        at != 0 && now_ms - at < retry_ms
+    }
+
+    /// Unix ms of the last admitted call (0 if none).
+    pub(crate) fn last_used(&self) -> i64 {
+        self.last_used.load(Ordering::Relaxed)
     }
 }

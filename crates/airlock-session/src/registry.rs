@@ -1,4 +1,14 @@
 //! The registry: cache of live sessions over the store.
+//!
+//! On a store shared by replicas (PostgreSQL), [`Registry::run_sync`] keeps
+//! the cache true to the store: it applies the store's change feed
+//! (revocations and expiry changes of any replica, within milliseconds) and
+//! re-reads every cached session's state each `recheck_every` as a safety
+//! net. When that re-check has not succeeded for `max_staleness`, cached
+//! sessions are refused ([`AuthError::StoreUnavailable`]) until it does
+//! again: a replica cut off from the database fails closed after a bounded
+//! time. Limits across replicas: see [`LiveSession::admit`] and
+//! [`Registry::flush`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -6,20 +16,42 @@ use std::time::Duration;
 
 use airlock_core::token::{generate_token, is_well_formed};
 use airlock_core::{Limits, Scope, Secret, SessionId, TokenHash};
-use airlock_store::{SessionRow, Store, StoreError};
+use airlock_store::{Change, SessionRow, SessionStatus, Store, StoreError};
 use parking_lot::RwLock;
+use tokio::sync::{broadcast, Notify};
 
 use crate::live::{LiveSession, SessionState};
 use crate::now_ms;
 
+mod sync;
+
+pub use sync::SyncSettings;
+
 /// How long an ended session stays cached so late calls get a fast 401.
 const ENDED_RETENTION_MS: i64 = 10 * 60 * 1000;
+/// Largest lease of `max_requests` asked for at once (the store also caps
+/// it at an eighth of what is left).
+const MAX_LEASE: u64 = 100;
+/// After the store said a quota is spent, ask again no sooner than this
+/// (other replicas may give leases back).
+const SPENT_RETRY_MS: i64 = 1_000;
+/// A lease unused this long is given back for other replicas to use.
+const LEASE_IDLE_MS: i64 = 5_000;
+/// Least time between two flushes woken by denials.
+const EARLY_FLUSH_GAP: Duration = Duration::from_millis(20);
+/// The longest a call waits for the store (a token lookup or a lease)
+/// before it is refused.
+const STORE_WAIT: Duration = Duration::from_secs(5);
 
 /// Sessions by token hash, cached in memory over the store.
 pub struct Registry {
     store: Arc<dyn Store>,
     by_token: RwLock<HashMap<TokenHash, Arc<LiveSession>>>,
     by_id: RwLock<HashMap<SessionId, TokenHash>>,
+    /// Set when the store is shared by several processes: wakes the
+    /// flusher early (denials count towards everyone's `max_denied`).
+    shared: Option<Arc<Notify>>,
+    freshness: sync::Freshness,
 }
 
 /// What a new session grants.
@@ -58,10 +90,13 @@ pub enum RegistryError {
 impl Registry {
     /// An empty registry over `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
+        let shared = store.is_shared().then(|| Arc::new(Notify::new()));
         Self {
             store,
             by_token: RwLock::new(HashMap::new()),
             by_id: RwLock::new(HashMap::new()),
+            shared,
+            freshness: sync::Freshness::new(),
         }
     }
 
@@ -101,7 +136,7 @@ impl Registry {
         let mut by_token = self.by_token.write();
         let live = by_token
             .entry(hash)
-            .or_insert_with(|| Arc::new(LiveSession::from_row(row)))
+            .or_insert_with(|| Arc::new(LiveSession::from_row(row, self.shared.as_ref())))
             .clone();
         drop(by_token);
         self.by_id.write().insert(id, hash);
@@ -112,6 +147,12 @@ impl Registry {
     /// `now_ms`. A cached token never touches the store; an unknown one is
     /// looked up once and cached if found (never cached when not found, so a
     /// session created on another replica works at once).
+    ///
+    /// On a shared store, a cached session is refused with
+    /// [`AuthError::StoreUnavailable`] while the cache may be stale (see
+    /// [`Registry::run_sync`]), and a session with `max_requests` whose
+    /// lease ran dry has it refilled from the store here (once per lease,
+    /// not per call).
     pub async fn authenticate(
         &self,
         token: Option<&str>,
@@ -124,20 +165,83 @@ impl Registry {
         let hash = TokenHash::of(token);
         let cached = self.by_token.read().get(&hash).cloned();
         let session = match cached {
-            Some(session) => session,
+            Some(session) => {
+                // Revoked and expired are final; only a session that looks
+                // active may be stale.
+                if session.state(now_ms) == SessionState::Active && self.freshness.is_stale() {
+                    return Err(AuthError::StoreUnavailable);
+                }
+                session
+            }
             None => {
-                let row = self.store.session_by_token(&hash).await.map_err(|e| {
-                    tracing::error!(error = %e, "session lookup failed");
-                    AuthError::StoreUnavailable
-                })?;
+                let lookup = tokio::time::timeout(STORE_WAIT, self.store.session_by_token(&hash));
+                let row = match lookup.await {
+                    Ok(Ok(row)) => row,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "session lookup failed");
+                        return Err(AuthError::StoreUnavailable);
+                    }
+                    Err(_) => {
+                        tracing::error!("session lookup timed out");
+                        return Err(AuthError::StoreUnavailable);
+                    }
+                };
                 let row = row.ok_or(AuthError::Unknown)?;
                 self.cache(hash, row)
             }
         };
         match session.state(now_ms) {
-            SessionState::Active => Ok(session),
+            SessionState::Active => {
+                self.ensure_lease(&session).await?;
+                Ok(session)
+            }
             SessionState::Expired => Err(AuthError::Expired),
             SessionState::Revoked => Err(AuthError::Revoked),
+        }
+    }
+
+    /// Makes sure a session leasing `max_requests` from a shared store has
+    /// a call to spend: waits for a refill when the lease is empty, starts
+    /// one in the background when it runs low. Leaves an empty lease empty
+    /// when the store has nothing left ([`LiveSession::admit`] then answers
+    /// `QuotaExhausted`).
+    async fn ensure_lease(&self, session: &Arc<LiveSession>) -> Result<(), AuthError> {
+        let Some(lease) = session.lease() else {
+            return Ok(());
+        };
+        if lease.left() > 0 {
+            if lease.running_low() {
+                let store = Arc::clone(&self.store);
+                let session = Arc::clone(session);
+                tokio::spawn(async move {
+                    if let Some(lease) = session.lease() {
+                        if let Ok(_refilling) = lease.refill.try_lock() {
+                            if lease.running_low() {
+                                let _ = refill(store.as_ref(), &session).await;
+                            }
+                        }
+                    }
+                });
+            }
+            return Ok(());
+        }
+        if lease.recently_spent(now_ms(), SPENT_RETRY_MS) {
+            return Ok(());
+        }
+        let _refilling = lease.refill.lock().await;
+        if lease.left() > 0 || lease.recently_spent(now_ms(), SPENT_RETRY_MS) {
+            return Ok(());
+        }
+        match tokio::time::timeout(STORE_WAIT, refill(self.store.as_ref(), session)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(session = %session.id(), error = %e, "could not lease max_requests");
+                Err(AuthError::StoreUnavailable)
+            }
+            Err(_) => {
+                tracing::error!(session = %session.id(), "leasing max_requests timed out");
+                Err(AuthError::StoreUnavailable)
+            }
         }
     }
 
@@ -192,23 +296,42 @@ impl Registry {
 
     /// Writes counter increments to the store and drops ended sessions from
     /// the cache once they are long over.
+    ///
+    /// On a shared store, the write also applies `max_denied` to the totals
+    /// of every replica (the store revokes the session in the same
+    /// statement and tells the others), and the totals it returns are taken
+    /// in. Leases of `max_requests` unused for a while are given back.
     pub async fn flush(&self) {
+        self.flush_inner(false).await;
+    }
+
+    async fn flush_inner(&self, release_all_leases: bool) {
         let sessions: Vec<Arc<LiveSession>> = self.by_token.read().values().cloned().collect();
+        let now = now_ms();
         for session in &sessions {
+            self.release_lease(session, now, release_all_leases).await;
             let (allowed, denied) = session.take_unflushed();
             if allowed == 0 && denied == 0 {
                 continue;
             }
-            if let Err(e) = self
+            match self
                 .store
-                .add_call_counts(session.id(), allowed, denied)
+                .record_calls(session.id(), allowed, denied, now)
                 .await
             {
-                tracing::warn!(session = %session.id(), error = %e, "could not flush call counts");
-                session.restore_unflushed(allowed, denied);
+                Ok(Some(status)) => {
+                    if status.revoked_at.is_some() && session.revoked_at().is_none() {
+                        tracing::warn!(session = %session.id(), "session revoked: max_denied reached across replicas");
+                    }
+                    session.apply_status(&status);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(session = %session.id(), error = %e, "could not flush call counts");
+                    session.restore_unflushed(allowed, denied);
+                }
             }
         }
-        let now = now_ms();
         let ended_before = now - ENDED_RETENTION_MS;
         let mut by_token = self.by_token.write();
         let mut by_id = self.by_id.write();
@@ -222,7 +345,36 @@ impl Registry {
         });
     }
 
-    /// Runs [`Registry::flush`] every `every` until `shutdown` resolves, then once more.
+    /// Gives a session's unused lease back to the store when the session
+    /// ended, went idle, or `all` (shutting down).
+    async fn release_lease(&self, session: &LiveSession, now: i64, all: bool) {
+        let Some(lease) = session.lease() else {
+            return;
+        };
+        if lease.left() == 0 {
+            return;
+        }
+        let ended = session.state(now) != SessionState::Active;
+        if ended {
+            // Nobody can spend it any more; nothing to give back either.
+            return;
+        }
+        if !all && now - lease.last_used() < LEASE_IDLE_MS {
+            return;
+        }
+        let Ok(_refilling) = lease.refill.try_lock() else {
+            return;
+        };
+        let left = lease.take_all();
+        if let Err(e) = self.store.release_requests(session.id(), left).await {
+            tracing::warn!(session = %session.id(), error = %e, "could not give back a lease");
+            lease.add(left);
+        }
+    }
+
+    /// Runs [`Registry::flush`] every `every` (and at once when a denial on
+    /// a shared store must count for every replica) until `shutdown`
+    /// resolves, then once more, giving back every lease.
     pub async fn run_flusher(
         self: Arc<Self>,
         every: Duration,
@@ -230,14 +382,93 @@ impl Registry {
     ) {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let soon = self.shared.clone().unwrap_or_default();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = ticks.tick() => self.flush().await,
+                () = soon.notified() => {
+                    self.flush().await;
+                    // A stream of denials flushes at most this often.
+                    tokio::time::sleep(EARLY_FLUSH_GAP).await;
+                }
                 () = &mut shutdown => break,
             }
         }
-        self.flush().await;
+        self.flush_inner(true).await;
+    }
+
+    /// Applies a change announced by the store.
+    fn apply_change(&self, change: &Change) {
+        if let Change::Session {
+            id,
+            revoked_at,
+            expires_at,
+        } = change
+        {
+            if let Some(live) = self.cached(id) {
+                if let Some(at) = revoked_at {
+                    if live.revoked_at().is_none() {
+                        tracing::info!(session = %id, "session revoked by another replica");
+                    }
+                    live.mark_revoked(*at);
+                }
+                live.set_expires_at(*expires_at);
+            }
+        }
+    }
+
+    /// Re-reads the state of every cached session that is not revoked.
+    /// Sessions gone from the store are treated as revoked.
+    async fn recheck(&self) -> Result<(), StoreError> {
+        const CHUNK: usize = 5_000;
+        let sessions: Vec<Arc<LiveSession>> = self
+            .by_token
+            .read()
+            .values()
+            .filter(|s| s.revoked_at().is_none())
+            .cloned()
+            .collect();
+        for chunk in sessions.chunks(CHUNK) {
+            let ids: Vec<SessionId> = chunk.iter().map(|s| s.id().clone()).collect();
+            let statuses = self.store.session_statuses(&ids).await?;
+            let by_id: HashMap<&SessionId, &SessionStatus> =
+                statuses.iter().map(|s| (&s.id, s)).collect();
+            for session in chunk {
+                match by_id.get(session.id()) {
+                    Some(status) => session.apply_status(status),
+                    None => {
+                        tracing::warn!(session = %session.id(), "session gone from the store; refusing it");
+                        session.mark_revoked(now_ms());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Asks the store for a new lease and adds it to the session's.
+async fn refill(store: &dyn Store, session: &LiveSession) -> Result<(), StoreError> {
+    let Some(lease) = session.lease() else {
+        return Ok(());
+    };
+    match store.reserve_requests(session.id(), MAX_LEASE).await? {
+        0 => lease.mark_spent(now_ms()),
+        granted => lease.add(granted),
+    }
+    Ok(())
+}
+
+/// Receives the next change; a receiver that fell behind is told to resync.
+async fn next_change(feed: &mut broadcast::Receiver<Change>) -> Option<Change> {
+    match feed.recv().await {
+        Ok(change) => Some(change),
+        Err(broadcast::error::RecvError::Lagged(missed)) => {
+            tracing::warn!(missed, "change feed fell behind; re-checking every session");
+            Some(Change::Resync)
+        }
+        Err(broadcast::error::RecvError::Closed) => None,
     }
 }
 

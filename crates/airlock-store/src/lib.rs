@@ -3,16 +3,26 @@
 //! [`Store`] is what the rest of airlock needs from a database; [`open`]
 //! picks the implementation from the store URL and applies migrations before
 //! returning. The store is never on the request path of a call whose token is
-//! already cached.
+//! already cached (except, on a store shared by replicas, to refill a
+//! session's lease of `max_requests`, once per lease).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use airlock_core::audit::AuditRecord;
 use airlock_core::{Limits, Scope, SessionId, TokenHash};
 use async_trait::async_trait;
 
+mod audit;
+mod audit_rows;
+mod change;
+mod postgres;
+mod session_rows;
 mod sqlite;
 
+pub use audit::{AuditQuery, ChainHead, GenesisSeal};
+pub use change::{Change, SessionStatus};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// A session as stored.
@@ -35,15 +45,35 @@ pub struct SessionRow {
     pub denied: u64,
 }
 
+/// A provider credential as stored: sealed, never plaintext.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredCredential {
+    /// Ciphertext from `airlock_core::seal::seal`.
+    pub sealed: Vec<u8>,
+    /// Unix milliseconds.
+    pub updated_at: i64,
+}
+
+impl std::fmt::Debug for StoredCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredCredential")
+            .field("sealed_len", &self.sealed.len())
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
+}
+
 /// Errors from a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("unsupported store url {0:?}: use sqlite://PATH")]
+    #[error("unsupported store url {0:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
     UnsupportedUrl(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("audit chain {0} was moved on by another writer")]
+    ChainConflict(u32),
     #[error("corrupt row for {what}: {reason}")]
     Corrupt { what: String, reason: String },
 }
@@ -71,8 +101,95 @@ pub trait Store: Send + Sync + 'static {
     async fn setting(&self, key: &str) -> Result<Option<String>>;
     /// Stores a server setting unless one exists; returns the value in force.
     async fn set_setting_if_absent(&self, key: &str, value: &str) -> Result<String>;
+
+    /// The sealed credential of `provider`, if one was set.
+    async fn credential(&self, provider: &str) -> Result<Option<StoredCredential>>;
+    /// Stores `sealed` as `provider`'s credential, replacing any; processes
+    /// sharing the store hear of it through [`Store::changes`].
+    async fn set_credential(&self, provider: &str, sealed: &[u8], at_ms: i64) -> Result<()>;
+
+    /// The audit chain this process appends to, at its head: on a store
+    /// with one writer, the one chain (resumed where it ended); where
+    /// several writers share the store, a chain no live writer holds, or a
+    /// new one whose head is sealed with `genesis`.
+    async fn audit_claim_chain(&self, genesis: GenesisSeal<'_>) -> Result<ChainHead>;
+    /// Appends `records` (consecutive, on `head.chain`) and moves the chain
+    /// head to `head`, in one transaction: all or nothing.
+    async fn audit_append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()>;
+    /// Audit records matching `query`.
+    async fn audit_records(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>>;
+    /// Every chain's head.
+    async fn audit_heads(&self) -> Result<Vec<ChainHead>>;
+    /// A small write proving the audit trail can be written right now.
+    async fn audit_probe(&self) -> Result<()>;
+
     /// Flushes and closes connections.
     async fn close(&self);
+
+    // --- Sharing the store between processes (replicas). The defaults suit
+    // a store with one process (SQLite): no change feed, limits counted in
+    // memory.
+
+    /// Whether several airlock processes may use this store at once
+    /// (PostgreSQL). Then `max_requests` is handed out in leases
+    /// ([`Store::reserve_requests`]) and `max_denied` is applied to the
+    /// stored totals ([`Store::record_calls`]).
+    fn is_shared(&self) -> bool {
+        false
+    }
+    /// A new receiver of the changes made to sessions and credentials by
+    /// any process sharing this store, or `None` when the store has no
+    /// other process to hear from. The sender never closes while the store
+    /// is open.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        None
+    }
+    /// Adds call counts like [`Store::add_call_counts`]; on a shared store,
+    /// also revokes the session at `now_ms`, in the same statement, once its
+    /// stored denied total reaches `max_denied`. Returns the stored state
+    /// after the update when the store can tell (`None` if the session does
+    /// not exist or the store keeps no shared totals).
+    async fn record_calls(
+        &self,
+        id: &SessionId,
+        allowed: u64,
+        denied: u64,
+        now_ms: i64,
+    ) -> Result<Option<SessionStatus>> {
+        let _ = now_ms;
+        self.add_call_counts(id, allowed, denied).await?;
+        Ok(None)
+    }
+    /// Reserves up to `want` calls of a session's `max_requests` for this
+    /// process (a lease), never more than remain unreserved, so that the
+    /// leases of all processes together never exceed `max_requests`.
+    /// Returns how many were granted; 0 when the quota is spent.
+    async fn reserve_requests(&self, id: &SessionId, want: u64) -> Result<u64> {
+        let _ = id;
+        Ok(want)
+    }
+    /// Gives back `count` reserved calls this process will not use.
+    async fn release_requests(&self, id: &SessionId, count: u64) -> Result<()> {
+        let _ = (id, count);
+        Ok(())
+    }
+    /// The stored state of these sessions (missing ones are left out), in
+    /// one query where the store can.
+    async fn session_statuses(&self, ids: &[SessionId]) -> Result<Vec<SessionStatus>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(row) = self.session_by_id(id).await? {
+                out.push(SessionStatus {
+                    id: row.id,
+                    revoked_at: row.revoked_at,
+                    expires_at: row.expires_at,
+                    allowed: row.allowed,
+                    denied: row.denied,
+                });
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Opens the store named by `url` and brings its schema up to date.
@@ -80,7 +197,22 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         return Ok(Arc::new(SqliteStore::open(url).await?));
     }
+    if is_postgres_url(url) {
+        return Ok(Arc::new(PgStore::open(url).await?));
+    }
     Err(StoreError::UnsupportedUrl(url.to_owned()))
+}
+
+/// Whether `url` names a PostgreSQL database (`postgres://` or `postgresql://`).
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Now, in unix milliseconds.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Decodes the JSON columns of a session row.

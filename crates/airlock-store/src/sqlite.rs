@@ -3,15 +3,20 @@
 use std::borrow::Cow;
 use std::str::FromStr;
 
+use airlock_core::audit::{AuditRecord, GENESIS_MAC};
 use airlock_core::{SessionId, TokenHash};
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
-use crate::{decode_json, encode_json, Result, SessionRow, Store, StoreError};
+use crate::audit_rows::{decode_head, decode_record, RECORD_COLUMNS};
+use crate::{
+    decode_json, encode_json, AuditQuery, ChainHead, GenesisSeal, Result, SessionRow, Store,
+    StoreError, StoredCredential,
+};
 
 /// A store in one SQLite file.
 pub struct SqliteStore {
@@ -22,13 +27,32 @@ const COLUMNS: &str =
     "id, token_hash, created_at, expires_at, revoked_at, scope, limits, labels, allowed, denied";
 
 fn migrator() -> Migrator {
-    let migrations = vec![Migration::new(
-        1,
-        Cow::Borrowed("init"),
-        MigrationType::Simple,
-        Cow::Borrowed(include_str!("../migrations/sqlite/0001_init.sql")),
-        false,
-    )];
+    let migration = |version, name, sql| {
+        Migration::new(
+            version,
+            Cow::Borrowed(name),
+            MigrationType::Simple,
+            Cow::Borrowed(sql),
+            false,
+        )
+    };
+    let migrations = vec![
+        migration(
+            1,
+            "init",
+            include_str!("../migrations/sqlite/0001_init.sql"),
+        ),
+        migration(
+            2,
+            "audit",
+            include_str!("../migrations/sqlite/0002_audit.sql"),
+        ),
+        migration(
+            3,
+            "credentials",
+            include_str!("../migrations/sqlite/0003_credentials.sql"),
+        ),
+    ];
     Migrator {
         migrations: Cow::Owned(migrations),
         ..Migrator::DEFAULT
@@ -170,6 +194,139 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(self.setting(key).await?.unwrap_or_else(|| value.to_owned()))
+    }
+
+    async fn credential(&self, provider: &str) -> Result<Option<StoredCredential>> {
+        let row: Option<(Vec<u8>, i64)> =
+            sqlx::query_as("SELECT sealed, updated_at FROM credentials WHERE provider = ?")
+                .bind(provider)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(sealed, updated_at)| StoredCredential { sealed, updated_at }))
+    }
+
+    async fn set_credential(&self, provider: &str, sealed: &[u8], at_ms: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO credentials (provider, sealed, updated_at) VALUES (?, ?, ?) \
+             ON CONFLICT (provider) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+        )
+        .bind(provider)
+        .bind(sealed)
+        .bind(at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn audit_claim_chain(&self, genesis: GenesisSeal<'_>) -> Result<ChainHead> {
+        // One SQLite file has one server, so it has one chain: resume it.
+        const CHAIN: u32 = 1;
+        sqlx::query(
+            "INSERT INTO audit_chains (id, head_seq, head_mac, head_seal, created_at) \
+             VALUES (?, 0, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(i64::from(CHAIN))
+        .bind(GENESIS_MAC.as_slice())
+        .bind(genesis(CHAIN).as_slice())
+        .bind(crate::unix_ms())
+        .execute(&self.pool)
+        .await?;
+        let row =
+            sqlx::query("SELECT id, head_seq, head_mac, head_seal FROM audit_chains WHERE id = ?")
+                .bind(i64::from(CHAIN))
+                .fetch_one(&self.pool)
+                .await?;
+        decode_head(&row)
+    }
+
+    async fn audit_append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
+        let Some(first) = records.first() else {
+            return Ok(());
+        };
+        let mut tx = self.pool.begin().await?;
+        // Move the head first: a writer that is not at the head learns it
+        // before inserting anything (and never trips over existing seqs).
+        let moved = sqlx::query(
+            "UPDATE audit_chains SET head_seq = ?, head_mac = ?, head_seal = ? \
+             WHERE id = ? AND head_seq = ?",
+        )
+        .bind(to_i64(head.seq))
+        .bind(head.mac.as_slice())
+        .bind(head.seal.as_slice())
+        .bind(i64::from(head.chain))
+        .bind(to_i64(first.seq.saturating_sub(1)))
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            return Err(StoreError::ChainConflict(head.chain));
+        }
+        // 16 columns a row; stay well under SQLite's bound-parameter limit.
+        for chunk in records.chunks(512) {
+            let mut insert: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("INSERT INTO audit_records ({RECORD_COLUMNS}) "));
+            insert.push_values(chunk, |mut b, r| {
+                b.push_bind(i64::from(r.chain))
+                    .push_bind(to_i64(r.seq))
+                    .push_bind(r.ts_ms)
+                    .push_bind(r.session.as_deref())
+                    .push_bind(r.provider.as_deref())
+                    .push_bind(r.method.as_str())
+                    .push_bind(r.path.as_str())
+                    .push_bind(r.decision.as_str())
+                    .push_bind(i64::from(r.status))
+                    .push_bind(r.upstream_status.map(i64::from))
+                    .push_bind(to_i64(r.duration_us))
+                    .push_bind(to_i64(r.bytes_in))
+                    .push_bind(to_i64(r.bytes_out))
+                    .push_bind(i64::from(r.flags.bits()))
+                    .push_bind(r.prev_mac.as_slice())
+                    .push_bind(r.mac.as_slice());
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "SELECT {RECORD_COLUMNS} FROM audit_records WHERE 1 = 1"
+        ));
+        if let Some(session) = &q.session {
+            sql.push(" AND session = ").push_bind(session.as_str());
+        }
+        if let Some(since) = q.since_ms {
+            sql.push(" AND ts >= ").push_bind(since);
+        }
+        if let Some(chain) = q.chain {
+            sql.push(" AND chain = ").push_bind(i64::from(chain));
+            sql.push(" AND seq > ").push_bind(to_i64(q.after_seq));
+            sql.push(" ORDER BY seq");
+        } else {
+            sql.push(" ORDER BY ts, chain, seq");
+        }
+        sql.push(" LIMIT ").push_bind(i64::from(q.limit));
+        let rows = sql.build().fetch_all(&self.pool).await?;
+        rows.iter().map(decode_record).collect()
+    }
+
+    async fn audit_heads(&self) -> Result<Vec<ChainHead>> {
+        let rows =
+            sqlx::query("SELECT id, head_seq, head_mac, head_seal FROM audit_chains ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(decode_head).collect()
+    }
+
+    async fn audit_probe(&self) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ('audit_probe', ?) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(crate::unix_ms().to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn close(&self) {

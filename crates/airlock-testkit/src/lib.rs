@@ -6,9 +6,13 @@
 //!   records every request it receives.
 //! - [`Airlock`]: the real `airlock` binary running as a child process on
 //!   port 0, with a generated config in a temporary data directory.
+//! - [`pg`]: a fresh PostgreSQL database per test.
 
 pub mod client;
+pub mod h2raw;
+pub mod hostile;
 mod mock;
+pub mod pg;
 mod process;
 
 pub use mock::{MockProvider, RecordedRequest, MAX_RECORDED_BODY};

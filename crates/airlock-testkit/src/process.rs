@@ -36,6 +36,7 @@ pub struct AirlockBuilder {
     providers: String,
     extra: String,
     proxy_options: String,
+    store_options: String,
     env: Vec<(String, String)>,
     store_url: Option<String>,
     dir: Option<PathBuf>,
@@ -50,6 +51,7 @@ impl AirlockBuilder {
             providers: String::new(),
             extra: String::new(),
             proxy_options: String::new(),
+            store_options: String::new(),
             env: Vec::new(),
             store_url: None,
             dir: None,
@@ -72,6 +74,14 @@ impl AirlockBuilder {
     pub fn proxy_option(mut self, line: &str) -> Self {
         self.proxy_options.push_str(line);
         self.proxy_options.push('\n');
+        self
+    }
+
+    /// A `key = value` line added to the generated `[store]` table, e.g.
+    /// `max_staleness = "2s"`.
+    pub fn store_option(mut self, line: &str) -> Self {
+        self.store_options.push_str(line);
+        self.store_options.push('\n');
         self
     }
 
@@ -150,8 +160,9 @@ impl AirlockBuilder {
             .unwrap_or_else(|| format!("sqlite://{}/airlock.db", dir.display()));
         let config = format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_options}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [store]\nurl = {store}\n\n{providers}{extra}",
+             [store]\nurl = {store}\n{store_options}\n{providers}{extra}",
             store = toml_str(&store_url),
+            store_options = self.store_options,
             proxy_options = self.proxy_options,
             providers = self.providers,
             extra = self.extra,
@@ -742,11 +753,11 @@ mod tests {
         let (_dir, builder) = fake(
             "test \"$1\" = --config || exit 9\n\
              test -f \"$2\" || exit 8\n\
+             tail -f /dev/null &\n\
+             trap 'kill $!; echo bye; exit 0' TERM\n\
              echo \"token=$AIRLOCK_ADMIN_TOKEN cred=$AIRLOCK_TEST_CRED_MOCK\"\n\
              echo 'airlock proxy listening on http://127.0.0.1:1111'\n\
              echo 'airlock admin listening on http://127.0.0.1:2222'\n\
-             tail -f /dev/null &\n\
-             trap 'kill $!; echo bye; exit 0' TERM\n\
              wait\n",
         );
         let mut airlock = builder

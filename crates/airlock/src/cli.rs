@@ -10,7 +10,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// API key; airlock checks every call against the session's scope and limits
 /// and swaps the token for the real credential.
 #[derive(Debug, Parser)]
-#[command(name = "airlock", version, propagate_version = true)]
+#[command(
+    name = "airlock",
+    version,
+    propagate_version = true,
+    after_help = TOP_EXAMPLES
+)]
 pub struct Cli {
     /// Config file (default: ./airlock.toml if it exists, else built-in defaults).
     #[arg(long, global = true, value_name = "FILE")]
@@ -24,6 +29,18 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Examples shown under `airlock --help`.
+const TOP_EXAMPLES: &str = "\
+Examples:
+  airlock serve --config airlock.toml
+  airlock config check
+  airlock session create --allow openai:POST:/v1/chat/completions --ttl 15m --format shell
+  airlock exec --allow openai:POST:/v1/chat/completions -- python agent.py
+  airlock audit tail -n 20
+
+The CLI reaches a running server through AIRLOCK_ADMIN_URL (default: http://
+plus admin.listen of the config, 127.0.0.1:8081) and AIRLOCK_ADMIN_TOKEN.";
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
@@ -34,21 +51,191 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy and the admin API until SIGINT/SIGTERM.
-    ///
-    /// Example: airlock serve --config airlock.toml
+    #[command(after_help = "\
+Example:
+  airlock serve --config airlock.toml")]
     Serve,
     /// Create, list, show and revoke sessions through the admin API.
+    #[command(after_help = "\
+Examples:
+  airlock session create --allow openai:POST:/v1/chat/completions --format env
+  airlock session list --all
+  airlock session revoke ses_...")]
     #[command(subcommand)]
     Session(SessionCommand),
+    /// Run a command inside a new session, then revoke the session.
+    ///
+    /// Opens a session through the admin API, runs CMD with the session's
+    /// environment variables (for every provider in scope: the key variable
+    /// holding the session token and the base-URL variable pointing at
+    /// airlock) plus AIRLOCK_SESSION_ID, forwards SIGINT, SIGTERM and SIGHUP
+    /// to it, revokes the session when it exits (for any reason, also when
+    /// airlock itself is interrupted) and exits with its status (128+N when
+    /// it was killed by signal N).
+    ///
+    /// The real credentials never reach CMD: every configured provider's
+    /// `credential = "env:VAR"` variable, AIRLOCK_ADMIN_TOKEN and
+    /// AIRLOCK_AUDIT_KEY are removed from its environment.
+    ///
+    /// Exit status: CMD's; 125 when airlock fails before CMD runs (or CMD
+    /// succeeded but the session could not be revoked), 126 when CMD cannot
+    /// be executed, 127 when it is not found.
+    #[command(after_help = "\
+Examples:
+  airlock exec --allow openai:POST:/v1/chat/completions -- python agent.py
+  airlock exec --allow anthropic:POST:/v1/messages --ttl 2h --label agent=a1 \\
+               --max-denied 3 -- ./run-agent --verbose")]
+    Exec(ExecArgs),
+    /// Inspect the configuration.
+    #[command(
+        subcommand,
+        after_help = "\
+Example:
+  airlock config check --config airlock.toml"
+    )]
+    Config(ConfigCommand),
+    /// Print a shell completion script.
+    #[command(after_help = "\
+Examples:
+  airlock completions bash > /etc/bash_completion.d/airlock
+  airlock completions zsh > \"${fpath[1]}/_airlock\"
+  airlock completions fish > ~/.config/fish/completions/airlock.fish")]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Verify, export and follow the audit trail (reads the store and the audit key
+    /// named by the config directly; the server need not be running).
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  airlock audit verify
+  airlock audit export --session ses_... > session.jsonl
+  airlock audit tail -n 20"
+    )]
+    Audit(AuditCommand),
+    /// Manage providers' real credentials (write-only) through the admin API.
+    #[command(subcommand)]
+    Credential(CredentialCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredentialCommand {
+    /// Store a provider's real credential, sealed, read from stdin.
+    ///
+    /// The provider's config must say `credential = "store"`. The value is
+    /// read without echo (or piped in), sealed with the master key, and can
+    /// never be read back; the next call uses it, on every replica.
+    ///
+    /// Examples:
+    ///   airlock credential set openai            (prompts, input hidden)
+    ///   airlock credential set openai < key.txt
+    Set {
+        /// Provider name, as configured.
+        provider: String,
+    },
+    /// Show whether a provider has a credential, its source and when it was set.
+    ///
+    /// Example: airlock credential show openai
+    Show {
+        /// Provider name, as configured.
+        provider: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the HMAC chain of the whole trail, or of an exported file.
+    ///
+    /// Exit 0 with a one-line summary when intact; exit 1 naming the first
+    /// bad record (chain and seq) and why otherwise.
+    #[command(after_help = "\
+Examples:
+  airlock audit verify
+  airlock audit verify --from audit.jsonl
+  airlock audit verify --from session.jsonl --session ses_...")]
+    Verify {
+        /// An exported JSON Lines file instead of the store ("-" for stdin).
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// With --from: the file is an export of this session only (its
+        /// records' seqs may jump; each record is still checked).
+        #[arg(long, value_name = "ID", requires = "from")]
+        session: Option<String>,
+    },
+    /// Print audit records as JSON lines, oldest first.
+    #[command(after_help = "\
+Examples:
+  airlock audit export > audit.jsonl
+  airlock audit export --session ses_... --since 2026-01-02T00:00:00Z")]
+    Export {
+        /// Only this session's records.
+        #[arg(long, value_name = "ID")]
+        session: Option<String>,
+        /// Only records at or after this time (RFC 3339), or this long ago (15m, 2h).
+        #[arg(long, value_name = "T")]
+        since: Option<String>,
+    },
+    /// Follow the audit trail: print new records as JSON lines as they are
+    /// written, until interrupted.
+    ///
+    /// Reads the store named by the config directly (every 200 ms), so it
+    /// sees the records of every replica sharing the store.
+    #[command(after_help = "\
+Examples:
+  airlock audit tail
+  airlock audit tail -n 20 --session ses_...
+  airlock audit tail | jq -c 'select(.decision != \"allow\")'")]
+    Tail {
+        /// Only this session's records.
+        #[arg(long, value_name = "ID")]
+        session: Option<String>,
+        /// First print the last N records already written.
+        #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 0)]
+        lines: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the config file and print what `airlock serve` would run.
+    ///
+    /// Prints listen addresses, store, audit settings and every provider
+    /// with its upstream, auth style and credential source (never the
+    /// credential itself), saying whether the credential is available now.
+    /// Exit 64 naming FILE: KEY: reason when the config is invalid, exactly
+    /// as `airlock serve` would refuse it; exit 1 when a credential file
+    /// cannot be read (serve would refuse to start).
+    #[command(after_help = "\
+Examples:
+  airlock config check
+  airlock config check --config /etc/airlock/airlock.toml")]
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum SessionCommand {
     /// Open a session and print it.
     ///
-    /// Example: airlock session create --allow openai:POST:/v1/chat/completions --ttl 15m --format env
+    /// --format json prints the admin API's answer (id, token, expiry, scope,
+    /// limits, labels, env); env prints KEY=value lines; shell prints
+    /// export KEY='value' lines to eval.
+    #[command(after_help = "\
+Examples:
+  airlock session create --allow openai:POST:/v1/chat/completions --ttl 15m
+  airlock session create --allow openai:GET:/v1/models/* --format env > agent.env
+  eval \"$(airlock session create --allow anthropic:POST:/v1/messages --format shell)\"")]
     Create(CreateArgs),
     /// List active sessions (--all adds ended ones).
+    ///
+    /// A table of id, state, time left, allowed/denied calls and labels;
+    /// --json prints the admin API's answer for scripts.
+    #[command(after_help = "\
+Examples:
+  airlock session list
+  airlock session list --all --json")]
     List {
         /// Include expired and revoked sessions.
         #[arg(long)]
@@ -57,12 +244,21 @@ pub enum SessionCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show one session as JSON.
+    /// Show one session as JSON (never its token).
+    #[command(after_help = "\
+Example:
+  airlock session show ses_...")]
     Show {
         /// Session id (ses_...).
         id: String,
     },
     /// Revoke a session by id (ses_...) or token (sess_...).
+    ///
+    /// The next call with its token gets 401.
+    #[command(after_help = "\
+Examples:
+  airlock session revoke ses_...
+  airlock session revoke \"$OPENAI_API_KEY\"")]
     Revoke {
         /// Session id or token.
         id_or_token: String,
@@ -72,6 +268,34 @@ pub enum SessionCommand {
 /// Options of `session create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
+    /// What the session may do.
+    #[command(flatten)]
+    pub session: SessionArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
+    pub format: OutputFormat,
+}
+
+/// Options of `exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// What the session may do.
+    #[command(flatten)]
+    pub session: SessionArgs,
+    /// The command to run and its arguments (put them after `--`).
+    #[arg(
+        value_name = "CMD",
+        required = true,
+        trailing_var_arg = true,
+        num_args = 1..
+    )]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// The session a command opens: scope, time to live, labels and limits
+/// (shared by `session create` and `exec`).
+#[derive(Debug, Args)]
+pub struct SessionArgs {
     /// A scope rule PROVIDER:METHODS:PATH, e.g. openai:POST:/v1/chat/completions
     /// or github:GET,HEAD:/repos/acme/** (repeatable).
     #[arg(long = "allow", value_name = "RULE", required = true)]
@@ -91,9 +315,6 @@ pub struct CreateArgs {
     /// Denied calls after which the session is revoked.
     #[arg(long)]
     pub max_denied: Option<u64>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
-    pub format: OutputFormat,
 }
 
 /// How `session create` prints the session.

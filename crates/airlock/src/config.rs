@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use airlock_core::{duration, rule, Secret};
 use airlock_proxy::AuthStyle;
+use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 /// The config file used when `--config` is not given, if it exists.
@@ -29,6 +30,15 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub admin_listen: SocketAddr,
     pub store_url: String,
+    /// `[store] max_staleness`: how long a replica on a shared store keeps
+    /// serving cached sessions while it cannot reach the database.
+    pub store_max_staleness: Duration,
+    /// Where the master key that seals `store` credentials is kept when
+    /// `AIRLOCK_MASTER_KEY` is not set.
+    pub master_key_file: PathBuf,
+    /// Whether `master_key_file` was set in the config (not defaulted).
+    pub master_key_file_explicit: bool,
+    pub audit: AuditConfig,
     pub max_ttl: Duration,
     pub providers: BTreeMap<String, ProviderConfig>,
 }
@@ -42,6 +52,40 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Connection and request limits (see [`ProxyLimits`]).
+    pub limits: ProxyLimits,
+}
+
+/// `[proxy]` limits against hostile or broken clients.
+#[derive(Debug)]
+pub struct ProxyLimits {
+    /// A connection with no call in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Open proxy connections at most; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers), in bytes (431 above).
+    pub max_header_size: usize,
+    /// Largest request body, in bytes (413 above).
+    pub max_request_body: u64,
+    /// `Forwarded` / `X-Forwarded-*` from agents: refused or stripped.
+    pub forwarded_headers: airlock_proxy::headers::ForwardedPolicy,
+    /// Host names the `Host` header may name (lower-case); empty: any.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// `[audit]`.
+#[derive(Debug)]
+pub struct AuditConfig {
+    /// Write the audit trail at all (off only for benchmarks and tests).
+    pub enabled: bool,
+    /// Refuse calls (503) while records cannot be written.
+    pub fail_closed: bool,
+    /// Where the audit key is kept when `AIRLOCK_AUDIT_KEY` is not set.
+    pub key_file: PathBuf,
+    /// Whether `key_file` was set in the config (not defaulted).
+    pub key_file_explicit: bool,
+    /// A commit slower than this counts as a stuck writer.
+    pub stall_timeout: Duration,
 }
 
 /// `[providers.NAME]`.
@@ -49,6 +93,12 @@ pub struct ProxyConfig {
 pub struct ProviderConfig {
     pub upstream: String,
     pub auth: AuthStyle,
+    /// How the credential is written for header styles (`token {key}`).
+    pub auth_format: Option<String>,
+    /// Static headers sent on every call.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Extra trusted CA certificates (PEM) for an https upstream.
+    pub ca_file: Option<PathBuf>,
     pub credential: CredentialSource,
     pub env_key: String,
     pub env_base_url: String,
@@ -58,8 +108,12 @@ pub struct ProviderConfig {
 /// Where a provider's real credential comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CredentialSource {
+    /// `env:VAR`: read once at start.
     Env(String),
+    /// `file:PATH`: re-read whenever the file changes.
     File(PathBuf),
+    /// `store`: sealed in the store, set with `airlock credential set`.
+    Store,
 }
 
 #[derive(Deserialize, Default)]
@@ -94,6 +148,18 @@ struct RawProxy {
     header_read_timeout: String,
     #[serde(default = "default_drain_timeout")]
     drain_timeout: String,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: String,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_max_header_size")]
+    max_header_size: String,
+    #[serde(default = "default_max_request_body")]
+    max_request_body: String,
+    #[serde(default = "default_forwarded_headers")]
+    forwarded_headers: String,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -108,13 +174,21 @@ struct RawAdmin {
 struct RawStore {
     #[serde(default = "default_store_url")]
     url: String,
+    #[serde(default = "default_max_staleness")]
+    max_staleness: String,
+    master_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     #[serde(default = "default_true")]
+    enabled: bool,
+    #[serde(default = "default_true")]
     fail_closed: bool,
+    key_file: Option<PathBuf>,
+    #[serde(default = "default_stall_timeout")]
+    stall_timeout: String,
 }
 
 #[derive(Deserialize)]
@@ -135,8 +209,15 @@ struct RawProvider {
     env_base_url: String,
     #[serde(default)]
     base_path: String,
+    auth_format: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    ca_file: Option<PathBuf>,
 }
 
+fn default_stall_timeout() -> String {
+    "2s".into()
+}
 fn default_proxy_listen() -> String {
     "127.0.0.1:8080".into()
 }
@@ -145,6 +226,9 @@ fn default_admin_listen() -> String {
 }
 fn default_store_url() -> String {
     "sqlite://airlock.db".into()
+}
+fn default_max_staleness() -> String {
+    "5s".into()
 }
 fn default_upstream_timeout() -> String {
     "300s".into()
@@ -157,6 +241,21 @@ fn default_header_read_timeout() -> String {
 }
 fn default_drain_timeout() -> String {
     "30s".into()
+}
+fn default_idle_timeout() -> String {
+    "60s".into()
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_header_size() -> String {
+    "64KiB".into()
+}
+fn default_max_request_body() -> String {
+    "2GiB".into()
+}
+fn default_forwarded_headers() -> String {
+    "refuse".into()
 }
 fn default_max_ttl() -> String {
     "24h".into()
@@ -179,6 +278,12 @@ impl Default for RawProxy {
             connect_timeout: default_connect_timeout(),
             header_read_timeout: default_header_read_timeout(),
             drain_timeout: default_drain_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_header_size: default_max_header_size(),
+            max_request_body: default_max_request_body(),
+            forwarded_headers: default_forwarded_headers(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -193,12 +298,19 @@ impl Default for RawStore {
     fn default() -> Self {
         Self {
             url: default_store_url(),
+            max_staleness: default_max_staleness(),
+            master_key_file: None,
         }
     }
 }
 impl Default for RawAudit {
     fn default() -> Self {
-        Self { fail_closed: true }
+        Self {
+            enabled: true,
+            fail_closed: true,
+            key_file: None,
+            stall_timeout: default_stall_timeout(),
+        }
     }
 }
 impl Default for RawSessions {
@@ -221,6 +333,9 @@ fn builtin_providers() -> BTreeMap<String, RawProvider> {
                 env_key: "OPENAI_API_KEY".into(),
                 env_base_url: "OPENAI_BASE_URL".into(),
                 base_path: "/v1".into(),
+                auth_format: None,
+                headers: BTreeMap::new(),
+                ca_file: None,
             },
         ),
         (
@@ -232,6 +347,9 @@ fn builtin_providers() -> BTreeMap<String, RawProvider> {
                 env_key: "ANTHROPIC_API_KEY".into(),
                 env_base_url: "ANTHROPIC_BASE_URL".into(),
                 base_path: String::new(),
+                auth_format: None,
+                headers: BTreeMap::new(),
+                ca_file: None,
             },
         ),
     ])
@@ -290,6 +408,7 @@ impl Config {
                 "TLS on the proxy listener is not supported by this version".into(),
             ));
         }
+        let limits = parse_limits(file, &raw.proxy)?;
         let public_url = raw
             .proxy
             .public_url
@@ -308,16 +427,32 @@ impl Config {
             connect_timeout: dur("proxy.connect_timeout", &raw.proxy.connect_timeout)?,
             header_read_timeout: dur("proxy.header_read_timeout", &raw.proxy.header_read_timeout)?,
             drain_timeout: dur("proxy.drain_timeout", &raw.proxy.drain_timeout)?,
+            limits,
         };
-        // `[audit]` is accepted for forward compatibility; the audit trail
-        // itself is not part of this version.
-        let _ = raw.audit.fail_closed;
         let store_url = raw.store.url;
-        if !store_url.starts_with("sqlite:") {
+        let stall_timeout = dur("audit.stall_timeout", &raw.audit.stall_timeout)?;
+        if stall_timeout.is_zero() {
+            return Err(err("audit.stall_timeout", "must be at least 1ms".into()));
+        }
+        let audit = AuditConfig {
+            enabled: raw.audit.enabled,
+            fail_closed: raw.audit.fail_closed,
+            key_file_explicit: raw.audit.key_file.is_some(),
+            key_file: raw
+                .audit
+                .key_file
+                .unwrap_or_else(|| key_file_next_to_store(&store_url, "audit-key")),
+            stall_timeout,
+        };
+        if !store_url.starts_with("sqlite:") && !airlock_store::is_postgres_url(&store_url) {
             return Err(err(
                 "store.url",
-                format!("{store_url:?}: only sqlite://PATH is supported by this version"),
+                format!("{store_url:?}: use sqlite://PATH or postgres://USER@HOST/DATABASE"),
             ));
+        }
+        let store_max_staleness = dur("store.max_staleness", &raw.store.max_staleness)?;
+        if store_max_staleness < Duration::from_millis(100) {
+            return Err(err("store.max_staleness", "must be at least 100ms".into()));
         }
         let max_ttl = dur("sessions.max_ttl", &raw.sessions.max_ttl)?;
         if max_ttl.is_zero() {
@@ -335,6 +470,10 @@ impl Config {
                 .map_err(|e: airlock_proxy::ProviderError| err(&key("auth"), e.to_string()))?;
             let credential = parse_credential_source(&p.credential)
                 .map_err(|reason| err(&key("credential"), reason))?;
+            airlock_proxy::CredentialFormat::new(auth.clone(), p.auth_format.as_deref())
+                .map_err(|e| err(&key("auth_format"), e.to_string()))?;
+            let headers = parse_static_headers(&p.headers, &auth)
+                .map_err(|(name, reason)| err(&key(&format!("headers.{name}")), reason))?;
             if !p.base_path.is_empty() && airlock_core::path::validate(&p.base_path).is_err() {
                 return Err(err(
                     &key("base_path"),
@@ -370,6 +509,9 @@ impl Config {
                 ProviderConfig {
                     upstream: p.upstream,
                     auth,
+                    auth_format: p.auth_format,
+                    headers,
+                    ca_file: p.ca_file,
                     credential,
                     env_key: p.env_key,
                     env_base_url: p.env_base_url,
@@ -382,10 +524,114 @@ impl Config {
             source: file.to_owned(),
             proxy,
             admin_listen: addr("admin.listen", &raw.admin.listen)?,
+            master_key_file_explicit: raw.store.master_key_file.is_some(),
+            master_key_file: raw
+                .store
+                .master_key_file
+                .unwrap_or_else(|| key_file_next_to_store(&store_url, "master-key")),
             store_url,
+            store_max_staleness,
+            audit,
             max_ttl,
             providers,
         })
+    }
+}
+
+/// The `[proxy]` limits, validated.
+fn parse_limits(file: &str, raw: &RawProxy) -> Result<ProxyLimits, ConfigError> {
+    let err = |key: &str, reason: String| ConfigError {
+        file: file.to_owned(),
+        key: format!("proxy.{key}"),
+        reason,
+    };
+    let idle_timeout =
+        duration::parse(&raw.idle_timeout).map_err(|e| err("idle_timeout", e.to_string()))?;
+    if idle_timeout.is_zero() {
+        return Err(err("idle_timeout", "must be at least 1ms".into()));
+    }
+    if !(1..=1_000_000).contains(&raw.max_connections) {
+        return Err(err(
+            "max_connections",
+            "must be between 1 and 1000000".into(),
+        ));
+    }
+    let max_header_size =
+        parse_byte_size(&raw.max_header_size).map_err(|reason| err("max_header_size", reason))?;
+    if !(8 * 1024..=16 * 1024 * 1024).contains(&max_header_size) {
+        return Err(err(
+            "max_header_size",
+            "must be between 8KiB and 16MiB".into(),
+        ));
+    }
+    let max_request_body =
+        parse_byte_size(&raw.max_request_body).map_err(|reason| err("max_request_body", reason))?;
+    let forwarded_headers = raw
+        .forwarded_headers
+        .parse()
+        .map_err(|reason| err("forwarded_headers", reason))?;
+    let mut allowed_hosts = Vec::with_capacity(raw.allowed_hosts.len());
+    for host in &raw.allowed_hosts {
+        let ok = host
+            .parse::<http::uri::Authority>()
+            .is_ok_and(|a| a.as_str() == host.as_str() && !host.contains('@'));
+        if !ok {
+            return Err(err(
+                "allowed_hosts",
+                format!("{host:?} is not a host or host:port"),
+            ));
+        }
+        allowed_hosts.push(host.to_ascii_lowercase());
+    }
+    Ok(ProxyLimits {
+        idle_timeout,
+        max_connections: raw.max_connections,
+        max_header_size: usize::try_from(max_header_size).unwrap_or(usize::MAX),
+        max_request_body,
+        forwarded_headers,
+        allowed_hosts,
+    })
+}
+
+/// A byte size: digits and an optional unit `B`, `KB`/`MB`/`GB`/`TB`
+/// (powers of 1000) or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024), e.g.
+/// `"64KiB"`, `"2GiB"`, `"1048576"`.
+pub fn parse_byte_size(value: &str) -> Result<u64, String> {
+    let text = value.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let fail = || format!("{value:?} is not a size such as \"64KiB\", \"32MiB\" or \"1048576\"");
+    let number: u64 = digits.parse().map_err(|_| fail())?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "kib" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        _ => return Err(fail()),
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{value:?} is too large"))
+}
+
+/// A key file next to the SQLite file (`airlock.db` → `airlock.db.KIND`);
+/// for other stores, `airlock.KIND` in the working directory.
+fn key_file_next_to_store(store_url: &str, kind: &str) -> PathBuf {
+    let file = store_url
+        .strip_prefix("sqlite://")
+        .or_else(|| store_url.strip_prefix("sqlite:"))
+        .map(|rest| rest.split('?').next().unwrap_or(rest))
+        .filter(|path| !path.is_empty() && !path.starts_with(':'));
+    match file {
+        Some(path) => PathBuf::from(format!("{path}.{kind}")),
+        None => PathBuf::from(format!("airlock.{kind}")),
     }
 }
 
@@ -403,20 +649,61 @@ fn parse_credential_source(value: &str) -> Result<CredentialSource, String> {
         return Ok(CredentialSource::File(PathBuf::from(path)));
     }
     if value == "store" {
-        return Err(
-            "credential = \"store\" is not supported by this version; use env:VAR or file:PATH"
-                .into(),
-        );
+        return Ok(CredentialSource::Store);
     }
-    Err(format!("{value:?} must be env:VAR or file:PATH"))
+    Err(format!("{value:?} must be env:VAR, file:PATH or store"))
+}
+
+/// Headers airlock itself decides: a provider's static headers may not set them.
+const RESERVED_HEADERS: [&str; 14] = [
+    "authorization",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authorization",
+    "proxy-connection",
+    "expect",
+    "forwarded",
+    "cookie",
+];
+
+/// `[providers.NAME.headers]`: valid names and values, none that airlock
+/// owns (framing, hop-by-hop, the credential's own header).
+fn parse_static_headers(
+    raw: &BTreeMap<String, String>,
+    auth: &AuthStyle,
+) -> Result<Vec<(HeaderName, HeaderValue)>, (String, String)> {
+    raw.iter()
+        .map(|(name, value)| {
+            let fail = |reason: &str| (name.clone(), reason.to_owned());
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| fail("not a valid header name"))?;
+            let reserved = RESERVED_HEADERS.contains(&header.as_str())
+                || header.as_str().starts_with("x-forwarded-")
+                || matches!(auth, AuthStyle::Header(h) if *h == header);
+            if reserved {
+                return Err(fail("airlock sets this header itself"));
+            }
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| fail("not a valid header value (visible ASCII only)"))?;
+            Ok((header, value))
+        })
+        .collect()
 }
 
 // === impl CredentialSource ===
 
 impl CredentialSource {
-    /// Reads the credential now. `Ok(None)` when the variable is unset.
+    /// Reads an `env:` credential now (`Ok(None)` when the variable is
+    /// unset). `file:` and `store` are loaded by their watchers instead.
     pub fn read(&self) -> Result<Option<Secret>, String> {
         match self {
+            Self::Store => Ok(None),
             Self::Env(var) => Ok(std::env::var(var)
                 .ok()
                 .filter(|v| !v.is_empty())

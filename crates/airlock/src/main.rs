@@ -5,10 +5,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod audit_key;
 mod cli;
 mod client;
 mod commands;
 mod config;
+mod credentials;
 
 use cli::{Cli, Command};
 
@@ -17,7 +19,9 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Log lines are written by a background thread: the request path never
+    // blocks on stderr. The guard flushes what is pending at exit.
+    let _log_guard = init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -44,7 +48,53 @@ async fn run(cli: Cli) -> ExitCode {
             report(commands::serve::run(config).await)
         }
         Command::Session(cmd) => report(commands::session::run(cmd, cli.config.as_deref()).await),
+        Command::Credential(cmd) => {
+            report(commands::credential::run(cmd, cli.config.as_deref()).await)
+        }
+        Command::Audit(cmd) => {
+            let config = match config::Config::load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("airlock: invalid config: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match commands::audit::run(cmd, &config).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("airlock: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Exec(args) => {
+            let config = match load_config(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match commands::exec::run(args, &config).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("airlock: {e:#}");
+                    ExitCode::from(commands::exec::EXIT_AIRLOCK_FAILED)
+                }
+            }
+        }
+        Command::Config(cli::ConfigCommand::Check) => match load_config(cli.config.as_deref()) {
+            Ok(config) => commands::config_check::run(&config),
+            Err(code) => code,
+        },
+        Command::Completions { shell } => report(commands::completions::run(shell)),
     }
+}
+
+/// Loads the config named by `--config`; on error, says why as `serve`
+/// does and gives exit 64.
+fn load_config(path: Option<&std::path::Path>) -> Result<config::Config, ExitCode> {
+    config::Config::load(path).map_err(|e| {
+        eprintln!("airlock: invalid config: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {
@@ -57,14 +107,18 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn init_logging(format: cli::LogFormat) {
+fn init_logging(format: cli::LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         cli::LogFormat::Text => builder.init(),
         cli::LogFormat::Json => builder.json().init(),
     }
+    guard
 }

@@ -614,8 +614,8 @@ async fn upstream_failures_are_502_and_504() {
     drop(closed);
 
     let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
-        .provider("slow", &silent_url, "bearer", "k1", "")
-        .provider("down", &closed_url, "bearer", "k2", "")
+        .provider("slow", &silent_url, "bearer", "k1-slow-key", "")
+        .provider("down", &closed_url, "bearer", "k2-down-key", "")
         .proxy_option("upstream_timeout = \"1s\"")
         .start()
         .await
@@ -627,7 +627,7 @@ async fn upstream_failures_are_502_and_504() {
     let (_, token) = session(&airlock, scope, json!({})).await;
     let reply = call("GET", &format!("{}/down/x", airlock.proxy_url()), &token).await;
     assert_error(&reply, 502, "upstream_error");
-    assert!(!reply.text().contains("k2"));
+    assert!(!reply.text().contains("k2-down-key"));
     let reply = call("GET", &format!("{}/slow/x", airlock.proxy_url()), &token).await;
     assert_error(&reply, 504, "upstream_timeout");
     holder.abort();

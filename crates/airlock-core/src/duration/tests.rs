@@ -7,6 +7,9 @@ fn parses_units() {
     assert_eq!(parse("2h"), Ok(Duration::from_secs(7200)));
     assert_eq!(parse("1d"), Ok(Duration::from_secs(86_400)));
     assert_eq!(parse("1h30m"), Ok(Duration::from_secs(5400)));
+    assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse("1s250ms"), Ok(Duration::from_millis(1250)));
+    assert_eq!(parse("2m5s"), Ok(Duration::from_secs(125)));
 }
 
 #[test]
@@ -20,6 +23,8 @@ fn refuses_garbage() {
         "1.5h",
         "99999999999999999999s",
         "5 m",
+        "ms",
+        "5mss",
     ] {
         assert!(parse(bad).is_err(), "{bad}");
     }

@@ -109,3 +109,127 @@ proptest! {
         }
     }
 }
+
+/// Segments a path pattern is made of, and a request path built to match it
+/// (or nearly), from a small alphabet full of lookalikes: escapes of
+/// letters, of dots and slashes, backslashes, `;`, `..`.
+fn tricky_segment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("v1".to_owned()),
+        Just("models".to_owned()),
+        Just("%6dodels".to_owned()),
+        Just("%41".to_owned()),
+        Just("A".to_owned()),
+        Just("..".to_owned()),
+        Just(".".to_owned()),
+        Just("%2e%2e".to_owned()),
+        Just("%2E.".to_owned()),
+        Just("a%2fb".to_owned()),
+        Just("a%5cb".to_owned()),
+        Just("a\\b".to_owned()),
+        Just("x;y".to_owned()),
+        Just("%252e".to_owned()),
+        Just("caf%C3%A9".to_owned()),
+        Just("%c0%ae".to_owned()),
+        Just(String::new()),
+        "[a-z0-9._~-]{1,4}",
+        "(%[0-9a-fA-F]{2}){1,2}",
+    ]
+}
+
+/// A pattern segment: a literal, or `*`.
+fn pattern_segment() -> impl Strategy<Value = String> {
+    prop_oneof![3 => tricky_segment(), 1 => Just("*".to_owned())]
+}
+
+/// A segment as it finally reads: percent-decoded until nothing changes.
+fn fully_decoded(segment: &str) -> String {
+    let mut text = segment.to_owned();
+    for _ in 0..3 {
+        let next = String::from_utf8_lossy(&percent_decode(text.as_bytes())).into_owned();
+        if next == text {
+            break;
+        }
+        text = next;
+    }
+    text
+}
+
+/// Matches `path` (as a provider may see it) against `pattern`, comparing
+/// what each segment finally reads as.
+fn decoded_match(pattern: &str, path: &str) -> bool {
+    let (body, any_rest) = match pattern.strip_suffix("/**") {
+        Some(body) => (body, true),
+        None if pattern == "/**" => ("", true),
+        None => (pattern, false),
+    };
+    // Pattern segments are never empty (the parser refuses `//`).
+    let wanted: Vec<&str> = match body.strip_prefix('/').unwrap_or(body) {
+        "" => Vec::new(),
+        segments => segments.split('/').collect(),
+    };
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    let seen: Vec<&str> = if rest.is_empty() {
+        Vec::new()
+    } else {
+        rest.split('/').collect()
+    };
+    if seen.len() < wanted.len() || (!any_rest && seen.len() != wanted.len()) {
+        return false;
+    }
+    wanted.iter().zip(&seen).all(|(want, got)| {
+        if *want == "*" {
+            !got.is_empty()
+        } else {
+            fully_decoded(want) == fully_decoded(got)
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// No path that passes `validate` and matches a scope pattern can, under
+    /// any decoding a provider might apply (percent-decoding once or twice,
+    /// backslashes as slashes, dot segments resolved), name a path outside
+    /// that pattern: what the provider serves is what the scope granted.
+    #[test]
+    fn accepted_paths_cannot_leave_their_scope_after_decoding(
+        pattern_segments in proptest::collection::vec(pattern_segment(), 0..4),
+        any_rest in any::<bool>(),
+        fill in proptest::collection::vec(tricky_segment(), 0..4),
+        tail in proptest::collection::vec(tricky_segment(), 0..3),
+        mutate in proptest::option::of((0usize..4, tricky_segment())),
+    ) {
+        let mut pattern = format!("/{}", pattern_segments.join("/"));
+        if any_rest {
+            pattern = if pattern == "/" { "/**".to_owned() } else { format!("{pattern}/**") };
+        }
+        let Ok(parsed) = pattern.parse::<crate::rule::PathPattern>() else {
+            return Ok(());
+        };
+        // A path built to match the pattern, then possibly spoiled.
+        let mut fill = fill.into_iter();
+        let mut segments: Vec<String> = pattern_segments
+            .iter()
+            .map(|s| if s == "*" { fill.next().unwrap_or_else(|| "x".to_owned()) } else { s.clone() })
+            .collect();
+        if any_rest {
+            segments.extend(tail);
+        }
+        if let Some((at, segment)) = mutate {
+            if at < segments.len() {
+                segments[at] = segment;
+            }
+        }
+        let path = format!("/{}", segments.join("/"));
+        if validate(&path).is_ok() && parsed.matches(&path) {
+            for seen in lenient_interpretations(&path) {
+                prop_assert!(
+                    decoded_match(&pattern, &seen),
+                    "{} matched {} but a provider may read it as {}", path, pattern, seen
+                );
+            }
+        }
+    }
+}

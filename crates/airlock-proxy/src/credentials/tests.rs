@@ -59,3 +59,59 @@ fn refuses_duplicates_and_conflicts() {
     let h = headers(&[("authorization", "Bearer sess_a"), ("x-api-key", "sess_a")]);
     assert_eq!(find_token(&x_api_key(), &h, None), Ok(Some("sess_a")));
 }
+
+const TOKEN: &str = "sess_0123456789abcdefghijABCDEFGHIJ0123456789abc";
+
+fn token_check(auth: &AuthStyle, pairs: &[(&str, &str)], path: &str, query: Option<&str>) -> bool {
+    let h = headers(pairs);
+    check_token_not_elsewhere(TOKEN, auth, &h, path, query).is_ok()
+}
+
+#[test]
+fn the_token_only_where_it_is_the_credential() {
+    let bearer = format!("Bearer {TOKEN}");
+    let body = &TOKEN["sess_".len()..];
+    assert!(token_check(
+        &AuthStyle::Bearer,
+        &[("authorization", &bearer)],
+        "/v1/x",
+        Some("a=1")
+    ));
+    assert!(token_check(
+        &x_api_key(),
+        &[("x-api-key", TOKEN), ("authorization", &bearer)],
+        "/v1/x",
+        None
+    ));
+    let q = AuthStyle::Query("key".into());
+    let query = format!("alt=json&key={TOKEN}");
+    assert!(token_check(&q, &[], "/v1/x", Some(&query)));
+
+    type Leak<'a> = (Vec<(&'a str, String)>, String, Option<String>);
+    let leaks: Vec<Leak<'_>> = vec![
+        (vec![("x-leak", TOKEN.to_owned())], "/v1/x".into(), None),
+        (vec![("cookie", format!("s={body}"))], "/v1/x".into(), None),
+        (vec![("x-api-key", TOKEN.to_owned())], "/v1/x".into(), None),
+        (
+            vec![("authorization", format!("Basic {TOKEN}"))],
+            "/v1/x".into(),
+            None,
+        ),
+        (vec![], format!("/v1/files/{TOKEN}"), None),
+        (vec![], "/v1/x".into(), Some(format!("t={TOKEN}"))),
+        (vec![], "/v1/x".into(), Some(format!("t=sess%5F{body}"))),
+        (vec![], "/v1/x".into(), Some(format!("{body}=1"))),
+    ];
+    for (pairs, path, query) in &leaks {
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut all = vec![("authorization", bearer.as_str())];
+        all.extend(pairs.iter().copied());
+        assert!(
+            !token_check(&AuthStyle::Bearer, &all, path, query.as_deref()),
+            "{pairs:?} {path} {query:?}"
+        );
+    }
+    // The query-style credential parameter, spelled another way.
+    assert!(check_query_auth(&q, Some("k%65y=x&a=1")).is_err());
+    assert!(check_query_auth(&q, Some("key=x&a=1")).is_ok());
+}

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use airlock_core::Limits;
 
-use airlock_store::{SessionRow, Store};
+use airlock_store::{Change, SessionRow, Store};
+use tokio::sync::broadcast;
 
 use super::*;
 use crate::Admission;
@@ -170,10 +171,24 @@ async fn counters_flush_to_the_store() {
 }
 
 /// A store that counts token lookups, to prove the request path does not
-/// touch the database for a cached token.
+/// touch the database for a cached token; with a `feed`, it has a change
+/// feed the test drives, and re-checks fail while `unreachable`.
 struct CountingStore {
     inner: Arc<dyn Store>,
     token_lookups: std::sync::atomic::AtomicUsize,
+    feed: Option<broadcast::Sender<Change>>,
+    unreachable: std::sync::atomic::AtomicBool,
+}
+
+impl CountingStore {
+    fn over(inner: &Arc<dyn Store>, feed: Option<broadcast::Sender<Change>>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Arc::clone(inner),
+            token_lookups: Default::default(),
+            feed,
+            unreachable: Default::default(),
+        })
+    }
 }
 
 #[async_trait::async_trait]
@@ -204,8 +219,65 @@ impl Store for CountingStore {
     async fn set_setting_if_absent(&self, key: &str, value: &str) -> airlock_store::Result<String> {
         self.inner.set_setting_if_absent(key, value).await
     }
+    async fn credential(
+        &self,
+        provider: &str,
+    ) -> airlock_store::Result<Option<airlock_store::StoredCredential>> {
+        self.inner.credential(provider).await
+    }
+    async fn set_credential(
+        &self,
+        provider: &str,
+        sealed: &[u8],
+        at: i64,
+    ) -> airlock_store::Result<()> {
+        self.inner.set_credential(provider, sealed, at).await
+    }
+    async fn audit_claim_chain(
+        &self,
+        genesis: airlock_store::GenesisSeal<'_>,
+    ) -> airlock_store::Result<airlock_store::ChainHead> {
+        self.inner.audit_claim_chain(genesis).await
+    }
+    async fn audit_append(
+        &self,
+        records: &[airlock_core::audit::AuditRecord],
+        head: &airlock_store::ChainHead,
+    ) -> airlock_store::Result<()> {
+        self.inner.audit_append(records, head).await
+    }
+    async fn audit_records(
+        &self,
+        query: &airlock_store::AuditQuery,
+    ) -> airlock_store::Result<Vec<airlock_core::audit::AuditRecord>> {
+        self.inner.audit_records(query).await
+    }
+    async fn audit_heads(&self) -> airlock_store::Result<Vec<airlock_store::ChainHead>> {
+        self.inner.audit_heads().await
+    }
+    async fn audit_probe(&self) -> airlock_store::Result<()> {
+        self.inner.audit_probe().await
+    }
     async fn close(&self) {
         self.inner.close().await;
+    }
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        self.feed.as_ref().map(broadcast::Sender::subscribe)
+    }
+    async fn session_statuses(
+        &self,
+        ids: &[SessionId],
+    ) -> airlock_store::Result<Vec<airlock_store::SessionStatus>> {
+        if self.unreachable.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(airlock_store::StoreError::Corrupt {
+                what: "test".to_owned(),
+                reason: "unreachable".to_owned(),
+            });
+        }
+        self.inner.session_statuses(ids).await
     }
 }
 
@@ -216,10 +288,7 @@ async fn known_tokens_never_touch_the_store() {
         .create(new_session(Limits::default(), Duration::from_secs(60)))
         .await
         .unwrap();
-    let counting = Arc::new(CountingStore {
-        inner: Arc::clone(reg.store()),
-        token_lookups: Default::default(),
-    });
+    let counting = CountingStore::over(reg.store(), None);
     let lookups = || {
         counting
             .token_lookups
@@ -246,4 +315,177 @@ async fn known_tokens_never_touch_the_store() {
     assert!(fresh.authenticate(Some("sess_short"), now).await.is_err());
     assert!(fresh.authenticate(Some("sk-real-key"), now).await.is_err());
     assert_eq!(lookups(), 3);
+}
+
+/// Polls `f` every 10 ms until it is true; panics after `limit`.
+async fn eventually(limit: Duration, what: &str, mut f: impl AsyncFnMut() -> bool) -> Duration {
+    let started = tokio::time::Instant::now();
+    loop {
+        if f().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn without_a_change_feed_there_is_nothing_to_sync() {
+    let (_dir, reg) = registry().await;
+    // SQLite: run_sync returns at once and nothing ever goes stale.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        Arc::clone(&reg).run_sync(SyncSettings::default(), std::future::pending()),
+    )
+    .await
+    .unwrap();
+    assert!(!reg.freshness.is_stale());
+}
+
+#[tokio::test]
+async fn changes_from_the_feed_apply_at_once_and_resync_rereads() {
+    let (_dir, base) = registry().await;
+    let (feed, _) = broadcast::channel(16);
+    let store = CountingStore::over(base.store(), Some(feed.clone()));
+    let reg = Arc::new(Registry::new(store.clone() as Arc<dyn Store>));
+    let sync = tokio::spawn(Arc::clone(&reg).run_sync(
+        SyncSettings {
+            max_staleness: Duration::from_secs(60),
+            recheck_every: Duration::from_secs(60),
+        },
+        std::future::pending(),
+    ));
+    let (a, token_a) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let (b, token_b) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let now = crate::now_ms();
+
+    // Another replica revoked a: the notification carries the new state.
+    feed.send(Change::Session {
+        id: a.id().clone(),
+        revoked_at: Some(now),
+        expires_at: a.expires_at(),
+    })
+    .unwrap();
+    eventually(Duration::from_secs(5), "revocation applied", async || {
+        reg.authenticate(Some(token_a.expose()), now).await.err() == Some(AuthError::Revoked)
+    })
+    .await;
+    // An expiry change applies too.
+    feed.send(Change::Session {
+        id: b.id().clone(),
+        revoked_at: None,
+        expires_at: now - 1,
+    })
+    .unwrap();
+    eventually(Duration::from_secs(5), "expiry applied", async || {
+        reg.authenticate(Some(token_b.expose()), now).await.err() == Some(AuthError::Expired)
+    })
+    .await;
+
+    // A change the feed missed is found by the re-read a resync asks for.
+    let (c, token_c) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    store.inner.revoke_session(c.id(), now).await.unwrap();
+    assert!(reg.authenticate(Some(token_c.expose()), now).await.is_ok());
+    feed.send(Change::Resync).unwrap();
+    eventually(Duration::from_secs(5), "resync re-read", async || {
+        reg.authenticate(Some(token_c.expose()), now).await.err() == Some(AuthError::Revoked)
+    })
+    .await;
+    sync.abort();
+}
+
+#[tokio::test]
+async fn an_unreachable_store_fails_cached_sessions_closed_after_the_bound() {
+    let (_dir, base) = registry().await;
+    let (feed, _) = broadcast::channel(16);
+    let store = CountingStore::over(base.store(), Some(feed));
+    let reg = Arc::new(Registry::new(store.clone() as Arc<dyn Store>));
+    let settings = SyncSettings::with_max_staleness(Duration::from_millis(400));
+    assert_eq!(settings.recheck_every, Duration::from_millis(200));
+    let sync = tokio::spawn(Arc::clone(&reg).run_sync(settings, std::future::pending()));
+    let (_, token) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let (revoked, revoked_token) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    reg.revoke(revoked.id()).await.unwrap();
+    let now = crate::now_ms();
+    reg.authenticate(Some(token.expose()), now).await.unwrap();
+
+    store
+        .unreachable
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let cut = tokio::time::Instant::now();
+    let took = eventually(Duration::from_secs(5), "fail closed", async || {
+        reg.authenticate(Some(token.expose()), now).await.err() == Some(AuthError::StoreUnavailable)
+    })
+    .await;
+    // Served from memory for a bounded time: not before the bound minus
+    // one re-check period, not long after the bound.
+    assert!(
+        took >= Duration::from_millis(150),
+        "failed closed after {took:?}"
+    );
+    assert!(
+        cut.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        cut.elapsed()
+    );
+    // A revoked session still gets its definite answer.
+    assert_eq!(
+        reg.authenticate(Some(revoked_token.expose()), now)
+            .await
+            .unwrap_err(),
+        AuthError::Revoked
+    );
+
+    // Back by itself once the store answers again.
+    store
+        .unreachable
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    eventually(Duration::from_secs(5), "recovery", async || {
+        reg.authenticate(Some(token.expose()), now).await.is_ok()
+    })
+    .await;
+    sync.abort();
+}
+
+#[tokio::test]
+async fn max_denied_counts_totals_from_the_store_and_fires_once() {
+    let (_dir, reg) = registry().await;
+    let limits = Limits {
+        max_denied: Some(5),
+        ..Limits::default()
+    };
+    let (live, _) = reg
+        .create(new_session(limits, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert!(!live.count_denied());
+    // Other replicas denied three more (as a re-check reads them).
+    live.apply_status(&airlock_store::SessionStatus {
+        id: live.id().clone(),
+        revoked_at: None,
+        expires_at: live.expires_at(),
+        allowed: 0,
+        denied: 3,
+    });
+    assert_eq!(live.denied(), 4, "3 stored + 1 not yet flushed");
+    assert!(live.count_denied(), "the fifth denial anywhere");
+    assert!(!live.count_denied());
+    reg.flush().await;
+    let row = reg.store().session_by_id(live.id()).await.unwrap().unwrap();
+    assert_eq!(row.denied, 3, "this process wrote its own three");
 }

@@ -65,6 +65,7 @@ pub(crate) async fn handle(
             response
         }
         "/echo" => echo(method, &target, &parts.headers, &kept),
+        "/leak-sse" => leak_sse(&parts.headers),
         _ => match path.strip_prefix("/status/") {
             Some(code) => status(code),
             None => json_response(
@@ -386,6 +387,33 @@ fn status(code: &str) -> Response<MockBody> {
 }
 
 /// `/echo`: what was received, as JSON.
+/// `/leak-sse`: a provider that leaks what it was sent. Every request
+/// header value goes back in the `x-leak` response header and in an SSE
+/// stream cut into 5-byte frames sent 2 ms apart, so a secret among them is
+/// split across many chunks.
+fn leak_sse(headers: &http::HeaderMap) -> Response<MockBody> {
+    let joined = headers
+        .values()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    let text = Bytes::from(format!("data: {joined}\n\n"));
+    let pieces: Vec<Bytes> = (0..text.len())
+        .step_by(5)
+        .map(|i| text.slice(i..(i + 5).min(text.len())))
+        .collect();
+    let events = stream::unfold(pieces.into_iter(), |mut rest| async move {
+        let next = rest.next()?;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        Some((next, rest))
+    });
+    let mut response = event_stream(frames(events));
+    if let Ok(value) = HeaderValue::from_str(&joined) {
+        response.headers_mut().insert("x-leak", value);
+    }
+    response
+}
+
 fn echo(
     method: &Method,
     target: &str,

@@ -6,16 +6,19 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_admin::{AdminMetrics, AdminState, ProviderEnv};
+use airlock_admin::{AdminMetrics, AdminState, AuditAccess, ProviderEnv};
+use airlock_audit::{AuditSettings, Auditor};
 use airlock_core::token::generate_secret;
 use airlock_core::TokenHash;
 use airlock_proxy::{Provider, ProviderSpec, Proxy, ProxyMetrics, ProxySettings, ServerSettings};
-use airlock_session::Registry;
+use airlock_session::{Registry, SyncSettings};
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::audit_key;
 use crate::config::Config;
+use crate::credentials::Credentials;
 
 /// Store setting holding the SHA-256 (hex) of a generated admin token.
 const ADMIN_TOKEN_HASH: &str = "admin_token_hash";
@@ -29,26 +32,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("opening store {}", config.store_url))?;
     let admin_token_hash = admin_token_hash(store.as_ref()).await?;
     let registry = Arc::new(Registry::new(Arc::clone(&store)));
+    let (auditor, audit_writer, audit_access) = start_audit(&config, &store).await?;
 
     let mut metrics_registry = prometheus_client::registry::Registry::default();
     let proxy_metrics = ProxyMetrics::new(&mut metrics_registry);
     let admin_metrics = AdminMetrics::register(&mut metrics_registry);
+    if let Some(stats) = auditor.stats() {
+        stats.register(&mut metrics_registry);
+    }
 
     let mut providers = Vec::new();
     let mut provider_envs = BTreeMap::new();
+    let credentials = Arc::new(Credentials::load(&config, Arc::clone(&store)).await?);
     for (name, p) in &config.providers {
-        let credential = p
-            .credential
-            .read()
-            .map_err(|e| anyhow::anyhow!("providers.{name}.credential: {e}"))?;
-        if credential.is_none() {
-            tracing::warn!(provider = %name, "no credential available; calls to this provider get 503 until one is configured");
-        }
+        let cell = credentials
+            .cell(name)
+            .with_context(|| format!("providers.{name}: no credential cell"))?;
         let spec = ProviderSpec {
             name: name.clone(),
             upstream: p.upstream.clone(),
             auth: p.auth.clone(),
-            credential,
+            headers: p.headers.clone(),
+            ca_file: p.ca_file.clone(),
+            credential: cell,
         };
         let provider = Provider::new(
             spec,
@@ -84,8 +90,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let proxy = Arc::new(Proxy::new(
         providers,
         Arc::clone(&registry),
+        auditor,
         ProxySettings {
             upstream_timeout: config.proxy.upstream_timeout,
+            request: airlock_proxy::headers::RequestPolicy {
+                forwarded: config.proxy.limits.forwarded_headers,
+                allowed_hosts: config.proxy.limits.allowed_hosts.clone(),
+                max_request_body: config.proxy.limits.max_request_body,
+            },
         },
         proxy_metrics.for_provider("_unknown"),
     ));
@@ -95,9 +107,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         public_url,
         admin_token_hash,
         max_ttl: config.max_ttl,
+        credentials: Arc::clone(&credentials) as Arc<dyn airlock_admin::CredentialAdmin>,
+        audit: audit_access,
         metrics_registry,
         metrics: admin_metrics,
+        ready: std::sync::atomic::AtomicBool::new(false),
     });
+    let readiness = Arc::clone(&admin_state);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -106,6 +122,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server_settings = ServerSettings {
         header_read_timeout: config.proxy.header_read_timeout,
         drain_timeout: config.proxy.drain_timeout,
+        idle_timeout: config.proxy.limits.idle_timeout,
+        max_connections: config.proxy.limits.max_connections,
+        max_header_size: config.proxy.limits.max_header_size,
     };
     let proxy_task = tokio::spawn(airlock_proxy::serve(
         proxy_listener,
@@ -113,17 +132,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         server_settings,
         stopped(shutdown_rx.clone()),
     ));
+    // The admin API outlives the proxy's drain, so that /readyz can say
+    // "draining" (503) to load balancers meanwhile.
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let credential_feed = tokio::spawn(Arc::clone(&credentials).follow_changes());
     let admin_task = tokio::spawn({
-        let shutdown = stopped(shutdown_rx.clone());
+        let shutdown = stopped(admin_stop_rx);
         async move {
             axum::serve(admin_listener, airlock_admin::router(admin_state))
                 .with_graceful_shutdown(shutdown)
                 .await
         }
     });
+    // On a store shared by replicas: other replicas' changes, and failing
+    // closed when the database is out of reach (returns at once otherwise).
+    let sync = tokio::spawn(Arc::clone(&registry).run_sync(
+        SyncSettings::with_max_staleness(config.store_max_staleness),
+        stopped(shutdown_rx.clone()),
+    ));
     let flusher =
         tokio::spawn(Arc::clone(&registry).run_flusher(FLUSH_EVERY, stopped(shutdown_rx)));
 
+    readiness
+        .ready
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(config = %config.source, store = %config.store_url, "airlock started");
     {
         let mut out = std::io::stdout().lock();
@@ -134,15 +166,55 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     wait_for_signal().await?;
     tracing::info!("shutting down: draining in-flight calls");
+    readiness
+        .ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = shutdown_tx.send(true);
     let _ = proxy_task.await;
+    let _ = admin_stop_tx.send(true);
     if let Ok(Err(e)) = admin_task.await {
         tracing::warn!(error = %e, "admin server ended with an error");
     }
     let _ = flusher.await;
+    let _ = sync.await;
+    if let Some(writer) = audit_writer {
+        writer.shutdown().await;
+    }
+    credential_feed.abort();
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the audit key and starts the writer on this process's chain.
+async fn start_audit(
+    config: &Config,
+    store: &Arc<dyn airlock_store::Store>,
+) -> anyhow::Result<(
+    Auditor,
+    Option<airlock_audit::WriterHandle>,
+    Option<AuditAccess>,
+)> {
+    if !config.audit.enabled {
+        tracing::warn!("[audit] enabled = false: calls are not recorded");
+        return Ok((Auditor::disabled(), None, None));
+    }
+    let key = Arc::new(audit_key::load_or_create(&config.audit, &config.store_url)?);
+    let settings = AuditSettings {
+        fail_closed: config.audit.fail_closed,
+        max_batch: 1024,
+        queue_capacity: 65_536,
+        stall_timeout: config.audit.stall_timeout,
+        probe_interval: Duration::from_millis(250),
+    };
+    let (auditor, writer) = Auditor::start(Arc::clone(store), Arc::clone(&key), settings)
+        .await
+        .context("starting the audit writer")?;
+    let access = AuditAccess {
+        store: Arc::clone(store),
+        key,
+    };
+    Ok((auditor, Some(writer), Some(access)))
 }
 
 /// The admin token's hash: from `AIRLOCK_ADMIN_TOKEN`, or generated on first

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::cli::{CreateArgs, OutputFormat, SessionCommand};
+use crate::cli::{OutputFormat, SessionArgs, SessionCommand};
 use crate::client::{AdminClient, DEFAULT_ADMIN_URL};
 use crate::config::Config;
 
@@ -17,7 +17,7 @@ pub async fn run(cmd: SessionCommand, config: Option<&Path>) -> anyhow::Result<(
     let client = AdminClient::from_env(default_admin_url(config));
     match cmd {
         SessionCommand::Create(args) => {
-            let body = create_body(&args)?;
+            let body = create_body(&args.session)?;
             let session = client
                 .call(Method::POST, "/v1/sessions", Some(&body))
                 .await?;
@@ -64,7 +64,7 @@ pub async fn run(cmd: SessionCommand, config: Option<&Path>) -> anyhow::Result<(
 
 /// The admin URL from the config's `admin.listen` (built-in default
 /// `127.0.0.1:8081` when there is no config file); `AIRLOCK_ADMIN_URL` overrides it.
-fn default_admin_url(config: Option<&Path>) -> String {
+pub(crate) fn default_admin_url(config: Option<&Path>) -> String {
     Config::load(config)
         .map(|c| format!("http://{}", c.admin_listen))
         .unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
@@ -79,7 +79,7 @@ fn check_id(id: &str) -> anyhow::Result<()> {
 
 /// Turns command-line options into the `POST /v1/sessions` body, refusing
 /// bad rules, TTLs and labels before anything is sent.
-pub fn create_body(args: &CreateArgs) -> anyhow::Result<Value> {
+pub fn create_body(args: &SessionArgs) -> anyhow::Result<Value> {
     let mut merged: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
     for text in &args.allow {
         let rule: Rule = text.parse().with_context(|| format!("--allow {text}"))?;
@@ -180,7 +180,8 @@ pub fn render_table(answer: &Value, now_ms: i64) -> String {
         )
         .map(|t| {
             let left_ms = i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0) - now_ms;
-            if left_ms <= 0 {
+            // An ended session expires in nothing, whatever its expiry said.
+            if left_ms <= 0 || text("state") != "active" {
                 "-".to_owned()
             } else {
                 duration::format(std::time::Duration::from_millis(left_ms.unsigned_abs()))

@@ -97,3 +97,86 @@ fn bad_configs_name_file_key_and_reason() {
         assert!(got.starts_with(want), "{text:?}\n got: {got}\nwant: {want}");
     }
 }
+
+#[test]
+fn postgres_stores_and_max_staleness() {
+    let c = Config::parse("x.toml", "").unwrap();
+    assert_eq!(c.store_max_staleness, Duration::from_secs(5));
+    for url in [
+        "postgres://airlock@db.internal/airlock",
+        "postgresql://u:p@127.0.0.1:5432/airlock?sslmode=require",
+    ] {
+        let text = format!("[store]\nurl = \"{url}\"\nmax_staleness = \"2s\"");
+        let c = Config::parse("x.toml", &text).unwrap();
+        assert_eq!(c.store_url, url);
+        assert_eq!(c.store_max_staleness, Duration::from_secs(2));
+    }
+    assert!(error_of("[store]\nmax_staleness = \"soon\"")
+        .starts_with("bad.toml: store.max_staleness: invalid duration"));
+    assert!(error_of("[store]\nmax_staleness = \"10ms\"")
+        .starts_with("bad.toml: store.max_staleness: must be at least 100ms"));
+}
+
+#[test]
+fn proxy_limits_have_safe_defaults_and_parse() {
+    let c = Config::parse("x.toml", "").unwrap();
+    let l = &c.proxy.limits;
+    assert_eq!(l.idle_timeout, Duration::from_secs(60));
+    assert_eq!(l.max_connections, 10_000);
+    assert_eq!(l.max_header_size, 64 * 1024);
+    assert_eq!(l.max_request_body, 2 << 30);
+    assert_eq!(
+        l.forwarded_headers,
+        airlock_proxy::headers::ForwardedPolicy::Refuse
+    );
+    assert!(l.allowed_hosts.is_empty());
+
+    let c = Config::parse(
+        "x.toml",
+        "[proxy]\nidle_timeout = \"5s\"\nmax_connections = 64\nmax_header_size = \"16KiB\"\n\
+         max_request_body = \"32MiB\"\nforwarded_headers = \"strip\"\n\
+         allowed_hosts = [\"Airlock\", \"127.0.0.1:8080\"]\n",
+    )
+    .unwrap();
+    let l = &c.proxy.limits;
+    assert_eq!(l.idle_timeout, Duration::from_secs(5));
+    assert_eq!(l.max_connections, 64);
+    assert_eq!(l.max_header_size, 16 * 1024);
+    assert_eq!(l.max_request_body, 32 << 20);
+    assert_eq!(
+        l.forwarded_headers,
+        airlock_proxy::headers::ForwardedPolicy::Strip
+    );
+    assert_eq!(l.allowed_hosts, vec!["airlock", "127.0.0.1:8080"]);
+
+    for (text, key) in [
+        ("idle_timeout = \"0s\"", "proxy.idle_timeout"),
+        ("max_connections = 0", "proxy.max_connections"),
+        ("max_header_size = \"1KiB\"", "proxy.max_header_size"),
+        ("max_request_body = \"lots\"", "proxy.max_request_body"),
+        ("forwarded_headers = \"keep\"", "proxy.forwarded_headers"),
+        ("allowed_hosts = [\"a/b\"]", "proxy.allowed_hosts"),
+    ] {
+        let error = error_of(&format!("[proxy]\n{text}"));
+        assert!(error.contains(key), "{text}: {error}");
+    }
+}
+
+#[test]
+fn byte_sizes() {
+    for (text, bytes) in [
+        ("0", 0),
+        ("1048576", 1 << 20),
+        ("512B", 512),
+        ("64KiB", 64 << 10),
+        ("64kb", 64_000),
+        ("32MiB", 32 << 20),
+        ("2 GiB", 2 << 30),
+        ("1TB", 1_000_000_000_000),
+    ] {
+        assert_eq!(parse_byte_size(text), Ok(bytes), "{text}");
+    }
+    for text in ["", "MiB", "-1", "1.5MiB", "1 PiB", "99999999999TiB"] {
+        assert!(parse_byte_size(text).is_err(), "{text}");
+    }
+}

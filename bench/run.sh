@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The airlock load benchmark, in one command (works from any directory):
+#
+#   bench/run.sh                    # defaults: 5s per load run, a few minutes in all
+#   bench/run.sh --duration 10s     # any further options go to bench-run (--help)
+#
+# Installs wrk and nginx from Debian's packages if they are missing, builds
+# airlock and the bench crate in release mode, then runs direct / nginx /
+# airlock (audit on) / airlock (audit off) side by side on loopback. The
+# report is printed and written to bench/results.md.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+
+missing=()
+have wrk || missing+=(wrk)
+have nginx || missing+=(nginx-light)
+if ((${#missing[@]})); then
+    echo "[bench] installing ${missing[*]}" >&2
+    SUDO=()
+    [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" apt-get update -qq >/dev/null
+    # nginx-light is the smallest build; fall back to the full one.
+    if ! "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null; then
+        missing=("${missing[@]/nginx-light/nginx}")
+        "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+fi
+
+echo "[bench] building airlock and airlock-bench (release)" >&2
+cargo build --release --locked -p airlock -p airlock-bench
+
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+exec "$TARGET_DIR/release/bench-run" \
+    --root "$ROOT" \
+    --out "$ROOT/bench/results.md" \
+    --airlock-bin "$TARGET_DIR/release/airlock" \
+    --mock-bin "$TARGET_DIR/release/bench-mock" \
+    "$@"

@@ -1,0 +1,97 @@
+//! `PUT` and `GET /v1/providers/{name}/credential`: write-only credentials.
+
+use std::sync::Arc;
+
+use airlock_core::Secret;
+use async_trait::async_trait;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::sessions::{parse_json, rfc3339};
+use crate::state::AdminState;
+
+/// What the admin API can do with provider credentials. Implemented by the
+/// binary, which owns the master key and the providers' live credentials.
+#[async_trait]
+pub trait CredentialAdmin: Send + Sync {
+    /// Seals and stores `value` as `provider`'s credential; the next call
+    /// uses it, on every replica sharing the store.
+    async fn set(&self, provider: &str, value: Secret) -> Result<(), CredentialAdminError>;
+    /// Whether `provider` has a credential, where it comes from, and when a
+    /// stored one was last set (unix ms). Never the value.
+    async fn status(&self, provider: &str) -> Result<CredentialStatus, CredentialAdminError>;
+}
+
+/// What may be said about a credential.
+#[derive(Clone, Debug)]
+pub struct CredentialStatus {
+    /// `env:VAR`, `file:PATH` or `store`.
+    pub source: String,
+    pub set: bool,
+    pub updated_at: Option<i64>,
+}
+
+/// Why a credential could not be set or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialAdminError {
+    #[error("no provider named {0:?} is configured")]
+    UnknownProvider(String),
+    #[error("provider {provider} takes its credential from {origin}; set `credential = \"store\"` in its config to manage it here")]
+    NotStored { provider: String, origin: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetCredential {
+    value: String,
+}
+
+impl From<CredentialAdminError> for ApiError {
+    fn from(e: CredentialAdminError) -> Self {
+        match e {
+            CredentialAdminError::UnknownProvider(_) => ApiError::NotFound(e.to_string()),
+            CredentialAdminError::NotStored { .. } => ApiError::Conflict(e.to_string()),
+            CredentialAdminError::Invalid(m) => ApiError::BadRequest(m),
+            CredentialAdminError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+/// `PUT /v1/providers/{name}/credential` with `{"value": "..."}`.
+pub(crate) async fn put_credential(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let SetCredential { value } = parse_json(&body, "credential")?;
+    let value = Secret::new(value);
+    state.credentials.set(&name, value).await?;
+    tracing::info!(provider = %name, "provider credential set");
+    show(&state, &name).await
+}
+
+/// `GET /v1/providers/{name}/credential`: whether one is set and when.
+pub(crate) async fn get_credential(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    show(&state, &name).await
+}
+
+async fn show(state: &AdminState, name: &str) -> Result<Json<Value>, ApiError> {
+    let status = state.credentials.status(name).await?;
+    Ok(Json(json!({
+        "provider": name,
+        "source": status.source,
+        "set": status.set,
+        "updated_at": status.updated_at.map(rfc3339),
+    })))
+}

@@ -1,0 +1,288 @@
+//! The audit writer.
+//!
+//! The request path hands each finished call's [`AuditRecord`] to an
+//! [`Auditor`]; one writer task per process seals records onto this
+//! process's chain (seq, prev mac, mac) and appends them to the store in
+//! batches: everything that queued while the previous batch was being
+//! committed goes into the next transaction (group commit). A caller that
+//! must not answer before its record is durable awaits [`Auditor::submit`].
+//!
+//! Fail closed: with `fail_closed`, [`Auditor::admits_calls`] turns false as
+//! soon as a commit fails, a commit takes longer than `stall_timeout`, or
+//! the queue is full, and stays false until a probe write succeeds again.
+//!
+//! [`verify_store`] checks the whole stored trail.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use airlock_core::audit::{head_seal, AuditKey, AuditRecord};
+use airlock_store::{Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+mod verify;
+mod writer;
+
+pub use verify::{verify_store, Verified};
+
+/// Tunables of the audit writer.
+#[derive(Clone, Debug)]
+pub struct AuditSettings {
+    /// Refuse calls (503 `audit_unavailable`) when records cannot be written.
+    pub fail_closed: bool,
+    /// Most records in one transaction.
+    pub max_batch: usize,
+    /// Records that may wait for the writer; a full queue counts as stuck.
+    pub queue_capacity: usize,
+    /// A commit running longer than this counts as stuck; also the longest a
+    /// caller waits for its record.
+    pub stall_timeout: Duration,
+    /// How often a failed writer probes the store for recovery.
+    pub probe_interval: Duration,
+}
+
+/// Why a record was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit store refused the write: {0}")]
+    Store(#[from] StoreError),
+    #[error("the audit store refused the batch: {0}")]
+    Write(String),
+    #[error("the audit writer did not commit in time")]
+    Stalled,
+    #[error("the audit writer is not running")]
+    Closed,
+    #[error("the audit queue is full")]
+    QueueFull,
+}
+
+/// Counters of the writer (Prometheus counters, registered by the caller).
+#[derive(Debug, Default)]
+pub struct AuditStats {
+    /// Records committed.
+    pub written: Counter,
+    /// Records that could not be written.
+    pub failed: Counter,
+    /// Transactions committed.
+    pub batches: Counter,
+}
+
+impl AuditStats {
+    /// Registers the counters as `airlock_audit_*`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "airlock_audit_records_written",
+            "Audit records committed to the store",
+            self.written.clone(),
+        );
+        registry.register(
+            "airlock_audit_records_failed",
+            "Audit records that could not be written",
+            self.failed.clone(),
+        );
+        registry.register(
+            "airlock_audit_batches",
+            "Audit transactions committed (records / batches = group commit size)",
+            self.batches.clone(),
+        );
+    }
+}
+
+/// Hands records to the writer. Cheap to clone.
+#[derive(Clone)]
+pub struct Auditor {
+    shared: Option<Arc<Shared>>,
+}
+
+/// The running writer task.
+pub struct WriterHandle {
+    tx: mpsc::Sender<Msg>,
+    task: JoinHandle<()>,
+}
+
+struct Shared {
+    tx: mpsc::Sender<Msg>,
+    health: Health,
+    settings: AuditSettings,
+    stats: Arc<AuditStats>,
+}
+
+/// Messages to the writer task.
+enum Msg {
+    Record(Box<AuditRecord>, oneshot::Sender<Result<(), AuditError>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Whether the writer can write, as the request path sees it.
+struct Health {
+    healthy: AtomicBool,
+    /// Milliseconds since `base` when the running commit began; 0 when idle.
+    commit_started: AtomicU64,
+    base: Instant,
+}
+
+// === impl Auditor ===
+
+impl Auditor {
+    /// Claims this process's chain in `store` and starts the writer.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        key: Arc<AuditKey>,
+        settings: AuditSettings,
+    ) -> Result<(Self, WriterHandle), AuditError> {
+        let head = store
+            .audit_claim_chain(&|chain| {
+                head_seal(&key, chain, 0, &airlock_core::audit::GENESIS_MAC)
+            })
+            .await?;
+        tracing::info!(chain = head.chain, seq = head.seq, "audit chain claimed");
+        let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
+        let shared = Arc::new(Shared {
+            tx: tx.clone(),
+            health: Health {
+                healthy: AtomicBool::new(true),
+                commit_started: AtomicU64::new(0),
+                base: Instant::now(),
+            },
+            settings,
+            stats: Arc::new(AuditStats::default()),
+        });
+        let writer = writer::Writer::new(store, key, head, Arc::clone(&shared));
+        let task = tokio::spawn(writer.run(rx));
+        Ok((
+            Self {
+                shared: Some(shared),
+            },
+            WriterHandle { tx, task },
+        ))
+    }
+
+    /// An auditor that records nothing (`[audit] enabled = false`).
+    pub fn disabled() -> Self {
+        Self { shared: None }
+    }
+
+    /// Whether records are written at all.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// The writer's counters (none when disabled).
+    pub fn stats(&self) -> Option<Arc<AuditStats>> {
+        self.shared.as_ref().map(|s| Arc::clone(&s.stats))
+    }
+
+    /// Whether a call may go ahead: false only when audit is fail-closed and
+    /// the writer cannot write right now.
+    pub fn admits_calls(&self) -> bool {
+        match &self.shared {
+            None => true,
+            Some(shared) => !shared.settings.fail_closed || shared.writable(),
+        }
+    }
+
+    /// Whether a failed write must fail the call.
+    pub fn fail_closed(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.settings.fail_closed)
+    }
+
+    /// Queues `record`; the returned future resolves once it is durable, or
+    /// with the reason it is not (after at most `stall_timeout`). Dropping
+    /// the future does not withdraw the record.
+    pub fn submit(
+        &self,
+        record: Box<AuditRecord>,
+    ) -> impl Future<Output = Result<(), AuditError>> + Send + 'static {
+        let queued = self.shared.as_ref().map(|shared| {
+            let (done, wait) = oneshot::channel();
+            let sent = shared.tx.try_send(Msg::Record(record, done));
+            let wait_for_it = shared.settings.fail_closed || shared.writable();
+            (
+                sent,
+                wait,
+                wait_for_it,
+                shared.settings.stall_timeout,
+                Arc::clone(&shared.stats),
+            )
+        });
+        async move {
+            let Some((sent, wait, wait_for_it, timeout, stats)) = queued else {
+                return Ok(());
+            };
+            if let Err(e) = sent {
+                stats.failed.inc();
+                return Err(match e {
+                    mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
+                    mpsc::error::TrySendError::Closed(_) => AuditError::Closed,
+                });
+            }
+            if !wait_for_it {
+                // Fail-open and the writer is failing: do not hold the call.
+                return Ok(());
+            }
+            match tokio::time::timeout(timeout, wait).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(AuditError::Closed),
+                Err(_) => Err(AuditError::Stalled),
+            }
+        }
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    /// Healthy, not stuck in a commit, and room in the queue.
+    fn writable(&self) -> bool {
+        self.health.healthy.load(Ordering::Acquire)
+            && !self.health.stalled(self.settings.stall_timeout)
+            && self.tx.capacity() > 0
+    }
+}
+
+// === impl Health ===
+
+impl Health {
+    fn now(&self) -> u64 {
+        // +1 so that 0 keeps meaning "idle".
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn commit_began(&self) {
+        self.commit_started.store(self.now(), Ordering::Release);
+    }
+
+    fn commit_ended(&self, ok: bool) {
+        self.commit_started.store(0, Ordering::Release);
+        self.healthy.store(ok, Ordering::Release);
+    }
+
+    fn stalled(&self, limit: Duration) -> bool {
+        let started = self.commit_started.load(Ordering::Acquire);
+        started != 0
+            && self.now().saturating_sub(started) > u64::try_from(limit.as_millis()).unwrap_or(0)
+    }
+}
+
+// === impl WriterHandle ===
+
+impl WriterHandle {
+    /// Writes everything queued so far, then stops the writer.
+    pub async fn shutdown(self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "audit writer ended abnormally");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

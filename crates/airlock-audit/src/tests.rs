@@ -1,0 +1,321 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_core::audit::{AuditKey, AuditRecord, BreakReason, Flags, GENESIS_MAC};
+use airlock_core::{SessionId, TokenHash};
+use airlock_store::{
+    AuditQuery, ChainHead, GenesisSeal, Result, SessionRow, SqliteStore, Store, StoreError,
+    StoredCredential,
+};
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use super::*;
+
+/// A SQLite store whose audit writes can be made to fail or to hang.
+struct FaultyStore {
+    inner: SqliteStore,
+    fail: AtomicBool,
+    hang: AtomicBool,
+    release: Notify,
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    async fn insert_session(&self, s: &SessionRow) -> Result<()> {
+        self.inner.insert_session(s).await
+    }
+    async fn session_by_token(&self, h: &TokenHash) -> Result<Option<SessionRow>> {
+        self.inner.session_by_token(h).await
+    }
+    async fn session_by_id(&self, id: &SessionId) -> Result<Option<SessionRow>> {
+        self.inner.session_by_id(id).await
+    }
+    async fn list_sessions(&self, all: bool, now: i64) -> Result<Vec<SessionRow>> {
+        self.inner.list_sessions(all, now).await
+    }
+    async fn revoke_session(&self, id: &SessionId, at: i64) -> Result<bool> {
+        self.inner.revoke_session(id, at).await
+    }
+    async fn add_call_counts(&self, id: &SessionId, a: u64, d: u64) -> Result<()> {
+        self.inner.add_call_counts(id, a, d).await
+    }
+    async fn setting(&self, key: &str) -> Result<Option<String>> {
+        self.inner.setting(key).await
+    }
+    async fn set_setting_if_absent(&self, key: &str, value: &str) -> Result<String> {
+        self.inner.set_setting_if_absent(key, value).await
+    }
+    async fn credential(&self, provider: &str) -> Result<Option<StoredCredential>> {
+        self.inner.credential(provider).await
+    }
+    async fn set_credential(&self, provider: &str, sealed: &[u8], at: i64) -> Result<()> {
+        self.inner.set_credential(provider, sealed, at).await
+    }
+    async fn audit_claim_chain(&self, genesis: GenesisSeal<'_>) -> Result<ChainHead> {
+        self.inner.audit_claim_chain(genesis).await
+    }
+    async fn audit_append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
+        if self.hang.load(Ordering::SeqCst) {
+            self.release.notified().await;
+        }
+        self.check()?;
+        self.inner.audit_append(records, head).await
+    }
+    async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        self.inner.audit_records(q).await
+    }
+    async fn audit_heads(&self) -> Result<Vec<ChainHead>> {
+        self.inner.audit_heads().await
+    }
+    async fn audit_probe(&self) -> Result<()> {
+        self.check()?;
+        self.inner.audit_probe().await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+impl FaultyStore {
+    fn check(&self) -> Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Corrupt {
+                what: "test".into(),
+                reason: "disk full".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+async fn store(dir: &tempfile::TempDir) -> Arc<FaultyStore> {
+    let url = format!("sqlite://{}", dir.path().join("a.db").display());
+    Arc::new(FaultyStore {
+        inner: SqliteStore::open(&url).await.unwrap(),
+        fail: AtomicBool::new(false),
+        hang: AtomicBool::new(false),
+        release: Notify::new(),
+    })
+}
+
+fn key() -> AuditKey {
+    AuditKey::new(&[3; 32])
+}
+
+fn settings() -> AuditSettings {
+    AuditSettings {
+        fail_closed: true,
+        max_batch: 256,
+        queue_capacity: 4096,
+        stall_timeout: Duration::from_millis(200),
+        probe_interval: Duration::from_millis(20),
+    }
+}
+
+fn record(n: u64) -> Box<AuditRecord> {
+    Box::new(AuditRecord {
+        chain: 0,
+        seq: 0,
+        ts_ms: 1_000 + n as i64,
+        session: None,
+        provider: Some("openai".into()),
+        method: "GET".into(),
+        path: format!("/openai/v1/models/{n}"),
+        decision: "allow".into(),
+        status: 200,
+        upstream_status: Some(200),
+        duration_us: n,
+        bytes_in: 0,
+        bytes_out: n,
+        flags: Flags::empty(),
+        prev_mac: GENESIS_MAC,
+        mac: GENESIS_MAC,
+    })
+}
+
+/// Polls `cond` until it holds or two seconds pass.
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cond()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_records_are_group_committed_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
+        .await
+        .unwrap();
+    let commits: Vec<_> = (1..=500).map(|n| auditor.submit(record(n))).collect();
+    for commit in futures_join(commits).await {
+        commit.unwrap();
+    }
+    let stats = auditor.stats().unwrap();
+    assert_eq!(stats.written.get(), 500);
+    let batches = stats.batches.get();
+    assert!(batches < 500, "expected batching, got {batches} batches");
+    writer.shutdown().await;
+
+    let verified = verify_store(store.as_ref(), &key()).await.unwrap();
+    assert_eq!(verified.first_break, None);
+    assert_eq!(verified.records, 500);
+    let heads = store.audit_heads().await.unwrap();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(heads[0].seq, 500);
+}
+
+async fn futures_join<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut out = Vec::with_capacity(futures.len());
+    for f in futures {
+        out.push(f.await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_chain_resumes_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    for round in 0..2u64 {
+        let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
+            .await
+            .unwrap();
+        for n in 0..3 {
+            auditor.submit(record(round * 10 + n)).await.unwrap();
+        }
+        writer.shutdown().await;
+    }
+    let verified = verify_store(store.as_ref(), &key()).await.unwrap();
+    assert_eq!(
+        (verified.records, verified.chains, verified.first_break),
+        (6, 1, None)
+    );
+}
+
+#[tokio::test]
+async fn shutdown_writes_everything_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
+        .await
+        .unwrap();
+    // Queued but never awaited.
+    let pending: Vec<_> = (0..50).map(|n| auditor.submit(record(n))).collect();
+    writer.shutdown().await;
+    drop(pending);
+    let verified = verify_store(store.as_ref(), &key()).await.unwrap();
+    assert_eq!((verified.records, verified.first_break), (50, None));
+}
+
+#[tokio::test]
+async fn failed_writes_close_the_gate_until_the_store_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
+        .await
+        .unwrap();
+    auditor.submit(record(1)).await.unwrap();
+    assert!(auditor.admits_calls());
+
+    store.fail.store(true, Ordering::SeqCst);
+    let err = auditor.submit(record(2)).await.unwrap_err();
+    assert!(matches!(err, AuditError::Write(_)), "{err:?}");
+    assert!(!auditor.admits_calls());
+
+    store.fail.store(false, Ordering::SeqCst);
+    assert!(
+        eventually(|| auditor.admits_calls()).await,
+        "gate did not reopen"
+    );
+    auditor.submit(record(3)).await.unwrap();
+    writer.shutdown().await;
+    let verified = verify_store(store.as_ref(), &key()).await.unwrap();
+    assert_eq!((verified.records, verified.first_break), (2, None));
+}
+
+#[tokio::test]
+async fn a_stuck_writer_closes_the_gate_and_times_callers_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
+        .await
+        .unwrap();
+    store.hang.store(true, Ordering::SeqCst);
+    let err = auditor.submit(record(1)).await.unwrap_err();
+    assert!(matches!(err, AuditError::Stalled), "{err:?}");
+    assert!(
+        eventually(|| !auditor.admits_calls()).await,
+        "gate stayed open"
+    );
+    store.hang.store(false, Ordering::SeqCst);
+    store.release.notify_waiters();
+    assert!(
+        eventually(|| auditor.admits_calls()).await,
+        "gate did not reopen"
+    );
+    writer.shutdown().await;
+}
+
+#[tokio::test]
+async fn fail_open_does_not_hold_calls_or_close_the_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let mut settings = settings();
+    settings.fail_closed = false;
+    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings)
+        .await
+        .unwrap();
+    store.fail.store(true, Ordering::SeqCst);
+    assert!(auditor.submit(record(1)).await.is_err());
+    assert!(auditor.admits_calls());
+    // Once the writer is known to fail, calls are not held at all.
+    auditor.submit(record(2)).await.unwrap();
+    writer.shutdown().await;
+}
+
+#[tokio::test]
+async fn disabled_auditor_admits_and_records_nothing() {
+    let auditor = Auditor::disabled();
+    assert!(auditor.admits_calls() && !auditor.is_enabled());
+    auditor.submit(record(1)).await.unwrap();
+}
+
+#[tokio::test]
+async fn tampering_in_the_store_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
+        .await
+        .unwrap();
+    for n in 1..=10 {
+        auditor.submit(record(n)).await.unwrap();
+    }
+    writer.shutdown().await;
+    let path = dir.path().join("a.db");
+    let db = sqlx_sqlite(&path).await;
+    sqlx::query("UPDATE audit_records SET status = 500 WHERE seq = 4")
+        .execute(&db)
+        .await
+        .unwrap();
+    let v = verify_store(store.as_ref(), &key()).await.unwrap();
+    let b = v.first_break.unwrap();
+    assert_eq!((b.seq, b.reason), (4, BreakReason::BadMac));
+    assert_eq!(v.records, 3);
+}
+
+async fn sqlx_sqlite(path: &std::path::Path) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap()
+}

@@ -1,0 +1,185 @@
+//! The writer task: seals queued records onto this process's chain and
+//! commits them in batches.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use airlock_core::audit::{head_seal, AuditKey, AuditRecord, GENESIS_MAC};
+use airlock_store::{ChainHead, Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{AuditError, Msg, Shared};
+
+type Waiter = oneshot::Sender<Result<(), AuditError>>;
+
+/// State of the writer task.
+pub(crate) struct Writer {
+    store: Arc<dyn Store>,
+    key: Arc<AuditKey>,
+    head: ChainHead,
+    shared: Arc<Shared>,
+    records: Vec<AuditRecord>,
+    waiters: Vec<Waiter>,
+}
+
+// === impl Writer ===
+
+impl Writer {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        key: Arc<AuditKey>,
+        head: ChainHead,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let max_batch = shared.settings.max_batch.max(1);
+        Self {
+            store,
+            key,
+            head,
+            shared,
+            records: Vec::with_capacity(max_batch),
+            waiters: Vec::with_capacity(max_batch),
+        }
+    }
+
+    /// Runs until shut down or every sender is gone.
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        loop {
+            let msg = if self.shared.health.healthy.load(Ordering::Acquire) {
+                rx.recv().await
+            } else {
+                tokio::select! {
+                    msg = rx.recv() => msg,
+                    () = tokio::time::sleep(self.shared.settings.probe_interval) => {
+                        self.probe().await;
+                        continue;
+                    }
+                }
+            };
+            let Some(msg) = msg else {
+                return;
+            };
+            let mut shutdown = self.take(msg);
+            // Group commit: everything that queued meanwhile joins this batch.
+            while shutdown.is_none() && self.records.len() < self.shared.settings.max_batch {
+                match rx.try_recv() {
+                    Ok(msg) => shutdown = self.take(msg),
+                    Err(_) => break,
+                }
+            }
+            self.commit().await;
+            if let Some(done) = shutdown {
+                // Nothing is queued before the shutdown message that has not
+                // been committed; take what raced in after it, then stop.
+                rx.close();
+                while let Ok(msg) = rx.try_recv() {
+                    if let Some(other) = self.take(msg) {
+                        let _ = other.send(());
+                    }
+                }
+                self.commit().await;
+                let _ = done.send(());
+                tracing::info!(
+                    chain = self.head.chain,
+                    seq = self.head.seq,
+                    "audit writer stopped"
+                );
+                return;
+            }
+        }
+    }
+
+    fn take(&mut self, msg: Msg) -> Option<oneshot::Sender<()>> {
+        match msg {
+            Msg::Record(record, waiter) => {
+                self.records.push(*record);
+                self.waiters.push(waiter);
+                None
+            }
+            Msg::Shutdown(done) => Some(done),
+        }
+    }
+
+    /// Seals and appends the pending batch; answers every waiter.
+    async fn commit(&mut self) {
+        if self.records.is_empty() {
+            return;
+        }
+        let chain = self.head.chain;
+        let mut seq = self.head.seq;
+        let mut prev = self.head.mac;
+        for record in &mut self.records {
+            seq += 1;
+            record.seal(&self.key, chain, seq, prev);
+            prev = record.mac;
+        }
+        let head = ChainHead {
+            chain,
+            seq,
+            mac: prev,
+            seal: head_seal(&self.key, chain, seq, &prev),
+        };
+        let health = &self.shared.health;
+        health.commit_began();
+        let result = self.store.audit_append(&self.records, &head).await;
+        let count = self.records.len() as u64;
+        self.records.clear();
+        let stats = &self.shared.stats;
+        match result {
+            Ok(()) => {
+                self.head = head;
+                health.commit_ended(true);
+                stats.written.inc_by(count);
+                stats.batches.inc();
+                for waiter in self.waiters.drain(..) {
+                    let _ = waiter.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                health.commit_ended(false);
+                stats.failed.inc_by(count);
+                tracing::error!(error = %e, records = count, "audit write failed");
+                let reason = e.to_string();
+                for waiter in self.waiters.drain(..) {
+                    let _ = waiter.send(Err(AuditError::Write(reason.clone())));
+                }
+                if matches!(e, StoreError::ChainConflict(_)) {
+                    self.reclaim().await;
+                }
+            }
+        }
+    }
+
+    /// After a failure: checks that the store takes writes again and picks
+    /// up the chain head as stored (a commit whose answer was lost may have
+    /// landed after all).
+    async fn probe(&mut self) {
+        let probe = self.store.audit_probe().await;
+        match probe {
+            Ok(()) if self.reclaim().await => {
+                tracing::info!(chain = self.head.chain, "audit store writable again");
+                self.shared.health.commit_ended(true);
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "audit store still not writable"),
+        }
+    }
+
+    async fn reclaim(&mut self) -> bool {
+        let key = self.key.as_ref();
+        let claimed = self
+            .store
+            .audit_claim_chain(&|chain| head_seal(key, chain, 0, &GENESIS_MAC))
+            .await;
+        match claimed {
+            Ok(head) => {
+                self.head = head;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not re-read the audit chain head");
+                false
+            }
+        }
+    }
+}

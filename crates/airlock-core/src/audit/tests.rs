@@ -1,0 +1,291 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+
+fn key() -> AuditKey {
+    AuditKey::new(&[7; 32])
+}
+
+fn record(n: u64) -> AuditRecord {
+    AuditRecord {
+        chain: 0,
+        seq: 0,
+        ts_ms: 1_764_000_000_000 + n as i64,
+        session: Some(format!("ses_{n:022}")),
+        provider: Some("openai".to_owned()),
+        method: "POST".to_owned(),
+        path: "/v1/chat/completions".to_owned(),
+        decision: "allow".to_owned(),
+        status: 200,
+        upstream_status: Some(200),
+        duration_us: 1234 + n,
+        bytes_in: 10,
+        bytes_out: 20,
+        flags: Flags::empty(),
+        prev_mac: GENESIS_MAC,
+        mac: GENESIS_MAC,
+    }
+}
+
+/// A chain of `n` sealed records.
+fn chain(key: &AuditKey, id: u32, n: u64) -> Vec<AuditRecord> {
+    let mut prev = GENESIS_MAC;
+    (1..=n)
+        .map(|seq| {
+            let mut r = record(seq);
+            r.seal(key, id, seq, prev);
+            prev = r.mac;
+            r
+        })
+        .collect()
+}
+
+fn verify(v: &mut ChainVerifier<'_>, records: &[AuditRecord]) -> Result<(), Break> {
+    for (i, r) in records.iter().enumerate() {
+        v.check(r, records.get(i + 1))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn intact_chain_verifies() {
+    let key = key();
+    let records = chain(&key, 1, 10);
+    let mut v = ChainVerifier::from_start(&key);
+    verify(&mut v, &records).unwrap();
+    assert_eq!(v.records(), 10);
+    let last = records.last().unwrap();
+    let seal = head_seal(&key, 1, last.seq, &last.mac);
+    v.check_head(1, last.seq, &last.mac, &seal).unwrap();
+}
+
+#[test]
+fn every_field_is_covered_by_the_mac() {
+    let key = key();
+    let base = chain(&key, 1, 1).remove(0);
+    type Edit = Box<dyn Fn(&mut AuditRecord)>;
+    let edits: Vec<Edit> = vec![
+        Box::new(|r| r.ts_ms += 1),
+        Box::new(|r| r.session = None),
+        Box::new(|r| r.provider = Some("anthropic".into())),
+        Box::new(|r| r.method = "GET".into()),
+        Box::new(|r| r.path.push('x')),
+        Box::new(|r| r.decision = "out_of_scope".into()),
+        Box::new(|r| r.status = 201),
+        Box::new(|r| r.upstream_status = None),
+        Box::new(|r| r.duration_us += 1),
+        Box::new(|r| r.bytes_in += 1),
+        Box::new(|r| r.bytes_out += 1),
+        Box::new(|r| r.flags = Flags::CLIENT_ABORTED),
+        Box::new(|r| r.prev_mac[0] ^= 1),
+        Box::new(|r| r.chain = 2),
+    ];
+    for (i, edit) in edits.iter().enumerate() {
+        let mut r = base.clone();
+        edit(&mut r);
+        assert_ne!(r.compute_mac(&key), r.mac, "edit {i} not detected");
+    }
+}
+
+#[test]
+fn a_different_key_does_not_verify() {
+    let records = chain(&key(), 1, 3);
+    let other = AuditKey::new(&[8; 32]);
+    let err = verify(&mut ChainVerifier::from_start(&other), &records).unwrap_err();
+    assert_eq!((err.seq, err.reason), (1, BreakReason::BadMac));
+}
+
+#[test]
+fn edited_record_is_named() {
+    let key = key();
+    let mut records = chain(&key, 1, 10);
+    records[4].status = 500;
+    let err = verify(&mut ChainVerifier::from_start(&key), &records).unwrap_err();
+    assert_eq!(
+        (err.chain, err.seq, err.reason),
+        (1, 5, BreakReason::BadMac)
+    );
+}
+
+#[test]
+fn deleted_record_is_a_gap() {
+    let key = key();
+    let mut records = chain(&key, 1, 10);
+    records.remove(6); // seq 7
+    let err = verify(&mut ChainVerifier::from_start(&key), &records).unwrap_err();
+    assert_eq!((err.seq, err.reason), (8, BreakReason::Gap { expected: 7 }));
+}
+
+#[test]
+fn deleted_first_record_is_a_gap_for_whole_chains_only() {
+    let key = key();
+    let records = chain(&key, 1, 5);
+    let err = verify(&mut ChainVerifier::from_start(&key), &records[1..]).unwrap_err();
+    assert_eq!((err.seq, err.reason), (2, BreakReason::Gap { expected: 1 }));
+    verify(&mut ChainVerifier::partial(&key), &records[1..]).unwrap();
+}
+
+#[test]
+fn swapped_records_are_out_of_order() {
+    let key = key();
+    let mut records = chain(&key, 1, 10);
+    records.swap(3, 4); // seq 4 and 5
+    let err = verify(&mut ChainVerifier::from_start(&key), &records).unwrap_err();
+    assert_eq!(
+        (err.seq, err.reason),
+        (5, BreakReason::OutOfOrder { expected: 4 })
+    );
+}
+
+#[test]
+fn renumbered_swap_breaks_the_link() {
+    let key = key();
+    let mut records = chain(&key, 1, 10);
+    records.swap(3, 4);
+    records[3].seq = 4;
+    records[4].seq = 5;
+    let err = verify(&mut ChainVerifier::from_start(&key), &records).unwrap_err();
+    assert_eq!((err.seq, err.reason), (4, BreakReason::BadMac));
+}
+
+#[test]
+fn inserted_record_is_detected() {
+    let key = key();
+    let mut records = chain(&key, 1, 5);
+    // A forger without the key: copies record 3 and renumbers the rest.
+    let mut forged = records[2].clone();
+    forged.seq = 4;
+    records.insert(3, forged);
+    for (i, r) in records.iter_mut().enumerate().skip(4) {
+        r.seq = i as u64 + 1;
+    }
+    let err = verify(&mut ChainVerifier::from_start(&key), &records).unwrap_err();
+    assert_eq!((err.seq, err.reason), (4, BreakReason::BadMac));
+
+    // A duplicate of an earlier record, unrenumbered.
+    let mut records = chain(&key, 1, 5);
+    let dup = records[1].clone();
+    records.insert(3, dup);
+    let err = verify(&mut ChainVerifier::from_start(&key), &records).unwrap_err();
+    assert_eq!(
+        (err.seq, err.reason),
+        (2, BreakReason::OutOfOrder { expected: 4 })
+    );
+}
+
+#[test]
+fn a_record_from_another_chain_does_not_link() {
+    let key = key();
+    let a = chain(&key, 1, 4);
+    let b = chain(&key, 2, 4);
+    // Interleaved chains verify together.
+    let mixed: Vec<_> = a
+        .iter()
+        .zip(&b)
+        .flat_map(|(x, y)| [x.clone(), y.clone()])
+        .collect();
+    verify(&mut ChainVerifier::from_start(&key), &mixed).unwrap();
+    // Record 3 of chain 2 relabelled as chain 1 fails its mac.
+    let mut spliced = a.clone();
+    let mut moved = b[2].clone();
+    moved.chain = 1;
+    spliced[2] = moved;
+    let err = verify(&mut ChainVerifier::from_start(&key), &spliced).unwrap_err();
+    assert_eq!((err.seq, err.reason), (3, BreakReason::BadMac));
+}
+
+#[test]
+fn session_exports_may_skip_but_not_alter() {
+    let key = key();
+    let records = chain(&key, 1, 10);
+    let picked: Vec<_> = [1usize, 4, 5, 9]
+        .iter()
+        .map(|&i| records[i].clone())
+        .collect();
+    verify(&mut ChainVerifier::allow_gaps(&key), &picked).unwrap();
+    let mut edited = picked.clone();
+    edited[2].bytes_out = 0;
+    let err = verify(&mut ChainVerifier::allow_gaps(&key), &edited).unwrap_err();
+    assert_eq!((err.seq, err.reason), (6, BreakReason::BadMac));
+    let err = verify(&mut ChainVerifier::from_start(&key), &picked).unwrap_err();
+    assert_eq!(err.reason, BreakReason::Gap { expected: 1 });
+}
+
+#[test]
+fn truncation_is_caught_by_the_sealed_head() {
+    let key = key();
+    let records = chain(&key, 1, 10);
+    let head = records.last().unwrap();
+    let seal = head_seal(&key, 1, head.seq, &head.mac);
+    let mut v = ChainVerifier::from_start(&key);
+    verify(&mut v, &records[..7]).unwrap();
+    let err = v.check_head(1, head.seq, &head.mac, &seal).unwrap_err();
+    assert_eq!(
+        (err.seq, err.reason),
+        (7, BreakReason::Truncated { head_seq: 10 })
+    );
+
+    // A head rewritten without the key does not pass either.
+    let fake = &records[6];
+    let err = v.check_head(1, fake.seq, &fake.mac, &seal).unwrap_err();
+    assert_eq!(err.reason, BreakReason::BadHead);
+}
+
+#[test]
+fn json_round_trips_and_is_canonical() {
+    let key = key();
+    let mut r = chain(&key, 3, 2).remove(1);
+    r.flags = Flags::CLIENT_ABORTED;
+    r.flags.insert(Flags::CREDENTIAL_REDACTED);
+    r.path = "/v1/\"quoted\"\r\n\u{1b}[31m".to_owned();
+    r.mac = r.compute_mac(&key);
+    let line = r.to_json();
+    assert!(!line.contains('\n') && !line.contains('\r') && !line.contains('\u{1b}'));
+    let back = AuditRecord::from_json(&line).unwrap();
+    assert_eq!(back, r);
+    assert_eq!(back.compute_mac(&key), back.mac);
+
+    let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(value["duration_ms"], serde_json::json!(1.236));
+    assert_eq!(
+        value["flags"],
+        serde_json::json!(["client_aborted", "credential_redacted"])
+    );
+    assert!(value["ts"].as_str().unwrap().ends_with('Z'));
+
+    // A spelling that parses to the same value is still refused.
+    let respelled = line.replace("\"duration_ms\":1.236", "\"duration_ms\":1.2360001");
+    assert!(AuditRecord::from_json(&respelled).is_err());
+    let extra = line.replacen('{', "{\"note\":1,", 1);
+    assert!(AuditRecord::from_json(&extra).is_err());
+    let ts = line.replace(".002Z\"", ".002000Z\"");
+    assert_ne!(ts, line);
+    assert!(AuditRecord::from_json(&ts).is_err(), "{ts}");
+}
+
+#[test]
+fn record_path_is_bounded() {
+    assert_eq!(record_path("/v1/models"), "/v1/models");
+    let long = format!("/{}", "é".repeat(MAX_PATH_LEN));
+    let cut = record_path(&long);
+    assert!(cut.len() <= MAX_PATH_LEN + '…'.len_utf8());
+    assert!(cut.ends_with('…'));
+}
+
+#[test]
+fn flags_refuse_unknown_bits() {
+    assert_eq!(Flags::from_bits(0b111), Some(Flags(0b111)));
+    assert_eq!(Flags::from_bits(1 << 9), None);
+    assert_eq!(Flags::from_bits(0b1000), Some(Flags::SESSION_ENDED));
+}
+
+#[test]
+fn key_debug_is_redacted() {
+    assert_eq!(format!("{:?}", key()), "AuditKey([redacted])");
+}
+
+#[test]
+fn format_ts_is_rfc3339_millis() {
+    assert_eq!(format_ts(0), "1970-01-01T00:00:00.000Z");
+    assert_eq!(format_ts(1_764_000_000_123), "2025-11-24T16:00:00.123Z");
+}

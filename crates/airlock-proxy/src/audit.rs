@@ -1,0 +1,192 @@
+//! The audit record of one call, from the first byte to the last.
+//!
+//! A [`CallRecord`] is created when a request arrives and fills in as the
+//! call goes through its stages. It is finished exactly once: when airlock
+//! answers itself, when the provider's response ends, or — if the call is
+//! dropped before either (the agent went away) — on drop, flagged
+//! `client_aborted`. Finishing logs the call's one `info` line (target
+//! `airlock::call`) and submits the record to the audit trail.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use airlock_audit::{AuditError, Auditor};
+use airlock_core::audit::{record_path, AuditRecord, Flags, GENESIS_MAC};
+use airlock_session::{now_ms, LiveSession, SessionState};
+use http::Request;
+
+/// Longest method name kept in a record.
+const MAX_METHOD_LEN: usize = 32;
+
+/// The decision recorded for a call dropped before airlock decided.
+const UNDECIDED: &str = "client_aborted";
+
+/// One call's audit record in the making.
+pub(crate) struct CallRecord {
+    auditor: Auditor,
+    started: Instant,
+    /// `None` once finished.
+    record: Option<Box<AuditRecord>>,
+    bytes_in: Option<Arc<AtomicU64>>,
+    /// Status sent to the agent so far (for a call dropped mid-response).
+    status: u16,
+    /// Response body bytes sent to the agent so far.
+    pub(crate) bytes_out: u64,
+    /// The call's session, once known (a stream ends when it does).
+    session: Option<Arc<LiveSession>>,
+}
+
+// === impl CallRecord ===
+
+impl CallRecord {
+    /// Starts the record of `req`.
+    pub(crate) fn begin<B>(auditor: &Auditor, req: &Request<B>, started: Instant) -> Self {
+        let method = req.method().as_str();
+        let record = Some(Box::new(AuditRecord {
+            chain: 0,
+            seq: 0,
+            ts_ms: 0,
+            session: None,
+            provider: None,
+            method: method.get(..MAX_METHOD_LEN).unwrap_or(method).to_owned(),
+            path: record_path(req.uri().path()),
+            decision: String::new(),
+            status: 0,
+            upstream_status: None,
+            duration_us: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            flags: Flags::empty(),
+            prev_mac: GENESIS_MAC,
+            mac: GENESIS_MAC,
+        }));
+        Self {
+            auditor: auditor.clone(),
+            started,
+            record,
+            bytes_in: None,
+            status: 0,
+            bytes_out: 0,
+            session: None,
+        }
+    }
+
+    /// The call was routed to `provider`.
+    pub(crate) fn set_provider(&mut self, provider: &str) {
+        if let Some(r) = &mut self.record {
+            r.provider = Some(provider.to_owned());
+        }
+    }
+
+    /// The token named `session`.
+    pub(crate) fn set_session(&mut self, session: &Arc<LiveSession>) {
+        if let Some(r) = &mut self.record {
+            r.session = Some(session.id().as_str().to_owned());
+        }
+        self.session = Some(Arc::clone(session));
+    }
+
+    /// Whether the call's session has been revoked or has expired.
+    pub(crate) fn session_ended(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| s.state(now_ms()) != SessionState::Active)
+    }
+
+    /// The provider answered with `status`; the call is now "allowed".
+    pub(crate) fn set_forwarded(&mut self, upstream_status: u16) {
+        self.status = upstream_status;
+        if let Some(r) = &mut self.record {
+            r.upstream_status = Some(upstream_status);
+            r.decision.clear();
+            r.decision.push_str("allow");
+        }
+    }
+
+    /// The provider name recorded so far.
+    pub(crate) fn provider(&self) -> Option<&str> {
+        self.record.as_ref().and_then(|r| r.provider.as_deref())
+    }
+
+    /// Adds `flags` to the record.
+    pub(crate) fn flag(&mut self, flags: Flags) {
+        if let Some(r) = &mut self.record {
+            r.flags.insert(flags);
+        }
+    }
+
+    /// A counter for request body bytes sent upstream.
+    pub(crate) fn count_request_body(&mut self) -> Option<Arc<AtomicU64>> {
+        let counter = Arc::new(AtomicU64::new(0));
+        self.bytes_in = Some(Arc::clone(&counter));
+        Some(counter)
+    }
+
+    /// Whether a failed record must fail the call.
+    pub(crate) fn fail_closed(&self) -> bool {
+        self.auditor.fail_closed()
+    }
+
+    /// Completes and submits the record. `decision` is `None` for a call
+    /// the provider answered. The future resolves once it is durable.
+    pub(crate) fn finish(
+        &mut self,
+        decision: Option<&str>,
+        status: u16,
+        flags: Flags,
+    ) -> Option<impl Future<Output = Result<(), AuditError>> + Send + 'static> {
+        let mut record = self.record.take()?;
+        if let Some(decision) = decision {
+            record.decision.clear();
+            record.decision.push_str(decision);
+        }
+        record.ts_ms = now_ms();
+        record.status = status;
+        record.duration_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        record.bytes_in = self
+            .bytes_in
+            .as_ref()
+            .map_or(0, |c| c.load(Ordering::Relaxed));
+        record.bytes_out = self.bytes_out;
+        record.flags.insert(flags);
+        log_call(&record);
+        Some(self.auditor.submit(record))
+    }
+}
+
+/// The call's one log line. Never a token, credential, query or body.
+fn log_call(r: &AuditRecord) {
+    tracing::info!(
+        target: "airlock::call",
+        session = r.session.as_deref().unwrap_or("-"),
+        provider = r.provider.as_deref().unwrap_or("-"),
+        method = %r.method,
+        path = %r.path.escape_debug(),
+        decision = %r.decision,
+        status = r.status,
+        upstream_status = r.upstream_status.unwrap_or(0),
+        duration_ms = r.duration_us as f64 / 1000.0,
+        bytes_in = r.bytes_in,
+        bytes_out = r.bytes_out,
+        client_aborted = r.flags.contains(Flags::CLIENT_ABORTED),
+        "call"
+    );
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        if let Some(record) = &self.record {
+            let decision = if record.decision.is_empty() {
+                Some(UNDECIDED)
+            } else {
+                None
+            };
+            let status = self.status;
+            // The record is queued when `finish` returns; nobody is left to
+            // wait for it.
+            drop(self.finish(decision, status, Flags::CLIENT_ABORTED));
+        }
+    }
+}

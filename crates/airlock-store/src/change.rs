@@ -1,0 +1,97 @@
+//! What a store tells the processes sharing it: changes made by any of them.
+//!
+//! A store shared by several `airlock serve` processes (PostgreSQL) pushes a
+//! [`Change`] to every process when a session is revoked, its expiry changes
+//! or a provider's credential changes, so caches can be corrected at once.
+//! Pushes can be lost while a connection is down; the feed then sends
+//! [`Change::Resync`] once it is back, and callers re-read what they cache.
+
+use airlock_core::SessionId;
+
+/// A change to shared state, made by this or another process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A session was revoked or its expiry changed; the values are the new
+    /// ones.
+    Session {
+        id: SessionId,
+        /// Unix ms, when revoked.
+        revoked_at: Option<i64>,
+        /// Unix ms.
+        expires_at: i64,
+    },
+    /// A provider's credential was set or changed.
+    Credential { provider: String },
+    /// Changes may have been missed (the feed was down, or this receiver
+    /// fell behind): re-read everything cached.
+    Resync,
+}
+
+/// The state of a session that other processes may change, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionStatus {
+    pub id: SessionId,
+    /// Unix ms, when revoked.
+    pub revoked_at: Option<i64>,
+    /// Unix ms.
+    pub expires_at: i64,
+    /// Calls forwarded, by every process, as flushed.
+    pub allowed: u64,
+    /// Calls denied, by every process, as flushed.
+    pub denied: u64,
+}
+
+/// The notification channel on PostgreSQL.
+pub(crate) const CHANNEL: &str = "airlock_changes";
+
+// === impl Change ===
+
+impl Change {
+    /// Parses a notification payload:
+    /// `session ID REVOKED_AT|- EXPIRES_AT` or `credential PROVIDER`.
+    pub(crate) fn parse(payload: &str) -> Option<Self> {
+        let mut words = payload.split(' ');
+        match words.next()? {
+            "session" => {
+                let id = SessionId::parse(words.next()?)?;
+                let revoked_at = match words.next()? {
+                    "-" => None,
+                    at => Some(at.parse().ok()?),
+                };
+                let expires_at = words.next()?.parse().ok()?;
+                words.next().is_none().then_some(Change::Session {
+                    id,
+                    revoked_at,
+                    expires_at,
+                })
+            }
+            "credential" => {
+                let provider = words.next()?;
+                (!provider.is_empty() && words.next().is_none()).then(|| Change::Credential {
+                    provider: provider.to_owned(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The payload [`Change::parse`] reads (used by tests and by code that
+    /// sends a notification itself).
+    pub fn payload(&self) -> Option<String> {
+        match self {
+            Change::Session {
+                id,
+                revoked_at,
+                expires_at,
+            } => Some(format!(
+                "session {id} {} {expires_at}",
+                revoked_at.map_or_else(|| "-".to_owned(), |at| at.to_string())
+            )),
+            Change::Credential { provider } => Some(format!("credential {provider}")),
+            Change::Resync => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,512 @@
+//! The PostgreSQL store: one database shared by any number of `airlock
+//! serve` processes (replicas).
+//!
+//! - Migrations run at open on a dedicated connection under sqlx's
+//!   migrator, which holds `pg_advisory_lock` for the database while it
+//!   works, so replicas starting at once apply each migration exactly once.
+//!   The connection is closed afterwards, releasing the lock even when a
+//!   migration failed.
+//! - Changes to sessions are announced by a trigger (`pg_notify` on the
+//!   `airlock_changes` channel, sent when the transaction commits), whatever
+//!   statement made them; [`feed`] LISTENs and turns them into [`Change`]s.
+//! - `max_denied` is applied to the stored totals by the statement that adds
+//!   the counts ([`Store::record_calls`]); `max_requests` is handed out in
+//!   leases ([`Store::reserve_requests`]) that never add up to more than the
+//!   limit.
+//! - Audit: each process owns one chain while it holds a session-level
+//!   advisory lock on it, see [`PgStore::audit_claim_chain`].
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_core::audit::AuditRecord;
+use airlock_core::{SessionId, TokenHash};
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, Postgres, QueryBuilder};
+use tokio::sync::broadcast;
+
+use crate::audit_rows::{decode_head, decode_record, RECORD_COLUMNS};
+use crate::session_rows::{decode_session, decode_status, SESSION_COLUMNS, STATUS_COLUMNS};
+use crate::{
+    encode_json, AuditQuery, ChainHead, Change, GenesisSeal, Result, SessionRow, SessionStatus,
+    Store, StoreError, StoredCredential,
+};
+use chain::ChainOwner;
+
+mod chain;
+mod feed;
+
+/// Connections of the main pool, per process.
+const MAX_CONNECTIONS: u32 = 8;
+/// How long a statement may wait for a pooled connection.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle pooled connections are closed after this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Changes buffered per receiver before it is told to resync.
+const FEED_CAPACITY: usize = 4096;
+/// A lease never exceeds this many calls, nor an eighth of what is left
+/// (but is at least one call).
+const LEASE_DIVISOR: i64 = 8;
+
+/// A store in one PostgreSQL database, shared by every replica.
+pub struct PgStore {
+    pool: PgPool,
+    changes: broadcast::Sender<Change>,
+    feed: tokio::task::AbortHandle,
+    /// This process's audit chain.
+    chain: Arc<ChainOwner>,
+    /// Keeps the chain's lock held across lost connections.
+    keeper: tokio::task::AbortHandle,
+}
+
+fn migrator() -> Migrator {
+    let migration = |version, name, sql| {
+        Migration::new(
+            version,
+            Cow::Borrowed(name),
+            MigrationType::Simple,
+            Cow::Borrowed(sql),
+            false,
+        )
+    };
+    let migrations = vec![
+        migration(
+            1,
+            "init",
+            include_str!("../migrations/postgres/0001_init.sql"),
+        ),
+        migration(
+            2,
+            "audit",
+            include_str!("../migrations/postgres/0002_audit.sql"),
+        ),
+        migration(
+            3,
+            "credentials",
+            include_str!("../migrations/postgres/0003_credentials.sql"),
+        ),
+    ];
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        // Takes pg_advisory_lock for the database while migrating.
+        locking: true,
+        ..Migrator::DEFAULT
+    }
+}
+
+// === impl PgStore ===
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://…` or
+    /// `postgresql://…`), brings its schema up to date and starts listening
+    /// for changes. Must be called inside a Tokio runtime.
+    pub async fn open(url: &str) -> Result<Self> {
+        let options = PgConnectOptions::from_str(url)?.application_name("airlock");
+        {
+            // A connection of its own: closing it releases the migration
+            // lock whatever happened.
+            let mut conn = PgConnection::connect_with(&options).await?;
+            let migrated = migrator().run_direct(&mut conn).await;
+            let _ = conn.close().await;
+            migrated?;
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .idle_timeout(IDLE_TIMEOUT)
+            .connect_with(options.clone())
+            .await?;
+        let (changes, _) = broadcast::channel(FEED_CAPACITY);
+        let feed = tokio::spawn(feed::run(options.clone(), changes.clone())).abort_handle();
+        let chain = Arc::new(ChainOwner::new(options));
+        let keeper = tokio::spawn({
+            let chain = Arc::clone(&chain);
+            async move { chain.keep().await }
+        })
+        .abort_handle();
+        Ok(Self {
+            pool,
+            changes,
+            feed,
+            chain,
+            keeper,
+        })
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.feed.abort();
+        self.keeper.abort();
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn insert_session(&self, s: &SessionRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sessions (id, token_hash, created_at, expires_at, revoked_at, scope, \
+             limits, labels, allowed, denied, max_requests, max_denied) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(s.id.as_str())
+        .bind(s.token_hash.to_hex())
+        .bind(s.created_at)
+        .bind(s.expires_at)
+        .bind(s.revoked_at)
+        .bind(encode_json(&s.scope))
+        .bind(encode_json(&s.limits))
+        .bind(encode_json(&s.labels))
+        .bind(to_i64(s.allowed))
+        .bind(to_i64(s.denied))
+        .bind(s.limits.max_requests.map(to_i64))
+        .bind(s.limits.max_denied.map(to_i64))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn session_by_token(&self, hash: &TokenHash) -> Result<Option<SessionRow>> {
+        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE token_hash = $1");
+        let row = sqlx::query(&sql)
+            .bind(hash.to_hex())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(decode_session).transpose()
+    }
+
+    async fn session_by_id(&self, id: &SessionId) -> Result<Option<SessionRow>> {
+        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(decode_session).transpose()
+    }
+
+    async fn list_sessions(&self, include_ended: bool, now_ms: i64) -> Result<Vec<SessionRow>> {
+        let rows = if include_ended {
+            let sql =
+                format!("SELECT {SESSION_COLUMNS} FROM sessions ORDER BY created_at DESC, id");
+            sqlx::query(&sql).fetch_all(&self.pool).await?
+        } else {
+            let sql = format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE revoked_at IS NULL AND expires_at > $1 \
+                 ORDER BY created_at DESC, id"
+            );
+            sqlx::query(&sql).bind(now_ms).fetch_all(&self.pool).await?
+        };
+        rows.iter().map(decode_session).collect()
+    }
+
+    async fn revoke_session(&self, id: &SessionId, at_ms: i64) -> Result<bool> {
+        // The trigger on `sessions` tells every replica when this commits.
+        let exists: bool = sqlx::query_scalar(
+            "WITH revoked AS ( \
+                 UPDATE sessions SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL \
+                 RETURNING 1 \
+             ) SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1)",
+        )
+        .bind(id.as_str())
+        .bind(at_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(exists)
+    }
+
+    async fn add_call_counts(&self, id: &SessionId, allowed: u64, denied: u64) -> Result<()> {
+        sqlx::query(
+            "UPDATE sessions SET allowed = allowed + $2, denied = denied + $3 WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .bind(to_i64(allowed))
+        .bind(to_i64(denied))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn set_setting_if_absent(&self, key: &str, value: &str) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(self.setting(key).await?.unwrap_or_else(|| value.to_owned()))
+    }
+
+    async fn credential(&self, provider: &str) -> Result<Option<StoredCredential>> {
+        let row: Option<(Vec<u8>, i64)> =
+            sqlx::query_as("SELECT sealed, updated_at FROM credentials WHERE provider = $1")
+                .bind(provider)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(sealed, updated_at)| StoredCredential { sealed, updated_at }))
+    }
+
+    async fn set_credential(&self, provider: &str, sealed: &[u8], at_ms: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO credentials (provider, sealed, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (provider) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+        )
+        .bind(provider)
+        .bind(sealed)
+        .bind(at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Several processes share the database, so each owns a chain of its
+    /// own: the one it held before if it still can, else the
+    /// lowest-numbered chain whose advisory lock nobody holds (resumed at
+    /// its head), else a new one (id from a sequence). The lock is
+    /// session-level, held on a connection kept open for the process's
+    /// lifetime; PostgreSQL releases it when that connection ends, however
+    /// it ends, so a crashed replica's chain is resumed by the next one. A
+    /// keeper takes the lock again when that connection dies.
+    ///
+    /// Meanwhile another process may take the chain over.
+    /// [`Store::audit_append`] moves the head only from the seq it expects
+    /// (`WHERE head_seq = previous`), so two writers can never interleave
+    /// records: the one behind gets [`StoreError::ChainConflict`] and must
+    /// claim again.
+    async fn audit_claim_chain(&self, genesis: GenesisSeal<'_>) -> Result<ChainHead> {
+        self.chain.claim(genesis).await
+    }
+
+    /// The guarded head update and one `INSERT … SELECT FROM UNNEST(…)` of
+    /// the whole batch (one round trip whatever its size), in one
+    /// transaction.
+    async fn audit_append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
+        let Some(first) = records.first() else {
+            return Ok(());
+        };
+        let column = |f: &dyn Fn(&AuditRecord) -> i64| records.iter().map(f).collect::<Vec<_>>();
+        let mut tx = self.pool.begin().await?;
+        // Move the head first, guarded: the row lock serialises writers of
+        // one chain, and one that is not at the head inserts nothing.
+        let moved = sqlx::query(
+            "UPDATE audit_chains SET head_seq = $1, head_mac = $2, head_seal = $3 \
+             WHERE id = $4 AND head_seq = $5",
+        )
+        .bind(to_i64(head.seq))
+        .bind(head.mac.as_slice())
+        .bind(head.seal.as_slice())
+        .bind(i64::from(head.chain))
+        .bind(to_i64(first.seq.saturating_sub(1)))
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            return Err(StoreError::ChainConflict(head.chain));
+        }
+        sqlx::query(&format!(
+            "INSERT INTO audit_records ({RECORD_COLUMNS}) SELECT * FROM UNNEST(\
+             $1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
+             $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], \
+             $14::int8[], $15::bytea[], $16::bytea[])"
+        ))
+        .bind(column(&|r| i64::from(r.chain)))
+        .bind(column(&|r| to_i64(r.seq)))
+        .bind(column(&|r| r.ts_ms))
+        .bind(
+            records
+                .iter()
+                .map(|r| r.session.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            records
+                .iter()
+                .map(|r| r.provider.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            records
+                .iter()
+                .map(|r| r.method.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(records.iter().map(|r| r.path.as_str()).collect::<Vec<_>>())
+        .bind(
+            records
+                .iter()
+                .map(|r| r.decision.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(&|r| i64::from(r.status)))
+        .bind(
+            records
+                .iter()
+                .map(|r| r.upstream_status.map(i64::from))
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(&|r| to_i64(r.duration_us)))
+        .bind(column(&|r| to_i64(r.bytes_in)))
+        .bind(column(&|r| to_i64(r.bytes_out)))
+        .bind(column(&|r| i64::from(r.flags.bits())))
+        .bind(
+            records
+                .iter()
+                .map(|r| r.prev_mac.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(records.iter().map(|r| r.mac.as_slice()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+            "SELECT {RECORD_COLUMNS} FROM audit_records WHERE TRUE"
+        ));
+        if let Some(session) = &q.session {
+            sql.push(" AND session = ").push_bind(session.as_str());
+        }
+        if let Some(since) = q.since_ms {
+            sql.push(" AND ts >= ").push_bind(since);
+        }
+        if let Some(chain) = q.chain {
+            sql.push(" AND chain = ").push_bind(i64::from(chain));
+            sql.push(" AND seq > ").push_bind(to_i64(q.after_seq));
+            sql.push(" ORDER BY seq");
+        } else {
+            sql.push(" ORDER BY ts, chain, seq");
+        }
+        sql.push(" LIMIT ").push_bind(i64::from(q.limit));
+        let rows = sql.build().fetch_all(&self.pool).await?;
+        rows.iter().map(decode_record).collect()
+    }
+
+    async fn audit_heads(&self) -> Result<Vec<ChainHead>> {
+        let rows =
+            sqlx::query("SELECT id, head_seq, head_mac, head_seal FROM audit_chains ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(decode_head).collect()
+    }
+
+    async fn audit_probe(&self) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ('audit_probe', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(crate::unix_ms().to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.feed.abort();
+        self.keeper.abort();
+        self.chain.release().await;
+        self.pool.close().await;
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        Some(self.changes.subscribe())
+    }
+
+    async fn record_calls(
+        &self,
+        id: &SessionId,
+        allowed: u64,
+        denied: u64,
+        now_ms: i64,
+    ) -> Result<Option<SessionStatus>> {
+        // `denied + $3` is the new total: the right-hand sides see the row
+        // as it was. Crossing max_denied revokes in this very statement, and
+        // the trigger announces it to every replica.
+        let sql = format!(
+            "UPDATE sessions SET allowed = allowed + $2, denied = denied + $3, \
+             revoked_at = CASE \
+                 WHEN revoked_at IS NULL AND max_denied IS NOT NULL AND denied + $3 >= max_denied \
+                 THEN $4 ELSE revoked_at END \
+             WHERE id = $1 RETURNING {STATUS_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(to_i64(allowed))
+            .bind(to_i64(denied))
+            .bind(now_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(decode_status).transpose()
+    }
+
+    async fn reserve_requests(&self, id: &SessionId, want: u64) -> Result<u64> {
+        // The row lock taken by UPDATE serialises replicas; the CHECK on
+        // the table backs the arithmetic.
+        let granted: Option<i64> = sqlx::query_scalar(
+            "WITH grant_size AS ( \
+                 SELECT id, LEAST($2, GREATEST(1, (max_requests - reserved) / $3), \
+                                  max_requests - reserved) AS n \
+                 FROM sessions \
+                 WHERE id = $1 AND max_requests IS NOT NULL AND reserved < max_requests \
+                 FOR UPDATE \
+             ) \
+             UPDATE sessions s SET reserved = s.reserved + g.n FROM grant_size g \
+             WHERE s.id = g.id RETURNING g.n",
+        )
+        .bind(id.as_str())
+        .bind(to_i64(want.max(1)))
+        .bind(LEASE_DIVISOR)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(granted.map_or(0, to_u64))
+    }
+
+    async fn release_requests(&self, id: &SessionId, count: u64) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        sqlx::query("UPDATE sessions SET reserved = GREATEST(reserved - $2, 0) WHERE id = $1")
+            .bind(id.as_str())
+            .bind(to_i64(count))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn session_statuses(&self, ids: &[SessionId]) -> Result<Vec<SessionStatus>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!("SELECT {STATUS_COLUMNS} FROM sessions WHERE id = ANY($1)");
+        let rows = sqlx::query(&sql)
+            .bind(ids.iter().map(SessionId::as_str).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(decode_status).collect()
+    }
+}

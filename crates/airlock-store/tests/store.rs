@@ -1,0 +1,863 @@
+//! The Store contract, one suite run against SQLite and PostgreSQL, plus
+//! what only a shared (PostgreSQL) store does: migrations under concurrent
+//! starts, the change feed, limits across processes, one audit chain per
+//! writer.
+//!
+//! Each PostgreSQL test gets its own fresh database (`airlock_testkit::pg`);
+//! without a reachable server they skip loudly, or fail when `CI=true`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use airlock_core::audit::{head_seal, AuditKey, AuditRecord, ChainVerifier, Flags, GENESIS_MAC};
+use airlock_core::token::generate_token;
+use airlock_core::{Limits, SessionId, TokenHash};
+use airlock_store::{open, AuditQuery, ChainHead, Change, SessionRow, Store, StoreError};
+use airlock_testkit::pg::{self, FreshDb};
+
+/// A database to open stores on, and what keeps it alive.
+struct Backend {
+    url: String,
+    pg: Option<FreshDb>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Backend {
+    async fn sqlite() -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        Some(Self {
+            url: format!("sqlite://{}/store.db", dir.path().display()),
+            pg: None,
+            _dir: Some(dir),
+        })
+    }
+
+    async fn postgres() -> Option<Self> {
+        let db = pg::fresh_database().await?;
+        Some(Self {
+            url: db.url().to_owned(),
+            pg: Some(db),
+            _dir: None,
+        })
+    }
+
+    async fn open(&self) -> Arc<dyn Store> {
+        open(&self.url).await.unwrap()
+    }
+}
+
+/// Instantiates every case for both backends.
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let backend = crate::Backend::sqlite().await.unwrap();
+                    crate::cases::$case(&backend).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    if let Some(backend) = crate::Backend::postgres().await {
+                        crate::cases::$case(&backend).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    sessions_round_trip_and_survive_reopen,
+    settings_are_set_once,
+    call_counts_add_up,
+    session_statuses_read_many,
+    audit_records_read_back_by_chain_time_and_session,
+    audit_append_refuses_a_moved_head,
+    audit_claim_resumes_the_chain,
+    audit_probe_writes,
+);
+
+#[tokio::test]
+async fn unsupported_urls_are_refused() {
+    for url in ["mysql://x", "postgre://x", "x"] {
+        let err = open(url).await.err().unwrap().to_string();
+        assert!(err.contains("unsupported store url"), "{err}");
+    }
+}
+
+fn session(created_at: i64, expires_at: i64, limits: Limits) -> (String, SessionRow) {
+    let token = generate_token();
+    let row = SessionRow {
+        id: SessionId::generate(),
+        token_hash: TokenHash::of(token.expose()),
+        created_at,
+        expires_at,
+        revoked_at: None,
+        scope: serde_json::from_str(
+            r#"[{"provider":"openai","methods":["POST"],"paths":["/v1/chat/completions"]}]"#,
+        )
+        .unwrap(),
+        limits,
+        labels: BTreeMap::from([("agent".to_owned(), "a1".to_owned())]),
+        allowed: 0,
+        denied: 0,
+    };
+    (token.expose().to_owned(), row)
+}
+
+fn max_denied(n: u64) -> Limits {
+    Limits {
+        max_denied: Some(n),
+        ..Limits::default()
+    }
+}
+
+fn key() -> AuditKey {
+    AuditKey::new(&[7; 32])
+}
+
+fn genesis(chain: u32) -> [u8; 32] {
+    head_seal(&key(), chain, 0, &GENESIS_MAC)
+}
+
+/// `n` records sealed after `head`, and the head after them.
+fn records_after(
+    head: &ChainHead,
+    n: u64,
+    ts_ms: i64,
+    session: &str,
+) -> (Vec<AuditRecord>, ChainHead) {
+    let key = key();
+    let mut prev = head.mac;
+    let mut out = Vec::new();
+    for i in 1..=n {
+        let mut record = AuditRecord {
+            chain: 0,
+            seq: 0,
+            ts_ms: ts_ms + i64::try_from(i).unwrap(),
+            session: (i % 2 == 1).then(|| session.to_owned()),
+            provider: Some("openai".to_owned()),
+            method: "POST".to_owned(),
+            path: "/openai/v1/chat/completions".to_owned(),
+            decision: if i % 3 == 0 { "out_of_scope" } else { "allow" }.to_owned(),
+            status: 200,
+            upstream_status: (i % 3 != 0).then_some(200),
+            duration_us: 1_000 * i,
+            bytes_in: 10 * i,
+            bytes_out: 100 * i,
+            flags: if i == 2 {
+                Flags::CLIENT_ABORTED
+            } else {
+                Flags::empty()
+            },
+            prev_mac: GENESIS_MAC,
+            mac: GENESIS_MAC,
+        };
+        record.seal(&key, head.chain, head.seq + i, prev);
+        prev = record.mac;
+        out.push(record);
+    }
+    let seq = head.seq + n;
+    let new_head = ChainHead {
+        chain: head.chain,
+        seq,
+        mac: prev,
+        seal: head_seal(&key, head.chain, seq, &prev),
+    };
+    (out, new_head)
+}
+
+fn by_chain(chain: u32, after_seq: u64) -> AuditQuery {
+    AuditQuery {
+        chain: Some(chain),
+        after_seq,
+        limit: 1_000,
+        ..AuditQuery::default()
+    }
+}
+
+/// Waits (up to `limit`) for a change matching `want`, skipping others.
+async fn next_change(
+    rx: &mut tokio::sync::broadcast::Receiver<Change>,
+    limit: Duration,
+    want: impl Fn(&Change) -> bool,
+) -> Option<Change> {
+    tokio::time::timeout(limit, async {
+        loop {
+            match rx.recv().await {
+                Ok(change) if want(&change) => return Some(change),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The cases both backends must pass.
+mod cases {
+    use super::*;
+
+    pub async fn sessions_round_trip_and_survive_reopen(backend: &Backend) {
+        let store = backend.open().await;
+        let (token, a) = session(1_000, 10_000, max_denied(3));
+        let (_, b) = session(2_000, 3_000, Limits::default());
+        store.insert_session(&a).await.unwrap();
+        store.insert_session(&b).await.unwrap();
+        assert!(
+            store.insert_session(&a).await.is_err(),
+            "ids and token hashes are unique"
+        );
+
+        let found = store
+            .session_by_token(&TokenHash::of(&token))
+            .await
+            .unwrap();
+        assert_eq!(found.as_ref(), Some(&a));
+        assert_eq!(store.session_by_id(&a.id).await.unwrap().as_ref(), Some(&a));
+        assert!(store
+            .session_by_token(&TokenHash::of("sess_nope"))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(store
+            .session_by_id(&SessionId::generate())
+            .await
+            .unwrap()
+            .is_none());
+
+        // At t=5000, b has expired: only a is active.
+        let active = store.list_sessions(false, 5_000).await.unwrap();
+        assert_eq!(
+            active.iter().map(|s| &s.id).collect::<Vec<_>>(),
+            vec![&a.id]
+        );
+        let all = store.list_sessions(true, 5_000).await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].id, b.id, "newest first");
+
+        store.add_call_counts(&a.id, 5, 2).await.unwrap();
+        assert!(store.revoke_session(&a.id, 6_000).await.unwrap());
+        assert!(
+            store.revoke_session(&a.id, 7_000).await.unwrap(),
+            "idempotent"
+        );
+        assert!(!store
+            .revoke_session(&SessionId::generate(), 7_000)
+            .await
+            .unwrap());
+        store.close().await;
+
+        let store = backend.open().await;
+        let a2 = store.session_by_id(&a.id).await.unwrap().unwrap();
+        assert_eq!((a2.allowed, a2.denied), (5, 2));
+        assert_eq!(a2.revoked_at, Some(6_000), "first revocation time is kept");
+        assert_eq!(a2.limits, a.limits);
+        assert!(store.list_sessions(false, 5_000).await.unwrap().is_empty());
+        store.close().await;
+    }
+
+    pub async fn settings_are_set_once(backend: &Backend) {
+        let store = backend.open().await;
+        assert_eq!(store.setting("k").await.unwrap(), None);
+        assert_eq!(store.set_setting_if_absent("k", "v1").await.unwrap(), "v1");
+        assert_eq!(store.set_setting_if_absent("k", "v2").await.unwrap(), "v1");
+        assert_eq!(store.setting("k").await.unwrap().as_deref(), Some("v1"));
+        store.close().await;
+    }
+
+    pub async fn call_counts_add_up(backend: &Backend) {
+        let store = backend.open().await;
+        let (_, a) = session(1_000, i64::MAX, Limits::default());
+        store.insert_session(&a).await.unwrap();
+        store.add_call_counts(&a.id, 1, 1).await.unwrap();
+        let totals = store.record_calls(&a.id, 2, 3, 5_000).await.unwrap();
+        if let Some(totals) = totals {
+            assert_eq!((totals.allowed, totals.denied), (3, 4));
+            assert_eq!(totals.revoked_at, None, "no max_denied: never revoked");
+        }
+        let row = store.session_by_id(&a.id).await.unwrap().unwrap();
+        assert_eq!((row.allowed, row.denied), (3, 4));
+        assert_eq!(row.revoked_at, None);
+        // Counting calls of a session that does not exist is harmless.
+        store
+            .record_calls(&SessionId::generate(), 1, 1, 5_000)
+            .await
+            .unwrap();
+        store.close().await;
+    }
+
+    pub async fn session_statuses_read_many(backend: &Backend) {
+        let store = backend.open().await;
+        let (_, a) = session(1_000, 50_000, Limits::default());
+        let (_, b) = session(1_000, 60_000, Limits::default());
+        store.insert_session(&a).await.unwrap();
+        store.insert_session(&b).await.unwrap();
+        store.add_call_counts(&b.id, 4, 1).await.unwrap();
+        store.revoke_session(&a.id, 2_000).await.unwrap();
+        let missing = SessionId::generate();
+        let mut statuses = store
+            .session_statuses(&[a.id.clone(), missing, b.id.clone()])
+            .await
+            .unwrap();
+        statuses.sort_by_key(|x| x.expires_at);
+        assert_eq!(statuses.len(), 2, "missing sessions are left out");
+        assert_eq!(
+            (
+                &statuses[0].id,
+                statuses[0].revoked_at,
+                statuses[0].expires_at
+            ),
+            (&a.id, Some(2_000), 50_000)
+        );
+        assert_eq!(
+            (
+                &statuses[1].id,
+                statuses[1].revoked_at,
+                statuses[1].allowed,
+                statuses[1].denied
+            ),
+            (&b.id, None, 4, 1)
+        );
+        assert!(store.session_statuses(&[]).await.unwrap().is_empty());
+        store.close().await;
+    }
+
+    pub async fn audit_records_read_back_by_chain_time_and_session(backend: &Backend) {
+        let store = backend.open().await;
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        assert_eq!((head.seq, head.mac), (0, GENESIS_MAC));
+        assert_eq!(head.seal, genesis(head.chain));
+        let chain = head.chain;
+
+        let (first, head1) = records_after(&head, 3, 10_000, "ses_one");
+        store.audit_append(&first, &head1).await.unwrap();
+        let (second, head2) = records_after(&head1, 600, 20_000, "ses_two");
+        store.audit_append(&second, &head2).await.unwrap();
+        store.audit_append(&[], &head2).await.unwrap();
+        assert_eq!(store.audit_heads().await.unwrap(), vec![head2.clone()]);
+
+        // By chain: everything, in order, byte for byte; it verifies.
+        let all = store.audit_records(&by_chain(chain, 0)).await.unwrap();
+        let expected: Vec<_> = first.iter().chain(&second).cloned().collect();
+        assert_eq!(all, expected);
+        let key = key();
+        let mut verifier = ChainVerifier::from_start(&key);
+        for (i, record) in all.iter().enumerate() {
+            verifier.check(record, all.get(i + 1)).unwrap();
+        }
+        verifier
+            .check_head(chain, head2.seq, &head2.mac, &head2.seal)
+            .unwrap();
+        // Paging by seq.
+        let page = store
+            .audit_records(&AuditQuery {
+                limit: 2,
+                ..by_chain(chain, 3)
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![4, 5]);
+        // By time, oldest first.
+        let since = store
+            .audit_records(&AuditQuery {
+                since_ms: Some(20_599),
+                limit: 10,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            since.iter().map(|r| r.ts_ms).collect::<Vec<_>>(),
+            vec![20_599, 20_600]
+        );
+        // By session.
+        let one = store
+            .audit_records(&AuditQuery {
+                session: Some("ses_one".to_owned()),
+                limit: 100,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(one.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 3]);
+        store.close().await;
+    }
+
+    pub async fn audit_append_refuses_a_moved_head(backend: &Backend) {
+        let store = backend.open().await;
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let (first, head1) = records_after(&head, 2, 1_000, "ses_a");
+        store.audit_append(&first, &head1).await.unwrap();
+        // A writer still at the old head: its records and head are refused,
+        // all or nothing.
+        let (stale, stale_head) = records_after(&head, 3, 2_000, "ses_b");
+        let err = store.audit_append(&stale, &stale_head).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::ChainConflict(c) if c == head.chain),
+            "{err}"
+        );
+        // A batch starting past the head (a gap) is refused the same way.
+        let (_, further) = records_after(&head1, 1, 3_000, "ses_c");
+        let (gap, gap_head) = records_after(&further, 1, 3_000, "ses_c");
+        assert!(matches!(
+            store.audit_append(&gap, &gap_head).await,
+            Err(StoreError::ChainConflict(_))
+        ));
+        let all = store.audit_records(&by_chain(head.chain, 0)).await.unwrap();
+        assert_eq!(all, first);
+        assert_eq!(store.audit_heads().await.unwrap(), vec![head1]);
+        store.close().await;
+    }
+
+    pub async fn audit_claim_resumes_the_chain(backend: &Backend) {
+        let store = backend.open().await;
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let (records, head1) = records_after(&head, 5, 1_000, "ses_a");
+        store.audit_append(&records, &head1).await.unwrap();
+        store.close().await;
+        drop(store);
+
+        let store = backend.open().await;
+        let resumed = store.audit_claim_chain(&genesis).await.unwrap();
+        assert_eq!(
+            resumed, head1,
+            "a restarted writer resumes its chain at the head"
+        );
+        let (more, head2) = records_after(&resumed, 2, 2_000, "ses_a");
+        store.audit_append(&more, &head2).await.unwrap();
+        assert_eq!(store.audit_heads().await.unwrap(), vec![head2]);
+        store.close().await;
+    }
+
+    pub async fn audit_probe_writes(backend: &Backend) {
+        let store = backend.open().await;
+        store.audit_probe().await.unwrap();
+        store.audit_probe().await.unwrap();
+        store.close().await;
+    }
+}
+
+/// What only a store shared by several processes does.
+mod shared {
+    use super::*;
+
+    async fn backend() -> Option<Backend> {
+        Backend::postgres().await
+    }
+
+    #[tokio::test]
+    async fn sqlite_is_not_shared() {
+        let backend = Backend::sqlite().await.unwrap();
+        let store = backend.open().await;
+        assert!(!store.is_shared());
+        assert!(store.changes().is_none());
+    }
+
+    #[tokio::test]
+    async fn replicas_starting_at_once_migrate_once() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let opens = (0..6).map(|_| {
+            let url = backend.url.clone();
+            tokio::spawn(async move { open(&url).await })
+        });
+        let mut stores = Vec::new();
+        for store in futures_util::future::join_all(opens).await {
+            stores.push(store.unwrap().expect("every replica starts"));
+        }
+        assert!(stores.iter().all(|s| s.is_shared()));
+        let db = backend.pg.as_ref().unwrap();
+        let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+            .unwrap()
+            .count();
+        assert_eq!(
+            db.scalar_i64("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+                .await,
+            i64::try_from(files).unwrap(),
+            "every migration applied, once"
+        );
+        for store in stores {
+            store.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn revocations_reach_every_replica_within_a_second() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let a = backend.open().await;
+        let b = backend.open().await;
+        let mut feed = b.changes().unwrap();
+        // The feed announces itself (connected: resync) before anything else.
+        next_change(&mut feed, Duration::from_secs(10), |c| *c == Change::Resync)
+            .await
+            .expect("the feed connects");
+        let (_, s) = session(1_000, 99_000, Limits::default());
+        a.insert_session(&s).await.unwrap();
+
+        let started = Instant::now();
+        a.revoke_session(&s.id, 4_242).await.unwrap();
+        let change = next_change(&mut feed, Duration::from_secs(5), |c| {
+            matches!(c, Change::Session { .. })
+        })
+        .await
+        .expect("B hears of the revocation");
+        let took = started.elapsed();
+        assert_eq!(
+            change,
+            Change::Session {
+                id: s.id.clone(),
+                revoked_at: Some(4_242),
+                expires_at: 99_000
+            }
+        );
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        eprintln!("revocation pushed to the other store in {took:?}");
+
+        // A revocation done by hand in SQL is announced too (the trigger),
+        // and a second revocation changes nothing and says nothing.
+        let db = backend.pg.as_ref().unwrap();
+        let (_, t) = session(1_000, 77_000, Limits::default());
+        a.insert_session(&t).await.unwrap();
+        a.revoke_session(&s.id, 5_000).await.unwrap();
+        db.execute(&format!(
+            "UPDATE sessions SET expires_at = 88000 WHERE id = '{}'",
+            t.id
+        ))
+        .await;
+        let change = next_change(&mut feed, Duration::from_secs(5), |c| {
+            matches!(c, Change::Session { .. })
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            change,
+            Change::Session {
+                id: t.id.clone(),
+                revoked_at: None,
+                expires_at: 88_000
+            }
+        );
+        a.close().await;
+        b.close().await;
+    }
+
+    #[tokio::test]
+    async fn credential_changes_are_announced() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let store = backend.open().await;
+        let mut feed = store.changes().unwrap();
+        next_change(&mut feed, Duration::from_secs(10), |c| *c == Change::Resync)
+            .await
+            .unwrap();
+        // What a credential write does in its transaction (the payload
+        // format is Change::payload's).
+        let payload = Change::Credential {
+            provider: "openai".to_owned(),
+        }
+        .payload()
+        .unwrap();
+        let db = backend.pg.as_ref().unwrap();
+        db.execute(&format!("SELECT pg_notify('airlock_changes', '{payload}')"))
+            .await;
+        let change = next_change(&mut feed, Duration::from_secs(5), |c| {
+            matches!(c, Change::Credential { .. })
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            change,
+            Change::Credential {
+                provider: "openai".to_owned()
+            }
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_feed_reconnects_by_itself_and_asks_for_a_resync() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let db = backend.pg.as_ref().unwrap();
+        let a = backend.open().await;
+        let b = backend.open().await;
+        let mut feed = b.changes().unwrap();
+        next_change(&mut feed, Duration::from_secs(10), |c| *c == Change::Resync)
+            .await
+            .unwrap();
+        assert!(db.terminate_connections().await > 0);
+        next_change(&mut feed, Duration::from_secs(10), |c| *c == Change::Resync)
+            .await
+            .expect("after reconnecting, the feed asks for a resync");
+        // Both stores work again by themselves, and changes flow again.
+        let (_, s) = session(1_000, 99_000, Limits::default());
+        a.insert_session(&s).await.unwrap();
+        a.revoke_session(&s.id, 5).await.unwrap();
+        let change = next_change(&mut feed, Duration::from_secs(5), |c| {
+            matches!(c, Change::Session { .. })
+        })
+        .await
+        .unwrap();
+        assert!(matches!(
+            change,
+            Change::Session {
+                revoked_at: Some(5),
+                ..
+            }
+        ));
+        assert!(b.session_by_id(&s.id).await.unwrap().is_some());
+        a.close().await;
+        b.close().await;
+    }
+
+    #[tokio::test]
+    async fn reaching_max_denied_revokes_in_the_counting_statement() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let a = backend.open().await;
+        let b = backend.open().await;
+        let mut feed = b.changes().unwrap();
+        let (_, s) = session(1_000, i64::MAX, max_denied(3));
+        a.insert_session(&s).await.unwrap();
+        // Two replicas each saw fewer than three denials...
+        let after_a = a.record_calls(&s.id, 1, 2, 10).await.unwrap().unwrap();
+        assert_eq!((after_a.denied, after_a.revoked_at), (2, None));
+        // ...the one whose count brings the total to three revokes for all.
+        let after_b = b.record_calls(&s.id, 0, 1, 20).await.unwrap().unwrap();
+        assert_eq!((after_b.denied, after_b.revoked_at), (3, Some(20)));
+        let change = next_change(&mut feed, Duration::from_secs(5), |c| {
+            matches!(c, Change::Session { .. })
+        })
+        .await
+        .unwrap();
+        assert!(matches!(change, Change::Session { id, revoked_at: Some(20), .. } if id == s.id));
+        // Later counts keep the first revocation time.
+        let later = a.record_calls(&s.id, 0, 1, 30).await.unwrap().unwrap();
+        assert_eq!((later.denied, later.revoked_at), (4, Some(20)));
+        a.close().await;
+        b.close().await;
+    }
+
+    #[tokio::test]
+    async fn leases_never_add_up_to_more_than_max_requests() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let stores = [
+            backend.open().await,
+            backend.open().await,
+            backend.open().await,
+        ];
+        let (_, s) = session(
+            1_000,
+            i64::MAX,
+            Limits {
+                max_requests: Some(1_000),
+                ..Limits::default()
+            },
+        );
+        stores[0].insert_session(&s).await.unwrap();
+        // The first lease is capped at an eighth of what is left.
+        assert_eq!(stores[0].reserve_requests(&s.id, 500).await.unwrap(), 125);
+        let tasks = stores.iter().map(|store| {
+            let store = Arc::clone(store);
+            let id = s.id.clone();
+            tokio::spawn(async move {
+                let mut got = 0;
+                loop {
+                    match store.reserve_requests(&id, 50).await.unwrap() {
+                        0 => return got,
+                        n => got += n,
+                    }
+                }
+            })
+        });
+        let granted: u64 = futures_util::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .sum();
+        assert_eq!(125 + granted, 1_000, "every call handed out exactly once");
+        assert_eq!(stores[1].reserve_requests(&s.id, 1).await.unwrap(), 0);
+        // Given back, it can be handed out again.
+        stores[2].release_requests(&s.id, 7).await.unwrap();
+        assert_eq!(stores[1].reserve_requests(&s.id, 100).await.unwrap(), 1);
+        let mut rest = 0;
+        loop {
+            match stores[0].reserve_requests(&s.id, 100).await.unwrap() {
+                0 => break,
+                n => rest += n,
+            }
+        }
+        assert_eq!(rest, 6);
+        // Sessions without max_requests have nothing to lease.
+        let (_, free) = session(1_000, i64::MAX, Limits::default());
+        stores[0].insert_session(&free).await.unwrap();
+        assert_eq!(stores[0].reserve_requests(&free.id, 5).await.unwrap(), 0);
+        for store in stores {
+            store.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn each_writer_owns_a_chain_and_a_dead_writers_chain_is_resumed() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let a = backend.open().await;
+        let b = backend.open().await;
+        let head_a = a.audit_claim_chain(&genesis).await.unwrap();
+        let head_b = b.audit_claim_chain(&genesis).await.unwrap();
+        assert_ne!(head_a.chain, head_b.chain, "two live writers, two chains");
+        let (ra, ha) = records_after(&head_a, 4, 1_000, "ses_a");
+        let (rb, hb) = records_after(&head_b, 3, 1_000, "ses_b");
+        a.audit_append(&ra, &ha).await.unwrap();
+        b.audit_append(&rb, &hb).await.unwrap();
+        let mut heads = a.audit_heads().await.unwrap();
+        heads.sort_by_key(|h| h.chain);
+        let mut expected = vec![ha.clone(), hb.clone()];
+        expected.sort_by_key(|h| h.chain);
+        assert_eq!(heads, expected);
+
+        // A's process ends: the next writer resumes A's chain at its head,
+        // not B's (still held), and starts no new one.
+        a.close().await;
+        drop(a);
+        let c = backend.open().await;
+        let head_c = c.audit_claim_chain(&genesis).await.unwrap();
+        assert_eq!(head_c, ha);
+        // A fourth writer while B and C live gets a new chain.
+        let d = backend.open().await;
+        let head_d = d.audit_claim_chain(&genesis).await.unwrap();
+        assert!(head_d.chain != ha.chain && head_d.chain != hb.chain);
+        assert_eq!((head_d.seq, head_d.seal), (0, genesis(head_d.chain)));
+        for store in [b, c, d] {
+            store.close().await;
+        }
+    }
+
+    /// Rows of `pg_locks` showing chain `chain`'s lock held (in this
+    /// database).
+    async fn chain_lock_holders(db: &FreshDb, chain: u32) -> i64 {
+        db.scalar_i64(&format!(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND classid = 1096107092 AND objid = {chain} AND objsubid = 2 \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ))
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_writer_takes_its_chain_lock_again_after_losing_its_connection() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let db = backend.pg.as_ref().unwrap();
+        let a = backend.open().await;
+        let head = a.audit_claim_chain(&genesis).await.unwrap();
+        assert_eq!(chain_lock_holders(db, head.chain).await, 1);
+        db.terminate_connections().await;
+        let started = Instant::now();
+        loop {
+            if chain_lock_holders(db, head.chain).await == 1 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "lock not taken again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // So a writer starting now gets a chain of its own...
+        let b = backend.open().await;
+        let head_b = b.audit_claim_chain(&genesis).await.unwrap();
+        assert_ne!(head_b.chain, head.chain);
+        // ...and A goes on where it was.
+        let (records, head1) = records_after(&head, 2, 1_000, "ses_a");
+        a.audit_append(&records, &head1).await.unwrap();
+        // Claiming again while holding a chain keeps it.
+        assert_eq!(a.audit_claim_chain(&genesis).await.unwrap(), head1);
+        a.close().await;
+        b.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_lost_its_chain_cannot_fork_it() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let db = backend.pg.as_ref().unwrap();
+        let a = backend.open().await;
+        let head = a.audit_claim_chain(&genesis).await.unwrap();
+        let (first, head1) = records_after(&head, 2, 1_000, "ses_a");
+        a.audit_append(&first, &head1).await.unwrap();
+
+        // Another writer (this connection) takes A's chain while A is cut
+        // off, and moves its head on.
+        let mut other = db.connect().await;
+        db.allow_connections(false).await;
+        sqlx::raw_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .execute(&mut other)
+        .await
+        .unwrap();
+        let started = Instant::now();
+        loop {
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(1096107092, $1)")
+                .bind(i32::try_from(head.chain).unwrap())
+                .fetch_one(&mut other)
+                .await
+                .unwrap();
+            if locked {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "A's lock not released"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (by_other, head_other) = records_after(&head1, 1, 2_000, "ses_b");
+        sqlx::query("UPDATE audit_chains SET head_seq = $1 WHERE id = $2")
+            .bind(i64::try_from(head_other.seq).unwrap())
+            .bind(i64::from(head.chain))
+            .execute(&mut other)
+            .await
+            .unwrap();
+        db.allow_connections(true).await;
+
+        // A, unaware, appends where it thinks the head is: refused, nothing
+        // written.
+        let (by_a, head_a) = records_after(&head1, 1, 2_000, "ses_a");
+        assert_eq!(by_a[0].seq, by_other[0].seq);
+        assert!(matches!(
+            a.audit_append(&by_a, &head_a).await,
+            Err(StoreError::ChainConflict(c)) if c == head.chain
+        ));
+        // A claims again and gets a chain of its own.
+        let again = a.audit_claim_chain(&genesis).await.unwrap();
+        assert_ne!(again.chain, head.chain);
+        assert_eq!((again.seq, again.seal), (0, genesis(again.chain)));
+        let all = a.audit_records(&by_chain(head.chain, 0)).await.unwrap();
+        assert_eq!(all, first);
+        a.close().await;
+    }
+}

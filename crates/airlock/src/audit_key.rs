@@ -1,0 +1,51 @@
+//! The audit key: from `AIRLOCK_AUDIT_KEY`, or the key file named by
+//! `[audit] key_file` (created with mode 0600 on first start).
+
+use airlock_core::audit::AuditKey;
+use airlock_core::seal::{load_or_create_key, KeyOrigin, KeyPurpose};
+use anyhow::Context;
+
+use crate::config::AuditConfig;
+
+/// The environment variable that may hold the audit key (64 hex characters).
+pub const AUDIT_KEY_ENV: &str = "AIRLOCK_AUDIT_KEY";
+
+const PURPOSE: KeyPurpose = KeyPurpose {
+    name: "audit key",
+    env_var: AUDIT_KEY_ENV,
+};
+
+/// Loads the key, creating the key file if there is neither it nor the
+/// variable (server start). On a shared store every replica must hold the
+/// same key, so there it must come from the variable or a configured file.
+pub fn load_or_create(config: &AuditConfig, store_url: &str) -> anyhow::Result<AuditKey> {
+    let env = std::env::var(AUDIT_KEY_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    if env.is_none() && !config.key_file_explicit && airlock_store::is_postgres_url(store_url) {
+        anyhow::bail!(
+            "with a PostgreSQL store every replica needs the same audit key: set {AUDIT_KEY_ENV} \
+             (64 hex characters) or [audit] key_file"
+        );
+    }
+    let (key, origin) = load_or_create_key(env.as_deref(), &config.key_file, PURPOSE)
+        .context("loading the audit key")?;
+    if origin == KeyOrigin::Created {
+        tracing::info!(file = %config.key_file.display(), "audit key created (mode 0600)");
+    }
+    Ok(AuditKey::new(key.expose()))
+}
+
+/// Loads an existing key; never creates one (verification).
+pub fn load_existing(config: &AuditConfig, store_url: &str) -> anyhow::Result<AuditKey> {
+    let env = std::env::var(AUDIT_KEY_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    if env.is_none() && !config.key_file.exists() {
+        anyhow::bail!(
+            "no audit key: set {AUDIT_KEY_ENV} or point [audit] key_file at the server's key ({} does not exist)",
+            config.key_file.display()
+        );
+    }
+    load_or_create(config, store_url)
+}

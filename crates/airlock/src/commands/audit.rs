@@ -1,0 +1,210 @@
+//! `airlock audit verify`, `export` and `tail`: read the store and the
+//! audit key named by the config directly, so they work while the server is
+//! down (forensics) as well as while it runs.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use airlock_audit::verify_store;
+use airlock_core::audit::{AuditKey, AuditRecord, Break, BreakReason, ChainVerifier};
+use airlock_core::duration;
+use airlock_session::now_ms;
+use airlock_store::{AuditQuery, Store};
+use anyhow::Context;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::audit_key;
+use crate::cli::AuditCommand;
+use crate::config::Config;
+
+mod tail;
+
+/// Records read per query while exporting.
+const PAGE: u32 = 5_000;
+
+/// Runs an audit command; exit 1 means "the trail does not verify".
+pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Verify { from: None, .. } => verify_stored(config).await,
+        AuditCommand::Verify {
+            from: Some(file),
+            session,
+        } => {
+            let key = audit_key::load_existing(&config.audit, &config.store_url)?;
+            verify_file(&file, session.as_deref(), &key)
+        }
+        AuditCommand::Export { session, since } => {
+            let since_ms = since.as_deref().map(parse_since).transpose()?;
+            export(config, session, since_ms).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Tail { session, lines } => tail::run(config, session, lines).await,
+    }
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    airlock_store::open(&config.store_url)
+        .await
+        .with_context(|| format!("opening store {}", config.store_url))
+}
+
+async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
+    let key = audit_key::load_existing(&config.audit, &config.store_url)?;
+    let store = open_store(config).await?;
+    let verified = verify_store(store.as_ref(), &key).await;
+    store.close().await;
+    let verified = verified.context("reading the audit trail")?;
+    Ok(match verified.first_break {
+        None => {
+            println!(
+                "audit trail intact: {} records in {} chain{}",
+                verified.records,
+                verified.chains,
+                if verified.chains == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Some(broken) => report_break(&broken, None),
+    })
+}
+
+fn report_break(broken: &Break, line: Option<usize>) -> ExitCode {
+    let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+    println!(
+        "audit trail broken: first bad record is seq {} of chain {}{at}: {}",
+        broken.seq, broken.chain, broken.reason
+    );
+    ExitCode::from(1)
+}
+
+/// Verifies an exported file line by line, with one record of look-ahead.
+fn verify_file(path: &Path, session: Option<&str>, key: &AuditKey) -> anyhow::Result<ExitCode> {
+    let reader: Box<dyn BufRead> = if path == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut verifier = match session {
+        Some(_) => ChainVerifier::allow_gaps(key),
+        None => ChainVerifier::partial(key),
+    };
+    let mut pending: Option<(usize, AuditRecord)> = None;
+    let check = |verifier: &mut ChainVerifier<'_>,
+                 (line, record): (usize, AuditRecord),
+                 next: Option<&AuditRecord>|
+     -> Option<ExitCode> {
+        if let Some(wanted) = session {
+            if record.session.as_deref() != Some(wanted) {
+                let broken = Break {
+                    chain: record.chain,
+                    seq: record.seq,
+                    reason: BreakReason::Malformed(format!(
+                        "belongs to another session, not {wanted}"
+                    )),
+                };
+                return Some(report_break(&broken, Some(line)));
+            }
+        }
+        verifier
+            .check(&record, next)
+            .err()
+            .map(|broken| report_break(&broken, Some(line)))
+    };
+    for (index, line) in reader.lines().enumerate() {
+        let number = index + 1;
+        let line = line.with_context(|| format!("reading line {number}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = match AuditRecord::from_json(&line) {
+            Ok(record) => record,
+            Err(why) => {
+                // Name the record by what the line claims, when it can be read.
+                let claimed: Option<(u32, u64)> = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| {
+                        Some((
+                            u32::try_from(v["chain"].as_u64()?).ok()?,
+                            v["seq"].as_u64()?,
+                        ))
+                    });
+                let (chain, seq) = claimed.unwrap_or((0, 0));
+                let broken = Break {
+                    chain,
+                    seq,
+                    reason: BreakReason::Malformed(why),
+                };
+                return Ok(report_break(&broken, Some(number)));
+            }
+        };
+        if let Some(previous) = pending.take() {
+            if let Some(code) = check(&mut verifier, previous, Some(&record)) {
+                return Ok(code);
+            }
+        }
+        pending = Some((number, record));
+    }
+    if let Some(last) = pending {
+        if let Some(code) = check(&mut verifier, last, None) {
+            return Ok(code);
+        }
+    }
+    println!(
+        "audit file intact: {} records in {} chain{}",
+        verifier.records(),
+        verifier.chains(),
+        if verifier.chains() == 1 { "" } else { "s" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints matching records chain by chain, each in seq order, so that the
+/// output verifies on its own.
+async fn export(
+    config: &Config,
+    session: Option<String>,
+    since_ms: Option<i64>,
+) -> anyhow::Result<()> {
+    let store = open_store(config).await?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    for head in store.audit_heads().await? {
+        let mut after_seq = 0;
+        loop {
+            let page = store
+                .audit_records(&AuditQuery {
+                    session: session.clone(),
+                    since_ms,
+                    chain: Some(head.chain),
+                    after_seq,
+                    limit: PAGE,
+                })
+                .await?;
+            for record in &page {
+                writeln!(out, "{}", record.to_json())?;
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE as usize => after_seq = last.seq,
+                _ => break,
+            }
+        }
+    }
+    out.flush()?;
+    store.close().await;
+    Ok(())
+}
+
+/// `--since`: an RFC 3339 time, or a duration meaning "that long ago".
+fn parse_since(value: &str) -> anyhow::Result<i64> {
+    if let Ok(ago) = duration::parse(value) {
+        let ago = i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);
+        return Ok(now_ms().saturating_sub(ago));
+    }
+    let t = OffsetDateTime::parse(value, &Rfc3339).map_err(|_| {
+        anyhow::anyhow!("--since {value:?}: use an RFC 3339 time (2026-01-02T03:04:05Z) or a duration (15m, 2h)")
+    })?;
+    Ok(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+}

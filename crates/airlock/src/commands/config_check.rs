@@ -1,0 +1,187 @@
+//! `airlock config check`: validates the config (loading it is the
+//! validation; a bad one never gets here) and describes what `airlock serve`
+//! would run. It never prints a credential, only where it comes from and
+//! whether it is available now.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::ExitCode;
+
+use airlock_core::duration;
+
+use crate::audit_key::AUDIT_KEY_ENV;
+use crate::config::{Config, CredentialSource};
+
+/// What `config check` found: the description to print, and the problems
+/// that would stop `airlock serve` from starting, each as `KEY: reason`.
+#[derive(Debug, Default)]
+pub struct Description {
+    /// Human-readable summary, one setting per line.
+    pub text: String,
+    /// Problems that `serve` would refuse to start with.
+    pub problems: Vec<String>,
+}
+
+/// Prints the description; exit 1 (with each problem on stderr) when serve
+/// would refuse to start.
+pub fn run(config: &Config) -> ExitCode {
+    let description = describe(config);
+    print!("{}", description.text);
+    if description.problems.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    for problem in &description.problems {
+        eprintln!("airlock: {problem}");
+    }
+    ExitCode::FAILURE
+}
+
+/// Describes `config` without revealing any credential.
+pub fn describe(config: &Config) -> Description {
+    let mut d = Description::default();
+    let out = &mut d.text;
+    let dur = |d: std::time::Duration| duration::format(d);
+    let public_url = config.proxy.public_url.clone().unwrap_or_else(|| {
+        let note = if config.proxy.listen.port() == 0 {
+            " (the port is chosen at start)"
+        } else {
+            ""
+        };
+        format!("http://{}{note}", config.proxy.listen)
+    });
+    let base_url = config
+        .proxy
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.proxy.listen));
+
+    let _ = writeln!(out, "config: {} (valid)", config.source);
+    let _ = writeln!(out, "proxy:");
+    line(out, "listen", &config.proxy.listen.to_string());
+    line(out, "public url", &public_url);
+    line(out, "upstream timeout", &dur(config.proxy.upstream_timeout));
+    line(out, "connect timeout", &dur(config.proxy.connect_timeout));
+    line(
+        out,
+        "header read timeout",
+        &dur(config.proxy.header_read_timeout),
+    );
+    line(out, "drain timeout", &dur(config.proxy.drain_timeout));
+
+    let _ = writeln!(out, "admin:");
+    line(out, "listen", &config.admin_listen.to_string());
+    let token = if env_is_set("AIRLOCK_ADMIN_TOKEN") {
+        "env:AIRLOCK_ADMIN_TOKEN (set)".to_owned()
+    } else {
+        "env:AIRLOCK_ADMIN_TOKEN (not set: the stored one, or a new one printed on first start)"
+            .to_owned()
+    };
+    line(out, "token", &token);
+
+    let _ = writeln!(out, "store:");
+    line(
+        out,
+        "url",
+        &format!("{}{}", config.store_url, store_note(&config.store_url)),
+    );
+
+    let _ = writeln!(out, "audit:");
+    if config.audit.enabled {
+        line(out, "enabled", "yes");
+        line(
+            out,
+            "fail closed",
+            if config.audit.fail_closed {
+                "yes (calls are refused with 503 while records cannot be written)"
+            } else {
+                "no (calls go on while records cannot be written)"
+            },
+        );
+        let key = if env_is_set(AUDIT_KEY_ENV) {
+            format!("env:{AUDIT_KEY_ENV} (set)")
+        } else if config.audit.key_file.exists() {
+            format!("file:{} (exists)", config.audit.key_file.display())
+        } else {
+            format!(
+                "file:{} (does not exist yet: created on first start)",
+                config.audit.key_file.display()
+            )
+        };
+        line(out, "key", &key);
+        line(out, "stall timeout", &dur(config.audit.stall_timeout));
+    } else {
+        line(out, "enabled", "no (calls are not recorded)");
+    }
+
+    let _ = writeln!(out, "sessions:");
+    line(out, "max ttl", &dur(config.max_ttl));
+
+    let _ = writeln!(out, "providers:");
+    if config.providers.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for (name, p) in &config.providers {
+        let _ = writeln!(out, "  {name}:");
+        sub_line(out, "upstream", &p.upstream);
+        sub_line(out, "auth", &p.auth.to_string());
+        let credential = match &p.credential {
+            CredentialSource::Store => {
+                "store (sealed in the store; set with `airlock credential set`)".to_owned()
+            }
+            CredentialSource::Env(var) if env_is_set(var) => format!("env:{var} (set)"),
+            CredentialSource::Env(var) => {
+                format!("env:{var} (not set: calls to {name} get 503 until it is)")
+            }
+            CredentialSource::File(path) => match std::fs::File::open(path) {
+                Ok(_) => format!("file:{} (readable)", path.display()),
+                Err(e) => {
+                    d.problems.push(format!(
+                        "providers.{name}.credential: cannot read {}: {e}",
+                        path.display()
+                    ));
+                    format!("file:{} (cannot read: {e})", path.display())
+                }
+            },
+        };
+        sub_line(out, "credential", &credential);
+        sub_line(
+            out,
+            "agents get",
+            &format!(
+                "{}=<session token>, {}={base_url}/{name}{}",
+                p.env_key, p.env_base_url, p.base_path
+            ),
+        );
+    }
+    d
+}
+
+/// Width of the setting names, so that values line up.
+const LABEL_WIDTH: usize = 22;
+
+fn line(out: &mut String, label: &str, value: &str) {
+    let _ = writeln!(out, "  {:<LABEL_WIDTH$}{value}", format!("{label}:"));
+}
+
+fn sub_line(out: &mut String, label: &str, value: &str) {
+    let width = LABEL_WIDTH - 2;
+    let _ = writeln!(out, "    {:<width$}{value}", format!("{label}:"));
+}
+
+fn env_is_set(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| !v.is_empty())
+}
+
+/// Whether the store's file exists yet.
+fn store_note(url: &str) -> &'static str {
+    let file = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .map(|rest| rest.split('?').next().unwrap_or(rest));
+    match file {
+        Some(path) if path.is_empty() || path.starts_with(':') => " (in memory)",
+        Some(path) if Path::new(path).exists() => " (exists)",
+        Some(_) => " (does not exist yet: created on first start)",
+        None => "",
+    }
+}

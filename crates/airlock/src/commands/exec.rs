@@ -1,0 +1,244 @@
+//! `airlock exec`: runs a command inside a session of its own.
+//!
+//! Opens a session through the admin API, starts the command with the
+//! session's environment (and without any real credential), forwards
+//! SIGINT/SIGTERM/SIGHUP to it, revokes the session once it has exited and
+//! exits with its status.
+
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitCode, ExitStatus};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hyper::Method;
+use serde_json::Value;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use crate::audit_key::AUDIT_KEY_ENV;
+use crate::cli::ExecArgs;
+use crate::client::AdminClient;
+use crate::commands::session::create_body;
+use crate::config::{Config, CredentialSource};
+
+/// airlock itself failed (before the command ran, or could not revoke the
+/// session of a command that succeeded), as `env(1)` and `timeout(1)` say it.
+pub const EXIT_AIRLOCK_FAILED: u8 = 125;
+/// The command was found but could not be executed.
+pub const EXIT_CANNOT_EXECUTE: u8 = 126;
+/// The command was not found.
+pub const EXIT_NOT_FOUND: u8 = 127;
+
+/// The variable that tells the command its session id (not a secret).
+pub const SESSION_ID_ENV: &str = "AIRLOCK_SESSION_ID";
+
+/// Attempts to revoke the session after the command exits.
+const REVOKE_ATTEMPTS: u32 = 3;
+/// Pause between revocation attempts (doubled each time).
+const REVOKE_RETRY: Duration = Duration::from_millis(250);
+
+/// Runs `airlock exec`. Errors are airlock's own failures before the command
+/// started; everything after that is reported and folded into the exit code.
+pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
+    let Some((program, program_args)) = args.command.split_first() else {
+        bail!("no command given (put it after --)");
+    };
+    let body = create_body(&args.session)?;
+    let client = AdminClient::from_env(format!("http://{}", config.admin_listen));
+    // Installed before the session exists, so that no signal between now and
+    // the command's start is lost: a pending one is forwarded at once.
+    let mut signals = Signals::install()?;
+
+    let session = tokio::select! {
+        session = client.call(Method::POST, "/v1/sessions", Some(&body)) => session?,
+        number = signals.recv() => {
+            // The session may have been created, but its token was never
+            // handed to anyone; it ends with its TTL.
+            eprintln!("airlock: interrupted while opening the session");
+            return Ok(ExitCode::from(signal_exit_code(number)));
+        }
+    };
+    let id = session
+        .get("id")
+        .and_then(Value::as_str)
+        .context("the admin API's answer has no session id")?
+        .to_owned();
+
+    let mut command = tokio::process::Command::new(program);
+    command.args(program_args);
+    for var in hidden_variables(config) {
+        command.env_remove(var);
+    }
+    for (key, value) in session_env(&session) {
+        command.env(key, value);
+    }
+    command.env(SESSION_ID_ENV, &id);
+
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_CANNOT_EXECUTE
+            };
+            eprintln!("airlock: cannot run {}: {e}", program.to_string_lossy());
+            if let Err(e) = revoke(&client, &id).await {
+                eprintln!("airlock: {e:#}");
+            }
+            return Ok(ExitCode::from(code));
+        }
+    };
+
+    let status = loop {
+        tokio::select! {
+            biased;
+            status = child.wait() => break status,
+            number = signals.recv() => {
+                if let Some(pid) = child.id() {
+                    forward_signal(pid, number);
+                }
+            }
+        }
+    };
+
+    let revoked = revoke(&client, &id).await;
+    let code = match status {
+        Ok(status) => exit_code_of(status),
+        Err(e) => {
+            eprintln!("airlock: waiting for {}: {e}", program.to_string_lossy());
+            EXIT_AIRLOCK_FAILED
+        }
+    };
+    match revoked {
+        Ok(()) => Ok(ExitCode::from(code)),
+        Err(e) => {
+            eprintln!("airlock: {e:#}");
+            Ok(ExitCode::from(if code == 0 {
+                EXIT_AIRLOCK_FAILED
+            } else {
+                code
+            }))
+        }
+    }
+}
+
+/// Variables the command must not inherit: the real credentials of every
+/// configured provider whose source is `env:VAR`, the admin token and the
+/// audit key.
+pub fn hidden_variables(config: &Config) -> BTreeSet<String> {
+    let mut vars: BTreeSet<String> = config
+        .providers
+        .values()
+        .filter_map(|p| match &p.credential {
+            CredentialSource::Env(var) => Some(var.clone()),
+            CredentialSource::File(_) | CredentialSource::Store => None,
+        })
+        .collect();
+    vars.insert("AIRLOCK_ADMIN_TOKEN".to_owned());
+    vars.insert(AUDIT_KEY_ENV.to_owned());
+    vars
+}
+
+/// The `env` object of a created session.
+fn session_env(session: &Value) -> Vec<(String, String)> {
+    session
+        .get("env")
+        .and_then(Value::as_object)
+        .map(|env| {
+            env.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Revokes the session, retrying briefly: the command has ended and its
+/// token must stop working.
+async fn revoke(client: &AdminClient, id: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/sessions/{id}");
+    let mut pause = REVOKE_RETRY;
+    let mut attempt = 1;
+    loop {
+        match client.call(Method::DELETE, &path, None).await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt >= REVOKE_ATTEMPTS => {
+                return Err(e.context(format!(
+                    "could not revoke session {id}; it stays usable until it expires \
+                     (revoke it with `airlock session revoke {id}`)"
+                )))
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// The exit code of a finished command: its own, or 128+N when signal N
+/// killed it (as shells report it).
+fn exit_code_of(status: ExitStatus) -> u8 {
+    if let Some(code) = status.code() {
+        // Exit codes are 0..=255 on Unix; `code()` is the low 8 bits.
+        return u8::try_from(code & 0xff).unwrap_or(1);
+    }
+    status.signal().map_or(1, signal_exit_code)
+}
+
+/// 128+N for signal N.
+fn signal_exit_code(number: i32) -> u8 {
+    u8::try_from(128 + number).unwrap_or(255)
+}
+
+/// Sends signal `number` to `pid`; a command that is already gone is fine.
+fn forward_signal(pid: u32, number: i32) {
+    let signal = match number {
+        n if n == SignalKind::interrupt().as_raw_value() => rustix::process::Signal::INT,
+        n if n == SignalKind::terminate().as_raw_value() => rustix::process::Signal::TERM,
+        n if n == SignalKind::hangup().as_raw_value() => rustix::process::Signal::HUP,
+        _ => return,
+    };
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    if let Err(e) = rustix::process::kill_process(pid, signal) {
+        if e != rustix::io::Errno::SRCH {
+            eprintln!("airlock: cannot forward signal {number} to the command: {e}");
+        }
+    }
+}
+
+/// The signals airlock catches while the command runs (so that airlock
+/// outlives the command and can revoke its session).
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("installing the {name} handler"))
+        };
+        Ok(Self {
+            interrupt: install(SignalKind::interrupt(), "SIGINT")?,
+            terminate: install(SignalKind::terminate(), "SIGTERM")?,
+            hangup: install(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    /// The next signal's number.
+    async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.interrupt.recv() => SignalKind::interrupt().as_raw_value(),
+            _ = self.terminate.recv() => SignalKind::terminate().as_raw_value(),
+            _ = self.hangup.recv() => SignalKind::hangup().as_raw_value(),
+        }
+    }
+}

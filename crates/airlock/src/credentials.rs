@@ -1,0 +1,267 @@
+//! The providers' real credentials, kept current from their sources:
+//!
+//! - `env:VAR`: read once at start;
+//! - `file:PATH`: re-read whenever the file changes (inotify plus a periodic
+//!   check), so a rotated secret file applies to the next call;
+//! - `store`: sealed in the store with the master key; set through the admin
+//!   API (`airlock credential set`), applied at once here and, through the
+//!   store's change feed, on every replica.
+//!
+//! Each provider's credential lives in a [`CredentialCell`] the request path
+//! reads with one atomic load.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use airlock_admin::{CredentialAdmin, CredentialAdminError, CredentialStatus};
+use airlock_core::seal::{self, credential_aad, load_or_create_key, KeyOrigin, KeyPurpose};
+use airlock_core::{MasterKey, Secret};
+use airlock_proxy::credential_source::{CredentialCell, FileWatcher};
+use airlock_proxy::{CredentialFormat, PreparedCredential};
+use airlock_session::now_ms;
+use airlock_store::{Change, Store};
+use anyhow::Context;
+use async_trait::async_trait;
+
+use crate::config::{Config, CredentialSource};
+
+/// One provider's credential: where it comes from and what is in force.
+struct ProviderCredential {
+    source: CredentialSource,
+    format: CredentialFormat,
+    cell: Arc<CredentialCell<PreparedCredential>>,
+}
+
+/// Every provider's credential, and what keeps them current.
+pub struct Credentials {
+    providers: BTreeMap<String, ProviderCredential>,
+    store: Arc<dyn Store>,
+    /// Present when some provider's credential is in the store.
+    master_key: Option<MasterKey>,
+    /// Dropping these stops watching the files.
+    _watchers: Vec<FileWatcher>,
+}
+
+// === impl Credentials ===
+
+impl Credentials {
+    /// Loads every provider's credential. A missing one is not an error
+    /// (its calls get 503 until it is set); an unreadable file, a bad value
+    /// or a sealed value that does not open is.
+    pub async fn load(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        let uses_store = config
+            .providers
+            .values()
+            .any(|p| p.credential == CredentialSource::Store);
+        let master_key = if uses_store {
+            Some(load_master_key(config)?)
+        } else {
+            None
+        };
+        let mut credentials = Self {
+            providers: BTreeMap::new(),
+            store,
+            master_key,
+            _watchers: Vec::new(),
+        };
+        for (name, p) in &config.providers {
+            let format = CredentialFormat::new(p.auth.clone(), p.auth_format.as_deref())
+                .with_context(|| format!("providers.{name}.auth_format"))?;
+            let cell = Arc::new(CredentialCell::new());
+            match &p.credential {
+                CredentialSource::Env(_) => {
+                    let secret = p
+                        .credential
+                        .read()
+                        .map_err(|e| anyhow::anyhow!("providers.{name}.credential: {e}"))?;
+                    if let Some(secret) = secret {
+                        let prepared = format
+                            .prepare(&secret)
+                            .with_context(|| format!("providers.{name}.credential"))?;
+                        cell.store(Some(prepared));
+                    }
+                }
+                CredentialSource::File(path) => {
+                    let format = format.clone();
+                    let watcher = FileWatcher::start(path.clone(), Arc::clone(&cell), move |s| {
+                        format.prepare(&s)
+                    })
+                    .with_context(|| format!("providers.{name}.credential"))?;
+                    credentials._watchers.push(watcher);
+                }
+                CredentialSource::Store => {}
+            }
+            credentials.providers.insert(
+                name.clone(),
+                ProviderCredential {
+                    source: p.credential.clone(),
+                    format,
+                    cell,
+                },
+            );
+        }
+        for (name, p) in &config.providers {
+            if p.credential == CredentialSource::Store {
+                credentials.reload(name).await?;
+            }
+        }
+        for (name, p) in &credentials.providers {
+            if p.cell.load().is_none() {
+                tracing::warn!(provider = %name, source = %describe(&p.source), "no credential available; calls to this provider get 503 until one is configured");
+            }
+        }
+        Ok(credentials)
+    }
+
+    /// The live credential of `provider`, for the proxy.
+    pub fn cell(&self, provider: &str) -> Option<Arc<CredentialCell<PreparedCredential>>> {
+        self.providers.get(provider).map(|p| Arc::clone(&p.cell))
+    }
+
+    /// Re-reads a `store` credential (after a change on any replica).
+    pub async fn reload(&self, provider: &str) -> anyhow::Result<()> {
+        let Some(p) = self.providers.get(provider) else {
+            return Ok(());
+        };
+        let Some(key) = self
+            .master_key
+            .as_ref()
+            .filter(|_| p.source == CredentialSource::Store)
+        else {
+            return Ok(());
+        };
+        let Some(stored) = self.store.credential(provider).await? else {
+            p.cell.store(None);
+            return Ok(());
+        };
+        let secret = seal::open(key, &credential_aad(provider), &stored.sealed)
+            .and_then(|bytes| bytes.into_secret())
+            .with_context(|| {
+                format!("the stored credential of {provider} does not open with this master key")
+            })?;
+        let prepared = p
+            .format
+            .prepare(&secret)
+            .with_context(|| format!("the stored credential of {provider}"))?;
+        p.cell.store(Some(prepared));
+        tracing::info!(provider, "credential loaded from the store");
+        Ok(())
+    }
+
+    /// Applies credential changes announced by other replicas until the
+    /// feed ends.
+    pub async fn follow_changes(self: Arc<Self>) {
+        let Some(mut changes) = self.store.changes() else {
+            return;
+        };
+        loop {
+            match changes.recv().await {
+                Ok(Change::Credential { provider }) => {
+                    if let Err(e) = self.reload(&provider).await {
+                        tracing::error!(provider, error = %format!("{e:#}"), "could not reload a changed credential");
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed some: reload every stored credential.
+                    let stored: Vec<String> = self
+                        .providers
+                        .iter()
+                        .filter(|(_, p)| p.source == CredentialSource::Store)
+                        .map(|(name, _)| name.clone())
+                        .collect();
+                    for provider in stored {
+                        if let Err(e) = self.reload(&provider).await {
+                            tracing::error!(provider, error = %format!("{e:#}"), "could not reload a credential");
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl CredentialAdmin for Credentials {
+    async fn set(&self, provider: &str, value: Secret) -> Result<(), CredentialAdminError> {
+        let p = self
+            .providers
+            .get(provider)
+            .ok_or_else(|| CredentialAdminError::UnknownProvider(provider.to_owned()))?;
+        let key = match (&p.source, &self.master_key) {
+            (CredentialSource::Store, Some(key)) => key,
+            (source, _) => {
+                return Err(CredentialAdminError::NotStored {
+                    provider: provider.to_owned(),
+                    origin: describe(source),
+                })
+            }
+        };
+        let prepared = p
+            .format
+            .prepare(&value)
+            .map_err(|e| CredentialAdminError::Invalid(format!("value: {e}")))?;
+        let sealed = seal::seal(key, &credential_aad(provider), value.expose().as_bytes())
+            .map_err(|e| CredentialAdminError::Internal(e.to_string()))?;
+        self.store
+            .set_credential(provider, &sealed, now_ms())
+            .await
+            .map_err(|e| CredentialAdminError::Internal(e.to_string()))?;
+        p.cell.store(Some(prepared));
+        Ok(())
+    }
+
+    async fn status(&self, provider: &str) -> Result<CredentialStatus, CredentialAdminError> {
+        let p = self
+            .providers
+            .get(provider)
+            .ok_or_else(|| CredentialAdminError::UnknownProvider(provider.to_owned()))?;
+        let updated_at = if p.source == CredentialSource::Store {
+            self.store
+                .credential(provider)
+                .await
+                .map_err(|e| CredentialAdminError::Internal(e.to_string()))?
+                .map(|c| c.updated_at)
+        } else {
+            None
+        };
+        Ok(CredentialStatus {
+            source: describe(&p.source),
+            set: p.cell.load().is_some(),
+            updated_at,
+        })
+    }
+}
+
+/// The source as written in the config.
+fn describe(source: &CredentialSource) -> String {
+    match source {
+        CredentialSource::Env(var) => format!("env:{var}"),
+        CredentialSource::File(path) => format!("file:{}", path.display()),
+        CredentialSource::Store => "store".to_owned(),
+    }
+}
+
+fn load_master_key(config: &Config) -> anyhow::Result<MasterKey> {
+    let env = std::env::var(seal::MASTER_KEY_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    if env.is_none()
+        && !config.master_key_file_explicit
+        && airlock_store::is_postgres_url(&config.store_url)
+    {
+        anyhow::bail!(
+            "with a PostgreSQL store every replica needs the same master key: set {} \
+             (64 hex characters) or [store] master_key_file",
+            seal::MASTER_KEY_ENV
+        );
+    }
+    let (key, origin) =
+        load_or_create_key(env.as_deref(), &config.master_key_file, KeyPurpose::MASTER)
+            .context("loading the master key")?;
+    if origin == KeyOrigin::Created {
+        tracing::info!(file = %config.master_key_file.display(), "master key created (mode 0600)");
+    }
+    Ok(MasterKey::new(key))
+}

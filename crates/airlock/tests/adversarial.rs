@@ -1,0 +1,1231 @@
+//! Adversarial end-to-end suite: a prompt-injected agent tries everything.
+//!
+//! Every case sends raw bytes over a socket (a client library would tidy
+//! the request up) to the real `airlock` binary in front of a recording
+//! mock provider, with a valid session token, and asserts: the status (a
+//! JSON error from airlock, hyper's bare 400/431, or a closed connection),
+//! that the provider received nothing, and that airlock still answers
+//! afterwards. Cases run table-driven, one airlock and one mock per group;
+//! each group ends with a normal call that must still work.
+//!
+//! Run with `--nocapture` to see the table of cases and outcomes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use airlock_testkit::client::request;
+use airlock_testkit::h2raw;
+use airlock_testkit::hostile::{self, exchange, Exchange, Script, ScriptedUpstream};
+use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const OPENAI_KEY: &str = "sk-real-openai-0123456789";
+const ANTHROPIC_KEY: &str = "sk-ant-real-abcdef0123";
+const GOOGLE_KEY: &str = "AIza-real-google-0123";
+/// How long one case may take to be answered.
+const CASE_LIMIT: Duration = Duration::from_secs(10);
+/// Slack on top of a configured timeout before a test calls it broken.
+const SLACK: Duration = Duration::from_millis(1500);
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+struct Env {
+    mock: MockProvider,
+    airlock: Airlock,
+    token: String,
+}
+
+/// airlock in front of a recording mock, with `allowed_hosts` set, and a
+/// session that may call a few narrow paths on three providers.
+async fn env(proxy_options: &[&str]) -> Env {
+    let mock = MockProvider::start().await;
+    let mut builder = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .provider(
+            "anthropic",
+            &mock.url(),
+            "header:x-api-key",
+            ANTHROPIC_KEY,
+            "",
+        )
+        .provider("google", &mock.url(), "query:key", GOOGLE_KEY, "")
+        .proxy_option(r#"allowed_hosts = ["127.0.0.1", "localhost"]"#);
+    for option in proxy_options {
+        builder = builder.proxy_option(option);
+    }
+    let airlock = builder.start().await.unwrap();
+    let session = airlock
+        .create_session(json!({
+            "scope": [
+                {"provider": "openai", "methods": ["GET", "POST"],
+                 "paths": ["/v1/models/*", "/v1/chat/completions"]},
+                {"provider": "anthropic", "methods": ["POST"], "paths": ["/v1/messages"]},
+                {"provider": "google", "methods": ["GET"], "paths": ["/v1beta/models/*"]}
+            ],
+            "ttl_seconds": 600
+        }))
+        .await
+        .unwrap();
+    Env {
+        mock,
+        airlock,
+        token: session["token"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// What a case must get back.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// airlock's own JSON error: status and `error.code`.
+    Json(u16, &'static str),
+    /// airlock's JSON error, and the connection closed after it.
+    JsonThenClose(u16, &'static str),
+    /// This status, JSON or not (hyper answers framing errors itself with
+    /// an empty body and closes).
+    Status(u16),
+}
+
+struct Case {
+    name: &'static str,
+    request: Vec<u8>,
+    expect: Expect,
+}
+
+fn case(name: &'static str, request: impl Into<Vec<u8>>, expect: Expect) -> Case {
+    Case {
+        name,
+        request: request.into(),
+        expect,
+    }
+}
+
+const BAD: Expect = Expect::Json(400, "bad_request");
+const BAD_CLOSE: Expect = Expect::JsonThenClose(400, "bad_request");
+const BARE_400: Expect = Expect::Status(400);
+
+impl Expect {
+    async fn check(self, ex: &mut Exchange) -> Result<(), String> {
+        let (status, code, close) = match self {
+            Expect::Json(s, c) => (s, Some(c), false),
+            Expect::JsonThenClose(s, c) => (s, Some(c), true),
+            Expect::Status(s) => (s, None, false),
+        };
+        if ex.status != Some(status) {
+            return Err(format!("status {:?}, expected {status}", ex.status));
+        }
+        if let Some(code) = code {
+            if ex.error_code().as_deref() != Some(code) {
+                return Err(format!("error code {:?}, expected {code}", ex.error_code()));
+            }
+            if ex.header("content-type") != Some("application/json") {
+                return Err("error body is not application/json".into());
+            }
+        }
+        if close && !ex.closes_within(Duration::from_secs(2)).await {
+            return Err("connection left open after an ambiguous request".into());
+        }
+        Ok(())
+    }
+}
+
+/// Runs every case on `env`: each must be refused as expected, reach
+/// nothing, and leave airlock answering. Then a normal call must work.
+async fn run(group: &str, env: &Env, cases: Vec<Case>) {
+    let url = env.airlock.proxy_url();
+    let mut failures = Vec::new();
+    println!("\n{group}: {} cases", cases.len());
+    for case in &cases {
+        let mut ex = exchange(&url, &case.request, CASE_LIMIT).await;
+        let seen = ex.status.map_or_else(
+            || {
+                if ex.closed {
+                    "closed".into()
+                } else {
+                    "no answer".into()
+                }
+            },
+            |s| match ex.error_code() {
+                Some(code) => format!("{s} {code}"),
+                None => format!("{s} (bare)"),
+            },
+        );
+        let verdict = case.expect.check(&mut ex).await;
+        println!(
+            "  {:<58} {:<28} {}",
+            case.name,
+            seen,
+            if verdict.is_ok() { "ok" } else { "FAIL" }
+        );
+        if let Err(why) = verdict {
+            failures.push(format!("{}: {why}\n---\n{}\n---", case.name, ex.raw));
+        }
+        if env.mock.request_count() != 0 {
+            failures.push(format!(
+                "{}: the provider received {:#?}",
+                case.name,
+                env.mock.requests()
+            ));
+            env.mock.clear();
+        }
+        assert_alive(env).await;
+    }
+    assert!(
+        failures.is_empty(),
+        "{group}: {} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+    assert_normal_call_works(env).await;
+}
+
+/// airlock answers a request that it refuses by itself (no provider call).
+async fn assert_alive(env: &Env) {
+    let ex = exchange(
+        &env.airlock.proxy_url(),
+        b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        CASE_LIMIT,
+    )
+    .await;
+    assert_eq!(
+        ex.status,
+        Some(404),
+        "airlock stopped answering: {}",
+        ex.raw
+    );
+}
+
+/// A well-formed call goes through, with the real credential.
+async fn assert_normal_call_works(env: &Env) {
+    let before = env.mock.request_count();
+    let reply = request(
+        "POST",
+        &format!("{}/openai/v1/chat/completions", env.airlock.proxy_url()),
+        &[
+            ("authorization", &format!("Bearer {}", env.token)),
+            ("content-type", "application/json"),
+        ],
+        r#"{"model":"gpt-mock","messages":[]}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let seen = env.mock.requests();
+    assert_eq!(seen.len(), before + 1);
+    assert_eq!(
+        seen[before].header("authorization").unwrap(),
+        format!("Bearer {OPENAI_KEY}")
+    );
+}
+
+/// `METHOD TARGET HTTP/1.1` with Host and the token, plus `extra` header
+/// lines (each ending in CRLF), and no body.
+fn req(method: &str, target: &str, token: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}
+
+fn get(target: &str, token: &str) -> Vec<u8> {
+    req("GET", target, token, "")
+}
+
+/// A POST to the granted chat path with exactly `head_rest` after the
+/// token line (header lines, the blank line and any body).
+fn post_raw(token: &str, head_rest: &str) -> Vec<u8> {
+    format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n{head_rest}"
+    )
+    .into_bytes()
+}
+
+// ---------------------------------------------------------------------------
+// Path tricks on the scope check
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn path_tricks_are_refused() {
+    let env = env(&[]).await;
+    let t = env.token.as_str();
+    let mut non_utf8 = get("/openai/v1/models/caf", t);
+    let at = non_utf8.iter().position(|b| *b == b' ').unwrap() + "/openai/v1/models/caf".len() + 1;
+    non_utf8.insert(at, 0xe9);
+    let cases = vec![
+        case("dot-dot segments", get("/openai/v1/models/../../admin", t), BAD),
+        case("dot segment", get("/openai/v1/./models/x", t), BAD),
+        case("trailing dot-dot", get("/openai/v1/models/x/..", t), BAD),
+        case("%2e%2e", get("/openai/v1/models/%2e%2e/%2e%2e/admin", t), BAD),
+        case("%2E%2E upper case", get("/openai/v1/models/%2E%2E/admin", t), BAD),
+        case("mixed .%2E", get("/openai/v1/models/.%2E/admin", t), BAD),
+        case("mixed case %2e%2E", get("/openai/v1/models/%2e%2E/admin", t), BAD),
+        case("encoded slash %2f", get("/openai/v1/models/x%2f..%2f..%2fadmin", t), BAD),
+        case("encoded slash %2F", get("/openai/v1/models%2Fgpt", t), BAD),
+        case("encoded backslash %5c", get("/openai/v1/models/x%5c..%5cadmin", t), BAD),
+        case("encoded NUL %00", get("/openai/v1/models/x%00.json", t), BAD),
+        case("encoded CR LF", get("/openai/v1/models/x%0d%0aINJECTED", t), BAD),
+        case("double slash", get("/openai/v1//models/x", t), BAD),
+        case("double slash after provider", get("/openai//v1/models/x", t), BAD),
+        case(";path parameter", get("/openai/v1/models/x;jsessionid=1", t), BAD),
+        case("..;/ (Tomcat)", get("/openai/v1/models/..;/admin", t), BAD),
+        case("raw backslash", get("/openai/v1/models\\..\\admin", t), Expect::Status(400)),
+        case("non-UTF-8 byte", non_utf8, Expect::Status(400)),
+        case("overlong UTF-8 %c0%ae", get("/openai/v1/models/%c0%ae%c0%ae/admin", t), BAD),
+        case("invalid UTF-8 %ff", get("/openai/v1/models/%ff", t), BAD),
+        case("double encoding %252e", get("/openai/v1/models/%252e%252e/admin", t), BAD),
+        case(
+            "encoded letter is not decoded into scope",
+            get("/openai/v1/%6dodels/x", t),
+            Expect::Json(403, "out_of_scope"),
+        ),
+        case("fragment", get("/openai/v1/models/x#/../../admin", t), BAD_CLOSE),
+        case("absolute-form elsewhere", get("http://evil.example/openai/v1/models/x", t), BAD),
+        case(
+            "absolute-form naming the upstream",
+            get(&format!("{}/openai/v1/models/x", env.mock.url()), t),
+            BAD,
+        ),
+        case(
+            "authority-form (CONNECT)",
+            req("CONNECT", hostile::authority(&env.mock.url()), t, ""),
+            Expect::Json(404, "unknown_provider"),
+        ),
+        case("asterisk-form", req("OPTIONS", "*", t, ""), Expect::Json(404, "unknown_provider")),
+        case("provider in other case", get("/OpenAI/v1/models/x", t), Expect::Json(404, "unknown_provider")),
+        case("encoded provider separator", get("/openai%2fv1/models/x", t), Expect::Json(404, "unknown_provider")),
+        case("space in the target", get("/openai/v1/models/a b", t), BARE_400),
+        case(
+            "HTTP/0.9 request line",
+            "GET /openai/v1/models/x\r\n\r\n",
+            BARE_400,
+        ),
+        case(
+            "unknown version HTTP/1.7",
+            format!("GET /openai/v1/models/x HTTP/1.7\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\n\r\n"),
+            BARE_400,
+        ),
+    ];
+    run("paths", &env, cases).await;
+}
+
+// ---------------------------------------------------------------------------
+// Method tricks
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn method_tricks_are_refused() {
+    let env = env(&[]).await;
+    let t = env.token.as_str();
+    let target = "/openai/v1/models/x";
+    let cases = vec![
+        case(
+            "X-HTTP-Method-Override",
+            req("GET", target, t, "X-HTTP-Method-Override: DELETE\r\n"),
+            BAD,
+        ),
+        case(
+            "X-HTTP-Method",
+            req("GET", target, t, "X-HTTP-Method: DELETE\r\n"),
+            BAD,
+        ),
+        case(
+            "X-Method-Override",
+            req("GET", target, t, "X-Method-Override: DELETE\r\n"),
+            BAD,
+        ),
+        case(
+            "_method query parameter",
+            get("/openai/v1/models/x?_method=DELETE", t),
+            BAD,
+        ),
+        case("lower-case method", req("get", target, t, ""), BAD),
+        case(
+            "unknown method PROPFIND",
+            req("PROPFIND", target, t, ""),
+            BAD,
+        ),
+        case("TRACE", req("TRACE", target, t, ""), BAD),
+        case("CONNECT with a path", req("CONNECT", target, t, ""), BAD),
+        case(
+            "method with a non-token byte",
+            req("G(T", target, t, ""),
+            BARE_400,
+        ),
+        case(
+            "method not granted",
+            req("DELETE", target, t, ""),
+            Expect::Json(403, "out_of_scope"),
+        ),
+    ];
+    run("methods", &env, cases).await;
+}
+
+// ---------------------------------------------------------------------------
+// Request framing
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn framing_tricks_are_refused() {
+    let env = env(&[]).await;
+    let t = env.token.as_str();
+    let smuggled = "GET /openai/v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let cases = vec![
+        case(
+            "Content-Length with Transfer-Encoding",
+            post_raw(t, &format!("Content-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}", 5 + smuggled.len())),
+            BAD_CLOSE,
+        ),
+        case(
+            "Transfer-Encoding with Content-Length",
+            post_raw(t, "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n"),
+            BAD_CLOSE,
+        ),
+        case("duplicate equal Content-Length", post_raw(t, "Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}"), BAD_CLOSE),
+        case("duplicate different Content-Length", post_raw(t, "Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x"), BARE_400),
+        case("Content-Length +2", post_raw(t, "Content-Length: +2\r\n\r\n{}"), BARE_400),
+        case("Content-Length 2, 2", post_raw(t, "Content-Length: 2, 2\r\n\r\n{}"), BARE_400),
+        case("Content-Length -1", post_raw(t, "Content-Length: -1\r\n\r\n{}"), BARE_400),
+        case("Content-Length overflow", post_raw(t, "Content-Length: 99999999999999999999999\r\n\r\n{}"), BARE_400),
+        case("Transfer-Encoding xchunked", post_raw(t, "Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"), BARE_400),
+        case("Transfer-Encoding chunked, identity", post_raw(t, "Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"), BARE_400),
+        case("Transfer-Encoding chunked, chunked", post_raw(t, "Transfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n"), BAD),
+        case("Transfer-Encoding twice", post_raw(t, "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), BAD_CLOSE),
+        case("Transfer-Encoding then identity", post_raw(t, "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n"), BARE_400),
+        case("space before the colon", post_raw(t, "Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n"), BARE_400),
+        case(
+            "Transfer-Encoding on HTTP/1.0",
+            format!("POST /openai/v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            BARE_400,
+        ),
+        case("obs-fold continuation", req("GET", "/openai/v1/models/x", t, "X-Folded: a\r\n  b\r\n"), BARE_400),
+        case(
+            "bare LF line endings",
+            format!("GET /openai/v1/models/x HTTP/1.1\nHost: 127.0.0.1\nAuthorization: Bearer {t}\n\n"),
+            BAD_CLOSE,
+        ),
+        case("bare CR in a header", req("GET", "/openai/v1/models/x", t, "X-A: a\rb\r\n"), BARE_400),
+        case("NUL in a header", req("GET", "/openai/v1/models/x", t, "X-A: a\0b\r\n"), BARE_400),
+        case("chunk-size overflow", post_raw(t, "Transfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n{}\r\n0\r\n\r\n"), BAD_CLOSE),
+        case("chunk size not hex", post_raw(t, "Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"), BAD_CLOSE),
+        case("chunk longer than its size", post_raw(t, "Transfer-Encoding: chunked\r\n\r\n1\r\n{}\r\n0\r\n\r\n"), BAD_CLOSE),
+        case("Host naming another host", format!("GET /openai/v1/models/x HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer {t}\r\n\r\n"), BAD),
+        case("two Host headers", req("GET", "/openai/v1/models/x", t, "Host: evil.example\r\n"), BAD),
+        case("no Host header", format!("GET /openai/v1/models/x HTTP/1.1\r\nAuthorization: Bearer {t}\r\n\r\n"), BAD),
+        case("Host with a path", format!("GET /openai/v1/models/x HTTP/1.1\r\nHost: 127.0.0.1/x\r\nAuthorization: Bearer {t}\r\n\r\n"), BAD),
+        case("Host with user info", format!("GET /openai/v1/models/x HTTP/1.1\r\nHost: a@127.0.0.1\r\nAuthorization: Bearer {t}\r\n\r\n"), BAD),
+        case(
+            "too many header lines",
+            req("GET", "/openai/v1/models/x", t, &"X-Pad: 1\r\n".repeat(120)),
+            Expect::Status(431),
+        ),
+    ];
+    run("framing", &env, cases).await;
+}
+
+// ---------------------------------------------------------------------------
+// Headers the agent must not set upstream
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn header_tricks_are_refused() {
+    let env = env(&[]).await;
+    let t = env.token.as_str();
+    let secret = &t["sess_".len()..];
+    let m = "/openai/v1/models/x";
+    let messages = |extra: &str| {
+        format!(
+            "POST /anthropic/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Content-Length: 2\r\n\r\n{{}}"
+        )
+    };
+    let cases = vec![
+        case("Connection naming Authorization", req("GET", m, t, "Connection: close, Authorization\r\n"), BAD),
+        case("Connection naming the auth header", messages(&format!("x-api-key: {t}\r\nConnection: x-api-key\r\n")), BAD),
+        case("Connection naming Content-Length", req("GET", m, t, "Connection: content-length\r\n"), BAD),
+        case("Connection naming Host", req("GET", m, t, "Connection: host\r\n"), BAD),
+        case("X-Forwarded-For", req("GET", m, t, "X-Forwarded-For: 10.0.0.1\r\n"), BAD),
+        case("Forwarded", req("GET", m, t, "Forwarded: for=10.0.0.1;host=api.openai.com\r\n"), BAD),
+        case("X-Forwarded-Host", req("GET", m, t, "X-Forwarded-Host: evil.example\r\n"), BAD),
+        case("X-Real-IP", req("GET", m, t, "X-Real-IP: 10.0.0.1\r\n"), BAD),
+        case("X_Forwarded_For (underscores)", req("GET", m, t, "X_Forwarded_For: 10.0.0.1\r\n"), BAD),
+        case("X-Original-URL", req("GET", m, t, "X-Original-URL: /v1/admin\r\n"), BAD),
+        case("X-Rewrite-URL", req("GET", m, t, "X-Rewrite-URL: /v1/admin\r\n"), BAD),
+        case("second Authorization header", req("GET", m, t, &format!("Authorization: Bearer {t}\r\n")), BAD),
+        case(
+            "Bearer and x-api-key disagree",
+            messages(&format!("Authorization: Bearer {t}\r\nx-api-key: sk-ant-other-key\r\n")),
+            BAD,
+        ),
+        case("x-api-key twice", messages(&format!("x-api-key: {t}\r\nx-api-key: {t}\r\n")), BAD),
+        case("x_api_key (underscores)", messages(&format!("x-api-key: {t}\r\nx_api_key: {t}\r\n")), BAD),
+        case("token in another header", req("GET", m, t, &format!("X-Debug: {t}\r\n")), BAD),
+        case("token in a cookie", req("GET", m, t, &format!("Cookie: s={secret}\r\n")), BAD),
+        case("token in Proxy-Authorization", req("GET", m, t, &format!("Proxy-Authorization: Bearer {t}\r\n")), BAD),
+        case("token in the query", get(&format!("{m}?trace={t}"), t), BAD),
+        case("token percent-encoded in the query", get(&format!("{m}?trace=sess%5F{secret}"), t), BAD),
+        case("token in the path", get(&format!("/openai/v1/models/{t}"), t), BAD),
+        case(
+            "query credential spelled k%65y",
+            format!("GET /google/v1beta/models/x?key={t}&k%65y=AIza-attacker HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+            BAD,
+        ),
+    ];
+    run("headers", &env, cases).await;
+}
+
+// ---------------------------------------------------------------------------
+// Audit and log injection
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn injection_leaves_every_record_and_log_line_one_line() {
+    let env = env(&[]).await;
+    let t = env.token.as_str();
+    let ua = b"User-Agent: evil\" \\ ' INJECTED \xc2\x9b35;7m \xe2\x80\xae\r\n";
+    let mut ua_request = format!(
+        "DELETE /openai/v1/models/x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\n"
+    )
+    .into_bytes();
+    ua_request.extend_from_slice(ua);
+    ua_request.extend_from_slice(b"\r\n");
+    let cases = vec![
+        case(
+            "CR LF in the path",
+            get("/openai/v1/models/x%0d%0aINJECTED:%201", t),
+            BAD,
+        ),
+        case(
+            "ANSI escape in the path",
+            get("/openai/v1/models/%1b%5b35;7mINJECTED", t),
+            BAD,
+        ),
+        case(
+            "quotes in the path",
+            get("/openai/v1/models/a\"INJECTED'b", t),
+            BAD,
+        ),
+        case(
+            "ESC byte in a header",
+            req(
+                "GET",
+                "/openai/v1/models/x",
+                t,
+                "User-Agent: \x1b[35;7mINJECTED\r\n",
+            ),
+            BARE_400,
+        ),
+        case(
+            "quotes, backslash, C1 and bidi in User-Agent",
+            ua_request,
+            Expect::Json(403, "out_of_scope"),
+        ),
+        case(
+            "quote in the method",
+            req("GE\"T", "/openai/v1/models/x", t, ""),
+            BARE_400,
+        ),
+    ];
+    run("injection", &env, cases).await;
+
+    // Every audit record is one well-formed JSON object with no control
+    // characters in what the agent chose.
+    let (status, body) = env
+        .airlock
+        .admin("GET", "/v1/audit?limit=1000", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let records = body["records"].as_array().unwrap();
+    assert!(records.len() >= 4, "{body}");
+    for record in records {
+        let line = serde_json::to_string(record).unwrap();
+        assert!(!line.contains('\n'), "{line}");
+        for field in ["path", "method", "decision"] {
+            let text = record[field].as_str().unwrap_or("");
+            assert!(!text.chars().any(char::is_control), "{field} of {line}");
+        }
+    }
+    // No log line was split or coloured by the agent: the refused calls
+    // are logged, each on its own `airlock::call` line.
+    let output = env.airlock.output();
+    let injected: Vec<&str> = output.lines().filter(|l| l.contains("INJECTED")).collect();
+    assert!(injected.len() >= 3, "{output}");
+    for line in &injected {
+        assert!(
+            line.contains("airlock::call") && line.contains("status"),
+            "{line}"
+        );
+    }
+    for line in output.lines() {
+        assert!(!line.trim_start().starts_with("INJECTED"), "{line}");
+        assert!(!line.contains("\u{1b}[35;7m"), "{line}");
+        assert!(!line.contains('\r'), "{line:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP/2 abuse
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn http2_abuse_is_refused() {
+    type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+    fn base(path: &str) -> Fields {
+        vec![
+            (b":method".to_vec(), b"GET".to_vec()),
+            (b":scheme".to_vec(), b"http".to_vec()),
+            (b":authority".to_vec(), b"127.0.0.1".to_vec()),
+            (b":path".to_vec(), path.as_bytes().to_vec()),
+        ]
+    }
+    fn with(mut fields: Fields, name: &str, value: &str) -> Fields {
+        fields.push((name.as_bytes().to_vec(), value.as_bytes().to_vec()));
+        fields
+    }
+    let env = env(&[]).await;
+    let url = env.airlock.proxy_url();
+    let bearer = format!("Bearer {}", env.token);
+    let ok = "/openai/v1/models/x";
+    let mut foreign = base(ok);
+    foreign[2].1 = b"api.openai.com".to_vec();
+    let mut late_pseudo = base(ok);
+    late_pseudo.insert(2, (b"x-a".to_vec(), b"1".to_vec()));
+    let bad = Some((400, "bad_request"));
+    // name, fields (the token is added), expected JSON error (None: any refusal)
+    type H2Case<'a> = (&'a str, Fields, Option<(u16, &'a str)>);
+    let cases: Vec<H2Case<'_>> = vec![
+        (
+            "duplicate :path",
+            with(base(ok), ":path", "/openai/v1/files"),
+            None,
+        ),
+        (
+            "missing :path",
+            base(ok).into_iter().take(3).collect(),
+            None,
+        ),
+        ("pseudo-header after a regular one", late_pseudo, None),
+        ("unknown pseudo-header", with(base(ok), ":evil", "1"), None),
+        (
+            "connection header",
+            with(base(ok), "connection", "keep-alive"),
+            None,
+        ),
+        (
+            "transfer-encoding header",
+            with(base(ok), "transfer-encoding", "chunked"),
+            None,
+        ),
+        ("te other than trailers", with(base(ok), "te", "gzip"), None),
+        (
+            "upper-case header name",
+            with(base(ok), "X-Upper", "1"),
+            None,
+        ),
+        (
+            "oversized header list",
+            with(base(ok), "x-big", &"a".repeat(80 * 1024)),
+            None,
+        ),
+        (
+            "dot-dot in :path",
+            base("/openai/v1/models/../../admin"),
+            bad,
+        ),
+        ("foreign :authority", foreign, bad),
+        (
+            "Host disagreeing with :authority",
+            with(base(ok), "host", "evil.example"),
+            bad,
+        ),
+        (
+            "method override",
+            with(base(ok), "x-http-method-override", "DELETE"),
+            bad,
+        ),
+        (
+            "x-forwarded-for",
+            with(base(ok), "x-forwarded-for", "10.0.0.1"),
+            bad,
+        ),
+        (
+            "token in another header",
+            with(base(ok), "x-debug", &env.token),
+            bad,
+        ),
+    ];
+    println!("\nhttp2: {} cases", cases.len());
+    let mut failures = Vec::new();
+    for (name, fields, expect) in cases {
+        let fields = with(fields, "authorization", &bearer);
+        let refs: Vec<(&[u8], &[u8])> = fields
+            .iter()
+            .map(|(n, v)| (n.as_slice(), v.as_slice()))
+            .collect();
+        let outcome = h2raw::request(&url, &refs, None, CASE_LIMIT).await;
+        println!(
+            "  {name:<58} status={:?} code={:?} reset={:?} goaway={:?} closed={}",
+            outcome.status,
+            outcome.error_code(),
+            outcome.reset,
+            outcome.goaway,
+            outcome.closed
+        );
+        let ok = match expect {
+            Some((status, code)) => {
+                outcome.status == Some(status) && outcome.error_code().as_deref() == Some(code)
+            }
+            None => outcome.refused(),
+        };
+        if !ok {
+            failures.push(format!("{name}: {outcome:?}"));
+        }
+        if env.mock.request_count() != 0 {
+            failures.push(format!("{name}: reached the provider"));
+            env.mock.clear();
+        }
+        assert_alive(&env).await;
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // A well-formed HTTP/2 request goes through.
+    let fields = with(base(ok), "authorization", &bearer);
+    let refs: Vec<(&[u8], &[u8])> = fields
+        .iter()
+        .map(|(n, v)| (n.as_slice(), v.as_slice()))
+        .collect();
+    let outcome = h2raw::request(&url, &refs, None, CASE_LIMIT).await;
+    assert_eq!(outcome.status, Some(200), "{outcome:?}");
+    assert_eq!(env.mock.request_count(), 1);
+    assert_normal_call_works(&env).await;
+}
+
+// ---------------------------------------------------------------------------
+// Resource abuse: sizes and connection counts
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn oversized_heads_and_bodies_are_refused() {
+    let env = env(&[
+        r#"max_header_size = "16KiB""#,
+        r#"max_request_body = "1KiB""#,
+    ])
+    .await;
+    let t = env.token.as_str();
+    let pad = |n: usize| format!("X-Pad: {}\r\n", "a".repeat(n));
+    let cases = vec![
+        case(
+            "head over max_header_size",
+            req("GET", "/openai/v1/models/x", t, &pad(20 * 1024)),
+            Expect::Status(431),
+        ),
+        case(
+            "head far over the limit",
+            req("GET", "/openai/v1/models/x", t, &pad(1024 * 1024)),
+            Expect::Status(431),
+        ),
+        case(
+            "Content-Length over max_request_body",
+            post_raw(
+                t,
+                &format!("Content-Length: 2048\r\n\r\n{}", "x".repeat(2048)),
+            ),
+            Expect::Json(413, "payload_too_large"),
+        ),
+        case(
+            "huge Content-Length, no body sent",
+            post_raw(t, "Content-Length: 1099511627776\r\n\r\n"),
+            Expect::Json(413, "payload_too_large"),
+        ),
+    ];
+    run("sizes", &env, cases).await;
+    // Just under both limits passes.
+    let reply = request(
+        "POST",
+        &format!("{}/openai/v1/chat/completions", env.airlock.proxy_url()),
+        &[
+            ("authorization", &format!("Bearer {}", env.token)),
+            ("x-pad", &"a".repeat(12 * 1024)),
+        ],
+        "x".repeat(1024),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_refused_and_slots_come_back() {
+    let env = env(&["max_connections = 4"]).await;
+    let addr = hostile::authority(&env.airlock.proxy_url()).to_owned();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    // Make sure airlock has accepted all four (a slot is taken at accept).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = exchange(
+        &env.airlock.proxy_url(),
+        b"GET /openai/v1/models/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        CASE_LIMIT,
+    )
+    .await;
+    assert!(
+        extra.status == Some(503) || (extra.status.is_none() && extra.closed),
+        "{extra:?}"
+    );
+    if extra.status == Some(503) {
+        assert_eq!(extra.error_code().as_deref(), Some("overloaded"));
+    }
+    assert!(extra.closes_within(Duration::from_secs(2)).await);
+    assert_eq!(env.mock.request_count(), 0);
+    // Freed slots are usable again.
+    drop(held);
+    let started = Instant::now();
+    loop {
+        let ex = exchange(
+            &env.airlock.proxy_url(),
+            b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            CASE_LIMIT,
+        )
+        .await;
+        if ex.status == Some(404) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "slots never came back: {ex:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_normal_call_works(&env).await;
+}
+
+// ---------------------------------------------------------------------------
+// Timeouts, each proven
+// ---------------------------------------------------------------------------
+
+/// Sends `bytes` one at a time, `gap` apart, until the server closes the
+/// connection; returns when it closed (from the first byte) and how many
+/// bytes were sent by then.
+async fn trickle(addr: &str, bytes: &[u8], gap: Duration) -> (Duration, usize) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    for (i, b) in bytes.iter().enumerate() {
+        if stream.write_all(&[*b]).await.is_err() {
+            return (started.elapsed(), i);
+        }
+        match tokio::time::timeout(gap, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return (started.elapsed(), i + 1),
+            Ok(Ok(_)) => {
+                // A 408 or similar answer: the next read sees the close.
+            }
+            Err(_) => {}
+        }
+    }
+    let closed = hostile::closes_within(&mut stream, Duration::from_secs(30)).await;
+    assert!(closed, "the server never closed the connection");
+    (started.elapsed(), bytes.len())
+}
+
+#[tokio::test]
+async fn header_read_timeout_closes_slow_and_idle_clients() {
+    let env = env(&[r#"header_read_timeout = "1s""#, r#"idle_timeout = "30s""#]).await;
+    let url = env.airlock.proxy_url();
+    let addr = hostile::authority(&url).to_owned();
+    let bound = Duration::from_secs(1) + SLACK;
+
+    // A client that connects and sends nothing.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    assert!(
+        hostile::closes_within(&mut silent, bound).await,
+        "silent client kept"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // Slowloris: a head sent one byte every 100 ms is cut off at ~1 s,
+    // long before it is complete; sending bytes does not reset the timer.
+    let head = format!(
+        "GET /openai/v1/models/x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nX-Slow: {}\r\n\r\n",
+        env.token,
+        "a".repeat(200)
+    );
+    let (elapsed, sent) = trickle(&addr, head.as_bytes(), Duration::from_millis(100)).await;
+    assert!(elapsed < bound, "slow head kept for {elapsed:?}");
+    assert!(sent < head.len(), "the whole head was accepted");
+
+    // An idle keep-alive connection after a complete call.
+    let mut ex = exchange(
+        &url,
+        format!("GET /openai/v1/models/x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\r\n", env.token).as_bytes(),
+        CASE_LIMIT,
+    )
+    .await;
+    assert_eq!(ex.status, Some(200), "{}", ex.raw);
+    let started = Instant::now();
+    assert!(
+        ex.closes_within(bound).await,
+        "idle keep-alive connection kept"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_normal_call_works(&env).await;
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_idle_connections_but_not_quiet_streams() {
+    let upstream = ScriptedUpstream::start(Script::Events {
+        interval: Duration::from_millis(2500),
+    })
+    .await;
+    let mut env = env(&[r#"header_read_timeout = "30s""#, r#"idle_timeout = "1s""#]).await;
+    let url = env.airlock.proxy_url();
+    let addr = hostile::authority(&url).to_owned();
+    let bound = Duration::from_secs(1) + SLACK;
+
+    // HTTP/1.1 after a call.
+    let mut ex = exchange(
+        &url,
+        format!("GET /openai/v1/models/x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\r\n", env.token).as_bytes(),
+        CASE_LIMIT,
+    )
+    .await;
+    assert_eq!(ex.status, Some(200), "{}", ex.raw);
+    assert!(
+        ex.closes_within(bound).await,
+        "idle HTTP/1.1 connection kept"
+    );
+
+    // HTTP/2 with no stream at all (pings are answered: only idleness counts).
+    let lifetime = h2raw::idle_connection_lifetime(&url, Duration::from_secs(10)).await;
+    assert!(
+        lifetime.is_some_and(|d| d < bound),
+        "idle HTTP/2 connection: {lifetime:?}"
+    );
+
+    // A half-sent head with no call in flight is idle too.
+    let mut partial = TcpStream::connect(&addr).await.unwrap();
+    partial.write_all(b"GET /openai/v1/mo").await.unwrap();
+    assert!(hostile::closes_within(&mut partial, bound).await);
+
+    // A stream whose provider is quiet for longer than idle_timeout is a
+    // call in flight: it is not cut.
+    drop(env.airlock);
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider(
+            "events",
+            &upstream.url(),
+            "bearer",
+            "sk-events-0123456789",
+            "",
+        )
+        .proxy_option(r#"idle_timeout = "1s""#)
+        .start()
+        .await
+        .unwrap();
+    let session = airlock
+        .create_session(json!({"scope": [{"provider": "events", "methods": ["GET"], "paths": ["/sse"]}], "ttl_seconds": 600}))
+        .await
+        .unwrap();
+    let token = session["token"].as_str().unwrap();
+    let mut stream = TcpStream::connect(hostile::authority(&airlock.proxy_url()))
+        .await
+        .unwrap();
+    stream
+        .write_all(format!("GET /events/sse HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let text = read_until(&mut stream, "\"n\":1", Duration::from_secs(10)).await;
+    assert!(text.contains("\"n\":1"), "the quiet stream was cut: {text}");
+    env.airlock = airlock;
+}
+
+/// Reads from `stream` until `needle` appears, EOF, or `limit`.
+async fn read_until(stream: &mut TcpStream, needle: &str, limit: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while !text.contains(needle) {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            _ => break,
+        }
+    }
+    text
+}
+
+#[tokio::test]
+async fn a_provider_that_never_answers_is_a_504_in_bounded_time() {
+    let upstream = ScriptedUpstream::start(Script::Silent).await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider(
+            "silent",
+            &upstream.url(),
+            "bearer",
+            "sk-silent-0123456789",
+            "",
+        )
+        .proxy_option(r#"upstream_timeout = "1s""#)
+        .start()
+        .await
+        .unwrap();
+    let session = airlock
+        .create_session(json!({"scope": [{"provider": "silent", "methods": ["GET"], "paths": ["/**"]}], "ttl_seconds": 600}))
+        .await
+        .unwrap();
+    let token = session["token"].as_str().unwrap();
+    let started = Instant::now();
+    let ex = exchange(
+        &airlock.proxy_url(),
+        format!(
+            "GET /silent/x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+        CASE_LIMIT,
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert_eq!(ex.status, Some(504), "{}", ex.raw);
+    assert_eq!(ex.error_code().as_deref(), Some("upstream_timeout"));
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(1) + SLACK,
+        "{elapsed:?}"
+    );
+    // airlock hung up on the provider.
+    assert!(upstream
+        .wait_hung_up(1, Duration::from_secs(5))
+        .await
+        .is_some());
+    assert_eq!(upstream.requests(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Streams: back-pressure, disconnects, revocation
+// ---------------------------------------------------------------------------
+
+async fn scripted(script: Script, extra: &str) -> (ScriptedUpstream, Airlock, String, String) {
+    let upstream = ScriptedUpstream::start(script).await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider(
+            "up",
+            &upstream.url(),
+            "bearer",
+            "sk-scripted-0123456789",
+            "",
+        )
+        .config(extra)
+        .start()
+        .await
+        .unwrap();
+    let session = airlock
+        .create_session(json!({"scope": [{"provider": "up", "methods": ["GET"], "paths": ["/**"]}], "ttl_seconds": 600}))
+        .await
+        .unwrap();
+    (
+        upstream,
+        airlock,
+        session["id"].as_str().unwrap().to_owned(),
+        session["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Opens `GET /up{path}` and returns the socket once the response head and
+/// `needle` have arrived.
+async fn open_stream(airlock: &Airlock, token: &str, path: &str, needle: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(hostile::authority(&airlock.proxy_url()))
+        .await
+        .unwrap();
+    stream
+        .write_all(format!("GET /up{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let text = read_until(&mut stream, needle, Duration::from_secs(10)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(needle), "{text}");
+    stream
+}
+
+/// The audit records of `session`, waiting up to 5 s for `n` of them.
+async fn audit_records(airlock: &Airlock, session: &str, n: usize) -> Vec<Value> {
+    let started = Instant::now();
+    loop {
+        let (status, body) = airlock
+            .admin("GET", &format!("/v1/audit?session={session}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let records = body["records"].as_array().cloned().unwrap_or_default();
+        if records.len() >= n || started.elapsed() > Duration::from_secs(5) {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn flags(record: &Value) -> Vec<String> {
+    record["flags"]
+        .as_array()
+        .map(|f| {
+            f.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_endless_body_to_a_slow_reader_stays_in_bounded_memory() {
+    let (upstream, airlock, _, token) = scripted(Script::Endless, "").await;
+    let baseline = airlock.rss_kib();
+    let mut stream = open_stream(&airlock, &token, "/endless", "aaaa").await;
+    // Read 8 MiB, then stop reading: the provider must be held back.
+    let mut read = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    while read < 8 * 1024 * 1024 {
+        read += stream.read(&mut buf).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let paused_at = upstream.sent();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = upstream.sent();
+    let in_flight_mib = still.saturating_sub(read as u64) / (1024 * 1024);
+    assert!(
+        still - paused_at <= 1024 * 1024,
+        "the provider kept sending while the agent did not read: {paused_at} -> {still}"
+    );
+    assert!(
+        in_flight_mib < 32,
+        "{in_flight_mib} MiB buffered between provider and agent"
+    );
+    let grown_mib = airlock.rss_kib().saturating_sub(baseline) / 1024;
+    assert!(grown_mib < 32, "RSS grew by {grown_mib} MiB");
+    println!(
+        "read {} MiB; provider sent {} MiB, held back for 2 s; RSS grew {grown_mib} MiB",
+        read / (1024 * 1024),
+        still / (1024 * 1024)
+    );
+    // Reading resumes the flow; hanging up stops the provider.
+    let resumed = Instant::now();
+    while upstream.sent() <= still {
+        assert!(
+            resumed.elapsed() < Duration::from_secs(10),
+            "reading did not resume the flow"
+        );
+        assert!(stream.read(&mut buf).await.unwrap() > 0);
+    }
+    drop(stream);
+    assert!(
+        upstream
+            .wait_hung_up(1, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the provider kept sending after the agent hung up"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_hanging_up_mid_stream_cancels_the_upstream_call() {
+    let (upstream, airlock, session, token) = scripted(
+        Script::Events {
+            interval: Duration::from_millis(50),
+        },
+        "",
+    )
+    .await;
+    let stream = open_stream(&airlock, &token, "/sse", "\"n\":2").await;
+    drop(stream);
+    let took = upstream
+        .wait_hung_up(1, Duration::from_secs(5))
+        .await
+        .expect("the upstream stream was not cancelled");
+    assert!(took < Duration::from_secs(2), "cancelled after {took:?}");
+    let records = audit_records(&airlock, &session, 1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["decision"], "allow", "{}", records[0]);
+    assert!(
+        flags(&records[0]).contains(&"client_aborted".to_owned()),
+        "{}",
+        records[0]
+    );
+    assert!(
+        records[0]["bytes_out"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        records[0]
+    );
+}
+
+#[tokio::test]
+async fn a_session_revoked_mid_stream_ends_the_stream_within_a_second() {
+    let (upstream, airlock, session, token) = scripted(
+        Script::Events {
+            // Quiet between events: the bound must hold for idle streams too.
+            interval: Duration::from_secs(30),
+        },
+        "",
+    )
+    .await;
+    let mut stream = open_stream(&airlock, &token, "/sse", "\"n\":0").await;
+    let (status, _) = airlock
+        .admin("DELETE", &format!("/v1/sessions/{session}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let revoked = Instant::now();
+    let ended = hostile::closes_within(&mut stream, Duration::from_secs(5)).await;
+    let took = revoked.elapsed();
+    assert!(ended, "the stream outlived its session");
+    // SESSION_CHECK (1 s) is the documented bound.
+    assert!(
+        took < Duration::from_secs(1) + SLACK,
+        "stream ended {took:?} after revocation"
+    );
+    assert!(upstream
+        .wait_hung_up(1, Duration::from_secs(5))
+        .await
+        .is_some());
+    let records = audit_records(&airlock, &session, 1).await;
+    assert!(
+        records
+            .iter()
+            .any(|r| flags(r).contains(&"session_ended".to_owned())),
+        "{records:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_session_expiring_mid_stream_ends_the_stream() {
+    let upstream = ScriptedUpstream::start(Script::Events {
+        interval: Duration::from_millis(200),
+    })
+    .await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider(
+            "up",
+            &upstream.url(),
+            "bearer",
+            "sk-scripted-0123456789",
+            "",
+        )
+        .start()
+        .await
+        .unwrap();
+    let session = airlock
+        .create_session(json!({"scope": [{"provider": "up", "methods": ["GET"], "paths": ["/**"]}], "ttl_seconds": 2}))
+        .await
+        .unwrap();
+    let token = session["token"].as_str().unwrap();
+    let started = Instant::now();
+    let mut stream = open_stream(&airlock, token, "/sse", "\"n\":0").await;
+    let ended = hostile::closes_within(&mut stream, Duration::from_secs(10)).await;
+    assert!(ended, "the stream outlived its session");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2) + Duration::from_secs(1) + SLACK,
+        "{took:?}"
+    );
+    assert!(upstream
+        .wait_hung_up(1, Duration::from_secs(5))
+        .await
+        .is_some());
+}

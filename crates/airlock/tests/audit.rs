@@ -1,0 +1,790 @@
+//! End-to-end tests of the audit trail: the real binary, a recording mock
+//! provider, the CLI, and a database edited behind airlock's back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_testkit::client::request;
+use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use sqlx::Connection;
+
+const OPENAI_KEY: &str = "sk-real-openai-audit-0123456789";
+const ADMIN_TOKEN: &str = "adm_audit_test_token_0123456789";
+
+fn builder(mock: &MockProvider) -> AirlockBuilder {
+    AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .provider(
+            "dead",
+            "http://127.0.0.1:1",
+            "bearer",
+            "sk-dead-000000000",
+            "",
+        )
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+}
+
+async fn session(airlock: &Airlock, limits: Value) -> (String, String) {
+    let s = airlock
+        .create_session(json!({
+            "scope": [
+                {"provider": "openai", "methods": ["GET"], "paths": ["/v1/calls/*"]},
+                {"provider": "dead", "methods": ["GET"], "paths": ["/**"]},
+            ],
+            "ttl_seconds": 600,
+            "limits": limits,
+        }))
+        .await
+        .unwrap();
+    (
+        s["id"].as_str().unwrap().to_owned(),
+        s["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn get(airlock: &Airlock, path: &str, token: &str) -> u16 {
+    let auth = format!("Bearer {token}");
+    let url = format!("{}{path}", airlock.proxy_url());
+    request("GET", &url, &[("authorization", &auth)], Bytes::new())
+        .await
+        .status
+}
+
+/// Runs `airlock --config CONFIG ARGS...`.
+fn cli(config: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("AIRLOCK_AUDIT_KEY")
+        .output()
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn audit_records(airlock: &Airlock, query: &str) -> Vec<Value> {
+    let (status, body) = airlock
+        .admin("GET", &format!("/v1/audit{query}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    body["records"].as_array().unwrap().clone()
+}
+
+/// Every file under `dir` except the audit key file, concatenated.
+fn data_files(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() && !path.to_string_lossy().ends_with(".audit-key") {
+            all.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn every_call_gets_one_record_and_none_holds_a_secret() {
+    let mock = MockProvider::start().await;
+    let mut airlock = builder(&mock)
+        .env("RUST_LOG", "trace")
+        .start()
+        .await
+        .unwrap();
+    let (id, token) = session(&airlock, json!({"max_requests": 2})).await;
+    let (other_id, other_token) = session(&airlock, json!({})).await;
+
+    // (path, token, status, decision)
+    let calls: Vec<(String, String, u16, &str)> = vec![
+        (
+            "/openai/v1/calls/1?key=querysecret".into(),
+            token.clone(),
+            200,
+            "allow",
+        ),
+        (
+            "/openai/v1/models".into(),
+            token.clone(),
+            403,
+            "out_of_scope",
+        ),
+        (
+            "/openai/v1/calls/2".into(),
+            "sess_unknownunknownunknownunknownunknown123".into(),
+            401,
+            "invalid_token",
+        ),
+        (
+            "/openai/v1/calls/%2e%2e".into(),
+            token.clone(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/nobody/v1/calls/3".into(),
+            token.clone(),
+            404,
+            "unknown_provider",
+        ),
+        (
+            "/dead/anything".into(),
+            token.clone(),
+            502,
+            "upstream_error",
+        ),
+        (
+            "/openai/v1/calls/4".into(),
+            token.clone(),
+            429,
+            "rate_limited",
+        ),
+        (
+            "/openai/v1/calls/5".into(),
+            other_token.clone(),
+            200,
+            "allow",
+        ),
+    ];
+    for (path, token, status, _) in &calls {
+        assert_eq!(get(&airlock, path, token).await, *status, "{path}");
+    }
+    assert_eq!(
+        mock.request_count(),
+        2,
+        "only the allowed calls reach the provider"
+    );
+
+    let records = audit_records(&airlock, "").await;
+    assert_eq!(records.len(), calls.len(), "{records:#?}");
+    for (record, (path, _, status, decision)) in records.iter().zip(&calls) {
+        assert_eq!(record["decision"], *decision, "{record}");
+        assert_eq!(record["status"], *status, "{record}");
+        assert_eq!(record["method"], "GET");
+        assert_eq!(record["path"], path.split('?').next().unwrap());
+        assert_eq!(record["chain"], 1);
+    }
+    let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=calls.len() as u64).collect::<Vec<_>>());
+    assert_eq!(records[0]["session"], id.as_str());
+    assert_eq!(records[0]["provider"], "openai");
+    assert_eq!(records[0]["upstream_status"], 200);
+    assert!(records[0]["bytes_out"].as_u64().unwrap() > 0);
+    assert_eq!(
+        records[2]["session"],
+        Value::Null,
+        "unknown token names no session"
+    );
+    assert_eq!(records[4]["provider"], Value::Null);
+    assert_eq!(records[7]["session"], other_id.as_str());
+
+    // Filters.
+    assert_eq!(
+        audit_records(&airlock, &format!("?session={other_id}"))
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(audit_records(&airlock, "?limit=3").await.len(), 3);
+    assert!(audit_records(&airlock, "?since=2999-01-01T00:00:00Z")
+        .await
+        .is_empty());
+    let (status, body) = airlock
+        .admin("GET", "/v1/audit?since=yesterday", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("bad_request"))
+    );
+    let (status, _) = airlock
+        .admin("GET", "/v1/audit?limit=0", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+
+    let (status, verdict) = airlock
+        .admin("GET", "/v1/audit/verify", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(verdict["ok"], true, "{verdict}");
+    assert_eq!(verdict["records"], calls.len());
+
+    // The key: a 0600 file next to the store, never shown.
+    let key_file = airlock.dir().join("airlock.db.audit-key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let key = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    airlock.terminate().await.unwrap();
+    let out = cli(&airlock.config_path(), &["audit", "verify"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out).trim(),
+        "audit trail intact: 8 records in 1 chain"
+    );
+
+    // No secret anywhere: records, store files, logs at trace level.
+    let exported = stdout(&cli(&airlock.config_path(), &["audit", "export"]));
+    let files = data_files(airlock.dir());
+    let logs = airlock.output();
+    for secret in [
+        token.as_str(),
+        other_token.as_str(),
+        OPENAI_KEY,
+        "querysecret",
+        key.as_str(),
+    ] {
+        assert!(!exported.contains(secret), "export holds {secret}");
+        assert!(!serde_json::to_string(&records).unwrap().contains(secret));
+        assert!(!contains(&files, secret), "store files hold {secret}");
+        assert!(!logs.contains(secret), "logs hold {secret}");
+    }
+}
+
+/// Copies of the store's files, to restore between tamperings.
+struct Backup {
+    files: Vec<(PathBuf, Option<Vec<u8>>)>,
+}
+
+impl Backup {
+    fn take(db: &Path) -> Self {
+        let files = ["", "-wal", "-shm"]
+            .iter()
+            .map(|suffix| {
+                let path = PathBuf::from(format!("{}{suffix}", db.display()));
+                let bytes = std::fs::read(&path).ok();
+                (path, bytes)
+            })
+            .collect();
+        Self { files }
+    }
+
+    fn restore(&self) {
+        for (path, bytes) in &self.files {
+            match bytes {
+                Some(bytes) => std::fs::write(path, bytes).unwrap(),
+                None => {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+}
+
+async fn execute(db: &Path, sql: &str) {
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn tampering_in_the_store_is_named() {
+    let mock = MockProvider::start().await;
+    let mut airlock = builder(&mock).start().await.unwrap();
+    let (_, token) = session(&airlock, json!({})).await;
+    for n in 1..=10 {
+        assert_eq!(
+            get(&airlock, &format!("/openai/v1/calls/{n}"), &token).await,
+            200
+        );
+    }
+    airlock.terminate().await.unwrap();
+    let db = airlock.dir().join("airlock.db");
+    let config = airlock.config_path();
+    let backup = Backup::take(&db);
+    assert!(cli(&config, &["audit", "verify"]).status.success());
+
+    let columns = "ts, session, provider, method, path, decision, status, upstream_status, \
+                   duration_us, bytes_in, bytes_out, flags, prev_mac, mac";
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "edit",
+            "UPDATE audit_records SET status = 201 WHERE seq = 5".into(),
+            "first bad record is seq 5 of chain 1: bad mac",
+        ),
+        (
+            "edit the path",
+            "UPDATE audit_records SET path = '/openai/v1/calls/x' WHERE seq = 2".into(),
+            "seq 2 of chain 1: bad mac",
+        ),
+        (
+            "delete",
+            "DELETE FROM audit_records WHERE seq = 4".into(),
+            "seq 5 of chain 1: gap: record 4 is missing",
+        ),
+        (
+            "delete the first",
+            "DELETE FROM audit_records WHERE seq = 1".into(),
+            "seq 2 of chain 1: gap: record 1 is missing",
+        ),
+        (
+            "swap two records' contents",
+            format!(
+                "CREATE TEMP TABLE t AS SELECT * FROM audit_records WHERE seq IN (6, 7);
+                 UPDATE audit_records SET ({columns}) = (SELECT {columns} FROM t WHERE t.seq = 7) WHERE seq = 6;
+                 UPDATE audit_records SET ({columns}) = (SELECT {columns} FROM t WHERE t.seq = 6) WHERE seq = 7;"
+            ),
+            "seq 6 of chain 1: bad mac",
+        ),
+        (
+            "insert a copy",
+            format!(
+                "INSERT INTO audit_records (chain, seq, {columns})
+                 SELECT chain, 11, {columns} FROM audit_records WHERE seq = 10"
+            ),
+            "seq 11 of chain 1: bad mac",
+        ),
+        (
+            "cut the tail",
+            "DELETE FROM audit_records WHERE seq >= 9".into(),
+            "seq 8 of chain 1: truncated: the chain's sealed head is record 10",
+        ),
+    ];
+    for (name, sql, expected) in cases {
+        backup.restore();
+        execute(&db, &sql).await;
+        let out = cli(&config, &["audit", "verify"]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {out:?}");
+        assert!(stdout(&out).contains(expected), "{name}: {}", stdout(&out));
+    }
+
+    // The admin API reports the same break.
+    backup.restore();
+    execute(&db, "UPDATE audit_records SET bytes_out = 0 WHERE seq = 3").await;
+    let airlock = builder(&mock)
+        .dir(airlock.dir().to_path_buf())
+        .start()
+        .await
+        .unwrap();
+    let (_, verdict) = airlock
+        .admin("GET", "/v1/audit/verify", None)
+        .await
+        .unwrap();
+    assert_eq!(verdict["ok"], false);
+    assert_eq!(verdict["first_bad"], 3);
+    assert!(
+        verdict["reason"].as_str().unwrap().starts_with("bad mac"),
+        "{verdict}"
+    );
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+#[tokio::test]
+async fn exports_verify_on_their_own_and_tampering_is_named() {
+    let mock = MockProvider::start().await;
+    let mut airlock = builder(&mock).start().await.unwrap();
+    let (a, token_a) = session(&airlock, json!({})).await;
+    let (_, token_b) = session(&airlock, json!({})).await;
+    for n in 1..=8 {
+        let token = if n % 2 == 1 { &token_a } else { &token_b };
+        assert_eq!(
+            get(&airlock, &format!("/openai/v1/calls/{n}"), token).await,
+            200
+        );
+    }
+    airlock.terminate().await.unwrap();
+    let config = airlock.config_path();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("audit.jsonl");
+    let file_str = file.to_str().unwrap();
+
+    let exported = stdout(&cli(&config, &["audit", "export"]));
+    let lines: Vec<String> = exported.lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 8);
+    write_lines(&file, &lines);
+    let out = cli(&config, &["audit", "verify", "--from", file_str]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out).trim(),
+        "audit file intact: 8 records in 1 chain"
+    );
+
+    let broken = |edit: &dyn Fn(&mut Vec<String>)| {
+        let mut copy = lines.clone();
+        edit(&mut copy);
+        write_lines(&file, &copy);
+        let out = cli(&config, &["audit", "verify", "--from", file_str]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        stdout(&out)
+    };
+    let edited = broken(&|l| l[2] = l[2].replace("\"status\":200", "\"status\":201"));
+    assert!(
+        edited.contains("seq 3 of chain 1 (line 3): bad mac"),
+        "{edited}"
+    );
+    let dropped = broken(&|l| {
+        l.remove(3);
+    });
+    assert!(
+        dropped.contains("seq 5 of chain 1 (line 4): gap: record 4 is missing"),
+        "{dropped}"
+    );
+    let swapped = broken(&|l| l.swap(4, 5));
+    assert!(
+        swapped.contains("seq 6 of chain 1 (line 5): out of order: expected record 5"),
+        "{swapped}"
+    );
+    let inserted = broken(&|l| {
+        let copy = l[1].clone();
+        l.insert(4, copy);
+    });
+    assert!(
+        inserted.contains("seq 2 of chain 1 (line 5): out of order"),
+        "{inserted}"
+    );
+    let respelled = broken(&|l| {
+        l[0] = l[0]
+            .replacen('{', "{ ", 1)
+            .replace("\"status\":200", "\"status\":200.0")
+    });
+    assert!(
+        respelled.contains("seq 1 of chain 1 (line 1): malformed record"),
+        "{respelled}"
+    );
+    let garbage = broken(&|l| l[6] = "not json".into());
+    assert!(garbage.contains("(line 7): malformed record"), "{garbage}");
+
+    // One session's export: seqs jump, so it verifies as a session export.
+    let only_a = stdout(&cli(&config, &["audit", "export", "--session", &a]));
+    let a_lines: Vec<String> = only_a.lines().map(str::to_owned).collect();
+    assert_eq!(a_lines.len(), 4);
+    write_lines(&file, &a_lines);
+    let out = cli(
+        &config,
+        &["audit", "verify", "--from", file_str, "--session", &a],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&config, &["audit", "verify", "--from", file_str]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "gaps are refused unless --session says why"
+    );
+    let mut tampered = a_lines.clone();
+    tampered[1] = tampered[1].replace("/v1/calls/3", "/v1/calls/9");
+    write_lines(&file, &tampered);
+    let out = cli(
+        &config,
+        &["audit", "verify", "--from", file_str, "--session", &a],
+    );
+    assert!(
+        stdout(&out).contains("seq 3 of chain 1 (line 2): bad mac"),
+        "{out:?}"
+    );
+
+    // --since: a contiguous tail.
+    let since = stdout(&cli(&config, &["audit", "export", "--since", "1h"]));
+    assert_eq!(since.lines().count(), 8);
+    let none = stdout(&cli(
+        &config,
+        &["audit", "export", "--since", "2999-01-01T00:00:00Z"],
+    ));
+    assert!(none.is_empty());
+    let out = cli(&config, &["audit", "export", "--since", "last tuesday"]);
+    assert!(!out.status.success());
+}
+
+/// One GET through a fresh connection: the status and whole body, or why not.
+async fn try_get(url: &str, token: &str) -> Result<(u16, Bytes), String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::get(url)
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let call = async {
+        let response = client.request(req).await.map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((status, body.to_bytes()))
+    };
+    tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+#[tokio::test]
+async fn kill_dash_nine_under_load_loses_no_answered_call() {
+    let mock = MockProvider::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut answered: Vec<String> = Vec::new();
+    // Several rounds: each kill lands at a different moment of the load.
+    for round in 0..3 {
+        let mut airlock = builder(&mock)
+            .dir(data.path().to_path_buf())
+            .start()
+            .await
+            .unwrap();
+        let (_, token) = session(&airlock, json!({})).await;
+        let completed = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut workers = Vec::new();
+        for worker in 0..8 {
+            let (base, token) = (airlock.proxy_url(), token.clone());
+            let (completed, count) = (Arc::clone(&completed), Arc::clone(&count));
+            workers.push(tokio::spawn(async move {
+                for i in 0.. {
+                    let path = format!("/openai/v1/calls/r{round}-w{worker}-{i}");
+                    match try_get(&format!("{base}{path}"), &token).await {
+                        Ok((200, body)) if body.starts_with(b"{") => {
+                            completed.lock().push(path);
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => return,
+                    }
+                }
+            }));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while count.load(Ordering::SeqCst) < 200 + round * 50 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "load did not get going"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        airlock.kill();
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        answered.extend(completed.lock().iter().cloned());
+    }
+
+    let airlock = builder(&mock)
+        .dir(data.path().to_path_buf())
+        .start()
+        .await
+        .unwrap();
+    let (_, verdict) = airlock
+        .admin("GET", "/v1/audit/verify", None)
+        .await
+        .unwrap();
+    assert_eq!(verdict["ok"], true, "{verdict}");
+    assert_eq!(
+        verdict["chains"], 1,
+        "every restart continues the one chain"
+    );
+    let recorded: BTreeSet<String> = audit_records(&airlock, "?limit=10000")
+        .await
+        .iter()
+        .map(|r| r["path"].as_str().unwrap().to_owned())
+        .collect();
+    let missing: Vec<&String> = answered.iter().filter(|p| !recorded.contains(*p)).collect();
+    assert!(
+        missing.is_empty(),
+        "answered calls without a record: {missing:?}"
+    );
+}
+
+#[tokio::test]
+async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
+    let mock = MockProvider::start().await;
+    let airlock = builder(&mock)
+        .config("[audit]\nfail_closed = true\nstall_timeout = \"300ms\"\n")
+        .start()
+        .await
+        .unwrap();
+    let (_, token) = session(&airlock, json!({})).await;
+    let url = |n: &str| format!("{}/openai/v1/calls/{n}", airlock.proxy_url());
+    assert_eq!(try_get(&url("before"), &token).await.unwrap().0, 200);
+
+    // Another process takes the database's write lock and keeps it.
+    let db = airlock.dir().join("airlock.db");
+    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+
+    // The call in flight when the store stopped taking writes never
+    // completes for the agent: its record could not be written.
+    match try_get(&url("in-flight"), &token).await {
+        Ok((200, body)) => panic!("answered without a record: {body:?}"),
+        Ok((status, _)) => assert_eq!(status, 503),
+        Err(_) => {}
+    }
+    // From then on calls are refused and the provider sees nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = try_get(&url("probe"), &token).await.unwrap();
+        if status == 503 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "gate never closed");
+    }
+    let seen = mock.request_count();
+    for n in 0..5 {
+        let (status, body) = try_get(&url(&format!("refused-{n}")), &token)
+            .await
+            .unwrap();
+        assert_eq!(status, 503);
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "audit_unavailable");
+    }
+    assert_eq!(
+        mock.request_count(),
+        seen,
+        "refused calls reached the provider"
+    );
+
+    // The lock goes away: airlock recovers by itself.
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    locker.close().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _) = try_get(&url("after"), &token).await.unwrap();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(tokio::time::Instant::now() < deadline, "never recovered");
+    }
+    let (_, verdict) = airlock
+        .admin("GET", "/v1/audit/verify", None)
+        .await
+        .unwrap();
+    assert_eq!(verdict["ok"], true, "{verdict}");
+}
+
+/// Opens a streamed GET and returns the response with its body unread.
+async fn open_stream(url: &str, token: &str) -> http::Response<hyper::body::Incoming> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::get(url)
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    client.request(req).await.unwrap()
+}
+
+/// Polls `/v1/audit` until a record for `path` shows up.
+async fn record_for(airlock: &Airlock, path: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = audit_records(airlock, "?limit=10000").await;
+        if let Some(r) = records.into_iter().find(|r| r["path"] == path) {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no record for {path}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn streams_end_when_the_session_does_and_aborts_are_recorded() {
+    let mock = MockProvider::start().await;
+    let airlock = builder(&mock).start().await.unwrap();
+    let scope =
+        json!([{"provider": "openai", "methods": ["GET"], "paths": ["/gated-sse", "/sse"]}]);
+    let created = airlock
+        .create_session(json!({"scope": scope, "ttl_seconds": 600}))
+        .await
+        .unwrap();
+    let (id, token) = (
+        created["id"].as_str().unwrap(),
+        created["token"].as_str().unwrap(),
+    );
+    // The mock's base path is /v1 for agents; this provider maps /openai/X to /X.
+    let url = format!("{}/openai/gated-sse", airlock.proxy_url());
+
+    // Revoked mid-stream: the stream ends within the documented bound.
+    let mut body = open_stream(&url, token).await.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"data: first\n\n");
+    let (status, _) = airlock
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let revoked_at = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap();
+    let took = revoked_at.elapsed();
+    assert!(
+        !matches!(end, Some(Ok(ref f)) if f.is_data()),
+        "stream went on: {end:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "stream outlived its session by {took:?}"
+    );
+    let record = record_for(&airlock, "/openai/gated-sse").await;
+    assert_eq!(record["decision"], "allow");
+    assert_eq!(
+        record["flags"],
+        json!(["incomplete", "session_ended"]),
+        "{record}"
+    );
+
+    // The agent goes away mid-stream: recorded as client_aborted.
+    let created = airlock
+        .create_session(json!({"scope": scope, "ttl_seconds": 600}))
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap();
+    let before = mock.request_count();
+    let mut body = open_stream(&url, token).await.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"data: first\n\n");
+    drop(body);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let aborted = loop {
+        let records = audit_records(&airlock, "?limit=10000").await;
+        let found = records
+            .into_iter()
+            .filter(|r| r["session"] == created["id"])
+            .find(|r| {
+                r["flags"]
+                    .as_array()
+                    .is_some_and(|f| f.contains(&json!("client_aborted")))
+            });
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no client_aborted record"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(aborted["status"], 200);
+    assert_eq!(mock.request_count(), before + 1);
+}

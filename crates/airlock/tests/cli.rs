@@ -1,0 +1,876 @@
+//! The CLI's output: snapshot tests of help, session, config check and error
+//! output (ids, tokens, times, ports and paths redacted), plus `--version`,
+//! completions, `audit tail` and `/readyz`.
+//!
+//! Snapshots are plain files in `tests/snapshots/`. After an intended change,
+//! rewrite them with `UPDATE_SNAPSHOTS=1 cargo test -p airlock --test cli`
+//! and review the diff.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use airlock_testkit::client::request;
+use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_airlock");
+const OPENAI_KEY: &str = "sk-real-openai-cli-0123456789";
+/// Upper bound for anything a test waits for.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+// --- snapshots ------------------------------------------------------------
+
+/// Compares `actual` with `tests/snapshots/NAME.txt`, or writes it there
+/// when `UPDATE_SNAPSHOTS` is set.
+fn assert_snapshot(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "snapshot {} missing ({e}); create it with UPDATE_SNAPSHOTS=1",
+            path.display()
+        )
+    });
+    if expected != actual {
+        let first_diff = expected
+            .lines()
+            .zip(actual.lines())
+            .position(|(a, b)| a != b)
+            .map_or_else(
+                || "one output is a prefix of the other".to_owned(),
+                |i| format!("first difference on line {}", i + 1),
+            );
+        panic!(
+            "snapshot {name} differs ({first_diff}; UPDATE_SNAPSHOTS=1 to accept):\n\
+             --- expected\n{expected}\n--- actual\n{actual}"
+        );
+    }
+}
+
+/// Makes output deterministic: `replacements` first (URLs, paths), then
+/// session ids (numbered by first appearance, padded to their length so that
+/// tables stay aligned), tokens and RFC 3339 times.
+fn redact(text: &str, replacements: &[(&str, &str)]) -> String {
+    let mut text = text.to_owned();
+    for (from, to) in replacements {
+        text = text.replace(from, to);
+    }
+    let mut ids: Vec<String> = Vec::new();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < text.len() {
+        let rest = &text[i..];
+        let at_word_start = text[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_');
+        if at_word_start {
+            if let Some(n) = prefixed_run(rest, "sess_") {
+                out.push_str("sess_<token>");
+                i += n;
+                continue;
+            }
+            if let Some(n) = prefixed_run(rest, "ses_") {
+                let id = &rest[..n];
+                let k = match ids.iter().position(|known| known == id) {
+                    Some(k) => k + 1,
+                    None => {
+                        ids.push(id.to_owned());
+                        ids.len()
+                    }
+                };
+                out.push_str(&format!("{:.<n$}", format!("ses_<{k}>")));
+                i += n;
+                continue;
+            }
+            if let Some(n) = timestamp_len(rest) {
+                out.push_str("<time>");
+                i += n;
+                continue;
+            }
+        }
+        let c = rest.chars().next().unwrap();
+        out.push(c);
+        i += c.len_utf8();
+    }
+    out
+}
+
+/// Length of `prefix` followed by at least one ASCII alphanumeric.
+fn prefixed_run(text: &str, prefix: &str) -> Option<usize> {
+    let run = text
+        .strip_prefix(prefix)?
+        .bytes()
+        .take_while(u8::is_ascii_alphanumeric)
+        .count();
+    (run > 0).then_some(prefix.len() + run)
+}
+
+/// Length of an RFC 3339 time at the start of `text`
+/// (`YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`).
+fn timestamp_len(text: &str) -> Option<usize> {
+    let b = text.as_bytes();
+    let shape = b"dddd-dd-ddTdd:dd:dd";
+    if b.len() < shape.len() {
+        return None;
+    }
+    for (have, want) in b.iter().zip(shape) {
+        let ok = match want {
+            b'd' => have.is_ascii_digit(),
+            other => have == other,
+        };
+        if !ok {
+            return None;
+        }
+    }
+    let mut n = shape.len();
+    if b.get(n) == Some(&b'.') {
+        n += 1;
+        while b.get(n).is_some_and(u8::is_ascii_digit) {
+            n += 1;
+        }
+    }
+    match b.get(n) {
+        Some(b'Z') => Some(n + 1),
+        Some(b'+' | b'-') if b.len() >= n + 6 => Some(n + 6),
+        _ => None,
+    }
+}
+
+/// Replaces the cells of column `column` of an aligned table (up to the
+/// next column) with `placeholder`, keeping the alignment; `-` cells stay.
+fn redact_column(table: &str, column: &str, next: &str, placeholder: &str) -> String {
+    let header = table.lines().next().unwrap();
+    let start = header.find(column).unwrap();
+    let end = header.find(next).unwrap();
+    let width = end - start;
+    table
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            if i == 0 || line.len() < end || line[start..end].trim() == "-" {
+                format!("{line}\n")
+            } else {
+                format!("{}{placeholder:<width$}{}\n", &line[..start], &line[end..])
+            }
+        })
+        .collect()
+}
+
+// --- running the binary ---------------------------------------------------
+
+/// The binary with a fixed terminal width and no admin settings inherited.
+fn airlock_cmd(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env("COLUMNS", "100")
+        .env_remove("CLICOLOR_FORCE")
+        .env_remove("AIRLOCK_ADMIN_URL")
+        .env_remove("AIRLOCK_ADMIN_TOKEN")
+        .env_remove("AIRLOCK_AUDIT_KEY")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// The CLI against a running server.
+async fn cli(airlock: &Airlock, args: &[&str]) -> Output {
+    let out = airlock_cmd(args)
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+        .current_dir(airlock.dir())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+async fn start(mock: &MockProvider) -> Airlock {
+    AirlockBuilder::new(BIN)
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .provider(
+            "anthropic",
+            &mock.url(),
+            "header:x-api-key",
+            "sk-ant-cli",
+            "",
+        )
+        .start()
+        .await
+        .unwrap()
+}
+
+// --- tests ----------------------------------------------------------------
+
+#[tokio::test]
+async fn version_flag() {
+    for args in [&["--version"][..], &["-V"]] {
+        let out = airlock_cmd(args).output().await.unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            stdout(&out),
+            format!("airlock {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
+
+/// Every command's `--help`, in one snapshot; each has examples.
+#[tokio::test]
+async fn help_snapshots() {
+    let commands: &[&[&str]] = &[
+        &[],
+        &["serve"],
+        &["session"],
+        &["session", "create"],
+        &["session", "list"],
+        &["session", "show"],
+        &["session", "revoke"],
+        &["exec"],
+        &["audit"],
+        &["audit", "verify"],
+        &["audit", "export"],
+        &["audit", "tail"],
+        &["config"],
+        &["config", "check"],
+        &["completions"],
+    ];
+    let mut all = String::new();
+    for command in commands {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let out = airlock_cmd(&args).output().await.unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let help = stdout(&out);
+        assert!(
+            help.contains("\nExample"),
+            "{args:?} has no examples:\n{help}"
+        );
+        all.push_str(&format!("=== airlock {} ===\n{help}\n", args.join(" ")));
+    }
+    assert_snapshot("help", &all);
+
+    // `-h` is the short form, and still shows the examples.
+    let out = airlock_cmd(&["exec", "-h"]).output().await.unwrap();
+    assert!(stdout(&out).contains("Examples:\n  airlock exec --allow"));
+}
+
+#[tokio::test]
+async fn completions_for_bash_zsh_and_fish() {
+    for (shell, marker) in [
+        ("bash", "complete -F _airlock"),
+        ("zsh", "#compdef airlock"),
+        ("fish", "complete -c airlock"),
+    ] {
+        let out = airlock_cmd(&["completions", shell]).output().await.unwrap();
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let script = stdout(&out);
+        assert!(script.contains(marker), "{shell}:\n{script}");
+        for word in ["exec", "session", "revoke", "tail", "check", "allow"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    // The bash script is valid bash.
+    let out = airlock_cmd(&["completions", "bash"])
+        .output()
+        .await
+        .unwrap();
+    let check = Command::new("bash")
+        .args(["-n", "-c", &stdout(&out)])
+        .output()
+        .await
+        .unwrap();
+    assert!(check.status.success(), "{}", stderr(&check));
+
+    let out = airlock_cmd(&["completions", "tcsh"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("invalid value 'tcsh'"));
+}
+
+#[tokio::test]
+async fn session_output_snapshots() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let proxy = airlock.proxy_url();
+    let admin = airlock.admin_url();
+    let replacements = [
+        (proxy.as_str(), "http://<proxy>"),
+        (admin.as_str(), "http://<admin>"),
+    ];
+    let mut all = String::new();
+    let mut record = |title: &str, text: &str| {
+        all.push_str(&format!("=== {title} ===\n{text}\n"));
+    };
+
+    let rule = "openai:POST:/v1/chat/completions";
+    let out = cli(
+        &airlock,
+        &[
+            "session",
+            "create",
+            "--allow",
+            rule,
+            "--allow",
+            "anthropic:POST:/v1/messages",
+            "--ttl",
+            "1h",
+            "--label",
+            "agent=a1",
+            "--label",
+            "team=ml",
+            "--rpm",
+            "60",
+            "--max-requests",
+            "1000",
+            "--max-denied",
+            "3",
+        ],
+    )
+    .await;
+    let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let first_id = created["id"].as_str().unwrap().to_owned();
+    record("session create (json)", &stdout(&out));
+
+    let out = cli(
+        &airlock,
+        &["session", "create", "--allow", rule, "--format", "env"],
+    )
+    .await;
+    let env = stdout(&out);
+    record("session create --format env", &env);
+    for line in env.lines() {
+        let (key, value) = line.split_once('=').unwrap();
+        assert!(!key.is_empty() && !value.is_empty(), "{line}");
+    }
+
+    let out = cli(
+        &airlock,
+        &[
+            "session", "create", "--allow", rule, "--label", "agent=a2", "--format", "shell",
+        ],
+    )
+    .await;
+    let shell = stdout(&out);
+    record("session create --format shell", &shell);
+    // The shell lines work in a real shell.
+    let sh = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{shell}\nprintf '%s %s' \"$OPENAI_API_KEY\" \"$OPENAI_BASE_URL\""
+        ))
+        .output()
+        .await
+        .unwrap();
+    let token = shell
+        .lines()
+        .find_map(|l| l.strip_prefix("export OPENAI_API_KEY='"))
+        .unwrap()
+        .trim_end_matches('\'')
+        .to_owned();
+    assert_eq!(stdout(&sh), format!("{token} {proxy}/openai/v1"));
+
+    // One allowed call on the first session, so that the counts show.
+    let first_token = created["token"].as_str().unwrap();
+    let reply = request(
+        "POST",
+        &format!("{proxy}/openai/v1/chat/completions"),
+        &[("authorization", &format!("Bearer {first_token}"))],
+        r#"{"model":"m","messages":[]}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    // Call counters reach the list through the store: wait for them.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (_, view) = airlock
+            .admin("GET", &format!("/v1/sessions/{first_id}"), None)
+            .await
+            .unwrap();
+        if view["calls"]["allowed"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the call was not counted: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let out = cli(&airlock, &["session", "list"]).await;
+    let table = redact_column(&stdout(&out), "EXPIRES IN", "ALLOWED/DENIED", "<left>");
+    record("session list", &table);
+
+    let out = cli(&airlock, &["session", "show", &first_id]).await;
+    assert!(
+        !stdout(&out).contains("sess_"),
+        "show never prints the token"
+    );
+    record("session show", &stdout(&out));
+
+    let out = cli(&airlock, &["session", "revoke", &first_id]).await;
+    record("session revoke ID", &stdout(&out));
+    let out = cli(&airlock, &["session", "revoke", &token]).await;
+    record("session revoke TOKEN", &stdout(&out));
+
+    let out = cli(&airlock, &["session", "list", "--all"]).await;
+    let table = redact_column(&stdout(&out), "EXPIRES IN", "ALLOWED/DENIED", "<left>");
+    record("session list --all", &table);
+    let out = cli(&airlock, &["session", "list", "--json"]).await;
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(listed["sessions"].as_array().unwrap().len(), 1);
+    record("session list --json", &stdout(&out));
+
+    // Redacted as a whole, so that each session keeps its number throughout.
+    assert_snapshot("session", &redact(&all, &replacements));
+}
+
+/// Errors: one line naming what is wrong, and the exit code.
+#[tokio::test]
+async fn error_output_snapshot() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let cases: &[&[&str]] = &[
+        &["session", "create", "--allow", "openai:post:/v1/x"],
+        &["session", "create", "--allow", "openai:POST"],
+        &["session", "create", "--allow", "nope:POST:/v1/x"],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--ttl",
+            "forever",
+        ],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--label",
+            "novalue",
+        ],
+        &["session", "show", "nope"],
+        &["session", "revoke", "ses_unknown"],
+        &["session", "revoke", "sess_unknown"],
+        &["exec", "--allow", "openai:POST:/v1/x"],
+        &["exec", "--", "true"],
+        &["session", "create"],
+    ];
+    let mut all = String::new();
+    for args in cases {
+        let out = airlock_cmd(args)
+            .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+            .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+            .current_dir(airlock.dir())
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(stdout(&out), "", "{args:?}");
+        all.push_str(&format!(
+            "=== airlock {} -> exit {} ===\n{}\n",
+            args.join(" "),
+            out.status.code().unwrap(),
+            stderr(&out)
+        ));
+    }
+    assert_snapshot("errors", &redact(&all, &[]));
+}
+
+/// Writes `airlock.toml` for `config check` into a fresh directory.
+fn config_dir(toml: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("airlock.toml");
+    std::fs::write(&path, toml).unwrap();
+    (dir, path)
+}
+
+#[tokio::test]
+async fn config_check_describes_what_would_run_without_revealing_credentials() {
+    let secret_file_value = "sk-from-a-file-0123456789";
+    let (dir, path) = config_dir(
+        r#"
+[proxy]
+listen = "127.0.0.1:18080"
+public_url = "https://airlock.example.com/"
+drain_timeout = "10s"
+
+[admin]
+listen = "127.0.0.1:18081"
+
+[store]
+url = "sqlite://data/airlock.db"
+
+[audit]
+fail_closed = false
+
+[sessions]
+max_ttl = "2h"
+
+[providers.openai]
+upstream = "https://api.openai.com"
+auth = "bearer"
+credential = "env:CHECK_OPENAI_KEY"
+env_key = "OPENAI_API_KEY"
+env_base_url = "OPENAI_BASE_URL"
+base_path = "/v1"
+
+[providers.anthropic]
+upstream = "https://api.anthropic.com"
+auth = "header:x-api-key"
+credential = "env:CHECK_ANTHROPIC_KEY"
+env_key = "ANTHROPIC_API_KEY"
+env_base_url = "ANTHROPIC_BASE_URL"
+
+[providers.github]
+upstream = "https://api.github.com"
+auth = "bearer"
+credential = "file:github.key"
+env_key = "GITHUB_TOKEN"
+env_base_url = "GITHUB_API_URL"
+"#,
+    );
+    std::fs::write(dir.path().join("github.key"), secret_file_value).unwrap();
+    let dir_text = dir.path().display().to_string();
+    let out = airlock_cmd(&["config", "check", "--config", path.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("CHECK_OPENAI_KEY", OPENAI_KEY)
+        .env_remove("CHECK_ANTHROPIC_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(!text.contains(OPENAI_KEY) && !text.contains(secret_file_value));
+    assert!(text.contains("env:CHECK_OPENAI_KEY (set)"), "{text}");
+    assert!(text.contains("env:CHECK_ANTHROPIC_KEY (not set"), "{text}");
+    let mut all = format!(
+        "=== config check ===\n{}\n",
+        redact(&text, &[(&dir_text, "<dir>")])
+    );
+
+    // Built-in defaults: no config file in the working directory.
+    let empty = tempfile::tempdir().unwrap();
+    let out = airlock_cmd(&["config", "check"])
+        .current_dir(empty.path())
+        .env("OPENAI_API_KEY", OPENAI_KEY)
+        .env("AIRLOCK_ADMIN_TOKEN", "adm_secret_admin_token")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(!text.contains(OPENAI_KEY) && !text.contains("adm_secret_admin_token"));
+    all.push_str(&format!(
+        "=== config check (built-in defaults) ===\n{text}\n"
+    ));
+
+    // A credential file that cannot be read: serve would refuse to start.
+    std::fs::remove_file(dir.path().join("github.key")).unwrap();
+    let out = airlock_cmd(&["config", "check", "--config", path.to_str().unwrap()])
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    all.push_str(&format!(
+        "=== config check (unreadable credential file) -> exit 1 ===\n--- stdout\n{}--- stderr\n{}\n",
+        redact(&stdout(&out), &[(&dir_text, "<dir>")]),
+        redact(&stderr(&out), &[(&dir_text, "<dir>")]),
+    ));
+    assert_snapshot("config_check", &all);
+}
+
+#[tokio::test]
+async fn config_check_refuses_a_bad_config_exactly_as_serve_does() {
+    let bad_configs = [
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[providers.openai]\nupstream = \"https://x\"\nauth = \"basic\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"Y\"\n",
+        "[proxy]\nlisten = \"nowhere\"\n",
+        "[proxy\n",
+        "[sessions]\nmax_ttl = \"0s\"\n",
+        "[unknown]\n",
+    ];
+    let mut all = String::new();
+    for toml in bad_configs {
+        let (dir, path) = config_dir(toml);
+        let path_text = path.to_str().unwrap();
+        let check = airlock_cmd(&["config", "check", "--config", path_text])
+            .output()
+            .await
+            .unwrap();
+        let serve = airlock_cmd(&["serve", "--config", path_text])
+            .current_dir(dir.path())
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(check.status.code(), Some(64), "{toml}");
+        assert_eq!(serve.status.code(), Some(64), "{toml}");
+        assert_eq!(stdout(&check), "");
+        assert_eq!(stderr(&check), stderr(&serve), "{toml}");
+        assert!(
+            stderr(&check).starts_with(&format!("airlock: invalid config: {path_text}: ")),
+            "{}",
+            stderr(&check)
+        );
+        all.push_str(&redact(&stderr(&check), &[(path_text, "<FILE>")]));
+    }
+    let out = airlock_cmd(&["config", "check", "--config", "/nonexistent/airlock.toml"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    all.push_str(&stderr(&out));
+    assert_snapshot("config_check_errors", &all);
+}
+
+/// The next JSON line of an `audit tail`, within the deadline.
+async fn next(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>) -> Value {
+    let line = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("no record in time")
+        .unwrap()
+        .expect("audit tail ended");
+    serde_json::from_str(&line).unwrap()
+}
+
+/// Audit records as the admin API has them, once there are at least `n`.
+async fn audit_records(airlock: &Airlock, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (status, answer) = airlock.admin("GET", "/v1/audit", None).await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        let records = answer["records"].as_array().unwrap().clone();
+        if records.len() >= n {
+            return records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} audit records",
+            records.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn chat(airlock: &Airlock, token: &str, path: &str) -> u16 {
+    request(
+        "POST",
+        &format!("{}/openai{path}", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        r#"{"model":"m","messages":[]}"#,
+    )
+    .await
+    .status
+}
+
+async fn create(airlock: &Airlock) -> (String, String) {
+    let created = airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]}],
+            "ttl_seconds": 600
+        }))
+        .await
+        .unwrap();
+    (
+        created["id"].as_str().unwrap().to_owned(),
+        created["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn audit_tail_prints_the_last_records_then_follows_new_ones() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let (id, token) = create(&airlock).await;
+    let (other_id, other_token) = create(&airlock).await;
+    assert_eq!(chat(&airlock, &token, "/v1/chat/completions").await, 200);
+    assert_eq!(chat(&airlock, &token, "/v1/models").await, 403);
+    assert_eq!(
+        chat(&airlock, &other_token, "/v1/chat/completions").await,
+        200
+    );
+    assert_eq!(chat(&airlock, &token, "/v1/chat/completions").await, 200);
+    let before = audit_records(&airlock, 4).await;
+
+    let config = airlock.config_path();
+    let spawn_tail = |args: &[&str]| {
+        airlock_cmd(
+            &[
+                &["audit", "tail", "--config", config.to_str().unwrap()],
+                args,
+            ]
+            .concat(),
+        )
+        .current_dir(airlock.dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+
+    // -n 2 over the whole trail: the last two records, oldest first.
+    let mut all = spawn_tail(&["-n", "2"]);
+    let mut all_lines = BufReader::new(all.stdout.take().unwrap()).lines();
+    // Only this session's: its last two of three.
+    let mut mine = spawn_tail(&["-n", "2", "--session", &id]);
+    let mut mine_lines = BufReader::new(mine.stdout.take().unwrap()).lines();
+    let seqs = |records: &[Value]| -> Vec<u64> {
+        records.iter().map(|r| r["seq"].as_u64().unwrap()).collect()
+    };
+    let first_two = [next(&mut all_lines).await, next(&mut all_lines).await];
+    assert_eq!(seqs(&first_two), seqs(&before[2..4]));
+    let my_two = [next(&mut mine_lines).await, next(&mut mine_lines).await];
+    assert_eq!(my_two[0]["decision"], "out_of_scope");
+    assert_eq!(my_two[1]["decision"], "allow");
+    assert!(my_two.iter().all(|r| r["session"] == id.as_str()));
+
+    // New records are followed; the session filter holds.
+    assert_eq!(
+        chat(&airlock, &other_token, "/v1/chat/completions").await,
+        200
+    );
+    assert_eq!(chat(&airlock, &token, "/v1/other").await, 403);
+    let new = [next(&mut all_lines).await, next(&mut all_lines).await];
+    assert_eq!(new[0]["session"], other_id.as_str());
+    assert_eq!(new[1]["session"], id.as_str());
+    assert_eq!(new[1]["path"], "/openai/v1/other");
+    let mine_new = next(&mut mine_lines).await;
+    assert_eq!(mine_new["seq"], new[1]["seq"]);
+
+    // SIGINT ends it cleanly.
+    for child in [&mut all, &mut mine] {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+        rustix::process::kill_process(pid.unwrap(), rustix::process::Signal::INT).unwrap();
+        let status = tokio::time::timeout(DEADLINE, child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+    }
+
+    // A closed pipe ends it cleanly at the next record it writes.
+    let mut tail = spawn_tail(&["-n", "1"]);
+    let mut lines = BufReader::new(tail.stdout.take().unwrap()).lines();
+    next(&mut lines).await;
+    drop(lines);
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        assert_eq!(chat(&airlock, &token, "/v1/chat/completions").await, 200);
+        if let Some(status) = tail.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "audit tail ignored the closed pipe"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut tail.stderr.take().unwrap(), &mut err)
+        .await
+        .unwrap();
+    assert_eq!(err, "", "a closed pipe is not an error");
+}
+
+#[tokio::test]
+async fn readyz_is_ready_while_serving_and_503_while_draining() {
+    use futures_util::StreamExt;
+    use http_body_util::BodyStream;
+
+    let mock = MockProvider::start().await;
+    let mut airlock = start(&mock).await;
+    let readyz = format!("{}/readyz", airlock.admin_url());
+    // No admin token needed, like /healthz.
+    let reply = request("GET", &readyz, &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json(), json!({"status": "ready"}));
+
+    // Hold a call open so that draining lasts until the gate opens.
+    let created = airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["GET"], "paths": ["/gated-sse"]}],
+            "ttl_seconds": 600
+        }))
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let req = hyper::Request::get(format!("{}/openai/gated-sse", airlock.proxy_url()))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = tokio::time::timeout(DEADLINE, client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut frames = BodyStream::new(response.into_body());
+    let mut received = String::new();
+    while !received.contains("data: first") {
+        let frame = tokio::time::timeout(DEADLINE, frames.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            received.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+
+    let pid = rustix::process::Pid::from_raw(i32::try_from(airlock.pid()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let reply = request("GET", &readyz, &[], "").await;
+        if reply.status == 503 {
+            assert_eq!(reply.json(), json!({"status": "draining"}));
+            break;
+        }
+        assert_eq!(reply.status, 200);
+        assert!(Instant::now() < deadline, "/readyz never turned 503");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Liveness is unaffected while draining.
+    let health = request("GET", &format!("{}/healthz", airlock.admin_url()), &[], "").await;
+    assert_eq!(health.status, 200);
+
+    mock.open_gate();
+    while let Some(frame) = tokio::time::timeout(DEADLINE, frames.next()).await.unwrap() {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(
+        received.contains("data: second"),
+        "the held call finished: {received}"
+    );
+    let status = airlock.terminate().await.unwrap();
+    assert!(status.success(), "{status:?}\n{}", airlock.output());
+}

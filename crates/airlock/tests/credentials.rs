@@ -1,0 +1,472 @@
+//! End-to-end tests of the real credentials: auth styles and formats, the
+//! leak guard on echoed responses, upstream refusals, `file:` and `store`
+//! sources with rotation, and a scan of everything airlock writes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use airlock_testkit::client::request;
+use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+const ADMIN_TOKEN: &str = "adm_credential_test_token_000000";
+const OPENAI_KEY: &str = "sk-proj-real-openai-key-0123456789abcdef";
+
+fn toml_provider(name: &str, upstream: &str, auth: &str, credential: &str, extra: &str) -> String {
+    let upper = name.to_uppercase();
+    format!(
+        "[providers.{name}]\nupstream = \"{upstream}\"\nauth = \"{auth}\"\ncredential = \"{credential}\"\n\
+         env_key = \"{upper}_API_KEY\"\nenv_base_url = \"{upper}_BASE_URL\"\nbase_path = \"\"\n{extra}\n"
+    )
+}
+
+async fn session(airlock: &Airlock, providers: &[&str]) -> String {
+    let scope: Vec<Value> = providers
+        .iter()
+        .map(|p| json!({"provider": p, "methods": ["*"], "paths": ["/**"]}))
+        .collect();
+    let s = airlock
+        .create_session(json!({"scope": scope, "ttl_seconds": 600}))
+        .await
+        .unwrap();
+    s["token"].as_str().unwrap().to_owned()
+}
+
+async fn call(airlock: &Airlock, path: &str, token: &str) -> (u16, http::HeaderMap, String) {
+    let reply = request(
+        "GET",
+        &format!("{}{path}", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        Bytes::new(),
+    )
+    .await;
+    (reply.status, reply.headers.clone(), reply.text())
+}
+
+async fn records(airlock: &Airlock) -> Vec<Value> {
+    let (status, body) = airlock
+        .admin("GET", "/v1/audit?limit=10000", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    body["records"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn auth_styles_formats_and_static_headers() {
+    let mock = MockProvider::start().await;
+    let up = mock.url();
+    let config = [
+        toml_provider("azure", &up, "header:api-key", "env:AZURE_KEY", ""),
+        toml_provider("google", &up, "header:x-goog-api-key", "env:GOOGLE_KEY", ""),
+        toml_provider("gquery", &up, "query:key", "env:GOOGLE_KEY", ""),
+        toml_provider(
+            "github",
+            &up,
+            "header:authorization",
+            "env:GITHUB_KEY",
+            "auth_format = \"token {key}\"",
+        ),
+        toml_provider(
+            "anthropic",
+            &up,
+            "header:x-api-key",
+            "env:ANTHROPIC_KEY",
+            "[providers.anthropic.headers]\nanthropic-version = \"2023-06-01\"\nopenai-organization = \"org-acme\"",
+        ),
+    ]
+    .concat();
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .config(&config)
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("AZURE_KEY", "azure-real-key-000000001")
+        .env("GOOGLE_KEY", "AIza-real-google-key-0002")
+        .env("GITHUB_KEY", "ghp_real_github_token_0003")
+        .env("ANTHROPIC_KEY", "sk-ant-real-anthropic-0004")
+        .start()
+        .await
+        .unwrap();
+    let token = session(
+        &airlock,
+        &["azure", "google", "gquery", "github", "anthropic"],
+    )
+    .await;
+
+    let cases = [
+        ("/azure/x", "api-key", "azure-real-key-000000001"),
+        ("/google/x", "x-goog-api-key", "AIza-real-google-key-0002"),
+        (
+            "/github/x",
+            "authorization",
+            "token ghp_real_github_token_0003",
+        ),
+        ("/anthropic/x", "x-api-key", "sk-ant-real-anthropic-0004"),
+    ];
+    for (path, header, value) in cases {
+        mock.clear();
+        assert_eq!(call(&airlock, path, &token).await.0, 200, "{path}");
+        let seen = &mock.requests()[0];
+        assert_eq!(seen.header(header).as_deref(), Some(value), "{path}");
+        assert!(!seen.contains(&token), "{path}: token forwarded");
+    }
+    mock.clear();
+    assert_eq!(call(&airlock, "/gquery/x?a=1", &token).await.0, 200);
+    assert_eq!(
+        mock.requests()[0].query(),
+        Some("a=1&key=AIza%2Dreal%2Dgoogle%2Dkey%2D0002")
+    );
+    // Static headers replace whatever the agent sent under that name.
+    mock.clear();
+    let reply = request(
+        "GET",
+        &format!("{}/anthropic/x", airlock.proxy_url()),
+        &[("x-api-key", &token), ("anthropic-version", "1999-01-01")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let seen = &mock.requests()[0];
+    assert_eq!(seen.header_values("anthropic-version"), vec!["2023-06-01"]);
+    assert_eq!(
+        seen.header("openai-organization").as_deref(),
+        Some("org-acme")
+    );
+}
+
+#[tokio::test]
+async fn bad_credential_config_is_refused_at_start() {
+    let mock = MockProvider::start().await;
+    for (extra, expected) in [
+        ("auth_format = \"token\"", "auth_format"),
+        ("auth_format = \"{key} {key}\"", "auth_format"),
+        (
+            "[providers.p.headers]\nhost = \"evil\"",
+            "providers.p.headers.host",
+        ),
+        (
+            "[providers.p.headers]\n\"x y\" = \"1\"",
+            "providers.p.headers.x y",
+        ),
+    ] {
+        let config = toml_provider("p", &mock.url(), "bearer", "env:P_KEY", extra);
+        let err = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+            .config(&config)
+            .env("P_KEY", "p-real-key-00000001")
+            .start()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{extra}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn echoed_credentials_are_redacted_everywhere() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start()
+        .await
+        .unwrap();
+    let token = session(&airlock, &["openai"]).await;
+
+    // A JSON echo of every request header, Content-Length kept.
+    let (status, headers, body) = call(&airlock, "/openai/echo", &token).await;
+    assert_eq!(status, 200);
+    assert!(!body.contains(OPENAI_KEY), "{body}");
+    assert!(body.contains("[REDACTED BY AIRLOCK]"), "{body}");
+    let length: usize = headers["content-length"].to_str().unwrap().parse().unwrap();
+    assert_eq!(length, body.len());
+    serde_json::from_str::<Value>(&body).expect("redaction keeps the JSON valid");
+
+    // An SSE stream with the secret cut across many frames, and a header.
+    let reply = request(
+        "GET",
+        &format!("{}/openai/leak-sse", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let text = reply.text();
+    assert!(!text.contains(OPENAI_KEY), "{text}");
+    assert!(
+        text.starts_with("data: ") && text.contains("[REDACTED BY AIRLOCK]"),
+        "{text}"
+    );
+    let leak = reply.headers["x-leak"].to_str().unwrap();
+    assert!(
+        !leak.contains(OPENAI_KEY) && leak.contains("[REDACTED BY AIRLOCK]"),
+        "{leak}"
+    );
+
+    let recs = records(&airlock).await;
+    assert_eq!(recs.len(), 2);
+    for r in &recs {
+        assert_eq!(r["flags"], json!(["credential_redacted"]), "{r}");
+    }
+    // A clean response is not flagged.
+    assert_eq!(call(&airlock, "/openai/v1/models", &token).await.0, 200);
+    assert_eq!(records(&airlock).await[2]["flags"], json!([]));
+}
+
+#[tokio::test]
+async fn an_upstream_refusing_the_credential_is_airlocks_502() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start()
+        .await
+        .unwrap();
+    let token = session(&airlock, &["openai"]).await;
+    for upstream in [401u16, 403] {
+        let (status, _, body) = call(&airlock, &format!("/openai/status/{upstream}"), &token).await;
+        assert_eq!(status, 502, "{body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"]["code"], "upstream_auth_failed");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(!message.contains("sk-"), "{message}");
+    }
+    let recs = records(&airlock).await;
+    assert_eq!(recs[0]["decision"], "upstream_auth_failed");
+    assert_eq!(recs[0]["upstream_status"], 401);
+    assert_eq!(recs[1]["upstream_status"], 403);
+    assert_eq!(recs[0]["status"], 502);
+}
+
+/// Polls calls until the mock sees `expected` in the Authorization header.
+async fn wait_for_credential(airlock: &Airlock, mock: &MockProvider, token: &str, expected: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        mock.clear();
+        let (status, _, _) = call(airlock, "/p/x", token).await;
+        let seen = mock
+            .requests()
+            .first()
+            .and_then(|r| r.header("authorization"));
+        if status == 200 && seen.as_deref() == Some(&format!("Bearer {expected}")) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw {expected}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test]
+async fn file_credentials_rotate_without_restart() {
+    let mock = MockProvider::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let file = secrets.path().join("p.key");
+    std::fs::write(&file, "file-key-version-one\n").unwrap();
+    let config = toml_provider(
+        "p",
+        &mock.url(),
+        "bearer",
+        &format!("file:{}", file.display()),
+        "",
+    );
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .config(&config)
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start()
+        .await
+        .unwrap();
+    let token = session(&airlock, &["p"]).await;
+    assert_eq!(call(&airlock, "/p/x", &token).await.0, 200);
+    assert_eq!(
+        mock.requests()[0].header("authorization").as_deref(),
+        Some("Bearer file-key-version-one")
+    );
+    write_atomically(&file, "file-key-version-two\n");
+    wait_for_credential(&airlock, &mock, &token, "file-key-version-two").await;
+    std::fs::write(&file, "file-key-version-three").unwrap();
+    wait_for_credential(&airlock, &mock, &token, "file-key-version-three").await;
+}
+
+fn credential_cli(airlock: &Airlock, args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "--config",
+            airlock.config_path().to_str().unwrap(),
+            "credential",
+        ])
+        .args(args)
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn files_under(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            all.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    all
+}
+
+fn holds(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
+    let mock = MockProvider::start().await;
+    let config = [
+        toml_provider("p", &mock.url(), "bearer", "store", ""),
+        toml_provider("e", &mock.url(), "bearer", "env:E_KEY", ""),
+    ]
+    .concat();
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .config(&config)
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("E_KEY", "env-real-key-00000001")
+        .env("RUST_LOG", "trace")
+        .start()
+        .await
+        .unwrap();
+    let token = session(&airlock, &["p"]).await;
+    let (status, _, body) = call(&airlock, "/p/x", &token).await;
+    assert_eq!(status, 503, "no credential yet: {body}");
+    let (_, shown) = airlock
+        .admin("GET", "/v1/providers/p/credential", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (shown["set"].as_bool(), shown["source"].as_str()),
+        (Some(false), Some("store"))
+    );
+
+    let first = "store-secret-version-one-000";
+    let out = credential_cli(&airlock, &["set", "p"], &format!("{first}\n"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("credential for p stored sealed"));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(first));
+    wait_for_credential(&airlock, &mock, &token, first).await;
+
+    let second = "store-secret-version-two-000";
+    let (status, shown) = airlock
+        .admin(
+            "PUT",
+            "/v1/providers/p/credential",
+            Some(json!({"value": second})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["set"], true);
+    assert!(shown["updated_at"].is_string());
+    assert!(!shown.to_string().contains(second));
+    wait_for_credential(&airlock, &mock, &token, second).await;
+
+    // Refusals: an env provider, an unknown one, a value too short, junk.
+    let put = |name: &'static str, body: Value| {
+        let airlock = &airlock;
+        async move {
+            airlock
+                .admin(
+                    "PUT",
+                    &format!("/v1/providers/{name}/credential"),
+                    Some(body),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let (status, body) = put("e", json!({"value": "whatever-long-enough"})).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(
+        put("nobody", json!({"value": "whatever-long-enough"}))
+            .await
+            .0,
+        404
+    );
+    let (status, body) = put("p", json!({"value": "short"})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(!body.to_string().contains("short\""), "{body}");
+    assert_eq!(put("p", json!({"value": 5})).await.0, 400);
+    assert_eq!(put("p", json!({"value": "x", "extra": 1})).await.0, 400);
+    let empty = credential_cli(&airlock, &["set", "p"], "");
+    assert!(!empty.status.success());
+
+    // Nothing airlock wrote holds a secret: store, logs, metrics.
+    let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
+    let store = files_under(airlock.dir());
+    let logs = airlock.output();
+    for secret in [first, second, token.as_str(), "env-real-key-00000001"] {
+        assert!(!holds(&store, secret), "store files hold {secret}");
+        assert!(!logs.contains(secret), "logs hold {secret}");
+        assert!(
+            !metrics.to_string().contains(secret),
+            "metrics hold {secret}"
+        );
+    }
+    // The master key file is 0600 and the sealed value survives a restart.
+    let key_file = airlock.dir().join("airlock.db.master-key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn responses_stream_through_the_leak_guard_unbuffered() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start()
+        .await
+        .unwrap();
+    let token = session(&airlock, &["openai"]).await;
+    // The gated stream's first event must arrive while the provider still
+    // holds the stream open: the guard holds nothing back from it.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<Bytes>>();
+    let req = http::Request::get(format!("{}/openai/gated-sse", airlock.proxy_url()))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let mut body = client.request(req).await.unwrap().into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("first event held back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.into_data().unwrap(),
+        Bytes::from_static(b"data: first\n\n")
+    );
+    mock.open_gate();
+}

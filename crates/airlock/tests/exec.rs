@@ -1,0 +1,472 @@
+//! End-to-end tests of `airlock exec` against a real server: the child's
+//! environment, revocation after the child exits (normally, by a signal, or
+//! because airlock itself was signalled) and exit status propagation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use airlock_testkit::client::request;
+use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_airlock");
+/// The real credentials, as the operator's shell holds them.
+const OPENAI_KEY: &str = "sk-real-openai-exec-0123456789";
+const ANTHROPIC_KEY: &str = "sk-real-anthropic-exec-0123456789";
+/// Upper bound for anything a test waits for.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn start(mock: &MockProvider) -> Airlock {
+    AirlockBuilder::new(BIN)
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .provider(
+            "anthropic",
+            &mock.url(),
+            "header:x-api-key",
+            ANTHROPIC_KEY,
+            "",
+        )
+        .start()
+        .await
+        .unwrap()
+}
+
+/// `airlock exec ARGS` run the way an operator would: the admin URL and
+/// token in the environment, and the real credentials too (the variables the
+/// config names as credential sources), which the child must not get.
+fn exec(airlock: &Airlock, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("--config")
+        .arg(airlock.config_path())
+        .arg("exec")
+        .args(args)
+        .current_dir(airlock.dir())
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+        .env("AIRLOCK_TEST_CRED_OPENAI", OPENAI_KEY)
+        .env("AIRLOCK_TEST_CRED_ANTHROPIC", ANTHROPIC_KEY)
+        .env("AIRLOCK_AUDIT_KEY", "ab".repeat(32))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+async fn session(airlock: &Airlock, id: &str) -> Value {
+    let (status, view) = airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{view}");
+    view
+}
+
+/// Status of a chat call with `token` through the proxy.
+async fn call(airlock: &Airlock, token: &str) -> u16 {
+    request(
+        "POST",
+        &format!("{}/openai/v1/chat/completions", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        r#"{"model":"m","messages":[]}"#,
+    )
+    .await
+    .status
+}
+
+/// The next line the child printed, within the deadline.
+async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> String {
+    tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("no line from the child in time")
+        .unwrap()
+        .expect("the child's output ended")
+}
+
+async fn wait(child: &mut Child) -> ExitStatus {
+    tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("airlock exec did not exit in time")
+        .unwrap()
+}
+
+fn signal(child: &Child, signal: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, signal).unwrap();
+}
+
+/// The ids of sessions (active or ended) with label `test=VALUE`.
+async fn sessions_labelled(airlock: &Airlock, value: &str) -> Vec<Value> {
+    let (_, list) = airlock
+        .admin("GET", "/v1/sessions?all=true", None)
+        .await
+        .unwrap();
+    list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["labels"]["test"] == value)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code_is_kept() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let out = exec(
+        &airlock,
+        &[
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--ttl",
+            "10m",
+            "--label",
+            "test=env",
+            "--",
+            "sh",
+            "-c",
+            r#"echo "$OPENAI_API_KEY $OPENAI_BASE_URL"; env; exit 7"#,
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+
+    let first = stdout.lines().next().unwrap();
+    let (token, base_url) = first.split_once(' ').unwrap();
+    assert!(token.starts_with("sess_") && token.len() >= 48, "{first}");
+    assert_eq!(base_url, format!("{}/openai/v1", airlock.proxy_url()));
+
+    let env: Vec<(&str, &str)> = stdout
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let var = |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    assert_eq!(var("OPENAI_API_KEY"), Some(token));
+    // Only providers in scope get variables.
+    assert_eq!(var("ANTHROPIC_API_KEY"), None, "{stdout}");
+    assert_eq!(var("ANTHROPIC_BASE_URL"), None, "{stdout}");
+    // The real credentials' source variables, the admin token and the audit
+    // key are gone, though airlock's own environment has them.
+    for hidden in [
+        "AIRLOCK_TEST_CRED_OPENAI",
+        "AIRLOCK_TEST_CRED_ANTHROPIC",
+        "AIRLOCK_ADMIN_TOKEN",
+        "AIRLOCK_AUDIT_KEY",
+    ] {
+        assert_eq!(var(hidden), None, "{hidden} leaked into the child");
+    }
+    for secret in [OPENAI_KEY, ANTHROPIC_KEY, airlock.admin_token()] {
+        assert!(
+            !stdout.contains(secret),
+            "a secret reached the child:\n{stdout}"
+        );
+    }
+    // The rest of the environment is inherited.
+    assert_eq!(var("AIRLOCK_ADMIN_URL"), Some(airlock.admin_url().as_str()));
+
+    let id = var("AIRLOCK_SESSION_ID").unwrap();
+    let view = session(&airlock, id).await;
+    assert_eq!(view["state"], "revoked", "{view}");
+    assert_eq!(view["labels"]["test"], "env");
+    assert_eq!(call(&airlock, token).await, 401);
+}
+
+#[tokio::test]
+async fn the_token_works_while_the_child_runs_and_not_after_it_exits() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let mut child = exec(
+        &airlock,
+        &[
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--allow",
+            "anthropic:POST:/v1/messages",
+            "--",
+            "sh",
+            "-c",
+            r#"echo "$AIRLOCK_SESSION_ID $OPENAI_API_KEY $ANTHROPIC_API_KEY $ANTHROPIC_BASE_URL"; read reply; echo "bye $reply""#,
+        ],
+    )
+    .stdin(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = next_line(&mut lines).await;
+    let parts: Vec<&str> = line.split(' ').collect();
+    let [id, token, anthropic_token, anthropic_url] = parts[..] else {
+        panic!("{line}");
+    };
+    assert_eq!(
+        token, anthropic_token,
+        "one token for every provider in scope"
+    );
+    assert_eq!(anthropic_url, format!("{}/anthropic", airlock.proxy_url()));
+
+    assert_eq!(session(&airlock, id).await["state"], "active");
+    assert_eq!(call(&airlock, token).await, 200);
+    assert!(mock.requests()[0]
+        .header("authorization")
+        .unwrap()
+        .contains(OPENAI_KEY));
+
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"done\n").await.unwrap();
+    drop(stdin);
+    assert_eq!(next_line(&mut lines).await, "bye done");
+    let status = wait(&mut child).await;
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(session(&airlock, id).await["state"], "revoked");
+    assert_eq!(call(&airlock, token).await, 401);
+}
+
+#[tokio::test]
+async fn sigterm_to_airlock_reaches_the_child_and_revokes_the_session() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    // The child traps SIGTERM to prove it got it, then exits with its own code.
+    let mut child = exec(
+        &airlock,
+        &[
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--",
+            "sh",
+            "-c",
+            r#"trap 'echo "child got TERM"; exit 3' TERM; echo "$AIRLOCK_SESSION_ID $OPENAI_API_KEY"; while :; do sleep 0.05; done"#,
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = next_line(&mut lines).await;
+    let (id, token) = line.split_once(' ').unwrap();
+    assert_eq!(session(&airlock, id).await["state"], "active");
+
+    signal(&child, rustix::process::Signal::TERM);
+    assert_eq!(next_line(&mut lines).await, "child got TERM");
+    let status = wait(&mut child).await;
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "airlock exits with the child's status"
+    );
+    assert_eq!(session(&airlock, id).await["state"], "revoked");
+    assert_eq!(call(&airlock, token).await, 401);
+}
+
+#[tokio::test]
+async fn a_child_killed_by_the_forwarded_signal_gives_128_plus_the_signal() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    for (signal_to_send, number) in [
+        (rustix::process::Signal::TERM, 15),
+        (rustix::process::Signal::INT, 2),
+    ] {
+        // `exec sleep`: the child has the default action, so the signal
+        // airlock forwards kills it.
+        let mut child = exec(
+            &airlock,
+            &[
+                "--allow",
+                "openai:POST:/v1/chat/completions",
+                "--",
+                "sh",
+                "-c",
+                r#"echo "$AIRLOCK_SESSION_ID"; exec sleep 600"#,
+            ],
+        )
+        .spawn()
+        .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let id = next_line(&mut lines).await;
+        // Whether the signal reaches the shell or, after its `exec`, sleep:
+        // both die of it.
+        assert_eq!(session(&airlock, &id).await["state"], "active");
+        signal(&child, signal_to_send);
+        let status = wait(&mut child).await;
+        assert_eq!(status.code(), Some(128 + number), "{signal_to_send:?}");
+        assert_eq!(session(&airlock, &id).await["state"], "revoked");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_command_exits_127_and_its_session_is_revoked() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let out = exec(
+        &airlock,
+        &[
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--label",
+            "test=missing",
+            "--",
+            "/nonexistent/agent",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(127));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("airlock: cannot run /nonexistent/agent"),
+        "{stderr}"
+    );
+    let sessions = sessions_labelled(&airlock, "missing").await;
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0]["state"], "revoked");
+}
+
+#[tokio::test]
+async fn nothing_runs_when_airlock_cannot_open_the_session() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let marker = airlock.dir().join("ran");
+    let script = format!("touch {}", marker.display());
+    let cases: [(&[&str], &str); 3] = [
+        (&["--allow", "openai:POST"], "not PROVIDER:METHODS:PATH"),
+        (&["--allow", "nope:POST:/v1/x"], "unknown provider \"nope\""),
+        (
+            &["--allow", "openai:POST:/v1/x", "--ttl", "forever"],
+            "invalid duration",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--", "sh", "-c", &script]);
+        let out = exec(&airlock, &all).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(125), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.starts_with("airlock: ") && stderr.contains(want),
+            "{args:?}: {stderr}"
+        );
+    }
+    // No server to talk to.
+    let out = exec(
+        &airlock,
+        &["--allow", "openai:POST:/v1/x", "--", "sh", "-c", &script],
+    )
+    .env("AIRLOCK_ADMIN_URL", "http://127.0.0.1:1")
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the airlock admin API"));
+    assert!(!marker.exists(), "the command ran without a session");
+}
+
+#[tokio::test]
+async fn the_command_may_follow_the_options_without_a_double_dash() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    // Everything after the first word of the command is the command's,
+    // even when it looks like an airlock option.
+    let out = exec(
+        &airlock,
+        &[
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "sh",
+            "-c",
+            r#"printf '%s|' "$0" "$1"; exit 0"#,
+            "--ttl",
+            "--allow",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "--ttl|--allow|");
+}
+
+#[tokio::test]
+async fn a_config_that_does_not_load_is_refused_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("airlock.toml");
+    std::fs::write(&path, "[proxy]\nlisten = \"nowhere\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--config",
+            path.to_str().unwrap(),
+            "exec",
+            "--allow",
+            "openai:POST:/v1/x",
+        ])
+        .args(["--", "true"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "airlock: invalid config: {}: proxy.listen:",
+            path.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_session_that_cannot_be_revoked_is_reported_and_fails_a_successful_run() {
+    let mock = MockProvider::start().await;
+    let mut airlock = start(&mock).await;
+    let mut child = exec(
+        &airlock,
+        &[
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--",
+            "sh",
+            "-c",
+            r#"echo "$AIRLOCK_SESSION_ID"; read reply"#,
+        ],
+    )
+    .stdin(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let id = next_line(&mut lines).await;
+    // The server goes away while the command runs.
+    airlock.terminate().await.unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"done\n").await.unwrap();
+    drop(stdin);
+    let status = wait(&mut child).await;
+    assert_eq!(
+        status.code(),
+        Some(125),
+        "the command succeeded, the revocation did not"
+    );
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    assert!(
+        stderr.contains(&format!("could not revoke session {id}"))
+            && stderr.contains("cannot reach the airlock admin API"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,586 @@
+//! Replicas: two or three real `airlock serve` processes on one PostgreSQL
+//! database, behind no load balancer but called one after the other, in
+//! front of one recording mock provider.
+//!
+//! Each test has its own fresh database. Without a reachable PostgreSQL
+//! server the tests skip loudly, or fail when `CI=true`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use airlock_testkit::client::{request, Reply};
+use airlock_testkit::pg::{self, FreshDb};
+use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
+
+const OPENAI_KEY: &str = "sk-real-openai-replicas-0123456789";
+const ADMIN_TOKEN: &str = "adm_replicas_test_token_0123456789";
+/// Every replica must MAC the audit trail with the same key.
+const AUDIT_KEY: &str = "8f1d2c3b4a5968778695a4b3c2d1e0f00112233445566778899aabbccddeeff0";
+/// The bound asserted for a revocation to hold on every replica.
+const PROPAGATION_BOUND: Duration = Duration::from_secs(1);
+
+/// Replica tests start many processes: a few at a time keeps the machine
+/// (and so the timing bounds) honest.
+static RUNNING: Semaphore = Semaphore::const_new(3);
+
+/// The mock provider, the database, and the replicas on it.
+struct Cluster {
+    mock: MockProvider,
+    replicas: Vec<Airlock>,
+    store_options: Vec<String>,
+    extra: String,
+    // Dropped last: the database outlives the processes using it.
+    db: FreshDb,
+    _running: SemaphorePermit<'static>,
+}
+
+impl Cluster {
+    /// `n` replicas started at once (so they also migrate at once), or
+    /// `None` when PostgreSQL is unreachable outside CI.
+    async fn start(n: usize, store_options: &[&str]) -> Option<Self> {
+        Self::start_with(n, store_options, "").await
+    }
+
+    /// Like [`Cluster::start`], with `extra` TOML in every config.
+    async fn start_with(n: usize, store_options: &[&str], extra: &str) -> Option<Self> {
+        let running = RUNNING.acquire().await.unwrap();
+        let db = pg::fresh_database().await?;
+        let mock = MockProvider::start().await;
+        let store_options: Vec<String> = store_options.iter().map(|s| (*s).to_owned()).collect();
+        let starts = (0..n).map(|_| builder(&mock, &db, &store_options, extra).start());
+        let replicas = futures_util::future::join_all(starts)
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()
+            .unwrap();
+        Some(Self {
+            mock,
+            replicas,
+            store_options,
+            extra: extra.to_owned(),
+            db,
+            _running: running,
+        })
+    }
+
+    /// Replaces replica `i` by a new process on the same database.
+    async fn restart(&mut self, i: usize) {
+        let replica = builder(&self.mock, &self.db, &self.store_options, &self.extra)
+            .start()
+            .await
+            .unwrap();
+        self.replicas[i] = replica;
+    }
+}
+
+fn builder(
+    mock: &MockProvider,
+    db: &FreshDb,
+    store_options: &[String],
+    extra: &str,
+) -> AirlockBuilder {
+    let mut builder = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .config(extra)
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .store_url(db.url())
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("AIRLOCK_AUDIT_KEY", AUDIT_KEY);
+    for option in store_options {
+        builder = builder.store_option(option);
+    }
+    builder
+}
+
+/// Opens a session through `airlock`; returns (id, token). The scope is
+/// `GET /v1/models` on openai.
+async fn session(airlock: &Airlock, limits: Value) -> (String, String) {
+    let s = airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["GET"], "paths": ["/v1/models"]}],
+            "ttl_seconds": 600,
+            "limits": limits,
+        }))
+        .await
+        .unwrap();
+    (
+        s["id"].as_str().unwrap().to_owned(),
+        s["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// `GET {proxy}/openai/v1/{path}` with the session token.
+async fn call(airlock: &Airlock, path: &str, token: &str) -> Reply {
+    let auth = format!("Bearer {token}");
+    let url = format!("{}/openai/v1/{path}", airlock.proxy_url());
+    request("GET", &url, &[("authorization", &auth)], Bytes::new()).await
+}
+
+/// An allowed call (in scope).
+async fn models(airlock: &Airlock, token: &str) -> Reply {
+    call(airlock, "models", token).await
+}
+
+/// The status of an allowed call made while polling, or `None` when the
+/// exchange did not complete: a response airlock cut short because the
+/// session ended (or its audit record could not be written) meanwhile.
+async fn poll_status(airlock: &Airlock, token: &str) -> Option<u16> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = http::Request::get(format!("{}/openai/v1/models", airlock.proxy_url()))
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let exchange = async {
+        let response = client.request(request).await.ok()?;
+        let status = response.status().as_u16();
+        response.into_body().collect().await.ok()?;
+        Some(status)
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+fn error_code(reply: &Reply) -> String {
+    reply
+        .error_code()
+        .unwrap_or_else(|| panic!("not an airlock error: {}", reply.text()))
+}
+
+/// Polls `f` every 5 ms until it is true; panics after `limit`. Returns how
+/// long it took.
+async fn eventually(limit: Duration, what: &str, mut f: impl AsyncFnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if f().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Runs `airlock --config CONFIG audit verify` with the shared audit key.
+fn audit_verify(config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--config")
+        .arg(config)
+        .args(["audit", "verify"])
+        .env("AIRLOCK_AUDIT_KEY", AUDIT_KEY)
+        .output()
+        .unwrap()
+}
+
+/// `GET /v1/sessions/{id}` on `airlock`.
+async fn show(airlock: &Airlock, id: &str) -> Value {
+    let (status, body) = airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn sessions_are_shared_and_a_revocation_holds_on_every_replica_within_a_second() {
+    let Some(cluster) = Cluster::start(3, &[]).await else {
+        return;
+    };
+    let [a, b, c] = &cluster.replicas[..] else {
+        unreachable!()
+    };
+    let (id, token) = session(a, json!({})).await;
+    // Created on A: B and C serve it at once (and cache it).
+    for replica in [a, b, c] {
+        let reply = models(replica, &token).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(cluster.mock.request_count(), 3);
+    for request in cluster.mock.requests() {
+        assert_eq!(
+            request.header("authorization").unwrap(),
+            format!("Bearer {OPENAI_KEY}")
+        );
+    }
+    // Listed by every replica.
+    let (_, list) = c.admin("GET", "/v1/sessions", None).await.unwrap();
+    assert_eq!(list["sessions"][0]["id"], id.as_str());
+
+    // Revoked on B: refused on A and C (which both cached it) within 1 s.
+    let started = Instant::now();
+    let (status, _) = b
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    for replica in [a, c] {
+        eventually(
+            PROPAGATION_BOUND * 5,
+            "revocation on every replica",
+            async || poll_status(replica, &token).await == Some(401),
+        )
+        .await;
+    }
+    let took = started.elapsed();
+    eprintln!("MEASURED: revocation on B refused on A and C after {took:?}");
+    assert!(took < PROPAGATION_BOUND, "revocation took {took:?}");
+    // From then on, refused everywhere, and nothing reaches the provider.
+    let seen = cluster.mock.request_count();
+    for replica in [a, b, c] {
+        let reply = models(replica, &token).await;
+        assert_eq!(reply.status, 401, "{}", reply.text());
+        assert_eq!(error_code(&reply), "invalid_token");
+    }
+    assert_eq!(
+        cluster.mock.request_count(),
+        seen,
+        "refused calls reach nothing"
+    );
+    assert_eq!(show(a, &id).await["state"], "revoked");
+}
+
+#[tokio::test]
+async fn max_denied_counts_denials_on_every_replica() {
+    let Some(cluster) = Cluster::start(3, &[]).await else {
+        return;
+    };
+    let [a, b, c] = &cluster.replicas[..] else {
+        unreachable!()
+    };
+    let (id, token) = session(a, json!({"max_denied": 3})).await;
+    for replica in [a, b, c] {
+        assert_eq!(models(replica, &token).await.status, 200);
+    }
+    // One out-of-scope call on each replica: no replica saw three...
+    for replica in [a, b, c] {
+        let reply = call(replica, "files", &token).await;
+        assert_eq!(reply.status, 403, "{}", reply.text());
+    }
+    // ...but together they did: revoked everywhere.
+    let started = Instant::now();
+    for replica in [a, b, c] {
+        eventually(
+            Duration::from_secs(5),
+            "max_denied across replicas",
+            async || poll_status(replica, &token).await == Some(401),
+        )
+        .await;
+    }
+    eprintln!(
+        "MEASURED: max_denied across replicas revoked everywhere {:?} after the third denial",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < PROPAGATION_BOUND * 2,
+        "{:?}",
+        started.elapsed()
+    );
+    // (calls made while the revocation travelled may have been forwarded)
+    let seen = cluster.mock.request_count();
+    for replica in [a, b, c] {
+        assert_eq!(models(replica, &token).await.status, 401);
+    }
+    assert_eq!(cluster.mock.request_count(), seen);
+    let shown = show(b, &id).await;
+    assert_eq!(shown["state"], "revoked");
+    eventually(Duration::from_secs(5), "counts shown", async || {
+        show(c, &id).await["calls"]["denied"] == 3
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_requests_counts_calls_on_every_replica() {
+    let Some(cluster) = Cluster::start(3, &[]).await else {
+        return;
+    };
+    let replicas = &cluster.replicas;
+    let (id, token) = session(&replicas[0], json!({"max_requests": 5})).await;
+    let mut statuses = Vec::new();
+    for round in 0..5 {
+        for replica in replicas {
+            let reply = models(replica, &token).await;
+            statuses.push(reply.status);
+            if reply.status != 200 {
+                assert_eq!(reply.status, 429, "round {round}: {}", reply.text());
+                assert_eq!(error_code(&reply), "rate_limited");
+            }
+        }
+    }
+    let allowed = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(allowed, 5, "{statuses:?}");
+    assert_eq!(&statuses[..5], &[200; 5], "calls within the quota all pass");
+    assert_eq!(
+        cluster.mock.request_count(),
+        5,
+        "the provider saw exactly max_requests calls"
+    );
+    eventually(Duration::from_secs(5), "allowed total", async || {
+        show(&replicas[2], &id).await["calls"]["allowed"] == 5
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_replica_killed_with_sigkill_and_restarted_picks_up_where_it_was() {
+    let Some(mut cluster) = Cluster::start(2, &[]).await else {
+        return;
+    };
+    let (id_a, token_a) = session(&cluster.replicas[0], json!({})).await;
+    for _ in 0..3 {
+        assert_eq!(models(&cluster.replicas[0], &token_a).await.status, 200);
+    }
+    cluster.replicas[0].kill();
+    // B serves on alone: A's sessions are B's too.
+    let b = &cluster.replicas[1];
+    assert_eq!(models(b, &token_a).await.status, 200);
+    let (_, token_b) = session(b, json!({})).await;
+    let (status, _) = b
+        .admin("DELETE", &format!("/v1/sessions/{id_a}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    cluster.restart(0).await;
+    let [a, b] = &cluster.replicas[..] else {
+        unreachable!()
+    };
+    // The new A knows what happened while it was down.
+    assert_eq!(models(a, &token_a).await.status, 401);
+    assert_eq!(models(a, &token_b).await.status, 200);
+    assert_eq!(models(b, &token_b).await.status, 200);
+    // Its revocations reach B like before.
+    let (id_c, token_c) = session(a, json!({})).await;
+    assert_eq!(models(b, &token_c).await.status, 200);
+    let (status, _) = a
+        .admin("DELETE", &format!("/v1/sessions/{id_c}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    eventually(
+        PROPAGATION_BOUND,
+        "revocation from the restarted replica",
+        async || poll_status(b, &token_c).await == Some(401),
+    )
+    .await;
+    // The trail of the killed process, resumed by its successor, verifies.
+    let (status, verdict) = b.admin("GET", "/v1/audit/verify", None).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(verdict["ok"], true, "{verdict}");
+}
+
+#[tokio::test]
+async fn audit_of_every_replica_lands_in_postgres_and_verifies_as_one_trail() {
+    let Some(mut cluster) = Cluster::start(3, &[]).await else {
+        return;
+    };
+    let (_, token) = session(&cluster.replicas[0], json!({})).await;
+    let mut calls = 0;
+    for replica in &cluster.replicas {
+        for path in ["models", "models", "files"] {
+            call(replica, path, &token).await;
+            calls += 1;
+        }
+    }
+    let a = &cluster.replicas[0];
+    let records = eventually(
+        Duration::from_secs(10),
+        "every record written",
+        async || {
+            let (_, verdict) = a.admin("GET", "/v1/audit/verify", None).await.unwrap();
+            verdict["ok"] == true && verdict["records"] == calls
+        },
+    )
+    .await;
+    eprintln!("all {calls} records verified after {records:?}");
+    assert_eq!(
+        cluster
+            .db
+            .scalar_i64("SELECT COUNT(DISTINCT chain) FROM audit_records")
+            .await,
+        3,
+        "one chain per replica"
+    );
+    let (_, listed) = a.admin("GET", "/v1/audit?limit=100", None).await.unwrap();
+    assert_eq!(listed["records"].as_array().unwrap().len(), calls);
+
+    // `airlock audit verify` reads the database itself, with the shared key.
+    for replica in &mut cluster.replicas {
+        replica.terminate().await.unwrap();
+    }
+    let config = cluster.replicas[0].config_path();
+    let out = audit_verify(&config);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.trim(),
+        format!("audit trail intact: {calls} records in 3 chains")
+    );
+
+    // Tampering with another replica's record is found too.
+    cluster
+        .db
+        .execute("UPDATE audit_records SET status = 299 WHERE chain = 2 AND seq = 2")
+        .await;
+    let out = audit_verify(&config);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("seq 2 of chain 2: bad mac"), "{stdout}");
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_from_the_database_fails_closed_and_recovers_by_itself() {
+    let Some(cluster) = Cluster::start(2, &["max_staleness = \"2s\""]).await else {
+        return;
+    };
+    let [a, b] = &cluster.replicas[..] else {
+        unreachable!()
+    };
+    let (_, known) = session(a, json!({})).await;
+    let (_, unknown) = session(a, json!({})).await;
+    assert_eq!(models(b, &known).await.status, 200);
+
+    // 1. Every connection ended (a database restart): both replicas
+    //    reconnect by themselves; sessions and revocations work again.
+    assert!(cluster.db.terminate_connections().await > 0);
+    eventually(
+        Duration::from_secs(10),
+        "serving after the connections ended",
+        async || poll_status(b, &known).await == Some(200),
+    )
+    .await;
+    let (id, fresh) = session(a, json!({})).await;
+    assert_eq!(models(b, &fresh).await.status, 200);
+    let started = Instant::now();
+    let (status, _) = a
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    eventually(
+        PROPAGATION_BOUND * 5,
+        "revocation after reconnecting",
+        async || poll_status(b, &fresh).await == Some(401),
+    )
+    .await;
+    eprintln!(
+        "MEASURED: revocation after reconnecting held on B after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < PROPAGATION_BOUND,
+        "{:?}",
+        started.elapsed()
+    );
+
+    // 2. The database out of reach: B refuses a session it does not know
+    //    at once, and within the staleness bound the ones it knows.
+    let seen = cluster.mock.request_count();
+    cluster.db.allow_connections(false).await;
+    cluster.db.terminate_connections().await;
+    let cut = Instant::now();
+    let reply = models(b, &unknown).await;
+    assert!(reply.status >= 500, "{}: {}", reply.status, reply.text());
+    assert!(reply.error_code().is_some(), "{}", reply.text());
+    eventually(
+        Duration::from_secs(10),
+        "known sessions refused",
+        async || poll_status(b, &known).await.is_some_and(|s| s >= 500),
+    )
+    .await;
+    eprintln!(
+        "MEASURED: known session refused {:?} after the database went away",
+        cut.elapsed()
+    );
+    assert!(
+        cut.elapsed() < Duration::from_secs(2) + Duration::from_secs(2),
+        "{:?}",
+        cut.elapsed()
+    );
+    // Still refused a while later: failing closed is not a blip.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(models(b, &known).await.status >= 500);
+    assert!(models(b, &unknown).await.status >= 500);
+    assert_eq!(
+        cluster.mock.request_count(),
+        seen,
+        "nothing reached the provider meanwhile"
+    );
+
+    // 3. Back by itself once the database is.
+    cluster.db.allow_connections(true).await;
+    let took = eventually(Duration::from_secs(20), "recovery", async || {
+        poll_status(b, &known).await == Some(200)
+    })
+    .await;
+    eprintln!("MEASURED: B serving again {took:?} after the database came back");
+    assert_eq!(models(b, &unknown).await.status, 200);
+    let (_, after) = session(b, json!({})).await;
+    assert_eq!(models(a, &after).await.status, 200);
+    let (_, verdict) = a.admin("GET", "/v1/audit/verify", None).await.unwrap();
+    assert_eq!(verdict["ok"], true, "{verdict}");
+}
+
+#[tokio::test]
+async fn cached_sessions_are_served_for_max_staleness_at_most_without_the_database() {
+    // Audit that does not fail closed, so what is seen is the store's bound.
+    let Some(cluster) = Cluster::start_with(
+        2,
+        &["max_staleness = \"3s\""],
+        "[audit]\nfail_closed = false",
+    )
+    .await
+    else {
+        return;
+    };
+    let [a, b] = &cluster.replicas[..] else {
+        unreachable!()
+    };
+    let (_, known) = session(a, json!({})).await;
+    // Created on B: A has never seen it.
+    let (_, unknown) = session(b, json!({})).await;
+    assert_eq!(models(a, &known).await.status, 200);
+
+    cluster.db.allow_connections(false).await;
+    cluster.db.terminate_connections().await;
+    let cut = Instant::now();
+    // The last re-check was at most a second ago: served from memory...
+    assert_eq!(models(a, &known).await.status, 200);
+    // ...but not a session it has never seen.
+    let reply = models(a, &unknown).await;
+    assert!(reply.status >= 500, "{}: {}", reply.status, reply.text());
+    // Refused once the bound is over, with a JSON error.
+    eventually(
+        Duration::from_secs(10),
+        "known session refused",
+        async || poll_status(a, &known).await.is_some_and(|s| s >= 500),
+    )
+    .await;
+    let took = cut.elapsed();
+    eprintln!("MEASURED: cached session served for {took:?} without the database (bound 3s)");
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    assert!(
+        took < Duration::from_secs(3) + Duration::from_millis(1_500),
+        "{took:?}"
+    );
+    let reply = models(a, &known).await;
+    assert!(reply.error_code().is_some(), "{}", reply.text());
+
+    cluster.db.allow_connections(true).await;
+    eventually(Duration::from_secs(20), "recovery", async || {
+        poll_status(a, &known).await == Some(200)
+    })
+    .await;
+    assert_eq!(models(a, &unknown).await.status, 200);
+}
