@@ -49,8 +49,14 @@ fuzz_target!(|data: &[u8]| {
     let raw = segments(path);
     let last = raw.len() - 1;
     for (i, segment) in raw.iter().enumerate() {
-        assert!(!segment.is_empty() || i == last, "empty segment in {path:?}");
-        assert!(*segment != "." && *segment != "..", "dot segment in {path:?}");
+        assert!(
+            !segment.is_empty() || i == last,
+            "empty segment in {path:?}"
+        );
+        assert!(
+            *segment != "." && *segment != "..",
+            "dot segment in {path:?}"
+        );
         let once = decode(segment);
         assert!(
             !once
@@ -59,7 +65,10 @@ fuzz_target!(|data: &[u8]| {
             "{segment:?} decodes to a separator or control byte"
         );
         let once = String::from_utf8(once).expect("accepted segments decode to UTF-8");
-        assert!(once != "." && once != "..", "{segment:?} decodes to a dot segment");
+        assert!(
+            once != "." && once != "..",
+            "{segment:?} decodes to a dot segment"
+        );
         let twice = String::from_utf8_lossy(&decode(&once)).into_owned();
         assert_eq!(once, twice, "{segment:?} decodes differently twice");
     }

@@ -58,6 +58,8 @@ fuzz_target!(|data: &[u8]| {
             let length: u64 = length.to_str().unwrap().parse().unwrap();
             assert!(length <= 1 << 20);
         }
-        assert!(!(headers.contains_key("content-length") && headers.contains_key("transfer-encoding")));
+        assert!(
+            !(headers.contains_key("content-length") && headers.contains_key("transfer-encoding"))
+        );
     }
 });

@@ -30,6 +30,8 @@ pub struct Machine {
     pub wrk: String,
     /// `nginx -v`.
     pub nginx: String,
+    /// Niceness of the benchmark (its children inherit it).
+    pub nice: String,
 }
 
 impl Machine {
@@ -85,8 +87,16 @@ impl Machine {
             rustc: command_line(Command::new("rustc").arg("-V")),
             wrk: command_line(Command::new(wrk).arg("-v")),
             nginx: command_line(Command::new(nginx).arg("-v")),
+            nice: own_nice().unwrap_or_else(unknown),
         }
     }
+}
+
+/// Field 19 of `/proc/self/stat`.
+fn own_nice() -> Option<String> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(16).map(str::to_owned)
 }
 
 /// The first non-empty line a command printed (on stdout or stderr).

@@ -94,6 +94,7 @@ pub fn start_nginx(bin: &Path, dir: &Path, upstream: SocketAddr) -> anyhow::Resu
         .arg("-e")
         .arg(dir.join("error.log"));
     let mut proc = Proc::spawn("nginx", command)?;
+    proc.ignore_output();
     wait_for_port(&mut proc, addr)?;
     Ok(Nginx { proc, addr })
 }

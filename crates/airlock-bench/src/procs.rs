@@ -2,7 +2,7 @@
 //! `/proc` says about them: CPU time and resident memory.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -13,6 +13,8 @@ use parking_lot::Mutex;
 
 /// Lines of output kept for error messages.
 const TAIL_LINES: usize = 40;
+/// An unterminated line longer than this is dropped.
+const TAIL_LINE_BYTES: usize = 64 * 1024;
 /// How long a stopped process may take before it is killed.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
 
@@ -21,7 +23,8 @@ pub struct Proc {
     name: String,
     child: Child,
     tail: Arc<Mutex<VecDeque<String>>>,
-    lines: mpsc::Receiver<String>,
+    /// Lines as they come; dropped once the listening lines were seen.
+    lines: Option<mpsc::Receiver<String>>,
 }
 
 impl Proc {
@@ -59,7 +62,7 @@ impl Proc {
             name: name.to_owned(),
             child,
             tail,
-            lines,
+            lines: Some(lines),
         })
     }
 
@@ -69,12 +72,19 @@ impl Proc {
     }
 
     /// Waits until the output has shown a URL after each of `prefixes`
-    /// (e.g. `listening on `) and returns them in the same order.
+    /// (e.g. `listening on `) and returns them in the same order. Later
+    /// output is only kept as the tail.
     pub fn wait_for_urls(
         &mut self,
         prefixes: &[&str],
         limit: Duration,
     ) -> anyhow::Result<Vec<String>> {
+        // From here on the reader stops sending lines: the receiver is
+        // dropped when this returns.
+        let lines = self
+            .lines
+            .take()
+            .ok_or_else(|| anyhow!("{}: output already consumed", self.name))?;
         let deadline = Instant::now() + limit;
         let mut found: Vec<Option<String>> = vec![None; prefixes.len()];
         while found.iter().any(Option::is_none) {
@@ -86,10 +96,7 @@ impl Proc {
                     self.tail()
                 );
             }
-            match self
-                .lines
-                .recv_timeout(left.min(Duration::from_millis(100)))
-            {
+            match lines.recv_timeout(left.min(Duration::from_millis(100))) {
                 Ok(line) => {
                     for (slot, prefix) in found.iter_mut().zip(prefixes) {
                         if slot.is_none() {
@@ -106,6 +113,12 @@ impl Proc {
             }
         }
         Ok(found.into_iter().flatten().collect())
+    }
+
+    /// Stops handing out lines (for a process whose listening line is not
+    /// awaited): from now on its output is only kept as the tail.
+    pub fn ignore_output(&mut self) {
+        self.lines = None;
     }
 
     /// An error (with the output tail) if the process has exited.
@@ -149,28 +162,54 @@ impl Drop for Proc {
     }
 }
 
+/// Reads `pipe` in large chunks until it closes. Complete lines go to the
+/// tail and, while `tx`'s receiver exists, to `tx`; once nobody listens the
+/// lines are only kept as the tail. A server that logs every call (airlock
+/// does) must never be slowed down by this reader.
 fn read_lines(
-    pipe: Box<dyn Read + Send>,
+    mut pipe: Box<dyn Read + Send>,
     tail: &Mutex<VecDeque<String>>,
     tx: &mpsc::Sender<String>,
 ) {
-    let mut reader = BufReader::new(pipe);
-    let mut buf = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut partial: Vec<u8> = Vec::new();
+    let mut listening = true;
     loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
+        let n = match pipe.read(&mut buf) {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
-        {
-            let mut tail = tail.lock();
-            if tail.len() == TAIL_LINES {
-                tail.pop_front();
+            Ok(n) => n,
+        };
+        partial.extend_from_slice(&buf[..n]);
+        let Some(end) = partial.iter().rposition(|b| *b == b'\n') else {
+            if partial.len() > TAIL_LINE_BYTES {
+                partial.clear();
             }
-            tail.push_back(line.clone());
+            continue;
+        };
+        let complete: Vec<u8> = partial.drain(..=end).collect();
+        // Only the last lines of a large chunk can reach the tail.
+        let lines: Vec<&[u8]> = complete.split(|b| *b == b'\n').collect();
+        let skip = if listening {
+            0
+        } else {
+            lines.len().saturating_sub(TAIL_LINES + 1)
+        };
+        for line in &lines[skip..] {
+            if line.is_empty() {
+                continue;
+            }
+            let line = String::from_utf8_lossy(line).trim_end().to_owned();
+            {
+                let mut tail = tail.lock();
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+            }
+            if listening && tx.send(line).is_err() {
+                listening = false;
+            }
         }
-        let _ = tx.send(line);
     }
 }
 
@@ -332,6 +371,24 @@ mod tests {
             Some("http://127.0.0.1:1")
         );
         assert_eq!(url_after("listening on ", "listening on "), None);
+    }
+
+    #[test]
+    fn lines_go_to_the_listener_and_the_tail() {
+        let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let tail = Mutex::new(VecDeque::new());
+        let (tx, rx) = mpsc::channel();
+        read_lines(
+            Box::new(std::io::Cursor::new(text.into_bytes())),
+            &tail,
+            &tx,
+        );
+        let got: Vec<String> = rx.try_iter().collect();
+        assert_eq!(got.len(), 100);
+        assert_eq!(got[0], "line 0");
+        let tail = tail.lock();
+        assert_eq!(tail.len(), TAIL_LINES);
+        assert_eq!(tail.back().map(String::as_str), Some("line 99"));
     }
 
     #[test]

@@ -33,6 +33,7 @@ fn header(out: &mut String, r: &Results) {
     let _ = writeln!(out, "| rustc | {} |", m.rustc);
     let _ = writeln!(out, "| load tool | {} |", m.wrk);
     let _ = writeln!(out, "| nginx | {} |", m.nginx);
+    let _ = writeln!(out, "| niceness of the benchmark processes | {} |", m.nice);
     let _ = writeln!(
         out,
         "| load average before / after | {} / {} |",

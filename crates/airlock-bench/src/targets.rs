@@ -14,6 +14,9 @@ pub enum Verdict {
     NotMet,
     /// A figure it needs is missing.
     NotMeasured,
+    /// The proxy looked faster than the direct call: the difference is
+    /// noise, not a measurement.
+    Inconclusive,
 }
 
 impl Verdict {
@@ -23,6 +26,7 @@ impl Verdict {
             Self::Met => "met",
             Self::NotMet => "**not met**",
             Self::NotMeasured => "not measured",
+            Self::Inconclusive => "inconclusive (negative: noise)",
         }
     }
 }
@@ -54,6 +58,9 @@ pub fn evaluate(results: &Results) -> Vec<TargetRow> {
         let mut add =
             |target: &str, measured: Option<f64>, limit: f64, unit: &str, at_least: bool| {
                 let (measured, verdict) = match measured {
+                    Some(v) if v.is_finite() && v < 0.0 && target.contains("added") => {
+                        (format!("{v:.2}{unit}"), Verdict::Inconclusive)
+                    }
                     Some(v) if v.is_finite() => {
                         let met = if at_least { v >= limit } else { v <= limit };
                         (

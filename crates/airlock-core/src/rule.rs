@@ -191,8 +191,13 @@ impl MethodSet {
 // === impl PathPattern ===
 
 impl PathPattern {
-    /// Whether the validated request path `path` matches.
+    /// Whether the request path `path` matches. A path that
+    /// [`path::validate`] refuses (dot segments, encoded separators, ...)
+    /// matches nothing, even where the caller forgot to validate it.
     pub fn matches(&self, path: &str) -> bool {
+        if path::validate(path).is_err() {
+            return false;
+        }
         let rest = path.strip_prefix('/').unwrap_or(path);
         let mut request = (!rest.is_empty() || path.is_empty()).then(|| rest.split('/'));
         for pattern in &self.segments {

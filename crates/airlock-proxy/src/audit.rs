@@ -156,21 +156,21 @@ impl CallRecord {
     }
 }
 
-/// The call's one log line. Never a token, credential, query or body.
+/// The call's one log line: session, provider, method, path, decision,
+/// status, duration. Never a token, credential, query or body. Fields are
+/// recorded by `Display` (no escaping pass) and numbers as integers: this
+/// line is written for every call. Paths cannot hold control characters
+/// (the HTTP parser refuses them), so a line stays one line.
 fn log_call(r: &AuditRecord) {
     tracing::info!(
         target: "airlock::call",
-        session = r.session.as_deref().unwrap_or("-"),
-        provider = r.provider.as_deref().unwrap_or("-"),
+        session = %r.session.as_deref().unwrap_or("-"),
+        provider = %r.provider.as_deref().unwrap_or("-"),
         method = %r.method,
-        path = %r.path.escape_debug(),
+        path = %r.path,
         decision = %r.decision,
         status = r.status,
-        upstream_status = r.upstream_status.unwrap_or(0),
-        duration_ms = r.duration_us as f64 / 1000.0,
-        bytes_in = r.bytes_in,
-        bytes_out = r.bytes_out,
-        client_aborted = r.flags.contains(Flags::CLIENT_ABORTED),
+        duration_us = r.duration_us,
         "call"
     );
 }

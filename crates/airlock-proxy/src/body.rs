@@ -75,7 +75,14 @@ enum Phase {
 pub struct RequestBody {
     body: Incoming,
     sent: Option<Arc<AtomicU64>>,
+    /// Bytes this body may still carry (`proxy.max_request_body`).
+    allowance: u64,
 }
+
+/// A request body went over `proxy.max_request_body` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than proxy.max_request_body")]
+pub struct BodyTooLarge;
 
 // === impl ProxyBody ===
 
@@ -260,28 +267,41 @@ impl Audited {
 // === impl RequestBody ===
 
 impl RequestBody {
-    /// Wraps the agent's body; `sent` counts the bytes that go upstream.
-    pub(crate) fn new(body: Incoming, sent: Option<Arc<AtomicU64>>) -> Self {
-        Self { body, sent }
+    /// Wraps the agent's body; `sent` counts the bytes that go upstream. A
+    /// body (chunked, so not refused up front) that goes over `limit` bytes
+    /// fails, which aborts the upstream request.
+    pub(crate) fn new(body: Incoming, sent: Option<Arc<AtomicU64>>, limit: u64) -> Self {
+        Self {
+            body,
+            sent,
+            allowance: limit,
+        }
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        if let (Some(Ok(frame)), Some(sent)) = (&frame, &this.sent) {
+        if let Some(Ok(frame)) = &frame {
             if let Some(data) = frame.data_ref() {
-                sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+                let len = data.len() as u64;
+                if let Some(sent) = &this.sent {
+                    sent.fetch_add(len, Ordering::Relaxed);
+                }
+                match this.allowance.checked_sub(len) {
+                    Some(rest) => this.allowance = rest,
+                    None => return Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),
+                }
             }
         }
-        Poll::Ready(frame)
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -1,6 +1,7 @@
 //! The request path, one stage a line.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -311,7 +312,9 @@ impl Proxy {
             &credential.value,
             admitted.path_start,
         )?;
-        let body = RequestBody::new(body, call.count_request_body());
+        let counted = call.count_request_body();
+        let limit = self.settings.request.max_request_body;
+        let body = RequestBody::new(body, counted.clone(), limit);
         let upstream_req = Request::from_parts(parts, body);
 
         let sent = Instant::now();
@@ -329,6 +332,14 @@ impl Proxy {
                     ErrorCode::UpstreamTimeout,
                     "the provider did not answer in time",
                 ))
+            }
+            Ok(Err(_)) if counted.is_some_and(|c| c.load(Ordering::Relaxed) > limit) => {
+                return Err(Denial::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!(
+                        "the request body is larger than proxy.max_request_body ({limit} bytes)"
+                    ),
+                ));
             }
             Ok(Err(e)) => {
                 tracing::warn!(provider = provider.name(), error = %e, "upstream request failed");

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod provider;
 pub mod redact;
 pub mod server;
+pub mod tls;
 
 pub use error::{Denial, ErrorCode};
 pub use handler::{Proxy, ProxySettings};

@@ -1,6 +1,10 @@
 //! The embedded SQLite store: one file, WAL mode, migrations at open.
+//!
+//! Everything goes through a sqlx pool except the audit trail's appends,
+//! which a thread of their own commits (`sqlite/audit_writer.rs`).
 
 use std::borrow::Cow;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use airlock_core::audit::{AuditRecord, GENESIS_MAC};
@@ -12,15 +16,22 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
+use self::audit_writer::{AuditWriter, BUSY_TIMEOUT};
 use crate::audit_rows::{decode_head, decode_record, RECORD_COLUMNS};
 use crate::{
     decode_json, encode_json, AuditQuery, ChainHead, GenesisSeal, Result, SessionRow, Store,
     StoreError, StoredCredential,
 };
 
+mod audit_writer;
+
 /// A store in one SQLite file.
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Commits audit appends; `None` for a database that is not one plain
+    /// file opened for writing (in memory, read-only, another VFS), whose
+    /// appends go through the pool.
+    audit: Option<AuditWriter>,
 }
 
 const COLUMNS: &str =
@@ -68,13 +79,25 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(5));
+            .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
         migrator().run(&pool).await?;
-        Ok(Self { pool })
+        // The audit writer opens its connection after the migrations.
+        let audit = match writer_file(&pool, url).await {
+            Ok(Some(path)) => AuditWriter::start(path).await.map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match audit {
+            Ok(audit) => Ok(Self { pool, audit }),
+            Err(e) => {
+                pool.close().await;
+                Err(e)
+            }
+        }
     }
 
     fn decode(row: &SqliteRow) -> Result<SessionRow> {
@@ -101,6 +124,83 @@ impl SqliteStore {
 
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The file the audit writer is to open: the pool's main database, when it
+/// is a plain file opened for writing with the default VFS.
+async fn writer_file(pool: &SqlitePool, url: &str) -> Result<Option<PathBuf>> {
+    let params = url.split_once('?').map_or("", |(_, params)| params);
+    let special = params.split('&').any(|param| {
+        matches!(
+            param.split_once('='),
+            Some(("mode", "ro" | "memory") | ("vfs" | "immutable", _))
+        )
+    });
+    if special {
+        return Ok(None);
+    }
+    // The name SQLite resolved (absolute); empty for an in-memory or
+    // temporary database.
+    let file: String =
+        sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_one(pool)
+            .await?;
+    Ok((!file.is_empty()).then(|| PathBuf::from(file)))
+}
+
+/// Appends audit records through the pool: the old way, kept for the
+/// databases the audit writer does not handle (see [`writer_file`]).
+async fn append_through_pool(
+    pool: &SqlitePool,
+    records: &[AuditRecord],
+    head: &ChainHead,
+) -> Result<()> {
+    let Some(first) = records.first() else {
+        return Ok(());
+    };
+    let mut tx = pool.begin().await?;
+    // Move the head first: a writer that is not at the head learns it
+    // before inserting anything (and never trips over existing seqs).
+    let moved = sqlx::query(
+        "UPDATE audit_chains SET head_seq = ?, head_mac = ?, head_seal = ? \
+         WHERE id = ? AND head_seq = ?",
+    )
+    .bind(to_i64(head.seq))
+    .bind(head.mac.as_slice())
+    .bind(head.seal.as_slice())
+    .bind(i64::from(head.chain))
+    .bind(to_i64(first.seq.saturating_sub(1)))
+    .execute(&mut *tx)
+    .await?;
+    if moved.rows_affected() != 1 {
+        return Err(StoreError::ChainConflict(head.chain));
+    }
+    // 16 columns a row; stay well under SQLite's bound-parameter limit.
+    for chunk in records.chunks(512) {
+        let mut insert: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("INSERT INTO audit_records ({RECORD_COLUMNS}) "));
+        insert.push_values(chunk, |mut b, r| {
+            b.push_bind(i64::from(r.chain))
+                .push_bind(to_i64(r.seq))
+                .push_bind(r.ts_ms)
+                .push_bind(r.session.as_deref())
+                .push_bind(r.provider.as_deref())
+                .push_bind(r.method.as_str())
+                .push_bind(r.path.as_str())
+                .push_bind(r.decision.as_str())
+                .push_bind(i64::from(r.status))
+                .push_bind(r.upstream_status.map(i64::from))
+                .push_bind(to_i64(r.duration_us))
+                .push_bind(to_i64(r.bytes_in))
+                .push_bind(to_i64(r.bytes_out))
+                .push_bind(i64::from(r.flags.bits()))
+                .push_bind(r.prev_mac.as_slice())
+                .push_bind(r.mac.as_slice());
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 #[async_trait]
@@ -240,52 +340,13 @@ impl Store for SqliteStore {
     }
 
     async fn audit_append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
-        let Some(first) = records.first() else {
+        if records.is_empty() {
             return Ok(());
-        };
-        let mut tx = self.pool.begin().await?;
-        // Move the head first: a writer that is not at the head learns it
-        // before inserting anything (and never trips over existing seqs).
-        let moved = sqlx::query(
-            "UPDATE audit_chains SET head_seq = ?, head_mac = ?, head_seal = ? \
-             WHERE id = ? AND head_seq = ?",
-        )
-        .bind(to_i64(head.seq))
-        .bind(head.mac.as_slice())
-        .bind(head.seal.as_slice())
-        .bind(i64::from(head.chain))
-        .bind(to_i64(first.seq.saturating_sub(1)))
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() != 1 {
-            return Err(StoreError::ChainConflict(head.chain));
         }
-        // 16 columns a row; stay well under SQLite's bound-parameter limit.
-        for chunk in records.chunks(512) {
-            let mut insert: QueryBuilder<Sqlite> =
-                QueryBuilder::new(format!("INSERT INTO audit_records ({RECORD_COLUMNS}) "));
-            insert.push_values(chunk, |mut b, r| {
-                b.push_bind(i64::from(r.chain))
-                    .push_bind(to_i64(r.seq))
-                    .push_bind(r.ts_ms)
-                    .push_bind(r.session.as_deref())
-                    .push_bind(r.provider.as_deref())
-                    .push_bind(r.method.as_str())
-                    .push_bind(r.path.as_str())
-                    .push_bind(r.decision.as_str())
-                    .push_bind(i64::from(r.status))
-                    .push_bind(r.upstream_status.map(i64::from))
-                    .push_bind(to_i64(r.duration_us))
-                    .push_bind(to_i64(r.bytes_in))
-                    .push_bind(to_i64(r.bytes_out))
-                    .push_bind(i64::from(r.flags.bits()))
-                    .push_bind(r.prev_mac.as_slice())
-                    .push_bind(r.mac.as_slice());
-            });
-            insert.build().execute(&mut *tx).await?;
+        match &self.audit {
+            Some(writer) => writer.append(records, head).await,
+            None => append_through_pool(&self.pool, records, head).await,
         }
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
@@ -330,6 +391,9 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        if let Some(writer) = &self.audit {
+            writer.close().await;
+        }
         self.pool.close().await;
     }
 }

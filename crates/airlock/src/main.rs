@@ -113,8 +113,11 @@ fn init_logging(format: cli::LogFormat) -> tracing_appender::non_blocking::Worke
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .finish(std::io::stderr());
+    // Colours only on a terminal: escape codes in a log file or pipe are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(writer);
     match format {
         cli::LogFormat::Text => builder.init(),

@@ -682,3 +682,37 @@ async fn sessions_survive_a_restart() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_is_413() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .proxy_option("max_request_body = \"1KiB\"")
+        .start()
+        .await
+        .unwrap();
+    let scope = json!([{"provider": "openai", "methods": ["POST"], "paths": ["/upload"]}]);
+    let (_, token) = session(&airlock, scope, json!({})).await;
+    let host = airlock.proxy_url().trim_start_matches("http://").to_owned();
+    let chunk = "a".repeat(512);
+    let mut raw_request = format!(
+        "POST /openai/upload HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    for _ in 0..8 {
+        raw_request.push_str(&format!("200\r\n{chunk}\r\n"));
+    }
+    raw_request.push_str("0\r\n\r\n");
+    let answer = raw(&airlock.proxy_url(), raw_request.as_bytes()).await;
+    assert_eq!(raw_status(&answer), 413, "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+    // Within the limit, a chunked body goes through.
+    let mut small = format!(
+        "POST /openai/upload HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    small.push_str(&format!("200\r\n{chunk}\r\n0\r\n\r\n"));
+    let answer = raw(&airlock.proxy_url(), small.as_bytes()).await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+}
