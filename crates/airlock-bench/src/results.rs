@@ -126,8 +126,9 @@ pub struct LoadFigures {
     pub cpu_us_per_req: Option<f64>,
     /// Resident memory just before the workload.
     pub rss_before_kib: Option<u64>,
-    /// Peak resident memory during the warm-up.
-    pub peak_after_warmup_kib: Option<u64>,
+    /// Peak resident memory after the warm-up and the first round (only
+    /// with two rounds or more).
+    pub peak_after_first_round_kib: Option<u64>,
     /// Peak resident memory during the whole workload.
     pub peak_rss_kib: Option<u64>,
 }

@@ -20,12 +20,28 @@
 //! - HTTP/1.1 request heads are followed byte by byte ([`sniff`]) and a
 //!   call whose framing the parser normalised is refused and its connection
 //!   closed.
+//!
+//! With [`ServerSettings::tls`] every connection is TLS (see [`crate::tls`]):
+//! the handshake runs in the connection's own task, bounded by
+//! `header_read_timeout`, so a slow client never holds up the accept loop;
+//! the limits above then apply to the decrypted bytes (the sniffer reads
+//! what hyper reads). ALPN picks HTTP/2 or HTTP/1.1. A TLS connection over
+//! `max_connections` is closed without an answer (a plaintext 503 would
+//! mean nothing to a TLS client, and a handshake is work the limit is
+//! there to refuse). Without TLS, HTTP/1.1 and HTTP/2 with prior knowledge
+//! (h2c) are served on the same port.
+//!
+//! On shutdown the listener is closed at once (new connections are
+//! refused), open connections are told to finish (HTTP/1.1: after the call
+//! in flight; HTTP/2: GOAWAY, streams in flight go on), and whatever still
+//! runs after `drain_timeout` is cut.
 
 mod sniff;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -40,11 +56,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::handler::Proxy;
 use crate::headers::FramingAnomaly;
+use crate::tls::ServerTls;
 use sniff::{SharedVerdicts, Sniffer, Verdicts};
 
 /// Most concurrent HTTP/2 streams on one connection.
@@ -56,6 +74,10 @@ const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the
 /// loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// After the drain timeout, how long cut calls may take to let go of their
+/// responses (HTTP/2 streams run in tasks of their own, which end once
+/// they see their connection gone).
+const CUT_GRACE: Duration = Duration::from_secs(2);
 /// The body of the answer to a connection over `max_connections`.
 const OVERLOADED: &str = r#"{"error":{"type":"api_error","code":"overloaded","message":"too many open connections (proxy.max_connections)"}}"#;
 
@@ -73,6 +95,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Largest request head, in bytes.
     pub max_header_size: usize,
+    /// Serve HTTPS with this certificate (reloadable); `None`: plain TCP.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 impl Default for ServerSettings {
@@ -83,22 +107,36 @@ impl Default for ServerSettings {
             idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             max_header_size: 64 * 1024,
+            tls: None,
         }
     }
 }
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then waits up to
-/// `drain_timeout` for open connections to finish.
+/// `drain_timeout` for open connections to finish and cuts the rest. When
+/// this returns, every connection is gone (and every call's record queued).
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = connection_builder(&settings);
+    let conn = Arc::new(ConnSettings {
+        builder: connection_builder(&settings),
+        proxy,
+        max_header_size: settings.max_header_size,
+        // hyper's header read timeout starts only once hyper-util has seen
+        // enough bytes to pick HTTP/1 or HTTP/2: a client that sends
+        // nothing at all is bounded here instead.
+        first_timeout: settings.idle_timeout.min(settings.header_read_timeout),
+        idle_timeout: settings.idle_timeout,
+        handshake_timeout: settings.header_read_timeout,
+        calls: Arc::new(CallCount::default()),
+    });
     let max_connections = settings.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let slots = Arc::new(Semaphore::new(max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
 
     loop {
@@ -111,75 +149,164 @@ pub async fn serve(
                     continue;
                 }
             },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             () = &mut shutdown => break,
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::debug!(%peer, "connection refused: proxy.max_connections reached");
-            refuse_connection(&stream);
+            if settings.tls.is_none() {
+                refuse_connection(&stream);
+            }
             continue;
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
-        let verdicts = SharedVerdicts::default();
-        let io = Sniffed {
-            inner: stream,
-            sniffer: Some(Sniffer::new(
-                settings.max_header_size,
-                Arc::clone(&verdicts),
-            )),
-        };
-        let (busy_tx, busy_rx) = watch::channel(0usize);
-        let busy = Arc::new(busy_tx);
-        let proxy = Arc::clone(&proxy);
-        let service = service_fn(move |req| {
-            let anomaly = Verdicts::take(&verdicts);
-            let guard = Busy::enter(&busy);
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(handle(&proxy, req, anomaly, guard).await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
+        let conn = Arc::clone(&conn);
         let stop = stop_rx.clone();
-        // hyper's header read timeout starts only once hyper-util has seen
-        // enough bytes to pick HTTP/1 or HTTP/2: a client that sends nothing
-        // at all is bounded here instead.
-        let first_timeout = settings.idle_timeout.min(settings.header_read_timeout);
-        let idle_timeout = settings.idle_timeout;
-        tokio::spawn(async move {
+        let tls = settings.tls.as_ref().map(|tls| tls.acceptor());
+        connections.spawn(async move {
             let _slot = slot;
-            tokio::pin!(connection);
-            let stopping = async move {
-                let mut stop = stop;
-                let _ = stop.wait_for(|stop| *stop).await;
-            };
-            let ended = tokio::select! {
-                ended = connection.as_mut() => Some(ended),
-                () = stopping => {
-                    connection.as_mut().graceful_shutdown();
-                    Some(connection.as_mut().await)
+            match tls {
+                None => conn.run(stream, peer, stop).await,
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(conn.handshake_timeout, acceptor.accept(stream));
+                    let stream = tokio::select! {
+                        done = handshake => match done {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        },
+                        () = stopped(stop.clone()) => return,
+                    };
+                    conn.run(stream, peer, stop).await;
                 }
-                () = idle(busy_rx, first_timeout, idle_timeout) => {
-                    tracing::debug!(%peer, "closing idle connection");
-                    connection.as_mut().graceful_shutdown();
-                    tokio::time::timeout(IDLE_GRACE, connection.as_mut()).await.ok()
-                }
-            };
-            if let Some(Err(e)) = ended {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
 
     drop(listener);
     let _ = stop_tx.send(true);
-    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(settings.drain_timeout, slots.acquire_many(all))
-        .await
-        .is_err()
+    let drained = tokio::time::timeout(settings.drain_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            "drain timeout reached; closing remaining connections"
+        );
+        // Dropping a connection drops its HTTP/1.1 call; HTTP/2 streams
+        // run in tasks of their own and end once they see the connection
+        // gone. Either way a dropped call queues its record, so waiting for
+        // the call count means the audit flush that follows writes them.
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+        if tokio::time::timeout(CUT_GRACE, conn.calls.none_left())
+            .await
+            .is_err()
+        {
+            tracing::warn!("calls still holding their responses after the drain timeout");
+        }
+    }
+}
+
+/// Resolves once `stop` says so (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// What every connection task needs.
+struct ConnSettings {
+    builder: auto::Builder<TokioExecutor>,
+    proxy: Arc<Proxy>,
+    max_header_size: usize,
+    first_timeout: Duration,
+    idle_timeout: Duration,
+    handshake_timeout: Duration,
+    /// Calls in flight on all connections (until their responses are gone).
+    calls: Arc<CallCount>,
+}
+
+/// Calls in flight on all connections: an atomic on the request path, a
+/// notification when the last one ends.
+#[derive(Default)]
+struct CallCount {
+    count: AtomicUsize,
+    none_left: Notify,
+}
+
+impl CallCount {
+    fn enter(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn leave(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.none_left.notify_waiters();
+        }
+    }
+
+    /// Resolves once no call is in flight.
+    async fn none_left(&self) {
+        loop {
+            let notified = self.none_left.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl ConnSettings {
+    /// Serves one connection (plain TCP, or TLS after the handshake) until
+    /// it ends, is idle too long, or shutdown asks it to finish.
+    async fn run<S>(&self, io: S, peer: std::net::SocketAddr, stop: watch::Receiver<bool>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        tracing::warn!("drain timeout reached; closing remaining connections");
+        let verdicts = SharedVerdicts::default();
+        let io = Sniffed {
+            inner: io,
+            sniffer: Some(Sniffer::new(self.max_header_size, Arc::clone(&verdicts))),
+        };
+        let (busy_tx, busy_rx) = watch::channel(0usize);
+        let busy = Arc::new(busy_tx);
+        let proxy = Arc::clone(&self.proxy);
+        let calls = Arc::clone(&self.calls);
+        let service = service_fn(move |req| {
+            let anomaly = Verdicts::take(&verdicts);
+            let guard = Busy::enter(&busy, &calls);
+            let proxy = Arc::clone(&proxy);
+            async move { Ok::<_, Infallible>(handle(&proxy, req, anomaly, guard).await) }
+        });
+        let connection = self.builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let ended = tokio::select! {
+            ended = connection.as_mut() => Some(ended),
+            () = stopped(stop) => {
+                connection.as_mut().graceful_shutdown();
+                Some(connection.as_mut().await)
+            }
+            () = idle(busy_rx, self.first_timeout, self.idle_timeout) => {
+                tracing::debug!(%peer, "closing idle connection");
+                connection.as_mut().graceful_shutdown();
+                tokio::time::timeout(IDLE_GRACE, connection.as_mut()).await.ok()
+            }
+        };
+        if let Some(Err(e)) = ended {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
     }
 }
 
@@ -258,23 +385,34 @@ async fn idle(mut busy: watch::Receiver<usize>, first: Duration, limit: Duration
     }
 }
 
-/// One call in flight on a connection, until its response body is gone.
-struct Busy(Arc<watch::Sender<usize>>);
+/// One call in flight on a connection (counted there and in the server's
+/// total), until its response body is gone.
+struct Busy {
+    connection: Arc<watch::Sender<usize>>,
+    all: Arc<CallCount>,
+}
 
 impl Busy {
-    fn enter(count: &Arc<watch::Sender<usize>>) -> Self {
-        count.send_modify(|n| *n += 1);
-        Self(Arc::clone(count))
+    fn enter(connection: &Arc<watch::Sender<usize>>, all: &Arc<CallCount>) -> Self {
+        connection.send_modify(|n| *n += 1);
+        all.enter();
+        Self {
+            connection: Arc::clone(connection),
+            all: Arc::clone(all),
+        }
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        self.connection.send_modify(|n| *n = n.saturating_sub(1));
+        self.all.leave();
     }
 }
 
-/// A response body that keeps its call counted as in flight.
+/// A response body that keeps its call counted as in flight. The body is
+/// dropped before the count (field order): once the count is down, the
+/// call's record has been queued.
 struct Tracked {
     body: ProxyBody,
     _busy: Busy,
@@ -300,14 +438,14 @@ impl Body for Tracked {
     }
 }
 
-/// The connection's socket, with every byte read shown to the sniffer
-/// until it stops following.
-struct Sniffed {
-    inner: TcpStream,
+/// The connection's socket (or TLS stream), with every byte read shown to
+/// the sniffer until it stops following.
+struct Sniffed<S> {
+    inner: S,
     sniffer: Option<Sniffer>,
 }
 
-impl AsyncRead for Sniffed {
+impl<S: AsyncRead + Unpin> AsyncRead for Sniffed<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -326,7 +464,7 @@ impl AsyncRead for Sniffed {
     }
 }
 
-impl AsyncWrite for Sniffed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

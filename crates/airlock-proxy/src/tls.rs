@@ -13,6 +13,7 @@
 //! client speaks. Only rustls's `ring` provider is used.
 
 use std::fmt;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,6 +27,10 @@ use tokio_rustls::TlsAcceptor;
 
 /// The ALPN protocols offered, in order of preference.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Largest certificate or key file read (a chain of a few certificates is
+/// a few KiB; this keeps a config naming `/dev/zero` from eating memory).
+const MAX_PEM_FILE: u64 = 1024 * 1024;
 
 /// How often [`ServerTls::watch`] looks at the files, by default.
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
@@ -100,9 +105,27 @@ pub fn load_server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
+/// A regular file of at most [`MAX_PEM_FILE`] bytes, read whole.
+fn read_pem_file(path: &Path) -> Result<Vec<u8>, String> {
+    // Checked before opening: opening a FIFO would block.
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_PEM_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_PEM_FILE {
+        return Err("larger than 1 MiB: not a PEM file".into());
+    }
+    Ok(bytes)
+}
+
 /// The certificates in a PEM file (at least one).
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    let bytes = read_pem_file(path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("not a PEM certificate file: {e}"))?;
@@ -114,7 +137,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 
 /// The first private key in a PEM file.
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    let bytes = read_pem_file(path)?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => {
             "no PEM private key (BEGIN PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY) in the file"

@@ -80,6 +80,8 @@ suite!(
     session_statuses_read_many,
     audit_records_read_back_by_chain_time_and_session,
     audit_append_refuses_a_moved_head,
+    audit_append_is_all_or_nothing,
+    audit_append_fails_once_closed,
     audit_claim_resumes_the_chain,
     audit_probe_writes,
 );
@@ -419,6 +421,45 @@ mod cases {
         store.close().await;
     }
 
+    pub async fn audit_append_is_all_or_nothing(backend: &Backend) {
+        let store = backend.open().await;
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let (first, head1) = records_after(&head, 2, 1_000, "ses_a");
+        store.audit_append(&first, &head1).await.unwrap();
+        // The head moves (the batch starts right after it) but the last
+        // record repeats a stored seq: nothing of the batch stays.
+        let (mut bad, bad_head) = records_after(&head1, 3, 2_000, "ses_b");
+        bad[2] = first[0].clone();
+        let err = store.audit_append(&bad, &bad_head).await.unwrap_err();
+        assert!(matches!(err, StoreError::Database(_)), "{err}");
+        assert_eq!(store.audit_heads().await.unwrap(), vec![head1.clone()]);
+        assert_eq!(
+            store.audit_records(&by_chain(head.chain, 0)).await.unwrap(),
+            first
+        );
+        // The store takes the good batch afterwards.
+        let (good, head2) = records_after(&head1, 3, 2_000, "ses_b");
+        store.audit_append(&good, &head2).await.unwrap();
+        assert_eq!(store.audit_heads().await.unwrap(), vec![head2]);
+        let all = store.audit_records(&by_chain(head.chain, 0)).await.unwrap();
+        assert_eq!(all.len(), 5);
+        store.close().await;
+    }
+
+    pub async fn audit_append_fails_once_closed(backend: &Backend) {
+        let store = backend.open().await;
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let (records, head1) = records_after(&head, 1, 1_000, "ses_a");
+        store.close().await;
+        let appended = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.audit_append(&records, &head1),
+        )
+        .await
+        .expect("an append on a closed store answers at once");
+        assert!(matches!(appended, Err(StoreError::Database(_))));
+    }
+
     pub async fn audit_claim_resumes_the_chain(backend: &Backend) {
         let store = backend.open().await;
         let head = store.audit_claim_chain(&genesis).await.unwrap();
@@ -443,6 +484,88 @@ mod cases {
         let store = backend.open().await;
         store.audit_probe().await.unwrap();
         store.audit_probe().await.unwrap();
+        store.close().await;
+    }
+}
+
+/// What only SQLite does: the audit writer's own connection, and the
+/// databases it leaves to the pool.
+mod sqlite_only {
+    use sqlx::Connection;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_append_waits_for_a_lock_held_elsewhere_then_fails_and_recovers() {
+        let backend = Backend::sqlite().await.unwrap();
+        let store = backend.open().await;
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let (first, head1) = records_after(&head, 2, 1_000, "ses_a");
+        store.audit_append(&first, &head1).await.unwrap();
+
+        // Another process holds the write lock: the append waits the busy
+        // timeout (5 s), then fails, writing nothing.
+        let mut locker = sqlx::SqliteConnection::connect(&backend.url).await.unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        let (next, head2) = records_after(&head1, 2, 2_000, "ses_a");
+        let started = Instant::now();
+        let appended =
+            tokio::time::timeout(Duration::from_secs(30), store.audit_append(&next, &head2))
+                .await
+                .expect("the append fails in the end");
+        assert!(matches!(appended, Err(StoreError::Database(_))));
+        assert!(started.elapsed() >= Duration::from_secs(4), "did not wait");
+        sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+        locker.close().await.unwrap();
+
+        assert_eq!(store.audit_heads().await.unwrap(), vec![head1]);
+        store.audit_append(&next, &head2).await.unwrap();
+        let all = store.audit_records(&by_chain(head.chain, 0)).await.unwrap();
+        assert_eq!(all.len(), 4);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_store_appends_through_its_pool() {
+        let backend = Backend {
+            url: "sqlite::memory:".to_owned(),
+            pg: None,
+            _dir: None,
+        };
+        cases::audit_records_read_back_by_chain_time_and_session(&backend).await;
+        cases::audit_append_refuses_a_moved_head(&backend).await;
+        cases::audit_append_is_all_or_nothing(&backend).await;
+    }
+
+    #[tokio::test]
+    async fn a_dropped_store_ends_its_writer_and_the_file_stays_usable() {
+        let backend = Backend::sqlite().await.unwrap();
+        let store = backend.open().await;
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let (records, head1) = records_after(&head, 3, 1_000, "ses_a");
+        store.audit_append(&records, &head1).await.unwrap();
+        // Dropped without close: every connection closes by itself (the
+        // last one to close removes the WAL file)...
+        drop(store);
+        let wal = backend._dir.as_ref().unwrap().path().join("store.db-wal");
+        let started = Instant::now();
+        while wal.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "a connection stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // ...and the next store on the file takes over.
+        let store = backend.open().await;
+        let resumed = store.audit_claim_chain(&genesis).await.unwrap();
+        assert_eq!(resumed, head1);
+        let (more, head2) = records_after(&resumed, 2, 2_000, "ses_a");
+        store.audit_append(&more, &head2).await.unwrap();
+        assert_eq!(store.audit_heads().await.unwrap(), vec![head2]);
         store.close().await;
     }
 }

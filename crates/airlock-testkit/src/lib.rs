@@ -7,6 +7,7 @@
 //! - [`Airlock`]: the real `airlock` binary running as a child process on
 //!   port 0, with a generated config in a temporary data directory.
 //! - [`pg`]: a fresh PostgreSQL database per test.
+//! - [`tls`]: a test CA, a TLS mock provider and HTTPS clients.
 
 pub mod client;
 pub mod h2raw;
@@ -14,6 +15,7 @@ pub mod hostile;
 mod mock;
 pub mod pg;
 mod process;
+pub mod tls;
 
 pub use mock::{MockProvider, RecordedRequest, MAX_RECORDED_BODY};
 pub use process::{Airlock, AirlockBuilder};

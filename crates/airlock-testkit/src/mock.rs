@@ -3,6 +3,10 @@
 mod body;
 mod routes;
 
+/// The mock's request handler, for the TLS mock (`crate::tls`) that serves
+/// the same routes.
+pub(crate) use routes::handle;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -201,6 +205,14 @@ pub struct MockProvider {
 impl MockProvider {
     /// Binds `127.0.0.1:0` and starts serving.
     pub async fn start() -> MockProvider {
+        Self::start_with(|listener, shared| tokio::spawn(serve(listener, shared))).await
+    }
+
+    /// Binds `127.0.0.1:0` and hands the listener and the recording state
+    /// to `spawn`, which starts the server task (the TLS mock's hook).
+    pub(crate) async fn start_with(
+        spawn: impl FnOnce(TcpListener, Arc<Shared>) -> JoinHandle<()>,
+    ) -> MockProvider {
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
             .expect("mock provider: bind 127.0.0.1:0");
@@ -211,7 +223,7 @@ impl MockProvider {
             complete,
             gate: Semaphore::new(0),
         });
-        let server = tokio::spawn(serve(listener, shared.clone()));
+        let server = spawn(listener, shared.clone());
         MockProvider {
             addr,
             shared,

@@ -52,6 +52,8 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
+    /// `tls_cert` / `tls_key`: serve HTTPS (both set, and loadable at start).
+    pub tls: Option<airlock_proxy::tls::TlsFiles>,
     /// Connection and request limits (see [`ProxyLimits`]).
     pub limits: ProxyLimits,
 }
@@ -358,6 +360,21 @@ fn builtin_providers() -> BTreeMap<String, RawProvider> {
 // === impl Config ===
 
 impl Config {
+    /// Loads `tls_cert` / `tls_key` once to prove they make a server
+    /// certificate (for `serve` and `config check`; a bad pair is a config
+    /// error, exit 64).
+    pub fn check_tls(&self) -> Result<(), ConfigError> {
+        let Some(files) = &self.proxy.tls else {
+            return Ok(());
+        };
+        airlock_proxy::tls::load_server_config(files).map_err(|e| ConfigError {
+            file: self.source.clone(),
+            key: e.config_key().to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+
     /// Loads `path`, or `./airlock.toml` when it exists, or the built-in defaults.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let path = match path {
@@ -402,12 +419,24 @@ impl Config {
         };
         let dur =
             |key: &str, value: &str| duration::parse(value).map_err(|e| err(key, e.to_string()));
-        if raw.proxy.tls_cert.is_some() || raw.proxy.tls_key.is_some() {
-            return Err(err(
-                "proxy.tls_cert",
-                "TLS on the proxy listener is not supported by this version".into(),
-            ));
-        }
+        let tls = match (raw.proxy.tls_cert.clone(), raw.proxy.tls_key.clone()) {
+            (None, None) => None,
+            // The files are loaded by `check_tls` (serve and config check
+            // only): other commands need not be able to read the key.
+            (Some(cert), Some(key)) => Some(airlock_proxy::tls::TlsFiles { cert, key }),
+            (Some(_), None) => {
+                return Err(err(
+                    "proxy.tls_key",
+                    "missing: tls_cert needs tls_key".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    "proxy.tls_cert",
+                    "missing: tls_key needs tls_cert".into(),
+                ))
+            }
+        };
         let limits = parse_limits(file, &raw.proxy)?;
         let public_url = raw
             .proxy
@@ -427,6 +456,7 @@ impl Config {
             connect_timeout: dur("proxy.connect_timeout", &raw.proxy.connect_timeout)?,
             header_read_timeout: dur("proxy.header_read_timeout", &raw.proxy.header_read_timeout)?,
             drain_timeout: dur("proxy.drain_timeout", &raw.proxy.drain_timeout)?,
+            tls,
             limits,
         };
         let store_url = raw.store.url;

@@ -38,12 +38,9 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve => {
-            let config = match config::Config::load(cli.config.as_deref()) {
+            let config = match load_config_to_serve(cli.config.as_deref()) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("airlock: invalid config: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(code) => return code,
             };
             report(commands::serve::run(config).await)
         }
@@ -80,10 +77,12 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Config(cli::ConfigCommand::Check) => match load_config(cli.config.as_deref()) {
-            Ok(config) => commands::config_check::run(&config),
-            Err(code) => code,
-        },
+        Command::Config(cli::ConfigCommand::Check) => {
+            match load_config_to_serve(cli.config.as_deref()) {
+                Ok(config) => commands::config_check::run(&config),
+                Err(code) => code,
+            }
+        }
         Command::Completions { shell } => report(commands::completions::run(shell)),
     }
 }
@@ -95,6 +94,16 @@ fn load_config(path: Option<&std::path::Path>) -> Result<config::Config, ExitCod
         eprintln!("airlock: invalid config: {e}");
         ExitCode::from(EXIT_CONFIG)
     })
+}
+
+/// Like `load_config`, and also loads the TLS files `serve` would use.
+fn load_config_to_serve(path: Option<&std::path::Path>) -> Result<config::Config, ExitCode> {
+    let config = load_config(path)?;
+    config.check_tls().map_err(|e| {
+        eprintln!("airlock: invalid config: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    Ok(config)
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

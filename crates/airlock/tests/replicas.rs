@@ -584,3 +584,78 @@ async fn cached_sessions_are_served_for_max_staleness_at_most_without_the_databa
     .await;
     assert_eq!(models(a, &unknown).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_stored_credential_set_on_one_replica_applies_on_the_others() {
+    const MASTER_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+    let Some(db) = pg::fresh_database().await else {
+        return;
+    };
+    let _running = RUNNING.acquire().await.unwrap();
+    let mock = MockProvider::start().await;
+    let config = format!(
+        "[providers.vault]\nupstream = \"{}\"\nauth = \"bearer\"\ncredential = \"store\"\n\
+         env_key = \"VAULT_API_KEY\"\nenv_base_url = \"VAULT_BASE_URL\"\nbase_path = \"\"\n",
+        mock.url()
+    );
+    let start = || {
+        AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+            .config(&config)
+            .store_url(db.url())
+            .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("AIRLOCK_AUDIT_KEY", AUDIT_KEY)
+            .env("AIRLOCK_MASTER_KEY", MASTER_KEY)
+            .start()
+    };
+    let (a, b) = (start().await.unwrap(), start().await.unwrap());
+    let created = a
+        .create_session(json!({
+            "scope": [{"provider": "vault", "methods": ["GET"], "paths": ["/**"]}],
+            "ttl_seconds": 600,
+        }))
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let get = |airlock: &Airlock| {
+        let url = format!("{}/vault/x", airlock.proxy_url());
+        let auth = format!("Bearer {token}");
+        async move { request("GET", &url, &[("authorization", &auth)], Bytes::new()).await }
+    };
+    assert_eq!(get(&b).await.status, 503, "no credential anywhere yet");
+
+    for value in ["vault-secret-one-000000", "vault-secret-two-000000"] {
+        let (status, body) = a
+            .admin(
+                "PUT",
+                "/v1/providers/vault/credential",
+                Some(json!({"value": value})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let set_at = Instant::now();
+        loop {
+            mock.clear();
+            let reply = get(&b).await;
+            let seen = mock
+                .requests()
+                .first()
+                .and_then(|r| r.header("authorization"));
+            if reply.status == 200 && seen.as_deref() == Some(&format!("Bearer {value}")) {
+                break;
+            }
+            assert!(
+                set_at.elapsed() < PROPAGATION_BOUND,
+                "B still uses {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // The plaintext is nowhere in the database.
+    let rows: Vec<(Vec<u8>,)> = sqlx::query_as("SELECT sealed FROM credentials")
+        .fetch_all(&sqlx::PgPool::connect(db.url()).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(!rows[0].0.windows(8).any(|w| w == b"vault-se"));
+}

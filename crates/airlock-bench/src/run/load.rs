@@ -89,7 +89,7 @@ struct PeerLoad {
     rounds: Vec<wrk::WrkResult>,
     cpu_ticks: u64,
     rss_before_kib: Option<u64>,
-    peak_after_warmup_kib: Option<u64>,
+    peak_after_first_round_kib: Option<u64>,
     error: Option<String>,
 }
 
@@ -103,7 +103,9 @@ impl PeerLoad {
             self.cpu_ticks as f64 * 1e6 / procs::ticks_per_second() as f64 / figures.requests as f64
         });
         figures.rss_before_kib = self.rss_before_kib;
-        figures.peak_after_warmup_kib = self.peak_after_warmup_kib;
+        figures.peak_after_first_round_kib = self
+            .peak_after_first_round_kib
+            .filter(|_| self.rounds.len() > 1);
         figures.peak_rss_kib = procs::status_kib(&procs::tree(peer.pid), "VmHWM");
         Ok(figures)
     }
@@ -144,7 +146,6 @@ async fn warm_up(
     wrk::run(&wrk_run(opts, &url, &state.script, workload, opts.warmup))
         .await
         .context("warm-up")?;
-    state.peak_after_warmup_kib = procs::status_kib(&procs::tree(peer.pid), "VmHWM");
     Ok(())
 }
 
@@ -161,5 +162,8 @@ async fn measure_round(
     let result = wrk::run(&wrk_run(opts, &url, &state.script, workload, opts.duration)).await?;
     state.cpu_ticks += procs::cpu_ticks(&pids).saturating_sub(before);
     state.rounds.push(result);
+    if state.rounds.len() == 1 {
+        state.peak_after_first_round_kib = procs::status_kib(&pids, "VmHWM");
+    }
     Ok(())
 }

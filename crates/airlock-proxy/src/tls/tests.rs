@@ -59,7 +59,9 @@ async fn handshake(tls: &ServerTls, trusted: &str, alpn: &[&[u8]]) -> (Vec<u8>, 
 }
 
 fn der(pem: &str) -> Vec<u8> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
 }
 
 #[test]
@@ -67,7 +69,10 @@ fn loads_a_pair_and_offers_h2_and_http1() {
     let dir = tempfile::tempdir().unwrap();
     let files = write(dir.path(), &self_signed("one"));
     let config = load_server_config(&files).unwrap();
-    assert_eq!(config.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+    assert_eq!(
+        config.alpn_protocols,
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    );
 }
 
 #[tokio::test]
@@ -128,6 +133,20 @@ fn a_missing_or_empty_file_names_its_key() {
     let err = load_server_config(&empty_key).unwrap_err();
     assert_eq!(err.config_key(), "proxy.tls_key");
     assert!(err.to_string().contains("no PEM private key"), "{err}");
+
+    // Not a regular file: refused without reading it.
+    let device = TlsFiles {
+        cert: "/dev/zero".into(),
+        key: files.key.clone(),
+    };
+    let err = load_server_config(&device).unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    let dir_as_key = TlsFiles {
+        cert: files.cert.clone(),
+        key: dir.path().to_path_buf(),
+    };
+    let err = load_server_config(&dir_as_key).unwrap_err();
+    assert_eq!(err.config_key(), "proxy.tls_key");
 
     // A certificate given as the key is not a key.
     let swapped = TlsFiles {

@@ -364,6 +364,12 @@ async fn changes_from_the_feed_apply_at_once_and_resync_rereads() {
         .await
         .unwrap();
     let now = crate::now_ms();
+    // The sync task subscribes when it starts; a change sent before that
+    // would have nobody to go to.
+    eventually(Duration::from_secs(5), "sync subscribed", async || {
+        feed.receiver_count() > 0
+    })
+    .await;
 
     // Another replica revoked a: the notification carries the new state.
     feed.send(Change::Session {

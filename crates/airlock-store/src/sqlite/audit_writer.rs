@@ -128,24 +128,29 @@ fn run(path: &Path, queue: &mpsc::Receiver<Job>, ready: oneshot::Sender<Result<(
             return;
         }
     };
-    let mut statements = match Statements::prepare(&conn) {
-        Ok(statements) => statements,
-        Err(e) => {
-            let _ = ready.send(Err(database_error(e)));
-            close(conn);
-            return;
-        }
-    };
-    // An error says whoever started the thread went away: nothing to serve.
-    let closed_by = match ready.send(Ok(())) {
-        Ok(()) => serve(&mut statements, queue),
-        Err(_) => None,
-    };
-    drop(statements);
+    let closed_by = prepare_and_serve(&conn, queue, ready);
     close(conn);
     if let Some(done) = closed_by {
         let _ = done.send(());
     }
+}
+
+/// Prepares the statements, tells `ready`, and serves jobs (see [`serve`]).
+fn prepare_and_serve(
+    conn: &Connection,
+    queue: &mpsc::Receiver<Job>,
+    ready: oneshot::Sender<Result<()>>,
+) -> Option<oneshot::Sender<()>> {
+    let mut statements = match Statements::prepare(conn) {
+        Ok(statements) => statements,
+        Err(e) => {
+            let _ = ready.send(Err(database_error(e)));
+            return None;
+        }
+    };
+    // An error says whoever started the thread went away: nothing to serve.
+    ready.send(Ok(())).ok()?;
+    serve(&mut statements, queue)
 }
 
 /// Serves jobs until one says to close (returning who to tell when closed)
@@ -221,16 +226,27 @@ impl<'c> Statements<'c> {
         let Some(first) = records.first() else {
             return Ok(());
         };
+        // A transaction whose rollback failed last time is not carried on.
+        self.roll_back();
         // IMMEDIATE: take the write lock now (waiting up to the busy
         // timeout), so that nothing later fails for want of it.
         self.begin.execute([]).map_err(database_error)?;
         let result = self.append_in_transaction(first.seq, records, head);
-        if result.is_err() && !self.conn.is_autocommit() {
-            if let Err(e) = self.rollback.execute([]) {
-                tracing::warn!(error = %e, "rolling back a failed audit append");
-            }
+        if result.is_err() {
+            self.roll_back();
         }
         result
+    }
+
+    /// Rolls back the transaction in progress, if any (SQLite ends some
+    /// on its own when a statement fails).
+    fn roll_back(&mut self) {
+        if self.conn.is_autocommit() {
+            return;
+        }
+        if let Err(e) = self.rollback.execute([]) {
+            tracing::warn!(error = %e, "rolling back a failed audit append");
+        }
     }
 
     fn append_in_transaction(

@@ -41,24 +41,40 @@ pub fn describe(config: &Config) -> Description {
     let mut d = Description::default();
     let out = &mut d.text;
     let dur = |d: std::time::Duration| duration::format(d);
+    let scheme = if config.proxy.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let public_url = config.proxy.public_url.clone().unwrap_or_else(|| {
         let note = if config.proxy.listen.port() == 0 {
             " (the port is chosen at start)"
         } else {
             ""
         };
-        format!("http://{}{note}", config.proxy.listen)
+        format!("{scheme}://{}{note}", config.proxy.listen)
     });
     let base_url = config
         .proxy
         .public_url
         .clone()
-        .unwrap_or_else(|| format!("http://{}", config.proxy.listen));
+        .unwrap_or_else(|| format!("{scheme}://{}", config.proxy.listen));
 
     let _ = writeln!(out, "config: {} (valid)", config.source);
     let _ = writeln!(out, "proxy:");
     line(out, "listen", &config.proxy.listen.to_string());
     line(out, "public url", &public_url);
+    if let Some(tls) = &config.proxy.tls {
+        line(
+            out,
+            "tls",
+            &format!(
+                "cert {}, key {} (reloaded on SIGHUP or change)",
+                tls.cert.display(),
+                tls.key.display()
+            ),
+        );
+    }
     line(out, "upstream timeout", &dur(config.proxy.upstream_timeout));
     line(out, "connect timeout", &dur(config.proxy.connect_timeout));
     line(

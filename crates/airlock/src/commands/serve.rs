@@ -81,11 +81,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding admin.listen {}", config.admin_listen))?;
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    // Loaded again (the config check loaded it too): the files may have
+    // changed since.
+    let tls = config
+        .proxy
+        .tls
+        .clone()
+        .map(airlock_proxy::tls::ServerTls::load)
+        .transpose()
+        .with_context(|| "proxy.tls_cert / proxy.tls_key")?
+        .map(Arc::new);
+    let proxy_scheme = if tls.is_some() { "https" } else { "http" };
     let public_url = config
         .proxy
         .public_url
         .clone()
-        .unwrap_or_else(|| format!("http://{proxy_addr}"));
+        .unwrap_or_else(|| format!("{proxy_scheme}://{proxy_addr}"));
 
     let proxy = Arc::new(Proxy::new(
         providers,
@@ -125,7 +136,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         idle_timeout: config.proxy.limits.idle_timeout,
         max_connections: config.proxy.limits.max_connections,
         max_header_size: config.proxy.limits.max_header_size,
+        tls: tls.clone(),
     };
+    // The certificate is reloaded on SIGHUP and when its files change; a
+    // bad pair keeps the old one (logged).
+    let mut tls_reload = Vec::new();
+    if let Some(tls) = tls {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        tls_reload.push(tokio::spawn(
+            Arc::clone(&tls).watch(airlock_proxy::tls::WATCH_EVERY),
+        ));
+        tls_reload.push(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                // A failure is logged; the old certificate stays.
+                let _ = tls.reload("SIGHUP");
+            }
+        }));
+    }
     let proxy_task = tokio::spawn(airlock_proxy::serve(
         proxy_listener,
         proxy,
@@ -159,7 +187,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = %config.source, store = %config.store_url, "airlock started");
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "airlock proxy listening on http://{proxy_addr}")?;
+        writeln!(
+            out,
+            "airlock proxy listening on {proxy_scheme}://{proxy_addr}"
+        )?;
         writeln!(out, "airlock admin listening on http://{admin_addr}")?;
         out.flush()?;
     }
@@ -181,6 +212,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         writer.shutdown().await;
     }
     credential_feed.abort();
+    for task in tls_reload {
+        task.abort();
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())
