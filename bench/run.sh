@@ -41,8 +41,21 @@ if [ -n "${BENCH_NICE:-}" ]; then
     PRIORITY=(nice -n "$BENCH_NICE")
 fi
 
+# PostgreSQL next to SQLite: a fresh database when a server answers at
+# BENCH_PG (default the local one); the peer is left out otherwise.
+PG_ARGS=()
+BENCH_PG="${BENCH_PG:-postgres://postgres@127.0.0.1:5432}"
+if command -v psql >/dev/null 2>&1 && psql "$BENCH_PG/postgres" -qc 'SELECT 1' >/dev/null 2>&1; then
+    psql "$BENCH_PG/postgres" -qc 'DROP DATABASE IF EXISTS airlock_bench' >/dev/null
+    psql "$BENCH_PG/postgres" -qc 'CREATE DATABASE airlock_bench' >/dev/null
+    PG_ARGS=(--postgres-url "$BENCH_PG/airlock_bench")
+else
+    echo "[bench] no PostgreSQL at $BENCH_PG: the PostgreSQL peer is left out" >&2
+fi
+
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 exec "${PRIORITY[@]}" "$TARGET_DIR/release/bench-run" \
+    "${PG_ARGS[@]}" \
     --root "$ROOT" \
     --out "$ROOT/bench/results.md" \
     --airlock-bin "$TARGET_DIR/release/airlock" \

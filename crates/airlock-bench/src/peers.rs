@@ -169,6 +169,8 @@ pub struct AirlockSpec {
     pub upstream: SocketAddr,
     /// Ask for `[audit] enabled = false`.
     pub audit_off: bool,
+    /// A PostgreSQL store instead of SQLite in the data directory.
+    pub store_url: Option<String>,
 }
 
 /// Writes `{dir}/airlock.toml` and starts `airlock serve`. If the audit-off
@@ -210,12 +212,23 @@ fn write_and_start(
     admin_token: &str,
     audit_off: bool,
 ) -> anyhow::Result<(Proc, Vec<String>)> {
-    std::fs::write(config_path, airlock_config(dir, spec.upstream, audit_off))
-        .with_context(|| format!("writing {}", config_path.display()))?;
+    let store_url = spec
+        .store_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}/airlock.db", dir.display()));
+    std::fs::write(
+        config_path,
+        airlock_config(&store_url, spec.upstream, audit_off),
+    )
+    .with_context(|| format!("writing {}", config_path.display()))?;
     spawn_airlock(&spec.bin, config_path, admin_token)
 }
 
 /// Starts `airlock serve --config FILE` and waits for both listening lines.
+///
+/// The per-call `airlock::call` log line is off (`RUST_LOG=warn`), as
+/// nginx runs with `access_log off`: both peers compare the proxying alone.
+/// Set `BENCH_AIRLOCK_LOG` (e.g. `info`) to measure with it.
 pub fn spawn_airlock(
     bin: &Path,
     config: &Path,
@@ -227,7 +240,13 @@ pub fn spawn_airlock(
         .arg("--config")
         .arg(config)
         .env("BENCH_KEY", REAL_KEY)
-        .env("AIRLOCK_ADMIN_TOKEN", admin_token);
+        .env("AIRLOCK_ADMIN_TOKEN", admin_token)
+        // Replicas share the audit key; a PostgreSQL store requires it.
+        .env("AIRLOCK_AUDIT_KEY", BENCH_AUDIT_KEY)
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_AIRLOCK_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        );
     if let Some(dir) = config.parent() {
         command.current_dir(dir);
     }
@@ -240,25 +259,27 @@ pub fn spawn_airlock(
 }
 
 /// The airlock config of the benchmark.
-pub fn airlock_config(dir: &Path, upstream: SocketAddr, audit_off: bool) -> String {
+pub fn airlock_config(store_url: &str, upstream: SocketAddr, audit_off: bool) -> String {
     let mut config = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\n\
-         [store]\nurl = \"sqlite://{}/airlock.db\"\n\n\
+         [store]\nurl = \"{store_url}\"\n\n\
          [providers.mock]\n\
          upstream = \"http://{upstream}\"\n\
          auth = \"bearer\"\n\
          credential = \"env:BENCH_KEY\"\n\
          env_key = \"MOCK_API_KEY\"\n\
          env_base_url = \"MOCK_BASE_URL\"\n\
-         base_path = \"\"\n",
-        dir.display()
+         base_path = \"\"\n"
     );
     if audit_off {
         config.push_str("\n[audit]\nenabled = false\n");
     }
     config
 }
+
+/// The audit key every benchmarked airlock uses (not a secret: a benchmark).
+const BENCH_AUDIT_KEY: &str = "42a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f";
 
 /// The scope every benchmark session gets: anything on the mock.
 pub const SESSION_BODY: &str =
@@ -381,9 +402,12 @@ mod tests {
             "proxy_set_header Authorization \"Bearer {REAL_KEY}\";"
         )));
         assert!(nginx.contains("keepalive 64;"));
-        let on = airlock_config(dir, up, false);
+        let on = airlock_config("sqlite:///tmp/x/airlock.db", up, false);
+        assert!(on.contains("url = \"sqlite:///tmp/x/airlock.db\""));
         assert!(on.contains("upstream = \"http://127.0.0.1:9\""));
         assert!(!on.contains("[audit]"));
-        assert!(airlock_config(dir, up, true).ends_with("[audit]\nenabled = false\n"));
+        assert!(
+            airlock_config("postgres://p@h/d", up, true).ends_with("[audit]\nenabled = false\n")
+        );
     }
 }

@@ -16,6 +16,8 @@ pub const NGINX: &str = "nginx";
 pub const AIRLOCK_AUDIT_ON: &str = "airlock (audit on)";
 /// Name of the airlock peer with the audit trail off.
 pub const AIRLOCK_AUDIT_OFF: &str = "airlock (audit off)";
+/// airlock with audit on, on a PostgreSQL store.
+pub const AIRLOCK_POSTGRES: &str = "airlock (PostgreSQL)";
 
 /// A wrk workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -33,6 +33,8 @@ pub struct Options {
     pub wrk_bin: PathBuf,
     /// The `nginx` binary, `None` to leave nginx out.
     pub nginx_bin: Option<PathBuf>,
+    /// A database for the "airlock (PostgreSQL)" peer, `None` to leave it out.
+    pub postgres_url: Option<String>,
     /// Measured part of each wrk run (whole seconds).
     pub duration: Duration,
     /// Warm-up before the first round (whole seconds).

@@ -195,9 +195,12 @@ impl PathPattern {
     /// [`path::validate`] refuses (dot segments, encoded separators, ...)
     /// matches nothing, even where the caller forgot to validate it.
     pub fn matches(&self, path: &str) -> bool {
-        if path::validate(path).is_err() {
-            return false;
-        }
+        path::validate(path).is_ok() && self.matches_valid(path)
+    }
+
+    /// [`PathPattern::matches`] for a path already known to pass
+    /// [`path::validate`] (checked once per call, not once per pattern).
+    fn matches_valid(&self, path: &str) -> bool {
         let rest = path.strip_prefix('/').unwrap_or(path);
         let mut request = (!rest.is_empty() || path.is_empty()).then(|| rest.split('/'));
         for pattern in &self.segments {
@@ -293,9 +296,14 @@ impl Rule {
 
     /// Whether this rule allows `method` on `path` of `provider`.
     pub fn allows(&self, provider: &str, method: Method, path: &str) -> bool {
+        path::validate(path).is_ok() && self.allows_valid(provider, method, path)
+    }
+
+    /// [`Rule::allows`] for a path already validated.
+    fn allows_valid(&self, provider: &str, method: Method, path: &str) -> bool {
         self.provider == provider
             && self.methods.contains(method)
-            && self.paths.iter().any(|p| p.matches(path))
+            && self.paths.iter().any(|p| p.matches_valid(path))
     }
 }
 
@@ -372,7 +380,12 @@ impl Scope {
 
     /// Whether any rule allows the call.
     pub fn allows(&self, provider: &str, method: Method, path: &str) -> bool {
-        self.0.iter().any(|r| r.allows(provider, method, path))
+        // A path the validator refuses matches no pattern; validate once.
+        path::validate(path).is_ok()
+            && self
+                .0
+                .iter()
+                .any(|r| r.allows_valid(provider, method, path))
     }
 
     /// The rules.

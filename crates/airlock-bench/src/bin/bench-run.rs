@@ -62,6 +62,10 @@ struct Args {
     /// Leave nginx out.
     #[arg(long)]
     no_nginx: bool,
+    /// A PostgreSQL database (emptied by the caller) for an extra peer,
+    /// "airlock (PostgreSQL)": audit on, sessions and audit in PostgreSQL.
+    #[arg(long, value_name = "URL")]
+    postgres_url: Option<String>,
     /// The workspace root (default: where this crate was built from).
     #[arg(long)]
     root: Option<PathBuf>,
@@ -96,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         mock_bin: args.mock_bin.unwrap_or_else(|| here.join("bench-mock")),
         wrk_bin: args.wrk,
         nginx_bin,
+        postgres_url: args.postgres_url.clone(),
         duration: args.duration,
         warmup: args.warmup,
         rounds: usize::try_from(args.rounds).unwrap_or(1),

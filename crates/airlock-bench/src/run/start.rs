@@ -11,7 +11,9 @@ use crate::client;
 use crate::mock::CHAT_RESPONSE;
 use crate::peers::{self, AirlockSpec, Mock, Target, REAL_KEY};
 use crate::procs::Proc;
-use crate::results::{PeerInfo, AIRLOCK_AUDIT_OFF, AIRLOCK_AUDIT_ON, DIRECT, NGINX};
+use crate::results::{
+    PeerInfo, AIRLOCK_AUDIT_OFF, AIRLOCK_AUDIT_ON, AIRLOCK_POSTGRES, DIRECT, NGINX,
+};
 use crate::wrk::SMALL_JSON;
 
 /// The peers of one phase and the processes behind them (stopped on drop).
@@ -40,21 +42,27 @@ pub(super) async fn start(
         others: Vec::new(),
     };
 
-    progress("starting airlock (audit on, audit off)");
-    for (name, audit_off) in [(AIRLOCK_AUDIT_ON, false), (AIRLOCK_AUDIT_OFF, true)] {
+    progress("starting airlock (audit on, audit off, PostgreSQL if given)");
+    let mut airlocks = vec![
+        (AIRLOCK_AUDIT_ON, false, None, "airlock-on"),
+        (AIRLOCK_AUDIT_OFF, true, None, "airlock-off"),
+    ];
+    if let Some(url) = &opts.postgres_url {
+        airlocks.push((AIRLOCK_POSTGRES, false, Some(url.clone()), "airlock-pg"));
+    }
+    for (name, audit_off, store_url, data_dir) in airlocks {
+        let store = if store_url.is_some() {
+            "PostgreSQL store"
+        } else {
+            "SQLite store"
+        };
         let spec = AirlockSpec {
             bin: opts.airlock_bin.clone(),
             upstream: mock.addr,
             audit_off,
+            store_url,
         };
-        let data = subdir(
-            dir,
-            if audit_off {
-                "airlock-off"
-            } else {
-                "airlock-on"
-            },
-        )?;
+        let data = subdir(dir, data_dir)?;
         let airlock = match peers::start_airlock(&spec, &data) {
             Ok(airlock) => airlock,
             Err(err) => {
@@ -89,7 +97,7 @@ pub(super) async fn start(
             info: PeerInfo {
                 name: name.to_owned(),
                 description: format!(
-                    "`airlock serve` (release build), {config}, SQLite store, one session"
+                    "`airlock serve` (release build), {config}, {store}, one session"
                 ),
                 own_process: true,
                 idle_rss_kib: None,
