@@ -48,6 +48,20 @@ async fn call(airlock: &Airlock, path: &str, token: &str) -> (u16, http::HeaderM
     (reply.status, reply.headers.clone(), reply.text())
 }
 
+/// A mock provider, airlock with `openai` in front of it (env credential),
+/// and a session token allowed everything on it.
+async fn openai_with_session() -> (MockProvider, Airlock, String) {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start()
+        .await
+        .unwrap();
+    let token = session(&airlock, &["openai"]).await;
+    (mock, airlock, token)
+}
+
 async fn records(airlock: &Airlock) -> Vec<Value> {
     let (status, body) = airlock
         .admin("GET", "/v1/audit?limit=10000", None)
@@ -167,14 +181,7 @@ async fn bad_credential_config_is_refused_at_start() {
 
 #[tokio::test]
 async fn echoed_credentials_are_redacted_everywhere() {
-    let mock = MockProvider::start().await;
-    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
-        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
-        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
-        .start()
-        .await
-        .unwrap();
-    let token = session(&airlock, &["openai"]).await;
+    let (_mock, airlock, token) = openai_with_session().await;
 
     // A JSON echo of every request header, Content-Length kept.
     let (status, headers, body) = call(&airlock, "/openai/echo", &token).await;
@@ -218,14 +225,7 @@ async fn echoed_credentials_are_redacted_everywhere() {
 
 #[tokio::test]
 async fn an_upstream_refusing_the_credential_is_airlocks_502() {
-    let mock = MockProvider::start().await;
-    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
-        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
-        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
-        .start()
-        .await
-        .unwrap();
-    let token = session(&airlock, &["openai"]).await;
+    let (_mock, airlock, token) = openai_with_session().await;
     for upstream in [401u16, 403] {
         let (status, _, body) = call(&airlock, &format!("/openai/status/{upstream}"), &token).await;
         assert_eq!(status, 502, "{body}");
@@ -442,14 +442,7 @@ async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
 
 #[tokio::test]
 async fn responses_stream_through_the_leak_guard_unbuffered() {
-    let mock = MockProvider::start().await;
-    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
-        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
-        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
-        .start()
-        .await
-        .unwrap();
-    let token = session(&airlock, &["openai"]).await;
+    let (mock, airlock, token) = openai_with_session().await;
     // The gated stream's first event must arrive while the provider still
     // holds the stream open: the guard holds nothing back from it.
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
