@@ -8,7 +8,7 @@
 //! `airlock::call`) and submits the record to the audit trail.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,13 +36,20 @@ pub(crate) struct CallRecord {
     pub(crate) bytes_out: u64,
     /// The call's session, once known (a stream ends when it does).
     session: Option<Arc<LiveSession>>,
+    /// Set when shutdown cuts calls in flight: a drop is then airlock's doing.
+    cutting: Arc<AtomicBool>,
 }
 
 // === impl CallRecord ===
 
 impl CallRecord {
     /// Starts the record of `req`.
-    pub(crate) fn begin<B>(auditor: &Auditor, req: &Request<B>, started: Instant) -> Self {
+    pub(crate) fn begin<B>(
+        auditor: &Auditor,
+        req: &Request<B>,
+        started: Instant,
+        cutting: &Arc<AtomicBool>,
+    ) -> Self {
         let method = req.method().as_str();
         let record = Some(Box::new(AuditRecord {
             chain: 0,
@@ -70,6 +77,7 @@ impl CallRecord {
             status: 0,
             bytes_out: 0,
             session: None,
+            cutting: Arc::clone(cutting),
         }
     }
 
@@ -184,9 +192,14 @@ impl Drop for CallRecord {
                 None
             };
             let status = self.status;
+            let flags = if self.cutting.load(Ordering::Acquire) {
+                Flags::INCOMPLETE
+            } else {
+                Flags::CLIENT_ABORTED
+            };
             // The record is queued when `finish` returns; nobody is left to
             // wait for it.
-            drop(self.finish(decision, status, Flags::CLIENT_ABORTED));
+            drop(self.finish(decision, status, flags));
         }
     }
 }

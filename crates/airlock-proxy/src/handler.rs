@@ -1,7 +1,7 @@
 //! The request path, one stage a line.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,8 @@ pub struct ProxySettings {
 
 /// The proxy: providers by name, the session registry and the audit trail.
 pub struct Proxy {
+    /// Set when shutdown cuts the calls still running (drain timeout).
+    cutting: Arc<AtomicBool>,
     providers: HashMap<String, Provider>,
     registry: Arc<Registry>,
     auditor: Auditor,
@@ -67,6 +69,7 @@ impl Proxy {
         unknown_provider: ProviderMetrics,
     ) -> Self {
         Self {
+            cutting: Arc::new(AtomicBool::new(false)),
             providers: providers
                 .into_iter()
                 .map(|p| (p.name().to_owned(), p))
@@ -76,6 +79,12 @@ impl Proxy {
             settings,
             unknown_provider,
         }
+    }
+
+    /// Marks the calls still in flight as cut by airlock: their records say
+    /// `incomplete` rather than `client_aborted` when they are dropped.
+    pub fn cut_calls_in_flight(&self) {
+        self.cutting.store(true, Ordering::Release);
     }
 
     /// Handles one call. Never fails: every refusal is a JSON error response.
@@ -92,7 +101,7 @@ impl Proxy {
                 .record(Some(denial.code()), started.elapsed().as_secs_f64());
             return denial.into_response();
         }
-        let mut call = CallRecord::begin(&self.auditor, &req, started);
+        let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);
         let (provider, result) = self.process(req, &mut call).await;
         let metrics = provider.map_or(&self.unknown_provider, |p| &p.metrics);
         let seconds = started.elapsed().as_secs_f64();

@@ -207,6 +207,8 @@ pub async fn serve(
         // run in tasks of their own and end once they see the connection
         // gone. Either way a dropped call queues its record, so waiting for
         // the call count means the audit flush that follows writes them.
+        // Those records say airlock cut the call, not that the agent left.
+        conn.proxy.cut_calls_in_flight();
         connections.abort_all();
         while connections.join_next().await.is_some() {}
         if tokio::time::timeout(CUT_GRACE, conn.calls.none_left())

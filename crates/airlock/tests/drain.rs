@@ -221,10 +221,8 @@ async fn a_stream_still_running_at_drain_timeout_is_cut() {
         assert!(!clean, "a cut stream must not look complete");
     }
 
-    // Their records were written before the exit, and say they were cut.
-    // (Today the proxy flags a call dropped by the listener as
-    // `client_aborted`: the drop path cannot tell who ended it. Any flag
-    // will do here; none would claim the answer was complete.)
+    // Their records were written before the exit, and say airlock cut them
+    // (`incomplete`), not that the agent went away.
     let records = exported(&airlock.config_path());
     let cut: Vec<_> = records
         .iter()
@@ -233,6 +231,6 @@ async fn a_stream_still_running_at_drain_timeout_is_cut() {
     assert_eq!(cut.len(), 2, "{records:#?}");
     for record in cut {
         assert_eq!(record["decision"], "allow", "{record}");
-        assert_ne!(record["flags"], json!([]), "{record}");
+        assert_eq!(record["flags"], json!(["incomplete"]), "{record}");
     }
 }
