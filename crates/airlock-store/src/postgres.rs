@@ -26,10 +26,10 @@ use airlock_core::{SessionId, TokenHash};
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Connection, Postgres, QueryBuilder};
+use sqlx::{Connection, Postgres};
 use tokio::sync::broadcast;
 
-use crate::audit_rows::{decode_head, decode_record, RECORD_COLUMNS};
+use crate::audit_rows::{decode_head, decode_record, select_records, RECORD_COLUMNS};
 use crate::session_rows::{decode_session, decode_status, SESSION_COLUMNS, STATUS_COLUMNS};
 use crate::{
     encode_json, AuditQuery, ChainHead, Change, GenesisSeal, Result, SessionRow, SessionStatus,
@@ -382,24 +382,10 @@ impl Store for PgStore {
     }
 
     async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
-        let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-            "SELECT {RECORD_COLUMNS} FROM audit_records WHERE TRUE"
-        ));
-        if let Some(session) = &q.session {
-            sql.push(" AND session = ").push_bind(session.as_str());
-        }
-        if let Some(since) = q.since_ms {
-            sql.push(" AND ts >= ").push_bind(since);
-        }
-        if let Some(chain) = q.chain {
-            sql.push(" AND chain = ").push_bind(i64::from(chain));
-            sql.push(" AND seq > ").push_bind(to_i64(q.after_seq));
-            sql.push(" ORDER BY seq");
-        } else {
-            sql.push(" ORDER BY ts, chain, seq");
-        }
-        sql.push(" LIMIT ").push_bind(i64::from(q.limit));
-        let rows = sql.build().fetch_all(&self.pool).await?;
+        let rows = select_records::<Postgres>(q)
+            .build()
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(decode_record).collect()
     }
 
