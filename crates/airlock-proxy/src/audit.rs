@@ -126,10 +126,10 @@ impl CallRecord {
     }
 
     /// A counter for request body bytes sent upstream.
-    pub(crate) fn count_request_body(&mut self) -> Option<Arc<AtomicU64>> {
+    pub(crate) fn count_request_body(&mut self) -> Arc<AtomicU64> {
         let counter = Arc::new(AtomicU64::new(0));
         self.bytes_in = Some(Arc::clone(&counter));
-        Some(counter)
+        counter
     }
 
     /// Whether a failed record must fail the call.

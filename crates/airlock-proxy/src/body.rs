@@ -74,7 +74,7 @@ enum Phase {
 /// The agent's request body, counting the bytes sent upstream.
 pub struct RequestBody {
     body: Incoming,
-    sent: Option<Arc<AtomicU64>>,
+    sent: Arc<AtomicU64>,
     /// Bytes this body may still carry (`proxy.max_request_body`).
     allowance: u64,
 }
@@ -270,7 +270,7 @@ impl RequestBody {
     /// Wraps the agent's body; `sent` counts the bytes that go upstream. A
     /// body (chunked, so not refused up front) that goes over `limit` bytes
     /// fails, which aborts the upstream request.
-    pub(crate) fn new(body: Incoming, sent: Option<Arc<AtomicU64>>, limit: u64) -> Self {
+    pub(crate) fn new(body: Incoming, sent: Arc<AtomicU64>, limit: u64) -> Self {
         Self {
             body,
             sent,
@@ -292,9 +292,7 @@ impl Body for RequestBody {
         if let Some(Ok(frame)) = &frame {
             if let Some(data) = frame.data_ref() {
                 let len = data.len() as u64;
-                if let Some(sent) = &this.sent {
-                    sent.fetch_add(len, Ordering::Relaxed);
-                }
+                this.sent.fetch_add(len, Ordering::Relaxed);
                 match this.allowance.checked_sub(len) {
                     Some(rest) => this.allowance = rest,
                     None => return Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),

@@ -323,7 +323,7 @@ impl Proxy {
         )?;
         let counted = call.count_request_body();
         let limit = self.settings.request.max_request_body;
-        let body = RequestBody::new(body, counted.clone(), limit);
+        let body = RequestBody::new(body, Arc::clone(&counted), limit);
         let upstream_req = Request::from_parts(parts, body);
 
         let sent = Instant::now();
@@ -342,7 +342,7 @@ impl Proxy {
                     "the provider did not answer in time",
                 ))
             }
-            Ok(Err(_)) if counted.is_some_and(|c| c.load(Ordering::Relaxed) > limit) => {
+            Ok(Err(_)) if counted.load(Ordering::Relaxed) > limit => {
                 return Err(Denial::new(
                     ErrorCode::PayloadTooLarge,
                     format!(
