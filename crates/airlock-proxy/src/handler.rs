@@ -81,6 +81,23 @@ impl Proxy {
         }
     }
 
+    /// A proxy for one data-plane worker: the same providers, registry,
+    /// audit trail and settings, with upstream connection pools of its own.
+    pub fn for_worker(&self) -> Self {
+        Self {
+            cutting: Arc::clone(&self.cutting),
+            providers: self
+                .providers
+                .iter()
+                .map(|(name, p)| (name.clone(), p.with_own_pool()))
+                .collect(),
+            registry: Arc::clone(&self.registry),
+            auditor: self.auditor.clone(),
+            settings: self.settings.clone(),
+            unknown_provider: self.unknown_provider.clone(),
+        }
+    }
+
     /// Marks the calls still in flight as cut by airlock: their records say
     /// `incomplete` rather than `client_aborted` when they are dropped.
     pub fn cut_calls_in_flight(&self) {

@@ -69,7 +69,10 @@ pub struct PreparedCredential {
 }
 
 /// The HTTP client used to reach upstreams.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+pub type UpstreamClient = Client<UpstreamConnector, RequestBody>;
+
+/// How upstream connections are opened (TCP, then TLS for https).
+pub type UpstreamConnector = HttpsConnector<HttpConnector>;
 
 /// A configured provider, ready for the request path.
 pub struct Provider {
@@ -81,6 +84,7 @@ pub struct Provider {
     auth: AuthStyle,
     headers: Vec<(HeaderName, HeaderValue)>,
     credential: Arc<CredentialCell<PreparedCredential>>,
+    connector: UpstreamConnector,
     client: UpstreamClient,
     pub(crate) metrics: ProviderMetrics,
 }
@@ -185,12 +189,14 @@ impl Provider {
         })
         .map_err(|_| bad_upstream())?;
 
-        let client = build_client(
+        let connector = build_connector(
             scheme == Scheme::HTTPS,
             spec.ca_file.as_deref(),
             connect_timeout,
         )?;
         Ok(Self {
+            client: pooled_client(connector.clone()),
+            connector,
             name: spec.name,
             scheme,
             authority,
@@ -198,9 +204,25 @@ impl Provider {
             auth: spec.auth,
             headers: spec.headers,
             credential: spec.credential,
-            client,
             metrics,
         })
+    }
+
+    /// The same provider with a connection pool of its own: each data-plane
+    /// worker gets one, so that its upstream connections live on its thread.
+    pub fn with_own_pool(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            scheme: self.scheme.clone(),
+            authority: self.authority.clone(),
+            path_prefix: self.path_prefix.clone(),
+            auth: self.auth.clone(),
+            headers: self.headers.clone(),
+            credential: Arc::clone(&self.credential),
+            client: pooled_client(self.connector.clone()),
+            connector: self.connector.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 
     /// The provider's name (the first path segment agents use).
@@ -393,11 +415,11 @@ fn trust_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, Provider
     Ok(roots)
 }
 
-fn build_client(
+fn build_connector(
     https: bool,
     ca_file: Option<&Path>,
     connect_timeout: Duration,
-) -> Result<UpstreamClient, ProviderError> {
+) -> Result<UpstreamConnector, ProviderError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -412,13 +434,18 @@ fn build_client(
             .with_root_certificates(roots)
             .with_no_client_auth(),
     );
-    let connector = builder
+    Ok(builder
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+        .wrap_connector(http))
+}
+
+/// A client with a connection pool of its own; its connections' tasks run
+/// on the runtime that opens them.
+fn pooled_client(connector: UpstreamConnector) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
-        .build(connector))
+        .build(connector)
 }

@@ -56,7 +56,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{oneshot, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::body::{BoxError, ProxyBody};
@@ -97,6 +97,8 @@ pub struct ServerSettings {
     pub max_header_size: usize,
     /// Serve HTTPS with this certificate (reloadable); `None`: plain TCP.
     pub tls: Option<Arc<ServerTls>>,
+    /// Data-plane threads (at least one).
+    pub workers: usize,
 }
 
 impl Default for ServerSettings {
@@ -108,114 +110,220 @@ impl Default for ServerSettings {
             max_connections: 10_000,
             max_header_size: 64 * 1024,
             tls: None,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
 
-/// Serves `proxy` on `listener` until `shutdown` resolves, then waits up to
-/// `drain_timeout` for open connections to finish and cuts the rest. When
-/// this returns, every connection is gone (and every call's record queued).
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    settings: ServerSettings,
-    shutdown: impl Future<Output = ()>,
-) {
-    let conn = Arc::new(ConnSettings {
-        builder: connection_builder(&settings),
-        proxy,
-        max_header_size: settings.max_header_size,
-        // hyper's header read timeout starts only once hyper-util has seen
-        // enough bytes to pick HTTP/1 or HTTP/2: a client that sends
-        // nothing at all is bounded here instead.
-        first_timeout: settings.idle_timeout.min(settings.header_read_timeout),
-        idle_timeout: settings.idle_timeout,
-        handshake_timeout: settings.header_read_timeout,
-        calls: Arc::new(CallCount::default()),
-    });
-    let max_connections = settings.max_connections.clamp(1, Semaphore::MAX_PERMITS);
-    let slots = Arc::new(Semaphore::new(max_connections));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
+/// The running proxy listener: its worker threads and the switch that
+/// stops them.
+///
+/// Connections are served by [`ServerSettings::workers`] threads, each with
+/// a single-threaded runtime of its own that accepts from the shared
+/// listener and keeps its own upstream connection pools: a call runs from
+/// accept to upstream and back on one thread, with no hand-off between
+/// threads.
+pub struct ProxyServer {
+    stop: watch::Sender<bool>,
+    workers: Vec<oneshot::Receiver<()>>,
+}
 
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            () = &mut shutdown => break,
+impl ProxyServer {
+    /// Starts the workers serving `proxy` on `listener`. Fails when the
+    /// listener cannot be shared with them or a thread cannot be started
+    /// (workers already started are stopped).
+    pub fn start(
+        listener: TcpListener,
+        proxy: &Proxy,
+        settings: &ServerSettings,
+    ) -> std::io::Result<Self> {
+        let listener = listener.into_std()?;
+        let max_connections = settings.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        let slots = Arc::new(Semaphore::new(max_connections));
+        let (stop, stop_rx) = watch::channel(false);
+        let mut server = Self {
+            stop,
+            workers: Vec::new(),
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::debug!(%peer, "connection refused: proxy.max_connections reached");
-            if settings.tls.is_none() {
-                refuse_connection(&stream);
-            }
-            continue;
-        };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+        for index in 0..settings.workers.max(1) {
+            let worker = Worker {
+                listener: listener.try_clone()?,
+                conn: Arc::new(ConnSettings::new(settings, proxy.for_worker())),
+                slots: Arc::clone(&slots),
+                settings: settings.clone(),
+                stop: stop_rx.clone(),
+            };
+            let (done_tx, done_rx) = oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name(format!("airlock-proxy-{index}"))
+                .spawn(move || {
+                    worker.run();
+                    drop(done_tx);
+                })?;
+            server.workers.push(done_rx);
         }
-        let conn = Arc::clone(&conn);
-        let stop = stop_rx.clone();
-        let tls = settings.tls.as_ref().map(|tls| tls.acceptor());
-        connections.spawn(async move {
-            let _slot = slot;
-            match tls {
-                None => conn.run(stream, peer, stop).await,
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(conn.handshake_timeout, acceptor.accept(stream));
-                    let stream = tokio::select! {
-                        done = handshake => match done {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        },
-                        () = stopped(stop.clone()) => return,
-                    };
-                    conn.run(stream, peer, stop).await;
-                }
-            }
-        });
+        Ok(server)
     }
 
-    drop(listener);
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(settings.drain_timeout, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            connections = connections.len(),
-            "drain timeout reached; closing remaining connections"
-        );
-        // Dropping a connection drops its HTTP/1.1 call; HTTP/2 streams
-        // run in tasks of their own and end once they see the connection
-        // gone. Either way a dropped call queues its record, so waiting for
-        // the call count means the audit flush that follows writes them.
-        // Those records say airlock cut the call, not that the agent left.
-        conn.proxy.cut_calls_in_flight();
-        connections.abort_all();
-        while connections.join_next().await.is_some() {}
-        if tokio::time::timeout(CUT_GRACE, conn.calls.none_left())
-            .await
-            .is_err()
-        {
-            tracing::warn!("calls still holding their responses after the drain timeout");
+    /// Stops accepting, waits up to `drain_timeout` for open connections to
+    /// finish and cuts the rest. When this returns, every connection is
+    /// gone (and every call's record queued).
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for done in std::mem::take(&mut self.workers) {
+            // An error only says the worker thread ended: done either way.
+            let _ = done.await;
+        }
+    }
+}
+
+impl Drop for ProxyServer {
+    fn drop(&mut self) {
+        // A server dropped without `shutdown` still stops its workers.
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Serves `proxy` on `listener` until `shutdown` resolves, then drains (see
+/// [`ProxyServer`]).
+pub async fn serve(
+    listener: TcpListener,
+    proxy: &Proxy,
+    settings: &ServerSettings,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let server = ProxyServer::start(listener, proxy, settings)?;
+    shutdown.await;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// One data-plane thread: its share of the listener, its own proxy (own
+/// upstream pools) and its own count of calls in flight.
+struct Worker {
+    listener: std::net::TcpListener,
+    conn: Arc<ConnSettings>,
+    slots: Arc<Semaphore>,
+    settings: ServerSettings,
+    stop: watch::Receiver<bool>,
+}
+
+impl Worker {
+    /// Runs the worker's runtime until its connections are drained (or
+    /// cut). Tasks still left when the runtime is dropped are dropped with
+    /// it; a dropped call still queues its record.
+    fn run(self) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        match runtime {
+            Ok(runtime) => runtime.block_on(self.serve()),
+            Err(e) => tracing::error!(error = %e, "cannot start a proxy worker's runtime"),
+        }
+    }
+
+    /// Accepts and serves connections until told to stop, then drains.
+    async fn serve(self) {
+        let Self {
+            listener,
+            conn,
+            slots,
+            settings,
+            stop,
+        } = self;
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(error = %e, "a proxy worker cannot use the listener");
+                return;
+            }
+        };
+        let mut connections = JoinSet::new();
+        let shutdown = stopped(stop.clone());
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        }
+                        continue;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                () = &mut shutdown => break,
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                tracing::debug!(%peer, "connection refused: proxy.max_connections reached");
+                if settings.tls.is_none() {
+                    refuse_connection(&stream);
+                }
+                continue;
+            };
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+            }
+            let conn = Arc::clone(&conn);
+            let stop = stop.clone();
+            let tls = settings.tls.as_ref().map(|tls| tls.acceptor());
+            connections.spawn(async move {
+                let _slot = slot;
+                match tls {
+                    None => conn.run(stream, peer, stop).await,
+                    Some(acceptor) => {
+                        let handshake =
+                            tokio::time::timeout(conn.handshake_timeout, acceptor.accept(stream));
+                        let stream = tokio::select! {
+                            done = handshake => match done {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            },
+                            () = stopped(stop.clone()) => return,
+                        };
+                        conn.run(stream, peer, stop).await;
+                    }
+                }
+            });
+        }
+
+        drop(listener);
+        let drained = tokio::time::timeout(settings.drain_timeout, async {
+            while connections.join_next().await.is_some() {}
+            // HTTP/2 streams run in tasks of their own and may outlive
+            // their connection's future by a moment.
+            conn.calls.none_left().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                connections = connections.len(),
+                "drain timeout reached; closing remaining connections"
+            );
+            // Dropping a connection drops its HTTP/1.1 call; HTTP/2 streams
+            // run in tasks of their own and end once they see the connection
+            // gone. Either way a dropped call queues its record, so waiting
+            // for the call count means the audit flush that follows writes
+            // them. Those records say airlock cut the call, not that the
+            // agent left.
+            conn.proxy.cut_calls_in_flight();
+            connections.abort_all();
+            while connections.join_next().await.is_some() {}
+            if tokio::time::timeout(CUT_GRACE, conn.calls.none_left())
+                .await
+                .is_err()
+            {
+                tracing::warn!("calls still holding their responses after the drain timeout");
+            }
         }
     }
 }
@@ -233,7 +341,8 @@ struct ConnSettings {
     first_timeout: Duration,
     idle_timeout: Duration,
     handshake_timeout: Duration,
-    /// Calls in flight on all connections (until their responses are gone).
+    /// Calls in flight on this worker's connections (until their responses
+    /// are gone).
     calls: Arc<CallCount>,
 }
 
@@ -271,6 +380,21 @@ impl CallCount {
 }
 
 impl ConnSettings {
+    fn new(settings: &ServerSettings, proxy: Proxy) -> Self {
+        Self {
+            builder: connection_builder(settings),
+            proxy: Arc::new(proxy),
+            max_header_size: settings.max_header_size,
+            // hyper's header read timeout starts only once hyper-util has
+            // seen enough bytes to pick HTTP/1 or HTTP/2: a client that
+            // sends nothing at all is bounded here instead.
+            first_timeout: settings.idle_timeout.min(settings.header_read_timeout),
+            idle_timeout: settings.idle_timeout,
+            handshake_timeout: settings.header_read_timeout,
+            calls: Arc::new(CallCount::default()),
+        }
+    }
+
     /// Serves one connection (plain TCP, or TLS after the handshake) until
     /// it ends, is idle too long, or shutdown asks it to finish.
     async fn run<S>(&self, io: S, peer: std::net::SocketAddr, stop: watch::Receiver<bool>)

@@ -11,6 +11,7 @@
 //! [`Registry::flush`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use airlock_core::token::{generate_token, is_well_formed};
 use airlock_core::{Limits, Scope, Secret, SessionId, TokenHash};
 use airlock_store::{Change, SessionRow, SessionStatus, Store, StoreError};
 use parking_lot::RwLock;
+use tokio::runtime::Handle;
 use tokio::sync::{broadcast, Notify};
 
 use crate::live::{LiveSession, SessionState};
@@ -52,6 +54,9 @@ pub struct Registry {
     /// flusher early (denials count towards everyone's `max_denied`).
     shared: Option<Arc<Notify>>,
     freshness: sync::Freshness,
+    /// The runtime the registry was made on (the control plane's), where
+    /// the request path's store calls run: see [`Registry::on_home`].
+    home: Option<Handle>,
 }
 
 /// What a new session grants.
@@ -97,6 +102,35 @@ impl Registry {
             by_id: RwLock::new(HashMap::new()),
             shared,
             freshness: sync::Freshness::new(),
+            home: Handle::try_current().ok(),
+        }
+    }
+
+    /// Runs a store call from the request path on the registry's home
+    /// runtime, whichever runtime the call comes from. Data-plane workers
+    /// run runtimes of their own; a store connection opened from one of
+    /// them (a PostgreSQL socket) would belong to it and fail once it
+    /// stops, even for the control plane's audit flush that follows.
+    async fn on_home<T, F>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        match &self.home {
+            Some(home) => home
+                .spawn(call)
+                .await
+                .unwrap_or(Err(StoreError::RuntimeGone)),
+            None => call.await,
+        }
+    }
+
+    /// Starts a store call from the request path on the home runtime
+    /// without waiting for it (see [`Registry::on_home`]).
+    fn spawn_home(&self, task: impl Future<Output = ()> + Send + 'static) {
+        match &self.home {
+            Some(home) => drop(home.spawn(task)),
+            None => drop(tokio::spawn(task)),
         }
     }
 
@@ -174,8 +208,9 @@ impl Registry {
                 session
             }
             None => {
-                let lookup = tokio::time::timeout(STORE_WAIT, self.store.session_by_token(&hash));
-                let row = match lookup.await {
+                let store = Arc::clone(&self.store);
+                let lookup = self.on_home(async move { store.session_by_token(&hash).await });
+                let row = match tokio::time::timeout(STORE_WAIT, lookup).await {
                     Ok(Ok(row)) => row,
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "session lookup failed");
@@ -213,7 +248,7 @@ impl Registry {
             if lease.running_low() {
                 let store = Arc::clone(&self.store);
                 let session = Arc::clone(session);
-                tokio::spawn(async move {
+                self.spawn_home(async move {
                     if let Some(lease) = session.lease() {
                         if let Ok(_refilling) = lease.refill.try_lock() {
                             if lease.running_low() {
@@ -232,7 +267,10 @@ impl Registry {
         if lease.left() > 0 || lease.recently_spent(now_ms(), SPENT_RETRY_MS) {
             return Ok(());
         }
-        match tokio::time::timeout(STORE_WAIT, refill(self.store.as_ref(), session)).await {
+        let store = Arc::clone(&self.store);
+        let leased = Arc::clone(session);
+        let refilled = self.on_home(async move { refill(store.as_ref(), &leased).await });
+        match tokio::time::timeout(STORE_WAIT, refilled).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracing::error!(session = %session.id(), error = %e, "could not lease max_requests");
@@ -285,10 +323,10 @@ impl Registry {
         let at = now_ms();
         session.mark_revoked(at);
         tracing::warn!(session = %session.id(), "session revoked: max_denied reached");
-        let registry = Arc::clone(self);
+        let store = Arc::clone(&self.store);
         let id = session.id().clone();
-        tokio::spawn(async move {
-            if let Err(e) = registry.store.revoke_session(&id, at).await {
+        self.spawn_home(async move {
+            if let Err(e) = store.revoke_session(&id, at).await {
                 tracing::error!(session = %id, error = %e, "could not persist revocation");
             }
         });

@@ -76,6 +76,8 @@ pub enum StoreError {
     ChainConflict(u32),
     #[error("corrupt row for {what}: {reason}")]
     Corrupt { what: String, reason: String },
+    #[error("the store's runtime has shut down")]
+    RuntimeGone,
 }
 
 /// Result of store operations.

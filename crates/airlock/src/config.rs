@@ -43,6 +43,9 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
 }
 
+/// Most data-plane threads `proxy.workers` may ask for.
+const MAX_WORKERS: usize = 1024;
+
 /// `[proxy]`.
 #[derive(Debug)]
 pub struct ProxyConfig {
@@ -52,6 +55,8 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Data-plane threads (default: one per core).
+    pub workers: usize,
     /// `tls_cert` / `tls_key`: serve HTTPS (both set, and loadable at start).
     pub tls: Option<airlock_proxy::tls::TlsFiles>,
     /// Connection and request limits (see [`ProxyLimits`]).
@@ -162,6 +167,7 @@ struct RawProxy {
     forwarded_headers: String,
     #[serde(default)]
     allowed_hosts: Vec<String>,
+    workers: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -286,6 +292,7 @@ impl Default for RawProxy {
             max_request_body: default_max_request_body(),
             forwarded_headers: default_forwarded_headers(),
             allowed_hosts: Vec::new(),
+            workers: None,
         }
     }
 }
@@ -456,6 +463,16 @@ impl Config {
             connect_timeout: dur("proxy.connect_timeout", &raw.proxy.connect_timeout)?,
             header_read_timeout: dur("proxy.header_read_timeout", &raw.proxy.header_read_timeout)?,
             drain_timeout: dur("proxy.drain_timeout", &raw.proxy.drain_timeout)?,
+            workers: match raw.proxy.workers {
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                Some(n @ 1..=MAX_WORKERS) => n,
+                Some(n) => {
+                    return Err(err(
+                        "proxy.workers",
+                        format!("{n}: must be between 1 and {MAX_WORKERS}"),
+                    ))
+                }
+            },
             tls,
             limits,
         };

@@ -137,6 +137,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         max_connections: config.proxy.limits.max_connections,
         max_header_size: config.proxy.limits.max_header_size,
         tls: tls.clone(),
+        workers: config.proxy.workers,
     };
     // The certificate is reloaded on SIGHUP and when its files change; a
     // bad pair keeps the old one (logged).
@@ -154,12 +155,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }));
     }
-    let proxy_task = tokio::spawn(airlock_proxy::serve(
-        proxy_listener,
-        proxy,
-        server_settings,
-        stopped(shutdown_rx.clone()),
-    ));
+    let proxy_server = airlock_proxy::ProxyServer::start(proxy_listener, &proxy, &server_settings)
+        .context("starting the proxy's worker threads")?;
+    drop(proxy);
     // The admin API outlives the proxy's drain, so that /readyz can say
     // "draining" (503) to load balancers meanwhile.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -201,7 +199,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .ready
         .store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = shutdown_tx.send(true);
-    let _ = proxy_task.await;
+    proxy_server.shutdown().await;
     let _ = admin_stop_tx.send(true);
     if let Ok(Err(e)) = admin_task.await {
         tracing::warn!(error = %e, "admin server ended with an error");
