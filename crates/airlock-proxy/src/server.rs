@@ -41,10 +41,10 @@ mod sniff;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION};
@@ -406,8 +406,8 @@ impl ConnSettings {
             inner: io,
             sniffer: Some(Sniffer::new(self.max_header_size, Arc::clone(&verdicts))),
         };
-        let (busy_tx, busy_rx) = watch::channel(0usize);
-        let busy = Arc::new(busy_tx);
+        let activity = Arc::new(Activity::new());
+        let busy = Arc::clone(&activity);
         let proxy = Arc::clone(&self.proxy);
         let calls = Arc::clone(&self.calls);
         let service = service_fn(move |req| {
@@ -424,7 +424,7 @@ impl ConnSettings {
                 connection.as_mut().graceful_shutdown();
                 Some(connection.as_mut().await)
             }
-            () = idle(busy_rx, self.first_timeout, self.idle_timeout) => {
+            () = idle(&activity, self.first_timeout, self.idle_timeout) => {
                 tracing::debug!(%peer, "closing idle connection");
                 connection.as_mut().graceful_shutdown();
                 tokio::time::timeout(IDLE_GRACE, connection.as_mut()).await.ok()
@@ -492,35 +492,64 @@ fn refuse_connection(stream: &TcpStream) {
     let _ = stream.try_write(response.as_bytes());
 }
 
-/// Resolves once the connection has had no call in flight for `limit`
-/// (`first` before its first call).
-async fn idle(mut busy: watch::Receiver<usize>, first: Duration, limit: Duration) {
-    let mut wait = first;
-    loop {
-        if *busy.borrow_and_update() > 0 {
-            if busy.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            continue;
-        }
-        match tokio::time::timeout(wait, busy.changed()).await {
-            Err(_) => return,
-            Ok(Err(_)) => return std::future::pending().await,
-            Ok(Ok(())) => wait = limit,
+/// A connection's calls in flight and since when it has had none. Calls
+/// only touch atomics; the idle timer reads them when it fires (no wake-up
+/// per call).
+struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    /// Whether any call has been made on the connection.
+    served: AtomicBool,
+    /// When the last call ended, in milliseconds after `opened`.
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(0),
         }
     }
 }
 
-/// One call in flight on a connection (counted there and in the server's
+/// Resolves once the connection has had no call in flight for `limit`
+/// (`first` before its first call).
+async fn idle(activity: &Activity, first: Duration, limit: Duration) {
+    let mut deadline = activity.opened + first;
+    loop {
+        tokio::time::sleep_until(deadline.into()).await;
+        if activity.in_flight.load(Ordering::Acquire) > 0 {
+            deadline = Instant::now() + limit;
+            continue;
+        }
+        let bound = if activity.served.load(Ordering::Acquire) {
+            limit
+        } else {
+            first
+        };
+        let since = Duration::from_millis(activity.idle_since_ms.load(Ordering::Acquire));
+        let due = activity.opened + since + bound;
+        if Instant::now() >= due {
+            return;
+        }
+        deadline = due;
+    }
+}
+
+/// One call in flight on a connection (counted there and in the worker's
 /// total), until its response body is gone.
 struct Busy {
-    connection: Arc<watch::Sender<usize>>,
+    connection: Arc<Activity>,
     all: Arc<CallCount>,
 }
 
 impl Busy {
-    fn enter(connection: &Arc<watch::Sender<usize>>, all: &Arc<CallCount>) -> Self {
-        connection.send_modify(|n| *n += 1);
+    fn enter(connection: &Arc<Activity>, all: &Arc<CallCount>) -> Self {
+        connection.served.store(true, Ordering::Release);
+        connection.in_flight.fetch_add(1, Ordering::AcqRel);
         all.enter();
         Self {
             connection: Arc::clone(connection),
@@ -531,7 +560,9 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.connection.send_modify(|n| *n = n.saturating_sub(1));
+        let now = u64::try_from(self.connection.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.connection.idle_since_ms.store(now, Ordering::Release);
+        self.connection.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.all.leave();
     }
 }
