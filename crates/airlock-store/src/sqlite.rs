@@ -24,6 +24,7 @@ use crate::{
 };
 
 mod audit_writer;
+mod checkpointer;
 
 /// A store in one SQLite file.
 pub struct SqliteStore {

@@ -22,6 +22,7 @@ use rusqlite::{ffi, params, Connection, OpenFlags, Statement};
 use sqlx::error::{DatabaseError, ErrorKind};
 use tokio::sync::oneshot;
 
+use super::checkpointer::{Checkpointer, WRITER_CHECKPOINT_PAGES};
 use super::to_i64;
 use crate::audit_rows::RECORD_COLUMNS;
 use crate::{ChainHead, Result, StoreError};
@@ -56,6 +57,8 @@ pub(super) struct AuditWriter {
     jobs: mpsc::Sender<Job>,
     /// Set by [`AuditWriter::close`]: later appends fail as on a closed pool.
     closed: AtomicBool,
+    /// Keeps commits free of checkpoints; stops with the writer.
+    _checkpointer: Checkpointer,
 }
 
 // === impl AuditWriter ===
@@ -67,6 +70,8 @@ impl AuditWriter {
     pub(super) async fn start(path: PathBuf) -> Result<Self> {
         let (jobs, queue) = mpsc::channel();
         let (ready, opened) = oneshot::channel();
+        let checkpointer = Checkpointer::start(path.clone())
+            .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         std::thread::Builder::new()
             .name("airlock-audit-sqlite".to_owned())
             .spawn(move || run(&path, &queue, ready))
@@ -75,6 +80,7 @@ impl AuditWriter {
             Ok(Ok(())) => Ok(Self {
                 jobs,
                 closed: AtomicBool::new(false),
+                _checkpointer: checkpointer,
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(StoreError::Database(sqlx::Error::WorkerCrashed)),
@@ -185,6 +191,9 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // Checkpoints run on a thread of their own (see `checkpointer`); this
+    // is the backstop.
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
     Ok(conn)
 }
 

@@ -1,0 +1,67 @@
+//! Background WAL checkpoints for the SQLite store.
+//!
+//! In WAL mode a commit appends pages to the write-ahead log; a checkpoint
+//! copies them back into the database file and syncs it. Left to SQLite, the
+//! checkpoint runs inside whichever commit finds the log over 1000 pages —
+//! with the audit trail, a call's commit, which then waits for the sync
+//! (milliseconds, where a commit takes tens of microseconds). Here a thread
+//! of its own checkpoints the log every [`CHECKPOINT_EVERY`] (`PASSIVE`:
+//! it never blocks the writer, which goes on appending meanwhile), and the
+//! audit writer's own automatic checkpoint is moved up to
+//! [`WRITER_CHECKPOINT_PAGES`]: a backstop that keeps the log bounded when
+//! appends never leave a moment for the log to be reset.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::audit_writer::BUSY_TIMEOUT;
+
+/// How often the log is checkpointed in the background.
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// Log size (pages) at which the audit writer checkpoints by itself.
+pub(super) const WRITER_CHECKPOINT_PAGES: u32 = 16_384;
+
+/// The checkpoint thread; it stops when this is dropped.
+pub(super) struct Checkpointer {
+    _stop: mpsc::Sender<()>,
+}
+
+impl Checkpointer {
+    /// Starts checkpointing the database file at `path` (which must exist).
+    pub(super) fn start(path: PathBuf) -> std::io::Result<Self> {
+        let (stop, stopped) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("airlock-sqlite-checkpoint".to_owned())
+            .spawn(move || run(&path, &stopped))?;
+        Ok(Self { _stop: stop })
+    }
+}
+
+fn run(path: &Path, stopped: &mpsc::Receiver<()>) {
+    let conn = match open(path) {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the SQLite checkpoint connection; SQLite checkpoints by itself");
+            return;
+        }
+    };
+    // Ends when the sender is dropped (or sends, which it never does).
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "background WAL checkpoint failed");
+        }
+    }
+}
+
+fn open(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
+}
