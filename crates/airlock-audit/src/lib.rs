@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use airlock_core::audit::{head_seal, AuditKey, AuditRecord};
 use airlock_store::{Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 mod verify;
 mod writer;
@@ -99,10 +98,11 @@ pub struct Auditor {
     shared: Option<Arc<Shared>>,
 }
 
-/// The running writer task.
+/// The running writer.
 pub struct WriterHandle {
     tx: mpsc::Sender<Msg>,
-    task: JoinHandle<()>,
+    /// Closed when the writer ends (dropped unsent if it panicked).
+    done: oneshot::Receiver<()>,
 }
 
 struct Shared {
@@ -152,13 +152,35 @@ impl Auditor {
             settings,
             stats: Arc::new(AuditStats::default()),
         });
-        let writer = writer::Writer::new(store, key, head, Arc::clone(&shared));
-        let task = tokio::spawn(writer.run(rx));
+        let inline = store.audit_appends_inline();
+        let writer = writer::Writer::new(store, key, head, Arc::clone(&shared), inline);
+        let (finished, done) = oneshot::channel();
+        if inline {
+            // The store commits on the caller's thread: the writer gets a
+            // thread (and a runtime) of its own, so that a commit blocks
+            // nothing else and a batch needs no hand-off to another thread.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| AuditError::Write(format!("cannot start the writer: {e}")))?;
+            std::thread::Builder::new()
+                .name("airlock-audit".to_owned())
+                .spawn(move || {
+                    runtime.block_on(writer.run(rx));
+                    let _ = finished.send(());
+                })
+                .map_err(|e| AuditError::Write(format!("cannot start the writer: {e}")))?;
+        } else {
+            tokio::spawn(async move {
+                writer.run(rx).await;
+                let _ = finished.send(());
+            });
+        }
         Ok((
             Self {
                 shared: Some(shared),
             },
-            WriterHandle { tx, task },
+            WriterHandle { tx, done },
         ))
     }
 
@@ -278,8 +300,8 @@ impl WriterHandle {
         if self.tx.send(Msg::Shutdown(done)).await.is_ok() {
             let _ = wait.await;
         }
-        if let Err(e) = self.task.await {
-            tracing::error!(error = %e, "audit writer ended abnormally");
+        if self.done.await.is_err() {
+            tracing::error!("audit writer ended abnormally");
         }
     }
 }

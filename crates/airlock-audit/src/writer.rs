@@ -20,6 +20,9 @@ pub(crate) struct Writer {
     shared: Arc<Shared>,
     records: Vec<AuditRecord>,
     waiters: Vec<Waiter>,
+    /// Commit with [`Store::audit_append_blocking`]: the writer has a
+    /// thread of its own.
+    inline: bool,
 }
 
 // === impl Writer ===
@@ -30,6 +33,7 @@ impl Writer {
         key: Arc<AuditKey>,
         head: ChainHead,
         shared: Arc<Shared>,
+        inline: bool,
     ) -> Self {
         let max_batch = shared.settings.max_batch.max(1);
         Self {
@@ -39,6 +43,7 @@ impl Writer {
             shared,
             records: Vec::with_capacity(max_batch),
             waiters: Vec::with_capacity(max_batch),
+            inline,
         }
     }
 
@@ -121,7 +126,14 @@ impl Writer {
         };
         let health = &self.shared.health;
         health.commit_began();
-        let result = self.store.audit_append(&self.records, &head).await;
+        let inline = self
+            .inline
+            .then(|| self.store.audit_append_blocking(&self.records, &head))
+            .flatten();
+        let result = match inline {
+            Some(result) => result,
+            None => self.store.audit_append(&self.records, &head).await,
+        };
         let count = self.records.len() as u64;
         self.records.clear();
         let stats = &self.shared.stats;

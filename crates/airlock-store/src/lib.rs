@@ -118,6 +118,22 @@ pub trait Store: Send + Sync + 'static {
     /// Appends `records` (consecutive, on `head.chain`) and moves the chain
     /// head to `head`, in one transaction: all or nothing.
     async fn audit_append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()>;
+    /// Whether [`Store::audit_append_blocking`] appends on the caller's
+    /// thread (SQLite): the audit writer then gets a thread of its own and
+    /// commits there, with no hand-off per batch.
+    fn audit_appends_inline(&self) -> bool {
+        false
+    }
+    /// [`Store::audit_append`] on the calling thread, blocking it until the
+    /// commit; `None` when the store only appends asynchronously. Only for
+    /// a thread that runs nothing else (never a runtime's worker).
+    fn audit_append_blocking(
+        &self,
+        _records: &[AuditRecord],
+        _head: &ChainHead,
+    ) -> Option<Result<()>> {
+        None
+    }
     /// Audit records matching `query`.
     async fn audit_records(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>>;
     /// Every chain's head.

@@ -350,6 +350,23 @@ impl Store for SqliteStore {
         }
     }
 
+    fn audit_appends_inline(&self) -> bool {
+        self.audit.is_some()
+    }
+
+    fn audit_append_blocking(
+        &self,
+        records: &[AuditRecord],
+        head: &ChainHead,
+    ) -> Option<Result<()>> {
+        let writer = self.audit.as_ref()?;
+        Some(if records.is_empty() {
+            Ok(())
+        } else {
+            writer.append_blocking(records, head)
+        })
+    }
+
     async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
         // Without a chain, time order is served by the index
         // audit_records_ts: kept although each commit writes a page of it

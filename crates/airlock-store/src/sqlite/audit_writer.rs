@@ -1,26 +1,27 @@
-//! The SQLite audit trail's write path: one OS thread owning one
-//! `rusqlite` connection to the store's file, committing each batch of
-//! records in one transaction of its own.
+//! The SQLite audit trail's write path: one `rusqlite` connection to the
+//! store's file, committing each batch of records in one transaction of
+//! its own.
 //!
 //! Going through sqlx costs a round trip to its worker thread for every
-//! statement of a batch (BEGIN, the head update, the insert, COMMIT); here a
-//! batch costs one hop there and one back, and its statements are prepared
-//! once, when the thread starts.
+//! statement of a batch (BEGIN, the head update, the insert, COMMIT); here
+//! a batch is one call on one connection, with statements prepared once.
+//! The audit writer, which runs on a thread of its own, appends with
+//! [`AuditWriter::append_blocking`] — no hand-off to another thread at all;
+//! other callers use [`AuditWriter::append`], which runs the same on
+//! tokio's blocking pool.
 //!
-//! The thread ends when the store is closed ([`AuditWriter::close`]) or
-//! dropped (its channel then disconnects). A writer that is gone answers
-//! every later append with an error, never a panic or a wait.
+//! Once the store is closed ([`AuditWriter::close`]) the connection is gone
+//! and every later append fails with an error, never a panic or a wait.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::audit::AuditRecord;
-use rusqlite::{ffi, params, Connection, OpenFlags, Statement};
+use parking_lot::Mutex;
+use rusqlite::{ffi, params, CachedStatement, Connection, OpenFlags};
 use sqlx::error::{DatabaseError, ErrorKind};
-use tokio::sync::oneshot;
 
 use super::checkpointer::{Checkpointer, WRITER_CHECKPOINT_PAGES};
 use super::to_i64;
@@ -40,23 +41,12 @@ const ROLLBACK: &str = "ROLLBACK";
 const MOVE_HEAD: &str = "UPDATE audit_chains SET head_seq = ?1, head_mac = ?2, head_seal = ?3 \
      WHERE id = ?4 AND head_seq = ?5";
 
-/// What the writer thread is asked to do.
-enum Job {
-    /// Append `records` and move the head to `head`, answering on `reply`.
-    Append {
-        records: Vec<AuditRecord>,
-        head: ChainHead,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    /// Close the connection, answer, and end the thread.
-    Close(oneshot::Sender<()>),
-}
+/// The audit trail's connection; `None` once closed.
+type Slot = Arc<Mutex<Option<Connection>>>;
 
-/// The handle of the writer thread.
+/// The audit write path of one SQLite store.
 pub(super) struct AuditWriter {
-    jobs: mpsc::Sender<Job>,
-    /// Set by [`AuditWriter::close`]: later appends fail as on a closed pool.
-    closed: AtomicBool,
+    conn: Slot,
     /// Keeps commits free of checkpoints; stops with the writer.
     _checkpointer: Checkpointer,
 }
@@ -64,123 +54,63 @@ pub(super) struct AuditWriter {
 // === impl AuditWriter ===
 
 impl AuditWriter {
-    /// Starts the thread on the database file at `path` (which must exist
-    /// and be migrated) and waits until its connection is open and its
-    /// statements are prepared.
+    /// Opens the connection to the database file at `path` (which must
+    /// exist and be migrated) and prepares its statements.
     pub(super) async fn start(path: PathBuf) -> Result<Self> {
-        let (jobs, queue) = mpsc::channel();
-        let (ready, opened) = oneshot::channel();
         let checkpointer = Checkpointer::start(path.clone())
             .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
-        std::thread::Builder::new()
-            .name("airlock-audit-sqlite".to_owned())
-            .spawn(move || run(&path, &queue, ready))
-            .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
-        match opened.await {
-            Ok(Ok(())) => Ok(Self {
-                jobs,
-                closed: AtomicBool::new(false),
-                _checkpointer: checkpointer,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(StoreError::Database(sqlx::Error::WorkerCrashed)),
-        }
+        let opened = tokio::task::spawn_blocking(move || connect(&path))
+            .await
+            .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
+        let conn = opened.map_err(database_error)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(Some(conn))),
+            _checkpointer: checkpointer,
+        })
     }
 
     /// Appends `records` and moves the chain head to `head` in one
-    /// transaction; see `Store::audit_append`.
+    /// transaction, on tokio's blocking pool; see `Store::audit_append`.
     pub(super) async fn append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
-        let (reply, answer) = oneshot::channel();
-        let job = Job::Append {
-            records: records.to_vec(),
-            head: head.clone(),
-            reply,
-        };
-        if self.jobs.send(job).is_err() {
-            return Err(self.gone());
-        }
-        answer.await.unwrap_or_else(|_| Err(self.gone()))
+        let conn = Arc::clone(&self.conn);
+        let records = records.to_vec();
+        let head = head.clone();
+        tokio::task::spawn_blocking(move || append_on(&conn, &records, &head))
+            .await
+            .unwrap_or(Err(StoreError::Database(sqlx::Error::WorkerCrashed)))
     }
 
-    /// Closes the connection and ends the thread, after the batch in
-    /// progress (if any) and those queued before.
+    /// The same as [`AuditWriter::append`], on the calling thread (which
+    /// it blocks for the commit); see `Store::audit_append_blocking`.
+    pub(super) fn append_blocking(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
+        append_on(&self.conn, records, head)
+    }
+
+    /// Closes the connection, after the batch in progress (if any).
     pub(super) async fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        let (done, closed) = oneshot::channel();
-        if self.jobs.send(Job::Close(done)).is_ok() {
-            // An error only says the thread is gone already.
-            let _ = closed.await;
-        }
-    }
-
-    /// The error for an append the thread did not answer: the store was
-    /// closed, or the thread ended unexpectedly.
-    fn gone(&self) -> StoreError {
-        StoreError::Database(if self.closed.load(Ordering::Acquire) {
-            sqlx::Error::PoolClosed
-        } else {
-            sqlx::Error::WorkerCrashed
-        })
-    }
-}
-
-/// The thread: opens the connection, then serves jobs until closed or
-/// disconnected.
-fn run(path: &Path, queue: &mpsc::Receiver<Job>, ready: oneshot::Sender<Result<()>>) {
-    let conn = match connect(path) {
-        Ok(conn) => conn,
-        Err(e) => {
-            let _ = ready.send(Err(database_error(e)));
-            return;
-        }
-    };
-    let closed_by = prepare_and_serve(&conn, queue, ready);
-    close(conn);
-    if let Some(done) = closed_by {
-        let _ = done.send(());
-    }
-}
-
-/// Prepares the statements, tells `ready`, and serves jobs (see [`serve`]).
-fn prepare_and_serve(
-    conn: &Connection,
-    queue: &mpsc::Receiver<Job>,
-    ready: oneshot::Sender<Result<()>>,
-) -> Option<oneshot::Sender<()>> {
-    let mut statements = match Statements::prepare(conn) {
-        Ok(statements) => statements,
-        Err(e) => {
-            let _ = ready.send(Err(database_error(e)));
-            return None;
-        }
-    };
-    // An error says whoever started the thread went away: nothing to serve.
-    ready.send(Ok(())).ok()?;
-    serve(&mut statements, queue)
-}
-
-/// Serves jobs until one says to close (returning who to tell when closed)
-/// or every sender is gone (the store was dropped without being closed).
-fn serve(
-    statements: &mut Statements<'_>,
-    queue: &mpsc::Receiver<Job>,
-) -> Option<oneshot::Sender<()>> {
-    while let Ok(job) = queue.recv() {
-        match job {
-            Job::Append {
-                records,
-                head,
-                reply,
-            } => {
-                let _ = reply.send(statements.append(&records, &head));
+        let conn = Arc::clone(&self.conn);
+        let closing = tokio::task::spawn_blocking(move || {
+            if let Some(conn) = conn.lock().take() {
+                close(conn);
             }
-            Job::Close(done) => return Some(done),
-        }
+        });
+        // An error only says the closing task panicked: nothing left to do.
+        let _ = closing.await;
     }
-    None
 }
 
-/// Opens the writer's connection, set up like the pool's.
+/// One batch on the connection in `slot`, all or nothing.
+fn append_on(slot: &Slot, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
+    let guard = slot.lock();
+    let Some(conn) = guard.as_ref() else {
+        return Err(StoreError::Database(sqlx::Error::PoolClosed));
+    };
+    let mut statements = Statements::prepare(conn).map_err(database_error)?;
+    statements.append(records, head)
+}
+
+/// Opens the writer's connection, set up like the pool's, and prepares its
+/// statements once (they stay in the connection's cache).
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
     // The file exists (the pool created and migrated it) and is in WAL
     // mode, a property of the file. The path is a plain file name, never a
@@ -194,6 +124,7 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     // Checkpoints run on a thread of their own (see `checkpointer`); this
     // is the backstop.
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+    Statements::prepare(&conn)?;
     Ok(conn)
 }
 
@@ -203,14 +134,14 @@ fn close(conn: Connection) {
     }
 }
 
-/// The writer's statements, prepared once for the connection's life.
+/// The writer's statements, from the connection's statement cache.
 struct Statements<'c> {
     conn: &'c Connection,
-    begin: Statement<'c>,
-    move_head: Statement<'c>,
-    insert: Statement<'c>,
-    commit: Statement<'c>,
-    rollback: Statement<'c>,
+    begin: CachedStatement<'c>,
+    move_head: CachedStatement<'c>,
+    insert: CachedStatement<'c>,
+    commit: CachedStatement<'c>,
+    rollback: CachedStatement<'c>,
 }
 
 // === impl Statements ===
@@ -219,14 +150,11 @@ impl<'c> Statements<'c> {
     fn prepare(conn: &'c Connection) -> rusqlite::Result<Self> {
         Ok(Self {
             conn,
-            begin: conn.prepare(BEGIN)?,
-            move_head: conn.prepare(MOVE_HEAD)?,
-            insert: conn.prepare(&format!(
-                "INSERT INTO audit_records ({RECORD_COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
-            ))?,
-            commit: conn.prepare(COMMIT)?,
-            rollback: conn.prepare(ROLLBACK)?,
+            begin: conn.prepare_cached(BEGIN)?,
+            move_head: conn.prepare_cached(MOVE_HEAD)?,
+            insert: conn.prepare_cached(insert_sql())?,
+            commit: conn.prepare_cached(COMMIT)?,
+            rollback: conn.prepare_cached(ROLLBACK)?,
         })
     }
 
@@ -304,6 +232,17 @@ impl<'c> Statements<'c> {
         self.commit.execute([]).map_err(database_error)?;
         Ok(())
     }
+}
+
+/// The record insert (built once; the statement cache keys on the text).
+fn insert_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "INSERT INTO audit_records ({RECORD_COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+        )
+    })
 }
 
 /// A `rusqlite` error as the store's database error (the same variant the
