@@ -22,7 +22,12 @@ fn main() -> ExitCode {
     // Log lines are written by a background thread: the request path never
     // blocks on stderr. The guard flushes what is pending at exit.
     let _log_guard = init_logging(cli.log_format);
+    // The control plane: admin API, store sync, PostgreSQL audit writes.
+    // Proxy traffic runs on `proxy.workers` threads of its own (see
+    // airlock_proxy::server), so two threads are plenty here.
+    let control_threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(control_threads)
         .enable_all()
         .build()
     {

@@ -716,3 +716,60 @@ async fn a_chunked_body_over_the_limit_is_413() {
     let answer = raw(&airlock.proxy_url(), small.as_bytes()).await;
     assert_eq!(raw_status(&answer), 200, "{answer}");
 }
+
+/// Thread names of a running process (Linux).
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| {
+            let comm = task.unwrap().path().join("comm");
+            std::fs::read_to_string(comm).unwrap().trim().to_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn proxy_workers_each_serve_calls_with_the_real_credential() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .proxy_option("workers = 4")
+        .start()
+        .await
+        .unwrap();
+    let workers: Vec<String> = thread_names(airlock.pid())
+        .into_iter()
+        .filter(|name| name.starts_with("airlock-proxy-"))
+        .collect();
+    assert_eq!(
+        workers,
+        [
+            "airlock-proxy-0",
+            "airlock-proxy-1",
+            "airlock-proxy-2",
+            "airlock-proxy-3"
+        ]
+    );
+
+    let s = Setup { mock, airlock };
+    let (_, token) = session(&s.airlock, chat_scope(), json!({})).await;
+    // Each call on a connection of its own: the workers share the listener.
+    let calls = (0..32).map(|_| chat(&s, &token));
+    for reply in futures_util::future::join_all(calls).await {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let seen = s.mock.requests();
+    assert_eq!(seen.len(), 32);
+    for req in &seen {
+        assert_eq!(
+            req.header("authorization").unwrap(),
+            format!("Bearer {OPENAI_KEY}")
+        );
+        assert!(
+            !req.contains(&token),
+            "the session token reached the provider"
+        );
+    }
+}

@@ -180,3 +180,22 @@ fn byte_sizes() {
         assert!(parse_byte_size(text).is_err(), "{text}");
     }
 }
+
+#[test]
+fn proxy_workers_default_to_one_per_core_and_are_bounded() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(Config::parse("x.toml", "").unwrap().proxy.workers, cores);
+    let c = Config::parse("x.toml", "[proxy]\nworkers = 3\n").unwrap();
+    assert_eq!(c.proxy.workers, 3);
+    for bad in ["0", "1025"] {
+        let error = error_of(&format!("[proxy]\nworkers = {bad}"));
+        assert!(
+            error.starts_with(&format!(
+                "bad.toml: proxy.workers: {bad}: must be between 1 and 1024"
+            )),
+            "{error}"
+        );
+    }
+    let negative = error_of("[proxy]\nworkers = -1");
+    assert!(negative.contains("line 2"), "{negative}");
+}
