@@ -68,6 +68,10 @@ pub struct PreparedCredential {
     redactor: Redactor,
 }
 
+/// Most bytes an upstream HTTP/1.1 connection reads ahead (hyper's read
+/// buffer limit).
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
 /// The HTTP client used to reach upstreams.
 pub type UpstreamClient = Client<UpstreamConnector, RequestBody>;
 
@@ -447,5 +451,8 @@ fn pooled_client(connector: UpstreamConnector) -> UpstreamClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
+        // A response body is read no further ahead of the agent than this
+        // (hyper's default lets a connection buffer ~400 KiB).
+        .http1_max_buf_size(UPSTREAM_READ_BUFFER)
         .build(connector)
 }
