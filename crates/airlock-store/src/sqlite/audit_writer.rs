@@ -109,9 +109,19 @@ fn append_on(slot: &Slot, records: &[AuditRecord], head: &ChainHead) -> Result<(
     statements.append(records, head)
 }
 
-/// Opens the writer's connection, set up like the pool's, and prepares its
-/// statements once (they stay in the connection's cache).
+/// Opens the writer's connection and prepares its statements once (they
+/// stay in the connection's cache).
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = open_rusqlite(path)?;
+    // Checkpoints run on a thread of their own (see `checkpointer`); this
+    // is the backstop.
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+    Statements::prepare(&conn)?;
+    Ok(conn)
+}
+
+/// A rusqlite connection to the store's file, set up like the pool's.
+pub(super) fn open_rusqlite(path: &Path) -> rusqlite::Result<Connection> {
     // The file exists (the pool created and migrated it) and is in WAL
     // mode, a property of the file. The path is a plain file name, never a
     // URI.
@@ -121,10 +131,6 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // Checkpoints run on a thread of their own (see `checkpointer`); this
-    // is the backstop.
-    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
-    Statements::prepare(&conn)?;
     Ok(conn)
 }
 

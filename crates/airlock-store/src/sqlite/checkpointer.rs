@@ -15,9 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags};
-
-use super::audit_writer::BUSY_TIMEOUT;
+use super::audit_writer::open_rusqlite;
 
 /// How often the log is checkpointed in the background.
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
@@ -41,7 +39,7 @@ impl Checkpointer {
 }
 
 fn run(path: &Path, stopped: &mpsc::Receiver<()>) {
-    let conn = match open(path) {
+    let conn = match open_rusqlite(path) {
         Ok(conn) => conn,
         Err(e) => {
             tracing::warn!(error = %e, "cannot open the SQLite checkpoint connection; SQLite checkpoints by itself");
@@ -54,14 +52,4 @@ fn run(path: &Path, stopped: &mpsc::Receiver<()>) {
             tracing::debug!(error = %e, "background WAL checkpoint failed");
         }
     }
-}
-
-fn open(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    Ok(conn)
 }
