@@ -56,7 +56,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::body::{BoxError, ProxyBody};
@@ -145,13 +145,18 @@ impl ProxyServer {
             stop,
             workers: Vec::new(),
         };
-        for index in 0..settings.workers.max(1) {
+        let count = settings.workers.max(1);
+        let (balance, inboxes) = Balance::new(count);
+        for (index, inbox) in inboxes.into_iter().enumerate() {
             let worker = Worker {
+                index,
                 listener: listener.try_clone()?,
                 conn: Arc::new(ConnSettings::new(settings, proxy.for_worker())),
                 slots: Arc::clone(&slots),
                 settings: settings.clone(),
                 stop: stop_rx.clone(),
+                balance: Arc::clone(&balance),
+                inbox,
             };
             let (done_tx, done_rx) = oneshot::channel::<()>();
             std::thread::Builder::new()
@@ -201,11 +206,92 @@ pub async fn serve(
 /// One data-plane thread: its share of the listener, its own proxy (own
 /// upstream pools) and its own count of calls in flight.
 struct Worker {
+    index: usize,
     listener: std::net::TcpListener,
     conn: Arc<ConnSettings>,
     slots: Arc<Semaphore>,
     settings: ServerSettings,
     stop: watch::Receiver<bool>,
+    balance: Arc<Balance>,
+    /// Connections other workers accepted and handed to this one.
+    inbox: mpsc::UnboundedReceiver<Handed>,
+}
+
+/// An accepted connection on its way to another worker, with its
+/// `max_connections` slot.
+struct Handed {
+    stream: std::net::TcpStream,
+    peer: std::net::SocketAddr,
+    slot: OwnedSemaphorePermit,
+    /// Counted on the receiving worker from the moment it was picked.
+    counted: OpenConnection,
+}
+
+/// Keeps the workers' shares of connections even. Whichever worker wakes
+/// first accepts (all of them wait on the one listener), so a burst of new
+/// connections would otherwise pile onto one thread while the others idle;
+/// a worker that holds more than the least loaded one passes the
+/// connection on (one hand-off per connection, none per call).
+struct Balance {
+    /// Open connections per worker.
+    open: Vec<AtomicUsize>,
+    inboxes: Vec<mpsc::UnboundedSender<Handed>>,
+}
+
+impl Balance {
+    fn new(workers: usize) -> (Arc<Self>, Vec<mpsc::UnboundedReceiver<Handed>>) {
+        let (inboxes, receivers) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
+        let balance = Self {
+            open: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            inboxes,
+        };
+        (Arc::new(balance), receivers)
+    }
+
+    /// The worker that should serve a connection `me` just accepted.
+    fn pick(&self, me: usize) -> usize {
+        let load = |i: usize| {
+            self.open
+                .get(i)
+                .map_or(usize::MAX, |n| n.load(Ordering::Relaxed))
+        };
+        let (least, least_load) = (0..self.open.len())
+            .map(|i| (i, load(i)))
+            .min_by_key(|&(_, n)| n)
+            .unwrap_or((me, 0));
+        // Hysteresis: moving a connection costs a hand-off; keep it unless
+        // this worker is clearly ahead.
+        if load(me) > least_load + 1 {
+            least
+        } else {
+            me
+        }
+    }
+
+    /// Counts a connection on worker `index` until the guard is dropped.
+    fn open(self: &Arc<Self>, index: usize) -> OpenConnection {
+        if let Some(n) = self.open.get(index) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+        OpenConnection {
+            balance: Arc::clone(self),
+            index,
+        }
+    }
+}
+
+/// One open connection in its worker's count.
+struct OpenConnection {
+    balance: Arc<Balance>,
+    index: usize,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if let Some(n) = self.balance.open.get(self.index) {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Worker {
@@ -225,11 +311,14 @@ impl Worker {
     /// Accepts and serves connections until told to stop, then drains.
     async fn serve(self) {
         let Self {
+            index,
             listener,
             conn,
             slots,
             settings,
             stop,
+            balance,
+            mut inbox,
         } = self;
         let listener = match TcpListener::from_std(listener) {
             Ok(listener) => listener,
@@ -242,9 +331,25 @@ impl Worker {
         let shutdown = stopped(stop.clone());
         tokio::pin!(shutdown);
         loop {
-            let (stream, peer) = tokio::select! {
+            let (stream, peer, slot, counted) = tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
+                    Ok((stream, peer)) => {
+                        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                            tracing::debug!(%peer, "connection refused: proxy.max_connections reached");
+                            if settings.tls.is_none() {
+                                refuse_connection(&stream);
+                            }
+                            continue;
+                        };
+                        let target = balance.pick(index);
+                        let counted = balance.open(target);
+                        if target == index {
+                            (stream, peer, slot, counted)
+                        } else {
+                            hand_off(&balance, target, Handed::new(stream, peer, slot, counted));
+                            continue;
+                        }
+                    }
                     Err(e) => {
                         if e.kind() != std::io::ErrorKind::WouldBlock {
                             tracing::warn!(error = %e, "accept failed");
@@ -253,15 +358,15 @@ impl Worker {
                         continue;
                     }
                 },
+                Some(handed) = inbox.recv() => match TcpStream::from_std(handed.stream) {
+                    Ok(stream) => (stream, handed.peer, handed.slot, handed.counted),
+                    Err(e) => {
+                        tracing::debug!(peer = %handed.peer, error = %e, "could not take over a connection");
+                        continue;
+                    }
+                },
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 () = &mut shutdown => break,
-            };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                tracing::debug!(%peer, "connection refused: proxy.max_connections reached");
-                if settings.tls.is_none() {
-                    refuse_connection(&stream);
-                }
-                continue;
             };
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
@@ -271,6 +376,7 @@ impl Worker {
             let tls = settings.tls.as_ref().map(|tls| tls.acceptor());
             connections.spawn(async move {
                 let _slot = slot;
+                let _counted = counted;
                 match tls {
                     None => conn.run(stream, peer, stop).await,
                     Some(acceptor) => {
@@ -478,6 +584,38 @@ async fn handle(
     response.map(|body| Tracked { body, _busy: busy })
 }
 
+/// Passes an accepted connection to worker `target` (if that worker has
+/// stopped, at shutdown, the connection is closed).
+fn hand_off(balance: &Balance, target: usize, handed: Option<Handed>) {
+    if let (Some(handed), Some(inbox)) = (handed, balance.inboxes.get(target)) {
+        let _ = inbox.send(handed);
+    }
+}
+
+impl Handed {
+    /// The connection detached from this worker's runtime; `None` (the
+    /// connection closed, as if the client had gone) when it cannot be.
+    fn new(
+        stream: TcpStream,
+        peer: std::net::SocketAddr,
+        slot: OwnedSemaphorePermit,
+        counted: OpenConnection,
+    ) -> Option<Self> {
+        match stream.into_std() {
+            Ok(stream) => Some(Self {
+                stream,
+                peer,
+                slot,
+                counted,
+            }),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "could not hand a connection over");
+                None
+            }
+        }
+    }
+}
+
 /// Answers a connection over the limit with a 503 and closes it, without
 /// waiting for anything.
 fn refuse_connection(stream: &TcpStream) {
@@ -648,5 +786,48 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_accepted_by_one_worker_is_spread_evenly() {
+        let (balance, _inboxes) = Balance::new(4);
+        // Worker 0 wins every accept of a burst of 64 connections.
+        let open: Vec<OpenConnection> = (0..64)
+            .map(|_| {
+                let target = balance.pick(0);
+                balance.open(target)
+            })
+            .collect();
+        let loads: Vec<usize> = balance
+            .open
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(loads.iter().sum::<usize>(), 64);
+        let (min, max) = (loads.iter().min(), loads.iter().max());
+        assert!(
+            max.zip(min).is_some_and(|(max, min)| max - min <= 2),
+            "{loads:?}"
+        );
+        drop(open);
+        assert!(balance.open.iter().all(|n| n.load(Ordering::Relaxed) == 0));
+    }
+
+    #[test]
+    fn a_worker_keeps_a_connection_unless_clearly_ahead() {
+        let (balance, _inboxes) = Balance::new(2);
+        assert_eq!(balance.pick(0), 0);
+        let first = balance.open(0);
+        assert_eq!(balance.pick(0), 0, "one ahead is within the hysteresis");
+        let second = balance.open(0);
+        assert_eq!(balance.pick(0), 1, "two ahead: pass it on");
+        assert_eq!(balance.pick(1), 1);
+        drop((first, second));
+        assert_eq!(balance.pick(0), 0);
     }
 }
