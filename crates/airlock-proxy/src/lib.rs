@@ -25,4 +25,4 @@ pub use metrics::ProxyMetrics;
 pub use provider::{
     AuthStyle, CredentialFormat, PreparedCredential, Provider, ProviderError, ProviderSpec,
 };
-pub use server::{serve, ProxyServer, ServerSettings};
+pub use server::{ProxyServer, ServerSettings};

@@ -39,7 +39,6 @@
 mod sniff;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -187,20 +186,6 @@ impl Drop for ProxyServer {
         // A server dropped without `shutdown` still stops its workers.
         let _ = self.stop.send(true);
     }
-}
-
-/// Serves `proxy` on `listener` until `shutdown` resolves, then drains (see
-/// [`ProxyServer`]).
-pub async fn serve(
-    listener: TcpListener,
-    proxy: &Proxy,
-    settings: &ServerSettings,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let server = ProxyServer::start(listener, proxy, settings)?;
-    shutdown.await;
-    server.shutdown().await;
-    Ok(())
 }
 
 /// One data-plane thread: its share of the listener, its own proxy (own
