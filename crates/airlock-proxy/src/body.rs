@@ -56,6 +56,9 @@ struct Audited {
     /// Wakes an idle stream to re-check its session (streams of unknown
     /// length only).
     recheck: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame read before the response head went out (see
+    /// [`ProxyBody::prefetch`]), to be sent first.
+    prefetched: Option<Result<Frame<Bytes>, BoxError>>,
 }
 
 /// How often an idle stream re-checks that its session is still active:
@@ -110,7 +113,42 @@ impl ProxyBody {
             remaining,
             phase: Phase::Streaming,
             recheck,
+            prefetched: None,
         })))
+    }
+
+    /// For a provider's body of known length, waits for its first frame
+    /// before the response head goes out, so that the head and the first
+    /// frame leave in one write. When that frame completes the body (a
+    /// typical JSON answer), the call's record is durable by the time this
+    /// returns and the whole response goes out at once; otherwise the head
+    /// would go out alone and the end of the body in a write of its own,
+    /// once the record is durable. Streams of unknown length (SSE) are left
+    /// alone: their head goes out at once.
+    ///
+    /// Fails when fail-closed audit could not write the record: nothing has
+    /// been sent yet, so the caller can answer with its own error instead.
+    pub(crate) async fn prefetch(&mut self) -> Result<(), AuditError> {
+        let Inner::Audited(audited) = &mut self.0 else {
+            return Ok(());
+        };
+        if audited.remaining.is_none() || audited.prefetched.is_some() {
+            return Ok(());
+        }
+        let next = std::future::poll_fn(|cx| audited.poll_frame(cx)).await;
+        match next {
+            Some(Err(e)) => match e.downcast::<AuditError>() {
+                Ok(unwritten) => Err(*unwritten),
+                Err(other) => {
+                    audited.prefetched = Some(Err(other));
+                    Ok(())
+                }
+            },
+            next => {
+                audited.prefetched = next;
+                Ok(())
+            }
+        }
     }
 }
 
@@ -145,7 +183,9 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Inner::Upstream(body) => body.is_end_stream(),
-            Inner::Audited(audited) => matches!(audited.phase, Phase::Done),
+            Inner::Audited(audited) => {
+                audited.prefetched.is_none() && matches!(audited.phase, Phase::Done)
+            }
             Inner::Full(body) => body.is_end_stream(),
         }
     }
@@ -153,7 +193,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Inner::Upstream(body) => body.size_hint(),
-            Inner::Audited(audited) => audited.body.size_hint(),
+            Inner::Audited(audited) => audited.size_hint(),
             Inner::Full(body) => body.size_hint(),
         }
     }
@@ -162,7 +202,28 @@ impl Body for ProxyBody {
 // === impl Audited ===
 
 impl Audited {
+    /// What is left to send: the prefetched frame and the rest of the body.
+    fn size_hint(&self) -> SizeHint {
+        let rest = self.body.size_hint();
+        let held = match &self.prefetched {
+            Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => 0,
+        };
+        if held == 0 {
+            return rest;
+        }
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(held));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(held));
+        }
+        hint
+    }
+
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.prefetched.take() {
+            return Poll::Ready(Some(frame));
+        }
         loop {
             match &mut self.phase {
                 Phase::Done => return Poll::Ready(None),
@@ -173,7 +234,7 @@ impl Audited {
                     return match result {
                         Ok(()) => Poll::Ready(held.map(Ok)),
                         Err(e) if self.call.fail_closed() => {
-                            tracing::error!(error = %e, "audit record not written; response cut short");
+                            tracing::error!(error = %e, "audit record not written; response withheld");
                             Poll::Ready(Some(Err(e.into())))
                         }
                         Err(e) => {

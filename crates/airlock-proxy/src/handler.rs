@@ -234,7 +234,13 @@ impl Proxy {
             return Response::from_parts(parts, ProxyBody::upstream(body));
         }
         let body = RedactingBody::new(body, redactor, RedactionFlag::default());
-        Response::from_parts(parts, ProxyBody::audited(body, call, status))
+        let mut body = ProxyBody::audited(body, call, status);
+        if body.prefetch().await.is_err() {
+            // Fail-closed audit could not write the record (logged by the
+            // body), before anything was sent.
+            return audit_unavailable();
+        }
+        Response::from_parts(parts, body)
     }
 
     /// The provider named by the first path segment.

@@ -631,13 +631,13 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
         .await
         .unwrap();
 
-    // The call in flight when the store stopped taking writes never
-    // completes for the agent: its record could not be written.
-    match try_get(&url("in-flight"), &token).await {
-        Ok((200, body)) => panic!("answered without a record: {body:?}"),
-        Ok((status, _)) => assert_eq!(status, 503),
-        Err(_) => {}
-    }
+    // The call in flight when the store stopped taking writes is not
+    // answered: its record could not be written. The provider's answer
+    // (of known length) is withheld whole and airlock's own 503 sent.
+    let (status, body) = try_get(&url("in-flight"), &token).await.unwrap();
+    assert_eq!(status, 503, "answered without a record: {body:?}");
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "audit_unavailable");
     // From then on calls are refused and the provider sees nothing.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
