@@ -7,6 +7,12 @@
 //! committed goes into the next transaction (group commit). A caller that
 //! must not answer before its record is durable awaits [`Auditor::submit`].
 //!
+//! Answers go back in one hand-off per batch and worker: an auditor made
+//! with [`Auditor::for_worker`] has its callers answered by a [`Delivery`]
+//! task on that worker's runtime, which the writer wakes once per batch
+//! (waking every caller from the writer's thread would cost a cross-thread
+//! wake-up, a system call, per record).
+//!
 //! Fail closed: with `fail_closed`, [`Auditor::admits_calls`] turns false as
 //! soon as a commit fails, a commit takes longer than `stall_timeout`, or
 //! the queue is full, and stays false until a probe write succeeds again.
@@ -96,6 +102,21 @@ impl AuditStats {
 #[derive(Clone)]
 pub struct Auditor {
     shared: Option<Arc<Shared>>,
+    /// Where this auditor's callers are answered (see [`Auditor::for_worker`]).
+    route: Option<Route>,
+}
+
+/// A caller waiting for its record, and the answer it gets.
+type Waiter = oneshot::Sender<Result<(), AuditError>>;
+type Answer = (Waiter, Result<(), AuditError>);
+
+/// The way to a worker's [`Delivery`]: answers for its callers, a batch at a time.
+type Route = mpsc::UnboundedSender<Vec<Answer>>;
+
+/// Answers the callers of one worker's auditor (see [`Auditor::for_worker`]);
+/// runs on that worker's runtime until the auditor and its clones are gone.
+pub struct Delivery {
+    batches: mpsc::UnboundedReceiver<Vec<Answer>>,
 }
 
 /// The running writer.
@@ -114,7 +135,7 @@ struct Shared {
 
 /// Messages to the writer task.
 enum Msg {
-    Record(Box<AuditRecord>, oneshot::Sender<Result<(), AuditError>>),
+    Record(Box<AuditRecord>, Waiter, Option<Route>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -179,6 +200,7 @@ impl Auditor {
         Ok((
             Self {
                 shared: Some(shared),
+                route: None,
             },
             WriterHandle { tx, done },
         ))
@@ -186,7 +208,28 @@ impl Auditor {
 
     /// An auditor that records nothing (`[audit] enabled = false`).
     pub fn disabled() -> Self {
-        Self { shared: None }
+        Self {
+            shared: None,
+            route: None,
+        }
+    }
+
+    /// The same audit trail for one worker runtime: its callers are
+    /// answered by the returned [`Delivery`], which the worker spawns on its
+    /// runtime; the writer then wakes that runtime once per batch rather
+    /// than once per record. Answers wait for the delivery to run; once it
+    /// is dropped (or its runtime is gone), callers are answered directly.
+    /// No delivery when audit is disabled.
+    pub fn for_worker(&self) -> (Self, Option<Delivery>) {
+        if self.shared.is_none() {
+            return (self.clone(), None);
+        }
+        let (route, batches) = mpsc::unbounded_channel();
+        let auditor = Self {
+            shared: self.shared.clone(),
+            route: Some(route),
+        };
+        (auditor, Some(Delivery { batches }))
     }
 
     /// Whether records are written at all.
@@ -222,7 +265,9 @@ impl Auditor {
     ) -> impl Future<Output = Result<(), AuditError>> + Send + 'static {
         let queued = self.shared.as_ref().map(|shared| {
             let (done, wait) = oneshot::channel();
-            let sent = shared.tx.try_send(Msg::Record(record, done));
+            let sent = shared
+                .tx
+                .try_send(Msg::Record(record, done, self.route.clone()));
             let wait_for_it = shared.settings.fail_closed || shared.writable();
             (
                 sent,
@@ -251,6 +296,20 @@ impl Auditor {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(AuditError::Closed),
                 Err(_) => Err(AuditError::Stalled),
+            }
+        }
+    }
+}
+
+// === impl Delivery ===
+
+impl Delivery {
+    /// Answers callers as batches come, until every sender is gone.
+    pub async fn run(mut self) {
+        while let Some(batch) = self.batches.recv().await {
+            for (waiter, answer) in batch {
+                // A caller that stopped waiting does not mind.
+                let _ = waiter.send(answer);
             }
         }
     }

@@ -319,3 +319,54 @@ async fn sqlx_sqlite(path: &std::path::Path) -> sqlx::SqlitePool {
         .await
         .unwrap()
 }
+
+#[tokio::test]
+async fn a_workers_callers_are_answered_through_its_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
+        .await
+        .unwrap();
+    let (worker, delivery) = auditor.for_worker();
+    let delivery = delivery.expect("an enabled auditor has a delivery");
+    let mut commits: Vec<_> = (1..=20)
+        .map(|n| Box::pin(worker.submit(record(n))))
+        .collect();
+    // Committed, but the answers wait for the worker's delivery to run.
+    let stats = auditor.stats().unwrap();
+    assert!(eventually(|| stats.written.get() == 20).await);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for commit in &mut commits {
+        assert!(
+            commit.as_mut().poll(&mut cx).is_pending(),
+            "answered without the delivery"
+        );
+    }
+    let running = tokio::spawn(delivery.run());
+    for commit in commits {
+        commit.await.unwrap();
+    }
+    // The delivery ends with the last auditor that routes to it.
+    drop(worker);
+    writer.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the delivery outlived its auditor")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn without_its_delivery_a_worker_is_answered_directly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
+        .await
+        .unwrap();
+    let (worker, delivery) = auditor.for_worker();
+    drop(delivery);
+    for n in 1..=5 {
+        worker.submit(record(n)).await.unwrap();
+    }
+    assert!(Auditor::disabled().for_worker().1.is_none());
+    writer.shutdown().await;
+}

@@ -8,9 +8,7 @@ use airlock_core::audit::{head_seal, AuditKey, AuditRecord, GENESIS_MAC};
 use airlock_store::{ChainHead, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{AuditError, Msg, Shared};
-
-type Waiter = oneshot::Sender<Result<(), AuditError>>;
+use crate::{Answer, AuditError, Msg, Route, Shared, Waiter};
 
 /// State of the writer task.
 pub(crate) struct Writer {
@@ -19,7 +17,7 @@ pub(crate) struct Writer {
     head: ChainHead,
     shared: Arc<Shared>,
     records: Vec<AuditRecord>,
-    waiters: Vec<Waiter>,
+    waiters: Vec<(Waiter, Option<Route>)>,
     /// Commit with [`Store::audit_append_blocking`]: the writer has a
     /// thread of its own.
     inline: bool,
@@ -96,9 +94,9 @@ impl Writer {
 
     fn take(&mut self, msg: Msg) -> Option<oneshot::Sender<()>> {
         match msg {
-            Msg::Record(record, waiter) => {
+            Msg::Record(record, waiter, route) => {
                 self.records.push(*record);
-                self.waiters.push(waiter);
+                self.waiters.push((waiter, route));
                 None
             }
             Msg::Shutdown(done) => Some(done),
@@ -143,20 +141,40 @@ impl Writer {
                 health.commit_ended(true);
                 stats.written.inc_by(count);
                 stats.batches.inc();
-                for waiter in self.waiters.drain(..) {
-                    let _ = waiter.send(Ok(()));
-                }
+                self.answer(|| Ok(()));
             }
             Err(e) => {
                 health.commit_ended(false);
                 stats.failed.inc_by(count);
                 tracing::error!(error = %e, records = count, "audit write failed");
                 let reason = e.to_string();
-                for waiter in self.waiters.drain(..) {
-                    let _ = waiter.send(Err(AuditError::Write(reason.clone())));
-                }
+                self.answer(|| Err(AuditError::Write(reason.clone())));
                 if matches!(e, StoreError::ChainConflict(_)) {
                     self.reclaim().await;
+                }
+            }
+        }
+    }
+
+    /// Answers every waiter of the batch: through its worker's delivery,
+    /// one hand-off per worker, or directly.
+    fn answer(&mut self, answer: impl Fn() -> Result<(), AuditError>) {
+        let mut routed: Vec<(Route, Vec<Answer>)> = Vec::new();
+        for (waiter, route) in self.waiters.drain(..) {
+            let Some(route) = route else {
+                let _ = waiter.send(answer());
+                continue;
+            };
+            match routed.iter_mut().find(|(r, _)| r.same_channel(&route)) {
+                Some((_, batch)) => batch.push((waiter, answer())),
+                None => routed.push((route, vec![(waiter, answer())])),
+            }
+        }
+        for (route, batch) in routed {
+            if let Err(undelivered) = route.send(batch) {
+                // The worker's delivery is gone: answer directly.
+                for (waiter, answer) in undelivered.0 {
+                    let _ = waiter.send(answer);
                 }
             }
         }

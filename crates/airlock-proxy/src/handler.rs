@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use airlock_audit::Auditor;
+use airlock_audit::{Auditor, Delivery};
 use airlock_core::audit::Flags;
 use airlock_core::{path, Method};
 use airlock_session::{now_ms, Admission, AuthError, LiveSession, Registry};
@@ -83,8 +83,11 @@ impl Proxy {
 
     /// A proxy for one data-plane worker: the same providers, registry,
     /// audit trail and settings, with upstream connection pools of its own.
-    pub fn for_worker(&self) -> Self {
-        Self {
+    /// The worker spawns the returned [`Delivery`] (if any) on its runtime:
+    /// it answers the worker's calls waiting for their audit records.
+    pub fn for_worker(&self) -> (Self, Option<Delivery>) {
+        let (auditor, delivery) = self.auditor.for_worker();
+        let proxy = Self {
             cutting: Arc::clone(&self.cutting),
             providers: self
                 .providers
@@ -92,10 +95,11 @@ impl Proxy {
                 .map(|(name, p)| (name.clone(), p.with_own_pool()))
                 .collect(),
             registry: Arc::clone(&self.registry),
-            auditor: self.auditor.clone(),
+            auditor,
             settings: self.settings.clone(),
             unknown_provider: self.unknown_provider.clone(),
-        }
+        };
+        (proxy, delivery)
     }
 
     /// Marks the calls still in flight as cut by airlock: their records say

@@ -62,6 +62,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::handler::Proxy;
 use crate::headers::FramingAnomaly;
 use crate::tls::ServerTls;
+use airlock_audit::Delivery;
 use sniff::{SharedVerdicts, Sniffer, Verdicts};
 
 /// Most concurrent HTTP/2 streams on one connection.
@@ -147,10 +148,12 @@ impl ProxyServer {
         let count = settings.workers.max(1);
         let (balance, inboxes) = Balance::new(count);
         for (index, inbox) in inboxes.into_iter().enumerate() {
+            let (worker_proxy, delivery) = proxy.for_worker();
             let worker = Worker {
                 index,
                 listener: listener.try_clone()?,
-                conn: Arc::new(ConnSettings::new(settings, proxy.for_worker())),
+                conn: Arc::new(ConnSettings::new(settings, worker_proxy)),
+                delivery,
                 slots: Arc::clone(&slots),
                 settings: settings.clone(),
                 stop: stop_rx.clone(),
@@ -194,6 +197,8 @@ struct Worker {
     index: usize,
     listener: std::net::TcpListener,
     conn: Arc<ConnSettings>,
+    /// Answers this worker's calls waiting for their audit records.
+    delivery: Option<Delivery>,
     slots: Arc<Semaphore>,
     settings: ServerSettings,
     stop: watch::Receiver<bool>,
@@ -299,6 +304,7 @@ impl Worker {
             index,
             listener,
             conn,
+            delivery,
             slots,
             settings,
             stop,
@@ -312,6 +318,10 @@ impl Worker {
                 return;
             }
         };
+        if let Some(delivery) = delivery {
+            // Runs until the runtime goes, after the last connection.
+            tokio::spawn(delivery.run());
+        }
         let mut connections = JoinSet::new();
         let shutdown = stopped(stop.clone());
         tokio::pin!(shutdown);
