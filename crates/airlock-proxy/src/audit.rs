@@ -138,7 +138,9 @@ impl CallRecord {
     }
 
     /// Completes and submits the record. `decision` is `None` for a call
-    /// the provider answered. The future resolves once it is durable.
+    /// the provider answered. The future resolves once it is durable;
+    /// `None` when there is nothing to wait for (already finished, or audit
+    /// disabled: the call is only logged).
     pub(crate) fn finish(
         &mut self,
         decision: Option<&str>,
@@ -160,7 +162,10 @@ impl CallRecord {
         record.bytes_out = self.bytes_out;
         record.flags.insert(flags);
         log_call(&record);
-        Some(self.auditor.submit(record))
+        // With audit disabled there is nothing to wait for.
+        self.auditor
+            .is_enabled()
+            .then(|| self.auditor.submit(record))
     }
 }
 

@@ -65,11 +65,15 @@ struct Audited {
 /// the bound on how long a revoked or expired session's stream goes on.
 pub const SESSION_CHECK: Duration = Duration::from_secs(1);
 
+/// A record being committed.
+type PendingCommit = Pin<Box<dyn Future<Output = Result<(), AuditError>> + Send>>;
+
 enum Phase {
     Streaming,
     Committing {
         held: Option<Frame<Bytes>>,
-        commit: Pin<Box<dyn Future<Output = Result<(), AuditError>> + Send>>,
+        /// `None`: nothing to wait for (audit disabled).
+        commit: Option<PendingCommit>,
     },
     Done,
 }
@@ -228,7 +232,10 @@ impl Audited {
             match &mut self.phase {
                 Phase::Done => return Poll::Ready(None),
                 Phase::Committing { held, commit } => {
-                    let result = ready!(commit.as_mut().poll(cx));
+                    let result = match commit {
+                        Some(commit) => ready!(commit.as_mut().poll(cx)),
+                        None => Ok(()),
+                    };
                     let held = held.take();
                     self.phase = Phase::Done;
                     return match result {
@@ -312,15 +319,10 @@ impl Audited {
         } else {
             Flags::empty()
         };
-        self.phase = match self.call.finish(None, self.status, flags) {
-            Some(commit) => Phase::Committing {
-                held,
-                commit: Box::pin(commit),
-            },
-            None => Phase::Committing {
-                held,
-                commit: Box::pin(std::future::ready(Ok(()))),
-            },
+        let commit = self.call.finish(None, self.status, flags);
+        self.phase = Phase::Committing {
+            held,
+            commit: commit.map(|c| Box::pin(c) as PendingCommit),
         };
     }
 }

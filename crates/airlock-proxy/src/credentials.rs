@@ -155,8 +155,10 @@ fn check_token_not_elsewhere(
         return Ok(());
     }
     let holds = |text: &[u8]| memchr::memmem::find(text, needle.as_bytes()).is_some();
+    // Without a `%`, the decoded text is the text itself.
     let decoded_holds = |text: &str| {
-        holds(text.as_bytes()) || holds(&percent_decode_str(text).collect::<Vec<u8>>())
+        holds(text.as_bytes())
+            || (text.contains('%') && holds(&percent_decode_str(text).collect::<Vec<u8>>()))
     };
     let leak = |place: String| {
         Err(Denial::bad_request(format!(
@@ -192,8 +194,8 @@ fn check_token_not_elsewhere(
 }
 
 /// Turns the agent's request head into the upstream request head: hop-by-hop
-/// headers and every place a token could be are emptied, `Host` is left for
-/// the client to set from the upstream URI, and the real credential is put
+/// headers and every place a token could be are emptied, `Host` names the
+/// upstream (as the client would set it from the URI), and the real credential is put
 /// where the provider expects it. The upstream path is the request path from
 /// byte `path_start` on (the part after `/{provider}`, already validated).
 pub fn prepare_upstream(
@@ -205,7 +207,7 @@ pub fn prepare_upstream(
     crate::headers::strip_hop_by_hop(&mut parts.headers);
     crate::headers::strip_forwarded(&mut parts.headers);
     parts.headers.remove(header::AUTHORIZATION);
-    parts.headers.remove(header::HOST);
+    parts.headers.insert(header::HOST, provider.host().clone());
     parts.headers.remove(header::EXPECT);
     if let AuthStyle::Header(name) = provider.auth() {
         parts.headers.remove(name);

@@ -83,6 +83,9 @@ pub struct Provider {
     name: String,
     scheme: Scheme,
     authority: Authority,
+    /// The `Host` header of every upstream request (the authority, without
+    /// the scheme's default port), made once.
+    host: HeaderValue,
     /// Upstream path prefix without trailing slash (often empty).
     path_prefix: String,
     auth: AuthStyle,
@@ -185,6 +188,7 @@ impl Provider {
         if authority.as_str().contains('@') || uri.query().is_some() {
             return Err(bad_upstream());
         }
+        let host = host_header(&scheme, &authority).ok_or_else(bad_upstream)?;
         let path_prefix = uri.path().trim_end_matches('/').to_owned();
         airlock_core::path::validate(if path_prefix.is_empty() {
             "/"
@@ -204,6 +208,7 @@ impl Provider {
             name: spec.name,
             scheme,
             authority,
+            host,
             path_prefix,
             auth: spec.auth,
             headers: spec.headers,
@@ -219,6 +224,7 @@ impl Provider {
             name: self.name.clone(),
             scheme: self.scheme.clone(),
             authority: self.authority.clone(),
+            host: self.host.clone(),
             path_prefix: self.path_prefix.clone(),
             auth: self.auth.clone(),
             headers: self.headers.clone(),
@@ -261,6 +267,11 @@ impl Provider {
     /// is configured.
     pub fn credential(&self) -> Option<Arc<Loaded<PreparedCredential>>> {
         self.credential.load()
+    }
+
+    /// The `Host` header of every upstream request.
+    pub(crate) fn host(&self) -> &HeaderValue {
+        &self.host
     }
 
     /// Headers sent on every call.
@@ -455,4 +466,38 @@ fn pooled_client(connector: UpstreamConnector) -> UpstreamClient {
         // (hyper's default lets a connection buffer ~400 KiB).
         .http1_max_buf_size(UPSTREAM_READ_BUFFER)
         .build(connector)
+}
+
+/// `Host` for `authority`: the host, and the port unless it is the
+/// scheme's default (what HTTP clients send for such a URI).
+fn host_header(scheme: &Scheme, authority: &Authority) -> Option<HeaderValue> {
+    let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    let host = match authority.port_u16() {
+        Some(port) if port != default_port => authority.as_str(),
+        _ => authority.host(),
+    };
+    HeaderValue::from_str(host).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn host(upstream: &str) -> String {
+        let uri: Uri = upstream.parse().unwrap();
+        let value = host_header(uri.scheme().unwrap(), uri.authority().unwrap()).unwrap();
+        value.to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn host_names_the_port_only_when_it_is_not_the_default() {
+        assert_eq!(host("https://api.openai.com"), "api.openai.com");
+        assert_eq!(host("https://api.openai.com:443/v1"), "api.openai.com");
+        assert_eq!(host("https://api.openai.com:8443"), "api.openai.com:8443");
+        assert_eq!(host("http://10.0.0.7:80"), "10.0.0.7");
+        assert_eq!(host("http://10.0.0.7:443"), "10.0.0.7:443");
+        assert_eq!(host("http://[::1]:9100"), "[::1]:9100");
+    }
 }

@@ -169,15 +169,22 @@ impl Sniffer {
                         self.lose(None);
                         return;
                     }
-                    self.line.extend_from_slice(line);
-                    match rest {
-                        Some(rest) => {
-                            let line = std::mem::take(&mut self.line);
-                            self.head_line(&line);
-                            bytes = rest;
-                        }
-                        None => return,
+                    let Some(rest) = rest else {
+                        self.line.extend_from_slice(line);
+                        return;
+                    };
+                    if self.line.is_empty() {
+                        // The whole line is in this read: no copy.
+                        self.head_line(line);
+                    } else {
+                        self.line.extend_from_slice(line);
+                        // Kept for the next line that spans reads.
+                        let mut whole = std::mem::take(&mut self.line);
+                        self.head_line(&whole);
+                        whole.clear();
+                        self.line = whole;
                     }
+                    bytes = rest;
                 }
             }
         }
