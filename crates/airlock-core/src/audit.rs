@@ -14,6 +14,7 @@
 //!
 //! Records never hold tokens, credentials, query strings or bodies.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -68,12 +69,12 @@ pub struct AuditRecord {
     pub session: Option<String>,
     /// Provider name, when the path named a configured one.
     pub provider: Option<String>,
-    /// HTTP method as received.
-    pub method: String,
+    /// HTTP method as received (borrowed for the standard ones).
+    pub method: Cow<'static, str>,
     /// Request path without the query string (cut at [`MAX_PATH_LEN`]).
     pub path: String,
     /// `allow`, or the error code airlock answered with.
-    pub decision: String,
+    pub decision: Cow<'static, str>,
     /// Status sent to the agent (0 when none was sent).
     pub status: u16,
     /// Status the provider answered with, when it was reached.
@@ -328,9 +329,9 @@ impl AuditRecord {
             ts: format_ts(self.ts_ms),
             session: self.session.clone(),
             provider: self.provider.clone(),
-            method: self.method.clone(),
+            method: self.method.to_string(),
             path: self.path.clone(),
-            decision: self.decision.clone(),
+            decision: self.decision.to_string(),
             status: self.status,
             upstream_status: self.upstream_status,
             duration_ms: self.duration_us as f64 / 1000.0,
@@ -355,9 +356,9 @@ impl AuditRecord {
             ts_ms,
             session: w.session,
             provider: w.provider,
-            method: w.method,
+            method: Cow::Owned(w.method),
             path: w.path,
-            decision: w.decision,
+            decision: Cow::Owned(w.decision),
             status: w.status,
             upstream_status: w.upstream_status,
             // Rounding back is exact for every value `to_wire` produces; the

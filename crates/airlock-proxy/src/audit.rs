@@ -7,6 +7,7 @@
 //! `client_aborted`. Finishing logs the call's one `info` line (target
 //! `airlock::call`) and submits the record to the audit trail.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use std::time::Instant;
 use airlock_audit::{AuditError, Auditor};
 use airlock_core::audit::{record_path, AuditRecord, Flags, GENESIS_MAC};
 use airlock_session::{now_ms, LiveSession, SessionState};
-use http::Request;
+use http::{Method, Request};
 
 /// Longest method name kept in a record.
 const MAX_METHOD_LEN: usize = 32;
@@ -50,16 +51,16 @@ impl CallRecord {
         started: Instant,
         cutting: &Arc<AtomicBool>,
     ) -> Self {
-        let method = req.method().as_str();
+        let method = recorded_method(req.method());
         let record = Some(Box::new(AuditRecord {
             chain: 0,
             seq: 0,
             ts_ms: 0,
             session: None,
             provider: None,
-            method: method.get(..MAX_METHOD_LEN).unwrap_or(method).to_owned(),
+            method,
             path: record_path(req.uri().path()),
-            decision: String::new(),
+            decision: Cow::Borrowed(""),
             status: 0,
             upstream_status: None,
             duration_us: 0,
@@ -108,8 +109,7 @@ impl CallRecord {
         self.status = upstream_status;
         if let Some(r) = &mut self.record {
             r.upstream_status = Some(upstream_status);
-            r.decision.clear();
-            r.decision.push_str("allow");
+            r.decision = Cow::Borrowed("allow");
         }
     }
 
@@ -143,14 +143,13 @@ impl CallRecord {
     /// disabled: the call is only logged).
     pub(crate) fn finish(
         &mut self,
-        decision: Option<&str>,
+        decision: Option<&'static str>,
         status: u16,
         flags: Flags,
     ) -> Option<impl Future<Output = Result<(), AuditError>> + Send + 'static> {
         let mut record = self.record.take()?;
         if let Some(decision) = decision {
-            record.decision.clear();
-            record.decision.push_str(decision);
+            record.decision = Cow::Borrowed(decision);
         }
         record.ts_ms = now_ms();
         record.status = status;
@@ -188,6 +187,27 @@ fn log_call(r: &AuditRecord) {
     );
 }
 
+/// The method as recorded: the standard ones without an allocation, others
+/// cut at [`MAX_METHOD_LEN`].
+fn recorded_method(method: &Method) -> Cow<'static, str> {
+    const STANDARD: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    if let Some((_, name)) = STANDARD.iter().find(|(m, _)| m == method) {
+        return Cow::Borrowed(name);
+    }
+    let name = method.as_str();
+    Cow::Owned(name.get(..MAX_METHOD_LEN).unwrap_or(name).to_owned())
+}
+
 impl Drop for CallRecord {
     fn drop(&mut self) {
         if let Some(record) = &self.record {
@@ -206,5 +226,25 @@ impl Drop for CallRecord {
             // wait for it.
             drop(self.finish(decision, status, flags));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn standard_methods_are_borrowed_and_others_cut() {
+        for method in [Method::GET, Method::POST, Method::DELETE, Method::TRACE] {
+            let recorded = recorded_method(&method);
+            assert!(matches!(recorded, Cow::Borrowed(_)), "{method}");
+            assert_eq!(recorded, method.as_str());
+        }
+        let custom = Method::from_bytes(b"PROPFIND").unwrap();
+        assert_eq!(recorded_method(&custom), "PROPFIND");
+        let long = Method::from_bytes(&[b'X'; 40]).unwrap();
+        assert_eq!(recorded_method(&long).len(), MAX_METHOD_LEN);
     }
 }

@@ -465,6 +465,9 @@ fn pooled_client(connector: UpstreamConnector) -> UpstreamClient {
         // A response body is read no further ahead of the agent than this
         // (hyper's default lets a connection buffer ~400 KiB).
         .http1_max_buf_size(UPSTREAM_READ_BUFFER)
+        // `credentials::prepare_upstream` sets `Host` (made once per
+        // provider); the client would copy the URI to check for it.
+        .set_host(false)
         .build(connector)
 }
 

@@ -126,6 +126,8 @@ impl Default for ServerSettings {
 pub struct ProxyServer {
     stop: watch::Sender<bool>,
     workers: Vec<oneshot::Receiver<()>>,
+    /// One per worker, sent once it accepts connections.
+    accepting: Vec<oneshot::Receiver<()>>,
 }
 
 impl ProxyServer {
@@ -144,16 +146,20 @@ impl ProxyServer {
         let mut server = Self {
             stop,
             workers: Vec::new(),
+            accepting: Vec::new(),
         };
         let count = settings.workers.max(1);
         let (balance, inboxes) = Balance::new(count);
         for (index, inbox) in inboxes.into_iter().enumerate() {
             let (worker_proxy, delivery) = proxy.for_worker();
+            let (accepting_tx, accepting_rx) = oneshot::channel();
+            server.accepting.push(accepting_rx);
             let worker = Worker {
                 index,
                 listener: listener.try_clone()?,
                 conn: Arc::new(ConnSettings::new(settings, worker_proxy)),
                 delivery,
+                accepting: accepting_tx,
                 slots: Arc::clone(&slots),
                 settings: settings.clone(),
                 stop: stop_rx.clone(),
@@ -170,6 +176,17 @@ impl ProxyServer {
             server.workers.push(done_rx);
         }
         Ok(server)
+    }
+
+    /// Waits until every worker accepts connections (its runtime and its
+    /// share of the listener are up). Fails when a worker could not start.
+    pub async fn accepting(&mut self) -> std::io::Result<()> {
+        for accepting in std::mem::take(&mut self.accepting) {
+            if accepting.await.is_err() {
+                return Err(std::io::Error::other("a proxy worker did not start"));
+            }
+        }
+        Ok(())
     }
 
     /// Stops accepting, waits up to `drain_timeout` for open connections to
@@ -199,6 +216,8 @@ struct Worker {
     conn: Arc<ConnSettings>,
     /// Answers this worker's calls waiting for their audit records.
     delivery: Option<Delivery>,
+    /// Told once the worker accepts connections.
+    accepting: oneshot::Sender<()>,
     slots: Arc<Semaphore>,
     settings: ServerSettings,
     stop: watch::Receiver<bool>,
@@ -305,6 +324,7 @@ impl Worker {
             listener,
             conn,
             delivery,
+            accepting,
             slots,
             settings,
             stop,
@@ -324,6 +344,8 @@ impl Worker {
         }
         let mut connections = JoinSet::new();
         let shutdown = stopped(stop.clone());
+        // Nobody waiting is fine: the server may be shutting down already.
+        let _ = accepting.send(());
         tokio::pin!(shutdown);
         loop {
             let (stream, peer, slot, counted) = tokio::select! {

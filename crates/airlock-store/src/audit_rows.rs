@@ -2,6 +2,7 @@
 
 use airlock_core::audit::{AuditRecord, Flags, MacBytes};
 use sqlx::{ColumnIndex, Database, Decode, Encode, QueryBuilder, Row, Type};
+use std::borrow::Cow;
 
 use crate::{AuditQuery, ChainHead, Result, StoreError};
 
@@ -62,9 +63,9 @@ where
         ts_ms: row.try_get("ts")?,
         session: row.try_get("session")?,
         provider: row.try_get("provider")?,
-        method: row.try_get("method")?,
+        method: Cow::Owned(row.try_get("method")?),
         path: row.try_get("path")?,
-        decision: row.try_get("decision")?,
+        decision: Cow::Owned(row.try_get("decision")?),
         status: u16::try_from(status).map_err(|_| corrupt("status"))?,
         upstream_status: upstream_status
             .map(u16::try_from)

@@ -347,14 +347,14 @@ impl Store for PgStore {
         .bind(
             records
                 .iter()
-                .map(|r| r.method.as_str())
+                .map(|r| r.method.as_ref())
                 .collect::<Vec<_>>(),
         )
         .bind(records.iter().map(|r| r.path.as_str()).collect::<Vec<_>>())
         .bind(
             records
                 .iter()
-                .map(|r| r.decision.as_str())
+                .map(|r| r.decision.as_ref())
                 .collect::<Vec<_>>(),
         )
         .bind(column(&|r| i64::from(r.status)))

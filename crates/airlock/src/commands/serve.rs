@@ -155,7 +155,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }));
     }
-    let proxy_server = airlock_proxy::ProxyServer::start(proxy_listener, &proxy, &server_settings)
+    let mut proxy_server =
+        airlock_proxy::ProxyServer::start(proxy_listener, &proxy, &server_settings)
+            .context("starting the proxy's worker threads")?;
+    // "listening" is printed once every worker accepts.
+    proxy_server
+        .accepting()
+        .await
         .context("starting the proxy's worker threads")?;
     drop(proxy);
     // The admin API outlives the proxy's drain, so that /readyz can say
