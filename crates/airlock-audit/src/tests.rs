@@ -102,6 +102,13 @@ async fn store(dir: &tempfile::TempDir) -> Arc<FaultyStore> {
     })
 }
 
+/// Starts a writer on `store` with the test key and settings.
+async fn start(store: &Arc<FaultyStore>) -> (Auditor, WriterHandle) {
+    Auditor::start(store.clone(), Arc::new(key()), settings())
+        .await
+        .unwrap()
+}
+
 fn key() -> AuditKey {
     AuditKey::new(&[3; 32])
 }
@@ -154,9 +161,7 @@ async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
 async fn concurrent_records_are_group_committed_and_verify() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
-    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
-        .await
-        .unwrap();
+    let (auditor, writer) = start(&store).await;
     let commits: Vec<_> = (1..=500).map(|n| auditor.submit(record(n))).collect();
     for commit in futures_join(commits).await {
         commit.unwrap();
@@ -188,9 +193,7 @@ async fn the_chain_resumes_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
     for round in 0..2u64 {
-        let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
-            .await
-            .unwrap();
+        let (auditor, writer) = start(&store).await;
         for n in 0..3 {
             auditor.submit(record(round * 10 + n)).await.unwrap();
         }
@@ -207,9 +210,7 @@ async fn the_chain_resumes_after_restart() {
 async fn shutdown_writes_everything_queued() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
-    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
-        .await
-        .unwrap();
+    let (auditor, writer) = start(&store).await;
     // Queued but never awaited.
     let pending: Vec<_> = (0..50).map(|n| auditor.submit(record(n))).collect();
     writer.shutdown().await;
@@ -222,9 +223,7 @@ async fn shutdown_writes_everything_queued() {
 async fn failed_writes_close_the_gate_until_the_store_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
-    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
-        .await
-        .unwrap();
+    let (auditor, writer) = start(&store).await;
     auditor.submit(record(1)).await.unwrap();
     assert!(auditor.admits_calls());
 
@@ -248,9 +247,7 @@ async fn failed_writes_close_the_gate_until_the_store_recovers() {
 async fn a_stuck_writer_closes_the_gate_and_times_callers_out() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
-    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
-        .await
-        .unwrap();
+    let (auditor, writer) = start(&store).await;
     store.hang.store(true, Ordering::SeqCst);
     let err = auditor.submit(record(1)).await.unwrap_err();
     assert!(matches!(err, AuditError::Stalled), "{err:?}");
@@ -295,9 +292,7 @@ async fn disabled_auditor_admits_and_records_nothing() {
 async fn tampering_in_the_store_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
-    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
-        .await
-        .unwrap();
+    let (auditor, writer) = start(&store).await;
     for n in 1..=10 {
         auditor.submit(record(n)).await.unwrap();
     }
@@ -324,9 +319,7 @@ async fn sqlx_sqlite(path: &std::path::Path) -> sqlx::SqlitePool {
 async fn a_workers_callers_are_answered_through_its_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
-    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
-        .await
-        .unwrap();
+    let (auditor, writer) = start(&store).await;
     let (worker, delivery) = auditor.for_worker();
     let delivery = delivery.expect("an enabled auditor has a delivery");
     let mut commits: Vec<_> = (1..=20)
@@ -359,9 +352,7 @@ async fn a_workers_callers_are_answered_through_its_delivery() {
 async fn without_its_delivery_a_worker_is_answered_directly() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
-    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings())
-        .await
-        .unwrap();
+    let (auditor, writer) = start(&store).await;
     let (worker, delivery) = auditor.for_worker();
     drop(delivery);
     for n in 1..=5 {

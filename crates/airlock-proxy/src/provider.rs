@@ -83,8 +83,8 @@ pub struct Provider {
     name: String,
     scheme: Scheme,
     authority: Authority,
-    /// The `Host` header of every upstream request (the authority, without
-    /// the scheme's default port), made once.
+    /// The `Host` header of every upstream request (the authority as
+    /// configured), made once.
     host: HeaderValue,
     /// Upstream path prefix without trailing slash (often empty).
     path_prefix: String,
@@ -188,7 +188,7 @@ impl Provider {
         if authority.as_str().contains('@') || uri.query().is_some() {
             return Err(bad_upstream());
         }
-        let host = host_header(&scheme, &authority).ok_or_else(bad_upstream)?;
+        let host = host_header(&authority).ok_or_else(bad_upstream)?;
         let path_prefix = uri.path().trim_end_matches('/').to_owned();
         airlock_core::path::validate(if path_prefix.is_empty() {
             "/"
@@ -471,15 +471,11 @@ fn pooled_client(connector: UpstreamConnector) -> UpstreamClient {
         .build(connector)
 }
 
-/// `Host` for `authority`: the host, and the port unless it is the
-/// scheme's default (what HTTP clients send for such a URI).
-fn host_header(scheme: &Scheme, authority: &Authority) -> Option<HeaderValue> {
-    let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
-    let host = match authority.port_u16() {
-        Some(port) if port != default_port => authority.as_str(),
-        _ => authority.host(),
-    };
-    HeaderValue::from_str(host).ok()
+/// `Host` for `authority`: the authority as configured, so that it is the
+/// same text as the `:authority` of an HTTP/2 request (which must not
+/// differ from `Host`).
+fn host_header(authority: &Authority) -> Option<HeaderValue> {
+    HeaderValue::from_str(authority.as_str()).ok()
 }
 
 #[cfg(test)]
@@ -490,17 +486,15 @@ mod tests {
 
     fn host(upstream: &str) -> String {
         let uri: Uri = upstream.parse().unwrap();
-        let value = host_header(uri.scheme().unwrap(), uri.authority().unwrap()).unwrap();
+        let value = host_header(uri.authority().unwrap()).unwrap();
         value.to_str().unwrap().to_owned()
     }
 
     #[test]
-    fn host_names_the_port_only_when_it_is_not_the_default() {
+    fn host_is_the_authority_as_configured() {
         assert_eq!(host("https://api.openai.com"), "api.openai.com");
-        assert_eq!(host("https://api.openai.com:443/v1"), "api.openai.com");
+        assert_eq!(host("https://api.openai.com:443/v1"), "api.openai.com:443");
         assert_eq!(host("https://api.openai.com:8443"), "api.openai.com:8443");
-        assert_eq!(host("http://10.0.0.7:80"), "10.0.0.7");
-        assert_eq!(host("http://10.0.0.7:443"), "10.0.0.7:443");
         assert_eq!(host("http://[::1]:9100"), "[::1]:9100");
     }
 }
