@@ -195,7 +195,8 @@ fn check_token_not_elsewhere(
 
 /// Turns the agent's request head into the upstream request head: hop-by-hop
 /// headers and every place a token could be are emptied, `Host` names the
-/// upstream (as the client would set it from the URI), and the real credential is put
+/// upstream (set here for `http://`, by the client on HTTP/1 connections
+/// otherwise), and the real credential is put
 /// where the provider expects it. The upstream path is the request path from
 /// byte `path_start` on (the part after `/{provider}`, already validated).
 pub fn prepare_upstream(
@@ -207,7 +208,10 @@ pub fn prepare_upstream(
     crate::headers::strip_hop_by_hop(&mut parts.headers);
     crate::headers::strip_forwarded(&mut parts.headers);
     parts.headers.remove(header::AUTHORIZATION);
-    parts.headers.insert(header::HOST, provider.host().clone());
+    match provider.host() {
+        Some(host) => parts.headers.insert(header::HOST, host.clone()),
+        None => parts.headers.remove(header::HOST),
+    };
     parts.headers.remove(header::EXPECT);
     if let AuthStyle::Header(name) = provider.auth() {
         parts.headers.remove(name);

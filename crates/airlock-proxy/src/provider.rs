@@ -83,9 +83,12 @@ pub struct Provider {
     name: String,
     scheme: Scheme,
     authority: Authority,
-    /// The `Host` header of every upstream request (the authority as
-    /// configured), made once.
-    host: HeaderValue,
+    /// The `Host` header of every request to an `http://` upstream (the
+    /// authority as configured), made once. `None` for `https://`: such a
+    /// connection may speak HTTP/2, where the client leaves `Host` out
+    /// (some front ends, Google's among them, refuse it there) and sets it
+    /// on HTTP/1 connections.
+    host: Option<HeaderValue>,
     /// Upstream path prefix without trailing slash (often empty).
     path_prefix: String,
     auth: AuthStyle,
@@ -188,7 +191,11 @@ impl Provider {
         if authority.as_str().contains('@') || uri.query().is_some() {
             return Err(bad_upstream());
         }
-        let host = host_header(&authority).ok_or_else(bad_upstream)?;
+        let host = if scheme == Scheme::HTTP {
+            Some(host_header(&authority).ok_or_else(bad_upstream)?)
+        } else {
+            None
+        };
         let path_prefix = uri.path().trim_end_matches('/').to_owned();
         airlock_core::path::validate(if path_prefix.is_empty() {
             "/"
@@ -269,9 +276,9 @@ impl Provider {
         self.credential.load()
     }
 
-    /// The `Host` header of every upstream request.
-    pub(crate) fn host(&self) -> &HeaderValue {
-        &self.host
+    /// The `Host` header to send, when it is made here (see the field).
+    pub(crate) fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
     }
 
     /// Headers sent on every call.
@@ -465,15 +472,10 @@ fn pooled_client(connector: UpstreamConnector) -> UpstreamClient {
         // A response body is read no further ahead of the agent than this
         // (hyper's default lets a connection buffer ~400 KiB).
         .http1_max_buf_size(UPSTREAM_READ_BUFFER)
-        // `credentials::prepare_upstream` sets `Host` (made once per
-        // provider); the client would copy the URI to check for it.
-        .set_host(false)
         .build(connector)
 }
 
-/// `Host` for `authority`: the authority as configured, so that it is the
-/// same text as the `:authority` of an HTTP/2 request (which must not
-/// differ from `Host`).
+/// `Host` for `authority`: the authority as configured.
 fn host_header(authority: &Authority) -> Option<HeaderValue> {
     HeaderValue::from_str(authority.as_str()).ok()
 }
