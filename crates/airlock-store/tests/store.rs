@@ -550,6 +550,24 @@ mod sqlite_only {
     }
 
     #[tokio::test]
+    async fn a_closed_store_holds_no_file_open() {
+        let backend = Backend::sqlite().await.unwrap();
+        let store = backend.open().await;
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let (records, head1) = records_after(&head, 3, 1_000, "ses_a");
+        store.audit_append(&records, &head1).await.unwrap();
+        let dir = backend._dir.as_ref().unwrap().path().to_owned();
+        assert!(
+            !files_open_under(&dir).is_empty(),
+            "the store holds its file"
+        );
+        // The pool, the audit writer and the checkpoint thread: all closed
+        // by the time close returns.
+        store.close().await;
+        assert_eq!(files_open_under(&dir), Vec::<std::path::PathBuf>::new());
+    }
+
+    #[tokio::test]
     async fn a_dropped_store_ends_its_writer_and_the_file_stays_usable() {
         let backend = Backend::sqlite().await.unwrap();
         let store = backend.open().await;

@@ -47,8 +47,9 @@ type Slot = Arc<Mutex<Option<Connection>>>;
 /// The audit write path of one SQLite store.
 pub(super) struct AuditWriter {
     conn: Slot,
-    /// Keeps commits free of checkpoints; stops with the writer.
-    _checkpointer: Checkpointer,
+    /// Keeps commits free of checkpoints; stops when the writer is closed
+    /// (or dropped).
+    checkpointer: Mutex<Option<Checkpointer>>,
 }
 
 // === impl AuditWriter ===
@@ -65,7 +66,7 @@ impl AuditWriter {
         let conn = opened.map_err(database_error)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(Some(conn))),
-            _checkpointer: checkpointer,
+            checkpointer: Mutex::new(Some(checkpointer)),
         })
     }
 
@@ -86,12 +87,17 @@ impl AuditWriter {
         append_on(&self.conn, records, head)
     }
 
-    /// Closes the connection, after the batch in progress (if any).
+    /// Closes the connection, after the batch in progress (if any), and
+    /// stops the checkpoints.
     pub(super) async fn close(&self) {
         let conn = Arc::clone(&self.conn);
+        let checkpointer = self.checkpointer.lock().take();
         let closing = tokio::task::spawn_blocking(move || {
             if let Some(conn) = conn.lock().take() {
                 close(conn);
+            }
+            if let Some(checkpointer) = checkpointer {
+                checkpointer.stop();
             }
         });
         // An error only says the closing task panicked: nothing left to do.

@@ -22,19 +22,29 @@ pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// Log size (pages) at which the audit writer checkpoints by itself.
 pub(super) const WRITER_CHECKPOINT_PAGES: u32 = 16_384;
 
-/// The checkpoint thread; it stops when this is dropped.
+/// The checkpoint thread; it stops when this is dropped (see also
+/// [`Checkpointer::stop`]).
 pub(super) struct Checkpointer {
-    _stop: mpsc::Sender<()>,
+    stop: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Checkpointer {
     /// Starts checkpointing the database file at `path` (which must exist).
     pub(super) fn start(path: PathBuf) -> std::io::Result<Self> {
         let (stop, stopped) = mpsc::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("airlock-sqlite-checkpoint".to_owned())
             .spawn(move || run(&path, &stopped))?;
-        Ok(Self { _stop: stop })
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops the thread and waits until its connection is closed (blocks
+    /// for at most one checkpoint).
+    pub(super) fn stop(self) {
+        drop(self.stop);
+        // An error only says the thread panicked: it is gone either way.
+        let _ = self.thread.join();
     }
 }
 
