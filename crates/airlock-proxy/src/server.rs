@@ -120,9 +120,12 @@ impl Default for ServerSettings {
 ///
 /// Connections are served by [`ServerSettings::workers`] threads, each with
 /// a single-threaded runtime of its own that accepts from the shared
-/// listener and keeps its own upstream connection pools: a call runs from
-/// accept to upstream and back on one thread, with no hand-off between
-/// threads.
+/// listener and keeps its own upstream connection pools: a call's HTTP
+/// work runs from accept to upstream and back on one thread. What leaves
+/// it: a store lookup for a token not yet cached (on the control runtime)
+/// and the wait for the call's audit record (answered through the worker's
+/// audit delivery). A worker that accepted a connection while clearly
+/// busier than another hands it over once, before serving it.
 pub struct ProxyServer {
     stop: watch::Sender<bool>,
     workers: Vec<oneshot::Receiver<()>>,
@@ -363,8 +366,17 @@ impl Worker {
                         if target == index {
                             (stream, peer, slot, counted)
                         } else {
-                            hand_off(&balance, target, Handed::new(stream, peer, slot, counted));
-                            continue;
+                            let Some(handed) = Handed::new(stream, peer, slot, counted) else {
+                                continue;
+                            };
+                            let Some(back) = hand_off(&balance, target, handed) else {
+                                continue;
+                            };
+                            // That worker takes no more connections: serve it here.
+                            let Some(taken) = back.recount(&balance, index).take_over() else {
+                                continue;
+                            };
+                            taken
                         }
                     }
                     Err(e) => {
@@ -375,12 +387,9 @@ impl Worker {
                         continue;
                     }
                 },
-                Some(handed) = inbox.recv() => match TcpStream::from_std(handed.stream) {
-                    Ok(stream) => (stream, handed.peer, handed.slot, handed.counted),
-                    Err(e) => {
-                        tracing::debug!(peer = %handed.peer, error = %e, "could not take over a connection");
-                        continue;
-                    }
+                Some(handed) = inbox.recv() => match handed.take_over() {
+                    Some(taken) => taken,
+                    None => continue,
                 },
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 () = &mut shutdown => break,
@@ -420,6 +429,10 @@ impl Worker {
         }
 
         drop(listener);
+        // Connections handed over from now on are closed at once (as if
+        // still in the listener's backlog), and so are those already here.
+        inbox.close();
+        while inbox.try_recv().is_ok() {}
         let drained = tokio::time::timeout(settings.drain_timeout, async {
             while connections.join_next().await.is_some() {}
             // HTTP/2 streams run in tasks of their own and may outlive
@@ -603,13 +616,42 @@ async fn handle(
 
 /// Passes an accepted connection to worker `target` (if that worker has
 /// stopped, at shutdown, the connection is closed).
-fn hand_off(balance: &Balance, target: usize, handed: Option<Handed>) {
-    if let (Some(handed), Some(inbox)) = (handed, balance.inboxes.get(target)) {
-        let _ = inbox.send(handed);
+/// Hands `handed` to worker `target`; gives it back when that worker takes
+/// no more connections (it is draining, or its thread is gone).
+fn hand_off(balance: &Balance, target: usize, handed: Handed) -> Option<Handed> {
+    match balance.inboxes.get(target) {
+        Some(inbox) => inbox.send(handed).err().map(|returned| returned.0),
+        None => Some(handed),
     }
 }
 
+/// A connection ready to serve: stream, peer, slot and count.
+type Taken = (
+    TcpStream,
+    std::net::SocketAddr,
+    OwnedSemaphorePermit,
+    OpenConnection,
+);
+
 impl Handed {
+    /// Attaches the connection to the calling worker's runtime; `None` (the
+    /// connection closed) when it cannot be.
+    fn take_over(self) -> Option<Taken> {
+        match TcpStream::from_std(self.stream) {
+            Ok(stream) => Some((stream, self.peer, self.slot, self.counted)),
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "could not take over a connection");
+                None
+            }
+        }
+    }
+
+    /// Counts the connection on worker `index` instead.
+    fn recount(mut self, balance: &Arc<Balance>, index: usize) -> Self {
+        self.counted = balance.open(index);
+        self
+    }
+
     /// The connection detached from this worker's runtime; `None` (the
     /// connection closed, as if the client had gone) when it cannot be.
     fn new(
@@ -846,5 +888,29 @@ mod tests {
         assert_eq!(balance.pick(1), 1);
         drop((first, second));
         assert_eq!(balance.pick(0), 0);
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_takes_no_more_connections_gives_them_back() {
+        let (balance, mut inboxes) = Balance::new(2);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let slots = Arc::new(Semaphore::new(4));
+        let handed = || async {
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let (stream, peer) = listener.accept().await.unwrap();
+            let slot = Arc::clone(&slots).try_acquire_owned().unwrap();
+            Handed::new(stream, peer, slot, balance.open(1)).unwrap()
+        };
+        // Worker 1 takes connections while its inbox is open...
+        assert!(hand_off(&balance, 1, handed().await).is_none());
+        assert!(inboxes[1].try_recv().is_ok());
+        // ...and gives them back once it is closed (draining, or gone).
+        inboxes[1].close();
+        let back = hand_off(&balance, 1, handed().await).expect("given back");
+        let back = back.recount(&balance, 0);
+        assert_eq!(balance.open[0].load(Ordering::Relaxed), 1);
+        assert_eq!(balance.open[1].load(Ordering::Relaxed), 0);
+        assert!(back.take_over().is_some());
     }
 }
