@@ -69,7 +69,8 @@ pub struct PreparedCredential {
 }
 
 /// Most bytes an upstream HTTP/1.1 connection reads ahead (hyper's read
-/// buffer limit).
+/// buffer limit). It also bounds a provider's response head: a longer one
+/// fails the call with 502.
 const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
 /// The HTTP client used to reach upstreams.
