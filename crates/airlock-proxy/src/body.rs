@@ -58,7 +58,7 @@ struct Audited {
     recheck: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A frame read before the response head went out (see
     /// [`ProxyBody::prefetch`]), to be sent first.
-    prefetched: Option<Result<Frame<Bytes>, BoxError>>,
+    prefetched: Option<Frame<Bytes>>,
 }
 
 /// How often an idle stream re-checks that its session is still active:
@@ -84,6 +84,22 @@ pub struct RequestBody {
     sent: Arc<AtomicU64>,
     /// Bytes this body may still carry (`proxy.max_request_body`).
     allowance: u64,
+}
+
+/// A response cut short because its session was revoked or expired.
+#[derive(Debug, thiserror::Error)]
+#[error("the session was revoked or expired during the response")]
+pub struct SessionEnded;
+
+/// Why [`ProxyBody::prefetch`] withheld the whole answer.
+#[derive(Debug)]
+pub(crate) enum Withheld {
+    /// Fail-closed audit could not write the call's record.
+    AuditUnwritten,
+    /// The session was revoked or expired before the answer went out.
+    SessionEnded,
+    /// The provider's body broke off before its first byte.
+    UpstreamBroke,
 }
 
 /// A request body went over `proxy.max_request_body` while streaming.
@@ -130,9 +146,10 @@ impl ProxyBody {
     /// once the record is durable. Streams of unknown length (SSE) are left
     /// alone: their head goes out at once.
     ///
-    /// Fails when fail-closed audit could not write the record: nothing has
-    /// been sent yet, so the caller can answer with its own error instead.
-    pub(crate) async fn prefetch(&mut self) -> Result<(), AuditError> {
+    /// Fails when fail-closed audit could not write the record, the session
+    /// ended meanwhile or the provider's body broke off: nothing has been
+    /// sent yet, so the caller answers with its own error instead.
+    pub(crate) async fn prefetch(&mut self) -> Result<(), Withheld> {
         let Inner::Audited(audited) = &mut self.0 else {
             return Ok(());
         };
@@ -141,17 +158,14 @@ impl ProxyBody {
         }
         let next = std::future::poll_fn(|cx| audited.poll_frame(cx)).await;
         match next {
-            Some(Err(e)) => match e.downcast::<AuditError>() {
-                Ok(unwritten) => Err(*unwritten),
-                Err(other) => {
-                    audited.prefetched = Some(Err(other));
-                    Ok(())
-                }
-            },
-            next => {
-                audited.prefetched = next;
+            Some(Ok(frame)) => {
+                audited.prefetched = Some(frame);
                 Ok(())
             }
+            None => Ok(()),
+            Some(Err(e)) if e.is::<AuditError>() => Err(Withheld::AuditUnwritten),
+            Some(Err(e)) if e.is::<SessionEnded>() => Err(Withheld::SessionEnded),
+            Some(Err(_)) => Err(Withheld::UpstreamBroke),
         }
     }
 }
@@ -209,10 +223,11 @@ impl Audited {
     /// What is left to send: the prefetched frame and the rest of the body.
     fn size_hint(&self) -> SizeHint {
         let rest = self.body.size_hint();
-        let held = match &self.prefetched {
-            Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
-            _ => 0,
-        };
+        let held = self
+            .prefetched
+            .as_ref()
+            .and_then(Frame::data_ref)
+            .map_or(0, |d| d.len() as u64);
         if held == 0 {
             return rest;
         }
@@ -226,7 +241,7 @@ impl Audited {
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(frame) = self.prefetched.take() {
-            return Poll::Ready(Some(frame));
+            return Poll::Ready(Some(Ok(frame)));
         }
         loop {
             match &mut self.phase {
@@ -309,7 +324,7 @@ impl Audited {
             Flags::INCOMPLETE.union(Flags::SESSION_ENDED),
         ));
         self.phase = Phase::Done;
-        "the session was revoked or expired during the response".into()
+        Box::new(SessionEnded)
     }
 
     /// Submits the record and holds `held` until it is durable.

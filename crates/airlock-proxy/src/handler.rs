@@ -14,7 +14,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 
 use crate::audit::CallRecord;
-use crate::body::{ProxyBody, RequestBody};
+use crate::body::{ProxyBody, RequestBody, Withheld};
 use crate::credential_source::Loaded;
 use crate::credentials;
 use crate::error::{Denial, ErrorCode};
@@ -239,10 +239,25 @@ impl Proxy {
         }
         let body = RedactingBody::new(body, redactor, RedactionFlag::default());
         let mut body = ProxyBody::audited(body, call, status);
-        if body.prefetch().await.is_err() {
+        match body.prefetch().await {
+            Ok(()) => {}
             // Fail-closed audit could not write the record (logged by the
             // body), before anything was sent.
-            return audit_unavailable();
+            Err(Withheld::AuditUnwritten) => return audit_unavailable(),
+            Err(Withheld::SessionEnded) => {
+                return Denial::new(
+                    ErrorCode::InvalidToken,
+                    "the session was revoked or expired during the call",
+                )
+                .into_response()
+            }
+            Err(Withheld::UpstreamBroke) => {
+                return Denial::new(
+                    ErrorCode::UpstreamError,
+                    "the provider's answer broke off before its first byte",
+                )
+                .into_response()
+            }
         }
         Response::from_parts(parts, body)
     }

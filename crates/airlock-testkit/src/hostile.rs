@@ -213,6 +213,9 @@ pub enum Script {
     /// Answers 200 with a chunked body that never ends, written as fast as
     /// the connection takes it (64 KiB chunks).
     Endless,
+    /// Answers 200 with `content-length: 100` and closes the connection
+    /// before any byte of the body.
+    HeadOnly,
     /// Answers 200 `text/event-stream` and sends `data: {"n":i}` every
     /// `interval`, forever.
     Events {
@@ -339,6 +342,12 @@ async fn run_script(mut stream: TcpStream, state: Arc<UpstreamState>) {
     let script = async {
         match state.script {
             Script::Silent => std::future::pending::<()>().await,
+            Script::HeadOnly => {
+                let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                             content-length: 100\r\n\r\n";
+                let _ = writer.write_all(head).await;
+                let _ = writer.shutdown().await;
+            }
             Script::Endless => {
                 let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
                              transfer-encoding: chunked\r\n\r\n";

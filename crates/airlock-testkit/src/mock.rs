@@ -265,7 +265,8 @@ impl MockProvider {
         self.shared.complete.send_replace(0);
     }
 
-    /// Releases one waiting `/gated-sse` stream to send its remaining events.
+    /// Releases one waiting `/gated-sse` or `/gated-json` answer to send the
+    /// rest of its body.
     /// A gate opened before any stream waits is kept for the next one.
     pub fn open_gate(&self) {
         self.shared.gate.add_permits(1);

@@ -1000,6 +1000,36 @@ async fn a_provider_that_never_answers_is_a_504_in_bounded_time() {
     assert_eq!(upstream.requests(), 1);
 }
 
+#[tokio::test]
+async fn an_answer_that_breaks_off_before_its_body_is_a_clean_502() {
+    let (upstream, airlock, id, token) = scripted(Script::HeadOnly, "").await;
+    let ex = exchange(
+        &airlock.proxy_url(),
+        format!("GET /up/x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n")
+            .as_bytes(),
+        CASE_LIMIT,
+    )
+    .await;
+    // Nothing of the provider's answer had gone out: airlock answers itself.
+    assert_eq!(ex.status, Some(502), "{}", ex.raw);
+    assert_eq!(ex.error_code().as_deref(), Some("upstream_error"));
+    assert_eq!(upstream.requests(), 1);
+    // The record is queued as the body breaks off; it lands shortly after.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        let (_, records) = airlock
+            .admin("GET", &format!("/v1/audit?session={id}"), None)
+            .await
+            .unwrap();
+        if let Some(record) = records["records"].get(0) {
+            break record.clone();
+        }
+        assert!(Instant::now() < deadline, "no record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(record["flags"], json!(["incomplete"]), "{record}");
+}
+
 // ---------------------------------------------------------------------------
 // Streams: back-pressure, disconnects, revocation
 // ---------------------------------------------------------------------------

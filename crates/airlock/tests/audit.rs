@@ -788,3 +788,46 @@ async fn streams_end_when_the_session_does_and_aborts_are_recorded() {
     assert_eq!(aborted["status"], 200);
     assert_eq!(mock.request_count(), before + 1);
 }
+
+#[tokio::test]
+async fn an_answer_whose_session_ends_before_it_goes_out_gets_a_clean_401() {
+    let mock = MockProvider::start().await;
+    let airlock = builder(&mock).start().await.unwrap();
+    let scope = json!([{"provider": "openai", "methods": ["GET"], "paths": ["/gated-json"]}]);
+    let created = airlock
+        .create_session(json!({"scope": scope, "ttl_seconds": 600}))
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let url = format!("{}/openai/gated-json", airlock.proxy_url());
+
+    // The provider sends a head of known length and holds its body back.
+    let call = tokio::spawn(async move { try_get(&url, &token).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while mock.request_count() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Revoked before the body comes: nothing has gone out to the agent yet,
+    // so it gets airlock's own 401 rather than a head and a cut body.
+    let (status, _) = airlock
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    mock.open_gate();
+    let (status, body) = call.await.unwrap().unwrap();
+    assert_eq!(status, 401, "{body:?}");
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "invalid_token");
+    let record = record_for(&airlock, "/openai/gated-json").await;
+    assert_eq!(
+        record["flags"],
+        json!(["incomplete", "session_ended"]),
+        "{record}"
+    );
+}

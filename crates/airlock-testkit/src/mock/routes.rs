@@ -52,6 +52,7 @@ pub(crate) async fn handle(
         ),
         "/sse" if method == Method::GET => sse(query),
         "/gated-sse" if method == Method::GET => gated_sse(shared),
+        "/gated-json" if method == Method::GET => gated_json(shared),
         "/bytes" if method == Method::GET => bytes_response(query),
         "/upload" if method == Method::POST || method == Method::PUT => {
             json_response(StatusCode::OK, &json!({ "received": total }))
@@ -350,6 +351,28 @@ fn gated_sse(shared: Arc<Shared>) -> Response<MockBody> {
         }
     });
     event_stream(frames(events))
+}
+
+/// `GET /gated-json`: a JSON answer of known length whose head goes out
+/// now and whose body once a gate is opened.
+fn gated_json(shared: Arc<Shared>) -> Response<MockBody> {
+    const BODY: &[u8] = br#"{"gated":true}"#;
+    let body = stream::unfold(Some(shared), |shared| async move {
+        let shared = shared?;
+        if let Ok(permit) = shared.gate.acquire().await {
+            permit.forget();
+        }
+        Some((Bytes::from_static(BODY), None))
+    });
+    let mut response = Response::new(frames(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(BODY.len()));
+    response
 }
 
 /// `GET /bytes?n=N`: N bytes of `a` in 64 KiB frames.
