@@ -549,9 +549,9 @@ mod sqlite_only {
             .collect()
     }
 
-    #[tokio::test]
-    async fn a_closed_store_holds_no_file_open() {
-        let backend = Backend::sqlite().await.unwrap();
+    /// A SQLite store with three records appended, its chain head and the
+    /// directory of its file (which it holds open).
+    async fn store_in_use(backend: &Backend) -> (Arc<dyn Store>, ChainHead, std::path::PathBuf) {
         let store = backend.open().await;
         let head = store.audit_claim_chain(&genesis).await.unwrap();
         let (records, head1) = records_after(&head, 3, 1_000, "ses_a");
@@ -561,6 +561,13 @@ mod sqlite_only {
             !files_open_under(&dir).is_empty(),
             "the store holds its file"
         );
+        (store, head1, dir)
+    }
+
+    #[tokio::test]
+    async fn a_closed_store_holds_no_file_open() {
+        let backend = Backend::sqlite().await.unwrap();
+        let (store, _, dir) = store_in_use(&backend).await;
         // The pool, the audit writer and the checkpoint thread: all closed
         // by the time close returns.
         store.close().await;
@@ -570,18 +577,10 @@ mod sqlite_only {
     #[tokio::test]
     async fn a_dropped_store_ends_its_writer_and_the_file_stays_usable() {
         let backend = Backend::sqlite().await.unwrap();
-        let store = backend.open().await;
-        let head = store.audit_claim_chain(&genesis).await.unwrap();
-        let (records, head1) = records_after(&head, 3, 1_000, "ses_a");
-        store.audit_append(&records, &head1).await.unwrap();
+        let (store, head1, dir) = store_in_use(&backend).await;
         // Dropped without close: every connection closes by itself. (Not
         // judged by the WAL file: the last connection to close removes it
         // only when no other is closing at the same moment.)
-        let dir = backend._dir.as_ref().unwrap().path().to_owned();
-        assert!(
-            !files_open_under(&dir).is_empty(),
-            "the store holds its file"
-        );
         drop(store);
         let started = Instant::now();
         loop {
