@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use airlock_core::audit::{head_seal, AuditKey, AuditRecord};
 use airlock_store::{Store, StoreError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 mod verify;
 mod writer;
@@ -104,6 +104,9 @@ pub struct Auditor {
     shared: Option<Arc<Shared>>,
     /// Where this auditor's callers are answered (see [`Auditor::for_worker`]).
     route: Option<Route>,
+    /// Wakes this worker's waiting callers to check how long they have
+    /// waited (see [`Delivery::run`]).
+    watch: Option<Arc<Notify>>,
 }
 
 /// A caller waiting for its record, and the answer it gets.
@@ -117,6 +120,9 @@ type Route = mpsc::UnboundedSender<Vec<Answer>>;
 /// runs on that worker's runtime until the auditor and its clones are gone.
 pub struct Delivery {
     batches: mpsc::UnboundedReceiver<Vec<Answer>>,
+    watch: Arc<Notify>,
+    /// How often waiting callers check their wait against `stall_timeout`.
+    tick: Duration,
 }
 
 /// The running writer.
@@ -201,6 +207,7 @@ impl Auditor {
             Self {
                 shared: Some(shared),
                 route: None,
+                watch: None,
             },
             WriterHandle { tx, done },
         ))
@@ -211,6 +218,7 @@ impl Auditor {
         Self {
             shared: None,
             route: None,
+            watch: None,
         }
     }
 
@@ -219,17 +227,28 @@ impl Auditor {
     /// runtime; the writer then wakes that runtime once per batch rather
     /// than once per record. Answers wait for the delivery to run; once it
     /// is dropped (or its runtime is gone), callers are answered directly.
-    /// No delivery when audit is disabled.
+    /// The delivery also bounds its callers' waits, with one timer for all
+    /// of them instead of one per call. No delivery when audit is disabled.
     pub fn for_worker(&self) -> (Self, Option<Delivery>) {
-        if self.shared.is_none() {
+        let Some(shared) = &self.shared else {
             return (self.clone(), None);
-        }
+        };
         let (route, batches) = mpsc::unbounded_channel();
+        let watch = Arc::new(Notify::new());
         let auditor = Self {
             shared: self.shared.clone(),
             route: Some(route),
+            watch: Some(Arc::clone(&watch)),
         };
-        (auditor, Some(Delivery { batches }))
+        let tick = (shared.settings.stall_timeout / 4).clamp(MIN_TICK, MAX_TICK);
+        (
+            auditor,
+            Some(Delivery {
+                batches,
+                watch,
+                tick,
+            }),
+        )
     }
 
     /// Whether records are written at all.
@@ -257,8 +276,9 @@ impl Auditor {
     }
 
     /// Queues `record`; the returned future resolves once it is durable, or
-    /// with the reason it is not (after at most `stall_timeout`). Dropping
-    /// the future does not withdraw the record.
+    /// with the reason it is not (after at most `stall_timeout`; for a
+    /// worker's auditor, checked every quarter of it). Dropping the future
+    /// does not withdraw the record.
     pub fn submit(
         &self,
         record: Box<AuditRecord>,
@@ -277,6 +297,7 @@ impl Auditor {
                 Arc::clone(&shared.stats),
             )
         });
+        let watch = self.watch.clone();
         async move {
             let Some((sent, wait, wait_for_it, timeout, stats)) = queued else {
                 return Ok(());
@@ -292,7 +313,13 @@ impl Auditor {
                 // Fail-open and the writer is failing: do not hold the call.
                 return Ok(());
             }
-            match tokio::time::timeout(timeout, wait).await {
+            let answered = match watch {
+                Some(watch) => watched(wait, &watch, timeout).await,
+                None => tokio::time::timeout(timeout, wait)
+                    .await
+                    .map_err(|_| Stalled),
+            };
+            match answered {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(AuditError::Closed),
                 Err(_) => Err(AuditError::Stalled),
@@ -301,15 +328,58 @@ impl Auditor {
     }
 }
 
+/// Shortest and longest interval between a worker's checks of its
+/// callers' waits.
+const MIN_TICK: Duration = Duration::from_millis(1);
+const MAX_TICK: Duration = Duration::from_millis(500);
+
+/// Waits for `wait`, or until a tick of `watch` finds that `timeout` has
+/// passed since the call began waiting. No timer of its own: a timer per
+/// call costs a timer-wheel entry and, often, a wake-up of the runtime's
+/// driver (a system call).
+async fn watched<T>(
+    wait: oneshot::Receiver<T>,
+    watch: &Notify,
+    timeout: Duration,
+) -> Result<Result<T, oneshot::error::RecvError>, Stalled> {
+    let began = Instant::now();
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            biased;
+            answer = &mut wait => return Ok(answer),
+            () = watch.notified() => {
+                if began.elapsed() >= timeout {
+                    return Err(Stalled);
+                }
+            }
+        }
+    }
+}
+
+/// A caller's wait ran out.
+struct Stalled;
+
 // === impl Delivery ===
 
 impl Delivery {
-    /// Answers callers as batches come, until every sender is gone.
+    /// Answers callers as batches come, until every sender is gone; every
+    /// tick, has waiting callers check how long they have waited.
     pub async fn run(mut self) {
-        while let Some(batch) = self.batches.recv().await {
-            for (waiter, answer) in batch {
-                // A caller that stopped waiting does not mind.
-                let _ = waiter.send(answer);
+        let mut ticks = tokio::time::interval(self.tick);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = self.batches.recv() => {
+                    let Some(batch) = batch else {
+                        return;
+                    };
+                    for (waiter, answer) in batch {
+                        // A caller that stopped waiting does not mind.
+                        let _ = waiter.send(answer);
+                    }
+                }
+                _ = ticks.tick() => self.watch.notify_waiters(),
             }
         }
     }

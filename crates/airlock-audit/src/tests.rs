@@ -265,6 +265,29 @@ async fn a_stuck_writer_closes_the_gate_and_times_callers_out() {
 }
 
 #[tokio::test]
+async fn a_workers_callers_are_timed_out_by_its_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = start(&store).await;
+    let (worker, delivery) = auditor.for_worker();
+    let delivery = tokio::spawn(delivery.unwrap().run());
+    store.hang.store(true, Ordering::SeqCst);
+    let began = Instant::now();
+    let err = worker.submit(record(1)).await.unwrap_err();
+    assert!(matches!(err, AuditError::Stalled), "{err:?}");
+    // Not before its time, and within a tick or two of it.
+    let waited = began.elapsed();
+    let limit = settings().stall_timeout;
+    assert!(waited >= limit, "timed out after {waited:?}");
+    assert!(waited < limit * 5, "timed out only after {waited:?}");
+    store.hang.store(false, Ordering::SeqCst);
+    store.release.notify_waiters();
+    drop(worker);
+    writer.shutdown().await;
+    delivery.await.unwrap();
+}
+
+#[tokio::test]
 async fn fail_open_does_not_hold_calls_or_close_the_gate() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
@@ -298,21 +321,15 @@ async fn tampering_in_the_store_is_named() {
     }
     writer.shutdown().await;
     let path = dir.path().join("a.db");
-    let db = sqlx_sqlite(&path).await;
-    sqlx::query("UPDATE audit_records SET status = 500 WHERE seq = 4")
-        .execute(&db)
-        .await
-        .unwrap();
+    airlock_store::testing::rewrite_sqlite_chain(&path, 1, |records| {
+        records[3].status = 500;
+    })
+    .await
+    .unwrap();
     let v = verify_store(store.as_ref(), &key()).await.unwrap();
     let b = v.first_break.unwrap();
     assert_eq!((b.seq, b.reason), (4, BreakReason::BadMac));
     assert_eq!(v.records, 3);
-}
-
-async fn sqlx_sqlite(path: &std::path::Path) -> sqlx::SqlitePool {
-    sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap()
 }
 
 #[tokio::test]

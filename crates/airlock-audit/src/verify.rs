@@ -1,6 +1,6 @@
 //! Verification of the audit trail as stored.
 
-use airlock_core::audit::{AuditKey, AuditRecord, Break, ChainVerifier};
+use airlock_core::audit::{AuditKey, AuditRecord, Break, BreakReason, ChainVerifier};
 use airlock_store::{AuditQuery, Store, StoreError};
 
 /// Records read per query while verifying.
@@ -57,7 +57,19 @@ async fn verify_chain(
                 limit: PAGE,
                 ..AuditQuery::default()
             })
-            .await?;
+            .await;
+        let page = match page {
+            Ok(page) => page,
+            // Stored bytes that do not even decode: the trail breaks there.
+            Err(StoreError::UnreadableAudit { chain, seq, reason }) => {
+                return Ok(Err(Break {
+                    chain,
+                    seq,
+                    reason: BreakReason::Malformed(reason),
+                }));
+            }
+            Err(e) => return Err(e),
+        };
         let full = page.len() == PAGE as usize;
         if let Some(last) = page.last() {
             after_seq = last.seq;

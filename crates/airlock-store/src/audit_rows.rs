@@ -117,8 +117,9 @@ fn mac(bytes: Vec<u8>) -> Option<MacBytes> {
 }
 
 fn corrupt(chain: u32, seq: u64, column: &str) -> StoreError {
-    StoreError::Corrupt {
-        what: format!("audit chain {chain} record {seq}"),
+    StoreError::UnreadableAudit {
+        chain,
+        seq,
         reason: format!("bad {column}"),
     }
 }

@@ -14,11 +14,14 @@ use airlock_core::{Limits, Scope, SessionId, TokenHash};
 use async_trait::async_trait;
 
 mod audit;
+pub mod audit_batch;
 mod audit_rows;
 mod change;
 mod postgres;
 mod session_rows;
 mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use audit::{AuditQuery, ChainHead, GenesisSeal};
 pub use change::{Change, SessionStatus};
@@ -74,6 +77,15 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("audit chain {0} was moved on by another writer")]
     ChainConflict(u32),
+    #[error("audit chain {chain}: record {seq} cannot be read: {reason}")]
+    UnreadableAudit {
+        chain: u32,
+        /// The record (for a batch, its first record) that cannot be read.
+        seq: u64,
+        reason: String,
+    },
+    #[error("audit batch refused: {0}")]
+    InvalidBatch(String),
     #[error("corrupt row for {what}: {reason}")]
     Corrupt { what: String, reason: String },
     #[error("the store's runtime has shut down")]

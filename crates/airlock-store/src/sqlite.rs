@@ -14,15 +14,19 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::{Row, SqlitePool};
 
+#[cfg(feature = "testing")]
+pub(crate) use self::audit_batches::insert_legacy_batch;
+use self::audit_batches::{append_through_pool, read_records};
 use self::audit_writer::{AuditWriter, BUSY_TIMEOUT};
-use crate::audit_rows::{decode_head, decode_record, select_records, RECORD_COLUMNS};
+use crate::audit_rows::decode_head;
 use crate::{
     decode_json, encode_json, AuditQuery, ChainHead, GenesisSeal, Result, SessionRow, Store,
     StoreError, StoredCredential,
 };
 
+mod audit_batches;
 mod audit_writer;
 mod checkpointer;
 
@@ -64,6 +68,11 @@ fn migrator() -> Migrator {
             "credentials",
             include_str!("../migrations/sqlite/0003_credentials.sql"),
         ),
+        migration(
+            4,
+            "audit batches",
+            include_str!("../migrations/sqlite/0004_audit_batches.sql"),
+        ),
     ];
     Migrator {
         migrations: Cow::Owned(migrations),
@@ -85,7 +94,14 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        migrator().run(&pool).await?;
+        let migrated = match migrator().run(&pool).await {
+            Ok(()) => audit_batches::convert_legacy(&pool).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = migrated {
+            pool.close().await;
+            return Err(e);
+        }
         // The audit writer opens its connection after the migrations.
         let audit = match writer_file(&pool, url).await {
             Ok(Some(path)) => AuditWriter::start(path).await.map(Some),
@@ -147,61 +163,6 @@ async fn writer_file(pool: &SqlitePool, url: &str) -> Result<Option<PathBuf>> {
             .fetch_one(pool)
             .await?;
     Ok((!file.is_empty()).then(|| PathBuf::from(file)))
-}
-
-/// Appends audit records through the pool: the old way, kept for the
-/// databases the audit writer does not handle (see [`writer_file`]).
-async fn append_through_pool(
-    pool: &SqlitePool,
-    records: &[AuditRecord],
-    head: &ChainHead,
-) -> Result<()> {
-    let Some(first) = records.first() else {
-        return Ok(());
-    };
-    let mut tx = pool.begin().await?;
-    // Move the head first: a writer that is not at the head learns it
-    // before inserting anything (and never trips over existing seqs).
-    let moved = sqlx::query(
-        "UPDATE audit_chains SET head_seq = ?, head_mac = ?, head_seal = ? \
-         WHERE id = ? AND head_seq = ?",
-    )
-    .bind(to_i64(head.seq))
-    .bind(head.mac.as_slice())
-    .bind(head.seal.as_slice())
-    .bind(i64::from(head.chain))
-    .bind(to_i64(first.seq.saturating_sub(1)))
-    .execute(&mut *tx)
-    .await?;
-    if moved.rows_affected() != 1 {
-        return Err(StoreError::ChainConflict(head.chain));
-    }
-    // 16 columns a row; stay well under SQLite's bound-parameter limit.
-    for chunk in records.chunks(512) {
-        let mut insert: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("INSERT INTO audit_records ({RECORD_COLUMNS}) "));
-        insert.push_values(chunk, |mut b, r| {
-            b.push_bind(i64::from(r.chain))
-                .push_bind(to_i64(r.seq))
-                .push_bind(r.ts_ms)
-                .push_bind(r.session.as_deref())
-                .push_bind(r.provider.as_deref())
-                .push_bind(r.method.as_ref())
-                .push_bind(r.path.as_str())
-                .push_bind(r.decision.as_ref())
-                .push_bind(i64::from(r.status))
-                .push_bind(r.upstream_status.map(i64::from))
-                .push_bind(to_i64(r.duration_us))
-                .push_bind(to_i64(r.bytes_in))
-                .push_bind(to_i64(r.bytes_out))
-                .push_bind(i64::from(r.flags.bits()))
-                .push_bind(r.prev_mac.as_slice())
-                .push_bind(r.mac.as_slice());
-        });
-        insert.build().execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 #[async_trait]
@@ -368,15 +329,7 @@ impl Store for SqliteStore {
     }
 
     async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
-        // Without a chain, time order is served by the index
-        // audit_records_ts: kept although each commit writes a page of it
-        // (about 3% of an append of one record, 12% of large batches), since
-        // a record's ts need not follow its seq and nothing else orders by time.
-        let rows = select_records::<Sqlite>(q)
-            .build()
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(decode_record).collect()
+        read_records(&self.pool, q).await
     }
 
     async fn audit_heads(&self) -> Result<Vec<ChainHead>> {

@@ -79,6 +79,7 @@ suite!(
     call_counts_add_up,
     session_statuses_read_many,
     audit_records_read_back_by_chain_time_and_session,
+    audit_queries_cross_batches,
     audit_append_refuses_a_moved_head,
     audit_append_is_all_or_nothing,
     audit_append_fails_once_closed,
@@ -395,6 +396,92 @@ mod cases {
         store.close().await;
     }
 
+    /// Many small batches (as a lightly loaded server commits them): every
+    /// query answers exactly what filtering the whole trail would, with
+    /// starts and ends in the middle of batches and more batches than one
+    /// page of reading.
+    pub async fn audit_queries_cross_batches(backend: &Backend) {
+        let store = backend.open().await;
+        let mut head = store.audit_claim_chain(&genesis).await.unwrap();
+        let chain = head.chain;
+        let mut all = Vec::new();
+        for batch in 0..150_i64 {
+            let session = if batch % 5 == 0 {
+                "ses_rare"
+            } else {
+                "ses_busy"
+            };
+            // Batches three records long, each starting 10 ms after the last.
+            let (records, next) = records_after(&head, 3, 1_000 + batch * 10, session);
+            store.audit_append(&records, &next).await.unwrap();
+            all.extend(records);
+            head = next;
+        }
+        let expect = |q: &AuditQuery| -> Vec<u64> {
+            all.iter()
+                .filter(|r| q.chain.is_none() || r.seq > q.after_seq)
+                .filter(|r| q.since_ms.is_none_or(|since| r.ts_ms >= since))
+                .filter(|r| q.session.is_none() || r.session.as_deref() == q.session.as_deref())
+                .take(q.limit as usize)
+                .map(|r| r.seq)
+                .collect()
+        };
+        let mut queries = Vec::new();
+        for limit in [1, 2, 7, 100, 1_000] {
+            for after_seq in [0, 1, 2, 3, 200, 448, 450] {
+                queries.push(AuditQuery {
+                    limit,
+                    ..by_chain(chain, after_seq)
+                });
+            }
+            // 1_012 is the second record of a batch.
+            for since_ms in [
+                None,
+                Some(0),
+                Some(1_012),
+                Some(1_013),
+                Some(1_500),
+                Some(9_999),
+            ] {
+                for session in [None, Some("ses_rare"), Some("ses_busy"), Some("ses_none")] {
+                    queries.push(AuditQuery {
+                        session: session.map(str::to_owned),
+                        since_ms,
+                        limit,
+                        ..AuditQuery::default()
+                    });
+                }
+            }
+        }
+        for q in &queries {
+            let got: Vec<u64> = store
+                .audit_records(q)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect();
+            assert_eq!(got, expect(q), "{q:?}");
+        }
+        // Read back whole, the records are the ones appended.
+        let mut paged = Vec::new();
+        let mut after_seq = 0;
+        loop {
+            let page = store
+                .audit_records(&AuditQuery {
+                    limit: 64,
+                    ..by_chain(chain, after_seq)
+                })
+                .await
+                .unwrap();
+            let Some(last) = page.last() else { break };
+            after_seq = last.seq;
+            paged.extend(page);
+        }
+        assert_eq!(paged, all);
+        store.close().await;
+    }
+
     pub async fn audit_append_refuses_a_moved_head(backend: &Backend) {
         let store = backend.open().await;
         let head = store.audit_claim_chain(&genesis).await.unwrap();
@@ -431,7 +518,12 @@ mod cases {
         let (mut bad, bad_head) = records_after(&head1, 3, 2_000, "ses_b");
         bad[2] = first[0].clone();
         let err = store.audit_append(&bad, &bad_head).await.unwrap_err();
-        assert!(matches!(err, StoreError::Database(_)), "{err}");
+        // SQLite checks the batch before writing it, PostgreSQL as it
+        // inserts the rows.
+        assert!(
+            matches!(err, StoreError::Database(_) | StoreError::InvalidBatch(_)),
+            "{err}"
+        );
         assert_eq!(store.audit_heads().await.unwrap(), vec![head1.clone()]);
         assert_eq!(
             store.audit_records(&by_chain(head.chain, 0)).await.unwrap(),
@@ -528,6 +620,146 @@ mod sqlite_only {
         store.close().await;
     }
 
+    /// A database written before batches: its one-row-per-record trail is
+    /// moved into batches when the store opens, and reads back, verifies
+    /// and carries on as before.
+    #[tokio::test]
+    async fn a_trail_of_the_old_format_is_moved_into_batches() {
+        use sqlx::migrate::{Migration, MigrationType, Migrator};
+        use std::borrow::Cow;
+
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/old.db?mode=rwc", dir.path().display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let migration = |version, name, sql| {
+            Migration::new(
+                version,
+                Cow::Borrowed(name),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
+        };
+        let before_batches = Migrator {
+            migrations: Cow::Owned(vec![
+                migration(
+                    1,
+                    "init",
+                    include_str!("../migrations/sqlite/0001_init.sql"),
+                ),
+                migration(
+                    2,
+                    "audit",
+                    include_str!("../migrations/sqlite/0002_audit.sql"),
+                ),
+                migration(
+                    3,
+                    "credentials",
+                    include_str!("../migrations/sqlite/0003_credentials.sql"),
+                ),
+            ]),
+            ..Migrator::DEFAULT
+        };
+        before_batches.run(&pool).await.unwrap();
+        let empty = ChainHead {
+            chain: 1,
+            seq: 0,
+            mac: GENESIS_MAC,
+            seal: genesis(1),
+        };
+        let (records, head) = records_after(&empty, 700, 5_000, "ses_old");
+        sqlx::query("INSERT INTO audit_chains (id, head_seq, head_mac, head_seal, created_at) VALUES (1, ?, ?, ?, 0)")
+            .bind(i64::try_from(head.seq).unwrap())
+            .bind(head.mac.as_slice())
+            .bind(head.seal.as_slice())
+            .execute(&pool)
+            .await
+            .unwrap();
+        for r in &records {
+            sqlx::query(
+                "INSERT INTO audit_records (chain, seq, ts, session, provider, method, path, decision, status, \
+                 upstream_status, duration_us, bytes_in, bytes_out, flags, prev_mac, mac) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(i64::from(r.chain))
+            .bind(i64::try_from(r.seq).unwrap())
+            .bind(r.ts_ms)
+            .bind(r.session.as_deref())
+            .bind(r.provider.as_deref())
+            .bind(r.method.as_ref())
+            .bind(r.path.as_str())
+            .bind(r.decision.as_ref())
+            .bind(i64::from(r.status))
+            .bind(r.upstream_status.map(i64::from))
+            .bind(i64::try_from(r.duration_us).unwrap())
+            .bind(i64::try_from(r.bytes_in).unwrap())
+            .bind(i64::try_from(r.bytes_out).unwrap())
+            .bind(i64::from(r.flags.bits()))
+            .bind(r.prev_mac.as_slice())
+            .bind(r.mac.as_slice())
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        pool.close().await;
+
+        let store = open(&url).await.unwrap();
+        let all = store.audit_records(&by_chain(1, 0)).await.unwrap();
+        assert_eq!(all, records);
+        let key = key();
+        let mut verifier = ChainVerifier::from_start(&key);
+        for (i, record) in all.iter().enumerate() {
+            verifier.check(record, all.get(i + 1)).unwrap();
+        }
+        verifier
+            .check_head(1, head.seq, &head.mac, &head.seal)
+            .unwrap();
+        let old_session = store
+            .audit_records(&AuditQuery {
+                session: Some("ses_old".to_owned()),
+                since_ms: Some(5_600),
+                limit: 1_000,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        let expected: Vec<u64> = records
+            .iter()
+            .filter(|r| r.ts_ms >= 5_600 && r.session.is_some())
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(
+            old_session.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            expected
+        );
+        // The chain carries on where it was.
+        let resumed = store.audit_claim_chain(&genesis).await.unwrap();
+        assert_eq!(resumed, head);
+        let (next, head2) = records_after(&head, 2, 9_000, "ses_new");
+        store.audit_append(&next, &head2).await.unwrap();
+        assert_eq!(
+            store.audit_records(&by_chain(1, 0)).await.unwrap().len(),
+            702
+        );
+        store.close().await;
+
+        // The old table is gone, and opening again has nothing to move.
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let old_tables: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = 'audit_records'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(old_tables, 0);
+        pool.close().await;
+        let store = open(&url).await.unwrap();
+        assert_eq!(
+            store.audit_records(&by_chain(1, 0)).await.unwrap().len(),
+            702
+        );
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn an_in_memory_store_appends_through_its_pool() {
         let backend = Backend {
@@ -569,8 +801,14 @@ mod sqlite_only {
         let backend = Backend::sqlite().await.unwrap();
         let (store, _, dir) = store_in_use(&backend).await;
         // The pool, the audit writer and the checkpoint thread: all closed
-        // by the time close returns.
+        // once close returns — give or take the moment a sqlx connection's
+        // thread takes to let go of its handle after confirming the close.
         store.close().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !files_open_under(&dir).is_empty() && Instant::now() < deadline {
+            tokio::task::yield_now().await;
+            std::thread::yield_now();
+        }
         assert_eq!(files_open_under(&dir), Vec::<std::path::PathBuf>::new());
     }
 

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use airlock_core::audit::AuditRecord;
+use airlock_store::testing::{garble_sqlite_batch, rewrite_sqlite_chain};
 use airlock_testkit::client::request;
 use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
 use bytes::Bytes;
@@ -296,14 +298,6 @@ impl Backup {
     }
 }
 
-async fn execute(db: &Path, sql: &str) {
-    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
-    conn.close().await.unwrap();
-}
-
 #[tokio::test]
 async fn tampering_in_the_store_is_named() {
     let mock = MockProvider::start().await;
@@ -321,63 +315,85 @@ async fn tampering_in_the_store_is_named() {
     let backup = Backup::take(&db);
     assert!(cli(&config, &["audit", "verify"]).status.success());
 
-    let columns = "ts, session, provider, method, path, decision, status, upstream_status, \
-                   duration_us, bytes_in, bytes_out, flags, prev_mac, mac";
-    let cases: Vec<(&str, String, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut Vec<AuditRecord>)>;
+    let at = |seq: u64| usize::try_from(seq - 1).unwrap();
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "edit",
-            "UPDATE audit_records SET status = 201 WHERE seq = 5".into(),
+            Box::new(move |r| r[at(5)].status = 201),
             "first bad record is seq 5 of chain 1: bad mac",
         ),
         (
             "edit the path",
-            "UPDATE audit_records SET path = '/openai/v1/calls/x' WHERE seq = 2".into(),
+            Box::new(move |r| r[at(2)].path = "/openai/v1/calls/x".into()),
             "seq 2 of chain 1: bad mac",
         ),
         (
             "delete",
-            "DELETE FROM audit_records WHERE seq = 4".into(),
+            Box::new(move |r| {
+                r.remove(at(4));
+            }),
             "seq 5 of chain 1: gap: record 4 is missing",
         ),
         (
             "delete the first",
-            "DELETE FROM audit_records WHERE seq = 1".into(),
+            Box::new(|r| {
+                r.remove(0);
+            }),
             "seq 2 of chain 1: gap: record 1 is missing",
         ),
         (
             "swap two records' contents",
-            format!(
-                "CREATE TEMP TABLE t AS SELECT * FROM audit_records WHERE seq IN (6, 7);
-                 UPDATE audit_records SET ({columns}) = (SELECT {columns} FROM t WHERE t.seq = 7) WHERE seq = 6;
-                 UPDATE audit_records SET ({columns}) = (SELECT {columns} FROM t WHERE t.seq = 6) WHERE seq = 7;"
-            ),
+            Box::new(move |r| {
+                let (six, seven) = (r[at(6)].clone(), r[at(7)].clone());
+                r[at(6)] = AuditRecord { seq: 6, ..seven };
+                r[at(7)] = AuditRecord { seq: 7, ..six };
+            }),
             "seq 6 of chain 1: bad mac",
         ),
         (
             "insert a copy",
-            format!(
-                "INSERT INTO audit_records (chain, seq, {columns})
-                 SELECT chain, 11, {columns} FROM audit_records WHERE seq = 10"
-            ),
+            Box::new(move |r| {
+                let copy = AuditRecord {
+                    seq: 11,
+                    ..r[at(10)].clone()
+                };
+                r.push(copy);
+            }),
             "seq 11 of chain 1: bad mac",
         ),
         (
             "cut the tail",
-            "DELETE FROM audit_records WHERE seq >= 9".into(),
+            Box::new(|r| r.retain(|r| r.seq < 9)),
             "seq 8 of chain 1: truncated: the chain's sealed head is record 10",
         ),
     ];
-    for (name, sql, expected) in cases {
+    for (name, edit, expected) in cases {
         backup.restore();
-        execute(&db, &sql).await;
+        rewrite_sqlite_chain(&db, 1, edit).await.unwrap();
         let out = cli(&config, &["audit", "verify"]);
         assert_eq!(out.status.code(), Some(1), "{name}: {out:?}");
         assert!(stdout(&out).contains(expected), "{name}: {}", stdout(&out));
     }
 
+    // A batch that no longer decodes fails verification, naming where.
+    backup.restore();
+    garble_sqlite_batch(&db, 1, 5, b"\x01garbage")
+        .await
+        .unwrap();
+    let out = cli(&config, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "garbled: {out:?}");
+    assert!(
+        stdout(&out).contains("seq 5 of chain 1: malformed record"),
+        "garbled: {}",
+        stdout(&out)
+    );
+
     // The admin API reports the same break.
     backup.restore();
-    execute(&db, "UPDATE audit_records SET bytes_out = 0 WHERE seq = 3").await;
+    rewrite_sqlite_chain(&db, 1, |r| r[2].bytes_out = 0)
+        .await
+        .unwrap();
     let airlock = builder(&mock)
         .dir(airlock.dir().to_path_buf())
         .start()

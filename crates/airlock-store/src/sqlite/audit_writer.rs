@@ -1,6 +1,6 @@
 //! The SQLite audit trail's write path: one `rusqlite` connection to the
 //! store's file, committing each batch of records in one transaction of
-//! its own.
+//! its own, as one row (see `audit_batch`).
 //!
 //! Going through sqlx costs a round trip to its worker thread for every
 //! statement of a batch (BEGIN, the head update, the insert, COMMIT); here
@@ -25,7 +25,7 @@ use sqlx::error::{DatabaseError, ErrorKind};
 
 use super::checkpointer::{Checkpointer, WRITER_CHECKPOINT_PAGES};
 use super::to_i64;
-use crate::audit_rows::RECORD_COLUMNS;
+use crate::audit_batch::{encode_batch, sessions, summarise};
 use crate::{ChainHead, Result, StoreError};
 
 /// What the pool's connections wait for a lock held elsewhere; the writer
@@ -41,8 +41,20 @@ const ROLLBACK: &str = "ROLLBACK";
 const MOVE_HEAD: &str = "UPDATE audit_chains SET head_seq = ?1, head_mac = ?2, head_seal = ?3 \
      WHERE id = ?4 AND head_seq = ?5";
 
-/// The audit trail's connection; `None` once closed.
-type Slot = Arc<Mutex<Option<Connection>>>;
+const INSERT_BATCH: &str =
+    "INSERT INTO audit_batches (chain, first_seq, last_seq, ts_max, records) \
+     VALUES (?1, ?2, ?3, ?4, ?5)";
+const INSERT_SESSION: &str =
+    "INSERT INTO audit_batch_sessions (session, chain, first_seq) VALUES (?1, ?2, ?3)";
+
+/// The audit trail's connection and the buffer batches are encoded into;
+/// `None` once closed.
+type Slot = Arc<Mutex<Option<Open>>>;
+
+struct Open {
+    conn: Connection,
+    encoded: Vec<u8>,
+}
 
 /// The audit write path of one SQLite store.
 pub(super) struct AuditWriter {
@@ -65,7 +77,10 @@ impl AuditWriter {
             .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
         let conn = opened.map_err(database_error)?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(Some(conn))),
+            conn: Arc::new(Mutex::new(Some(Open {
+                conn,
+                encoded: Vec::new(),
+            }))),
             checkpointer: Mutex::new(Some(checkpointer)),
         })
     }
@@ -93,8 +108,8 @@ impl AuditWriter {
         let conn = Arc::clone(&self.conn);
         let checkpointer = self.checkpointer.lock().take();
         let closing = tokio::task::spawn_blocking(move || {
-            if let Some(conn) = conn.lock().take() {
-                close(conn);
+            if let Some(open) = conn.lock().take() {
+                close(open.conn);
             }
             if let Some(checkpointer) = checkpointer {
                 checkpointer.stop();
@@ -107,12 +122,16 @@ impl AuditWriter {
 
 /// One batch on the connection in `slot`, all or nothing.
 fn append_on(slot: &Slot, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
-    let guard = slot.lock();
-    let Some(conn) = guard.as_ref() else {
+    let mut guard = slot.lock();
+    let Some(open) = guard.as_mut() else {
         return Err(StoreError::Database(sqlx::Error::PoolClosed));
     };
-    let mut statements = Statements::prepare(conn).map_err(database_error)?;
-    statements.append(records, head)
+    encode_batch(records, &mut open.encoded).map_err(|e| StoreError::Corrupt {
+        what: "audit batch".to_owned(),
+        reason: e.to_string(),
+    })?;
+    let mut statements = Statements::prepare(&open.conn).map_err(database_error)?;
+    statements.append(records, &open.encoded, head)
 }
 
 /// Opens the writer's connection and prepares its statements once (they
@@ -151,7 +170,8 @@ struct Statements<'c> {
     conn: &'c Connection,
     begin: CachedStatement<'c>,
     move_head: CachedStatement<'c>,
-    insert: CachedStatement<'c>,
+    insert_batch: CachedStatement<'c>,
+    insert_session: CachedStatement<'c>,
     commit: CachedStatement<'c>,
     rollback: CachedStatement<'c>,
 }
@@ -164,14 +184,15 @@ impl<'c> Statements<'c> {
             conn,
             begin: conn.prepare_cached(BEGIN)?,
             move_head: conn.prepare_cached(MOVE_HEAD)?,
-            insert: conn.prepare_cached(insert_sql())?,
+            insert_batch: conn.prepare_cached(INSERT_BATCH)?,
+            insert_session: conn.prepare_cached(INSERT_SESSION)?,
             commit: conn.prepare_cached(COMMIT)?,
             rollback: conn.prepare_cached(ROLLBACK)?,
         })
     }
 
     /// One batch, all or nothing.
-    fn append(&mut self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
+    fn append(&mut self, records: &[AuditRecord], encoded: &[u8], head: &ChainHead) -> Result<()> {
         let Some(first) = records.first() else {
             return Ok(());
         };
@@ -180,7 +201,7 @@ impl<'c> Statements<'c> {
         // IMMEDIATE: take the write lock now (waiting up to the busy
         // timeout), so that nothing later fails for want of it.
         self.begin.execute([]).map_err(database_error)?;
-        let result = self.append_in_transaction(first.seq, records, head);
+        let result = self.append_in_transaction(first.seq, records, encoded, head);
         if result.is_err() {
             self.roll_back();
         }
@@ -202,6 +223,7 @@ impl<'c> Statements<'c> {
         &mut self,
         first_seq: u64,
         records: &[AuditRecord],
+        encoded: &[u8],
         head: &ChainHead,
     ) -> Result<()> {
         // Move the head first: a writer that is not at the head learns it
@@ -219,42 +241,26 @@ impl<'c> Statements<'c> {
         if moved != 1 {
             return Err(StoreError::ChainConflict(head.chain));
         }
-        for r in records {
-            self.insert
-                .execute(params![
-                    i64::from(r.chain),
-                    to_i64(r.seq),
-                    r.ts_ms,
-                    r.session.as_deref(),
-                    r.provider.as_deref(),
-                    r.method.as_ref(),
-                    r.path.as_str(),
-                    r.decision.as_ref(),
-                    i64::from(r.status),
-                    r.upstream_status.map(i64::from),
-                    to_i64(r.duration_us),
-                    to_i64(r.bytes_in),
-                    to_i64(r.bytes_out),
-                    i64::from(r.flags.bits()),
-                    r.prev_mac.as_slice(),
-                    r.mac.as_slice(),
-                ])
+        let summary = summarise(records, head)?;
+        let chain = i64::from(head.chain);
+        let first = to_i64(summary.first_seq);
+        self.insert_batch
+            .execute(params![
+                chain,
+                first,
+                to_i64(summary.last_seq),
+                summary.ts_max,
+                encoded,
+            ])
+            .map_err(database_error)?;
+        for session in sessions(records) {
+            self.insert_session
+                .execute(params![session, chain, first])
                 .map_err(database_error)?;
         }
         self.commit.execute([]).map_err(database_error)?;
         Ok(())
     }
-}
-
-/// The record insert (built once; the statement cache keys on the text).
-fn insert_sql() -> &'static str {
-    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SQL.get_or_init(|| {
-        format!(
-            "INSERT INTO audit_records ({RECORD_COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
-        )
-    })
 }
 
 /// A `rusqlite` error as the store's database error (the same variant the

@@ -1,0 +1,72 @@
+//! Test support (feature `testing`): what an attacker with write access to
+//! the database file can do to the embedded store's audit trail, for tests
+//! that check that verifying names it. The server must not be running.
+
+use std::path::Path;
+
+use airlock_core::audit::AuditRecord;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{Connection, Row, SqliteConnection};
+
+use crate::audit_batch::decode_batch;
+use crate::{Result, StoreError};
+
+/// Rewrites the stored records of `chain` in the SQLite database at `path`
+/// as `edit` leaves them (editing, dropping, inserting or reordering
+/// records), as one batch, without touching the chain's sealed head.
+pub async fn rewrite_sqlite_chain(
+    path: &Path,
+    chain: u32,
+    edit: impl FnOnce(&mut Vec<AuditRecord>),
+) -> Result<()> {
+    // One connection, closed before returning: a pool may close its last
+    // connection (and checkpoint the file) after `close` returns.
+    let mut conn = connect(path).await?;
+    let rows = sqlx::query("SELECT records FROM audit_batches WHERE chain = ? ORDER BY first_seq")
+        .bind(i64::from(chain))
+        .fetch_all(&mut conn)
+        .await?;
+    let mut records = Vec::new();
+    for row in &rows {
+        decode_batch(chain, row.try_get("records")?, &mut records).map_err(|e| {
+            StoreError::Corrupt {
+                what: format!("audit chain {chain}"),
+                reason: e.to_string(),
+            }
+        })?;
+    }
+    edit(&mut records);
+    let mut tx = conn.begin().await?;
+    for table in ["audit_batches", "audit_batch_sessions"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE chain = ?"))
+            .bind(i64::from(chain))
+            .execute(&mut *tx)
+            .await?;
+    }
+    crate::sqlite::insert_legacy_batch(&mut tx, &records, chain).await?;
+    tx.commit().await?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// Overwrites the bytes of the stored batch of `chain` that holds record
+/// `seq` with `bytes`.
+pub async fn garble_sqlite_batch(path: &Path, chain: u32, seq: u64, bytes: &[u8]) -> Result<()> {
+    let mut conn = connect(path).await?;
+    let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+    sqlx::query(
+        "UPDATE audit_batches SET records = ? WHERE chain = ? AND first_seq <= ? AND last_seq >= ?",
+    )
+    .bind(bytes)
+    .bind(i64::from(chain))
+    .bind(seq)
+    .bind(seq)
+    .execute(&mut conn)
+    .await?;
+    conn.close().await?;
+    Ok(())
+}
+
+async fn connect(path: &Path) -> Result<SqliteConnection> {
+    Ok(SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(path)).await?)
+}
