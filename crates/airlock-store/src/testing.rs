@@ -43,7 +43,7 @@ pub async fn rewrite_sqlite_chain(
             .execute(&mut *tx)
             .await?;
     }
-    crate::sqlite::insert_legacy_batch(&mut tx, &records, chain).await?;
+    crate::sqlite::insert_legacy_batch(&mut tx, &records, chain, i64::MIN).await?;
     tx.commit().await?;
     conn.close().await?;
     Ok(())

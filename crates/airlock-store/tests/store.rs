@@ -667,7 +667,22 @@ mod sqlite_only {
             mac: GENESIS_MAC,
             seal: genesis(1),
         };
-        let (records, head) = records_after(&empty, 700, 5_000, "ses_old");
+        let (mut records, _) = records_after(&empty, 700, 5_000, "ses_old");
+        // The old writer did not keep ts from stepping back: record 351
+        // is 200 ms older than record 350.
+        records[350].ts_ms -= 200;
+        let key = key();
+        let mut prev = GENESIS_MAC;
+        for record in &mut records {
+            record.seal(&key, 1, record.seq, prev);
+            prev = record.mac;
+        }
+        let head = ChainHead {
+            chain: 1,
+            seq: 700,
+            mac: prev,
+            seal: head_seal(&key, 1, 700, &prev),
+        };
         sqlx::query("INSERT INTO audit_chains (id, head_seq, head_mac, head_seal, created_at) VALUES (1, ?, ?, ?, 0)")
             .bind(i64::try_from(head.seq).unwrap())
             .bind(head.mac.as_slice())
@@ -706,7 +721,6 @@ mod sqlite_only {
         let store = open(&url).await.unwrap();
         let all = store.audit_records(&by_chain(1, 0)).await.unwrap();
         assert_eq!(all, records);
-        let key = key();
         let mut verifier = ChainVerifier::from_start(&key);
         for (i, record) in all.iter().enumerate() {
             verifier.check(record, all.get(i + 1)).unwrap();
@@ -732,6 +746,27 @@ mod sqlite_only {
             old_session.iter().map(|r| r.seq).collect::<Vec<_>>(),
             expected
         );
+        // Around the step back, time queries still find every record.
+        for since in [5_150, 5_151, 5_152, 5_349, 5_350, 5_351, 5_352] {
+            let got = store
+                .audit_records(&AuditQuery {
+                    since_ms: Some(since),
+                    limit: 1_000,
+                    ..AuditQuery::default()
+                })
+                .await
+                .unwrap();
+            let expected: Vec<u64> = records
+                .iter()
+                .filter(|r| r.ts_ms >= since)
+                .map(|r| r.seq)
+                .collect();
+            assert_eq!(
+                got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+                expected,
+                "since {since}"
+            );
+        }
         // The chain carries on where it was.
         let resumed = store.audit_claim_chain(&genesis).await.unwrap();
         assert_eq!(resumed, head);

@@ -6,7 +6,9 @@
 //! Reads rely on one property of a chain, which the audit writer keeps: a
 //! record's `ts` is never earlier than its predecessor's, so seq order is
 //! time order and the batches holding records from a given time on are a
-//! suffix of the chain, found through `audit_batches_ts`.
+//! suffix of the chain, found through `audit_batches_ts`. (Batches moved
+//! from the old format, whose `ts` may step back, store the running
+//! maximum as `ts_max`: the seek stays exact, the order is seq order.)
 
 use airlock_core::audit::AuditRecord;
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
@@ -186,21 +188,27 @@ async fn insert_batch(
     write_batch(tx, head.chain, &summary, records).await
 }
 
-/// Inserts old rows of `chain` as one batch, as they are.
+/// Inserts old rows of `chain` as one batch, as they are. Their `ts` may
+/// step back now and then (the writer did not always keep it from doing
+/// so): the batch's `ts_max` is at least `floor`, the `ts_max` of the
+/// batch before it, so that `ts_max` never decreases along a chain and
+/// the time seek stays exact. Returns the batch's `ts_max`.
 pub(crate) async fn insert_legacy_batch(
     tx: &mut Transaction<'_, Sqlite>,
     records: &[AuditRecord],
     chain: u32,
-) -> Result<()> {
+    floor: i64,
+) -> Result<i64> {
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
-        return Ok(());
+        return Ok(floor);
     };
     let summary = BatchSummary {
         first_seq: first.seq,
         last_seq: last.seq,
-        ts_max: records.iter().map(|r| r.ts_ms).max().unwrap_or(first.ts_ms),
+        ts_max: records.iter().map(|r| r.ts_ms).fold(floor, i64::max),
     };
-    write_batch(tx, chain, &summary, records).await
+    write_batch(tx, chain, &summary, records).await?;
+    Ok(summary.ts_max)
 }
 
 async fn write_batch(
@@ -254,6 +262,8 @@ pub(super) async fn convert_legacy(pool: &SqlitePool) -> Result<()> {
     let mut tx = pool.begin().await?;
     let mut moved = 0_u64;
     let mut after = (0_i64, 0_i64);
+    let mut floor = i64::MIN;
+    let mut current_chain = 0;
     loop {
         let rows = sqlx::query(&format!(
             "SELECT {RECORD_COLUMNS} FROM audit_records WHERE (chain, seq) > (?, ?) \
@@ -270,10 +280,13 @@ pub(super) async fn convert_legacy(pool: &SqlitePool) -> Result<()> {
         };
         after = (i64::from(last.chain), to_i64(last.seq));
         for batch in records.chunk_by(|a, b| a.chain == b.chain) {
-            if let Some(last) = batch.last() {
+            if let Some(first) = batch.first() {
+                if first.chain != current_chain {
+                    (current_chain, floor) = (first.chain, i64::MIN);
+                }
                 // Old rows are moved as they are, gaps and all: verifying
                 // is what judges them.
-                insert_legacy_batch(&mut tx, batch, last.chain).await?;
+                floor = insert_legacy_batch(&mut tx, batch, first.chain, floor).await?;
             }
         }
         moved += records.len() as u64;
