@@ -106,7 +106,7 @@ pub struct Auditor {
     route: Option<Route>,
     /// Wakes this worker's waiting callers to check how long they have
     /// waited (see [`Delivery::run`]).
-    watch: Option<Arc<Notify>>,
+    watch: Option<Arc<Watch>>,
 }
 
 /// A caller waiting for its record, and the answer it gets.
@@ -120,7 +120,7 @@ type Route = mpsc::UnboundedSender<Vec<Answer>>;
 /// runs on that worker's runtime until the auditor and its clones are gone.
 pub struct Delivery {
     batches: mpsc::UnboundedReceiver<Vec<Answer>>,
-    watch: Arc<Notify>,
+    watch: Arc<Watch>,
     /// How often waiting callers check their wait against `stall_timeout`.
     tick: Duration,
 }
@@ -234,7 +234,10 @@ impl Auditor {
             return (self.clone(), None);
         };
         let (route, batches) = mpsc::unbounded_channel();
-        let watch = Arc::new(Notify::new());
+        let watch = Arc::new(Watch {
+            ticks: Notify::new(),
+            gone: AtomicBool::new(false),
+        });
         let auditor = Self {
             shared: self.shared.clone(),
             route: Some(route),
@@ -333,22 +336,39 @@ impl Auditor {
 const MIN_TICK: Duration = Duration::from_millis(1);
 const MAX_TICK: Duration = Duration::from_millis(500);
 
+/// A worker's wait bound: its [`Delivery`] ticks, and says when it is gone.
+struct Watch {
+    ticks: Notify,
+    /// Set (and waiters woken) when the delivery is dropped: from then on
+    /// nothing ticks, and waiters time themselves.
+    gone: AtomicBool,
+}
+
 /// Waits for `wait`, or until a tick of `watch` finds that `timeout` has
-/// passed since the call began waiting. No timer of its own: a timer per
-/// call costs a timer-wheel entry and, often, a wake-up of the runtime's
-/// driver (a system call).
+/// passed since the call began waiting. No timer of its own while the
+/// worker's delivery runs: a timer per call costs a timer-wheel entry and,
+/// often, a wake-up of the runtime's driver (a system call).
 async fn watched<T>(
     wait: oneshot::Receiver<T>,
-    watch: &Notify,
+    watch: &Watch,
     timeout: Duration,
 ) -> Result<Result<T, oneshot::error::RecvError>, Stalled> {
     let began = Instant::now();
     tokio::pin!(wait);
     loop {
+        let tick = watch.ticks.notified();
+        tokio::pin!(tick);
+        // Registered before `gone` is read: a delivery dropped after the
+        // read still wakes this waiter.
+        tick.as_mut().enable();
+        if watch.gone.load(Ordering::Acquire) {
+            let left = timeout.saturating_sub(began.elapsed());
+            return tokio::time::timeout(left, wait).await.map_err(|_| Stalled);
+        }
         tokio::select! {
             biased;
             answer = &mut wait => return Ok(answer),
-            () = watch.notified() => {
+            () = tick => {
                 if began.elapsed() >= timeout {
                     return Err(Stalled);
                 }
@@ -361,6 +381,13 @@ async fn watched<T>(
 struct Stalled;
 
 // === impl Delivery ===
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        self.watch.gone.store(true, Ordering::Release);
+        self.watch.ticks.notify_waiters();
+    }
+}
 
 impl Delivery {
     /// Answers callers as batches come, until every sender is gone; every
@@ -379,7 +406,7 @@ impl Delivery {
                         let _ = waiter.send(answer);
                     }
                 }
-                _ = ticks.tick() => self.watch.notify_waiters(),
+                _ = ticks.tick() => self.watch.ticks.notify_waiters(),
             }
         }
     }

@@ -288,6 +288,34 @@ async fn a_workers_callers_are_timed_out_by_its_delivery() {
 }
 
 #[tokio::test]
+async fn without_its_delivery_a_workers_callers_still_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = start(&store).await;
+    let (worker, delivery) = auditor.for_worker();
+    store.hang.store(true, Ordering::SeqCst);
+    // One call waits while the delivery is there, one starts after it is gone.
+    let waiting = tokio::spawn(worker.submit(record(1)));
+    tokio::task::yield_now().await;
+    drop(delivery);
+    let began = Instant::now();
+    let late = worker.submit(record(2)).await.unwrap_err();
+    assert!(matches!(late, AuditError::Stalled), "{late:?}");
+    let early = waiting.await.unwrap().unwrap_err();
+    assert!(matches!(early, AuditError::Stalled), "{early:?}");
+    let limit = settings().stall_timeout;
+    assert!(
+        began.elapsed() < limit * 5,
+        "timed out only after {:?}",
+        began.elapsed()
+    );
+    store.hang.store(false, Ordering::SeqCst);
+    store.release.notify_waiters();
+    drop(worker);
+    writer.shutdown().await;
+}
+
+#[tokio::test]
 async fn fail_open_does_not_hold_calls_or_close_the_gate() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use airlock_core::audit::{head_seal, AuditKey, AuditRecord, GENESIS_MAC};
-use airlock_store::{AuditQuery, ChainHead, Store, StoreError};
+use airlock_store::{ChainHead, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{Answer, AuditError, Msg, Route, Shared, Waiter};
@@ -15,9 +15,6 @@ pub(crate) struct Writer {
     store: Arc<dyn Store>,
     key: Arc<AuditKey>,
     head: ChainHead,
-    /// The `ts` of the chain's last record: no record is sealed with an
-    /// earlier one, so that a chain's seq order is also its time order.
-    last_ts: i64,
     shared: Arc<Shared>,
     records: Vec<AuditRecord>,
     waiters: Vec<(Waiter, Option<Route>)>,
@@ -41,7 +38,6 @@ impl Writer {
             store,
             key,
             head,
-            last_ts: i64::MIN,
             shared,
             records: Vec::with_capacity(max_batch),
             waiters: Vec::with_capacity(max_batch),
@@ -51,7 +47,6 @@ impl Writer {
 
     /// Runs until shut down or every sender is gone.
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        self.learn_last_ts().await;
         loop {
             let msg = if self.shared.health.healthy.load(Ordering::Acquire) {
                 rx.recv().await
@@ -129,11 +124,6 @@ impl Writer {
         let mut seq = self.head.seq;
         let mut prev = self.head.mac;
         for record in &mut self.records {
-            // Records reach the writer in about the order calls end; one
-            // that ended a moment before its predecessor was queued takes
-            // its predecessor's time.
-            record.ts_ms = record.ts_ms.max(self.last_ts);
-            self.last_ts = record.ts_ms;
             seq += 1;
             record.seal(&self.key, chain, seq, prev);
             prev = record.mac;
@@ -226,36 +216,12 @@ impl Writer {
         match claimed {
             Ok(head) => {
                 self.head = head;
-                self.learn_last_ts().await;
                 true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not re-read the audit chain head");
                 false
             }
-        }
-    }
-
-    /// Reads the `ts` of the record at the chain's head (if any), which
-    /// the next record must not precede.
-    async fn learn_last_ts(&mut self) {
-        if self.head.seq == 0 {
-            return;
-        }
-        let query = AuditQuery {
-            chain: Some(self.head.chain),
-            after_seq: self.head.seq - 1,
-            limit: 1,
-            ..AuditQuery::default()
-        };
-        match self.store.audit_records(&query).await {
-            Ok(records) => {
-                if let Some(last) = records.first() {
-                    self.last_ts = self.last_ts.max(last.ts_ms);
-                }
-            }
-            // Records stay in order within this writer's run regardless.
-            Err(e) => tracing::warn!(error = %e, "could not read the audit chain's last record"),
         }
     }
 }

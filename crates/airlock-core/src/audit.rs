@@ -63,8 +63,7 @@ pub struct AuditRecord {
     pub chain: u32,
     /// Position in the chain, from 1, without gaps.
     pub seq: u64,
-    /// When the call ended, unix milliseconds; never earlier than the
-    /// previous record's in its chain (the writer sees to it).
+    /// When the call ended, unix milliseconds.
     pub ts_ms: i64,
     /// Session id (`ses_…`), when the token named one.
     pub session: Option<String>,

@@ -122,11 +122,11 @@ pub fn decode_batch(
             chain,
             seq: r.seq,
             ts_ms: r.ts_ms,
-            session: r.session.map(str::to_owned),
-            provider: r.provider.map(str::to_owned),
-            method: Cow::Owned(r.method.to_owned()),
-            path: r.path.to_owned(),
-            decision: Cow::Owned(r.decision.to_owned()),
+            session: r.session.map(Cow::into_owned),
+            provider: r.provider.map(Cow::into_owned),
+            method: Cow::Owned(r.method.into_owned()),
+            path: r.path.into_owned(),
+            decision: Cow::Owned(r.decision.into_owned()),
             status: r.status,
             upstream_status: r.upstream_status,
             duration_us: r.duration_us,
@@ -159,7 +159,7 @@ struct BatchOut<'a> {
     records: RecordsOut<'a>,
 }
 
-/// Serialises the records as a sequence of [`RecordOut`] without
+/// Serialises the records as a sequence of [`StoredRecord`] without
 /// collecting them.
 struct RecordsOut<'a>(&'a [AuditRecord]);
 
@@ -167,21 +167,21 @@ impl Serialize for RecordsOut<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
         for r in self.0 {
-            seq.serialize_element(&RecordOut {
+            seq.serialize_element(&StoredRecord {
                 seq: r.seq,
                 ts_ms: r.ts_ms,
-                session: r.session.as_deref(),
-                provider: r.provider.as_deref(),
-                method: &r.method,
-                path: &r.path,
-                decision: &r.decision,
+                session: r.session.as_deref().map(Cow::Borrowed),
+                provider: r.provider.as_deref().map(Cow::Borrowed),
+                method: Cow::Borrowed(&r.method),
+                path: Cow::Borrowed(&r.path),
+                decision: Cow::Borrowed(&r.decision),
                 status: r.status,
                 upstream_status: r.upstream_status,
                 duration_us: r.duration_us,
                 bytes_in: r.bytes_in,
                 bytes_out: r.bytes_out,
                 flags: r.flags.bits(),
-                mac: &r.mac,
+                mac: r.mac,
             })?;
         }
         seq.end()
@@ -189,41 +189,22 @@ impl Serialize for RecordsOut<'_> {
 }
 
 /// One record as stored (field order is the format: append only, never
-/// reorder).
-#[derive(Serialize)]
-struct RecordOut<'a> {
+/// reorder). Written from borrowed fields, read back borrowing the batch's
+/// bytes.
+#[derive(Serialize, Deserialize)]
+struct StoredRecord<'a> {
     seq: u64,
     ts_ms: i64,
-    session: Option<&'a str>,
-    provider: Option<&'a str>,
-    method: &'a str,
-    path: &'a str,
-    decision: &'a str,
-    status: u16,
-    upstream_status: Option<u16>,
-    duration_us: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-    flags: u32,
-    mac: &'a MacBytes,
-}
-
-#[derive(Deserialize)]
-struct BatchIn<'a> {
-    prev_mac: MacBytes,
     #[serde(borrow)]
-    records: Vec<RecordIn<'a>>,
-}
-
-#[derive(Deserialize)]
-struct RecordIn<'a> {
-    seq: u64,
-    ts_ms: i64,
-    session: Option<&'a str>,
-    provider: Option<&'a str>,
-    method: &'a str,
-    path: &'a str,
-    decision: &'a str,
+    session: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    provider: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    method: Cow<'a, str>,
+    #[serde(borrow)]
+    path: Cow<'a, str>,
+    #[serde(borrow)]
+    decision: Cow<'a, str>,
     status: u16,
     upstream_status: Option<u16>,
     duration_us: u64,
@@ -231,6 +212,13 @@ struct RecordIn<'a> {
     bytes_out: u64,
     flags: u32,
     mac: MacBytes,
+}
+
+#[derive(Deserialize)]
+struct BatchIn<'a> {
+    prev_mac: MacBytes,
+    #[serde(borrow)]
+    records: Vec<StoredRecord<'a>>,
 }
 
 #[cfg(test)]

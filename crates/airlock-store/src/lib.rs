@@ -258,3 +258,23 @@ fn encode_json<T: serde::Serialize>(value: &T) -> String {
     // Serialising these plain data types cannot fail.
     serde_json::to_string(value).unwrap_or_default()
 }
+
+/// Closes `pool` and waits until it holds no connection, for at most
+/// [`CLOSE_POOL_LIMIT`]. `Pool::close` alone can return while a connection
+/// is still on its way back to the pool (its return is a spawned task),
+/// and that connection can then land among the idle ones after they were
+/// closed, where nothing closes it (sqlx issue #3217; seen here as a
+/// SQLite file still open after `close`). Closing again closes whatever
+/// has landed since.
+async fn close_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) {
+    let deadline = std::time::Instant::now() + CLOSE_POOL_LIMIT;
+    pool.close().await;
+    while pool.size() > 0 && std::time::Instant::now() < deadline {
+        // Lets the spawned return run, then closes what it brought back.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        pool.close().await;
+    }
+}
+
+/// The longest [`close_pool`] waits for connections still on their way back.
+const CLOSE_POOL_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);

@@ -412,7 +412,7 @@ impl Store for PgStore {
         self.feed.abort();
         self.keeper.abort();
         self.chain.release().await;
-        self.pool.close().await;
+        crate::close_pool(&self.pool).await;
     }
 
     fn is_shared(&self) -> bool {

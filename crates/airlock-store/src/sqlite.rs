@@ -355,6 +355,6 @@ impl Store for SqliteStore {
         if let Some(writer) = &self.audit {
             writer.close().await;
         }
-        self.pool.close().await;
+        crate::close_pool(&self.pool).await;
     }
 }

@@ -70,3 +70,12 @@ pub async fn garble_sqlite_batch(path: &Path, chain: u32, seq: u64, bytes: &[u8]
 async fn connect(path: &Path) -> Result<SqliteConnection> {
     Ok(SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(path)).await?)
 }
+
+/// Runs `sql` (any statements) on the SQLite database at `path`: for
+/// tampering with the rows around the records themselves.
+pub async fn execute_sqlite(path: &Path, sql: &str) -> Result<()> {
+    let mut conn = connect(path).await?;
+    sqlx::raw_sql(sql).execute(&mut conn).await?;
+    conn.close().await?;
+    Ok(())
+}

@@ -620,16 +620,17 @@ mod sqlite_only {
         store.close().await;
     }
 
-    /// A database written before batches: its one-row-per-record trail is
-    /// moved into batches when the store opens, and reads back, verifies
-    /// and carries on as before.
-    #[tokio::test]
-    async fn a_trail_of_the_old_format_is_moved_into_batches() {
+    /// A database in the format before batches (migrations 1 to 3) at
+    /// `dir/old.db`, holding `records` of chain 1 and its `head`; its URL.
+    async fn old_format_db(
+        dir: &std::path::Path,
+        records: &[AuditRecord],
+        head: &ChainHead,
+    ) -> String {
         use sqlx::migrate::{Migration, MigrationType, Migrator};
         use std::borrow::Cow;
 
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/old.db?mode=rwc", dir.path().display());
+        let url = format!("sqlite://{}/old.db?mode=rwc", dir.display());
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
         let migration = |version, name, sql| {
             Migration::new(
@@ -661,28 +662,6 @@ mod sqlite_only {
             ..Migrator::DEFAULT
         };
         before_batches.run(&pool).await.unwrap();
-        let empty = ChainHead {
-            chain: 1,
-            seq: 0,
-            mac: GENESIS_MAC,
-            seal: genesis(1),
-        };
-        let (mut records, _) = records_after(&empty, 700, 5_000, "ses_old");
-        // The old writer did not keep ts from stepping back: record 351
-        // is 200 ms older than record 350.
-        records[350].ts_ms -= 200;
-        let key = key();
-        let mut prev = GENESIS_MAC;
-        for record in &mut records {
-            record.seal(&key, 1, record.seq, prev);
-            prev = record.mac;
-        }
-        let head = ChainHead {
-            chain: 1,
-            seq: 700,
-            mac: prev,
-            seal: head_seal(&key, 1, 700, &prev),
-        };
         sqlx::query("INSERT INTO audit_chains (id, head_seq, head_mac, head_seal, created_at) VALUES (1, ?, ?, ?, 0)")
             .bind(i64::try_from(head.seq).unwrap())
             .bind(head.mac.as_slice())
@@ -690,7 +669,7 @@ mod sqlite_only {
             .execute(&pool)
             .await
             .unwrap();
-        for r in &records {
+        for r in records {
             sqlx::query(
                 "INSERT INTO audit_records (chain, seq, ts, session, provider, method, path, decision, status, \
                  upstream_status, duration_us, bytes_in, bytes_out, flags, prev_mac, mac) \
@@ -717,6 +696,38 @@ mod sqlite_only {
             .unwrap();
         }
         pool.close().await;
+        url
+    }
+
+    /// A database written before batches: its one-row-per-record trail is
+    /// moved into batches when the store opens, and reads back, verifies
+    /// and carries on as before.
+    #[tokio::test]
+    async fn a_trail_of_the_old_format_is_moved_into_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = ChainHead {
+            chain: 1,
+            seq: 0,
+            mac: GENESIS_MAC,
+            seal: genesis(1),
+        };
+        let (mut records, _) = records_after(&empty, 700, 5_000, "ses_old");
+        // The old writer did not keep ts from stepping back: record 351
+        // is 200 ms older than record 350.
+        records[350].ts_ms -= 200;
+        let key = key();
+        let mut prev = GENESIS_MAC;
+        for record in &mut records {
+            record.seal(&key, 1, record.seq, prev);
+            prev = record.mac;
+        }
+        let head = ChainHead {
+            chain: 1,
+            seq: 700,
+            mac: prev,
+            seal: head_seal(&key, 1, 700, &prev),
+        };
+        let url = old_format_db(dir.path(), &records, &head).await;
 
         let store = open(&url).await.unwrap();
         let all = store.audit_records(&by_chain(1, 0)).await.unwrap();
@@ -795,6 +806,85 @@ mod sqlite_only {
         store.close().await;
     }
 
+    /// An old row that cannot be read does not keep the store from opening:
+    /// it is kept aside, and the gap it leaves is what verifying names.
+    #[tokio::test]
+    async fn an_unreadable_old_row_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = ChainHead {
+            chain: 1,
+            seq: 0,
+            mac: GENESIS_MAC,
+            seal: genesis(1),
+        };
+        let (records, head) = records_after(&empty, 5, 5_000, "ses_old");
+        let url = old_format_db(dir.path(), &records, &head).await;
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("UPDATE audit_records SET flags = 4096 WHERE seq = 3")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+
+        let store = open(&url).await.unwrap();
+        let all = store.audit_records(&by_chain(1, 0)).await.unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 4, 5]
+        );
+        let key = key();
+        let mut verifier = ChainVerifier::from_start(&key);
+        verifier.check(&all[0], Some(&all[1])).unwrap();
+        let broken = verifier
+            .check(&all[1], Some(&all[2]))
+            .and_then(|()| verifier.check(&all[2], Some(&all[3])));
+        assert_eq!(broken.unwrap_err().seq, 4);
+        store.close().await;
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let kept: Vec<i64> = sqlx::query_scalar("SELECT seq FROM audit_records_unreadable")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(kept, vec![3]);
+        conn.close().await.unwrap();
+    }
+
+    /// A session index row that names no batch is refused, not taken for
+    /// the end of that session's records.
+    #[tokio::test]
+    async fn a_session_index_row_without_its_batch_is_refused() {
+        let backend = Backend::sqlite().await.unwrap();
+        let store = backend.open().await;
+        let mut head = store.audit_claim_chain(&genesis).await.unwrap();
+        for n in 0..3 {
+            let (records, next) = records_after(&head, 1, 1_000 + n, "ses_x");
+            store.audit_append(&records, &next).await.unwrap();
+            head = next;
+        }
+        let path = backend._dir.as_ref().unwrap().path().join("store.db");
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM audit_batches WHERE first_seq = 2")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        let err = store
+            .audit_records(&AuditQuery {
+                session: Some("ses_x".to_owned()),
+                limit: 10,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnreadableAudit { seq: 2, .. }),
+            "{err}"
+        );
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn an_in_memory_store_appends_through_its_pool() {
         let backend = Backend {
@@ -836,14 +926,8 @@ mod sqlite_only {
         let backend = Backend::sqlite().await.unwrap();
         let (store, _, dir) = store_in_use(&backend).await;
         // The pool, the audit writer and the checkpoint thread: all closed
-        // once close returns — give or take the moment a sqlx connection's
-        // thread takes to let go of its handle after confirming the close.
+        // by the time close returns.
         store.close().await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !files_open_under(&dir).is_empty() && Instant::now() < deadline {
-            tokio::task::yield_now().await;
-            std::thread::yield_now();
-        }
         assert_eq!(files_open_under(&dir), Vec::<std::path::PathBuf>::new());
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::audit::AuditRecord;
-use airlock_store::testing::{garble_sqlite_batch, rewrite_sqlite_chain};
+use airlock_store::testing::{execute_sqlite, garble_sqlite_batch, rewrite_sqlite_chain};
 use airlock_testkit::client::request;
 use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
 use bytes::Bytes;
@@ -388,6 +388,30 @@ async fn tampering_in_the_store_is_named() {
         "garbled: {}",
         stdout(&out)
     );
+
+    // The rows around the records are checked against them too: a batch
+    // copied under another seq, or one indexed as older than it is (which
+    // would hide it from `since` queries), breaks verification.
+    let row_cases = [
+        (
+            "copy a batch",
+            "INSERT INTO audit_batches (chain, first_seq, last_seq, ts_max, records) \
+             SELECT chain, 1000, 1000, ts_max, records FROM audit_batches WHERE first_seq = 1",
+            "seq 1000 of chain 1: malformed record",
+        ),
+        (
+            "index a batch as older",
+            "UPDATE audit_batches SET ts_max = 0 WHERE first_seq = 5",
+            "seq 5 of chain 1: malformed record",
+        ),
+    ];
+    for (name, sql, expected) in row_cases {
+        backup.restore();
+        execute_sqlite(&db, sql).await.unwrap();
+        let out = cli(&config, &["audit", "verify"]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {out:?}");
+        assert!(stdout(&out).contains(expected), "{name}: {}", stdout(&out));
+    }
 
     // The admin API reports the same break.
     backup.restore();

@@ -6,12 +6,12 @@ CREATE TABLE audit_batches (
     chain      INTEGER NOT NULL,
     first_seq  INTEGER NOT NULL,
     last_seq   INTEGER NOT NULL,
-    ts_max     INTEGER NOT NULL,   -- unix ms, latest record in the batch
+    ts_max     INTEGER NOT NULL,   -- unix ms, latest record in the chain up to this batch
     records    BLOB NOT NULL,
     PRIMARY KEY (chain, first_seq)
 );
--- Within a chain a record's ts never precedes its predecessor's (the
--- writer sees to it), so this finds where a time range starts.
+-- ts_max never decreases along a chain, so this finds the first batch
+-- that can hold a record from a given time on.
 CREATE INDEX audit_batches_ts ON audit_batches (chain, ts_max);
 
 -- Which batches name a session: one row per session and batch.

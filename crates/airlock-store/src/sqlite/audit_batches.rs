@@ -3,14 +3,16 @@
 //! databases), and moving rows of the old one-row-per-record table into
 //! batches.
 //!
-//! Reads rely on one property of a chain, which the audit writer keeps: a
-//! record's `ts` is never earlier than its predecessor's, so seq order is
-//! time order and the batches holding records from a given time on are a
-//! suffix of the chain, found through `audit_batches_ts`. (Batches moved
-//! from the old format, whose `ts` may step back, store the running
-//! maximum as `ts_max`: the seek stays exact, the order is seq order.)
+//! A batch's `ts_max` is the running maximum of `ts` along its chain up to
+//! and including the batch (a record's `ts` is when its call ended, so it
+//! may step back a little from one record to the next, or a lot if the
+//! clock was set back). The batches that may hold records from a given
+//! time on are therefore a suffix of the chain, found through
+//! `audit_batches_ts`; a chain's records come back in seq order, which is
+//! time order wherever the clock did not step back.
 
 use airlock_core::audit::AuditRecord;
+use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use super::to_i64;
@@ -92,13 +94,25 @@ async fn read_chain(
                 .is_none_or(|session| r.session.as_deref() == Some(session))
     };
     let target = found.len().saturating_add(limit);
+    // The batch before the first one read, to check the first against.
+    let mut before: Option<Stored> = sqlx::query_as(
+        "SELECT first_seq, last_seq, ts_max, NULL AS records FROM audit_batches \
+         WHERE chain = ? AND first_seq < ? ORDER BY first_seq DESC LIMIT 1",
+    )
+    .bind(chain_id)
+    .bind(from)
+    .fetch_optional(pool)
+    .await?;
     let mut decoded = Vec::new();
     loop {
-        let page = match &q.session {
+        let page: Vec<Stored> = match &q.session {
+            // A LEFT JOIN, so that an index row naming no batch is seen
+            // (and refused) rather than silently shortening the page.
             Some(session) => {
-                sqlx::query(
-                    "SELECT b.first_seq, b.records FROM audit_batch_sessions s \
-                     JOIN audit_batches b ON b.chain = s.chain AND b.first_seq = s.first_seq \
+                sqlx::query_as(
+                    "SELECT s.first_seq, b.last_seq, b.ts_max, b.records \
+                     FROM audit_batch_sessions s LEFT JOIN audit_batches b \
+                     ON b.chain = s.chain AND b.first_seq = s.first_seq \
                      WHERE s.session = ? AND s.chain = ? AND s.first_seq >= ? \
                      ORDER BY s.first_seq LIMIT ?",
                 )
@@ -110,8 +124,8 @@ async fn read_chain(
                 .await?
             }
             None => {
-                sqlx::query(
-                    "SELECT first_seq, records FROM audit_batches \
+                sqlx::query_as(
+                    "SELECT first_seq, last_seq, ts_max, records FROM audit_batches \
                      WHERE chain = ? AND first_seq >= ? ORDER BY first_seq LIMIT ?",
                 )
                 .bind(chain_id)
@@ -122,14 +136,8 @@ async fn read_chain(
             }
         };
         for row in &page {
-            let first_seq: i64 = row.try_get("first_seq")?;
-            let bytes: &[u8] = row.try_get("records")?;
             decoded.clear();
-            decode_batch(chain, bytes, &mut decoded).map_err(|e| StoreError::UnreadableAudit {
-                chain,
-                seq: u64::try_from(first_seq).unwrap_or(0),
-                reason: format!("the batch from this record on does not decode: {e}"),
-            })?;
+            row.decode_into(chain, before.as_ref(), &mut decoded)?;
             for record in decoded.drain(..) {
                 if wanted(&record) {
                     found.push(record);
@@ -138,11 +146,99 @@ async fn read_chain(
                     }
                 }
             }
-            from = first_seq.saturating_add(1);
+            from = row.first_seq.saturating_add(1);
         }
-        if i64::try_from(page.len()).unwrap_or(i64::MAX) < PAGE {
+        let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= PAGE;
+        if let Some(last) = page.into_iter().last() {
+            before = Some(last);
+        }
+        if !full {
             return Ok(());
         }
+    }
+}
+
+/// A row of `audit_batches` as read (`last_seq`, `ts_max` and `records`
+/// are missing when a session index row names no batch).
+struct Stored {
+    first_seq: i64,
+    last_seq: Option<i64>,
+    ts_max: Option<i64>,
+    records: Option<Vec<u8>>,
+}
+
+impl<'r> sqlx::FromRow<'r, SqliteRow> for Stored {
+    fn from_row(row: &'r SqliteRow) -> std::result::Result<Self, sqlx::Error> {
+        Ok(Self {
+            first_seq: row.try_get("first_seq")?,
+            last_seq: row.try_get("last_seq")?,
+            ts_max: row.try_get("ts_max")?,
+            records: row.try_get("records")?,
+        })
+    }
+}
+
+impl Stored {
+    /// Decodes the batch into `into`, refusing it unless it agrees with
+    /// its row and follows `before` (the batch read before it): the seq
+    /// range the row claims is the one the records hold, in increasing
+    /// order, after the batch before; `ts_max` covers the records and
+    /// does not decrease. A row that fails is tampered with or damaged:
+    /// reading stops there, naming it.
+    fn decode_into(
+        &self,
+        chain: u32,
+        before: Option<&Stored>,
+        into: &mut Vec<AuditRecord>,
+    ) -> Result<()> {
+        let refuse = |reason: String| StoreError::UnreadableAudit {
+            chain,
+            seq: u64::try_from(self.first_seq).unwrap_or(0),
+            reason,
+        };
+        let (Some(last_seq), Some(ts_max), Some(bytes)) =
+            (self.last_seq, self.ts_max, self.records.as_deref())
+        else {
+            return Err(refuse(
+                "the session index names a batch from this record on that is not there".to_owned(),
+            ));
+        };
+        decode_batch(chain, bytes, into).map_err(|e| {
+            refuse(format!(
+                "the batch from this record on does not decode: {e}"
+            ))
+        })?;
+        let seqs_increase = into.windows(2).all(|w| w[0].seq < w[1].seq);
+        let (Some(first), Some(last)) = (into.first(), into.last()) else {
+            return Err(refuse("the batch from this record on is empty".to_owned()));
+        };
+        if to_i64(first.seq) != self.first_seq || to_i64(last.seq) != last_seq || !seqs_increase {
+            return Err(refuse(format!(
+                "the batch from this record on holds records {} to {} out of order or not \
+                 the records {} to {last_seq} its row names",
+                first.seq, last.seq, self.first_seq
+            )));
+        }
+        let newest = into.iter().map(|r| r.ts_ms).max().unwrap_or(ts_max);
+        if ts_max < newest {
+            return Err(refuse(format!(
+                "the batch from this record on is indexed as ending at {ts_max} but holds a record of {newest}"
+            )));
+        }
+        if let Some(before) = before {
+            if self.first_seq <= before.last_seq.unwrap_or(i64::MAX) {
+                return Err(refuse(
+                    "the batch from this record on overlaps the batch before it".to_owned(),
+                ));
+            }
+            if before.ts_max.is_some_and(|earlier| ts_max < earlier) {
+                return Err(refuse(
+                    "the batch from this record on is indexed as earlier than the batch before it"
+                        .to_owned(),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -184,7 +280,16 @@ async fn insert_batch(
     records: &[AuditRecord],
     head: &ChainHead,
 ) -> Result<()> {
-    let summary = summarise(records, head)?;
+    let mut summary = summarise(records, head)?;
+    let before: Option<i64> = sqlx::query_scalar(
+        "SELECT ts_max FROM audit_batches WHERE chain = ? ORDER BY first_seq DESC LIMIT 1",
+    )
+    .bind(i64::from(head.chain))
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(before) = before {
+        summary.ts_max = summary.ts_max.max(before);
+    }
     write_batch(tx, head.chain, &summary, records).await
 }
 
@@ -249,7 +354,10 @@ async fn write_batch(
 
 /// Moves the rows of `audit_records` (the trail's format before batches)
 /// into batches and drops the table, in one transaction; nothing to do
-/// once it is gone.
+/// once it is gone. Rows that cannot be read (a damaged or tampered
+/// column) are kept aside in `audit_records_unreadable` rather than
+/// stopping the store from opening: verifying then names the gap they
+/// leave.
 pub(super) async fn convert_legacy(pool: &SqlitePool) -> Result<()> {
     let legacy: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'audit_records'",
@@ -259,8 +367,46 @@ pub(super) async fn convert_legacy(pool: &SqlitePool) -> Result<()> {
     if legacy == 0 {
         return Ok(());
     }
-    let mut tx = pool.begin().await?;
+    let rows: i64 = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM audit_records)")
+        .fetch_one(pool)
+        .await?;
+    if rows == 0 {
+        // A new database (migration 2 made the table): nothing to move.
+        sqlx::query("DROP TABLE IF EXISTS audit_records")
+            .execute(pool)
+            .await?;
+        return Ok(());
+    }
+    // IMMEDIATE: another process opening the same file waits for this
+    // conversion instead of racing it (which is why the table is looked
+    // for again inside it).
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let (moved, unreadable) = convert_in_transaction(&mut tx).await?;
+    tx.commit().await?;
+    if unreadable > 0 {
+        tracing::warn!(
+            records = unreadable,
+            "audit records of the old format could not be read; kept in audit_records_unreadable"
+        );
+    }
+    if moved > 0 {
+        tracing::info!(records = moved, "audit records moved into batches");
+    }
+    Ok(())
+}
+
+/// The conversion itself; returns the rows moved and the rows kept aside.
+async fn convert_in_transaction(tx: &mut Transaction<'_, Sqlite>) -> Result<(u64, u64)> {
+    let legacy: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'audit_records'",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    if legacy == 0 {
+        return Ok((0, 0));
+    }
     let mut moved = 0_u64;
+    let mut unreadable = 0_u64;
     let mut after = (0_i64, 0_i64);
     let mut floor = i64::MIN;
     let mut current_chain = 0;
@@ -272,13 +418,23 @@ pub(super) async fn convert_legacy(pool: &SqlitePool) -> Result<()> {
         .bind(after.0)
         .bind(after.1)
         .bind(LEGACY_BATCH)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut **tx)
         .await?;
-        let records = rows.iter().map(decode_record).collect::<Result<Vec<_>>>()?;
-        let Some(last) = records.last() else {
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let key: (i64, i64) = (row.try_get("chain")?, row.try_get("seq")?);
+            after = key;
+            match decode_record(row) {
+                Ok(record) => records.push(record),
+                Err(_) => {
+                    keep_aside(tx, key).await?;
+                    unreadable += 1;
+                }
+            }
+        }
+        if rows.is_empty() {
             break;
-        };
-        after = (i64::from(last.chain), to_i64(last.seq));
+        }
         for batch in records.chunk_by(|a, b| a.chain == b.chain) {
             if let Some(first) = batch.first() {
                 if first.chain != current_chain {
@@ -286,17 +442,31 @@ pub(super) async fn convert_legacy(pool: &SqlitePool) -> Result<()> {
                 }
                 // Old rows are moved as they are, gaps and all: verifying
                 // is what judges them.
-                floor = insert_legacy_batch(&mut tx, batch, first.chain, floor).await?;
+                floor = insert_legacy_batch(tx, batch, first.chain, floor).await?;
             }
         }
         moved += records.len() as u64;
     }
     sqlx::query("DROP TABLE audit_records")
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-    tx.commit().await?;
-    if moved > 0 {
-        tracing::info!(records = moved, "audit records moved into batches");
-    }
+    Ok((moved, unreadable))
+}
+
+/// Copies the old row `(chain, seq)` into `audit_records_unreadable`.
+async fn keep_aside(tx: &mut Transaction<'_, Sqlite>, (chain, seq): (i64, i64)) -> Result<()> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS audit_records_unreadable AS \
+         SELECT * FROM audit_records WHERE 0",
+    )
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO audit_records_unreadable SELECT * FROM audit_records WHERE chain = ? AND seq = ?",
+    )
+    .bind(chain)
+    .bind(seq)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use airlock_core::audit::AuditRecord;
 use parking_lot::Mutex;
-use rusqlite::{ffi, params, CachedStatement, Connection, OpenFlags};
+use rusqlite::{ffi, params, CachedStatement, Connection, OpenFlags, OptionalExtension};
 use sqlx::error::{DatabaseError, ErrorKind};
 
 use super::checkpointer::{Checkpointer, WRITER_CHECKPOINT_PAGES};
@@ -44,6 +44,9 @@ const MOVE_HEAD: &str = "UPDATE audit_chains SET head_seq = ?1, head_mac = ?2, h
 const INSERT_BATCH: &str =
     "INSERT INTO audit_batches (chain, first_seq, last_seq, ts_max, records) \
      VALUES (?1, ?2, ?3, ?4, ?5)";
+/// The running maximum of `ts` along the chain so far (see `audit_batches`).
+const LAST_TS_MAX: &str =
+    "SELECT ts_max FROM audit_batches WHERE chain = ?1 ORDER BY first_seq DESC LIMIT 1";
 const INSERT_SESSION: &str =
     "INSERT INTO audit_batch_sessions (session, chain, first_seq) VALUES (?1, ?2, ?3)";
 
@@ -170,6 +173,7 @@ struct Statements<'c> {
     conn: &'c Connection,
     begin: CachedStatement<'c>,
     move_head: CachedStatement<'c>,
+    last_ts_max: CachedStatement<'c>,
     insert_batch: CachedStatement<'c>,
     insert_session: CachedStatement<'c>,
     commit: CachedStatement<'c>,
@@ -184,6 +188,7 @@ impl<'c> Statements<'c> {
             conn,
             begin: conn.prepare_cached(BEGIN)?,
             move_head: conn.prepare_cached(MOVE_HEAD)?,
+            last_ts_max: conn.prepare_cached(LAST_TS_MAX)?,
             insert_batch: conn.prepare_cached(INSERT_BATCH)?,
             insert_session: conn.prepare_cached(INSERT_SESSION)?,
             commit: conn.prepare_cached(COMMIT)?,
@@ -244,12 +249,18 @@ impl<'c> Statements<'c> {
         let summary = summarise(records, head)?;
         let chain = i64::from(head.chain);
         let first = to_i64(summary.first_seq);
+        let before: Option<i64> = self
+            .last_ts_max
+            .query_row(params![chain], |row| row.get(0))
+            .optional()
+            .map_err(database_error)?;
+        let ts_max = before.map_or(summary.ts_max, |before| before.max(summary.ts_max));
         self.insert_batch
             .execute(params![
                 chain,
                 first,
                 to_i64(summary.last_seq),
-                summary.ts_max,
+                ts_max,
                 encoded,
             ])
             .map_err(database_error)?;
