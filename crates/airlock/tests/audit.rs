@@ -390,8 +390,9 @@ async fn tampering_in_the_store_is_named() {
     );
 
     // The rows around the records are checked against them too: a batch
-    // copied under another seq, or one indexed as older than it is (which
-    // would hide it from `since` queries), breaks verification.
+    // copied under another seq, one indexed as older than it is, or one
+    // left out of its session's index (either would hide it from filtered
+    // queries) breaks verification.
     let row_cases = [
         (
             "copy a batch",
@@ -403,6 +404,11 @@ async fn tampering_in_the_store_is_named() {
             "index a batch as older",
             "UPDATE audit_batches SET ts_max = 0 WHERE first_seq = 5",
             "seq 5 of chain 1: malformed record",
+        ),
+        (
+            "hide a batch from its session's queries",
+            "DELETE FROM audit_batch_sessions WHERE first_seq = 7",
+            "seq 7 of chain 1: malformed record",
         ),
     ];
     for (name, sql, expected) in row_cases {

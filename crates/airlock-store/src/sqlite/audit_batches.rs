@@ -13,7 +13,7 @@
 
 use airlock_core::audit::AuditRecord;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, Transaction};
 
 use super::to_i64;
 use crate::audit_batch::{decode_batch, encode_batch, sessions, summarise, BatchSummary};
@@ -135,18 +135,30 @@ async fn read_chain(
                 .await?
             }
         };
-        for row in &page {
-            decoded.clear();
-            row.decode_into(chain, before.as_ref(), &mut decoded)?;
-            for record in decoded.drain(..) {
-                if wanted(&record) {
-                    found.push(record);
-                    if found.len() >= target {
-                        return Ok(());
-                    }
+        // Decode and check the whole page before taking records from it.
+        decoded.clear();
+        let mut ends = Vec::with_capacity(page.len());
+        for (i, row) in page.iter().enumerate() {
+            let prev = match i.checked_sub(1) {
+                Some(j) => page.get(j),
+                None => before.as_ref(),
+            };
+            row.decode_into(chain, prev, &mut decoded)?;
+            ends.push(decoded.len());
+        }
+        if q.session.is_none() {
+            check_session_index(pool, chain, &page, &ends, &decoded).await?;
+        }
+        for record in decoded.drain(..) {
+            if wanted(&record) {
+                found.push(record);
+                if found.len() >= target {
+                    return Ok(());
                 }
             }
-            from = row.first_seq.saturating_add(1);
+        }
+        if let Some(last) = page.last() {
+            from = last.first_seq.saturating_add(1);
         }
         let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= PAGE;
         if let Some(last) = page.into_iter().last() {
@@ -156,6 +168,67 @@ async fn read_chain(
             return Ok(());
         }
     }
+}
+
+/// Most (session, batch) pairs looked up in one query.
+const INDEX_CHECK_CHUNK: usize = 300;
+
+/// Checks that the session index names every session of every batch of
+/// `page` (whose records, decoded, are `decoded`, the batch at `i` ending
+/// at `ends[i]`): a missing index row would hide the batch from that
+/// session's queries, so reading the chain refuses it there. (An index row
+/// too many changes no answer: session queries filter the records.)
+async fn check_session_index(
+    pool: &SqlitePool,
+    chain: u32,
+    page: &[Stored],
+    ends: &[usize],
+    decoded: &[AuditRecord],
+) -> Result<()> {
+    let mut pairs: Vec<(&str, i64)> = Vec::new();
+    let mut start = 0;
+    for (row, &end) in page.iter().zip(ends) {
+        let records = decoded.get(start..end).unwrap_or_default();
+        pairs.extend(sessions(records).map(|session| (session, row.first_seq)));
+        start = end;
+    }
+    for chunk in pairs.chunks(INDEX_CHECK_CHUNK) {
+        // A join from the pairs, so that each is one primary-key lookup
+        // (an `IN (VALUES …)` would scan the table).
+        let mut sql = QueryBuilder::<Sqlite>::new("WITH wanted (session, first_seq) AS (VALUES ");
+        let mut values = sql.separated(", ");
+        for (session, first_seq) in chunk {
+            values.push("(");
+            values.push_bind_unseparated(*session);
+            values.push_unseparated(", ");
+            values.push_bind_unseparated(*first_seq);
+            values.push_unseparated(")");
+        }
+        sql.push(
+            ") SELECT s.first_seq, s.session FROM wanted w JOIN audit_batch_sessions s \
+             ON s.session = w.session AND s.chain = ",
+        );
+        sql.push_bind(i64::from(chain));
+        sql.push(" AND s.first_seq = w.first_seq");
+        let present: Vec<(i64, String)> = sql.build_query_as().fetch_all(pool).await?;
+        if present.len() < chunk.len() {
+            let missing = chunk
+                .iter()
+                .find(|(session, first_seq)| {
+                    !present.iter().any(|(f, s)| f == first_seq && s == session)
+                })
+                .map_or(0, |(_, first_seq)| *first_seq);
+            return Err(StoreError::UnreadableAudit {
+                chain,
+                seq: u64::try_from(missing).unwrap_or(0),
+                reason: "the session index does not name the batch from this record on under \
+                         every session it holds (its records would be missing from those \
+                         sessions' queries)"
+                    .to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A row of `audit_batches` as read (`last_seq`, `ts_max` and `records`
@@ -179,7 +252,7 @@ impl<'r> sqlx::FromRow<'r, SqliteRow> for Stored {
 }
 
 impl Stored {
-    /// Decodes the batch into `into`, refusing it unless it agrees with
+    /// Decodes the batch onto the end of `into`, refusing it unless it agrees with
     /// its row and follows `before` (the batch read before it): the seq
     /// range the row claims is the one the records hold, in increasing
     /// order, after the batch before; `ts_max` covers the records and
@@ -203,13 +276,15 @@ impl Stored {
                 "the session index names a batch from this record on that is not there".to_owned(),
             ));
         };
+        let start = into.len();
         decode_batch(chain, bytes, into).map_err(|e| {
             refuse(format!(
                 "the batch from this record on does not decode: {e}"
             ))
         })?;
-        let seqs_increase = into.windows(2).all(|w| w[0].seq < w[1].seq);
-        let (Some(first), Some(last)) = (into.first(), into.last()) else {
+        let mine = into.get(start..).unwrap_or_default();
+        let seqs_increase = mine.windows(2).all(|w| w[0].seq < w[1].seq);
+        let (Some(first), Some(last)) = (mine.first(), mine.last()) else {
             return Err(refuse("the batch from this record on is empty".to_owned()));
         };
         if to_i64(first.seq) != self.first_seq || to_i64(last.seq) != last_seq || !seqs_increase {
@@ -219,7 +294,7 @@ impl Stored {
                 first.seq, last.seq, self.first_seq
             )));
         }
-        let newest = into.iter().map(|r| r.ts_ms).max().unwrap_or(ts_max);
+        let newest = mine.iter().map(|r| r.ts_ms).max().unwrap_or(ts_max);
         if ts_max < newest {
             return Err(refuse(format!(
                 "the batch from this record on is indexed as ending at {ts_max} but holds a record of {newest}"
