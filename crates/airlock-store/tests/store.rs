@@ -177,6 +177,16 @@ fn records_after(
     (out, new_head)
 }
 
+/// The head of chain `chain` before its first record.
+fn empty_chain(chain: u32) -> ChainHead {
+    ChainHead {
+        chain,
+        seq: 0,
+        mac: GENESIS_MAC,
+        seal: genesis(chain),
+    }
+}
+
 fn by_chain(chain: u32, after_seq: u64) -> AuditQuery {
     AuditQuery {
         chain: Some(chain),
@@ -705,12 +715,7 @@ mod sqlite_only {
     #[tokio::test]
     async fn a_trail_of_the_old_format_is_moved_into_batches() {
         let dir = tempfile::tempdir().unwrap();
-        let empty = ChainHead {
-            chain: 1,
-            seq: 0,
-            mac: GENESIS_MAC,
-            seal: genesis(1),
-        };
+        let empty = empty_chain(1);
         let (mut records, _) = records_after(&empty, 700, 5_000, "ses_old");
         // The old writer did not keep ts from stepping back: record 351
         // is 200 ms older than record 350.
@@ -811,12 +816,7 @@ mod sqlite_only {
     #[tokio::test]
     async fn an_unreadable_old_row_is_kept_aside() {
         let dir = tempfile::tempdir().unwrap();
-        let empty = ChainHead {
-            chain: 1,
-            seq: 0,
-            mac: GENESIS_MAC,
-            seal: genesis(1),
-        };
+        let empty = empty_chain(1);
         let (records, head) = records_after(&empty, 5, 5_000, "ses_old");
         let url = old_format_db(dir.path(), &records, &head).await;
         let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
