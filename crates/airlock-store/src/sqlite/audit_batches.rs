@@ -45,7 +45,8 @@ pub(super) async fn read_records(pool: &SqlitePool, q: &AuditQuery) -> Result<Ve
         read_chain(pool, chain, q, limit, &mut found).await?;
     }
     if q.chain.is_none() && chains.len() > 1 {
-        // Each chain's records came in time order; interleave the chains.
+        // Each chain's records came in seq order (its time order unless the
+        // clock stepped back); interleave the chains by time.
         found.sort_by_key(|r| (r.ts_ms, r.chain, r.seq));
         found.truncate(limit);
     }
@@ -157,11 +158,9 @@ async fn read_chain(
                 }
             }
         }
-        if let Some(last) = page.last() {
-            from = last.first_seq.saturating_add(1);
-        }
         let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= PAGE;
         if let Some(last) = page.into_iter().last() {
+            from = last.first_seq.saturating_add(1);
             before = Some(last);
         }
         if !full {
