@@ -82,7 +82,7 @@ pub fn summarise(records: &[AuditRecord], head: &ChainHead) -> Result<BatchSumma
 
 /// Encodes `records` (consecutive records of one chain, in seq order) into
 /// `out`, which is cleared first.
-pub fn encode_batch(records: &[AuditRecord], out: &mut Vec<u8>) -> Result<(), BatchError> {
+pub fn encode_batch(records: &[AuditRecord], out: &mut Vec<u8>) -> Result<(), StoreError> {
     out.clear();
     out.push(FORMAT_V1);
     let prev_mac = records.first().map_or([0; 32], |r| r.prev_mac);
@@ -91,7 +91,7 @@ pub fn encode_batch(records: &[AuditRecord], out: &mut Vec<u8>) -> Result<(), Ba
         records: RecordsOut(records),
     };
     let encoded = postcard::to_extend(&batch, std::mem::take(out))
-        .map_err(|e| BatchError::Undecodable(e.to_string()))?;
+        .map_err(|e| StoreError::InvalidBatch(format!("cannot encode the batch: {e}")))?;
     *out = encoded;
     Ok(())
 }

@@ -1,4 +1,6 @@
-//! Queries and row decoding shared by the SQL stores' audit tables.
+//! Row decoding shared by the SQL stores' audit tables, and the query of
+//! the one-row-per-record table (PostgreSQL's trail; on SQLite, only what
+//! is left of it before its rows are moved into batches).
 
 use airlock_core::audit::{AuditRecord, Flags, MacBytes};
 use sqlx::{ColumnIndex, Database, Decode, Encode, QueryBuilder, Row, Type};
@@ -10,9 +12,9 @@ use crate::{AuditQuery, ChainHead, Result, StoreError};
 pub(crate) const RECORD_COLUMNS: &str = "chain, seq, ts, session, provider, method, path, \
      decision, status, upstream_status, duration_us, bytes_in, bytes_out, flags, prev_mac, mac";
 
-/// The `SELECT` of [`crate::Store::audit_records`], the same on every SQL
-/// store: filters, then seq order within a chain or time order across
-/// chains (served by the `audit_records_ts` index).
+/// The `SELECT` of [`crate::Store::audit_records`] over `audit_records`:
+/// filters, then seq order within a chain or time order across chains
+/// (served by the `audit_records_ts` index).
 pub(crate) fn select_records<'q, DB>(q: &'q AuditQuery) -> QueryBuilder<'q, DB>
 where
     DB: Database,

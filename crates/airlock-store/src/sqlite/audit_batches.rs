@@ -20,6 +20,17 @@ use crate::audit_batch::{decode_batch, encode_batch, sessions, summarise, BatchS
 use crate::audit_rows::{decode_record, RECORD_COLUMNS};
 use crate::{AuditQuery, ChainHead, Result, StoreError};
 
+/// Inserts a batch: chain, first and last seq, `ts_max`, the encoded records.
+pub(super) const INSERT_BATCH: &str =
+    "INSERT INTO audit_batches (chain, first_seq, last_seq, ts_max, records) \
+     VALUES (?1, ?2, ?3, ?4, ?5)";
+/// Names a batch (chain, first seq) under a session it holds.
+pub(super) const INSERT_SESSION: &str =
+    "INSERT INTO audit_batch_sessions (session, chain, first_seq) VALUES (?1, ?2, ?3)";
+/// The chain's running maximum of `ts` so far: the last batch's `ts_max`.
+pub(super) const LAST_TS_MAX: &str =
+    "SELECT ts_max FROM audit_batches WHERE chain = ?1 ORDER BY first_seq DESC LIMIT 1";
+
 /// Batches read per query while collecting records.
 const PAGE: i64 = 64;
 /// Old rows moved per batch when converting.
@@ -355,12 +366,10 @@ async fn insert_batch(
     head: &ChainHead,
 ) -> Result<()> {
     let mut summary = summarise(records, head)?;
-    let before: Option<i64> = sqlx::query_scalar(
-        "SELECT ts_max FROM audit_batches WHERE chain = ? ORDER BY first_seq DESC LIMIT 1",
-    )
-    .bind(i64::from(head.chain))
-    .fetch_optional(&mut **tx)
-    .await?;
+    let before: Option<i64> = sqlx::query_scalar(LAST_TS_MAX)
+        .bind(i64::from(head.chain))
+        .fetch_optional(&mut **tx)
+        .await?;
     if let Some(before) = before {
         summary.ts_max = summary.ts_max.max(before);
     }
@@ -397,31 +406,23 @@ async fn write_batch(
     records: &[AuditRecord],
 ) -> Result<()> {
     let mut encoded = Vec::new();
-    encode_batch(records, &mut encoded).map_err(|e| StoreError::Corrupt {
-        what: "audit batch".to_owned(),
-        reason: e.to_string(),
-    })?;
+    encode_batch(records, &mut encoded)?;
     let first = to_i64(summary.first_seq);
-    sqlx::query(
-        "INSERT INTO audit_batches (chain, first_seq, last_seq, ts_max, records) \
-         VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(i64::from(chain))
-    .bind(first)
-    .bind(to_i64(summary.last_seq))
-    .bind(summary.ts_max)
-    .bind(encoded)
-    .execute(&mut **tx)
-    .await?;
-    for session in sessions(records) {
-        sqlx::query(
-            "INSERT INTO audit_batch_sessions (session, chain, first_seq) VALUES (?, ?, ?)",
-        )
-        .bind(session)
+    sqlx::query(INSERT_BATCH)
         .bind(i64::from(chain))
         .bind(first)
+        .bind(to_i64(summary.last_seq))
+        .bind(summary.ts_max)
+        .bind(encoded)
         .execute(&mut **tx)
         .await?;
+    for session in sessions(records) {
+        sqlx::query(INSERT_SESSION)
+            .bind(session)
+            .bind(i64::from(chain))
+            .bind(first)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(())
 }

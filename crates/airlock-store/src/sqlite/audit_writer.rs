@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use rusqlite::{ffi, params, CachedStatement, Connection, OpenFlags, OptionalExtension};
 use sqlx::error::{DatabaseError, ErrorKind};
 
+use super::audit_batches::{INSERT_BATCH, INSERT_SESSION, LAST_TS_MAX};
 use super::checkpointer::{Checkpointer, WRITER_CHECKPOINT_PAGES};
 use super::to_i64;
 use crate::audit_batch::{encode_batch, sessions, summarise};
@@ -40,15 +41,6 @@ const ROLLBACK: &str = "ROLLBACK";
 /// at the head learns it before inserting anything.
 const MOVE_HEAD: &str = "UPDATE audit_chains SET head_seq = ?1, head_mac = ?2, head_seal = ?3 \
      WHERE id = ?4 AND head_seq = ?5";
-
-const INSERT_BATCH: &str =
-    "INSERT INTO audit_batches (chain, first_seq, last_seq, ts_max, records) \
-     VALUES (?1, ?2, ?3, ?4, ?5)";
-/// The running maximum of `ts` along the chain so far (see `audit_batches`).
-const LAST_TS_MAX: &str =
-    "SELECT ts_max FROM audit_batches WHERE chain = ?1 ORDER BY first_seq DESC LIMIT 1";
-const INSERT_SESSION: &str =
-    "INSERT INTO audit_batch_sessions (session, chain, first_seq) VALUES (?1, ?2, ?3)";
 
 /// The audit trail's connection and the buffer batches are encoded into;
 /// `None` once closed.
@@ -129,10 +121,7 @@ fn append_on(slot: &Slot, records: &[AuditRecord], head: &ChainHead) -> Result<(
     let Some(open) = guard.as_mut() else {
         return Err(StoreError::Database(sqlx::Error::PoolClosed));
     };
-    encode_batch(records, &mut open.encoded).map_err(|e| StoreError::Corrupt {
-        what: "audit batch".to_owned(),
-        reason: e.to_string(),
-    })?;
+    encode_batch(records, &mut open.encoded)?;
     let mut statements = Statements::prepare(&open.conn).map_err(database_error)?;
     statements.append(records, &open.encoded, head)
 }
