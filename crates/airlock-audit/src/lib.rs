@@ -140,8 +140,14 @@ struct Shared {
 }
 
 /// Messages to the writer task.
+// `Shutdown` is sent once; records are the traffic, and unboxed on purpose.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
-    Record(Box<AuditRecord>, Waiter, Option<Route>),
+    /// Sent by value, so that the call's box is freed on its worker's
+    /// thread rather than the writer's (freeing on another thread is what
+    /// a malloc arena handles worst); session and provider are shared, so
+    /// only the path is freed by the writer.
+    Record(AuditRecord, Waiter, Option<Route>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -290,7 +296,7 @@ impl Auditor {
             let (done, wait) = oneshot::channel();
             let sent = shared
                 .tx
-                .try_send(Msg::Record(record, done, self.route.clone()));
+                .try_send(Msg::Record(*record, done, self.route.clone()));
             let wait_for_it = shared.settings.fail_closed || shared.writable();
             (
                 sent,

@@ -107,7 +107,7 @@ impl Writer {
     fn take(&mut self, msg: Msg) -> Option<oneshot::Sender<()>> {
         match msg {
             Msg::Record(record, waiter, route) => {
-                self.records.push(*record);
+                self.records.push(record);
                 self.waiters.push((waiter, route));
                 None
             }

@@ -17,6 +17,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
@@ -65,10 +66,12 @@ pub struct AuditRecord {
     pub seq: u64,
     /// When the call ended, unix milliseconds.
     pub ts_ms: i64,
-    /// Session id (`ses_…`), when the token named one.
-    pub session: Option<String>,
-    /// Provider name, when the path named a configured one.
-    pub provider: Option<String>,
+    /// Session id (`ses_…`), when the token named one. Shared with the
+    /// live session, so that recording it costs no allocation.
+    pub session: Option<Arc<str>>,
+    /// Provider name, when the path named a configured one (shared with
+    /// the provider's configuration).
+    pub provider: Option<Arc<str>>,
     /// HTTP method as received (borrowed for the standard ones).
     pub method: Cow<'static, str>,
     /// Request path without the query string (cut at [`MAX_PATH_LEN`]).
@@ -327,8 +330,8 @@ impl AuditRecord {
             chain: self.chain,
             seq: self.seq,
             ts: format_ts(self.ts_ms),
-            session: self.session.clone(),
-            provider: self.provider.clone(),
+            session: self.session.as_deref().map(str::to_owned),
+            provider: self.provider.as_deref().map(str::to_owned),
             method: self.method.to_string(),
             path: self.path.clone(),
             decision: self.decision.to_string(),
@@ -354,8 +357,8 @@ impl AuditRecord {
             chain: w.chain,
             seq: w.seq,
             ts_ms,
-            session: w.session,
-            provider: w.provider,
+            session: w.session.map(Arc::from),
+            provider: w.provider.map(Arc::from),
             method: Cow::Owned(w.method),
             path: w.path,
             decision: Cow::Owned(w.decision),

@@ -83,16 +83,16 @@ impl CallRecord {
     }
 
     /// The call was routed to `provider`.
-    pub(crate) fn set_provider(&mut self, provider: &str) {
+    pub(crate) fn set_provider(&mut self, provider: &Arc<str>) {
         if let Some(r) = &mut self.record {
-            r.provider = Some(provider.to_owned());
+            r.provider = Some(Arc::clone(provider));
         }
     }
 
     /// The token named `session`.
     pub(crate) fn set_session(&mut self, session: &Arc<LiveSession>) {
         if let Some(r) = &mut self.record {
-            r.session = Some(session.id().as_str().to_owned());
+            r.session = Some(Arc::clone(session.recorded_id()));
         }
         self.session = Some(Arc::clone(session));
     }

@@ -148,7 +148,7 @@ impl Proxy {
             Ok(provider) => provider,
             Err(denial) => return (None, Err(denial)),
         };
-        call.set_provider(provider.name());
+        call.set_provider(provider.recorded_name());
         (Some(provider), self.process_for(provider, req, call).await)
     }
 

@@ -81,7 +81,8 @@ pub type UpstreamConnector = HttpsConnector<HttpConnector>;
 
 /// A configured provider, ready for the request path.
 pub struct Provider {
-    name: String,
+    /// Shared with every audit record of a call to this provider.
+    name: Arc<str>,
     scheme: Scheme,
     authority: Authority,
     /// The `Host` header of every request to an `http://` upstream (the
@@ -213,7 +214,7 @@ impl Provider {
         Ok(Self {
             client: pooled_client(connector.clone()),
             connector,
-            name: spec.name,
+            name: Arc::from(spec.name),
             scheme,
             authority,
             host,
@@ -229,7 +230,7 @@ impl Provider {
     /// worker gets one, so that its upstream connections live on its thread.
     pub fn with_own_pool(&self) -> Self {
         Self {
-            name: self.name.clone(),
+            name: Arc::clone(&self.name),
             scheme: self.scheme.clone(),
             authority: self.authority.clone(),
             host: self.host.clone(),
@@ -245,6 +246,11 @@ impl Provider {
 
     /// The provider's name (the first path segment agents use).
     pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name as audit records hold it: a clone costs no allocation.
+    pub(crate) fn recorded_name(&self) -> &Arc<str> {
         &self.name
     }
 

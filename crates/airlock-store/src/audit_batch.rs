@@ -15,6 +15,7 @@
 //! can name.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use airlock_core::audit::{AuditRecord, Flags, MacBytes};
 use serde::ser::SerializeSeq;
@@ -122,8 +123,8 @@ pub fn decode_batch(
             chain,
             seq: r.seq,
             ts_ms: r.ts_ms,
-            session: r.session.map(Cow::into_owned),
-            provider: r.provider.map(Cow::into_owned),
+            session: r.session.as_deref().map(Arc::from),
+            provider: r.provider.as_deref().map(Arc::from),
             method: Cow::Owned(r.method.into_owned()),
             path: r.path.into_owned(),
             decision: Cow::Owned(r.decision.into_owned()),
@@ -233,8 +234,8 @@ mod tests {
             chain: 7,
             seq,
             ts_ms: 1_700_000_000_000 + i64::try_from(seq).unwrap(),
-            session: (!seq.is_multiple_of(3)).then(|| format!("ses_{}", seq % 2)),
-            provider: Some("openai".to_owned()),
+            session: (!seq.is_multiple_of(3)).then(|| format!("ses_{}", seq % 2).into()),
+            provider: Some("openai".into()),
             method: "POST".into(),
             path: "/openai/v1/chat/completions".to_owned(),
             decision: if seq.is_multiple_of(2) {

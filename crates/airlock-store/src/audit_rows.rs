@@ -5,6 +5,7 @@
 use airlock_core::audit::{AuditRecord, Flags, MacBytes};
 use sqlx::{ColumnIndex, Database, Decode, Encode, QueryBuilder, Row, Type};
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::{AuditQuery, ChainHead, Result, StoreError};
 
@@ -63,8 +64,8 @@ where
         chain,
         seq,
         ts_ms: row.try_get("ts")?,
-        session: row.try_get("session")?,
-        provider: row.try_get("provider")?,
+        session: row.try_get::<Option<String>, _>("session")?.map(Arc::from),
+        provider: row.try_get::<Option<String>, _>("provider")?.map(Arc::from),
         method: Cow::Owned(row.try_get("method")?),
         path: row.try_get("path")?,
         decision: Cow::Owned(row.try_get("decision")?),

@@ -26,7 +26,7 @@ pub mod testing;
 pub use audit::{AuditQuery, ChainHead, GenesisSeal};
 pub use change::{Change, SessionStatus};
 pub use postgres::PgStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{migrator_up_to as sqlite_migrator_up_to, SqliteStore};
 
 /// A session as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -42,38 +42,55 @@ pub struct SqliteStore {
 const COLUMNS: &str =
     "id, token_hash, created_at, expires_at, revoked_at, scope, limits, labels, allowed, denied";
 
+/// The SQLite schema's migrations: version, description, SQL.
+const MIGRATIONS: [(i64, &str, &str); 5] = [
+    (
+        1,
+        "init",
+        include_str!("../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "audit",
+        include_str!("../migrations/sqlite/0002_audit.sql"),
+    ),
+    (
+        3,
+        "credentials",
+        include_str!("../migrations/sqlite/0003_credentials.sql"),
+    ),
+    (
+        4,
+        "audit batches",
+        include_str!("../migrations/sqlite/0004_audit_batches.sql"),
+    ),
+    (
+        5,
+        "audit batches clustered",
+        include_str!("../migrations/sqlite/0005_audit_batches_clustered.sql"),
+    ),
+];
+
 fn migrator() -> Migrator {
-    let migration = |version, name, sql| {
-        Migration::new(
-            version,
-            Cow::Borrowed(name),
-            MigrationType::Simple,
-            Cow::Borrowed(sql),
-            false,
-        )
-    };
-    let migrations = vec![
-        migration(
-            1,
-            "init",
-            include_str!("../migrations/sqlite/0001_init.sql"),
-        ),
-        migration(
-            2,
-            "audit",
-            include_str!("../migrations/sqlite/0002_audit.sql"),
-        ),
-        migration(
-            3,
-            "credentials",
-            include_str!("../migrations/sqlite/0003_credentials.sql"),
-        ),
-        migration(
-            4,
-            "audit batches",
-            include_str!("../migrations/sqlite/0004_audit_batches.sql"),
-        ),
-    ];
+    migrator_up_to(i64::MAX)
+}
+
+/// The SQLite migrations up to `version`: the schema an older airlock
+/// left (for tests of what opening such a database does).
+pub fn migrator_up_to(version: i64) -> Migrator {
+    let migrations = MIGRATIONS
+        .into_iter()
+        .filter(|(v, _, _)| *v <= version)
+        .map(|(v, name, sql)| {
+            Migration::new(
+                v,
+                Cow::Borrowed(name),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
+        })
+        .collect();
     Migrator {
         migrations: Cow::Owned(migrations),
         ..Migrator::DEFAULT

@@ -145,8 +145,8 @@ fn records_after(
             chain: 0,
             seq: 0,
             ts_ms: ts_ms + i64::try_from(i).unwrap(),
-            session: (i % 2 == 1).then(|| session.to_owned()),
-            provider: Some("openai".to_owned()),
+            session: (i % 2 == 1).then(|| session.into()),
+            provider: Some("openai".into()),
             method: "POST".into(),
             path: "/openai/v1/chat/completions".to_owned(),
             decision: if i % 3 == 0 { "out_of_scope" } else { "allow" }.into(),
@@ -396,7 +396,7 @@ mod cases {
         // By session.
         let one = store
             .audit_records(&AuditQuery {
-                session: Some("ses_one".to_owned()),
+                session: Some("ses_one".into()),
                 limit: 100,
                 ..AuditQuery::default()
             })
@@ -451,6 +451,13 @@ mod cases {
                 Some(1_012),
                 Some(1_013),
                 Some(1_500),
+                // The first batch, the last batch, and past the end.
+                Some(1_001),
+                Some(1_003),
+                Some(1_004),
+                Some(2_491),
+                Some(2_493),
+                Some(2_494),
                 Some(9_999),
             ] {
                 for session in [None, Some("ses_rare"), Some("ses_busy"), Some("ses_none")] {
@@ -459,6 +466,13 @@ mod cases {
                         since_ms,
                         limit,
                         ..AuditQuery::default()
+                    });
+                }
+                for after_seq in [0, 2, 200, 449] {
+                    queries.push(AuditQuery {
+                        since_ms,
+                        limit,
+                        ..by_chain(chain, after_seq)
                     });
                 }
             }
@@ -637,41 +651,12 @@ mod sqlite_only {
         records: &[AuditRecord],
         head: &ChainHead,
     ) -> String {
-        use sqlx::migrate::{Migration, MigrationType, Migrator};
-        use std::borrow::Cow;
-
         let url = format!("sqlite://{}/old.db?mode=rwc", dir.display());
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-        let migration = |version, name, sql| {
-            Migration::new(
-                version,
-                Cow::Borrowed(name),
-                MigrationType::Simple,
-                Cow::Borrowed(sql),
-                false,
-            )
-        };
-        let before_batches = Migrator {
-            migrations: Cow::Owned(vec![
-                migration(
-                    1,
-                    "init",
-                    include_str!("../migrations/sqlite/0001_init.sql"),
-                ),
-                migration(
-                    2,
-                    "audit",
-                    include_str!("../migrations/sqlite/0002_audit.sql"),
-                ),
-                migration(
-                    3,
-                    "credentials",
-                    include_str!("../migrations/sqlite/0003_credentials.sql"),
-                ),
-            ]),
-            ..Migrator::DEFAULT
-        };
-        before_batches.run(&pool).await.unwrap();
+        airlock_store::sqlite_migrator_up_to(3)
+            .run(&pool)
+            .await
+            .unwrap();
         sqlx::query("INSERT INTO audit_chains (id, head_seq, head_mac, head_seal, created_at) VALUES (1, ?, ?, ?, 0)")
             .bind(i64::try_from(head.seq).unwrap())
             .bind(head.mac.as_slice())
@@ -707,6 +692,85 @@ mod sqlite_only {
         }
         pool.close().await;
         url
+    }
+
+    /// A trail written with the time index (migration 4) moves into the
+    /// clustered table without it, and reads back the same, by seq and by
+    /// time.
+    #[tokio::test]
+    async fn batches_from_before_the_clustered_table_read_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = format!("sqlite://{}/written.db?mode=rwc", dir.path().display());
+        let store = open(&written).await.unwrap();
+        let mut head = store.audit_claim_chain(&genesis).await.unwrap();
+        let mut all = Vec::new();
+        for batch in 0..40_i64 {
+            let (records, next) = records_after(&head, 3, 1_000 + batch * 10, "ses_a");
+            store.audit_append(&records, &next).await.unwrap();
+            all.extend(records);
+            head = next;
+        }
+        store.close().await;
+
+        let url = format!("sqlite://{}/old.db?mode=rwc", dir.path().display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        airlock_store::sqlite_migrator_up_to(4)
+            .run(&pool)
+            .await
+            .unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query(&format!(
+            "ATTACH DATABASE '{}/written.db' AS w",
+            dir.path().display()
+        ))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        for copy in [
+            "INSERT INTO audit_chains SELECT * FROM w.audit_chains",
+            "INSERT INTO audit_batches SELECT chain, first_seq, last_seq, ts_max, records FROM w.audit_batches",
+            "INSERT INTO audit_batch_sessions SELECT * FROM w.audit_batch_sessions",
+        ] {
+            sqlx::query(copy).execute(&mut *conn).await.unwrap();
+        }
+        drop(conn);
+        pool.close().await;
+
+        let store = open(&url).await.unwrap();
+        assert_eq!(
+            store.audit_records(&by_chain(head.chain, 0)).await.unwrap(),
+            all
+        );
+        let since: Vec<u64> = store
+            .audit_records(&AuditQuery {
+                since_ms: Some(1_203),
+                limit: 1_000,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        let expected: Vec<u64> = all
+            .iter()
+            .filter(|r| r.ts_ms >= 1_203)
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(since, expected);
+        assert_eq!(store.audit_heads().await.unwrap(), vec![head]);
+        store.close().await;
+
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let schema: Vec<String> = sqlx::query_scalar(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'audit_batches' AND sql IS NOT NULL",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(schema.len(), 1, "no index beside the table: {schema:?}");
+        assert!(schema[0].contains("WITHOUT ROWID"), "{schema:?}");
+        pool.close().await;
     }
 
     /// A database written before batches: its one-row-per-record trail is
@@ -746,7 +810,7 @@ mod sqlite_only {
             .unwrap();
         let old_session = store
             .audit_records(&AuditQuery {
-                session: Some("ses_old".to_owned()),
+                session: Some("ses_old".into()),
                 since_ms: Some(5_600),
                 limit: 1_000,
                 ..AuditQuery::default()
@@ -872,7 +936,7 @@ mod sqlite_only {
         conn.close().await.unwrap();
         let err = store
             .audit_records(&AuditQuery {
-                session: Some("ses_x".to_owned()),
+                session: Some("ses_x".into()),
                 limit: 10,
                 ..AuditQuery::default()
             })

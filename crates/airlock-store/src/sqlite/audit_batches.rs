@@ -7,8 +7,8 @@
 //! and including the batch (a record's `ts` is when its call ended, so it
 //! may step back a little from one record to the next, or a lot if the
 //! clock was set back). The batches that may hold records from a given
-//! time on are therefore a suffix of the chain, found through
-//! `audit_batches_ts`; a chain's records come back in seq order, which is
+//! time on are therefore a suffix of the chain, found by a binary search
+//! over its primary key; a chain's records come back in seq order, which is
 //! time order wherever the clock did not step back.
 
 use airlock_core::audit::AuditRecord;
@@ -64,6 +64,44 @@ pub(super) async fn read_records(pool: &SqlitePool, q: &AuditQuery) -> Result<Ve
     Ok(found)
 }
 
+/// The first seq of the chain's first batch, from `from` on, whose `ts_max`
+/// is at least `since`; `None` when there is none. `ts_max` never decreases
+/// along a chain, so this is a binary search over seqs, each step one
+/// primary-key seek to the batch holding the middle seq.
+async fn first_batch_since(
+    pool: &SqlitePool,
+    chain: i64,
+    from: i64,
+    since: i64,
+) -> Result<Option<i64>> {
+    let holding = |seq: i64| {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT first_seq, ts_max FROM audit_batches \
+             WHERE chain = ? AND first_seq <= ? ORDER BY first_seq DESC LIMIT 1",
+        )
+        .bind(chain)
+        .bind(seq)
+        .fetch_optional(pool)
+    };
+    // `hi` is always the first seq of a batch that qualifies.
+    let mut hi = match holding(i64::MAX).await? {
+        Some((last, ts_max)) if ts_max >= since => last,
+        _ => return Ok(None),
+    };
+    let mut lo = from;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match holding(mid).await? {
+            // That batch and every one before it end before `since`.
+            Some((_, ts_max)) if ts_max < since => lo = mid + 1,
+            Some((first, _)) => hi = first.min(hi),
+            // Nothing at or before `mid`: the chain starts after it.
+            None => lo = mid + 1,
+        }
+    }
+    Ok(Some(hi))
+}
+
 /// Appends up to `limit` records of `chain` that `q` selects to `found`,
 /// in seq order.
 async fn read_chain(
@@ -85,15 +123,7 @@ async fn read_chain(
     .await?;
     // ... or, if later, the first batch with a record at or after `since`.
     if let Some(since) = q.since_ms {
-        let first: Option<i64> = sqlx::query_scalar(
-            "SELECT first_seq FROM audit_batches WHERE chain = ? AND ts_max >= ? \
-             ORDER BY ts_max, rowid LIMIT 1",
-        )
-        .bind(chain_id)
-        .bind(since)
-        .fetch_optional(pool)
-        .await?;
-        match first {
+        match first_batch_since(pool, chain_id, from, since).await? {
             Some(first) => from = from.max(first),
             None => return Ok(()),
         }
