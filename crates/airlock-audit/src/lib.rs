@@ -146,7 +146,7 @@ enum Msg {
     /// Sent by value, so that the call's box is freed on its worker's
     /// thread rather than the writer's (freeing on another thread is what
     /// a malloc arena handles worst); session and provider are shared, so
-    /// only the path is freed by the writer.
+    /// the writer mostly frees only the path.
     Record(AuditRecord, Waiter, Option<Route>),
     Shutdown(oneshot::Sender<()>),
 }

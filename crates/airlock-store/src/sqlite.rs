@@ -77,6 +77,7 @@ fn migrator() -> Migrator {
 
 /// The SQLite migrations up to `version`: the schema an older airlock
 /// left (for tests of what opening such a database does).
+#[doc(hidden)]
 pub fn migrator_up_to(version: i64) -> Migrator {
     let migrations = MIGRATIONS
         .into_iter()

@@ -773,6 +773,48 @@ mod sqlite_only {
         pool.close().await;
     }
 
+    /// A time query over batches whose keys or times were edited ends, and
+    /// refuses what it reads wrong, instead of searching forever.
+    #[tokio::test]
+    async fn a_time_query_over_edited_batches_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/edited.db?mode=rwc", dir.path().display());
+        let store = open(&url).await.unwrap();
+        let mut head = store.audit_claim_chain(&genesis).await.unwrap();
+        for batch in 0..20_i64 {
+            let (records, next) = records_after(&head, 3, 1_000 + batch * 10, "ses_a");
+            store.audit_append(&records, &next).await.unwrap();
+            head = next;
+        }
+        store.close().await;
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        for edit in [
+            "UPDATE audit_batches SET first_seq = -9223372036854775807 WHERE first_seq = 1",
+            "UPDATE audit_batches SET ts_max = 0 WHERE first_seq = 31",
+        ] {
+            sqlx::query(edit).execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+
+        let store = open(&url).await.unwrap();
+        for (since, after_seq) in [(0, 0), (1_100, 0), (1_150, 10), (1_195, 0), (5_000, 0)] {
+            let query = AuditQuery {
+                since_ms: Some(since),
+                limit: 1_000,
+                ..by_chain(head.chain, after_seq)
+            };
+            let answered =
+                tokio::time::timeout(Duration::from_secs(10), store.audit_records(&query)).await;
+            let Ok(read) = answered else {
+                panic!("a time query from {since} did not end");
+            };
+            if since == 0 {
+                assert!(read.is_err(), "the edited first batch is refused");
+            }
+        }
+        store.close().await;
+    }
+
     /// A database written before batches: its one-row-per-record trail is
     /// moved into batches when the store opens, and reads back, verifies
     /// and carries on as before.

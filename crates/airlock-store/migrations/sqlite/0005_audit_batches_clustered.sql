@@ -14,6 +14,6 @@ CREATE TABLE audit_batches_clustered (
 ) WITHOUT ROWID;
 INSERT INTO audit_batches_clustered (chain, first_seq, last_seq, ts_max, records)
     SELECT chain, first_seq, last_seq, ts_max, records FROM audit_batches;
-DROP INDEX audit_batches_ts;
+-- Dropping the old table drops its time index with it.
 DROP TABLE audit_batches;
 ALTER TABLE audit_batches_clustered RENAME TO audit_batches;

@@ -74,21 +74,26 @@ async fn first_batch_since(
     from: i64,
     since: i64,
 ) -> Result<Option<i64>> {
-    let holding = |seq: i64| {
+    // One connection for the whole search.
+    let mut conn = pool.acquire().await?;
+    let mut holding = async |seq: i64| {
         sqlx::query_as::<_, (i64, i64)>(
             "SELECT first_seq, ts_max FROM audit_batches \
              WHERE chain = ? AND first_seq <= ? ORDER BY first_seq DESC LIMIT 1",
         )
         .bind(chain)
         .bind(seq)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *conn)
+        .await
     };
     // `hi` is always the first seq of a batch that qualifies.
     let mut hi = match holding(i64::MAX).await? {
         Some((last, ts_max)) if ts_max >= since => last,
         _ => return Ok(None),
     };
-    let mut lo = from;
+    // Seqs start at 1: a negative `from` (only a tampered row gives one)
+    // must not make `hi - lo` overflow.
+    let mut lo = from.max(0);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         match holding(mid).await? {
