@@ -18,6 +18,7 @@ pub mod provider;
 pub mod redact;
 pub mod server;
 pub mod tls;
+mod upstream_tcp;
 
 pub use error::{Denial, ErrorCode};
 pub use handler::{Proxy, ProxySettings};

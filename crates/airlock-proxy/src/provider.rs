@@ -23,6 +23,7 @@ use crate::body::RequestBody;
 use crate::credential_source::{CredentialCell, Loaded};
 use crate::metrics::ProviderMetrics;
 use crate::redact::{Redactor, RedactorError};
+use crate::upstream_tcp::TcpConnector;
 
 /// How a provider expects its credential, and where agents put their token.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,7 +78,7 @@ const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 pub type UpstreamClient = Client<UpstreamConnector, RequestBody>;
 
 /// How upstream connections are opened (TCP, then TLS for https).
-pub type UpstreamConnector = HttpsConnector<HttpConnector>;
+pub type UpstreamConnector = HttpsConnector<TcpConnector>;
 
 /// A configured provider, ready for the request path.
 pub struct Provider {
@@ -467,7 +468,7 @@ fn build_connector(
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http))
+        .wrap_connector(TcpConnector::new(http)))
 }
 
 /// A client with a connection pool of its own; its connections' tasks run
