@@ -694,23 +694,31 @@ mod sqlite_only {
         url
     }
 
-    /// A trail written with the time index (migration 4) moves into the
-    /// clustered table without it, and reads back the same, by seq and by
-    /// time.
-    #[tokio::test]
-    async fn batches_from_before_the_clustered_table_read_back_the_same() {
-        let dir = tempfile::tempdir().unwrap();
-        let written = format!("sqlite://{}/written.db?mode=rwc", dir.path().display());
-        let store = open(&written).await.unwrap();
+    /// A closed SQLite store at `path` holding `batches` batches of three
+    /// records, 10 ms apart from 1,000 ms on; its records and head.
+    async fn sqlite_trail(path: &std::path::Path, batches: i64) -> (Vec<AuditRecord>, ChainHead) {
+        let store = open(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .unwrap();
         let mut head = store.audit_claim_chain(&genesis).await.unwrap();
         let mut all = Vec::new();
-        for batch in 0..40_i64 {
+        for batch in 0..batches {
             let (records, next) = records_after(&head, 3, 1_000 + batch * 10, "ses_a");
             store.audit_append(&records, &next).await.unwrap();
             all.extend(records);
             head = next;
         }
         store.close().await;
+        (all, head)
+    }
+
+    /// A trail written with the time index (migration 4) moves into the
+    /// clustered table without it, and reads back the same, by seq and by
+    /// time.
+    #[tokio::test]
+    async fn batches_from_before_the_clustered_table_read_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let (all, head) = sqlite_trail(&dir.path().join("written.db"), 40).await;
 
         let url = format!("sqlite://{}/old.db?mode=rwc", dir.path().display());
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
@@ -778,15 +786,8 @@ mod sqlite_only {
     #[tokio::test]
     async fn a_time_query_over_edited_batches_ends() {
         let dir = tempfile::tempdir().unwrap();
+        let (_, head) = sqlite_trail(&dir.path().join("edited.db"), 20).await;
         let url = format!("sqlite://{}/edited.db?mode=rwc", dir.path().display());
-        let store = open(&url).await.unwrap();
-        let mut head = store.audit_claim_chain(&genesis).await.unwrap();
-        for batch in 0..20_i64 {
-            let (records, next) = records_after(&head, 3, 1_000 + batch * 10, "ses_a");
-            store.audit_append(&records, &next).await.unwrap();
-            head = next;
-        }
-        store.close().await;
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
         for edit in [
             "UPDATE audit_batches SET first_seq = -9223372036854775807 WHERE first_seq = 1",
