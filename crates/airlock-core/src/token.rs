@@ -6,6 +6,7 @@
 //! session in logs, audit and the admin API and is not a secret.
 
 use std::fmt;
+use std::sync::Arc;
 
 use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
@@ -52,12 +53,13 @@ pub fn is_well_formed(candidate: &str) -> bool {
 #[derive(Clone, Copy)]
 pub struct TokenHash([u8; 32]);
 
-/// A session id (`ses_…`). Not a secret.
+/// A session id (`ses_…`). Not a secret. Shared text: a clone (every
+/// audit record names its session) costs no allocation.
 #[derive(
     Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 #[serde(transparent)]
-pub struct SessionId(String);
+pub struct SessionId(Arc<str>);
 
 // === impl TokenHash ===
 
@@ -131,7 +133,7 @@ impl SessionId {
         let mut id = String::with_capacity(ID_PREFIX.len() + ID_RANDOM_CHARS);
         id.push_str(ID_PREFIX);
         Alphanumeric.append_string(&mut rand::rng(), &mut id, ID_RANDOM_CHARS);
-        Self(id)
+        Self(Arc::from(id))
     }
 
     /// Wraps an id read from the store or a request. Returns `None` unless it
@@ -143,11 +145,16 @@ impl SessionId {
             && id.as_bytes()[ID_PREFIX.len()..]
                 .iter()
                 .all(u8::is_ascii_alphanumeric);
-        ok.then(|| Self(id.to_owned()))
+        ok.then(|| Self(Arc::from(id)))
     }
 
     /// The id as text.
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id as shared text.
+    pub fn shared(&self) -> &Arc<str> {
         &self.0
     }
 }

@@ -92,7 +92,7 @@ impl CallRecord {
     /// The token named `session`.
     pub(crate) fn set_session(&mut self, session: &Arc<LiveSession>) {
         if let Some(r) = &mut self.record {
-            r.session = Some(Arc::clone(session.recorded_id()));
+            r.session = Some(Arc::clone(session.id().shared()));
         }
         self.session = Some(Arc::clone(session));
     }

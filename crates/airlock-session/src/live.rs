@@ -13,8 +13,6 @@ use tokio::sync::Notify;
 /// A cached session.
 pub struct LiveSession {
     id: SessionId,
-    /// The id as audit records hold it (made once, shared by every record).
-    recorded_id: Arc<str>,
     created_at: i64,
     /// Unix ms; another replica may change it.
     expires_at: AtomicI64,
@@ -88,7 +86,6 @@ impl LiveSession {
         let lease = (shared.is_some() && row.limits.max_requests.is_some()).then(Lease::empty);
         let flush_soon = shared.filter(|_| row.limits.max_denied.is_some()).cloned();
         Self {
-            recorded_id: Arc::from(row.id.as_str()),
             id: row.id,
             created_at: row.created_at,
             expires_at: AtomicI64::new(row.expires_at),
@@ -110,11 +107,6 @@ impl LiveSession {
     /// The session id.
     pub fn id(&self) -> &SessionId {
         &self.id
-    }
-
-    /// The session id as audit records hold it: a clone costs no allocation.
-    pub fn recorded_id(&self) -> &Arc<str> {
-        &self.recorded_id
     }
 
     /// What the session may call.
