@@ -1,47 +1,17 @@
-//! Row decoding shared by the SQL stores' audit tables, and the query of
-//! the one-row-per-record table (PostgreSQL's trail; on SQLite, only what
-//! is left of it before its rows are moved into batches).
+//! Row decoding shared by the SQL stores' audit tables: chain heads, and
+//! rows of the one-row-per-record table (the trail's format before
+//! batches, read only to move them into batches).
 
 use airlock_core::audit::{AuditRecord, Flags, MacBytes};
-use sqlx::{ColumnIndex, Database, Decode, Encode, QueryBuilder, Row, Type};
+use sqlx::{ColumnIndex, Decode, Row, Type};
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use crate::{AuditQuery, ChainHead, Result, StoreError};
+use crate::{ChainHead, Result, StoreError};
 
 /// The columns of `audit_records`, in insert order.
 pub(crate) const RECORD_COLUMNS: &str = "chain, seq, ts, session, provider, method, path, \
      decision, status, upstream_status, duration_us, bytes_in, bytes_out, flags, prev_mac, mac";
-
-/// The `SELECT` of [`crate::Store::audit_records`] over `audit_records`:
-/// filters, then seq order within a chain or time order across chains
-/// (served by the `audit_records_ts` index).
-pub(crate) fn select_records<'q, DB>(q: &'q AuditQuery) -> QueryBuilder<'q, DB>
-where
-    DB: Database,
-    i64: Encode<'q, DB> + Type<DB>,
-    &'q str: Encode<'q, DB> + Type<DB>,
-{
-    let mut sql = QueryBuilder::new(format!(
-        "SELECT {RECORD_COLUMNS} FROM audit_records WHERE TRUE"
-    ));
-    if let Some(session) = &q.session {
-        sql.push(" AND session = ").push_bind(session.as_str());
-    }
-    if let Some(since) = q.since_ms {
-        sql.push(" AND ts >= ").push_bind(since);
-    }
-    if let Some(chain) = q.chain {
-        sql.push(" AND chain = ").push_bind(i64::from(chain));
-        sql.push(" AND seq > ")
-            .push_bind(i64::try_from(q.after_seq).unwrap_or(i64::MAX));
-        sql.push(" ORDER BY seq");
-    } else {
-        sql.push(" ORDER BY ts, chain, seq");
-    }
-    sql.push(" LIMIT ").push_bind(i64::from(q.limit));
-    sql
-}
 
 /// A record from an `audit_records` row.
 pub(crate) fn decode_record<R>(row: &R) -> Result<AuditRecord>

@@ -6,6 +6,7 @@
 //! already cached (except, on a store shared by replicas, to refill a
 //! session's lease of `max_requests`, once per lease).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 mod audit;
 pub mod audit_batch;
 mod audit_rows;
+mod batch_trail;
 mod change;
 mod postgres;
 mod session_rows;
@@ -25,7 +27,7 @@ pub mod testing;
 
 pub use audit::{AuditQuery, ChainHead, GenesisSeal};
 pub use change::{Change, SessionStatus};
-pub use postgres::PgStore;
+pub use postgres::{migrator_up_to as postgres_migrator_up_to, PgStore};
 pub use sqlite::{migrator_up_to as sqlite_migrator_up_to, SqliteStore};
 
 /// A session as stored.
@@ -239,6 +241,40 @@ pub fn is_postgres_url(url: &str) -> bool {
 }
 
 /// Now, in unix milliseconds.
+/// Seqs and counts are stored as SQL integers (saturating: no seq or count
+/// reaches `i64::MAX`).
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The migrations of `list` (version, description, SQL) up to `version`,
+/// as sqlx's migrator (which locks the database while it works, where
+/// the database has a lock for it).
+fn migrator_of(
+    list: &'static [(i64, &'static str, &'static str)],
+    version: i64,
+) -> sqlx::migrate::Migrator {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    let migrations = list
+        .iter()
+        .filter(|(v, _, _)| *v <= version)
+        .map(|&(v, name, sql)| {
+            Migration::new(
+                v,
+                Cow::Borrowed(name),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
+        })
+        .collect();
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        locking: true,
+        ..Migrator::DEFAULT
+    }
+}
+
 fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -16,7 +16,6 @@
 //! - Audit: each process owns one chain while it holds a session-level
 //!   advisory lock on it, see [`PgStore::audit_claim_chain`].
 
-use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,19 +23,21 @@ use std::time::Duration;
 use airlock_core::audit::AuditRecord;
 use airlock_core::{SessionId, TokenHash};
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Connection, Postgres};
+use sqlx::Connection;
 use tokio::sync::broadcast;
 
-use crate::audit_rows::{decode_head, decode_record, select_records, RECORD_COLUMNS};
+use crate::audit_rows::decode_head;
+use crate::batch_trail;
 use crate::session_rows::{decode_session, decode_status, SESSION_COLUMNS, STATUS_COLUMNS};
 use crate::{
-    encode_json, AuditQuery, ChainHead, Change, GenesisSeal, Result, SessionRow, SessionStatus,
-    Store, StoreError, StoredCredential,
+    encode_json, to_i64, AuditQuery, ChainHead, Change, GenesisSeal, Result, SessionRow,
+    SessionStatus, Store, StoredCredential,
 };
 use chain::ChainOwner;
 
+mod audit_batches;
 mod chain;
 mod feed;
 
@@ -63,39 +64,41 @@ pub struct PgStore {
     keeper: tokio::task::AbortHandle,
 }
 
+/// The PostgreSQL schema's migrations: version, description, SQL.
+const MIGRATIONS: [(i64, &str, &str); 4] = [
+    (
+        1,
+        "init",
+        include_str!("../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "audit",
+        include_str!("../migrations/postgres/0002_audit.sql"),
+    ),
+    (
+        3,
+        "credentials",
+        include_str!("../migrations/postgres/0003_credentials.sql"),
+    ),
+    (
+        4,
+        "audit batches",
+        include_str!("../migrations/postgres/0004_audit_batches.sql"),
+    ),
+];
+
 fn migrator() -> Migrator {
-    let migration = |version, name, sql| {
-        Migration::new(
-            version,
-            Cow::Borrowed(name),
-            MigrationType::Simple,
-            Cow::Borrowed(sql),
-            false,
-        )
-    };
-    let migrations = vec![
-        migration(
-            1,
-            "init",
-            include_str!("../migrations/postgres/0001_init.sql"),
-        ),
-        migration(
-            2,
-            "audit",
-            include_str!("../migrations/postgres/0002_audit.sql"),
-        ),
-        migration(
-            3,
-            "credentials",
-            include_str!("../migrations/postgres/0003_credentials.sql"),
-        ),
-    ];
-    Migrator {
-        migrations: Cow::Owned(migrations),
-        // Takes pg_advisory_lock for the database while migrating.
-        locking: true,
-        ..Migrator::DEFAULT
-    }
+    migrator_up_to(i64::MAX)
+}
+
+/// The PostgreSQL migrations up to `version`: the schema an older airlock
+/// left (for tests of what opening such a database does).
+#[doc(hidden)]
+pub fn migrator_up_to(version: i64) -> Migrator {
+    // sqlx's migrator takes pg_advisory_lock for the database while
+    // migrating.
+    crate::migrator_of(&MIGRATIONS, version)
 }
 
 // === impl PgStore ===
@@ -110,7 +113,10 @@ impl PgStore {
             // A connection of its own: closing it releases the migration
             // lock whatever happened.
             let mut conn = PgConnection::connect_with(&options).await?;
-            let migrated = migrator().run_direct(&mut conn).await;
+            let migrated = match migrator().run_direct(&mut conn).await {
+                Ok(()) => audit_batches::convert_legacy(&mut conn).await,
+                Err(e) => Err(e.into()),
+            };
             let _ = conn.close().await;
             migrated?;
         }
@@ -143,10 +149,6 @@ impl Drop for PgStore {
         self.feed.abort();
         self.keeper.abort();
     }
-}
-
-fn to_i64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn to_u64(n: i64) -> u64 {
@@ -292,101 +294,22 @@ impl Store for PgStore {
     /// Meanwhile another process may take the chain over.
     /// [`Store::audit_append`] moves the head only from the seq it expects
     /// (`WHERE head_seq = previous`), so two writers can never interleave
-    /// records: the one behind gets [`StoreError::ChainConflict`] and must
+    /// records: the one behind gets [`crate::StoreError::ChainConflict`] and must
     /// claim again.
     async fn audit_claim_chain(&self, genesis: GenesisSeal<'_>) -> Result<ChainHead> {
         self.chain.claim(genesis).await
     }
 
-    /// The guarded head update and one `INSERT … SELECT FROM UNNEST(…)` of
-    /// the whole batch (one round trip whatever its size), in one
-    /// transaction.
+    /// One statement: the guarded head update, the batch and its session
+    /// index rows (see `postgres/audit_batches.rs`).
     async fn audit_append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
-        let Some(first) = records.first() else {
-            return Ok(());
-        };
-        let column = |f: &dyn Fn(&AuditRecord) -> i64| records.iter().map(f).collect::<Vec<_>>();
-        let mut tx = self.pool.begin().await?;
-        // Move the head first, guarded: the row lock serialises writers of
-        // one chain, and one that is not at the head inserts nothing.
-        let moved = sqlx::query(
-            "UPDATE audit_chains SET head_seq = $1, head_mac = $2, head_seal = $3 \
-             WHERE id = $4 AND head_seq = $5",
-        )
-        .bind(to_i64(head.seq))
-        .bind(head.mac.as_slice())
-        .bind(head.seal.as_slice())
-        .bind(i64::from(head.chain))
-        .bind(to_i64(first.seq.saturating_sub(1)))
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() != 1 {
-            return Err(StoreError::ChainConflict(head.chain));
-        }
-        sqlx::query(&format!(
-            "INSERT INTO audit_records ({RECORD_COLUMNS}) SELECT * FROM UNNEST(\
-             $1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
-             $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], \
-             $14::int8[], $15::bytea[], $16::bytea[])"
-        ))
-        .bind(column(&|r| i64::from(r.chain)))
-        .bind(column(&|r| to_i64(r.seq)))
-        .bind(column(&|r| r.ts_ms))
-        .bind(
-            records
-                .iter()
-                .map(|r| r.session.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            records
-                .iter()
-                .map(|r| r.provider.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            records
-                .iter()
-                .map(|r| r.method.as_ref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(records.iter().map(|r| r.path.as_str()).collect::<Vec<_>>())
-        .bind(
-            records
-                .iter()
-                .map(|r| r.decision.as_ref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(&|r| i64::from(r.status)))
-        .bind(
-            records
-                .iter()
-                .map(|r| r.upstream_status.map(i64::from))
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(&|r| to_i64(r.duration_us)))
-        .bind(column(&|r| to_i64(r.bytes_in)))
-        .bind(column(&|r| to_i64(r.bytes_out)))
-        .bind(column(&|r| i64::from(r.flags.bits())))
-        .bind(
-            records
-                .iter()
-                .map(|r| r.prev_mac.as_slice())
-                .collect::<Vec<_>>(),
-        )
-        .bind(records.iter().map(|r| r.mac.as_slice()).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        audit_batches::append(&mut conn, records, head).await
     }
 
     async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
-        let rows = select_records::<Postgres>(q)
-            .build()
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(decode_record).collect()
+        let mut conn = self.pool.acquire().await?;
+        batch_trail::read_records(&mut *conn, q).await
     }
 
     async fn audit_heads(&self) -> Result<Vec<ChainHead>> {

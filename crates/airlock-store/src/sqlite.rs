@@ -3,27 +3,24 @@
 //! Everything goes through a sqlx pool except the audit trail's appends,
 //! which a thread of their own commits (`sqlite/audit_writer.rs`).
 
-use std::borrow::Cow;
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use airlock_core::audit::{AuditRecord, GENESIS_MAC};
 use airlock_core::{SessionId, TokenHash};
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, SqlitePool};
 
-#[cfg(feature = "testing")]
-pub(crate) use self::audit_batches::insert_legacy_batch;
 use self::audit_batches::{append_through_pool, read_records};
 use self::audit_writer::{AuditWriter, BUSY_TIMEOUT};
 use crate::audit_rows::decode_head;
 use crate::{
-    decode_json, encode_json, AuditQuery, ChainHead, GenesisSeal, Result, SessionRow, Store,
-    StoreError, StoredCredential,
+    decode_json, encode_json, to_i64, AuditQuery, ChainHead, GenesisSeal, Result, SessionRow,
+    Store, StoreError, StoredCredential,
 };
 
 mod audit_batches;
@@ -79,23 +76,7 @@ fn migrator() -> Migrator {
 /// left (for tests of what opening such a database does).
 #[doc(hidden)]
 pub fn migrator_up_to(version: i64) -> Migrator {
-    let migrations = MIGRATIONS
-        .into_iter()
-        .filter(|(v, _, _)| *v <= version)
-        .map(|(v, name, sql)| {
-            Migration::new(
-                v,
-                Cow::Borrowed(name),
-                MigrationType::Simple,
-                Cow::Borrowed(sql),
-                false,
-            )
-        })
-        .collect();
-    Migrator {
-        migrations: Cow::Owned(migrations),
-        ..Migrator::DEFAULT
-    }
+    crate::migrator_of(&MIGRATIONS, version)
 }
 
 // === impl SqliteStore ===
@@ -155,10 +136,6 @@ impl SqliteStore {
             denied: u64::try_from(row.try_get::<i64, _>("denied")?).unwrap_or(0),
         })
     }
-}
-
-fn to_i64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// The file the audit writer is to open: the pool's main database, when it

@@ -1,14 +1,15 @@
 //! Test support (feature `testing`): what an attacker with write access to
-//! the database file can do to the embedded store's audit trail, for tests
-//! that check that verifying names it. The server must not be running.
+//! the database can do to the audit trail, for tests that check that
+//! verifying names it. The server must not be running.
 
 use std::path::Path;
 
 use airlock_core::audit::AuditRecord;
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{Connection, Row, SqliteConnection};
+use sqlx::{Connection, PgConnection, SqliteConnection};
 
 use crate::audit_batch::decode_batch;
+use crate::batch_trail::{insert_legacy_batch, BatchRows};
 use crate::{Result, StoreError};
 
 /// Rewrites the stored records of `chain` in the SQLite database at `path`
@@ -22,31 +23,66 @@ pub async fn rewrite_sqlite_chain(
     // One connection, closed before returning: a pool may close its last
     // connection (and checkpoint the file) after `close` returns.
     let mut conn = connect(path).await?;
-    let rows = sqlx::query("SELECT records FROM audit_batches WHERE chain = ? ORDER BY first_seq")
-        .bind(i64::from(chain))
-        .fetch_all(&mut conn)
-        .await?;
-    let mut records = Vec::new();
-    for row in &rows {
-        decode_batch(chain, row.try_get("records")?, &mut records).map_err(|e| {
-            StoreError::Corrupt {
-                what: format!("audit chain {chain}"),
-                reason: e.to_string(),
-            }
-        })?;
-    }
-    edit(&mut records);
+    let records = edited(&mut conn, chain, edit).await?;
     let mut tx = conn.begin().await?;
-    for table in ["audit_batches", "audit_batch_sessions"] {
-        sqlx::query(&format!("DELETE FROM {table} WHERE chain = ?"))
-            .bind(i64::from(chain))
-            .execute(&mut *tx)
-            .await?;
-    }
-    crate::sqlite::insert_legacy_batch(&mut tx, &records, chain, i64::MIN).await?;
+    sqlx::raw_sql(&delete_chain(chain))
+        .execute(&mut *tx)
+        .await?;
+    insert_legacy_batch(&mut *tx, &records, chain, i64::MIN).await?;
     tx.commit().await?;
     conn.close().await?;
     Ok(())
+}
+
+/// [`rewrite_sqlite_chain`] on the PostgreSQL database at `url`.
+pub async fn rewrite_postgres_chain(
+    url: &str,
+    chain: u32,
+    edit: impl FnOnce(&mut Vec<AuditRecord>),
+) -> Result<()> {
+    let mut conn = PgConnection::connect(url).await?;
+    let records = edited(&mut conn, chain, edit).await?;
+    let mut tx = conn.begin().await?;
+    sqlx::raw_sql(&delete_chain(chain))
+        .execute(&mut *tx)
+        .await?;
+    insert_legacy_batch(&mut *tx, &records, chain, i64::MIN).await?;
+    tx.commit().await?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// The records of `chain`, as `edit` leaves them.
+async fn edited<C: BatchRows>(
+    conn: &mut C,
+    chain: u32,
+    edit: impl FnOnce(&mut Vec<AuditRecord>),
+) -> Result<Vec<AuditRecord>> {
+    let mut records = Vec::new();
+    for batch in conn
+        .batches_from(i64::from(chain), 0, None, i64::MAX)
+        .await?
+    {
+        decode_batch(
+            chain,
+            batch.records.as_deref().unwrap_or_default(),
+            &mut records,
+        )
+        .map_err(|e| StoreError::Corrupt {
+            what: format!("audit chain {chain}"),
+            reason: e.to_string(),
+        })?;
+    }
+    edit(&mut records);
+    Ok(records)
+}
+
+/// Deletes every batch of `chain` and its session index rows.
+fn delete_chain(chain: u32) -> String {
+    format!(
+        "DELETE FROM audit_batches WHERE chain = {chain}; \
+         DELETE FROM audit_batch_sessions WHERE chain = {chain};"
+    )
 }
 
 /// Overwrites the bytes of the stored batch of `chain` that holds record

@@ -16,6 +16,7 @@ use airlock_core::token::generate_token;
 use airlock_core::{Limits, SessionId, TokenHash};
 use airlock_store::{open, AuditQuery, ChainHead, Change, SessionRow, Store, StoreError};
 use airlock_testkit::pg::{self, FreshDb};
+use sqlx::Connection;
 
 /// A database to open stores on, and what keeps it alive.
 struct Backend {
@@ -45,6 +46,83 @@ impl Backend {
 
     async fn open(&self) -> Arc<dyn Store> {
         open(&self.url).await.unwrap()
+    }
+
+    /// Runs `sql` (one or more statements) on the database.
+    async fn execute(&self, sql: &str) {
+        match &self.pg {
+            Some(db) => db.execute(sql).await,
+            None => {
+                let mut conn = self.sqlite_connection().await;
+                sqlx::raw_sql(sql)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                conn.close().await.unwrap();
+            }
+        }
+    }
+
+    /// The first column of the first row of `sql`, as a number.
+    async fn scalar(&self, sql: &str) -> i64 {
+        match &self.pg {
+            Some(db) => db.scalar_i64(sql).await,
+            None => {
+                let mut conn = self.sqlite_connection().await;
+                let value = sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+                value
+            }
+        }
+    }
+
+    /// Whether the database has a table called `name`.
+    async fn has_table(&self, name: &str) -> bool {
+        let sql = if self.pg.is_some() {
+            format!("SELECT count(*) FROM pg_tables WHERE tablename = '{name}'")
+        } else {
+            format!("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '{name}'")
+        };
+        self.scalar(&sql).await > 0
+    }
+
+    /// Brings the schema up to migration `version` only, as an older
+    /// airlock left it.
+    async fn migrate_to(&self, version: i64) {
+        match &self.pg {
+            Some(db) => {
+                let mut conn = db.connect().await;
+                airlock_store::postgres_migrator_up_to(version)
+                    .run_direct(&mut conn)
+                    .await
+                    .unwrap();
+                conn.close().await.unwrap();
+            }
+            None => {
+                let mut conn = self.sqlite_connection().await;
+                airlock_store::sqlite_migrator_up_to(version)
+                    .run_direct(&mut conn)
+                    .await
+                    .unwrap();
+                conn.close().await.unwrap();
+            }
+        }
+    }
+
+    async fn sqlite_connection(&self) -> sqlx::SqliteConnection {
+        sqlx::SqliteConnection::connect(&format!("{}?mode=rwc", self.url))
+            .await
+            .unwrap()
+    }
+
+    /// A blob literal in the database's SQL.
+    fn blob(&self, bytes: &[u8]) -> String {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        if self.pg.is_some() {
+            format!("decode('{hex}', 'hex')")
+        } else {
+            format!("X'{hex}'")
+        }
     }
 }
 
@@ -85,6 +163,8 @@ suite!(
     audit_append_fails_once_closed,
     audit_claim_resumes_the_chain,
     audit_probe_writes,
+    a_trail_of_the_old_format_is_moved_into_batches,
+    an_unreadable_old_row_is_kept_aside,
 );
 
 #[tokio::test]
@@ -194,6 +274,52 @@ fn by_chain(chain: u32, after_seq: u64) -> AuditQuery {
         limit: 1_000,
         ..AuditQuery::default()
     }
+}
+
+/// Leaves `backend`'s database in the format before batches (migrations 1
+/// to 3), holding `records` of chain 1 and its `head`, as the old airlock
+/// wrote them.
+async fn old_format_trail(backend: &Backend, records: &[AuditRecord], head: &ChainHead) {
+    backend.migrate_to(3).await;
+    let text = |value: Option<&str>| value.map_or("NULL".to_owned(), |v| format!("'{v}'"));
+    let rows: Vec<String> = records
+        .iter()
+        .map(|r| {
+            format!(
+                "({}, {}, {}, {}, {}, '{}', '{}', '{}', {}, {}, {}, {}, {}, {}, {}, {})",
+                r.chain,
+                r.seq,
+                r.ts_ms,
+                text(r.session.as_deref()),
+                text(r.provider.as_deref()),
+                r.method,
+                r.path,
+                r.decision,
+                r.status,
+                r.upstream_status
+                    .map_or("NULL".to_owned(), |s| s.to_string()),
+                r.duration_us,
+                r.bytes_in,
+                r.bytes_out,
+                r.flags.bits(),
+                backend.blob(&r.prev_mac),
+                backend.blob(&r.mac),
+            )
+        })
+        .collect();
+    backend
+        .execute(&format!(
+            "INSERT INTO audit_chains (id, head_seq, head_mac, head_seal, created_at) \
+             VALUES (1, {}, {}, {}, 0); \
+             INSERT INTO audit_records (chain, seq, ts, session, provider, method, path, \
+             decision, status, upstream_status, duration_us, bytes_in, bytes_out, flags, \
+             prev_mac, mac) VALUES {};",
+            head.seq,
+            backend.blob(&head.mac),
+            backend.blob(&head.seal),
+            rows.join(", ")
+        ))
+        .await;
 }
 
 /// Waits (up to `limit`) for a change matching `want`, skipping others.
@@ -602,6 +728,137 @@ mod cases {
         store.audit_probe().await.unwrap();
         store.close().await;
     }
+
+    /// A database written before batches: its one-row-per-record trail is
+    /// moved into batches when the store opens, and reads back, verifies
+    /// and carries on as before.
+    pub async fn a_trail_of_the_old_format_is_moved_into_batches(backend: &Backend) {
+        let empty = empty_chain(1);
+        let (mut records, _) = records_after(&empty, 700, 5_000, "ses_old");
+        // The old writer did not keep ts from stepping back: record 351
+        // is 200 ms older than record 350.
+        records[350].ts_ms -= 200;
+        let key = key();
+        let mut prev = GENESIS_MAC;
+        for record in &mut records {
+            record.seal(&key, 1, record.seq, prev);
+            prev = record.mac;
+        }
+        let head = ChainHead {
+            chain: 1,
+            seq: 700,
+            mac: prev,
+            seal: head_seal(&key, 1, 700, &prev),
+        };
+        old_format_trail(backend, &records, &head).await;
+
+        let store = backend.open().await;
+        let all = store.audit_records(&by_chain(1, 0)).await.unwrap();
+        assert_eq!(all, records);
+        let mut verifier = ChainVerifier::from_start(&key);
+        for (i, record) in all.iter().enumerate() {
+            verifier.check(record, all.get(i + 1)).unwrap();
+        }
+        verifier
+            .check_head(1, head.seq, &head.mac, &head.seal)
+            .unwrap();
+        let old_session = store
+            .audit_records(&AuditQuery {
+                session: Some("ses_old".into()),
+                since_ms: Some(5_600),
+                limit: 1_000,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        let expected: Vec<u64> = records
+            .iter()
+            .filter(|r| r.ts_ms >= 5_600 && r.session.is_some())
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(
+            old_session.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            expected
+        );
+        // Around the step back, time queries still find every record.
+        for since in [5_150, 5_151, 5_152, 5_349, 5_350, 5_351, 5_352] {
+            let got = store
+                .audit_records(&AuditQuery {
+                    since_ms: Some(since),
+                    limit: 1_000,
+                    ..AuditQuery::default()
+                })
+                .await
+                .unwrap();
+            let expected: Vec<u64> = records
+                .iter()
+                .filter(|r| r.ts_ms >= since)
+                .map(|r| r.seq)
+                .collect();
+            assert_eq!(
+                got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+                expected,
+                "since {since}"
+            );
+        }
+        // The chain carries on where it was.
+        let resumed = store.audit_claim_chain(&genesis).await.unwrap();
+        assert_eq!(resumed, head);
+        let (next, head2) = records_after(&head, 2, 9_000, "ses_new");
+        store.audit_append(&next, &head2).await.unwrap();
+        assert_eq!(
+            store.audit_records(&by_chain(1, 0)).await.unwrap().len(),
+            702
+        );
+        store.close().await;
+
+        // The old table is gone, and opening again has nothing to move.
+        assert!(!backend.has_table("audit_records").await);
+        let store = backend.open().await;
+        assert_eq!(
+            store.audit_records(&by_chain(1, 0)).await.unwrap().len(),
+            702
+        );
+        store.close().await;
+    }
+
+    /// An old row that cannot be read does not keep the store from opening:
+    /// it is kept aside, and the gap it leaves is what verifying names.
+    pub async fn an_unreadable_old_row_is_kept_aside(backend: &Backend) {
+        let empty = empty_chain(1);
+        let (records, head) = records_after(&empty, 5, 5_000, "ses_old");
+        old_format_trail(backend, &records, &head).await;
+        backend
+            .execute("UPDATE audit_records SET flags = 4096 WHERE seq = 3")
+            .await;
+
+        let store = backend.open().await;
+        let all = store.audit_records(&by_chain(1, 0)).await.unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 4, 5]
+        );
+        let key = key();
+        let mut verifier = ChainVerifier::from_start(&key);
+        verifier.check(&all[0], Some(&all[1])).unwrap();
+        let broken = verifier
+            .check(&all[1], Some(&all[2]))
+            .and_then(|()| verifier.check(&all[2], Some(&all[3])));
+        assert_eq!(broken.unwrap_err().seq, 4);
+        store.close().await;
+        assert_eq!(
+            backend
+                .scalar("SELECT count(*) FROM audit_records_unreadable WHERE seq = 3")
+                .await,
+            1
+        );
+        assert_eq!(
+            backend
+                .scalar("SELECT count(*) FROM audit_records_unreadable")
+                .await,
+            1
+        );
+    }
 }
 
 /// What only SQLite does: the audit writer's own connection, and the
@@ -642,56 +899,6 @@ mod sqlite_only {
         let all = store.audit_records(&by_chain(head.chain, 0)).await.unwrap();
         assert_eq!(all.len(), 4);
         store.close().await;
-    }
-
-    /// A database in the format before batches (migrations 1 to 3) at
-    /// `dir/old.db`, holding `records` of chain 1 and its `head`; its URL.
-    async fn old_format_db(
-        dir: &std::path::Path,
-        records: &[AuditRecord],
-        head: &ChainHead,
-    ) -> String {
-        let url = format!("sqlite://{}/old.db?mode=rwc", dir.display());
-        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-        airlock_store::sqlite_migrator_up_to(3)
-            .run(&pool)
-            .await
-            .unwrap();
-        sqlx::query("INSERT INTO audit_chains (id, head_seq, head_mac, head_seal, created_at) VALUES (1, ?, ?, ?, 0)")
-            .bind(i64::try_from(head.seq).unwrap())
-            .bind(head.mac.as_slice())
-            .bind(head.seal.as_slice())
-            .execute(&pool)
-            .await
-            .unwrap();
-        for r in records {
-            sqlx::query(
-                "INSERT INTO audit_records (chain, seq, ts, session, provider, method, path, decision, status, \
-                 upstream_status, duration_us, bytes_in, bytes_out, flags, prev_mac, mac) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(i64::from(r.chain))
-            .bind(i64::try_from(r.seq).unwrap())
-            .bind(r.ts_ms)
-            .bind(r.session.as_deref())
-            .bind(r.provider.as_deref())
-            .bind(r.method.as_ref())
-            .bind(r.path.as_str())
-            .bind(r.decision.as_ref())
-            .bind(i64::from(r.status))
-            .bind(r.upstream_status.map(i64::from))
-            .bind(i64::try_from(r.duration_us).unwrap())
-            .bind(i64::try_from(r.bytes_in).unwrap())
-            .bind(i64::try_from(r.bytes_out).unwrap())
-            .bind(i64::from(r.flags.bits()))
-            .bind(r.prev_mac.as_slice())
-            .bind(r.mac.as_slice())
-            .execute(&pool)
-            .await
-            .unwrap();
-        }
-        pool.close().await;
-        url
     }
 
     /// A closed SQLite store at `path` holding `batches` batches of three
@@ -814,146 +1021,6 @@ mod sqlite_only {
             }
         }
         store.close().await;
-    }
-
-    /// A database written before batches: its one-row-per-record trail is
-    /// moved into batches when the store opens, and reads back, verifies
-    /// and carries on as before.
-    #[tokio::test]
-    async fn a_trail_of_the_old_format_is_moved_into_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let empty = empty_chain(1);
-        let (mut records, _) = records_after(&empty, 700, 5_000, "ses_old");
-        // The old writer did not keep ts from stepping back: record 351
-        // is 200 ms older than record 350.
-        records[350].ts_ms -= 200;
-        let key = key();
-        let mut prev = GENESIS_MAC;
-        for record in &mut records {
-            record.seal(&key, 1, record.seq, prev);
-            prev = record.mac;
-        }
-        let head = ChainHead {
-            chain: 1,
-            seq: 700,
-            mac: prev,
-            seal: head_seal(&key, 1, 700, &prev),
-        };
-        let url = old_format_db(dir.path(), &records, &head).await;
-
-        let store = open(&url).await.unwrap();
-        let all = store.audit_records(&by_chain(1, 0)).await.unwrap();
-        assert_eq!(all, records);
-        let mut verifier = ChainVerifier::from_start(&key);
-        for (i, record) in all.iter().enumerate() {
-            verifier.check(record, all.get(i + 1)).unwrap();
-        }
-        verifier
-            .check_head(1, head.seq, &head.mac, &head.seal)
-            .unwrap();
-        let old_session = store
-            .audit_records(&AuditQuery {
-                session: Some("ses_old".into()),
-                since_ms: Some(5_600),
-                limit: 1_000,
-                ..AuditQuery::default()
-            })
-            .await
-            .unwrap();
-        let expected: Vec<u64> = records
-            .iter()
-            .filter(|r| r.ts_ms >= 5_600 && r.session.is_some())
-            .map(|r| r.seq)
-            .collect();
-        assert_eq!(
-            old_session.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            expected
-        );
-        // Around the step back, time queries still find every record.
-        for since in [5_150, 5_151, 5_152, 5_349, 5_350, 5_351, 5_352] {
-            let got = store
-                .audit_records(&AuditQuery {
-                    since_ms: Some(since),
-                    limit: 1_000,
-                    ..AuditQuery::default()
-                })
-                .await
-                .unwrap();
-            let expected: Vec<u64> = records
-                .iter()
-                .filter(|r| r.ts_ms >= since)
-                .map(|r| r.seq)
-                .collect();
-            assert_eq!(
-                got.iter().map(|r| r.seq).collect::<Vec<_>>(),
-                expected,
-                "since {since}"
-            );
-        }
-        // The chain carries on where it was.
-        let resumed = store.audit_claim_chain(&genesis).await.unwrap();
-        assert_eq!(resumed, head);
-        let (next, head2) = records_after(&head, 2, 9_000, "ses_new");
-        store.audit_append(&next, &head2).await.unwrap();
-        assert_eq!(
-            store.audit_records(&by_chain(1, 0)).await.unwrap().len(),
-            702
-        );
-        store.close().await;
-
-        // The old table is gone, and opening again has nothing to move.
-        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-        let old_tables: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = 'audit_records'")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        assert_eq!(old_tables, 0);
-        pool.close().await;
-        let store = open(&url).await.unwrap();
-        assert_eq!(
-            store.audit_records(&by_chain(1, 0)).await.unwrap().len(),
-            702
-        );
-        store.close().await;
-    }
-
-    /// An old row that cannot be read does not keep the store from opening:
-    /// it is kept aside, and the gap it leaves is what verifying names.
-    #[tokio::test]
-    async fn an_unreadable_old_row_is_kept_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        let empty = empty_chain(1);
-        let (records, head) = records_after(&empty, 5, 5_000, "ses_old");
-        let url = old_format_db(dir.path(), &records, &head).await;
-        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-        sqlx::query("UPDATE audit_records SET flags = 4096 WHERE seq = 3")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
-
-        let store = open(&url).await.unwrap();
-        let all = store.audit_records(&by_chain(1, 0)).await.unwrap();
-        assert_eq!(
-            all.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            vec![1, 2, 4, 5]
-        );
-        let key = key();
-        let mut verifier = ChainVerifier::from_start(&key);
-        verifier.check(&all[0], Some(&all[1])).unwrap();
-        let broken = verifier
-            .check(&all[1], Some(&all[2]))
-            .and_then(|()| verifier.check(&all[2], Some(&all[3])));
-        assert_eq!(broken.unwrap_err().seq, 4);
-        store.close().await;
-        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-        let kept: Vec<i64> = sqlx::query_scalar("SELECT seq FROM audit_records_unreadable")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(kept, vec![3]);
-        conn.close().await.unwrap();
     }
 
     /// A session index row that names no batch is refused, not taken for
@@ -1108,6 +1175,42 @@ mod shared {
                 .await,
             i64::try_from(files).unwrap(),
             "every migration applied, once"
+        );
+        for store in stores {
+            store.close().await;
+        }
+    }
+
+    /// Replicas of this version starting at once on a trail of the old
+    /// format: one moves it into batches, the others wait for it, and
+    /// every record is there once.
+    #[tokio::test]
+    async fn replicas_starting_at_once_convert_the_old_trail_once() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let (records, head) = records_after(&empty_chain(1), 900, 5_000, "ses_old");
+        old_format_trail(&backend, &records, &head).await;
+        let opens = (0..4).map(|_| {
+            let url = backend.url.clone();
+            tokio::spawn(async move { open(&url).await })
+        });
+        let mut stores = Vec::new();
+        for store in futures_util::future::join_all(opens).await {
+            stores.push(store.unwrap().expect("every replica starts"));
+        }
+        for store in &stores {
+            let read = store.audit_records(&by_chain(1, 0)).await.unwrap();
+            assert!(read == records, "{} records read back", read.len());
+        }
+        assert!(!backend.has_table("audit_records").await);
+        assert_eq!(
+            backend
+                .scalar(
+                    "SELECT COALESCE(SUM(last_seq - first_seq + 1), 0)::int8 FROM audit_batches"
+                )
+                .await,
+            900
         );
         for store in stores {
             store.close().await;

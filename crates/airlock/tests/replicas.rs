@@ -403,7 +403,7 @@ async fn audit_of_every_replica_lands_in_postgres_and_verifies_as_one_trail() {
     assert_eq!(
         cluster
             .db
-            .scalar_i64("SELECT COUNT(DISTINCT chain) FROM audit_records")
+            .scalar_i64("SELECT COUNT(DISTINCT chain) FROM audit_batches")
             .await,
         3,
         "one chain per replica"
@@ -429,10 +429,12 @@ async fn audit_of_every_replica_lands_in_postgres_and_verifies_as_one_trail() {
     );
 
     // Tampering with another replica's record is found too.
-    cluster
-        .db
-        .execute("UPDATE audit_records SET status = 299 WHERE chain = 2 AND seq = 2")
-        .await;
+    airlock_store::testing::rewrite_postgres_chain(cluster.db.url(), 2, |records| {
+        assert_eq!(records[1].seq, 2);
+        records[1].status = 299;
+    })
+    .await
+    .unwrap();
     let out = audit_verify(&config);
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -21,7 +21,7 @@ use crate::{ChainHead, GenesisSeal, Result, StoreError};
 /// First key of the advisory locks that own audit chains (the second is the
 /// chain id). The two-key lock space does not overlap the one-key space
 /// sqlx's migrator locks in.
-const CHAIN_LOCK_CLASS: i32 = 0x4155_4454; // "AUDT"
+pub(super) const CHAIN_LOCK_CLASS: i32 = 0x4155_4454; // "AUDT"
 /// How often the lock's connection is checked.
 const KEEP_EVERY: Duration = Duration::from_secs(1);
 /// How long a check or a reconnection may take.

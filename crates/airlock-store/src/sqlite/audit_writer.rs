@@ -25,8 +25,8 @@ use sqlx::error::{DatabaseError, ErrorKind};
 
 use super::audit_batches::{INSERT_BATCH, INSERT_SESSION, LAST_TS_MAX};
 use super::checkpointer::{Checkpointer, WRITER_CHECKPOINT_PAGES};
-use super::to_i64;
 use crate::audit_batch::{encode_batch, sessions, summarise};
+use crate::to_i64;
 use crate::{ChainHead, Result, StoreError};
 
 /// What the pool's connections wait for a lock held elsewhere; the writer
