@@ -1,15 +1,13 @@
-//! The PostgreSQL audit trail's SQL: the batch trail's queries and writes
-//! (`batch_trail.rs` holds the logic both stores share), the append (one
-//! statement), and moving rows of the old one-row-per-record table into
-//! batches when a store opens.
+//! The PostgreSQL audit trail (`batch_trail.rs` holds the logic and SQL
+//! both stores share): the append (one statement), and moving rows of the
+//! old one-row-per-record table into batches when a store opens.
 
 use airlock_core::audit::AuditRecord;
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 
 use super::chain::CHAIN_LOCK_CLASS;
-use crate::audit_batch::{encode_batch, sessions, summarise, BatchSummary};
-use crate::audit_rows::{decode_record, RECORD_COLUMNS};
-use crate::batch_trail::{self, indexed_query, BatchRows, Stored, TrailWrites};
+use crate::audit_batch::{encode_batch, sessions, summarise};
+use crate::batch_trail::{self, TrailWrites};
 use crate::{to_i64, ChainHead, Result, StoreError};
 
 /// The second key of the transaction-level advisory lock held while moving
@@ -95,159 +93,11 @@ pub(super) async fn convert_legacy(conn: &mut PgConnection) -> Result<()> {
     Ok(())
 }
 
-impl BatchRows for PgConnection {
-    async fn chains(&mut self) -> Result<Vec<i64>> {
-        Ok(
-            sqlx::query_scalar("SELECT id FROM audit_chains ORDER BY id")
-                .fetch_all(self)
-                .await?,
-        )
-    }
-
-    async fn batch_at(&mut self, chain: i64, seq: i64) -> Result<Option<(i64, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT first_seq, ts_max FROM audit_batches \
-             WHERE chain = $1 AND first_seq <= $2 ORDER BY first_seq DESC LIMIT 1",
-        )
-        .bind(chain)
-        .bind(seq)
-        .fetch_optional(self)
-        .await?)
-    }
-
-    async fn batch_before(&mut self, chain: i64, first_seq: i64) -> Result<Option<Stored>> {
-        Ok(sqlx::query_as(
-            "SELECT first_seq, last_seq, ts_max, NULL::bytea AS records FROM audit_batches \
-             WHERE chain = $1 AND first_seq < $2 ORDER BY first_seq DESC LIMIT 1",
-        )
-        .bind(chain)
-        .bind(first_seq)
-        .fetch_optional(self)
-        .await?)
-    }
-
-    async fn batches_from(
-        &mut self,
-        chain: i64,
-        from: i64,
-        session: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<Stored>> {
-        let query = match session {
-            Some(session) => sqlx::query_as(
-                "SELECT s.first_seq, b.last_seq, b.ts_max, b.records \
-                 FROM audit_batch_sessions s LEFT JOIN audit_batches b \
-                 ON b.chain = s.chain AND b.first_seq = s.first_seq \
-                 WHERE s.session = $4 AND s.chain = $1 AND s.first_seq >= $2 \
-                 ORDER BY s.first_seq LIMIT $3",
-            )
-            .bind(chain)
-            .bind(from)
-            .bind(limit)
-            .bind(session),
-            None => sqlx::query_as(
-                "SELECT first_seq, last_seq, ts_max, records FROM audit_batches \
-                 WHERE chain = $1 AND first_seq >= $2 ORDER BY first_seq LIMIT $3",
-            )
-            .bind(chain)
-            .bind(from)
-            .bind(limit),
-        };
-        Ok(query.fetch_all(self).await?)
-    }
-
-    async fn indexed(&mut self, chain: i64, pairs: &[(&str, i64)]) -> Result<Vec<(i64, String)>> {
-        Ok(indexed_query(chain, pairs)
-            .build_query_as()
-            .fetch_all(self)
-            .await?)
-    }
-}
-
-impl TrailWrites for PgConnection {
-    async fn insert_batch(
-        &mut self,
-        chain: i64,
-        summary: &BatchSummary,
-        encoded: &[u8],
-        sessions: &[&str],
-    ) -> Result<()> {
-        sqlx::query(
-            "WITH batch AS ( \
-                 INSERT INTO audit_batches (chain, first_seq, last_seq, ts_max, records) \
-                 VALUES ($1, $2, $3, $4, $5)) \
-             INSERT INTO audit_batch_sessions (session, chain, first_seq) \
-             SELECT s, $1, $2 FROM UNNEST($6::text[]) AS s",
-        )
-        .bind(chain)
-        .bind(to_i64(summary.first_seq))
-        .bind(to_i64(summary.last_seq))
-        .bind(summary.ts_max)
-        .bind(encoded)
-        .bind(sessions)
-        .execute(self)
-        .await?;
-        Ok(())
-    }
-
-    async fn legacy_exists(&mut self) -> Result<bool> {
-        // A scan of the catalog under the statement's snapshot, not a
-        // cache lookup (`to_regclass`): after waiting for the conversion
-        // lock, it sees the table another replica just dropped as gone.
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables \
-             WHERE schemaname = current_schema() AND tablename = 'audit_records')",
-        )
-        .fetch_one(self)
-        .await?)
-    }
-
-    async fn legacy_rows(
-        &mut self,
-        after: (i64, i64),
-        limit: i64,
-    ) -> Result<Vec<((i64, i64), Result<AuditRecord>)>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {RECORD_COLUMNS} FROM audit_records WHERE (chain, seq) > ($1, $2) \
-             ORDER BY chain, seq LIMIT $3"
-        ))
-        .bind(after.0)
-        .bind(after.1)
-        .bind(limit)
-        .fetch_all(self)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    (row.try_get("chain")?, row.try_get("seq")?),
-                    decode_record(row),
-                ))
-            })
-            .collect()
-    }
-
-    async fn keep_aside(&mut self, (chain, seq): (i64, i64)) -> Result<()> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS audit_records_unreadable AS \
-             SELECT * FROM audit_records WHERE FALSE",
-        )
-        .execute(&mut *self)
-        .await?;
-        sqlx::query(
-            "INSERT INTO audit_records_unreadable SELECT * FROM audit_records \
-             WHERE chain = $1 AND seq = $2",
-        )
-        .bind(chain)
-        .bind(seq)
-        .execute(&mut *self)
-        .await?;
-        Ok(())
-    }
-
-    async fn drop_legacy(&mut self) -> Result<()> {
-        sqlx::query("DROP TABLE audit_records")
-            .execute(self)
-            .await?;
-        Ok(())
-    }
-}
+batch_trail::impl_batch_trail!(
+    PgConnection,
+    // A scan of the catalog under the statement's snapshot, not a cache
+    // lookup (`to_regclass`): after waiting for the conversion lock, it
+    // sees the table another replica just dropped as gone.
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables \
+     WHERE schemaname = current_schema() AND tablename = 'audit_records')"
+);

@@ -23,9 +23,10 @@ use parking_lot::Mutex;
 use rusqlite::{ffi, params, CachedStatement, Connection, OpenFlags, OptionalExtension};
 use sqlx::error::{DatabaseError, ErrorKind};
 
-use super::audit_batches::{INSERT_BATCH, INSERT_SESSION, LAST_TS_MAX};
+use super::audit_batches::LAST_TS_MAX;
 use super::checkpointer::{Checkpointer, WRITER_CHECKPOINT_PAGES};
 use crate::audit_batch::{encode_batch, sessions, summarise};
+use crate::batch_trail::{INSERT_BATCH, INSERT_SESSION};
 use crate::to_i64;
 use crate::{ChainHead, Result, StoreError};
 
