@@ -23,6 +23,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,8 +67,8 @@ pub enum AuditError {
     QueueFull,
 }
 
-/// Counters of the writer (Prometheus counters, registered by the caller).
-#[derive(Debug, Default)]
+/// Metrics of the writer (Prometheus, registered by the caller).
+#[derive(Debug)]
 pub struct AuditStats {
     /// Records committed.
     pub written: Counter,
@@ -75,6 +76,20 @@ pub struct AuditStats {
     pub failed: Counter,
     /// Transactions committed.
     pub batches: Counter,
+    /// How long the store took over each batch, failed ones included.
+    pub commit_seconds: Histogram,
+}
+
+impl Default for AuditStats {
+    fn default() -> Self {
+        Self {
+            written: Counter::default(),
+            failed: Counter::default(),
+            batches: Counter::default(),
+            // 10 µs to about 5 s.
+            commit_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
+        }
+    }
 }
 
 impl AuditStats {
@@ -94,6 +109,11 @@ impl AuditStats {
             "airlock_audit_batches",
             "Audit transactions committed (records / batches = group commit size)",
             self.batches.clone(),
+        );
+        registry.register(
+            "airlock_audit_commit_seconds",
+            "Time the store took to commit one batch of audit records (failed attempts included)",
+            self.commit_seconds.clone(),
         );
     }
 }

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use airlock_core::audit::{head_seal, AuditKey, AuditRecord, GENESIS_MAC};
 use airlock_store::{ChainHead, Store, StoreError};
@@ -136,6 +137,7 @@ impl Writer {
         };
         let health = &self.shared.health;
         health.commit_began();
+        let started = Instant::now();
         let inline = self
             .inline
             .then(|| self.store.audit_append_blocking(&self.records, &head))
@@ -144,9 +146,12 @@ impl Writer {
             Some(result) => result,
             None => self.store.audit_append(&self.records, &head).await,
         };
+        let stats = &self.shared.stats;
+        stats
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         let count = self.records.len() as u64;
         self.records.clear();
-        let stats = &self.shared.stats;
         match result {
             Ok(()) => {
                 self.head = head;

@@ -254,9 +254,28 @@ async fn metrics_count_calls_by_provider_and_decision() {
         "airlock_proxy_calls_total{provider=\"openai\",decision=\"invalid_token\"} 1",
         "airlock_sessions_created_total 1",
         "airlock_proxy_response_seconds_bucket{",
+        "airlock_audit_commit_seconds_bucket{le=",
     ] {
         assert!(text.contains(line), "missing {line}\n{text}");
     }
+    // Every call's record was committed before its answer completed, in
+    // at least one timed commit.
+    let metric = |name: &str| {
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert!(metric("airlock_audit_records_written_total") >= 3.0);
+    assert!(metric("airlock_audit_commit_seconds_count") >= 1.0);
+    assert!(
+        metric("airlock_audit_commit_seconds_count") == metric("airlock_audit_batches_total"),
+        "one timing per commit"
+    );
     assert!(!text.contains(token) && !text.contains("sk-real-1"));
 }
 
