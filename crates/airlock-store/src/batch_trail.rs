@@ -450,7 +450,15 @@ pub(crate) async fn convert_legacy<C: TrailWrites>(conn: &mut C) -> Result<(u64,
                 }
             }
         }
-        for batch in records.chunk_by(|a, b| a.chain == b.chain) {
+        // A batch stores one `prev_mac`, the others being the mac of the
+        // record before: a batch ends wherever the next row does not
+        // follow on (another chain, a gap, a row kept aside, a `prev_mac`
+        // that is not the mac before it), so that every row's own columns
+        // come back as they were, tampered or not.
+        let follows = |a: &AuditRecord, b: &AuditRecord| {
+            a.chain == b.chain && b.seq == a.seq.saturating_add(1) && b.prev_mac == a.mac
+        };
+        for batch in records.chunk_by(follows) {
             if let Some(first) = batch.first() {
                 if first.chain != current_chain {
                     (current_chain, floor) = (first.chain, i64::MIN);

@@ -48,6 +48,12 @@ impl Backend {
         open(&self.url).await.unwrap()
     }
 
+    /// Whether another connection reaches the same database (not so for
+    /// an in-memory SQLite database).
+    fn shared_with_other_connections(&self) -> bool {
+        !self.url.contains(":memory:")
+    }
+
     /// Runs `sql` (one or more statements) on the database.
     async fn execute(&self, sql: &str) {
         match &self.pg {
@@ -276,50 +282,89 @@ fn by_chain(chain: u32, after_seq: u64) -> AuditQuery {
     }
 }
 
+/// Appends `good` (moving `head1` on to `head2`) while a session index row
+/// is in the way, so that the database refuses the batch after its head
+/// update: the head stays, nothing of the batch is written.
+async fn refused_after_the_head_moved(
+    backend: &Backend,
+    store: &dyn Store,
+    head1: &ChainHead,
+    good: &[AuditRecord],
+    head2: &ChainHead,
+    first: &[AuditRecord],
+) {
+    let in_the_way = format!(
+        "INSERT INTO audit_batch_sessions (session, chain, first_seq) VALUES ('ses_b', {}, {})",
+        head1.chain,
+        head1.seq + 1
+    );
+    backend.execute(&in_the_way).await;
+    let err = store.audit_append(good, head2).await.unwrap_err();
+    assert!(matches!(err, StoreError::Database(_)), "{err}");
+    assert_eq!(store.audit_heads().await.unwrap(), vec![head1.clone()]);
+    assert_eq!(
+        store
+            .audit_records(&by_chain(head1.chain, 0))
+            .await
+            .unwrap(),
+        first
+    );
+    assert_eq!(
+        backend.scalar("SELECT count(*) FROM audit_batches").await,
+        1
+    );
+    backend
+        .execute("DELETE FROM audit_batch_sessions WHERE session = 'ses_b'")
+        .await;
+}
+
 /// Leaves `backend`'s database in the format before batches (migrations 1
-/// to 3), holding `records` of chain 1 and its `head`, as the old airlock
-/// wrote them.
-async fn old_format_trail(backend: &Backend, records: &[AuditRecord], head: &ChainHead) {
+/// to 3), holding each chain's records and head, as the old airlock wrote
+/// them.
+async fn old_format_trail(backend: &Backend, chains: &[(&[AuditRecord], &ChainHead)]) {
     backend.migrate_to(3).await;
     let text = |value: Option<&str>| value.map_or("NULL".to_owned(), |v| format!("'{v}'"));
-    let rows: Vec<String> = records
-        .iter()
-        .map(|r| {
-            format!(
-                "({}, {}, {}, {}, {}, '{}', '{}', '{}', {}, {}, {}, {}, {}, {}, {}, {})",
-                r.chain,
-                r.seq,
-                r.ts_ms,
-                text(r.session.as_deref()),
-                text(r.provider.as_deref()),
-                r.method,
-                r.path,
-                r.decision,
-                r.status,
-                r.upstream_status
-                    .map_or("NULL".to_owned(), |s| s.to_string()),
-                r.duration_us,
-                r.bytes_in,
-                r.bytes_out,
-                r.flags.bits(),
-                backend.blob(&r.prev_mac),
-                backend.blob(&r.mac),
-            )
-        })
-        .collect();
-    backend
-        .execute(&format!(
+    let mut sql = String::new();
+    for (records, head) in chains {
+        let rows: Vec<String> = records
+            .iter()
+            .map(|r| {
+                format!(
+                    "({}, {}, {}, {}, {}, '{}', '{}', '{}', {}, {}, {}, {}, {}, {}, {}, {})",
+                    r.chain,
+                    r.seq,
+                    r.ts_ms,
+                    text(r.session.as_deref()),
+                    text(r.provider.as_deref()),
+                    r.method,
+                    r.path,
+                    r.decision,
+                    r.status,
+                    r.upstream_status
+                        .map_or("NULL".to_owned(), |s| s.to_string()),
+                    r.duration_us,
+                    r.bytes_in,
+                    r.bytes_out,
+                    r.flags.bits(),
+                    backend.blob(&r.prev_mac),
+                    backend.blob(&r.mac),
+                )
+            })
+            .collect();
+        sql.push_str(&format!(
             "INSERT INTO audit_chains (id, head_seq, head_mac, head_seal, created_at) \
-             VALUES (1, {}, {}, {}, 0); \
+             VALUES ({}, {}, {}, {}, 0); \
              INSERT INTO audit_records (chain, seq, ts, session, provider, method, path, \
              decision, status, upstream_status, duration_us, bytes_in, bytes_out, flags, \
              prev_mac, mac) VALUES {};",
+            head.chain,
             head.seq,
             backend.blob(&head.mac),
             backend.blob(&head.seal),
             rows.join(", ")
-        ))
-        .await;
+        ));
+    }
+    backend.execute(&sql).await;
 }
 
 /// Waits (up to `limit`) for a change matching `want`, skipping others.
@@ -655,6 +700,27 @@ mod cases {
         let all = store.audit_records(&by_chain(head.chain, 0)).await.unwrap();
         assert_eq!(all, first);
         assert_eq!(store.audit_heads().await.unwrap(), vec![head1]);
+        // Nor did the refused batches leave session index rows (a row
+        // naming no batch would make these queries fail).
+        for session in ["ses_b", "ses_c"] {
+            let named = store
+                .audit_records(&AuditQuery {
+                    session: Some(session.into()),
+                    limit: 10,
+                    ..AuditQuery::default()
+                })
+                .await
+                .unwrap();
+            assert!(named.is_empty(), "{session}");
+        }
+        if backend.shared_with_other_connections() {
+            assert_eq!(
+                backend
+                    .scalar("SELECT count(*) FROM audit_batch_sessions WHERE session <> 'ses_a'")
+                    .await,
+                0
+            );
+        }
         store.close().await;
     }
 
@@ -668,19 +734,21 @@ mod cases {
         let (mut bad, bad_head) = records_after(&head1, 3, 2_000, "ses_b");
         bad[2] = first[0].clone();
         let err = store.audit_append(&bad, &bad_head).await.unwrap_err();
-        // SQLite checks the batch before writing it, PostgreSQL as it
-        // inserts the rows.
-        assert!(
-            matches!(err, StoreError::Database(_) | StoreError::InvalidBatch(_)),
-            "{err}"
-        );
+        // Both stores check the batch before writing it.
+        assert!(matches!(err, StoreError::InvalidBatch(_)), "{err}");
         assert_eq!(store.audit_heads().await.unwrap(), vec![head1.clone()]);
         assert_eq!(
             store.audit_records(&by_chain(head.chain, 0)).await.unwrap(),
             first
         );
-        // The store takes the good batch afterwards.
         let (good, head2) = records_after(&head1, 3, 2_000, "ses_b");
+        // The database refuses the batch after the head moved (a session
+        // index row is in the way): the head stays, nothing is written.
+        if backend.shared_with_other_connections() {
+            refused_after_the_head_moved(backend, store.as_ref(), &head1, &good, &head2, &first)
+                .await;
+        }
+        // The store takes the good batch afterwards.
         store.audit_append(&good, &head2).await.unwrap();
         assert_eq!(store.audit_heads().await.unwrap(), vec![head2]);
         let all = store.audit_records(&by_chain(head.chain, 0)).await.unwrap();
@@ -736,8 +804,13 @@ mod cases {
         let empty = empty_chain(1);
         let (mut records, _) = records_after(&empty, 700, 5_000, "ses_old");
         // The old writer did not keep ts from stepping back: record 351
-        // is 200 ms older than record 350.
+        // is 200 ms older than record 350, and every record from 513 on
+        // (the second page of the conversion) is older than record 512,
+        // so the second page's batch must carry the first one's ts_max.
         records[350].ts_ms -= 200;
+        for record in &mut records[512..] {
+            record.ts_ms -= 300;
+        }
         let key = key();
         let mut prev = GENESIS_MAC;
         for record in &mut records {
@@ -750,11 +823,21 @@ mod cases {
             mac: prev,
             seal: head_seal(&key, 1, 700, &prev),
         };
-        old_format_trail(backend, &records, &head).await;
+        // A second chain, older than the first one's records: its batches'
+        // ts_max starts afresh.
+        let (other, other_head) = records_after(&empty_chain(2), 5, 1_000, "ses_two");
+        old_format_trail(backend, &[(&records, &head), (&other, &other_head)]).await;
 
         let store = backend.open().await;
         let all = store.audit_records(&by_chain(1, 0)).await.unwrap();
         assert_eq!(all, records);
+        assert_eq!(store.audit_records(&by_chain(2, 0)).await.unwrap(), other);
+        assert_eq!(
+            backend
+                .scalar("SELECT max(ts_max) FROM audit_batches WHERE chain = 2")
+                .await,
+            1_005
+        );
         let mut verifier = ChainVerifier::from_start(&key);
         for (i, record) in all.iter().enumerate() {
             verifier.check(record, all.get(i + 1)).unwrap();
@@ -774,18 +857,26 @@ mod cases {
                 })
                 .await
                 .unwrap();
-            let written: Vec<u64> = records
+            // Across chains, records come in time order.
+            let mut written: Vec<&AuditRecord> = records
                 .iter()
+                .chain(&other)
                 .filter(|r| r.ts_ms >= since)
                 .filter(|r| session.is_none() || r.session.as_deref() == session)
-                .map(|r| r.seq)
                 .collect();
-            (read.iter().map(|r| r.seq).collect::<Vec<_>>(), written)
+            written.sort_by_key(|r| (r.ts_ms, r.chain, r.seq));
+            let seqs = |rs: &mut dyn Iterator<Item = &AuditRecord>| {
+                rs.map(|r| (r.chain, r.seq)).collect::<Vec<_>>()
+            };
+            (seqs(&mut read.iter()), seqs(&mut written.into_iter()))
         };
-        let (read, written) = seqs_since(Some("ses_old"), 5_600).await;
+        let (read, written) = seqs_since(Some("ses_old"), 5_450).await;
+        assert!(!read.is_empty());
         assert_eq!(read, written);
-        // Around the step back, time queries still find every record.
-        for since in [5_150, 5_151, 5_152, 5_349, 5_350, 5_351, 5_352] {
+        // Around the steps back, time queries still find every record.
+        for since in [
+            0, 1_003, 5_150, 5_151, 5_152, 5_349, 5_350, 5_351, 5_352, 5_401, 5_512,
+        ] {
             let (read, written) = seqs_since(None, since).await;
             assert_eq!(read, written, "since {since}");
         }
@@ -815,9 +906,16 @@ mod cases {
     pub async fn an_unreadable_old_row_is_kept_aside(backend: &Backend) {
         let empty = empty_chain(1);
         let (records, head) = records_after(&empty, 5, 5_000, "ses_old");
-        old_format_trail(backend, &records, &head).await;
+        old_format_trail(backend, &[(&records, &head)]).await;
         backend
             .execute("UPDATE audit_records SET flags = 4096 WHERE seq = 3")
+            .await;
+        let forged = [9_u8; 32];
+        backend
+            .execute(&format!(
+                "UPDATE audit_records SET prev_mac = {} WHERE seq = 5",
+                backend.blob(&forged)
+            ))
             .await;
 
         let store = backend.open().await;
@@ -833,6 +931,10 @@ mod cases {
             .check(&all[1], Some(&all[2]))
             .and_then(|()| verifier.check(&all[2], Some(&all[3])));
         assert_eq!(broken.unwrap_err().seq, 4);
+        // Every row comes back with its own prev_mac: record 4's names the
+        // record kept aside, record 5's is the forged one.
+        assert_eq!(all[2].prev_mac, records[3].prev_mac);
+        assert_eq!(all[3].prev_mac, forged);
         store.close().await;
         assert_eq!(
             backend
@@ -1178,7 +1280,7 @@ mod shared {
             return;
         };
         let (records, head) = records_after(&empty_chain(1), 900, 5_000, "ses_old");
-        old_format_trail(&backend, &records, &head).await;
+        old_format_trail(&backend, &[(&records, &head)]).await;
         let opens = (0..4).map(|_| {
             let url = backend.url.clone();
             tokio::spawn(async move { open(&url).await })
@@ -1203,6 +1305,144 @@ mod shared {
         for store in stores {
             store.close().await;
         }
+    }
+
+    /// Two stores appending at the same head at the same moment: exactly
+    /// one batch lands, the other store is told of the conflict, and
+    /// nothing of its batch is left behind.
+    #[tokio::test]
+    async fn appends_racing_at_one_head_land_once() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let a = backend.open().await;
+        let b = backend.open().await;
+        let head = a.audit_claim_chain(&genesis).await.unwrap();
+        for round in 0..20_i64 {
+            let head = a.audit_heads().await.unwrap()[0].clone();
+            let (mine, my_head) = records_after(&head, 2, 1_000 + round * 10, "ses_a");
+            let (theirs, their_head) = records_after(&head, 3, 1_000 + round * 10, "ses_b");
+            let (x, y) = tokio::join!(
+                a.audit_append(&mine, &my_head),
+                b.audit_append(&theirs, &their_head)
+            );
+            assert!(
+                x.is_ok() != y.is_ok(),
+                "round {round}: exactly one lands ({x:?}, {y:?})"
+            );
+            let lost = if x.is_ok() { y } else { x };
+            assert!(
+                matches!(lost, Err(StoreError::ChainConflict(_))),
+                "{lost:?}"
+            );
+        }
+        // Every batch that landed is whole and indexed: the chain reads back
+        // and verifies as one, and no session row names a batch that is
+        // not there.
+        let all = a
+            .audit_records(&AuditQuery {
+                chain: Some(head.chain),
+                limit: 1_000,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        let key = key();
+        let mut verifier = ChainVerifier::from_start(&key);
+        for (i, record) in all.iter().enumerate() {
+            verifier.check(record, all.get(i + 1)).unwrap();
+        }
+        let stored = a.audit_heads().await.unwrap();
+        verifier
+            .check_head(head.chain, stored[0].seq, &stored[0].mac, &stored[0].seal)
+            .unwrap();
+        assert_eq!(
+            backend
+                .scalar(
+                    "SELECT count(*) FROM audit_batch_sessions s LEFT JOIN audit_batches b \
+                     ON b.chain = s.chain AND b.first_seq = s.first_seq WHERE b.chain IS NULL"
+                )
+                .await,
+            0
+        );
+        assert_eq!(
+            backend.scalar("SELECT count(*) FROM audit_batches").await,
+            20
+        );
+        a.close().await;
+        b.close().await;
+    }
+
+    /// An older airlock still appending while this version converts its
+    /// trail: the conversion waits for the insert in progress and moves its
+    /// row too; once the old table is gone, old appends fail.
+    #[tokio::test]
+    async fn an_old_writers_insert_in_progress_is_converted_too() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let (records, head) = records_after(&empty_chain(1), 4, 5_000, "ses_old");
+        old_format_trail(&backend, &[(&records[..3], &head)]).await;
+        let db = backend.pg.as_ref().unwrap();
+        // The old writer's transaction: record 4, not committed yet.
+        let mut old_writer = db.connect().await;
+        sqlx::query("BEGIN").execute(&mut old_writer).await.unwrap();
+        let r = &records[3];
+        sqlx::query(&format!(
+            "INSERT INTO audit_records (chain, seq, ts, session, provider, method, path, \
+             decision, status, upstream_status, duration_us, bytes_in, bytes_out, flags, \
+             prev_mac, mac) VALUES (1, 4, {}, NULL, 'openai', 'POST', '{}', '{}', {}, {}, {}, {}, \
+             {}, {}, {}, {})",
+            r.ts_ms,
+            r.path,
+            r.decision,
+            r.status,
+            r.upstream_status
+                .map_or("NULL".to_owned(), |s| s.to_string()),
+            r.duration_us,
+            r.bytes_in,
+            r.bytes_out,
+            r.flags.bits(),
+            backend.blob(&r.prev_mac),
+            backend.blob(&r.mac),
+        ))
+        .execute(&mut old_writer)
+        .await
+        .unwrap();
+        let url = backend.url.clone();
+        let opening = tokio::spawn(async move { open(&url).await });
+        // Wait until the conversion waits for the old writer's lock.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while db
+            .scalar_i64(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'audit_records' AND NOT l.granted",
+            )
+            .await
+            == 0
+        {
+            assert!(Instant::now() < deadline, "the conversion never waited");
+            assert!(!opening.is_finished(), "opened without waiting");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sqlx::query("COMMIT")
+            .execute(&mut old_writer)
+            .await
+            .unwrap();
+        let store = opening.await.unwrap().unwrap();
+        let all = store.audit_records(&by_chain(1, 0)).await.unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        assert_eq!(all[3].mac, records[3].mac);
+        // The old writer's next insert finds no table.
+        assert!(sqlx::query("INSERT INTO audit_records (chain) VALUES (1)")
+            .execute(&mut old_writer)
+            .await
+            .is_err());
+        old_writer.close().await.unwrap();
+        store.close().await;
     }
 
     #[tokio::test]

@@ -77,7 +77,11 @@ pub(super) async fn convert_legacy(pool: &SqlitePool) -> Result<()> {
         .await?;
     if rows == 0 {
         // A new database (migration 2 made the table): nothing to move.
-        conn.drop_legacy().await?;
+        // Outside a transaction, so another process opening the file at
+        // the same moment may have dropped it first.
+        sqlx::query("DROP TABLE IF EXISTS audit_records")
+            .execute(&mut *conn)
+            .await?;
         return Ok(());
     }
     drop(conn);
