@@ -12,10 +12,12 @@
 //! - [`sse`], [`first_use`]: the measurements that need their own client
 //!   ([`client`]).
 //! - [`procs`]: child processes, CPU time and resident memory from `/proc`.
+//! - [`audit_metrics`]: the audit writer's commits, from airlock's metrics.
 //! - [`run`]: the orchestration; [`results`], [`report`], [`targets`]: what
 //!   it produced and how it is shown.
 #![forbid(unsafe_code)]
 
+pub mod audit_metrics;
 pub mod client;
 pub mod first_use;
 pub mod machine;

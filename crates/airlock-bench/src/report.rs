@@ -14,6 +14,7 @@ pub fn render(results: &Results) -> String {
     for table in &results.loads {
         load_table(&mut out, results, table);
     }
+    audit_commits(&mut out, results);
     sse(&mut out, results);
     first_use(&mut out, results);
     target_table(&mut out, results);
@@ -175,6 +176,45 @@ fn load_row(
     );
 }
 
+/// The audit writer's commits during each workload, for the peers that
+/// have one: where a call's wait for its record goes.
+fn audit_commits(out: &mut String, r: &Results) {
+    let rows: Vec<_> = r
+        .loads
+        .iter()
+        .flat_map(|table| {
+            table.rows.iter().filter_map(move |row| {
+                let audit = row.outcome.as_ref().ok()?.audit?;
+                Some((table.workload, &row.peer, audit))
+            })
+        })
+        .filter(|(_, _, audit)| audit.commits > 0.0)
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## Audit commits
+
+         From each airlock's own metrics over the measured rounds          (`airlock_audit_records_written_total`, `airlock_audit_commit_seconds`):          records per commit (the group commit's size) and the store's mean time          per commit, which every call waits for before its answer completes.
+
+         | workload | peer | commits | records per commit | commit µs (mean) |
+         |---|---|---:|---:|---:|"
+    );
+    for (workload, peer, audit) in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {peer} | {:.0} | {:.1} | {:.0} |",
+            workload.title(),
+            audit.commits,
+            audit.records / audit.commits,
+            audit.seconds * 1e6 / audit.commits,
+        );
+    }
+    out.push('\n');
+}
+
 fn sse(out: &mut String, r: &Results) {
     if r.sse.is_empty() {
         return;
@@ -312,6 +352,7 @@ fn one_line(text: &str) -> String {
 mod tests {
     use super::*;
 
+    use crate::audit_metrics::AuditTotals;
     use crate::results::{LoadFigures, LoadRow, PeerInfo, Settings, Workload};
     use crate::results::{AIRLOCK_AUDIT_ON, NGINX};
     use crate::sse::SseSpec;
@@ -366,7 +407,17 @@ mod tests {
                     rows: vec![
                         row(DIRECT, figures(1000.0, 10.0)),
                         row(NGINX, figures(900.0, 30.0)),
-                        row(AIRLOCK_AUDIT_ON, figures(800.0, 40.0)),
+                        row(
+                            AIRLOCK_AUDIT_ON,
+                            LoadFigures {
+                                audit: Some(AuditTotals {
+                                    records: 3000.0,
+                                    commits: 1000.0,
+                                    seconds: 0.035,
+                                }),
+                                ..figures(800.0, 40.0)
+                            },
+                        ),
                     ],
                 },
                 LoadTable {
@@ -406,6 +457,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("- ⚠ a note"), "{text}");
+        assert!(
+            text.contains("| Small JSON POST, c=1 | airlock (audit on) | 1000 | 3.0 | 35 |"),
+            "{text}"
+        );
+        // Peers without an audit writer have no row there.
+        assert!(!text.contains("| Small JSON POST, c=1 | nginx |"), "{text}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::audit_metrics::AuditTotals;
 use crate::first_use::FirstUseResult;
 use crate::machine::Machine;
 use crate::sse::{SseResult, SseSpec};
@@ -133,6 +134,9 @@ pub struct LoadFigures {
     pub peak_after_first_round_kib: Option<u64>,
     /// Peak resident memory during the whole workload.
     pub peak_rss_kib: Option<u64>,
+    /// The audit writer's commits in the measured rounds (airlock with
+    /// audit on only).
+    pub audit: Option<AuditTotals>,
 }
 
 impl LoadFigures {

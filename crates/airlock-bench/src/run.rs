@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use crate::audit_metrics::MetricsSource;
 use crate::client::Conn;
 use crate::first_use;
 use crate::machine::Machine;
@@ -61,6 +62,8 @@ struct Peer {
     /// Root of its process tree (the mock for `direct`).
     pid: u32,
     info: PeerInfo,
+    /// An airlock's metrics, read around each measured round.
+    metrics: Option<MetricsSource>,
 }
 
 /// Background CPU use (% of all cores) above which the report warns.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::{progress, Options, Peer};
+use crate::audit_metrics::{self, AuditTotals};
 use crate::procs;
 use crate::results::{LoadFigures, LoadRow, LoadTable, Workload};
 use crate::wrk::{self, WrkRun};
@@ -88,6 +89,7 @@ struct PeerLoad {
     script: PathBuf,
     rounds: Vec<wrk::WrkResult>,
     cpu_ticks: u64,
+    audit: Option<AuditTotals>,
     rss_before_kib: Option<u64>,
     peak_after_first_round_kib: Option<u64>,
     error: Option<String>,
@@ -107,6 +109,7 @@ impl PeerLoad {
             .peak_after_first_round_kib
             .filter(|_| self.rounds.len() > 1);
         figures.peak_rss_kib = procs::status_kib(&procs::tree(peer.pid), "VmHWM");
+        figures.audit = self.audit;
         Ok(figures)
     }
 }
@@ -158,12 +161,33 @@ async fn measure_round(
 ) -> anyhow::Result<()> {
     let url = peer.target.url(workload.path());
     let pids = procs::tree(peer.pid);
+    let audit_before = audit_totals(peer).await?;
     let before = procs::cpu_ticks(&pids);
     let result = wrk::run(&wrk_run(opts, &url, &state.script, workload, opts.duration)).await?;
     state.cpu_ticks += procs::cpu_ticks(&pids).saturating_sub(before);
+    // Every answer wrk counted waited for its record's commit; calls wrk
+    // cut off at the end may land in the next reading, which changes the
+    // ratios (records per commit, time per commit) by a few calls at most.
+    if let (Some(earlier), Some(later)) = (audit_before, audit_totals(peer).await?) {
+        state
+            .audit
+            .get_or_insert_with(AuditTotals::default)
+            .add(earlier.until(later));
+    }
     state.rounds.push(result);
     if state.rounds.len() == 1 {
         state.peak_after_first_round_kib = procs::status_kib(&pids, "VmHWM");
     }
     Ok(())
+}
+
+/// The audit writer's totals of an airlock peer (`None` for other peers
+/// and airlock with audit off).
+async fn audit_totals(peer: &Peer) -> anyhow::Result<Option<AuditTotals>> {
+    match &peer.metrics {
+        Some(source) => audit_metrics::read(source)
+            .await
+            .context("reading the audit metrics"),
+        None => Ok(None),
+    }
 }

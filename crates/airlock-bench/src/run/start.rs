@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 
 use super::{progress, Options, Peer};
+use crate::audit_metrics::MetricsSource;
 use crate::client;
 use crate::mock::CHAT_RESPONSE;
 use crate::peers::{self, AirlockSpec, Mock, Target, REAL_KEY};
@@ -102,6 +103,10 @@ pub(super) async fn start(
                 own_process: true,
                 idle_rss_kib: None,
             },
+            metrics: Some(MetricsSource {
+                admin: airlock.admin,
+                token: airlock.admin_token.clone(),
+            }),
         });
         lineup.airlocks.push((name, airlock));
     }
@@ -133,6 +138,7 @@ pub(super) async fn start(
                         own_process: true,
                         idle_rss_kib: None,
                     },
+                    metrics: None,
                 };
                 lineup.list.insert(1, peer);
                 lineup.others.push(nginx.proc);
@@ -177,6 +183,7 @@ fn direct(mock: &Mock) -> Peer {
             own_process: false,
             idle_rss_kib: None,
         },
+        metrics: None,
     }
 }
 
