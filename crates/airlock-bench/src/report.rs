@@ -195,11 +195,12 @@ fn audit_commits(out: &mut String, r: &Results) {
     }
     let _ = writeln!(
         out,
-        "## Audit commits
-
-         From each airlock's own metrics over the measured rounds          (`airlock_audit_records_written_total`, `airlock_audit_commit_seconds`):          records per commit (the group commit's size) and the store's mean time          per commit, which every call waits for before its answer completes.
-
-         | workload | peer | commits | records per commit | commit µs (mean) |
+        "## Audit commits\n\n\
+         From each airlock's own metrics over the measured rounds \
+         (`airlock_audit_records_written_total`, `airlock_audit_commit_seconds`): \
+         records per commit (the group commit's size) and the store's mean time \
+         per commit, which every call waits for before its answer completes.\n\n\
+         | workload | peer | commits | records per commit | commit µs (mean) |\n\
          |---|---|---:|---:|---:|"
     );
     for (workload, peer, audit) in rows {
@@ -458,7 +459,11 @@ mod tests {
         );
         assert!(text.contains("- ⚠ a note"), "{text}");
         assert!(
-            text.contains("| Small JSON POST, c=1 | airlock (audit on) | 1000 | 3.0 | 35 |"),
+            text.contains(
+                "| workload | peer | commits | records per commit | commit µs (mean) |\n\
+                 |---|---|---:|---:|---:|\n\
+                 | Small JSON POST, c=1 | airlock (audit on) | 1000 | 3.0 | 35 |\n"
+            ),
             "{text}"
         );
         // Peers without an audit writer have no row there.
