@@ -273,6 +273,19 @@ fn empty_chain(chain: u32) -> ChainHead {
     }
 }
 
+/// Checks that `records` verify as a whole chain, from its start, ending
+/// at the sealed `head`.
+fn assert_verifies(records: &[AuditRecord], head: &ChainHead) {
+    let key = key();
+    let mut verifier = ChainVerifier::from_start(&key);
+    for (i, record) in records.iter().enumerate() {
+        verifier.check(record, records.get(i + 1)).unwrap();
+    }
+    verifier
+        .check_head(head.chain, head.seq, &head.mac, &head.seal)
+        .unwrap();
+}
+
 fn by_chain(chain: u32, after_seq: u64) -> AuditQuery {
     AuditQuery {
         chain: Some(chain),
@@ -534,14 +547,7 @@ mod cases {
         let all = store.audit_records(&by_chain(chain, 0)).await.unwrap();
         let expected: Vec<_> = first.iter().chain(&second).cloned().collect();
         assert_eq!(all, expected);
-        let key = key();
-        let mut verifier = ChainVerifier::from_start(&key);
-        for (i, record) in all.iter().enumerate() {
-            verifier.check(record, all.get(i + 1)).unwrap();
-        }
-        verifier
-            .check_head(chain, head2.seq, &head2.mac, &head2.seal)
-            .unwrap();
+        assert_verifies(&all, &head2);
         // Paging by seq.
         let page = store
             .audit_records(&AuditQuery {
@@ -838,13 +844,7 @@ mod cases {
                 .await,
             1_005
         );
-        let mut verifier = ChainVerifier::from_start(&key);
-        for (i, record) in all.iter().enumerate() {
-            verifier.check(record, all.get(i + 1)).unwrap();
-        }
-        verifier
-            .check_head(1, head.seq, &head.mac, &head.seal)
-            .unwrap();
+        assert_verifies(&all, &head);
         // The seqs read back for `session` (any, if `None`) from `since`
         // on, and the seqs of the records written that they should be.
         let seqs_since = async |session: Option<&str>, since: i64| {
@@ -1347,15 +1347,7 @@ mod shared {
             })
             .await
             .unwrap();
-        let key = key();
-        let mut verifier = ChainVerifier::from_start(&key);
-        for (i, record) in all.iter().enumerate() {
-            verifier.check(record, all.get(i + 1)).unwrap();
-        }
-        let stored = a.audit_heads().await.unwrap();
-        verifier
-            .check_head(head.chain, stored[0].seq, &stored[0].mac, &stored[0].seal)
-            .unwrap();
+        assert_verifies(&all, &a.audit_heads().await.unwrap()[0]);
         assert_eq!(
             backend
                 .scalar(
