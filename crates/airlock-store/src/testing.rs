@@ -6,10 +6,10 @@ use std::path::Path;
 
 use airlock_core::audit::AuditRecord;
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{Connection, PgConnection, SqliteConnection};
+use sqlx::{Connection, Database, Executor, PgConnection, SqliteConnection};
 
 use crate::audit_batch::decode_batch;
-use crate::batch_trail::{insert_legacy_batch, BatchRows};
+use crate::batch_trail::{insert_legacy_batch, BatchRows, TrailWrites};
 use crate::{Result, StoreError};
 
 /// Rewrites the stored records of `chain` in the SQLite database at `path`
@@ -22,16 +22,7 @@ pub async fn rewrite_sqlite_chain(
 ) -> Result<()> {
     // One connection, closed before returning: a pool may close its last
     // connection (and checkpoint the file) after `close` returns.
-    let mut conn = connect(path).await?;
-    let records = edited(&mut conn, chain, edit).await?;
-    let mut tx = conn.begin().await?;
-    sqlx::raw_sql(&delete_chain(chain))
-        .execute(&mut *tx)
-        .await?;
-    insert_legacy_batch(&mut *tx, &records, chain, i64::MIN).await?;
-    tx.commit().await?;
-    conn.close().await?;
-    Ok(())
+    rewrite_chain(connect(path).await?, chain, edit).await
 }
 
 /// [`rewrite_sqlite_chain`] on the PostgreSQL database at `url`.
@@ -40,7 +31,20 @@ pub async fn rewrite_postgres_chain(
     chain: u32,
     edit: impl FnOnce(&mut Vec<AuditRecord>),
 ) -> Result<()> {
-    let mut conn = PgConnection::connect(url).await?;
+    rewrite_chain(PgConnection::connect(url).await?, chain, edit).await
+}
+
+/// Rewrites `chain` on `conn` as one batch, then closes it.
+async fn rewrite_chain<C>(
+    mut conn: C,
+    chain: u32,
+    edit: impl FnOnce(&mut Vec<AuditRecord>),
+) -> Result<()>
+where
+    C: Connection + BatchRows + TrailWrites,
+    C::Database: Database<Connection = C>,
+    for<'c> &'c mut C: Executor<'c, Database = C::Database>,
+{
     let records = edited(&mut conn, chain, edit).await?;
     let mut tx = conn.begin().await?;
     sqlx::raw_sql(&delete_chain(chain))
