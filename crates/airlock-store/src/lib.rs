@@ -28,7 +28,9 @@ pub mod testing;
 pub use audit::{AuditQuery, ChainHead, GenesisSeal};
 pub use change::{Change, SessionStatus};
 pub use postgres::{migrator_up_to as postgres_migrator_up_to, PgStore};
-pub use sqlite::{migrator_up_to as sqlite_migrator_up_to, SqliteStore};
+pub use sqlite::{
+    migrator_up_to as sqlite_migrator_up_to, SqliteStore, PAGE_SIZE as SQLITE_PAGE_SIZE,
+};
 
 /// A session as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]

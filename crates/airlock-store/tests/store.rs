@@ -1009,6 +1009,71 @@ mod sqlite_only {
         (all, head)
     }
 
+    /// The page size of the SQLite file at `path`, read on a connection of
+    /// its own.
+    async fn page_size(path: &std::path::Path) -> i64 {
+        let url = format!("sqlite://{}", path.display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let size = sqlx::query_scalar("PRAGMA page_size")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        size
+    }
+
+    /// A file the store creates has its small pages (a commit writes
+    /// whole pages to the log: see `SQLITE_PAGE_SIZE`).
+    #[tokio::test]
+    async fn a_new_database_file_has_small_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        let (all, head) = sqlite_trail(&path, 3).await;
+        assert_eq!(
+            page_size(&path).await,
+            i64::from(airlock_store::SQLITE_PAGE_SIZE)
+        );
+        assert_eq!(airlock_store::SQLITE_PAGE_SIZE, 1024);
+        let store = open(&format!("sqlite://{}", path.display())).await.unwrap();
+        let read = store.audit_records(&by_chain(head.chain, 0)).await.unwrap();
+        assert_eq!(read, all);
+        store.close().await;
+    }
+
+    /// A file made with SQLite's default 4 KiB pages (as every earlier
+    /// version made them) keeps them: the store opens it, migrates it,
+    /// appends and reads as before, and does not rewrite it.
+    #[tokio::test]
+    async fn a_database_file_with_other_pages_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .page_size(4096)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+        let mut conn = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE made_before (x INTEGER)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        assert_eq!(page_size(&path).await, 4096);
+
+        let (all, head) = sqlite_trail(&path, 40).await;
+        assert_eq!(page_size(&path).await, 4096);
+        let store = open(&format!("sqlite://{}", path.display())).await.unwrap();
+        let (more, last) = records_after(&head, 3, 5_000, "ses_b");
+        store.audit_append(&more, &last).await.unwrap();
+        let read = store.audit_records(&by_chain(head.chain, 0)).await.unwrap();
+        assert_eq!(read, [all, more].concat());
+        assert_verifies(&read, &last);
+        store.close().await;
+        assert_eq!(page_size(&path).await, 4096);
+    }
+
     /// A trail written with the time index (migration 4) moves into the
     /// clustered table without it, and reads back the same, by seq and by
     /// time.
