@@ -52,6 +52,30 @@ fn strips_listed_and_named_headers() {
 }
 
 #[test]
+fn strips_each_hop_by_hop_header_alone() {
+    for name in &HOP_BY_HOP {
+        let mut h = headers(&[("content-type", "application/json"), ("x-kept", "1")]);
+        h.insert(name.clone(), HeaderValue::from_static("x"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{name} left in {h:?}");
+        assert!(!h.contains_key(name));
+    }
+}
+
+#[test]
+fn a_head_without_hop_by_hop_headers_keeps_every_header() {
+    let pairs = [
+        ("content-type", "application/json"),
+        ("content-length", "2"),
+        ("x-kept", "1"),
+        ("x-kept", "2"),
+    ];
+    let mut h = headers(&pairs);
+    strip_hop_by_hop(&mut h);
+    assert_eq!(h, headers(&pairs));
+}
+
+#[test]
 fn strips_client_address_headers() {
     let mut h = headers(&[
         ("forwarded", "for=1.2.3.4"),
@@ -96,6 +120,16 @@ fn hostile_heads_are_refused() {
         &[("host", "a"), ("x-method-override", "DELETE")],
         &[("host", "a"), ("x-original-url", "/admin")],
         &[("host", "a"), ("x-rewrite-url", "/admin")],
+        &[("host", "a"), ("x-original-uri", "/admin")],
+        &[("host", "a"), ("x-override-url", "/admin")],
+        &[("host", "a"), ("x-host", "evil")],
+        &[("host", "a"), ("X-HTTP-Host-Override", "evil")],
+        &[
+            ("host", "a"),
+            ("content-type", "application/json"),
+            ("x-original-url", "/admin"),
+            ("x-http-method", "DELETE"),
+        ],
         &[("host", "a"), ("forwarded", "for=1.2.3.4")],
         &[("host", "a"), ("x-forwarded-for", "1.2.3.4")],
         &[("host", "a"), ("x-forwarded-host", "evil")],
