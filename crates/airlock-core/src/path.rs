@@ -33,9 +33,22 @@ pub enum PathError {
     NotUtf8,
 }
 
+/// A request path that [`validate`] accepted. Only `validate` makes one, so
+/// what takes a `ValidPath` (the scope's check on the request path) needs
+/// no second look at it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValidPath<'a>(&'a str);
+
+impl<'a> ValidPath<'a> {
+    /// The path, unchanged.
+    pub fn as_str(self) -> &'a str {
+        self.0
+    }
+}
+
 /// Checks that `path` (the path part of a request target, without the query)
-/// is unambiguous. Returns it unchanged when it is.
-pub fn validate(path: &str) -> Result<&str, PathError> {
+/// is unambiguous. Returns it, unchanged, when it is.
+pub fn validate(path: &str) -> Result<ValidPath<'_>, PathError> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
@@ -45,7 +58,7 @@ pub fn validate(path: &str) -> Result<&str, PathError> {
     for (index, segment) in body.split('/').enumerate() {
         validate_segment(segment, index == last)?;
     }
-    Ok(path)
+    Ok(ValidPath(path))
 }
 
 /// Checks one segment (no `/` inside). `is_last` allows the empty trailing

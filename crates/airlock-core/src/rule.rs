@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::path::{self, PathError};
+use crate::path::{self, PathError, ValidPath};
 
 /// An HTTP method a scope may grant. `CONNECT`, `TRACE` and extension methods
 /// are never forwarded.
@@ -378,14 +378,18 @@ impl Scope {
         Ok(Self(rules))
     }
 
-    /// Whether any rule allows the call.
+    /// Whether any rule allows the call. A path the validator refuses
+    /// matches no pattern.
     pub fn allows(&self, provider: &str, method: Method, path: &str) -> bool {
-        // A path the validator refuses matches no pattern; validate once.
-        path::validate(path).is_ok()
-            && self
-                .0
-                .iter()
-                .any(|r| r.allows_valid(provider, method, path))
+        path::validate(path).is_ok_and(|path| self.allows_valid(provider, method, path))
+    }
+
+    /// [`Scope::allows`] for a path already validated (the request path:
+    /// validated once per call, not once per pattern or per caller).
+    pub fn allows_valid(&self, provider: &str, method: Method, path: ValidPath<'_>) -> bool {
+        self.0
+            .iter()
+            .any(|r| r.allows_valid(provider, method, path.as_str()))
     }
 
     /// The rules.

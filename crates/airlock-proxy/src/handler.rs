@@ -301,13 +301,14 @@ impl Proxy {
         let full = req.uri().path();
         let path_start = 1 + provider.name().len();
         let upstream_path = upstream_path(full, path_start);
-        path::validate(upstream_path).map_err(|e| Denial::bad_request(e.to_string()))?;
+        let valid_path =
+            path::validate(upstream_path).map_err(|e| Denial::bad_request(e.to_string()))?;
         let method = Method::parse(req.method().as_str()).ok_or_else(|| {
             Denial::bad_request(format!("method {} is not supported", req.method()))
         })?;
         if !session
             .scope()
-            .allows(provider.name(), method, upstream_path)
+            .allows_valid(provider.name(), method, valid_path)
         {
             return Err(Denial::new(
                 ErrorCode::OutOfScope,

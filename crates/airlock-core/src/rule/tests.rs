@@ -90,6 +90,40 @@ fn literals_are_exact() {
 }
 
 #[test]
+fn a_validated_path_gets_the_same_answer() {
+    let json = r#"[{"provider":"openai","methods":["POST"],"paths":["/v1/chat/completions","/v1/models/*"]},{"provider":"github","methods":["*"],"paths":["/repos/**"]}]"#;
+    let scope: Scope = serde_json::from_str(json).unwrap();
+    let calls = [
+        ("openai", Method::Post, "/v1/chat/completions", true),
+        ("openai", Method::Get, "/v1/chat/completions", false),
+        ("openai", Method::Post, "/v1/models/x", true),
+        ("openai", Method::Post, "/v1/models/x/y", false),
+        ("github", Method::Delete, "/repos/a/b", true),
+        ("github", Method::Get, "/repos", true),
+        ("anthropic", Method::Post, "/v1/chat/completions", false),
+    ];
+    for (provider, method, path, allowed) in calls {
+        let valid = path::validate(path).unwrap();
+        assert_eq!(
+            scope.allows_valid(provider, method, valid),
+            allowed,
+            "{provider} {path}"
+        );
+        assert_eq!(
+            scope.allows(provider, method, path),
+            allowed,
+            "{provider} {path}"
+        );
+    }
+    // Only the validator makes a `ValidPath`: what it refuses, `allows`
+    // refuses too.
+    for path in ["/repos/a/../b", "/repos//a", "/repos/%2e%2e/x"] {
+        assert!(path::validate(path).is_err(), "{path}");
+        assert!(!scope.allows("github", Method::Get, path), "{path}");
+    }
+}
+
+#[test]
 fn json_round_trip() {
     let json = r#"[{"provider":"openai","methods":["POST","GET"],"paths":["/v1/chat/completions","/v1/models/*"]},{"provider":"github","methods":["*"],"paths":["/repos/**"]}]"#;
     let scope: Scope = serde_json::from_str(json).unwrap();
