@@ -35,7 +35,12 @@ pub enum PathError {
 
 /// A request path that [`validate`] accepted. Only `validate` makes one, so
 /// what takes a `ValidPath` (the scope's check on the request path) needs
-/// no second look at it.
+/// no second look at it:
+///
+/// ```compile_fail,E0423
+/// // The field is private: a path cannot be declared valid from outside.
+/// let forged = airlock_core::path::ValidPath("/a/../b");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ValidPath<'a>(&'a str);
 

@@ -84,14 +84,17 @@ pub fn migrator_up_to(version: i64) -> Migrator {
 /// whole file).
 ///
 /// A commit appends every page it changed to the write-ahead log as a whole
-/// frame, and an audit commit changes three pages (the chain head, the
-/// batch, the session index) to add a record of about 150 bytes. With 4 KiB
-/// pages that is 16 KiB written (and later synced and checkpointed) per call
-/// at concurrency 1; with 1 KiB pages 5.5 KiB. Measured side by side with
-/// wrk on one VM: 3.1–3.3k → 4.1–4.2k calls/s and c=1 p99 6.7–7.7 → 2.9–3.2
-/// ms at concurrency 1, 10–12k → 12–13k calls/s at 16, a few percent more at
-/// 64 (BENCHMARKS.md). SQLite's limit on a file stays far off (2^32 pages,
-/// 4 TiB).
+/// frame, and an audit commit changes at least three pages (the chain head,
+/// the batch, the session index; now and then a B-tree's interior page too)
+/// to add a record of about 150 bytes. Measured at concurrency 1: 15.9 KiB
+/// written per call with 4 KiB pages (about four frames), 5.5 KiB with 1 KiB
+/// pages (about five smaller ones, as smaller pages split more often).
+/// Side by side with wrk on one VM: 3.1–3.4k → 3.6–4.2k calls/s and p99
+/// 6.7–7.7 → 2.6–3.2 ms at concurrency 1, 9.9–11.6k → 12.2–13.0k calls/s at
+/// 16, a few percent more at 64 (BENCHMARKS.md). SQLite's limit on a file
+/// stays far off (2^32 pages, 4 TiB). The audit writer's checkpoint
+/// backstop is counted in pages (`checkpointer::WRITER_CHECKPOINT_PAGES`),
+/// so with 1 KiB pages it bounds the log at 16 MiB instead of 64.
 pub const PAGE_SIZE: u32 = 1024;
 
 // === impl SqliteStore ===

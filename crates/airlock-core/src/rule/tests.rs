@@ -115,8 +115,7 @@ fn a_validated_path_gets_the_same_answer() {
             "{provider} {path}"
         );
     }
-    // Only the validator makes a `ValidPath`: what it refuses, `allows`
-    // refuses too.
+    // What the validator refuses, `allows` refuses too.
     for path in ["/repos/a/../b", "/repos//a", "/repos/%2e%2e/x"] {
         assert!(path::validate(path).is_err(), "{path}");
         assert!(!scope.allows("github", Method::Get, path), "{path}");

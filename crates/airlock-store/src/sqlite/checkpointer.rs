@@ -19,7 +19,9 @@ use super::audit_writer::open_rusqlite;
 
 /// How often the log is checkpointed in the background.
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// Log size (pages) at which the audit writer checkpoints by itself.
+/// Log size (pages) at which the audit writer checkpoints by itself: 16 MiB
+/// of log in a file airlock creates (1 KiB pages, `super::PAGE_SIZE`),
+/// 64 MiB in one with SQLite's default 4 KiB pages.
 pub(super) const WRITER_CHECKPOINT_PAGES: u32 = 16_384;
 
 /// The checkpoint thread; it stops when this is dropped (see also
