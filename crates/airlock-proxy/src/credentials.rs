@@ -90,11 +90,13 @@ fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
 /// client-address headers, `Connection`, `Host`, body size) and that the
 /// session token appears nowhere but where it is read as the credential
 /// (another header, the path, the query string), where it would be
-/// forwarded to the provider.
+/// forwarded to the provider. `token` is what [`find_token`] found in this
+/// request (the proxy looks once, before authenticating).
 pub fn screen<B>(
     req: &Request<B>,
     provider: &Provider,
     policy: &RequestPolicy,
+    token: Option<&str>,
 ) -> Result<(), Denial> {
     let auth = provider.auth();
     check_head(
@@ -107,7 +109,7 @@ pub fn screen<B>(
         policy,
     )?;
     check_query_auth(auth, req.uri().query())?;
-    if let Some(token) = find_token(auth, req.headers(), req.uri().query())? {
+    if let Some(token) = token {
         check_token_not_elsewhere(
             token,
             auth,

@@ -162,7 +162,7 @@ impl Proxy {
         let session = self.authenticate(token).await?;
         call.set_session(&session);
         let admitted = self
-            .authorize(&session, provider, &req)
+            .authorize(&session, provider, &req, token)
             .inspect_err(|_| self.count_denied(&session))?;
         self.forward(admitted, req, call).await
     }
@@ -296,8 +296,9 @@ impl Proxy {
         session: &LiveSession,
         provider: &'a Provider,
         req: &Request<Incoming>,
+        token: Option<&str>,
     ) -> Result<Admitted<'a>, Denial> {
-        credentials::screen(req, provider, &self.settings.request)?;
+        credentials::screen(req, provider, &self.settings.request, token)?;
         let full = req.uri().path();
         let path_start = 1 + provider.name().len();
         let upstream_path = upstream_path(full, path_start);
