@@ -59,10 +59,15 @@ pub fn validate(path: &str) -> Result<ValidPath<'_>, PathError> {
         return Err(PathError::NotAbsolute);
     }
     let body = &path[1..];
-    let last = body.split('/').count().saturating_sub(1);
-    for (index, segment) in body.split('/').enumerate() {
-        validate_segment(segment, index == last)?;
+    // Byte by byte: `/` is ASCII, so every index found is a char boundary.
+    let mut start = 0;
+    for (i, b) in body.bytes().enumerate() {
+        if b == b'/' {
+            validate_segment(&body[start..i], false)?;
+            start = i + 1;
+        }
     }
+    validate_segment(&body[start..], true)?;
     Ok(ValidPath(path))
 }
 

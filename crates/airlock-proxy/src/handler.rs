@@ -266,7 +266,10 @@ impl Proxy {
     fn route(&self, path: &str) -> Result<&Provider, Denial> {
         let name = path
             .strip_prefix('/')
-            .map(|rest| rest.split('/').next().unwrap_or(rest))
+            .map(|rest| match rest.bytes().position(|b| b == b'/') {
+                Some(end) => &rest[..end],
+                None => rest,
+            })
             .unwrap_or("");
         self.providers.get(name).ok_or_else(|| {
             Denial::new(

@@ -6,8 +6,9 @@
 //! - at most `max_connections` open connections; one more is answered with
 //!   a 503 JSON error and closed;
 //! - a request head (line and headers) larger than `max_header_size` is
-//!   answered 431 by hyper (HTTP/1.1, without a body) or h2 (HTTP/2) and the
-//!   connection closed;
+//!   answered 431 by hyper (HTTP/1.1) or h2 (HTTP/2) and the connection
+//!   closed; on HTTP/1.1 airlock puts a JSON error in hyper's answers to
+//!   unparseable heads ([`automatic`]);
 //! - HTTP/1.1: a client has `header_read_timeout` to send a complete head,
 //!   counted from the moment the connection waits for a request — so a
 //!   keep-alive connection idle that long is closed too (hyper's timeout
@@ -36,6 +37,8 @@
 //! in flight; HTTP/2: GOAWAY, streams in flight go on), and whatever still
 //! runs after `drain_timeout` is cut.
 
+mod automatic;
+mod dormant;
 mod sniff;
 
 use std::convert::Infallible;
@@ -63,6 +66,8 @@ use crate::handler::Proxy;
 use crate::headers::FramingAnomaly;
 use crate::tls::ServerTls;
 use airlock_audit::Delivery;
+use automatic::Automatic;
+use dormant::Dormant;
 use sniff::{SharedVerdicts, Sniffer, Verdicts};
 
 /// Most concurrent HTTP/2 streams on one connection.
@@ -538,11 +543,12 @@ impl ConnSettings {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let verdicts = SharedVerdicts::default();
+        let activity = Arc::new(Activity::new());
         let io = Sniffed {
             inner: io,
             sniffer: Some(Sniffer::new(self.max_header_size, Arc::clone(&verdicts))),
+            automatic: Automatic::watch(&activity),
         };
-        let activity = Arc::new(Activity::new());
         let busy = Arc::clone(&activity);
         let proxy = Arc::clone(&self.proxy);
         let calls = Arc::clone(&self.calls);
@@ -554,22 +560,42 @@ impl ConnSettings {
         });
         let connection = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection);
-        let ended = tokio::select! {
-            ended = connection.as_mut() => Some(ended),
-            () = stopped(stop) => {
-                connection.as_mut().graceful_shutdown();
-                Some(connection.as_mut().await)
+        // The watchers are polled only when they woke, not on each of the
+        // connection's many wake-ups (see `dormant`).
+        let (first, limit) = (self.first_timeout, self.idle_timeout);
+        let watchers = Dormant::new(Box::pin(async move {
+            tokio::select! {
+                biased;
+                () = stopped(stop) => Ending::Shutdown,
+                () = idle(&activity, first, limit) => Ending::Idle,
             }
-            () = idle(&activity, self.first_timeout, self.idle_timeout) => {
-                tracing::debug!(%peer, "closing idle connection");
+        }));
+        let ended = tokio::select! {
+            biased;
+            ended = connection.as_mut() => Some(ended),
+            ending = watchers => {
                 connection.as_mut().graceful_shutdown();
-                tokio::time::timeout(IDLE_GRACE, connection.as_mut()).await.ok()
+                match ending {
+                    Ending::Shutdown => Some(connection.as_mut().await),
+                    Ending::Idle => {
+                        tracing::debug!(%peer, "closing idle connection");
+                        tokio::time::timeout(IDLE_GRACE, connection.as_mut()).await.ok()
+                    }
+                }
             }
         };
         if let Some(Err(e)) = ended {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }
+}
+
+/// Why a connection is asked to finish before its client ends it.
+enum Ending {
+    /// The server is shutting down.
+    Shutdown,
+    /// No call in flight for too long.
+    Idle,
 }
 
 /// The HTTP/1.1 + HTTP/2 connection builder with every limit applied.
@@ -793,10 +819,37 @@ impl Body for Tracked {
 }
 
 /// The connection's socket (or TLS stream), with every byte read shown to
-/// the sniffer until it stops following.
+/// the sniffer until it stops following, and hyper's automatic answer to
+/// an unparseable first request replaced by a JSON one ([`automatic`]).
 struct Sniffed<S> {
     inner: S,
     sniffer: Option<Sniffer>,
+    automatic: Automatic,
+}
+
+impl<S: AsyncWrite + Unpin> Sniffed<S> {
+    /// Sends the JSON answer in place of a write of `len` bytes of hyper's
+    /// automatic one (reported written); `None` when writes pass through.
+    fn poll_replacing(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+    ) -> Option<Poll<std::io::Result<usize>>> {
+        let Automatic::Replacing { answer, sent } = &mut self.automatic else {
+            return None;
+        };
+        while *sent < answer.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &answer[*sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Some(Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())))
+                }
+                Poll::Ready(Ok(n)) => *sent += n,
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Pending => return Some(Poll::Pending),
+            }
+        }
+        Some(Poll::Ready(Ok(len)))
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Sniffed<S> {
@@ -824,7 +877,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if !this.automatic.is_passing() && !buf.is_empty() {
+            this.automatic.decide(buf);
+            if let Some(polled) = this.poll_replacing(cx, buf.len()) {
+                return polled;
+            }
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -832,7 +892,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if !this.automatic.is_passing() {
+            let first = automatic::first_slice(bufs);
+            if !first.is_empty() {
+                this.automatic.decide(first);
+                let len = bufs.iter().map(|b| b.len()).sum();
+                if let Some(polled) = this.poll_replacing(cx, len) {
+                    return polled;
+                }
+            }
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

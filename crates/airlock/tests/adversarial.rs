@@ -3,7 +3,8 @@
 //! Every case sends raw bytes over a socket (a client library would tidy
 //! the request up) to the real `airlock` binary in front of a recording
 //! mock provider, with a valid session token, and asserts: the status (a
-//! JSON error from airlock, hyper's bare 400/431, or a closed connection),
+//! JSON error from airlock — for heads hyper cannot parse, put in hyper's
+//! own 400/431 answer — or a closed connection),
 //! that the provider received nothing, and that airlock still answers
 //! afterwards. Cases run table-driven, one airlock and one mock per group;
 //! each group ends with a normal call that must still work.
@@ -84,9 +85,6 @@ enum Expect {
     Json(u16, &'static str),
     /// airlock's JSON error, and the connection closed after it.
     JsonThenClose(u16, &'static str),
-    /// This status, JSON or not (hyper answers framing errors itself with
-    /// an empty body and closes).
-    Status(u16),
 }
 
 struct Case {
@@ -105,25 +103,26 @@ fn case(name: &'static str, request: impl Into<Vec<u8>>, expect: Expect) -> Case
 
 const BAD: Expect = Expect::Json(400, "bad_request");
 const BAD_CLOSE: Expect = Expect::JsonThenClose(400, "bad_request");
-const BARE_400: Expect = Expect::Status(400);
+/// A head hyper cannot parse: hyper answers by itself and closes; on a
+/// fresh connection airlock has put its JSON error in that answer.
+const UNPARSEABLE: Expect = Expect::JsonThenClose(400, "bad_request");
+/// A head over the size or line limit (see [`UNPARSEABLE`]).
+const TOO_LARGE: Expect = Expect::JsonThenClose(431, "headers_too_large");
 
 impl Expect {
     async fn check(self, ex: &mut Exchange) -> Result<(), String> {
         let (status, code, close) = match self {
-            Expect::Json(s, c) => (s, Some(c), false),
-            Expect::JsonThenClose(s, c) => (s, Some(c), true),
-            Expect::Status(s) => (s, None, false),
+            Expect::Json(s, c) => (s, c, false),
+            Expect::JsonThenClose(s, c) => (s, c, true),
         };
         if ex.status != Some(status) {
             return Err(format!("status {:?}, expected {status}", ex.status));
         }
-        if let Some(code) = code {
-            if ex.error_code().as_deref() != Some(code) {
-                return Err(format!("error code {:?}, expected {code}", ex.error_code()));
-            }
-            if ex.header("content-type") != Some("application/json") {
-                return Err("error body is not application/json".into());
-            }
+        if ex.error_code().as_deref() != Some(code) {
+            return Err(format!("error code {:?}, expected {code}", ex.error_code()));
+        }
+        if ex.header("content-type") != Some("application/json") {
+            return Err("error body is not application/json".into());
         }
         if close && !ex.closes_within(Duration::from_secs(2)).await {
             return Err("connection left open after an ambiguous request".into());
@@ -271,8 +270,8 @@ async fn path_tricks_are_refused() {
         case("double slash after provider", get("/openai//v1/models/x", t), BAD),
         case(";path parameter", get("/openai/v1/models/x;jsessionid=1", t), BAD),
         case("..;/ (Tomcat)", get("/openai/v1/models/..;/admin", t), BAD),
-        case("raw backslash", get("/openai/v1/models\\..\\admin", t), Expect::Status(400)),
-        case("non-UTF-8 byte", non_utf8, Expect::Status(400)),
+        case("raw backslash", get("/openai/v1/models\\..\\admin", t), Expect::Json(400, "bad_request")),
+        case("non-UTF-8 byte", non_utf8, Expect::Json(400, "bad_request")),
         case("overlong UTF-8 %c0%ae", get("/openai/v1/models/%c0%ae%c0%ae/admin", t), BAD),
         case("invalid UTF-8 %ff", get("/openai/v1/models/%ff", t), BAD),
         case("double encoding %252e", get("/openai/v1/models/%252e%252e/admin", t), BAD),
@@ -296,16 +295,16 @@ async fn path_tricks_are_refused() {
         case("asterisk-form", req("OPTIONS", "*", t, ""), Expect::Json(404, "unknown_provider")),
         case("provider in other case", get("/OpenAI/v1/models/x", t), Expect::Json(404, "unknown_provider")),
         case("encoded provider separator", get("/openai%2fv1/models/x", t), Expect::Json(404, "unknown_provider")),
-        case("space in the target", get("/openai/v1/models/a b", t), BARE_400),
+        case("space in the target", get("/openai/v1/models/a b", t), UNPARSEABLE),
         case(
             "HTTP/0.9 request line",
             "GET /openai/v1/models/x\r\n\r\n",
-            BARE_400,
+            UNPARSEABLE,
         ),
         case(
             "unknown version HTTP/1.7",
             format!("GET /openai/v1/models/x HTTP/1.7\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\n\r\n"),
-            BARE_400,
+            UNPARSEABLE,
         ),
     ];
     run("paths", &env, cases).await;
@@ -352,7 +351,7 @@ async fn method_tricks_are_refused() {
         case(
             "method with a non-token byte",
             req("G(T", target, t, ""),
-            BARE_400,
+            UNPARSEABLE,
         ),
         case(
             "method not granted",
@@ -384,30 +383,30 @@ async fn framing_tricks_are_refused() {
             BAD_CLOSE,
         ),
         case("duplicate equal Content-Length", post_raw(t, "Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}"), BAD_CLOSE),
-        case("duplicate different Content-Length", post_raw(t, "Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x"), BARE_400),
-        case("Content-Length +2", post_raw(t, "Content-Length: +2\r\n\r\n{}"), BARE_400),
-        case("Content-Length 2, 2", post_raw(t, "Content-Length: 2, 2\r\n\r\n{}"), BARE_400),
-        case("Content-Length -1", post_raw(t, "Content-Length: -1\r\n\r\n{}"), BARE_400),
-        case("Content-Length overflow", post_raw(t, "Content-Length: 99999999999999999999999\r\n\r\n{}"), BARE_400),
-        case("Transfer-Encoding xchunked", post_raw(t, "Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"), BARE_400),
-        case("Transfer-Encoding chunked, identity", post_raw(t, "Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"), BARE_400),
+        case("duplicate different Content-Length", post_raw(t, "Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x"), UNPARSEABLE),
+        case("Content-Length +2", post_raw(t, "Content-Length: +2\r\n\r\n{}"), UNPARSEABLE),
+        case("Content-Length 2, 2", post_raw(t, "Content-Length: 2, 2\r\n\r\n{}"), UNPARSEABLE),
+        case("Content-Length -1", post_raw(t, "Content-Length: -1\r\n\r\n{}"), UNPARSEABLE),
+        case("Content-Length overflow", post_raw(t, "Content-Length: 99999999999999999999999\r\n\r\n{}"), UNPARSEABLE),
+        case("Transfer-Encoding xchunked", post_raw(t, "Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"), UNPARSEABLE),
+        case("Transfer-Encoding chunked, identity", post_raw(t, "Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"), UNPARSEABLE),
         case("Transfer-Encoding chunked, chunked", post_raw(t, "Transfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n"), BAD),
         case("Transfer-Encoding twice", post_raw(t, "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), BAD_CLOSE),
-        case("Transfer-Encoding then identity", post_raw(t, "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n"), BARE_400),
-        case("space before the colon", post_raw(t, "Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n"), BARE_400),
+        case("Transfer-Encoding then identity", post_raw(t, "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n"), UNPARSEABLE),
+        case("space before the colon", post_raw(t, "Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n"), UNPARSEABLE),
         case(
             "Transfer-Encoding on HTTP/1.0",
             format!("POST /openai/v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
-            BARE_400,
+            UNPARSEABLE,
         ),
-        case("obs-fold continuation", req("GET", "/openai/v1/models/x", t, "X-Folded: a\r\n  b\r\n"), BARE_400),
+        case("obs-fold continuation", req("GET", "/openai/v1/models/x", t, "X-Folded: a\r\n  b\r\n"), UNPARSEABLE),
         case(
             "bare LF line endings",
             format!("GET /openai/v1/models/x HTTP/1.1\nHost: 127.0.0.1\nAuthorization: Bearer {t}\n\n"),
             BAD_CLOSE,
         ),
-        case("bare CR in a header", req("GET", "/openai/v1/models/x", t, "X-A: a\rb\r\n"), BARE_400),
-        case("NUL in a header", req("GET", "/openai/v1/models/x", t, "X-A: a\0b\r\n"), BARE_400),
+        case("bare CR in a header", req("GET", "/openai/v1/models/x", t, "X-A: a\rb\r\n"), UNPARSEABLE),
+        case("NUL in a header", req("GET", "/openai/v1/models/x", t, "X-A: a\0b\r\n"), UNPARSEABLE),
         case("chunk-size overflow", post_raw(t, "Transfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n{}\r\n0\r\n\r\n"), BAD_CLOSE),
         case("chunk size not hex", post_raw(t, "Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"), BAD_CLOSE),
         case("chunk longer than its size", post_raw(t, "Transfer-Encoding: chunked\r\n\r\n1\r\n{}\r\n0\r\n\r\n"), BAD_CLOSE),
@@ -419,10 +418,64 @@ async fn framing_tricks_are_refused() {
         case(
             "too many header lines",
             req("GET", "/openai/v1/models/x", t, &"X-Pad: 1\r\n".repeat(120)),
-            Expect::Status(431),
+            TOO_LARGE,
         ),
     ];
     run("framing", &env, cases).await;
+}
+
+/// hyper answers a head it cannot parse by itself; airlock puts its JSON
+/// error in that answer only where nothing else can share the write: before
+/// the connection's first call. A provider's own 400 to a connection's
+/// first call is relayed as the provider sent it; after a call on a
+/// kept-alive connection, an unparseable head still gets a 400 and a close.
+#[tokio::test]
+async fn only_hyper_s_own_answers_are_rewritten() {
+    let env = env(&[]).await;
+    let url = env.airlock.proxy_url();
+    let session = env
+        .airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["GET"], "paths": ["/status/*"]}],
+            "ttl_seconds": 600
+        }))
+        .await
+        .unwrap();
+    let status_token = session["token"].as_str().unwrap();
+
+    let ex = exchange(
+        &url,
+        format!("GET /openai/status/400 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {status_token}\r\n\r\n").as_bytes(),
+        CASE_LIMIT,
+    )
+    .await;
+    assert_eq!(ex.status, Some(400), "{}", ex.raw);
+    assert_eq!(
+        serde_json::from_str::<Value>(&ex.body).unwrap(),
+        json!({"status": 400}),
+        "the provider's answer was changed: {}",
+        ex.raw
+    );
+    assert_eq!(env.mock.request_count(), 1);
+
+    let mut stream = TcpStream::connect(hostile::authority(&url)).await.unwrap();
+    let good = format!(
+        "GET /openai/v1/models/x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\r\n",
+        env.token
+    );
+    stream.write_all(good.as_bytes()).await.unwrap();
+    let ex = hostile::read_response(stream, CASE_LIMIT).await;
+    assert_eq!(ex.status, Some(200), "{}", ex.raw);
+    let mut stream = ex.stream.expect("kept alive after a call");
+    stream
+        .write_all(b"GET /openai/v1/models/x HTTP/1.7\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut ex = hostile::read_response(stream, CASE_LIMIT).await;
+    assert_eq!(ex.status, Some(400), "{}", ex.raw);
+    assert!(ex.closes_within(Duration::from_secs(2)).await);
+    assert_eq!(env.mock.request_count(), 2);
+    assert_normal_call_works(&env).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -514,7 +567,7 @@ async fn injection_leaves_every_record_and_log_line_one_line() {
                 t,
                 "User-Agent: \x1b[35;7mINJECTED\r\n",
             ),
-            BARE_400,
+            UNPARSEABLE,
         ),
         case(
             "quotes, backslash, C1 and bidi in User-Agent",
@@ -524,7 +577,7 @@ async fn injection_leaves_every_record_and_log_line_one_line() {
         case(
             "quote in the method",
             req("GE\"T", "/openai/v1/models/x", t, ""),
-            BARE_400,
+            UNPARSEABLE,
         ),
     ];
     run("injection", &env, cases).await;
@@ -718,12 +771,12 @@ async fn oversized_heads_and_bodies_are_refused() {
         case(
             "head over max_header_size",
             req("GET", "/openai/v1/models/x", t, &pad(20 * 1024)),
-            Expect::Status(431),
+            TOO_LARGE,
         ),
         case(
             "head far over the limit",
             req("GET", "/openai/v1/models/x", t, &pad(1024 * 1024)),
-            Expect::Status(431),
+            TOO_LARGE,
         ),
         case(
             "Content-Length over max_request_body",

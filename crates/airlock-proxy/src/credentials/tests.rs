@@ -32,6 +32,18 @@ fn finds_bearer_and_provider_header() {
 }
 
 #[test]
+fn a_bearer_credential_is_the_scheme_a_space_and_the_token() {
+    assert_eq!(strip_bearer("Bearer sess_a"), Some("sess_a"));
+    assert_eq!(strip_bearer(" \tBEARER \t sess_a \t"), Some("sess_a"));
+    assert_eq!(strip_bearer("Bearer"), None);
+    assert_eq!(strip_bearer("Bearer\tsess_a"), None);
+    assert_eq!(strip_bearer("Bearers sess_a"), None);
+    assert_eq!(strip_bearer("Basic sess_a"), None);
+    assert_eq!(strip_bearer("Bearer "), None);
+    assert_eq!(strip_bearer("Bearer  "), None);
+}
+
+#[test]
 fn finds_query_token() {
     let q = AuthStyle::Query("key".into());
     let h = HeaderMap::new();
