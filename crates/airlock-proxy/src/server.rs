@@ -7,8 +7,8 @@
 //!   a 503 JSON error and closed;
 //! - a request head (line and headers) larger than `max_header_size` is
 //!   answered 431 by hyper (HTTP/1.1) or h2 (HTTP/2) and the connection
-//!   closed; on HTTP/1.1 airlock puts a JSON error in hyper's answers to
-//!   unparseable heads ([`automatic`]);
+//!   closed; on HTTP/1.1 airlock puts a JSON error in hyper's answer to an
+//!   unparseable head before a connection's first call ([`automatic`]);
 //! - HTTP/1.1: a client has `header_read_timeout` to send a complete head,
 //!   counted from the moment the connection waits for a request — so a
 //!   keep-alive connection idle that long is closed too (hyper's timeout
@@ -561,7 +561,9 @@ impl ConnSettings {
         let connection = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection);
         // The watchers are polled only when they woke, not on each of the
-        // connection's many wake-ups (see `dormant`).
+        // connection's many wake-ups (see `dormant`). `biased`: a connection
+        // that ended is seen before a watcher that fired at the same time,
+        // and shutdown before idleness.
         let (first, limit) = (self.first_timeout, self.idle_timeout);
         let watchers = Dormant::new(Box::pin(async move {
             tokio::select! {
@@ -835,8 +837,14 @@ impl<S: AsyncWrite + Unpin> Sniffed<S> {
         cx: &mut Context<'_>,
         len: usize,
     ) -> Option<Poll<std::io::Result<usize>>> {
-        let Automatic::Replacing { answer, sent } = &mut self.automatic else {
-            return None;
+        let (answer, sent) = match &mut self.automatic {
+            Automatic::Replacing { answer, sent } => (answer, sent),
+            Automatic::Answered => {
+                return Some(Poll::Ready(Err(std::io::Error::other(
+                    "the connection has been answered and is closing",
+                ))))
+            }
+            Automatic::Watching(_) | Automatic::Passing => return None,
         };
         while *sent < answer.len() {
             match Pin::new(&mut self.inner).poll_write(cx, &answer[*sent..]) {
@@ -848,6 +856,7 @@ impl<S: AsyncWrite + Unpin> Sniffed<S> {
                 Poll::Pending => return Some(Poll::Pending),
             }
         }
+        self.automatic = Automatic::Answered;
         Some(Poll::Ready(Ok(len)))
     }
 }
@@ -922,6 +931,63 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// hyper's automatic answer written through a pipe that takes 16 bytes
+    /// at a time: the peer reads airlock's whole JSON answer instead, hyper
+    /// is told all its bytes went out, and a later write fails.
+    #[tokio::test]
+    async fn an_automatic_answer_is_replaced_through_partial_writes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (near, mut far) = tokio::io::duplex(16);
+        let activity = Arc::new(Activity::new());
+        let mut io = Sniffed {
+            inner: near,
+            sniffer: None,
+            automatic: Automatic::watch(&activity),
+        };
+        let hyper = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            far.read_to_end(&mut seen).await.unwrap();
+            String::from_utf8(seen).unwrap()
+        });
+        io.write_all(hyper).await.unwrap();
+        assert!(io.write_all(b"more").await.is_err());
+        drop(io);
+        let seen = reader.await.unwrap();
+        let (head, body) = seen.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 431 "), "{seen}");
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"]["code"], "headers_too_large");
+    }
+
+    /// On a connection that has served a call, the same bytes pass as they
+    /// are.
+    #[tokio::test]
+    async fn after_a_call_writes_pass_untouched() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (near, mut far) = tokio::io::duplex(16);
+        let activity = Arc::new(Activity::new());
+        activity.served.store(true, Ordering::Release);
+        let mut io = Sniffed {
+            inner: near,
+            sniffer: None,
+            automatic: Automatic::watch(&activity),
+        };
+        let hyper = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            far.read_to_end(&mut seen).await.unwrap();
+            seen
+        });
+        io.write_all(hyper).await.unwrap();
+        io.write_all(b"more").await.unwrap();
+        drop(io);
+        assert_eq!(reader.await.unwrap(), [&hyper[..], b"more"].concat());
+    }
 
     #[test]
     fn a_burst_accepted_by_one_worker_is_spread_evenly() {

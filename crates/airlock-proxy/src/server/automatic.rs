@@ -27,6 +27,9 @@ pub(super) enum Automatic {
     /// Sending the JSON answer (`sent` bytes of it so far) in place of
     /// hyper's; hyper's bytes are reported written and dropped.
     Replacing { answer: Vec<u8>, sent: usize },
+    /// The JSON answer is out. hyper closes the connection after its
+    /// automatic answer; a write after it fails rather than vanish.
+    Answered,
     /// Hyper's writes pass through untouched.
     Passing,
 }

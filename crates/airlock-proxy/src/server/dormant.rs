@@ -156,7 +156,13 @@ mod tests {
             Dormant::new(Box::pin(tokio::time::sleep(wait))),
         )
         .await;
-        assert!(slept.is_ok(), "the timer's wake-up never reached the task");
+        assert!(slept.is_ok());
+        // Had the wake-up been lost, only the outer timeout's own wake-up
+        // (after 5 s) would have polled the sleep again.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "the timer's wake-up never reached the task"
+        );
         assert!(started.elapsed() >= wait);
     }
 }
