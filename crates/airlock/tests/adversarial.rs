@@ -482,6 +482,20 @@ async fn only_hyper_s_own_answers_are_rewritten() {
     assert_normal_call_works(&env).await;
 }
 
+/// A request target longer than hyper takes (65,534 bytes) in a head that
+/// fits `max_header_size`: hyper's 414, with airlock's JSON error in it.
+#[tokio::test]
+async fn an_overlong_target_is_refused_with_json() {
+    let env = env(&[r#"max_header_size = "128KiB""#]).await;
+    let target = format!("/openai/v1/models/{}", "a".repeat(70_000));
+    let cases = vec![case(
+        "target over 65,534 bytes",
+        get(&target, &env.token),
+        Expect::JsonThenClose(414, "uri_too_long"),
+    )];
+    run("long target", &env, cases).await;
+}
+
 // ---------------------------------------------------------------------------
 // Headers the agent must not set upstream
 // ---------------------------------------------------------------------------
