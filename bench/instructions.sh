@@ -24,18 +24,16 @@ KEY="sk-bench-real-key-0123456789"
 ADMIN_TOKEN="bench-admin-$$"
 AUDIT_KEY="42a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f"
 
-have() { command -v "$1" >/dev/null 2>&1; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+
 missing=()
 have wrk || missing+=(wrk)
 have valgrind || missing+=(valgrind)
 have curl || missing+=(curl)
 if ((${#missing[@]})); then
     echo "[instructions] installing ${missing[*]}" >&2
-    SUDO=()
-    [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
-    export DEBIAN_FRONTEND=noninteractive
-    "${SUDO[@]}" apt-get update -qq >/dev/null
-    "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+    install_packages "${missing[@]}"
 fi
 
 echo "[instructions] building airlock and airlock-bench (release)" >&2

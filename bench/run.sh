@@ -13,21 +13,17 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 missing=()
 have wrk || missing+=(wrk)
 have nginx || missing+=(nginx-light)
 if ((${#missing[@]})); then
     echo "[bench] installing ${missing[*]}" >&2
-    SUDO=()
-    [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
-    export DEBIAN_FRONTEND=noninteractive
-    "${SUDO[@]}" apt-get update -qq >/dev/null
     # nginx-light is the smallest build; fall back to the full one.
-    if ! "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null; then
-        missing=("${missing[@]/nginx-light/nginx}")
-        "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+    if ! install_packages "${missing[@]}"; then
+        install_packages "${missing[@]/nginx-light/nginx}"
     fi
 fi
 

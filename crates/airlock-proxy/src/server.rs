@@ -932,30 +932,46 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
 mod tests {
     use super::*;
 
-    /// hyper's automatic answer written through a pipe that takes 16 bytes
-    /// at a time: the peer reads airlock's whole JSON answer instead, hyper
-    /// is told all its bytes went out, and a later write fails.
-    #[tokio::test]
-    async fn an_automatic_answer_is_replaced_through_partial_writes() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// A connection's writer over a pipe that takes 16 bytes at a time
+    /// (`served`: whether a call was dispatched), and a task collecting
+    /// everything that reaches the other end.
+    fn writer_over_pipe(
+        served: bool,
+    ) -> (
+        Sniffed<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<Vec<u8>>,
+    ) {
+        use tokio::io::AsyncReadExt;
 
         let (near, mut far) = tokio::io::duplex(16);
         let activity = Arc::new(Activity::new());
-        let mut io = Sniffed {
+        activity.served.store(served, Ordering::Release);
+        let io = Sniffed {
             inner: near,
             sniffer: None,
             automatic: Automatic::watch(&activity),
         };
-        let hyper = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
         let reader = tokio::spawn(async move {
             let mut seen = Vec::new();
             far.read_to_end(&mut seen).await.unwrap();
-            String::from_utf8(seen).unwrap()
+            seen
         });
+        (io, reader)
+    }
+
+    /// hyper's automatic answer written through the pipe: the peer reads
+    /// airlock's whole JSON answer instead, hyper is told all its bytes
+    /// went out, and a later write fails.
+    #[tokio::test]
+    async fn an_automatic_answer_is_replaced_through_partial_writes() {
+        use tokio::io::AsyncWriteExt;
+
+        let (mut io, reader) = writer_over_pipe(false);
+        let hyper = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
         io.write_all(hyper).await.unwrap();
         assert!(io.write_all(b"more").await.is_err());
         drop(io);
-        let seen = reader.await.unwrap();
+        let seen = String::from_utf8(reader.await.unwrap()).unwrap();
         let (head, body) = seen.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 431 "), "{seen}");
         assert!(head.contains(&format!("content-length: {}", body.len())));
@@ -967,22 +983,10 @@ mod tests {
     /// are.
     #[tokio::test]
     async fn after_a_call_writes_pass_untouched() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
 
-        let (near, mut far) = tokio::io::duplex(16);
-        let activity = Arc::new(Activity::new());
-        activity.served.store(true, Ordering::Release);
-        let mut io = Sniffed {
-            inner: near,
-            sniffer: None,
-            automatic: Automatic::watch(&activity),
-        };
+        let (mut io, reader) = writer_over_pipe(true);
         let hyper = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
-        let reader = tokio::spawn(async move {
-            let mut seen = Vec::new();
-            far.read_to_end(&mut seen).await.unwrap();
-            seen
-        });
         io.write_all(hyper).await.unwrap();
         io.write_all(b"more").await.unwrap();
         drop(io);
