@@ -170,7 +170,8 @@ fn check_token_not_elsewhere(
     // Without a `%`, the decoded text is the text itself.
     let decoded_holds = |text: &str| {
         holds(text.as_bytes())
-            || (text.contains('%') && holds(&percent_decode_str(text).collect::<Vec<u8>>()))
+            || (text.as_bytes().contains(&b'%')
+                && holds(&percent_decode_str(text).collect::<Vec<u8>>()))
     };
     let leak = |place: String| {
         Err(Denial::bad_request(format!(

@@ -235,7 +235,7 @@ fn check_target(
             v.to_str()
                 .ok()
                 .and_then(|s| s.parse::<Authority>().ok())
-                .filter(|a| !a.as_str().contains('@'))
+                .filter(|a| !a.as_str().as_bytes().contains(&b'@'))
                 .ok_or_else(|| Denial::bad_request("the Host header is not a valid host[:port]"))
         })
         .transpose()?;
@@ -331,7 +331,7 @@ fn check_names(
                 "client-address headers are not accepted from agents ({name})"
             )));
         }
-        if name.contains('_') && is_protected(&name.replace('_', "-"), auth) {
+        if name.as_bytes().contains(&b'_') && is_protected(&name.replace('_', "-"), auth) {
             return Err(Denial::bad_request(format!(
                 "header name {name} is ambiguous: servers may read it as {}",
                 name.replace('_', "-")
