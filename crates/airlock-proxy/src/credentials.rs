@@ -221,10 +221,7 @@ pub fn prepare_upstream(
     crate::headers::strip_hop_by_hop(&mut parts.headers);
     crate::headers::strip_forwarded(&mut parts.headers);
     parts.headers.remove(header::AUTHORIZATION);
-    match provider.host() {
-        Some(host) => parts.headers.insert(header::HOST, host.clone()),
-        None => parts.headers.remove(header::HOST),
-    };
+    parts.headers.remove(header::HOST);
     parts.headers.remove(header::EXPECT);
     if let AuthStyle::Header(name) = provider.auth() {
         parts.headers.remove(name);

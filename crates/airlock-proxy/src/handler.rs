@@ -22,6 +22,7 @@ use crate::headers::strip_hop_by_hop;
 use crate::metrics::ProviderMetrics;
 use crate::provider::{PreparedCredential, Provider};
 use crate::redact::{RedactingBody, RedactionFlag};
+use crate::upstream_pool::UpstreamBody;
 
 /// Tunables of the request path.
 #[derive(Clone, Debug)]
@@ -45,7 +46,7 @@ pub struct Proxy {
 
 /// The provider's answer and the credential the call was sent with.
 struct Forwarded {
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     credential: Arc<Loaded<PreparedCredential>>,
 }
 
@@ -376,7 +377,7 @@ impl Proxy {
         let sent = Instant::now();
         let response = tokio::time::timeout(
             self.settings.upstream_timeout,
-            provider.client().request(upstream_req),
+            provider.pool().send(upstream_req),
         )
         .await;
         provider
@@ -414,7 +415,7 @@ impl Proxy {
 }
 
 /// Whether a response carries a body the agent will read.
-fn has_body(status: StatusCode, body: &Incoming) -> bool {
+fn has_body(status: StatusCode, body: &UpstreamBody) -> bool {
     !(status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED

@@ -18,7 +18,7 @@ pub mod provider;
 pub mod redact;
 pub mod server;
 pub mod tls;
-mod upstream_tcp;
+pub mod upstream_pool;
 
 pub use error::{Denial, ErrorCode};
 pub use handler::{Proxy, ProxySettings};

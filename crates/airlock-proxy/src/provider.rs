@@ -9,21 +9,18 @@ use std::time::Duration;
 
 use airlock_core::Secret;
 use http::header::{HeaderName, HeaderValue};
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-use crate::body::RequestBody;
 use crate::credential_source::{CredentialCell, Loaded};
 use crate::metrics::ProviderMetrics;
 use crate::redact::{Redactor, RedactorError};
-use crate::upstream_tcp::TcpConnector;
+use crate::upstream_pool::{PoolSettings, UpstreamPool};
 
 /// How a provider expects its credential, and where agents put their token.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,11 +71,11 @@ pub struct PreparedCredential {
 /// fails the call with 502.
 const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
-/// The HTTP client used to reach upstreams.
-pub type UpstreamClient = Client<UpstreamConnector, RequestBody>;
+/// How long an idle upstream connection is kept.
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How upstream connections are opened (TCP, then TLS for https).
-pub type UpstreamConnector = HttpsConnector<TcpConnector>;
+pub type UpstreamConnector = HttpsConnector<HttpConnector>;
 
 /// A configured provider, ready for the request path.
 pub struct Provider {
@@ -86,19 +83,12 @@ pub struct Provider {
     name: Arc<str>,
     scheme: Scheme,
     authority: Authority,
-    /// The `Host` header of every request to an `http://` upstream (the
-    /// authority as configured), made once. `None` for `https://`: such a
-    /// connection may speak HTTP/2, where the client leaves `Host` out
-    /// (some front ends, Google's among them, refuse it there) and sets it
-    /// on HTTP/1 connections.
-    host: Option<HeaderValue>,
     /// Upstream path prefix without trailing slash (often empty).
     path_prefix: String,
     auth: AuthStyle,
     headers: Vec<(HeaderName, HeaderValue)>,
     credential: Arc<CredentialCell<PreparedCredential>>,
-    connector: UpstreamConnector,
-    client: UpstreamClient,
+    pool: UpstreamPool,
     pub(crate) metrics: ProviderMetrics,
 }
 
@@ -194,11 +184,7 @@ impl Provider {
         if authority.as_str().contains('@') || uri.query().is_some() {
             return Err(bad_upstream());
         }
-        let host = if scheme == Scheme::HTTP {
-            Some(host_header(&authority).ok_or_else(bad_upstream)?)
-        } else {
-            None
-        };
+        let host = host_header(&authority).ok_or_else(bad_upstream)?;
         let path_prefix = uri.path().trim_end_matches('/').to_owned();
         airlock_core::path::validate(if path_prefix.is_empty() {
             "/"
@@ -212,13 +198,12 @@ impl Provider {
             spec.ca_file.as_deref(),
             connect_timeout,
         )?;
+        let pool = new_pool(connector, &scheme, &authority, &host).map_err(|_| bad_upstream())?;
         Ok(Self {
-            client: pooled_client(connector.clone()),
-            connector,
+            pool,
             name: Arc::from(spec.name),
             scheme,
             authority,
-            host,
             path_prefix,
             auth: spec.auth,
             headers: spec.headers,
@@ -234,13 +219,11 @@ impl Provider {
             name: Arc::clone(&self.name),
             scheme: self.scheme.clone(),
             authority: self.authority.clone(),
-            host: self.host.clone(),
             path_prefix: self.path_prefix.clone(),
             auth: self.auth.clone(),
             headers: self.headers.clone(),
             credential: Arc::clone(&self.credential),
-            client: pooled_client(self.connector.clone()),
-            connector: self.connector.clone(),
+            pool: self.pool.empty_like(),
             metrics: self.metrics.clone(),
         }
     }
@@ -260,7 +243,8 @@ impl Provider {
         &self.auth
     }
 
-    /// The upstream URI for `path` (already validated) and the query to send.
+    /// The upstream request target (origin form) for `path` (already
+    /// validated) and the query to send.
     pub(crate) fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let mut path_and_query = String::with_capacity(
             self.path_prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1),
@@ -271,11 +255,7 @@ impl Provider {
             path_and_query.push('?');
             path_and_query.push_str(query);
         }
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
+        Ok(Uri::from(PathAndQuery::from_maybe_shared(path_and_query)?))
     }
 
     /// The credential in force now (one atomic load), or `None` when none
@@ -284,19 +264,14 @@ impl Provider {
         self.credential.load()
     }
 
-    /// The `Host` header to send, when it is made here (see the field).
-    pub(crate) fn host(&self) -> Option<&HeaderValue> {
-        self.host.as_ref()
-    }
-
     /// Headers sent on every call.
     pub(crate) fn extra_headers(&self) -> &[(HeaderName, HeaderValue)] {
         &self.headers
     }
 
-    /// The client that reaches this provider.
-    pub(crate) fn client(&self) -> &UpstreamClient {
-        &self.client
+    /// This worker's connections to the provider.
+    pub(crate) fn pool(&self) -> &UpstreamPool {
+        &self.pool
     }
 }
 
@@ -445,7 +420,7 @@ fn trust_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, Provider
     Ok(roots)
 }
 
-fn build_connector(
+pub(crate) fn build_connector(
     https: bool,
     ca_file: Option<&Path>,
     connect_timeout: Duration,
@@ -468,19 +443,29 @@ fn build_connector(
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(TcpConnector::new(http)))
+        .wrap_connector(http))
 }
 
-/// A client with a connection pool of its own; its connections' tasks run
-/// on the runtime that opens them.
-fn pooled_client(connector: UpstreamConnector) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        // A response body is read no further ahead of the agent than this
-        // (hyper's default lets a connection buffer ~400 KiB).
-        .http1_max_buf_size(UPSTREAM_READ_BUFFER)
-        .build(connector)
+/// An empty connection pool; its connections' tasks run on the runtime
+/// that opens them.
+fn new_pool(
+    connector: UpstreamConnector,
+    scheme: &Scheme,
+    authority: &Authority,
+    host: &HeaderValue,
+) -> Result<UpstreamPool, http::Error> {
+    UpstreamPool::new(
+        connector,
+        scheme.clone(),
+        authority.clone(),
+        host.clone(),
+        PoolSettings {
+            idle_timeout: UPSTREAM_IDLE_TIMEOUT,
+            // A response body is read no further ahead of the agent than
+            // this (hyper's default lets a connection buffer ~400 KiB).
+            read_buffer: UPSTREAM_READ_BUFFER,
+        },
+    )
 }
 
 /// `Host` for `authority`: the authority as configured.

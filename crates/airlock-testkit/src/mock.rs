@@ -8,6 +8,7 @@ mod routes;
 pub(crate) use routes::handle;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -138,9 +139,16 @@ pub(crate) struct Shared {
     complete: watch::Sender<usize>,
     /// Permits released by [`MockProvider::open_gate`].
     gate: Semaphore,
+    /// TCP connections accepted so far.
+    accepted: AtomicUsize,
 }
 
 impl Shared {
+    /// Counts a connection just accepted.
+    pub(crate) fn count_connection(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Records a request whose head just arrived; returns its sequence number.
     fn begin(
         &self,
@@ -222,6 +230,7 @@ impl MockProvider {
             log: Mutex::new(Log::default()),
             complete,
             gate: Semaphore::new(0),
+            accepted: AtomicUsize::new(0),
         });
         let server = spawn(listener, shared.clone());
         MockProvider {
@@ -250,6 +259,11 @@ impl MockProvider {
             .iter()
             .map(Entry::to_recorded)
             .collect()
+    }
+
+    /// Number of TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.accepted.load(Ordering::Relaxed)
     }
 
     /// Number of requests recorded so far (including ones still in flight).
@@ -317,6 +331,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                shared.count_connection();
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 connections.spawn(async move {

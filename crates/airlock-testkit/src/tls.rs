@@ -218,6 +218,7 @@ async fn serve_tls(
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                shared.count_connection();
                 let _ = stream.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let shared = Arc::clone(&shared);

@@ -65,6 +65,14 @@ pub(crate) async fn handle(
             );
             response
         }
+        "/close" if method == Method::GET => {
+            // The mock closes the connection after this answer.
+            let mut response = json_response(StatusCode::OK, &json!({ "closing": true }));
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
         "/echo" => echo(method, &target, &parts.headers, &kept),
         "/leak-sse" => leak_sse(&parts.headers),
         _ => match path.strip_prefix("/status/") {

@@ -1,0 +1,453 @@
+//! A data-plane worker's connections to one provider's upstream.
+//!
+//! Every worker keeps its own pool per provider, so a pool is only ever
+//! touched from one thread and its lock is never contended. An HTTP/1
+//! connection is lent to one call at a time and comes back when the
+//! response body's last frame has passed through [`UpstreamBody`] (or at
+//! once, for a response without a body); a body dropped before its end
+//! takes the connection with it, since what is left of the body would have
+//! to be read first. An HTTP/2 connection (negotiated by ALPN) is shared by
+//! every call.
+//!
+//! This replaces hyper-util's pooled client on the request path: it keyed
+//! a shared map by a SipHash of the authority on every checkout and return
+//! and spawned a task per HTTP/1 call to return the connection once its
+//! body was read — about a tenth of a call's instructions.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::client::legacy::connect::Connection;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::body::{BoxError, RequestBody};
+use crate::provider::UpstreamConnector;
+
+/// Most idle HTTP/1 connections a pool keeps; the oldest go first.
+const MAX_IDLE: usize = 1024;
+
+/// How a pool opens and keeps connections.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    /// An idle connection is closed after this long.
+    pub idle_timeout: Duration,
+    /// Most bytes an HTTP/1 connection reads ahead (hyper's read buffer
+    /// limit); it also bounds a response head.
+    pub read_buffer: usize,
+}
+
+/// One worker's connections to one upstream, for requests with bodies of
+/// type `B`.
+pub struct UpstreamPool<B = RequestBody> {
+    shared: Arc<Shared<B>>,
+}
+
+struct Shared<B> {
+    connector: UpstreamConnector,
+    /// `scheme://authority`, what the connector is asked for.
+    target: Uri,
+    scheme: Scheme,
+    authority: Authority,
+    /// The `Host` header of every HTTP/1 request (the authority as
+    /// configured), made once. HTTP/2 requests carry none (some front
+    /// ends, Google's among them, refuse it there).
+    host: HeaderValue,
+    settings: PoolSettings,
+    idle: Mutex<Idle<B>>,
+}
+
+struct Idle<B> {
+    /// Oldest first; calls take the most recently returned.
+    http1: VecDeque<IdleConnection<B>>,
+    /// The shared HTTP/2 connection, once one was negotiated.
+    http2: Option<http2::SendRequest<B>>,
+    /// Whether the task that closes expired connections runs.
+    reaping: bool,
+}
+
+struct IdleConnection<B> {
+    sender: http1::SendRequest<B>,
+    since: Instant,
+}
+
+/// A connection ready for one request.
+enum Lent<B> {
+    Http1(http1::SendRequest<B>),
+    Http2(http2::SendRequest<B>),
+}
+
+/// What a pooled connection can send: [`RequestBody`] on the request
+/// path, any body in tests.
+pub trait SentBody: Body<Data = Bytes, Error = Self::SendError> + Send + Unpin + 'static {
+    /// The body's error.
+    type SendError: Into<BoxError>;
+}
+
+impl<T> SentBody for T
+where
+    T: Body<Data = Bytes> + Send + Unpin + 'static,
+    T::Error: Into<BoxError>,
+{
+    type SendError = T::Error;
+}
+
+impl<B> Default for Idle<B> {
+    fn default() -> Self {
+        Self {
+            http1: VecDeque::new(),
+            http2: None,
+            reaping: false,
+        }
+    }
+}
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect: {0}")]
+    Connect(BoxError),
+    #[error("connection handshake failed: {0}")]
+    Handshake(hyper::Error),
+    #[error("{0}")]
+    Request(hyper::Error),
+}
+
+/// The provider's response body. It returns its HTTP/1 connection to the
+/// pool when its last frame has been read.
+pub struct UpstreamBody<B = RequestBody> {
+    body: Incoming,
+    /// The connection to return; `None` once returned or for HTTP/2.
+    lease: Option<Lease<B>>,
+}
+
+struct Lease<B> {
+    sender: http1::SendRequest<B>,
+    pool: Weak<Shared<B>>,
+}
+
+// === impl UpstreamPool ===
+
+impl<B: SentBody> UpstreamPool<B> {
+    /// An empty pool for `scheme://authority`, opening connections with
+    /// `connector`; HTTP/1 requests are sent with `Host: host`.
+    pub fn new(
+        connector: UpstreamConnector,
+        scheme: Scheme,
+        authority: Authority,
+        host: HeaderValue,
+        settings: PoolSettings,
+    ) -> Result<Self, http::Error> {
+        let target = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                connector,
+                target,
+                scheme,
+                authority,
+                host,
+                settings,
+                idle: Mutex::new(Idle::default()),
+            }),
+        })
+    }
+
+    /// A new, empty pool to the same upstream with the same settings.
+    pub fn empty_like(&self) -> Self {
+        let shared = &self.shared;
+        Self {
+            shared: Arc::new(Shared {
+                connector: shared.connector.clone(),
+                target: shared.target.clone(),
+                scheme: shared.scheme.clone(),
+                authority: shared.authority.clone(),
+                host: shared.host.clone(),
+                settings: shared.settings.clone(),
+                idle: Mutex::new(Idle::default()),
+            }),
+        }
+    }
+
+    /// Sends `req` (its URI in origin form: path and query) on an idle
+    /// connection or a new one. A request that a reused connection closed
+    /// before taking it is sent again on another.
+    pub async fn send(
+        &self,
+        mut req: Request<B>,
+    ) -> Result<Response<UpstreamBody<B>>, UpstreamError> {
+        loop {
+            let (lent, reused) = match self.shared.checkout() {
+                Some(lent) => (lent, true),
+                None => (self.shared.connect().await?, false),
+            };
+            let outcome = match lent {
+                Lent::Http1(mut sender) => {
+                    req.headers_mut().insert(HOST, self.shared.host.clone());
+                    match sender.try_send_request(req).await {
+                        Ok(response) => return Ok(self.shared.lend(response, sender)),
+                        Err(e) => e,
+                    }
+                }
+                Lent::Http2(mut sender) => {
+                    req.headers_mut().remove(HOST);
+                    self.shared.absolute(&mut req);
+                    match sender.try_send_request(req).await {
+                        Ok(response) => {
+                            return Ok(response.map(|body| UpstreamBody { body, lease: None }))
+                        }
+                        Err(e) => e,
+                    }
+                }
+            };
+            let mut outcome = outcome;
+            match outcome.take_message() {
+                Some(unsent) if reused => {
+                    tracing::debug!("an idle upstream connection closed; sending again");
+                    req = unsent;
+                }
+                _ => return Err(UpstreamError::Request(outcome.into_error())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+impl<B: SentBody> UpstreamPool<B> {
+    /// HTTP/1 connections waiting for a call.
+    fn idle_count(&self) -> usize {
+        self.shared.idle().http1.len()
+    }
+}
+
+impl<B> fmt::Debug for UpstreamPool<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamPool")
+            .field("target", &self.shared.target)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Shared ===
+
+impl<B: SentBody> Shared<B> {
+    fn idle(&self) -> MutexGuard<'_, Idle<B>> {
+        // The lists stay consistent whatever panicked while holding them.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The shared HTTP/2 connection, or the most recently returned HTTP/1
+    /// one that is still open and not expired.
+    fn checkout(&self) -> Option<Lent<B>> {
+        let mut idle = self.idle();
+        if let Some(shared) = &idle.http2 {
+            if shared.is_ready() {
+                return Some(Lent::Http2(shared.clone()));
+            }
+            idle.http2 = None;
+        }
+        while let Some(connection) = idle.http1.pop_back() {
+            if connection.since.elapsed() >= self.settings.idle_timeout {
+                // The newest is expired: so are all the others.
+                idle.http1.clear();
+                return None;
+            }
+            if connection.sender.is_ready() {
+                return Some(Lent::Http1(connection.sender));
+            }
+        }
+        None
+    }
+
+    /// Opens a connection, HTTP/2 when the TLS handshake chose it.
+    async fn connect(self: &Arc<Self>) -> Result<Lent<B>, UpstreamError> {
+        let mut connector = self.connector.clone();
+        let io = connector
+            .call(self.target.clone())
+            .await
+            .map_err(UpstreamError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .handshake(io)
+                .await
+                .map_err(UpstreamError::Handshake)?;
+            tokio::spawn(drive("HTTP/2", connection));
+            self.idle().http2 = Some(sender.clone());
+            return Ok(Lent::Http2(sender));
+        }
+        let (mut sender, connection) = http1::Builder::new()
+            .max_buf_size(self.settings.read_buffer)
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(drive("HTTP/1", connection));
+        self.start_reaping();
+        sender.ready().await.map_err(UpstreamError::Handshake)?;
+        Ok(Lent::Http1(sender))
+    }
+
+    /// The response, lending `sender` to its body until the body ends.
+    fn lend(
+        self: &Arc<Self>,
+        response: Response<Incoming>,
+        sender: http1::SendRequest<B>,
+    ) -> Response<UpstreamBody<B>> {
+        response.map(|body| {
+            let mut body = UpstreamBody {
+                body,
+                lease: Some(Lease {
+                    sender,
+                    pool: Arc::downgrade(self),
+                }),
+            };
+            if body.body.is_end_stream() {
+                body.give_back();
+            }
+            body
+        })
+    }
+
+    /// Keeps `sender`'s connection for the next call.
+    fn put(&self, sender: http1::SendRequest<B>) {
+        let mut idle = self.idle();
+        if idle.http1.len() >= MAX_IDLE {
+            idle.http1.pop_front();
+        }
+        idle.http1.push_back(IdleConnection {
+            sender,
+            since: Instant::now(),
+        });
+    }
+
+    /// Sets `req`'s URI to the absolute form HTTP/2 needs.
+    fn absolute(&self, req: &mut Request<B>) {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+
+    /// Starts the task that closes connections idle for longer than the
+    /// timeout, once per pool; it ends with the pool.
+    fn start_reaping(self: &Arc<Self>) {
+        {
+            let mut idle = self.idle();
+            if idle.reaping {
+                return;
+            }
+            idle.reaping = true;
+        }
+        let pool = Arc::downgrade(self);
+        let period = self.settings.idle_timeout;
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                let timeout = pool.settings.idle_timeout;
+                pool.idle()
+                    .http1
+                    .retain(|c| c.since.elapsed() < timeout && !c.sender.is_closed());
+            }
+        });
+    }
+}
+
+/// Runs a connection until it closes.
+async fn drive<F>(protocol: &'static str, connection: F)
+where
+    F: Future<Output = hyper::Result<()>>,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(protocol, error = %e, "upstream connection ended");
+    }
+}
+
+// === impl UpstreamBody ===
+
+impl<B: SentBody> UpstreamBody<B> {
+    /// Returns the connection to its pool: now when it can take another
+    /// request, else once it can (its last bytes may still be in flight).
+    fn give_back(&mut self) {
+        let Some(Lease { mut sender, pool }) = self.lease.take() else {
+            return;
+        };
+        if sender.is_ready() {
+            if let Some(pool) = pool.upgrade() {
+                pool.put(sender);
+            }
+            return;
+        }
+        if sender.is_closed() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if sender.ready().await.is_ok() {
+                if let Some(pool) = pool.upgrade() {
+                    pool.put(sender);
+                }
+            }
+        });
+    }
+}
+
+impl<B: SentBody> Body for UpstreamBody<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(_)) if !this.body.is_end_stream() => {}
+            Some(Ok(_)) | None => this.give_back(),
+            // The connection goes down with the body.
+            Some(Err(_)) => this.lease = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B> fmt::Debug for UpstreamBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("leased", &self.lease.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests;

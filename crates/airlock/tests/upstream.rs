@@ -1,0 +1,138 @@
+//! End-to-end tests of airlock's upstream connections: the real `airlock`
+//! binary on port 0, with one data-plane worker so that every call shares
+//! one connection pool, in front of a recording mock provider that counts
+//! the connections it accepts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use airlock_testkit::client::{request, Reply};
+use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+
+const KEY: &str = "sk-real-upstream-0123456789";
+
+async fn setup() -> (MockProvider, Airlock, String) {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", KEY, "/v1")
+        .proxy_option("workers = 1")
+        .start()
+        .await
+        .unwrap();
+    let scope = json!([
+        {"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]},
+        {"provider": "openai", "methods": ["GET"], "paths": ["/status/*", "/close", "/gated-sse"]},
+    ]);
+    let session = airlock
+        .create_session(json!({"scope": scope, "ttl_seconds": 300}))
+        .await
+        .unwrap();
+    let token = session["token"].as_str().unwrap().to_owned();
+    (mock, airlock, token)
+}
+
+async fn chat(airlock: &Airlock, token: &str) -> Reply {
+    request(
+        "POST",
+        &format!("{}/openai/v1/chat/completions", airlock.proxy_url()),
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("content-type", "application/json"),
+        ],
+        r#"{"model":"gpt-mock","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await
+}
+
+async fn get(airlock: &Airlock, token: &str, path: &str) -> Reply {
+    request(
+        "GET",
+        &format!("{}/openai{path}", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        "",
+    )
+    .await
+}
+
+/// Every recorded request carried the real credential and not the token.
+fn assert_credentials(mock: &MockProvider, token: &str, calls: usize) {
+    let seen = mock.requests();
+    assert_eq!(seen.len(), calls);
+    for request in &seen {
+        assert_eq!(
+            request.header("authorization").unwrap(),
+            format!("Bearer {KEY}")
+        );
+        assert!(!request.contains(token));
+        // HTTP/1 requests name the upstream in origin form, with `Host`.
+        assert!(request.path_and_query.starts_with('/'), "{request:?}");
+        assert_eq!(request.header("host").unwrap(), mock.addr().to_string());
+    }
+}
+
+#[tokio::test]
+async fn calls_one_after_another_share_one_upstream_connection() {
+    let (mock, airlock, token) = setup().await;
+    for _ in 0..4 {
+        let reply = chat(&airlock, &token).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    // Bodiless answers give their connection back as well.
+    for _ in 0..3 {
+        let reply = get(&airlock, &token, "/status/204").await;
+        assert_eq!(reply.status, 204, "{}", reply.text());
+    }
+    assert_credentials(&mock, &token, 7);
+    assert_eq!(mock.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_provider_that_closes_its_connections_gets_a_new_one_per_call() {
+    let (mock, airlock, token) = setup().await;
+    for _ in 0..3 {
+        let reply = get(&airlock, &token, "/close").await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["closing"], true);
+        // airlock's own connection to the agent stays its own business.
+        assert_eq!(reply.headers.get("connection"), None);
+    }
+    let reply = chat(&airlock, &token).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_credentials(&mock, &token, 4);
+    assert_eq!(mock.connections(), 4);
+}
+
+#[tokio::test]
+async fn a_stream_the_agent_abandons_takes_its_connection_along() {
+    let (mock, airlock, token) = setup().await;
+    let reply = chat(&airlock, &token).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(mock.connections(), 1);
+
+    // A stream read halfway, then dropped: its connection still owes the
+    // rest of the body, so it must not serve another call.
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let stream = http::Request::get(format!("{}/openai/gated-sse", airlock.proxy_url()))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(stream).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"data: first\n\n");
+    drop(body);
+    drop(client);
+
+    // The next calls open one new connection and share it: the stream's
+    // connection, the only one there was, is never lent again.
+    for _ in 0..2 {
+        let reply = chat(&airlock, &token).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_credentials(&mock, &token, 4);
+    assert_eq!(mock.connections(), 2);
+}
