@@ -207,9 +207,8 @@ fn check_token_not_elsewhere(
 }
 
 /// Turns the agent's request head into the upstream request head: hop-by-hop
-/// headers and every place a token could be are emptied, `Host` names the
-/// upstream (set here for `http://`, by the client on HTTP/1 connections
-/// otherwise), and the real credential is put
+/// headers and every place a token could be are emptied (`Host` too: the
+/// connection pool names the upstream on HTTP/1), and the real credential is put
 /// where the provider expects it. The upstream path is the request path from
 /// byte `path_start` on (the part after `/{provider}`, already validated).
 pub fn prepare_upstream(

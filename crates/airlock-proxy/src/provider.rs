@@ -168,7 +168,7 @@ impl fmt::Display for AuthStyle {
 // === impl Provider ===
 
 impl Provider {
-    /// Builds a provider and its client.
+    /// Builds a provider and its connection pool.
     pub fn new(
         spec: ProviderSpec,
         connect_timeout: Duration,
@@ -184,7 +184,7 @@ impl Provider {
         if authority.as_str().contains('@') || uri.query().is_some() {
             return Err(bad_upstream());
         }
-        let host = host_header(&authority).ok_or_else(bad_upstream)?;
+        let host = host_header(&scheme, &authority).ok_or_else(bad_upstream)?;
         let path_prefix = uri.path().trim_end_matches('/').to_owned();
         airlock_core::path::validate(if path_prefix.is_empty() {
             "/"
@@ -468,9 +468,17 @@ fn new_pool(
     )
 }
 
-/// `Host` for `authority`: the authority as configured.
-fn host_header(authority: &Authority) -> Option<HeaderValue> {
-    HeaderValue::from_str(authority.as_str()).ok()
+/// `Host` for `authority`: the authority as configured, without a port
+/// that is the scheme's default (as HTTP clients send it; a front end
+/// matching `Host` exactly may not know the other spelling).
+fn host_header(scheme: &Scheme, authority: &Authority) -> Option<HeaderValue> {
+    let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    if authority.port_u16() == Some(default_port) {
+        // `host()` keeps an IPv6 address's brackets.
+        HeaderValue::from_str(authority.host()).ok()
+    } else {
+        HeaderValue::from_str(authority.as_str()).ok()
+    }
 }
 
 #[cfg(test)]
@@ -481,15 +489,18 @@ mod tests {
 
     fn host(upstream: &str) -> String {
         let uri: Uri = upstream.parse().unwrap();
-        let value = host_header(uri.authority().unwrap()).unwrap();
+        let value = host_header(uri.scheme().unwrap(), uri.authority().unwrap()).unwrap();
         value.to_str().unwrap().to_owned()
     }
 
     #[test]
-    fn host_is_the_authority_as_configured() {
+    fn host_is_the_authority_without_a_default_port() {
         assert_eq!(host("https://api.openai.com"), "api.openai.com");
-        assert_eq!(host("https://api.openai.com:443/v1"), "api.openai.com:443");
+        assert_eq!(host("https://api.openai.com:443/v1"), "api.openai.com");
         assert_eq!(host("https://api.openai.com:8443"), "api.openai.com:8443");
+        assert_eq!(host("https://api.openai.com:80"), "api.openai.com:80");
+        assert_eq!(host("http://example.com:80"), "example.com");
         assert_eq!(host("http://[::1]:9100"), "[::1]:9100");
+        assert_eq!(host("http://[::1]:80"), "[::1]");
     }
 }

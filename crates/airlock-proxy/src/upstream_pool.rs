@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -40,13 +40,19 @@ use crate::provider::UpstreamConnector;
 /// Most idle HTTP/1 connections a pool keeps; the oldest go first.
 const MAX_IDLE: usize = 1024;
 
+/// Shortest idle timeout a pool takes (its reaper ticks at that period).
+const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Smallest read buffer hyper's HTTP/1 client accepts.
+const MIN_READ_BUFFER: usize = 8192;
+
 /// How a pool opens and keeps connections.
 #[derive(Clone, Debug)]
 pub struct PoolSettings {
-    /// An idle connection is closed after this long.
+    /// An idle connection is closed after this long (at least a second).
     pub idle_timeout: Duration,
     /// Most bytes an HTTP/1 connection reads ahead (hyper's read buffer
-    /// limit); it also bounds a response head.
+    /// limit, at least 8 KiB); it also bounds a response head.
     pub read_buffer: usize,
 }
 
@@ -62,9 +68,9 @@ struct Shared<B> {
     target: Uri,
     scheme: Scheme,
     authority: Authority,
-    /// The `Host` header of every HTTP/1 request (the authority as
-    /// configured), made once. HTTP/2 requests carry none (some front
-    /// ends, Google's among them, refuse it there).
+    /// The `Host` header of every HTTP/1 request, made once. HTTP/2
+    /// requests carry none (some front ends, Google's among them, refuse
+    /// it there).
     host: HeaderValue,
     settings: PoolSettings,
     idle: Mutex<Idle<B>>,
@@ -73,8 +79,9 @@ struct Shared<B> {
 struct Idle<B> {
     /// Oldest first; calls take the most recently returned.
     http1: VecDeque<IdleConnection<B>>,
-    /// The shared HTTP/2 connection, once one was negotiated.
-    http2: Option<http2::SendRequest<B>>,
+    /// The shared HTTP/2 connection, once one was negotiated, and when a
+    /// call last took it.
+    http2: Option<(http2::SendRequest<B>, Instant)>,
     /// Whether the task that closes expired connections runs.
     reaping: bool,
 }
@@ -124,6 +131,8 @@ pub enum UpstreamError {
     Handshake(hyper::Error),
     #[error("{0}")]
     Request(hyper::Error),
+    #[error("the request target cannot be sent: {0}")]
+    Target(http::Error),
 }
 
 /// The provider's response body. It returns its HTTP/1 connection to the
@@ -149,8 +158,10 @@ impl<B: SentBody> UpstreamPool<B> {
         scheme: Scheme,
         authority: Authority,
         host: HeaderValue,
-        settings: PoolSettings,
+        mut settings: PoolSettings,
     ) -> Result<Self, http::Error> {
+        settings.idle_timeout = settings.idle_timeout.max(MIN_IDLE_TIMEOUT);
+        settings.read_buffer = settings.read_buffer.max(MIN_READ_BUFFER);
         let target = Uri::builder()
             .scheme(scheme.clone())
             .authority(authority.clone())
@@ -192,13 +203,15 @@ impl<B: SentBody> UpstreamPool<B> {
         &self,
         mut req: Request<B>,
     ) -> Result<Response<UpstreamBody<B>>, UpstreamError> {
+        let target = req.uri().path_and_query().cloned();
         loop {
             let (lent, reused) = match self.shared.checkout() {
                 Some(lent) => (lent, true),
                 None => (self.shared.connect().await?, false),
             };
-            let outcome = match lent {
+            let mut failed = match lent {
                 Lent::Http1(mut sender) => {
+                    *req.uri_mut() = self.shared.uri(target.clone(), false)?;
                     req.headers_mut().insert(HOST, self.shared.host.clone());
                     match sender.try_send_request(req).await {
                         Ok(response) => return Ok(self.shared.lend(response, sender)),
@@ -206,8 +219,8 @@ impl<B: SentBody> UpstreamPool<B> {
                     }
                 }
                 Lent::Http2(mut sender) => {
+                    *req.uri_mut() = self.shared.uri(target.clone(), true)?;
                     req.headers_mut().remove(HOST);
-                    self.shared.absolute(&mut req);
                     match sender.try_send_request(req).await {
                         Ok(response) => {
                             return Ok(response.map(|body| UpstreamBody { body, lease: None }))
@@ -216,13 +229,12 @@ impl<B: SentBody> UpstreamPool<B> {
                     }
                 }
             };
-            let mut outcome = outcome;
-            match outcome.take_message() {
+            match failed.take_message() {
                 Some(unsent) if reused => {
                     tracing::debug!("an idle upstream connection closed; sending again");
                     req = unsent;
                 }
-                _ => return Err(UpstreamError::Request(outcome.into_error())),
+                _ => return Err(UpstreamError::Request(failed.into_error())),
             }
         }
     }
@@ -256,8 +268,9 @@ impl<B: SentBody> Shared<B> {
     /// one that is still open and not expired.
     fn checkout(&self) -> Option<Lent<B>> {
         let mut idle = self.idle();
-        if let Some(shared) = &idle.http2 {
-            if shared.is_ready() {
+        if let Some((shared, taken)) = &mut idle.http2 {
+            if shared.is_ready() && taken.elapsed() < self.settings.idle_timeout {
+                *taken = Instant::now();
                 return Some(Lent::Http2(shared.clone()));
             }
             idle.http2 = None;
@@ -288,7 +301,17 @@ impl<B: SentBody> Shared<B> {
                 .await
                 .map_err(UpstreamError::Handshake)?;
             tokio::spawn(drive("HTTP/2", connection));
-            self.idle().http2 = Some(sender.clone());
+            self.start_reaping();
+            let mut idle = self.idle();
+            // Calls that connected at once each get a connection; the
+            // first one stays shared, the others close after their call.
+            if !idle
+                .http2
+                .as_ref()
+                .is_some_and(|(shared, _)| shared.is_ready())
+            {
+                idle.http2 = Some((sender.clone(), Instant::now()));
+            }
             return Ok(Lent::Http2(sender));
         }
         let (mut sender, connection) = http1::Builder::new()
@@ -335,14 +358,16 @@ impl<B: SentBody> Shared<B> {
         });
     }
 
-    /// Sets `req`'s URI to the absolute form HTTP/2 needs.
-    fn absolute(&self, req: &mut Request<B>) {
-        let mut parts = std::mem::take(req.uri_mut()).into_parts();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
+    /// The request target for one attempt: origin form (path and query)
+    /// for HTTP/1, absolute for HTTP/2.
+    fn uri(&self, target: Option<PathAndQuery>, absolute: bool) -> Result<Uri, UpstreamError> {
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = target;
+        if absolute {
+            parts.scheme = Some(self.scheme.clone());
+            parts.authority = Some(self.authority.clone());
         }
+        Uri::from_parts(parts).map_err(|e| UpstreamError::Target(e.into()))
     }
 
     /// Starts the task that closes connections idle for longer than the
@@ -364,9 +389,16 @@ impl<B: SentBody> Shared<B> {
                 ticks.tick().await;
                 let Some(pool) = pool.upgrade() else { return };
                 let timeout = pool.settings.idle_timeout;
-                pool.idle()
-                    .http1
+                let mut idle = pool.idle();
+                idle.http1
                     .retain(|c| c.since.elapsed() < timeout && !c.sender.is_closed());
+                if idle
+                    .http2
+                    .as_ref()
+                    .is_some_and(|(shared, taken)| taken.elapsed() >= timeout || shared.is_closed())
+                {
+                    idle.http2 = None;
+                }
             }
         });
     }
@@ -424,7 +456,8 @@ impl<B: SentBody> Body for UpstreamBody<B> {
         let this = self.get_mut();
         let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
         match &frame {
-            Some(Ok(_)) if !this.body.is_end_stream() => {}
+            // Trailers come after the whole body: nothing follows them.
+            Some(Ok(frame)) if !frame.is_trailers() && !this.body.is_end_stream() => {}
             Some(Ok(_)) | None => this.give_back(),
             // The connection goes down with the body.
             Some(Err(_)) => this.lease = None,

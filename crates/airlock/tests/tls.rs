@@ -125,6 +125,8 @@ async fn https_listener_and_tls_upstream_with_ca_file() {
 
     let airlock = files
         .builder()
+        // One worker: every call below shares one connection pool.
+        .proxy_option("workers = 1")
         .config(&provider_table("secure", &mock.url(), Some(&ca_file)))
         .config(&provider_table("untrusted", &mock.url(), None))
         .start()
@@ -187,6 +189,8 @@ async fn https_listener_and_tls_upstream_with_ca_file() {
         assert_eq!(version, want, "{offer:?}");
     }
     assert_eq!(mock.request_count(), 3);
+    // The three calls shared one HTTP/2 connection to the provider.
+    assert_eq!(mock.connections(), 1);
 
     // Without ca_file the provider's certificate is not trusted: 502, and
     // the provider sees nothing (the handshake fails before any request).

@@ -213,3 +213,236 @@ async fn http1_requests_name_the_upstream_in_host() {
     assert!(head.starts_with("get /x http/1.1\r\n"), "{head}");
     assert!(head.contains(&format!("\r\nhost: {addr}\r\n")), "{head}");
 }
+
+/// The provider closes an idle connection and the pool lends it before
+/// its task has seen the close. Depending on which the connection's task
+/// notices first, the request is handed back unsent and goes out on a new
+/// connection, or it was written to the closed socket and the call fails
+/// (hyper-util's client did the same; sending it again could repeat a
+/// call the provider acted on). Either way no request is sent twice, and
+/// the next call gets a new connection.
+#[tokio::test]
+async fn a_connection_closed_unseen_never_sends_a_request_twice() {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (close_tx, close_rx) = mpsc::channel::<()>();
+    let (closed_tx, closed_rx) = mpsc::channel::<()>();
+    let (heads_tx, heads_rx) = mpsc::channel::<(usize, String)>();
+    std::thread::spawn(move || {
+        let answer = |stream: &mut std::net::TcpStream, n: usize| {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    // The pool closed the connection: the test is over.
+                    Ok(0) | Err(_) => return,
+                    Ok(read) => head.extend_from_slice(&buf[..read]),
+                }
+            }
+            let _ = heads_tx.send((n, String::from_utf8_lossy(&head).into_owned()));
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        };
+        let Ok((mut first, _)) = listener.accept() else {
+            return;
+        };
+        answer(&mut first, 1);
+        close_rx.recv().unwrap();
+        drop(first);
+        closed_tx.send(()).unwrap();
+        let Ok((mut second, _)) = listener.accept() else {
+            return;
+        };
+        answer(&mut second, 2);
+        // The connection stays open for the call after, if any.
+        answer(&mut second, 2);
+    });
+
+    let pool = pool(addr);
+    assert_eq!(call(&pool).await, Bytes::from_static(b"ok"));
+    assert_eq!(pool.idle_count(), 1);
+    // Closed while the runtime is blocked here: the connection's task
+    // cannot have seen it when the pool lends the connection again.
+    close_tx.send(()).unwrap();
+    closed_rx.recv().unwrap();
+    let resent = match pool.send(get()).await {
+        Ok(response) => {
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, Bytes::from_static(b"ok"));
+            true
+        }
+        Err(UpstreamError::Request(e)) => {
+            assert!(e.is_incomplete_message(), "{e:?}");
+            false
+        }
+        Err(other) => panic!("unexpected failure: {other}"),
+    };
+    // The call after is answered on the second connection.
+    assert_eq!(call(&pool).await, Bytes::from_static(b"ok"));
+    let heads: Vec<usize> = heads_rx.try_iter().map(|(n, _)| n).collect();
+    let want = if resent { vec![1, 2, 2] } else { vec![1, 2] };
+    assert_eq!(heads, want);
+}
+
+/// A request body sent upstream through a channel, for a request whose
+/// answer comes before the body has all gone out.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+/// Answers every request on a connection as soon as its head is in, then
+/// reads its body (`content-length`) before the next head.
+async fn early_answer_server() -> (SocketAddr, watch::Receiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted_tx, accepted) = watch::channel(0);
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            accepted_tx.send_modify(|n| *n += 1);
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    pending.drain(..end);
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    while pending.len() < length {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    pending.drain(..length);
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn an_answer_before_the_request_body_ends_returns_its_connection_after_it() {
+    let (addr, accepted) = early_answer_server().await;
+    let authority: Authority = addr.to_string().parse().unwrap();
+    let pool = UpstreamPool::<ChannelBody>::new(
+        build_connector(false, None, Duration::from_secs(5)).unwrap(),
+        Scheme::HTTP,
+        authority.clone(),
+        HeaderValue::from_str(authority.as_str()).unwrap(),
+        PoolSettings {
+            idle_timeout: IDLE_TIMEOUT,
+            read_buffer: 64 * 1024,
+        },
+    )
+    .unwrap();
+    let request = |body: ChannelBody, length: usize| {
+        let mut req = Request::new(body);
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = Uri::from_static("/upload");
+        req.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+        req
+    };
+
+    let (chunks, rx) = tokio::sync::mpsc::channel(1);
+    chunks.send(Bytes::from_static(b"abc")).await.unwrap();
+    let response = pool.send(request(ChannelBody(rx), 6)).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, Bytes::from_static(b"ok"));
+    // The answer is read but the request is not finished: the connection
+    // cannot carry another call yet.
+    assert_eq!(pool.idle_count(), 0);
+
+    chunks.send(Bytes::from_static(b"def")).await.unwrap();
+    drop(chunks);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while pool.idle_count() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the connection never came back");
+
+    let (chunks, rx) = tokio::sync::mpsc::channel(1);
+    chunks.send(Bytes::from_static(b"xy")).await.unwrap();
+    drop(chunks);
+    let response = pool.send(request(ChannelBody(rx), 2)).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, Bytes::from_static(b"ok"));
+    assert_eq!(*accepted.borrow(), 1);
+}
+
+#[tokio::test]
+async fn a_body_ending_in_trailers_returns_its_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted_tx, accepted) = watch::channel(0);
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        accepted_tx.send_modify(|n| *n += 1);
+        let answer = service_fn(|_req: Request<Incoming>| async {
+            let trailers = {
+                let mut map = http::HeaderMap::new();
+                map.insert("x-done", HeaderValue::from_static("1"));
+                map
+            };
+            let frames = futures_util::stream::iter([
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"ok"))),
+                Ok(Frame::trailers(trailers)),
+            ]);
+            let mut response = Response::new(http_body_util::StreamBody::new(frames));
+            // hyper's server sends only the trailer fields announced here.
+            response
+                .headers_mut()
+                .insert(http::header::TRAILER, HeaderValue::from_static("x-done"));
+            Ok::<_, Infallible>(response)
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), answer)
+            .await;
+    });
+    let pool = pool(addr);
+    for _ in 0..2 {
+        let mut req = get();
+        req.headers_mut()
+            .insert(http::header::TE, HeaderValue::from_static("trailers"));
+        let mut body = pool.send(req).await.unwrap().into_body();
+        let data = body.frame().await.unwrap().unwrap();
+        assert_eq!(data.into_data().unwrap(), Bytes::from_static(b"ok"));
+        let trailers = body.frame().await.unwrap().unwrap();
+        assert!(trailers.is_trailers());
+        // Not polled past the trailers, as hyper's server does not.
+        assert_eq!(pool.idle_count(), 1);
+    }
+    assert_eq!(*accepted.borrow(), 1);
+}
