@@ -60,33 +60,53 @@ async fn keep_alive_server() -> (SocketAddr, Counts) {
     (addr, Counts { accepted, closed })
 }
 
-/// Answers one request per connection, without saying it will close, then
-/// closes: the connection looks reusable until its end is read.
-async fn one_answer_server() -> (SocketAddr, watch::Receiver<usize>) {
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+/// Accepts connections at a local address, counting them, and runs
+/// `serve` on each in a task of its own.
+async fn raw_server<F, Fut>(serve: F) -> (SocketAddr, watch::Receiver<usize>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (accepted_tx, accepted) = watch::channel(0);
     tokio::spawn(async move {
         loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
             accepted_tx.send_modify(|n| *n += 1);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                let _ = stream.shutdown().await;
-            });
+            tokio::spawn(serve(stream));
         }
     });
     (addr, accepted)
+}
+
+/// Reads into `pending` until it holds a whole request head; returns the
+/// head's length, or `None` when the connection ends first.
+async fn read_head(stream: &mut tokio::net::TcpStream, pending: &mut Vec<u8>) -> Option<usize> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(end + 4);
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Answers one request per connection, without saying it will close, then
+/// closes: the connection looks reusable until its end is read.
+async fn one_answer_server() -> (SocketAddr, watch::Receiver<usize>) {
+    raw_server(|mut stream| async move {
+        if read_head(&mut stream, &mut Vec::new()).await.is_some() {
+            let _ = stream.write_all(OK).await;
+            let _ = stream.shutdown().await;
+        }
+    })
+    .await
 }
 
 type TestPool = UpstreamPool<Full<Bytes>>;
@@ -195,11 +215,7 @@ async fn http1_requests_name_the_upstream_in_host() {
     let server = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.unwrap();
         let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = stream.read(&mut buf).await.unwrap();
-            head.extend_from_slice(&buf[..n]);
-        }
+        read_head(&mut stream, &mut head).await.unwrap();
         stream
             .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
             .await
@@ -243,7 +259,7 @@ async fn a_connection_closed_unseen_never_sends_a_request_twice() {
                 }
             }
             let _ = heads_tx.send((n, String::from_utf8_lossy(&head).into_owned()));
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+            let _ = stream.write_all(OK);
         };
         let Ok((mut first, _)) = listener.accept() else {
             return;
@@ -307,47 +323,27 @@ impl Body for ChannelBody {
 /// Answers every request on a connection as soon as its head is in, then
 /// reads its body (`content-length`) before the next head.
 async fn early_answer_server() -> (SocketAddr, watch::Receiver<usize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (accepted_tx, accepted) = watch::channel(0);
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            accepted_tx.send_modify(|n| *n += 1);
-            tokio::spawn(async move {
-                let mut pending = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let end = loop {
-                        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break end + 4;
-                        }
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => pending.extend_from_slice(&buf[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    pending.drain(..end);
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    while pending.len() < length {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => pending.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    pending.drain(..length);
+    raw_server(|mut stream| async move {
+        let mut pending = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Some(end) = read_head(&mut stream, &mut pending).await {
+            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            pending.drain(..end);
+            let _ = stream.write_all(OK).await;
+            while pending.len() < length {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
                 }
-            });
+            }
+            pending.drain(..length);
         }
-    });
-    (addr, accepted)
+    })
+    .await
 }
 
 #[tokio::test]
