@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -203,7 +203,6 @@ impl<B: SentBody> UpstreamPool<B> {
         &self,
         mut req: Request<B>,
     ) -> Result<Response<UpstreamBody<B>>, UpstreamError> {
-        let target = req.uri().path_and_query().cloned();
         loop {
             let (lent, reused) = match self.shared.checkout() {
                 Some(lent) => (lent, true),
@@ -211,7 +210,7 @@ impl<B: SentBody> UpstreamPool<B> {
             };
             let mut failed = match lent {
                 Lent::Http1(mut sender) => {
-                    *req.uri_mut() = self.shared.uri(target.clone(), false)?;
+                    self.shared.set_target(&mut req, false)?;
                     req.headers_mut().insert(HOST, self.shared.host.clone());
                     match sender.try_send_request(req).await {
                         Ok(response) => return Ok(self.shared.lend(response, sender)),
@@ -219,7 +218,7 @@ impl<B: SentBody> UpstreamPool<B> {
                     }
                 }
                 Lent::Http2(mut sender) => {
-                    *req.uri_mut() = self.shared.uri(target.clone(), true)?;
+                    self.shared.set_target(&mut req, true)?;
                     req.headers_mut().remove(HOST);
                     match sender.try_send_request(req).await {
                         Ok(response) => {
@@ -358,16 +357,21 @@ impl<B: SentBody> Shared<B> {
         });
     }
 
-    /// The request target for one attempt: origin form (path and query)
-    /// for HTTP/1, absolute for HTTP/2.
-    fn uri(&self, target: Option<PathAndQuery>, absolute: bool) -> Result<Uri, UpstreamError> {
-        let mut parts = http::uri::Parts::default();
-        parts.path_and_query = target;
-        if absolute {
-            parts.scheme = Some(self.scheme.clone());
-            parts.authority = Some(self.authority.clone());
+    /// Puts `req`'s target in the form of the connection it goes out on:
+    /// origin form (path and query) for HTTP/1, absolute for HTTP/2. An
+    /// attempt after one on the other protocol changes it back.
+    fn set_target(&self, req: &mut Request<B>, absolute: bool) -> Result<(), UpstreamError> {
+        if req.uri().scheme().is_some() == absolute {
+            return Ok(());
         }
-        Uri::from_parts(parts).map_err(|e| UpstreamError::Target(e.into()))
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        (parts.scheme, parts.authority) = if absolute {
+            (Some(self.scheme.clone()), Some(self.authority.clone()))
+        } else {
+            (None, None)
+        };
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| UpstreamError::Target(e.into()))?;
+        Ok(())
     }
 
     /// Starts the task that closes connections idle for longer than the

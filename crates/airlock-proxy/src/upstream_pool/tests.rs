@@ -442,3 +442,18 @@ async fn a_body_ending_in_trailers_returns_its_connection() {
     }
     assert_eq!(*accepted.borrow(), 1);
 }
+
+#[test]
+fn a_target_takes_the_form_of_each_attempt_s_protocol() {
+    let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let pool = pool(addr);
+    let mut req = get();
+    *req.uri_mut() = Uri::from_static("/v1/x?a=b");
+    pool.shared.set_target(&mut req, true).unwrap();
+    assert_eq!(req.uri().to_string(), "http://127.0.0.1:9/v1/x?a=b");
+    pool.shared.set_target(&mut req, true).unwrap();
+    assert_eq!(req.uri().to_string(), "http://127.0.0.1:9/v1/x?a=b");
+    pool.shared.set_target(&mut req, false).unwrap();
+    assert_eq!(req.uri().to_string(), "/v1/x?a=b");
+    assert!(req.uri().scheme().is_none() && req.uri().authority().is_none());
+}
