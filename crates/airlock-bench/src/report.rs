@@ -52,7 +52,7 @@ fn header(out: &mut String, r: &Results) {
          peers take turns; req/s and each percentile are the median round, ± is half \
          the range of the rounds' req/s. All on loopback on this one machine (load \
          tool, mock and proxy share the cores). Streams: {} per peer, {} events {} ms \
-         apart. First use: {} tokens. Mock threads: {}. The peers (not the mock) are \
+         apart, the peers' turns shuffled each time round. First use: {} tokens. Mock threads: {}. The peers (not the mock) are \
          restarted before the 1 MiB workloads, so that their memory figures start \
          from an idle process.\n",
         s.warmup.as_secs(),
