@@ -98,6 +98,13 @@ fn the_token_only_where_it_is_the_credential() {
     let q = AuthStyle::Query("key".into());
     let query = format!("alt=json&key={TOKEN}");
     assert!(token_check(&q, &[], "/v1/x", Some(&query)));
+    // Long values without the token pass.
+    assert!(token_check(
+        &AuthStyle::Bearer,
+        &[("authorization", &bearer), ("user-agent", &"a".repeat(300))],
+        "/v1/x",
+        None
+    ));
 
     type Leak<'a> = (Vec<(&'a str, String)>, String, Option<String>);
     let leaks: Vec<Leak<'_>> = vec![
@@ -106,6 +113,25 @@ fn the_token_only_where_it_is_the_credential() {
         (vec![("x-api-key", TOKEN.to_owned())], "/v1/x".into(), None),
         (
             vec![("authorization", format!("Basic {TOKEN}"))],
+            "/v1/x".into(),
+            None,
+        ),
+        // Either side of the length where the search changes method.
+        (
+            vec![("x-pad", format!("{}{TOKEN}", "x".repeat(63 - TOKEN.len())))],
+            "/v1/x".into(),
+            None,
+        ),
+        (
+            vec![("x-pad", format!("{}{TOKEN}", "x".repeat(64 - TOKEN.len())))],
+            "/v1/x".into(),
+            None,
+        ),
+        (
+            vec![(
+                "user-agent",
+                format!("{}{body}{}", "a".repeat(200), "b".repeat(50)),
+            )],
             "/v1/x".into(),
             None,
         ),
