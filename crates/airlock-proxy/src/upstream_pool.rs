@@ -63,6 +63,14 @@ pub struct UpstreamPool<B = RequestBody> {
 }
 
 struct Shared<B> {
+    upstream: Upstream,
+    idle: Mutex<Idle<B>>,
+}
+
+/// Where a pool's connections go and how they are opened: what two pools
+/// to the same upstream have in common.
+#[derive(Clone)]
+struct Upstream {
     connector: UpstreamConnector,
     /// `scheme://authority`, what the connector is asked for.
     target: Uri,
@@ -73,7 +81,6 @@ struct Shared<B> {
     /// it there).
     host: HeaderValue,
     settings: PoolSettings,
-    idle: Mutex<Idle<B>>,
 }
 
 struct Idle<B> {
@@ -167,30 +174,25 @@ impl<B: SentBody> UpstreamPool<B> {
             .authority(authority.clone())
             .path_and_query("/")
             .build()?;
-        Ok(Self {
-            shared: Arc::new(Shared {
-                connector,
-                target,
-                scheme,
-                authority,
-                host,
-                settings,
-                idle: Mutex::new(Idle::default()),
-            }),
-        })
+        Ok(Self::to(Upstream {
+            connector,
+            target,
+            scheme,
+            authority,
+            host,
+            settings,
+        }))
     }
 
     /// A new, empty pool to the same upstream with the same settings.
     pub fn empty_like(&self) -> Self {
-        let shared = &self.shared;
+        Self::to(self.shared.upstream.clone())
+    }
+
+    fn to(upstream: Upstream) -> Self {
         Self {
             shared: Arc::new(Shared {
-                connector: shared.connector.clone(),
-                target: shared.target.clone(),
-                scheme: shared.scheme.clone(),
-                authority: shared.authority.clone(),
-                host: shared.host.clone(),
-                settings: shared.settings.clone(),
+                upstream,
                 idle: Mutex::new(Idle::default()),
             }),
         }
@@ -211,7 +213,8 @@ impl<B: SentBody> UpstreamPool<B> {
             let mut failed = match lent {
                 Lent::Http1(mut sender) => {
                     self.shared.set_target(&mut req, false)?;
-                    req.headers_mut().insert(HOST, self.shared.host.clone());
+                    req.headers_mut()
+                        .insert(HOST, self.shared.upstream.host.clone());
                     match sender.try_send_request(req).await {
                         Ok(response) => return Ok(self.shared.lend(response, sender)),
                         Err(e) => e,
@@ -250,7 +253,7 @@ impl<B: SentBody> UpstreamPool<B> {
 impl<B> fmt::Debug for UpstreamPool<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UpstreamPool")
-            .field("target", &self.shared.target)
+            .field("target", &self.shared.upstream.target)
             .finish_non_exhaustive()
     }
 }
@@ -268,14 +271,14 @@ impl<B: SentBody> Shared<B> {
     fn checkout(&self) -> Option<Lent<B>> {
         let mut idle = self.idle();
         if let Some((shared, taken)) = &mut idle.http2 {
-            if shared.is_ready() && taken.elapsed() < self.settings.idle_timeout {
+            if shared.is_ready() && taken.elapsed() < self.upstream.settings.idle_timeout {
                 *taken = Instant::now();
                 return Some(Lent::Http2(shared.clone()));
             }
             idle.http2 = None;
         }
         while let Some(connection) = idle.http1.pop_back() {
-            if connection.since.elapsed() >= self.settings.idle_timeout {
+            if connection.since.elapsed() >= self.upstream.settings.idle_timeout {
                 // The newest is expired: so are all the others.
                 idle.http1.clear();
                 return None;
@@ -289,9 +292,9 @@ impl<B: SentBody> Shared<B> {
 
     /// Opens a connection, HTTP/2 when the TLS handshake chose it.
     async fn connect(self: &Arc<Self>) -> Result<Lent<B>, UpstreamError> {
-        let mut connector = self.connector.clone();
+        let mut connector = self.upstream.connector.clone();
         let io = connector
-            .call(self.target.clone())
+            .call(self.upstream.target.clone())
             .await
             .map_err(UpstreamError::Connect)?;
         if io.connected().is_negotiated_h2() {
@@ -314,7 +317,7 @@ impl<B: SentBody> Shared<B> {
             return Ok(Lent::Http2(sender));
         }
         let (mut sender, connection) = http1::Builder::new()
-            .max_buf_size(self.settings.read_buffer)
+            .max_buf_size(self.upstream.settings.read_buffer)
             .handshake(io)
             .await
             .map_err(UpstreamError::Handshake)?;
@@ -366,7 +369,10 @@ impl<B: SentBody> Shared<B> {
         }
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         (parts.scheme, parts.authority) = if absolute {
-            (Some(self.scheme.clone()), Some(self.authority.clone()))
+            (
+                Some(self.upstream.scheme.clone()),
+                Some(self.upstream.authority.clone()),
+            )
         } else {
             (None, None)
         };
@@ -385,14 +391,14 @@ impl<B: SentBody> Shared<B> {
             idle.reaping = true;
         }
         let pool = Arc::downgrade(self);
-        let period = self.settings.idle_timeout;
+        let period = self.upstream.settings.idle_timeout;
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(period);
             ticks.tick().await;
             loop {
                 ticks.tick().await;
                 let Some(pool) = pool.upgrade() else { return };
-                let timeout = pool.settings.idle_timeout;
+                let timeout = pool.upstream.settings.idle_timeout;
                 let mut idle = pool.idle();
                 idle.http1
                     .retain(|c| c.since.elapsed() < timeout && !c.sender.is_closed());
