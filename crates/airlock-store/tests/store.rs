@@ -165,6 +165,7 @@ suite!(
     audit_records_read_back_by_chain_time_and_session,
     audit_queries_cross_batches,
     audit_append_refuses_a_moved_head,
+    audit_ts_max_never_steps_back,
     audit_append_is_all_or_nothing,
     audit_append_fails_once_closed,
     audit_claim_resumes_the_chain,
@@ -727,6 +728,64 @@ mod cases {
                 0
             );
         }
+        store.close().await;
+    }
+
+    /// A batch's `ts_max` is the latest time in its chain up to it, also
+    /// when the clock steps back between batches and when the batch before
+    /// was refused (time queries binary-search it).
+    pub async fn audit_ts_max_never_steps_back(backend: &Backend) {
+        let store = backend.open().await;
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let mut appended = Vec::new();
+        let mut append = async |head: &ChainHead, ts_ms: i64| {
+            let (records, next) = records_after(head, 3, ts_ms, "ses_a");
+            store.audit_append(&records, &next).await.unwrap();
+            appended.extend(records);
+            next
+        };
+        let head1 = append(&head, 5_000).await;
+        // The clock stepped back by four seconds, then moved on slowly.
+        let head2 = append(&head1, 1_000).await;
+        let head3 = append(&head2, 2_000).await;
+        // A writer that is not at the head is refused in between.
+        let (stale, stale_head) = records_after(&head2, 1, 9_000, "ses_a");
+        assert!(matches!(
+            store.audit_append(&stale, &stale_head).await,
+            Err(StoreError::ChainConflict(_))
+        ));
+        let head4 = append(&head3, 3_000).await;
+        let head5 = append(&head4, 6_000).await;
+        if backend.shared_with_other_connections() {
+            let mut ts_max = Vec::new();
+            for first_seq in [1, 4, 7, 10, 13] {
+                ts_max.push(
+                    backend
+                        .scalar(&format!(
+                            "SELECT ts_max FROM audit_batches \
+                             WHERE chain = {} AND first_seq = {first_seq}",
+                            head.chain
+                        ))
+                        .await,
+                );
+            }
+            assert_eq!(ts_max, [5_003, 5_003, 5_003, 5_003, 6_003]);
+        }
+        let since = |since_ms: i64| AuditQuery {
+            since_ms: Some(since_ms),
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        let seqs = |records: Vec<AuditRecord>| records.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(store.audit_records(&since(0)).await.unwrap()),
+            seqs(appended)
+        );
+        assert_eq!(
+            seqs(store.audit_records(&since(6_001)).await.unwrap()),
+            [13, 14, 15]
+        );
+        assert_eq!(store.audit_heads().await.unwrap(), vec![head5]);
         store.close().await;
     }
 

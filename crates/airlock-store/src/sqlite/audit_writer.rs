@@ -50,6 +50,17 @@ type Slot = Arc<Mutex<Option<Open>>>;
 struct Open {
     conn: Connection,
     encoded: Vec<u8>,
+    /// The last batch this connection committed, which spares the next
+    /// append a look-up of its `ts_max`.
+    last: Option<LastBatch>,
+}
+
+/// What the next append needs of the batch before it.
+#[derive(Clone, Copy, Debug)]
+struct LastBatch {
+    chain: i64,
+    last_seq: u64,
+    ts_max: i64,
 }
 
 /// The audit write path of one SQLite store.
@@ -76,6 +87,7 @@ impl AuditWriter {
             conn: Arc::new(Mutex::new(Some(Open {
                 conn,
                 encoded: Vec::new(),
+                last: None,
             }))),
             checkpointer: Mutex::new(Some(checkpointer)),
         })
@@ -123,8 +135,12 @@ fn append_on(slot: &Slot, records: &[AuditRecord], head: &ChainHead) -> Result<(
         return Err(StoreError::Database(sqlx::Error::PoolClosed));
     };
     encode_batch(records, &mut open.encoded)?;
+    // Forgotten until this append succeeds: after a failure the store is
+    // asked again.
+    let last = open.last.take();
     let mut statements = Statements::prepare(&open.conn).map_err(database_error)?;
-    statements.append(records, &open.encoded, head)
+    open.last = statements.append(records, &open.encoded, head, last)?;
+    Ok(())
 }
 
 /// Opens the writer's connection and prepares its statements once (they
@@ -186,21 +202,29 @@ impl<'c> Statements<'c> {
         })
     }
 
-    /// One batch, all or nothing.
-    fn append(&mut self, records: &[AuditRecord], encoded: &[u8], head: &ChainHead) -> Result<()> {
+    /// One batch, all or nothing; returns what the next append needs to
+    /// know of the chain's last batch. `last` is the batch this connection
+    /// committed before, if known.
+    fn append(
+        &mut self,
+        records: &[AuditRecord],
+        encoded: &[u8],
+        head: &ChainHead,
+        last: Option<LastBatch>,
+    ) -> Result<Option<LastBatch>> {
         let Some(first) = records.first() else {
-            return Ok(());
+            return Ok(last);
         };
         // A transaction whose rollback failed last time is not carried on.
         self.roll_back();
         // IMMEDIATE: take the write lock now (waiting up to the busy
         // timeout), so that nothing later fails for want of it.
         self.begin.execute([]).map_err(database_error)?;
-        let result = self.append_in_transaction(first.seq, records, encoded, head);
+        let result = self.append_in_transaction(first.seq, records, encoded, head, last);
         if result.is_err() {
             self.roll_back();
         }
-        result
+        result.map(Some)
     }
 
     /// Rolls back the transaction in progress, if any (SQLite ends some
@@ -220,7 +244,8 @@ impl<'c> Statements<'c> {
         records: &[AuditRecord],
         encoded: &[u8],
         head: &ChainHead,
-    ) -> Result<()> {
+        last: Option<LastBatch>,
+    ) -> Result<LastBatch> {
         // Move the head first: a writer that is not at the head learns it
         // before inserting anything (and never trips over existing seqs).
         let moved = self
@@ -239,11 +264,22 @@ impl<'c> Statements<'c> {
         let summary = summarise(records, head)?;
         let chain = i64::from(head.chain);
         let first = to_i64(summary.first_seq);
-        let before: Option<i64> = self
-            .last_ts_max
-            .query_row(params![chain], |row| row.get(0))
-            .optional()
-            .map_err(database_error)?;
+        // The head stood just before this batch (it moved from there), so
+        // when this connection wrote the batch ending there, that batch is
+        // the chain's last and its `ts_max` is known. The look-up would
+        // otherwise compare the key with whole rows, blob and all.
+        let before = match last {
+            Some(last)
+                if last.chain == chain && last.last_seq.checked_add(1) == Some(first_seq) =>
+            {
+                Some(last.ts_max)
+            }
+            _ => self
+                .last_ts_max
+                .query_row(params![chain], |row| row.get(0))
+                .optional()
+                .map_err(database_error)?,
+        };
         let ts_max = before.map_or(summary.ts_max, |before| before.max(summary.ts_max));
         self.insert_batch
             .execute(params![
@@ -260,7 +296,11 @@ impl<'c> Statements<'c> {
                 .map_err(database_error)?;
         }
         self.commit.execute([]).map_err(database_error)?;
-        Ok(())
+        Ok(LastBatch {
+            chain,
+            last_seq: summary.last_seq,
+            ts_max,
+        })
     }
 }
 
