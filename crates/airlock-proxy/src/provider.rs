@@ -45,6 +45,10 @@ pub struct ProviderSpec {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Extra trusted CA certificates (PEM) for an `https://` upstream.
     pub ca_file: Option<PathBuf>,
+    /// How long an idle upstream connection is kept for reuse (the
+    /// config's `keepalive_timeout`, 90 s unless set; the pool keeps at
+    /// least a second).
+    pub keepalive_timeout: Duration,
     /// The real credential, kept current by its source. Empty: calls are
     /// refused with 503 until one is set.
     pub credential: Arc<CredentialCell<PreparedCredential>>,
@@ -70,9 +74,6 @@ pub struct PreparedCredential {
 /// buffer limit). It also bounds a provider's response head: a longer one
 /// fails the call with 502.
 const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
-
-/// How long an idle upstream connection is kept.
-const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How upstream connections are opened (TCP, then TLS for https).
 pub type UpstreamConnector = HttpsConnector<HttpConnector>;
@@ -198,7 +199,14 @@ impl Provider {
             spec.ca_file.as_deref(),
             connect_timeout,
         )?;
-        let pool = new_pool(connector, &scheme, &authority, &host).map_err(|_| bad_upstream())?;
+        let pool = new_pool(
+            connector,
+            &scheme,
+            &authority,
+            &host,
+            spec.keepalive_timeout,
+        )
+        .map_err(|_| bad_upstream())?;
         Ok(Self {
             pool,
             name: Arc::from(spec.name),
@@ -453,6 +461,7 @@ fn new_pool(
     scheme: &Scheme,
     authority: &Authority,
     host: &HeaderValue,
+    idle_timeout: Duration,
 ) -> Result<UpstreamPool, http::Error> {
     UpstreamPool::new(
         connector,
@@ -460,7 +469,7 @@ fn new_pool(
         authority.clone(),
         host.clone(),
         PoolSettings {
-            idle_timeout: UPSTREAM_IDLE_TIMEOUT,
+            idle_timeout,
             // A response body is read no further ahead of the agent than
             // this (hyper's default lets a connection buffer ~400 KiB).
             read_buffer: UPSTREAM_READ_BUFFER,

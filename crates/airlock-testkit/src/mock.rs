@@ -141,12 +141,19 @@ pub(crate) struct Shared {
     gate: Semaphore,
     /// TCP connections accepted so far.
     accepted: AtomicUsize,
+    /// Connections served to their end (closed by the client, mostly).
+    ended: watch::Sender<usize>,
 }
 
 impl Shared {
     /// Counts a connection just accepted.
     pub(crate) fn count_connection(&self) {
         self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection whose serving ended.
+    pub(crate) fn count_ended(&self) {
+        self.ended.send_modify(|n| *n += 1);
     }
 
     /// Records a request whose head just arrived; returns its sequence number.
@@ -231,6 +238,7 @@ impl MockProvider {
             complete,
             gate: Semaphore::new(0),
             accepted: AtomicUsize::new(0),
+            ended: watch::channel(0).0,
         });
         let server = spawn(listener, shared.clone());
         MockProvider {
@@ -264,6 +272,15 @@ impl MockProvider {
     /// Number of TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `limit` until at least `n` connections have ended
+    /// (closed by airlock, or broken); returns whether they did.
+    pub async fn wait_for_ended_connections(&self, n: usize, limit: Duration) -> bool {
+        let mut ended = self.shared.ended.subscribe();
+        tokio::time::timeout(limit, ended.wait_for(|count| *count >= n))
+            .await
+            .is_ok_and(|seen| seen.is_ok())
     }
 
     /// Number of requests recorded so far (including ones still in flight).
@@ -334,12 +351,14 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 shared.count_connection();
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
+                let shared_end = shared.clone();
                 connections.spawn(async move {
                     let service = service_fn(move |req| routes::handle(shared.clone(), req));
                     let _ = http1::Builder::new()
                         .keep_alive(true)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    shared_end.count_ended();
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}

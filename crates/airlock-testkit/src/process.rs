@@ -116,6 +116,14 @@ impl AirlockBuilder {
         self
     }
 
+    /// A `key = value` line added to the table of the provider added last
+    /// (with [`AirlockBuilder::provider`]), e.g. `keepalive_timeout = "1s"`.
+    pub fn provider_option(mut self, line: &str) -> Self {
+        self.providers.push_str(line);
+        self.providers.push_str("\n\n");
+        self
+    }
+
     /// Sets an environment variable on the child (later calls win).
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));

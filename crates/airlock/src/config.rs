@@ -106,6 +106,8 @@ pub struct ProviderConfig {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Extra trusted CA certificates (PEM) for an https upstream.
     pub ca_file: Option<PathBuf>,
+    /// How long an idle connection to the upstream is kept for reuse.
+    pub keepalive_timeout: Duration,
     pub credential: CredentialSource,
     pub env_key: String,
     pub env_base_url: String,
@@ -221,8 +223,13 @@ struct RawProvider {
     #[serde(default)]
     headers: BTreeMap<String, String>,
     ca_file: Option<PathBuf>,
+    #[serde(default = "default_keepalive_timeout")]
+    keepalive_timeout: String,
 }
 
+fn default_keepalive_timeout() -> String {
+    "90s".into()
+}
 fn default_stall_timeout() -> String {
     "2s".into()
 }
@@ -345,6 +352,7 @@ fn builtin_providers() -> BTreeMap<String, RawProvider> {
                 auth_format: None,
                 headers: BTreeMap::new(),
                 ca_file: None,
+                keepalive_timeout: default_keepalive_timeout(),
             },
         ),
         (
@@ -359,6 +367,7 @@ fn builtin_providers() -> BTreeMap<String, RawProvider> {
                 auth_format: None,
                 headers: BTreeMap::new(),
                 ca_file: None,
+                keepalive_timeout: default_keepalive_timeout(),
             },
         ),
     ])
@@ -551,6 +560,10 @@ impl Config {
                     format!("{:?} is not an http(s) URL", p.upstream),
                 ));
             }
+            let keepalive_timeout = dur(&key("keepalive_timeout"), &p.keepalive_timeout)?;
+            if keepalive_timeout < Duration::from_secs(1) {
+                return Err(err(&key("keepalive_timeout"), "must be at least 1s".into()));
+            }
             providers.insert(
                 name,
                 ProviderConfig {
@@ -559,6 +572,7 @@ impl Config {
                     auth_format: p.auth_format,
                     headers,
                     ca_file: p.ca_file,
+                    keepalive_timeout,
                     credential,
                     env_key: p.env_key,
                     env_base_url: p.env_base_url,

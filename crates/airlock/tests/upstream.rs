@@ -4,6 +4,8 @@
 //! the connections it accepts.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::Duration;
+
 use airlock_testkit::client::{request, Reply};
 use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
 use bytes::Bytes;
@@ -15,13 +17,19 @@ use serde_json::json;
 const KEY: &str = "sk-real-upstream-0123456789";
 
 async fn setup() -> (MockProvider, Airlock, String) {
+    setup_with(|builder| builder).await
+}
+
+/// [`setup`] with more of the config: `configure` gets the builder after
+/// the provider's table.
+async fn setup_with(
+    configure: impl FnOnce(AirlockBuilder) -> AirlockBuilder,
+) -> (MockProvider, Airlock, String) {
     let mock = MockProvider::start().await;
-    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+    let builder = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
         .provider("openai", &mock.url(), "bearer", KEY, "/v1")
-        .proxy_option("workers = 1")
-        .start()
-        .await
-        .unwrap();
+        .proxy_option("workers = 1");
+    let airlock = configure(builder).start().await.unwrap();
     let scope = json!([
         {"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]},
         {"provider": "openai", "methods": ["GET"], "paths": ["/status/*", "/close", "/gated-sse"]},
@@ -135,4 +143,23 @@ async fn a_stream_the_agent_abandons_takes_its_connection_along() {
     }
     assert_credentials(&mock, &token, 4);
     assert_eq!(mock.connections(), 2);
+}
+
+/// A provider's `keepalive_timeout` bounds how long airlock keeps an idle
+/// connection to it: the connection is closed (the default keeps it for
+/// 90 s) and the next call opens another.
+#[tokio::test]
+async fn an_idle_upstream_connection_is_closed_after_the_keepalive_timeout() {
+    let (mock, airlock, token) =
+        setup_with(|builder| builder.provider_option(r#"keepalive_timeout = "1s""#)).await;
+    assert_eq!(chat(&airlock, &token).await.status, 200);
+    assert_eq!(mock.connections(), 1);
+    assert!(
+        mock.wait_for_ended_connections(1, Duration::from_secs(10))
+            .await,
+        "the idle upstream connection is still open"
+    );
+    assert_eq!(chat(&airlock, &token).await.status, 200);
+    assert_eq!(mock.connections(), 2);
+    assert_credentials(&mock, &token, 2);
 }

@@ -54,6 +54,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             auth: p.auth.clone(),
             headers: p.headers.clone(),
             ca_file: p.ca_file.clone(),
+            keepalive_timeout: p.keepalive_timeout,
             credential: cell,
         };
         let provider = Provider::new(

@@ -57,6 +57,25 @@ env_base_url = "GOOGLE_BASE_URL"
         c.providers["google"].credential,
         CredentialSource::File("/run/secrets/google".into())
     );
+    assert_eq!(
+        c.providers["openai"].keepalive_timeout,
+        Duration::from_secs(90)
+    );
+}
+
+#[test]
+fn a_providers_keepalive_timeout_parses() {
+    let text = "[providers.local]\nupstream = \"http://127.0.0.1:8000\"\ncredential = \"env:X\"\n\
+                env_key = \"X\"\nenv_base_url = \"XB\"\nkeepalive_timeout = \"4s\"\n";
+    let c = Config::parse("airlock.toml", text).unwrap();
+    assert_eq!(
+        c.providers["local"].keepalive_timeout,
+        Duration::from_secs(4)
+    );
+    let builtin = Config::parse("airlock.toml", "").unwrap();
+    for provider in builtin.providers.values() {
+        assert_eq!(provider.keepalive_timeout, Duration::from_secs(90));
+    }
 }
 
 fn error_of(text: &str) -> String {
@@ -89,6 +108,14 @@ fn bad_configs_name_file_key_and_reason() {
         (
             "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"1X\"\nenv_base_url = \"XB\"",
             "bad.toml: providers.x.env_key:",
+        ),
+        (
+            "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"XB\"\nkeepalive_timeout = \"500ms\"",
+            "bad.toml: providers.x.keepalive_timeout: must be at least 1s",
+        ),
+        (
+            "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"XB\"\nkeepalive_timeout = \"soon\"",
+            "bad.toml: providers.x.keepalive_timeout: invalid duration",
         ),
         ("[proxy\n", "bad.toml: line 1:"),
     ];
