@@ -63,6 +63,10 @@ pub struct ProxyConfig {
     pub limits: ProxyLimits,
 }
 
+/// How long an idle upstream connection is kept when the provider's
+/// `keepalive_timeout` is not set.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// `[proxy]` limits against hostile or broken clients.
 #[derive(Debug)]
 pub struct ProxyLimits {
@@ -223,13 +227,9 @@ struct RawProvider {
     #[serde(default)]
     headers: BTreeMap<String, String>,
     ca_file: Option<PathBuf>,
-    #[serde(default = "default_keepalive_timeout")]
-    keepalive_timeout: String,
+    keepalive_timeout: Option<String>,
 }
 
-fn default_keepalive_timeout() -> String {
-    "90s".into()
-}
 fn default_stall_timeout() -> String {
     "2s".into()
 }
@@ -352,7 +352,7 @@ fn builtin_providers() -> BTreeMap<String, RawProvider> {
                 auth_format: None,
                 headers: BTreeMap::new(),
                 ca_file: None,
-                keepalive_timeout: default_keepalive_timeout(),
+                keepalive_timeout: None,
             },
         ),
         (
@@ -367,7 +367,7 @@ fn builtin_providers() -> BTreeMap<String, RawProvider> {
                 auth_format: None,
                 headers: BTreeMap::new(),
                 ca_file: None,
-                keepalive_timeout: default_keepalive_timeout(),
+                keepalive_timeout: None,
             },
         ),
     ])
@@ -560,7 +560,10 @@ impl Config {
                     format!("{:?} is not an http(s) URL", p.upstream),
                 ));
             }
-            let keepalive_timeout = dur(&key("keepalive_timeout"), &p.keepalive_timeout)?;
+            let keepalive_timeout = match &p.keepalive_timeout {
+                Some(value) => dur(&key("keepalive_timeout"), value)?,
+                None => DEFAULT_KEEPALIVE_TIMEOUT,
+            };
             if keepalive_timeout < Duration::from_secs(1) {
                 return Err(err(&key("keepalive_timeout"), "must be at least 1s".into()));
             }

@@ -553,6 +553,7 @@ auth = "bearer"
 credential = "file:github.key"
 env_key = "GITHUB_TOKEN"
 env_base_url = "GITHUB_API_URL"
+keepalive_timeout = "4s"
 "#,
     );
     std::fs::write(dir.path().join("github.key"), secret_file_value).unwrap();

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use airlock_core::duration;
 
 use crate::audit_key::AUDIT_KEY_ENV;
-use crate::config::{Config, CredentialSource};
+use crate::config::{Config, CredentialSource, DEFAULT_KEEPALIVE_TIMEOUT};
 
 /// What `config check` found: the description to print, and the problems
 /// that would stop `airlock serve` from starting, each as `KEY: reason`.
@@ -160,6 +160,9 @@ pub fn describe(config: &Config) -> Description {
             },
         };
         sub_line(out, "credential", &credential);
+        if p.keepalive_timeout != DEFAULT_KEEPALIVE_TIMEOUT {
+            sub_line(out, "keepalive timeout", &dur(p.keepalive_timeout));
+        }
         sub_line(
             out,
             "agents get",

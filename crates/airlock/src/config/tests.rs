@@ -59,7 +59,7 @@ env_base_url = "GOOGLE_BASE_URL"
     );
     assert_eq!(
         c.providers["openai"].keepalive_timeout,
-        Duration::from_secs(90)
+        DEFAULT_KEEPALIVE_TIMEOUT
     );
 }
 
@@ -75,6 +75,7 @@ fn a_providers_keepalive_timeout_parses() {
     let builtin = Config::parse("airlock.toml", "").unwrap();
     for provider in builtin.providers.values() {
         assert_eq!(provider.keepalive_timeout, Duration::from_secs(90));
+        assert_eq!(provider.keepalive_timeout, DEFAULT_KEEPALIVE_TIMEOUT);
     }
 }
 
