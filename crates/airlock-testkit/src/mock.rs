@@ -351,14 +351,14 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 shared.count_connection();
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
-                let shared_end = shared.clone();
                 connections.spawn(async move {
-                    let service = service_fn(move |req| routes::handle(shared.clone(), req));
+                    let recording = shared.clone();
+                    let service = service_fn(move |req| routes::handle(recording.clone(), req));
                     let _ = http1::Builder::new()
                         .keep_alive(true)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
-                    shared_end.count_ended();
+                    shared.count_ended();
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}

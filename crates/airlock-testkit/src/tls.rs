@@ -224,20 +224,23 @@ async fn serve_tls(
                 let shared = Arc::clone(&shared);
                 let versions = Arc::clone(&versions);
                 connections.spawn(async move {
-                    let Ok(stream) = acceptor.accept(stream).await else { return };
-                    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                        versions.lock().push(req.version());
-                        // HTTP/2 requests carry scheme and authority in
-                        // their URI; the mock records and routes the
-                        // origin form, as HTTP/1.1 sends it.
-                        if let Some(origin) = req.uri().path_and_query().cloned() {
-                            *req.uri_mut() = origin.into();
-                        }
-                        crate::mock::handle(Arc::clone(&shared), req)
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let recording = Arc::clone(&shared);
+                        let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                            versions.lock().push(req.version());
+                            // HTTP/2 requests carry scheme and authority in
+                            // their URI; the mock records and routes the
+                            // origin form, as HTTP/1.1 sends it.
+                            if let Some(origin) = req.uri().path_and_query().cloned() {
+                                *req.uri_mut() = origin.into();
+                            }
+                            crate::mock::handle(Arc::clone(&recording), req)
+                        });
+                        let _ = auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                    shared.count_ended();
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
