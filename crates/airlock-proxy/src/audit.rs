@@ -97,6 +97,11 @@ impl CallRecord {
         self.session = Some(Arc::clone(session));
     }
 
+    /// The call's session, once the token named one.
+    pub(crate) fn session(&self) -> Option<&Arc<LiveSession>> {
+        self.session.as_ref()
+    }
+
     /// Whether the call's session has been revoked or has expired.
     pub(crate) fn session_ended(&self) -> bool {
         self.session

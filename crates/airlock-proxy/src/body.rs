@@ -10,10 +10,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use airlock_audit::AuditError;
 use airlock_core::audit::Flags;
+use airlock_session::EndWatch;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -46,7 +46,9 @@ enum Inner {
 /// record could be lost.
 ///
 /// A stream also ends when its session does: checked at every frame, and
-/// every [`SESSION_CHECK`] while a stream of unknown length is idle.
+/// for a stream of unknown length while it is idle, by an [`EndWatch`]: at
+/// once when the session is revoked (by this process or, as it learns it,
+/// another replica), and at its expiry.
 struct Audited {
     body: RedactingBody<UpstreamBody>,
     call: CallRecord,
@@ -54,17 +56,13 @@ struct Audited {
     /// Bytes still expected, when the length is known.
     remaining: Option<u64>,
     phase: Phase,
-    /// Wakes an idle stream to re-check its session (streams of unknown
-    /// length only).
-    recheck: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Wakes an idle stream whose session ended (streams of unknown length
+    /// only).
+    session_end: Option<EndWatch>,
     /// A frame read before the response head went out (see
     /// [`ProxyBody::prefetch`]), to be sent first.
     prefetched: Option<Frame<Bytes>>,
 }
-
-/// How often an idle stream re-checks that its session is still active:
-/// the bound on how long a revoked or expired session's stream goes on.
-pub const SESSION_CHECK: Duration = Duration::from_secs(1);
 
 /// A record being committed.
 type PendingCommit = Pin<Box<dyn Future<Output = Result<(), AuditError>> + Send>>;
@@ -128,16 +126,17 @@ impl ProxyBody {
         status: u16,
     ) -> Self {
         let remaining = body.size_hint().exact();
-        let recheck = remaining
-            .is_none()
-            .then(|| Box::pin(tokio::time::sleep(SESSION_CHECK)));
+        let session_end = call
+            .session()
+            .filter(|_| remaining.is_none())
+            .map(EndWatch::new);
         Self(Inner::Audited(Box::new(Audited {
             body,
             call,
             status,
             remaining,
             phase: Phase::Streaming,
-            recheck,
+            session_end,
             prefetched: None,
         })))
     }
@@ -275,17 +274,12 @@ impl Audited {
             let frame = match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Ready(frame) => frame,
                 Poll::Pending => {
-                    if let Some(recheck) = &mut self.recheck {
-                        if recheck.as_mut().poll(cx).is_ready() {
-                            if self.call.session_ended() {
-                                return Poll::Ready(Some(Err(self.end_for_session())));
-                            }
-                            recheck
-                                .as_mut()
-                                .reset(tokio::time::Instant::now() + SESSION_CHECK);
-                            // Registers the new deadline with the waker.
-                            let _ = recheck.as_mut().poll(cx);
-                        }
+                    let ended = self
+                        .session_end
+                        .as_mut()
+                        .is_some_and(|watch| watch.poll_ended(cx).is_ready());
+                    if ended {
+                        return Poll::Ready(Some(Err(self.end_for_session())));
                     }
                     return Poll::Pending;
                 }

@@ -10,9 +10,11 @@
 //! the cache in step with the other replicas and fails closed when the
 //! store has been out of reach for longer than a bound.
 
+mod end_watch;
 mod live;
 mod registry;
 
+pub use end_watch::{EndWatch, END_WATCH_RECHECK};
 pub use live::{Admission, LiveSession, SessionState};
 pub use registry::{AuthError, NewSession, Registry, RegistryError, SyncSettings};
 

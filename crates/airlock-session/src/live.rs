@@ -8,6 +8,7 @@ use std::sync::Arc;
 use airlock_core::{Limits, Scope, SessionId};
 use airlock_store::{SessionRow, SessionStatus};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
 /// A cached session.
@@ -37,6 +38,9 @@ pub struct LiveSession {
     /// On a shared store, asks the flusher to write denials at once (so
     /// `max_denied` is applied to the totals of every replica promptly).
     flush_soon: Option<Arc<Notify>>,
+    /// Wakes whoever waits on [`LiveSession::changes`]: the session was
+    /// revoked or its expiry moved.
+    changed: Arc<Notify>,
 }
 
 /// This process's share of a session's `max_requests` on a shared store:
@@ -101,7 +105,16 @@ impl LiveSession {
             rate,
             lease,
             flush_soon,
+            changed: Arc::new(Notify::new()),
         }
+    }
+
+    /// A future that completes at the next revocation of the session or
+    /// change of its expiry (not at the expiry itself: that is a matter of
+    /// time). Enable it (`OwnedNotified::enable`) before reading the state
+    /// it guards, so that a change in between is not missed.
+    pub fn changes(&self) -> OwnedNotified {
+        Arc::clone(&self.changed).notified_owned()
     }
 
     /// The session id.
@@ -230,9 +243,13 @@ impl LiveSession {
 
     /// Marks the session revoked in memory (first revocation time wins).
     pub(crate) fn mark_revoked(&self, at_ms: i64) {
-        let _ =
-            self.revoked_at
-                .compare_exchange(0, at_ms.max(1), Ordering::AcqRel, Ordering::Acquire);
+        let revoked = self
+            .revoked_at
+            .compare_exchange(0, at_ms.max(1), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if revoked {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Takes in what the store says about the session (possibly changed by
@@ -251,7 +268,9 @@ impl LiveSession {
 
     /// Sets the expiry (changed elsewhere).
     pub(crate) fn set_expires_at(&self, at_ms: i64) {
-        self.expires_at.store(at_ms, Ordering::Release);
+        if self.expires_at.swap(at_ms, Ordering::AcqRel) != at_ms {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Counter increments not yet written to the store; marks them written.

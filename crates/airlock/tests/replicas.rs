@@ -661,3 +661,54 @@ async fn a_stored_credential_set_on_one_replica_applies_on_the_others() {
     assert_eq!(rows.len(), 1);
     assert!(!rows[0].0.windows(8).any(|w| w == b"vault-se"));
 }
+
+/// A stream served by one replica ends when its session is revoked on
+/// another: the revocation reaches it through the change feed and wakes the
+/// idle stream at once, without its next event.
+#[tokio::test]
+async fn a_session_revoked_on_one_replica_ends_its_idle_stream_on_another() {
+    let Some(cluster) = Cluster::start(2, &[]).await else {
+        return;
+    };
+    let [a, b] = &cluster.replicas[..] else {
+        unreachable!()
+    };
+    let created = a
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["GET"], "paths": ["/gated-sse"]}],
+            "ttl_seconds": 600,
+        }))
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap();
+    let token = created["token"].as_str().unwrap();
+
+    // Through B: the first event, then nothing (the mock's gate stays shut).
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let stream = http::Request::get(format!("{}/openai/gated-sse", b.proxy_url()))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(stream).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"data: first\n\n");
+
+    let started = Instant::now();
+    let (status, _) = a
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let next = tokio::time::timeout(PROPAGATION_BOUND * 5, body.frame())
+        .await
+        .expect("the stream outlived its session revoked on another replica");
+    let took = started.elapsed();
+    eprintln!("MEASURED: revocation on A ended the stream on B after {took:?}");
+    assert!(
+        !matches!(next, Some(Ok(_))),
+        "the stream went on after the revocation: {next:?}"
+    );
+    assert!(took < PROPAGATION_BOUND, "the stream ended {took:?} after");
+}

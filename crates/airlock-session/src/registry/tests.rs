@@ -495,3 +495,92 @@ async fn max_denied_counts_totals_from_the_store_and_fires_once() {
     let row = reg.store().session_by_id(live.id()).await.unwrap().unwrap();
     assert_eq!(row.denied, 3, "this process wrote its own three");
 }
+
+/// Whether `changes` (enabled) has completed, without waiting.
+fn has_fired(changes: &mut std::pin::Pin<&mut tokio::sync::futures::OwnedNotified>) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    changes.as_mut().poll(&mut cx).is_ready()
+}
+
+#[tokio::test]
+async fn a_session_tells_its_watchers_of_a_moved_expiry_and_of_revocation() {
+    let (_dir, reg) = registry().await;
+    let (live, _) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let mut expiry = std::pin::pin!(live.changes());
+    expiry.as_mut().enable();
+    // A re-check that finds the same expiry changes nothing.
+    live.set_expires_at(live.expires_at());
+    assert!(!has_fired(&mut expiry));
+    live.set_expires_at(live.expires_at() + 1_000);
+    assert!(has_fired(&mut expiry), "a moved expiry is a change");
+
+    let mut revocation = std::pin::pin!(live.changes());
+    revocation.as_mut().enable();
+    assert!(!has_fired(&mut revocation));
+    assert!(reg.revoke(live.id()).await.unwrap());
+    assert!(has_fired(&mut revocation), "revocation is a change");
+    // Only the first revocation is.
+    let mut again = std::pin::pin!(live.changes());
+    again.as_mut().enable();
+    live.mark_revoked(now_ms());
+    assert!(!has_fired(&mut again));
+}
+
+/// Whether `watch` says its session ended, without waiting.
+fn has_ended(watch: &mut crate::EndWatch) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    watch.poll_ended(&mut cx).is_ready()
+}
+
+#[tokio::test]
+async fn an_end_watch_fires_at_revocation_at_once() {
+    let (_dir, reg) = registry().await;
+    let (live, _) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let mut watch = crate::EndWatch::new(&live);
+    assert!(!has_ended(&mut watch));
+    // An expiry moved further out is a change, not an end.
+    live.set_expires_at(live.expires_at() + 60_000);
+    assert!(!has_ended(&mut watch));
+    assert!(reg.revoke(live.id()).await.unwrap());
+    assert!(has_ended(&mut watch), "revoked, and no time had to pass");
+}
+
+#[tokio::test]
+async fn an_end_watch_fires_when_the_expiry_is_moved_into_the_past() {
+    let (_dir, reg) = registry().await;
+    let (live, _) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let mut watch = crate::EndWatch::new(&live);
+    assert!(!has_ended(&mut watch));
+    live.set_expires_at(now_ms() - 1);
+    assert!(has_ended(&mut watch));
+}
+
+#[tokio::test]
+async fn an_end_watch_fires_at_the_expiry() {
+    let (_dir, reg) = registry().await;
+    let (live, _) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let expiry = now_ms() + 300;
+    live.set_expires_at(expiry);
+    let mut watch = crate::EndWatch::new(&live);
+    assert!(!has_ended(&mut watch));
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        std::future::poll_fn(|cx| watch.poll_ended(cx)),
+    )
+    .await;
+    assert!(ended.is_ok(), "the watch missed the expiry");
+    assert!(now_ms() >= expiry, "the watch fired before the expiry");
+    assert_eq!(live.state(now_ms()), crate::SessionState::Expired);
+}
