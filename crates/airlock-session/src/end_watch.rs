@@ -18,7 +18,8 @@ pub const END_WATCH_RECHECK: Duration = Duration::from_secs(10);
 
 /// Tells when a session has ended: at once when it is revoked or its
 /// expiry is moved into the past (the session's change notification), and
-/// at its expiry (a timer). Nothing runs between those moments.
+/// at its expiry (a timer). In between it looks at the session only every
+/// [`END_WATCH_RECHECK`].
 pub struct EndWatch {
     session: Arc<LiveSession>,
     changes: Pin<Box<OwnedNotified>>,
