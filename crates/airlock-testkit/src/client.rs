@@ -76,6 +76,28 @@ pub async fn request(
         .expect("request timed out")
 }
 
+/// Sends `GET url` with `Authorization: Bearer {token}`, expects 200 and
+/// reads the answer's first frame: returns that frame's data and the rest
+/// of the body, still streaming.
+pub async fn first_frame(url: &str, token: &str) -> (Bytes, hyper::body::Incoming) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::get(url)
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let call = async {
+        let response = client.request(req).await.expect("request failed");
+        assert_eq!(response.status(), 200, "GET {url}");
+        let mut body = response.into_body();
+        let first = body.frame().await.expect("no first frame");
+        let data = first.expect("body failed").into_data().expect("not data");
+        (data, body)
+    };
+    tokio::time::timeout(LIMIT, call)
+        .await
+        .expect("request timed out")
+}
+
 /// Writes `bytes` to `base_url`'s host and port as they are and returns
 /// everything the server answers until it closes the connection (send
 /// `Connection: close`). Returns what was read if the server goes quiet for

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use airlock_testkit::client::{request, Reply};
+use airlock_testkit::client::{first_frame, request, Reply};
 use airlock_testkit::pg::{self, FreshDb};
 use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
 use bytes::Bytes;
@@ -684,15 +684,8 @@ async fn a_session_revoked_on_one_replica_ends_its_idle_stream_on_another() {
     let token = created["token"].as_str().unwrap();
 
     // Through B: the first event, then nothing (the mock's gate stays shut).
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let stream = http::Request::get(format!("{}/openai/gated-sse", b.proxy_url()))
-        .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = client.request(stream).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let url = format!("{}/openai/gated-sse", b.proxy_url());
+    let (first, mut body) = first_frame(&url, token).await;
     assert_eq!(&first[..], b"data: first\n\n");
 
     let started = Instant::now();

@@ -6,12 +6,8 @@
 
 use std::time::Duration;
 
-use airlock_testkit::client::{request, Reply};
+use airlock_testkit::client::{first_frame, request, Reply};
 use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 
 const KEY: &str = "sk-real-upstream-0123456789";
@@ -122,18 +118,10 @@ async fn a_stream_the_agent_abandons_takes_its_connection_along() {
 
     // A stream read halfway, then dropped: its connection still owes the
     // rest of the body, so it must not serve another call.
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let stream = http::Request::get(format!("{}/openai/gated-sse", airlock.proxy_url()))
-        .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = client.request(stream).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let url = format!("{}/openai/gated-sse", airlock.proxy_url());
+    let (first, body) = first_frame(&url, &token).await;
     assert_eq!(&first[..], b"data: first\n\n");
     drop(body);
-    drop(client);
 
     // The next calls open one new connection and share it: the stream's
     // connection, the only one there was, is never lent again.
