@@ -406,19 +406,7 @@ fn trust_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, Provider
     }
     roots.add_parsable_certificates(native.certs);
     if let Some(path) = ca_file {
-        let bad = |reason: String| ProviderError::CaFile {
-            path: path.display().to_string(),
-            reason,
-        };
-        let mut added = 0;
-        for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
-            let cert = cert.map_err(|e| bad(e.to_string()))?;
-            roots.add(cert).map_err(|e| bad(e.to_string()))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(bad("no PEM certificate in the file".into()));
-        }
+        add_ca_file(&mut roots, path)?;
     }
     if roots.is_empty() {
         return Err(ProviderError::Roots(std::io::Error::other(
@@ -426,6 +414,30 @@ fn trust_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, Provider
         )));
     }
     Ok(roots)
+}
+
+/// Checks `ca_file` as a provider would load it: readable, PEM, and every
+/// certificate in it usable as a trust root. The number of certificates.
+pub fn check_ca_file(ca_file: &Path) -> Result<usize, ProviderError> {
+    add_ca_file(&mut rustls::RootCertStore::empty(), ca_file)
+}
+
+/// Adds the certificates of `path` (PEM, at least one) to `roots`.
+fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<usize, ProviderError> {
+    let bad = |reason: String| ProviderError::CaFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut added = 0;
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err(bad("no PEM certificate in the file".into()));
+    }
+    Ok(added)
 }
 
 pub(crate) fn build_connector(

@@ -546,17 +546,28 @@ auth = "header:x-api-key"
 credential = "env:CHECK_ANTHROPIC_KEY"
 env_key = "ANTHROPIC_API_KEY"
 env_base_url = "ANTHROPIC_BASE_URL"
+headers = { "anthropic-version" = "2023-06-01", "anthropic-beta" = "secret-beta-value" }
 
 [providers.github]
 upstream = "https://api.github.com"
 auth = "bearer"
+auth_format = "token {key}"
 credential = "file:github.key"
 env_key = "GITHUB_TOKEN"
 env_base_url = "GITHUB_API_URL"
 keepalive_timeout = "4s"
+ca_file = "ca.pem"
+
+[providers.local]
+upstream = "http://127.0.0.1:9999"
+credential = "env:CHECK_LOCAL_KEY"
+env_key = "LOCAL_KEY"
+env_base_url = "LOCAL_URL"
+ca_file = "ca.pem"
 "#,
     );
     std::fs::write(dir.path().join("github.key"), secret_file_value).unwrap();
+    airlock_testkit::tls::TestCa::new("config check CA").write_cert(&dir.path().join("ca.pem"));
     let dir_text = dir.path().display().to_string();
     let out = airlock_cmd(&["config", "check", "--config", path.to_str().unwrap()])
         .current_dir(dir.path())
@@ -568,6 +579,7 @@ keepalive_timeout = "4s"
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(!text.contains(OPENAI_KEY) && !text.contains(secret_file_value));
+    assert!(!text.contains("secret-beta-value"), "{text}");
     assert!(text.contains("env:CHECK_OPENAI_KEY (set)"), "{text}");
     assert!(text.contains("env:CHECK_ANTHROPIC_KEY (not set"), "{text}");
     let mut all = format!(
@@ -591,8 +603,10 @@ keepalive_timeout = "4s"
         "=== config check (built-in defaults) ===\n{text}\n"
     ));
 
-    // A credential file that cannot be read: serve would refuse to start.
+    // A credential file and a CA file that cannot be read: serve would
+    // refuse to start.
     std::fs::remove_file(dir.path().join("github.key")).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), "not a certificate\n").unwrap();
     let out = airlock_cmd(&["config", "check", "--config", path.to_str().unwrap()])
         .current_dir(dir.path())
         .output()
@@ -600,7 +614,7 @@ keepalive_timeout = "4s"
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     all.push_str(&format!(
-        "=== config check (unreadable credential file) -> exit 1 ===\n--- stdout\n{}--- stderr\n{}\n",
+        "=== config check (unreadable credential file, no certificate in the CA file) -> exit 1 ===\n--- stdout\n{}--- stderr\n{}\n",
         redact(&stdout(&out), &[(&dir_text, "<dir>")]),
         redact(&stderr(&out), &[(&dir_text, "<dir>")]),
     ));

@@ -8,6 +8,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use airlock_core::duration;
+use airlock_proxy::provider::check_ca_file;
+use airlock_proxy::ProviderError;
 
 use crate::audit_key::AUDIT_KEY_ENV;
 use crate::config::{Config, CredentialSource, DEFAULT_KEEPALIVE_TIMEOUT};
@@ -140,6 +142,9 @@ pub fn describe(config: &Config) -> Description {
         let _ = writeln!(out, "  {name}:");
         sub_line(out, "upstream", &p.upstream);
         sub_line(out, "auth", &p.auth.to_string());
+        if let Some(format) = &p.auth_format {
+            sub_line(out, "auth format", format);
+        }
         let credential = match &p.credential {
             CredentialSource::Store => {
                 "store (sealed in the store; set with `airlock credential set`)".to_owned()
@@ -160,6 +165,32 @@ pub fn describe(config: &Config) -> Description {
             },
         };
         sub_line(out, "credential", &credential);
+        if !p.headers.is_empty() {
+            let names: Vec<&str> = p.headers.iter().map(|(name, _)| name.as_str()).collect();
+            sub_line(
+                out,
+                "headers",
+                &format!("{} (values not shown)", names.join(", ")),
+            );
+        }
+        if let Some(ca_file) = &p.ca_file {
+            let state = if !p.upstream.starts_with("https://") {
+                "not used: the upstream is not https".to_owned()
+            } else {
+                match check_ca_file(ca_file) {
+                    Ok(1) => "1 certificate".to_owned(),
+                    Ok(n) => format!("{n} certificates"),
+                    Err(e) => {
+                        d.problems.push(format!("providers.{name}: {e}"));
+                        match e {
+                            ProviderError::CaFile { reason, .. } => format!("cannot use: {reason}"),
+                            other => format!("cannot use: {other}"),
+                        }
+                    }
+                }
+            };
+            sub_line(out, "ca file", &format!("{} ({state})", ca_file.display()));
+        }
         if p.keepalive_timeout != DEFAULT_KEEPALIVE_TIMEOUT {
             sub_line(out, "keepalive timeout", &dur(p.keepalive_timeout));
         }
