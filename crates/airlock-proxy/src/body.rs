@@ -77,7 +77,8 @@ enum Phase {
     Done,
 }
 
-/// The agent's request body, counting the bytes sent upstream.
+/// The agent's request body, counting the bytes sent upstream. Its
+/// trailers, if any, are dropped: only data goes upstream.
 pub struct RequestBody {
     body: Incoming,
     sent: Arc<AtomicU64>,
@@ -367,13 +368,17 @@ impl Body for RequestBody {
         let this = self.get_mut();
         let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
         if let Some(Ok(frame)) = &frame {
-            if let Some(data) = frame.data_ref() {
-                let len = data.len() as u64;
-                this.sent.fetch_add(len, Ordering::Relaxed);
-                match this.allowance.checked_sub(len) {
-                    Some(rest) => this.allowance = rest,
-                    None => return Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),
-                }
+            let Some(data) = frame.data_ref() else {
+                // Trailers: header fields no check has seen (a token, an
+                // override) are never forwarded. They end the body.
+                tracing::debug!("dropped the request's trailers");
+                return Poll::Ready(None);
+            };
+            let len = data.len() as u64;
+            this.sent.fetch_add(len, Ordering::Relaxed);
+            match this.allowance.checked_sub(len) {
+                Some(rest) => this.allowance = rest,
+                None => return Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),
             }
         }
         Poll::Ready(frame.map(|f| f.map_err(Into::into)))

@@ -42,6 +42,8 @@ pub struct RecordedRequest {
     pub body: Bytes,
     /// Number of body bytes actually received.
     pub body_len: u64,
+    /// Trailer fields after the body (lower-case names, raw values), if any.
+    pub trailers: Vec<(String, Vec<u8>)>,
 }
 
 impl RecordedRequest {
@@ -76,14 +78,18 @@ impl RecordedRequest {
     }
 
     /// True if `needle` appears anywhere in the request: the target, any
-    /// header name or value, or the recorded body.
+    /// header or trailer name or value, or the recorded body.
     pub fn contains(&self, needle: &str) -> bool {
         let needle = needle.as_bytes();
         contains_bytes(self.path_and_query.as_bytes(), needle)
             || contains_bytes(self.method.as_bytes(), needle)
-            || self.headers.iter().any(|(name, value)| {
-                contains_bytes(name.as_bytes(), needle) || contains_bytes(value, needle)
-            })
+            || self
+                .headers
+                .iter()
+                .chain(&self.trailers)
+                .any(|(name, value)| {
+                    contains_bytes(name.as_bytes(), needle) || contains_bytes(value, needle)
+                })
             || contains_bytes(&self.body, needle)
     }
 }
@@ -101,6 +107,7 @@ struct Entry {
     headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
     body_len: u64,
+    trailers: Vec<(String, Vec<u8>)>,
 }
 
 impl Entry {
@@ -111,6 +118,7 @@ impl Entry {
             headers: self.headers.clone(),
             body: Bytes::copy_from_slice(&self.body),
             body_len: self.body_len,
+            trailers: self.trailers.clone(),
         }
     }
 }
@@ -174,6 +182,7 @@ impl Shared {
             headers,
             body: Vec::new(),
             body_len: 0,
+            trailers: Vec::new(),
         });
         seq
     }
@@ -187,6 +196,18 @@ impl Shared {
             entry
                 .body
                 .extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+    }
+
+    /// Records the trailer fields of request `seq`.
+    fn trailers(&self, seq: u64, fields: &http::HeaderMap) {
+        let mut log = self.log.lock();
+        if let Some(entry) = log.entry_mut(seq) {
+            entry.trailers.extend(
+                fields
+                    .iter()
+                    .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec())),
+            );
         }
     }
 

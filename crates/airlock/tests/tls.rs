@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use airlock_testkit::client::raw;
+use airlock_testkit::client::{raw, raw_status};
 use airlock_testkit::tls::{https_request, Leaf, Offer, TestCa, TlsConnection, TlsMockProvider};
 use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
 use bytes::Bytes;
@@ -224,6 +224,43 @@ async fn https_listener_and_tls_upstream_with_ca_file() {
         .await
         .unwrap();
     assert_eq!(session["env"]["SECURE_BASE_URL"], format!("{url}/secure"));
+}
+
+/// Trailers after a chunked body are header fields no check has seen: a
+/// token, an override. hyper's HTTP/2 client would send them on; airlock
+/// drops them and forwards the body alone.
+#[tokio::test]
+async fn request_trailers_never_reach_an_http2_provider() {
+    let ca = TestCa::new("airlock test CA");
+    let mock = TlsMockProvider::start(&ca.leaf("mock provider")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    ca.write_cert(&ca_file);
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .env(KEY_ENV, KEY)
+        .config(&provider_table("secure", &mock.url(), Some(&ca_file)))
+        .start()
+        .await
+        .unwrap();
+    let token = token(&airlock, &["secure"]).await;
+    let body = r#"{"model":"gpt-mock","messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST /secure/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         {:x}\r\n{body}\r\n0\r\nx-api-key: {token}\r\n\
+         x-http-method-override: DELETE\r\n\r\n",
+        body.len()
+    );
+    let answer = raw(&airlock.proxy_url(), request.as_bytes()).await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(mock.versions(), vec![Version::HTTP_2]);
+    assert_eq!(&seen[0].body[..], body.as_bytes());
+    assert_eq!(seen[0].trailers, Vec::new());
+    assert!(!seen[0].contains(&token));
 }
 
 #[tokio::test]

@@ -103,11 +103,18 @@ async fn consume(shared: &Shared, seq: u64, mut body: Incoming) -> (Bytes, u64) 
     let mut total = 0u64;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else { break };
-        if let Ok(data) = frame.into_data() {
-            total += data.len() as u64;
-            let room = MAX_RECORDED_BODY.saturating_sub(kept.len());
-            kept.extend_from_slice(&data[..data.len().min(room)]);
-            shared.append(seq, &data);
+        match frame.into_data() {
+            Ok(data) => {
+                total += data.len() as u64;
+                let room = MAX_RECORDED_BODY.saturating_sub(kept.len());
+                kept.extend_from_slice(&data[..data.len().min(room)]);
+                shared.append(seq, &data);
+            }
+            Err(frame) => {
+                if let Some(fields) = frame.trailers_ref() {
+                    shared.trailers(seq, fields);
+                }
+            }
         }
     }
     (Bytes::from(kept), total)
