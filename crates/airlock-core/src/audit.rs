@@ -27,6 +27,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use crate::token::TOKEN_PREFIX;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Length of a MAC in bytes.
@@ -376,11 +378,85 @@ impl AuditRecord {
     }
 }
 
-/// Cuts a request path to what a record keeps: no query, at most
-/// [`MAX_PATH_LEN`] bytes (on a char boundary, marked with `…`).
+/// Cuts a request path to what a record keeps: no query, no session token,
+/// at most [`MAX_PATH_LEN`] bytes (on a char boundary, marked with `…`).
+///
+/// An agent may put a token in the path, by mistake or to smuggle it (the
+/// call is then refused). Whatever has a token's shape — `sess_` and at
+/// least [`TOKEN_RUN_MIN`] letters, digits or `_`, spelled plainly or in
+/// escapes — is withheld: `sess_[withheld]`. A path that held one is
+/// recorded decoded, as it could not be cut out of the escapes.
 pub fn record_path(path: &str) -> String {
+    cut(withhold_tokens(path))
+}
+
+/// [`record_path`] of `path` with `secret` withheld as well, for a call
+/// whose own token's random part (without its `sess_`) appears in its
+/// path: `None` when it does not.
+pub fn record_path_withholding(path: &str, secret: &str) -> Option<String> {
+    if secret.is_empty() {
+        return None;
+    }
+    let decoded = decode(path);
+    if !decoded.contains(secret) {
+        return None;
+    }
+    let without = decoded.replace(secret, WITHHELD);
+    Some(cut(withhold_tokens(&without)))
+}
+
+/// Fewest letters, digits and `_` after `sess_` that make a token's shape
+/// for [`record_path`]. A token has 43; a shorter run may be a token cut
+/// short.
+pub const TOKEN_RUN_MIN: usize = 16;
+
+/// What stands in a recorded path for a withheld token.
+const WITHHELD: &str = "[withheld]";
+
+/// `path` with every token shape withheld (decoded if it held one).
+fn withhold_tokens(path: &str) -> Cow<'_, str> {
+    if !path.contains(TOKEN_PREFIX) && !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    let decoded = decode(path);
+    let mut out = String::new();
+    let mut withheld = false;
+    let mut rest: &str = &decoded;
+    while let Some(at) = rest.find(TOKEN_PREFIX) {
+        let after = &rest[at + TOKEN_PREFIX.len()..];
+        // `_` too: two tokens back to back are one run.
+        let run = after
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            .count();
+        out.push_str(&rest[..at + TOKEN_PREFIX.len()]);
+        if run >= TOKEN_RUN_MIN {
+            out.push_str(WITHHELD);
+            withheld = true;
+            rest = &after[run..];
+        } else {
+            rest = after;
+        }
+    }
+    if !withheld {
+        return Cow::Borrowed(path);
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+/// `path` with its escapes decoded (invalid UTF-8 replaced).
+fn decode(path: &str) -> Cow<'_, str> {
+    if !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    Cow::Owned(String::from_utf8_lossy(&crate::path::percent_decode(path.as_bytes())).into_owned())
+}
+
+/// `path` cut at [`MAX_PATH_LEN`] bytes.
+fn cut(path: Cow<'_, str>) -> String {
     if path.len() <= MAX_PATH_LEN {
-        return path.to_owned();
+        return path.into_owned();
     }
     let mut end = MAX_PATH_LEN;
     while !path.is_char_boundary(end) {

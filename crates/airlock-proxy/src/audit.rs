@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use airlock_audit::{AuditError, Auditor};
-use airlock_core::audit::{record_path, AuditRecord, Flags, GENESIS_MAC};
+use airlock_core::audit::{record_path, record_path_withholding, AuditRecord, Flags, GENESIS_MAC};
+use airlock_core::token::TOKEN_PREFIX;
 use airlock_session::{now_ms, LiveSession, SessionState};
 use http::{Method, Request};
 
@@ -95,6 +96,16 @@ impl CallRecord {
             r.session = Some(Arc::clone(session.id().shared()));
         }
         self.session = Some(Arc::clone(session));
+    }
+
+    /// Withholds from the recorded path the random part of `token`, the
+    /// call's own (authenticated) token, should the path hold it.
+    pub(crate) fn withhold_token(&mut self, path: &str, token: &str) {
+        let secret = token.strip_prefix(TOKEN_PREFIX).unwrap_or(token);
+        if let (Some(r), Some(withheld)) = (&mut self.record, record_path_withholding(path, secret))
+        {
+            r.path = withheld;
+        }
     }
 
     /// The call's session, once the token named one.

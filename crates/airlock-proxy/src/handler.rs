@@ -164,7 +164,14 @@ impl Proxy {
         call.set_session(&session);
         let admitted = self
             .authorize(&session, provider, &req, token)
-            .inspect_err(|_| self.count_denied(&session))?;
+            .inspect_err(|_| {
+                self.count_denied(&session);
+                // A path that holds the token is refused; its record must
+                // not hold it either.
+                if let Some(token) = token {
+                    call.withhold_token(req.uri().path(), token);
+                }
+            })?;
         self.forward(admitted, req, call).await
     }
 

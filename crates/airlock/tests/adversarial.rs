@@ -636,6 +636,65 @@ async fn injection_leaves_every_record_and_log_line_one_line() {
     }
 }
 
+/// A token put in the path is refused (or names nothing), and neither the
+/// audit trail nor the log keeps it: the record's path says
+/// `sess_[withheld]` or `[withheld]` where it was.
+#[tokio::test]
+async fn a_token_in_the_path_reaches_no_record_or_log_line() {
+    let env = env(&[]).await;
+    let t = env.token.as_str();
+    let secret = &t["sess_".len()..];
+    let no_auth =
+        |target: &str| format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").into_bytes();
+    let cases = vec![
+        case(
+            "token in the path",
+            get(&format!("/openai/v1/models/{t}"), t),
+            BAD,
+        ),
+        case(
+            "random part in the path",
+            get(&format!("/openai/v1/models/{secret}"), t),
+            BAD,
+        ),
+        case(
+            "token escaped in the path",
+            get(&format!("/openai/v1/models/sess%5F{secret}"), t),
+            BAD,
+        ),
+        case(
+            "token in the path only",
+            no_auth(&format!("/openai/v1/models/{t}")),
+            Expect::Json(401, "invalid_token"),
+        ),
+        case(
+            "token as the provider",
+            no_auth(&format!("/{t}/v1/models")),
+            Expect::Json(404, "unknown_provider"),
+        ),
+    ];
+    run("token in the path", &env, cases).await;
+
+    let (status, body) = env
+        .airlock
+        .admin("GET", "/v1/audit?limit=1000", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let records = body["records"].as_array().unwrap();
+    // Besides the five, `run`'s own probes and check calls.
+    let withheld = records
+        .iter()
+        .filter(|r| r["path"].as_str().is_some_and(|p| p.contains("[withheld]")))
+        .count();
+    assert_eq!(withheld, 5, "{body}");
+    assert!(!body.to_string().contains(&secret[..16]), "{body}");
+    let output = env.airlock.output();
+    assert!(output.contains("[withheld]"), "{output}");
+    assert!(!output.contains(&secret[..16]), "{output}");
+    assert!(!env.mock.requests().iter().any(|r| r.contains(secret)));
+}
+
 // ---------------------------------------------------------------------------
 // HTTP/2 abuse
 // ---------------------------------------------------------------------------

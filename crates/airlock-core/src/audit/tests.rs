@@ -272,6 +272,69 @@ fn record_path_is_bounded() {
     assert!(cut.ends_with('…'));
 }
 
+/// Every byte of `text` as a `%XX` escape.
+fn escaped(text: &str) -> String {
+    text.bytes().map(|b| format!("%{b:02X}")).collect()
+}
+
+#[test]
+fn record_path_withholds_anything_shaped_like_a_token() {
+    let token = crate::token::generate_token();
+    let token = token.expose();
+    let random = &token[TOKEN_PREFIX.len()..];
+    let spellings = [
+        format!("/v1/models/{token}"),
+        format!("/v1/models/{token}/x"),
+        format!("/{token}{token}"),
+        format!("/v1/{}", escaped(token)),
+        format!("/v1/s%65ss_{random}"),
+        format!("/v1/sess%5f{}{}", &random[..3], escaped(&random[3..])),
+        format!("/v1/{}/{token}", "a".repeat(MAX_PATH_LEN)),
+    ];
+    for path in spellings {
+        let recorded = record_path(&path);
+        assert!(!recorded.contains(&random[..TOKEN_RUN_MIN]), "{recorded}");
+        assert!(!recorded.contains(&escaped(&random[..4])), "{recorded}");
+        if path.len() < MAX_PATH_LEN {
+            assert!(recorded.contains("sess_[withheld]"), "{recorded}");
+        }
+    }
+    assert_eq!(
+        record_path(&format!("/v1/models/{token}/x")),
+        "/v1/models/sess_[withheld]/x"
+    );
+    assert_eq!(
+        record_path(&format!("/v1/{}", escaped(token))),
+        "/v1/sess_[withheld]"
+    );
+
+    // Not a token's shape: recorded as sent, escapes and all.
+    for path in [
+        "/v1/files/sess_notes",
+        "/v1/files/a%20b",
+        "/v1/sess_",
+        "/v1/sess_0123456789abcde-f",
+    ] {
+        assert_eq!(record_path(path), path);
+    }
+}
+
+#[test]
+fn record_path_withholding_removes_a_call_s_own_token() {
+    let token = crate::token::generate_token();
+    let random = &token.expose()[TOKEN_PREFIX.len()..];
+    assert_eq!(
+        record_path_withholding(&format!("/v1/x/{random}/y"), random).as_deref(),
+        Some("/v1/x/[withheld]/y")
+    );
+    assert_eq!(
+        record_path_withholding(&format!("/v1/x/{}", escaped(random)), random).as_deref(),
+        Some("/v1/x/[withheld]")
+    );
+    assert_eq!(record_path_withholding("/v1/models", random), None);
+    assert_eq!(record_path_withholding("/v1/models", ""), None);
+}
+
 #[test]
 fn flags_refuse_unknown_bits() {
     assert_eq!(Flags::from_bits(0b111), Some(Flags(0b111)));
