@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::Request;
 use percent_encoding::percent_decode_str;
@@ -235,6 +235,11 @@ pub fn prepare_upstream(
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove(header::HOST);
     parts.headers.remove(header::EXPECT);
+    // The leak guard reads bodies as they are: no compression upstream.
+    parts.headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     if let AuthStyle::Header(name) = provider.auth() {
         parts.headers.remove(name);
     }

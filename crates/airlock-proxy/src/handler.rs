@@ -18,7 +18,7 @@ use crate::body::{ProxyBody, RequestBody, Withheld};
 use crate::credential_source::Loaded;
 use crate::credentials;
 use crate::error::{Denial, ErrorCode};
-use crate::headers::strip_hop_by_hop;
+use crate::headers::{opaque_coding, strip_hop_by_hop};
 use crate::metrics::ProviderMetrics;
 use crate::provider::{PreparedCredential, Provider};
 use crate::redact::{RedactingBody, RedactionFlag};
@@ -224,6 +224,23 @@ impl Proxy {
                 format!(
                     "the provider refused airlock's credential (HTTP {status}); \
                      ask the operator to check it"
+                ),
+            );
+            return self.refuse(denial, call).await;
+        }
+        if let Some(coding) =
+            opaque_coding(&parts.headers).filter(|_| has_body(parts.status, &body))
+        {
+            tracing::warn!(
+                provider = call.provider().unwrap_or("-"),
+                coding,
+                "the provider sent an encoded answer the leak guard cannot scan"
+            );
+            let denial = Denial::new(
+                ErrorCode::UpstreamError,
+                format!(
+                    "the provider answered with a {coding}-encoded body, which airlock \
+                     cannot scan for its credential (it asks for unencoded answers)"
                 ),
             );
             return self.refuse(denial, call).await;

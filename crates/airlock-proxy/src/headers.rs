@@ -146,6 +146,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The coding of a provider's answer that the leak guard cannot see
+/// through: a `Content-Encoding` other than `identity` (`gzip`, `br`, …),
+/// or a `Transfer-Encoding` other than `chunked` (hyper undoes chunked
+/// framing only). `None` for a body sent as it is. airlock asks every
+/// provider for `Accept-Encoding: identity`; an answer encoded all the same
+/// is refused, as the credential could pass through it unseen.
+pub fn opaque_coding(headers: &HeaderMap) -> Option<&'static str> {
+    let values = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .chain(headers.get_all(header::TRANSFER_ENCODING).iter());
+    for value in values {
+        let Ok(text) = value.to_str() else {
+            return Some("unreadable");
+        };
+        for coding in text.split(',').map(str::trim) {
+            if coding.is_empty()
+                || coding.eq_ignore_ascii_case("identity")
+                || coding.eq_ignore_ascii_case("chunked")
+            {
+                continue;
+            }
+            // Named from a fixed list: the provider's text is not echoed.
+            return Some(
+                ["gzip", "x-gzip", "deflate", "br", "zstd", "compress"]
+                    .into_iter()
+                    .find(|known| coding.eq_ignore_ascii_case(known))
+                    .unwrap_or("unknown"),
+            );
+        }
+    }
+    None
+}
+
 /// Removes client-address headers (`Forwarded`, `X-Forwarded-*`, ...).
 pub fn strip_forwarded(headers: &mut HeaderMap) {
     let names: Vec<HeaderName> = headers

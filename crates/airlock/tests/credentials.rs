@@ -223,6 +223,47 @@ async fn echoed_credentials_are_redacted_everywhere() {
     assert_eq!(records(&airlock).await[2]["flags"], json!([]));
 }
 
+/// A compressed echo would carry the credential past the leak guard, which
+/// reads bodies as they are: airlock asks providers for unencoded answers,
+/// and refuses an answer encoded all the same.
+#[tokio::test]
+async fn compressed_answers_cannot_carry_the_credential_past_the_guard() {
+    let (mock, airlock, token) = openai_with_session().await;
+    let auth = format!("Bearer {token}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("accept-encoding", "gzip, br"),
+    ];
+    let url = |path: &str| format!("{}/openai{path}", airlock.proxy_url());
+
+    // The agent asked for gzip; the provider was asked for none.
+    let reply = request("GET", &url("/echo"), &headers, Bytes::new()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers.get("content-encoding"), None);
+    let text = reply.text();
+    assert!(!text.contains(OPENAI_KEY), "{text}");
+    assert!(text.contains("[REDACTED BY AIRLOCK]"), "{text}");
+    let seen = mock.requests();
+    assert_eq!(seen[0].header_values("accept-encoding"), vec!["identity"]);
+
+    // A provider that compresses regardless: airlock's 502, no body of its.
+    let reply = request("GET", &url("/gzip-always"), &headers, Bytes::new()).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.error_code().as_deref(), Some("upstream_error"));
+    assert!(reply.text().contains("gzip-encoded"), "{}", reply.text());
+    assert_eq!(reply.headers.get("content-encoding"), None);
+
+    let recs = records(&airlock).await;
+    assert_eq!(
+        recs[0]["flags"],
+        json!(["credential_redacted"]),
+        "{}",
+        recs[0]
+    );
+    assert_eq!(recs[1]["decision"], "upstream_error", "{}", recs[1]);
+    assert_eq!(recs[1]["upstream_status"], 200, "{}", recs[1]);
+}
+
 #[tokio::test]
 async fn an_upstream_refusing_the_credential_is_airlocks_502() {
     let (_mock, airlock, token) = openai_with_session().await;

@@ -304,3 +304,29 @@ fn methods_and_anomalies() {
     let denial = run(&Method::GET, &uri, Some(&anomaly)).unwrap_err();
     assert!(denial.message().contains("bare LF"), "{denial}");
 }
+
+#[test]
+fn opaque_codings_are_named_from_a_fixed_list() {
+    let coding = |pairs: &[(&str, &str)]| opaque_coding(&headers(pairs));
+    assert_eq!(coding(&[]), None);
+    assert_eq!(coding(&[("content-encoding", "identity")]), None);
+    assert_eq!(coding(&[("transfer-encoding", "chunked")]), None);
+    assert_eq!(coding(&[("content-encoding", "GZIP")]), Some("gzip"));
+    assert_eq!(coding(&[("content-encoding", "identity, br")]), Some("br"));
+    assert_eq!(
+        coding(&[
+            ("content-encoding", "identity"),
+            ("content-encoding", "zstd")
+        ]),
+        Some("zstd")
+    );
+    assert_eq!(
+        coding(&[("transfer-encoding", "gzip, chunked")]),
+        Some("gzip")
+    );
+    // The provider's own text is never what the agent is told.
+    assert_eq!(
+        coding(&[("content-encoding", "sk-real-key-0123456789")]),
+        Some("unknown")
+    );
+}

@@ -74,6 +74,7 @@ pub(crate) async fn handle(
             response
         }
         "/echo" => echo(method, &target, &parts.headers, &kept),
+        "/gzip-always" => gzip_always(&parts.headers),
         "/leak-sse" => leak_sse(&parts.headers),
         _ => match path.strip_prefix("/status/") {
             Some(code) => status(code),
@@ -458,17 +459,53 @@ fn echo(
     headers: &http::HeaderMap,
     body: &[u8],
 ) -> Response<MockBody> {
-    let headers: Vec<Value> = headers
+    let listed: Vec<Value> = headers
         .iter()
         .map(|(name, value)| json!([name.as_str(), String::from_utf8_lossy(value.as_bytes())]))
         .collect();
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "method": method.as_str(),
-            "path_and_query": target,
-            "headers": headers,
-            "body": String::from_utf8_lossy(body),
-        }),
-    )
+    let echo = json!({
+        "method": method.as_str(),
+        "path_and_query": target,
+        "headers": listed,
+        "body": String::from_utf8_lossy(body),
+    });
+    // As real providers do: compressed when the client accepts gzip.
+    let accepts_gzip = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|c| c.trim().eq_ignore_ascii_case("gzip")));
+    if accepts_gzip {
+        gzip_json(&echo)
+    } else {
+        json_response(StatusCode::OK, &echo)
+    }
+}
+
+/// The request's `Authorization` value echoed, gzip-encoded whatever the
+/// client accepts: a provider that compresses regardless.
+fn gzip_always(headers: &http::HeaderMap) -> Response<MockBody> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    gzip_json(&json!({ "authorization": authorization }))
+}
+
+/// `value` as a gzip-encoded JSON answer.
+fn gzip_json(value: &Value) -> Response<MockBody> {
+    use std::io::Write as _;
+
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let compressed = encoder
+        .write_all(value.to_string().as_bytes())
+        .and_then(|()| encoder.finish())
+        .expect("mock provider: gzip into memory");
+    let mut response = Response::new(full(compressed));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    response
 }
