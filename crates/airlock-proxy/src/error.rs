@@ -34,6 +34,8 @@ pub enum ErrorCode {
 pub struct Denial {
     code: ErrorCode,
     message: String,
+    /// Seconds after which the call may succeed (`Retry-After`).
+    retry_after: Option<u64>,
 }
 
 // === impl ErrorCode ===
@@ -129,7 +131,16 @@ impl Denial {
         Self {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same denial with `Retry-After: wait` (whole seconds, rounded up,
+    /// at least one), which SDKs honour before retrying a 429.
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        self.retry_after = Some(seconds.max(1));
+        self
     }
 
     /// 400 `bad_request`.
@@ -161,6 +172,11 @@ impl Denial {
             self.code.as_str(),
             &self.message,
         );
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response.extensions_mut().insert(self.code);
         response
     }

@@ -352,10 +352,11 @@ impl Proxy {
                 provider,
                 path_start,
             }),
-            Admission::RateLimited => Err(Denial::new(
+            Admission::RateLimited { retry_after } => Err(Denial::new(
                 ErrorCode::RateLimited,
                 "requests_per_minute exceeded for this session",
-            )),
+            )
+            .retry_after(retry_after)),
             Admission::QuotaExhausted => Err(Denial::new(
                 ErrorCode::RateLimited,
                 "max_requests reached for this session",

@@ -4,9 +4,11 @@ use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use airlock_core::{Limits, Scope, SessionId};
 use airlock_store::{SessionRow, SessionStatus};
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
@@ -70,8 +72,11 @@ pub enum SessionState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
     Admitted,
-    /// `requests_per_minute` exceeded.
-    RateLimited,
+    /// `requests_per_minute` exceeded: the next call is admitted after
+    /// `retry_after`.
+    RateLimited {
+        retry_after: Duration,
+    },
     /// `max_requests` reached.
     QuotaExhausted,
 }
@@ -189,9 +194,9 @@ impl LiveSession {
             if !lease.take() {
                 return Admission::QuotaExhausted;
             }
-            if self.rate_limited() {
+            if let Some(retry_after) = self.rate_limited() {
                 lease.give_back();
-                return Admission::RateLimited;
+                return Admission::RateLimited { retry_after };
             }
             self.count_allowed();
             return Admission::Admitted;
@@ -205,22 +210,26 @@ impl LiveSession {
             if counted.is_err() {
                 return Admission::QuotaExhausted;
             }
-            if self.rate_limited() {
+            if let Some(retry_after) = self.rate_limited() {
                 self.allowed.fetch_sub(1, Ordering::AcqRel);
-                return Admission::RateLimited;
+                return Admission::RateLimited { retry_after };
             }
             self.unflushed_allowed.fetch_add(1, Ordering::AcqRel);
             return Admission::Admitted;
         }
-        if self.rate_limited() {
-            return Admission::RateLimited;
+        if let Some(retry_after) = self.rate_limited() {
+            return Admission::RateLimited { retry_after };
         }
         self.count_allowed();
         Admission::Admitted
     }
 
-    fn rate_limited(&self) -> bool {
-        self.rate.as_ref().is_some_and(|r| r.check().is_err())
+    /// `Some(wait)` when `requests_per_minute` refuses a call now.
+    fn rate_limited(&self) -> Option<Duration> {
+        let rate = self.rate.as_ref()?;
+        rate.check()
+            .err()
+            .map(|not_until| not_until.wait_time_from(rate.clock().now()))
     }
 
     fn count_allowed(&self) {

@@ -405,14 +405,25 @@ async fn limits_rate_and_quota() {
     let (_, token) = session(&s.airlock, chat_scope(), json!({"requests_per_minute": 2})).await;
     assert_eq!(chat(&s, &token).await.status, 200);
     assert_eq!(chat(&s, &token).await.status, 200);
-    assert_error(&chat(&s, &token).await, 429, "rate_limited");
+    let limited = chat(&s, &token).await;
+    assert_error(&limited, 429, "rate_limited");
+    // Two a minute: the next one in at most 30 s, as SDKs read it.
+    let retry_after: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
     assert_eq!(s.mock.request_count(), 2);
 
     let (id, token) = session(&s.airlock, chat_scope(), json!({"max_requests": 3})).await;
     for _ in 0..3 {
         assert_eq!(chat(&s, &token).await.status, 200);
     }
-    assert_error(&chat(&s, &token).await, 429, "rate_limited");
+    let exhausted = chat(&s, &token).await;
+    assert_error(&exhausted, 429, "rate_limited");
+    // No wait makes max_requests come back.
+    assert_eq!(exhausted.headers.get("retry-after"), None);
     assert_eq!(s.mock.request_count(), 5);
     let (_, view) = s
         .airlock

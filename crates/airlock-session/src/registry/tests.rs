@@ -134,7 +134,12 @@ async fn max_requests_and_rate_limits() {
         .unwrap();
     assert_eq!(live.admit(), Admission::Admitted);
     assert_eq!(live.admit(), Admission::Admitted);
-    assert_eq!(live.admit(), Admission::RateLimited);
+    let Admission::RateLimited { retry_after } = live.admit() else {
+        panic!("the third call in a minute is over requests_per_minute = 2");
+    };
+    // One call's worth of the minute: 30 s, less what has passed since.
+    assert!(retry_after > Duration::from_secs(25), "{retry_after:?}");
+    assert!(retry_after <= Duration::from_secs(30), "{retry_after:?}");
     assert_eq!(live.allowed(), 2);
 }
 
