@@ -160,7 +160,13 @@ impl Proxy {
         call: &mut CallRecord,
     ) -> Result<Forwarded, Denial> {
         let token = credentials::find_token(provider.auth(), req.headers(), req.uri().query())?;
-        let session = self.authenticate(token).await?;
+        let session = self.authenticate(token).await.inspect_err(|_| {
+            // A revoked or expired session's token still names it: the
+            // record says whose ended session was used.
+            if let Some(ended) = token.and_then(|t| self.registry.cached_by_token(t)) {
+                call.set_session(&ended);
+            }
+        })?;
         call.set_session(&session);
         let admitted = self
             .authorize(&session, provider, &req, token)

@@ -283,6 +283,16 @@ impl Registry {
         }
     }
 
+    /// The session `token` names, if this process holds it, whatever its
+    /// state: a call refused for an ended session still names it in its
+    /// record.
+    pub fn cached_by_token(&self, token: &str) -> Option<Arc<LiveSession>> {
+        if !is_well_formed(token) {
+            return None;
+        }
+        self.by_token.read().get(&TokenHash::of(token)).cloned()
+    }
+
     /// The cached session with this id, if this process has it.
     pub fn cached(&self, id: &SessionId) -> Option<Arc<LiveSession>> {
         let hash = *self.by_id.read().get(id)?;

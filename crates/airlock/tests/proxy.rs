@@ -397,6 +397,22 @@ async fn revoked_and_expired_sessions_get_401() {
         .unwrap();
     assert_eq!(view["state"], "expired");
     assert_eq!(s.mock.request_count(), 2);
+
+    // The refused calls' records name the ended sessions they used.
+    let (_, audit) = s
+        .airlock
+        .admin("GET", "/v1/audit?limit=100", None)
+        .await
+        .unwrap();
+    let refused: Vec<&Value> = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["decision"] == "invalid_token")
+        .collect();
+    assert_eq!(refused.len(), 2, "{audit}");
+    assert_eq!(refused[0]["session"], id.as_str(), "{audit}");
+    assert_eq!(refused[1]["session"], created["id"], "{audit}");
 }
 
 #[tokio::test]
