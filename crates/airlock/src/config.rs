@@ -411,13 +411,29 @@ impl Config {
 
     /// Parses config text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-            file: file.to_owned(),
-            key: e
+        let fail = |e: toml::de::Error, path: String| {
+            let line = e
                 .span()
-                .map(|s| format!("line {}", text[..s.start].matches('\n').count() + 1))
-                .unwrap_or_else(|| "(document)".into()),
-            reason: e.message().to_owned(),
+                .map(|s| format!("line {}", text[..s.start].matches('\n').count() + 1));
+            // The key where the error is (`providers.x` for a missing field),
+            // and the line; either alone when the other is unknown.
+            let key = match (path.as_str(), line) {
+                ("" | ".", Some(line)) => line,
+                ("" | ".", None) => "(document)".into(),
+                (path, Some(line)) => format!("{path} ({line})"),
+                (path, None) => path.to_owned(),
+            };
+            ConfigError {
+                file: file.to_owned(),
+                key,
+                reason: e.message().to_owned(),
+            }
+        };
+        let deserializer =
+            toml::de::Deserializer::parse(text).map_err(|e| fail(e, String::new()))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            fail(e.into_inner(), path)
         })?;
         Self::from_raw(file, raw)
     }
@@ -465,8 +481,21 @@ impl Config {
                     .ok_or_else(|| err("proxy.public_url", format!("{u:?} is not an http(s) URL")))
             })
             .transpose()?;
+        let proxy_listen = addr("proxy.listen", &raw.proxy.listen)?;
+        let admin_listen = addr("admin.listen", &raw.admin.listen)?;
+        let overlap = proxy_listen.port() != 0
+            && proxy_listen.port() == admin_listen.port()
+            && (proxy_listen.ip() == admin_listen.ip()
+                || proxy_listen.ip().is_unspecified()
+                || admin_listen.ip().is_unspecified());
+        if overlap {
+            return Err(err(
+                "admin.listen",
+                format!("{admin_listen} overlaps proxy.listen ({proxy_listen}): use another port"),
+            ));
+        }
         let proxy = ProxyConfig {
-            listen: addr("proxy.listen", &raw.proxy.listen)?,
+            listen: proxy_listen,
             public_url,
             upstream_timeout: dur("proxy.upstream_timeout", &raw.proxy.upstream_timeout)?,
             connect_timeout: dur("proxy.connect_timeout", &raw.proxy.connect_timeout)?,
@@ -516,6 +545,9 @@ impl Config {
         }
 
         let mut providers = BTreeMap::new();
+        // Variable name -> the key that set it: a session's `env` holds one
+        // value per name.
+        let mut env_names: BTreeMap<String, String> = BTreeMap::new();
         for (name, p) in raw.providers.unwrap_or_else(builtin_providers) {
             let key = |field: &str| format!("providers.{name}.{field}");
             rule::validate_provider(&name)
@@ -524,6 +556,14 @@ impl Config {
                 .auth
                 .parse()
                 .map_err(|e: airlock_proxy::ProviderError| err(&key("auth"), e.to_string()))?;
+            if let AuthStyle::Header(header) = &auth {
+                if is_reserved_header(header) {
+                    return Err(err(
+                        &key("auth"),
+                        format!("{:?}: airlock sets this header itself", p.auth),
+                    ));
+                }
+            }
             let credential = parse_credential_source(&p.credential)
                 .map_err(|reason| err(&key("credential"), reason))?;
             airlock_proxy::CredentialFormat::new(auth.clone(), p.auth_format.as_deref())
@@ -548,18 +588,14 @@ impl Config {
                         format!("{value:?} is not an environment variable name"),
                     ));
                 }
+                if let Some(first) = env_names.insert(value.clone(), key(field)) {
+                    return Err(err(
+                        &key(field),
+                        format!("{value} is already {first}: each variable names one thing"),
+                    ));
+                }
             }
-            let upstream_ok = (p.upstream.starts_with("http://")
-                || p.upstream.starts_with("https://"))
-                && p.upstream
-                    .parse::<http::Uri>()
-                    .is_ok_and(|u| u.host().is_some() && u.query().is_none());
-            if !upstream_ok {
-                return Err(err(
-                    &key("upstream"),
-                    format!("{:?} is not an http(s) URL", p.upstream),
-                ));
-            }
+            check_upstream(&p.upstream).map_err(|reason| err(&key("upstream"), reason))?;
             let keepalive_timeout = match &p.keepalive_timeout {
                 Some(value) => dur(&key("keepalive_timeout"), value)?,
                 None => DEFAULT_KEEPALIVE_TIMEOUT,
@@ -587,7 +623,7 @@ impl Config {
         Ok(Self {
             source: file.to_owned(),
             proxy,
-            admin_listen: addr("admin.listen", &raw.admin.listen)?,
+            admin_listen,
             master_key_file_explicit: raw.store.master_key_file.is_some(),
             master_key_file: raw
                 .store
@@ -738,6 +774,34 @@ const RESERVED_HEADERS: [&str; 14] = [
 
 /// `[providers.NAME.headers]`: valid names and values, none that airlock
 /// owns (framing, hop-by-hop, the credential's own header).
+/// An upstream URL airlock can call: `http(s)://host[:port][/path]`,
+/// without a user, password or query.
+fn check_upstream(upstream: &str) -> Result<(), String> {
+    let uri = upstream
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|u| {
+            (upstream.starts_with("http://") || upstream.starts_with("https://"))
+                && u.host().is_some()
+        })
+        .ok_or_else(|| format!("{upstream:?} is not an http(s) URL"))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(
+            "must not hold a user or password: the provider's key goes in `credential`".into(),
+        );
+    }
+    if uri.query().is_some() {
+        return Err(format!("{upstream:?} must not have a query string"));
+    }
+    Ok(())
+}
+
+/// Whether airlock sets (or refuses) header `name` itself, so that no
+/// configuration may: static headers, and the header an `auth` style names.
+fn is_reserved_header(name: &HeaderName) -> bool {
+    RESERVED_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("x-forwarded-")
+}
+
 fn parse_static_headers(
     raw: &BTreeMap<String, String>,
     auth: &AuthStyle,
@@ -747,9 +811,8 @@ fn parse_static_headers(
             let fail = |reason: &str| (name.clone(), reason.to_owned());
             let header = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| fail("not a valid header name"))?;
-            let reserved = RESERVED_HEADERS.contains(&header.as_str())
-                || header.as_str().starts_with("x-forwarded-")
-                || matches!(auth, AuthStyle::Header(h) if *h == header);
+            let reserved =
+                is_reserved_header(&header) || matches!(auth, AuthStyle::Header(h) if *h == header);
             if reserved {
                 return Err(fail("airlock sets this header itself"));
             }

@@ -87,7 +87,7 @@ fn error_of(text: &str) -> String {
 fn bad_configs_name_file_key_and_reason() {
     let cases = [
         ("[proxy]\nlisten = \"nope\"", "bad.toml: proxy.listen: \"nope\" is not HOST:PORT"),
-        ("[proxy]\nlistn = \"x\"", "bad.toml: line 2: unknown field `listn`"),
+        ("[proxy]\nlistn = \"x\"", "bad.toml: proxy.listn (line 2): unknown field `listn`"),
         ("[sessions]\nmax_ttl = \"forever\"", "bad.toml: sessions.max_ttl: invalid duration"),
         ("[store]\nurl = \"mysql://x\"", "bad.toml: store.url:"),
         (
@@ -119,6 +119,44 @@ fn bad_configs_name_file_key_and_reason() {
             "bad.toml: providers.x.keepalive_timeout: invalid duration",
         ),
         ("[proxy\n", "bad.toml: line 1:"),
+        (
+            "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"X\"",
+            "bad.toml: providers.x (line 1): missing field `env_base_url`",
+        ),
+        ("[proxy]\nlisten = 8080", "bad.toml: proxy.listen (line 2): invalid type"),
+        (
+            "[proxy]\nlisten = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"",
+            "bad.toml: admin.listen: 127.0.0.1:9000 overlaps proxy.listen",
+        ),
+        (
+            "[proxy]\nlisten = \"0.0.0.0:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"",
+            "bad.toml: admin.listen: 127.0.0.1:9000 overlaps proxy.listen",
+        ),
+        (
+            "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"K\"\nenv_base_url = \"XB\"\n\
+             [providers.y]\nupstream = \"https://y\"\ncredential = \"env:Y\"\nenv_key = \"K\"\nenv_base_url = \"YB\"",
+            "bad.toml: providers.y.env_key: K is already providers.x.env_key",
+        ),
+        (
+            "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"X\"",
+            "bad.toml: providers.x.env_base_url: X is already providers.x.env_key",
+        ),
+        (
+            "[providers.x]\nupstream = \"https://x\"\nauth = \"header:host\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"XB\"",
+            "bad.toml: providers.x.auth: \"header:host\": airlock sets this header itself",
+        ),
+        (
+            "[providers.x]\nupstream = \"https://u:secret@x\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"XB\"",
+            "bad.toml: providers.x.upstream: must not hold a user or password",
+        ),
+        (
+            "[providers.x]\nupstream = \"https://x/v1?a=1\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"XB\"",
+            "bad.toml: providers.x.upstream: \"https://x/v1?a=1\" must not have a query string",
+        ),
+        (
+            "[providers.x]\nupstream = \"HTTPS://x\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"XB\"",
+            "bad.toml: providers.x.upstream: \"HTTPS://x\" is not an http(s) URL",
+        ),
     ];
     for (text, want) in cases {
         let got = error_of(text);
