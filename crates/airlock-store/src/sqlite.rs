@@ -3,7 +3,7 @@
 //! Everything goes through a sqlx pool except the audit trail's appends,
 //! which a thread of their own commits (`sqlite/audit_writer.rs`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use airlock_core::audit::{AuditRecord, GENESIS_MAC};
@@ -108,6 +108,7 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
             .page_size(PAGE_SIZE);
+        create_private(options.get_filename());
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -155,6 +156,23 @@ impl SqliteStore {
             denied: u64::try_from(row.try_get::<i64, _>("denied")?).unwrap_or(0),
         })
     }
+}
+
+/// Creates the database file readable and writable by its owner only, when
+/// it does not exist yet: it holds the audit trail, token hashes and sealed
+/// credentials. SQLite gives its log and shared-memory files the same
+/// permissions. Best effort: what fails here, SQLite reports as it opens.
+fn create_private(path: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    if path.as_os_str().is_empty() || path == Path::new(":memory:") {
+        return;
+    }
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
 }
 
 /// The file the audit writer is to open: the pool's main database, when it

@@ -1097,6 +1097,26 @@ mod sqlite_only {
         store.close().await;
     }
 
+    /// A file the store creates, and its log, are its owner's alone: they
+    /// hold the audit trail, token hashes and sealed credentials.
+    #[tokio::test]
+    async fn a_new_database_file_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        let store = open(&format!("sqlite://{}", path.display())).await.unwrap();
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let (records, next) = records_after(&head, 3, 1_000, "ses_a");
+        store.audit_append(&records, &next).await.unwrap();
+        let wal = dir.path().join("new.db-wal");
+        for file in [&path, &wal] {
+            let mode = std::fs::metadata(file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", file.display());
+        }
+        store.close().await;
+    }
+
     /// A file made with SQLite's default 4 KiB pages (as every earlier
     /// version made them) keeps them: the store opens it, migrates it,
     /// appends and reads as before, and does not rewrite it.
