@@ -12,6 +12,10 @@ pub enum ApiError {
     NotFound(String),
     Conflict(String),
     Internal(String),
+    /// Any other refusal, by its status: what axum refused before a handler
+    /// ran (a method a route does not have, a body over the limit, a path
+    /// that is not UTF-8).
+    Status(StatusCode, String),
 }
 
 impl ApiError {
@@ -42,6 +46,23 @@ impl ApiError {
                 "internal",
                 m,
             ),
+            Self::Status(status, m) => {
+                let code = match *status {
+                    StatusCode::BAD_REQUEST => "bad_request",
+                    StatusCode::NOT_FOUND => "not_found",
+                    StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+                    StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+                    s if s.is_server_error() => "internal",
+                    _ => "bad_request",
+                };
+                let error_type = if status.is_server_error() {
+                    "api_error"
+                } else {
+                    "invalid_request_error"
+                };
+                (*status, error_type, code, m)
+            }
         }
     }
 }

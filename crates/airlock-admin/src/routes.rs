@@ -46,7 +46,43 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/readyz", get(readyz))
         .merge(authenticated)
         .fallback(not_found)
+        .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Longest text of axum's own refusal kept as the JSON error's message.
+const REFUSAL_TEXT_LIMIT: usize = 1024;
+
+/// Every error the API answers is JSON: axum's own refusals (405 for a
+/// method a route does not have, 413 for a body over the limit, 400 for a
+/// path segment that is not UTF-8) come as plain text or empty, and become
+/// [`ApiError`]s with the same status and headers (`Allow` stays).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, REFUSAL_TEXT_LIMIT)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_ascii_lowercase(),
+        text => text.to_owned(),
+    };
+    let mut json = ApiError::Status(status, message).into_response();
+    parts.headers.remove(header::CONTENT_TYPE);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    json.headers_mut().extend(parts.headers);
+    json
 }
 
 async fn require_admin(

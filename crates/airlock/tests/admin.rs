@@ -224,6 +224,61 @@ async fn admin_token_is_required_except_for_healthz() {
     assert_eq!(status, 404, "{answer}");
 }
 
+/// What axum refuses before a handler runs is JSON like every other error.
+#[tokio::test]
+async fn refusals_before_a_handler_are_json_too() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let base = airlock.admin_url();
+    let auth = format!("Bearer {}", airlock.admin_token());
+    let huge = "x".repeat(3 * 1024 * 1024);
+    for (method, path, body, status, code) in [
+        ("PATCH", "/v1/sessions", "", 405, "method_not_allowed"),
+        ("PUT", "/v1/audit", "", 405, "method_not_allowed"),
+        ("GET", "/v1/sessions/%FF", "", 400, "bad_request"),
+        ("GET", "/v1/sessions?all=1", "", 400, "bad_request"),
+        (
+            "POST",
+            "/v1/sessions",
+            huge.as_str(),
+            413,
+            "payload_too_large",
+        ),
+    ] {
+        let reply = request(
+            method,
+            &format!("{base}{path}"),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body.to_owned(),
+        )
+        .await;
+        assert_eq!(reply.status, status, "{method} {path}: {}", reply.text());
+        assert_eq!(
+            reply.headers["content-type"], "application/json",
+            "{method} {path}"
+        );
+        assert_eq!(
+            reply.error_code().as_deref(),
+            Some(code),
+            "{}",
+            reply.text()
+        );
+        let message = reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(!message.is_empty(), "{method} {path}");
+        if status == 405 {
+            assert!(reply.headers.contains_key("allow"), "{method} {path}");
+        }
+    }
+    // Still healthy.
+    airlock.create_session(valid_body()).await.unwrap();
+}
+
 #[tokio::test]
 async fn metrics_count_calls_by_provider_and_decision() {
     let mock = MockProvider::start().await;
