@@ -102,6 +102,13 @@ pub(crate) enum Withheld {
     UpstreamBroke,
 }
 
+/// The agent's request body broke off before its end (its connection
+/// closed, or its chunked framing failed): the agent's doing, not the
+/// provider's.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body broke off: {0}")]
+pub struct AgentBodyBroke(#[source] hyper::Error);
+
 /// A request body went over `proxy.max_request_body` while streaming.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body is larger than proxy.max_request_body")]
@@ -381,7 +388,7 @@ impl Body for RequestBody {
                 None => return Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),
             }
         }
-        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+        Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(AgentBodyBroke(e)) as BoxError)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -429,6 +429,13 @@ impl Proxy {
                     ),
                 ));
             }
+            Ok(Err(e)) if e.is_agent_body_broken() => {
+                call.flag(Flags::CLIENT_ABORTED);
+                return Err(Denial::bad_request(
+                    "the request body broke off before its end (its connection closed or its \
+                     framing failed)",
+                ));
+            }
             Ok(Err(e)) => {
                 tracing::warn!(provider = provider.name(), error = %e, "upstream request failed");
                 return Err(Denial::new(

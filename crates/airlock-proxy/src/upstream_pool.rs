@@ -34,7 +34,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use crate::body::{BoxError, RequestBody};
+use crate::body::{AgentBodyBroke, BoxError, RequestBody};
 use crate::provider::UpstreamConnector;
 
 /// Most idle HTTP/1 connections a pool keeps; the oldest go first.
@@ -140,6 +140,24 @@ pub enum UpstreamError {
     Request(hyper::Error),
     #[error("the request target cannot be sent: {0}")]
     Target(http::Error),
+}
+
+impl UpstreamError {
+    /// Whether the request failed because the agent's body broke off
+    /// ([`AgentBodyBroke`]) rather than anything on the provider's side.
+    pub fn is_agent_body_broken(&self) -> bool {
+        let Self::Request(e) = self else {
+            return false;
+        };
+        let mut source = std::error::Error::source(e);
+        while let Some(error) = source {
+            if error.is::<AgentBodyBroke>() {
+                return true;
+            }
+            source = error.source();
+        }
+        false
+    }
 }
 
 /// The provider's response body. It returns its HTTP/1 connection to the

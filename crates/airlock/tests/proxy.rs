@@ -744,6 +744,46 @@ async fn a_chunked_body_over_the_limit_is_413() {
     assert_eq!(raw_status(&answer), 200, "{answer}");
 }
 
+/// An agent that stops sending its body before its declared end gets a
+/// 400 of its own, not a 502 blaming the provider; the record says so.
+#[tokio::test]
+async fn a_body_the_agent_cuts_short_is_its_400() {
+    use tokio::io::AsyncWriteExt;
+
+    let s = setup().await;
+    let scope = json!([{"provider": "openai", "methods": ["POST"], "paths": ["/upload"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let host = s
+        .airlock
+        .proxy_url()
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let head = format!(
+        "POST /openai/upload HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 100\r\n\r\nhello"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let answer = airlock_testkit::hostile::read_response(stream, Duration::from_secs(10)).await;
+    assert_eq!(answer.status, Some(400), "{}", answer.raw);
+    assert_eq!(
+        answer.error_code().as_deref(),
+        Some("bad_request"),
+        "{}",
+        answer.raw
+    );
+
+    let (_, audit) = s
+        .airlock
+        .admin("GET", "/v1/audit?limit=10", None)
+        .await
+        .unwrap();
+    let record = &audit["records"][0];
+    assert_eq!(record["decision"], "bad_request", "{audit}");
+    assert_eq!(record["flags"], json!(["client_aborted"]), "{audit}");
+}
+
 /// Thread names of a running process (Linux).
 fn thread_names(pid: u32) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
