@@ -26,6 +26,7 @@ pub enum ErrorCode {
     UpstreamError,
     UpstreamTimeout,
     PayloadTooLarge,
+    HeadersTooLarge,
 }
 
 /// A refused or failed call. The message is shown to the caller and must
@@ -42,7 +43,7 @@ pub struct Denial {
 
 impl ErrorCode {
     /// All codes, in a fixed order (used to pre-register metrics).
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::AuditUnavailable,
         ErrorCode::BadRequest,
         ErrorCode::CredentialUnavailable,
@@ -55,6 +56,7 @@ impl ErrorCode {
         ErrorCode::UpstreamError,
         ErrorCode::UpstreamTimeout,
         ErrorCode::PayloadTooLarge,
+        ErrorCode::HeadersTooLarge,
     ];
 
     /// The wire name.
@@ -72,6 +74,7 @@ impl ErrorCode {
             Self::UpstreamError => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::HeadersTooLarge => "headers_too_large",
         }
     }
 
@@ -90,15 +93,17 @@ impl ErrorCode {
             Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
     /// The `type` field, in the vocabulary the OpenAI and Anthropic SDKs use.
     fn error_type(self) -> &'static str {
         match self {
-            Self::BadRequest | Self::UnknownProvider | Self::PayloadTooLarge => {
-                "invalid_request_error"
-            }
+            Self::BadRequest
+            | Self::UnknownProvider
+            | Self::PayloadTooLarge
+            | Self::HeadersTooLarge => "invalid_request_error",
             Self::InvalidToken => "authentication_error",
             Self::OutOfScope => "permission_error",
             Self::RateLimited => "rate_limit_error",

@@ -224,6 +224,10 @@ fn is_protected(name: &str, auth: &AuthStyle) -> bool {
         || matches!(auth, AuthStyle::Header(h) if h.as_str() == name)
 }
 
+/// Most header lines in a request: hyper refuses more over HTTP/1.1 (431),
+/// [`check_head`] over HTTP/2, which bounds only the head's size.
+pub const MAX_HEADER_LINES: usize = 100;
+
 /// Checks a request head before anything about it is forwarded. `auth` is
 /// the provider's auth style.
 pub fn check_head(
@@ -239,6 +243,12 @@ pub fn check_head(
         return Err(Denial::bad_request(format!(
             "ambiguous request framing: {what}"
         )));
+    }
+    if headers.len() > MAX_HEADER_LINES {
+        return Err(Denial::new(
+            ErrorCode::HeadersTooLarge,
+            format!("the request has more than {MAX_HEADER_LINES} header lines"),
+        ));
     }
     if *method == Method::CONNECT || *method == Method::TRACE {
         return Err(Denial::bad_request(format!(

@@ -72,8 +72,6 @@ use sniff::{SharedVerdicts, Sniffer, Verdicts};
 
 /// Most concurrent HTTP/2 streams on one connection.
 const MAX_CONCURRENT_STREAMS: u32 = 100;
-/// Most header lines in an HTTP/1.1 request.
-const MAX_HEADERS: usize = 100;
 /// How long a connection closed for idleness may take to say goodbye.
 const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept` (e.g. out of file descriptors), so the
@@ -609,7 +607,7 @@ fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor>
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .keep_alive(true)
-        .max_headers(MAX_HEADERS)
+        .max_headers(crate::headers::MAX_HEADER_LINES)
         // The read buffer bounds the head: one that does not fit is a 431.
         // hyper requires at least 8 KiB.
         .max_buf_size(settings.max_header_size.max(8192));

@@ -785,6 +785,11 @@ async fn http2_abuse_is_refused() {
             with(base(ok), "x-debug", &env.token),
             bad,
         ),
+        (
+            "more than 100 header lines",
+            (0..101).fold(base(ok), |f, n| with(f, &format!("x-h{n}"), "1")),
+            Some((431, "headers_too_large")),
+        ),
     ];
     println!("\nhttp2: {} cases", cases.len());
     let mut failures = Vec::new();
