@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +55,10 @@ pub struct Registry {
     /// flusher early (denials count towards everyone's `max_denied`).
     shared: Option<Arc<Notify>>,
     freshness: sync::Freshness,
+    /// Revocations this process has written to the store. A token looked up
+    /// while one was written is looked up again: the row it read may be
+    /// older than the revocation, which found nothing cached to mark.
+    revocations: AtomicU64,
     /// The runtime the registry was made on (the control plane's), where
     /// the request path's store calls run: see [`Registry::on_home`].
     home: Option<Handle>,
@@ -102,6 +107,7 @@ impl Registry {
             by_id: RwLock::new(HashMap::new()),
             shared,
             freshness: sync::Freshness::new(),
+            revocations: AtomicU64::new(0),
             home: Handle::try_current().ok(),
         }
     }
@@ -208,21 +214,15 @@ impl Registry {
                 session
             }
             None => {
-                let store = Arc::clone(&self.store);
-                let lookup = self.on_home(async move { store.session_by_token(&hash).await });
-                let row = match tokio::time::timeout(STORE_WAIT, lookup).await {
-                    Ok(Ok(row)) => row,
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "session lookup failed");
-                        return Err(AuthError::StoreUnavailable);
+                let revocations = self.revocations.load(Ordering::SeqCst);
+                let row = self.look_up(hash).await?.ok_or(AuthError::Unknown)?;
+                let session = self.cache(hash, row);
+                if self.revocations.load(Ordering::SeqCst) != revocations {
+                    if let Some(at) = self.look_up(hash).await?.and_then(|r| r.revoked_at) {
+                        session.mark_revoked(at);
                     }
-                    Err(_) => {
-                        tracing::error!("session lookup timed out");
-                        return Err(AuthError::StoreUnavailable);
-                    }
-                };
-                let row = row.ok_or(AuthError::Unknown)?;
-                self.cache(hash, row)
+                }
+                session
             }
         };
         match session.state(now_ms) {
@@ -283,6 +283,23 @@ impl Registry {
         }
     }
 
+    /// The stored row of the token hashed `hash`, read on the home runtime.
+    async fn look_up(&self, hash: TokenHash) -> Result<Option<SessionRow>, AuthError> {
+        let store = Arc::clone(&self.store);
+        let lookup = self.on_home(async move { store.session_by_token(&hash).await });
+        match tokio::time::timeout(STORE_WAIT, lookup).await {
+            Ok(Ok(row)) => Ok(row),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "session lookup failed");
+                Err(AuthError::StoreUnavailable)
+            }
+            Err(_) => {
+                tracing::error!("session lookup timed out");
+                Err(AuthError::StoreUnavailable)
+            }
+        }
+    }
+
     /// The session `token` names, if this process holds it, whatever its
     /// state: a call refused for an ended session still names it in its
     /// record.
@@ -306,7 +323,14 @@ impl Registry {
         if let Some(live) = self.cached(id) {
             live.mark_revoked(at);
         }
-        Ok(self.store.revoke_session(id, at).await?)
+        let existed = self.store.revoke_session(id, at).await?;
+        // A lookup that read the row before this write and cached it since
+        // is marked here, or sees the count move and looks again.
+        self.revocations.fetch_add(1, Ordering::SeqCst);
+        if let Some(live) = self.cached(id) {
+            live.mark_revoked(at);
+        }
+        Ok(existed)
     }
 
     /// Revokes a session by its token.

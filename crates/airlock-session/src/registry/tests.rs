@@ -177,12 +177,21 @@ async fn counters_flush_to_the_store() {
 
 /// A store that counts token lookups, to prove the request path does not
 /// touch the database for a cached token; with a `feed`, it has a change
-/// feed the test drives, and re-checks fail while `unreachable`.
+/// feed the test drives, and re-checks fail while `unreachable`. With a
+/// `gate`, each token lookup, once it has read its row, says so and waits
+/// for a permit before answering.
 struct CountingStore {
     inner: Arc<dyn Store>,
     token_lookups: std::sync::atomic::AtomicUsize,
     feed: Option<broadcast::Sender<Change>>,
     unreachable: std::sync::atomic::AtomicBool,
+    gate: Option<LookupGate>,
+}
+
+/// Holds token lookups between their read and their answer.
+struct LookupGate {
+    read: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
 }
 
 impl CountingStore {
@@ -192,6 +201,20 @@ impl CountingStore {
             token_lookups: Default::default(),
             feed,
             unreachable: Default::default(),
+            gate: None,
+        })
+    }
+
+    fn gated(inner: &Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Arc::clone(inner),
+            token_lookups: Default::default(),
+            feed: None,
+            unreachable: Default::default(),
+            gate: Some(LookupGate {
+                read: tokio::sync::Notify::new(),
+                release: tokio::sync::Semaphore::new(0),
+            }),
         })
     }
 }
@@ -204,7 +227,12 @@ impl Store for CountingStore {
     async fn session_by_token(&self, h: &TokenHash) -> airlock_store::Result<Option<SessionRow>> {
         self.token_lookups
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.session_by_token(h).await
+        let row = self.inner.session_by_token(h).await;
+        if let Some(gate) = &self.gate {
+            gate.read.notify_one();
+            gate.release.acquire().await.unwrap().forget();
+        }
+        row
     }
     async fn session_by_id(&self, id: &SessionId) -> airlock_store::Result<Option<SessionRow>> {
         self.inner.session_by_id(id).await
@@ -284,6 +312,44 @@ impl Store for CountingStore {
         }
         self.inner.session_statuses(ids).await
     }
+}
+
+/// A revocation written while a token's row is being read (by a process
+/// that had not cached it) is not lost when that read row is cached.
+#[tokio::test]
+async fn a_revocation_during_a_token_lookup_is_not_lost() {
+    let (_dir, reg) = registry().await;
+    let (live, token) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let gated = CountingStore::gated(reg.store());
+    let fresh = Arc::new(Registry::new(Arc::clone(&gated) as Arc<dyn Store>));
+    let gate = gated.gate.as_ref().unwrap();
+
+    let looking = tokio::spawn({
+        let fresh = Arc::clone(&fresh);
+        let token = token.expose().to_owned();
+        async move {
+            fresh
+                .authenticate(Some(&token), crate::now_ms())
+                .await
+                .err()
+        }
+    });
+    // The lookup has read the row, still active; the revocation lands now.
+    gate.read.notified().await;
+    assert!(fresh.revoke(live.id()).await.unwrap());
+    gate.release.add_permits(16);
+    // That call ran alongside the revocation: either answer is right.
+    let _ = looking.await.unwrap();
+    assert_eq!(
+        fresh
+            .authenticate(Some(token.expose()), crate::now_ms())
+            .await
+            .err(),
+        Some(AuthError::Revoked)
+    );
 }
 
 #[tokio::test]
