@@ -250,8 +250,12 @@ impl LiveSession {
             && !self.max_denied_reached.swap(true, Ordering::AcqRel)
     }
 
-    /// Marks the session revoked in memory (first revocation time wins).
+    /// Marks the session revoked in memory (first revocation time wins). A
+    /// session that had expired by `at_ms` stays expired, as in the store.
     pub(crate) fn mark_revoked(&self, at_ms: i64) {
+        if at_ms >= self.expires_at() {
+            return;
+        }
         let revoked = self
             .revoked_at
             .compare_exchange(0, at_ms.max(1), Ordering::AcqRel, Ordering::Acquire)

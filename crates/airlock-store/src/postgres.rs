@@ -217,7 +217,8 @@ impl Store for PgStore {
         // The trigger on `sessions` tells every replica when this commits.
         let exists: bool = sqlx::query_scalar(
             "WITH revoked AS ( \
-                 UPDATE sessions SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL \
+                 UPDATE sessions SET revoked_at = $2 \
+                 WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2 \
                  RETURNING 1 \
              ) SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1)",
         )

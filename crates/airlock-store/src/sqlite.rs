@@ -251,11 +251,15 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_session(&self, id: &SessionId, at_ms: i64) -> Result<bool> {
-        sqlx::query("UPDATE sessions SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-            .bind(at_ms)
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
+        // An expired session stays expired: revoking it changes nothing.
+        sqlx::query(
+            "UPDATE sessions SET revoked_at = ?1 \
+             WHERE id = ?2 AND revoked_at IS NULL AND expires_at > ?1",
+        )
+        .bind(at_ms)
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
         let exists = sqlx::query("SELECT 1 FROM sessions WHERE id = ?")
             .bind(id.as_str())
             .fetch_optional(&self.pool)

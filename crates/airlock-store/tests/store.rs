@@ -453,9 +453,15 @@ mod cases {
             .revoke_session(&SessionId::generate(), 7_000)
             .await
             .unwrap());
+        assert!(
+            store.revoke_session(&b.id, 6_000).await.unwrap(),
+            "b exists"
+        );
         store.close().await;
 
         let store = backend.open().await;
+        let b2 = store.session_by_id(&b.id).await.unwrap().unwrap();
+        assert_eq!(b2.revoked_at, None, "an expired session stays expired");
         let a2 = store.session_by_id(&a.id).await.unwrap().unwrap();
         assert_eq!((a2.allowed, a2.denied), (5, 2));
         assert_eq!(a2.revoked_at, Some(6_000), "first revocation time is kept");

@@ -314,6 +314,24 @@ impl Store for CountingStore {
     }
 }
 
+/// Revoking a session that has expired leaves it expired, in memory and
+/// in the store.
+#[tokio::test]
+async fn an_expired_session_stays_expired_when_revoked() {
+    let (_dir, reg) = registry().await;
+    let (live, _) = reg
+        .create(new_session(Limits::default(), Duration::from_millis(20)))
+        .await
+        .unwrap();
+    // The session's own clock runs out (its expiry, not a synchronisation).
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_millis(30)).await;
+    assert_eq!(live.state(crate::now_ms()), SessionState::Expired);
+    assert!(reg.revoke(live.id()).await.unwrap());
+    assert_eq!(live.state(crate::now_ms()), SessionState::Expired);
+    let row = reg.store().session_by_id(live.id()).await.unwrap().unwrap();
+    assert_eq!(row.revoked_at, None);
+}
+
 /// A revocation written while a token's row is being read (by a process
 /// that had not cached it) is not lost when that read row is cached.
 #[tokio::test]
