@@ -92,6 +92,25 @@ fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
         .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
 }
 
+/// The agent's query as it sent it, byte for byte, without the parameter
+/// `name` (where its token was), then `pair`, the real credential.
+fn query_with_credential(query: Option<&str>, name: &str, pair: &str) -> String {
+    let mut rebuilt = String::with_capacity(query.map_or(0, str::len) + pair.len() + 1);
+    for segment in query
+        .filter(|q| !q.is_empty())
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+    {
+        let key = segment.split_once('=').map_or(segment, |(key, _)| key);
+        if key != name {
+            rebuilt.push_str(segment);
+            rebuilt.push('&');
+        }
+    }
+    rebuilt.push_str(pair);
+    rebuilt
+}
+
 /// Everything about an authenticated call's head that is checked before its
 /// path and scope: the head itself ([`check_head`]: framing, overrides,
 /// client-address headers, `Connection`, `Host`, body size) and that the
@@ -251,17 +270,11 @@ pub fn prepare_upstream(
     }
 
     let query: Option<Cow<'_, str>> = match (provider.auth(), credential.query_pair()) {
-        (AuthStyle::Query(name), Some(pair)) => {
-            let mut rebuilt = String::new();
-            for (key, value) in query_pairs(parts.uri.query()).filter(|(k, _)| k != name) {
-                rebuilt.push_str(key);
-                rebuilt.push('=');
-                rebuilt.push_str(value);
-                rebuilt.push('&');
-            }
-            rebuilt.push_str(pair);
-            Some(Cow::Owned(rebuilt))
-        }
+        (AuthStyle::Query(name), Some(pair)) => Some(Cow::Owned(query_with_credential(
+            parts.uri.query(),
+            name,
+            pair,
+        ))),
         _ => parts.uri.query().map(Cow::Borrowed),
     };
     let path = crate::handler::upstream_path(parts.uri.path(), path_start);

@@ -153,3 +153,23 @@ fn the_token_only_where_it_is_the_credential() {
     assert!(check_query_auth(&q, Some("k%65y=x&a=1")).is_err());
     assert!(check_query_auth(&q, Some("key=x&a=1")).is_ok());
 }
+
+#[test]
+fn the_credential_query_keeps_every_other_byte_of_the_agent_s_query() {
+    let pair = "key=REAL";
+    let cases = [
+        (None, "key=REAL"),
+        (Some(""), "key=REAL"),
+        (Some("key=sess_t"), "key=REAL"),
+        (Some("alt=sse&key=sess_t"), "alt=sse&key=REAL"),
+        (Some("key=sess_t&alt=sse"), "alt=sse&key=REAL"),
+        (
+            Some("alt=sse&flag&&x=1&key=sess_t"),
+            "alt=sse&flag&&x=1&key=REAL",
+        ),
+        (Some("a=%20b&keys=1&key"), "a=%20b&keys=1&key=REAL"),
+    ];
+    for (query, want) in cases {
+        assert_eq!(query_with_credential(query, "key", pair), want, "{query:?}");
+    }
+}
