@@ -22,8 +22,9 @@ use http::{Method, Request};
 /// Longest method name kept in a record.
 const MAX_METHOD_LEN: usize = 32;
 
-/// The decision recorded for a call dropped before airlock decided.
-const UNDECIDED: &str = "client_aborted";
+/// The decision recorded (and counted) for a call dropped before airlock
+/// decided.
+pub(crate) const UNDECIDED: &str = "client_aborted";
 
 /// One call's audit record in the making.
 pub(crate) struct CallRecord {

@@ -20,6 +20,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::audit::CallRecord;
+use crate::error::ErrorCode;
 use crate::redact::RedactingBody;
 use crate::upstream_pool::UpstreamBody;
 
@@ -62,6 +63,9 @@ struct Audited {
     /// A frame read before the response head went out (see
     /// [`ProxyBody::prefetch`]), to be sent first.
     prefetched: Option<Frame<Bytes>>,
+    /// Set while [`ProxyBody::prefetch`] reads: a call cut short then is
+    /// answered with airlock's own error, which its record must say.
+    prefetching: bool,
 }
 
 /// A record being committed.
@@ -146,6 +150,7 @@ impl ProxyBody {
             phase: Phase::Streaming,
             session_end,
             prefetched: None,
+            prefetching: false,
         })))
     }
 
@@ -168,7 +173,9 @@ impl ProxyBody {
         if audited.remaining.is_none() || audited.prefetched.is_some() {
             return Ok(());
         }
+        audited.prefetching = true;
         let next = std::future::poll_fn(|cx| audited.poll_frame(cx)).await;
+        audited.prefetching = false;
         match next {
             Some(Ok(frame)) => {
                 audited.prefetched = Some(frame);
@@ -315,7 +322,8 @@ impl Audited {
                 None => self.commit(None),
                 Some(Err(e)) => {
                     // The provider's body broke off: record it, pass the error on.
-                    drop(self.call.finish(None, self.status, Flags::INCOMPLETE));
+                    let (decision, status) = self.answer_if_prefetching(ErrorCode::UpstreamError);
+                    drop(self.call.finish(decision, status, Flags::INCOMPLETE));
                     self.phase = Phase::Done;
                     return Poll::Ready(Some(Err(e.into())));
                 }
@@ -325,13 +333,25 @@ impl Audited {
 
     /// Cuts the stream short because its session was revoked or expired.
     fn end_for_session(&mut self) -> BoxError {
+        let (decision, status) = self.answer_if_prefetching(ErrorCode::InvalidToken);
         drop(self.call.finish(
-            None,
-            self.status,
+            decision,
+            status,
             Flags::INCOMPLETE.union(Flags::SESSION_ENDED),
         ));
         self.phase = Phase::Done;
         Box::new(SessionEnded)
+    }
+
+    /// The decision and status to record for a call cut short: before its
+    /// head went out (while prefetching) the agent gets airlock's `error`
+    /// instead of the provider's answer, which the record then says.
+    fn answer_if_prefetching(&self, error: ErrorCode) -> (Option<&'static str>, u16) {
+        if self.prefetching {
+            (Some(error.as_str()), error.status().as_u16())
+        } else {
+            (None, self.status)
+        }
     }
 
     /// Submits the record and holds `held` until it is durable.

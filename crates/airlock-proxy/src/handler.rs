@@ -150,7 +150,13 @@ impl Proxy {
             Err(denial) => return (None, Err(denial)),
         };
         call.set_provider(provider.recorded_name());
-        (Some(provider), self.process_for(provider, req, call).await)
+        let mut unanswered = Unanswered {
+            metrics: &provider.metrics,
+            answered: false,
+        };
+        let result = self.process_for(provider, req, call).await;
+        unanswered.answered = true;
+        (Some(provider), result)
     }
 
     async fn process_for(
@@ -458,6 +464,22 @@ fn has_body(status: StatusCode, body: &UpstreamBody) -> bool {
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || body.is_end_stream())
+}
+
+/// Counts a call as `client_aborted` in the metrics, as its record says,
+/// when its agent goes away (the call's future is dropped) before airlock
+/// has decided.
+struct Unanswered<'a> {
+    metrics: &'a ProviderMetrics,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.metrics.record_aborted();
+        }
+    }
 }
 
 /// The error code of one of airlock's own error responses.

@@ -35,7 +35,8 @@ pub struct ProxyMetrics {
 /// One provider's pre-created series.
 #[derive(Clone)]
 pub struct ProviderMetrics {
-    /// Index 0 is `allow`; index `1 + code.index()` is that refusal.
+    /// Index 0 is `allow`; index `1 + code.index()` is that refusal; the
+    /// last is `client_aborted`.
     decisions: Vec<Counter>,
     latency: Histogram,
     upstream_latency: Histogram,
@@ -88,6 +89,7 @@ impl ProxyMetrics {
         };
         let mut decisions = vec![decision("allow")];
         decisions.extend(ErrorCode::ALL.iter().map(|c| decision(c.as_str())));
+        decisions.push(decision(crate::audit::UNDECIDED));
         let labels = ProviderLabels {
             provider: provider.to_owned(),
         };
@@ -109,6 +111,13 @@ impl ProviderMetrics {
             counter.inc();
         }
         self.latency.observe(seconds);
+    }
+
+    /// Counts one call whose agent went away before airlock answered it.
+    pub fn record_aborted(&self) {
+        if let Some(counter) = self.decisions.last() {
+            counter.inc();
+        }
     }
 
     /// Records how long the upstream took to answer.

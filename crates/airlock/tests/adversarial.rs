@@ -1163,6 +1163,58 @@ async fn an_answer_that_breaks_off_before_its_body_is_a_clean_502() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(record["flags"], json!(["incomplete"]), "{record}");
+    // It says what the agent got, and what the provider had answered.
+    assert_eq!(record["decision"], "upstream_error", "{record}");
+    assert_eq!(record["status"], 502, "{record}");
+    assert_eq!(record["upstream_status"], 200, "{record}");
+}
+
+/// An agent that goes away while the provider has not answered yet is
+/// counted in the metrics as its record says: `client_aborted`.
+#[tokio::test]
+async fn an_agent_gone_before_the_answer_is_counted_as_client_aborted() {
+    let (upstream, airlock, id, token) = scripted(Script::Silent, "").await;
+    let mut stream = TcpStream::connect(hostile::authority(&airlock.proxy_url()))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /up/x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the call never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(stream);
+
+    let counted = "airlock_proxy_calls_total{provider=\"up\",decision=\"client_aborted\"} 1";
+    loop {
+        let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
+        let (_, records) = airlock
+            .admin("GET", &format!("/v1/audit?session={id}"), None)
+            .await
+            .unwrap();
+        let recorded = records["records"]
+            .get(0)
+            .is_some_and(|r| r["decision"] == "client_aborted");
+        if metrics.as_str().unwrap().contains(counted) && recorded {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not counted: {metrics}\n{records}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -876,4 +876,8 @@ async fn an_answer_whose_session_ends_before_it_goes_out_gets_a_clean_401() {
         json!(["incomplete", "session_ended"]),
         "{record}"
     );
+    // The record says what the agent got, and what the provider answered.
+    assert_eq!(record["decision"], "invalid_token", "{record}");
+    assert_eq!(record["status"], 401, "{record}");
+    assert_eq!(record["upstream_status"], 200, "{record}");
 }
