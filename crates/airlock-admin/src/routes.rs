@@ -226,7 +226,7 @@ async fn revoke_by_token(State(state): Shared, body: Bytes) -> Result<Json<Sessi
     let req: RevokeByToken = crate::sessions::parse_json(&body, "revoke request")?;
     if !token::is_well_formed(&req.token) {
         return Err(ApiError::BadRequest(
-            "token is not a session token (sess_...)".into(),
+            "token is not a session token (sess_ and 43 letters and digits)".into(),
         ));
     }
     let id = state

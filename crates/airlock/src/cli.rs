@@ -128,17 +128,18 @@ pub enum CredentialCommand {
     /// The provider's config must say `credential = "store"`. The value is
     /// read without echo (or piped in), sealed with the master key, and can
     /// never be read back; the next call uses it, on every replica.
-    ///
-    /// Examples:
-    ///   airlock credential set openai            (prompts, input hidden)
-    ///   airlock credential set openai < key.txt
+    #[command(after_help = "\
+Examples:
+  airlock credential set openai              # prompts, input hidden
+  airlock credential set openai < key.txt")]
     Set {
         /// Provider name, as configured.
         provider: String,
     },
     /// Show whether a provider has a credential, its source and when it was set.
-    ///
-    /// Example: airlock credential show openai
+    #[command(after_help = "\
+Example:
+  airlock credential show openai")]
     Show {
         /// Provider name, as configured.
         provider: String,

@@ -43,6 +43,13 @@ impl AdminClient {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
+        if !self.base.starts_with("http://") {
+            anyhow::bail!(
+                "AIRLOCK_ADMIN_URL {:?} must start with http:// (the admin listener speaks plain \
+                 HTTP; reach a remote one through a tunnel or a TLS-terminating proxy)",
+                self.base
+            );
+        }
         let url = format!("{}{path}", self.base);
         let mut req = Request::builder().method(method).uri(&url);
         if let Some(token) = &self.token {

@@ -480,6 +480,15 @@ async fn error_output_snapshot() {
         &["exec", "--allow", "openai:POST:/v1/x"],
         &["exec", "--", "true"],
         &["session", "create"],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--ttl",
+            "500ms",
+        ],
+        &["audit", "export", "--session", "bogus"],
     ];
     let mut all = String::new();
     for args in cases {
@@ -499,6 +508,18 @@ async fn error_output_snapshot() {
             stderr(&out)
         ));
     }
+    // The admin listener speaks plain HTTP.
+    let out = airlock_cmd(&["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", "https://airlock.internal:8081")
+        .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+        .output()
+        .await
+        .unwrap();
+    all.push_str(&format!(
+        "=== AIRLOCK_ADMIN_URL=https://airlock.internal:8081 airlock session list -> exit {} ===\n{}\n",
+        out.status.code().unwrap(),
+        stderr(&out)
+    ));
     assert_snapshot("errors", &redact(&all, &[]));
 }
 

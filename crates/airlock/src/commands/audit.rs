@@ -169,6 +169,11 @@ async fn export(
     session: Option<String>,
     since_ms: Option<i64>,
 ) -> anyhow::Result<()> {
+    if let Some(id) = &session {
+        if airlock_core::SessionId::parse(id).is_none() {
+            anyhow::bail!("--session {id:?} is not a session id (ses_...)");
+        }
+    }
     let store = open_store(config).await?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     for head in store.audit_heads().await? {

@@ -93,6 +93,9 @@ pub fn create_body(args: &SessionArgs) -> anyhow::Result<Value> {
         .map(|(provider, methods, paths)| json!({"provider": provider, "methods": methods, "paths": paths}))
         .collect();
     let ttl = duration::parse(&args.ttl).with_context(|| format!("--ttl {}", args.ttl))?;
+    if ttl < std::time::Duration::from_secs(1) {
+        anyhow::bail!("--ttl {}: a session lasts at least 1s", args.ttl);
+    }
     let mut labels = BTreeMap::new();
     for label in &args.labels {
         let (k, v) = label
