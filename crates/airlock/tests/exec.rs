@@ -50,6 +50,7 @@ fn exec(airlock: &Airlock, args: &[&str]) -> Command {
         .env("AIRLOCK_TEST_CRED_OPENAI", OPENAI_KEY)
         .env("AIRLOCK_TEST_CRED_ANTHROPIC", ANTHROPIC_KEY)
         .env("AIRLOCK_AUDIT_KEY", "ab".repeat(32))
+        .env("AIRLOCK_MASTER_KEY", "cd".repeat(32))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -159,13 +160,15 @@ async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code
     // Only providers in scope get variables.
     assert_eq!(var("ANTHROPIC_API_KEY"), None, "{stdout}");
     assert_eq!(var("ANTHROPIC_BASE_URL"), None, "{stdout}");
-    // The real credentials' source variables, the admin token and the audit
-    // key are gone, though airlock's own environment has them.
+    // The real credentials' source variables, the admin token, the audit
+    // key and the master key are gone, though airlock's own environment has
+    // them.
     for hidden in [
         "AIRLOCK_TEST_CRED_OPENAI",
         "AIRLOCK_TEST_CRED_ANTHROPIC",
         "AIRLOCK_ADMIN_TOKEN",
         "AIRLOCK_AUDIT_KEY",
+        "AIRLOCK_MASTER_KEY",
     ] {
         assert_eq!(var(hidden), None, "{hidden} leaked into the child");
     }

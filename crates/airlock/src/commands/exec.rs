@@ -124,8 +124,8 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 /// Variables the command must not inherit: the real credentials of every
-/// configured provider whose source is `env:VAR`, the admin token and the
-/// audit key.
+/// configured provider whose source is `env:VAR`, the admin token, the
+/// audit key and the master key (which unseals stored credentials).
 pub fn hidden_variables(config: &Config) -> BTreeSet<String> {
     let mut vars: BTreeSet<String> = config
         .providers
@@ -137,6 +137,7 @@ pub fn hidden_variables(config: &Config) -> BTreeSet<String> {
         .collect();
     vars.insert("AIRLOCK_ADMIN_TOKEN".to_owned());
     vars.insert(AUDIT_KEY_ENV.to_owned());
+    vars.insert(airlock_core::seal::MASTER_KEY_ENV.to_owned());
     vars
 }
 
