@@ -154,6 +154,8 @@ impl Credentials {
         let Some(mut changes) = self.store.changes() else {
             return;
         };
+        // A change between loading and subscribing was announced to no one.
+        self.reload_stored().await;
         loop {
             match changes.recv().await {
                 Ok(Change::Credential { provider }) => {
@@ -161,22 +163,27 @@ impl Credentials {
                         tracing::error!(provider, error = %format!("{e:#}"), "could not reload a changed credential");
                     }
                 }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    // Missed some: reload every stored credential.
-                    let stored: Vec<String> = self
-                        .providers
-                        .iter()
-                        .filter(|(_, p)| p.source == CredentialSource::Store)
-                        .map(|(name, _)| name.clone())
-                        .collect();
-                    for provider in stored {
-                        if let Err(e) = self.reload(&provider).await {
-                            tracing::error!(provider, error = %format!("{e:#}"), "could not reload a credential");
-                        }
-                    }
+                // Announcements were lost (the feed's connection dropped, or
+                // this receiver fell behind): any credential may have changed.
+                Ok(Change::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    self.reload_stored().await;
                 }
+                Ok(Change::Session { .. }) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Reloads every credential kept in the store.
+    async fn reload_stored(&self) {
+        let stored = self
+            .providers
+            .iter()
+            .filter(|(_, p)| p.source == CredentialSource::Store)
+            .map(|(name, _)| name);
+        for provider in stored {
+            if let Err(e) = self.reload(provider).await {
+                tracing::error!(provider, error = %format!("{e:#}"), "could not reload a credential");
             }
         }
     }

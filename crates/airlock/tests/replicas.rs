@@ -660,6 +660,57 @@ async fn a_stored_credential_set_on_one_replica_applies_on_the_others() {
         .unwrap();
     assert_eq!(rows.len(), 1);
     assert!(!rows[0].0.windows(8).any(|w| w == b"vault-se"));
+
+    // A change B was never told of (written with triggers off, as if the
+    // announcement were lost while its feed was down): B reads every stored
+    // credential again when its feed comes back.
+    let sealed_two = hex_of(&rows[0].0);
+    let (status, _) = a
+        .admin(
+            "PUT",
+            "/v1/providers/vault/credential",
+            Some(json!({"value": "vault-secret-three-0000"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let uses = |value: &'static str| {
+        let (mock, get, b) = (&mock, &get, &b);
+        async move {
+            mock.clear();
+            let reply = get(b).await;
+            let seen = mock
+                .requests()
+                .first()
+                .and_then(|r| r.header("authorization"));
+            reply.status == 200 && seen.as_deref() == Some(&format!("Bearer {value}"))
+        }
+    };
+    eventually(PROPAGATION_BOUND, "B on the third value", async || {
+        uses("vault-secret-three-0000").await
+    })
+    .await;
+    db.execute(&format!(
+        "SET session_replication_role = replica; \
+         UPDATE credentials SET sealed = '\\x{sealed_two}' WHERE provider = 'vault'"
+    ))
+    .await;
+    assert!(
+        uses("vault-secret-three-0000").await,
+        "B heard of it after all"
+    );
+    assert!(db.terminate_connections().await > 0);
+    let took = eventually(
+        Duration::from_secs(20),
+        "B reloading after its feed's resync",
+        async || uses("vault-secret-two-000000").await,
+    )
+    .await;
+    eprintln!("MEASURED: B took up the unannounced credential {took:?} after its feed dropped");
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A stream served by one replica ends when its session is revoked on
