@@ -184,7 +184,31 @@ impl Proxy {
                     call.withhold_token(req.uri().path(), token);
                 }
             })?;
+        self.admit(&session)
+            .await
+            .inspect_err(|_| self.count_denied(&session))?;
         self.forward(admitted, req, call).await
+    }
+
+    /// The session's limits (429): `max_requests`, `requests_per_minute`.
+    async fn admit(&self, session: &Arc<LiveSession>) -> Result<(), Denial> {
+        let admission = self
+            .registry
+            .admit(session)
+            .await
+            .map_err(|_| store_unavailable())?;
+        match admission {
+            Admission::Admitted => Ok(()),
+            Admission::RateLimited { retry_after } => Err(Denial::new(
+                ErrorCode::RateLimited,
+                "requests_per_minute exceeded for this session",
+            )
+            .retry_after(retry_after)),
+            Admission::QuotaExhausted => Err(Denial::new(
+                ErrorCode::RateLimited,
+                "max_requests reached for this session",
+            )),
+        }
     }
 
     /// Answers with airlock's own error once its record is durable (503
@@ -322,10 +346,7 @@ impl Proxy {
             .authenticate(token, now_ms())
             .await
             .map_err(|e| match e {
-                AuthError::StoreUnavailable => Denial::new(
-                    ErrorCode::StoreUnavailable,
-                    "the session store cannot be reached; try again shortly",
-                ),
+                AuthError::StoreUnavailable => store_unavailable(),
                 other => Denial::new(ErrorCode::InvalidToken, other.to_string()),
             })
     }
@@ -359,21 +380,10 @@ impl Proxy {
                 ),
             ));
         }
-        match session.admit() {
-            Admission::Admitted => Ok(Admitted {
-                provider,
-                path_start,
-            }),
-            Admission::RateLimited { retry_after } => Err(Denial::new(
-                ErrorCode::RateLimited,
-                "requests_per_minute exceeded for this session",
-            )
-            .retry_after(retry_after)),
-            Admission::QuotaExhausted => Err(Denial::new(
-                ErrorCode::RateLimited,
-                "max_requests reached for this session",
-            )),
-        }
+        Ok(Admitted {
+            provider,
+            path_start,
+        })
     }
 
     fn count_denied(&self, session: &Arc<LiveSession>) {
@@ -464,6 +474,14 @@ fn has_body(status: StatusCode, body: &UpstreamBody) -> bool {
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || body.is_end_stream())
+}
+
+/// 503 `store_unavailable`: the session store is needed and cannot be reached.
+fn store_unavailable() -> Denial {
+    Denial::new(
+        ErrorCode::StoreUnavailable,
+        "the session store cannot be reached; try again shortly",
+    )
 }
 
 /// Counts a call as `client_aborted` in the metrics, as its record says,

@@ -23,7 +23,7 @@ use parking_lot::RwLock;
 use tokio::runtime::Handle;
 use tokio::sync::{broadcast, Notify};
 
-use crate::live::{LiveSession, SessionState};
+use crate::live::{Admission, LiveSession, SessionState};
 use crate::now_ms;
 
 mod sync;
@@ -280,6 +280,27 @@ impl Registry {
                 tracing::error!(session = %session.id(), "leasing max_requests timed out");
                 Err(AuthError::StoreUnavailable)
             }
+        }
+    }
+
+    /// Asks `session`'s limits to admit a call. On a shared store, a lease
+    /// that other calls emptied after this one's [`Registry::authenticate`]
+    /// is refilled before the call is refused, so that `max_requests`
+    /// refuses a call only when the store has nothing left to lease. (Each
+    /// round either gets a grant, which the quota bounds, or finds the
+    /// store spent.)
+    pub async fn admit(&self, session: &Arc<LiveSession>) -> Result<Admission, AuthError> {
+        loop {
+            let admission = session.admit();
+            let Some(lease) = session.lease() else {
+                return Ok(admission);
+            };
+            if admission != Admission::QuotaExhausted
+                || lease.recently_spent(now_ms(), SPENT_RETRY_MS)
+            {
+                return Ok(admission);
+            }
+            self.ensure_lease(session).await?;
         }
     }
 

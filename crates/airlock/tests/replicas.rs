@@ -328,6 +328,32 @@ async fn max_requests_counts_calls_on_every_replica() {
     .await;
 }
 
+/// A burst of calls on one replica spends every call of `max_requests`:
+/// a lease that another call emptied is refilled, not answered with a 429
+/// (which would count toward `max_denied` and revoke the session here).
+#[tokio::test]
+async fn a_burst_on_one_replica_spends_every_call_of_max_requests() {
+    let Some(cluster) = Cluster::start(2, &[]).await else {
+        return;
+    };
+    let a = &cluster.replicas[0];
+    let (id, token) = session(a, json!({"max_requests": 12, "max_denied": 1})).await;
+    let burst: Vec<_> = (0..12).map(|_| models(a, &token)).collect();
+    let statuses: Vec<u16> = futures_util::future::join_all(burst)
+        .await
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, vec![200; 12], "calls within the quota all pass");
+    let over = models(a, &token).await;
+    assert_eq!(over.status, 429, "{}", over.text());
+    assert_eq!(cluster.mock.request_count(), 12);
+    eventually(Duration::from_secs(5), "allowed total", async || {
+        show(&cluster.replicas[1], &id).await["calls"]["allowed"] == 12
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_replica_killed_with_sigkill_and_restarted_picks_up_where_it_was() {
     let Some(mut cluster) = Cluster::start(2, &[]).await else {
