@@ -744,6 +744,21 @@ fn hex_of(bytes: &[u8]) -> String {
 /// idle stream at once, without its next event.
 #[tokio::test]
 async fn a_session_revoked_on_one_replica_ends_its_idle_stream_on_another() {
+    revoked_on_a_ends_a_stream_on_b(false).await;
+}
+
+/// The same while B drains after SIGTERM: its stream in flight still learns
+/// of the revocation (B keeps following other replicas until it has
+/// drained).
+#[tokio::test]
+async fn a_revocation_reaches_a_stream_on_a_draining_replica() {
+    revoked_on_a_ends_a_stream_on_b(true).await;
+}
+
+/// Opens a stream through B, revokes its session on A (B draining after
+/// SIGTERM when `draining`), and checks that B ends the idle stream at
+/// once.
+async fn revoked_on_a_ends_a_stream_on_b(draining: bool) {
     let Some(cluster) = Cluster::start(2, &[]).await else {
         return;
     };
@@ -765,6 +780,15 @@ async fn a_session_revoked_on_one_replica_ends_its_idle_stream_on_another() {
     let (first, mut body) = first_frame(&url, token).await;
     assert_eq!(&first[..], b"data: first\n\n");
 
+    if draining {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(b.pid()).unwrap()).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let readyz = format!("{}/readyz", b.admin_url());
+        eventually(Duration::from_secs(10), "B draining", async || {
+            request("GET", &readyz, &[], Bytes::new()).await.status == 503
+        })
+        .await;
+    }
     let started = Instant::now();
     let (status, _) = a
         .admin("DELETE", &format!("/v1/sessions/{id}"), None)

@@ -205,8 +205,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     readiness
         .ready
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    let _ = shutdown_tx.send(true);
     proxy_server.shutdown().await;
+    // Only now: calls draining still need other replicas' revocations (the
+    // sync) and their counts written (the flusher's last flush, which also
+    // gives back what is left of the leases).
+    let _ = shutdown_tx.send(true);
     let _ = admin_stop_tx.send(true);
     if let Ok(Err(e)) = admin_task.await {
         tracing::warn!(error = %e, "admin server ended with an error");
