@@ -50,6 +50,12 @@ pub struct AuditSettings {
     pub stall_timeout: Duration,
     /// How often a failed writer probes the store for recovery.
     pub probe_interval: Duration,
+    /// Longest the writer waits for one store call (a commit, a probe): a
+    /// connection left silent by a database failover would otherwise hold
+    /// it, and every call behind it, for as long as TCP retries (minutes).
+    /// A commit given up on may still have landed; the writer then finds
+    /// the chain moved and reads its head again.
+    pub store_call_limit: Duration,
 }
 
 /// Why a record was not written.

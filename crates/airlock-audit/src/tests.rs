@@ -120,6 +120,7 @@ fn settings() -> AuditSettings {
         queue_capacity: 4096,
         stall_timeout: Duration::from_millis(200),
         probe_interval: Duration::from_millis(20),
+        store_call_limit: Duration::from_millis(600),
     }
 }
 
@@ -261,6 +262,30 @@ async fn a_stuck_writer_closes_the_gate_and_times_callers_out() {
         eventually(|| auditor.admits_calls()).await,
         "gate did not reopen"
     );
+    writer.shutdown().await;
+}
+
+/// A commit that never answers (a connection left silent by a failover) is
+/// given up on after `store_call_limit`: the writer recovers without it.
+#[tokio::test]
+async fn a_commit_that_never_answers_is_given_up_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = start(&store).await;
+    store.hang.store(true, Ordering::SeqCst);
+    let err = auditor.submit(record(1)).await.unwrap_err();
+    assert!(matches!(err, AuditError::Stalled), "{err:?}");
+    assert!(
+        eventually(|| !auditor.admits_calls()).await,
+        "gate stayed open"
+    );
+    // The hung commit is never released: only its limit frees the writer.
+    store.hang.store(false, Ordering::SeqCst);
+    assert!(
+        eventually(|| auditor.admits_calls()).await,
+        "the writer stayed stuck on its hung commit"
+    );
+    auditor.submit(record(2)).await.unwrap();
     writer.shutdown().await;
 }
 

@@ -1,9 +1,10 @@
 //! The writer task: seals queued records onto this process's chain and
 //! commits them in batches.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use airlock_core::audit::{head_seal, AuditKey, AuditRecord, GENESIS_MAC};
 use airlock_store::{ChainHead, Store, StoreError};
@@ -144,7 +145,10 @@ impl Writer {
             .flatten();
         let result = match inline {
             Some(result) => result,
-            None => self.store.audit_append(&self.records, &head).await,
+            None => {
+                let limit = self.shared.settings.store_call_limit;
+                bounded(limit, self.store.audit_append(&self.records, &head)).await
+            }
         };
         let stats = &self.shared.stats;
         stats
@@ -166,7 +170,8 @@ impl Writer {
                 tracing::error!(error = %e, records = count, "audit write failed");
                 let reason = e.to_string();
                 self.answer(|| Err(AuditError::Write(reason.clone())));
-                if matches!(e, StoreError::ChainConflict(_)) {
+                // A commit given up on may have landed: read the head again.
+                if matches!(e, StoreError::ChainConflict(_) | StoreError::TimedOut(_)) {
                     self.reclaim().await;
                 }
             }
@@ -201,7 +206,8 @@ impl Writer {
     /// up the chain head as stored (a commit whose answer was lost may have
     /// landed after all).
     async fn probe(&mut self) {
-        let probe = self.store.audit_probe().await;
+        let limit = self.shared.settings.store_call_limit;
+        let probe = bounded(limit, self.store.audit_probe()).await;
         match probe {
             Ok(()) if self.reclaim().await => {
                 tracing::info!(chain = self.head.chain, "audit store writable again");
@@ -214,10 +220,13 @@ impl Writer {
 
     async fn reclaim(&mut self) -> bool {
         let key = self.key.as_ref();
-        let claimed = self
-            .store
-            .audit_claim_chain(&|chain| head_seal(key, chain, 0, &GENESIS_MAC))
-            .await;
+        let limit = self.shared.settings.store_call_limit;
+        let claimed = bounded(
+            limit,
+            self.store
+                .audit_claim_chain(&|chain| head_seal(key, chain, 0, &GENESIS_MAC)),
+        )
+        .await;
         match claimed {
             Ok(head) => {
                 self.head = head;
@@ -229,4 +238,15 @@ impl Writer {
             }
         }
     }
+}
+
+/// `call`, or [`StoreError::TimedOut`] once `limit` has passed (the call is
+/// dropped: sqlx closes a connection whose query was cut short).
+async fn bounded<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or(Err(StoreError::TimedOut(limit)))
 }

@@ -94,6 +94,8 @@ pub enum StoreError {
     Corrupt { what: String, reason: String },
     #[error("the store's runtime has shut down")]
     RuntimeGone,
+    #[error("the store did not answer within {0:?}")]
+    TimedOut(std::time::Duration),
 }
 
 /// Result of store operations.
