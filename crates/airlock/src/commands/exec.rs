@@ -2,8 +2,9 @@
 //!
 //! Opens a session through the admin API, starts the command with the
 //! session's environment (and without any real credential), forwards
-//! SIGINT/SIGTERM/SIGHUP to it, revokes the session once it has exited and
-//! exits with its status.
+//! SIGTERM/SIGHUP to it (and SIGINT unless a terminal delivered it to the
+//! command already), revokes the session once it has exited and exits with
+//! its status.
 
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
@@ -95,7 +96,8 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
             biased;
             status = child.wait() => break status,
             number = signals.recv() => {
-                if let Some(pid) = child.id() {
+                let from_terminal = std::io::IsTerminal::is_terminal(&std::io::stdin());
+                if let Some(pid) = child.id().filter(|_| forwards(number, from_terminal)) {
                     forward_signal(pid, number);
                 }
             }
@@ -193,6 +195,14 @@ fn signal_exit_code(number: i32) -> u8 {
     u8::try_from(128 + number).unwrap_or(255)
 }
 
+/// Whether airlock passes signal `number` on to the command. The command
+/// shares airlock's process group, so a Ctrl-C typed at the terminal
+/// (`terminal`: airlock's stdin is one) has reached it already: a second
+/// SIGINT would make many programs skip their graceful exit.
+fn forwards(number: i32, terminal: bool) -> bool {
+    !(terminal && number == SignalKind::interrupt().as_raw_value())
+}
+
 /// Sends signal `number` to `pid`; a command that is already gone is fine.
 fn forward_signal(pid: u32, number: i32) {
     let signal = match number {
@@ -240,6 +250,25 @@ impl Signals {
             _ = self.interrupt.recv() => SignalKind::interrupt().as_raw_value(),
             _ = self.terminate.recv() => SignalKind::terminate().as_raw_value(),
             _ = self.hangup.recv() => SignalKind::hangup().as_raw_value(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ctrl_c_at_the_terminal_is_not_sent_twice() {
+        let (int, term, hup) = (
+            SignalKind::interrupt().as_raw_value(),
+            SignalKind::terminate().as_raw_value(),
+            SignalKind::hangup().as_raw_value(),
+        );
+        assert!(!forwards(int, true));
+        assert!(forwards(int, false));
+        for number in [term, hup] {
+            assert!(forwards(number, true) && forwards(number, false));
         }
     }
 }
