@@ -159,8 +159,20 @@ fn session_env(state: &AdminState, providers: Vec<&str>, token: &str) -> BTreeMa
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     all: bool,
+}
+
+/// A query flag: `true`/`false`, or `1`/`0` as many clients write them.
+fn flag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    match text.as_str() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        other => Err(serde::de::Error::custom(format!(
+            "{other:?} is not a flag (true, false, 1 or 0)"
+        ))),
+    }
 }
 
 async fn list_sessions(

@@ -93,11 +93,18 @@ async fn create_show_list_revoke() {
     assert_eq!(status, 200);
     let (_, list) = airlock.admin("GET", "/v1/sessions", None).await.unwrap();
     assert_eq!(list["sessions"], json!([]));
+    for all in ["all=true", "all=1"] {
+        let (_, list) = airlock
+            .admin("GET", &format!("/v1/sessions?{all}"), None)
+            .await
+            .unwrap();
+        assert_eq!(list["sessions"][0]["state"], "revoked", "{all}");
+    }
     let (_, list) = airlock
-        .admin("GET", "/v1/sessions?all=true", None)
+        .admin("GET", "/v1/sessions?all=0", None)
         .await
         .unwrap();
-    assert_eq!(list["sessions"][0]["state"], "revoked");
+    assert_eq!(list["sessions"], json!([]));
 
     let (status, _) = airlock
         .admin("GET", "/v1/sessions/ses_doesnotexist", None)
@@ -236,7 +243,7 @@ async fn refusals_before_a_handler_are_json_too() {
         ("PATCH", "/v1/sessions", "", 405, "method_not_allowed"),
         ("PUT", "/v1/audit", "", 405, "method_not_allowed"),
         ("GET", "/v1/sessions/%FF", "", 400, "bad_request"),
-        ("GET", "/v1/sessions?all=1", "", 400, "bad_request"),
+        ("GET", "/v1/sessions?all=yes", "", 400, "bad_request"),
         (
             "POST",
             "/v1/sessions",
