@@ -834,6 +834,39 @@ async fn audit_tail_prints_the_last_records_then_follows_new_ones() {
     assert_eq!(err, "", "a closed pipe is not an error");
 }
 
+/// SIGHUP (from `systemctl reload`, log rotation) without TLS is logged and
+/// ignored: its default action would end the server without a drain.
+#[tokio::test]
+async fn sighup_without_tls_is_harmless() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let pid = rustix::process::Pid::from_raw(i32::try_from(airlock.pid()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while !airlock.output().contains("SIGHUP: nothing to reload") {
+        assert!(Instant::now() < deadline, "{}", airlock.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = request("GET", &format!("{}/healthz", airlock.admin_url()), &[], "").await;
+    assert_eq!(reply.status, 200);
+    let created = airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["GET"], "paths": ["/v1/models"]}],
+            "ttl_seconds": 60
+        }))
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap();
+    let models = request(
+        "GET",
+        &format!("{}/openai/v1/models", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        "",
+    )
+    .await;
+    assert_eq!(models.status, 200, "{}", models.text());
+}
+
 #[tokio::test]
 async fn readyz_is_ready_while_serving_and_503_while_draining() {
     use futures_util::StreamExt;

@@ -141,18 +141,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         workers: config.proxy.workers,
     };
     // The certificate is reloaded on SIGHUP and when its files change; a
-    // bad pair keeps the old one (logged).
+    // bad pair keeps the old one (logged). Without TLS, SIGHUP (sent by
+    // `systemctl reload` and log rotation) is logged and ignored: its
+    // default action would end the process without a drain.
     let mut tls_reload = Vec::new();
-    if let Some(tls) = tls {
+    {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-        tls_reload.push(tokio::spawn(
-            Arc::clone(&tls).watch(airlock_proxy::tls::WATCH_EVERY),
-        ));
+        if let Some(tls) = &tls {
+            tls_reload.push(tokio::spawn(
+                Arc::clone(tls).watch(airlock_proxy::tls::WATCH_EVERY),
+            ));
+        }
         tls_reload.push(tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                // A failure is logged; the old certificate stays.
-                let _ = tls.reload("SIGHUP");
+                match &tls {
+                    // A failure is logged; the old certificate stays.
+                    Some(tls) => drop(tls.reload("SIGHUP")),
+                    None => tracing::info!("SIGHUP: nothing to reload (no TLS certificate)"),
+                }
             }
         }));
     }
