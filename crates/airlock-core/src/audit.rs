@@ -415,7 +415,7 @@ const WITHHELD: &str = "[withheld]";
 
 /// `path` with every token shape withheld (decoded if it held one).
 fn withhold_tokens(path: &str) -> Cow<'_, str> {
-    if !path.contains(TOKEN_PREFIX) && !path.contains('%') {
+    if !may_hold_token(path.as_bytes()) {
         return Cow::Borrowed(path);
     }
     let decoded = decode(path);
@@ -443,6 +443,16 @@ fn withhold_tokens(path: &str) -> Cow<'_, str> {
     }
     out.push_str(rest);
     Cow::Owned(out)
+}
+
+/// Whether `path` has an escape or a `sess_` (one pass, no searcher to
+/// set up: this runs for every call).
+fn may_hold_token(path: &[u8]) -> bool {
+    let prefix = TOKEN_PREFIX.as_bytes();
+    path.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            || (b == b'_' && i + 1 >= prefix.len() && path[i + 1 - prefix.len()..=i] == *prefix)
+    })
 }
 
 /// `path` with its escapes decoded (invalid UTF-8 replaced).
