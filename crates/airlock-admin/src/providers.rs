@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use airlock_core::audit::format_ts;
 use airlock_core::Secret;
 use async_trait::async_trait;
 use axum::body::Bytes;
@@ -11,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::sessions::{parse_json, rfc3339};
+use crate::sessions::parse_json;
 use crate::state::AdminState;
 
 /// What the admin API can do with provider credentials. Implemented by the
@@ -92,6 +93,6 @@ async fn show(state: &AdminState, name: &str) -> Result<Json<Value>, ApiError> {
         "provider": name,
         "source": status.source,
         "set": status.set,
-        "updated_at": status.updated_at.map(rfc3339),
+        "updated_at": status.updated_at.map(format_ts),
     })))
 }

@@ -3,12 +3,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use airlock_core::audit::format_ts;
 use airlock_core::{Limits, Scope};
 use airlock_session::{LiveSession, NewSession, SessionState};
 use airlock_store::SessionRow;
 use serde::{Deserialize, Serialize};
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
 use crate::error::ApiError;
 use crate::state::{AdminState, ProviderEnv};
@@ -23,10 +22,20 @@ const MAX_LABEL_VALUE: usize = 256;
 pub struct CreateSession {
     pub scope: Scope,
     pub ttl_seconds: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub labels: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub limits: Limits,
+}
+
+/// `null` taken as the field's default, as when it is left out (clients
+/// that serialise a `None` send it).
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// A session as the admin API shows it: never the token.
@@ -181,9 +190,9 @@ impl SessionView {
         Self {
             id: row.id.to_string(),
             state,
-            created_at: rfc3339(row.created_at),
-            expires_at: rfc3339(row.expires_at),
-            revoked_at: revoked_at.map(rfc3339),
+            created_at: format_ts(row.created_at),
+            expires_at: format_ts(row.expires_at),
+            revoked_at: revoked_at.map(format_ts),
             scope: row.scope.clone(),
             limits: row.limits,
             labels: row.labels.clone(),
@@ -192,23 +201,15 @@ impl SessionView {
     }
 }
 
-/// Formats unix milliseconds as RFC 3339 (UTC).
-pub(crate) fn rfc3339(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
-
 impl SessionView {
     /// Shows a session this process has in memory.
     pub fn from_live(live: &LiveSession, now_ms: i64) -> Self {
         Self {
             id: live.id().to_string(),
             state: live.state(now_ms),
-            created_at: rfc3339(live.created_at()),
-            expires_at: rfc3339(live.expires_at()),
-            revoked_at: live.revoked_at().map(rfc3339),
+            created_at: format_ts(live.created_at()),
+            expires_at: format_ts(live.expires_at()),
+            revoked_at: live.revoked_at().map(format_ts),
             scope: live.scope().clone(),
             limits: *live.limits(),
             labels: live.labels().clone(),

@@ -72,15 +72,15 @@ fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option
         .map_err(|_| Denial::bad_request(format!("the {name} header is not visible ASCII")))
 }
 
-/// The token of a `Bearer` credential. Header values reach here through
-/// `HeaderValue::to_str` (visible ASCII, spaces and tabs), so ASCII
+/// The token of an `Authorization: Bearer` credential, or of GitHub's
+/// `Authorization: token` (what its clients send). Header values reach here
+/// through `HeaderValue::to_str` (visible ASCII, spaces and tabs), so ASCII
 /// whitespace is all there is to trim.
 fn strip_bearer(value: &str) -> Option<&str> {
     let value = value.trim_ascii();
     let space = value.bytes().position(|b| b == b' ')?;
     let (scheme, token) = (&value[..space], &value[space + 1..]);
-    scheme
-        .eq_ignore_ascii_case("bearer")
+    (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token"))
         .then(|| token.trim_ascii())
 }
 

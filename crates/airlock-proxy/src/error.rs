@@ -37,6 +37,8 @@ pub struct Denial {
     message: String,
     /// Seconds after which the call may succeed (`Retry-After`).
     retry_after: Option<u64>,
+    /// Retrying cannot help (`x-should-retry: false`).
+    final_answer: bool,
 }
 
 // === impl ErrorCode ===
@@ -137,7 +139,17 @@ impl Denial {
             code,
             message: message.into(),
             retry_after: None,
+            final_answer: false,
         }
+    }
+
+    /// The same denial with `x-should-retry: false`: the OpenAI and
+    /// Anthropic SDKs otherwise retry a 429 or a 5xx by themselves, and
+    /// every retry of a call that cannot succeed is one more denial toward
+    /// `max_denied`.
+    pub fn no_retry(mut self) -> Self {
+        self.final_answer = true;
+        self
     }
 
     /// The same denial with `Retry-After: wait` (whole seconds, rounded up,
@@ -181,6 +193,12 @@ impl Denial {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.final_answer {
+            response.headers_mut().insert(
+                http::HeaderName::from_static("x-should-retry"),
+                HeaderValue::from_static("false"),
+            );
         }
         response.extensions_mut().insert(self.code);
         response

@@ -207,7 +207,8 @@ impl Proxy {
             Admission::QuotaExhausted => Err(Denial::new(
                 ErrorCode::RateLimited,
                 "max_requests reached for this session",
-            )),
+            )
+            .no_retry()),
         }
     }
 
@@ -261,7 +262,8 @@ impl Proxy {
                     "the provider refused airlock's credential (HTTP {status}); \
                      ask the operator to check it"
                 ),
-            );
+            )
+            .no_retry();
             return self.refuse(denial, call).await;
         }
         if let Some(coding) =

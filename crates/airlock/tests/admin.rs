@@ -50,6 +50,15 @@ async fn create_show_list_revoke() {
     );
     assert_eq!(created["labels"], json!({"agent": "a1"}));
     assert_eq!(created["state"], "active");
+    // Times have a fixed width: milliseconds always, UTC.
+    for field in ["created_at", "expires_at"] {
+        let at = created[field].as_str().unwrap();
+        assert_eq!(at.len(), "2026-01-02T03:04:05.678Z".len(), "{field}: {at}");
+        assert!(
+            at.ends_with('Z') && at.as_bytes()[19] == b'.',
+            "{field}: {at}"
+        );
+    }
     assert_eq!(
         created["env"],
         json!({
@@ -229,6 +238,20 @@ async fn admin_token_is_required_except_for_healthz() {
     }
     let (status, answer) = airlock.admin("GET", "/v1/nothing", None).await.unwrap();
     assert_eq!(status, 404, "{answer}");
+}
+
+/// `null` for the optional `limits` and `labels` means what leaving them
+/// out means (clients that serialise a `None` send it).
+#[tokio::test]
+async fn null_limits_and_labels_are_left_out() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let mut body = valid_body();
+    body["limits"] = Value::Null;
+    body["labels"] = Value::Null;
+    let created = airlock.create_session(body).await.unwrap();
+    assert_eq!(created["limits"], json!({}), "{created}");
+    assert_eq!(created["labels"], json!({}), "{created}");
 }
 
 /// What axum refuses before a handler runs is JSON like every other error.

@@ -268,8 +268,11 @@ async fn compressed_answers_cannot_carry_the_credential_past_the_guard() {
 async fn an_upstream_refusing_the_credential_is_airlocks_502() {
     let (_mock, airlock, token) = openai_with_session().await;
     for upstream in [401u16, 403] {
-        let (status, _, body) = call(&airlock, &format!("/openai/status/{upstream}"), &token).await;
+        let (status, headers, body) =
+            call(&airlock, &format!("/openai/status/{upstream}"), &token).await;
         assert_eq!(status, 502, "{body}");
+        // Retrying cannot fix the operator's credential: SDKs are told so.
+        assert_eq!(headers["x-should-retry"], "false");
         let body: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["error"]["code"], "upstream_auth_failed");
         let message = body["error"]["message"].as_str().unwrap();

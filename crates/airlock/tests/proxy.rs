@@ -438,8 +438,10 @@ async fn limits_rate_and_quota() {
     }
     let exhausted = chat(&s, &token).await;
     assert_error(&exhausted, 429, "rate_limited");
-    // No wait makes max_requests come back.
+    // No wait makes max_requests come back, and SDKs are told not to retry.
     assert_eq!(exhausted.headers.get("retry-after"), None);
+    assert_eq!(exhausted.headers["x-should-retry"], "false");
+    assert_eq!(limited.headers.get("x-should-retry"), None);
     assert_eq!(s.mock.request_count(), 5);
     let (_, view) = s
         .airlock

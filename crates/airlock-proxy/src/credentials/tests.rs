@@ -39,6 +39,10 @@ fn a_bearer_credential_is_the_scheme_a_space_and_the_token() {
     assert_eq!(strip_bearer("Bearer\tsess_a"), None);
     assert_eq!(strip_bearer("Bearers sess_a"), None);
     assert_eq!(strip_bearer("Basic sess_a"), None);
+    // GitHub's scheme, as its clients send it.
+    assert_eq!(strip_bearer("token sess_a"), Some("sess_a"));
+    assert_eq!(strip_bearer("Token  sess_a "), Some("sess_a"));
+    assert_eq!(strip_bearer("tokens sess_a"), None);
     assert_eq!(strip_bearer("Bearer "), None);
     assert_eq!(strip_bearer("Bearer  "), None);
 }
