@@ -107,7 +107,13 @@ impl Credentials {
         }
         for (name, p) in &credentials.providers {
             if p.cell.load().is_none() {
-                tracing::warn!(provider = %name, source = %describe(&p.source), "no credential available; calls to this provider get 503 until one is configured");
+                let until = match p.source {
+                    // Read once, at start.
+                    CredentialSource::Env(_) => "until airlock is restarted with it set",
+                    CredentialSource::File(_) => "until the file can be read",
+                    CredentialSource::Store => "until one is set (airlock credential set)",
+                };
+                tracing::warn!(provider = %name, source = %describe(&p.source), "no credential available; calls to this provider get 503 {until}");
             }
         }
         Ok(credentials)

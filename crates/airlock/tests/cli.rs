@@ -630,12 +630,14 @@ ca_file = "ca.pem"
     std::fs::write(dir.path().join("ca.pem"), "not a certificate\n").unwrap();
     let out = airlock_cmd(&["config", "check", "--config", path.to_str().unwrap()])
         .current_dir(dir.path())
+        // Set, but too short to be guarded against echoes: serve refuses it.
+        .env("CHECK_OPENAI_KEY", "y")
         .output()
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     all.push_str(&format!(
-        "=== config check (unreadable credential file, no certificate in the CA file) -> exit 1 ===\n--- stdout\n{}--- stderr\n{}\n",
+        "=== config check (unreadable credential file, no certificate in the CA file, a credential too short) -> exit 1 ===\n--- stdout\n{}--- stderr\n{}\n",
         redact(&stdout(&out), &[(&dir_text, "<dir>")]),
         redact(&stderr(&out), &[(&dir_text, "<dir>")]),
     ));

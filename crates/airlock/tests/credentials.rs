@@ -179,6 +179,25 @@ async fn bad_credential_config_is_refused_at_start() {
     }
 }
 
+/// A credential serve refuses stops it before it prints or stores anything
+/// else: no admin token is generated, no audit chain begun.
+#[tokio::test]
+async fn a_refused_credential_stops_serve_before_anything_is_written() {
+    let mock = MockProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let err = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("short", &mock.url(), "bearer", "y", "")
+        .env("AIRLOCK_ADMIN_TOKEN", "")
+        .dir(dir.path().to_path_buf())
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at least 8 bytes"), "{err}");
+    assert!(!err.contains("AIRLOCK_ADMIN_TOKEN="), "{err}");
+    assert!(!dir.path().join("airlock.db.audit-key").exists(), "{err}");
+}
+
 #[tokio::test]
 async fn echoed_credentials_are_redacted_everywhere() {
     let (_mock, airlock, token) = openai_with_session().await;

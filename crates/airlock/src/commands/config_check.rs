@@ -149,10 +149,16 @@ pub fn describe(config: &Config) -> Description {
             CredentialSource::Store => {
                 "store (sealed in the store; set with `airlock credential set`)".to_owned()
             }
-            CredentialSource::Env(var) if env_is_set(var) => format!("env:{var} (set)"),
-            CredentialSource::Env(var) => {
-                format!("env:{var} (not set: calls to {name} get 503 until it is)")
-            }
+            CredentialSource::Env(var) if env_is_set(var) => match usable_env_credential(p) {
+                Ok(()) => format!("env:{var} (set)"),
+                Err(e) => {
+                    d.problems.push(format!("providers.{name}.credential: {e}"));
+                    format!("env:{var} (set, but cannot be used: {e})")
+                }
+            },
+            CredentialSource::Env(var) => format!(
+                "env:{var} (not set: calls to {name} get 503 until airlock is restarted with it)"
+            ),
             CredentialSource::File(path) => match std::fs::File::open(path) {
                 Ok(_) => format!("file:{} (readable)", path.display()),
                 Err(e) => {
@@ -204,6 +210,19 @@ pub fn describe(config: &Config) -> Description {
         );
     }
     d
+}
+
+/// Whether an `env:` credential that is set is one `serve` takes: long
+/// enough to be guarded against echoes, sendable in its header.
+fn usable_env_credential(p: &crate::config::ProviderConfig) -> Result<(), String> {
+    let secret = p.credential.read()?.ok_or("not set")?;
+    airlock_proxy::CredentialFormat::new(p.auth.clone(), p.auth_format.as_deref())
+        .and_then(|format| format.prepare(&secret))
+        .map(drop)
+        .map_err(|e| match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        })
 }
 
 /// Width of the setting names, so that values line up.

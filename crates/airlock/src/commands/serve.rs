@@ -30,6 +30,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = airlock_store::open(&config.store_url)
         .await
         .with_context(|| format!("opening store {}", config.store_url))?;
+    // Credentials first: one serve refuses (too short, not header-safe)
+    // stops it before anything is printed or written (an admin token, a
+    // new audit chain).
+    let credentials = Arc::new(Credentials::load(&config, Arc::clone(&store)).await?);
     let admin_token_hash = admin_token_hash(store.as_ref()).await?;
     let registry = Arc::new(Registry::new(Arc::clone(&store)));
     let (auditor, audit_writer, audit_access) = start_audit(&config, &store).await?;
@@ -43,7 +47,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut providers = Vec::new();
     let mut provider_envs = BTreeMap::new();
-    let credentials = Arc::new(Credentials::load(&config, Arc::clone(&store)).await?);
     for (name, p) in &config.providers {
         let cell = credentials
             .cell(name)
