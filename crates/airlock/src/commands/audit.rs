@@ -93,9 +93,11 @@ fn verify_file(path: &Path, session: Option<&str>, key: &AuditKey) -> anyhow::Re
         None => ChainVerifier::partial(key),
     };
     let mut pending: Option<(usize, AuditRecord)> = None;
-    let check = |verifier: &mut ChainVerifier<'_>,
-                 (line, record): (usize, AuditRecord),
-                 next: Option<&AuditRecord>|
+    // First and last seq of each chain in the file, for the summary.
+    let mut ranges: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
+    let mut check = |verifier: &mut ChainVerifier<'_>,
+                     (line, record): (usize, AuditRecord),
+                     next: Option<&AuditRecord>|
      -> Option<ExitCode> {
         if let Some(wanted) = session {
             if record.session.as_deref() != Some(wanted) {
@@ -109,6 +111,10 @@ fn verify_file(path: &Path, session: Option<&str>, key: &AuditKey) -> anyhow::Re
                 return Some(report_break(&broken, Some(line)));
             }
         }
+        let range = ranges
+            .entry(record.chain)
+            .or_insert((record.seq, record.seq));
+        range.1 = record.seq;
         verifier
             .check(&record, next)
             .err()
@@ -158,6 +164,18 @@ fn verify_file(path: &Path, session: Option<&str>, key: &AuditKey) -> anyhow::Re
         verifier.records(),
         verifier.chains(),
         if verifier.chains() == 1 { "" } else { "s" }
+    );
+    for (chain, (first, last)) in &ranges {
+        println!("  chain {chain}: seq {first} to {last}");
+    }
+    println!(
+        "(a file shows its records unaltered{}; whether records before its first or after \
+         its last were cut off, only the store can tell: airlock audit verify)",
+        if session.is_some() {
+            ""
+        } else {
+            " and none missing between them"
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -49,7 +49,9 @@ pub fn describe(config: &Config) -> Description {
         "http"
     };
     let public_url = config.proxy.public_url.clone().unwrap_or_else(|| {
-        let note = if config.proxy.listen.port() == 0 {
+        let note = if config.proxy.listen.ip().is_unspecified() {
+            " (an address no agent can reach: set proxy.public_url)"
+        } else if config.proxy.listen.port() == 0 {
             " (the port is chosen at start)"
         } else {
             ""
@@ -252,5 +254,23 @@ fn store_note(url: &str) -> &'static str {
         Some(path) if Path::new(path).exists() => " (exists)",
         Some(_) => " (does not exist yet: created on first start)",
         None => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_listener_without_a_public_url_is_pointed_out() {
+        let config = Config::parse("x.toml", "[proxy]\nlisten = \"0.0.0.0:18082\"\n").unwrap();
+        let text = describe(&config).text;
+        assert!(text.contains("an address no agent can reach"), "{text}");
+        let config = Config::parse(
+            "x.toml",
+            "[proxy]\nlisten = \"0.0.0.0:18082\"\npublic_url = \"http://airlock:18082\"\n",
+        )
+        .unwrap();
+        assert!(!describe(&config).text.contains("no agent can reach"));
     }
 }

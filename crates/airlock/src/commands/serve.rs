@@ -101,6 +101,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("{proxy_scheme}://{proxy_addr}"));
+    if config.proxy.public_url.is_none() && proxy_addr.ip().is_unspecified() {
+        tracing::warn!(
+            %public_url,
+            "proxy.listen is a wildcard address and proxy.public_url is not set: \
+             sessions hand agents a base URL they cannot reach"
+        );
+    }
 
     let proxy = Arc::new(Proxy::new(
         providers,
