@@ -449,10 +449,7 @@ fn withhold_tokens(path: &str) -> Cow<'_, str> {
 /// set up: this runs for every call).
 fn may_hold_token(path: &[u8]) -> bool {
     let prefix = TOKEN_PREFIX.as_bytes();
-    path.iter().enumerate().any(|(i, &b)| {
-        b == b'%'
-            || (b == b'_' && i + 1 >= prefix.len() && path[i + 1 - prefix.len()..=i] == *prefix)
-    })
+    memchr::memchr2_iter(b'%', b'_', path).any(|i| path[i] == b'%' || path[..=i].ends_with(prefix))
 }
 
 /// `path` with its escapes decoded (invalid UTF-8 replaced).
