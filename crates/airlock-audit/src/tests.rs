@@ -244,11 +244,9 @@ async fn failed_writes_close_the_gate_until_the_store_recovers() {
     assert_eq!((verified.records, verified.first_break), (2, None));
 }
 
-#[tokio::test]
-async fn a_stuck_writer_closes_the_gate_and_times_callers_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
-    let (auditor, writer) = start(&store).await;
+/// Makes the store's commits hang; the first record's caller is timed out
+/// (`Stalled`) and the gate closes.
+async fn stall(store: &FaultyStore, auditor: &Auditor) {
     store.hang.store(true, Ordering::SeqCst);
     let err = auditor.submit(record(1)).await.unwrap_err();
     assert!(matches!(err, AuditError::Stalled), "{err:?}");
@@ -256,6 +254,14 @@ async fn a_stuck_writer_closes_the_gate_and_times_callers_out() {
         eventually(|| !auditor.admits_calls()).await,
         "gate stayed open"
     );
+}
+
+#[tokio::test]
+async fn a_stuck_writer_closes_the_gate_and_times_callers_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = start(&store).await;
+    stall(&store, &auditor).await;
     store.hang.store(false, Ordering::SeqCst);
     store.release.notify_waiters();
     assert!(
@@ -272,13 +278,7 @@ async fn a_commit_that_never_answers_is_given_up_on() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir).await;
     let (auditor, writer) = start(&store).await;
-    store.hang.store(true, Ordering::SeqCst);
-    let err = auditor.submit(record(1)).await.unwrap_err();
-    assert!(matches!(err, AuditError::Stalled), "{err:?}");
-    assert!(
-        eventually(|| !auditor.admits_calls()).await,
-        "gate stayed open"
-    );
+    stall(&store, &auditor).await;
     // The hung commit is never released: only its limit frees the writer.
     store.hang.store(false, Ordering::SeqCst);
     assert!(

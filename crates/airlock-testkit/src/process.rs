@@ -378,6 +378,11 @@ impl Airlock {
         }
     }
 
+    /// Sends signal `name` (`"HUP"`, `"TERM"`, ...) and returns at once.
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        send_signal(self.pid, name)
+    }
+
     /// Sends SIGKILL and waits for the process to be gone.
     pub fn kill(&mut self) {
         if self.exit.get().is_none() {

@@ -602,12 +602,7 @@ async fn injection_leaves_every_record_and_log_line_one_line() {
 
     // Every audit record is one well-formed JSON object with no control
     // characters in what the agent chose.
-    let (status, body) = env
-        .airlock
-        .admin("GET", "/v1/audit?limit=1000", None)
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    let body = every_record(&env).await;
     let records = body["records"].as_array().unwrap();
     assert!(records.len() >= 4, "{body}");
     for record in records {
@@ -634,6 +629,17 @@ async fn injection_leaves_every_record_and_log_line_one_line() {
         assert!(!line.contains("\u{1b}[35;7m"), "{line}");
         assert!(!line.contains('\r'), "{line:?}");
     }
+}
+
+/// `GET /v1/audit` (up to 1,000 records) of `env`'s server.
+async fn every_record(env: &Env) -> Value {
+    let (status, body) = env
+        .airlock
+        .admin("GET", "/v1/audit?limit=1000", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 /// A token put in the path is refused (or names nothing), and neither the
@@ -675,12 +681,7 @@ async fn a_token_in_the_path_reaches_no_record_or_log_line() {
     ];
     run("token in the path", &env, cases).await;
 
-    let (status, body) = env
-        .airlock
-        .admin("GET", "/v1/audit?limit=1000", None)
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    let body = every_record(&env).await;
     let records = body["records"].as_array().unwrap();
     // Besides the five, `run`'s own probes and check calls.
     let withheld = records

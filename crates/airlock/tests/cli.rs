@@ -842,8 +842,7 @@ async fn audit_tail_prints_the_last_records_then_follows_new_ones() {
 async fn sighup_without_tls_is_harmless() {
     let mock = MockProvider::start().await;
     let airlock = start(&mock).await;
-    let pid = rustix::process::Pid::from_raw(i32::try_from(airlock.pid()).unwrap()).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    airlock.signal("HUP").unwrap();
     let deadline = Instant::now() + DEADLINE;
     while !airlock.output().contains("SIGHUP: nothing to reload") {
         assert!(Instant::now() < deadline, "{}", airlock.output());
@@ -915,8 +914,7 @@ async fn readyz_is_ready_while_serving_and_503_while_draining() {
         }
     }
 
-    let pid = rustix::process::Pid::from_raw(i32::try_from(airlock.pid()).unwrap()).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    airlock.signal("TERM").unwrap();
     let deadline = Instant::now() + DEADLINE;
     loop {
         let reply = request("GET", &readyz, &[], "").await;

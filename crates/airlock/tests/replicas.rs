@@ -781,8 +781,7 @@ async fn revoked_on_a_ends_a_stream_on_b(draining: bool) {
     assert_eq!(&first[..], b"data: first\n\n");
 
     if draining {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(b.pid()).unwrap()).unwrap();
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        b.signal("TERM").unwrap();
         let readyz = format!("{}/readyz", b.admin_url());
         eventually(Duration::from_secs(10), "B draining", async || {
             request("GET", &readyz, &[], Bytes::new()).await.status == 503

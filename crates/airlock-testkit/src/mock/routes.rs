@@ -500,12 +500,10 @@ fn gzip_json(value: &Value) -> Response<MockBody> {
         .write_all(value.to_string().as_bytes())
         .and_then(|()| encoder.finish())
         .expect("mock provider: gzip into memory");
-    let mut response = Response::new(full(compressed));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    let mut response = json_response(StatusCode::OK, &Value::Null);
+    *response.body_mut() = full(compressed);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     response
 }
