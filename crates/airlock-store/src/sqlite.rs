@@ -108,7 +108,7 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
             .page_size(PAGE_SIZE);
-        create_private(options.get_filename());
+        create_private(url, options.get_filename());
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -162,10 +162,20 @@ impl SqliteStore {
 /// it does not exist yet: it holds the audit trail, token hashes and sealed
 /// credentials. SQLite gives its log and shared-memory files the same
 /// permissions. Best effort: what fails here, SQLite reports as it opens.
-fn create_private(path: &Path) {
+fn create_private(url: &str, path: &Path) {
     use std::os::unix::fs::OpenOptionsExt;
 
-    if path.as_os_str().is_empty() || path == Path::new(":memory:") {
+    // Only a database kept in a file of its own that SQLite may create: not
+    // an in-memory one (sqlx names those `file:sqlx-in-memory-N`), nor one
+    // opened read-only (a missing file must stay an error).
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    let not_a_new_file = query
+        .split('&')
+        .any(|pair| matches!(pair, "mode=memory" | "mode=ro"))
+        || url.contains(":memory:")
+        || path.as_os_str().is_empty()
+        || path.to_string_lossy().starts_with("file:");
+    if not_a_new_file {
         return;
     }
     let _ = std::fs::OpenOptions::new()

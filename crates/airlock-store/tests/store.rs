@@ -1123,6 +1123,20 @@ mod sqlite_only {
         store.close().await;
     }
 
+    /// An in-memory database leaves no file behind (sqlx names it
+    /// `file:sqlx-in-memory-N`, which is no file to create).
+    #[tokio::test]
+    async fn an_in_memory_database_creates_no_file() {
+        let store = open("sqlite::memory:").await.unwrap();
+        store.close().await;
+        let strays: Vec<_> = std::fs::read_dir(".")
+            .unwrap()
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with("file:"))
+            .collect();
+        assert!(strays.is_empty(), "{strays:?}");
+    }
+
     /// A file made with SQLite's default 4 KiB pages (as every earlier
     /// version made them) keeps them: the store opens it, migrates it,
     /// appends and reads as before, and does not rewrite it.
