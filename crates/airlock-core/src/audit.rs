@@ -452,12 +452,36 @@ fn may_hold_token(path: &[u8]) -> bool {
     memchr::memchr2_iter(b'%', b'_', path).any(|i| path[i] == b'%' || path[..=i].ends_with(prefix))
 }
 
-/// `path` with its escapes decoded (invalid UTF-8 replaced).
+/// `path` with the escapes of visible ASCII characters decoded (what a
+/// token can be spelled with); every other escape stays as it is, so that
+/// a recorded path never holds a control character (a line break in the
+/// log) or anything outside visible ASCII.
 fn decode(path: &str) -> Cow<'_, str> {
     if !path.contains('%') {
         return Cow::Borrowed(path);
     }
-    Cow::Owned(String::from_utf8_lossy(&crate::path::percent_decode(path.as_bytes())).into_owned())
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let visible = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            .filter(|b| b.is_ascii_graphic());
+        match visible {
+            Some(b) => {
+                out.push(char::from(b));
+                i += 3;
+            }
+            None => {
+                out.push(char::from(bytes[i]));
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// `path` cut at [`MAX_PATH_LEN`] bytes.

@@ -141,7 +141,7 @@ fn decode_escape(hex: Option<&[u8]>) -> Option<u8> {
 
 /// Decodes the valid escapes of `bytes`; a `%` not followed by two hex
 /// digits stays as it is.
-pub(crate) fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {

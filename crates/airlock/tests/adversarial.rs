@@ -573,6 +573,14 @@ async fn injection_leaves_every_record_and_log_line_one_line() {
             BAD,
         ),
         case(
+            "CR LF after a token's shape in the path",
+            get(
+                "/openai/v1/models/sess_AAAAAAAAAAAAAAAAAAAA%0d%0aINJECTED:%201",
+                t,
+            ),
+            BAD,
+        ),
+        case(
             "quotes in the path",
             get("/openai/v1/models/a\"INJECTED'b", t),
             BAD,

@@ -308,6 +308,14 @@ fn record_path_withholds_anything_shaped_like_a_token() {
         "/v1/sess_[withheld]"
     );
 
+    // Decoding for the search never puts a line break (or anything but
+    // visible ASCII) into a recorded path: such escapes stay escapes.
+    let forged = format!("/v1/{token}%0A2026-01-01T00:00:00Z%20INFO%0d%E2%80%AEx");
+    assert_eq!(
+        record_path(&forged),
+        "/v1/sess_[withheld]%0A2026-01-01T00:00:00Z%20INFO%0d%E2%80%AEx"
+    );
+
     // Not a token's shape: recorded as sent, escapes and all.
     for path in [
         "/v1/files/sess_notes",
