@@ -390,18 +390,20 @@ pub fn record_path(path: &str) -> String {
     cut(withhold_tokens(path))
 }
 
-/// [`record_path`] of `path` with `secret` withheld as well, for a call
-/// whose own token's random part (without its `sess_`) appears in its
-/// path: `None` when it does not.
-pub fn record_path_withholding(path: &str, secret: &str) -> Option<String> {
-    if secret.is_empty() {
-        return None;
-    }
+/// [`record_path`] of `path` with `secrets` withheld as well, for a call
+/// whose own token's random part (without its `sess_`), or another token it
+/// presents, appears in its path: `None` when none does.
+pub fn record_path_withholding(path: &str, secrets: &[&str]) -> Option<String> {
     let decoded = decode(path);
-    if !decoded.contains(secret) {
-        return None;
+    let mut present = secrets
+        .iter()
+        .filter(|secret| !secret.is_empty() && decoded.contains(**secret))
+        .peekable();
+    present.peek()?;
+    let mut without = decoded.to_string();
+    for secret in present {
+        without = without.replace(*secret, WITHHELD);
     }
-    let without = decoded.replace(secret, WITHHELD);
     Some(cut(withhold_tokens(&without)))
 }
 

@@ -99,11 +99,15 @@ impl CallRecord {
         self.session = Some(Arc::clone(session));
     }
 
-    /// Withholds from the recorded path the random part of `token`, the
-    /// call's own (authenticated) token, should the path hold it.
-    pub(crate) fn withhold_token(&mut self, path: &str, token: &str) {
-        let secret = token.strip_prefix(TOKEN_PREFIX).unwrap_or(token);
-        if let (Some(r), Some(withheld)) = (&mut self.record, record_path_withholding(path, secret))
+    /// Withholds from the recorded path the random part of each of
+    /// `tokens` (session tokens the call presented), should it hold one.
+    pub(crate) fn withhold_tokens(&mut self, path: &str, tokens: &[&str]) {
+        let secrets: Vec<&str> = tokens
+            .iter()
+            .map(|token| token.strip_prefix(TOKEN_PREFIX).unwrap_or(token))
+            .collect();
+        if let (Some(r), Some(withheld)) =
+            (&mut self.record, record_path_withholding(path, &secrets))
         {
             r.path = withheld;
         }

@@ -57,6 +57,22 @@ pub fn find_token<'a>(
     Ok(found)
 }
 
+/// Every well-formed session token anywhere in `req`'s head (header values,
+/// query values): for a call refused before its token was found or known,
+/// whose record must not hold any of them.
+pub fn presented_tokens<B>(req: &Request<B>) -> Vec<&str> {
+    let words = req
+        .headers()
+        .values()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split([' ', '\t', ',', ';', '=']));
+    let query = query_pairs(req.uri().query()).map(|(_, value)| value);
+    words
+        .chain(query)
+        .filter(|word| airlock_core::token::is_well_formed(word))
+        .collect()
+}
+
 /// The value of a header that may appear at most once.
 fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a str>, Denial> {
     let mut values = headers.get_all(name).iter();

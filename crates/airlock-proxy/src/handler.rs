@@ -147,7 +147,10 @@ impl Proxy {
     ) -> (Option<&Provider>, Result<Forwarded, Denial>) {
         let provider = match self.route(req.uri().path()) {
             Ok(provider) => provider,
-            Err(denial) => return (None, Err(denial)),
+            Err(denial) => {
+                withhold_presented(call, &req);
+                return (None, Err(denial));
+            }
         };
         call.set_provider(provider.recorded_name());
         let mut unanswered = Unanswered {
@@ -165,13 +168,15 @@ impl Proxy {
         req: Request<Incoming>,
         call: &mut CallRecord,
     ) -> Result<Forwarded, Denial> {
-        let token = credentials::find_token(provider.auth(), req.headers(), req.uri().query())?;
+        let token = credentials::find_token(provider.auth(), req.headers(), req.uri().query())
+            .inspect_err(|_| withhold_presented(call, &req))?;
         let session = self.authenticate(token).await.inspect_err(|_| {
             // A revoked or expired session's token still names it: the
             // record says whose ended session was used.
             if let Some(ended) = token.and_then(|t| self.registry.cached_by_token(t)) {
                 call.set_session(&ended);
             }
+            withhold_presented(call, &req);
         })?;
         call.set_session(&session);
         let admitted = self
@@ -181,12 +186,15 @@ impl Proxy {
                 // A path that holds the token is refused; its record must
                 // not hold it either.
                 if let Some(token) = token {
-                    call.withhold_token(req.uri().path(), token);
+                    call.withhold_tokens(req.uri().path(), &[token]);
                 }
             })?;
-        self.admit(&session)
-            .await
-            .inspect_err(|_| self.count_denied(&session))?;
+        self.admit(&session).await.inspect_err(|denial| {
+            // A 429 is the session's doing; a store out of reach is not.
+            if denial.code() == ErrorCode::RateLimited {
+                self.count_denied(&session);
+            }
+        })?;
         self.forward(admitted, req, call).await
     }
 
@@ -476,6 +484,15 @@ fn has_body(status: StatusCode, body: &UpstreamBody) -> bool {
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || body.is_end_stream())
+}
+
+/// Withholds from `call`'s recorded path every session token `req`
+/// presents, for a call refused before its own token was known.
+fn withhold_presented<B>(call: &mut CallRecord, req: &Request<B>) {
+    let tokens = credentials::presented_tokens(req);
+    if !tokens.is_empty() {
+        call.withhold_tokens(req.uri().path(), &tokens);
+    }
 }
 
 /// 503 `store_unavailable`: the session store is needed and cannot be reached.

@@ -546,7 +546,9 @@ impl Config {
 
         let mut providers = BTreeMap::new();
         // Variable name -> the key that set it: a session's `env` holds one
-        // value per name.
+        // value per name. Two providers may share an `env_key` (both get the
+        // session's one token), never an `env_base_url` or a name used as
+        // both.
         let mut env_names: BTreeMap<String, String> = BTreeMap::new();
         for (name, p) in raw.providers.unwrap_or_else(builtin_providers) {
             let key = |field: &str| format!("providers.{name}.{field}");
@@ -588,7 +590,10 @@ impl Config {
                         format!("{value:?} is not an environment variable name"),
                     ));
                 }
-                if let Some(first) = env_names.insert(value.clone(), key(field)) {
+                let first = env_names.insert(value.clone(), key(field));
+                let shared_key =
+                    field == "env_key" && first.as_deref().is_some_and(|f| f.ends_with(".env_key"));
+                if let Some(first) = first.filter(|_| !shared_key) {
                     return Err(err(
                         &key(field),
                         format!("{value} is already {first}: each variable names one thing"),
@@ -755,8 +760,10 @@ fn parse_credential_source(value: &str) -> Result<CredentialSource, String> {
 }
 
 /// Headers airlock itself decides: a provider's static headers may not set them.
-const RESERVED_HEADERS: [&str; 14] = [
+const RESERVED_HEADERS: [&str; 15] = [
     "authorization",
+    // airlock asks for unencoded answers: its leak guard reads them.
+    "accept-encoding",
     "host",
     "content-length",
     "transfer-encoding",

@@ -686,17 +686,22 @@ async fn a_token_in_the_path_reaches_no_record_or_log_line() {
             no_auth(&format!("/{t}/v1/models")),
             Expect::Json(404, "unknown_provider"),
         ),
+        case(
+            "random part under an unknown provider",
+            get(&format!("/0penai/v1/models/{secret}"), t),
+            Expect::Json(404, "unknown_provider"),
+        ),
     ];
     run("token in the path", &env, cases).await;
 
     let body = every_record(&env).await;
     let records = body["records"].as_array().unwrap();
-    // Besides the five, `run`'s own probes and check calls.
+    // Besides the six, `run`'s own probes and check calls.
     let withheld = records
         .iter()
         .filter(|r| r["path"].as_str().is_some_and(|p| p.contains("[withheld]")))
         .count();
-    assert_eq!(withheld, 5, "{body}");
+    assert_eq!(withheld, 6, "{body}");
     assert!(!body.to_string().contains(&secret[..16]), "{body}");
     let output = env.airlock.output();
     assert!(output.contains("[withheld]"), "{output}");

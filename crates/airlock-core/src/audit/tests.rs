@@ -332,15 +332,21 @@ fn record_path_withholding_removes_a_call_s_own_token() {
     let token = crate::token::generate_token();
     let random = &token.expose()[TOKEN_PREFIX.len()..];
     assert_eq!(
-        record_path_withholding(&format!("/v1/x/{random}/y"), random).as_deref(),
+        record_path_withholding(&format!("/v1/x/{random}/y"), &[random]).as_deref(),
         Some("/v1/x/[withheld]/y")
     );
     assert_eq!(
-        record_path_withholding(&format!("/v1/x/{}", escaped(random)), random).as_deref(),
+        record_path_withholding(&format!("/v1/x/{}", escaped(random)), &[random]).as_deref(),
         Some("/v1/x/[withheld]")
     );
-    assert_eq!(record_path_withholding("/v1/models", random), None);
-    assert_eq!(record_path_withholding("/v1/models", ""), None);
+    assert_eq!(record_path_withholding("/v1/models", &[random]), None);
+    assert_eq!(record_path_withholding("/v1/models", &[""]), None);
+    // Several at once: every one is withheld.
+    let other = "0123456789abcdefghijABCDEFGHIJ0123456789abc";
+    assert_eq!(
+        record_path_withholding(&format!("/{other}/{random}"), &[random, other]).as_deref(),
+        Some("/[withheld]/[withheld]")
+    );
 }
 
 #[test]

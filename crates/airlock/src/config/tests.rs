@@ -133,9 +133,19 @@ fn bad_configs_name_file_key_and_reason() {
             "bad.toml: admin.listen: 127.0.0.1:9000 overlaps proxy.listen",
         ),
         (
+            "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"K\"\nenv_base_url = \"B\"\n\
+             [providers.y]\nupstream = \"https://y\"\ncredential = \"env:Y\"\nenv_key = \"L\"\nenv_base_url = \"B\"",
+            "bad.toml: providers.y.env_base_url: B is already providers.x.env_base_url",
+        ),
+        (
             "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"K\"\nenv_base_url = \"XB\"\n\
-             [providers.y]\nupstream = \"https://y\"\ncredential = \"env:Y\"\nenv_key = \"K\"\nenv_base_url = \"YB\"",
-            "bad.toml: providers.y.env_key: K is already providers.x.env_key",
+             [providers.y]\nupstream = \"https://y\"\ncredential = \"env:Y\"\nenv_key = \"XB\"\nenv_base_url = \"YB\"",
+            "bad.toml: providers.y.env_key: XB is already providers.x.env_base_url",
+        ),
+        (
+            "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"XB\"\n\
+             [providers.x.headers]\naccept-encoding = \"gzip\"",
+            "bad.toml: providers.x.headers.accept-encoding: airlock sets this header itself",
         ),
         (
             "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"X\"",
@@ -162,6 +172,16 @@ fn bad_configs_name_file_key_and_reason() {
         let got = error_of(text);
         assert!(got.starts_with(want), "{text:?}\n got: {got}\nwant: {want}");
     }
+}
+
+/// Two providers may hand agents the same key variable: it holds the
+/// session's one token for both.
+#[test]
+fn providers_may_share_an_env_key() {
+    let text = "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"K\"\nenv_base_url = \"XB\"\n\
+                [providers.y]\nupstream = \"https://y\"\ncredential = \"env:Y\"\nenv_key = \"K\"\nenv_base_url = \"YB\"";
+    let config = Config::parse("ok.toml", text).unwrap();
+    assert_eq!(config.providers["y"].env_key, "K");
 }
 
 #[test]
