@@ -240,8 +240,10 @@ impl Writer {
     }
 }
 
-/// `call`, or [`StoreError::TimedOut`] once `limit` has passed (the call is
-/// dropped: sqlx closes a connection whose query was cut short).
+/// `call`, or [`StoreError::TimedOut`] once `limit` has passed. The call is
+/// dropped; its pooled connection is checked (pinged) before the pool lends
+/// it again, which on a silent connection holds that one slot until TCP
+/// gives up, not the writer.
 async fn bounded<T>(
     limit: Duration,
     call: impl Future<Output = Result<T, StoreError>>,

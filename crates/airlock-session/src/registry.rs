@@ -218,8 +218,18 @@ impl Registry {
                 let row = self.look_up(hash).await?.ok_or(AuthError::Unknown)?;
                 let session = self.cache(hash, row);
                 if self.revocations.load(Ordering::SeqCst) != revocations {
-                    if let Some(at) = self.look_up(hash).await?.and_then(|r| r.revoked_at) {
-                        session.mark_revoked(at);
+                    match self.look_up(hash).await {
+                        Ok(row) => {
+                            if let Some(at) = row.and_then(|r| r.revoked_at) {
+                                session.mark_revoked(at);
+                            }
+                        }
+                        Err(e) => {
+                            // Unconfirmed: not kept, so the next call asks again.
+                            self.by_token.write().remove(&hash);
+                            self.by_id.write().remove(session.id());
+                            return Err(e);
+                        }
                     }
                 }
                 session

@@ -192,6 +192,8 @@ struct CountingStore {
 struct LookupGate {
     read: tokio::sync::Notify,
     release: tokio::sync::Semaphore,
+    /// Lookups released while set fail (the store out of reach).
+    fail: std::sync::atomic::AtomicBool,
 }
 
 impl CountingStore {
@@ -214,6 +216,7 @@ impl CountingStore {
             gate: Some(LookupGate {
                 read: tokio::sync::Notify::new(),
                 release: tokio::sync::Semaphore::new(0),
+                fail: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -231,6 +234,12 @@ impl Store for CountingStore {
         if let Some(gate) = &self.gate {
             gate.read.notify_one();
             gate.release.acquire().await.unwrap().forget();
+            if gate.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(airlock_store::StoreError::Corrupt {
+                    what: "test".to_owned(),
+                    reason: "unreachable".to_owned(),
+                });
+            }
         }
         row
     }
@@ -336,6 +345,17 @@ async fn an_expired_session_stays_expired_when_revoked() {
 /// that had not cached it) is not lost when that read row is cached.
 #[tokio::test]
 async fn a_revocation_during_a_token_lookup_is_not_lost() {
+    revocation_during_a_lookup(false).await;
+}
+
+/// The same when the lookup that should confirm it fails: the row read is
+/// not kept, and the next call asks the store again.
+#[tokio::test]
+async fn a_revocation_during_a_lookup_is_not_lost_when_the_recheck_fails() {
+    revocation_during_a_lookup(true).await;
+}
+
+async fn revocation_during_a_lookup(recheck_fails: bool) {
     let (_dir, reg) = registry().await;
     let (live, token) = reg
         .create(new_session(Limits::default(), Duration::from_secs(60)))
@@ -358,9 +378,19 @@ async fn a_revocation_during_a_token_lookup_is_not_lost() {
     // The lookup has read the row, still active; the revocation lands now.
     gate.read.notified().await;
     assert!(fresh.revoke(live.id()).await.unwrap());
-    gate.release.add_permits(16);
+    if recheck_fails {
+        // The first read answers; the recheck reads and fails.
+        gate.release.add_permits(1);
+        gate.read.notified().await;
+        gate.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        gate.release.add_permits(1);
+    } else {
+        gate.release.add_permits(16);
+    }
     // That call ran alongside the revocation: either answer is right.
     let _ = looking.await.unwrap();
+    gate.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    gate.release.add_permits(16);
     assert_eq!(
         fresh
             .authenticate(Some(token.expose()), crate::now_ms())
