@@ -274,6 +274,15 @@ impl Proxy {
             .no_retry();
             return self.refuse(denial, call).await;
         }
+        if parts.status.is_informational() {
+            // hyper hands a request only a final answer, or a 101 nobody
+            // asked for (airlock sends no Upgrade).
+            let denial = Denial::new(
+                ErrorCode::UpstreamError,
+                format!("the provider answered {status} to a call that asked for no upgrade"),
+            );
+            return self.refuse(denial, call).await;
+        }
         if let Some(coding) =
             opaque_coding(&parts.headers).filter(|_| has_body(parts.status, &body))
         {
@@ -292,6 +301,10 @@ impl Proxy {
             return self.refuse(denial, call).await;
         }
         strip_hop_by_hop(&mut parts.headers);
+        // Nothing of the upstream connection's own goes on: hyper would
+        // write the provider's reason phrase (text it chose, which can
+        // quote the key) in place of the standard one.
+        parts.extensions.clear();
         let redactor = credential.value.redactor();
         if redactor.scrub_headers(&mut parts.headers) {
             call.flag(Flags::CREDENTIAL_REDACTED);

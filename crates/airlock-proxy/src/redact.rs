@@ -102,6 +102,11 @@ struct Inner {
     masks: Vec<Box<[u8]>>,
     /// Length of the longest secret (0 when there are none).
     max_len: usize,
+    /// Length of the shortest secret (0 when there are none).
+    min_len: usize,
+    /// The secrets in lower case: header names are, so a secret shows in
+    /// one only that way.
+    lower_finders: Vec<Finder<'static>>,
     /// Whether some secret starts with this byte (prefix checks start here).
     first_bytes: [bool; 256],
 }
@@ -167,10 +172,17 @@ impl Redactor {
             finders.push(Finder::new(secret).into_owned());
             masks.push(mask_for(secret.len()).into_boxed_slice());
         }
+        let min_len = finders.iter().map(|f| f.needle().len()).min().unwrap_or(0);
+        let lower_finders = finders
+            .iter()
+            .map(|f| Finder::new(&f.needle().to_ascii_lowercase()).into_owned())
+            .collect();
         Ok(Self(Arc::new(Inner {
             finders,
             masks,
             max_len,
+            min_len,
+            lower_finders,
             first_bytes,
         })))
     }
@@ -181,6 +193,8 @@ impl Redactor {
             finders: Vec::new(),
             masks: Vec::new(),
             max_len: 0,
+            min_len: 0,
+            lower_finders: Vec::new(),
             first_bytes: [false; 256],
         }))
     }
@@ -227,7 +241,9 @@ impl Redactor {
         Some(scrubbed)
     }
 
-    /// Scrubs every value of `headers` in place. Returns whether any changed.
+    /// Scrubs every value of `headers` in place, and removes every header
+    /// whose name holds a secret (a name cannot hold a mask). Returns
+    /// whether anything changed.
     pub fn scrub_headers(&self, headers: &mut HeaderMap) -> bool {
         if self.is_empty() {
             return false;
@@ -238,6 +254,20 @@ impl Redactor {
                 *value = scrubbed;
                 changed = true;
             }
+        }
+        // Names shorter than every secret (nearly all) are not searched.
+        let leaking: Vec<http::HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().len() >= self.0.min_len)
+            .filter(|name| {
+                let name = name.as_str().as_bytes();
+                self.0.lower_finders.iter().any(|f| f.find(name).is_some())
+            })
+            .cloned()
+            .collect();
+        for name in leaking {
+            headers.remove(name);
+            changed = true;
         }
         changed
     }

@@ -283,6 +283,35 @@ async fn compressed_answers_cannot_carry_the_credential_past_the_guard() {
     assert_eq!(recs[1]["upstream_status"], 200, "{}", recs[1]);
 }
 
+/// The credential in a provider's reason phrase or in a header name (where
+/// no mask fits) never reaches the agent: the standard reason phrase goes
+/// out, and the header is dropped.
+#[tokio::test]
+async fn a_credential_in_the_answer_s_head_outside_its_values_is_dropped() {
+    let (_mock, airlock, token) = openai_with_session().await;
+    let host = airlock.proxy_url().trim_start_matches("http://").to_owned();
+    let answer = airlock_testkit::client::raw(
+        &airlock.proxy_url(),
+        format!(
+            "GET /openai/leak-head HTTP/1.1\r\nHost: {host}\r\n\
+             Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (head, _) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let lower_key = OPENAI_KEY.to_ascii_lowercase();
+    assert!(!head.to_ascii_lowercase().contains(&lower_key), "{head}");
+    let recs = records(&airlock).await;
+    assert_eq!(
+        recs[0]["flags"],
+        json!(["credential_redacted"]),
+        "{}",
+        recs[0]
+    );
+}
+
 #[tokio::test]
 async fn an_upstream_refusing_the_credential_is_airlocks_502() {
     let (_mock, airlock, token) = openai_with_session().await;

@@ -75,6 +75,7 @@ pub(crate) async fn handle(
         }
         "/echo" => echo(method, &target, &parts.headers, &kept),
         "/gzip-always" => gzip_always(&parts.headers),
+        "/leak-head" => leak_head(&parts.headers),
         "/leak-sse" => leak_sse(&parts.headers),
         _ => match path.strip_prefix("/status/") {
             Some(code) => status(code),
@@ -489,6 +490,29 @@ fn gzip_always(headers: &http::HeaderMap) -> Response<MockBody> {
         .get(header::AUTHORIZATION)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     gzip_json(&json!({ "authorization": authorization }))
+}
+
+/// A provider that puts the credential it was sent where no header value
+/// is: in its reason phrase (`200 key <credential>`) and in a header name
+/// (`x-<credential, lower case>: 1`).
+fn leak_head(headers: &http::HeaderMap) -> Response<MockBody> {
+    let credential = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_whitespace().last())
+        .unwrap_or("none")
+        .to_owned();
+    let mut response = json_response(StatusCode::OK, &json!({"leak": "head"}));
+    if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(format!("key {credential}").into_bytes())
+    {
+        response.extensions_mut().insert(reason);
+    }
+    if let Ok(name) = http::HeaderName::from_bytes(format!("x-{credential}").as_bytes()) {
+        response
+            .headers_mut()
+            .insert(name, HeaderValue::from_static("1"));
+    }
+    response
 }
 
 /// `value` as a gzip-encoded JSON answer.
