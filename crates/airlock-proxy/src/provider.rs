@@ -67,7 +67,11 @@ pub struct CredentialFormat {
 /// insert, and the leak guard that looks for it in responses.
 pub struct PreparedCredential {
     injected: Injected,
+    /// What the leak guard looks for: this key's forms, and those of the
+    /// key it replaced, if any ([`PreparedCredential::also_guarding`]).
     redactor: Redactor,
+    /// This key's own forms.
+    own: Redactor,
 }
 
 /// Most bytes an upstream HTTP/1.1 connection reads ahead (hyper's read
@@ -354,8 +358,12 @@ impl CredentialFormat {
                 secrets.push(value.as_bytes());
             }
         }
-        let redactor = Redactor::new(&secrets)?;
-        Ok(PreparedCredential { injected, redactor })
+        let own = Redactor::new(&secrets)?;
+        Ok(PreparedCredential {
+            injected,
+            redactor: own.clone(),
+            own,
+        })
     }
 }
 
@@ -381,6 +389,15 @@ impl PreparedCredential {
     /// The leak guard for this credential.
     pub(crate) fn redactor(&self) -> &Redactor {
         &self.redactor
+    }
+
+    /// This credential, guarding against the key it replaces as well (that
+    /// key's own forms, not what it guarded itself): a key rotated out
+    /// usually stays valid at the provider for a while, and answers may
+    /// still echo it.
+    pub fn also_guarding(mut self, previous: &PreparedCredential) -> Result<Self, ProviderError> {
+        self.redactor = self.own.union(&previous.own)?;
+        Ok(self)
     }
 }
 

@@ -187,6 +187,18 @@ impl Redactor {
         })))
     }
 
+    /// A redactor for the secrets of both `self` and `other`.
+    pub fn union(&self, other: &Redactor) -> Result<Self, RedactorError> {
+        let needles: Vec<&[u8]> = self
+            .0
+            .finders
+            .iter()
+            .chain(&other.0.finders)
+            .map(Finder::needle)
+            .collect();
+        Self::new(&needles)
+    }
+
     /// A redactor with no secrets: everything passes unchanged.
     pub fn empty() -> Self {
         Self(Arc::new(Inner {

@@ -17,7 +17,7 @@ use airlock_admin::{CredentialAdmin, CredentialAdminError, CredentialStatus};
 use airlock_core::seal::{self, credential_aad, load_or_create_key, KeyOrigin, KeyPurpose};
 use airlock_core::{MasterKey, Secret};
 use airlock_proxy::credential_source::{CredentialCell, FileWatcher};
-use airlock_proxy::{CredentialFormat, PreparedCredential};
+use airlock_proxy::{CredentialFormat, PreparedCredential, ProviderError};
 use airlock_session::now_ms;
 use airlock_store::{Change, Store};
 use anyhow::Context;
@@ -83,8 +83,9 @@ impl Credentials {
                 }
                 CredentialSource::File(path) => {
                     let format = format.clone();
+                    let current = Arc::clone(&cell);
                     let watcher = FileWatcher::start(path.clone(), Arc::clone(&cell), move |s| {
-                        format.prepare(&s)
+                        rotated(format.prepare(&s)?, &current)
                     })
                     .with_context(|| format!("providers.{name}.credential"))?;
                     credentials._watchers.push(watcher);
@@ -148,6 +149,7 @@ impl Credentials {
         let prepared = p
             .format
             .prepare(&secret)
+            .and_then(|prepared| rotated(prepared, &p.cell))
             .with_context(|| format!("the stored credential of {provider}"))?;
         p.cell.store(Some(prepared));
         tracing::info!(provider, "credential loaded from the store");
@@ -192,6 +194,17 @@ impl Credentials {
                 tracing::error!(provider, error = %format!("{e:#}"), "could not reload a credential");
             }
         }
+    }
+}
+
+/// `new`, guarding as well against the key it replaces in `cell`, if any.
+fn rotated(
+    new: PreparedCredential,
+    cell: &CredentialCell<PreparedCredential>,
+) -> Result<PreparedCredential, ProviderError> {
+    match cell.load() {
+        Some(previous) => new.also_guarding(&previous.value),
+        None => Ok(new),
     }
 }
 

@@ -389,6 +389,20 @@ async fn file_credentials_rotate_without_restart() {
     wait_for_credential(&airlock, &mock, &token, "file-key-version-two").await;
     std::fs::write(&file, "file-key-version-three").unwrap();
     wait_for_credential(&airlock, &mock, &token, "file-key-version-three").await;
+
+    // An answer echoing the key just rotated out is masked too (it usually
+    // stays valid at the provider a while); the one before is not guarded.
+    let reply = request(
+        "POST",
+        &format!("{}/p/echo", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        Bytes::from("old: file-key-version-two, older: file-key-version-one"),
+    )
+    .await;
+    let text = reply.text();
+    assert!(!text.contains("file-key-version-two"), "{text}");
+    assert!(!text.contains("file-key-version-three"), "{text}");
+    assert!(text.contains("file-key-version-one"), "{text}");
 }
 
 fn credential_cli(airlock: &Airlock, args: &[&str], stdin: &str) -> std::process::Output {
