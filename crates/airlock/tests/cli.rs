@@ -836,6 +836,31 @@ async fn audit_tail_prints_the_last_records_then_follows_new_ones() {
     assert_eq!(err, "", "a closed pipe is not an error");
 }
 
+/// `serve` raises its soft limit on open files to the hard one: each
+/// connection, stream and upstream connection holds a descriptor.
+#[tokio::test]
+async fn serve_raises_its_open_files_limit() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("airlock-low-nofile");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nulimit -Sn 256\nexec {BIN} \"$@\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let airlock = AirlockBuilder::new(&wrapper).start().await.unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", airlock.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "soft and hard differ: {line}");
+    assert_ne!(numbers[0], "256", "{line}");
+}
+
 /// SIGHUP (from `systemctl reload`, log rotation) without TLS is logged and
 /// ignored: its default action would end the server without a drain.
 #[tokio::test]

@@ -27,6 +27,7 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the server until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let store = airlock_store::open(&config.store_url)
         .await
         .with_context(|| format!("opening store {}", config.store_url))?;
@@ -243,6 +244,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one: every connection,
+/// HTTP/2 stream in flight and upstream connection holds a descriptor, and
+/// a soft limit of 1024 (or 256) is a few hundred calls. Logged either way.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+    let limit = getrlimit(Resource::Nofile);
+    let wanted = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    if limit.current == limit.maximum {
+        return;
+    }
+    match setrlimit(Resource::Nofile, wanted) {
+        Ok(()) => tracing::info!(
+            from = ?limit.current,
+            to = ?limit.maximum,
+            "raised the open files limit"
+        ),
+        Err(e) => tracing::warn!(
+            limit = ?limit.current,
+            error = %e,
+            "could not raise the open files limit; connections beyond it are refused"
+        ),
+    }
 }
 
 /// Longest the audit writer waits for one store call before it gives up on
