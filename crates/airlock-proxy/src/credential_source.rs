@@ -500,6 +500,12 @@ impl Fingerprint {
     }
 }
 
+/// Reads a credential file as the watcher does: surrounding whitespace
+/// trimmed, `None` when nothing is left (for `airlock config check`).
+pub fn read_credential_file(path: &Path) -> Result<Option<Secret>, CredentialFileError> {
+    read_credential(path).map(|(secret, _)| secret)
+}
+
 /// Reads a credential file: surrounding whitespace trimmed, `None` when
 /// nothing is left. Returns the fingerprint of the file actually read.
 fn read_credential(path: &Path) -> Result<(Option<Secret>, Fingerprint), CredentialFileError> {

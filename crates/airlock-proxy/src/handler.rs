@@ -461,6 +461,9 @@ impl Proxy {
                 ))
             }
             Ok(Err(_)) if counted.load(Ordering::Relaxed) > limit => {
+                // The provider saw the head and part of the body before
+                // airlock cut the request: the record says so.
+                call.flag(Flags::INCOMPLETE);
                 return Err(Denial::new(
                     ErrorCode::PayloadTooLarge,
                     format!(

@@ -736,6 +736,21 @@ async fn a_chunked_body_over_the_limit_is_413() {
     let answer = raw(&airlock.proxy_url(), raw_request.as_bytes()).await;
     assert_eq!(raw_status(&answer), 413, "{answer}");
     assert!(answer.contains("payload_too_large"), "{answer}");
+    // The provider had the head and part of the body: the record says the
+    // call was cut, not refused before it left.
+    let (_, audit) = airlock
+        .admin("GET", "/v1/audit?limit=10", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        audit["records"][0]["decision"], "payload_too_large",
+        "{audit}"
+    );
+    assert_eq!(
+        audit["records"][0]["flags"],
+        json!(["incomplete"]),
+        "{audit}"
+    );
     // Within the limit, a chunked body goes through.
     let mut small = format!(
         "POST /openai/upload HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\

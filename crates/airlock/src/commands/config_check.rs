@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use airlock_core::duration;
+use airlock_proxy::credential_source::{read_credential_file, CredentialFileError};
 use airlock_proxy::provider::check_ca_file;
 use airlock_proxy::ProviderError;
 
@@ -161,14 +162,31 @@ pub fn describe(config: &Config) -> Description {
             CredentialSource::Env(var) => format!(
                 "env:{var} (not set: calls to {name} get 503 until airlock is restarted with it)"
             ),
-            CredentialSource::File(path) => match std::fs::File::open(path) {
-                Ok(_) => format!("file:{} (readable)", path.display()),
+            CredentialSource::File(path) => match read_credential_file(path) {
+                Ok(Some(secret)) => match usable(p, &secret) {
+                    Ok(()) => format!("file:{} (readable)", path.display()),
+                    Err(e) => {
+                        d.problems.push(format!("providers.{name}.credential: {e}"));
+                        format!(
+                            "file:{} (readable, but cannot be used: {e})",
+                            path.display()
+                        )
+                    }
+                },
+                Ok(None) => format!(
+                    "file:{} (empty: calls to {name} get 503 until it holds a credential)",
+                    path.display()
+                ),
                 Err(e) => {
+                    let reason = match &e {
+                        CredentialFileError::Read { source, .. } => source.to_string(),
+                        other => other.to_string(),
+                    };
                     d.problems.push(format!(
-                        "providers.{name}.credential: cannot read {}: {e}",
+                        "providers.{name}.credential: cannot read {}: {reason}",
                         path.display()
                     ));
-                    format!("file:{} (cannot read: {e})", path.display())
+                    format!("file:{} (cannot read: {reason})", path.display())
                 }
             },
         };
@@ -214,12 +232,17 @@ pub fn describe(config: &Config) -> Description {
     d
 }
 
-/// Whether an `env:` credential that is set is one `serve` takes: long
-/// enough to be guarded against echoes, sendable in its header.
+/// Whether an `env:` credential that is set is one `serve` takes.
 fn usable_env_credential(p: &crate::config::ProviderConfig) -> Result<(), String> {
     let secret = p.credential.read()?.ok_or("not set")?;
+    usable(p, &secret)
+}
+
+/// Whether `secret` is a credential `serve` takes for provider `p`: long
+/// enough to be guarded against echoes, sendable in its header.
+fn usable(p: &crate::config::ProviderConfig, secret: &airlock_core::Secret) -> Result<(), String> {
     airlock_proxy::CredentialFormat::new(p.auth.clone(), p.auth_format.as_deref())
-        .and_then(|format| format.prepare(&secret))
+        .and_then(|format| format.prepare(secret))
         .map(drop)
         .map_err(|e| match std::error::Error::source(&e) {
             Some(cause) => format!("{e}: {cause}"),
@@ -260,6 +283,35 @@ fn store_note(url: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credential_file_serve_would_refuse_is_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("p.key");
+        let text = format!(
+            "[providers.p]\nupstream = \"https://p\"\ncredential = \"file:{}\"\n\
+             env_key = \"P_KEY\"\nenv_base_url = \"P_URL\"\n",
+            key.display()
+        );
+        let config = Config::parse("x.toml", &text).unwrap();
+        std::fs::write(&key, "sk-x\n").unwrap();
+        let d = describe(&config);
+        assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+        assert!(
+            d.problems[0].contains("at least 8 bytes"),
+            "{:?}",
+            d.problems
+        );
+        std::fs::write(&key, "sk-long-enough-0123\n").unwrap();
+        assert!(describe(&config).problems.is_empty());
+        std::fs::write(&key, "\n").unwrap();
+        let d = describe(&config);
+        assert!(
+            d.problems.is_empty() && d.text.contains("(empty:"),
+            "{}",
+            d.text
+        );
+    }
 
     #[test]
     fn a_wildcard_listener_without_a_public_url_is_pointed_out() {
