@@ -467,11 +467,9 @@ fn decode(path: &str) -> Cow<'_, str> {
     let mut i = 0;
     while i < bytes.len() {
         let visible = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
+            .then(|| crate::path::decode_escape(bytes.get(i + 1..i + 3)))
             .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-            .filter(|b| b.is_ascii_graphic());
+            .filter(u8::is_ascii_graphic);
         match visible {
             Some(b) => {
                 out.push(char::from(b));

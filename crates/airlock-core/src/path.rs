@@ -132,7 +132,9 @@ fn is_allowed_byte(b: u8) -> bool {
         )
 }
 
-fn decode_escape(hex: Option<&[u8]>) -> Option<u8> {
+/// The byte an escape's two hex digits stand for (`None` when they are not
+/// two hex digits).
+pub(crate) fn decode_escape(hex: Option<&[u8]>) -> Option<u8> {
     let hex = hex?;
     let hi = char::from(hex[0]).to_digit(16)?;
     let lo = char::from(hex[1]).to_digit(16)?;
