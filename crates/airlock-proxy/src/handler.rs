@@ -126,18 +126,26 @@ impl Proxy {
         let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);
         let (provider, result) = self.process(req, &mut call).await;
         let metrics = provider.map_or(&self.unknown_provider, |p| &p.metrics);
-        let seconds = started.elapsed().as_secs_f64();
-        match result {
-            Ok(response) => {
-                metrics.record(None, seconds);
-                self.relay(response, call).await
-            }
+        let mut unanswered = Unanswered {
+            metrics,
+            answered: false,
+        };
+        let answer = match result {
+            Ok(response) => self.relay(response, call).await,
             Err(denial) => {
-                metrics.record(Some(denial.code()), seconds);
                 tracing::debug!(code = %denial.code(), "call refused");
                 self.refuse(denial, call).await
             }
-        }
+        };
+        unanswered.answered = true;
+        // Counted as the agent gets it: relaying may still answer with
+        // airlock's own error (an encoded body, the provider refusing the
+        // credential, audit that cannot be written).
+        metrics.record(
+            answer.extensions().get::<ErrorCode>().copied(),
+            started.elapsed().as_secs_f64(),
+        );
+        answer
     }
 
     async fn process(
@@ -521,7 +529,7 @@ fn store_unavailable() -> Denial {
 
 /// Counts a call as `client_aborted` in the metrics, as its record says,
 /// when its agent goes away (the call's future is dropped) before airlock
-/// has decided.
+/// has answered.
 struct Unanswered<'a> {
     metrics: &'a ProviderMetrics,
     answered: bool,

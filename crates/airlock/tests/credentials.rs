@@ -326,6 +326,11 @@ async fn an_upstream_refusing_the_credential_is_airlocks_502() {
         let message = body["error"]["message"].as_str().unwrap();
         assert!(!message.contains("sk-"), "{message}");
     }
+    // Metrics count what the agent got, as the records do.
+    let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
+    let metrics = metrics.as_str().unwrap();
+    let line = "airlock_proxy_calls_total{provider=\"openai\",decision=\"upstream_auth_failed\"} 2";
+    assert!(metrics.contains(line), "{metrics}");
     let recs = records(&airlock).await;
     assert_eq!(recs[0]["decision"], "upstream_auth_failed");
     assert_eq!(recs[0]["upstream_status"], 401);
