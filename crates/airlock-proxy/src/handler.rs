@@ -266,46 +266,7 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         let status = parts.status.as_u16();
         call.set_forwarded(status);
-        if parts.status == StatusCode::UNAUTHORIZED || parts.status == StatusCode::FORBIDDEN {
-            tracing::warn!(
-                provider = call.provider().unwrap_or("-"),
-                status,
-                "the provider refused the real credential"
-            );
-            let denial = Denial::new(
-                ErrorCode::UpstreamAuthFailed,
-                format!(
-                    "the provider refused airlock's credential (HTTP {status}); \
-                     ask the operator to check it"
-                ),
-            )
-            .no_retry();
-            return self.refuse(denial, call).await;
-        }
-        if parts.status.is_informational() {
-            // hyper hands a request only a final answer, or a 101 nobody
-            // asked for (airlock sends no Upgrade).
-            let denial = Denial::new(
-                ErrorCode::UpstreamError,
-                format!("the provider answered {status} to a call that asked for no upgrade"),
-            );
-            return self.refuse(denial, call).await;
-        }
-        if let Some(coding) =
-            opaque_coding(&parts.headers).filter(|_| has_body(parts.status, &body))
-        {
-            tracing::warn!(
-                provider = call.provider().unwrap_or("-"),
-                coding,
-                "the provider sent an encoded answer the leak guard cannot scan"
-            );
-            let denial = Denial::new(
-                ErrorCode::UpstreamError,
-                format!(
-                    "the provider answered with a {coding}-encoded body, which airlock \
-                     cannot scan for its credential (it asks for unencoded answers)"
-                ),
-            );
+        if let Some(denial) = unrelayable(&parts, &body, call.provider().unwrap_or("-")) {
             return self.refuse(denial, call).await;
         }
         strip_hop_by_hop(&mut parts.headers);
@@ -508,6 +469,42 @@ fn has_body(status: StatusCode, body: &UpstreamBody) -> bool {
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || body.is_end_stream())
+}
+
+/// airlock's own error in place of a provider's answer it must not relay:
+/// a 401/403 (the provider refused the real credential, and such bodies
+/// often quote part of it), a 1xx nobody asked for, or a body in a coding
+/// the leak guard cannot read. `None` for an answer to relay.
+fn unrelayable(
+    parts: &http::response::Parts,
+    body: &UpstreamBody,
+    provider: &str,
+) -> Option<Denial> {
+    let status = parts.status.as_u16();
+    if parts.status == StatusCode::UNAUTHORIZED || parts.status == StatusCode::FORBIDDEN {
+        tracing::warn!(provider, status, "the provider refused the real credential");
+        let message = format!(
+            "the provider refused airlock's credential (HTTP {status}); ask the operator to check it"
+        );
+        return Some(Denial::new(ErrorCode::UpstreamAuthFailed, message).no_retry());
+    }
+    if parts.status.is_informational() {
+        // hyper hands a request only a final answer, or a 101 nobody asked
+        // for (airlock sends no Upgrade).
+        let message = format!("the provider answered {status} to a call that asked for no upgrade");
+        return Some(Denial::new(ErrorCode::UpstreamError, message));
+    }
+    let coding = opaque_coding(&parts.headers).filter(|_| has_body(parts.status, body))?;
+    tracing::warn!(
+        provider,
+        coding,
+        "the provider sent an encoded answer the leak guard cannot scan"
+    );
+    let message = format!(
+        "the provider answered with a {coding}-encoded body, which airlock cannot scan for its \
+         credential (it asks for unencoded answers)"
+    );
+    Some(Denial::new(ErrorCode::UpstreamError, message))
 }
 
 /// Withholds from `call`'s recorded path every session token `req`
