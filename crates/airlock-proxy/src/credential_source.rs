@@ -149,8 +149,9 @@ struct Worker<T, F> {
     fingerprint: Option<Fingerprint>,
     /// The value last stored into the cell.
     current: Option<Secret>,
-    /// Whether the last check failed (warnings are logged on the transition).
-    failing: bool,
+    /// The error of the last check, if it failed: a warning is logged when
+    /// the error changes, not on every periodic re-check.
+    failing: Option<String>,
 }
 
 // === impl CredentialCell ===
@@ -285,7 +286,7 @@ impl FileWatcher {
             stats: Arc::clone(&stats),
             fingerprint: Some(fingerprint),
             current: secret,
-            failing: false,
+            failing: None,
         };
         let handle = std::thread::Builder::new()
             .name("airlock-credential-watch".into())
@@ -455,15 +456,15 @@ where
 
     fn fail(&mut self, err: &CredentialFileError) {
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
-        if !self.failing {
-            self.failing = true;
-            tracing::warn!(error = %err, "keeping the last credential");
+        let text = err.to_string();
+        if self.failing.as_deref() != Some(text.as_str()) {
+            tracing::warn!(error = %text, "keeping the last credential");
+            self.failing = Some(text);
         }
     }
 
     fn recovered(&mut self) {
-        if self.failing {
-            self.failing = false;
+        if self.failing.take().is_some() {
             tracing::info!(path = %self.path.display(), "credential file is readable again");
         }
     }

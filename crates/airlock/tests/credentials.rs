@@ -408,6 +408,37 @@ async fn file_credentials_rotate_without_restart() {
     assert!(!text.contains("file-key-version-two"), "{text}");
     assert!(!text.contains("file-key-version-three"), "{text}");
     assert!(text.contains("file-key-version-one"), "{text}");
+
+    // A file that cannot be used keeps the last key; each new reason is
+    // logged once, not on every re-check.
+    let warnings = || airlock.output().matches("keeping the last credential").count();
+    std::fs::remove_file(&file).unwrap();
+    wait_for_output(&airlock, "No such file").await;
+    write_atomically(&file, "short");
+    wait_for_output(&airlock, "cannot be guarded").await;
+    assert_eq!(warnings(), 2, "{}", airlock.output());
+    assert_eq!(call(&airlock, "/p/x", &token).await.0, 200);
+    assert_eq!(
+        mock.requests().last().unwrap().header("authorization").as_deref(),
+        Some("Bearer file-key-version-three")
+    );
+    write_atomically(&file, "file-key-version-four");
+    wait_for_output(&airlock, "credential file is readable again").await;
+    wait_for_credential(&airlock, &mock, &token, "file-key-version-four").await;
+    assert_eq!(warnings(), 2, "{}", airlock.output());
+}
+
+/// Waits until airlock's output holds `text`.
+async fn wait_for_output(airlock: &Airlock, text: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !airlock.output().contains(text) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never logged {text:?}: {}",
+            airlock.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn credential_cli(airlock: &Airlock, args: &[&str], stdin: &str) -> std::process::Output {
