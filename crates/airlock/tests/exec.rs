@@ -307,6 +307,57 @@ async fn a_child_killed_by_the_forwarded_signal_gives_128_plus_the_signal() {
     }
 }
 
+/// A terminal (a pseudo-terminal's far end) that is not the controlling
+/// terminal of whoever gets it as stdin, and its leader (the far end is
+/// usable while the leader is open).
+fn detached_terminal() -> (rustix::fd::OwnedFd, std::fs::File) {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    use std::os::unix::fs::OpenOptionsExt;
+    let leader = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&leader).unwrap();
+    unlockpt(&leader).unwrap();
+    let name = ptsname(&leader, Vec::new()).unwrap();
+    let far_end = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::NOCTTY.bits().cast_signed())
+        .open(name.to_str().unwrap())
+        .unwrap();
+    (leader, far_end)
+}
+
+#[tokio::test]
+async fn sigint_sent_to_airlock_alone_reaches_the_child_even_with_a_terminal_on_stdin() {
+    // airlock skips forwarding SIGINT only when its group is the terminal's
+    // foreground group (a Ctrl-C there reached the child already). With a
+    // terminal on stdin that is not its controlling one — as for a job run
+    // in the background — a SIGINT came from `kill` and must be passed on.
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let (_leader, terminal) = detached_terminal();
+    let mut child = exec(
+        &airlock,
+        &[
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--",
+            "sh",
+            "-c",
+            r#"trap 'echo "child got INT"; exit 4' INT; echo "$AIRLOCK_SESSION_ID"; while :; do sleep 0.05; done"#,
+        ],
+    )
+    .stdin(terminal)
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let id = next_line(&mut lines).await;
+    assert_eq!(session(&airlock, &id).await["state"], "active");
+    signal(&child, rustix::process::Signal::INT);
+    assert_eq!(next_line(&mut lines).await, "child got INT");
+    assert_eq!(wait(&mut child).await.code(), Some(4));
+    assert_eq!(session(&airlock, &id).await["state"], "revoked");
+}
+
 #[tokio::test]
 async fn a_missing_command_exits_127_and_its_session_is_revoked() {
     let mock = MockProvider::start().await;

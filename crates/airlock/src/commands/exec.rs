@@ -96,8 +96,7 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
             biased;
             status = child.wait() => break status,
             number = signals.recv() => {
-                let from_terminal = std::io::IsTerminal::is_terminal(&std::io::stdin());
-                if let Some(pid) = child.id().filter(|_| forwards(number, from_terminal)) {
+                if let Some(pid) = child.id().filter(|_| forwards(number, in_terminal_foreground())) {
                     forward_signal(pid, number);
                 }
             }
@@ -197,10 +196,21 @@ fn signal_exit_code(number: i32) -> u8 {
 
 /// Whether airlock passes signal `number` on to the command. The command
 /// shares airlock's process group, so a Ctrl-C typed at the terminal
-/// (`terminal`: airlock's stdin is one) has reached it already: a second
-/// SIGINT would make many programs skip their graceful exit.
+/// (`terminal`: airlock's group is its terminal's foreground group) has
+/// reached it already: a second SIGINT would make many programs skip their
+/// graceful exit.
 fn forwards(number: i32, terminal: bool) -> bool {
     !(terminal && number == SignalKind::interrupt().as_raw_value())
+}
+
+/// Whether airlock's process group is the foreground group of the
+/// controlling terminal on its stdin, i.e. whether a Ctrl-C typed there
+/// reaches the command directly. Not when stdin is no terminal, not our
+/// controlling one, or airlock runs in the background (`airlock exec … &`):
+/// a SIGINT then came from `kill` and only airlock got it.
+fn in_terminal_foreground() -> bool {
+    rustix::termios::tcgetpgrp(std::io::stdin())
+        .is_ok_and(|group| group == rustix::process::getpgrp())
 }
 
 /// Sends signal `number` to `pid`; a command that is already gone is fine.
