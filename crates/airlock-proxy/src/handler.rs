@@ -413,9 +413,9 @@ impl Proxy {
         let body = RequestBody::new(body, Arc::clone(&counted), limit);
         let upstream_req = Request::from_parts(parts, body);
 
-        let sent = Instant::now();
-        let response = tokio::time::timeout(
-            self.settings.upstream_timeout,
+        let sent = tokio::time::Instant::now();
+        let response = tokio::time::timeout_at(
+            sent + self.settings.upstream_timeout,
             provider.pool().send(upstream_req),
         )
         .await;

@@ -243,6 +243,10 @@ impl Redactor {
     /// sensitive flag), else `None`. Secrets are replaced by the same masks
     /// as in bodies, so the value keeps its length.
     pub fn scrub_header_value(&self, value: &HeaderValue) -> Option<HeaderValue> {
+        // A value shorter than every secret (most of them) holds none.
+        if value.len() < self.0.min_len {
+            return None;
+        }
         let out = self.0.scan(value.as_bytes(), true).out?;
         // Masks are visible ASCII and the rest comes from a valid value, so
         // this cannot fail; should it, the whole value is masked.

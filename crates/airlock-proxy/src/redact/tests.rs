@@ -381,6 +381,16 @@ fn header_values_are_scrubbed() {
         .unwrap();
     assert_eq!(scrubbed, "x [REDACTED]** y");
     assert!(!r.scrub_headers(&mut headers));
+    // A value exactly as long as the shortest secret is searched.
+    let two = redactor(&[SECRET, b"tok-12345678"]);
+    assert_eq!(
+        two.scrub_header_value(&HeaderValue::from_static("tok-12345678"))
+            .unwrap(),
+        "[REDACTED]**"
+    );
+    assert!(two
+        .scrub_header_value(&HeaderValue::from_static("tok-1234567"))
+        .is_none());
 }
 
 // === RedactingBody ===

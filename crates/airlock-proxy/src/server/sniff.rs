@@ -199,7 +199,7 @@ impl Sniffer {
                 line
             }
         };
-        if line.contains(&b'\r') {
+        if memchr::memchr(b'\r', line).is_some() {
             self.flag("a bare CR inside a line");
         }
         if !self.head.started {
@@ -262,7 +262,7 @@ impl Sniffer {
         if parts.next().is_some() {
             self.flag("extra spaces in the request line");
         }
-        if target.is_some_and(|t| t.contains(&b'#')) {
+        if target.is_some_and(|t| memchr::memchr(b'#', t).is_some()) {
             self.flag("a fragment in the request target");
         }
         self.head.http10 = version == Some(b"HTTP/1.0".as_slice());
