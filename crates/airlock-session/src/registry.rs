@@ -19,7 +19,7 @@ use std::time::Duration;
 use airlock_core::token::{generate_token, is_well_formed};
 use airlock_core::{Limits, Scope, Secret, SessionId, TokenHash};
 use airlock_store::{Change, SessionRow, SessionStatus, Store, StoreError};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::runtime::Handle;
 use tokio::sync::{broadcast, Notify};
 
@@ -59,6 +59,11 @@ pub struct Registry {
     /// while one was written is looked up again: the row it read may be
     /// older than the revocation, which found nothing cached to mark.
     revocations: AtomicU64,
+    /// Revocations in force here that the store has not taken yet (it
+    /// failed when they were made), with their times: written again by
+    /// every flush until the store has them, and applied to a session
+    /// this process loads from the store meanwhile.
+    unpersisted: Arc<Mutex<HashMap<SessionId, i64>>>,
     /// The runtime the registry was made on (the control plane's), where
     /// the request path's store calls run: see [`Registry::on_home`].
     home: Option<Handle>,
@@ -93,6 +98,13 @@ pub enum AuthError {
 pub enum RegistryError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The revocation is in force in this process, but the store could not
+    /// be written; it is written again until the store takes it.
+    #[error(
+        "revoked in this process, but the store could not be written ({0}); \
+         airlock keeps writing it until the store takes it"
+    )]
+    RevocationPending(StoreError),
 }
 
 // === impl Registry ===
@@ -108,6 +120,7 @@ impl Registry {
             shared,
             freshness: sync::Freshness::new(),
             revocations: AtomicU64::new(0),
+            unpersisted: Arc::new(Mutex::new(HashMap::new())),
             home: Handle::try_current().ok(),
         }
     }
@@ -179,6 +192,9 @@ impl Registry {
             .or_insert_with(|| Arc::new(LiveSession::from_row(row, self.shared.as_ref())))
             .clone();
         drop(by_token);
+        if let Some(at) = self.unpersisted.lock().get(&id) {
+            live.mark_revoked(*at);
+        }
         self.by_id.write().insert(id, hash);
         live
     }
@@ -348,13 +364,21 @@ impl Registry {
     }
 
     /// Revokes a session everywhere this process can see: in memory at once,
-    /// then in the store. Returns whether the session exists.
+    /// then in the store. Returns whether the session exists. When the store
+    /// cannot be written, the revocation stays in force here and every
+    /// flush writes it again until the store has it; the error says so.
     pub async fn revoke(&self, id: &SessionId) -> Result<bool, RegistryError> {
         let at = now_ms();
         if let Some(live) = self.cached(id) {
             live.mark_revoked(at);
         }
-        let existed = self.store.revoke_session(id, at).await?;
+        let existed = match self.store.revoke_session(id, at).await {
+            Ok(existed) => existed,
+            Err(e) => {
+                self.keep_unpersisted(id, at);
+                return Err(RegistryError::RevocationPending(e));
+            }
+        };
         // A lookup that read the row before this write and cached it since
         // is marked here, or sees the count move and looks again.
         self.revocations.fetch_add(1, Ordering::SeqCst);
@@ -390,11 +414,50 @@ impl Registry {
         tracing::warn!(session = %session.id(), "session revoked: max_denied reached");
         let store = Arc::clone(&self.store);
         let id = session.id().clone();
+        let unpersisted = Arc::clone(&self.unpersisted);
         self.spawn_home(async move {
             if let Err(e) = store.revoke_session(&id, at).await {
-                tracing::error!(session = %id, error = %e, "could not persist revocation");
+                tracing::error!(session = %id, error = %e, "could not persist revocation; retrying");
+                unpersisted.lock().entry(id).or_insert(at);
             }
         });
+    }
+
+    /// Remembers a revocation the store did not take, for the flusher.
+    fn keep_unpersisted(&self, id: &SessionId, at: i64) {
+        self.unpersisted.lock().entry(id.clone()).or_insert(at);
+        // A lookup racing this one may have cached the row before it.
+        self.revocations.fetch_add(1, Ordering::SeqCst);
+        if let Some(live) = self.cached(id) {
+            live.mark_revoked(at);
+        }
+    }
+
+    /// Revocations in force here that the store has not taken yet.
+    pub fn unpersisted_revocations(&self) -> usize {
+        self.unpersisted.lock().len()
+    }
+
+    /// Writes the revocations the store did not take when they were made.
+    async fn persist_revocations(&self) {
+        let pending: Vec<(SessionId, i64)> = self
+            .unpersisted
+            .lock()
+            .iter()
+            .map(|(id, at)| (id.clone(), *at))
+            .collect();
+        for (id, at) in pending {
+            match self.store.revoke_session(&id, at).await {
+                Ok(_) => {
+                    self.unpersisted.lock().remove(&id);
+                    tracing::info!(session = %id, "revocation written to the store");
+                }
+                // Tried again at the next flush; the first failure was logged.
+                Err(e) => {
+                    tracing::debug!(session = %id, error = %e, "revocation still not written");
+                }
+            }
+        }
     }
 
     /// Writes counter increments to the store and drops ended sessions from
@@ -409,6 +472,7 @@ impl Registry {
     }
 
     async fn flush_inner(&self, release_all_leases: bool) {
+        self.persist_revocations().await;
         let sessions: Vec<Arc<LiveSession>> = self.by_token.read().values().cloned().collect();
         let now = now_ms();
         for session in &sessions {
@@ -436,11 +500,13 @@ impl Registry {
             }
         }
         let ended_before = now - ENDED_RETENTION_MS;
+        let unpersisted = self.unpersisted.lock();
         let mut by_token = self.by_token.write();
         let mut by_id = self.by_id.write();
         by_token.retain(|_, s| {
             let ended_at = s.revoked_at().unwrap_or(s.expires_at()).min(s.expires_at());
-            let keep = ended_at > ended_before;
+            // A revocation the store lacks lives only here.
+            let keep = ended_at > ended_before || unpersisted.contains_key(s.id());
             if !keep {
                 by_id.remove(s.id());
             }

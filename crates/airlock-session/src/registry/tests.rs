@@ -185,6 +185,8 @@ struct CountingStore {
     token_lookups: std::sync::atomic::AtomicUsize,
     feed: Option<broadcast::Sender<Change>>,
     unreachable: std::sync::atomic::AtomicBool,
+    /// Revocations fail while set (the store cannot be written).
+    read_only: std::sync::atomic::AtomicBool,
     gate: Option<LookupGate>,
 }
 
@@ -203,6 +205,7 @@ impl CountingStore {
             token_lookups: Default::default(),
             feed,
             unreachable: Default::default(),
+            read_only: Default::default(),
             gate: None,
         })
     }
@@ -213,6 +216,7 @@ impl CountingStore {
             token_lookups: Default::default(),
             feed: None,
             unreachable: Default::default(),
+            read_only: Default::default(),
             gate: Some(LookupGate {
                 read: tokio::sync::Notify::new(),
                 release: tokio::sync::Semaphore::new(0),
@@ -250,6 +254,12 @@ impl Store for CountingStore {
         self.inner.list_sessions(all, now).await
     }
     async fn revoke_session(&self, id: &SessionId, at: i64) -> airlock_store::Result<bool> {
+        if self.read_only.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(airlock_store::StoreError::Corrupt {
+                what: "test".to_owned(),
+                reason: "disk full".to_owned(),
+            });
+        }
         self.inner.revoke_session(id, at).await
     }
     async fn add_call_counts(&self, id: &SessionId, a: u64, d: u64) -> airlock_store::Result<()> {
@@ -321,6 +331,59 @@ impl Store for CountingStore {
         }
         self.inner.session_statuses(ids).await
     }
+}
+
+/// A revocation the store cannot take stays in force in this process (also
+/// for a session it first loads afterwards), and each flush writes it again until the store has it.
+#[tokio::test]
+async fn a_revocation_the_store_refuses_holds_here_and_is_written_later() {
+    let (_dir, reg) = registry().await;
+    let (live, token) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let store = CountingStore::over(reg.store(), None);
+    // A registry that has not loaded the session yet.
+    let other = Registry::new(store.clone());
+    store
+        .read_only
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = other.revoke(live.id()).await.unwrap_err();
+    assert!(
+        matches!(err, RegistryError::RevocationPending(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("keeps writing it"), "{err}");
+    assert_eq!(other.unpersisted_revocations(), 1);
+    let now = crate::now_ms();
+    assert_eq!(
+        other
+            .authenticate(Some(token.expose()), now)
+            .await
+            .unwrap_err(),
+        AuthError::Revoked,
+        "the row read from the store says active; the pending revocation wins"
+    );
+    other.flush().await;
+    assert_eq!(other.unpersisted_revocations(), 1, "the store still refuses");
+    let stored = reg.store().session_by_id(live.id()).await.unwrap().unwrap();
+    assert!(stored.revoked_at.is_none());
+
+    store
+        .read_only
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    other.flush().await;
+    assert_eq!(other.unpersisted_revocations(), 0);
+    let stored = reg.store().session_by_id(live.id()).await.unwrap().unwrap();
+    assert!(stored.revoked_at.is_some());
+    let fresh = Registry::new(Arc::clone(reg.store()));
+    assert_eq!(
+        fresh
+            .authenticate(Some(token.expose()), now)
+            .await
+            .unwrap_err(),
+        AuthError::Revoked
+    );
 }
 
 /// Revoking a session that has expired leaves it expired, in memory and
