@@ -62,6 +62,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore}
 use tokio::task::JoinSet;
 
 use crate::body::{BoxError, ProxyBody};
+use crate::error::ErrorCode;
 use crate::handler::Proxy;
 use crate::headers::FramingAnomaly;
 use crate::tls::ServerTls;
@@ -631,8 +632,14 @@ async fn handle(
         tracing::debug!(anomaly = what, "ambiguous request framing");
         req.extensions_mut().insert(FramingAnomaly(what));
     }
+    // A body airlock refuses is left unread, and hyper then closes the
+    // connection after the answer: the answer says so, rather than leaving
+    // the agent to find a closed socket under its next request (an answer
+    // sent before the body arrived carried no `Connection: close`).
+    let unread_body = req.version() < http::Version::HTTP_2 && !req.body().is_end_stream();
     let mut response = proxy.handle(req).await;
-    if anomaly.is_some() {
+    let refused = response.extensions().get::<ErrorCode>().is_some();
+    if anomaly.is_some() || (unread_body && refused) {
         response
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));

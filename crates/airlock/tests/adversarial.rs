@@ -1104,6 +1104,53 @@ async fn read_until(stream: &mut TcpStream, needle: &str, limit: Duration) -> St
     text
 }
 
+/// A call refused before its body arrived: airlock leaves the body unread
+/// and the connection closes after the answer, which must say so. (With
+/// audit off the refusal is answered at once, before hyper has noticed the
+/// body was dropped; the answer had no `Connection: close`.)
+#[tokio::test]
+async fn a_refusal_sent_before_the_body_arrives_says_the_connection_closes() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .config("[audit]\nenabled = false")
+        .start()
+        .await
+        .unwrap();
+    let session = airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]}],
+            "ttl_seconds": 600
+        }))
+        .await
+        .unwrap();
+    let token = session["token"].as_str().unwrap();
+    for (what, token, path, status) in [
+        ("unknown token", "sess_unknown", "/openai/v1/chat/completions", "401"),
+        ("out of scope", token, "/openai/v1/files", "403"),
+        ("unknown provider", token, "/nobody/v1/x", "404"),
+    ] {
+        let mut stream = TcpStream::connect(hostile::authority(&airlock.proxy_url()))
+            .await
+            .unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\
+             content-type: application/json\r\ncontent-length: 10\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let answer = read_until(&mut stream, "}}", CASE_LIMIT).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: {answer}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{what}: {answer}"
+        );
+    }
+    assert_eq!(mock.requests().len(), 0);
+}
+
 #[tokio::test]
 async fn a_provider_that_never_answers_is_a_504_in_bounded_time() {
     let upstream = ScriptedUpstream::start(Script::Silent).await;
