@@ -96,6 +96,11 @@ pub enum StoreError {
     RuntimeGone,
     #[error("the store did not answer within {0:?}")]
     TimedOut(std::time::Duration),
+    #[error(
+        "no database at {}: nothing has been stored there (is this the config `serve` runs with?)",
+        .0.display()
+    )]
+    Missing(std::path::PathBuf),
 }
 
 /// Result of store operations.
@@ -237,6 +242,16 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
         return Ok(Arc::new(PgStore::open(url).await?));
     }
     Err(StoreError::UnsupportedUrl(url.to_owned()))
+}
+
+/// Opens the store at `url` like [`open`], but a SQLite database only if
+/// its file exists: for commands that read what `serve` stored, which must
+/// not create an empty store and report on it.
+pub async fn open_existing(url: &str) -> Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        return Ok(Arc::new(SqliteStore::open_existing(url).await?));
+    }
+    open(url).await
 }
 
 /// Whether `url` names a PostgreSQL database (`postgres://` or `postgresql://`).

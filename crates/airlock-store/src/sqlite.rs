@@ -102,13 +102,27 @@ pub const PAGE_SIZE: u32 = 1024;
 impl SqliteStore {
     /// Opens (creating if needed) the database at `url` (`sqlite://PATH`) and migrates it.
     pub async fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, true).await
+    }
+
+    /// Opens the database at `url` only if it exists ([`StoreError::Missing`]
+    /// otherwise), for commands that read what `serve` stored.
+    pub async fn open_existing(url: &str) -> Result<Self> {
+        Self::open_with(url, false).await
+    }
+
+    async fn open_with(url: &str, create: bool) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
+            .create_if_missing(create)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
             .page_size(PAGE_SIZE);
-        create_private(url, options.get_filename());
+        if create {
+            create_private(url, options.get_filename());
+        } else if !is_in_memory(url) && !options.get_filename().exists() {
+            return Err(StoreError::Missing(options.get_filename().to_path_buf()));
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -158,6 +172,12 @@ impl SqliteStore {
     }
 }
 
+/// Whether `url` names an in-memory database (no file).
+fn is_in_memory(url: &str) -> bool {
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    query.split('&').any(|pair| pair == "mode=memory") || url.contains(":memory:")
+}
+
 /// Creates the database file readable and writable by its owner only, when
 /// it does not exist yet: it holds the audit trail, token hashes and sealed
 /// credentials. SQLite gives its log and shared-memory files the same
@@ -169,10 +189,8 @@ fn create_private(url: &str, path: &Path) {
     // an in-memory one (sqlx names those `file:sqlx-in-memory-N`), nor one
     // opened read-only (a missing file must stay an error).
     let query = url.split_once('?').map_or("", |(_, query)| query);
-    let not_a_new_file = query
-        .split('&')
-        .any(|pair| matches!(pair, "mode=memory" | "mode=ro"))
-        || url.contains(":memory:")
+    let not_a_new_file = query.split('&').any(|pair| pair == "mode=ro")
+        || is_in_memory(url)
         || path.as_os_str().is_empty()
         || path.to_string_lossy().starts_with("file:");
     if not_a_new_file {

@@ -1126,7 +1126,12 @@ async fn a_refusal_sent_before_the_body_arrives_says_the_connection_closes() {
         .unwrap();
     let token = session["token"].as_str().unwrap();
     for (what, token, path, status) in [
-        ("unknown token", "sess_unknown", "/openai/v1/chat/completions", "401"),
+        (
+            "unknown token",
+            "sess_unknown",
+            "/openai/v1/chat/completions",
+            "401",
+        ),
         ("out of scope", token, "/openai/v1/files", "403"),
         ("unknown provider", token, "/nobody/v1/x", "404"),
     ] {

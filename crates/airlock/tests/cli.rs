@@ -838,6 +838,32 @@ async fn audit_tail_prints_the_last_records_then_follows_new_ones() {
 
 /// `serve` raises its soft limit on open files to the hard one: each
 /// connection, stream and upstream connection holds a descriptor.
+/// Commands that read what `serve` stored refuse a database that does not
+/// exist, rather than creating an empty one and reporting on it (an
+/// operator who forgot `--config` was told "audit trail intact").
+#[tokio::test]
+async fn audit_commands_refuse_a_store_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["audit", "verify"][..],
+        &["audit", "export"],
+        &["audit", "tail", "--lines", "1"],
+    ] {
+        let out = airlock_cmd(args)
+            .env("AIRLOCK_AUDIT_KEY", "ab".repeat(32))
+            .current_dir(dir.path())
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}: {}", stdout(&out));
+        let err = stderr(&out);
+        assert!(err.contains("no database at airlock.db"), "{args:?}: {err}");
+        assert!(!err.contains("intact"), "{args:?}: {err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[tokio::test]
 async fn serve_raises_its_open_files_limit() {
     use std::os::unix::fs::PermissionsExt;

@@ -411,7 +411,12 @@ async fn file_credentials_rotate_without_restart() {
 
     // A file that cannot be used keeps the last key; each new reason is
     // logged once, not on every re-check.
-    let warnings = || airlock.output().matches("keeping the last credential").count();
+    let warnings = || {
+        airlock
+            .output()
+            .matches("keeping the last credential")
+            .count()
+    };
     std::fs::remove_file(&file).unwrap();
     wait_for_output(&airlock, "No such file").await;
     write_atomically(&file, "short");
@@ -419,7 +424,11 @@ async fn file_credentials_rotate_without_restart() {
     assert_eq!(warnings(), 2, "{}", airlock.output());
     assert_eq!(call(&airlock, "/p/x", &token).await.0, 200);
     assert_eq!(
-        mock.requests().last().unwrap().header("authorization").as_deref(),
+        mock.requests()
+            .last()
+            .unwrap()
+            .header("authorization")
+            .as_deref(),
         Some("Bearer file-key-version-three")
     );
     write_atomically(&file, "file-key-version-four");

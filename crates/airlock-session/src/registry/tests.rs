@@ -349,10 +349,7 @@ async fn a_revocation_the_store_refuses_holds_here_and_is_written_later() {
         .read_only
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let err = other.revoke(live.id()).await.unwrap_err();
-    assert!(
-        matches!(err, RegistryError::RevocationPending(_)),
-        "{err}"
-    );
+    assert!(matches!(err, RegistryError::RevocationPending(_)), "{err}");
     assert!(err.to_string().contains("keeps writing it"), "{err}");
     assert_eq!(other.unpersisted_revocations(), 1);
     let now = crate::now_ms();
@@ -365,7 +362,11 @@ async fn a_revocation_the_store_refuses_holds_here_and_is_written_later() {
         "the row read from the store says active; the pending revocation wins"
     );
     other.flush().await;
-    assert_eq!(other.unpersisted_revocations(), 1, "the store still refuses");
+    assert_eq!(
+        other.unpersisted_revocations(),
+        1,
+        "the store still refuses"
+    );
     let stored = reg.store().session_by_id(live.id()).await.unwrap().unwrap();
     assert!(stored.revoked_at.is_none());
 

@@ -45,7 +45,7 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
-    airlock_store::open(&config.store_url)
+    airlock_store::open_existing(&config.store_url)
         .await
         .with_context(|| format!("opening store {}", config.store_url))
 }
