@@ -35,18 +35,20 @@ pub struct LiveSession {
     /// Set once `max_denied` was reached here (the caller revokes once).
     max_denied_reached: AtomicBool,
     rate: Option<DefaultDirectRateLimiter>,
-    /// On a shared store, `max_requests` is spent from leases.
+    /// `max_requests` spent from leases reserved in the store (see
+    /// `Store::leases_requests`).
     lease: Option<Lease>,
-    /// On a shared store, asks the flusher to write denials at once (so
-    /// `max_denied` is applied to the totals of every replica promptly).
+    /// Asks the flusher to write denials at once: on a shared store
+    /// `max_denied` then applies to the totals of every replica promptly,
+    /// and a process that dies forgets few of them.
     flush_soon: Option<Arc<Notify>>,
     /// Wakes whoever waits on [`LiveSession::changes`]: the session was
     /// revoked or its expiry moved.
     changed: Arc<Notify>,
 }
 
-/// This process's share of a session's `max_requests` on a shared store:
-/// calls reserved in the store that this process may still admit.
+/// This process's share of a session's `max_requests`: calls reserved in
+/// the store that this process may still admit.
 pub(crate) struct Lease {
     left: AtomicU64,
     /// Size of the last grant, to decide when to ask for more early.
@@ -84,16 +86,22 @@ pub enum Admission {
 // === impl LiveSession ===
 
 impl LiveSession {
-    /// A cached session from its stored row. `shared`: the store is shared
-    /// by several processes (`flush_soon` is then the flusher's wake-up).
-    pub(crate) fn from_row(row: SessionRow, shared: Option<&Arc<Notify>>) -> Self {
+    /// A cached session from its stored row. `flush_soon`: the flusher's
+    /// wake-up for denials; `leases`: `max_requests` is spent from leases.
+    pub(crate) fn from_row(
+        row: SessionRow,
+        flush_soon: Option<&Arc<Notify>>,
+        leases: bool,
+    ) -> Self {
         let rate = row
             .limits
             .requests_per_minute
             .and_then(NonZeroU32::new)
             .map(|rpm| RateLimiter::direct(Quota::per_minute(rpm)));
-        let lease = (shared.is_some() && row.limits.max_requests.is_some()).then(Lease::empty);
-        let flush_soon = shared.filter(|_| row.limits.max_denied.is_some()).cloned();
+        let lease = (leases && row.limits.max_requests.is_some()).then(Lease::empty);
+        let flush_soon = flush_soon
+            .filter(|_| row.limits.max_denied.is_some())
+            .cloned();
         Self {
             id: row.id,
             created_at: row.created_at,

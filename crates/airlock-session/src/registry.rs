@@ -51,9 +51,12 @@ pub struct Registry {
     store: Arc<dyn Store>,
     by_token: RwLock<HashMap<TokenHash, Arc<LiveSession>>>,
     by_id: RwLock<HashMap<SessionId, TokenHash>>,
-    /// Set when the store is shared by several processes: wakes the
-    /// flusher early (denials count towards everyone's `max_denied`).
-    shared: Option<Arc<Notify>>,
+    /// Wakes the flusher early: a denial is written at once (on a shared
+    /// store it counts towards every replica's `max_denied`; alone, a
+    /// process that dies forgets few denials).
+    flush_soon: Arc<Notify>,
+    /// Whether `max_requests` is spent from leases (`Store::leases_requests`).
+    leases: bool,
     freshness: sync::Freshness,
     /// Revocations this process has written to the store. A token looked up
     /// while one was written is looked up again: the row it read may be
@@ -112,12 +115,13 @@ pub enum RegistryError {
 impl Registry {
     /// An empty registry over `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        let shared = store.is_shared().then(|| Arc::new(Notify::new()));
+        let leases = store.leases_requests();
         Self {
             store,
             by_token: RwLock::new(HashMap::new()),
             by_id: RwLock::new(HashMap::new()),
-            shared,
+            flush_soon: Arc::new(Notify::new()),
+            leases,
             freshness: sync::Freshness::new(),
             revocations: AtomicU64::new(0),
             unpersisted: Arc::new(Mutex::new(HashMap::new())),
@@ -189,7 +193,13 @@ impl Registry {
         let mut by_token = self.by_token.write();
         let live = by_token
             .entry(hash)
-            .or_insert_with(|| Arc::new(LiveSession::from_row(row, self.shared.as_ref())))
+            .or_insert_with(|| {
+                Arc::new(LiveSession::from_row(
+                    row,
+                    Some(&self.flush_soon),
+                    self.leases,
+                ))
+            })
             .clone();
         drop(by_token);
         if let Some(at) = self.unpersisted.lock().get(&id) {
@@ -551,7 +561,7 @@ impl Registry {
     ) {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let soon = self.shared.clone().unwrap_or_default();
+        let soon = Arc::clone(&self.flush_soon);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {

@@ -201,6 +201,12 @@ pub trait Store: Send + Sync + 'static {
         self.add_call_counts(id, allowed, denied).await?;
         Ok(None)
     }
+    /// Whether `max_requests` is spent from leases ([`Store::reserve_requests`])
+    /// rather than counted in memory: a store that keeps leases loses at most
+    /// a lease's unused calls when a process dies, never allows more.
+    fn leases_requests(&self) -> bool {
+        self.is_shared()
+    }
     /// Reserves up to `want` calls of a session's `max_requests` for this
     /// process (a lease), never more than remain unreserved, so that the
     /// leases of all processes together never exceed `max_requests`.
@@ -244,6 +250,14 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     Err(StoreError::UnsupportedUrl(url.to_owned()))
 }
 
+/// The size of a lease of `want` calls of a quota of `max` of which
+/// `reserved` are leased already: at most an eighth of what is left (at
+/// least one), so that replicas share what remains.
+fn lease_grant(max: u64, reserved: u64, want: u64) -> u64 {
+    let left = max.saturating_sub(reserved);
+    want.max(1).min((left / 8).max(1)).min(left)
+}
+
 /// Opens the store at `url` like [`open`], but a SQLite database only if
 /// its file exists: for commands that read what `serve` stored, which must
 /// not create an empty store and report on it.
@@ -264,6 +278,11 @@ pub fn is_postgres_url(url: &str) -> bool {
 /// reaches `i64::MAX`).
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A count read back from SQL (negative ones, which no write makes, as 0).
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
 }
 
 /// The migrations of `list` (version, description, SQL) up to `version`,

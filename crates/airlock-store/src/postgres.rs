@@ -32,7 +32,7 @@ use crate::audit_rows::decode_head;
 use crate::batch_trail;
 use crate::session_rows::{decode_session, decode_status, SESSION_COLUMNS, STATUS_COLUMNS};
 use crate::{
-    encode_json, to_i64, AuditQuery, ChainHead, Change, GenesisSeal, Result, SessionRow,
+    encode_json, to_i64, to_u64, AuditQuery, ChainHead, Change, GenesisSeal, Result, SessionRow,
     SessionStatus, Store, StoredCredential,
 };
 use chain::ChainOwner;
@@ -149,10 +149,6 @@ impl Drop for PgStore {
         self.feed.abort();
         self.keeper.abort();
     }
-}
-
-fn to_u64(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
 }
 
 #[async_trait]

@@ -19,13 +19,17 @@ use self::audit_batches::{append_through_pool, read_records};
 use self::audit_writer::{AuditWriter, BUSY_TIMEOUT};
 use crate::audit_rows::decode_head;
 use crate::{
-    decode_json, encode_json, to_i64, AuditQuery, ChainHead, GenesisSeal, Result, SessionRow,
-    Store, StoreError, StoredCredential,
+    decode_json, encode_json, to_i64, to_u64, AuditQuery, ChainHead, GenesisSeal, Result,
+    SessionRow, Store, StoreError, StoredCredential,
 };
 
 mod audit_batches;
 mod audit_writer;
 mod checkpointer;
+
+/// Tries of a lease grant that another grant overtook before it gives up
+/// (the caller asks again later).
+const RESERVE_ATTEMPTS: usize = 8;
 
 /// A store in one SQLite file.
 pub struct SqliteStore {
@@ -40,7 +44,7 @@ const COLUMNS: &str =
     "id, token_hash, created_at, expires_at, revoked_at, scope, limits, labels, allowed, denied";
 
 /// The SQLite schema's migrations: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 5] = [
+const MIGRATIONS: [(i64, &str, &str); 6] = [
     (
         1,
         "init",
@@ -65,6 +69,11 @@ const MIGRATIONS: [(i64, &str, &str); 5] = [
         5,
         "audit batches clustered",
         include_str!("../migrations/sqlite/0005_audit_batches_clustered.sql"),
+    ),
+    (
+        6,
+        "session leases",
+        include_str!("../migrations/sqlite/0006_session_leases.sql"),
     ),
 ];
 
@@ -377,6 +386,54 @@ impl Store for SqliteStore {
 
     fn audit_appends_inline(&self) -> bool {
         self.audit.is_some()
+    }
+
+    fn leases_requests(&self) -> bool {
+        true
+    }
+
+    async fn reserve_requests(&self, id: &SessionId, want: u64) -> Result<u64> {
+        // Compare and set: a grant is added only to the reservation it was
+        // computed from, so concurrent grants never add up past the limit.
+        for _ in 0..RESERVE_ATTEMPTS {
+            let row: Option<(i64, Option<i64>)> = sqlx::query_as(
+                "SELECT reserved, json_extract(limits, '$.max_requests') FROM sessions WHERE id = ?",
+            )
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some((reserved, Some(max))) = row else {
+                return Ok(0);
+            };
+            let grant = crate::lease_grant(to_u64(max), to_u64(reserved), want);
+            if grant == 0 {
+                return Ok(0);
+            }
+            let moved =
+                sqlx::query("UPDATE sessions SET reserved = ? WHERE id = ? AND reserved = ?")
+                    .bind(to_i64(to_u64(reserved) + grant))
+                    .bind(id.as_str())
+                    .bind(reserved)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+            if moved == 1 {
+                return Ok(grant);
+            }
+        }
+        Ok(0)
+    }
+
+    async fn release_requests(&self, id: &SessionId, count: u64) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        sqlx::query("UPDATE sessions SET reserved = MAX(reserved - ?, 0) WHERE id = ?")
+            .bind(to_i64(count))
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     fn audit_append_blocking(

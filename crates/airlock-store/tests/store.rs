@@ -1023,6 +1023,81 @@ mod sqlite_only {
 
     use super::*;
 
+    /// Leases of `max_requests` (one process, but calls from many tasks):
+    /// grants are capped at an eighth of what is left and never add up to
+    /// more than the limit, however they interleave.
+    #[tokio::test]
+    async fn leases_never_add_up_to_more_than_max_requests() {
+        let backend = Backend::sqlite().await.unwrap();
+        let store = backend.open().await;
+        assert!(store.leases_requests());
+        let (_, s) = session(
+            1_000,
+            i64::MAX,
+            Limits {
+                max_requests: Some(1_000),
+                ..Limits::default()
+            },
+        );
+        store.insert_session(&s).await.unwrap();
+        assert_eq!(store.reserve_requests(&s.id, 500).await.unwrap(), 125);
+        let tasks = (0..4).map(|_| {
+            let store = Arc::clone(&store);
+            let id = s.id.clone();
+            tokio::spawn(async move {
+                let mut got = 0;
+                loop {
+                    match store.reserve_requests(&id, 50).await.unwrap() {
+                        0 => return got,
+                        n => got += n,
+                    }
+                }
+            })
+        });
+        let mut granted: u64 = futures_util::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .sum();
+        // A grant overtaken too often gives up; what is left is still there.
+        loop {
+            match store.reserve_requests(&s.id, 100).await.unwrap() {
+                0 => break,
+                n => granted += n,
+            }
+        }
+        assert_eq!(125 + granted, 1_000, "every call handed out exactly once");
+        store.release_requests(&s.id, 7).await.unwrap();
+        assert_eq!(store.reserve_requests(&s.id, 100).await.unwrap(), 1);
+        let (_, free) = session(1_000, i64::MAX, Limits::default());
+        store.insert_session(&free).await.unwrap();
+        assert_eq!(store.reserve_requests(&free.id, 5).await.unwrap(), 0);
+        store.close().await;
+    }
+
+    /// A database from before leases counts what its sessions used as
+    /// reserved, so a quota carries on where it was.
+    #[tokio::test]
+    async fn sessions_of_an_older_database_carry_their_use_into_leases() {
+        let backend = Backend::sqlite().await.unwrap();
+        backend.migrate_to(5).await;
+        let mut conn = backend.sqlite_connection().await;
+        sqlx::query(
+            "INSERT INTO sessions (id, token_hash, created_at, expires_at, scope, limits, labels, \
+             allowed, denied) VALUES ('ses_old', 'aa', 1, 9223372036854775807, '[]', \
+             '{\"max_requests\": 10}', '{}', 9, 0)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+        let store = backend.open().await;
+        let id = SessionId::parse("ses_old").unwrap();
+        assert_eq!(store.reserve_requests(&id, 100).await.unwrap(), 1);
+        assert_eq!(store.reserve_requests(&id, 100).await.unwrap(), 0);
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn an_append_waits_for_a_lock_held_elsewhere_then_fails_and_recovers() {
         let backend = Backend::sqlite().await.unwrap();

@@ -667,6 +667,85 @@ async fn kill_dash_nine_under_load_loses_no_answered_call() {
     );
 }
 
+/// Limits hold across a crash: `max_requests` is spent from leases
+/// reserved in the database, so a process killed with `kill -9` loses at
+/// most its lease's unused calls and never allows more than the limit (it
+/// counted in memory and wrote the count once a second: a crash forgot the
+/// last second's calls and allowed them again); denials are written at
+/// once, so `max_denied` still counts the ones made before the crash.
+#[tokio::test]
+async fn limits_hold_across_kill_dash_nine() {
+    let mock = MockProvider::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let start = || builder(&mock).dir(data.path().to_path_buf()).start();
+    let mut airlock = start().await.unwrap();
+    let (quota_id, quota) = session(&airlock, json!({"max_requests": 300})).await;
+    let (denied_id, denied) = session(&airlock, json!({"max_denied": 5})).await;
+    for _ in 0..4 {
+        assert_eq!(get(&airlock, "/openai/v1/other", &denied).await, 403);
+    }
+    // The denials reach the database at once (polled there, not slept on).
+    let db = data.path().join("airlock.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display()))
+        .await
+        .unwrap();
+    let stored = async |conn: &mut sqlx::SqliteConnection, column: &str, id: &str| -> i64 {
+        sqlx::query_scalar(&format!("SELECT {column} FROM sessions WHERE id = ?"))
+            .bind(id)
+            .fetch_one(conn)
+            .await
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stored(&mut conn, "denied", &denied_id).await != 4 {
+        assert!(tokio::time::Instant::now() < deadline, "denials not stored");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut allowed = 0;
+    for i in 0..120 {
+        if get(&airlock, &format!("/openai/v1/calls/{i}"), &quota).await == 200 {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 120);
+    // Every call let through is covered by a reservation in the database.
+    let reserved = stored(&mut conn, "reserved", &quota_id).await;
+    assert!((120..=300).contains(&reserved), "reserved {reserved}");
+    conn.close().await.unwrap();
+    airlock.kill();
+
+    let airlock = start().await.unwrap();
+    loop {
+        match get(
+            &airlock,
+            &format!("/openai/v1/calls/after-{allowed}"),
+            &quota,
+        )
+        .await
+        {
+            200 => allowed += 1,
+            429 => break,
+            other => panic!("unexpected {other}"),
+        }
+        assert!(allowed <= 300, "more calls than max_requests allowed");
+    }
+    // What the killed process had leased and not used is lost, never more
+    // than an eighth of what was left at each grant.
+    assert!(allowed > 250, "{allowed} of 300");
+    let (_, shown) = airlock
+        .admin("GET", &format!("/v1/sessions/{quota_id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(shown["state"], "active", "{shown}");
+
+    assert_eq!(get(&airlock, "/openai/v1/other", &denied).await, 403);
+    assert_eq!(
+        get(&airlock, "/openai/v1/calls/x", &denied).await,
+        401,
+        "the fifth denial, the first after the restart, reaches max_denied"
+    );
+}
+
 #[tokio::test]
 async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
     let mock = MockProvider::start().await;
