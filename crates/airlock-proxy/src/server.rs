@@ -4,7 +4,9 @@
 //! Limits against hostile or broken clients, all set from `[proxy]`:
 //!
 //! - at most `max_connections` open connections; one more is answered with
-//!   a 503 JSON error and closed;
+//!   a 503 JSON error and closed (`serve` lowers the setting to what the
+//!   open files limit can hold, see [`crate::descriptors`]; an `accept`
+//!   that fails anyway pauses the loop rather than spin);
 //! - a request head (line and headers) larger than `max_header_size` is
 //!   answered 431 by hyper (HTTP/1.1) or h2 (HTTP/2) and the connection
 //!   closed; on HTTP/1.1 airlock puts a JSON error in hyper's answer to an
@@ -62,6 +64,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore}
 use tokio::task::JoinSet;
 
 use crate::body::{BoxError, ProxyBody};
+use crate::descriptors::AcceptErrors;
 use crate::error::ErrorCode;
 use crate::handler::Proxy;
 use crate::headers::FramingAnomaly;
@@ -75,9 +78,6 @@ use sniff::{SharedVerdicts, Sniffer, Verdicts};
 const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// How long a connection closed for idleness may take to say goodbye.
 const IDLE_GRACE: Duration = Duration::from_secs(1);
-/// Pause after a failed `accept` (e.g. out of file descriptors), so the
-/// loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// After the drain timeout, how long cut calls may take to let go of their
 /// responses (HTTP/2 streams run in tasks of their own, which end once
 /// they see their connection gone).
@@ -149,6 +149,7 @@ impl ProxyServer {
         let listener = listener.into_std()?;
         let max_connections = settings.max_connections.clamp(1, Semaphore::MAX_PERMITS);
         let slots = Arc::new(Semaphore::new(max_connections));
+        let accept_errors = Arc::new(AcceptErrors::new("proxy"));
         let (stop, stop_rx) = watch::channel(false);
         let mut server = Self {
             stop,
@@ -168,6 +169,7 @@ impl ProxyServer {
                 delivery,
                 accepting: accepting_tx,
                 slots: Arc::clone(&slots),
+                accept_errors: Arc::clone(&accept_errors),
                 settings: settings.clone(),
                 stop: stop_rx.clone(),
                 balance: Arc::clone(&balance),
@@ -226,6 +228,8 @@ struct Worker {
     /// Told once the worker accepts connections.
     accepting: oneshot::Sender<()>,
     slots: Arc<Semaphore>,
+    /// Failed accepts, shared by all workers (one log line per episode).
+    accept_errors: Arc<AcceptErrors>,
     settings: ServerSettings,
     stop: watch::Receiver<bool>,
     balance: Arc<Balance>,
@@ -333,6 +337,7 @@ impl Worker {
             delivery,
             accepting,
             slots,
+            accept_errors,
             settings,
             stop,
             balance,
@@ -358,6 +363,7 @@ impl Worker {
             let (stream, peer, slot, counted) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        accept_errors.accepted();
                         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                             tracing::debug!(%peer, "connection refused: proxy.max_connections reached");
                             if settings.tls.is_none() {
@@ -384,9 +390,10 @@ impl Worker {
                         }
                     }
                     Err(e) => {
-                        if e.kind() != std::io::ErrorKind::WouldBlock {
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        // Out of descriptors: pause rather than spin (the
+                        // connection waits in the backlog), logged once.
+                        if let Some(pause) = accept_errors.failed(&e) {
+                            tokio::time::sleep(pause).await;
                         }
                         continue;
                     }

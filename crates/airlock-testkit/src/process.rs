@@ -40,6 +40,7 @@ pub struct AirlockBuilder {
     env: Vec<(String, String)>,
     store_url: Option<String>,
     dir: Option<PathBuf>,
+    open_files: Option<u64>,
 }
 
 impl AirlockBuilder {
@@ -55,6 +56,7 @@ impl AirlockBuilder {
             env: Vec::new(),
             store_url: None,
             dir: None,
+            open_files: None,
         }
     }
 
@@ -144,6 +146,14 @@ impl AirlockBuilder {
         self
     }
 
+    /// Runs the process with both its soft and hard limits on open files
+    /// set to `limit` (through `sh -c 'ulimit -n LIMIT; exec airlock ...'`,
+    /// so that `serve` cannot raise it).
+    pub fn open_files_limit(mut self, limit: u64) -> Self {
+        self.open_files = Some(limit);
+        self
+    }
+
     /// Writes `{dir}/airlock.toml`, spawns `airlock serve` and waits (up to
     /// 30 s) until it prints both listening lines. On failure the error
     /// holds everything the process printed.
@@ -186,7 +196,18 @@ impl AirlockBuilder {
             .find(|(key, _)| key == "AIRLOCK_ADMIN_TOKEN")
             .map_or_else(new_admin_token, |(_, value)| value.clone());
 
-        let mut command = Command::new(&self.bin);
+        let mut command = match self.open_files {
+            None => Command::new(&self.bin),
+            Some(limit) => {
+                // `exec` keeps the pid: signals reach airlock itself.
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(&self.bin);
+                shell
+            }
+        };
         command
             .arg("serve")
             .arg("--config")

@@ -72,7 +72,8 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(90);
 pub struct ProxyLimits {
     /// A connection with no call in flight for this long is closed.
     pub idle_timeout: Duration,
-    /// Open proxy connections at most; more are answered 503 and closed.
+    /// Open proxy connections at most; more are answered 503 and closed
+    /// (`serve` lowers it to what the open files limit can hold).
     pub max_connections: usize,
     /// Largest request head (request line and headers), in bytes (431 above).
     pub max_header_size: usize,

@@ -43,6 +43,14 @@ struct Env {
 /// airlock in front of a recording mock, with `allowed_hosts` set, and a
 /// session that may call a few narrow paths on three providers.
 async fn env(proxy_options: &[&str]) -> Env {
+    env_with(proxy_options, |builder| builder).await
+}
+
+/// [`env`], with `tweak` applied to the builder before airlock starts.
+async fn env_with(
+    proxy_options: &[&str],
+    tweak: impl FnOnce(AirlockBuilder) -> AirlockBuilder,
+) -> Env {
     let mock = MockProvider::start().await;
     let mut builder = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
         .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
@@ -58,7 +66,7 @@ async fn env(proxy_options: &[&str]) -> Env {
     for option in proxy_options {
         builder = builder.proxy_option(option);
     }
-    let airlock = builder.start().await.unwrap();
+    let airlock = tweak(builder).start().await.unwrap();
     let session = airlock
         .create_session(json!({
             "scope": [
@@ -948,6 +956,118 @@ async fn connections_over_the_limit_are_refused_and_slots_come_back() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_normal_call_works(&env).await;
+}
+
+/// Under a low open-files limit, `serve` lowers `max_connections` to what
+/// the descriptors can hold and says so; connections beyond it get 503
+/// `overloaded` rather than exhausting descriptors, so the admin API keeps
+/// answering, the log is not flooded with failed accepts, and calls work
+/// again once the idle connections go.
+#[tokio::test]
+async fn idle_connections_cannot_exhaust_descriptors() {
+    const OPEN_FILES: u64 = 256;
+    let env = env_with(
+        &[
+            r#"idle_timeout = "300s""#,
+            r#"header_read_timeout = "300s""#,
+            // The reserve grows with the workers: fixed, for a fixed capacity.
+            "workers = 2",
+        ],
+        |builder| builder.open_files_limit(OPEN_FILES),
+    )
+    .await;
+    let url = env.airlock.proxy_url();
+    let call = b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    // Idle connections, each proven accepted (and holding its slot) by a
+    // call answered on it, until one is refused.
+    let mut held = Vec::new();
+    let mut refused = loop {
+        let mut ex = exchange(&url, call, CASE_LIMIT).await;
+        match ex.status {
+            Some(404) => held.push(ex.stream.take().expect("kept alive")),
+            Some(503) => break ex,
+            _ => panic!(
+                "connection {} (of at most {OPEN_FILES} open files): {ex:?}\noutput:\n{}",
+                held.len() + 1,
+                env.airlock.output()
+            ),
+        }
+    };
+    assert_eq!(refused.error_code().as_deref(), Some("overloaded"));
+    assert!(refused.closes_within(Duration::from_secs(2)).await);
+    assert_eq!(
+        held.len(),
+        airlock_proxy::descriptors::connection_capacity(Some(OPEN_FILES), 2)
+    );
+    let output = env.airlock.output();
+    let warning = format!(
+        "proxy.max_connections = 10000 does not fit the open files limit of {OPEN_FILES}: using {}",
+        held.len()
+    );
+    assert!(output.contains(&warning), "no {warning:?} in:\n{output}");
+    // Descriptors are left, enough for each held connection's call to
+    // have an upstream connection too: the process's own count says so.
+    let open = std::fs::read_dir(format!("/proc/{}/fd", env.airlock.pid()))
+        .unwrap()
+        .count();
+    assert!(
+        open + held.len() < usize::try_from(OPEN_FILES).unwrap(),
+        "{open} descriptors open with {} connections held",
+        held.len()
+    );
+
+    // Full, the proxy still answers at once, and so does the admin API.
+    for _ in 0..16 {
+        let extra = exchange(&url, call, CASE_LIMIT).await;
+        assert_eq!(
+            extra.error_code().as_deref(),
+            Some("overloaded"),
+            "{extra:?}"
+        );
+    }
+    let (status, _) = tokio::time::timeout(CASE_LIMIT, env.airlock.admin("GET", "/healthz", None))
+        .await
+        .expect("/healthz answers while the proxy is full")
+        .unwrap();
+    assert_eq!(status, 200);
+    let session = tokio::time::timeout(
+        CASE_LIMIT,
+        env.airlock.create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]}],
+            "ttl_seconds": 600
+        })),
+    )
+    .await
+    .expect("sessions are created while the proxy is full")
+    .unwrap();
+    assert!(session["token"].as_str().is_some());
+    assert_eq!(env.mock.request_count(), 0);
+
+    // Idle connections gone, slots come back (the server sees each close
+    // in its own time).
+    drop(held);
+    let started = Instant::now();
+    loop {
+        let ex = exchange(
+            &url,
+            b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            CASE_LIMIT,
+        )
+        .await;
+        if ex.status == Some(404) {
+            break;
+        }
+        assert_eq!(ex.error_code().as_deref(), Some("overloaded"), "{ex:?}");
+        assert!(
+            started.elapsed() < CASE_LIMIT,
+            "slots never came back: {ex:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_normal_call_works(&env).await;
+    let output = env.airlock.output();
+    let failed_accepts = output.matches("accept failed").count();
+    assert_eq!(failed_accepts, 0, "accepts failed:\n{output}");
 }
 
 // ---------------------------------------------------------------------------

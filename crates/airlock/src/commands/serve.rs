@@ -10,6 +10,7 @@ use airlock_admin::{AdminMetrics, AdminState, AuditAccess, ProviderEnv};
 use airlock_audit::{AuditSettings, Auditor};
 use airlock_core::token::generate_secret;
 use airlock_core::TokenHash;
+use airlock_proxy::descriptors::AcceptErrors;
 use airlock_proxy::{Provider, ProviderSpec, Proxy, ProxyMetrics, ProxySettings, ServerSettings};
 use airlock_session::{Registry, SyncSettings};
 use anyhow::Context;
@@ -27,7 +28,7 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the server until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    raise_open_files_limit();
+    let open_files = raise_open_files_limit();
     let store = airlock_store::open(&config.store_url)
         .await
         .with_context(|| format!("opening store {}", config.store_url))?;
@@ -146,7 +147,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         header_read_timeout: config.proxy.header_read_timeout,
         drain_timeout: config.proxy.drain_timeout,
         idle_timeout: config.proxy.limits.idle_timeout,
-        max_connections: config.proxy.limits.max_connections,
+        max_connections: max_connections_in_force(
+            config.proxy.limits.max_connections,
+            open_files,
+            config.proxy.workers,
+        ),
         max_header_size: config.proxy.limits.max_header_size,
         tls: tls.clone(),
         workers: config.proxy.workers,
@@ -190,9 +195,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_task = tokio::spawn({
         let shutdown = stopped(admin_stop_rx);
         async move {
-            axum::serve(admin_listener, airlock_admin::router(admin_state))
-                .with_graceful_shutdown(shutdown)
-                .await
+            axum::serve(
+                AdminListener::new(admin_listener),
+                airlock_admin::router(admin_state),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
         }
     });
     // On a store shared by replicas: other replicas' changes, and failing
@@ -249,7 +257,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Raises the soft limit on open files to the hard one: every connection,
 /// HTTP/2 stream in flight and upstream connection holds a descriptor, and
 /// a soft limit of 1024 (or 256) is a few hundred calls. Logged either way.
-fn raise_open_files_limit() {
+/// Returns the limit in force (`None`: unlimited).
+fn raise_open_files_limit() -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 
     let limit = getrlimit(Resource::Nofile);
@@ -258,19 +267,88 @@ fn raise_open_files_limit() {
         maximum: limit.maximum,
     };
     if limit.current == limit.maximum {
-        return;
+        return limit.current;
     }
     match setrlimit(Resource::Nofile, wanted) {
-        Ok(()) => tracing::info!(
-            from = ?limit.current,
-            to = ?limit.maximum,
-            "raised the open files limit"
-        ),
-        Err(e) => tracing::warn!(
-            limit = ?limit.current,
-            error = %e,
-            "could not raise the open files limit; connections beyond it are refused"
-        ),
+        Ok(()) => {
+            tracing::info!(
+                from = ?limit.current,
+                to = ?limit.maximum,
+                "raised the open files limit"
+            );
+            limit.maximum
+        }
+        Err(e) => {
+            tracing::warn!(
+                limit = ?limit.current,
+                error = %e,
+                "could not raise the open files limit"
+            );
+            limit.current
+        }
+    }
+}
+
+/// `proxy.max_connections`, lowered to what the open files limit can hold
+/// ([`airlock_proxy::descriptors::connection_capacity`]) with a warning: a
+/// proxy holding more connections than it has descriptors for would leave
+/// every listener, the admin API's too, failing to accept. Connections over
+/// the lowered limit get the usual 503 `overloaded`.
+fn max_connections_in_force(configured: usize, open_files: Option<u64>, workers: usize) -> usize {
+    let capacity = airlock_proxy::descriptors::connection_capacity(open_files, workers);
+    let Some(limit) = open_files.filter(|_| capacity < configured) else {
+        return configured;
+    };
+    tracing::warn!(
+        "proxy.max_connections = {configured} does not fit the open files limit of {limit}: \
+         using {capacity} (each connection may hold two descriptors, its own and its upstream \
+         connection's; {reserved} are kept for the store, the admin API and files); raise \
+         the limit (ulimit -n, systemd LimitNOFILE=) to allow more",
+        reserved = airlock_proxy::descriptors::reserved(workers),
+    );
+    capacity
+}
+
+/// The admin API's listener. axum's own accept loop logs every failed
+/// accept at error level and then sleeps a second; this one pauses briefly
+/// while descriptors are short and logs the episode once (see
+/// [`AcceptErrors`]).
+struct AdminListener {
+    listener: TcpListener,
+    errors: AcceptErrors,
+}
+
+impl AdminListener {
+    fn new(listener: TcpListener) -> Self {
+        Self {
+            listener,
+            errors: AcceptErrors::new("admin"),
+        }
+    }
+}
+
+impl axum::serve::Listener for AdminListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.listener.accept().await {
+                Ok(accepted) => {
+                    self.errors.accepted();
+                    return accepted;
+                }
+                Err(e) => {
+                    if let Some(pause) = self.errors.failed(&e) {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
     }
 }
 
