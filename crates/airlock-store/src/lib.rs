@@ -101,6 +101,12 @@ pub enum StoreError {
         .0.display()
     )]
     Missing(std::path::PathBuf),
+    #[error(
+        "the database file {} was deleted or replaced while airlock had it open; \
+         nothing written now would be kept (put it back or restart airlock)",
+        .0.display()
+    )]
+    FileGone(std::path::PathBuf),
 }
 
 /// Result of store operations.

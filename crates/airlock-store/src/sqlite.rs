@@ -462,6 +462,9 @@ impl Store for SqliteStore {
     }
 
     async fn audit_probe(&self) -> Result<()> {
+        if let Some(writer) = &self.audit {
+            writer.file_present()?;
+        }
         sqlx::query(
             "INSERT INTO settings (key, value) VALUES ('audit_probe', ?) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",

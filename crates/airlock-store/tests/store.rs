@@ -1023,6 +1023,46 @@ mod sqlite_only {
 
     use super::*;
 
+    /// A database file deleted under a running store: SQLite would go on
+    /// writing into the unlinked file, losing every record; appends and the
+    /// audit probe fail instead (a fail-closed auditor then refuses calls).
+    #[tokio::test]
+    async fn appends_fail_once_the_database_file_is_deleted() {
+        let backend = Backend::sqlite().await.unwrap();
+        let store = backend.open().await;
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let (first, head1) = records_after(&head, 2, 1_000, "ses_a");
+        store.audit_append(&first, &head1).await.unwrap();
+        store.audit_probe().await.unwrap();
+
+        let file = backend.url.strip_prefix("sqlite://").unwrap().to_owned();
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{file}{suffix}"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut at = head1;
+        let err = loop {
+            let (next, after) = records_after(&at, 2, 2_000, "ses_a");
+            match store.audit_append(&next, &after).await {
+                Err(e) => break e,
+                // Noticed within a checkpoint round (100 ms); an append
+                // before that lands in the deleted file.
+                Ok(()) => {
+                    assert!(Instant::now() < deadline, "appends went on");
+                    at = after;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        assert!(matches!(err, StoreError::FileGone(_)), "{err}");
+        assert!(err.to_string().contains("deleted or replaced"), "{err}");
+        assert!(matches!(
+            store.audit_probe().await,
+            Err(StoreError::FileGone(_))
+        ));
+        store.close().await;
+    }
+
     /// Leases of `max_requests` (one process, but calls from many tasks):
     /// grants are capped at an eighth of what is left and never add up to
     /// more than the limit, however they interleave.

@@ -24,7 +24,7 @@ use rusqlite::{ffi, params, CachedStatement, Connection, OpenFlags, OptionalExte
 use sqlx::error::{DatabaseError, ErrorKind};
 
 use super::audit_batches::LAST_TS_MAX;
-use super::checkpointer::{Checkpointer, WRITER_CHECKPOINT_PAGES};
+use super::checkpointer::{Checkpointer, FileWatch, WRITER_CHECKPOINT_PAGES};
 use crate::audit_batch::{encode_batch, sessions, summarise};
 use crate::batch_trail::{INSERT_BATCH, INSERT_SESSION};
 use crate::to_i64;
@@ -66,6 +66,8 @@ struct LastBatch {
 /// The audit write path of one SQLite store.
 pub(super) struct AuditWriter {
     conn: Slot,
+    /// Whether the file opened is still at its path.
+    watch: Arc<FileWatch>,
     /// Keeps commits free of checkpoints; stops when the writer is closed
     /// (or dropped).
     checkpointer: Mutex<Option<Checkpointer>>,
@@ -77,8 +79,10 @@ impl AuditWriter {
     /// Opens the connection to the database file at `path` (which must
     /// exist and be migrated) and prepares its statements.
     pub(super) async fn start(path: PathBuf) -> Result<Self> {
-        let checkpointer = Checkpointer::start(path.clone())
-            .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+        let io_error = |e| StoreError::Database(sqlx::Error::Io(e));
+        let watch = Arc::new(FileWatch::of(&path).map_err(io_error)?);
+        let checkpointer =
+            Checkpointer::start(path.clone(), Arc::clone(&watch)).map_err(io_error)?;
         let opened = tokio::task::spawn_blocking(move || connect(&path))
             .await
             .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
@@ -89,6 +93,7 @@ impl AuditWriter {
                 encoded: Vec::new(),
                 last: None,
             }))),
+            watch,
             checkpointer: Mutex::new(Some(checkpointer)),
         })
     }
@@ -96,6 +101,7 @@ impl AuditWriter {
     /// Appends `records` and moves the chain head to `head` in one
     /// transaction, on tokio's blocking pool; see `Store::audit_append`.
     pub(super) async fn append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
+        self.file_present()?;
         let conn = Arc::clone(&self.conn);
         let records = records.to_vec();
         let head = head.clone();
@@ -107,7 +113,17 @@ impl AuditWriter {
     /// The same as [`AuditWriter::append`], on the calling thread (which
     /// it blocks for the commit); see `Store::audit_append_blocking`.
     pub(super) fn append_blocking(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
+        self.file_present()?;
         append_on(&self.conn, records, head)
+    }
+
+    /// Fails once the database file was deleted or replaced: what is
+    /// written from then on would be lost with the file (see [`FileWatch`]).
+    pub(super) fn file_present(&self) -> Result<()> {
+        match self.watch.gone() {
+            Some(path) => Err(StoreError::FileGone(path.to_path_buf())),
+            None => Ok(()),
+        }
     }
 
     /// Closes the connection, after the batch in progress (if any), and

@@ -11,8 +11,10 @@
 //! [`WRITER_CHECKPOINT_PAGES`]: a backstop that keeps the log bounded when
 //! appends never leave a moment for the log to be reset.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use super::audit_writer::open_rusqlite;
@@ -31,13 +33,64 @@ pub(super) struct Checkpointer {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// The database file airlock opened, and whether it is still the one at
+/// its path. SQLite goes on writing to a file deleted (or replaced) under
+/// it without an error, and everything written is lost with it: the
+/// checkpoint thread looks at the path on every round and the audit write
+/// path fails while the file is gone, so that a fail-closed auditor
+/// refuses calls instead of answering them with records nobody will see.
+#[derive(Debug)]
+pub(super) struct FileWatch {
+    path: PathBuf,
+    /// Device and inode of the file opened.
+    identity: (u64, u64),
+    gone: AtomicBool,
+}
+
+impl FileWatch {
+    /// Notes which file is at `path` now.
+    pub(super) fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            identity: (meta.dev(), meta.ino()),
+            gone: AtomicBool::new(false),
+        })
+    }
+
+    /// The path, if the file opened is no longer at it.
+    pub(super) fn gone(&self) -> Option<&Path> {
+        self.gone
+            .load(Ordering::Acquire)
+            .then_some(self.path.as_path())
+    }
+
+    /// Looks at the path again; logs when the file goes or comes back.
+    fn check(&self) {
+        let here = std::fs::metadata(&self.path)
+            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.identity);
+        let was_gone = self.gone.swap(!here, Ordering::AcqRel);
+        if !here && !was_gone {
+            tracing::error!(
+                path = %self.path.display(),
+                "the SQLite database file was deleted or replaced while airlock had it open: \
+                 audit records cannot be stored (calls are refused while audit fails closed); \
+                 put the file back or restart airlock"
+            );
+        } else if here && was_gone {
+            tracing::info!(path = %self.path.display(), "the SQLite database file is back");
+        }
+    }
+}
+
 impl Checkpointer {
-    /// Starts checkpointing the database file at `path` (which must exist).
-    pub(super) fn start(path: PathBuf) -> std::io::Result<Self> {
+    /// Starts checkpointing the database file at `path` (which must exist),
+    /// and watching that it stays there (`watch`).
+    pub(super) fn start(path: PathBuf, watch: Arc<FileWatch>) -> std::io::Result<Self> {
         let (stop, stopped) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("airlock-sqlite-checkpoint".to_owned())
-            .spawn(move || run(&path, &stopped))?;
+            .spawn(move || run(&path, &watch, &stopped))?;
         Ok(Self { stop, thread })
     }
 
@@ -50,16 +103,20 @@ impl Checkpointer {
     }
 }
 
-fn run(path: &Path, stopped: &mpsc::Receiver<()>) {
+fn run(path: &Path, watch: &FileWatch, stopped: &mpsc::Receiver<()>) {
     let conn = match open_rusqlite(path) {
-        Ok(conn) => conn,
+        Ok(conn) => Some(conn),
         Err(e) => {
             tracing::warn!(error = %e, "cannot open the SQLite checkpoint connection; SQLite checkpoints by itself");
-            return;
+            None
         }
     };
     // Ends when the sender is dropped (or sends, which it never does).
     while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+        watch.check();
+        let Some(conn) = &conn else {
+            continue;
+        };
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(error = %e, "background WAL checkpoint failed");
         }
