@@ -241,7 +241,70 @@ async fn failed_writes_close_the_gate_until_the_store_recovers() {
     auditor.submit(record(3)).await.unwrap();
     writer.shutdown().await;
     let verified = verify_store(store.as_ref(), &key()).await.unwrap();
-    assert_eq!((verified.records, verified.first_break), (2, None));
+    // The record whose commit failed is written once the store recovers,
+    // flagged: its caller was told the write failed (and, failing closed,
+    // refused the call), but the provider may have seen it.
+    assert_eq!((verified.records, verified.first_break), (3, None));
+    let stored = store
+        .audit_records(&AuditQuery {
+            chain: Some(1),
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    let paths: Vec<(&str, bool)> = stored
+        .iter()
+        .map(|r| (r.path.as_ref(), r.flags.contains(Flags::WRITTEN_LATE)))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            ("/openai/v1/models/1", false),
+            ("/openai/v1/models/2", true),
+            ("/openai/v1/models/3", false),
+        ]
+    );
+}
+
+/// Records of failed batches are held back only up to `queue_capacity`.
+#[tokio::test]
+async fn records_held_back_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let mut settings = settings();
+    settings.queue_capacity = 3;
+    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings)
+        .await
+        .unwrap();
+    store.fail.store(true, Ordering::SeqCst);
+    for n in 0..5 {
+        let _ = auditor.submit(record(n)).await;
+    }
+    store.fail.store(false, Ordering::SeqCst);
+    assert!(
+        eventually(|| auditor.admits_calls()).await,
+        "gate did not reopen"
+    );
+    writer.shutdown().await;
+    let stored = store
+        .audit_records(&AuditQuery {
+            chain: Some(1),
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    let paths: Vec<&str> = stored.iter().map(|r| r.path.as_ref()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/openai/v1/models/0",
+            "/openai/v1/models/1",
+            "/openai/v1/models/2"
+        ]
+    );
+    assert!(stored.iter().all(|r| r.flags.contains(Flags::WRITTEN_LATE)));
 }
 
 /// Makes the store's commits hang; the first record's caller is timed out

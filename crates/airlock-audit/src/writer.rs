@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use airlock_core::audit::{head_seal, AuditKey, AuditRecord, GENESIS_MAC};
+use airlock_core::audit::{head_seal, AuditKey, AuditRecord, Flags, GENESIS_MAC};
 use airlock_store::{ChainHead, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
@@ -20,6 +20,12 @@ pub(crate) struct Writer {
     shared: Arc<Shared>,
     records: Vec<AuditRecord>,
     waiters: Vec<(Waiter, Option<Route>)>,
+    /// Records of batches that failed without landing, flagged
+    /// `written_late` (their callers were answered with the failure): they
+    /// go first into the next batch, so that a call the provider saw while
+    /// the store was failing still gets its record. At most
+    /// `queue_capacity`; beyond that they are counted as failed and lost.
+    unwritten: Vec<AuditRecord>,
     /// Commit with [`Store::audit_append_blocking`]: the writer has a
     /// thread of its own.
     inline: bool,
@@ -43,6 +49,7 @@ impl Writer {
             shared,
             records: Vec::with_capacity(max_batch),
             waiters: Vec::with_capacity(max_batch),
+            unwritten: Vec::new(),
             inline,
         }
     }
@@ -95,6 +102,12 @@ impl Writer {
                     }
                 }
                 self.commit().await;
+                if !self.unwritten.is_empty() {
+                    tracing::error!(
+                        records = self.unwritten.len(),
+                        "audit records lost: the store did not take them before shutdown"
+                    );
+                }
                 let _ = done.send(());
                 tracing::info!(
                     chain = self.head.chain,
@@ -117,8 +130,16 @@ impl Writer {
         }
     }
 
-    /// Seals and appends the pending batch; answers every waiter.
+    /// Seals and appends the pending batch, after the records earlier
+    /// batches could not write; answers every waiter.
     async fn commit(&mut self) {
+        let late = self
+            .unwritten
+            .len()
+            .min(self.shared.settings.max_batch.max(1));
+        if late > 0 {
+            self.records.splice(0..0, self.unwritten.drain(..late));
+        }
         if self.records.is_empty() {
             return;
         }
@@ -150,14 +171,14 @@ impl Writer {
                 bounded(limit, self.store.audit_append(&self.records, &head)).await
             }
         };
-        let stats = &self.shared.stats;
+        let stats = Arc::clone(&self.shared.stats);
         stats
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
         let count = self.records.len() as u64;
-        self.records.clear();
         match result {
             Ok(()) => {
+                self.records.clear();
                 self.head = head;
                 health.commit_ended(true);
                 stats.written.inc_by(count);
@@ -166,16 +187,52 @@ impl Writer {
             }
             Err(e) => {
                 health.commit_ended(false);
-                stats.failed.inc_by(count);
                 tracing::error!(error = %e, records = count, "audit write failed");
                 let reason = e.to_string();
                 self.answer(|| Err(AuditError::Write(reason.clone())));
                 // A commit given up on may have landed: read the head again.
-                if matches!(e, StoreError::ChainConflict(_) | StoreError::TimedOut(_)) {
-                    self.reclaim().await;
+                let landed = matches!(e, StoreError::ChainConflict(_) | StoreError::TimedOut(_))
+                    && self.reclaim().await
+                    && self.head.chain == chain
+                    && self.head.seq == seq;
+                if landed {
+                    self.records.clear();
+                    stats.written.inc_by(count);
+                    stats.batches.inc();
+                } else {
+                    self.keep_unwritten(late);
                 }
             }
         }
+    }
+
+    /// Keeps the records of a batch that did not land for the next one,
+    /// flagged `written_late`, up to `queue_capacity` (the rest are lost,
+    /// and counted as failed). The batch began with `late` records kept
+    /// from before; all stay in the order they ended in.
+    fn keep_unwritten(&mut self, late: usize) {
+        let room = self
+            .shared
+            .settings
+            .queue_capacity
+            .saturating_sub(self.unwritten.len());
+        let lost = self.records.len().saturating_sub(room);
+        if lost > 0 {
+            tracing::error!(
+                records = lost,
+                "audit records lost: too many could not be written"
+            );
+            self.shared.stats.failed.inc_by(lost as u64);
+            self.records.truncate(room);
+        }
+        for record in &mut self.records {
+            record.flags.insert(Flags::WRITTEN_LATE);
+        }
+        let late = late.min(self.records.len());
+        let mut kept: Vec<AuditRecord> = self.records.drain(..late).collect();
+        kept.append(&mut self.unwritten);
+        kept.append(&mut self.records);
+        self.unwritten = kept;
     }
 
     /// Answers every waiter of the batch: through its worker's delivery,
@@ -212,6 +269,13 @@ impl Writer {
             Ok(()) if self.reclaim().await => {
                 tracing::info!(chain = self.head.chain, "audit store writable again");
                 self.shared.health.commit_ended(true);
+                if !self.unwritten.is_empty() {
+                    tracing::info!(
+                        records = self.unwritten.len(),
+                        "writing the audit records held back"
+                    );
+                    self.commit().await;
+                }
             }
             Ok(()) => {}
             Err(e) => tracing::warn!(error = %e, "audit store still not writable"),

@@ -202,12 +202,18 @@ impl Flags {
     pub const INCOMPLETE: Flags = Flags(1 << 2);
     /// airlock ended the response because the session was revoked or expired.
     pub const SESSION_ENDED: Flags = Flags(1 << 3);
+    /// The record could not be stored when the call ended (the store
+    /// failed) and was stored later. With `fail_closed`, the agent got a
+    /// 503 `audit_unavailable`, or an answer cut short, rather than what
+    /// the record says the provider answered.
+    pub const WRITTEN_LATE: Flags = Flags(1 << 4);
 
-    const NAMES: [(Flags, &'static str); 4] = [
+    const NAMES: [(Flags, &'static str); 5] = [
         (Flags::CLIENT_ABORTED, "client_aborted"),
         (Flags::CREDENTIAL_REDACTED, "credential_redacted"),
         (Flags::INCOMPLETE, "incomplete"),
         (Flags::SESSION_ENDED, "session_ended"),
+        (Flags::WRITTEN_LATE, "written_late"),
     ];
 
     /// No flags.
