@@ -253,7 +253,9 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     if is_postgres_url(url) {
         return Ok(Arc::new(PgStore::open(url).await?));
     }
-    Err(StoreError::UnsupportedUrl(url.to_owned()))
+    Err(StoreError::UnsupportedUrl(
+        url_for_display(url).into_owned(),
+    ))
 }
 
 /// The size of a lease of `want` calls of a quota of `max` of which
@@ -272,6 +274,41 @@ pub async fn open_existing(url: &str) -> Result<Arc<dyn Store>> {
         return Ok(Arc::new(SqliteStore::open_existing(url).await?));
     }
     open(url).await
+}
+
+/// `url` as it may be shown (logs, errors, `config check`): a password in
+/// it, in the user info (`postgres://user:PASSWORD@host/db`) or a
+/// `password=` query parameter, replaced by `***`.
+pub fn url_for_display(url: &str) -> Cow<'_, str> {
+    let mut shown = Cow::Borrowed(url);
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            if let Some((user, _password)) = userinfo.split_once(':') {
+                shown = Cow::Owned(format!(
+                    "{scheme}://{user}:***@{host}{}",
+                    &rest[authority_end..]
+                ));
+            }
+        }
+    }
+    if let Some((base, query)) = shown.split_once('?') {
+        if query.split('&').any(|pair| pair.starts_with("password=")) {
+            let query: Vec<&str> = query
+                .split('&')
+                .map(|pair| {
+                    if pair.starts_with("password=") {
+                        "password=***"
+                    } else {
+                        pair
+                    }
+                })
+                .collect();
+            shown = Cow::Owned(format!("{base}?{}", query.join("&")));
+        }
+    }
+    shown
 }
 
 /// Whether `url` names a PostgreSQL database (`postgres://` or `postgresql://`).
@@ -358,3 +395,25 @@ async fn close_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) {
 
 /// The longest [`close_pool`] waits for connections still on their way back.
 const CLOSE_POOL_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_withheld_from_displayed_urls() {
+        for (url, shown) in [
+            ("sqlite://airlock.db", "sqlite://airlock.db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("postgres://u:pw@h:5432/db", "postgres://u:***@h:5432/db"),
+            ("postgresql://u:p@ss:w@h", "postgresql://u:***@h"),
+            (
+                "postgres://u@h/db?sslmode=require&password=pw",
+                "postgres://u@h/db?sslmode=require&password=***",
+            ),
+            ("postgress://u:pw@h/db", "postgress://u:***@h/db"),
+        ] {
+            assert_eq!(url_for_display(url), shown, "{url}");
+        }
+    }
+}

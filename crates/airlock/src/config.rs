@@ -533,7 +533,10 @@ impl Config {
         if !store_url.starts_with("sqlite:") && !airlock_store::is_postgres_url(&store_url) {
             return Err(err(
                 "store.url",
-                format!("{store_url:?}: use sqlite://PATH or postgres://USER@HOST/DATABASE"),
+                format!(
+                    "{:?}: use sqlite://PATH or postgres://USER@HOST/DATABASE",
+                    airlock_store::url_for_display(&store_url)
+                ),
             ));
         }
         let store_max_staleness = dur("store.max_staleness", &raw.store.max_staleness)?;

@@ -994,3 +994,37 @@ async fn readyz_is_ready_while_serving_and_503_while_draining() {
     let status = airlock.terminate().await.unwrap();
     assert!(status.success(), "{status:?}\n{}", airlock.output());
 }
+
+/// A database password in `[store] url` never shows: not in `config check`,
+/// not in the error of a store that cannot be opened.
+#[tokio::test]
+async fn a_store_password_is_never_shown() {
+    let (dir, path) = config_dir(
+        r#"
+[store]
+url = "postgres://airlock:Sup3rSecretPw@127.0.0.1:1/airlock"
+
+[audit]
+key_file = "audit.key"
+"#,
+    );
+    std::fs::write(dir.path().join("audit.key"), "ab".repeat(32)).unwrap();
+    let path = path.to_str().unwrap();
+    let check = airlock_cmd(&["config", "check", "--config", path])
+        .output()
+        .await
+        .unwrap();
+    let shown = format!("{}{}", stdout(&check), stderr(&check));
+    assert!(
+        shown.contains("postgres://airlock:***@127.0.0.1:1/airlock"),
+        "{shown}"
+    );
+    let export = airlock_cmd(&["audit", "export", "--config", path])
+        .output()
+        .await
+        .unwrap();
+    assert!(!export.status.success());
+    let shown = format!("{shown}{}{}", stdout(&export), stderr(&export));
+    assert!(shown.contains("airlock:***@"), "{shown}");
+    assert!(!shown.contains("Sup3rSecretPw"), "{shown}");
+}

@@ -47,7 +47,12 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
 async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
     airlock_store::open_existing(&config.store_url)
         .await
-        .with_context(|| format!("opening store {}", config.store_url))
+        .with_context(|| {
+            format!(
+                "opening store {}",
+                airlock_store::url_for_display(&config.store_url)
+            )
+        })
 }
 
 async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {

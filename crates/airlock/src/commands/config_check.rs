@@ -103,7 +103,11 @@ pub fn describe(config: &Config) -> Description {
     line(
         out,
         "url",
-        &format!("{}{}", config.store_url, store_note(&config.store_url)),
+        &format!(
+            "{}{}",
+            airlock_store::url_for_display(&config.store_url),
+            store_note(&config.store_url)
+        ),
     );
 
     let _ = writeln!(out, "audit:");

@@ -31,7 +31,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let open_files = raise_open_files_limit();
     let store = airlock_store::open(&config.store_url)
         .await
-        .with_context(|| format!("opening store {}", config.store_url))?;
+        .with_context(|| {
+            format!(
+                "opening store {}",
+                airlock_store::url_for_display(&config.store_url)
+            )
+        })?;
     // Credentials first: one serve refuses (too short, not header-safe)
     // stops it before anything is printed or written (an admin token, a
     // new audit chain).
@@ -215,7 +220,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     readiness
         .ready
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    tracing::info!(config = %config.source, store = %config.store_url, "airlock started");
+    tracing::info!(
+        config = %config.source,
+        store = %airlock_store::url_for_display(&config.store_url),
+        "airlock started"
+    );
     {
         let mut out = std::io::stdout().lock();
         writeln!(
