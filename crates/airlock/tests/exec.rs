@@ -16,6 +16,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_airlock");
 /// The real credentials, as the operator's shell holds them.
 const OPENAI_KEY: &str = "sk-real-openai-exec-0123456789";
 const ANTHROPIC_KEY: &str = "sk-real-anthropic-exec-0123456789";
+/// A real key the operator's shell holds where the Anthropic SDK looks.
+const SHELL_ANTHROPIC_KEY: &str = "sk-ant-in-the-shell-0123456789";
 /// Upper bound for anything a test waits for.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -134,6 +136,11 @@ async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code
             r#"echo "$OPENAI_API_KEY $OPENAI_BASE_URL"; env; exit 7"#,
         ],
     )
+    // A real key in the operator's shell under the name an SDK reads, for
+    // a provider outside the session (its airlock credential comes from
+    // elsewhere): the command must not get it.
+    .env("ANTHROPIC_API_KEY", SHELL_ANTHROPIC_KEY)
+    .env("ANTHROPIC_BASE_URL", "https://api.anthropic.com")
     .output()
     .await
     .unwrap();
@@ -172,7 +179,12 @@ async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code
     ] {
         assert_eq!(var(hidden), None, "{hidden} leaked into the child");
     }
-    for secret in [OPENAI_KEY, ANTHROPIC_KEY, airlock.admin_token()] {
+    for secret in [
+        OPENAI_KEY,
+        ANTHROPIC_KEY,
+        SHELL_ANTHROPIC_KEY,
+        airlock.admin_token(),
+    ] {
         assert!(
             !stdout.contains(secret),
             "a secret reached the child:\n{stdout}"

@@ -125,17 +125,21 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 /// Variables the command must not inherit: the real credentials of every
-/// configured provider whose source is `env:VAR`, the admin token, the
-/// audit key and the master key (which unseals stored credentials).
+/// configured provider whose source is `env:VAR`; every provider's
+/// `env_key` and `env_base_url` (the names its SDK reads: a real key the
+/// operator's shell holds there must not reach the command for a provider
+/// outside the session, and one inside gets the session's values); the
+/// admin token, the audit key and the master key (which unseals stored
+/// credentials).
 pub fn hidden_variables(config: &Config) -> BTreeSet<String> {
-    let mut vars: BTreeSet<String> = config
-        .providers
-        .values()
-        .filter_map(|p| match &p.credential {
-            CredentialSource::Env(var) => Some(var.clone()),
-            CredentialSource::File(_) | CredentialSource::Store => None,
-        })
-        .collect();
+    let mut vars: BTreeSet<String> = BTreeSet::new();
+    for provider in config.providers.values() {
+        if let CredentialSource::Env(var) = &provider.credential {
+            vars.insert(var.clone());
+        }
+        vars.insert(provider.env_key.clone());
+        vars.insert(provider.env_base_url.clone());
+    }
     vars.insert("AIRLOCK_ADMIN_TOKEN".to_owned());
     vars.insert(AUDIT_KEY_ENV.to_owned());
     vars.insert(airlock_core::seal::MASTER_KEY_ENV.to_owned());
