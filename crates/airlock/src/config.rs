@@ -452,6 +452,15 @@ impl Config {
         };
         let dur =
             |key: &str, value: &str| duration::parse(value).map_err(|e| err(key, e.to_string()));
+        // A timeout of 0 would fail every call (or close every connection)
+        // at once.
+        let timeout = |key: &str, value: &str| {
+            let parsed = dur(key, value)?;
+            if parsed.is_zero() {
+                return Err(err(key, "must be at least 1ms".into()));
+            }
+            Ok(parsed)
+        };
         let tls = match (raw.proxy.tls_cert.clone(), raw.proxy.tls_key.clone()) {
             (None, None) => None,
             // The files are loaded by `check_tls` (serve and config check
@@ -482,6 +491,10 @@ impl Config {
                     .ok_or_else(|| err("proxy.public_url", format!("{u:?} is not an http(s) URL")))
             })
             .transpose()?;
+        if let Some(url) = &public_url {
+            check_public_url(url, tls.is_some(), &limits.allowed_hosts)
+                .map_err(|reason| err("proxy.public_url", reason))?;
+        }
         let proxy_listen = addr("proxy.listen", &raw.proxy.listen)?;
         let admin_listen = addr("admin.listen", &raw.admin.listen)?;
         let overlap = proxy_listen.port() != 0
@@ -498,9 +511,12 @@ impl Config {
         let proxy = ProxyConfig {
             listen: proxy_listen,
             public_url,
-            upstream_timeout: dur("proxy.upstream_timeout", &raw.proxy.upstream_timeout)?,
-            connect_timeout: dur("proxy.connect_timeout", &raw.proxy.connect_timeout)?,
-            header_read_timeout: dur("proxy.header_read_timeout", &raw.proxy.header_read_timeout)?,
+            upstream_timeout: timeout("proxy.upstream_timeout", &raw.proxy.upstream_timeout)?,
+            connect_timeout: timeout("proxy.connect_timeout", &raw.proxy.connect_timeout)?,
+            header_read_timeout: timeout(
+                "proxy.header_read_timeout",
+                &raw.proxy.header_read_timeout,
+            )?,
             drain_timeout: dur("proxy.drain_timeout", &raw.proxy.drain_timeout)?,
             workers: match raw.proxy.workers {
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -592,6 +608,12 @@ impl Config {
                     return Err(err(
                         &key(field),
                         format!("{value:?} is not an environment variable name"),
+                    ));
+                }
+                if let Some(why) = reserved_env_name(value) {
+                    return Err(err(
+                        &key(field),
+                        format!("{value} {why}: `airlock exec` would set it to a session value"),
                     ));
                 }
                 let first = env_names.insert(value.clone(), key(field));
@@ -700,6 +722,72 @@ fn parse_limits(file: &str, raw: &RawProxy) -> Result<ProxyLimits, ConfigError> 
         forwarded_headers,
         allowed_hosts,
     })
+}
+
+/// Why `name` may not be a provider's `env_key` or `env_base_url`, if it
+/// may not: names the system, the shell or the dynamic loader read, and
+/// airlock's own. (`airlock exec` sets these variables for its command.)
+fn reserved_env_name(name: &str) -> Option<&'static str> {
+    const SYSTEM: [&str; 16] = [
+        "PATH",
+        "HOME",
+        "SHELL",
+        "USER",
+        "LOGNAME",
+        "PWD",
+        "OLDPWD",
+        "TERM",
+        "TMPDIR",
+        "LANG",
+        "IFS",
+        "ENV",
+        "BASH_ENV",
+        "CDPATH",
+        "NODE_OPTIONS",
+        "PYTHONPATH",
+    ];
+    let upper = name.to_ascii_uppercase();
+    if upper.starts_with("AIRLOCK_") {
+        Some("is reserved for airlock's own variables")
+    } else if upper.starts_with("LD_") || upper.starts_with("DYLD_") {
+        Some("is read by the dynamic loader")
+    } else if upper.starts_with("LC_") || SYSTEM.contains(&upper.as_str()) {
+        Some("is read by the system or the shell")
+    } else {
+        None
+    }
+}
+
+/// Checks that agents given `public_url` can reach this proxy: the scheme
+/// the proxy serves (https with TLS, http without), and a host that
+/// `allowed_hosts` (when set) accepts.
+fn check_public_url(url: &str, tls: bool, allowed_hosts: &[String]) -> Result<(), String> {
+    let https = url.starts_with("https://");
+    if tls && !https {
+        return Err(format!(
+            "{url:?} is http://, but the proxy serves HTTPS (tls_cert is set): agents given it \
+             could not connect"
+        ));
+    }
+    if allowed_hosts.is_empty() {
+        return Ok(());
+    }
+    let authority = url
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| uri.authority().cloned());
+    let Some(authority) = authority else {
+        return Ok(());
+    };
+    let full = authority.as_str().to_ascii_lowercase();
+    let bare = authority.host().trim_end_matches('.').to_ascii_lowercase();
+    if allowed_hosts.iter().any(|h| *h == full || *h == bare) {
+        return Ok(());
+    }
+    Err(format!(
+        "{url:?} names {full}, which proxy.allowed_hosts does not list: every call agents make \
+         to it would be refused (400)"
+    ))
 }
 
 /// A byte size: digits and an optional unit `B`, `KB`/`MB`/`GB`/`TB`

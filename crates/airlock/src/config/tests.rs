@@ -167,10 +167,54 @@ fn bad_configs_name_file_key_and_reason() {
             "[providers.x]\nupstream = \"HTTPS://x\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"XB\"",
             "bad.toml: providers.x.upstream: \"HTTPS://x\" is not an http(s) URL",
         ),
+        (
+            "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"PATH\"\nenv_base_url = \"XB\"",
+            "bad.toml: providers.x.env_key: PATH is read by the system or the shell",
+        ),
+        (
+            "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"LD_PRELOAD\"",
+            "bad.toml: providers.x.env_base_url: LD_PRELOAD is read by the dynamic loader",
+        ),
+        (
+            "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"AIRLOCK_SESSION_ID\"\nenv_base_url = \"XB\"",
+            "bad.toml: providers.x.env_key: AIRLOCK_SESSION_ID is reserved for airlock's own",
+        ),
+        ("[proxy]\nupstream_timeout = \"0s\"", "bad.toml: proxy.upstream_timeout: must be at least 1ms"),
+        ("[proxy]\nconnect_timeout = \"0ms\"", "bad.toml: proxy.connect_timeout: must be at least 1ms"),
+        (
+            "[proxy]\nheader_read_timeout = \"0s\"",
+            "bad.toml: proxy.header_read_timeout: must be at least 1ms",
+        ),
+        (
+            "[proxy]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\npublic_url = \"http://airlock:8080\"",
+            "bad.toml: proxy.public_url: \"http://airlock:8080\" is http://, but the proxy serves HTTPS",
+        ),
+        (
+            "[proxy]\npublic_url = \"http://airlock.internal:8080\"\nallowed_hosts = [\"other.example\"]",
+            "bad.toml: proxy.public_url: \"http://airlock.internal:8080\" names airlock.internal:8080, which proxy.allowed_hosts does not list",
+        ),
     ];
     for (text, want) in cases {
         let got = error_of(text);
         assert!(got.starts_with(want), "{text:?}\n got: {got}\nwant: {want}");
+    }
+}
+
+/// A public URL whose host `allowed_hosts` lists, bare or with its port,
+/// and an https one in front of a plain-HTTP proxy (TLS ended before it).
+#[test]
+fn a_public_url_agents_can_use_is_accepted() {
+    for (url, hosts) in [
+        ("http://airlock.internal:8080", r#"["airlock.internal"]"#),
+        (
+            "http://airlock.internal:8080",
+            r#"["airlock.internal:8080"]"#,
+        ),
+        ("https://AIRLOCK.example.com", r#"["airlock.example.com"]"#),
+        ("https://airlock.example.com", "[]"),
+    ] {
+        let text = format!("[proxy]\npublic_url = \"{url}\"\nallowed_hosts = {hosts}");
+        assert!(Config::parse("ok.toml", &text).is_ok(), "{text}");
     }
 }
 
