@@ -3,8 +3,9 @@
 //!
 //! A session created through a process's own admin API is cached by that
 //! process at once, so the sessions are created by a second airlock process
-//! on the same database, which is stopped before the measurement. The
-//! measured process then sees each token for the first time.
+//! on the same database while the measured one is stopped (a SQLite store
+//! takes one server at a time); the measured process, started again, then
+//! sees each token for the first time.
 
 use std::path::Path;
 use std::time::Instant;

@@ -269,8 +269,9 @@ fn first_use(out: &mut String, r: &Results) {
         "## First use of a token (cache miss) vs a known token\n\n\
          Sequential calls (small JSON POST, one kept-alive connection): each token's \
          first call, then its second. The sessions were created by a second airlock \
-         process on the same database, so the measured process looks each token up in \
-         the store on its first call.\n\n\
+         process on the same database while the peer was stopped; started again (and \
+         warmed up with a token of its own), it looks each token up in the store on \
+         its first call.\n\n\
          | peer | tokens | first call p50 | p99 | known token p50 | p99 | first-use cost p50 | p99 |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|"
     );

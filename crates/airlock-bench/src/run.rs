@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::audit_metrics::MetricsSource;
-use crate::client::Conn;
+use crate::client::{self, Conn};
 use crate::first_use;
 use crate::machine::Machine;
 use crate::peers::{self, Target};
@@ -112,7 +112,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Results> {
     let sse = sse_all(&lineup.list, opts.sse, opts.sse_reps).await;
 
     let mut first = Vec::new();
-    for (name, airlock) in &lineup.airlocks {
+    for (name, airlock) in &mut lineup.airlocks {
         let Some(peer) = lineup.list.iter().find(|p| p.target.name == *name) else {
             continue;
         };
@@ -226,19 +226,38 @@ fn turn_order(rep: usize, peers: usize) -> Vec<usize> {
     order
 }
 
+/// Stops the measured peer (a SQLite store takes one server at a time),
+/// creates the tokens with a second process on its store, then starts the
+/// peer again, warms it up with a token of its own and measures.
 async fn first_use_one(
     opts: &Options,
-    airlock: &peers::Airlock,
+    airlock: &mut peers::Airlock,
     peer: &Peer,
 ) -> anyhow::Result<first_use::FirstUseResult> {
-    let tokens = first_use::tokens_from_second_process(
+    airlock.proc.stop();
+    let mut tokens = first_use::tokens_from_second_process(
         &opts.airlock_bin,
         &airlock.config_path,
         &airlock.admin_token,
-        opts.first_use_tokens,
+        opts.first_use_tokens + 1,
     )
     .await?;
-    first_use::measure(&peer.target, &tokens).await
+    let (mut proc, urls) = peers::spawn_airlock(
+        &opts.airlock_bin,
+        &airlock.config_path,
+        &airlock.admin_token,
+    )
+    .context("starting the measured airlock again")?;
+    let target = Target {
+        addr: client::addr_of(urls.first().map_or("", String::as_str))?,
+        ..peer.target.clone()
+    };
+    // Its first call opens the upstream connection: not part of the figure.
+    let warm_up = tokens.split_off(opts.first_use_tokens);
+    first_use::measure(&target, &warm_up).await?;
+    let measured = first_use::measure(&target, &tokens).await;
+    proc.stop();
+    measured
 }
 
 fn progress(message: &str) {

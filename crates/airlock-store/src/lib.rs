@@ -276,6 +276,12 @@ pub async fn open_existing(url: &str) -> Result<Arc<dyn Store>> {
     open(url).await
 }
 
+/// The database file a `sqlite:` URL names, when it is one plain file
+/// (not in memory).
+pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    sqlite::file_of(url)
+}
+
 /// `url` as it may be shown (logs, errors, `config check`): a password in
 /// it, in the user info (`postgres://user:PASSWORD@host/db`) or a
 /// `password=` query parameter, replaced by `***`.

@@ -181,6 +181,17 @@ impl SqliteStore {
     }
 }
 
+/// The file `url` names, unless it is in memory or not a `sqlite:` URL.
+pub(crate) fn file_of(url: &str) -> Option<PathBuf> {
+    if !url.starts_with("sqlite:") || is_in_memory(url) {
+        return None;
+    }
+    let options = SqliteConnectOptions::from_str(url).ok()?;
+    let path = options.get_filename();
+    let named = !path.as_os_str().is_empty() && !path.to_string_lossy().starts_with("file:");
+    named.then(|| path.to_path_buf())
+}
+
 /// Whether `url` names an in-memory database (no file).
 fn is_in_memory(url: &str) -> bool {
     let query = url.split_once('?').map_or("", |(_, query)| query);

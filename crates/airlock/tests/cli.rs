@@ -1028,3 +1028,68 @@ key_file = "audit.key"
     assert!(shown.contains("airlock:***@"), "{shown}");
     assert!(!shown.contains("Sup3rSecretPw"), "{shown}");
 }
+
+/// A `serve` that cannot listen stops before it writes anything: no admin
+/// token shown (and stored) for a server that never ran, no database.
+#[tokio::test]
+async fn serve_that_cannot_listen_writes_nothing() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (dir, path) = config_dir(&format!(
+        "[proxy]\nlisten = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        taken.local_addr().unwrap()
+    ));
+    let out = airlock_cmd(&["serve", "--config", path.to_str().unwrap()])
+        .env("AIRLOCK_AUDIT_KEY", "ab".repeat(32))
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("binding proxy.listen"), "{err}");
+    assert!(
+        !err.contains("AIRLOCK_ADMIN_TOKEN=") && !stdout(&out).contains("AIRLOCK_ADMIN_TOKEN=")
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name != "airlock.toml")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// One `serve` per SQLite file: a second one on it (it would claim the same
+/// audit chain and refuse every call) stops at once and says why; the
+/// first goes on serving.
+#[tokio::test]
+async fn a_second_serve_on_the_same_sqlite_file_is_refused() {
+    let mock = MockProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = AirlockBuilder::new(BIN)
+        .provider(
+            "openai",
+            &mock.url(),
+            "bearer",
+            "sk-real-cli-0123456789",
+            "/v1",
+        )
+        .dir(dir.path().to_path_buf())
+        .start()
+        .await
+        .unwrap();
+    let second = AirlockBuilder::new(BIN)
+        .provider(
+            "openai",
+            &mock.url(),
+            "bearer",
+            "sk-real-cli-0123456789",
+            "/v1",
+        )
+        .dir(dir.path().to_path_buf())
+        .start()
+        .await;
+    let err = format!("{:#}", second.err().expect("the second serve is refused"));
+    assert!(err.contains("in use by another `airlock serve`"), "{err}");
+    let (id, _) = create(&first).await;
+    assert!(id.starts_with("ses_"));
+}

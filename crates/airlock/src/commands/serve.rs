@@ -29,6 +29,14 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Runs the server until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let open_files = raise_open_files_limit();
+    // Ports first: a serve that cannot listen stops before it writes
+    // anything (an admin token shown once, a new audit chain).
+    let proxy_listener = TcpListener::bind(config.proxy.listen)
+        .await
+        .with_context(|| format!("binding proxy.listen {}", config.proxy.listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin.listen {}", config.admin_listen))?;
     let store = airlock_store::open(&config.store_url)
         .await
         .with_context(|| {
@@ -37,6 +45,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 airlock_store::url_for_display(&config.store_url)
             )
         })?;
+    // One serve per SQLite file: a second would claim the same audit chain
+    // and refuse every call. Held until the process exits.
+    let _sole_server = match lock_sqlite_store(&config.store_url) {
+        Ok(lock) => lock,
+        Err(e) => {
+            store.close().await;
+            return Err(e);
+        }
+    };
     // Credentials first: one serve refuses (too short, not header-safe)
     // stops it before anything is printed or written (an admin token, a
     // new audit chain).
@@ -84,12 +101,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
-    let proxy_listener = TcpListener::bind(config.proxy.listen)
-        .await
-        .with_context(|| format!("binding proxy.listen {}", config.proxy.listen))?;
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding admin.listen {}", config.admin_listen))?;
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     // Loaded again (the config check loaded it too): the files may have
@@ -261,6 +272,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Takes an exclusive lock (`flock`) on the SQLite database file, so that
+/// a second `serve` on it stops at once with a clear error. Other commands
+/// (`audit`, `credential`) read and write the file alongside; they do not
+/// lock. `None` for PostgreSQL and in-memory databases.
+fn lock_sqlite_store(url: &str) -> anyhow::Result<Option<std::fs::File>> {
+    let Some(path) = airlock_store::sqlite_file(url) else {
+        return Ok(None);
+    };
+    let file = std::fs::File::open(&path)
+        .with_context(|| format!("opening {} to lock it", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "the store {} is in use by another `airlock serve`: one server per SQLite file \
+             (several servers share a PostgreSQL store)",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard one: every connection,
