@@ -1088,7 +1088,10 @@ async fn a_second_serve_on_the_same_sqlite_file_is_refused() {
         .dir(dir.path().to_path_buf())
         .start()
         .await;
-    let err = format!("{:#}", second.err().expect("the second serve is refused"));
+    let Err(err) = second else {
+        panic!("the second serve is refused");
+    };
+    let err = format!("{err:#}");
     assert!(err.contains("in use by another `airlock serve`"), "{err}");
     let (id, _) = create(&first).await;
     assert!(id.starts_with("ses_"));
