@@ -2,7 +2,29 @@
 
 use std::path::PathBuf;
 
+use airlock_core::limits::{MAX_COUNT, MAX_RPM};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit status of a usage error: a bad option, or a bad option value the CLI
+/// finds after parsing (clap exits with it for its own).
+pub const EXIT_USAGE: u8 = 2;
+
+/// A command-line value refused after parsing (a rule, TTL, label, session id
+/// or provider name): reported as `airlock: MESSAGE`, naming the option or
+/// argument, with exit [`EXIT_USAGE`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// A [`UsageError`] as an `anyhow::Error`.
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(message.into()))
+}
+
+/// Whether `error` (or an error it wraps) is a [`UsageError`].
+pub fn is_usage(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.is::<UsageError>())
+}
 
 /// airlock: a credential-injection proxy for AI agents.
 ///
@@ -74,12 +96,14 @@ Examples:
     /// it was killed by signal N).
     ///
     /// The real credentials never reach CMD: every configured provider's
-    /// `credential = "env:VAR"` variable, AIRLOCK_ADMIN_TOKEN and
-    /// AIRLOCK_AUDIT_KEY are removed from its environment.
+    /// `credential = "env:VAR"` variable, AIRLOCK_ADMIN_TOKEN,
+    /// AIRLOCK_AUDIT_KEY and AIRLOCK_MASTER_KEY are removed from its
+    /// environment.
     ///
-    /// Exit status: CMD's; 125 when airlock fails before CMD runs (or CMD
-    /// succeeded but the session could not be revoked), 126 when CMD cannot
-    /// be executed, 127 when it is not found.
+    /// Exit status: CMD's; 2 for a usage error (a bad option or option value,
+    /// as for every command); 125 when airlock fails otherwise before CMD
+    /// runs (or CMD succeeded but the session could not be revoked), 126 when
+    /// CMD cannot be executed, 127 when it is not found.
     #[command(after_help = "\
 Examples:
   airlock exec --allow openai:POST:/v1/chat/completions -- python agent.py
@@ -117,7 +141,13 @@ Examples:
     )]
     Audit(AuditCommand),
     /// Manage providers' real credentials (write-only) through the admin API.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  airlock credential set openai < key.txt
+  airlock credential show openai"
+    )]
     Credential(CredentialCommand),
 }
 
@@ -308,13 +338,13 @@ pub struct SessionArgs {
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
     /// Requests per minute.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_RPM)))]
     pub rpm: Option<u32>,
     /// Total requests over the session's life.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_COUNT))]
     pub max_requests: Option<u64>,
     /// Denied calls after which the session is revoked.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_COUNT))]
     pub max_denied: Option<u64>,
 }
 

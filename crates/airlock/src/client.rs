@@ -1,9 +1,10 @@
 //! A small client of the admin API, used by the CLI commands.
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -11,6 +12,27 @@ use serde_json::Value;
 
 /// Where the admin API is, when nothing says otherwise.
 pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:8081";
+
+/// A non-2xx answer of the admin API: its status and the server's message.
+#[derive(Debug)]
+pub struct ApiRefusal {
+    /// The answer's status.
+    pub status: StatusCode,
+    /// The server's `error.message` (or "no error message").
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.status == StatusCode::UNAUTHORIZED {
+            write!(f, "{} (set AIRLOCK_ADMIN_TOKEN)", self.message)
+        } else {
+            write!(f, "{} (HTTP {})", self.message, self.status.as_u16())
+        }
+    }
+}
+
+impl std::error::Error for ApiRefusal {}
 
 /// Talks to a running `airlock serve`.
 pub struct AdminClient {
@@ -50,21 +72,29 @@ impl AdminClient {
                 self.base
             );
         }
+        self.base
+            .parse::<Uri>()
+            .map_err(|e| anyhow!("invalid admin URL {:?} (AIRLOCK_ADMIN_URL): {e}", self.base))?;
+        // Callers build paths from checked values: a path that does not
+        // parse is airlock's own fault, not the URL's.
         let url = format!("{}{path}", self.base);
-        let mut req = Request::builder().method(method).uri(&url);
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| anyhow!("invalid admin API path {path:?}: {e}"))?;
+        let mut req = Request::builder().method(method).uri(uri);
         if let Some(token) = &self.token {
-            req = req.header("authorization", format!("Bearer {token}"));
+            req = req.header(AUTHORIZATION, bearer(token)?);
         }
         let payload = match body {
             Some(v) => {
-                req = req.header("content-type", "application/json");
+                req = req.header(CONTENT_TYPE, "application/json");
                 Bytes::from(v.to_string())
             }
             None => Bytes::new(),
         };
         let req = req
             .body(Full::new(payload))
-            .with_context(|| format!("invalid admin URL {:?} (AIRLOCK_ADMIN_URL)", self.base))?;
+            .context("building the admin API request")?;
         let response = self.http.request(req).await.map_err(|e| {
             anyhow!(
                 "cannot reach the airlock admin API at {}: {} (is `airlock serve` running? set AIRLOCK_ADMIN_URL)",
@@ -86,12 +116,39 @@ impl AdminClient {
         let message = value
             .pointer("/error/message")
             .and_then(Value::as_str)
-            .unwrap_or("no error message");
-        if status == StatusCode::UNAUTHORIZED {
-            bail!("{message} (set AIRLOCK_ADMIN_TOKEN)");
-        }
-        bail!("{message} (HTTP {})", status.as_u16())
+            .unwrap_or("no error message")
+            .to_owned();
+        Err(ApiRefusal { status, message }.into())
     }
+}
+
+/// The `Authorization` value for `token`, or an error naming
+/// `AIRLOCK_ADMIN_TOKEN` and what in it cannot go into a header.
+fn bearer(token: &str) -> anyhow::Result<HeaderValue> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+        let what = if token.chars().any(char::is_control) {
+            "a control character (a trailing newline?)"
+        } else {
+            "a character other than printable ASCII"
+        };
+        anyhow!("AIRLOCK_ADMIN_TOKEN is not a valid header value: it contains {what}")
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// `segment` percent-encoded for use as one segment of a URL path: every
+/// byte but the unreserved ones (RFC 3986: letters, digits, `-._~`).
+pub fn path_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -100,4 +157,24 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cause = next;
     }
     cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segment_encodes_all_but_unreserved_bytes() {
+        assert_eq!(path_segment("open-ai_1.x~"), "open-ai_1.x~");
+        assert_eq!(path_segment("../a b/é"), "..%2Fa%20b%2F%C3%A9");
+    }
+
+    #[test]
+    fn bearer_names_the_variable_and_the_problem() {
+        let err = bearer("abc\n").unwrap_err().to_string();
+        assert!(err.contains("AIRLOCK_ADMIN_TOKEN"), "{err}");
+        assert!(err.contains("control character"), "{err}");
+        assert!(!err.contains("URL"), "{err}");
+        assert!(bearer("abc").unwrap().is_sensitive());
+    }
 }

@@ -49,10 +49,14 @@ async fn run(cli: Cli) -> ExitCode {
             };
             report(commands::serve::run(config).await)
         }
-        Command::Session(cmd) => report(commands::session::run(cmd, cli.config.as_deref()).await),
-        Command::Credential(cmd) => {
-            report(commands::credential::run(cmd, cli.config.as_deref()).await)
-        }
+        Command::Session(cmd) => match admin_url(cli.config.as_deref()) {
+            Ok(url) => report(commands::session::run(cmd, url).await),
+            Err(code) => code,
+        },
+        Command::Credential(cmd) => match admin_url(cli.config.as_deref()) {
+            Ok(url) => report(commands::credential::run(cmd, url).await),
+            Err(code) => code,
+        },
         Command::Audit(cmd) => {
             let config = match config::Config::load(cli.config.as_deref()) {
                 Ok(c) => c,
@@ -78,7 +82,13 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("airlock: {e:#}");
-                    ExitCode::from(commands::exec::EXIT_AIRLOCK_FAILED)
+                    // A usage error exits 2, as for every command; 125 is
+                    // for airlock's other failures before CMD ran.
+                    ExitCode::from(if cli::is_usage(&e) {
+                        cli::EXIT_USAGE
+                    } else {
+                        commands::exec::EXIT_AIRLOCK_FAILED
+                    })
                 }
             }
         }
@@ -101,6 +111,16 @@ fn load_config(path: Option<&std::path::Path>) -> Result<config::Config, ExitCod
     })
 }
 
+/// The admin API's URL for the commands that talk to it: `admin.listen` of
+/// the config. A config named by `--config` must load, as for every command
+/// (exit 64 otherwise); without one, `./airlock.toml` or the defaults.
+fn admin_url(path: Option<&std::path::Path>) -> Result<String, ExitCode> {
+    match path {
+        Some(_) => load_config(path).map(|c| format!("http://{}", c.admin_listen)),
+        None => Ok(commands::session::default_admin_url()),
+    }
+}
+
 /// Like `load_config`, and also loads the TLS files `serve` would use.
 fn load_config_to_serve(path: Option<&std::path::Path>) -> Result<config::Config, ExitCode> {
     let config = load_config(path)?;
@@ -111,12 +131,18 @@ fn load_config_to_serve(path: Option<&std::path::Path>) -> Result<config::Config
     Ok(config)
 }
 
+/// Exit 0, or the error on stderr with exit 2 for a usage error and 1 for
+/// anything else.
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("airlock: {e:#}");
-            ExitCode::FAILURE
+            if cli::is_usage(&e) {
+                ExitCode::from(cli::EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

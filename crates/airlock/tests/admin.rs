@@ -599,7 +599,7 @@ async fn cli_errors_are_one_clear_line_and_nonzero() {
                 "--ttl",
                 "2h",
             ],
-            "ttl_seconds must be between 1 and 3600",
+            "--ttl 2h: must be at most 1h",
         ),
         (
             &[

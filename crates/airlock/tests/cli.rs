@@ -256,6 +256,9 @@ async fn help_snapshots() {
         &["config"],
         &["config", "check"],
         &["completions"],
+        &["credential"],
+        &["credential", "set"],
+        &["credential", "show"],
     ];
     let mut all = String::new();
     for command in commands {
@@ -271,6 +274,17 @@ async fn help_snapshots() {
         all.push_str(&format!("=== airlock {} ===\n{help}\n", args.join(" ")));
     }
     assert_snapshot("help", &all);
+
+    // `exec --help` names every variable it keeps from CMD.
+    let out = airlock_cmd(&["exec", "--help"]).output().await.unwrap();
+    let help = stdout(&out).replace('\n', " ");
+    for var in [
+        "AIRLOCK_ADMIN_TOKEN",
+        "AIRLOCK_AUDIT_KEY",
+        "AIRLOCK_MASTER_KEY",
+    ] {
+        assert!(help.contains(var), "exec --help leaves out {var}:\n{help}");
+    }
 
     // `-h` is the short form, and still shows the examples.
     let out = airlock_cmd(&["exec", "-h"]).output().await.unwrap();
@@ -489,16 +503,86 @@ async fn error_output_snapshot() {
             "500ms",
         ],
         &["audit", "export", "--session", "bogus"],
+        // Usage errors exit 2 and name the option, for every command.
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--ttl",
+            "15",
+        ],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--ttl",
+            "48h",
+        ],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--max-denied",
+            "0",
+        ],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--rpm",
+            "1000001",
+        ],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--label",
+            "a=1",
+            "--label",
+            "a=2",
+        ],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--label",
+            "a b=1",
+        ],
+        &["exec", "--allow", "openai:POST", "--", "true"],
+        &[
+            "exec",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--ttl",
+            "48h",
+            "--",
+            "true",
+        ],
+        &["credential", "show", "a b"],
+        &["credential", "set", "../../x"],
+        // Would match no record: refused rather than followed forever.
+        &["audit", "tail", "--session", "bad"],
+        &["audit", "verify", "--from", "-", "--session", "bad"],
     ];
     let mut all = String::new();
     for args in cases {
-        let out = airlock_cmd(args)
-            .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
-            .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
-            .current_dir(airlock.dir())
-            .output()
-            .await
-            .unwrap();
+        let out = tokio::time::timeout(
+            DEADLINE,
+            airlock_cmd(args)
+                .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+                .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+                .current_dir(airlock.dir())
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{args:?} did not exit"))
+        .unwrap();
         assert!(!out.status.success(), "{args:?}");
         assert_eq!(stdout(&out), "", "{args:?}");
         all.push_str(&format!(
@@ -520,7 +604,135 @@ async fn error_output_snapshot() {
         out.status.code().unwrap(),
         stderr(&out)
     ));
-    assert_snapshot("errors", &redact(&all, &[]));
+    // A token that cannot be a header value is the token's fault, not the
+    // URL's.
+    let out = airlock_cmd(&["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env(
+            "AIRLOCK_ADMIN_TOKEN",
+            format!("{}\n", airlock.admin_token()),
+        )
+        .output()
+        .await
+        .unwrap();
+    all.push_str(&format!(
+        "=== AIRLOCK_ADMIN_TOKEN=\"$TOKEN<newline>\" airlock session list -> exit {} ===\n{}\n",
+        out.status.code().unwrap(),
+        stderr(&out)
+    ));
+    assert_snapshot(
+        "errors",
+        &redact(&all, &[(airlock.admin_url().as_str(), "http://<admin>")]),
+    );
+}
+
+/// A config named by `--config` that cannot be read or parsed is refused by
+/// every command alike, with exit 64 (the commands that talk to the admin
+/// API used to fall back to the defaults and blame the network).
+#[tokio::test]
+async fn every_command_refuses_a_config_it_was_given_but_cannot_load() {
+    let (_dir, malformed) = config_dir("[admin\nlisten = 1\n");
+    let malformed = malformed.to_str().unwrap().to_owned();
+    let commands: &[&[&str]] = &[
+        &["serve"],
+        &["config", "check"],
+        &["session", "list"],
+        &["session", "create", "--allow", "openai:POST:/v1/x"],
+        &["session", "show", "ses_x"],
+        &["session", "revoke", "ses_x"],
+        &["credential", "show", "openai"],
+        &["credential", "set", "openai"],
+        &["audit", "verify"],
+        &["exec", "--allow", "openai:POST:/v1/x", "--", "true"],
+    ];
+    for config in ["/nonexistent/airlock.toml", malformed.as_str()] {
+        let mut messages = Vec::new();
+        for command in commands {
+            // Before the command: what follows exec's `--` is CMD's.
+            let mut args = vec!["--config", config];
+            args.extend_from_slice(command);
+            let out = tokio::time::timeout(DEADLINE, airlock_cmd(&args).output())
+                .await
+                .unwrap_or_else(|_| panic!("{args:?} did not exit"))
+                .unwrap();
+            assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+            let err = stderr(&out);
+            assert!(
+                err.starts_with(&format!("airlock: invalid config: {config}: ")),
+                "{args:?}: {err}"
+            );
+            messages.push(err);
+        }
+        messages.dedup();
+        assert_eq!(messages.len(), 1, "one message for all: {messages:?}");
+    }
+
+    // A config that loads is used: its admin.listen is where the CLI goes.
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let listen = airlock.admin_url().replace("http://", "");
+    let (_dir, config) = config_dir(&format!("[admin]\nlisten = \"{listen}\"\n"));
+    let out = airlock_cmd(&["session", "list", "--config", config.to_str().unwrap()])
+        .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("ID "), "{}", stdout(&out));
+}
+
+/// Revoking a session that has already expired says so: it stays expired.
+#[tokio::test]
+async fn revoking_an_expired_session_says_it_had_expired() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let out = cli(
+        &airlock,
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--ttl",
+            "1s",
+        ],
+    )
+    .await;
+    let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (_, view) = airlock
+            .admin("GET", &format!("/v1/sessions/{id}"), None)
+            .await
+            .unwrap();
+        if view["state"] == "expired" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never expired: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = cli(&airlock, &["session", "revoke", &id]).await;
+    assert_eq!(
+        stdout(&out),
+        format!("{id} had already expired; nothing to revoke\n")
+    );
+    let (_, view) = airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(view["state"], "expired", "{view}");
+
+    // A live session is revoked, and said to be.
+    let out = cli(
+        &airlock,
+        &["session", "create", "--allow", "openai:POST:/v1/x"],
+    )
+    .await;
+    let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let out = cli(&airlock, &["session", "revoke", &id]).await;
+    assert_eq!(stdout(&out), format!("revoked {id}\n"));
 }
 
 /// Writes `airlock.toml` for `config check` into a fresh directory.

@@ -32,6 +32,7 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
             from: Some(file),
             session,
         } => {
+            check_session(session.as_deref())?;
             let key = audit_key::load_existing(&config.audit, &config.store_url)?;
             verify_file(&file, session.as_deref(), &key)
         }
@@ -40,7 +41,21 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
             export(config, session, since_ms).await?;
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Tail { session, lines } => tail::run(config, session, lines).await,
+        AuditCommand::Tail { session, lines } => {
+            check_session(session.as_deref())?;
+            tail::run(config, session, lines).await
+        }
+    }
+}
+
+/// Refuses a `--session` that is not a session id (it would match nothing:
+/// `tail` would wait forever, `export` print nothing).
+fn check_session(session: Option<&str>) -> anyhow::Result<()> {
+    match session {
+        Some(id) if airlock_core::SessionId::parse(id).is_none() => Err(crate::cli::usage(
+            format!("--session {id:?} is not a session id (ses_...)"),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -192,11 +207,7 @@ async fn export(
     session: Option<String>,
     since_ms: Option<i64>,
 ) -> anyhow::Result<()> {
-    if let Some(id) = &session {
-        if airlock_core::SessionId::parse(id).is_none() {
-            anyhow::bail!("--session {id:?} is not a session id (ses_...)");
-        }
-    }
+    check_session(session.as_deref())?;
     let store = open_store(config).await?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     for head in store.audit_heads().await? {

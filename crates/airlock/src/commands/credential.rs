@@ -5,23 +5,23 @@
 //! to the admin API, which seals it. Nothing can read it back.
 
 use std::io::{IsTerminal, Read};
-use std::path::Path;
 
-use airlock_core::Secret;
+use airlock_core::{rule, Secret};
 use anyhow::{bail, Context};
 use http::Method;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use crate::cli::CredentialCommand;
-use crate::client::AdminClient;
-use crate::commands::session::default_admin_url;
+use crate::cli::{usage, CredentialCommand};
+use crate::client::{path_segment, AdminClient};
 
-/// Runs a credential command.
-pub async fn run(cmd: CredentialCommand, config: Option<&Path>) -> anyhow::Result<()> {
-    let client = AdminClient::from_env(default_admin_url(config));
+/// Runs a credential command against the admin API at `admin_url` (unless
+/// `AIRLOCK_ADMIN_URL` says otherwise).
+pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()> {
+    let client = AdminClient::from_env(admin_url);
     match cmd {
         CredentialCommand::Set { provider } => {
+            check_provider(&provider)?;
             let secret = read_secret(&provider)?;
             let body = json!({ "value": secret.expose() });
             let answer = client
@@ -33,6 +33,7 @@ pub async fn run(cmd: CredentialCommand, config: Option<&Path>) -> anyhow::Resul
             );
         }
         CredentialCommand::Show { provider } => {
+            check_provider(&provider)?;
             let answer = client.call(Method::GET, &path(&provider), None).await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
         }
@@ -40,8 +41,14 @@ pub async fn run(cmd: CredentialCommand, config: Option<&Path>) -> anyhow::Resul
     Ok(())
 }
 
+/// Refuses a PROVIDER argument no config could name (the rules of
+/// `[providers.NAME]`), before anything is read or sent.
+fn check_provider(provider: &str) -> anyhow::Result<()> {
+    rule::validate_provider(provider).map_err(|e| usage(e.to_string()))
+}
+
 fn path(provider: &str) -> String {
-    format!("/v1/providers/{provider}/credential")
+    format!("/v1/providers/{}/credential", path_segment(provider))
 }
 
 /// The secret from stdin: prompted without echo on a terminal, else all of

@@ -19,7 +19,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use crate::audit_key::AUDIT_KEY_ENV;
 use crate::cli::ExecArgs;
 use crate::client::AdminClient;
-use crate::commands::session::create_body;
+use crate::commands::session::{create_body, refused_options};
 use crate::config::{Config, CredentialSource};
 
 /// airlock itself failed (before the command ran, or could not revoke the
@@ -51,7 +51,9 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::install()?;
 
     let session = tokio::select! {
-        session = client.call(Method::POST, "/v1/sessions", Some(&body)) => session?,
+        session = client.call(Method::POST, "/v1/sessions", Some(&body)) => {
+            session.map_err(|e| refused_options(e, &args.session))?
+        }
         number = signals.recv() => {
             // The session may have been created, but its token was never
             // handed to anyone; it ends with its TTL.

@@ -1,26 +1,27 @@
 //! `airlock session create|list|show|revoke`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use airlock_core::{duration, Rule};
-use anyhow::{bail, Context};
-use hyper::Method;
+use anyhow::anyhow;
+use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::cli::{OutputFormat, SessionArgs, SessionCommand};
-use crate::client::{AdminClient, DEFAULT_ADMIN_URL};
+use crate::cli::{usage, OutputFormat, SessionArgs, SessionCommand};
+use crate::client::{AdminClient, ApiRefusal, DEFAULT_ADMIN_URL};
 use crate::config::Config;
 
-/// Runs a session subcommand.
-pub async fn run(cmd: SessionCommand, config: Option<&Path>) -> anyhow::Result<()> {
-    let client = AdminClient::from_env(default_admin_url(config));
+/// Runs a session subcommand against the admin API at `admin_url` (unless
+/// `AIRLOCK_ADMIN_URL` says otherwise).
+pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
+    let client = AdminClient::from_env(admin_url);
     match cmd {
         SessionCommand::Create(args) => {
             let body = create_body(&args.session)?;
             let session = client
                 .call(Method::POST, "/v1/sessions", Some(&body))
-                .await?;
+                .await
+                .map_err(|e| refused_options(e, &args.session))?;
             print!("{}", render_created(&session, args.format));
         }
         SessionCommand::List { all, json } => {
@@ -55,26 +56,88 @@ pub async fn run(cmd: SessionCommand, config: Option<&Path>) -> anyhow::Result<(
                     .call(Method::DELETE, &format!("/v1/sessions/{id_or_token}"), None)
                     .await?
             };
-            let id = session.get("id").and_then(Value::as_str).unwrap_or("?");
-            println!("revoked {id}");
+            println!("{}", revoked_line(&session)?);
         }
     }
     Ok(())
 }
 
-/// The admin URL from the config's `admin.listen` (built-in default
-/// `127.0.0.1:8081` when there is no config file); `AIRLOCK_ADMIN_URL` overrides it.
-pub(crate) fn default_admin_url(config: Option<&Path>) -> String {
-    Config::load(config)
+/// What `session revoke` did, from the session the admin API answered with:
+/// the session may have ended before (an expired session stays expired).
+fn revoked_line(session: &Value) -> anyhow::Result<String> {
+    let id = session.get("id").and_then(Value::as_str).unwrap_or("?");
+    match session.get("state").and_then(Value::as_str) {
+        Some("revoked") => Ok(format!("revoked {id}")),
+        Some("expired") => Ok(format!("{id} had already expired; nothing to revoke")),
+        state => Err(anyhow!(
+            "the admin API answered that {id} is still {}",
+            state.unwrap_or("in an unknown state")
+        )),
+    }
+}
+
+/// The admin URL from `./airlock.toml`'s `admin.listen` when that file
+/// exists and loads, else the built-in default `127.0.0.1:8081`;
+/// `AIRLOCK_ADMIN_URL` overrides it. (A config named by `--config` must load:
+/// see `main.rs`.)
+pub(crate) fn default_admin_url() -> String {
+    Config::load(None)
         .map(|c| format!("http://{}", c.admin_listen))
         .unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
 }
 
 fn check_id(id: &str) -> anyhow::Result<()> {
     if airlock_core::SessionId::parse(id).is_none() {
-        bail!("{id:?} is not a session id (ses_...)");
+        return Err(usage(format!("{id:?} is not a session id (ses_...)")));
     }
     Ok(())
+}
+
+/// The admin API's refusal of a new session (400), said in terms of the
+/// options it came from, as a usage error; other errors unchanged. Every
+/// field of the request is an option's value, so a 400 is the operator's
+/// to fix: a TTL beyond the server's `sessions.max_ttl`, a provider it does
+/// not configure, a label it refuses.
+pub fn refused_options(error: anyhow::Error, args: &SessionArgs) -> anyhow::Error {
+    let Some(refusal) = error.downcast_ref::<ApiRefusal>() else {
+        return error;
+    };
+    if refusal.status != StatusCode::BAD_REQUEST {
+        return error;
+    }
+    let message = refusal.message.as_str();
+    if let Some(max) = message
+        .strip_prefix("ttl_seconds must be between 1 and ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|max| max.parse::<u64>().ok())
+    {
+        return usage(format!(
+            "--ttl {}: must be at most {} (the server's sessions.max_ttl)",
+            args.ttl,
+            duration::format(std::time::Duration::from_secs(max))
+        ));
+    }
+    let flag = if message.starts_with("ttl_seconds") {
+        "--ttl"
+    } else if message.starts_with("limits.requests_per_minute") {
+        "--rpm"
+    } else if message.starts_with("limits.max_requests") {
+        "--max-requests"
+    } else if message.starts_with("limits.max_denied") {
+        "--max-denied"
+    } else if message.contains("label") {
+        "--label"
+    } else if message.contains("provider") || message.starts_with("scope") {
+        "--allow"
+    } else {
+        return usage(message.to_owned());
+    };
+    // Without the API's field name: the option says which value it is.
+    let reason = message
+        .split_once(" must ")
+        .filter(|(field, _)| !field.contains(' '))
+        .map_or_else(|| message.to_owned(), |(_, rest)| format!("must {rest}"));
+    usage(format!("{flag}: {reason}"))
 }
 
 /// Turns command-line options into the `POST /v1/sessions` body, refusing
@@ -82,7 +145,9 @@ fn check_id(id: &str) -> anyhow::Result<()> {
 pub fn create_body(args: &SessionArgs) -> anyhow::Result<Value> {
     let mut merged: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
     for text in &args.allow {
-        let rule: Rule = text.parse().with_context(|| format!("--allow {text}"))?;
+        let rule: Rule = text
+            .parse()
+            .map_err(|e| usage(format!("--allow {text}: {e}")))?;
         let value = serde_json::to_value(&rule)?;
         let methods = strings(&value["methods"]);
         let paths = strings(&value["paths"]);
@@ -92,15 +157,23 @@ pub fn create_body(args: &SessionArgs) -> anyhow::Result<Value> {
         .into_iter()
         .map(|(provider, methods, paths)| json!({"provider": provider, "methods": methods, "paths": paths}))
         .collect();
-    let ttl = duration::parse(&args.ttl).with_context(|| format!("--ttl {}", args.ttl))?;
+    let ttl = duration::parse(&args.ttl).map_err(|e| usage(format!("--ttl {}: {e}", args.ttl)))?;
     if ttl < std::time::Duration::from_secs(1) {
-        anyhow::bail!("--ttl {}: a session lasts at least 1s", args.ttl);
+        return Err(usage(format!(
+            "--ttl {}: a session lasts at least 1s",
+            args.ttl
+        )));
     }
-    let mut labels = BTreeMap::new();
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
     for label in &args.labels {
         let (k, v) = label
             .split_once('=')
-            .with_context(|| format!("--label {label:?} must be KEY=VALUE"))?;
+            .ok_or_else(|| usage(format!("--label {label:?} must be KEY=VALUE")))?;
+        if let Some(first) = labels.get(k) {
+            return Err(usage(format!(
+                "--label {k:?} given twice ({k}={first} and {k}={v}): a label has one value"
+            )));
+        }
         labels.insert(k.to_owned(), v.to_owned());
     }
     let mut limits = serde_json::Map::new();
