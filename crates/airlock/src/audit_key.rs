@@ -22,11 +22,8 @@ pub fn load_or_create(config: &AuditConfig, store_url: &str) -> anyhow::Result<A
     let env = std::env::var(AUDIT_KEY_ENV)
         .ok()
         .filter(|v| !v.trim().is_empty());
-    if env.is_none() && !config.key_file_explicit && airlock_store::is_postgres_url(store_url) {
-        anyhow::bail!(
-            "with a PostgreSQL store every replica needs the same audit key: set {AUDIT_KEY_ENV} \
-             (64 hex characters) or [audit] key_file"
-        );
+    if let Some(problem) = missing_shared_key(config, store_url) {
+        anyhow::bail!(problem);
     }
     let (key, origin) = load_or_create_key(env.as_deref(), &config.key_file, PURPOSE)
         .context("loading the audit key")?;
@@ -34,6 +31,21 @@ pub fn load_or_create(config: &AuditConfig, store_url: &str) -> anyhow::Result<A
         tracing::info!(file = %config.key_file.display(), "audit key created (mode 0600)");
     }
     Ok(AuditKey::new(key.expose()))
+}
+
+/// Why `serve` would refuse to start for want of an audit key, if it would:
+/// on a shared store every replica must hold the same key, so it must come
+/// from the variable or a configured file, never one made on first start.
+pub fn missing_shared_key(config: &AuditConfig, store_url: &str) -> Option<String> {
+    let env_set = std::env::var(AUDIT_KEY_ENV).is_ok_and(|v| !v.trim().is_empty());
+    (!env_set && !config.key_file_explicit && airlock_store::is_postgres_url(store_url)).then(
+        || {
+            format!(
+            "with a PostgreSQL store every replica needs the same audit key: set {AUDIT_KEY_ENV} \
+             (64 hex characters) or [audit] key_file"
+        )
+        },
+    )
 }
 
 /// Loads an existing key; never creates one (verification).

@@ -269,19 +269,34 @@ fn describe(source: &CredentialSource) -> String {
     }
 }
 
+/// Why `serve` would refuse to start for want of a master key, if it
+/// would: with credentials in a shared store, every replica must hold the
+/// same key (from the variable or a configured file).
+pub fn missing_shared_master_key(config: &Config) -> Option<String> {
+    let uses_store = config
+        .providers
+        .values()
+        .any(|p| p.credential == CredentialSource::Store);
+    let env_set = std::env::var(seal::MASTER_KEY_ENV).is_ok_and(|v| !v.trim().is_empty());
+    let missing = uses_store
+        && !env_set
+        && !config.master_key_file_explicit
+        && airlock_store::is_postgres_url(&config.store_url);
+    missing.then(|| {
+        format!(
+            "with a PostgreSQL store every replica needs the same master key: set {} \
+             (64 hex characters) or [store] master_key_file",
+            seal::MASTER_KEY_ENV
+        )
+    })
+}
+
 fn load_master_key(config: &Config) -> anyhow::Result<MasterKey> {
     let env = std::env::var(seal::MASTER_KEY_ENV)
         .ok()
         .filter(|v| !v.trim().is_empty());
-    if env.is_none()
-        && !config.master_key_file_explicit
-        && airlock_store::is_postgres_url(&config.store_url)
-    {
-        anyhow::bail!(
-            "with a PostgreSQL store every replica needs the same master key: set {} \
-             (64 hex characters) or [store] master_key_file",
-            seal::MASTER_KEY_ENV
-        );
+    if let Some(problem) = missing_shared_master_key(config) {
+        anyhow::bail!(problem);
     }
     let (key, origin) =
         load_or_create_key(env.as_deref(), &config.master_key_file, KeyPurpose::MASTER)

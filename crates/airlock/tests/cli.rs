@@ -1308,3 +1308,48 @@ async fn a_second_serve_on_the_same_sqlite_file_is_refused() {
     let (id, _) = create(&first).await;
     assert!(id.starts_with("ses_"));
 }
+
+/// `config check` refuses a PostgreSQL config without the keys every
+/// replica must share, as `serve` does, and passes it once they are set.
+#[tokio::test]
+async fn config_check_wants_the_shared_keys_serve_wants() {
+    let (dir, path) = config_dir(
+        r#"
+[store]
+url = "postgres://airlock@127.0.0.1:1/airlock"
+
+[providers.p]
+upstream = "https://p.example.com"
+credential = "store"
+env_key = "P_KEY"
+env_base_url = "P_URL"
+"#,
+    );
+    let path = path.to_str().unwrap();
+    let out = airlock_cmd(&["config", "check", "--config", path])
+        .current_dir(dir.path())
+        .env_remove("AIRLOCK_MASTER_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "audit.key_file: with a PostgreSQL store every replica needs the same audit key"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("store.master_key_file: with a PostgreSQL store every replica needs the same master key"),
+        "{err}"
+    );
+    let out = airlock_cmd(&["config", "check", "--config", path])
+        .current_dir(dir.path())
+        .env("AIRLOCK_AUDIT_KEY", "ab".repeat(32))
+        .env("AIRLOCK_MASTER_KEY", "cd".repeat(32))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -122,6 +122,11 @@ pub fn describe(config: &Config) -> Description {
                 "no (calls go on while records cannot be written)"
             },
         );
+        if let Some(problem) =
+            crate::audit_key::missing_shared_key(&config.audit, &config.store_url)
+        {
+            d.problems.push(format!("audit.key_file: {problem}"));
+        }
         let key = if env_is_set(AUDIT_KEY_ENV) {
             format!("env:{AUDIT_KEY_ENV} (set)")
         } else if config.audit.key_file.exists() {
@@ -141,6 +146,9 @@ pub fn describe(config: &Config) -> Description {
     let _ = writeln!(out, "sessions:");
     line(out, "max ttl", &dur(config.max_ttl));
 
+    if let Some(problem) = crate::credentials::missing_shared_master_key(config) {
+        d.problems.push(format!("store.master_key_file: {problem}"));
+    }
     let _ = writeln!(out, "providers:");
     if config.providers.is_empty() {
         let _ = writeln!(out, "  (none)");
