@@ -21,7 +21,7 @@ cd "$ROOT"
 
 SECONDS_MEASURED="${BENCH_SECONDS:-10}"
 KEY="sk-bench-real-key-0123456789"
-ADMIN_TOKEN="bench-admin-$$"
+ADMIN_TOKEN="adm_bench_instructions_$$"
 AUDIT_KEY="42a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f"
 
 # shellcheck source=bench/lib.sh

@@ -695,10 +695,24 @@ async fn serve_runs_with_no_config_at_all() {
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(BIN)
+    // A token anyone could guess is refused before anything starts.
+    let weak = tokio::process::Command::new(BIN)
         .args(["serve", "--config", path.to_str().unwrap()])
         .current_dir(dir.path())
         .env("AIRLOCK_ADMIN_TOKEN", "t")
+        .output()
+        .await
+        .unwrap();
+    assert!(!weak.status.success());
+    assert!(
+        stderr(&weak).contains("AIRLOCK_ADMIN_TOKEN has only 1 characters"),
+        "{}",
+        stderr(&weak)
+    );
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("AIRLOCK_ADMIN_TOKEN", "adm_serve_defaults_0123")
         .env_remove("OPENAI_API_KEY")
         .env_remove("ANTHROPIC_API_KEY")
         .stdout(std::process::Stdio::piped())
@@ -729,7 +743,7 @@ async fn serve_runs_with_no_config_at_all() {
     let reply = request(
         "POST",
         &format!("{admin}/v1/sessions"),
-        &[("authorization", "Bearer t")],
+        &[("authorization", "Bearer adm_serve_defaults_0123")],
         r#"{"scope":[{"provider":"openai","methods":["POST"],"paths":["/v1/chat/completions"]},{"provider":"anthropic","methods":["POST"],"paths":["/v1/messages"]}],"ttl_seconds":60}"#,
     )
     .await;

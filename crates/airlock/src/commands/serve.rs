@@ -25,6 +25,9 @@ use crate::credentials::Credentials;
 const ADMIN_TOKEN_HASH: &str = "admin_token_hash";
 /// How often call counters are written to the store.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Shortest admin token `serve` accepts from `AIRLOCK_ADMIN_TOKEN`: the
+/// token grants everything (sessions, credentials, the audit trail).
+const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 /// Runs the server until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -440,6 +443,14 @@ async fn admin_token_hash(store: &dyn airlock_store::Store) -> anyhow::Result<To
         .ok()
         .filter(|t| !t.is_empty())
     {
+        let length = token.chars().count();
+        if length < MIN_ADMIN_TOKEN_CHARS {
+            anyhow::bail!(
+                "AIRLOCK_ADMIN_TOKEN has only {length} characters: the admin API's token needs \
+                 at least {MIN_ADMIN_TOKEN_CHARS} random ones (e.g. `openssl rand -hex 24`), or \
+                 leave it unset and serve makes one"
+            );
+        }
         return Ok(TokenHash::of(&token));
     }
     if let Some(hex) = store.setting(ADMIN_TOKEN_HASH).await? {
