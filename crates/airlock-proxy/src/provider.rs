@@ -119,7 +119,7 @@ pub enum ProviderError {
     Format(String),
     #[error("auth_format applies to header styles only (bearer or header:NAME)")]
     FormatNeedsHeader,
-    #[error("the credential cannot be guarded against echoes")]
+    #[error(transparent)]
     Guard(#[from] RedactorError),
     #[error("could not load the system's root certificates: {0}")]
     Roots(std::io::Error),

@@ -75,10 +75,12 @@ impl std::fmt::Debug for StoredCredential {
 pub enum StoreError {
     #[error("unsupported store url {0:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
     UnsupportedUrl(String),
+    // The message holds the database's own; not also chained as a source,
+    // which printed it three times over in `airlock: …` errors.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     #[error("audit chain {0} was moved on by another writer")]
     ChainConflict(u32),
     #[error("audit chain {chain}: record {seq} cannot be read: {reason}")]
@@ -107,6 +109,18 @@ pub enum StoreError {
         .0.display()
     )]
     FileGone(std::path::PathBuf),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Self::Migrate(e)
+    }
 }
 
 /// Result of store operations.

@@ -420,7 +420,7 @@ async fn file_credentials_rotate_without_restart() {
     std::fs::remove_file(&file).unwrap();
     wait_for_output(&airlock, "No such file").await;
     write_atomically(&file, "short");
-    wait_for_output(&airlock, "cannot be guarded").await;
+    wait_for_output(&airlock, "to be guarded against echoes").await;
     assert_eq!(warnings(), 2, "{}", airlock.output());
     assert_eq!(call(&airlock, "/p/x", &token).await.0, 200);
     assert_eq!(
