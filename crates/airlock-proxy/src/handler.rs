@@ -119,8 +119,12 @@ impl Proxy {
                 ErrorCode::AuditUnavailable,
                 "the audit trail cannot be written; calls are refused until it can",
             );
-            self.unknown_provider
-                .record(Some(denial.code()), started.elapsed().as_secs_f64());
+            // Counted under the provider the path names (a lookup of its
+            // first segment), as any other refusal of a call to it is.
+            let metrics = self
+                .route(req.uri().path())
+                .map_or(&self.unknown_provider, |p| &p.metrics);
+            metrics.record(Some(denial.code()), started.elapsed().as_secs_f64());
             return denial.into_response();
         }
         let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);

@@ -798,6 +798,29 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
         seen,
         "refused calls reached the provider"
     );
+    // Refusals at the gate are counted under the provider the path names;
+    // only a path naming none is `_unknown`.
+    let unknown = request(
+        "GET",
+        &format!("{}/nope/v1/x", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        "",
+    )
+    .await;
+    assert_eq!(unknown.status, 503, "{}", unknown.text());
+    let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
+    let metrics = metrics.as_str().unwrap();
+    let count = |provider: &str| {
+        let series = format!(
+            "airlock_proxy_calls_total{{provider=\"{provider}\",decision=\"audit_unavailable\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series.as_str())?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("openai") >= 7, "{metrics}");
+    assert_eq!(count("_unknown"), 1, "{metrics}");
 
     // The lock goes away: airlock recovers by itself.
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
