@@ -8,12 +8,14 @@ mod audit;
 mod error;
 mod providers;
 mod routes;
+mod serve;
 mod sessions;
 mod state;
 
 pub use audit::AuditAccess;
 pub use error::ApiError;
 pub use providers::{CredentialAdmin, CredentialAdminError, CredentialStatus};
-pub use routes::router;
+pub use routes::{router, MAX_BODY};
+pub use serve::{serve, ServeSettings, MAX_HEADER_LINES};
 pub use sessions::{CreateSession, SessionView};
 pub use state::{AdminMetrics, AdminState, ProviderEnv};

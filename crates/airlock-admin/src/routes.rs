@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use airlock_core::{token, SessionId, TokenHash};
 use airlock_session::now_ms;
-use axum::body::Bytes;
+use axum::body::{Bytes, HttpBody};
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -37,6 +38,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/audit", get(crate::audit::list))
         .route("/v1/audit/verify", get(crate::audit::verify))
         .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .route_layer(middleware::from_fn(refuse_declared_oversize))
+        // Outermost: nothing is looked at, bodies included, before the
+        // admin token is.
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_admin,
@@ -48,6 +53,26 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .fallback(not_found)
         .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Largest request body the admin API reads (sessions, credentials: small
+/// JSON documents); a larger one is refused with 413 `payload_too_large`.
+pub const MAX_BODY: usize = 2 * 1024 * 1024;
+
+/// A request whose declared length (`Content-Length`) is over [`MAX_BODY`]
+/// is refused at once, before any of its body is awaited: axum's own limit
+/// counts bytes as they arrive, so a client declaring a huge body and
+/// sending none held the connection open waiting for it. A body of unknown
+/// length (chunked) is still cut off by that limit when it passes it.
+async fn refuse_declared_oversize(req: Request, next: Next) -> Result<Response, ApiError> {
+    let declared = req.body().size_hint().lower();
+    if declared > u64::try_from(MAX_BODY).unwrap_or(u64::MAX) {
+        return Err(ApiError::Status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body ({declared} bytes) is over the admin API's limit of {MAX_BODY} bytes"),
+        ));
+    }
+    Ok(next.run(req).await)
 }
 
 /// Longest text of axum's own refusal kept as the JSON error's message.

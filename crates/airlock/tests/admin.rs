@@ -2,8 +2,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Output;
+use std::time::Duration;
 
 use airlock_testkit::client::request;
+use airlock_testkit::hostile::{self, exchange};
 use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
 use serde_json::{json, Value};
 
@@ -305,6 +307,143 @@ async fn refusals_before_a_handler_are_json_too() {
             assert!(reply.headers.contains_key("allow"), "{method} {path}");
         }
     }
+    // Still healthy.
+    airlock.create_session(valid_body()).await.unwrap();
+}
+
+/// Longest a test waits for an answer or a close that should come at once
+/// (or after a 1 s timeout): generous for a loaded machine.
+const CASE_LIMIT: Duration = Duration::from_secs(10);
+
+/// The admin listener gives a client `header_read_timeout` (the proxy's
+/// setting) to send a complete head, before any authentication: a client
+/// that sends nothing, one that sends part of a head and stops, and a
+/// keep-alive connection left idle are all closed. They were kept open
+/// for as long as the client liked.
+#[tokio::test]
+async fn admin_listener_closes_silent_slow_and_idle_clients() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(BIN)
+        .provider("openai", &mock.url(), "bearer", "sk-real-1", "/v1")
+        .proxy_option(r#"header_read_timeout = "1s""#)
+        .start()
+        .await
+        .unwrap();
+    let url = airlock.admin_url();
+    let addr = hostile::authority(&url).to_owned();
+
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut partial = exchange(
+        &url,
+        b"GET /v1/sessions HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_millis(100),
+    )
+    .await;
+    assert!(partial.timed_out, "answered a partial head: {partial:?}");
+    let mut idle = exchange(
+        &url,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        CASE_LIMIT,
+    )
+    .await;
+    assert_eq!(idle.status, Some(200), "{idle:?}");
+    assert!(!idle.closed, "keep-alive connection closed after its call");
+
+    assert!(
+        hostile::closes_within(&mut silent, CASE_LIMIT).await,
+        "silent client kept"
+    );
+    assert!(partial.closes_within(CASE_LIMIT).await, "partial head kept");
+    assert!(
+        idle.closes_within(CASE_LIMIT).await,
+        "idle keep-alive connection kept"
+    );
+    // The listener still serves.
+    let reply = request("GET", &format!("{url}/healthz"), &[], "").await;
+    assert_eq!(reply.status, 200);
+}
+
+/// At most `ServeSettings::max_connections` admin connections are open;
+/// one more is answered 503 `overloaded` (the admin API's JSON error) and
+/// closed, and a slot freed is taken again.
+#[tokio::test]
+async fn admin_connections_over_the_limit_get_503() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let url = airlock.admin_url();
+    let call = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let limit = airlock_admin::ServeSettings::default().max_connections;
+    // Idle connections, each proven accepted (and holding its slot) by a
+    // call answered on it, until one is refused.
+    let mut held = Vec::new();
+    let mut refused = loop {
+        let mut ex = exchange(&url, call, CASE_LIMIT).await;
+        match ex.status {
+            Some(200) => held.push(ex.stream.take().expect("kept alive")),
+            Some(503) => break ex,
+            _ => panic!("connection {}: {ex:?}", held.len() + 1),
+        }
+        assert!(held.len() <= limit, "more than {limit} connections served");
+    };
+    assert_eq!(held.len(), limit);
+    assert_eq!(refused.error_code().as_deref(), Some("overloaded"));
+    assert_eq!(refused.header("content-type"), Some("application/json"));
+    assert!(refused.closes_within(CASE_LIMIT).await);
+
+    // A connection closed gives its slot back (once the server has seen it
+    // go: polled, each attempt answered at once).
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + CASE_LIMIT;
+    loop {
+        let ex = exchange(&url, call, CASE_LIMIT).await;
+        match ex.status {
+            Some(200) => break,
+            Some(503) => assert!(tokio::time::Instant::now() < deadline, "slot never freed"),
+            _ => panic!("{ex:?}"),
+        }
+    }
+}
+
+/// A body declared over the admin API's limit is refused at once with 413
+/// in the API's JSON shape, without waiting for the body (the request used
+/// to hang, waiting for 99,999,999,999 bytes that never came). Without the
+/// admin token it is a 401 as before.
+#[tokio::test]
+async fn a_declared_oversize_body_is_refused_at_once() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let url = airlock.admin_url();
+    let head = |auth: &str| {
+        format!(
+            "POST /v1/sessions HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+             Content-Length: 99999999999\r\n\r\n"
+        )
+    };
+    let auth = format!("Authorization: Bearer {}\r\n", airlock.admin_token());
+    let ex = exchange(&url, head(&auth).as_bytes(), CASE_LIMIT).await;
+    assert!(!ex.timed_out, "no answer without the body: {ex:?}");
+    assert_eq!(ex.status, Some(413), "{ex:?}");
+    assert_eq!(ex.header("content-type"), Some("application/json"));
+    assert_eq!(
+        ex.error_code().as_deref(),
+        Some("payload_too_large"),
+        "{ex:?}"
+    );
+
+    // Just over the limit is refused too; at the limit the body is read.
+    let max = airlock_admin::MAX_BODY;
+    let just_over = head(&auth).replace("99999999999", &(max + 1).to_string());
+    let ex = exchange(&url, just_over.as_bytes(), CASE_LIMIT).await;
+    assert_eq!(ex.status, Some(413), "{ex:?}");
+    let at_limit = head(&auth).replace("99999999999", &max.to_string());
+    let ex = exchange(&url, at_limit.as_bytes(), Duration::from_millis(500)).await;
+    assert!(
+        ex.timed_out,
+        "a body within the limit was not waited for: {ex:?}"
+    );
+
+    let ex = exchange(&url, head("").as_bytes(), CASE_LIMIT).await;
+    assert_eq!(ex.status, Some(401), "{ex:?}");
     // Still healthy.
     airlock.create_session(valid_body()).await.unwrap();
 }

@@ -10,7 +10,6 @@ use airlock_admin::{AdminMetrics, AdminState, AuditAccess, ProviderEnv};
 use airlock_audit::{AuditSettings, Auditor};
 use airlock_core::token::generate_secret;
 use airlock_core::TokenHash;
-use airlock_proxy::descriptors::AcceptErrors;
 use airlock_proxy::{Provider, ProviderSpec, Proxy, ProxyMetrics, ProxySettings, ServerSettings};
 use airlock_session::{Registry, SyncSettings};
 use anyhow::Context;
@@ -213,14 +212,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let credential_feed = tokio::spawn(Arc::clone(&credentials).follow_changes());
     let admin_task = tokio::spawn({
         let shutdown = stopped(admin_stop_rx);
-        async move {
-            axum::serve(
-                AdminListener::new(admin_listener),
-                airlock_admin::router(admin_state),
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
-        }
+        let settings = airlock_admin::ServeSettings {
+            header_read_timeout: config.proxy.header_read_timeout,
+            ..airlock_admin::ServeSettings::default()
+        };
+        airlock_admin::serve(admin_listener, admin_state, settings, shutdown)
     });
     // On a store shared by replicas: other replicas' changes, and failing
     // closed when the database is out of reach (returns at once otherwise).
@@ -353,49 +349,6 @@ fn max_connections_in_force(configured: usize, open_files: Option<u64>, workers:
         reserved = airlock_proxy::descriptors::reserved(workers),
     );
     capacity
-}
-
-/// The admin API's listener. axum's own accept loop logs every failed
-/// accept at error level and then sleeps a second; this one pauses briefly
-/// while descriptors are short and logs the episode once (see
-/// [`AcceptErrors`]).
-struct AdminListener {
-    listener: TcpListener,
-    errors: AcceptErrors,
-}
-
-impl AdminListener {
-    fn new(listener: TcpListener) -> Self {
-        Self {
-            listener,
-            errors: AcceptErrors::new("admin"),
-        }
-    }
-}
-
-impl axum::serve::Listener for AdminListener {
-    type Io = tokio::net::TcpStream;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.listener.accept().await {
-                Ok(accepted) => {
-                    self.errors.accepted();
-                    return accepted;
-                }
-                Err(e) => {
-                    if let Some(pause) = self.errors.failed(&e) {
-                        tokio::time::sleep(pause).await;
-                    }
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.listener.local_addr()
-    }
 }
 
 /// Longest the audit writer waits for one store call before it gives up on
