@@ -113,8 +113,15 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     body: &[u8],
     what: &str,
 ) -> Result<T, ApiError> {
+    // A JSON object and nothing after it: serde would also take a struct
+    // written as an array of its fields, and ignore what follows the value.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::BadRequest(format!(
+            "invalid {what}: the body must be a JSON object"
+        )));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." {
@@ -122,7 +129,10 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
         } else {
             ApiError::BadRequest(format!("invalid {what}: {path}: {inner}"))
         }
-    })
+    })?;
+    de.end()
+        .map_err(|e| ApiError::BadRequest(format!("invalid {what}: {e}")))?;
+    Ok(value)
 }
 
 fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
@@ -217,6 +227,38 @@ impl SessionView {
                 allowed: live.allowed(),
                 denied: live.denied(),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Two {
+        a: u32,
+        b: u32,
+    }
+
+    #[test]
+    fn only_one_json_object_is_a_body() {
+        let two: Two = parse_json(b" {\"a\": 1, \"b\": 2}\n", "test").unwrap();
+        assert_eq!((two.a, two.b), (1, 2));
+        for body in [
+            &b"[1, 2]"[..],
+            b"{\"a\": 1, \"b\": 2} {}",
+            b"{\"a\": 1, \"b\": 2} x",
+            b"",
+        ] {
+            let err = parse_json::<Two>(body, "test").unwrap_err();
+            assert!(
+                matches!(err, ApiError::BadRequest(ref m) if m.starts_with("invalid test: ")),
+                "{err:?}"
+            );
         }
     }
 }
