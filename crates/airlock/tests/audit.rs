@@ -249,6 +249,18 @@ async fn every_call_gets_one_record_and_none_holds_a_secret() {
         stdout(&out).trim(),
         "audit trail intact: 8 records in 1 chain"
     );
+    // Another key fails the first record already, and says what to check.
+    let other_key = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--config")
+        .arg(airlock.config_path())
+        .args(["audit", "verify"])
+        .env("AIRLOCK_AUDIT_KEY", "cd".repeat(32))
+        .output()
+        .unwrap();
+    assert_eq!(other_key.status.code(), Some(1), "{other_key:?}");
+    let said = stdout(&other_key);
+    assert!(said.contains("seq 1 of chain 1"), "{said}");
+    assert!(said.contains("check that the audit key"), "{said}");
 
     // No secret anywhere: records, store files, logs at trace level.
     let exported = stdout(&cli(&airlock.config_path(), &["audit", "export"]));

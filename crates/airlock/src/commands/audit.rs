@@ -92,8 +92,21 @@ async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
 
 fn report_break(broken: &Break, line: Option<usize>) -> ExitCode {
     let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+    // Nothing verified before the break: a key other than the server's
+    // fails every record the same way tampering fails one.
+    let first_checked = match line {
+        Some(line) => line == 1,
+        None => broken.seq <= 1,
+    };
+    let hint = match broken.reason {
+        BreakReason::BadMac | BreakReason::BadHead if first_checked => {
+            " (nothing before it verified: if this is the whole trail, check that the audit key \
+             — AIRLOCK_AUDIT_KEY or [audit] key_file — is the one the server writes with)"
+        }
+        _ => "",
+    };
     println!(
-        "audit trail broken: first bad record is seq {} of chain {}{at}: {}",
+        "audit trail broken: first bad record is seq {} of chain {}{at}: {}{hint}",
         broken.seq, broken.chain, broken.reason
     );
     ExitCode::from(1)
