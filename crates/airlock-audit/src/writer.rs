@@ -143,6 +143,82 @@ impl Writer {
         if self.records.is_empty() {
             return;
         }
+        let stats = Arc::clone(&self.shared.stats);
+        let count = self.records.len() as u64;
+        let mut moved_chain = false;
+        loop {
+            let head = self.seal_batch();
+            let health = &self.shared.health;
+            health.commit_began();
+            let started = Instant::now();
+            let inline = self
+                .inline
+                .then(|| self.store.audit_append_blocking(&self.records, &head))
+                .flatten();
+            let result = match inline {
+                Some(result) => result,
+                None => {
+                    let limit = self.shared.settings.store_call_limit;
+                    bounded(limit, self.store.audit_append(&self.records, &head)).await
+                }
+            };
+            stats
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            let error = match result {
+                Ok(()) => None,
+                Err(e) => {
+                    // A commit given up on may have landed, and a chain
+                    // another writer moved on is left for another: read
+                    // the head again.
+                    let reread =
+                        matches!(e, StoreError::ChainConflict(_) | StoreError::TimedOut(_))
+                            && self.reclaim().await;
+                    if reread && self.head.chain == head.chain && self.head.seq == head.seq {
+                        None
+                    } else if reread
+                        && !moved_chain
+                        && matches!(e, StoreError::ChainConflict(_))
+                        && self.head.chain != head.chain
+                    {
+                        // On a chain of its own now: the batch goes there,
+                        // once, before anyone is told it failed.
+                        tracing::warn!(
+                            from = head.chain,
+                            to = self.head.chain,
+                            "audit chain taken over; writing on another"
+                        );
+                        moved_chain = true;
+                        continue;
+                    } else {
+                        Some(e)
+                    }
+                }
+            };
+            match error {
+                None => {
+                    self.records.clear();
+                    self.head = head;
+                    self.shared.health.commit_ended(true);
+                    stats.written.inc_by(count);
+                    stats.batches.inc();
+                    self.answer(|| Ok(()));
+                }
+                Some(e) => {
+                    self.shared.health.commit_ended(false);
+                    tracing::error!(error = %e, records = count, "audit write failed");
+                    let reason = e.to_string();
+                    self.answer(|| Err(AuditError::Write(reason.clone())));
+                    self.keep_unwritten(late);
+                }
+            }
+            return;
+        }
+    }
+
+    /// Seals the pending batch onto the chain after the current head;
+    /// returns the head it moves the chain to.
+    fn seal_batch(&mut self) -> ChainHead {
         let chain = self.head.chain;
         let mut seq = self.head.seq;
         let mut prev = self.head.mac;
@@ -151,58 +227,11 @@ impl Writer {
             record.seal(&self.key, chain, seq, prev);
             prev = record.mac;
         }
-        let head = ChainHead {
+        ChainHead {
             chain,
             seq,
             mac: prev,
             seal: head_seal(&self.key, chain, seq, &prev),
-        };
-        let health = &self.shared.health;
-        health.commit_began();
-        let started = Instant::now();
-        let inline = self
-            .inline
-            .then(|| self.store.audit_append_blocking(&self.records, &head))
-            .flatten();
-        let result = match inline {
-            Some(result) => result,
-            None => {
-                let limit = self.shared.settings.store_call_limit;
-                bounded(limit, self.store.audit_append(&self.records, &head)).await
-            }
-        };
-        let stats = Arc::clone(&self.shared.stats);
-        stats
-            .commit_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let count = self.records.len() as u64;
-        match result {
-            Ok(()) => {
-                self.records.clear();
-                self.head = head;
-                health.commit_ended(true);
-                stats.written.inc_by(count);
-                stats.batches.inc();
-                self.answer(|| Ok(()));
-            }
-            Err(e) => {
-                health.commit_ended(false);
-                tracing::error!(error = %e, records = count, "audit write failed");
-                let reason = e.to_string();
-                self.answer(|| Err(AuditError::Write(reason.clone())));
-                // A commit given up on may have landed: read the head again.
-                let landed = matches!(e, StoreError::ChainConflict(_) | StoreError::TimedOut(_))
-                    && self.reclaim().await
-                    && self.head.chain == chain
-                    && self.head.seq == seq;
-                if landed {
-                    self.records.clear();
-                    stats.written.inc_by(count);
-                    stats.batches.inc();
-                } else {
-                    self.keep_unwritten(late);
-                }
-            }
         }
     }
 

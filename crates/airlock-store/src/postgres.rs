@@ -300,6 +300,9 @@ impl Store for PgStore {
     /// One statement: the guarded head update, the batch and its session
     /// index rows (see `postgres/audit_batches.rs`).
     async fn audit_append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
+        if !self.chain.may_append(head.chain) {
+            return Err(crate::StoreError::ChainConflict(head.chain));
+        }
         let mut conn = self.pool.acquire().await?;
         audit_batches::append(&mut conn, records, head).await
     }

@@ -2019,6 +2019,75 @@ mod shared {
         b.close().await;
     }
 
+    /// A writer whose chain lock another process took (its connection died
+    /// and someone was quicker) stops appending to that chain, rather than
+    /// writing on without the lock until a writer that claims the chain
+    /// later conflicts with it on every batch; claiming again gives it
+    /// another chain.
+    #[tokio::test]
+    async fn a_writer_whose_chain_lock_was_taken_appends_no_more() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let db = backend.pg.as_ref().unwrap();
+        let a = backend.open().await;
+        let head = a.audit_claim_chain(&genesis).await.unwrap();
+        let (first, head1) = records_after(&head, 2, 1_000, "ses_a");
+        a.audit_append(&first, &head1).await.unwrap();
+
+        let mut other = db.connect().await;
+        db.allow_connections(false).await;
+        sqlx::raw_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .execute(&mut other)
+        .await
+        .unwrap();
+        let started = Instant::now();
+        loop {
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(1096107092, $1)")
+                .bind(i32::try_from(head.chain).unwrap())
+                .fetch_one(&mut other)
+                .await
+                .unwrap();
+            if locked {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "A's lock not released"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        db.allow_connections(true).await;
+
+        // A's keeper finds the lock taken (within a second or so); until
+        // then A's appends still land (the head check keeps them safe).
+        let started = Instant::now();
+        let mut at = head1;
+        let refused = loop {
+            let (next, after) = records_after(&at, 1, 2_000, "ses_a");
+            match a.audit_append(&next, &after).await {
+                Ok(()) => at = after,
+                Err(e) => break e,
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "A went on appending to a chain another process holds"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            matches!(refused, StoreError::ChainConflict(c) if c == head.chain),
+            "{refused}"
+        );
+        let again = a.audit_claim_chain(&genesis).await.unwrap();
+        assert_ne!(again.chain, head.chain);
+        a.close().await;
+        other.close().await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_writer_that_lost_its_chain_cannot_fork_it() {
         let Some(backend) = backend().await else {

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+use sqlx::Connection;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
@@ -465,6 +466,65 @@ async fn audit_of_every_replica_lands_in_postgres_and_verifies_as_one_trail() {
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("seq 2 of chain 2: bad mac"), "{stdout}");
+}
+
+/// A replica whose audit chain lock another process took while its
+/// connection was down moves to another chain at its next commit, and the
+/// call that commit holds is answered (not refused while the writer
+/// switches); the trail verifies.
+#[tokio::test]
+async fn a_replica_whose_chain_lock_was_taken_moves_to_another_chain() {
+    let Some(cluster) = Cluster::start(1, &[]).await else {
+        return;
+    };
+    let a = &cluster.replicas[0];
+    let (_, token) = session(a, json!({})).await;
+    assert_eq!(models(a, &token).await.status, 200);
+    let chain: i64 = cluster
+        .db
+        .scalar_i64("SELECT MAX(id) FROM audit_chains")
+        .await;
+
+    // A's connections end and, before A takes its lock again, another
+    // process takes it.
+    let mut other = cluster.db.connect().await;
+    cluster.db.allow_connections(false).await;
+    sqlx::raw_sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "the lock to be free", async || {
+        sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock(1096107092, $1)")
+            .bind(i32::try_from(chain).unwrap())
+            .fetch_one(&mut other)
+            .await
+            .unwrap()
+    })
+    .await;
+    cluster.db.allow_connections(true).await;
+    eventually(
+        Duration::from_secs(15),
+        "A to find its lock taken",
+        async || {
+            a.output()
+                .contains("another process holds this process's audit chain")
+        },
+    )
+    .await;
+
+    assert_eq!(models(a, &token).await.status, 200);
+    assert!(
+        a.output()
+            .contains("audit chain taken over; writing on another"),
+        "{}",
+        a.output()
+    );
+    let out = audit_verify(&a.config_path());
+    assert!(out.status.success(), "{out:?}");
+    other.close().await.unwrap();
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 //! chains. Whatever happens to the lock, appends stay safe: the head moves
 //! only from the seq the writer expects.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use airlock_core::audit::GENESIS_MAC;
@@ -31,6 +32,10 @@ const KEEP_LIMIT: Duration = Duration::from_secs(5);
 pub(super) struct ChainOwner {
     options: PgConnectOptions,
     held: Mutex<Option<Held>>,
+    /// The chain this process found another process holding (its id + 1;
+    /// 0: none): appends to it are refused until the writer claims a chain
+    /// again, so that two writers never take turns on one chain.
+    disowned: AtomicU64,
 }
 
 /// A held chain: the lock lives as long as `conn`.
@@ -48,7 +53,15 @@ impl ChainOwner {
         Self {
             options,
             held: Mutex::new(None),
+            disowned: AtomicU64::new(0),
         }
+    }
+
+    /// Whether this process may append to `chain`: not once another process
+    /// was found holding its lock (the append then fails as a conflict and
+    /// the writer claims a chain again).
+    pub(super) fn may_append(&self, chain: u32) -> bool {
+        self.disowned.load(Ordering::Acquire) != u64::from(chain) + 1
     }
 
     /// Claims a chain, at its stored head: the one this process held
@@ -57,6 +70,7 @@ impl ChainOwner {
     /// else a new one (id from a sequence, head sealed by `genesis`).
     pub(super) async fn claim(&self, genesis: GenesisSeal<'_>) -> Result<ChainHead> {
         let mut held = self.held.lock().await;
+        self.disowned.store(0, Ordering::Release);
         let (mut conn, previous) = match held.take() {
             Some(mut old) => {
                 let alive = !old.lost
@@ -171,7 +185,11 @@ impl ChainOwner {
                     // Someone else took the chain over. Our next append
                     // conflicts (or theirs does), and the writer claims
                     // again.
-                    tracing::warn!(chain, "another process holds this process's audit chain");
+                    tracing::warn!(
+                        chain,
+                        "another process holds this process's audit chain: moving to another"
+                    );
+                    self.disowned.store(u64::from(chain) + 1, Ordering::Release);
                     drop(conn);
                     *held = None;
                 }
