@@ -294,6 +294,11 @@ impl LiveSession {
         }
     }
 
+    /// Whether denials wait to be written to the store.
+    pub(crate) fn has_unflushed_denials(&self) -> bool {
+        self.unflushed_denied.load(Ordering::Acquire) > 0
+    }
+
     /// Counter increments not yet written to the store; marks them written.
     pub(crate) fn take_unflushed(&self) -> (u64, u64) {
         (

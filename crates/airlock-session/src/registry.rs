@@ -72,6 +72,18 @@ pub struct Registry {
     home: Option<Handle>,
 }
 
+/// What a flush writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FlushKind {
+    /// The periodic one: pending revocations, every session's counts,
+    /// idle leases given back, ended sessions evicted.
+    Tick,
+    /// Woken by denials: the counts of sessions with denials to write.
+    Denials,
+    /// At shutdown: a tick that gives back every lease.
+    Final,
+}
+
 /// What a new session grants.
 #[derive(Clone, Debug)]
 pub struct NewSession {
@@ -202,11 +214,18 @@ impl Registry {
             })
             .clone();
         drop(by_token);
-        if let Some(at) = self.unpersisted.lock().get(&id) {
+        self.by_id.write().insert(id, hash);
+        // After the id is findable: a revocation kept from now on finds the
+        // session through `cached`, one kept before is applied here.
+        self.apply_unpersisted(&live);
+        live
+    }
+
+    /// Marks `live` revoked if a revocation of it is waiting for the store.
+    fn apply_unpersisted(&self, live: &LiveSession) {
+        if let Some(at) = self.unpersisted.lock().get(live.id()) {
             live.mark_revoked(*at);
         }
-        self.by_id.write().insert(id, hash);
-        live
     }
 
     /// Finds the session for a presented token and checks it is active at
@@ -249,6 +268,7 @@ impl Registry {
                             if let Some(at) = row.and_then(|r| r.revoked_at) {
                                 session.mark_revoked(at);
                             }
+                            self.apply_unpersisted(&session);
                         }
                         Err(e) => {
                             // Unconfirmed: not kept, so the next call asks again.
@@ -459,6 +479,9 @@ impl Registry {
         for (id, at) in pending {
             match self.store.revoke_session(&id, at).await {
                 Ok(_) => {
+                    if let Some(live) = self.cached(&id) {
+                        live.mark_revoked(at);
+                    }
                     self.unpersisted.lock().remove(&id);
                     tracing::info!(session = %id, "revocation written to the store");
                 }
@@ -478,37 +501,65 @@ impl Registry {
     /// statement and tells the others), and the totals it returns are taken
     /// in. Leases of `max_requests` unused for a while are given back.
     pub async fn flush(&self) {
-        self.flush_inner(false).await;
+        self.flush_inner(FlushKind::Tick).await;
     }
 
-    async fn flush_inner(&self, release_all_leases: bool) {
+    async fn flush_inner(&self, kind: FlushKind) {
+        let now = now_ms();
+        if kind == FlushKind::Denials {
+            // Woken by denials: only the sessions that have some to write
+            // (a full flush per denial would let an agent multiply the
+            // store's writes).
+            let denied: Vec<Arc<LiveSession>> = self
+                .by_token
+                .read()
+                .values()
+                .filter(|s| s.has_unflushed_denials())
+                .cloned()
+                .collect();
+            for session in &denied {
+                self.write_counts(session, now).await;
+            }
+            return;
+        }
         self.persist_revocations().await;
         let sessions: Vec<Arc<LiveSession>> = self.by_token.read().values().cloned().collect();
-        let now = now_ms();
         for session in &sessions {
-            self.release_lease(session, now, release_all_leases).await;
-            let (allowed, denied) = session.take_unflushed();
-            if allowed == 0 && denied == 0 {
-                continue;
+            self.release_lease(session, now, kind == FlushKind::Final)
+                .await;
+            self.write_counts(session, now).await;
+        }
+        self.evict_ended(now);
+    }
+
+    /// Writes `session`'s counter increments (and takes in the stored state
+    /// a shared store answers with).
+    async fn write_counts(&self, session: &LiveSession, now: i64) {
+        let (allowed, denied) = session.take_unflushed();
+        if allowed == 0 && denied == 0 {
+            return;
+        }
+        match self
+            .store
+            .record_calls(session.id(), allowed, denied, now)
+            .await
+        {
+            Ok(Some(status)) => {
+                if status.revoked_at.is_some() && session.revoked_at().is_none() {
+                    tracing::warn!(session = %session.id(), "session revoked: max_denied reached across replicas");
+                }
+                session.apply_status(&status);
             }
-            match self
-                .store
-                .record_calls(session.id(), allowed, denied, now)
-                .await
-            {
-                Ok(Some(status)) => {
-                    if status.revoked_at.is_some() && session.revoked_at().is_none() {
-                        tracing::warn!(session = %session.id(), "session revoked: max_denied reached across replicas");
-                    }
-                    session.apply_status(&status);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(session = %session.id(), error = %e, "could not flush call counts");
-                    session.restore_unflushed(allowed, denied);
-                }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(session = %session.id(), error = %e, "could not flush call counts");
+                session.restore_unflushed(allowed, denied);
             }
         }
+    }
+
+    /// Drops sessions that ended long ago from the cache.
+    fn evict_ended(&self, now: i64) {
         let ended_before = now - ENDED_RETENTION_MS;
         let unpersisted = self.unpersisted.lock();
         let mut by_token = self.by_token.write();
@@ -567,14 +618,26 @@ impl Registry {
             tokio::select! {
                 _ = ticks.tick() => self.flush().await,
                 () = soon.notified() => {
-                    self.flush().await;
+                    self.flush_inner(FlushKind::Denials).await;
                     // A stream of denials flushes at most this often.
                     tokio::time::sleep(EARLY_FLUSH_GAP).await;
                 }
                 () = &mut shutdown => break,
             }
         }
-        self.flush_inner(true).await;
+        self.flush_inner(FlushKind::Final).await;
+        let lost: Vec<String> = self
+            .unpersisted
+            .lock()
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        if !lost.is_empty() {
+            tracing::error!(
+                sessions = %lost.join(","),
+                "revocations the store never took are lost with this process: revoke them again"
+            );
+        }
     }
 
     /// Applies a change announced by the store.

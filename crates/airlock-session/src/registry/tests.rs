@@ -176,6 +176,31 @@ async fn counters_flush_to_the_store() {
     assert_eq!((row.allowed, row.denied), (2, 1));
 }
 
+/// A flush woken by denials writes the sessions with denials to write and
+/// nothing else (an agent's denials must not multiply the store's writes).
+#[tokio::test]
+async fn a_flush_woken_by_denials_writes_only_denials() {
+    let (_dir, reg) = registry().await;
+    let new = || new_session(Limits::default(), Duration::from_secs(60));
+    let (calls, _) = reg.create(new()).await.unwrap();
+    let (denials, _) = reg.create(new()).await.unwrap();
+    calls.admit();
+    denials.admit();
+    denials.count_denied();
+    reg.flush_inner(FlushKind::Denials).await;
+    let stored = |id: SessionId| {
+        let store = Arc::clone(reg.store());
+        async move {
+            let row = store.session_by_id(&id).await.unwrap().unwrap();
+            (row.allowed, row.denied)
+        }
+    };
+    assert_eq!(stored(calls.id().clone()).await, (0, 0));
+    assert_eq!(stored(denials.id().clone()).await, (1, 1));
+    reg.flush().await;
+    assert_eq!(stored(calls.id().clone()).await, (1, 0));
+}
+
 /// A store that counts token lookups, to prove the request path does not
 /// touch the database for a cached token; with a `feed`, it has a change
 /// feed the test drives, and re-checks fail while `unreachable`. With a
@@ -316,6 +341,15 @@ impl Store for CountingStore {
     }
     fn is_shared(&self) -> bool {
         self.inner.is_shared()
+    }
+    fn leases_requests(&self) -> bool {
+        self.inner.leases_requests()
+    }
+    async fn reserve_requests(&self, id: &SessionId, want: u64) -> airlock_store::Result<u64> {
+        self.inner.reserve_requests(id, want).await
+    }
+    async fn release_requests(&self, id: &SessionId, count: u64) -> airlock_store::Result<()> {
+        self.inner.release_requests(id, count).await
     }
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
         self.feed.as_ref().map(broadcast::Sender::subscribe)
