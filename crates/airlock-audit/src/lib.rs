@@ -78,8 +78,11 @@ pub enum AuditError {
 pub struct AuditStats {
     /// Records committed.
     pub written: Counter,
-    /// Records that could not be written.
+    /// Records whose commit failed (each attempt; a record held back and
+    /// written later counts here and in `written`).
     pub failed: Counter,
+    /// Records given up on: never written.
+    pub lost: Counter,
     /// Transactions committed.
     pub batches: Counter,
     /// How long the store took over each batch, failed ones included.
@@ -91,6 +94,7 @@ impl Default for AuditStats {
         Self {
             written: Counter::default(),
             failed: Counter::default(),
+            lost: Counter::default(),
             batches: Counter::default(),
             // 10 µs to about 5 s.
             commit_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
@@ -108,8 +112,13 @@ impl AuditStats {
         );
         registry.register(
             "airlock_audit_records_failed",
-            "Audit records that could not be written",
+            "Audit records whose commit failed (each attempt; records held back are written later)",
             self.failed.clone(),
+        );
+        registry.register(
+            "airlock_audit_records_lost",
+            "Audit records given up on and never written",
+            self.lost.clone(),
         );
         registry.register(
             "airlock_audit_batches",

@@ -102,7 +102,9 @@ impl Writer {
                     }
                 }
                 self.commit().await;
+                self.write_held_back().await;
                 if !self.unwritten.is_empty() {
+                    self.shared.stats.lost.inc_by(self.unwritten.len() as u64);
                     tracing::error!(
                         records = self.unwritten.len(),
                         "audit records lost: the store did not take them before shutdown"
@@ -206,10 +208,22 @@ impl Writer {
                 }
                 Some(e) => {
                     self.shared.health.commit_ended(false);
+                    stats.failed.inc_by(count);
                     tracing::error!(error = %e, records = count, "audit write failed");
                     let reason = e.to_string();
                     self.answer(|| Err(AuditError::Write(reason.clone())));
-                    self.keep_unwritten(late);
+                    // Kept for later only when they surely were not written:
+                    // SQLite rolls a failed commit back, and a conflict is
+                    // decided before anything is written. Another store's
+                    // error may come after its commit (a lost answer): sent
+                    // again, they could be there twice.
+                    let not_written = (self.inline || matches!(e, StoreError::ChainConflict(_)))
+                        && !matches!(e, StoreError::InvalidBatch(_));
+                    if not_written {
+                        self.keep_unwritten(late);
+                    } else {
+                        self.lose_batch("the store failed without telling whether it wrote them");
+                    }
                 }
             }
             return;
@@ -235,6 +249,27 @@ impl Writer {
         }
     }
 
+    /// Gives up the records of the batch in hand (logged, counted as lost).
+    fn lose_batch(&mut self, why: &str) {
+        let lost = self.records.len() as u64;
+        self.records.clear();
+        self.shared.stats.lost.inc_by(lost);
+        tracing::error!(records = lost, "audit records lost: {why}");
+    }
+
+    /// Writes the records held back by failed batches, a batch at a time,
+    /// while the store takes them.
+    async fn write_held_back(&mut self) {
+        while !self.unwritten.is_empty() {
+            let before = self.unwritten.len();
+            self.commit().await;
+            let healthy = self.shared.health.healthy.load(Ordering::Acquire);
+            if !healthy || self.unwritten.len() >= before {
+                return;
+            }
+        }
+    }
+
     /// Keeps the records of a batch that did not land for the next one,
     /// flagged `written_late`, up to `queue_capacity` (the rest are lost,
     /// and counted as failed). The batch began with `late` records kept
@@ -251,7 +286,7 @@ impl Writer {
                 records = lost,
                 "audit records lost: too many could not be written"
             );
-            self.shared.stats.failed.inc_by(lost as u64);
+            self.shared.stats.lost.inc_by(lost as u64);
             self.records.truncate(room);
         }
         for record in &mut self.records {
@@ -303,7 +338,7 @@ impl Writer {
                         records = self.unwritten.len(),
                         "writing the audit records held back"
                     );
-                    self.commit().await;
+                    self.write_held_back().await;
                 }
             }
             Ok(()) => {}
