@@ -39,6 +39,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding admin.listen {}", config.admin_listen))?;
+    // One serve per SQLite file: a second would migrate under the first,
+    // claim the same audit chain and refuse every call. Taken before the
+    // store is opened; held (declared before the store, so dropped after
+    // it) until the process exits.
+    let _sole_server = lock_sqlite_store(&config.store_url)?;
     let store = airlock_store::open(&config.store_url)
         .await
         .with_context(|| {
@@ -47,15 +52,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 airlock_store::url_for_display(&config.store_url)
             )
         })?;
-    // One serve per SQLite file: a second would claim the same audit chain
-    // and refuse every call. Held until the process exits.
-    let _sole_server = match lock_sqlite_store(&config.store_url) {
-        Ok(lock) => lock,
-        Err(e) => {
-            store.close().await;
-            return Err(e);
-        }
-    };
     // Credentials first: one serve refuses (too short, not header-safe)
     // stops it before anything is printed or written (an admin token, a
     // new audit chain).
@@ -273,22 +269,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Takes an exclusive lock (`flock`) on the SQLite database file, so that
-/// a second `serve` on it stops at once with a clear error. Other commands
-/// (`audit`, `credential`) read and write the file alongside; they do not
-/// lock. `None` for PostgreSQL and in-memory databases.
+/// Takes an exclusive lock (`flock`) on `DATABASE.lock` next to the SQLite
+/// database file, so that a second `serve` on the file stops at once with a
+/// clear error. (A file of its own: closing a descriptor of the database
+/// file itself would drop SQLite's own locks on it.) Other commands
+/// (`audit`, `credential`) use the database alongside; they do not lock.
+/// `None` for PostgreSQL and in-memory databases.
 fn lock_sqlite_store(url: &str) -> anyhow::Result<Option<std::fs::File>> {
-    let Some(path) = airlock_store::sqlite_file(url) else {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let Some(database) = airlock_store::sqlite_file(url) else {
         return Ok(None);
     };
-    let file = std::fs::File::open(&path)
-        .with_context(|| format!("opening {} to lock it", path.display()))?;
+    let mut name = database.clone().into_os_string();
+    name.push(".lock");
+    let path = std::path::PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {} to lock the store", path.display()))?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
             "the store {} is in use by another `airlock serve`: one server per SQLite file \
              (several servers share a PostgreSQL store)",
-            path.display()
+            database.display()
         ),
         Err(std::fs::TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("locking {}", path.display()))
