@@ -27,10 +27,6 @@ mod audit_batches;
 mod audit_writer;
 mod checkpointer;
 
-/// Tries of a lease grant that another grant overtook before it gives up
-/// (the caller asks again later).
-const RESERVE_ATTEMPTS: usize = 8;
-
 /// A store in one SQLite file.
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -159,6 +155,16 @@ impl SqliteStore {
         }
     }
 
+    /// Fails once the database file was deleted or replaced under the
+    /// store: a write (a revocation, a session) would go into a file nobody
+    /// will open again (see `checkpointer::FileWatch`).
+    fn file_present(&self) -> Result<()> {
+        match &self.audit {
+            Some(writer) => writer.file_present(),
+            None => Ok(()),
+        }
+    }
+
     fn decode(row: &SqliteRow) -> Result<SessionRow> {
         let id: String = row.try_get("id")?;
         let corrupt = |reason: &str| StoreError::Corrupt {
@@ -248,6 +254,7 @@ async fn writer_file(pool: &SqlitePool, url: &str) -> Result<Option<PathBuf>> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_session(&self, s: &SessionRow) -> Result<()> {
+        self.file_present()?;
         sqlx::query(
             "INSERT INTO sessions (id, token_hash, created_at, expires_at, revoked_at, scope, limits, labels, allowed, denied) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -299,6 +306,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_session(&self, id: &SessionId, at_ms: i64) -> Result<bool> {
+        self.file_present()?;
         // An expired session stays expired: revoking it changes nothing.
         sqlx::query(
             "UPDATE sessions SET revoked_at = ?1 \
@@ -316,6 +324,7 @@ impl Store for SqliteStore {
     }
 
     async fn add_call_counts(&self, id: &SessionId, allowed: u64, denied: u64) -> Result<()> {
+        self.file_present()?;
         sqlx::query("UPDATE sessions SET allowed = allowed + ?, denied = denied + ? WHERE id = ?")
             .bind(to_i64(allowed))
             .bind(to_i64(denied))
@@ -334,6 +343,7 @@ impl Store for SqliteStore {
     }
 
     async fn set_setting_if_absent(&self, key: &str, value: &str) -> Result<String> {
+        self.file_present()?;
         sqlx::query("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING")
             .bind(key)
             .bind(value)
@@ -352,6 +362,7 @@ impl Store for SqliteStore {
     }
 
     async fn set_credential(&self, provider: &str, sealed: &[u8], at_ms: i64) -> Result<()> {
+        self.file_present()?;
         sqlx::query(
             "INSERT INTO credentials (provider, sealed, updated_at) VALUES (?, ?, ?) \
              ON CONFLICT (provider) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
@@ -404,9 +415,12 @@ impl Store for SqliteStore {
     }
 
     async fn reserve_requests(&self, id: &SessionId, want: u64) -> Result<u64> {
+        self.file_present()?;
         // Compare and set: a grant is added only to the reservation it was
         // computed from, so concurrent grants never add up past the limit.
-        for _ in 0..RESERVE_ATTEMPTS {
+        // Each lost round means another grant was made: this ends when one
+        // of ours lands or nothing is left.
+        loop {
             let row: Option<(i64, Option<i64>)> = sqlx::query_as(
                 "SELECT reserved, json_extract(limits, '$.max_requests') FROM sessions WHERE id = ?",
             )
@@ -432,10 +446,10 @@ impl Store for SqliteStore {
                 return Ok(grant);
             }
         }
-        Ok(0)
     }
 
     async fn release_requests(&self, id: &SessionId, count: u64) -> Result<()> {
+        self.file_present()?;
         if count == 0 {
             return Ok(());
         }

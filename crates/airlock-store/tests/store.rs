@@ -1030,6 +1030,8 @@ mod sqlite_only {
     async fn appends_fail_once_the_database_file_is_deleted() {
         let backend = Backend::sqlite().await.unwrap();
         let store = backend.open().await;
+        let (_, s) = session(1_000, i64::MAX, Limits::default());
+        store.insert_session(&s).await.unwrap();
         let head = store.audit_claim_chain(&genesis).await.unwrap();
         let (first, head1) = records_after(&head, 2, 1_000, "ses_a");
         store.audit_append(&first, &head1).await.unwrap();
@@ -1058,6 +1060,17 @@ mod sqlite_only {
         assert!(err.to_string().contains("deleted or replaced"), "{err}");
         assert!(matches!(
             store.audit_probe().await,
+            Err(StoreError::FileGone(_))
+        ));
+        // Nor do other writes go into the lost file: a revocation must
+        // fail (and be kept by the registry), not seem to succeed.
+        assert!(matches!(
+            store.revoke_session(&s.id, 5_000).await,
+            Err(StoreError::FileGone(_))
+        ));
+        let (_, other) = session(1_000, i64::MAX, Limits::default());
+        assert!(matches!(
+            store.insert_session(&other).await,
             Err(StoreError::FileGone(_))
         ));
         store.close().await;
