@@ -377,6 +377,23 @@ fn builtin_providers() -> BTreeMap<String, RawProvider> {
 // === impl Config ===
 
 impl Config {
+    /// What in the config may keep agents from reaching the proxy, though
+    /// it is valid (`serve` logs these at start, `config check` shows them).
+    pub fn warnings(&self) -> Vec<String> {
+        let Some(url) = &self.proxy.public_url else {
+            return Vec::new();
+        };
+        public_url_warning(
+            url,
+            self.proxy.tls.is_some(),
+            &self.proxy.limits.allowed_hosts,
+        )
+        .err()
+        .map(|reason| format!("proxy.public_url: {reason}"))
+        .into_iter()
+        .collect()
+    }
+
     /// Loads `tls_cert` / `tls_key` once to prove they make a server
     /// certificate (for `serve` and `config check`; a bad pair is a config
     /// error, exit 64).
@@ -491,10 +508,6 @@ impl Config {
                     .ok_or_else(|| err("proxy.public_url", format!("{u:?} is not an http(s) URL")))
             })
             .transpose()?;
-        if let Some(url) = &public_url {
-            check_public_url(url, tls.is_some(), &limits.allowed_hosts)
-                .map_err(|reason| err("proxy.public_url", reason))?;
-        }
         let proxy_listen = addr("proxy.listen", &raw.proxy.listen)?;
         let admin_listen = addr("admin.listen", &raw.admin.listen)?;
         let overlap = proxy_listen.port() != 0
@@ -758,15 +771,17 @@ fn reserved_env_name(name: &str) -> Option<&'static str> {
     }
 }
 
-/// Checks that agents given `public_url` can reach this proxy: the scheme
-/// the proxy serves (https with TLS, http without), and a host that
-/// `allowed_hosts` (when set) accepts.
-fn check_public_url(url: &str, tls: bool, allowed_hosts: &[String]) -> Result<(), String> {
+/// Why agents given `public_url` might not reach this proxy, if they might
+/// not: the proxy serves HTTPS but the URL is http://, or `allowed_hosts`
+/// (when set) does not name the URL's host. Warnings, not errors: a front
+/// proxy that re-encrypts, or that rewrites `Host` to an internal name,
+/// makes either right.
+fn public_url_warning(url: &str, tls: bool, allowed_hosts: &[String]) -> Result<(), String> {
     let https = url.starts_with("https://");
     if tls && !https {
         return Err(format!(
             "{url:?} is http://, but the proxy serves HTTPS (tls_cert is set): agents given it \
-             could not connect"
+             cannot connect unless something in front of airlock takes plain HTTP"
         ));
     }
     if allowed_hosts.is_empty() {
@@ -786,7 +801,7 @@ fn check_public_url(url: &str, tls: bool, allowed_hosts: &[String]) -> Result<()
     }
     Err(format!(
         "{url:?} names {full}, which proxy.allowed_hosts does not list: every call agents make \
-         to it would be refused (400)"
+         to it is refused (400) unless a proxy in front of airlock rewrites Host"
     ))
 }
 

@@ -66,6 +66,9 @@ pub fn describe(config: &Config) -> Description {
         .unwrap_or_else(|| format!("{scheme}://{}", config.proxy.listen));
 
     let _ = writeln!(out, "config: {} (valid)", config.source);
+    for warning in config.warnings() {
+        let _ = writeln!(out, "warning: {warning}");
+    }
     let _ = writeln!(out, "proxy:");
     line(out, "listen", &config.proxy.listen.to_string());
     line(out, "public url", &public_url);

@@ -30,6 +30,9 @@ const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 /// Runs the server until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let open_files = raise_open_files_limit();
     // Ports first: a serve that cannot listen stops before it writes
     // anything (an admin token shown once, a new audit chain).
