@@ -75,6 +75,10 @@ pub struct ServeSettings {
     pub max_header_size: usize,
     /// Open admin connections at most; one more gets a 503 and is closed.
     pub max_connections: usize,
+    /// How long shutdown waits for open connections to finish their call
+    /// (a client stalled mid-body or not reading its answer would hold it
+    /// forever); then [`serve`] returns anyway.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServeSettings {
@@ -88,13 +92,14 @@ impl Default for ServeSettings {
             header_read_timeout: Duration::from_secs(30),
             max_header_size: 64 * 1024,
             max_connections: 64,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
 
 /// Serves the admin API for `state` on `listener` until `shutdown`
 /// resolves, then stops accepting, lets every connection finish its call
-/// in flight and returns once all are closed.
+/// in flight and returns once all are closed (or `drain_timeout` passed).
 ///
 /// # Errors
 ///
@@ -143,7 +148,14 @@ where
     // call in flight (idle ones close at once).
     drop(listener);
     let _ = stop_tx.send(true);
-    let _ = slots.acquire_many(max_connections).await;
+    let drained =
+        tokio::time::timeout(settings.drain_timeout, slots.acquire_many(max_connections)).await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = (max_connections as usize).saturating_sub(slots.available_permits()),
+            "admin API connections still busy after the drain timeout; leaving them"
+        );
+    }
     Ok(())
 }
 

@@ -53,7 +53,12 @@ impl AdminClient {
             token: std::env::var("AIRLOCK_ADMIN_TOKEN")
                 .ok()
                 .filter(|v| !v.is_empty()),
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            // No idle connections kept: a CLI call is one request, and an
+            // idle connection would hold one of the admin listener's
+            // slots until its header read timeout.
+            http: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build_http(),
         }
     }
 

@@ -213,6 +213,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let shutdown = stopped(admin_stop_rx);
         let settings = airlock_admin::ServeSettings {
             header_read_timeout: config.proxy.header_read_timeout,
+            drain_timeout: config.proxy.drain_timeout,
             ..airlock_admin::ServeSettings::default()
         };
         airlock_admin::serve(admin_listener, admin_state, settings, shutdown)
