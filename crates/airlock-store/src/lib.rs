@@ -302,14 +302,12 @@ pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
 pub fn url_for_display(url: &str) -> Cow<'_, str> {
     let mut shown = Cow::Borrowed(url);
     if let Some((scheme, rest)) = url.split_once("://") {
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        if let Some((userinfo, host)) = authority.rsplit_once('@') {
-            if let Some((user, _password)) = userinfo.split_once(':') {
-                shown = Cow::Owned(format!(
-                    "{scheme}://{user}:***@{host}{}",
-                    &rest[authority_end..]
-                ));
+        // The user info ends at the last `@` before the query: a password
+        // may hold a `/` that was not percent-encoded.
+        let before_query = rest.find('?').unwrap_or(rest.len());
+        if let Some(at) = rest[..before_query].rfind('@') {
+            if let Some((user, _password)) = rest[..at].split_once(':') {
+                shown = Cow::Owned(format!("{scheme}://{user}:***{}", &rest[at..]));
             }
         }
     }
@@ -329,6 +327,31 @@ pub fn url_for_display(url: &str) -> Cow<'_, str> {
         }
     }
     shown
+}
+
+/// `text` with every URL in it shown as [`url_for_display`] shows it (for
+/// messages that may quote a configured URL, such as a parse error).
+pub fn urls_for_display(text: &str) -> Cow<'_, str> {
+    if !text.contains("://") {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(found) = rest.find("://") {
+        // The URL runs from the scheme before `://` to the next blank or
+        // quote.
+        let start = rest[..found]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |i| i + 1);
+        let end = rest[found..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
+            .map_or(rest.len(), |i| found + i);
+        out.push_str(&rest[..start]);
+        out.push_str(&url_for_display(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
 }
 
 /// Whether `url` names a PostgreSQL database (`postgres://` or `postgresql://`).
@@ -432,8 +455,14 @@ mod tests {
                 "postgres://u@h/db?sslmode=require&password=***",
             ),
             ("postgress://u:pw@h/db", "postgress://u:***@h/db"),
+            ("postgres://u:pa/ss@h/db", "postgres://u:***@h/db"),
         ] {
             assert_eq!(url_for_display(url), shown, "{url}");
         }
+        assert_eq!(
+            urls_for_display(r#"invalid type: string "postgres://u:pw@h/db", expected x"#),
+            r#"invalid type: string "postgres://u:***@h/db", expected x"#
+        );
+        assert_eq!(urls_for_display("no url here"), "no url here");
     }
 }

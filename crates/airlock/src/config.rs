@@ -444,7 +444,8 @@ impl Config {
             ConfigError {
                 file: file.to_owned(),
                 key,
-                reason: e.message().to_owned(),
+                // A value quoted in the message may be the store's URL.
+                reason: airlock_store::urls_for_display(e.message()).into_owned(),
             }
         };
         let deserializer =
