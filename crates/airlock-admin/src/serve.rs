@@ -131,7 +131,7 @@ where
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::debug!(%peer, "admin connection refused: too many open");
-            refuse_connection(&stream);
+            airlock_proxy::descriptors::refuse_connection(&stream, OVERLOADED);
             continue;
         };
         let router = router.clone();
@@ -249,18 +249,4 @@ fn connection_builder(settings: &ServeSettings) -> http1::Builder {
         // hyper requires at least 8 KiB.
         .max_buf_size(settings.max_header_size.max(8192));
     builder
-}
-
-/// Answers a connection over the limit with a 503 and closes it, without
-/// waiting for anything.
-fn refuse_connection(stream: &TcpStream) {
-    let mut discard = [0u8; 4096];
-    // Reading what already arrived makes a clean close (FIN, not RST) likelier.
-    let _ = stream.try_read(&mut discard);
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n{OVERLOADED}",
-        OVERLOADED.len()
-    );
-    let _ = stream.try_write(response.as_bytes());
 }

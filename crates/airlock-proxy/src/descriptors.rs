@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
+use tokio::net::TcpStream;
 
 /// Descriptors kept back from proxy connections whatever the number of
 /// workers: standard streams and the log; the store (SQLite: up to six
@@ -68,6 +69,21 @@ pub fn connection_capacity(open_files: Option<u64>, workers: usize) -> usize {
     };
     let room = open_files.saturating_sub(reserved(workers)) / DESCRIPTORS_PER_CONNECTION;
     usize::try_from(room).unwrap_or(usize::MAX).max(1)
+}
+
+/// Answers a connection over a listener's limit with a 503 whose JSON
+/// `body` says so, and leaves it to be closed, without waiting for
+/// anything (what does not fit the socket's buffer is not sent).
+pub fn refuse_connection(stream: &TcpStream, body: &str) {
+    let mut discard = [0u8; 4096];
+    // Reading what already arrived makes a clean close (FIN, not RST) likelier.
+    let _ = stream.try_read(&mut discard);
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
 }
 
 /// What a failed `accept` says.

@@ -367,7 +367,7 @@ impl Worker {
                         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                             tracing::debug!(%peer, "connection refused: proxy.max_connections reached");
                             if settings.tls.is_none() {
-                                refuse_connection(&stream);
+                                crate::descriptors::refuse_connection(&stream, OVERLOADED);
                             }
                             continue;
                         };
@@ -713,20 +713,6 @@ impl Handed {
             }
         }
     }
-}
-
-/// Answers a connection over the limit with a 503 and closes it, without
-/// waiting for anything.
-fn refuse_connection(stream: &TcpStream) {
-    let mut discard = [0u8; 4096];
-    // Reading what already arrived makes a clean close (FIN, not RST) likelier.
-    let _ = stream.try_read(&mut discard);
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n{OVERLOADED}",
-        OVERLOADED.len()
-    );
-    let _ = stream.try_write(response.as_bytes());
 }
 
 /// A connection's calls in flight and since when it has had none. Calls
