@@ -2048,31 +2048,9 @@ mod shared {
         let (first, head1) = records_after(&head, 2, 1_000, "ses_a");
         a.audit_append(&first, &head1).await.unwrap();
 
-        let mut other = db.connect().await;
-        db.allow_connections(false).await;
-        sqlx::raw_sql(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = current_database() AND pid <> pg_backend_pid()",
-        )
-        .execute(&mut other)
-        .await
-        .unwrap();
-        let started = Instant::now();
-        loop {
-            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(1096107092, $1)")
-                .bind(i32::try_from(head.chain).unwrap())
-                .fetch_one(&mut other)
-                .await
-                .unwrap();
-            if locked {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "A's lock not released"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let other = db
+            .seize_advisory_lock(1_096_107_092, i32::try_from(head.chain).unwrap())
+            .await;
         db.allow_connections(true).await;
 
         // A's keeper finds the lock taken (within a second or so); until
@@ -2114,31 +2092,9 @@ mod shared {
 
         // Another writer (this connection) takes A's chain while A is cut
         // off, and moves its head on.
-        let mut other = db.connect().await;
-        db.allow_connections(false).await;
-        sqlx::raw_sql(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = current_database() AND pid <> pg_backend_pid()",
-        )
-        .execute(&mut other)
-        .await
-        .unwrap();
-        let started = Instant::now();
-        loop {
-            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(1096107092, $1)")
-                .bind(i32::try_from(head.chain).unwrap())
-                .fetch_one(&mut other)
-                .await
-                .unwrap();
-            if locked {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "A's lock not released"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let mut other = db
+            .seize_advisory_lock(1_096_107_092, i32::try_from(head.chain).unwrap())
+            .await;
         let (by_other, head_other) = records_after(&head1, 1, 2_000, "ses_b");
         sqlx::query("UPDATE audit_chains SET head_seq = $1 WHERE id = $2")
             .bind(i64::try_from(head_other.seq).unwrap())

@@ -191,6 +191,43 @@ impl FreshDb {
         ended
     }
 
+    /// Takes the advisory lock `(class, key)` from whoever holds it, as a
+    /// process that is quicker after a connection loss would: every other
+    /// connection ends while new ones are refused, then the lock is taken
+    /// on a connection of the test's own (retried until the server has let
+    /// the old holder's go). New connections stay refused until
+    /// [`FreshDb::allow_connections`]. Returns the connection holding the
+    /// lock.
+    pub async fn seize_advisory_lock(&self, class: i32, key: i32) -> PgConnection {
+        let mut holder = self.connect().await;
+        self.allow_connections(false).await;
+        sqlx::raw_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .execute(&mut holder)
+        .await
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(class)
+                .bind(key)
+                .fetch_one(&mut holder)
+                .await
+                .unwrap();
+            if locked {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the lock ({class}, {key}) was not released"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        holder
+    }
+
     /// Whether new connections to this database are accepted (`ALTER
     /// DATABASE … ALLOW_CONNECTIONS`; superusers included). With
     /// [`FreshDb::terminate_connections`], makes the database unreachable

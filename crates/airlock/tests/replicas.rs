@@ -487,23 +487,10 @@ async fn a_replica_whose_chain_lock_was_taken_moves_to_another_chain() {
 
     // A's connections end and, before A takes its lock again, another
     // process takes it.
-    let mut other = cluster.db.connect().await;
-    cluster.db.allow_connections(false).await;
-    sqlx::raw_sql(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid()",
-    )
-    .execute(&mut other)
-    .await
-    .unwrap();
-    eventually(Duration::from_secs(10), "the lock to be free", async || {
-        sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock(1096107092, $1)")
-            .bind(i32::try_from(chain).unwrap())
-            .fetch_one(&mut other)
-            .await
-            .unwrap()
-    })
-    .await;
+    let other = cluster
+        .db
+        .seize_advisory_lock(1_096_107_092, i32::try_from(chain).unwrap())
+        .await;
     cluster.db.allow_connections(true).await;
     eventually(
         Duration::from_secs(15),
