@@ -1,3 +1,4 @@
+//! `GET /v1/providers`: the providers and the variables agents get for them;
 //! `PUT` and `GET /v1/providers/{name}/credential`: write-only credentials.
 
 use std::sync::Arc;
@@ -14,6 +15,24 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::sessions::parse_json;
 use crate::state::AdminState;
+
+/// `GET /v1/providers`: every provider with the names of the variables a
+/// session hands agents for it (`airlock exec` removes them all from its
+/// command's environment before setting the session's). Never a credential.
+pub async fn list(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    let providers: Vec<Value> = state
+        .providers
+        .iter()
+        .map(|(name, env)| {
+            json!({
+                "name": name,
+                "env_key": env.env_key,
+                "env_base_url": env.env_base_url,
+            })
+        })
+        .collect();
+    Json(json!({ "providers": providers }))
+}
 
 /// What the admin API can do with provider credentials. Implemented by the
 /// binary, which owns the master key and the providers' live credentials.

@@ -31,6 +31,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/v1/sessions/{id}",
             get(show_session).delete(revoke_session),
         )
+        .route("/v1/providers", get(crate::providers::list))
         .route(
             "/v1/providers/{name}/credential",
             get(crate::providers::get_credential).put(crate::providers::put_credential),

@@ -538,3 +538,61 @@ async fn a_session_that_cannot_be_revoked_is_reported_and_fails_a_successful_run
         "{stderr}"
     );
 }
+
+/// The variables of every provider the *server* has are removed, also when
+/// the local config does not name that provider (exec run from another
+/// host, or without the server's config).
+#[tokio::test]
+async fn the_servers_providers_variables_are_removed_whatever_the_local_config() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(BIN)
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .provider(
+            "github",
+            &mock.url(),
+            "bearer",
+            "ghp_real_exec_0123456789",
+            "",
+        )
+        .start()
+        .await
+        .unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let config = local.path().join("local.toml");
+    std::fs::write(
+        &config,
+        "[providers.openai]\nupstream = \"https://api.openai.com\"\ncredential = \"env:LOCAL_OPENAI_KEY\"\n\
+         env_key = \"OPENAI_API_KEY\"\nenv_base_url = \"OPENAI_BASE_URL\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "exec",
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--",
+            "sh",
+            "-c",
+            "env",
+        ])
+        .current_dir(local.path())
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+        .env("GITHUB_API_KEY", "ghp_in_the_shell_0123456789")
+        .env("GITHUB_BASE_URL", "https://api.github.com")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("OPENAI_API_KEY=sess_"), "{stdout}");
+    assert!(!stdout.contains("GITHUB_API_KEY="), "{stdout}");
+    assert!(!stdout.contains("GITHUB_BASE_URL="), "{stdout}");
+}

@@ -67,9 +67,19 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
         .context("the admin API's answer has no session id")?
         .to_owned();
 
+    let mut hidden = hidden_variables(config);
+    // The server's providers may not be the local config's (another host,
+    // no config here): their variables go too.
+    match client.call(Method::GET, "/v1/providers", None).await {
+        Ok(listed) => hidden.extend(provider_variables(&listed)),
+        Err(e) => eprintln!(
+            "airlock: could not list the server's providers ({e:#}); removing the variables \
+             the local config names"
+        ),
+    }
     let mut command = tokio::process::Command::new(program);
     command.args(program_args);
-    for var in hidden_variables(config) {
+    for var in hidden {
         command.env_remove(var);
     }
     for (key, value) in session_env(&session) {
@@ -146,6 +156,18 @@ pub fn hidden_variables(config: &Config) -> BTreeSet<String> {
     vars.insert(AUDIT_KEY_ENV.to_owned());
     vars.insert(airlock_core::seal::MASTER_KEY_ENV.to_owned());
     vars
+}
+
+/// The variable names `GET /v1/providers` lists for every provider.
+fn provider_variables(listed: &Value) -> Vec<String> {
+    listed
+        .get("providers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .flat_map(|p| [p.get("env_key"), p.get("env_base_url")])
+        .filter_map(|v| v.and_then(Value::as_str).map(str::to_owned))
+        .collect()
 }
 
 /// The `env` object of a created session.
