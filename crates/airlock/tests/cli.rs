@@ -1305,6 +1305,52 @@ async fn a_second_serve_on_the_same_sqlite_file_is_refused() {
     };
     let err = format!("{err:#}");
     assert!(err.contains("in use by another `airlock serve`"), "{err}");
+    // Nor through another name: a symlink to the file, or a hard link.
+    let linked = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        dir.path().join("airlock.db"),
+        linked.path().join("airlock.db"),
+    )
+    .unwrap();
+    let through_symlink = AirlockBuilder::new(BIN)
+        .provider(
+            "openai",
+            &mock.url(),
+            "bearer",
+            "sk-real-cli-0123456789",
+            "/v1",
+        )
+        .dir(linked.path().to_path_buf())
+        .start()
+        .await;
+    let Err(err) = through_symlink else {
+        panic!("a serve through a symlink is refused");
+    };
+    assert!(
+        format!("{err:#}").contains("in use by another `airlock serve`"),
+        "{err:#}"
+    );
+    let hard = tempfile::tempdir().unwrap();
+    std::fs::hard_link(
+        dir.path().join("airlock.db"),
+        hard.path().join("airlock.db"),
+    )
+    .unwrap();
+    let through_hard_link = AirlockBuilder::new(BIN)
+        .provider(
+            "openai",
+            &mock.url(),
+            "bearer",
+            "sk-real-cli-0123456789",
+            "/v1",
+        )
+        .dir(hard.path().to_path_buf())
+        .start()
+        .await;
+    let Err(err) = through_hard_link else {
+        panic!("a serve through a hard link is refused");
+    };
+    assert!(format!("{err:#}").contains("hard links"), "{err:#}");
     let (id, _) = create(&first).await;
     assert!(id.starts_with("ses_"));
 }

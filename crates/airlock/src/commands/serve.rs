@@ -282,8 +282,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 fn lock_sqlite_store(url: &str) -> anyhow::Result<Option<std::fs::File>> {
     use std::os::unix::fs::OpenOptionsExt;
 
-    let Some(database) = airlock_store::sqlite_file(url) else {
+    use std::os::unix::fs::MetadataExt;
+
+    let Some(named) = airlock_store::sqlite_file(url) else {
         return Ok(None);
+    };
+    // The lock is next to the file itself, whatever name reaches it: a
+    // symlink resolves to it, and a file with other hard links is refused
+    // (another server could reach it by a name this one cannot know).
+    let database = match std::fs::metadata(&named) {
+        Ok(meta) if meta.nlink() > 1 => anyhow::bail!(
+            "the store {} has {} hard links: another `airlock serve` could use it under \
+             another name; keep the database in a file with one name",
+            named.display(),
+            meta.nlink()
+        ),
+        Ok(_) => std::fs::canonicalize(&named)
+            .with_context(|| format!("resolving {}", named.display()))?,
+        Err(_) => {
+            let parent = named
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let parent = std::fs::canonicalize(parent)
+                .with_context(|| format!("resolving {}", parent.display()))?;
+            parent.join(named.file_name().unwrap_or_default())
+        }
     };
     let mut name = database.clone().into_os_string();
     name.push(".lock");
