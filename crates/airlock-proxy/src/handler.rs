@@ -121,11 +121,25 @@ impl Proxy {
             );
             // Counted under the provider the path names (a lookup of its
             // first segment), as any other refusal of a call to it is.
-            let metrics = self
-                .route(req.uri().path())
-                .map_or(&self.unknown_provider, |p| &p.metrics);
+            let provider = self.route(req.uri().path()).ok();
+            let metrics = provider.map_or(&self.unknown_provider, |p| &p.metrics);
             metrics.record(Some(denial.code()), started.elapsed().as_secs_f64());
-            return denial.into_response();
+            // Its record is queued, not waited for (the trail cannot be
+            // written now): the writer holds it back with the rest and
+            // writes it, flagged `written_late`, once the store recovers.
+            let response = denial.into_response();
+            let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);
+            if let Some(provider) = provider {
+                call.set_provider(provider.recorded_name());
+            }
+            withhold_presented(&mut call, &req);
+            call.bytes_out = response.body().size_hint().exact().unwrap_or(0);
+            drop(call.finish(
+                Some(denial_code(&response)),
+                response.status().as_u16(),
+                Flags::empty(),
+            ));
+            return response;
         }
         let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);
         let (provider, result) = self.process(req, &mut call).await;

@@ -851,6 +851,20 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
         .await
         .unwrap();
     assert_eq!(verdict["ok"], true, "{verdict}");
+    // Every refused call has its record, written once the store took
+    // writes again (flagged `written_late` when a commit of it failed
+    // first; the record says what the agent got either way).
+    let records = audit_records(&airlock, "?limit=1000").await;
+    for n in 0..5 {
+        let path = format!("/openai/v1/calls/refused-{n}");
+        let record = records
+            .iter()
+            .find(|r| r["path"] == path.as_str())
+            .unwrap_or_else(|| panic!("no record of {path}: {records:?}"));
+        assert_eq!(record["decision"], "audit_unavailable", "{record}");
+        assert_eq!(record["status"], 503, "{record}");
+        assert_eq!(record["provider"], "openai", "{record}");
+    }
 }
 
 /// Opens a streamed GET and returns the response with its body unread.
