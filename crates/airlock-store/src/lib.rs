@@ -301,14 +301,24 @@ pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
 /// `password=` query parameter, replaced by `***`.
 pub fn url_for_display(url: &str) -> Cow<'_, str> {
     let mut shown = Cow::Borrowed(url);
-    if let Some((scheme, rest)) = url.split_once("://") {
+    let before_query = url.find('?').unwrap_or(url.len());
+    if let Some((scheme, rest)) = url[..before_query].split_once("://") {
         // The user info ends at the last `@` before the query: a password
         // may hold a `/` that was not percent-encoded.
-        let before_query = rest.find('?').unwrap_or(rest.len());
-        if let Some(at) = rest[..before_query].rfind('@') {
+        if let Some(at) = rest.rfind('@') {
             if let Some((user, _password)) = rest[..at].split_once(':') {
-                shown = Cow::Owned(format!("{scheme}://{user}:***{}", &rest[at..]));
+                shown = Cow::Owned(format!(
+                    "{scheme}://{user}:***{}",
+                    &url[scheme.len() + 3 + at..]
+                ));
             }
+        }
+    } else if let Some(at) = url[..before_query].rfind('@') {
+        // Not a URL airlock reads (`postgres//u:pw@h`): where the user info
+        // starts is unclear, so everything from the first `:` to the `@`
+        // is withheld.
+        if let Some(colon) = url[..at].find(':') {
+            shown = Cow::Owned(format!("{}:***{}", &url[..colon], &url[at..]));
         }
     }
     if let Some((base, query)) = shown.split_once('?') {
@@ -456,6 +466,9 @@ mod tests {
             ),
             ("postgress://u:pw@h/db", "postgress://u:***@h/db"),
             ("postgres://u:pa/ss@h/db", "postgres://u:***@h/db"),
+            ("postgres//u:Secret777@h/db", "postgres//u:***@h/db"),
+            ("postgres:/u:Secret777@h/db", "postgres:***@h/db"),
+            ("u:Secret777@h/db", "u:***@h/db"),
         ] {
             assert_eq!(url_for_display(url), shown, "{url}");
         }

@@ -778,6 +778,20 @@ fn reserved_env_name(name: &str) -> Option<&'static str> {
 /// proxy that re-encrypts, or that rewrites `Host` to an internal name,
 /// makes either right.
 fn public_url_warning(url: &str, tls: bool, allowed_hosts: &[String]) -> Result<(), String> {
+    let host = url
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| uri.host().map(|h| h.trim_matches(['[', ']']).to_owned()));
+    if host
+        .as_deref()
+        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| ip.is_unspecified())
+    {
+        return Err(format!(
+            "{url:?} names the wildcard address: agents cannot connect to it; name this \
+             host as agents reach it"
+        ));
+    }
     let https = url.starts_with("https://");
     if tls && !https {
         return Err(format!(

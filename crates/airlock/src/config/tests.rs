@@ -193,9 +193,12 @@ fn bad_configs_name_file_key_and_reason() {
 }
 
 /// A public URL whose host `allowed_hosts` lists, bare or with its port,
-/// and an https one in front of a plain-HTTP proxy (TLS ended before it).
+/// and an https one in front of a plain-HTTP proxy (TLS ended before it),
+/// draw no warning; the wildcard address, an http one in front of TLS, or
+/// a host the list lacks do (valid still: a proxy in front may make the
+/// last two right).
 #[test]
-fn a_public_url_agents_can_use_is_accepted() {
+fn a_public_url_agents_may_not_reach_is_warned_about() {
     for (url, hosts) in [
         ("http://airlock.internal:8080", r#"["airlock.internal"]"#),
         (
@@ -206,7 +209,38 @@ fn a_public_url_agents_can_use_is_accepted() {
         ("https://airlock.example.com", "[]"),
     ] {
         let text = format!("[proxy]\npublic_url = \"{url}\"\nallowed_hosts = {hosts}");
-        assert!(Config::parse("ok.toml", &text).is_ok(), "{text}");
+        let config = Config::parse("ok.toml", &text).unwrap();
+        assert!(
+            config.warnings().is_empty(),
+            "{text}: {:?}",
+            config.warnings()
+        );
+    }
+    for (text, warning) in [
+        (
+            "public_url = \"http://0.0.0.0:8080\"",
+            "names the wildcard address",
+        ),
+        (
+            "public_url = \"http://[::]:8080\"",
+            "names the wildcard address",
+        ),
+        (
+            "public_url = \"http://airlock.internal:8080\"\nallowed_hosts = [\"other.example\"]",
+            "names airlock.internal:8080, which proxy.allowed_hosts does not list",
+        ),
+        (
+            "public_url = \"http://airlock:8080\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"",
+            "is http://, but the proxy serves HTTPS",
+        ),
+    ] {
+        let config = Config::parse("ok.toml", &format!("[proxy]\n{text}")).unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{text}: {warnings:?}");
+        assert!(
+            warnings[0].starts_with("proxy.public_url: ") && warnings[0].contains(warning),
+            "{text}: {warnings:?}"
+        );
     }
 }
 
