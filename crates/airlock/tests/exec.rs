@@ -541,7 +541,8 @@ async fn a_session_that_cannot_be_revoked_is_reported_and_fails_a_successful_run
 
 /// The variables of every provider the *server* has are removed, also when
 /// the local config does not name that provider (exec run from another
-/// host, or without the server's config).
+/// host, or without the server's config), and so are the common SDKs' key
+/// variables that no provider names.
 #[tokio::test]
 async fn the_servers_providers_variables_are_removed_whatever_the_local_config() {
     let mock = MockProvider::start().await;
@@ -582,6 +583,9 @@ async fn the_servers_providers_variables_are_removed_whatever_the_local_config()
         .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
         .env("GITHUB_API_KEY", "ghp_in_the_shell_0123456789")
         .env("GITHUB_BASE_URL", "https://api.github.com")
+        // Keys for providers neither config names, where SDKs look.
+        .env("ANTHROPIC_API_KEY", "sk-ant-in-the-shell-0123456789")
+        .env("GEMINI_API_KEY", "AIza-in-the-shell-0123456789")
         .stdin(Stdio::null())
         .output()
         .await
@@ -595,4 +599,5 @@ async fn the_servers_providers_variables_are_removed_whatever_the_local_config()
     assert!(stdout.contains("OPENAI_API_KEY=sess_"), "{stdout}");
     assert!(!stdout.contains("GITHUB_API_KEY="), "{stdout}");
     assert!(!stdout.contains("GITHUB_BASE_URL="), "{stdout}");
+    assert!(!stdout.contains("-in-the-shell-"), "{stdout}");
 }

@@ -136,8 +136,27 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Where the common AI SDKs and CLIs look for their API keys.
+const WELL_KNOWN_KEY_VARIABLES: [&str; 14] = [
+    "OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "AZURE_OPENAI_API_KEY",
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+    "MISTRAL_API_KEY",
+    "COHERE_API_KEY",
+    "CO_API_KEY",
+    "GROQ_API_KEY",
+    "TOGETHER_API_KEY",
+    "DEEPSEEK_API_KEY",
+    "XAI_API_KEY",
+    "OPENROUTER_API_KEY",
+];
+
 /// Variables the command must not inherit: the real credentials of every
-/// configured provider whose source is `env:VAR`; every provider's
+/// configured provider whose source is `env:VAR`; the variables the common
+/// AI SDKs read keys from ([`WELL_KNOWN_KEY_VARIABLES`]); every provider's
 /// `env_key` and `env_base_url` (the names its SDK reads: a real key the
 /// operator's shell holds there must not reach the command for a provider
 /// outside the session, and one inside gets the session's values); the
@@ -152,6 +171,10 @@ pub fn hidden_variables(config: &Config) -> BTreeSet<String> {
         vars.insert(provider.env_key.clone());
         vars.insert(provider.env_base_url.clone());
     }
+    // The variables the common AI SDKs read their key from, whether or not
+    // a provider here uses them: a real key in the shell under one of
+    // them must not reach an agent's command either.
+    vars.extend(WELL_KNOWN_KEY_VARIABLES.iter().map(|v| (*v).to_owned()));
     vars.insert("AIRLOCK_ADMIN_TOKEN".to_owned());
     vars.insert(AUDIT_KEY_ENV.to_owned());
     vars.insert(airlock_core::seal::MASTER_KEY_ENV.to_owned());
