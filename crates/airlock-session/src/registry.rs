@@ -40,6 +40,10 @@ const MAX_LEASE: u64 = 100;
 const SPENT_RETRY_MS: i64 = 1_000;
 /// A lease unused this long is given back for other replicas to use.
 const LEASE_IDLE_MS: i64 = 5_000;
+/// At shutdown, how long revocations the store has not taken are retried.
+const FINAL_REVOCATION_WAIT: Duration = Duration::from_secs(5);
+/// How often they are retried then.
+const FINAL_REVOCATION_RETRY: Duration = Duration::from_millis(250);
 /// Least time between two flushes woken by denials.
 const EARLY_FLUSH_GAP: Duration = Duration::from_millis(20);
 /// The longest a call waits for the store (a token lookup or a lease)
@@ -626,6 +630,13 @@ impl Registry {
             }
         }
         self.flush_inner(FlushKind::Final).await;
+        // A revocation the store has not taken yet lives only here: give
+        // the store a few more chances before the process goes.
+        let deadline = tokio::time::Instant::now() + FINAL_REVOCATION_WAIT;
+        while self.unpersisted_revocations() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(FINAL_REVOCATION_RETRY).await;
+            self.persist_revocations().await;
+        }
         let lost: Vec<String> = self
             .unpersisted
             .lock()

@@ -213,6 +213,8 @@ struct CountingStore {
     unreachable: std::sync::atomic::AtomicBool,
     /// Revocations fail while set (the store cannot be written).
     read_only: std::sync::atomic::AtomicBool,
+    /// This many more revocations fail (the store recovering).
+    refused_revocations: std::sync::atomic::AtomicUsize,
     gate: Option<LookupGate>,
 }
 
@@ -232,6 +234,7 @@ impl CountingStore {
             feed,
             unreachable: Default::default(),
             read_only: Default::default(),
+            refused_revocations: Default::default(),
             gate: None,
         })
     }
@@ -243,6 +246,7 @@ impl CountingStore {
             feed: None,
             unreachable: Default::default(),
             read_only: Default::default(),
+            refused_revocations: Default::default(),
             gate: Some(LookupGate {
                 read: tokio::sync::Notify::new(),
                 release: tokio::sync::Semaphore::new(0),
@@ -280,7 +284,15 @@ impl Store for CountingStore {
         self.inner.list_sessions(all, now).await
     }
     async fn revoke_session(&self, id: &SessionId, at: i64) -> airlock_store::Result<bool> {
-        if self.read_only.load(std::sync::atomic::Ordering::SeqCst) {
+        let refused = self
+            .refused_revocations
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if refused || self.read_only.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(airlock_store::StoreError::Corrupt {
                 what: "test".to_owned(),
                 reason: "disk full".to_owned(),
@@ -420,6 +432,30 @@ async fn a_revocation_the_store_refuses_holds_here_and_is_written_later() {
             .unwrap_err(),
         AuthError::Revoked
     );
+}
+
+/// At shutdown a revocation the store has not taken yet is tried a few more
+/// times before the process goes (it lives only in this process).
+#[tokio::test]
+async fn shutdown_gives_a_pending_revocation_more_chances() {
+    let (_dir, reg) = registry().await;
+    let (live, _) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let store = CountingStore::over(reg.store(), None);
+    let other = Arc::new(Registry::new(store.clone()));
+    // Refused when made, at the final flush and at the first retry.
+    store
+        .refused_revocations
+        .store(3, std::sync::atomic::Ordering::SeqCst);
+    assert!(other.revoke(live.id()).await.is_err());
+    Arc::clone(&other)
+        .run_flusher(Duration::from_secs(3600), std::future::ready(()))
+        .await;
+    assert_eq!(other.unpersisted_revocations(), 0);
+    let stored = reg.store().session_by_id(live.id()).await.unwrap().unwrap();
+    assert!(stored.revoked_at.is_some());
 }
 
 /// Revoking a session that has expired leaves it expired, in memory and
