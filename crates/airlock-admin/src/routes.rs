@@ -136,15 +136,18 @@ async fn healthz() -> Json<Value> {
 /// Readiness: 200 while serving, 503 while starting or draining. Like
 /// `/healthz`, it needs no admin token.
 async fn readyz(State(state): Shared) -> Response {
-    if state.ready.load(std::sync::atomic::Ordering::SeqCst) {
-        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    let status = if !state.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        "draining"
+    } else if !(state.calls_admitted)() {
+        "audit_unavailable"
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "draining"})),
-        )
-            .into_response()
-    }
+        return (StatusCode::OK, Json(json!({"status": "ready"}))).into_response();
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "status": status })),
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -45,6 +45,10 @@ pub struct AdminState {
     /// Whether this process accepts new calls: true once serving, false
     /// while draining after SIGTERM (`/readyz` answers 503 then).
     pub ready: std::sync::atomic::AtomicBool,
+    /// Whether the proxy admits calls now: false while a fail-closed audit
+    /// trail cannot be written (`/readyz` answers 503 then, so that a load
+    /// balancer sends calls to a replica that can record them).
+    pub calls_admitted: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl AdminMetrics {

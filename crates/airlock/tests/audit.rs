@@ -833,6 +833,12 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
     };
     assert!(count("openai") >= 7, "{metrics}");
     assert_eq!(count("_unknown"), 1, "{metrics}");
+    // Readiness says so, for a load balancer to send calls elsewhere.
+    let readyz_url = format!("{}/readyz", airlock.admin_url());
+    let readyz = || request("GET", &readyz_url, &[], "");
+    let not_ready = readyz().await;
+    assert_eq!(not_ready.status, 503);
+    assert_eq!(not_ready.json()["status"], "audit_unavailable");
 
     // The lock goes away: airlock recovers by itself.
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
@@ -846,6 +852,7 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
         assert_eq!(status, 503);
         assert!(tokio::time::Instant::now() < deadline, "never recovered");
     }
+    assert_eq!(readyz().await.status, 200);
     let (_, verdict) = airlock
         .admin("GET", "/v1/audit/verify", None)
         .await

@@ -128,6 +128,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
+    let gate = auditor.clone();
     let proxy = Arc::new(Proxy::new(
         providers,
         Arc::clone(&registry),
@@ -153,6 +154,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics_registry,
         metrics: admin_metrics,
         ready: std::sync::atomic::AtomicBool::new(false),
+        calls_admitted: Box::new(move || gate.admits_calls()),
     });
     let readiness = Arc::clone(&admin_state);
 
