@@ -12,6 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{Answer, AuditError, Msg, Route, Shared, Waiter};
 
+/// While the store stays unwritable, one probe failure in this many is
+/// logged (with probes every quarter second, about every 25 s).
+const PROBE_LOG_EVERY: u64 = 100;
+
 /// State of the writer task.
 pub(crate) struct Writer {
     store: Arc<dyn Store>,
@@ -29,6 +33,9 @@ pub(crate) struct Writer {
     /// Commit with [`Store::audit_append_blocking`]: the writer has a
     /// thread of its own.
     inline: bool,
+    /// Probes failed since the store last took a write (logged at the
+    /// first and then every [`PROBE_LOG_EVERY`]th, not every probe).
+    probes_failed: u64,
 }
 
 // === impl Writer ===
@@ -51,6 +58,7 @@ impl Writer {
             waiters: Vec::with_capacity(max_batch),
             unwritten: Vec::new(),
             inline,
+            probes_failed: 0,
         }
     }
 
@@ -331,6 +339,7 @@ impl Writer {
         let probe = bounded(limit, self.store.audit_probe()).await;
         match probe {
             Ok(()) if self.reclaim().await => {
+                self.probes_failed = 0;
                 tracing::info!(chain = self.head.chain, "audit store writable again");
                 self.shared.health.commit_ended(true);
                 if !self.unwritten.is_empty() {
@@ -342,7 +351,16 @@ impl Writer {
                 }
             }
             Ok(()) => {}
-            Err(e) => tracing::warn!(error = %e, "audit store still not writable"),
+            Err(e) => {
+                if self.probes_failed % PROBE_LOG_EVERY == 0 {
+                    tracing::warn!(
+                        error = %e,
+                        failed_probes = self.probes_failed + 1,
+                        "audit store still not writable"
+                    );
+                }
+                self.probes_failed += 1;
+            }
         }
     }
 
