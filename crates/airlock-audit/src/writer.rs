@@ -352,7 +352,7 @@ impl Writer {
             }
             Ok(()) => {}
             Err(e) => {
-                if self.probes_failed % PROBE_LOG_EVERY == 0 {
+                if self.probes_failed.is_multiple_of(PROBE_LOG_EVERY) {
                     tracing::warn!(
                         error = %e,
                         failed_probes = self.probes_failed + 1,
