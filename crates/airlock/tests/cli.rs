@@ -1276,34 +1276,26 @@ async fn serve_that_cannot_listen_writes_nothing() {
 #[tokio::test]
 async fn a_second_serve_on_the_same_sqlite_file_is_refused() {
     let mock = MockProvider::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let first = AirlockBuilder::new(BIN)
-        .provider(
-            "openai",
-            &mock.url(),
-            "bearer",
-            "sk-real-cli-0123456789",
-            "/v1",
-        )
-        .dir(dir.path().to_path_buf())
-        .start()
-        .await
-        .unwrap();
-    let second = AirlockBuilder::new(BIN)
-        .provider(
-            "openai",
-            &mock.url(),
-            "bearer",
-            "sk-real-cli-0123456789",
-            "/v1",
-        )
-        .dir(dir.path().to_path_buf())
-        .start()
-        .await;
-    let Err(err) = second else {
-        panic!("the second serve is refused");
+    let serve_on = |dir: &Path| {
+        AirlockBuilder::new(BIN)
+            .provider(
+                "openai",
+                &mock.url(),
+                "bearer",
+                "sk-real-cli-0123456789",
+                "/v1",
+            )
+            .dir(dir.to_path_buf())
+            .start()
     };
-    let err = format!("{err:#}");
+    // What starting a second serve on `dir` says (it must not start).
+    let refusal = async |dir: &Path| match serve_on(dir).await {
+        Ok(_) => panic!("a second serve on {} started", dir.display()),
+        Err(err) => format!("{err:#}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let first = serve_on(dir.path()).await.unwrap();
+    let err = refusal(dir.path()).await;
     assert!(err.contains("in use by another `airlock serve`"), "{err}");
     // Nor through another name: a symlink to the file, or a hard link.
     let linked = tempfile::tempdir().unwrap();
@@ -1312,45 +1304,16 @@ async fn a_second_serve_on_the_same_sqlite_file_is_refused() {
         linked.path().join("airlock.db"),
     )
     .unwrap();
-    let through_symlink = AirlockBuilder::new(BIN)
-        .provider(
-            "openai",
-            &mock.url(),
-            "bearer",
-            "sk-real-cli-0123456789",
-            "/v1",
-        )
-        .dir(linked.path().to_path_buf())
-        .start()
-        .await;
-    let Err(err) = through_symlink else {
-        panic!("a serve through a symlink is refused");
-    };
-    assert!(
-        format!("{err:#}").contains("in use by another `airlock serve`"),
-        "{err:#}"
-    );
+    let err = refusal(linked.path()).await;
+    assert!(err.contains("in use by another `airlock serve`"), "{err}");
     let hard = tempfile::tempdir().unwrap();
     std::fs::hard_link(
         dir.path().join("airlock.db"),
         hard.path().join("airlock.db"),
     )
     .unwrap();
-    let through_hard_link = AirlockBuilder::new(BIN)
-        .provider(
-            "openai",
-            &mock.url(),
-            "bearer",
-            "sk-real-cli-0123456789",
-            "/v1",
-        )
-        .dir(hard.path().to_path_buf())
-        .start()
-        .await;
-    let Err(err) = through_hard_link else {
-        panic!("a serve through a hard link is refused");
-    };
-    assert!(format!("{err:#}").contains("hard links"), "{err:#}");
+    let err = refusal(hard.path()).await;
+    assert!(err.contains("hard links"), "{err}");
     let (id, _) = create(&first).await;
     assert!(id.starts_with("ses_"));
 }
