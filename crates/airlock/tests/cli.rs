@@ -1271,8 +1271,9 @@ async fn serve_that_cannot_listen_writes_nothing() {
 }
 
 /// One `serve` per SQLite file: a second one on it (it would claim the same
-/// audit chain and refuse every call) stops at once and says why; the
-/// first goes on serving.
+/// audit chain and refuse every call), under the same name, through a
+/// symlink or a hard link, stops at once and says why; the first goes on
+/// serving.
 #[tokio::test]
 async fn a_second_serve_on_the_same_sqlite_file_is_refused() {
     let mock = MockProvider::start().await;
