@@ -125,20 +125,16 @@ impl Proxy {
             let metrics = provider.map_or(&self.unknown_provider, |p| &p.metrics);
             metrics.record(Some(denial.code()), started.elapsed().as_secs_f64());
             // Its record is queued, not waited for (the trail cannot be
-            // written now): the writer holds it back with the rest and
-            // writes it, flagged `written_late`, once the store recovers.
+            // written now): the writer writes it once the store takes
+            // writes again (held back, flagged `written_late`, if a commit
+            // of it fails first).
             let response = denial.into_response();
             let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);
             if let Some(provider) = provider {
                 call.set_provider(provider.recorded_name());
             }
             withhold_presented(&mut call, &req);
-            call.bytes_out = response.body().size_hint().exact().unwrap_or(0);
-            drop(call.finish(
-                Some(denial_code(&response)),
-                response.status().as_u16(),
-                Flags::empty(),
-            ));
+            drop(finish_refused(&mut call, &response));
             return response;
         }
         let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);
@@ -250,12 +246,7 @@ impl Proxy {
     /// `audit_unavailable` instead, when fail-closed audit cannot write it).
     async fn refuse(&self, denial: Denial, mut call: CallRecord) -> Response<ProxyBody> {
         let response = denial.into_response();
-        call.bytes_out = response.body().size_hint().exact().unwrap_or(0);
-        let Some(commit) = call.finish(
-            Some(denial_code(&response)),
-            response.status().as_u16(),
-            Flags::empty(),
-        ) else {
+        let Some(commit) = finish_refused(&mut call, &response) else {
             return response;
         };
         match commit.await {
@@ -532,6 +523,22 @@ fn withhold_presented<B>(call: &mut CallRecord, req: &Request<B>) {
     if !tokens.is_empty() {
         call.withhold_tokens(req.uri().path(), &tokens);
     }
+}
+
+/// Completes the record of a call airlock answers itself with `response`;
+/// the future resolves once the record is durable (see
+/// [`CallRecord::finish`]).
+fn finish_refused(
+    call: &mut CallRecord,
+    response: &Response<ProxyBody>,
+) -> Option<impl std::future::Future<Output = Result<(), airlock_audit::AuditError>> + Send + 'static>
+{
+    call.bytes_out = response.body().size_hint().exact().unwrap_or(0);
+    call.finish(
+        Some(denial_code(response)),
+        response.status().as_u16(),
+        Flags::empty(),
+    )
 }
 
 /// 503 `store_unavailable`: the session store is needed and cannot be reached.
