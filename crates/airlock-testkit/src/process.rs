@@ -21,6 +21,9 @@ use tokio::time::Instant;
 const START_LIMIT: Duration = Duration::from_secs(30);
 /// How long `terminate` waits for a graceful exit.
 const TERMINATE_LIMIT: Duration = Duration::from_secs(30);
+/// How long an exit already under way may take to be recorded, when the
+/// process could not be signalled because it was gone.
+const REAPED_LIMIT: Duration = Duration::from_secs(5);
 /// How long we wait for a SIGKILLed process or for its output to drain.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// Bound on one admin API call.
@@ -370,13 +373,25 @@ impl Airlock {
         &self.bin
     }
 
-    /// Sends SIGTERM and waits (up to 30 s) for the process to exit. On
+    /// Sends SIGTERM (unless it already exited) and waits (up to 30 s) for
+    /// the process to exit. On
     /// timeout the process is killed and an error returned.
     pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
-        if self.exit.get().is_none() {
-            send_signal(self.pid, "TERM").context("sending SIGTERM to airlock")?;
-        }
+        // A process that already exited (its own SIGTERM drain ended) and
+        // was reaped before its exit was recorded cannot be signalled: that
+        // is no error, the wait below finds its status.
+        let signalled = match self.exit.get() {
+            Some(_) => Ok(()),
+            None => send_signal(self.pid, "TERM"),
+        };
         let mut exit_rx = self.exit.watch.subscribe();
+        if let Err(e) = signalled {
+            let exited =
+                tokio::time::timeout(REAPED_LIMIT, exit_rx.wait_for(Option::is_some)).await;
+            if !matches!(exited, Ok(Ok(_))) {
+                return Err(e.context("sending SIGTERM to airlock"));
+            }
+        }
         let waited = tokio::time::timeout(TERMINATE_LIMIT, async {
             exit_rx
                 .wait_for(Option::is_some)
