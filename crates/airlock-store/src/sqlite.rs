@@ -157,7 +157,8 @@ impl SqliteStore {
 
     /// Fails once the database file was deleted or replaced under the
     /// store: a write (a revocation, a session) would go into a file nobody
-    /// will open again (see `checkpointer::FileWatch`).
+    /// will open again, and a read could come from the empty one a new
+    /// connection creates at the path (see `checkpointer::FileWatch`).
     fn file_present(&self) -> Result<()> {
         match &self.audit {
             Some(writer) => writer.file_present(),
@@ -275,6 +276,7 @@ impl Store for SqliteStore {
     }
 
     async fn session_by_token(&self, hash: &TokenHash) -> Result<Option<SessionRow>> {
+        self.file_present()?;
         let sql = format!("SELECT {COLUMNS} FROM sessions WHERE token_hash = ?");
         let row = sqlx::query(&sql)
             .bind(hash.to_hex())
@@ -284,6 +286,7 @@ impl Store for SqliteStore {
     }
 
     async fn session_by_id(&self, id: &SessionId) -> Result<Option<SessionRow>> {
+        self.file_present()?;
         let sql = format!("SELECT {COLUMNS} FROM sessions WHERE id = ?");
         let row = sqlx::query(&sql)
             .bind(id.as_str())
@@ -293,6 +296,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_sessions(&self, include_ended: bool, now_ms: i64) -> Result<Vec<SessionRow>> {
+        self.file_present()?;
         let sql = if include_ended {
             format!("SELECT {COLUMNS} FROM sessions ORDER BY created_at DESC, id")
         } else {
@@ -353,6 +357,7 @@ impl Store for SqliteStore {
     }
 
     async fn credential(&self, provider: &str) -> Result<Option<StoredCredential>> {
+        self.file_present()?;
         let row: Option<(Vec<u8>, i64)> =
             sqlx::query_as("SELECT sealed, updated_at FROM credentials WHERE provider = ?")
                 .bind(provider)
@@ -475,10 +480,12 @@ impl Store for SqliteStore {
     }
 
     async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        self.file_present()?;
         read_records(&self.pool, q).await
     }
 
     async fn audit_heads(&self) -> Result<Vec<ChainHead>> {
+        self.file_present()?;
         let rows =
             sqlx::query("SELECT id, head_seq, head_mac, head_seal FROM audit_chains ORDER BY id")
                 .fetch_all(&self.pool)

@@ -1073,6 +1073,11 @@ mod sqlite_only {
             store.insert_session(&other).await,
             Err(StoreError::FileGone(_))
         ));
+        // Nor do reads answer from whatever file is at the path now.
+        assert!(matches!(
+            store.list_sessions(true, 0).await,
+            Err(StoreError::FileGone(_))
+        ));
         store.close().await;
     }
 
