@@ -1873,6 +1873,11 @@ mod shared {
         let a = backend.open().await;
         let b = backend.open().await;
         let mut feed = b.changes().unwrap();
+        // B listens before anything is changed (a notification sent before
+        // its LISTEN would be lost, and this test would wait for it).
+        next_change(&mut feed, Duration::from_secs(10), |c| *c == Change::Resync)
+            .await
+            .unwrap();
         let (_, s) = session(1_000, i64::MAX, max_denied(3));
         a.insert_session(&s).await.unwrap();
         // Two replicas each saw fewer than three denials...
