@@ -297,13 +297,13 @@ async fn failed_writes_close_the_gate_until_the_store_recovers() {
     );
 }
 
-/// Records of failed batches are held back only up to `queue_capacity`.
-#[tokio::test]
-async fn records_held_back_are_bounded() {
+/// A writer with `settings` on an inline store whose commits fail while
+/// five records are submitted; the store takes writes again afterwards.
+async fn five_records_while_failing(
+    settings: AuditSettings,
+) -> (tempfile::TempDir, Arc<FaultyStore>, Auditor, WriterHandle) {
     let dir = tempfile::tempdir().unwrap();
     let store = inline_store(&dir).await;
-    let mut settings = settings();
-    settings.queue_capacity = 3;
     let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings)
         .await
         .unwrap();
@@ -312,6 +312,15 @@ async fn records_held_back_are_bounded() {
         let _ = auditor.submit(record(n)).await;
     }
     store.fail.store(false, Ordering::SeqCst);
+    (dir, store, auditor, writer)
+}
+
+/// Records of failed batches are held back only up to `queue_capacity`.
+#[tokio::test]
+async fn records_held_back_are_bounded() {
+    let mut settings = settings();
+    settings.queue_capacity = 3;
+    let (_dir, store, auditor, writer) = five_records_while_failing(settings).await;
     assert!(
         eventually(|| auditor.admits_calls()).await,
         "gate did not reopen"
@@ -529,18 +538,9 @@ async fn without_its_delivery_a_worker_is_answered_directly() {
 /// a time, without waiting for new calls.
 #[tokio::test]
 async fn held_back_records_are_all_written_on_recovery() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = inline_store(&dir).await;
     let mut settings = settings();
     settings.max_batch = 2;
-    let (auditor, writer) = Auditor::start(store.clone(), Arc::new(key()), settings)
-        .await
-        .unwrap();
-    store.fail.store(true, Ordering::SeqCst);
-    for n in 0..5 {
-        let _ = auditor.submit(record(n)).await;
-    }
-    store.fail.store(false, Ordering::SeqCst);
+    let (_dir, store, auditor, writer) = five_records_while_failing(settings).await;
     let stats = auditor.stats().unwrap();
     assert!(
         eventually(|| stats.written.get() == 5).await,
