@@ -338,14 +338,45 @@ pub struct SessionArgs {
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
     /// Requests per minute.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_RPM)))]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_parser = rpm
+    )]
     pub rpm: Option<u32>,
     /// Total requests over the session's life.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_COUNT))]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_parser = count
+    )]
     pub max_requests: Option<u64>,
     /// Denied calls after which the session is revoked.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_COUNT))]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_parser = count
+    )]
     pub max_denied: Option<u64>,
+}
+
+/// A whole number from 1 to `max`, or what is wrong with `text`.
+fn whole_number(text: &str, max: u64) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {max}")),
+    }
+}
+
+/// `--max-requests`, `--max-denied`: 1 to [`MAX_COUNT`].
+fn count(text: &str) -> Result<u64, String> {
+    whole_number(text, MAX_COUNT)
+}
+
+/// `--rpm`: 1 to [`MAX_RPM`].
+fn rpm(text: &str) -> Result<u32, String> {
+    let n = whole_number(text, u64::from(MAX_RPM))?;
+    u32::try_from(n).map_err(|_| format!("must be a whole number from 1 to {MAX_RPM}"))
 }
 
 /// How `session create` prints the session.
