@@ -75,6 +75,9 @@ pub struct ProxyLimits {
     /// Open proxy connections at most; more are answered 503 and closed
     /// (`serve` lowers it to what the open files limit can hold).
     pub max_connections: usize,
+    /// Whether `max_connections` came from the file (not the default): a
+    /// limit the operator chose is worth a warning when it cannot be kept.
+    pub max_connections_set: bool,
     /// Largest request head (request line and headers), in bytes (431 above).
     pub max_header_size: usize,
     /// Largest request body, in bytes (413 above).
@@ -164,8 +167,8 @@ struct RawProxy {
     drain_timeout: String,
     #[serde(default = "default_idle_timeout")]
     idle_timeout: String,
-    #[serde(default = "default_max_connections")]
-    max_connections: usize,
+    #[serde(default)]
+    max_connections: Option<usize>,
     #[serde(default = "default_max_header_size")]
     max_header_size: String,
     #[serde(default = "default_max_request_body")]
@@ -261,9 +264,8 @@ fn default_drain_timeout() -> String {
 fn default_idle_timeout() -> String {
     "60s".into()
 }
-fn default_max_connections() -> usize {
-    10_000
-}
+/// `proxy.max_connections` when the file does not set it.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 fn default_max_header_size() -> String {
     "64KiB".into()
 }
@@ -295,7 +297,7 @@ impl Default for RawProxy {
             header_read_timeout: default_header_read_timeout(),
             drain_timeout: default_drain_timeout(),
             idle_timeout: default_idle_timeout(),
-            max_connections: default_max_connections(),
+            max_connections: None,
             max_header_size: default_max_header_size(),
             max_request_body: default_max_request_body(),
             forwarded_headers: default_forwarded_headers(),
@@ -695,7 +697,8 @@ fn parse_limits(file: &str, raw: &RawProxy) -> Result<ProxyLimits, ConfigError> 
     if idle_timeout.is_zero() {
         return Err(err("idle_timeout", "must be at least 1ms".into()));
     }
-    if !(1..=1_000_000).contains(&raw.max_connections) {
+    let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if !(1..=1_000_000).contains(&max_connections) {
         return Err(err(
             "max_connections",
             "must be between 1 and 1000000".into(),
@@ -730,7 +733,8 @@ fn parse_limits(file: &str, raw: &RawProxy) -> Result<ProxyLimits, ConfigError> 
     }
     Ok(ProxyLimits {
         idle_timeout,
-        max_connections: raw.max_connections,
+        max_connections,
+        max_connections_set: raw.max_connections.is_some(),
         max_header_size: usize::try_from(max_header_size).unwrap_or(usize::MAX),
         max_request_body,
         forwarded_headers,

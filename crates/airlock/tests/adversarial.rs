@@ -958,6 +958,29 @@ async fn connections_over_the_limit_are_refused_and_slots_come_back() {
     assert_normal_call_works(&env).await;
 }
 
+/// A `max_connections` the config sets and the open files limit cannot hold
+/// is lowered with a warning.
+#[tokio::test]
+async fn configured_max_connections_over_the_descriptors_is_a_warning() {
+    const OPEN_FILES: u64 = 256;
+    let env = env_with(&["max_connections = 500", "workers = 2"], |builder| {
+        builder.open_files_limit(OPEN_FILES)
+    })
+    .await;
+    let capacity = airlock_proxy::descriptors::connection_capacity(Some(OPEN_FILES), 2);
+    let warning = format!(
+        "proxy.max_connections = 500 does not fit the open files limit of {OPEN_FILES}: \
+         using {capacity}"
+    );
+    let output = env.airlock.output();
+    let line = output
+        .lines()
+        .find(|line| line.contains(&warning))
+        .unwrap_or_else(|| panic!("no {warning:?} in:\n{output}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert_normal_call_works(&env).await;
+}
+
 /// Under a low open-files limit, `serve` lowers `max_connections` to what
 /// the descriptors can hold and says so; connections beyond it get 503
 /// `overloaded` rather than exhausting descriptors, so the admin API keeps
@@ -999,12 +1022,19 @@ async fn idle_connections_cannot_exhaust_descriptors() {
         held.len(),
         airlock_proxy::descriptors::connection_capacity(Some(OPEN_FILES), 2)
     );
+    // The default limit is lowered with a line of information, not a
+    // warning: nobody asked for 10000.
     let output = env.airlock.output();
-    let warning = format!(
-        "proxy.max_connections = 10000 does not fit the open files limit of {OPEN_FILES}: using {}",
+    let notice = format!(
+        "proxy.max_connections = 10000 (the default) does not fit the open files limit of \
+         {OPEN_FILES}: using {}",
         held.len()
     );
-    assert!(output.contains(&warning), "no {warning:?} in:\n{output}");
+    let line = output
+        .lines()
+        .find(|line| line.contains(&notice))
+        .unwrap_or_else(|| panic!("no {notice:?} in:\n{output}"));
+    assert!(line.contains("INFO"), "{line}");
     // Descriptors are left, enough for each held connection's call to
     // have an upstream connection too: the process's own count says so.
     let open = std::fs::read_dir(format!("/proc/{}/fd", env.airlock.pid()))

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::audit_key;
-use crate::config::Config;
+use crate::config::{Config, ProxyLimits};
 use crate::credentials::Credentials;
 
 /// Store setting holding the SHA-256 (hex) of a generated admin token.
@@ -167,7 +167,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         drain_timeout: config.proxy.drain_timeout,
         idle_timeout: config.proxy.limits.idle_timeout,
         max_connections: max_connections_in_force(
-            config.proxy.limits.max_connections,
+            &config.proxy.limits,
             open_files,
             config.proxy.workers,
         ),
@@ -371,22 +371,38 @@ fn raise_open_files_limit() -> Option<u64> {
 }
 
 /// `proxy.max_connections`, lowered to what the open files limit can hold
-/// ([`airlock_proxy::descriptors::connection_capacity`]) with a warning: a
-/// proxy holding more connections than it has descriptors for would leave
-/// every listener, the admin API's too, failing to accept. Connections over
-/// the lowered limit get the usual 503 `overloaded`.
-fn max_connections_in_force(configured: usize, open_files: Option<u64>, workers: usize) -> usize {
+/// ([`airlock_proxy::descriptors::connection_capacity`]): a proxy holding
+/// more connections than it has descriptors for would leave every listener,
+/// the admin API's too, failing to accept. Connections over the lowered
+/// limit get the usual 503 `overloaded`. Logged as a warning when the
+/// config file set the limit, as information when it is the default.
+fn max_connections_in_force(
+    limits: &ProxyLimits,
+    open_files: Option<u64>,
+    workers: usize,
+) -> usize {
+    let configured = limits.max_connections;
     let capacity = airlock_proxy::descriptors::connection_capacity(open_files, workers);
     let Some(limit) = open_files.filter(|_| capacity < configured) else {
         return configured;
     };
-    tracing::warn!(
-        "proxy.max_connections = {configured} does not fit the open files limit of {limit}: \
-         using {capacity} (each connection may hold two descriptors, its own and its upstream \
-         connection's; {reserved} are kept for the store, the admin API and files); raise \
-         the limit (ulimit -n, systemd LimitNOFILE=) to allow more",
-        reserved = airlock_proxy::descriptors::reserved(workers),
+    let reserved = airlock_proxy::descriptors::reserved(workers);
+    let origin = if limits.max_connections_set {
+        ""
+    } else {
+        " (the default)"
+    };
+    let message = format!(
+        "proxy.max_connections = {configured}{origin} does not fit the open files limit of \
+         {limit}: using {capacity} (each connection may hold two descriptors, its own and its \
+         upstream connection's; {reserved} are kept for the store, the admin API and files); \
+         raise the limit (ulimit -n, systemd LimitNOFILE=) to allow more"
     );
+    if limits.max_connections_set {
+        tracing::warn!("{message}");
+    } else {
+        tracing::info!("{message}");
+    }
     capacity
 }
 
