@@ -136,6 +136,24 @@ impl AcceptFailure {
     }
 }
 
+/// Whether `error`, or an error it was caused by, is the process or the
+/// system running out of descriptors or kernel memory (`EMFILE`, `ENFILE`,
+/// `ENOBUFS`, `ENOMEM`): for an upstream connection that could not be
+/// opened, airlock's own shortage (503 `overloaded`), not the provider's
+/// failure (502).
+pub fn is_resource_shortage(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(io_error) = error.downcast_ref::<io::Error>() {
+            if AcceptFailure::of(io_error) == AcceptFailure::Resources {
+                return true;
+            }
+        }
+        next = error.source();
+    }
+    false
+}
+
 /// Failed accepts on one listener (shared by the loops accepting from it):
 /// decides when to pause and logs each episode of failures once, when it
 /// begins (warning) and when accepting works again (info, with the number
@@ -233,6 +251,34 @@ mod tests {
 
     fn os(errno: Errno) -> io::Error {
         io::Error::from_raw_os_error(errno.raw_os_error())
+    }
+
+    /// An error that wraps another, as hyper-util's connect error wraps the
+    /// socket's `io::Error`.
+    #[derive(Debug)]
+    struct Wrapped(io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("tcp open error")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn resource_shortage_is_found_in_the_source_chain() {
+        for errno in [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM] {
+            assert!(is_resource_shortage(&os(errno)), "{errno:?}");
+            assert!(is_resource_shortage(&Wrapped(os(errno))), "{errno:?}");
+        }
+        for errno in [Errno::CONNREFUSED, Errno::TIMEDOUT, Errno::HOSTUNREACH] {
+            assert!(!is_resource_shortage(&Wrapped(os(errno))), "{errno:?}");
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub enum ErrorCode {
     UpstreamTimeout,
     PayloadTooLarge,
     HeadersTooLarge,
+    Overloaded,
 }
 
 /// A refused or failed call. The message is shown to the caller and must
@@ -45,7 +46,7 @@ pub struct Denial {
 
 impl ErrorCode {
     /// All codes, in a fixed order (used to pre-register metrics).
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::AuditUnavailable,
         ErrorCode::BadRequest,
         ErrorCode::CredentialUnavailable,
@@ -59,6 +60,7 @@ impl ErrorCode {
         ErrorCode::UpstreamTimeout,
         ErrorCode::PayloadTooLarge,
         ErrorCode::HeadersTooLarge,
+        ErrorCode::Overloaded,
     ];
 
     /// The wire name.
@@ -77,6 +79,7 @@ impl ErrorCode {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::PayloadTooLarge => "payload_too_large",
             Self::HeadersTooLarge => "headers_too_large",
+            Self::Overloaded => "overloaded",
         }
     }
 
@@ -96,6 +99,7 @@ impl ErrorCode {
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -111,6 +115,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limit_error",
             Self::AuditUnavailable
             | Self::CredentialUnavailable
+            | Self::Overloaded
             | Self::StoreUnavailable
             | Self::UpstreamAuthFailed
             | Self::UpstreamError

@@ -103,6 +103,15 @@ impl Proxy {
         (proxy, delivery)
     }
 
+    /// Closes this worker's idle upstream connections, every provider's:
+    /// what a worker does when it runs out of descriptors (a failed accept
+    /// or upstream connect), since pooled connections beyond one per proxy
+    /// connection (left by HTTP/2 streams, each of which needed its own)
+    /// are not in `descriptors`' estimate. Returns how many were closed.
+    pub fn shed_idle_upstream(&self) -> usize {
+        self.providers.values().map(|p| p.pool().shed_idle()).sum()
+    }
+
     /// Marks the calls still in flight as cut by airlock: their records say
     /// `incomplete` rather than `client_aborted` when they are dropped.
     pub fn cut_calls_in_flight(&self) {
@@ -455,6 +464,23 @@ impl Proxy {
                     "the request body broke off before its end (its connection closed or its \
                      framing failed)",
                 ));
+            }
+            Ok(Err(e)) if e.is_resource_shortage() => {
+                // airlock's own shortage, not the provider's: the proxy's
+                // usual answer when it is full (see `descriptors`).
+                let shed = self.shed_idle_upstream();
+                tracing::warn!(
+                    provider = provider.name(),
+                    error = %e,
+                    idle_connections_closed = shed,
+                    "no upstream connection"
+                );
+                return Err(Denial::new(
+                    ErrorCode::Overloaded,
+                    "airlock is out of file descriptors or memory for a connection to the \
+                     provider; try again shortly",
+                )
+                .retry_after(Duration::from_secs(1)));
             }
             Ok(Err(e)) => {
                 tracing::warn!(provider = provider.name(), error = %e, "upstream request failed");

@@ -64,7 +64,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore}
 use tokio::task::JoinSet;
 
 use crate::body::{BoxError, ProxyBody};
-use crate::descriptors::AcceptErrors;
+use crate::descriptors::{AcceptErrors, AcceptFailure};
 use crate::error::ErrorCode;
 use crate::handler::Proxy;
 use crate::headers::FramingAnomaly;
@@ -390,8 +390,15 @@ impl Worker {
                         }
                     }
                     Err(e) => {
-                        // Out of descriptors: pause rather than spin (the
+                        // Out of descriptors: free the idle upstream
+                        // connections, and pause rather than spin (the
                         // connection waits in the backlog), logged once.
+                        if AcceptFailure::of(&e) == AcceptFailure::Resources {
+                            let shed = conn.proxy.shed_idle_upstream();
+                            if shed > 0 {
+                                tracing::debug!(shed, "idle upstream connections closed");
+                            }
+                        }
                         if let Some(pause) = accept_errors.failed(&e) {
                             tokio::time::sleep(pause).await;
                         }

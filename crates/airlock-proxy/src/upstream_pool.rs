@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::{AgentBodyBroke, BoxError, RequestBody};
+use crate::descriptors;
 use crate::provider::UpstreamConnector;
 
 /// Most idle HTTP/1 connections a pool keeps; the oldest go first.
@@ -143,6 +144,18 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether no connection could be opened for want of descriptors or
+    /// memory in this process or system ([`descriptors::is_resource_shortage`]).
+    pub fn is_resource_shortage(&self) -> bool {
+        match self {
+            Self::Connect(error) => {
+                let error: &(dyn std::error::Error + 'static) = error.as_ref();
+                descriptors::is_resource_shortage(error)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the request failed because the agent's body broke off
     /// ([`AgentBodyBroke`]) rather than anything on the provider's side.
     pub fn is_agent_body_broken(&self) -> bool {
@@ -257,6 +270,17 @@ impl<B: SentBody> UpstreamPool<B> {
                 _ => return Err(UpstreamError::Request(failed.into_error())),
             }
         }
+    }
+
+    /// Closes the idle connections (the shared HTTP/2 one once its calls
+    /// in flight end) to free their descriptors; returns how many HTTP/1
+    /// connections were idle. Calls in flight keep theirs.
+    pub fn shed_idle(&self) -> usize {
+        let mut idle = self.shared.idle();
+        idle.http2 = None;
+        let shed = idle.http1.len();
+        idle.http1.clear();
+        shed
     }
 }
 

@@ -958,6 +958,92 @@ async fn connections_over_the_limit_are_refused_and_slots_come_back() {
     assert_normal_call_works(&env).await;
 }
 
+/// HTTP/2 streams of one connection each need an upstream connection of
+/// their own: more than the descriptors left. A stream whose upstream
+/// connection cannot be opened for want of descriptors gets 503
+/// `overloaded` with `Retry-After` (airlock's shortage, not the provider's
+/// failure: never 502), the provider sees nothing of it, the streams that
+/// got a connection complete, and calls work again afterwards.
+#[tokio::test]
+async fn upstream_connections_beyond_the_descriptors_are_overloaded_not_bad_gateway() {
+    use http_body_util::{BodyExt, Full};
+    const OPEN_FILES: u64 = 128;
+    /// airlock's `MAX_CONCURRENT_STREAMS`, all held open at once.
+    const STREAMS: usize = 100;
+    let env = env_with(&["workers = 2"], |builder| {
+        builder.open_files_limit(OPEN_FILES)
+    })
+    .await;
+    let session = env
+        .airlock
+        .create_session(json!({
+            "scope": [{"provider": "anthropic", "methods": ["GET"], "paths": ["/gated-json"]}],
+            "ttl_seconds": 300,
+        }))
+        .await
+        .unwrap();
+    let token = session["token"].as_str().unwrap().to_owned();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<bytes::Bytes>>();
+    let url = format!("{}/anthropic/gated-json", env.airlock.proxy_url());
+    // A stream that reached the provider waits for the gate (its upstream
+    // connection held); one that could not connect is answered at once.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..STREAMS {
+        let request = http::Request::get(&url)
+            .header("x-api-key", &token)
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let client = client.clone();
+        calls.spawn(async move {
+            let response = tokio::time::timeout(CASE_LIMIT, client.request(request))
+                .await
+                .expect("every stream is answered")
+                .expect("over HTTP/2");
+            let status = response.status();
+            let retry_after = response.headers().get("retry-after").cloned();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, retry_after, body)
+        });
+    }
+    let mut overloaded = 0;
+    let through = loop {
+        let through = env.mock.request_count();
+        if through + overloaded == STREAMS {
+            break through;
+        }
+        tokio::select! {
+            answered = calls.join_next() => {
+                let (status, retry_after, body) = answered.unwrap().unwrap();
+                assert_eq!(status, 503, "{body:?}\noutput:\n{}", env.airlock.output());
+                assert_eq!(retry_after.unwrap(), "1");
+                let body: Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(body["error"]["code"], "overloaded", "{body}");
+                overloaded += 1;
+            }
+            () = env.mock.wait_for_requests(through + 1) => {}
+        }
+    };
+    assert!(
+        overloaded > 0 && through > 0,
+        "{overloaded} overloaded, {through} through: the limit of {OPEN_FILES} open files did \
+         not bind (or bound everything)"
+    );
+    // The streams that got a connection complete.
+    for _ in 0..through {
+        env.mock.open_gate();
+    }
+    while let Some(answered) = calls.join_next().await {
+        let (status, _, body) = answered.unwrap();
+        assert_eq!(status, 200, "{body:?}");
+        assert_eq!(&body[..], br#"{"gated":true}"#);
+    }
+    assert_eq!(env.mock.request_count(), through);
+    assert!(env.airlock.output().contains("no upstream connection"));
+    assert_normal_call_works(&env).await;
+}
+
 /// A `max_connections` the config sets and the open files limit cannot hold
 /// is lowered with a warning.
 #[tokio::test]

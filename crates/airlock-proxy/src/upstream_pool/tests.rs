@@ -171,6 +171,23 @@ async fn a_connection_whose_body_is_unread_is_not_lent_again() {
 }
 
 #[tokio::test]
+async fn shedding_closes_idle_connections_and_leaves_lent_ones() {
+    let (addr, mut counts) = keep_alive_server().await;
+    let pool = pool(addr);
+    let lent = pool.send(get()).await.unwrap();
+    call(&pool).await;
+    assert_eq!(pool.idle_count(), 1);
+    assert_eq!(pool.shed_idle(), 1);
+    assert_eq!(pool.idle_count(), 0);
+    // The idle one is closed; the lent one still carries its call.
+    counts.wait_closed(1).await;
+    let body = lent.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, Bytes::from_static(b"ok"));
+    assert_eq!(pool.idle_count(), 1);
+    assert_eq!(counts.accepted(), 2);
+}
+
+#[tokio::test]
 async fn idle_connections_expire() {
     let (addr, mut counts) = keep_alive_server().await;
     let pool = pool(addr);
