@@ -12,6 +12,7 @@ use airlock_session::{now_ms, Admission, AuthError, LiveSession, Registry};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 
 use crate::audit::CallRecord;
 use crate::body::{ProxyBody, RequestBody, Withheld};
@@ -23,6 +24,7 @@ use crate::metrics::ProviderMetrics;
 use crate::provider::{PreparedCredential, Provider};
 use crate::redact::{RedactingBody, RedactionFlag};
 use crate::upstream_pool::UpstreamBody;
+use crate::websocket::{self, Tunnel};
 
 /// Tunables of the request path.
 #[derive(Clone, Debug)]
@@ -48,12 +50,23 @@ pub struct Proxy {
 struct Forwarded {
     response: Response<UpstreamBody>,
     credential: Arc<Loaded<PreparedCredential>>,
+    /// The agent's connection, for a WebSocket handshake.
+    agent_upgrade: Option<OnUpgrade>,
+}
+
+impl Forwarded {
+    /// Whether the provider switched a WebSocket handshake's connection.
+    fn switched(&self) -> bool {
+        self.agent_upgrade.is_some() && self.response.status() == StatusCode::SWITCHING_PROTOCOLS
+    }
 }
 
 /// A call that got past every check, ready to forward.
 struct Admitted<'a> {
     provider: &'a Provider,
     path_start: usize,
+    /// A WebSocket handshake ([`websocket::classify`]).
+    websocket: bool,
 }
 
 // === impl Proxy ===
@@ -120,7 +133,11 @@ impl Proxy {
 
     /// Handles one call. Never fails: every refusal is a JSON error response.
     /// Every call gets exactly one audit record (see [`crate::audit`]).
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    ///
+    /// A WebSocket handshake the provider accepted comes back as a `101`
+    /// with its [`Tunnel`], which the caller runs once the `101` is sent
+    /// (the call's record completes when the tunnel ends).
+    pub async fn handle(&self, req: Request<Incoming>) -> (Response<ProxyBody>, Option<Tunnel>) {
         let started = Instant::now();
         if !self.auditor.admits_calls() {
             // Fail closed: nothing goes upstream while records cannot be written.
@@ -144,7 +161,7 @@ impl Proxy {
             }
             withhold_presented(&mut call, &req);
             drop(finish_refused(&mut call, &response));
-            return response;
+            return (response, None);
         }
         let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);
         let (provider, result) = self.process(req, &mut call).await;
@@ -153,11 +170,14 @@ impl Proxy {
             metrics,
             answered: false,
         };
-        let answer = match result {
-            Ok(response) => self.relay(response, call).await,
+        let (answer, tunnel) = match result {
+            Ok(forwarded) if forwarded.switched() => {
+                self.open_tunnel(forwarded, call, metrics).await
+            }
+            Ok(forwarded) => (self.relay(forwarded, call).await, None),
             Err(denial) => {
                 tracing::debug!(code = %denial.code(), "call refused");
-                self.refuse(denial, call).await
+                (self.refuse(denial, call).await, None)
             }
         };
         unanswered.answered = true;
@@ -168,7 +188,7 @@ impl Proxy {
             answer.extensions().get::<ErrorCode>().copied(),
             started.elapsed().as_secs_f64(),
         );
-        answer
+        (answer, tunnel)
     }
 
     async fn process(
@@ -280,6 +300,7 @@ impl Proxy {
         let Forwarded {
             response,
             credential,
+            agent_upgrade: _,
         } = forwarded;
         let (mut parts, body) = response.into_parts();
         let status = parts.status.as_u16();
@@ -333,6 +354,51 @@ impl Proxy {
         Response::from_parts(parts, body)
     }
 
+    /// Answers a WebSocket handshake the provider switched (101): the
+    /// agent gets the `101` (the provider's headers, scrubbed, with the
+    /// switch) and the caller the [`Tunnel`] to run once it is sent. A
+    /// switch airlock cannot carry ([`websocket::unacceptable`]) is a 502.
+    async fn open_tunnel(
+        &self,
+        forwarded: Forwarded,
+        mut call: CallRecord,
+        metrics: &ProviderMetrics,
+    ) -> (Response<ProxyBody>, Option<Tunnel>) {
+        let Forwarded {
+            response,
+            credential,
+            agent_upgrade,
+        } = forwarded;
+        let (mut parts, body) = response.into_parts();
+        call.set_forwarded(parts.status.as_u16());
+        let refused = websocket::unacceptable(&parts.headers, call.provider().unwrap_or("-"));
+        let provider_upgrade = parts.extensions.remove::<OnUpgrade>();
+        let (Some(agent), Some(provider), None) =
+            (agent_upgrade, provider_upgrade, refused.clone())
+        else {
+            let denial = refused.unwrap_or_else(|| {
+                Denial::new(
+                    ErrorCode::UpstreamError,
+                    "the provider's connection cannot be switched",
+                )
+            });
+            return (self.refuse(denial, call).await, None);
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        let redactor = credential.value.redactor().clone();
+        if redactor.scrub_headers(&mut parts.headers) {
+            call.flag(Flags::CREDENTIAL_REDACTED);
+        }
+        websocket::switching_headers(&mut parts.headers);
+        // Nothing of the upstream connection's own goes on (see `relay`).
+        parts.extensions.clear();
+        let tunnel = Tunnel::new(agent, provider, body, call, redactor, &metrics.tunnels);
+        (
+            Response::from_parts(parts, ProxyBody::full(bytes::Bytes::new())),
+            Some(tunnel),
+        )
+    }
+
     /// The provider named by the first path segment.
     fn route(&self, path: &str) -> Result<&Provider, Denial> {
         let name = path
@@ -369,6 +435,7 @@ impl Proxy {
         req: &Request<Incoming>,
         token: Option<&str>,
     ) -> Result<Admitted<'a>, Denial> {
+        let websocket = websocket::classify(req)?;
         credentials::screen(req, provider, &self.settings.request, token)?;
         let full = req.uri().path();
         let path_start = 1 + provider.name().len();
@@ -393,6 +460,7 @@ impl Proxy {
         Ok(Admitted {
             provider,
             path_start,
+            websocket,
         })
     }
 
@@ -406,10 +474,12 @@ impl Proxy {
     async fn forward(
         &self,
         admitted: Admitted<'_>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         call: &mut CallRecord,
     ) -> Result<Forwarded, Denial> {
         let provider = admitted.provider;
+        // Taken before the head is prepared (which clears the extensions).
+        let agent_upgrade = admitted.websocket.then(|| hyper::upgrade::on(&mut req));
         let Some(credential) = provider.credential() else {
             return Err(Denial::new(
                 ErrorCode::CredentialUnavailable,
@@ -426,16 +496,24 @@ impl Proxy {
             &credential.value,
             admitted.path_start,
         )?;
+        if admitted.websocket {
+            websocket::prepare_handshake(&mut parts.headers);
+        }
         let counted = call.count_request_body();
         let limit = self.settings.request.max_request_body;
         let body = RequestBody::new(body, Arc::clone(&counted), limit);
         let upstream_req = Request::from_parts(parts, body);
 
         let sent = tokio::time::Instant::now();
-        let response = tokio::time::timeout_at(
-            sent + self.settings.upstream_timeout,
-            provider.pool().send(upstream_req),
-        )
+        let response = tokio::time::timeout_at(sent + self.settings.upstream_timeout, async {
+            if admitted.websocket {
+                // A connection of its own, never a pooled one.
+                let connector = provider.upgrade_connector();
+                provider.pool().send_upgrade(connector, upstream_req).await
+            } else {
+                provider.pool().send(upstream_req).await
+            }
+        })
         .await;
         provider
             .metrics
@@ -494,6 +572,7 @@ impl Proxy {
         Ok(Forwarded {
             response,
             credential,
+            agent_upgrade,
         })
     }
 }

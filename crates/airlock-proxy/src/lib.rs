@@ -20,6 +20,7 @@ pub mod redact;
 pub mod server;
 pub mod tls;
 pub mod upstream_pool;
+pub mod websocket;
 
 pub use error::{Denial, ErrorCode};
 pub use handler::{Proxy, ProxySettings};

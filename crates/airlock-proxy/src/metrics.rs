@@ -6,6 +6,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -30,6 +31,7 @@ pub struct ProxyMetrics {
     calls: Family<CallLabels, Counter>,
     latency: HistogramFamily,
     upstream_latency: HistogramFamily,
+    tunnels: Family<ProviderLabels, Gauge>,
 }
 
 /// One provider's pre-created series.
@@ -40,6 +42,8 @@ pub struct ProviderMetrics {
     decisions: Vec<Counter>,
     latency: Histogram,
     upstream_latency: Histogram,
+    /// Open WebSocket tunnels.
+    pub(crate) tunnels: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -55,6 +59,7 @@ impl ProxyMetrics {
         let calls = Family::<CallLabels, Counter>::default();
         let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let upstream_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let tunnels = Family::<ProviderLabels, Gauge>::default();
         registry.register(
             "airlock_proxy_calls",
             "Calls handled by the proxy, by provider and decision (allow or the error code)",
@@ -70,10 +75,16 @@ impl ProxyMetrics {
             "Time the upstream took to answer with response headers",
             upstream_latency.clone(),
         );
+        registry.register(
+            "airlock_proxy_websocket_tunnels",
+            "WebSocket tunnels open now, by provider (each also counted once in airlock_proxy_calls)",
+            tunnels.clone(),
+        );
         Self {
             calls,
             latency,
             upstream_latency,
+            tunnels,
         }
     }
 
@@ -97,6 +108,7 @@ impl ProxyMetrics {
             decisions,
             latency: self.latency.get_or_create(&labels).clone(),
             upstream_latency: self.upstream_latency.get_or_create(&labels).clone(),
+            tunnels: self.tunnels.get_or_create(&labels).clone(),
         }
     }
 }

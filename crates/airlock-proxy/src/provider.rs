@@ -94,6 +94,9 @@ pub struct Provider {
     headers: Vec<(HeaderName, HeaderValue)>,
     credential: Arc<CredentialCell<PreparedCredential>>,
     pool: UpstreamPool,
+    /// Opens the dedicated connections of WebSocket handshakes (ALPN
+    /// `http/1.1` only).
+    upgrade_connector: UpstreamConnector,
     pub(crate) metrics: ProviderMetrics,
 }
 
@@ -198,11 +201,9 @@ impl Provider {
         })
         .map_err(|_| bad_upstream())?;
 
-        let connector = build_connector(
-            scheme == Scheme::HTTPS,
-            spec.ca_file.as_deref(),
-            connect_timeout,
-        )?;
+        let roots = roots_for(scheme == Scheme::HTTPS, spec.ca_file.as_deref())?;
+        let connector = connector_with(roots.clone(), connect_timeout, true);
+        let upgrade_connector = connector_with(roots, connect_timeout, false);
         let pool = new_pool(
             connector,
             &scheme,
@@ -213,6 +214,7 @@ impl Provider {
         .map_err(|_| bad_upstream())?;
         Ok(Self {
             pool,
+            upgrade_connector,
             name: Arc::from(spec.name),
             scheme,
             authority,
@@ -236,6 +238,7 @@ impl Provider {
             headers: self.headers.clone(),
             credential: Arc::clone(&self.credential),
             pool: self.pool.empty_like(),
+            upgrade_connector: self.upgrade_connector.clone(),
             metrics: self.metrics.clone(),
         }
     }
@@ -284,6 +287,11 @@ impl Provider {
     /// This worker's connections to the provider.
     pub(crate) fn pool(&self) -> &UpstreamPool {
         &self.pool
+    }
+
+    /// What opens a WebSocket handshake's own connection (HTTP/1.1 only).
+    pub(crate) fn upgrade_connector(&self) -> &UpstreamConnector {
+        &self.upgrade_connector
     }
 }
 
@@ -457,30 +465,56 @@ fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<usize, 
     Ok(added)
 }
 
+/// The pooled connections' connector (tests build pools with it).
+#[cfg(test)]
 pub(crate) fn build_connector(
     https: bool,
     ca_file: Option<&Path>,
     connect_timeout: Duration,
 ) -> Result<UpstreamConnector, ProviderError> {
+    Ok(connector_with(
+        roots_for(https, ca_file)?,
+        connect_timeout,
+        true,
+    ))
+}
+
+/// The roots an upstream's certificate must chain to (none for plain HTTP).
+fn roots_for(https: bool, ca_file: Option<&Path>) -> Result<rustls::RootCertStore, ProviderError> {
+    if https {
+        trust_roots(ca_file)
+    } else {
+        Ok(rustls::RootCertStore::empty())
+    }
+}
+
+/// A connector trusting `roots`. With `http2` it offers `h2` and
+/// `http/1.1` by ALPN; without, `http/1.1` only (a WebSocket handshake's
+/// connection: a provider must not pick HTTP/2 for it).
+fn connector_with(
+    roots: rustls::RootCertStore,
+    connect_timeout: Duration,
+    http2: bool,
+) -> UpstreamConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    let roots = if https {
-        trust_roots(ca_file)?
-    } else {
-        rustls::RootCertStore::empty()
-    };
-    let builder = HttpsConnectorBuilder::new().with_tls_config(
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    );
-    Ok(builder
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http))
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if http2 {
+        return HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+    }
+    // The builder offers no ALPN at all for HTTP/1 only; say it.
+    let mut config = config;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    HttpsConnector::from((http, config))
 }
 
 /// An empty connection pool; its connections' tasks run on the runtime

@@ -46,13 +46,13 @@ mod sniff;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION};
-use http::{Request, Response};
+use http::header::{HeaderValue, CONNECTION, UPGRADE};
+use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -69,6 +69,7 @@ use crate::error::ErrorCode;
 use crate::handler::Proxy;
 use crate::headers::FramingAnomaly;
 use crate::tls::ServerTls;
+use crate::websocket::Tunnel;
 use airlock_audit::Delivery;
 use automatic::Automatic;
 use dormant::Dormant;
@@ -565,13 +566,21 @@ impl ConnSettings {
         let busy = Arc::clone(&activity);
         let proxy = Arc::clone(&self.proxy);
         let calls = Arc::clone(&self.calls);
+        // A WebSocket tunnel the connection's call opened, run below once
+        // hyper has sent the 101 and let go of the connection.
+        let switched: TunnelSlot = Arc::default();
+        let slot = Arc::clone(&switched);
         let service = service_fn(move |req| {
             let anomaly = Verdicts::take(&verdicts);
             let guard = Busy::enter(&busy, &calls);
             let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(handle(&proxy, req, anomaly, guard).await) }
+            let slot = Arc::clone(&slot);
+            async move { Ok::<_, Infallible>(handle(&proxy, req, anomaly, guard, &slot).await) }
         });
-        let connection = self.builder.serve_connection(TokioIo::new(io), service);
+        let tunnel_activity = Arc::clone(&activity);
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
         // The watchers are polled only when they woke, not on each of the
         // connection's many wake-ups (see `dormant`). `biased`: a connection
@@ -602,8 +611,23 @@ impl ConnSettings {
         if let Some(Err(e)) = ended {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
+        let tunnel = switched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(tunnel) = tunnel {
+            // The tunnel is a call in flight, and holds this connection's
+            // slot, until it ends; shutdown's drain timeout cuts it with
+            // the connection's task. hyper's timers are gone with the HTTP
+            // connection: the tunnel applies `idle_timeout` itself.
+            let _busy = Busy::enter(&tunnel_activity, &self.calls);
+            tunnel.run(self.idle_timeout).await;
+        }
     }
 }
+
+/// Where a connection's call leaves the WebSocket tunnel it opened.
+type TunnelSlot = Arc<Mutex<Option<Tunnel>>>;
 
 /// Why a connection is asked to finish before its client ends it.
 enum Ending {
@@ -641,6 +665,7 @@ async fn handle(
     mut req: Request<Incoming>,
     anomaly: Option<&'static str>,
     busy: Busy,
+    switched: &TunnelSlot,
 ) -> Response<Tracked> {
     if let Some(what) = anomaly {
         tracing::debug!(anomaly = what, "ambiguous request framing");
@@ -651,9 +676,18 @@ async fn handle(
     // the agent to find a closed socket under its next request (an answer
     // sent before the body arrived carried no `Connection: close`).
     let unread_body = req.version() < http::Version::HTTP_2 && !req.body().is_end_stream();
-    let mut response = proxy.handle(req).await;
+    // A request naming an upgrade ends HTTP on its connection: switched, or
+    // answered and closed (hyper would otherwise keep a pending upgrade
+    // around, and the sniffer stops following after such a head).
+    let asked_upgrade =
+        req.version() < http::Version::HTTP_2 && req.headers().contains_key(UPGRADE);
+    let (mut response, tunnel) = proxy.handle(req).await;
+    if let Some(tunnel) = tunnel {
+        *switched.lock().unwrap_or_else(PoisonError::into_inner) = Some(tunnel);
+    }
     let refused = response.extensions().get::<ErrorCode>().is_some();
-    if anomaly.is_some() || (unread_body && refused) {
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if anomaly.is_some() || (unread_body && refused) || (asked_upgrade && !switching) {
         response
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));

@@ -284,6 +284,56 @@ impl<B: SentBody> UpstreamPool<B> {
     }
 }
 
+impl<B: SentBody> UpstreamPool<B> {
+    /// Sends `req`, a protocol upgrade (a WebSocket handshake), on a new
+    /// HTTP/1.1 connection of its own, opened with `connector` (which
+    /// offers ALPN `http/1.1` only): never a pooled connection, and the
+    /// connection never joins the pool. A `101` answer carries the
+    /// connection's upgrade in its extensions (`hyper::upgrade::on`); its
+    /// body holds the connection until dropped. Any other answer is read as
+    /// usual, and the connection closes after it.
+    pub async fn send_upgrade(
+        &self,
+        connector: &UpstreamConnector,
+        mut req: Request<B>,
+    ) -> Result<Response<UpstreamBody<B>>, UpstreamError> {
+        let upstream = &self.shared.upstream;
+        let io = connector
+            .clone()
+            .call(upstream.target.clone())
+            .await
+            .map_err(UpstreamError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            return Err(UpstreamError::Connect(
+                "the provider chose HTTP/2 though only HTTP/1.1 was offered".into(),
+            ));
+        }
+        let (mut sender, connection) = http1::Builder::new()
+            .max_buf_size(upstream.settings.read_buffer)
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(drive("HTTP/1 upgrade", connection.with_upgrades()));
+        sender.ready().await.map_err(UpstreamError::Handshake)?;
+        self.shared.set_target(&mut req, false)?;
+        req.headers_mut().insert(HOST, upstream.host.clone());
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(UpstreamError::Request)?;
+        // The sender stays with the body: a connection whose sender is
+        // dropped closes, and this one may still have to switch. No pool
+        // takes it back.
+        Ok(response.map(|body| UpstreamBody {
+            body,
+            lease: Some(Lease {
+                sender,
+                pool: Weak::new(),
+            }),
+        }))
+    }
+}
+
 #[cfg(test)]
 impl<B: SentBody> UpstreamPool<B> {
     /// HTTP/1 connections waiting for a call.

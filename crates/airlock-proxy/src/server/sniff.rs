@@ -16,7 +16,10 @@
 //! body whose chunked framing breaks amends the verdict of its request if
 //! that request has not been dispatched yet. When the sniffer cannot follow
 //! the stream any more (broken framing, a line longer than the head limit)
-//! it stops, and every later request on the connection is refused.
+//! it stops, and every later request on the connection is refused. It also
+//! stops after a head naming an `Upgrade`: what follows on the connection
+//! is a WebSocket tunnel's bytes, or nothing (airlock closes a connection
+//! whose upgrade it did not switch).
 //! HTTP/2 connections (the prior-knowledge preface) are not followed.
 
 use std::collections::VecDeque;
@@ -93,6 +96,9 @@ struct Head {
     transfer_encodings: usize,
     /// The last `Transfer-Encoding` line ends in `chunked`.
     chunked: bool,
+    /// An `Upgrade` header: the connection carries no request after this
+    /// one (switched, or answered and closed).
+    upgrade: bool,
 }
 
 // === impl Verdicts ===
@@ -241,6 +247,8 @@ impl Sniffer {
                     self.flag("an invalid Content-Length");
                 }
             }
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            self.head.upgrade = true;
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.head.transfer_encodings += 1;
             let last = value.rsplit(|b| *b == b',').next().map(trim);
@@ -284,7 +292,11 @@ impl Sniffer {
         }
         self.next += 1;
         // Framing exactly as hyper decides it.
-        self.state = if head.transfer_encodings > 0 {
+        self.state = if head.upgrade {
+            // What follows is another protocol's (a WebSocket tunnel), or
+            // nothing: airlock closes a connection whose upgrade it refused.
+            State::Off
+        } else if head.transfer_encodings > 0 {
             if head.chunked && !head.http10 {
                 State::Chunked(Chunk::Start)
             } else {

@@ -1,0 +1,602 @@
+//! WebSocket upgrades over HTTP/1.1: the handshake's own checks, and the
+//! tunnel that carries the connection once both sides switched.
+//!
+//! A handshake is an ordinary call until the provider answers: it goes
+//! through every stage of the request path (route, token, scope with
+//! `GET`, limits, head screen) and counts as one call. [`classify`] decides
+//! whether a request is one: `Upgrade: websocket` exactly, `Connection`
+//! naming `upgrade`, `GET` over HTTP/1.1 and no body; any other `Upgrade`
+//! (another protocol, several, on another version) is refused with 400,
+//! as is RFC 8441's extended `CONNECT` over HTTP/2.
+//!
+//! Upstream, the handshake goes on a connection of its own
+//! ([`crate::upstream_pool::UpstreamPool::send_upgrade`], ALPN `http/1.1`
+//! only), without `Sec-WebSocket-Extensions` ([`prepare_handshake`]): no
+//! compression may be negotiated, so that the leak guard can read what
+//! the provider sends. A `101` naming an extension all the same, or a
+//! protocol other than `websocket`, is refused with 502 ([`unacceptable`]).
+//!
+//! A [`Tunnel`] then copies bytes both ways. What the provider sends is
+//! followed frame by frame ([`FrameGuard`]): server frames are never masked,
+//! so each payload passes through the leak guard (length-preserving, so the
+//! framing stays valid), flushed at the end of each frame. A masked frame,
+//! or one with a reserved bit set (compression nobody negotiated), ends the
+//! tunnel: its payload could not be read. What the agent sends is counted
+//! and passed on unread.
+//!
+//! The tunnel ends when either side closes (the other then gets
+//! [`LINGER`] to finish its close handshake), when the session ends
+//! (revoked or expired, flagged `session_ended`), when nothing has passed
+//! either way for `proxy.idle_timeout` (flagged `incomplete`), or when
+//! shutdown's drain timeout cuts it (dropped: `incomplete`, as any call cut
+//! then). The call's record is completed when it ends, with status 101,
+//! bytes both ways and the whole duration; the agent's connection is closed
+//! only once that record is durable.
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use airlock_core::audit::Flags;
+use airlock_session::EndWatch;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::audit::CallRecord;
+use crate::error::{Denial, ErrorCode};
+use crate::redact::{RedactState, Redactor};
+use crate::upstream_pool::UpstreamBody;
+
+/// After one side closed, how long the other may still send (the end of
+/// its close handshake) before the tunnel ends.
+pub const LINGER: Duration = Duration::from_secs(5);
+
+/// How long closing the agent's side may take once the tunnel ended.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Bytes read at once in each direction.
+const BUFFER: usize = 16 * 1024;
+
+/// Longest WebSocket frame header: 2 bytes, 8 of extended length, 4 of mask.
+const MAX_FRAME_HEADER: usize = 14;
+
+/// Whether `req` asks for a WebSocket upgrade (`Ok(true)`), for none
+/// (`Ok(false)`), or for one airlock does not carry (400).
+pub fn classify<B>(req: &Request<B>) -> Result<bool, Denial> {
+    if req.extensions().get::<hyper::ext::Protocol>().is_some() {
+        return Err(Denial::bad_request(
+            "WebSocket over HTTP/2 (extended CONNECT, RFC 8441) is not supported; connect over \
+             HTTP/1.1",
+        ));
+    }
+    let headers = req.headers();
+    let mut upgrades = headers.get_all(header::UPGRADE).iter();
+    let Some(upgrade) = upgrades.next() else {
+        return Ok(false);
+    };
+    if req.version() != Version::HTTP_11 {
+        return Err(Denial::bad_request(
+            "protocol upgrades are accepted over HTTP/1.1 only",
+        ));
+    }
+    if upgrades.next().is_some() || upgrade.as_bytes().contains(&b',') {
+        return Err(Denial::bad_request(
+            "the Upgrade header must name exactly one protocol: websocket",
+        ));
+    }
+    let websocket = upgrade
+        .to_str()
+        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        return Err(Denial::bad_request(
+            "only WebSocket upgrades are supported (Upgrade: websocket)",
+        ));
+    }
+    if !connection_names_upgrade(headers) {
+        return Err(Denial::bad_request(
+            "Upgrade: websocket needs Connection: upgrade",
+        ));
+    }
+    if req.method() != Method::GET {
+        return Err(Denial::bad_request("a WebSocket handshake must be a GET"));
+    }
+    let length = headers.get(header::CONTENT_LENGTH);
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        || length.is_some_and(|l| l.as_bytes() != b"0")
+    {
+        return Err(Denial::bad_request("a WebSocket handshake carries no body"));
+    }
+    Ok(true)
+}
+
+/// Whether a `Connection` header lists `upgrade`.
+fn connection_names_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Makes a prepared upstream head (hop-by-hop headers already stripped) a
+/// WebSocket handshake: `Connection: Upgrade`, `Upgrade: websocket`, and no
+/// `Sec-WebSocket-Extensions` (no compression: the leak guard must read
+/// the provider's frames). `Sec-WebSocket-Key`, `-Version` and `-Protocol`
+/// pass as any other header.
+pub(crate) fn prepare_handshake(headers: &mut HeaderMap) {
+    headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    headers.remove(header::ACCEPT_ENCODING);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+}
+
+/// airlock's 502 in place of a provider's `101` it cannot tunnel: one that
+/// switched to another protocol than `websocket`, or negotiated an
+/// extension (compression the leak guard cannot read through). `None` for
+/// a switch to carry.
+pub(crate) fn unacceptable(headers: &HeaderMap, provider: &str) -> Option<Denial> {
+    let upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    if !upgrade || headers.get_all(header::UPGRADE).iter().count() != 1 {
+        tracing::warn!(
+            provider,
+            "the provider switched to a protocol other than websocket"
+        );
+        return Some(Denial::new(
+            ErrorCode::UpstreamError,
+            "the provider answered 101 without switching to websocket",
+        ));
+    }
+    if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+        tracing::warn!(
+            provider,
+            "the provider negotiated a WebSocket extension airlock did not offer"
+        );
+        return Some(Denial::new(
+            ErrorCode::UpstreamError,
+            "the provider negotiated a WebSocket extension (compression), which airlock cannot \
+             scan for its credential",
+        ));
+    }
+    None
+}
+
+/// The head of the agent's `101`, from the provider's (already stripped of
+/// hop-by-hop headers and scrubbed of the credential): the switch itself,
+/// and whatever else the provider said (`Sec-WebSocket-Accept`,
+/// `Sec-WebSocket-Protocol`, request ids), without any body framing.
+pub(crate) fn switching_headers(headers: &mut HeaderMap) {
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(header::CONTENT_ENCODING);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+}
+
+/// A WebSocket connection switched on both sides, to be carried by the
+/// agent's connection task once hyper has sent the `101` ([`Tunnel::run`]).
+/// Dropped unrun (or cut while running), its call is recorded as any call
+/// dropped: `client_aborted`, or `incomplete` when shutdown cut it.
+pub struct Tunnel {
+    agent: OnUpgrade,
+    provider: OnUpgrade,
+    /// The provider's (empty) answer body: it holds the upstream
+    /// connection's sender until the switch is done.
+    upstream: UpstreamBody,
+    call: CallRecord,
+    redactor: Redactor,
+    /// Counts the tunnel in `airlock_proxy_websocket_tunnels` while it lives.
+    _open: OpenTunnel,
+}
+
+/// One open tunnel in the provider's gauge.
+struct OpenTunnel(Gauge);
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Why a tunnel ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// Closed by the agent or the provider (and the other side finished,
+    /// or its linger ran out).
+    Closed,
+    /// The agent's connection failed.
+    AgentFailed,
+    /// The provider's connection failed, or it sent a frame the leak guard
+    /// cannot read.
+    ProviderFailed,
+    /// The session was revoked or expired.
+    SessionEnded,
+    /// Nothing passed either way for the idle timeout.
+    Idle,
+}
+
+impl End {
+    fn flags(self) -> Flags {
+        match self {
+            Self::Closed => Flags::empty(),
+            Self::AgentFailed => Flags::CLIENT_ABORTED,
+            Self::ProviderFailed | Self::Idle => Flags::INCOMPLETE,
+            Self::SessionEnded => Flags::INCOMPLETE.union(Flags::SESSION_ENDED),
+        }
+    }
+}
+
+/// How one direction of the tunnel ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DirectionEnd {
+    /// The reading side closed (EOF); the writing side was told.
+    Eof,
+    /// Reading from or writing to the agent failed.
+    Agent,
+    /// Reading from or writing to the provider failed, or its framing.
+    Provider,
+}
+
+impl Tunnel {
+    /// A tunnel for `call` between the agent's connection (`agent`, once
+    /// hyper hands it over) and the provider's (`provider`), guarding the
+    /// provider's frames with `redactor`; counted in `gauge` while it lives.
+    pub(crate) fn new(
+        agent: OnUpgrade,
+        provider: OnUpgrade,
+        upstream: UpstreamBody,
+        call: CallRecord,
+        redactor: Redactor,
+        gauge: &Gauge,
+    ) -> Self {
+        gauge.inc();
+        Self {
+            agent,
+            provider,
+            upstream,
+            call,
+            redactor,
+            _open: OpenTunnel(gauge.clone()),
+        }
+    }
+
+    /// Carries the tunnel until it ends (see the module docs); a tunnel
+    /// with nothing passing either way for `idle_timeout` is closed. Its
+    /// record is durable (or failed) when this returns.
+    pub async fn run(mut self, idle_timeout: Duration) {
+        let agent = match self.agent.await {
+            Ok(agent) => agent,
+            Err(e) => {
+                tracing::debug!(error = %e, "the agent's connection did not switch");
+                drop(self.call.finish(None, 101, Flags::CLIENT_ABORTED));
+                return;
+            }
+        };
+        let provider = match self.provider.await {
+            Ok(provider) => provider,
+            Err(e) => {
+                tracing::debug!(error = %e, "the provider's connection did not switch");
+                drop(self.call.finish(None, 101, Flags::INCOMPLETE));
+                return;
+            }
+        };
+        // The connection is the upgraded one's now.
+        drop(self.upstream);
+        let mut agent = TokioIo::new(agent);
+        let mut provider = TokioIo::new(provider);
+        let mut guard = FrameGuard::new(self.redactor.state());
+        let end = carry(
+            &mut agent,
+            &mut provider,
+            &mut guard,
+            &mut self.call,
+            idle_timeout,
+        )
+        .await;
+        let mut flags = end.flags();
+        if guard.redacted() {
+            flags.insert(Flags::CREDENTIAL_REDACTED);
+        }
+        drop(provider);
+        // The agent's connection closes once the record is durable, as a
+        // response's last frame waits for it.
+        if let Some(commit) = self.call.finish(None, 101, flags) {
+            if let Err(e) = commit.await {
+                tracing::warn!(error = %e, "audit record of a WebSocket tunnel not written");
+            }
+        }
+        let _ = tokio::time::timeout(CLOSE_GRACE, agent.shutdown()).await;
+    }
+}
+
+/// Copies bytes both ways until the tunnel ends; how it ended.
+async fn carry<A, P>(
+    agent: &mut A,
+    provider: &mut P,
+    guard: &mut FrameGuard,
+    call: &mut CallRecord,
+    idle_timeout: Duration,
+) -> End
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    P: AsyncRead + AsyncWrite + Unpin,
+{
+    let opened = Instant::now();
+    // Milliseconds after `opened` when bytes last passed, either way.
+    let last_ms = AtomicU64::new(0);
+    let touch = || {
+        let now = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last_ms.store(now, Ordering::Relaxed);
+    };
+    let bytes_in = call.count_request_body();
+    let mut session_end = call.session().map(EndWatch::new);
+    let (mut agent_read, mut agent_write) = tokio::io::split(agent);
+    let (mut provider_read, mut provider_write) = tokio::io::split(provider);
+
+    let up = async {
+        let mut buf = vec![0u8; BUFFER];
+        loop {
+            let n = match agent_read.read(&mut buf).await {
+                Ok(0) => {
+                    let _ = provider_write.shutdown().await;
+                    return DirectionEnd::Eof;
+                }
+                Ok(n) => n,
+                Err(_) => return DirectionEnd::Agent,
+            };
+            touch();
+            bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            if provider_write.write_all(&buf[..n]).await.is_err() {
+                return DirectionEnd::Provider;
+            }
+        }
+    };
+    let bytes_out = &mut call.bytes_out;
+    let down = async {
+        let mut buf = vec![0u8; BUFFER];
+        let mut out = BytesMut::new();
+        loop {
+            let n = match provider_read.read(&mut buf).await {
+                Ok(0) => {
+                    // A frame cut short: what the guard holds is its end.
+                    out.extend_from_slice(&guard.finish());
+                    let _ = agent_write.write_all(&out).await;
+                    *bytes_out += out.len() as u64;
+                    let _ = agent_write.flush().await;
+                    return DirectionEnd::Eof;
+                }
+                Ok(n) => n,
+                Err(_) => return DirectionEnd::Provider,
+            };
+            touch();
+            out.clear();
+            if guard
+                .push(Bytes::copy_from_slice(&buf[..n]), &mut out)
+                .is_err()
+            {
+                tracing::warn!(
+                    "the provider sent a WebSocket frame the leak guard cannot read (masked, \
+                     or compressed); tunnel closed"
+                );
+                return DirectionEnd::Provider;
+            }
+            if agent_write.write_all(&out).await.is_err() {
+                return DirectionEnd::Agent;
+            }
+            *bytes_out += out.len() as u64;
+        }
+    };
+    tokio::pin!(up, down);
+    let mut up_done: Option<DirectionEnd> = None;
+    let mut down_done: Option<DirectionEnd> = None;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+    let linger = tokio::time::sleep(LINGER);
+    tokio::pin!(linger);
+    let mut lingering = false;
+    let end = loop {
+        tokio::select! {
+            ended = &mut up, if up_done.is_none() => {
+                up_done = Some(ended);
+            }
+            ended = &mut down, if down_done.is_none() => {
+                down_done = Some(ended);
+            }
+            () = poll_fn(|cx| match session_end.as_mut() {
+                Some(watch) => watch.poll_ended(cx),
+                None => std::task::Poll::Pending,
+            }) => break End::SessionEnded,
+            () = &mut idle => {
+                let last = opened + Duration::from_millis(last_ms.load(Ordering::Relaxed));
+                let due = last + idle_timeout;
+                if Instant::now() >= due {
+                    break End::Idle;
+                }
+                idle.as_mut().reset(due);
+                continue;
+            }
+            () = &mut linger, if lingering => break End::Closed,
+        }
+        match (up_done, down_done) {
+            (Some(DirectionEnd::Agent), _) | (_, Some(DirectionEnd::Agent)) => {
+                break End::AgentFailed
+            }
+            (Some(DirectionEnd::Provider), _) | (_, Some(DirectionEnd::Provider)) => {
+                break End::ProviderFailed
+            }
+            // The provider closed: nothing the agent sends can arrive.
+            (_, Some(DirectionEnd::Eof)) => break End::Closed,
+            (Some(DirectionEnd::Eof), None) if !lingering => {
+                lingering = true;
+                linger.as_mut().reset(Instant::now() + LINGER);
+            }
+            _ => {}
+        }
+    };
+    end
+}
+
+/// Follows the provider's frames (RFC 6455 §5.2) and passes each payload
+/// through the leak guard, flushed at the payload's end, so that nothing is
+/// held back across frames; headers pass unchanged. A masked frame (a
+/// server never masks) or one with a reserved bit set (an extension nobody
+/// negotiated: compressed) cannot be read and is refused.
+pub(crate) struct FrameGuard {
+    state: RedactState,
+    phase: Phase,
+}
+
+enum Phase {
+    /// Reading a frame header: `have` bytes of it so far.
+    Header {
+        buf: [u8; MAX_FRAME_HEADER],
+        have: usize,
+    },
+    /// Payload bytes left in the current frame.
+    Payload(u64),
+    /// A frame could not be read; nothing more passes.
+    Refused,
+}
+
+/// A provider frame the leak guard cannot read.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Unreadable {
+    /// A masked frame.
+    Masked,
+    /// A reserved bit set: compression or another extension.
+    Reserved,
+    /// A 64-bit length with its top bit set.
+    Length,
+}
+
+impl FrameGuard {
+    pub(crate) fn new(state: RedactState) -> Self {
+        Self {
+            state,
+            phase: Phase::Header {
+                buf: [0; MAX_FRAME_HEADER],
+                have: 0,
+            },
+        }
+    }
+
+    /// Whether anything was redacted so far.
+    pub(crate) fn redacted(&self) -> bool {
+        self.state.redacted()
+    }
+
+    /// Takes the next bytes from the provider; appends to `out` what can
+    /// be sent now.
+    pub(crate) fn push(&mut self, data: Bytes, out: &mut BytesMut) -> Result<(), Unreadable> {
+        let mut at = 0;
+        while at < data.len() {
+            match &mut self.phase {
+                Phase::Refused => return Err(Unreadable::Masked),
+                Phase::Header { buf, have } => {
+                    let need = header_len(&buf[..*have]);
+                    let take = (need - *have).min(data.len() - at);
+                    buf[*have..*have + take].copy_from_slice(&data[at..at + take]);
+                    *have += take;
+                    at += take;
+                    if *have < header_len(&buf[..*have]) {
+                        continue;
+                    }
+                    let header = &buf[..*have];
+                    let length = match parse_header(header) {
+                        Ok(length) => length,
+                        Err(e) => {
+                            self.phase = Phase::Refused;
+                            return Err(e);
+                        }
+                    };
+                    out.extend_from_slice(header);
+                    self.phase = if length == 0 {
+                        Phase::Header {
+                            buf: [0; MAX_FRAME_HEADER],
+                            have: 0,
+                        }
+                    } else {
+                        Phase::Payload(length)
+                    };
+                }
+                Phase::Payload(left) => {
+                    let rest = (data.len() - at) as u64;
+                    let take = usize::try_from((*left).min(rest)).unwrap_or(data.len() - at);
+                    let (emit, _) = self.state.push(data.slice(at..at + take));
+                    out.extend_from_slice(&emit);
+                    at += take;
+                    *left -= take as u64;
+                    if *left == 0 {
+                        out.extend_from_slice(&self.state.finish());
+                        self.phase = Phase::Header {
+                            buf: [0; MAX_FRAME_HEADER],
+                            have: 0,
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream ended: what the guard still holds (the redacted end of a
+    /// payload cut short; a partial header is dropped).
+    pub(crate) fn finish(&mut self) -> Bytes {
+        self.state.finish()
+    }
+}
+
+/// The length of the frame header starting with `seen` (2 until its
+/// second byte is known).
+fn header_len(seen: &[u8]) -> usize {
+    let Some(&second) = seen.get(1) else {
+        return 2;
+    };
+    let extended = match second & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if second & 0x80 != 0 { 4 } else { 0 };
+    2 + extended + mask
+}
+
+/// The payload length of a complete frame header, if its payload can be
+/// read.
+fn parse_header(header: &[u8]) -> Result<u64, Unreadable> {
+    let (first, second) = match header {
+        [first, second, ..] => (*first, *second),
+        _ => return Err(Unreadable::Length),
+    };
+    if first & 0x70 != 0 {
+        return Err(Unreadable::Reserved);
+    }
+    if second & 0x80 != 0 {
+        return Err(Unreadable::Masked);
+    }
+    let length = match second & 0x7f {
+        126 => header
+            .get(2..4)
+            .map(|b| u64::from(u16::from_be_bytes([b[0], b[1]]))),
+        127 => header
+            .get(2..10)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes),
+        short => Some(u64::from(short)),
+    };
+    match length {
+        Some(length) if length >> 63 == 0 => Ok(length),
+        _ => Err(Unreadable::Length),
+    }
+}
+
+#[cfg(test)]
+mod tests;
