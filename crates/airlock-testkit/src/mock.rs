@@ -1,7 +1,9 @@
-//! A recording mock provider: an in-process hyper HTTP/1.1 server.
+//! A recording mock provider: an in-process hyper HTTP/1.1 server (with
+//! WebSocket routes under `/ws/`, see `mock/websocket.rs`).
 
 mod body;
 mod routes;
+mod websocket;
 
 /// The mock's request handler, for the TLS mock (`crate::tls`) that serves
 /// the same routes.
@@ -378,6 +380,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     let _ = http1::Builder::new()
                         .keep_alive(true)
                         .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
                         .await;
                     shared.count_ended();
                 });

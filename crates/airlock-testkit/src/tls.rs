@@ -237,7 +237,7 @@ async fn serve_tls(
                             crate::mock::handle(Arc::clone(&recording), req)
                         });
                         let _ = auto::Builder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(stream), service)
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .await;
                     }
                     shared.count_ended();

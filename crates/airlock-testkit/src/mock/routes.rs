@@ -24,7 +24,7 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, Infallible> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let target = request_target(&parts.uri);
     let headers = parts
         .headers
@@ -39,6 +39,10 @@ pub(crate) async fn handle(
         Some((path, query)) => (path, Some(query)),
         None => (target.as_str(), None),
     };
+    if path.starts_with("/ws/") {
+        let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        return Ok(super::websocket::handle(path, &parts.headers, upgrade));
+    }
     let method = &parts.method;
     let response = match path {
         "/v1/chat/completions" if method == Method::POST => chat_completions(&kept),

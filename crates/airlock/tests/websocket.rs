@@ -1,0 +1,388 @@
+//! WebSocket upgrades through the proxy: the real `airlock` binary on port
+//! 0 in front of the mock provider's `/ws/` routes, driven by
+//! tokio-tungstenite clients over real sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use airlock_testkit::client::{raw, raw_status};
+use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+const KEY: &str = "sk-real-realtime-0123456789abcdef";
+
+/// How long anything awaited here may take before the test fails.
+const LIMIT: Duration = Duration::from_secs(10);
+
+type Socket = WebSocketStream<TcpStream>;
+
+struct Setup {
+    mock: MockProvider,
+    airlock: Airlock,
+}
+
+async fn setup() -> Setup {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", KEY, "")
+        .start()
+        .await
+        .unwrap();
+    Setup { mock, airlock }
+}
+
+/// A session allowed `GET` on `/ws/*` only; returns (id, token).
+async fn session(airlock: &Airlock) -> (String, String) {
+    let s = airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["GET"], "paths": ["/ws/*"]}],
+            "ttl_seconds": 300,
+        }))
+        .await
+        .unwrap();
+    (
+        s["id"].as_str().unwrap().to_owned(),
+        s["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Opens `ws://airlock/openai{path}` as the OpenAI SDK's realtime client
+/// does (bearer token, a subprotocol), also offering compression.
+async fn connect(
+    setup: &Setup,
+    path: &str,
+    token: &str,
+) -> Result<
+    (
+        Socket,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    WsError,
+> {
+    let url = setup.airlock.proxy_url().replacen("http://", "ws://", 1);
+    let mut request = format!("{url}/openai{path}").into_client_request().unwrap();
+    let headers = request.headers_mut();
+    headers.insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    headers.insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static("realtime"),
+    );
+    headers.insert(
+        "sec-websocket-extensions",
+        HeaderValue::from_static("permessage-deflate; client_max_window_bits"),
+    );
+    let authority = setup.airlock.proxy_url().replacen("http://", "", 1);
+    let stream = TcpStream::connect(authority).await.unwrap();
+    tokio::time::timeout(LIMIT, tokio_tungstenite::client_async(request, stream))
+        .await
+        .expect("handshake timed out")
+}
+
+/// The next data message, within [`LIMIT`].
+async fn next_message(socket: &mut Socket) -> Message {
+    loop {
+        let message = tokio::time::timeout(LIMIT, socket.next())
+            .await
+            .expect("no message in time")
+            .expect("the tunnel closed")
+            .expect("the tunnel failed");
+        if matches!(message, Message::Text(_) | Message::Binary(_)) {
+            return message;
+        }
+    }
+}
+
+/// Waits until the tunnel is closed (a close frame, an error or the end
+/// of the stream), within [`LIMIT`].
+async fn closed(socket: &mut Socket) {
+    loop {
+        match tokio::time::timeout(LIMIT, socket.next()).await {
+            Err(_) => panic!("the tunnel stayed open"),
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return,
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+/// The audit records of `session`, oldest first, once `n` are there.
+async fn records(airlock: &Airlock, session: &str, n: usize) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let (status, body) = airlock
+            .admin("GET", &format!("/v1/audit?session={session}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let records = body["records"].as_array().cloned().unwrap_or_default();
+        if records.len() >= n || tokio::time::Instant::now() > deadline {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The JSON error airlock answered a raw request with: (status, code).
+fn raw_error(answer: &str) -> (u16, String) {
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let json: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    (
+        raw_status(answer),
+        json["error"]["code"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// A raw WebSocket handshake for `path` with `extra` header lines.
+fn handshake(path: &str, token: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "GET /openai{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn a_tunnel_carries_messages_with_the_real_key_swapped_in_and_is_recorded() {
+    let s = setup().await;
+    let (id, token) = session(&s.airlock).await;
+    let (mut socket, response) = connect(&s, "/ws/echo?model=gpt-realtime", &token)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 101);
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "realtime",
+        "the provider's choice of subprotocol reaches the agent"
+    );
+    assert!(response.headers().get("sec-websocket-extensions").is_none());
+
+    // What the provider saw.
+    let seen = s.mock.requests();
+    assert_eq!(seen.len(), 1);
+    let handshake = &seen[0];
+    assert_eq!(handshake.method, "GET");
+    assert_eq!(handshake.path_and_query, "/ws/echo?model=gpt-realtime");
+    assert_eq!(
+        handshake.header("authorization").unwrap(),
+        format!("Bearer {KEY}")
+    );
+    assert!(
+        !handshake.contains(&token),
+        "the session token went upstream"
+    );
+    assert!(!handshake.contains(&token["sess_".len()..]));
+    assert!(
+        handshake.header("sec-websocket-extensions").is_none(),
+        "compression was offered upstream"
+    );
+    assert_eq!(
+        handshake.header("upgrade").unwrap().to_lowercase(),
+        "websocket"
+    );
+    assert!(handshake
+        .header("connection")
+        .unwrap()
+        .to_lowercase()
+        .contains("upgrade"));
+    assert_eq!(handshake.header("sec-websocket-version").unwrap(), "13");
+    assert!(handshake.header("sec-websocket-key").is_some());
+    assert_eq!(
+        handshake.header("sec-websocket-protocol").unwrap(),
+        "realtime"
+    );
+
+    // Messages both ways, small and large.
+    socket.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_message(&mut socket).await, Message::text("hello"));
+    let big = vec![7u8; 200_000];
+    socket.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(next_message(&mut socket).await, Message::binary(big));
+
+    // The provider quoting the real key: redacted in place.
+    socket.send(Message::text("whoami")).await.unwrap();
+    let Message::Text(quoted) = next_message(&mut socket).await else {
+        panic!("not a text message");
+    };
+    assert!(!quoted.as_str().contains(KEY), "{quoted}");
+    assert!(
+        quoted.as_str().contains("[REDACTED BY AIRLOCK]"),
+        "{quoted}"
+    );
+    let quoted: Value = serde_json::from_str(quoted.as_str()).unwrap();
+    assert_eq!(
+        quoted["authorization"].as_str().unwrap().len(),
+        "Bearer ".len() + KEY.len()
+    );
+
+    // The agent closes; the provider answers the close and hangs up.
+    socket.close(None).await.unwrap();
+    closed(&mut socket).await;
+
+    let records = records(&s.airlock, &id, 1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!(record["decision"], "allow", "{record}");
+    assert_eq!(record["method"], "GET");
+    assert_eq!(record["status"], 101, "{record}");
+    assert_eq!(record["upstream_status"], 101, "{record}");
+    assert!(record["bytes_in"].as_u64().unwrap() > 200_000, "{record}");
+    assert!(record["bytes_out"].as_u64().unwrap() > 200_000, "{record}");
+    assert_eq!(record["flags"], json!(["credential_redacted"]), "{record}");
+}
+
+#[tokio::test]
+async fn refused_handshakes_never_reach_the_provider() {
+    let s = setup().await;
+    let (_, token) = session(&s.airlock).await;
+    let url = s.airlock.proxy_url();
+    let websocket = "Connection: Upgrade\r\nUpgrade: websocket\r\n";
+
+    // An unknown token: 401, from tungstenite's point of view too.
+    let unknown = format!("sess_{}", "A".repeat(43));
+    match connect(&s, "/ws/echo", &unknown).await {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status(), 401);
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["error"]["code"], "invalid_token");
+        }
+        other => panic!("unknown token: {:?}", other.map(|(_, r)| r)),
+    }
+    // Out of scope: 403.
+    let answer = raw(&url, &handshake("/v1/realtime", &token, websocket)).await;
+    assert_eq!(raw_error(&answer), (403, "out_of_scope".into()), "{answer}");
+    // Another protocol, several, or an Upgrade without Connection: 400.
+    for upgrade in [
+        "Connection: Upgrade\r\nUpgrade: h2c\r\n",
+        "Connection: Upgrade\r\nUpgrade: websocket, h2c\r\n",
+        "Upgrade: websocket\r\n",
+    ] {
+        let answer = raw(&url, &handshake("/ws/echo", &token, upgrade)).await;
+        assert_eq!(
+            raw_error(&answer),
+            (400, "bad_request".into()),
+            "{upgrade}: {answer}"
+        );
+        assert!(
+            answer.to_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    // A body, or another method.
+    let answer = raw(
+        &url,
+        &handshake(
+            "/ws/echo",
+            &token,
+            &format!("{websocket}Content-Length: 2\r\n"),
+        )
+        .into_iter()
+        .chain(*b"{}")
+        .collect::<Vec<u8>>(),
+    )
+    .await;
+    assert_eq!(raw_error(&answer), (400, "bad_request".into()), "{answer}");
+    // The token anywhere else, a subprotocol included.
+    let smuggled = format!("{websocket}Sec-WebSocket-Protocol: realtime, {token}\r\n");
+    let answer = raw(&url, &handshake("/ws/echo", &token, &smuggled)).await;
+    assert_eq!(raw_error(&answer), (400, "bad_request".into()), "{answer}");
+    assert!(
+        answer.contains("Sec-WebSocket-Protocol") || answer.contains("sec-websocket-protocol"),
+        "{answer}"
+    );
+
+    assert_eq!(s.mock.request_count(), 0, "{:#?}", s.mock.requests());
+}
+
+#[tokio::test]
+async fn a_provider_negotiating_compression_gets_the_agent_a_502() {
+    let s = setup().await;
+    let (id, token) = session(&s.airlock).await;
+    match connect(&s, "/ws/extensions", &token).await {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status(), 502);
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["error"]["code"], "upstream_error", "{body}");
+        }
+        other => panic!("switched with extensions: {:?}", other.map(|(_, r)| r)),
+    }
+    let records = records(&s.airlock, &id, 1).await;
+    assert_eq!(records[0]["status"], 502, "{records:?}");
+    assert_eq!(records[0]["upstream_status"], 101, "{records:?}");
+    assert_eq!(records[0]["decision"], "upstream_error", "{records:?}");
+}
+
+#[tokio::test]
+async fn revoking_the_session_closes_an_open_tunnel() {
+    let s = setup().await;
+    let (id, token) = session(&s.airlock).await;
+    let (mut socket, _) = connect(&s, "/ws/echo", &token).await.unwrap();
+    socket.send(Message::text("before")).await.unwrap();
+    assert_eq!(next_message(&mut socket).await, Message::text("before"));
+
+    let started = std::time::Instant::now();
+    let (status, _) = s
+        .airlock
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    closed(&mut socket).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let records = records(&s.airlock, &id, 1).await;
+    let record = &records[0];
+    assert_eq!(record["status"], 101, "{record}");
+    assert_eq!(
+        record["flags"],
+        json!(["incomplete", "session_ended"]),
+        "{record}"
+    );
+    assert!(record["bytes_in"].as_u64().unwrap() > 0, "{record}");
+    assert!(record["bytes_out"].as_u64().unwrap() > 0, "{record}");
+}
+
+#[tokio::test]
+async fn a_quiet_tunnel_outlives_the_http_idle_timeout_until_its_own() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", KEY, "")
+        .proxy_option(r#"idle_timeout = "1s""#)
+        .start()
+        .await
+        .unwrap();
+    let s = Setup { mock, airlock };
+    let (id, token) = session(&s.airlock).await;
+    let (mut socket, _) = connect(&s, "/ws/echo", &token).await.unwrap();
+    // Traffic every 400 ms keeps it open well past the idle timeout.
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        socket
+            .send(Message::text(format!("ping {i}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_message(&mut socket).await,
+            Message::text(format!("ping {i}"))
+        );
+    }
+    // Then silence: closed after about a second.
+    let quiet = std::time::Instant::now();
+    closed(&mut socket).await;
+    let waited = quiet.elapsed();
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+    let records = records(&s.airlock, &id, 1).await;
+    assert_eq!(records[0]["flags"], json!(["incomplete"]), "{records:?}");
+}
