@@ -234,3 +234,55 @@ async fn a_stream_still_running_at_drain_timeout_is_cut() {
         assert_eq!(record["flags"], json!(["incomplete"]), "{record}");
     }
 }
+
+#[tokio::test]
+async fn a_websocket_tunnel_open_at_drain_timeout_is_cut() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let mock = MockProvider::start().await;
+    let mut airlock = start(&mock, "1s").await;
+    let token = token(&airlock).await;
+    let url = airlock.proxy_url().replacen("http://", "ws://", 1);
+    let mut request = format!("{url}/mock/ws/echo").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut socket, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(request))
+        .await
+        .unwrap()
+        .unwrap();
+    socket.send(Message::text("hi")).await.unwrap();
+    let echoed = tokio::time::timeout(DEADLINE, socket.next()).await.unwrap();
+    assert!(matches!(echoed, Some(Ok(Message::Text(_)))), "{echoed:?}");
+
+    let signalled = std::time::Instant::now();
+    sigterm(&airlock);
+    // The tunnel stays open through the drain, and is cut at its end.
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(_) | Message::Binary(_))) => {}
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the tunnel outlived the drain");
+    let took = signalled.elapsed();
+    assert!(took >= Duration::from_millis(900), "cut after {took:?}");
+    let status = airlock.terminate().await.unwrap();
+    assert_eq!(status.code(), Some(0), "{}", airlock.output());
+
+    let records = exported(&airlock.config_path());
+    let cut: Vec<_> = records
+        .iter()
+        .filter(|r| r["path"] == "/mock/ws/echo")
+        .collect();
+    assert_eq!(cut.len(), 1, "{records:#?}");
+    assert_eq!(cut[0]["status"], 101, "{}", cut[0]);
+    assert_eq!(cut[0]["flags"], json!(["incomplete"]), "{}", cut[0]);
+    assert!(cut[0]["bytes_in"].as_u64().unwrap() > 0, "{}", cut[0]);
+}
