@@ -4,10 +4,12 @@
 //! A handshake is an ordinary call until the provider answers: it goes
 //! through every stage of the request path (route, token, scope with
 //! `GET`, limits, head screen) and counts as one call. [`classify`] decides
-//! whether a request is one: `Upgrade: websocket` exactly, `Connection`
-//! naming `upgrade`, `GET` over HTTP/1.1 and no body; any other `Upgrade`
+//! whether a request is one: `Connection` naming `upgrade`, `Upgrade:
+//! websocket` exactly, `GET` over HTTP/1.1 and no body; any other upgrade
 //! (another protocol, several, on another version) is refused with 400,
-//! as is RFC 8441's extended `CONNECT` over HTTP/2.
+//! as is RFC 8441's extended `CONNECT` over HTTP/2. An `Upgrade` header
+//! that `Connection` does not name is no upgrade (RFC 9110 §7.8): it is
+//! stripped as hop-by-hop, as it always was.
 //!
 //! Upstream, the handshake goes on a connection of its own
 //! ([`crate::upstream_pool::UpstreamPool::send_upgrade`], ALPN `http/1.1`
@@ -80,6 +82,11 @@ pub fn classify<B>(req: &Request<B>) -> Result<bool, Denial> {
     let Some(upgrade) = upgrades.next() else {
         return Ok(false);
     };
+    if !connection_names_upgrade(headers) {
+        // An `Upgrade` the `Connection` header does not name is to be
+        // ignored (RFC 9110 §7.8): stripped as hop-by-hop, as before.
+        return Ok(false);
+    }
     if req.version() != Version::HTTP_11 {
         return Err(Denial::bad_request(
             "protocol upgrades are accepted over HTTP/1.1 only",
@@ -96,11 +103,6 @@ pub fn classify<B>(req: &Request<B>) -> Result<bool, Denial> {
     if !websocket {
         return Err(Denial::bad_request(
             "only WebSocket upgrades are supported (Upgrade: websocket)",
-        ));
-    }
-    if !connection_names_upgrade(headers) {
-        return Err(Denial::bad_request(
-            "Upgrade: websocket needs Connection: upgrade",
         ));
     }
     if req.method() != Method::GET {
@@ -132,7 +134,6 @@ fn connection_names_upgrade(headers: &HeaderMap) -> bool {
 /// pass as any other header.
 pub(crate) fn prepare_handshake(headers: &mut HeaderMap) {
     headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
-    headers.remove(header::ACCEPT_ENCODING);
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 }
@@ -272,18 +273,31 @@ impl Tunnel {
     /// with nothing passing either way for `idle_timeout` is closed. Its
     /// record is durable (or failed) when this returns.
     pub async fn run(mut self, idle_timeout: Duration) {
-        let agent = match self.agent.await {
-            Ok(agent) => agent,
-            Err(e) => {
+        // Both are due at once (the tunnel runs after the 101 went out, and
+        // the provider's connection switched with its 101); bounded all the
+        // same, as nothing else watches this wait.
+        let agent = match tokio::time::timeout(idle_timeout, self.agent).await {
+            Ok(Ok(agent)) => agent,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "the agent's connection did not switch");
                 drop(self.call.finish(None, 101, Flags::CLIENT_ABORTED));
                 return;
             }
+            Err(_) => {
+                tracing::debug!("the agent's connection did not switch in time");
+                drop(self.call.finish(None, 101, Flags::CLIENT_ABORTED));
+                return;
+            }
         };
-        let provider = match self.provider.await {
-            Ok(provider) => provider,
-            Err(e) => {
+        let provider = match tokio::time::timeout(idle_timeout, self.provider).await {
+            Ok(Ok(provider)) => provider,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "the provider's connection did not switch");
+                drop(self.call.finish(None, 101, Flags::INCOMPLETE));
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("the provider's connection did not switch in time");
                 drop(self.call.finish(None, 101, Flags::INCOMPLETE));
                 return;
             }

@@ -258,11 +258,12 @@ async fn refused_handshakes_never_reach_the_provider() {
     // Out of scope: 403.
     let answer = raw(&url, &handshake("/v1/realtime", &token, websocket)).await;
     assert_eq!(raw_error(&answer), (403, "out_of_scope".into()), "{answer}");
-    // Another protocol, several, or an Upgrade without Connection: 400.
+    // Another protocol, several, or a versioned one: 400.
     for upgrade in [
         "Connection: Upgrade\r\nUpgrade: h2c\r\n",
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n",
         "Connection: Upgrade\r\nUpgrade: websocket, h2c\r\n",
-        "Upgrade: websocket\r\n",
+        "Connection: Upgrade\r\nUpgrade: websocket/13\r\n",
     ] {
         let answer = raw(&url, &handshake("/ws/echo", &token, upgrade)).await;
         assert_eq!(

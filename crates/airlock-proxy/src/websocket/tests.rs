@@ -133,7 +133,9 @@ fn only_a_plain_websocket_upgrade_is_one() {
         ("upgrade", "websocket"),
         ("upgrade", "websocket"),
     ]);
-    refused(&[("upgrade", "websocket")]);
+    // Not named in Connection: no upgrade at all (stripped as hop-by-hop).
+    assert_eq!(classify(&request(&[("upgrade", "websocket")])), Ok(false));
+    assert_eq!(classify(&request(&[("upgrade", "h2c")])), Ok(false));
     refused(&[
         ("connection", "upgrade"),
         ("upgrade", "websocket"),
