@@ -13,7 +13,8 @@ VENV="${AIRLOCK_SDK_VENV:-$REPO/.venv}"
 PY="$VENV/bin/python"
 
 # Supported majors: openai 1.x-3.x, anthropic 0.x (>= 0.40), 1.x and 2.x.
-OPENAI_SPEC='openai>=1.50,<4'
+# openai's `realtime` extra brings `websockets`, for the Realtime API case.
+OPENAI_SPEC='openai[realtime]>=1.50,<4'
 ANTHROPIC_SPEC='anthropic>=0.40,<3'
 
 if [[ ! -x "$PY" ]]; then
@@ -21,8 +22,8 @@ if [[ ! -x "$PY" ]]; then
     python3 -m venv "$VENV"
 fi
 
-if "$PY" -c 'import openai, anthropic' >/dev/null 2>&1; then
-    echo "python-sdk-setup: openai and anthropic already installed in $VENV" >&2
+if "$PY" -c 'import openai, anthropic, websockets' >/dev/null 2>&1; then
+    echo "python-sdk-setup: openai (with its realtime extra) and anthropic already installed in $VENV" >&2
 else
     echo "python-sdk-setup: installing $OPENAI_SPEC $ANTHROPIC_SPEC into $VENV" >&2
     "$PY" -m pip install --quiet --disable-pip-version-check "$OPENAI_SPEC" "$ANTHROPIC_SPEC"

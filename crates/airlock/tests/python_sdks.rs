@@ -46,7 +46,7 @@ fn venv_python() -> Result<PathBuf, String> {
         return Err(format!("{} does not exist", python.display()));
     }
     let output = std::process::Command::new(&python)
-        .args(["-c", "import openai, anthropic"])
+        .args(["-c", "import openai, anthropic, websockets"])
         .stdin(Stdio::null())
         .output()
         .map_err(|err| format!("running {}: {err}", python.display()))?;
@@ -242,6 +242,7 @@ async fn official_python_sdks_through_airlock() {
         .create_session(json!({
             "scope": [
                 {"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]},
+                {"provider": "openai", "methods": ["GET"], "paths": ["/v1/realtime"]},
                 {"provider": "anthropic", "methods": ["POST"], "paths": ["/v1/messages"]},
             ],
             "ttl_seconds": 300,
@@ -287,14 +288,15 @@ async fn official_python_sdks_through_airlock() {
     let allowed = [
         "openai_chat",
         "openai_stream",
+        "openai_realtime",
         "anthropic_message",
         "anthropic_message_bearer",
         "anthropic_message_x_api_key",
         "anthropic_stream",
     ];
     let results = futures_util::future::join_all(allowed.map(|case| h.expect_ok(case))).await;
-    let [chat, stream, message, bearer, x_api_key, astream] =
-        <[Value; 6]>::try_from(results).expect("six results");
+    let [chat, stream, realtime, message, bearer, x_api_key, astream] =
+        <[Value; 7]>::try_from(results).expect("seven results");
 
     assert_eq!(str_field(&chat, "text"), "Hello from mock");
     assert_eq!(str_field(&chat, "sent_auth"), "authorization", "{chat}");
@@ -316,6 +318,21 @@ async fn official_python_sdks_through_airlock() {
         "x-api-key",
         "{x_api_key}"
     );
+    // The Realtime API's WebSocket: the SDK's event came back, and the
+    // mock's quote of the credential it got reached the agent masked.
+    assert_eq!(str_field(&realtime, "first"), "session.created");
+    let echoed: Value = serde_json::from_str(str_field(&realtime, "echoed")).unwrap();
+    assert_eq!(echoed, json!({"type": "response.create"}), "{realtime}");
+    let quoted = str_field(&realtime, "provider_saw");
+    assert_eq!(
+        quoted.len(),
+        format!("Bearer {OPENAI_CRED}").len(),
+        "{realtime}"
+    );
+    assert!(
+        quoted.contains("REDACTED") && !quoted.contains(OPENAI_CRED),
+        "{realtime}"
+    );
     assert_eq!(str_field(&astream, "text"), "Hello from mock");
     // The mock streams the answer as three text deltas.
     assert_eq!(astream.get("deltas"), Some(&json!(3)), "{astream}");
@@ -325,6 +342,7 @@ async fn official_python_sdks_through_airlock() {
     let recorded = summarize(&requests);
     let mut openai_calls = 0;
     let mut anthropic_calls = 0;
+    let mut realtime_handshakes = 0;
     for req in &requests {
         assert!(
             !req.contains(&token),
@@ -332,6 +350,22 @@ async fn official_python_sdks_through_airlock() {
             req.method,
             req.path_and_query
         );
+        if req.path() == "/v1/realtime" {
+            realtime_handshakes += 1;
+            assert_eq!(req.method, "GET", "all: {recorded:#?}");
+            assert_eq!(req.query(), Some("model=gpt-mock"), "all: {recorded:#?}");
+            assert_eq!(
+                req.header_values("authorization"),
+                vec![format!("Bearer {OPENAI_CRED}")],
+                "openai credential not in the handshake's Authorization; all: {recorded:#?}"
+            );
+            assert_eq!(req.header("upgrade").as_deref(), Some("websocket"));
+            assert!(
+                req.header("sec-websocket-extensions").is_none(),
+                "compression offered to the provider; all: {recorded:#?}"
+            );
+            continue;
+        }
         assert_eq!(req.method, "POST", "unexpected request; all: {recorded:#?}");
         match req.path() {
             "/v1/chat/completions" => {
@@ -378,6 +412,7 @@ async fn official_python_sdks_through_airlock() {
             "unexpected query string; all: {recorded:#?}"
         );
     }
+    assert_eq!(realtime_handshakes, 1, "all: {recorded:#?}");
     assert_eq!(
         (openai_calls, anthropic_calls),
         (2, 4),
@@ -413,7 +448,7 @@ async fn official_python_sdks_through_airlock() {
 
     assert_eq!(
         h.mock.request_count(),
-        6,
+        7,
         "provider requests after all cases: {:#?}",
         summarize(&h.mock.requests())
     );

@@ -39,7 +39,7 @@ pub(crate) async fn handle(
         Some((path, query)) => (path, Some(query)),
         None => (target.as_str(), None),
     };
-    if path.starts_with("/ws/") {
+    if path.starts_with("/ws/") || path == "/v1/realtime" {
         let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
         return Ok(super::websocket::handle(path, &parts.headers, upgrade));
     }

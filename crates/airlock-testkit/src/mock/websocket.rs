@@ -8,6 +8,10 @@
 //!   text `close` makes the mock close the connection (code 1000).
 //! - `/ws/extensions`: switches with `Sec-WebSocket-Extensions:
 //!   permessage-deflate`, which nobody offered.
+//! - `/v1/realtime`: OpenAI's Realtime API in miniature, for the SDK's
+//!   client: a `session.created` event first, then every text message
+//!   answered with a `mock.echo` event holding it and the `Authorization`
+//!   header of the handshake.
 //!
 //! The first `Sec-WebSocket-Protocol` offered is accepted.
 
@@ -61,11 +65,16 @@ pub(crate) fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    let realtime = path == "/v1/realtime";
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        echo(socket, &authorization).await;
+        if realtime {
+            realtime_echo(socket, &authorization).await;
+        } else {
+            echo(socket, &authorization).await;
+        }
     });
     response
 }
@@ -94,6 +103,44 @@ where
         };
         if socket.send(reply).await.is_err() {
             return;
+        }
+    }
+    let _ = socket.close(None).await;
+}
+
+async fn realtime_echo<S>(mut socket: WebSocketStream<S>, authorization: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let created = serde_json::json!({
+        "type": "session.created",
+        "event_id": "event_mock_0",
+        "session": {"id": "rs_mock", "object": "realtime.session", "model": "gpt-mock"},
+    });
+    if socket
+        .send(Message::text(created.to_string()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut n = 0u32;
+    while let Some(Ok(message)) = socket.next().await {
+        match message {
+            Message::Text(text) => {
+                n += 1;
+                let reply = serde_json::json!({
+                    "type": "mock.echo",
+                    "event_id": format!("event_mock_{n}"),
+                    "received": text.as_str(),
+                    "authorization": authorization,
+                });
+                if socket.send(Message::text(reply.to_string())).await.is_err() {
+                    return;
+                }
+            }
+            Message::Close(_) => break,
+            _ => continue,
         }
     }
     let _ = socket.close(None).await;

@@ -164,6 +164,21 @@ def case_openai_stream():
     return {"text": text, "chunks": chunks, "sent_auth": recorder.summary()}
 
 
+def case_openai_realtime():
+    """The Realtime API's WebSocket, opened by the SDK from OPENAI_BASE_URL."""
+    _, client, _ = openai_client()
+    realtime = getattr(client, "realtime", None) or client.beta.realtime
+    with realtime.connect(model="gpt-mock", max_retries=0) as connection:
+        created = json.loads(connection.recv_bytes())
+        if created.get("type") != "session.created":
+            raise CaseFailed(f"first event {created!r}, expected session.created")
+        connection.send({"type": "response.create"})
+        echo = json.loads(connection.recv_bytes())
+    if echo.get("type") != "mock.echo" or json.loads(echo.get("received", "{}")).get("type") != "response.create":
+        raise CaseFailed(f"echo {echo!r}, expected the response.create event back")
+    return {"first": created["type"], "echoed": echo["received"], "provider_saw": echo.get("authorization", "")}
+
+
 def case_openai_out_of_scope():
     openai, client, recorder = openai_client()
     outcome = expect_error(
@@ -310,6 +325,7 @@ def case_anthropic_revoked():
 CASES = {
     "openai_chat": case_openai_chat,
     "openai_stream": case_openai_stream,
+    "openai_realtime": case_openai_realtime,
     "openai_out_of_scope": case_openai_out_of_scope,
     "openai_revoked": case_openai_revoked,
     "anthropic_message": case_anthropic_message,
