@@ -3,7 +3,10 @@
 //! On the command line a rule is `PROVIDER:METHODS:PATH`
 //! (`openai:POST:/v1/chat/completions`, `github:GET,HEAD:/repos/acme/**`); in
 //! JSON it is `{"provider": .., "methods": [..], "paths": [..]}`. METHODS is a
-//! comma list or `*`. In a path pattern `*` matches exactly one segment, a
+//! comma list or `*`; besides the HTTP methods it may name `WEBSOCKET`,
+//! which grants WebSocket handshakes (a `GET` with `Upgrade: websocket`) on
+//! the rule's paths — `GET` alone does not — and which `*` includes. In a
+//! path pattern `*` matches exactly one segment, a
 //! trailing `/**` matches any number of further segments (including none),
 //! and anything else is literal, compared byte for byte with the request path.
 
@@ -14,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::path::{self, PathError, ValidPath};
 
-/// An HTTP method a scope may grant. `CONNECT`, `TRACE` and extension methods
-/// are never forwarded.
+/// An HTTP method a scope may grant, or [`Method::WebSocket`]. `CONNECT`,
+/// `TRACE` and extension methods are never forwarded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Method {
     Get,
@@ -25,6 +28,10 @@ pub enum Method {
     Patch,
     Delete,
     Options,
+    /// A WebSocket handshake (`GET` with `Upgrade: websocket`): a tunnel for
+    /// as long as the session lives, so it is granted by name (`WEBSOCKET`),
+    /// never by `GET`. No request's own method is ever this one.
+    WebSocket,
 }
 
 /// A set of methods, as a bit mask.
@@ -76,7 +83,9 @@ pub enum RuleError {
     Shape(String),
     #[error("provider name {0:?} must be 1-64 characters of a-z, 0-9, '-' or '_'")]
     Provider(String),
-    #[error("method {0:?} is not one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS or '*'")]
+    #[error(
+        "method {0:?} is not one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, WEBSOCKET or '*'"
+    )]
     Method(String),
     #[error("a rule needs at least one method")]
     NoMethods,
@@ -92,7 +101,7 @@ pub enum RuleError {
 
 impl Method {
     /// All methods a scope can grant.
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 8] = [
         Method::Get,
         Method::Head,
         Method::Post,
@@ -100,9 +109,18 @@ impl Method {
         Method::Patch,
         Method::Delete,
         Method::Options,
+        Method::WebSocket,
     ];
 
-    /// Parses an upper-case method name exactly; anything else is `None`.
+    /// The method of a request whose method is `name` (upper case, exactly);
+    /// `None` for a method never forwarded — and for `WEBSOCKET`, which
+    /// names a handshake in a rule but is no request's method.
+    pub fn of_request(name: &str) -> Option<Self> {
+        Self::parse(name).filter(|m| *m != Self::WebSocket)
+    }
+
+    /// Parses an upper-case method name of a rule exactly; anything else is
+    /// `None`.
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "GET" => Self::Get,
@@ -112,6 +130,7 @@ impl Method {
             "PATCH" => Self::Patch,
             "DELETE" => Self::Delete,
             "OPTIONS" => Self::Options,
+            "WEBSOCKET" => Self::WebSocket,
             _ => return None,
         })
     }
@@ -126,6 +145,7 @@ impl Method {
             Self::Patch => "PATCH",
             Self::Delete => "DELETE",
             Self::Options => "OPTIONS",
+            Self::WebSocket => "WEBSOCKET",
         }
     }
 

@@ -442,20 +442,28 @@ impl Proxy {
         let upstream_path = upstream_path(full, path_start);
         let valid_path =
             path::validate(upstream_path).map_err(|e| Denial::bad_request(e.to_string()))?;
-        let method = Method::parse(req.method().as_str()).ok_or_else(|| {
-            Denial::bad_request(format!("method {} is not supported", req.method()))
-        })?;
+        let method = if websocket {
+            Method::WebSocket
+        } else {
+            Method::of_request(req.method().as_str()).ok_or_else(|| {
+                Denial::bad_request(format!("method {} is not supported", req.method()))
+            })?
+        };
         if !session
             .scope()
             .allows_valid(provider.name(), method, valid_path)
         {
-            return Err(Denial::new(
-                ErrorCode::OutOfScope,
+            let provider = provider.name();
+            let message = if websocket {
                 format!(
-                    "{method} {upstream_path} on {} is outside this session's scope",
-                    provider.name()
-                ),
-            ));
+                    "a WebSocket to {upstream_path} on {provider} is outside this session's \
+                     scope (a rule grants it with the method WEBSOCKET, e.g. \
+                     {provider}:WEBSOCKET:{upstream_path}; GET does not)"
+                )
+            } else {
+                format!("{method} {upstream_path} on {provider} is outside this session's scope")
+            };
+            return Err(Denial::new(ErrorCode::OutOfScope, message));
         }
         Ok(Admitted {
             provider,

@@ -32,7 +32,7 @@ async fn start(mock: &MockProvider, drain_timeout: &str) -> Airlock {
 async fn token(airlock: &Airlock) -> String {
     let session = airlock
         .create_session(json!({
-            "scope": [{"provider": "mock", "methods": ["GET"], "paths": ["/**"]}],
+            "scope": [{"provider": "mock", "methods": ["GET", "WEBSOCKET"], "paths": ["/**"]}],
             "ttl_seconds": 300,
         }))
         .await

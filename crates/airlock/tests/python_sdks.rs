@@ -242,7 +242,7 @@ async fn official_python_sdks_through_airlock() {
         .create_session(json!({
             "scope": [
                 {"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]},
-                {"provider": "openai", "methods": ["GET"], "paths": ["/v1/realtime"]},
+                {"provider": "openai", "methods": ["WEBSOCKET"], "paths": ["/v1/realtime"]},
                 {"provider": "anthropic", "methods": ["POST"], "paths": ["/v1/messages"]},
             ],
             "ttl_seconds": 300,

@@ -37,11 +37,11 @@ async fn setup() -> Setup {
     Setup { mock, airlock }
 }
 
-/// A session allowed `GET` on `/ws/*` only; returns (id, token).
+/// A session allowed WebSockets on `/ws/*` only; returns (id, token).
 async fn session(airlock: &Airlock) -> (String, String) {
     let s = airlock
         .create_session(json!({
-            "scope": [{"provider": "openai", "methods": ["GET"], "paths": ["/ws/*"]}],
+            "scope": [{"provider": "openai", "methods": ["WEBSOCKET"], "paths": ["/ws/*"]}],
             "ttl_seconds": 300,
         }))
         .await
@@ -258,6 +258,29 @@ async fn refused_handshakes_never_reach_the_provider() {
     // Out of scope: 403.
     let answer = raw(&url, &handshake("/v1/realtime", &token, websocket)).await;
     assert_eq!(raw_error(&answer), (403, "out_of_scope".into()), "{answer}");
+    // GET on the path does not grant a WebSocket: a read-only scope must not
+    // turn into a tunnel. Nor does a request whose own method is WEBSOCKET
+    // pass for a handshake.
+    let get_only = s
+        .airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["GET", "POST"], "paths": ["/ws/*"]}],
+            "ttl_seconds": 300,
+        }))
+        .await
+        .unwrap();
+    let get_only = get_only["token"].as_str().unwrap();
+    let answer = raw(&url, &handshake("/ws/echo", get_only, websocket)).await;
+    assert_eq!(raw_error(&answer), (403, "out_of_scope".into()), "{answer}");
+    assert!(
+        answer.contains("WEBSOCKET"),
+        "the error says how to grant it: {answer}"
+    );
+    let literal = format!(
+        "WEBSOCKET /openai/ws/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    let answer = raw(&url, literal.as_bytes()).await;
+    assert_eq!(raw_error(&answer), (400, "bad_request".into()), "{answer}");
     // Another protocol, several, or a versioned one: 400.
     for upgrade in [
         "Connection: Upgrade\r\nUpgrade: h2c\r\n",

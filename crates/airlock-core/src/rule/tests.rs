@@ -22,6 +22,27 @@ fn parses_cli_rules() {
 }
 
 #[test]
+fn websocket_is_granted_by_name_or_star_never_by_get() {
+    let get: Rule = "openai:GET:/v1/**".parse().unwrap();
+    assert!(!get.allows("openai", Method::WebSocket, "/v1/realtime"));
+    let ws: Rule = "openai:WEBSOCKET:/v1/realtime".parse().unwrap();
+    assert!(ws.allows("openai", Method::WebSocket, "/v1/realtime"));
+    assert!(!ws.allows("openai", Method::Get, "/v1/realtime"));
+    assert!(!ws.allows("openai", Method::WebSocket, "/v1/other"));
+    let star: Rule = "openai:*:/v1/**".parse().unwrap();
+    assert!(star.allows("openai", Method::WebSocket, "/v1/realtime"));
+    assert_eq!(MethodSet::all().names(), vec!["*"]);
+    assert_eq!(
+        MethodSet::parse(["GET", "WEBSOCKET"]).unwrap().names(),
+        vec!["GET", "WEBSOCKET"]
+    );
+    // A rule names it; no request's own method is it.
+    assert_eq!(Method::parse("WEBSOCKET"), Some(Method::WebSocket));
+    assert_eq!(Method::of_request("WEBSOCKET"), None);
+    assert_eq!(Method::of_request("GET"), Some(Method::Get));
+}
+
+#[test]
 fn refuses_bad_rules() {
     for (input, want) in [
         ("openai", "not PROVIDER:METHODS:PATH"),
@@ -31,6 +52,7 @@ fn refuses_bad_rules() {
         ("OpenAI:POST:/v1", "provider name"),
         (":POST:/v1", "provider name"),
         ("openai:post:/v1", "method \"post\""),
+        ("openai:websocket:/v1", "method \"websocket\""),
         ("openai:CONNECT:/v1", "method \"CONNECT\""),
         ("openai:GET,:/v1", "method \"\""),
         ("openai:POST:v1/chat", "must start with '/'"),
