@@ -113,6 +113,32 @@ pub(crate) enum Withheld {
 #[error("the request body broke off: {0}")]
 pub struct AgentBodyBroke(#[source] hyper::Error);
 
+impl AgentBodyBroke {
+    /// Whether the agent's connection closed or broke (end of stream,
+    /// reset, abort) rather than its framing failing: nobody is left to
+    /// read an answer.
+    pub fn agent_left(&self) -> bool {
+        use std::io::ErrorKind;
+        if self.0.is_incomplete_message() || self.0.is_closed() {
+            return true;
+        }
+        let mut source = std::error::Error::source(&self.0);
+        while let Some(error) = source {
+            if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                return matches!(
+                    io.kind(),
+                    ErrorKind::UnexpectedEof
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::BrokenPipe
+                );
+            }
+            source = error.source();
+        }
+        false
+    }
+}
+
 /// A request body went over `proxy.max_request_body` while streaming.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body is larger than proxy.max_request_body")]

@@ -40,6 +40,9 @@ pub struct Denial {
     retry_after: Option<u64>,
     /// Retrying cannot help (`x-should-retry: false`).
     final_answer: bool,
+    /// The agent's connection went away: nobody reads this answer, and the
+    /// call is recorded and counted as `client_aborted`.
+    agent_gone: bool,
 }
 
 // === impl ErrorCode ===
@@ -145,7 +148,20 @@ impl Denial {
             message: message.into(),
             retry_after: None,
             final_answer: false,
+            agent_gone: false,
         }
+    }
+
+    /// The same denial, for a call whose agent went away before it could
+    /// be answered.
+    pub fn agent_gone(mut self) -> Self {
+        self.agent_gone = true;
+        self
+    }
+
+    /// Whether the agent went away ([`Denial::agent_gone`]).
+    pub fn is_agent_gone(&self) -> bool {
+        self.agent_gone
     }
 
     /// The same denial with `x-should-retry: false`: the OpenAI and

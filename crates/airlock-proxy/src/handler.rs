@@ -175,6 +175,14 @@ impl Proxy {
                 self.open_tunnel(forwarded, call, metrics).await
             }
             Ok(forwarded) => (self.relay(forwarded, call).await, None),
+            Err(denial) if denial.is_agent_gone() => {
+                // Nobody is left to answer: recorded (on drop) and counted
+                // (by `unanswered`) as `client_aborted`, like any call whose
+                // agent left before its answer, not as the 400 of a
+                // malformed request.
+                drop(call);
+                return (denial.into_response(), None);
+            }
             Err(denial) => {
                 tracing::debug!(code = %denial.code(), "call refused");
                 (self.refuse(denial, call).await, None)
@@ -546,10 +554,15 @@ impl Proxy {
             }
             Ok(Err(e)) if e.is_agent_body_broken() => {
                 call.flag(Flags::CLIENT_ABORTED);
-                return Err(Denial::bad_request(
+                let denial = Denial::bad_request(
                     "the request body broke off before its end (its connection closed or its \
                      framing failed)",
-                ));
+                );
+                return Err(if e.is_agent_gone() {
+                    denial.agent_gone()
+                } else {
+                    denial
+                });
             }
             Ok(Err(e)) if e.is_resource_shortage() => {
                 // airlock's own shortage, not the provider's: the proxy's

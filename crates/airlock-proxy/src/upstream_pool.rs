@@ -159,17 +159,28 @@ impl UpstreamError {
     /// Whether the request failed because the agent's body broke off
     /// ([`AgentBodyBroke`]) rather than anything on the provider's side.
     pub fn is_agent_body_broken(&self) -> bool {
+        self.agent_body_break().is_some()
+    }
+
+    /// Whether the agent's body broke because its connection went away
+    /// ([`AgentBodyBroke::agent_left`]).
+    pub fn is_agent_gone(&self) -> bool {
+        self.agent_body_break()
+            .is_some_and(AgentBodyBroke::agent_left)
+    }
+
+    fn agent_body_break(&self) -> Option<&AgentBodyBroke> {
         let Self::Request(e) = self else {
-            return false;
+            return None;
         };
         let mut source = std::error::Error::source(e);
         while let Some(error) = source {
-            if error.is::<AgentBodyBroke>() {
-                return true;
+            if let Some(broke) = error.downcast_ref::<AgentBodyBroke>() {
+                return Some(broke);
             }
             source = error.source();
         }
-        false
+        None
     }
 }
 

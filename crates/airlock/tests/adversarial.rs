@@ -1471,6 +1471,65 @@ async fn an_answer_that_breaks_off_before_its_body_is_a_clean_502() {
     assert_eq!(record["upstream_status"], 200, "{record}");
 }
 
+/// An agent whose connection goes away in the middle of its request body
+/// (an upload cut by a flaky network) is recorded and counted as
+/// `client_aborted`, status 0 — not as the 400 `bad_request` of a malformed
+/// request, which is an attack signal.
+#[tokio::test]
+async fn an_upload_cut_by_the_agent_leaving_is_client_aborted_not_bad_request() {
+    let (upstream, airlock, _, _) = scripted(Script::Silent, "").await;
+    let session = airlock
+        .create_session(json!({"scope": [{"provider": "up", "methods": ["POST"], "paths": ["/**"]}], "ttl_seconds": 600}))
+        .await
+        .unwrap();
+    let id = session["id"].as_str().unwrap();
+    let token = session["token"].as_str().unwrap();
+    let mut stream = TcpStream::connect(hostile::authority(&airlock.proxy_url()))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /up/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 1048576\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&[b'a'; 4096]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the call never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(stream);
+
+    let record = loop {
+        let (_, records) = airlock
+            .admin("GET", &format!("/v1/audit?session={id}"), None)
+            .await
+            .unwrap();
+        if let Some(record) = records["records"].get(0) {
+            break record.clone();
+        }
+        assert!(Instant::now() < deadline, "no record: {records}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(record["decision"], "client_aborted", "{record}");
+    assert_eq!(record["status"], 0, "{record}");
+    assert_eq!(record["flags"], json!(["client_aborted"]), "{record}");
+    let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
+    let metrics = metrics.as_str().unwrap();
+    assert!(
+        metrics
+            .contains("airlock_proxy_calls_total{provider=\"up\",decision=\"client_aborted\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("airlock_proxy_calls_total{provider=\"up\",decision=\"bad_request\"} 0"),
+        "{metrics}"
+    );
+}
+
 /// An agent that goes away while the provider has not answered yet is
 /// counted in the metrics as its record says: `client_aborted`.
 #[tokio::test]
