@@ -550,7 +550,18 @@ impl Registry {
         {
             Ok(Some(status)) => {
                 if status.revoked_at.is_some() && session.revoked_at().is_none() {
-                    tracing::warn!(session = %session.id(), "session revoked: max_denied reached across replicas");
+                    // Revoked elsewhere: by `max_denied` over every
+                    // replica's denials, or by a revocation this replica's
+                    // feed has not brought yet.
+                    let over = session
+                        .limits()
+                        .max_denied
+                        .is_some_and(|max| status.denied >= max);
+                    if over {
+                        tracing::warn!(session = %session.id(), "session revoked: max_denied reached across replicas");
+                    } else {
+                        tracing::info!(session = %session.id(), "session revoked by another replica");
+                    }
                 }
                 session.apply_status(&status);
             }
@@ -671,15 +682,22 @@ impl Registry {
         }
     }
 
-    /// Re-reads the state of every cached session that is not revoked.
+    /// Re-reads the state of every cached session that has not ended
+    /// (ended ones stay cached a while to answer their tokens, but nothing
+    /// the store says can bring them back: no route moves an expiry).
     /// Sessions gone from the store are treated as revoked.
     async fn recheck(&self) -> Result<(), StoreError> {
+        self.recheck_at(now_ms()).await
+    }
+
+    /// [`Registry::recheck`] at the time `now` (unix ms).
+    async fn recheck_at(&self, now: i64) -> Result<(), StoreError> {
         const CHUNK: usize = 5_000;
         let sessions: Vec<Arc<LiveSession>> = self
             .by_token
             .read()
             .values()
-            .filter(|s| s.revoked_at().is_none())
+            .filter(|s| s.revoked_at().is_none() && s.expires_at() > now)
             .cloned()
             .collect();
         for chunk in sessions.chunks(CHUNK) {

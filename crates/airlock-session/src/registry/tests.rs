@@ -216,6 +216,8 @@ struct CountingStore {
     /// This many more revocations fail (the store recovering).
     refused_revocations: std::sync::atomic::AtomicUsize,
     gate: Option<LookupGate>,
+    /// The sessions whose statuses were asked for, in order.
+    status_reads: std::sync::Mutex<Vec<SessionId>>,
 }
 
 /// Holds token lookups between their read and their answer.
@@ -236,6 +238,7 @@ impl CountingStore {
             read_only: Default::default(),
             refused_revocations: Default::default(),
             gate: None,
+            status_reads: Default::default(),
         })
     }
 
@@ -252,6 +255,7 @@ impl CountingStore {
                 release: tokio::sync::Semaphore::new(0),
                 fail: std::sync::atomic::AtomicBool::new(false),
             }),
+            status_reads: Default::default(),
         })
     }
 }
@@ -376,6 +380,10 @@ impl Store for CountingStore {
                 reason: "unreachable".to_owned(),
             });
         }
+        self.status_reads
+            .lock()
+            .unwrap()
+            .extend(ids.iter().cloned());
         self.inner.session_statuses(ids).await
     }
 }
@@ -533,6 +541,38 @@ async fn revocation_during_a_lookup(recheck_fails: bool) {
             .err(),
         Some(AuthError::Revoked)
     );
+}
+
+/// The periodic re-check asks the store only about sessions that have not
+/// ended: an expired one stays cached a while to answer its token, but
+/// nothing the store says can bring it back (a soak run saw idle replicas
+/// re-reading thousands of expired sessions every second).
+#[tokio::test]
+async fn the_recheck_skips_ended_sessions() {
+    let (_dir, reg) = registry().await;
+    let (short, short_token) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let (long, long_token) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let store = CountingStore::over(reg.store(), None);
+    let fresh = Registry::new(Arc::clone(&store) as Arc<dyn Store>);
+    let now = crate::now_ms();
+    for token in [&short_token, &long_token] {
+        fresh.authenticate(Some(token.expose()), now).await.unwrap();
+    }
+    fresh.recheck_at(now).await.unwrap();
+    let mut read = std::mem::take(&mut *store.status_reads.lock().unwrap());
+    read.sort();
+    let mut both = vec![short.id().clone(), long.id().clone()];
+    both.sort();
+    assert_eq!(read, both);
+    // Twenty seconds on, the short one has expired: only the other is read.
+    fresh.recheck_at(now + 20_000).await.unwrap();
+    assert_eq!(*store.status_reads.lock().unwrap(), vec![long.id().clone()]);
 }
 
 #[tokio::test]
