@@ -153,6 +153,8 @@ pub(crate) struct Shared {
     accepted: AtomicUsize,
     /// Connections served to their end (closed by the client, mostly).
     ended: watch::Sender<usize>,
+    /// Every byte the `/ws/sink` route received after its switch.
+    pub(crate) ws_received: Mutex<Vec<u8>>,
 }
 
 impl Shared {
@@ -262,6 +264,7 @@ impl MockProvider {
             gate: Semaphore::new(0),
             accepted: AtomicUsize::new(0),
             ended: watch::channel(0).0,
+            ws_received: Mutex::new(Vec::new()),
         });
         let server = spawn(listener, shared.clone());
         MockProvider {
@@ -304,6 +307,12 @@ impl MockProvider {
         tokio::time::timeout(limit, ended.wait_for(|count| *count >= n))
             .await
             .is_ok_and(|seen| seen.is_ok())
+    }
+
+    /// Every byte the `/ws/sink` WebSocket route received once switched
+    /// (frames as they came, masked), all its connections together.
+    pub fn websocket_received(&self) -> Vec<u8> {
+        self.shared.ws_received.lock().clone()
     }
 
     /// Number of requests recorded so far (including ones still in flight).

@@ -9,6 +9,7 @@ use airlock_testkit::client::{raw, raw_status};
 use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -147,6 +148,48 @@ fn handshake(path: &str, token: &str, extra: &str) -> Vec<u8> {
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     )
     .into_bytes()
+}
+
+/// Opens a tunnel to `path` over a raw socket: the socket once airlock
+/// answered 101, and whatever came after the head in the same reads.
+async fn open_raw(setup: &Setup, path: &str, token: &str) -> (TcpStream, Vec<u8>) {
+    let authority = setup.airlock.proxy_url().replacen("http://", "", 1);
+    let mut stream = TcpStream::connect(authority).await.unwrap();
+    let websocket = "Connection: Upgrade\r\nUpgrade: websocket\r\n";
+    stream
+        .write_all(&handshake(path, token, websocket))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = tokio::time::timeout(LIMIT, stream.read(&mut buf))
+            .await
+            .expect("no answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before the head: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+    assert_eq!(raw_status(&head), 101, "{head}");
+    (stream, got.split_off(end))
+}
+
+/// Reads `stream` to its end (or its reset), within [`LIMIT`].
+async fn read_to_end(stream: &mut TcpStream, got: &mut Vec<u8>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(LIMIT, stream.read(&mut buf))
+            .await
+            .expect("the tunnel stayed open")
+        {
+            Ok(0) | Err(_) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 #[tokio::test]
@@ -409,4 +452,17 @@ async fn a_quiet_tunnel_outlives_the_http_idle_timeout_until_its_own() {
     assert!(waited < Duration::from_secs(4), "{waited:?}");
     let records = records(&s.airlock, &id, 1).await;
     assert_eq!(records[0]["flags"], json!(["incomplete"]), "{records:?}");
+}
+
+#[tokio::test]
+async fn a_provider_hanging_up_right_after_a_message_delivers_it_once() {
+    let s = setup().await;
+    let (id, token) = session(&s.airlock).await;
+    let (mut stream, mut got) = open_raw(&s, "/ws/hang-up", &token).await;
+    read_to_end(&mut stream, &mut got).await;
+    let bye = [0x81, 3, b'b', b'y', b'e'];
+    assert_eq!(got, bye, "the agent got the provider's last read once");
+    let records = records(&s.airlock, &id, 1).await;
+    assert_eq!(records[0]["status"], 101, "{records:?}");
+    assert_eq!(records[0]["bytes_out"], bye.len(), "{records:?}");
 }

@@ -41,7 +41,12 @@ pub(crate) async fn handle(
     };
     if path.starts_with("/ws/") || path == "/v1/realtime" {
         let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-        return Ok(super::websocket::handle(path, &parts.headers, upgrade));
+        return Ok(super::websocket::handle(
+            &shared,
+            path,
+            &parts.headers,
+            upgrade,
+        ));
     }
     let method = &parts.method;
     let response = match path {

@@ -8,6 +8,14 @@
 //!   text `close` makes the mock close the connection (code 1000).
 //! - `/ws/extensions`: switches with `Sec-WebSocket-Extensions:
 //!   permessage-deflate`, which nobody offered.
+//! - `/ws/split-key`: first sends, as raw frames written one at a time,
+//!   the text message `{"authorization": "<the handshake's Authorization>"}`
+//!   split in two fragments in the middle of the key, with a ping between
+//!   them; then serves as `/ws/echo`.
+//! - `/ws/hang-up`: sends the text message `bye` as one raw frame and
+//!   closes the TCP connection at once, without a close handshake.
+//! - `/ws/sink`: reads whatever arrives, sends nothing, and keeps every
+//!   byte for [`crate::MockProvider::websocket_received`].
 //! - `/v1/realtime`: OpenAI's Realtime API in miniature, for the SDK's
 //!   client: a `session.created` event first, then every text message
 //!   answered with a `mock.echo` event holding it and the `Authorization`
@@ -15,20 +23,26 @@
 //!
 //! The first `Sec-WebSocket-Protocol` offered is accepted.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::body::{full, MockBody};
+use super::Shared;
 
 /// Answers a handshake to `path`: `101` and a task serving the switched
 /// connection, or `400` when the request is not a handshake.
 pub(crate) fn handle(
+    shared: &Arc<Shared>,
     path: &str,
     headers: &HeaderMap,
     upgrade: Option<OnUpgrade>,
@@ -65,12 +79,32 @@ pub(crate) fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let realtime = path == "/v1/realtime";
+    let path = path.to_owned();
+    let shared = Arc::clone(shared);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        if realtime {
+        let mut io = TokioIo::new(upgraded);
+        match path.as_str() {
+            "/ws/hang-up" => {
+                let _ = io.write_all(&server_frame(true, 0x1, b"bye")).await;
+                // Dropped: the connection closes without a close handshake.
+                return;
+            }
+            "/ws/sink" => {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    shared.ws_received.lock().extend_from_slice(&buf[..n]);
+                }
+                return;
+            }
+            "/ws/split-key" if split_key(&mut io, &authorization).await.is_err() => return,
+            _ => {}
+        }
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        if path == "/v1/realtime" {
             realtime_echo(socket, &authorization).await;
         } else {
             echo(socket, &authorization).await;
@@ -144,4 +178,49 @@ where
         }
     }
     let _ = socket.close(None).await;
+}
+
+/// An unmasked server frame: `fin`, `opcode`, `payload` (7- and 16-bit
+/// lengths only: the mock sends short messages).
+fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![if fin { 0x80 | opcode } else { opcode }];
+    match u8::try_from(payload.len()) {
+        Ok(n) if n < 126 => out.push(n),
+        _ => {
+            out.push(126);
+            out.extend_from_slice(
+                &u16::try_from(payload.len())
+                    .unwrap_or(u16::MAX)
+                    .to_be_bytes(),
+            );
+        }
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+/// `/ws/split-key`'s message: `{"authorization": ...}` in two fragments cut
+/// in the middle of the key (after `Bearer ` and 6 more bytes), a ping
+/// between them; each written (and flushed) on its own, a moment apart, so
+/// that they arrive in separate reads.
+async fn split_key<S>(io: &mut S, authorization: &str) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
+    let text = serde_json::json!({ "authorization": authorization }).to_string();
+    let cut = text
+        .find("Bearer ")
+        .map_or(text.len() / 2, |at| at + "Bearer ".len() + 6)
+        .min(text.len());
+    let (first, rest) = text.as_bytes().split_at(cut);
+    for frame in [
+        server_frame(false, 0x1, first),
+        server_frame(true, 0x9, b"between"),
+        server_frame(true, 0x0, rest),
+    ] {
+        io.write_all(&frame).await?;
+        io.flush().await?;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    Ok(())
 }
