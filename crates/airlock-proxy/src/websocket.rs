@@ -381,9 +381,11 @@ where
             let n = match provider_read.read(&mut buf).await {
                 Ok(0) => {
                     // A frame cut short: what the guard holds is its end.
-                    out.extend_from_slice(&guard.finish());
-                    let _ = agent_write.write_all(&out).await;
-                    *bytes_out += out.len() as u64;
+                    // (Everything read before went out with its read.)
+                    let tail = guard.finish();
+                    if agent_write.write_all(&tail).await.is_ok() {
+                        *bytes_out += tail.len() as u64;
+                    }
                     let _ = agent_write.flush().await;
                     return DirectionEnd::Eof;
                 }

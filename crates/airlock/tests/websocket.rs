@@ -170,7 +170,11 @@ async fn open_raw(setup: &Setup, path: &str, token: &str) -> (TcpStream, Vec<u8>
             .await
             .expect("no answer in time")
             .unwrap();
-        assert!(n > 0, "closed before the head: {:?}", String::from_utf8_lossy(&got));
+        assert!(
+            n > 0,
+            "closed before the head: {:?}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&buf[..n]);
     };
     let head = String::from_utf8_lossy(&got[..end]).into_owned();
