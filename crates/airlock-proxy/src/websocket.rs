@@ -20,11 +20,15 @@
 //!
 //! A [`Tunnel`] then copies bytes both ways. What the provider sends is
 //! followed frame by frame ([`FrameGuard`]): server frames are never masked,
-//! so each payload passes through the leak guard (length-preserving, so the
-//! framing stays valid), flushed at the end of each frame. A masked frame,
-//! or one with a reserved bit set (compression nobody negotiated), ends the
-//! tunnel: its payload could not be read. What the agent sends is counted
-//! and passed on unread.
+//! so every data message passes through the leak guard with one redaction
+//! state from its first fragment to its last (a key split across fragments,
+//! a ping between them or not, is found whole), and airlock frames what the
+//! guard releases itself, re-fragmenting the message as RFC 6455 §5.4 lets
+//! an intermediary when no extension is negotiated. Control frames are
+//! redacted whole. A masked frame, one with a reserved bit set (compression
+//! nobody negotiated), a reserved opcode or a broken fragment sequence ends
+//! the tunnel: its payload could not be followed. What the agent sends is
+//! counted and passed on unread.
 //!
 //! The tunnel ends when either side closes (the other then gets
 //! [`LINGER`] to finish its close handshake), when the session ends
@@ -35,6 +39,7 @@
 //! bytes both ways and the whole duration; the agent's connection is closed
 //! only once that record is durable.
 
+use std::borrow::Cow;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -67,6 +72,9 @@ const BUFFER: usize = 16 * 1024;
 
 /// Longest WebSocket frame header: 2 bytes, 8 of extended length, 4 of mask.
 const MAX_FRAME_HEADER: usize = 14;
+
+/// Longest control frame payload (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: usize = 125;
 
 /// Whether `req` asks for a WebSocket upgrade (`Ok(true)`), for none
 /// (`Ok(false)`), or for one airlock does not carry (400).
@@ -306,7 +314,7 @@ impl Tunnel {
         drop(self.upstream);
         let mut agent = TokioIo::new(agent);
         let mut provider = TokioIo::new(provider);
-        let mut guard = FrameGuard::new(self.redactor.state());
+        let mut guard = FrameGuard::new(&self.redactor);
         let end = carry(
             &mut agent,
             &mut provider,
@@ -380,12 +388,10 @@ where
         loop {
             let n = match provider_read.read(&mut buf).await {
                 Ok(0) => {
-                    // A frame cut short: what the guard holds is its end.
-                    // (Everything read before went out with its read.)
-                    let tail = guard.finish();
-                    if agent_write.write_all(&tail).await.is_ok() {
-                        *bytes_out += tail.len() as u64;
-                    }
+                    // Everything the guard could release went out with its
+                    // read; what it still holds is the start of a message
+                    // the provider never finished (a key's first bytes,
+                    // perhaps): dropped with it.
                     let _ = agent_write.flush().await;
                     return DirectionEnd::Eof;
                 }
@@ -399,8 +405,8 @@ where
                 .is_err()
             {
                 tracing::warn!(
-                    "the provider sent a WebSocket frame the leak guard cannot read (masked, \
-                     or compressed); tunnel closed"
+                    "the provider sent a WebSocket frame the leak guard cannot follow (masked, \
+                     compressed, or out of sequence); tunnel closed"
                 );
                 return DirectionEnd::Provider;
             }
@@ -460,14 +466,45 @@ where
     end
 }
 
-/// Follows the provider's frames (RFC 6455 §5.2) and passes each payload
-/// through the leak guard, flushed at the payload's end, so that nothing is
-/// held back across frames; headers pass unchanged. A masked frame (a
-/// server never masks) or one with a reserved bit set (an extension nobody
-/// negotiated: compressed) cannot be read and is refused.
+/// Follows the provider's frames (RFC 6455 §5.2) and passes every data
+/// message through the leak guard with one redaction state per message,
+/// across its fragments: a key split between two fragments (a ping between
+/// them, or not) is found whole. airlock frames what it sends itself: the
+/// payload the guard releases goes out as a fragment of the message (its
+/// opcode first, continuations after, FIN clear), and the message's last
+/// bytes, once the provider's final frame ended, with FIN set (RFC 6455
+/// §5.4 lets an intermediary re-fragment when no extension was negotiated,
+/// and airlock never lets one be). A key prefix at the end of a fragment is
+/// so held back until the message's next bytes or its end decide it.
+/// Control frames (at most 125 bytes, never fragmented) are redacted whole
+/// and passed on between fragments without touching the message's state.
+///
+/// A masked frame (a server never masks), one with a reserved bit set (an
+/// extension nobody negotiated: compressed), a reserved opcode, a broken
+/// fragment sequence or an oversized or fragmented control frame cannot be
+/// followed and is refused; nothing of it is passed on.
 pub(crate) struct FrameGuard {
+    redactor: Redactor,
+    /// The redaction state of the data message in progress.
     state: RedactState,
     phase: Phase,
+    /// The data message in progress, from its first frame to its final one.
+    message: Option<Message>,
+    /// What the guard released of the message in progress and not yet
+    /// framed: framed at the end of each [`FrameGuard::push`], before a
+    /// control frame, and with the message's end.
+    pending: BytesMut,
+    /// Whether a control frame's payload was redacted.
+    control_redacted: bool,
+}
+
+/// A data message in progress.
+#[derive(Clone, Copy, Debug)]
+struct Message {
+    /// Its opcode: text (1) or binary (2).
+    opcode: u8,
+    /// Whether a fragment of it went out (what follows is continuation).
+    started: bool,
 }
 
 enum Phase {
@@ -476,14 +513,22 @@ enum Phase {
         buf: [u8; MAX_FRAME_HEADER],
         have: usize,
     },
-    /// Payload bytes left in the current frame.
-    Payload(u64),
-    /// A frame could not be read; nothing more passes.
-    Refused,
+    /// The payload of a data frame: bytes left, and whether the frame is
+    /// the message's last.
+    Data { left: u64, fin: bool },
+    /// A control frame, collected to be redacted whole: its opcode, its
+    /// length and the payload so far.
+    Control {
+        opcode: u8,
+        len: usize,
+        payload: Vec<u8>,
+    },
+    /// A frame could not be followed; nothing more passes.
+    Refused(Unreadable),
 }
 
-/// A provider frame the leak guard cannot read.
-#[derive(Debug, PartialEq, Eq)]
+/// A provider frame the leak guard cannot follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Unreadable {
     /// A masked frame.
     Masked,
@@ -491,31 +536,70 @@ pub(crate) enum Unreadable {
     Reserved,
     /// A 64-bit length with its top bit set.
     Length,
+    /// A reserved opcode, a continuation of no message, a new message
+    /// before the last one ended, or a control frame fragmented or longer
+    /// than 125 bytes.
+    Protocol,
+}
+
+/// A frame header, parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Head {
+    fin: bool,
+    /// The reserved bits (RSV1-3), in place.
+    rsv: u8,
+    opcode: u8,
+    masked: bool,
+    length: u64,
+}
+
+impl Head {
+    fn is_control(&self) -> bool {
+        self.opcode & 0x8 != 0
+    }
+
+    /// Whether the opcode is one RFC 6455 defines: continuation, text,
+    /// binary, close, ping, pong.
+    fn known_opcode(&self) -> bool {
+        matches!(self.opcode, 0x0 | 0x1 | 0x2 | 0x8 | 0x9 | 0xa)
+    }
 }
 
 impl FrameGuard {
-    pub(crate) fn new(state: RedactState) -> Self {
+    pub(crate) fn new(redactor: &Redactor) -> Self {
         Self {
-            state,
+            redactor: redactor.clone(),
+            state: redactor.state(),
             phase: Phase::Header {
                 buf: [0; MAX_FRAME_HEADER],
                 have: 0,
             },
+            message: None,
+            pending: BytesMut::new(),
+            control_redacted: false,
         }
     }
 
     /// Whether anything was redacted so far.
     pub(crate) fn redacted(&self) -> bool {
-        self.state.redacted()
+        self.state.redacted() || self.control_redacted
     }
 
-    /// Takes the next bytes from the provider; appends to `out` what can
-    /// be sent now.
+    /// Takes the next bytes from the provider; appends to `out` the frames
+    /// that can be sent now. On an error, `out` holds the frames before the
+    /// one refused, and nothing more passes.
     pub(crate) fn push(&mut self, data: Bytes, out: &mut BytesMut) -> Result<(), Unreadable> {
+        let pushed = self.push_frames(&data, out);
+        // What the guard released of the message in progress goes out now.
+        self.fragment(out);
+        pushed
+    }
+
+    fn push_frames(&mut self, data: &Bytes, out: &mut BytesMut) -> Result<(), Unreadable> {
         let mut at = 0;
         while at < data.len() {
             match &mut self.phase {
-                Phase::Refused => return Err(Unreadable::Masked),
+                Phase::Refused(e) => return Err(*e),
                 Phase::Header { buf, have } => {
                     let need = header_len(&buf[..*have]);
                     let take = (need - *have).min(data.len() - at);
@@ -525,37 +609,42 @@ impl FrameGuard {
                     if *have < header_len(&buf[..*have]) {
                         continue;
                     }
-                    let header = &buf[..*have];
-                    let length = match parse_header(header) {
-                        Ok(length) => length,
+                    let head = parse_header(&buf[..*have]);
+                    match head.and_then(|head| self.begin_frame(head, out)) {
+                        Ok(()) => {}
                         Err(e) => {
-                            self.phase = Phase::Refused;
+                            self.phase = Phase::Refused(e);
                             return Err(e);
                         }
-                    };
-                    out.extend_from_slice(header);
-                    self.phase = if length == 0 {
-                        Phase::Header {
-                            buf: [0; MAX_FRAME_HEADER],
-                            have: 0,
-                        }
-                    } else {
-                        Phase::Payload(length)
-                    };
+                    }
                 }
-                Phase::Payload(left) => {
+                Phase::Data { left, fin } => {
                     let rest = (data.len() - at) as u64;
                     let take = usize::try_from((*left).min(rest)).unwrap_or(data.len() - at);
                     let (emit, _) = self.state.push(data.slice(at..at + take));
-                    out.extend_from_slice(&emit);
+                    self.pending.extend_from_slice(&emit);
                     at += take;
                     *left -= take as u64;
                     if *left == 0 {
-                        out.extend_from_slice(&self.state.finish());
-                        self.phase = Phase::Header {
-                            buf: [0; MAX_FRAME_HEADER],
-                            have: 0,
-                        };
+                        let fin = *fin;
+                        self.phase = fresh_header();
+                        if fin {
+                            self.end_message(out);
+                        }
+                    }
+                }
+                Phase::Control {
+                    opcode,
+                    len,
+                    payload,
+                } => {
+                    let take = (*len - payload.len()).min(data.len() - at);
+                    payload.extend_from_slice(&data[at..at + take]);
+                    at += take;
+                    if payload.len() == *len {
+                        let (opcode, payload) = (*opcode, std::mem::take(payload));
+                        self.phase = fresh_header();
+                        self.control(opcode, &payload, out);
                     }
                 }
             }
@@ -563,10 +652,128 @@ impl FrameGuard {
         Ok(())
     }
 
-    /// The stream ended: what the guard still holds (the redacted end of a
-    /// payload cut short; a partial header is dropped).
-    pub(crate) fn finish(&mut self) -> Bytes {
-        self.state.finish()
+    /// A frame's header is complete: checks it, and sets up for its payload.
+    fn begin_frame(&mut self, head: Head, out: &mut BytesMut) -> Result<(), Unreadable> {
+        if head.masked {
+            return Err(Unreadable::Masked);
+        }
+        if head.rsv != 0 {
+            return Err(Unreadable::Reserved);
+        }
+        if !head.known_opcode() {
+            return Err(Unreadable::Protocol);
+        }
+        if head.is_control() {
+            let len = match usize::try_from(head.length) {
+                Ok(len) if len <= MAX_CONTROL_PAYLOAD && head.fin => len,
+                _ => return Err(Unreadable::Protocol),
+            };
+            if len == 0 {
+                self.phase = fresh_header();
+                self.control(head.opcode, &[], out);
+            } else {
+                self.phase = Phase::Control {
+                    opcode: head.opcode,
+                    len,
+                    payload: Vec::with_capacity(len),
+                };
+            }
+            return Ok(());
+        }
+        match (head.opcode, self.message) {
+            (0x0, Some(_)) => {}
+            (0x1 | 0x2, None) => {
+                self.message = Some(Message {
+                    opcode: head.opcode,
+                    started: false,
+                });
+            }
+            _ => return Err(Unreadable::Protocol),
+        }
+        if head.length == 0 {
+            self.phase = fresh_header();
+            if head.fin {
+                self.end_message(out);
+            }
+        } else {
+            self.phase = Phase::Data {
+                left: head.length,
+                fin: head.fin,
+            };
+        }
+        Ok(())
+    }
+
+    /// Frames what was released of the message in progress as a fragment
+    /// (FIN clear); nothing when nothing was.
+    fn fragment(&mut self, out: &mut BytesMut) {
+        let Some(message) = &mut self.message else {
+            return;
+        };
+        if self.pending.is_empty() {
+            return;
+        }
+        let opcode = if message.started { 0x0 } else { message.opcode };
+        message.started = true;
+        write_header(out, false, opcode, None, self.pending.len() as u64);
+        out.extend_from_slice(&self.pending);
+        self.pending.clear();
+    }
+
+    /// The provider's final frame of the message ended: the rest of it,
+    /// whatever the guard held back included, goes out with FIN set.
+    fn end_message(&mut self, out: &mut BytesMut) {
+        let Some(message) = self.message.take() else {
+            return;
+        };
+        let tail = self.state.finish();
+        self.pending.extend_from_slice(&tail);
+        let opcode = if message.started { 0x0 } else { message.opcode };
+        write_header(out, true, opcode, None, self.pending.len() as u64);
+        out.extend_from_slice(&self.pending);
+        self.pending.clear();
+    }
+
+    /// A whole control frame: redacted in place and sent, after what was
+    /// released of the message in progress.
+    fn control(&mut self, opcode: u8, payload: &[u8], out: &mut BytesMut) {
+        self.fragment(out);
+        let payload = self.redactor.redact(payload);
+        if let Cow::Owned(_) = payload {
+            self.control_redacted = true;
+        }
+        write_header(out, true, opcode, None, payload.len() as u64);
+        out.extend_from_slice(&payload);
+    }
+}
+
+/// A header-reading phase at the start of a frame.
+fn fresh_header() -> Phase {
+    Phase::Header {
+        buf: [0; MAX_FRAME_HEADER],
+        have: 0,
+    }
+}
+
+/// Appends a frame header: `fin`, `opcode`, the mask key if any, and
+/// `length` in its shortest form (7, 16 or 64 bits).
+fn write_header(out: &mut BytesMut, fin: bool, opcode: u8, mask: Option<[u8; 4]>, length: u64) {
+    let first = if fin { 0x80 | opcode } else { opcode };
+    let masked = if mask.is_some() { 0x80 } else { 0 };
+    out.extend_from_slice(&[first]);
+    match (u8::try_from(length), u16::try_from(length)) {
+        (Ok(short), _) if short < 126 => out.extend_from_slice(&[masked | short]),
+        (_, Ok(medium)) => {
+            out.extend_from_slice(&[masked | 126]);
+            out.extend_from_slice(&medium.to_be_bytes());
+        }
+        _ => {
+            out.extend_from_slice(&[masked | 127]);
+            out.extend_from_slice(&length.to_be_bytes());
+        }
+    }
+    if let Some(mask) = mask {
+        out.extend_from_slice(&mask);
     }
 }
 
@@ -585,19 +792,13 @@ fn header_len(seen: &[u8]) -> usize {
     2 + extended + mask
 }
 
-/// The payload length of a complete frame header, if its payload can be
-/// read.
-fn parse_header(header: &[u8]) -> Result<u64, Unreadable> {
+/// A complete frame header, parsed; refused only for a 64-bit length with
+/// its top bit set.
+fn parse_header(header: &[u8]) -> Result<Head, Unreadable> {
     let (first, second) = match header {
         [first, second, ..] => (*first, *second),
         _ => return Err(Unreadable::Length),
     };
-    if first & 0x70 != 0 {
-        return Err(Unreadable::Reserved);
-    }
-    if second & 0x80 != 0 {
-        return Err(Unreadable::Masked);
-    }
     let length = match second & 0x7f {
         126 => header
             .get(2..4)
@@ -609,7 +810,13 @@ fn parse_header(header: &[u8]) -> Result<u64, Unreadable> {
         short => Some(u64::from(short)),
     };
     match length {
-        Some(length) if length >> 63 == 0 => Ok(length),
+        Some(length) if length >> 63 == 0 => Ok(Head {
+            fin: first & 0x80 != 0,
+            rsv: first & 0x70,
+            opcode: first & 0x0f,
+            masked: second & 0x80 != 0,
+            length,
+        }),
         _ => Err(Unreadable::Length),
     }
 }

@@ -470,3 +470,36 @@ async fn a_provider_hanging_up_right_after_a_message_delivers_it_once() {
     assert_eq!(records[0]["status"], 101, "{records:?}");
     assert_eq!(records[0]["bytes_out"], bye.len(), "{records:?}");
 }
+
+#[tokio::test]
+async fn a_key_split_across_fragments_reaches_the_agent_masked() {
+    let s = setup().await;
+    let (id, token) = session(&s.airlock).await;
+    // The provider sends the key's first bytes as a non-final text frame,
+    // a ping, then the rest as the final continuation, each on its own.
+    let (mut socket, _) = connect(&s, "/ws/split-key", &token).await.unwrap();
+    let Message::Text(quoted) = next_message(&mut socket).await else {
+        panic!("not a text message");
+    };
+    assert!(!quoted.as_str().contains(KEY), "{quoted}");
+    assert!(
+        quoted.as_str().contains("[REDACTED BY AIRLOCK]"),
+        "{quoted}"
+    );
+    let quoted: Value = serde_json::from_str(quoted.as_str()).unwrap();
+    assert_eq!(
+        quoted["authorization"].as_str().unwrap().len(),
+        "Bearer ".len() + KEY.len()
+    );
+    // The tunnel carries on as before.
+    socket.send(Message::text("after")).await.unwrap();
+    assert_eq!(next_message(&mut socket).await, Message::text("after"));
+    socket.close(None).await.unwrap();
+    closed(&mut socket).await;
+    let records = records(&s.airlock, &id, 1).await;
+    assert_eq!(
+        records[0]["flags"],
+        json!(["credential_redacted"]),
+        "{records:?}"
+    );
+}

@@ -5,12 +5,17 @@ use super::*;
 const KEY: &[u8] = b"sk-live-0123456789abcdef0123";
 
 fn guard() -> FrameGuard {
-    FrameGuard::new(Redactor::new(&[KEY]).unwrap().state())
+    FrameGuard::new(&Redactor::new(&[KEY]).unwrap())
 }
 
 /// An unmasked server frame: FIN, `opcode`, `payload`.
 fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x80 | opcode];
+    fragment(true, opcode, payload)
+}
+
+/// An unmasked server frame, FIN set or not.
+fn fragment(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![if fin { 0x80 | opcode } else { opcode }];
     match payload.len() {
         n if n < 126 => out.push(n as u8),
         n if n <= 0xffff => {
@@ -26,46 +31,204 @@ fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Feeds `bytes` to a fresh guard in pieces of `piece` bytes.
+/// Feeds `bytes` to a fresh guard in pieces of `piece` bytes; what it sent
+/// and whether it redacted.
 fn feed(bytes: &[u8], piece: usize) -> (Vec<u8>, bool) {
     let mut guard = guard();
     let mut out = BytesMut::new();
     for chunk in bytes.chunks(piece) {
         guard.push(Bytes::copy_from_slice(chunk), &mut out).unwrap();
     }
-    out.extend_from_slice(&guard.finish());
     (out.to_vec(), guard.redacted())
 }
+
+/// What an agent makes of `bytes` (unmasked frames, all complete): the
+/// messages and control frames in order, as (opcode, payload), each data
+/// message reassembled. Panics on anything RFC 6455 forbids: a masked
+/// frame, reserved bits, a continuation of nothing, a new message inside
+/// another, a fragmented or oversized control frame, an empty non-final
+/// fragment (airlock never sends one), an unfinished message.
+fn reassemble(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut messages = Vec::new();
+    let mut open: Option<(u8, Vec<u8>)> = None;
+    let mut at = 0;
+    while at < bytes.len() {
+        let (first, second) = (bytes[at], bytes[at + 1]);
+        assert_eq!(second & 0x80, 0, "a masked frame at {at}");
+        assert_eq!(first & 0x70, 0, "reserved bits at {at}");
+        let (fin, opcode) = (first & 0x80 != 0, first & 0x0f);
+        let (len, header) = match second & 0x7f {
+            126 => {
+                let len = u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]) as usize;
+                assert!(len >= 126, "a 16-bit length for {len} bytes");
+                (len, 4)
+            }
+            127 => {
+                let len = u64::from_be_bytes(bytes[at + 2..at + 10].try_into().unwrap()) as usize;
+                assert!(len > 0xffff, "a 64-bit length for {len} bytes");
+                (len, 10)
+            }
+            short => (short as usize, 2),
+        };
+        let payload = bytes[at + header..at + header + len].to_vec();
+        at += header + len;
+        match opcode {
+            0x8..=0xa => {
+                assert!(fin && len <= 125, "a bad control frame");
+                messages.push((opcode, payload));
+            }
+            0x0 => {
+                let (_, data) = open.as_mut().expect("a continuation of nothing");
+                assert!(fin || !payload.is_empty(), "an empty non-final fragment");
+                data.extend_from_slice(&payload);
+            }
+            0x1 | 0x2 => {
+                assert!(open.is_none(), "a message inside another");
+                assert!(fin || !payload.is_empty(), "an empty non-final fragment");
+                open = Some((opcode, payload));
+            }
+            other => panic!("opcode {other}"),
+        }
+        if fin && opcode < 0x8 {
+            messages.push(open.take().unwrap());
+        }
+    }
+    assert!(open.is_none(), "a message left unfinished");
+    messages
+}
+
+/// `{"echo":"<KEY>"}` with the key masked.
+fn masked_echo() -> Vec<u8> {
+    [
+        b"{\"echo\":\"".as_slice(),
+        &crate::redact::mask_for(KEY.len()),
+        b"\"}",
+    ]
+    .concat()
+}
+
+/// Every way of cutting a stream into reads these tests try.
+const PIECES: [usize; 8] = [1, 2, 3, 5, 7, 13, 64, usize::MAX];
 
 #[test]
 fn a_key_in_a_text_frame_is_masked_in_place_whatever_the_reads() {
     let text = [b"{\"echo\":\"".as_slice(), KEY, b"\"}"].concat();
     let mut stream = frame(0x1, &text);
     stream.extend(frame(0x1, b"after"));
-    let masked = [
-        b"{\"echo\":\"".as_slice(),
-        &crate::redact::mask_for(KEY.len()),
-        b"\"}",
-    ]
-    .concat();
-    let mut expected = frame(0x1, &masked);
+    let mut expected = frame(0x1, &masked_echo());
     expected.extend(frame(0x1, b"after"));
-    for piece in [1, 2, 3, 7, 13, stream.len()] {
+    // In one read: frames as they came.
+    assert_eq!(feed(&stream, usize::MAX), (expected, true));
+    // In many: each message still whole and valid, however re-fragmented.
+    for piece in PIECES {
         let (out, redacted) = feed(&stream, piece);
-        assert_eq!(out, expected, "pieces of {piece}");
+        assert_eq!(
+            reassemble(&out),
+            [(0x1, masked_echo()), (0x1, b"after".to_vec())],
+            "pieces of {piece}"
+        );
         assert!(redacted);
     }
 }
 
 #[test]
-fn a_frame_ending_in_a_key_prefix_is_not_held_back() {
-    // The payload ends with the key's first bytes: the frame's end decides.
-    let stream = frame(0x1, b"ask sk-live");
+fn a_key_split_across_two_fragments_is_masked() {
+    let text = [b"{\"echo\":\"".as_slice(), KEY, b"\"}"].concat();
+    for cut in [9, 10, 17, text.len() - 3] {
+        let mut stream = fragment(false, 0x1, &text[..cut]);
+        stream.extend(fragment(true, 0x0, &text[cut..]));
+        for piece in PIECES {
+            let (out, redacted) = feed(&stream, piece);
+            assert_eq!(
+                reassemble(&out),
+                [(0x1, masked_echo())],
+                "cut at {cut}, pieces of {piece}"
+            );
+            assert!(redacted);
+        }
+    }
+}
+
+#[test]
+fn a_key_split_across_fragments_with_a_ping_between_is_masked() {
+    let text = [b"{\"echo\":\"".as_slice(), KEY, b"\"}"].concat();
+    let cut = 15;
+    let mut stream = fragment(false, 0x1, &text[..cut]);
+    stream.extend(frame(0x9, b"ping"));
+    stream.extend(fragment(false, 0x0, &text[cut..cut + 6]));
+    stream.extend(frame(0xa, b""));
+    stream.extend(fragment(true, 0x0, &text[cut + 6..]));
+    stream.extend(frame(0x2, b"next"));
+    for piece in PIECES {
+        let (out, redacted) = feed(&stream, piece);
+        let messages = reassemble(&out);
+        // The control frames pass (in order, between the message's
+        // fragments), the message is whole and masked.
+        let controls: Vec<_> = messages.iter().filter(|(op, _)| *op >= 0x8).collect();
+        assert_eq!(
+            controls,
+            [&(0x9, b"ping".to_vec()), &(0xa, Vec::new())],
+            "pieces of {piece}"
+        );
+        let data: Vec<_> = messages.iter().filter(|(op, _)| *op < 0x8).collect();
+        assert_eq!(
+            data,
+            [&(0x1, masked_echo()), &(0x2, b"next".to_vec())],
+            "pieces of {piece}"
+        );
+        assert!(redacted);
+    }
+}
+
+#[test]
+fn a_message_ending_in_a_key_prefix_is_held_back_until_it_ends() {
     let mut guard = guard();
     let mut out = BytesMut::new();
-    guard.push(Bytes::from(stream.clone()), &mut out).unwrap();
-    assert_eq!(out.to_vec(), stream);
+    // A fragment ending with the key's first bytes: they wait.
+    guard
+        .push(Bytes::from(fragment(false, 0x1, b"ask sk-live")), &mut out)
+        .unwrap();
+    assert_eq!(out.to_vec(), fragment(false, 0x1, b"ask "));
+    out.clear();
+    // The message's next bytes do not complete the key: released with them.
+    guard
+        .push(Bytes::from(fragment(false, 0x0, b"-0123")), &mut out)
+        .unwrap();
+    assert!(out.is_empty(), "still a prefix: {out:?}");
+    guard
+        .push(Bytes::from(fragment(true, 0x0, b"!")), &mut out)
+        .unwrap();
+    assert_eq!(out.to_vec(), fragment(true, 0x0, b"sk-live-0123!"));
     assert!(!guard.redacted());
+
+    // A final frame ending in a prefix, in two reads: released at its end.
+    let mut guard = self::guard();
+    let stream = frame(0x1, b"ask sk-live");
+    let mut out = BytesMut::new();
+    guard
+        .push(Bytes::copy_from_slice(&stream[..8]), &mut out)
+        .unwrap();
+    assert_eq!(out.to_vec(), fragment(false, 0x1, b"ask "));
+    out.clear();
+    guard
+        .push(Bytes::copy_from_slice(&stream[8..]), &mut out)
+        .unwrap();
+    assert_eq!(out.to_vec(), fragment(true, 0x0, b"sk-live"));
+    assert!(!guard.redacted());
+}
+
+#[test]
+fn a_key_in_a_control_frame_is_masked() {
+    let mut stream = frame(0x9, KEY);
+    stream.extend(frame(0x8, &[[0x03, 0xe8].as_slice(), KEY].concat()));
+    let mut expected = frame(0x9, &crate::redact::mask_for(KEY.len()));
+    expected.extend(frame(
+        0x8,
+        &[[0x03, 0xe8].as_slice(), &crate::redact::mask_for(KEY.len())].concat(),
+    ));
+    for piece in PIECES {
+        assert_eq!(feed(&stream, piece), (expected.clone(), true), "{piece}");
+    }
 }
 
 #[test]
@@ -75,33 +238,58 @@ fn long_frames_keep_their_extended_lengths() {
     let mut stream = frame(0x2, &big);
     stream.extend(frame(0x2, &medium));
     stream.extend(frame(0x9, b""));
-    let (out, redacted) = feed(&stream, 4096);
+    let (out, redacted) = feed(&stream, usize::MAX);
     assert_eq!(out, stream);
     assert!(!redacted);
+    let (out, _) = feed(&stream, 4096);
+    assert_eq!(
+        reassemble(&out),
+        [(0x2, big), (0x2, medium), (0x9, Vec::new())]
+    );
+    for length in [0, 125, 126, 0xffff, 0x1_0000, u64::from(u32::MAX) + 1] {
+        let mut header = BytesMut::new();
+        write_header(&mut header, true, 0x2, None, length);
+        assert_eq!(header_len(&header), header.len(), "{length}");
+        let head = parse_header(&header).unwrap();
+        assert_eq!(
+            (head.fin, head.opcode, head.masked, head.length),
+            (true, 0x2, false, length)
+        );
+    }
 }
 
 #[test]
-fn masked_or_compressed_frames_are_refused() {
-    let mut out = BytesMut::new();
+fn frames_the_guard_cannot_follow_are_refused() {
+    let refused = |bytes: &[u8]| {
+        let mut out = BytesMut::new();
+        let mut guard = guard();
+        let result = guard.push(Bytes::copy_from_slice(bytes), &mut out);
+        assert!(out.is_empty(), "nothing of a refused frame is passed on");
+        // Nor anything after it.
+        assert!(guard.push(Bytes::from(frame(0x1, b"x")), &mut out).is_err());
+        result.unwrap_err()
+    };
     // Masked: the payload is unreadable as sent.
     let masked = [0x81, 0x85, 1, 2, 3, 4, b'h', b'e', b'l', b'l', b'o'];
-    assert_eq!(
-        guard().push(Bytes::copy_from_slice(&masked), &mut out),
-        Err(Unreadable::Masked)
-    );
+    assert_eq!(refused(&masked), Unreadable::Masked);
     // RSV1: permessage-deflate.
-    let compressed = [0xc1, 0x02, 0xf2, 0x48];
-    assert_eq!(
-        guard().push(Bytes::copy_from_slice(&compressed), &mut out),
-        Err(Unreadable::Reserved)
-    );
-    assert!(out.is_empty(), "nothing of a refused frame is passed on");
+    assert_eq!(refused(&[0xc1, 0x02, 0xf2, 0x48]), Unreadable::Reserved);
     let mut huge = vec![0x82, 127];
     huge.extend_from_slice(&u64::MAX.to_be_bytes());
+    assert_eq!(refused(&huge), Unreadable::Length);
+    // A reserved opcode; a continuation of nothing; a message inside
+    // another; a control frame too long, or fragmented.
+    assert_eq!(refused(&frame(0x3, b"x")), Unreadable::Protocol);
+    assert_eq!(refused(&frame(0x0, b"x")), Unreadable::Protocol);
+    let mut nested = fragment(false, 0x1, b"a");
+    nested.extend(frame(0x1, b"b"));
+    let mut out = BytesMut::new();
     assert_eq!(
-        guard().push(Bytes::from(huge), &mut out),
-        Err(Unreadable::Length)
+        guard().push(Bytes::from(nested), &mut out),
+        Err(Unreadable::Protocol)
     );
+    assert_eq!(refused(&frame(0x9, &[0; 126])), Unreadable::Protocol);
+    assert_eq!(refused(&fragment(false, 0x9, b"x")), Unreadable::Protocol);
 }
 
 fn request(headers: &[(&str, &str)]) -> Request<()> {
