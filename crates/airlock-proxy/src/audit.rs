@@ -153,6 +153,11 @@ impl CallRecord {
         counter
     }
 
+    /// The audit trail this call is recorded in.
+    pub(crate) fn auditor(&self) -> &Auditor {
+        &self.auditor
+    }
+
     /// Whether a failed record must fail the call.
     pub(crate) fn fail_closed(&self) -> bool {
         self.auditor.fail_closed()

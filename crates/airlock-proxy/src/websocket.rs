@@ -33,7 +33,9 @@
 //! The tunnel ends when either side closes (the other then gets
 //! [`LINGER`] to finish its close handshake), when the session ends
 //! (revoked or expired, flagged `session_ended`), when nothing has passed
-//! either way for `proxy.idle_timeout` (flagged `incomplete`), or when
+//! either way for `proxy.idle_timeout` (flagged `incomplete`), when a
+//! fail-closed audit trail stops taking records (checked every
+//! [`AUDIT_CHECK`]; flagged `incomplete`, as new calls then get 503), or when
 //! shutdown's drain timeout cuts it (dropped: `incomplete`, as any call cut
 //! then). The call's record is completed when it ends, with status 101,
 //! bytes both ways and the whole duration; the agent's connection is closed
@@ -63,6 +65,10 @@ use crate::upstream_pool::UpstreamBody;
 /// After one side closed, how long the other may still send (the end of
 /// its close handshake) before the tunnel ends.
 pub const LINGER: Duration = Duration::from_secs(5);
+
+/// How often an open tunnel checks that its audit trail still takes
+/// records (fail-closed audit only; the auditor has no notification).
+const AUDIT_CHECK: Duration = Duration::from_millis(250);
 
 /// How long closing the agent's side may take once the tunnel ended.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -230,6 +236,9 @@ enum End {
     SessionEnded,
     /// Nothing passed either way for the idle timeout.
     Idle,
+    /// The audit trail (fail-closed) stopped taking records: no new call
+    /// is admitted, and no tunnel carries on.
+    AuditUnavailable,
 }
 
 impl End {
@@ -237,7 +246,7 @@ impl End {
         match self {
             Self::Closed => Flags::empty(),
             Self::AgentFailed => Flags::CLIENT_ABORTED,
-            Self::ProviderFailed | Self::Idle => Flags::INCOMPLETE,
+            Self::ProviderFailed | Self::Idle | Self::AuditUnavailable => Flags::INCOMPLETE,
             Self::SessionEnded => Flags::INCOMPLETE.union(Flags::SESSION_ENDED),
         }
     }
@@ -360,6 +369,11 @@ where
     };
     let bytes_in = call.count_request_body();
     let mut session_end = call.session().map(EndWatch::new);
+    // Fail-closed audit: the tunnel ends once its trail stops taking
+    // records, as new calls are then refused.
+    let audited = call.fail_closed().then(|| call.auditor().clone());
+    let mut audit_check = tokio::time::interval(AUDIT_CHECK);
+    audit_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut agent_read, mut agent_write) = tokio::io::split(agent);
     let (mut provider_read, mut provider_write) = tokio::io::split(provider);
 
@@ -446,6 +460,13 @@ where
                 continue;
             }
             () = &mut linger, if lingering => break End::Closed,
+            _ = audit_check.tick(), if audited.is_some() => {
+                if audited.as_ref().is_some_and(|a| !a.admits_calls()) {
+                    tracing::warn!("the audit trail takes no records; WebSocket tunnel closed");
+                    break End::AuditUnavailable;
+                }
+                continue;
+            }
         }
         match (up_done, down_done) {
             (Some(DirectionEnd::Agent), _) | (_, Some(DirectionEnd::Agent)) => {

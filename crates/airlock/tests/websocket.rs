@@ -503,3 +503,66 @@ async fn a_key_split_across_fragments_reaches_the_agent_masked() {
         "{records:?}"
     );
 }
+
+#[tokio::test]
+async fn a_tunnel_closes_when_the_audit_trail_stops_taking_writes() {
+    use sqlx::Connection;
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", KEY, "")
+        .config("[audit]\nfail_closed = true\nstall_timeout = \"300ms\"\n")
+        .start()
+        .await
+        .unwrap();
+    let s = Setup { mock, airlock };
+    let (id, token) = session(&s.airlock).await;
+    let (mut socket, _) = connect(&s, "/ws/echo", &token).await.unwrap();
+    socket.send(Message::text("before")).await.unwrap();
+    assert_eq!(next_message(&mut socket).await, Message::text("before"));
+
+    // Another process takes the database's write lock and keeps it: the
+    // next call's record fails, and from then on calls get 503.
+    let db = s.airlock.dir().join("airlock.db");
+    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let url = format!("{}/openai/ws/plain-http", s.airlock.proxy_url());
+    let auth = format!("Bearer {token}");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let reply =
+            airlock_testkit::client::request("GET", &url, &[("authorization", &auth)], "").await;
+        if reply.status == 503 {
+            assert_eq!(reply.json()["error"]["code"], "audit_unavailable");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gate never closed"
+        );
+    }
+    // The tunnel ends too, promptly.
+    let gate_closed = std::time::Instant::now();
+    closed(&mut socket).await;
+    assert!(
+        gate_closed.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        gate_closed.elapsed()
+    );
+
+    // Once the store takes writes again, the tunnel's record is there.
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    locker.close().await.unwrap();
+    let records = records(&s.airlock, &id, 2).await;
+    let tunnel = records
+        .iter()
+        .find(|r| r["path"] == "/openai/ws/echo")
+        .unwrap_or_else(|| panic!("no record of the tunnel: {records:?}"));
+    assert_eq!(tunnel["status"], 101, "{tunnel}");
+    let flags = tunnel["flags"].as_array().unwrap();
+    assert!(flags.contains(&json!("incomplete")), "{tunnel}");
+}
