@@ -390,7 +390,12 @@ where
             };
             touch();
             bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-            if provider_write.write_all(&buf[..n]).await.is_err() {
+            // Flushed: over TLS, a write may leave ciphertext buffered.
+            let sent = async {
+                provider_write.write_all(&buf[..n]).await?;
+                provider_write.flush().await
+            };
+            if sent.await.is_err() {
                 return DirectionEnd::Provider;
             }
         }
@@ -424,7 +429,11 @@ where
                 );
                 return DirectionEnd::Provider;
             }
-            if agent_write.write_all(&out).await.is_err() {
+            let sent = async {
+                agent_write.write_all(&out).await?;
+                agent_write.flush().await
+            };
+            if sent.await.is_err() {
                 return DirectionEnd::Agent;
             }
             *bytes_out += out.len() as u64;
