@@ -28,7 +28,11 @@
 //! redacted whole. A masked frame, one with a reserved bit set (compression
 //! nobody negotiated), a reserved opcode or a broken fragment sequence ends
 //! the tunnel: its payload could not be followed. What the agent sends is
-//! counted and passed on unread.
+//! checked to be WebSocket frames ([`AgentFrames`]: masked, no reserved
+//! bit, a known opcode, control frames whole and short, continuations in
+//! sequence), counted and passed on, its payloads unread; anything else
+//! (an HTTP request smuggled after the switch, say) ends the tunnel, flagged
+//! `client_aborted` and `incomplete`, without reaching the provider.
 //!
 //! The tunnel ends when either side closes (the other then gets
 //! [`LINGER`] to finish its close handshake), when the session ends
@@ -229,6 +233,9 @@ enum End {
     Closed,
     /// The agent's connection failed.
     AgentFailed,
+    /// The agent sent bytes that are no WebSocket frame (see
+    /// [`AgentFrames`]): nothing of them went on.
+    AgentNotWebSocket,
     /// The provider's connection failed, or it sent a frame the leak guard
     /// cannot read.
     ProviderFailed,
@@ -246,6 +253,7 @@ impl End {
         match self {
             Self::Closed => Flags::empty(),
             Self::AgentFailed => Flags::CLIENT_ABORTED,
+            Self::AgentNotWebSocket => Flags::CLIENT_ABORTED.union(Flags::INCOMPLETE),
             Self::ProviderFailed | Self::Idle | Self::AuditUnavailable => Flags::INCOMPLETE,
             Self::SessionEnded => Flags::INCOMPLETE.union(Flags::SESSION_ENDED),
         }
@@ -259,6 +267,8 @@ enum DirectionEnd {
     Eof,
     /// Reading from or writing to the agent failed.
     Agent,
+    /// The agent sent something that is no WebSocket frame.
+    AgentNotWebSocket,
     /// Reading from or writing to the provider failed, or its framing.
     Provider,
 }
@@ -379,6 +389,8 @@ where
 
     let up = async {
         let mut buf = vec![0u8; BUFFER];
+        let mut frames = AgentFrames::new();
+        let mut out = BytesMut::new();
         loop {
             let n = match agent_read.read(&mut buf).await {
                 Ok(0) => {
@@ -389,15 +401,23 @@ where
                 Err(_) => return DirectionEnd::Agent,
             };
             touch();
-            bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            out.clear();
+            if let Err(e) = frames.push(&buf[..n], &mut out) {
+                tracing::warn!(
+                    violation = ?e,
+                    "the agent sent bytes that are no WebSocket frame; tunnel closed"
+                );
+                return DirectionEnd::AgentNotWebSocket;
+            }
             // Flushed: over TLS, a write may leave ciphertext buffered.
             let sent = async {
-                provider_write.write_all(&buf[..n]).await?;
+                provider_write.write_all(&out).await?;
                 provider_write.flush().await
             };
             if sent.await.is_err() {
                 return DirectionEnd::Provider;
             }
+            bytes_in.fetch_add(out.len() as u64, Ordering::Relaxed);
         }
     };
     let bytes_out = &mut call.bytes_out;
@@ -478,6 +498,7 @@ where
             }
         }
         match (up_done, down_done) {
+            (Some(DirectionEnd::AgentNotWebSocket), _) => break End::AgentNotWebSocket,
             (Some(DirectionEnd::Agent), _) | (_, Some(DirectionEnd::Agent)) => {
                 break End::AgentFailed
             }
@@ -849,6 +870,138 @@ fn parse_header(header: &[u8]) -> Result<Head, Unreadable> {
         }),
         _ => Err(Unreadable::Length),
     }
+}
+
+/// Checks the agent's frames as they pass (RFC 6455 §5.2, §5.4, §5.5),
+/// without reading their payloads: every frame masked, no reserved bit, a
+/// known opcode, control frames unfragmented and at most 125 bytes, and
+/// continuations only within a message. Bytes that are not WebSocket (an
+/// HTTP request written after the switch, to be smuggled past a provider's
+/// proxy still reading HTTP) so never reach the provider: a frame header
+/// is held until it is whole and checked, and nothing of a refused one
+/// (nor anything after it) goes on.
+pub(crate) struct AgentFrames {
+    phase: AgentPhase,
+    /// Whether a data message is in progress (its final frame not seen).
+    in_message: bool,
+}
+
+enum AgentPhase {
+    /// Reading a frame header: `have` bytes of it so far.
+    Header {
+        buf: [u8; MAX_FRAME_HEADER],
+        have: usize,
+    },
+    /// Payload bytes left in the current frame.
+    Payload(u64),
+    /// A frame was refused; nothing more passes.
+    Refused,
+}
+
+/// An agent frame refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NotWebSocket {
+    /// A frame without a mask (a client always masks).
+    Unmasked,
+    /// A reserved bit set.
+    Reserved,
+    /// A reserved opcode, a continuation of no message, a new message
+    /// before the last ended, a control frame fragmented or over 125 bytes,
+    /// or a 64-bit length with its top bit set.
+    Protocol,
+}
+
+impl AgentFrames {
+    pub(crate) fn new() -> Self {
+        Self {
+            phase: AgentPhase::Header {
+                buf: [0; MAX_FRAME_HEADER],
+                have: 0,
+            },
+            in_message: false,
+        }
+    }
+
+    /// Takes the agent's next bytes; appends to `out` what may go on to the
+    /// provider now (a header split across reads goes once it is whole).
+    /// On an error, `out` holds the frames before the one refused.
+    pub(crate) fn push(&mut self, data: &[u8], out: &mut BytesMut) -> Result<(), NotWebSocket> {
+        let mut at = 0;
+        while at < data.len() {
+            match &mut self.phase {
+                AgentPhase::Refused => return Err(NotWebSocket::Protocol),
+                AgentPhase::Header { buf, have } => {
+                    let need = header_len(&buf[..*have]);
+                    let take = (need - *have).min(data.len() - at);
+                    buf[*have..*have + take].copy_from_slice(&data[at..at + take]);
+                    *have += take;
+                    at += take;
+                    if *have < header_len(&buf[..*have]) {
+                        continue;
+                    }
+                    let header = &buf[..*have];
+                    let checked = parse_header(header)
+                        .map_err(|_| NotWebSocket::Protocol)
+                        .and_then(|head| check_agent_frame(head, &mut self.in_message));
+                    let length = match checked {
+                        Ok(length) => length,
+                        Err(e) => {
+                            self.phase = AgentPhase::Refused;
+                            return Err(e);
+                        }
+                    };
+                    out.extend_from_slice(header);
+                    self.phase = if length == 0 {
+                        AgentPhase::Header {
+                            buf: [0; MAX_FRAME_HEADER],
+                            have: 0,
+                        }
+                    } else {
+                        AgentPhase::Payload(length)
+                    };
+                }
+                AgentPhase::Payload(left) => {
+                    let rest = (data.len() - at) as u64;
+                    let take = usize::try_from((*left).min(rest)).unwrap_or(data.len() - at);
+                    out.extend_from_slice(&data[at..at + take]);
+                    at += take;
+                    *left -= take as u64;
+                    if *left == 0 {
+                        self.phase = AgentPhase::Header {
+                            buf: [0; MAX_FRAME_HEADER],
+                            have: 0,
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks one agent frame's header; its payload length.
+fn check_agent_frame(head: Head, in_message: &mut bool) -> Result<u64, NotWebSocket> {
+    if !head.masked {
+        return Err(NotWebSocket::Unmasked);
+    }
+    if head.rsv != 0 {
+        return Err(NotWebSocket::Reserved);
+    }
+    if !head.known_opcode() {
+        return Err(NotWebSocket::Protocol);
+    }
+    if head.is_control() {
+        if !head.fin || head.length > MAX_CONTROL_PAYLOAD as u64 {
+            return Err(NotWebSocket::Protocol);
+        }
+        return Ok(head.length);
+    }
+    match (head.opcode, *in_message) {
+        (0x0, true) | (0x1 | 0x2, false) => {}
+        _ => return Err(NotWebSocket::Protocol),
+    }
+    *in_message = !head.fin;
+    Ok(head.length)
 }
 
 #[cfg(test)]

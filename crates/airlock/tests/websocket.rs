@@ -566,3 +566,49 @@ async fn a_tunnel_closes_when_the_audit_trail_stops_taking_writes() {
     let flags = tunnel["flags"].as_array().unwrap();
     assert!(flags.contains(&json!("incomplete")), "{tunnel}");
 }
+
+/// A masked client frame: FIN, `opcode`, `payload` (short).
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut out = vec![0x80 | opcode, 0x80 | u8::try_from(payload.len()).unwrap()];
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    out
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_websocket_from_the_agent_end_the_tunnel_unforwarded() {
+    let s = setup().await;
+    let (id, token) = session(&s.airlock).await;
+    let (mut stream, _) = open_raw(&s, "/ws/sink", &token).await;
+    // A frame passes...
+    let hello = client_frame(0x1, b"hello");
+    stream.write_all(&hello).await.unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while s.mock.websocket_received().len() < hello.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the frame never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...an HTTP request smuggled after it does not.
+    let smuggled =
+        format!("GET /admin HTTP/1.1\r\nHost: internal\r\nAuthorization: Bearer {token}\r\n\r\n");
+    stream.write_all(smuggled.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    read_to_end(&mut stream, &mut got).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        s.mock.websocket_received(),
+        hello,
+        "the provider got more than the agent's frame"
+    );
+    let records = records(&s.airlock, &id, 1).await;
+    assert_eq!(records[0]["status"], 101, "{records:?}");
+    assert_eq!(
+        records[0]["flags"],
+        json!(["client_aborted", "incomplete"]),
+        "{records:?}"
+    );
+}

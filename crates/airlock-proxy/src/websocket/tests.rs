@@ -292,6 +292,90 @@ fn frames_the_guard_cannot_follow_are_refused() {
     assert_eq!(refused(&fragment(false, 0x9, b"x")), Unreadable::Protocol);
 }
 
+/// A masked client frame: `fin`, `opcode`, `payload`.
+fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [1, 2, 3, 4];
+    let mut out = BytesMut::new();
+    write_header(&mut out, fin, opcode, Some(mask), payload.len() as u64);
+    out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    out.to_vec()
+}
+
+/// Feeds the agent's `bytes` in pieces of `piece`: what goes on, and the
+/// first refusal.
+fn check_agent(bytes: &[u8], piece: usize) -> (Vec<u8>, Option<NotWebSocket>) {
+    let mut frames = AgentFrames::new();
+    let mut sent = Vec::new();
+    for chunk in bytes.chunks(piece) {
+        let mut out = BytesMut::new();
+        let checked = frames.push(chunk, &mut out);
+        sent.extend_from_slice(&out);
+        if let Err(e) = checked {
+            return (sent, Some(e));
+        }
+    }
+    (sent, None)
+}
+
+#[test]
+fn agent_frames_pass_unchanged_whatever_the_reads() {
+    let mut stream = client_frame(true, 0x1, b"hello");
+    stream.extend(client_frame(false, 0x2, &[7; 300]));
+    stream.extend(client_frame(true, 0x9, b"ping"));
+    stream.extend(client_frame(true, 0x0, &[8; 70_000]));
+    stream.extend(client_frame(true, 0x8, &[0x03, 0xe8]));
+    for piece in PIECES {
+        assert_eq!(
+            check_agent(&stream, piece),
+            (stream.clone(), None),
+            "{piece}"
+        );
+    }
+}
+
+#[test]
+fn agent_bytes_that_are_no_websocket_frame_go_no_further() {
+    let hello = client_frame(true, 0x1, b"hello");
+    let refused = |bad: &[u8], want: NotWebSocket| {
+        let mut stream = hello.clone();
+        stream.extend_from_slice(bad);
+        stream.extend(client_frame(true, 0x1, b"after"));
+        for piece in PIECES {
+            // The frame before passes; nothing of the bad one, nor after.
+            assert_eq!(
+                check_agent(&stream, piece),
+                (hello.clone(), Some(want)),
+                "{bad:?} in pieces of {piece}"
+            );
+        }
+    };
+    // An HTTP request after the switch: `GE` reads as a frame with RSV1
+    // and opcode 7, unmasked.
+    refused(
+        b"GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n",
+        NotWebSocket::Unmasked,
+    );
+    refused(b"POST / HTTP/1.1\r\n\r\n", NotWebSocket::Unmasked);
+    // Unmasked, reserved bits, reserved opcodes.
+    refused(&frame(0x1, b"x"), NotWebSocket::Unmasked);
+    let mut rsv = client_frame(true, 0x1, b"x");
+    rsv[0] |= 0x40;
+    refused(&rsv, NotWebSocket::Reserved);
+    refused(&client_frame(true, 0x3, b"x"), NotWebSocket::Protocol);
+    refused(&client_frame(true, 0xb, b""), NotWebSocket::Protocol);
+    // Control frames fragmented or too long; continuations of nothing.
+    refused(&client_frame(false, 0x9, b"x"), NotWebSocket::Protocol);
+    refused(&client_frame(true, 0xa, &[0; 126]), NotWebSocket::Protocol);
+    refused(&client_frame(true, 0x0, b"x"), NotWebSocket::Protocol);
+    // A new message before the last ended.
+    let mut stream = client_frame(false, 0x1, b"a");
+    stream.extend(client_frame(true, 0x2, b"b"));
+    assert_eq!(
+        check_agent(&stream, usize::MAX),
+        (client_frame(false, 0x1, b"a"), Some(NotWebSocket::Protocol))
+    );
+}
+
 fn request(headers: &[(&str, &str)]) -> Request<()> {
     let mut builder = Request::get("/openai/v1/realtime");
     for (name, value) in headers {
