@@ -137,7 +137,7 @@ impl Proxy {
     /// A WebSocket handshake the provider accepted comes back as a `101`
     /// with its [`Tunnel`], which the caller runs once the `101` is sent
     /// (the call's record completes when the tunnel ends).
-    pub async fn handle(&self, req: Request<Incoming>) -> (Response<ProxyBody>, Option<Tunnel>) {
+    pub async fn handle(&self, req: Request<Incoming>) -> (Response<ProxyBody>, Option<Box<Tunnel>>) {
         let started = Instant::now();
         if !self.auditor.admits_calls() {
             // Fail closed: nothing goes upstream while records cannot be written.
@@ -371,7 +371,7 @@ impl Proxy {
         forwarded: Forwarded,
         mut call: CallRecord,
         metrics: &ProviderMetrics,
-    ) -> (Response<ProxyBody>, Option<Tunnel>) {
+    ) -> (Response<ProxyBody>, Option<Box<Tunnel>>) {
         let Forwarded {
             response,
             credential,

@@ -627,7 +627,7 @@ impl ConnSettings {
 }
 
 /// Where a connection's call leaves the WebSocket tunnel it opened.
-type TunnelSlot = Arc<Mutex<Option<Tunnel>>>;
+type TunnelSlot = Arc<Mutex<Option<Box<Tunnel>>>>;
 
 /// Why a connection is asked to finish before its client ends it.
 enum Ending {

@@ -284,22 +284,24 @@ impl Tunnel {
         call: CallRecord,
         redactor: Redactor,
         gauge: &Gauge,
-    ) -> Self {
+    ) -> Box<Self> {
         gauge.inc();
-        Self {
+        // Boxed: a call's answer carries an `Option` of it, which every call
+        // moves around, and almost every call leaves empty.
+        Box::new(Self {
             agent,
             provider,
             upstream,
             call,
             redactor,
             _open: OpenTunnel(gauge.clone()),
-        }
+        })
     }
 
     /// Carries the tunnel until it ends (see the module docs); a tunnel
     /// with nothing passing either way for `idle_timeout` is closed. Its
     /// record is durable (or failed) when this returns.
-    pub async fn run(mut self, idle_timeout: Duration) {
+    pub async fn run(mut self: Box<Self>, idle_timeout: Duration) {
         // Both are due at once (the tunnel runs after the 101 went out, and
         // the provider's connection switched with its 101); bounded all the
         // same, as nothing else watches this wait.
