@@ -52,6 +52,47 @@ pub struct SessionRow {
     pub denied: u64,
 }
 
+/// Where a session sits in the order sessions are listed in: newest first
+/// (`created_at` descending), then by `id` descending (compared byte by
+/// byte), a total order since ids are unique. [`Store::list_sessions_page`]
+/// continues after one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub id: SessionId,
+}
+
+impl SessionKey {
+    /// The key of a stored session.
+    pub fn of(row: &SessionRow) -> Self {
+        Self {
+            created_at: row.created_at,
+            id: row.id.clone(),
+        }
+    }
+
+    /// Whether a session with this key is listed after one with `other`
+    /// (is older, or as old with a smaller id).
+    pub fn comes_after(&self, other: &Self) -> bool {
+        (self.created_at, self.id.as_str()) < (other.created_at, other.id.as_str())
+    }
+}
+
+/// One page of sessions to list ([`Store::list_sessions_page`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionPage {
+    /// Also sessions that ended (expired or revoked); otherwise only those
+    /// active at `now_ms`.
+    pub include_ended: bool,
+    /// Unix milliseconds: what "active" is judged at.
+    pub now_ms: i64,
+    /// Start after this session (exclusive); `None` for the first page.
+    pub after: Option<SessionKey>,
+    /// At most this many rows.
+    pub limit: u32,
+}
+
 /// A provider credential as stored: sealed, never plaintext.
 #[derive(Clone, PartialEq, Eq)]
 pub struct StoredCredential {
@@ -135,8 +176,26 @@ pub trait Store: Send + Sync + 'static {
     async fn session_by_token(&self, hash: &TokenHash) -> Result<Option<SessionRow>>;
     /// The session with this id, in any state.
     async fn session_by_id(&self, id: &SessionId) -> Result<Option<SessionRow>>;
-    /// Sessions, newest first: active ones only unless `include_ended`.
+    /// Every session, newest first (in [`SessionKey`] order): active ones
+    /// only unless `include_ended`. Unbounded: the admin API lists with
+    /// [`Store::list_sessions_page`].
     async fn list_sessions(&self, include_ended: bool, now_ms: i64) -> Result<Vec<SessionRow>>;
+    /// One page of [`Store::list_sessions`]: up to `page.limit` sessions in
+    /// the same order, after `page.after`. The stores read only that page
+    /// (keyset on `(created_at, id)` with an index, never an offset); this
+    /// default, for wrappers, filters the whole list.
+    async fn list_sessions_page(&self, page: &SessionPage) -> Result<Vec<SessionRow>> {
+        let rows = self.list_sessions(page.include_ended, page.now_ms).await?;
+        Ok(rows
+            .into_iter()
+            .filter(|row| {
+                page.after
+                    .as_ref()
+                    .is_none_or(|after| SessionKey::of(row).comes_after(after))
+            })
+            .take(usize::try_from(page.limit).unwrap_or(usize::MAX))
+            .collect())
+    }
     /// Marks a session revoked at `at_ms` unless it already was. Returns
     /// whether the session exists.
     async fn revoke_session(&self, id: &SessionId, at_ms: i64) -> Result<bool>;

@@ -32,8 +32,8 @@ use crate::audit_rows::decode_head;
 use crate::batch_trail;
 use crate::session_rows::{decode_session, decode_status, SESSION_COLUMNS, STATUS_COLUMNS};
 use crate::{
-    encode_json, to_i64, to_u64, AuditQuery, ChainHead, Change, GenesisSeal, Result, SessionRow,
-    SessionStatus, Store, StoredCredential,
+    encode_json, to_i64, to_u64, AuditQuery, ChainHead, Change, GenesisSeal, Result, SessionPage,
+    SessionRow, SessionStatus, Store, StoredCredential,
 };
 use chain::ChainOwner;
 
@@ -65,7 +65,7 @@ pub struct PgStore {
 }
 
 /// The PostgreSQL schema's migrations: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 4] = [
+const MIGRATIONS: [(i64, &str, &str); 5] = [
     (
         1,
         "init",
@@ -85,6 +85,11 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
         4,
         "audit batches",
         include_str!("../migrations/postgres/0004_audit_batches.sql"),
+    ),
+    (
+        5,
+        "sessions by creation",
+        include_str!("../migrations/postgres/0005_sessions_by_creation.sql"),
     ),
 ];
 
@@ -196,16 +201,62 @@ impl Store for PgStore {
 
     async fn list_sessions(&self, include_ended: bool, now_ms: i64) -> Result<Vec<SessionRow>> {
         let rows = if include_ended {
-            let sql =
-                format!("SELECT {SESSION_COLUMNS} FROM sessions ORDER BY created_at DESC, id");
+            let sql = format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions \
+                 ORDER BY created_at DESC, id COLLATE \"C\" DESC"
+            );
             sqlx::query(&sql).fetch_all(&self.pool).await?
         } else {
             let sql = format!(
                 "SELECT {SESSION_COLUMNS} FROM sessions WHERE revoked_at IS NULL AND expires_at > $1 \
-                 ORDER BY created_at DESC, id"
+                 ORDER BY created_at DESC, id COLLATE \"C\" DESC"
             );
             sqlx::query(&sql).bind(now_ms).fetch_all(&self.pool).await?
         };
+        rows.iter().map(decode_session).collect()
+    }
+
+    async fn list_sessions_page(&self, page: &SessionPage) -> Result<Vec<SessionRow>> {
+        // The row comparison walks the index on (created_at, id COLLATE "C")
+        // backwards from the key (migration 5). `id` compares bytewise
+        // whatever the database's collation, as `SessionKey` does.
+        let mut conditions = Vec::new();
+        let mut arg = 0;
+        let mut next_arg = || {
+            arg += 1;
+            arg
+        };
+        if !page.include_ended {
+            conditions.push(format!(
+                "revoked_at IS NULL AND expires_at > ${}",
+                next_arg()
+            ));
+        }
+        if page.after.is_some() {
+            let (at, id) = (next_arg(), next_arg());
+            conditions.push(format!("(created_at, id COLLATE \"C\") < (${at}, ${id})"));
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions {filter} \
+             ORDER BY created_at DESC, id COLLATE \"C\" DESC LIMIT ${}",
+            next_arg()
+        );
+        let mut query = sqlx::query(&sql);
+        if !page.include_ended {
+            query = query.bind(page.now_ms);
+        }
+        if let Some(after) = &page.after {
+            query = query.bind(after.created_at).bind(after.id.as_str());
+        }
+        let rows = query
+            .bind(i64::from(page.limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(decode_session).collect()
     }
 

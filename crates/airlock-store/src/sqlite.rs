@@ -20,7 +20,7 @@ use self::audit_writer::{AuditWriter, BUSY_TIMEOUT};
 use crate::audit_rows::decode_head;
 use crate::{
     decode_json, encode_json, to_i64, to_u64, AuditQuery, ChainHead, GenesisSeal, Result,
-    SessionRow, Store, StoreError, StoredCredential,
+    SessionPage, SessionRow, Store, StoreError, StoredCredential,
 };
 
 mod audit_batches;
@@ -40,7 +40,7 @@ const COLUMNS: &str =
     "id, token_hash, created_at, expires_at, revoked_at, scope, limits, labels, allowed, denied";
 
 /// The SQLite schema's migrations: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 6] = [
+const MIGRATIONS: [(i64, &str, &str); 7] = [
     (
         1,
         "init",
@@ -70,6 +70,11 @@ const MIGRATIONS: [(i64, &str, &str); 6] = [
         6,
         "session leases",
         include_str!("../migrations/sqlite/0006_session_leases.sql"),
+    ),
+    (
+        7,
+        "sessions by creation",
+        include_str!("../migrations/sqlite/0007_sessions_by_creation.sql"),
     ),
 ];
 
@@ -298,14 +303,48 @@ impl Store for SqliteStore {
     async fn list_sessions(&self, include_ended: bool, now_ms: i64) -> Result<Vec<SessionRow>> {
         self.file_present()?;
         let sql = if include_ended {
-            format!("SELECT {COLUMNS} FROM sessions ORDER BY created_at DESC, id")
+            format!("SELECT {COLUMNS} FROM sessions ORDER BY created_at DESC, id DESC")
         } else {
             format!(
                 "SELECT {COLUMNS} FROM sessions WHERE revoked_at IS NULL AND expires_at > ? \
-                 ORDER BY created_at DESC, id"
+                 ORDER BY created_at DESC, id DESC"
             )
         };
         let rows = sqlx::query(&sql).bind(now_ms).fetch_all(&self.pool).await?;
+        rows.iter().map(Self::decode).collect()
+    }
+
+    async fn list_sessions_page(&self, page: &SessionPage) -> Result<Vec<SessionRow>> {
+        self.file_present()?;
+        // Row values walk the index on (created_at, id) backwards from the
+        // key (migration 7); `id` compares bytewise (BINARY), as
+        // `SessionKey` does.
+        let mut conditions = Vec::new();
+        if !page.include_ended {
+            conditions.push("revoked_at IS NULL AND expires_at > ?");
+        }
+        if page.after.is_some() {
+            conditions.push("(created_at, id) < (?, ?)");
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sessions {filter} ORDER BY created_at DESC, id DESC LIMIT ?"
+        );
+        let mut query = sqlx::query(&sql);
+        if !page.include_ended {
+            query = query.bind(page.now_ms);
+        }
+        if let Some(after) = &page.after {
+            query = query.bind(after.created_at).bind(after.id.as_str());
+        }
+        let rows = query
+            .bind(i64::from(page.limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(Self::decode).collect()
     }
 

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use airlock_core::audit::{head_seal, AuditKey, AuditRecord, ChainVerifier, Flags, GENESIS_MAC};
 use airlock_core::token::generate_token;
 use airlock_core::{Limits, SessionId, TokenHash};
-use airlock_store::{open, AuditQuery, ChainHead, Change, SessionRow, Store, StoreError};
+use airlock_store::{
+    open, AuditQuery, ChainHead, Change, SessionKey, SessionPage, SessionRow, Store, StoreError,
+};
 use airlock_testkit::pg::{self, FreshDb};
 use sqlx::Connection;
 
@@ -172,6 +174,9 @@ suite!(
     audit_probe_writes,
     a_trail_of_the_old_format_is_moved_into_batches,
     an_unreadable_old_row_is_kept_aside,
+    sessions_are_listed_a_page_at_a_time,
+    active_sessions_are_listed_a_page_at_a_time,
+    session_pages_walk_the_creation_index,
 );
 
 #[tokio::test]
@@ -399,6 +404,57 @@ async fn next_change(
     .await
     .ok()
     .flatten()
+}
+
+/// The listing order: newest first, then by id, bytewise, descending.
+fn listing_order(rows: &mut [SessionRow]) {
+    rows.sort_by(|a, b| (b.created_at, b.id.as_str()).cmp(&(a.created_at, a.id.as_str())));
+}
+
+fn ids(rows: &[SessionRow]) -> Vec<&str> {
+    rows.iter().map(|r| r.id.as_str()).collect()
+}
+
+/// Every page of `limit` rows, from `after` on, until an empty one.
+async fn all_pages(
+    store: &dyn Store,
+    include_ended: bool,
+    now_ms: i64,
+    limit: u32,
+) -> Vec<Vec<SessionRow>> {
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_sessions_page(&SessionPage {
+                include_ended,
+                now_ms,
+                after: after.clone(),
+                limit,
+            })
+            .await
+            .unwrap();
+        let Some(last) = page.last() else {
+            return pages;
+        };
+        assert!(
+            page.len() <= limit as usize,
+            "{} rows for {limit}",
+            page.len()
+        );
+        // Every row comes after the cursor: a page never repeats one.
+        if let Some(after) = &after {
+            for row in &page {
+                assert!(
+                    SessionKey::of(row).comes_after(after),
+                    "{row:?} after {after:?}"
+                );
+            }
+        }
+        assert!(pages.len() < 100, "no end of pages");
+        after = Some(SessionKey::of(last));
+        pages.push(page);
+    }
 }
 
 /// The cases both backends must pass.
@@ -1013,6 +1069,211 @@ mod cases {
                 .await,
             1
         );
+    }
+
+    /// Pages of every size cover the list exactly once, in order, however
+    /// the pages fall across sessions created in the same millisecond;
+    /// a cursor resumes from its key whether or not a session has it.
+    pub async fn sessions_are_listed_a_page_at_a_time(backend: &Backend) {
+        let store = backend.open().await;
+        // Ties: three sessions at 200, two at 300.
+        let mut rows: Vec<SessionRow> = [100, 200, 200, 200, 300, 300, 400]
+            .into_iter()
+            .map(|at| session(at, 10_000, Limits::default()).1)
+            .collect();
+        for row in &rows {
+            store.insert_session(row).await.unwrap();
+        }
+        // Ended sessions are listed with include_ended.
+        store.revoke_session(&rows[2].id, 500).await.unwrap();
+        rows[2].revoked_at = Some(500);
+        listing_order(&mut rows);
+
+        let everything = store.list_sessions(true, 20_000).await.unwrap();
+        assert_eq!(
+            ids(&everything),
+            ids(&rows),
+            "the unbounded list, same order"
+        );
+        for limit in [1, 2, 3, 4, 6, 7, 8, 10_000] {
+            let pages = all_pages(store.as_ref(), true, 20_000, limit).await;
+            let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+            let want: Vec<usize> = rows.chunks(limit as usize).map(<[_]>::len).collect();
+            assert_eq!(sizes, want, "limit {limit}");
+            assert_eq!(ids(&pages.concat()), ids(&rows), "limit {limit}");
+            assert_eq!(pages.concat(), rows, "whole rows, limit {limit}");
+        }
+
+        let page = |after: SessionKey, limit: u32| {
+            let store = Arc::clone(&store);
+            async move {
+                store
+                    .list_sessions_page(&SessionPage {
+                        include_ended: true,
+                        now_ms: 20_000,
+                        after: Some(after),
+                        limit,
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        // Past the end: after the oldest session, or before any.
+        let oldest = SessionKey::of(rows.last().unwrap());
+        assert!(page(oldest, 10).await.is_empty());
+        let before_all = SessionKey {
+            created_at: 0,
+            id: SessionId::parse("ses_0").unwrap(),
+        };
+        assert!(page(before_all, 10).await.is_empty());
+        // A key no session has: its place in the order.
+        let between = SessionKey {
+            created_at: 250,
+            id: SessionId::generate(),
+        };
+        assert_eq!(ids(&page(between, 10).await), ids(&rows[3..]));
+        // Within the tie at 200: ids compare bytewise ('Z' < 'a').
+        let highest = SessionKey {
+            created_at: 200,
+            id: SessionId::parse("ses_zzzz").unwrap(),
+        };
+        assert_eq!(ids(&page(highest, 10).await), ids(&rows[3..]));
+        let lowest = SessionKey {
+            created_at: 200,
+            id: SessionId::parse("ses_0000").unwrap(),
+        };
+        assert_eq!(ids(&page(lowest, 10).await), ids(&rows[6..]));
+        let middle = SessionKey::of(&rows[4]);
+        assert_eq!(ids(&page(middle, 1).await), ids(&rows[5..6]));
+        store.close().await;
+    }
+
+    /// Without include_ended, pages hold only sessions active at `now_ms`,
+    /// and a cursor still resumes after a session that ended since.
+    pub async fn active_sessions_are_listed_a_page_at_a_time(backend: &Backend) {
+        let store = backend.open().await;
+        // (created_at, expires_at, revoked): ties at 200 across all states.
+        let specs = [
+            (100, 10_000, false),
+            (200, 10_000, false),
+            (200, 3_000, false),
+            (200, 10_000, true),
+            (200, 10_000, false),
+            (300, 4_000, false),
+            (300, 10_000, false),
+            (400, 10_000, true),
+            (500, 10_000, false),
+        ];
+        let mut rows = Vec::new();
+        for (created_at, expires_at, revoked) in specs {
+            let (_, row) = session(created_at, expires_at, Limits::default());
+            store.insert_session(&row).await.unwrap();
+            if revoked {
+                store.revoke_session(&row.id, 1_000).await.unwrap();
+            }
+            rows.push((row, revoked));
+        }
+        let now = 5_000;
+        let mut active: Vec<SessionRow> = rows
+            .iter()
+            .filter(|(row, revoked)| !revoked && row.expires_at > now)
+            .map(|(row, _)| row.clone())
+            .collect();
+        listing_order(&mut active);
+        assert_eq!(active.len(), 5);
+        assert_eq!(
+            ids(&store.list_sessions(false, now).await.unwrap()),
+            ids(&active)
+        );
+        for limit in [1, 2, 3, 5, 6] {
+            let pages = all_pages(store.as_ref(), false, now, limit).await;
+            assert!(pages.iter().all(|p| !p.is_empty()));
+            assert_eq!(ids(&pages.concat()), ids(&active), "limit {limit}");
+        }
+
+        // The first page; then the session after it is revoked: the next
+        // page goes on after the cursor, without it and without repeats.
+        let first = store
+            .list_sessions_page(&SessionPage {
+                include_ended: false,
+                now_ms: now,
+                after: None,
+                limit: 2,
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids(&first), ids(&active[..2]));
+        store.revoke_session(&active[2].id, now).await.unwrap();
+        store.revoke_session(&active[1].id, now).await.unwrap();
+        let rest = store
+            .list_sessions_page(&SessionPage {
+                include_ended: false,
+                now_ms: now,
+                after: Some(SessionKey::of(&first[1])),
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids(&rest), ids(&active[3..]));
+        // Later, when everything has expired, nothing is active.
+        assert!(all_pages(store.as_ref(), false, 20_000, 2).await.is_empty());
+        store.close().await;
+    }
+
+    /// A page is read through the index on (created_at, id), walked
+    /// backwards from the cursor: no sort of the whole table, no offset.
+    pub async fn session_pages_walk_the_creation_index(backend: &Backend) {
+        let store = backend.open().await;
+        for at in 0..50 {
+            store
+                .insert_session(&session(at, 10_000, Limits::default()).1)
+                .await
+                .unwrap();
+        }
+        let plan = if let Some(db) = &backend.pg {
+            assert_eq!(
+                db.scalar_i64(
+                    "SELECT count(*) FROM pg_indexes WHERE indexname = 'sessions_created_at'"
+                )
+                .await,
+                0,
+                "the index of the old order is gone"
+            );
+            let mut conn = db.connect().await;
+            sqlx::query("SET enable_seqscan = off")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let plan: Vec<String> = sqlx::query_scalar(
+                "EXPLAIN SELECT id FROM sessions WHERE (created_at, id COLLATE \"C\") < (30, 'ses_x') \
+                 ORDER BY created_at DESC, id COLLATE \"C\" DESC LIMIT 10",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            conn.close().await.unwrap();
+            plan.join("\n")
+        } else {
+            let mut conn = backend.sqlite_connection().await;
+            let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+                "EXPLAIN QUERY PLAN SELECT id FROM sessions WHERE (created_at, id) < (30, 'ses_x') \
+                 ORDER BY created_at DESC, id DESC LIMIT 10",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            conn.close().await.unwrap();
+            plan.into_iter()
+                .map(|(_, _, _, detail)| detail)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert!(plan.contains("sessions_created_at_id"), "{plan}");
+        assert!(
+            !plan.contains("TEMP B-TREE") && !plan.contains("Sort"),
+            "{plan}"
+        );
+        store.close().await;
     }
 }
 
