@@ -6,6 +6,7 @@
 
 mod audit;
 mod error;
+mod listing;
 mod providers;
 mod routes;
 mod serve;
@@ -14,6 +15,7 @@ mod state;
 
 pub use audit::AuditAccess;
 pub use error::ApiError;
+pub use listing::{DEFAULT_LIMIT as SESSION_PAGE_DEFAULT, MAX_LIMIT as SESSION_PAGE_MAX};
 pub use providers::{CredentialAdmin, CredentialAdminError, CredentialStatus};
 pub use routes::{router, MAX_BODY};
 pub use serve::{serve, ServeSettings, MAX_HEADER_LINES};

@@ -7,7 +7,7 @@ use airlock_core::{token, SessionId, TokenHash};
 use airlock_session::now_ms;
 use axum::body::{Bytes, HttpBody};
 use axum::extract::DefaultBodyLimit;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +25,10 @@ type Shared = State<Arc<AdminState>>;
 /// The admin router.
 pub fn router(state: Arc<AdminState>) -> Router {
     let authenticated = Router::new()
-        .route("/v1/sessions", post(create_session).get(list_sessions))
+        .route(
+            "/v1/sessions",
+            post(create_session).get(crate::listing::list),
+        )
         .route("/v1/sessions/revoke", post(revoke_by_token))
         .route(
             "/v1/sessions/{id}",
@@ -183,40 +186,6 @@ fn session_env(state: &AdminState, providers: Vec<&str>, token: &str) -> BTreeMa
         }
     }
     env
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListQuery {
-    #[serde(default, deserialize_with = "flag")]
-    all: bool,
-}
-
-/// A query flag: `true`/`false`, or `1`/`0` as many clients write them.
-fn flag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    match text.as_str() {
-        "true" | "1" => Ok(true),
-        "false" | "0" => Ok(false),
-        other => Err(serde::de::Error::custom(format!(
-            "{other:?} is not a flag (true, false, 1 or 0)"
-        ))),
-    }
-}
-
-async fn list_sessions(
-    State(state): Shared,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let now = now_ms();
-    let rows = state.registry.store().list_sessions(query.all, now).await?;
-    let sessions: Vec<SessionView> = rows
-        .iter()
-        .map(|row| SessionView::new(row, state.registry.cached(&row.id).as_deref(), now))
-        .filter(|view| query.all || view.state == airlock_session::SessionState::Active)
-        .collect();
-    Ok(Json(json!({ "sessions": sessions })))
 }
 
 fn parse_id(id: &str) -> Result<SessionId, ApiError> {

@@ -215,6 +215,156 @@ async fn bad_session_requests_get_400_saying_what_is_wrong() {
     airlock.create_session(valid_body()).await.unwrap();
 }
 
+/// `GET /v1/sessions` pages: 25 sessions by 10 are 10, 10, 5, and only
+/// the last page has no `next`; every session once, newest first.
+#[tokio::test]
+async fn sessions_are_listed_a_page_at_a_time() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let mut created = Vec::new();
+    for _ in 0..25 {
+        let session = airlock.create_session(valid_body()).await.unwrap();
+        created.push(session["id"].as_str().unwrap().to_owned());
+    }
+    let revoked = [&created[3], &created[11], &created[20]];
+    for id in revoked {
+        let (status, _) = airlock
+            .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+
+    let pages = |query: &'static str| {
+        let airlock = &airlock;
+        async move {
+            let mut pages: Vec<Vec<Value>> = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let path = match &after {
+                    Some(cursor) => format!("/v1/sessions?{query}&after={cursor}"),
+                    None => format!("/v1/sessions?{query}"),
+                };
+                let (status, body) = airlock.admin("GET", &path, None).await.unwrap();
+                assert_eq!(status, 200, "{path}: {body}");
+                pages.push(body["sessions"].as_array().unwrap().clone());
+                match body.get("next") {
+                    None => return pages,
+                    Some(next) => {
+                        let next = next.as_str().unwrap().to_owned();
+                        assert!(next
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+                        assert_ne!(after.as_ref(), Some(&next), "{path}: the same cursor again");
+                        after = Some(next);
+                    }
+                }
+                assert!(pages.len() < 10, "no end of pages");
+            }
+        }
+    };
+    let ids = |sessions: &[Value]| -> Vec<String> {
+        sessions
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let newest_first = |sessions: &[Value]| {
+        let times: Vec<&str> = sessions
+            .iter()
+            .map(|s| s["created_at"].as_str().unwrap())
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
+    };
+
+    let all = pages("all=true&limit=10").await;
+    assert_eq!(all.iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 5]);
+    let listed = all.concat();
+    newest_first(&listed);
+    // Sessions made in the same millisecond may come in either order:
+    // compared as sets, with the order checked by created_at above.
+    let mut got = ids(&listed);
+    got.sort();
+    let mut want = created.clone();
+    want.sort();
+    assert_eq!(got, want, "every session exactly once");
+    let states = listed.iter().filter(|s| s["state"] == "revoked").count();
+    assert_eq!(states, 3);
+
+    // The default page holds them all; a page of exactly the rest has no
+    // next.
+    let (status, body) = airlock
+        .admin("GET", "/v1/sessions?all=true", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["sessions"].as_array().unwrap().len(), 25);
+    assert!(body.get("next").is_none(), "{body}");
+    assert_eq!(body.as_object().unwrap().len(), 1);
+    assert_eq!(ids(body["sessions"].as_array().unwrap()), ids(&listed));
+    let twenty_five = pages("all=1&limit=25").await;
+    assert_eq!(twenty_five.iter().map(Vec::len).collect::<Vec<_>>(), [25]);
+    let at_max = pages("all=true&limit=10000").await;
+    assert_eq!(at_max.concat().len(), 25);
+
+    // Active only: 22, the revoked ones left out, in the same order.
+    let active = pages("limit=10").await;
+    assert_eq!(active.iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 2]);
+    let active = ids(&active.concat());
+    let expected: Vec<String> = ids(&listed)
+        .into_iter()
+        .filter(|id| !revoked.contains(&id))
+        .collect();
+    assert_eq!(active, expected);
+    let (_, body) = airlock.admin("GET", "/v1/sessions", None).await.unwrap();
+    assert_eq!(ids(body["sessions"].as_array().unwrap()), expected);
+
+    // Refusals: 400, JSON, naming what is wrong.
+    let cursor_of_first_page = {
+        let (_, body) = airlock
+            .admin("GET", "/v1/sessions?all=true&limit=10", None)
+            .await
+            .unwrap();
+        body["next"].as_str().unwrap().to_owned()
+    };
+    for (query, names) in [
+        ("all=true&limit=0", "limit"),
+        ("all=true&limit=10001", "limit"),
+        ("limit=-1", "limit"),
+        ("limit=ten", "limit"),
+        ("limit=", "limit"),
+        ("all=true&after=garbage", "after"),
+        ("after=", "after"),
+        ("after=bm90LWEta2V5", "after"),
+        (&*format!("after={cursor_of_first_page}x"), "after"),
+        ("all=true&offset=10", "offset"),
+        ("all=true&page=2", "page"),
+    ] {
+        let path = format!("/v1/sessions?{query}");
+        let (status, body) = airlock.admin("GET", &path, None).await.unwrap();
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "bad_request", "{path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(names), "{path}: {message}");
+    }
+    // A cursor is good for either listing: the active sessions after the
+    // tenth of all.
+    let (status, body) = airlock
+        .admin(
+            "GET",
+            &format!("/v1/sessions?after={cursor_of_first_page}&limit=100"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let after_tenth: Vec<String> = ids(&listed[10..])
+        .into_iter()
+        .filter(|id| !revoked.contains(&id))
+        .collect();
+    assert_eq!(ids(body["sessions"].as_array().unwrap()), after_tenth);
+}
+
 #[tokio::test]
 async fn admin_token_is_required_except_for_healthz() {
     let mock = MockProvider::start().await;
