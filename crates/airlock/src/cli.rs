@@ -259,14 +259,16 @@ Examples:
   airlock session create --allow openai:GET:/v1/models/* --format env > agent.env
   eval \"$(airlock session create --allow anthropic:POST:/v1/messages --format shell)\"")]
     Create(CreateArgs),
-    /// List active sessions (--all adds ended ones).
+    /// List active sessions (--all adds ended ones), newest first.
     ///
     /// A table of id, state, time left, allowed/denied calls and labels;
-    /// --json prints the admin API's answer for scripts.
+    /// --json prints {"sessions":[...]} for scripts. The admin API answers a
+    /// page at a time; every page is fetched, up to --limit sessions.
     #[command(after_help = "\
 Examples:
   airlock session list
-  airlock session list --all --json")]
+  airlock session list --all --json
+  airlock session list --all --limit 20")]
     List {
         /// Include expired and revoked sessions.
         #[arg(long)]
@@ -274,6 +276,19 @@ Examples:
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Stop after this many sessions (the newest ones).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Sessions asked for per admin API call (1-10000; tests use small
+        /// pages).
+        #[arg(
+            long,
+            hide = true,
+            value_name = "N",
+            default_value_t = airlock_admin::SESSION_PAGE_DEFAULT,
+            value_parser = clap::value_parser!(u32).range(1..=i64::from(airlock_admin::SESSION_PAGE_MAX))
+        )]
+        page_size: u32,
     },
     /// Show one session as JSON (never its token).
     #[command(after_help = "\

@@ -743,6 +743,161 @@ async fn revoking_an_expired_session_says_it_had_expired() {
     assert_eq!(stdout(&out), format!("revoked {id}\n"));
 }
 
+/// `session list` follows the admin API's pages to the end: with pages of
+/// 2 or 3 sessions it prints exactly what one page of all prints (the
+/// table aligned over every row, the JSON one document); `--limit` stops
+/// after that many, newest first.
+#[tokio::test]
+async fn session_list_prints_every_page() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+
+    // No session: an empty table, an empty list.
+    let out = cli(&airlock, &["session", "list", "--json", "--page-size", "2"]).await;
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json!({"sessions": []})).unwrap()
+        )
+    );
+    let out = cli(&airlock, &["session", "list", "--all", "--page-size", "2"]).await;
+    assert_eq!(
+        stdout(&out),
+        "ID  STATE  EXPIRES IN  ALLOWED/DENIED  LABELS\n"
+    );
+
+    let mut ids = Vec::new();
+    for n in 0..7 {
+        let label = format!("n={n}");
+        let out = cli(
+            &airlock,
+            &[
+                "session",
+                "create",
+                "--allow",
+                "openai:POST:/v1/x",
+                "--label",
+                &label,
+            ],
+        )
+        .await;
+        let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
+    cli(&airlock, &["session", "revoke", &ids[2]]).await;
+    cli(&airlock, &["session", "revoke", &ids[5]]).await;
+
+    let table = |args: &'static [&'static str]| {
+        let airlock = &airlock;
+        async move {
+            let out = cli(airlock, args).await;
+            redact_column(&stdout(&out), "EXPIRES IN", "ALLOWED/DENIED", "<left>")
+        }
+    };
+    let whole = table(&["session", "list", "--all"]).await;
+    assert_eq!(whole.lines().count(), 1 + 7, "{whole}");
+    for id in &ids {
+        assert_eq!(whole.matches(id.as_str()).count(), 1, "{id} in\n{whole}");
+    }
+    assert_eq!(
+        table(&["session", "list", "--all", "--page-size", "2"]).await,
+        whole
+    );
+    assert_eq!(
+        table(&["session", "list", "--all", "--page-size", "3"]).await,
+        whole
+    );
+    // Active only: the revoked two left out, across pages too.
+    let active = table(&["session", "list"]).await;
+    assert_eq!(active.lines().count(), 1 + 5, "{active}");
+    assert!(!active.contains(&ids[2]) && !active.contains(&ids[5]));
+    assert_eq!(
+        table(&["session", "list", "--page-size", "2"]).await,
+        active
+    );
+    // --limit: the first rows of the whole table (aligned over those).
+    let limited = table(&[
+        "session",
+        "list",
+        "--all",
+        "--limit",
+        "4",
+        "--page-size",
+        "3",
+    ])
+    .await;
+    let first: Vec<&str> = whole
+        .lines()
+        .skip(1)
+        .take(4)
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    let got: Vec<&str> = limited
+        .lines()
+        .skip(1)
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(got, first, "{limited}");
+
+    // JSON: byte for byte the same document, however it was paged.
+    let json = |args: &'static [&'static str]| {
+        let airlock = &airlock;
+        async move { stdout(&cli(airlock, args).await) }
+    };
+    let whole = json(&["session", "list", "--all", "--json"]).await;
+    let parsed: Value = serde_json::from_str(&whole).unwrap();
+    assert_eq!(
+        parsed.as_object().unwrap().len(),
+        1,
+        "only sessions: {whole}"
+    );
+    assert_eq!(parsed["sessions"].as_array().unwrap().len(), 7);
+    assert_eq!(
+        whole,
+        format!("{}\n", serde_json::to_string_pretty(&parsed).unwrap())
+    );
+    assert_eq!(
+        json(&["session", "list", "--all", "--json", "--page-size", "2"]).await,
+        whole
+    );
+    assert_eq!(
+        json(&["session", "list", "--all", "--json", "--page-size", "7"]).await,
+        whole
+    );
+    let limited = json(&[
+        "session",
+        "list",
+        "--all",
+        "--json",
+        "--limit",
+        "3",
+        "--page-size",
+        "2",
+    ])
+    .await;
+    let limited: Value = serde_json::from_str(&limited).unwrap();
+    assert_eq!(
+        limited["sessions"],
+        json!(parsed["sessions"].as_array().unwrap()[..3])
+    );
+
+    // Out of range.
+    for args in [
+        &["session", "list", "--limit", "0"][..],
+        &["session", "list", "--page-size", "0"],
+        &["session", "list", "--page-size", "10001"],
+    ] {
+        let out = airlock_cmd(args)
+            .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+            .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+}
+
 /// Writes `airlock.toml` for `config check` into a fresh directory.
 fn config_dir(toml: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,7 @@
 //! `airlock session create|list|show|revoke`.
 
 use std::collections::BTreeMap;
+use std::io::{ErrorKind, Write as _};
 
 use airlock_core::{duration, Rule};
 use anyhow::anyhow;
@@ -24,18 +25,18 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
                 .map_err(|e| refused_options(e, &args.session))?;
             print!("{}", render_created(&session, args.format));
         }
-        SessionCommand::List { all, json } => {
-            let path = if all {
-                "/v1/sessions?all=true"
+        SessionCommand::List {
+            all,
+            json,
+            limit,
+            page_size,
+        } => {
+            let format = if json {
+                ListFormat::Json
             } else {
-                "/v1/sessions"
+                ListFormat::Table
             };
-            let answer = client.call(Method::GET, path, None).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
-            } else {
-                print!("{}", render_table(&answer, airlock_session::now_ms()));
-            }
+            list(&client, all, format, limit, page_size).await?;
         }
         SessionCommand::Show { id } => {
             check_id(&id)?;
@@ -234,13 +235,193 @@ pub fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
-/// An aligned table of sessions.
-pub fn render_table(answer: &Value, now_ms: i64) -> String {
-    let sessions = answer
-        .get("sessions")
-        .and_then(Value::as_array)
-        .cloned()
+/// How `session list` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListFormat {
+    /// An aligned table ([`render_table`]).
+    Table,
+    /// `{"sessions":[...]}`, pretty-printed.
+    Json,
+}
+
+/// `session list`: fetches page after page (following `next`) until the
+/// end or `limit` sessions, and prints them in one table or one JSON
+/// document, as one answer of the whole list printed before pagination.
+///
+/// JSON is streamed, each page printed as it comes. The table is aligned
+/// to its widest cell, so it is printed at the end: only its cells (five
+/// short strings a session) are kept meanwhile, never the pages.
+async fn list(
+    client: &AdminClient,
+    all: bool,
+    format: ListFormat,
+    limit: Option<u64>,
+    page_size: u32,
+) -> anyhow::Result<()> {
+    let now = airlock_session::now_ms();
+    let mut rows: Vec<[String; 5]> = Vec::new();
+    let mut json = JsonList::default();
+    let mut listed: u64 = 0;
+    let mut after: Option<String> = None;
+    loop {
+        let want = limit.map_or(u64::from(page_size), |limit| {
+            (limit - listed).min(u64::from(page_size))
+        });
+        let answer = client
+            .call(Method::GET, &list_path(all, want, after.as_deref()), None)
+            .await?;
+        let sessions = answer
+            .get("sessions")
+            .and_then(Value::as_array)
+            .ok_or_else(|| anyhow!("the admin API's answer holds no \"sessions\" list"))?;
+        let room =
+            usize::try_from(limit.map_or(u64::MAX, |limit| limit - listed)).unwrap_or(usize::MAX);
+        let page = &sessions[..sessions.len().min(room)];
+        listed += u64::try_from(page.len()).unwrap_or(u64::MAX);
+        match format {
+            ListFormat::Table => rows.extend(page.iter().map(|s| table_row(s, now))),
+            ListFormat::Json => {
+                if !print_out(&json.page(page))? {
+                    return Ok(());
+                }
+            }
+        }
+        let next = answer.get("next").and_then(Value::as_str);
+        match next {
+            Some(next) if limit.is_none_or(|limit| listed < limit) => {
+                if after.as_deref() == Some(next) {
+                    anyhow::bail!("the admin API answered the same page twice (next = {next:?})");
+                }
+                after = Some(next.to_owned());
+            }
+            _ => break,
+        }
+    }
+    let end = match format {
+        ListFormat::Table => format_table(rows),
+        ListFormat::Json => json.end(),
+    };
+    print_out(&end)?;
+    Ok(())
+}
+
+/// The path of one page: `limit` only when it is not the server's default
+/// (an admin API from before pagination refuses it), `after` from the
+/// previous page's `next`.
+fn list_path(all: bool, limit: u64, after: Option<&str>) -> String {
+    let mut params = Vec::new();
+    if all {
+        params.push("all=true".to_owned());
+    }
+    if limit != u64::from(airlock_admin::SESSION_PAGE_DEFAULT) {
+        params.push(format!("limit={limit}"));
+    }
+    if let Some(after) = after {
+        params.push(format!("after={}", crate::client::path_segment(after)));
+    }
+    if params.is_empty() {
+        "/v1/sessions".to_owned()
+    } else {
+        format!("/v1/sessions?{}", params.join("&"))
+    }
+}
+
+/// Writes `text` to stdout; `false` once stdout is closed (EPIPE: `| head`).
+fn print_out(text: &str) -> anyhow::Result<bool> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
+    }
+}
+
+/// `{"sessions":[...]}` written a page at a time, byte for byte as
+/// `serde_json::to_string_pretty` writes the whole document.
+#[derive(Default)]
+struct JsonList {
+    started: bool,
+    items: u64,
+}
+
+impl JsonList {
+    /// The text of the next `sessions` (the document's start first).
+    fn page(&mut self, sessions: &[Value]) -> String {
+        let mut out = String::new();
+        if !self.started {
+            out.push_str("{\n  \"sessions\": [");
+            self.started = true;
+        }
+        for session in sessions {
+            out.push_str(if self.items == 0 { "\n" } else { ",\n" });
+            // JSON strings hold no raw newline: every line of the value
+            // is one of its own lines, indented as an array item.
+            let pretty = serde_json::to_string_pretty(session).unwrap_or_default();
+            for (i, line) in pretty.lines().enumerate() {
+                if i > 0 {
+                    out.push('\n');
+                }
+                out.push_str("    ");
+                out.push_str(line);
+            }
+            self.items += 1;
+        }
+        out
+    }
+
+    /// The document's end.
+    fn end(&mut self) -> String {
+        let mut out = self.page(&[]);
+        out.push_str(if self.items == 0 {
+            "]\n}\n"
+        } else {
+            "\n  ]\n}\n"
+        });
+        out
+    }
+}
+
+/// A session's cells in the table: id, state, time left, calls, labels.
+fn table_row(s: &Value, now_ms: i64) -> [String; 5] {
+    let text = |key: &str| s.get(key).and_then(Value::as_str).unwrap_or("").to_owned();
+    let expires_in = time::OffsetDateTime::parse(
+        &text("expires_at"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map(|t| {
+        let left_ms = i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0) - now_ms;
+        // An ended session expires in nothing, whatever its expiry said.
+        if left_ms <= 0 || text("state") != "active" {
+            "-".to_owned()
+        } else {
+            duration::format(std::time::Duration::from_millis(left_ms.unsigned_abs()))
+        }
+    })
+    .unwrap_or_else(|_| "?".into());
+    let calls = format!(
+        "{}/{}",
+        s.pointer("/calls/allowed")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        s.pointer("/calls/denied")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    );
+    let labels = s
+        .get("labels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .unwrap_or_default();
+    [text("id"), text("state"), expires_in, calls, labels]
+}
+
+/// `sessions` under a header, each column as wide as its widest cell.
+fn format_table(sessions: Vec<[String; 5]>) -> String {
     let mut rows = vec![[
         "ID".to_owned(),
         "STATE".to_owned(),
@@ -248,43 +429,7 @@ pub fn render_table(answer: &Value, now_ms: i64) -> String {
         "ALLOWED/DENIED".to_owned(),
         "LABELS".to_owned(),
     ]];
-    for s in &sessions {
-        let text = |key: &str| s.get(key).and_then(Value::as_str).unwrap_or("").to_owned();
-        let expires_in = time::OffsetDateTime::parse(
-            &text("expires_at"),
-            &time::format_description::well_known::Rfc3339,
-        )
-        .map(|t| {
-            let left_ms = i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0) - now_ms;
-            // An ended session expires in nothing, whatever its expiry said.
-            if left_ms <= 0 || text("state") != "active" {
-                "-".to_owned()
-            } else {
-                duration::format(std::time::Duration::from_millis(left_ms.unsigned_abs()))
-            }
-        })
-        .unwrap_or_else(|_| "?".into());
-        let calls = format!(
-            "{}/{}",
-            s.pointer("/calls/allowed")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-            s.pointer("/calls/denied")
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-        );
-        let labels = s
-            .get("labels")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
-            .unwrap_or_default();
-        rows.push([text("id"), text("state"), expires_in, calls, labels]);
-    }
+    rows.extend(sessions);
     let widths: Vec<usize> = (0..5)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
