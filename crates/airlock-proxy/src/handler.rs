@@ -137,7 +137,10 @@ impl Proxy {
     /// A WebSocket handshake the provider accepted comes back as a `101`
     /// with its [`Tunnel`], which the caller runs once the `101` is sent
     /// (the call's record completes when the tunnel ends).
-    pub async fn handle(&self, req: Request<Incoming>) -> (Response<ProxyBody>, Option<Box<Tunnel>>) {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+    ) -> (Response<ProxyBody>, Option<Box<Tunnel>>) {
         let started = Instant::now();
         if !self.auditor.admits_calls() {
             // Fail closed: nothing goes upstream while records cannot be written.
