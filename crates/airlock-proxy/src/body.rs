@@ -114,21 +114,18 @@ pub(crate) enum Withheld {
 pub struct AgentBodyBroke(#[source] hyper::Error);
 
 impl AgentBodyBroke {
-    /// Whether the agent's connection closed or broke (end of stream,
-    /// reset, abort) rather than its framing failing: nobody is left to
-    /// read an answer.
+    /// Whether the agent's connection broke (reset, aborted): nobody is
+    /// left to read an answer. A body that ended early with the
+    /// connection's end of stream (FIN) is not: the agent may have only
+    /// half-closed it and still read the 400.
     pub fn agent_left(&self) -> bool {
         use std::io::ErrorKind;
-        if self.0.is_incomplete_message() || self.0.is_closed() {
-            return true;
-        }
         let mut source = std::error::Error::source(&self.0);
         while let Some(error) = source {
             if let Some(io) = error.downcast_ref::<std::io::Error>() {
                 return matches!(
                     io.kind(),
-                    ErrorKind::UnexpectedEof
-                        | ErrorKind::ConnectionReset
+                    ErrorKind::ConnectionReset
                         | ErrorKind::ConnectionAborted
                         | ErrorKind::BrokenPipe
                 );
