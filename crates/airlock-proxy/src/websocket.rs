@@ -2,14 +2,16 @@
 //! tunnel that carries the connection once both sides switched.
 //!
 //! A handshake is an ordinary call until the provider answers: it goes
-//! through every stage of the request path (route, token, scope with
-//! `GET`, limits, head screen) and counts as one call. [`classify`] decides
-//! whether a request is one: `Connection` naming `upgrade`, `Upgrade:
-//! websocket` exactly, `GET` over HTTP/1.1 and no body; any other upgrade
-//! (another protocol, several, on another version) is refused with 400,
-//! as is RFC 8441's extended `CONNECT` over HTTP/2. An `Upgrade` header
-//! that `Connection` does not name is no upgrade (RFC 9110 §7.8): it is
-//! stripped as hop-by-hop, as it always was.
+//! through every stage of the request path (route, token, scope with the
+//! method `WEBSOCKET`, never `GET`; limits, head screen) and counts as one
+//! call. [`classify`] decides whether a request is one: `Connection`
+//! naming `upgrade` and `Upgrade` naming `websocket` make it an attempt,
+//! which must then be `Upgrade: websocket` exactly, a `GET` over HTTP/1.1
+//! with no body, or is refused with 400, as is RFC 8441's extended
+//! `CONNECT` over HTTP/2. An upgrade to anything else (`h2c`, as `curl
+//! --http2` offers) is ignored, as RFC 9110 §7.8 lets a server do: the
+//! request is an ordinary call with `Upgrade` stripped as hop-by-hop, as
+//! is an `Upgrade` header that `Connection` does not name.
 //!
 //! Upstream, the handshake goes on a connection of its own
 //! ([`crate::upstream_pool::UpstreamPool::send_upgrade`], ALPN `http/1.1`
@@ -105,6 +107,11 @@ pub fn classify<B>(req: &Request<B>) -> Result<bool, Denial> {
         // ignored (RFC 9110 §7.8): stripped as hop-by-hop, as before.
         return Ok(false);
     }
+    if !headers.get_all(header::UPGRADE).iter().any(names_websocket) {
+        // An upgrade airlock does not offer (`h2c`): ignored, the request
+        // served as it is (RFC 9110 §7.8).
+        return Ok(false);
+    }
     if req.version() != Version::HTTP_11 {
         return Err(Denial::bad_request(
             "protocol upgrades are accepted over HTTP/1.1 only",
@@ -133,6 +140,15 @@ pub fn classify<B>(req: &Request<B>) -> Result<bool, Denial> {
         return Err(Denial::bad_request("a WebSocket handshake carries no body"));
     }
     Ok(true)
+}
+
+/// Whether an `Upgrade` value names the `websocket` protocol (with or
+/// without a version, alone or in a list).
+fn names_websocket(value: &http::HeaderValue) -> bool {
+    value.as_bytes().split(|b| *b == b',').any(|protocol| {
+        let name = protocol.split(|b| *b == b'/').next().unwrap_or_default();
+        name.trim_ascii().eq_ignore_ascii_case(b"websocket")
+    })
 }
 
 /// Whether a `Connection` header lists `upgrade`.

@@ -328,10 +328,27 @@ async fn refused_handshakes_never_reach_the_provider() {
     );
     let answer = raw(&url, literal.as_bytes()).await;
     assert_eq!(raw_error(&answer), (400, "bad_request".into()), "{answer}");
-    // Another protocol, several, or a versioned one: 400.
+    // An upgrade airlock does not offer (`h2c`, as `curl --http2` asks for
+    // on plain HTTP) is ignored: an ordinary GET, here outside the scope
+    // (the session grants only WEBSOCKET), its connection then closed.
     for upgrade in [
         "Connection: Upgrade\r\nUpgrade: h2c\r\n",
         "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n",
+    ] {
+        let answer = raw(&url, &handshake("/ws/echo", &token, upgrade)).await;
+        assert_eq!(
+            raw_error(&answer),
+            (403, "out_of_scope".into()),
+            "{upgrade}: {answer}"
+        );
+        assert!(answer.contains("GET /ws/echo"), "{answer}");
+        assert!(
+            answer.to_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    // A WebSocket with another protocol beside it, or a versioned one: 400.
+    for upgrade in [
         "Connection: Upgrade\r\nUpgrade: websocket, h2c\r\n",
         "Connection: Upgrade\r\nUpgrade: websocket/13\r\n",
     ] {

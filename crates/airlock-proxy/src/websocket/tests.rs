@@ -398,8 +398,13 @@ fn only_a_plain_websocket_upgrade_is_one() {
         let denial = classify(&request(headers)).unwrap_err();
         assert_eq!(denial.code(), ErrorCode::BadRequest);
     };
-    refused(&[("connection", "upgrade"), ("upgrade", "h2c")]);
+    // An upgrade airlock does not offer is ignored (RFC 9110 §7.8).
+    assert_eq!(
+        classify(&request(&[("connection", "upgrade"), ("upgrade", "h2c")])),
+        Ok(false)
+    );
     refused(&[("connection", "upgrade"), ("upgrade", "websocket, h2c")]);
+    refused(&[("connection", "upgrade"), ("upgrade", "h2c, WebSocket/13")]);
     refused(&[
         ("connection", "upgrade"),
         ("upgrade", "websocket"),
