@@ -40,6 +40,12 @@ impl Store for FaultyStore {
     async fn list_sessions(&self, all: bool, now: i64) -> Result<Vec<SessionRow>> {
         self.inner.list_sessions(all, now).await
     }
+    async fn list_sessions_page(
+        &self,
+        page: &airlock_store::SessionPage,
+    ) -> Result<Vec<SessionRow>> {
+        self.inner.list_sessions_page(page).await
+    }
     async fn revoke_session(&self, id: &SessionId, at: i64) -> Result<bool> {
         self.inner.revoke_session(id, at).await
     }

@@ -182,20 +182,10 @@ pub trait Store: Send + Sync + 'static {
     async fn list_sessions(&self, include_ended: bool, now_ms: i64) -> Result<Vec<SessionRow>>;
     /// One page of [`Store::list_sessions`]: up to `page.limit` sessions in
     /// the same order, after `page.after`. The stores read only that page
-    /// (keyset on `(created_at, id)` with an index, never an offset); this
-    /// default, for wrappers, filters the whole list.
-    async fn list_sessions_page(&self, page: &SessionPage) -> Result<Vec<SessionRow>> {
-        let rows = self.list_sessions(page.include_ended, page.now_ms).await?;
-        Ok(rows
-            .into_iter()
-            .filter(|row| {
-                page.after
-                    .as_ref()
-                    .is_none_or(|after| SessionKey::of(row).comes_after(after))
-            })
-            .take(usize::try_from(page.limit).unwrap_or(usize::MAX))
-            .collect())
-    }
+    /// (keyset on `(created_at, id)` with an index, never an offset). No
+    /// default: one built on `list_sessions` would read every session per
+    /// page, unnoticed, in any store that forgot to override it.
+    async fn list_sessions_page(&self, page: &SessionPage) -> Result<Vec<SessionRow>>;
     /// Marks a session revoked at `at_ms` unless it already was. Returns
     /// whether the session exists.
     async fn revoke_session(&self, id: &SessionId, at_ms: i64) -> Result<bool>;

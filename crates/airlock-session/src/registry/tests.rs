@@ -287,6 +287,12 @@ impl Store for CountingStore {
     async fn list_sessions(&self, all: bool, now: i64) -> airlock_store::Result<Vec<SessionRow>> {
         self.inner.list_sessions(all, now).await
     }
+    async fn list_sessions_page(
+        &self,
+        page: &airlock_store::SessionPage,
+    ) -> airlock_store::Result<Vec<SessionRow>> {
+        self.inner.list_sessions_page(page).await
+    }
     async fn revoke_session(&self, id: &SessionId, at: i64) -> airlock_store::Result<bool> {
         let refused = self
             .refused_revocations
