@@ -120,19 +120,12 @@ impl AgentBodyBroke {
     /// half-closed it and still read the 400.
     pub fn agent_left(&self) -> bool {
         use std::io::ErrorKind;
-        let mut source = std::error::Error::source(&self.0);
-        while let Some(error) = source {
-            if let Some(io) = error.downcast_ref::<std::io::Error>() {
-                return matches!(
-                    io.kind(),
-                    ErrorKind::ConnectionReset
-                        | ErrorKind::ConnectionAborted
-                        | ErrorKind::BrokenPipe
-                );
-            }
-            source = error.source();
-        }
-        false
+        crate::error::cause::<std::io::Error>(&self.0).is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+            )
+        })
     }
 }
 

@@ -142,16 +142,8 @@ impl AcceptFailure {
 /// opened, airlock's own shortage (503 `overloaded`), not the provider's
 /// failure (502).
 pub fn is_resource_shortage(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(error) = next {
-        if let Some(io_error) = error.downcast_ref::<io::Error>() {
-            if AcceptFailure::of(io_error) == AcceptFailure::Resources {
-                return true;
-            }
-        }
-        next = error.source();
-    }
-    false
+    crate::error::cause::<io::Error>(error)
+        .is_some_and(|io_error| AcceptFailure::of(io_error) == AcceptFailure::Resources)
 }
 
 /// Failed accepts on one listener (shared by the loops accepting from it):

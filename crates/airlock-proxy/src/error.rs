@@ -45,6 +45,22 @@ pub struct Denial {
     agent_gone: bool,
 }
 
+/// The first error of type `T` in `error`'s chain, `error` itself
+/// included: what caused a failure that others wrapped (hyper around the
+/// socket's `io::Error`, the client around airlock's own body errors).
+pub(crate) fn cause<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(found) = error.downcast_ref::<T>() {
+            return Some(found);
+        }
+        next = error.source();
+    }
+    None
+}
+
 // === impl ErrorCode ===
 
 impl ErrorCode {

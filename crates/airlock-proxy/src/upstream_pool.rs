@@ -173,14 +173,7 @@ impl UpstreamError {
         let Self::Request(e) = self else {
             return None;
         };
-        let mut source = std::error::Error::source(e);
-        while let Some(error) = source {
-            if let Some(broke) = error.downcast_ref::<AgentBodyBroke>() {
-                return Some(broke);
-            }
-            source = error.source();
-        }
-        None
+        crate::error::cause::<AgentBodyBroke>(e)
     }
 }
 
