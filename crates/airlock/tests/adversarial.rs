@@ -1509,17 +1509,9 @@ async fn an_upload_cut_by_the_agent_leaving_is_client_aborted_not_bad_request() 
     stream.set_linger(Some(Duration::ZERO)).unwrap();
     drop(stream);
 
-    let record = loop {
-        let (_, records) = airlock
-            .admin("GET", &format!("/v1/audit?session={id}"), None)
-            .await
-            .unwrap();
-        if let Some(record) = records["records"].get(0) {
-            break record.clone();
-        }
-        assert!(Instant::now() < deadline, "no record: {records}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let records = audit_records(&airlock, id, 1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
     assert_eq!(record["decision"], "client_aborted", "{record}");
     assert_eq!(record["status"], 0, "{record}");
     assert_eq!(record["flags"], json!(["client_aborted"]), "{record}");
