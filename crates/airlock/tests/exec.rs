@@ -40,7 +40,12 @@ async fn start(mock: &MockProvider) -> Airlock {
 /// token in the environment, and the real credentials too (the variables the
 /// config names as credential sources), which the child must not get.
 fn exec(airlock: &Airlock, args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
+    exec_with(Command::new(BIN), airlock, args)
+}
+
+/// `airlock exec ARGS` as [`exec`] runs it, appended to `command` (which
+/// ends with the path of airlock's binary).
+fn exec_with(mut command: Command, airlock: &Airlock, args: &[&str]) -> Command {
     command
         .arg("--config")
         .arg(airlock.config_path())
@@ -367,6 +372,71 @@ async fn sigint_sent_to_airlock_alone_reaches_the_child_even_with_a_terminal_on_
     signal(&child, rustix::process::Signal::INT);
     assert_eq!(next_line(&mut lines).await, "child got INT");
     assert_eq!(wait(&mut child).await.code(), Some(4));
+    assert_eq!(session(&airlock, &id).await["state"], "revoked");
+}
+
+#[tokio::test]
+async fn a_ctrl_c_at_the_terminal_reaches_the_command_once_when_stdin_is_redirected() {
+    // `… | airlock exec -- agent` typed at a shell: stdin is a pipe, but
+    // airlock and the command are the terminal's foreground group, so a
+    // Ctrl-C reaches the command directly; airlock must not send a second
+    // SIGINT (many programs skip their graceful exit on one).
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let (leader, terminal) = detached_terminal();
+    // `setsid --ctty` makes the terminal on its stdin the controlling
+    // terminal of a new session, whose group is then the foreground one;
+    // airlock itself gets /dev/null as stdin.
+    let mut wrapper = Command::new("setsid");
+    wrapper.args(["--ctty", "sh", "-c", r#"exec "$@" </dev/null"#, "sh", BIN]);
+    let mut child = exec_with(
+        wrapper,
+        &airlock,
+        &[
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--",
+            "sh",
+            "-c",
+            r#"trap 'echo INT' INT; trap 'echo TERM; exit 5' TERM; echo "$AIRLOCK_SESSION_ID"; while :; do sleep 0.05; done"#,
+        ],
+    )
+    .env("RUST_LOG", "warn,airlock::commands::exec=debug")
+    .stdin(terminal)
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    let id = next_line(&mut lines).await;
+    assert_eq!(session(&airlock, &id).await["state"], "active");
+
+    // Ctrl-C, typed at the terminal.
+    assert_eq!(rustix::io::write(&leader, b"\x03").unwrap(), 1);
+    assert_eq!(next_line(&mut lines).await, "INT");
+    let decision = loop {
+        let line = tokio::time::timeout(DEADLINE, log.next_line())
+            .await
+            .expect("airlock logged no signal in time")
+            .unwrap()
+            .expect("airlock's log ended");
+        if line.contains("signal received") {
+            break line;
+        }
+    };
+    assert!(
+        decision.contains("signal=2") && decision.contains("forwarded=false"),
+        "{decision}"
+    );
+
+    // SIGTERM is passed on; the command's output then shows every signal
+    // it got.
+    signal(&child, rustix::process::Signal::TERM);
+    assert_eq!(wait(&mut child).await.code(), Some(5));
+    let mut rest = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        rest.push(line);
+    }
+    assert_eq!(rest, ["TERM"], "the command got one SIGINT");
     assert_eq!(session(&airlock, &id).await["state"], "revoked");
 }
 

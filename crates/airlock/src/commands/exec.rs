@@ -108,7 +108,9 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
             biased;
             status = child.wait() => break status,
             number = signals.recv() => {
-                if let Some(pid) = child.id().filter(|_| forwards(number, in_terminal_foreground())) {
+                let forwarded = forwards(number, in_terminal_foreground());
+                tracing::debug!(signal = number, forwarded, "signal received");
+                if let Some(pid) = child.id().filter(|_| forwarded) {
                     forward_signal(pid, number);
                 }
             }
@@ -254,14 +256,16 @@ fn forwards(number: i32, terminal: bool) -> bool {
     !(terminal && number == SignalKind::interrupt().as_raw_value())
 }
 
-/// Whether airlock's process group is the foreground group of the
-/// controlling terminal on its stdin, i.e. whether a Ctrl-C typed there
-/// reaches the command directly. Not when stdin is no terminal, not our
-/// controlling one, or airlock runs in the background (`airlock exec … &`):
-/// a SIGINT then came from `kill` and only airlock got it.
+/// Whether airlock's process group is the foreground group of its
+/// controlling terminal (`/dev/tty`, whatever stdin is: `… | airlock exec`
+/// typed at a shell still gets Ctrl-C), i.e. whether a Ctrl-C typed there
+/// reaches the command directly. Not without a controlling terminal, nor
+/// when airlock runs in the background (`airlock exec … &`): a SIGINT then
+/// came from `kill` and only airlock got it.
 fn in_terminal_foreground() -> bool {
-    rustix::termios::tcgetpgrp(std::io::stdin())
-        .is_ok_and(|group| group == rustix::process::getpgrp())
+    std::fs::File::open("/dev/tty").is_ok_and(|terminal| {
+        rustix::termios::tcgetpgrp(&terminal).is_ok_and(|group| group == rustix::process::getpgrp())
+    })
 }
 
 /// Sends signal `number` to `pid`; a command that is already gone is fine.
