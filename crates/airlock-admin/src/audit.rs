@@ -45,7 +45,7 @@ pub(crate) async fn list(
     State(state): State<Arc<AdminState>>,
     query: Result<Query<ListAudit>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Query(query) = query?;
     let audit = access(&state)?;
     let since_ms = query
         .since
@@ -60,6 +60,13 @@ pub(crate) async fn list(
                 })
         })
         .transpose()?;
+    // A malformed id is refused as on `/v1/sessions/{id}`, rather than
+    // answered with no records.
+    let session = query
+        .session
+        .as_deref()
+        .map(crate::routes::parse_id)
+        .transpose()?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::BadRequest(format!(
@@ -69,7 +76,7 @@ pub(crate) async fn list(
     let records = audit
         .store
         .audit_records(&AuditQuery {
-            session: query.session,
+            session: session.map(|id| id.to_string()),
             since_ms,
             limit,
             ..AuditQuery::default()

@@ -80,6 +80,19 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    /// A query string the route's parameters refuse, said without axum's
+    /// own wording around the reason (`Failed to deserialize query
+    /// string: …`).
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        let text = e.body_text();
+        let reason = text
+            .strip_prefix("Failed to deserialize query string: ")
+            .unwrap_or(&text);
+        Self::BadRequest(format!("invalid query string: {reason}"))
+    }
+}
+
 impl From<airlock_session::RegistryError> for ApiError {
     fn from(e: airlock_session::RegistryError) -> Self {
         Self::Internal(e.to_string())

@@ -1,10 +1,12 @@
 //! The airlock control plane: the admin API of SPEC §4.
 //!
-//! Every route but `/healthz` needs `Authorization: Bearer <admin token>`;
-//! the token is compared by its SHA-256 hash in constant time. Errors use the
+//! Every route but `/healthz` and `/readyz` needs `Authorization: Bearer
+//! <admin token>`; the token is compared by its SHA-256 hash in constant
+//! time, and a refusal is counted and logged (`auth`). Errors use the
 //! same JSON shape as the proxy.
 
 mod audit;
+mod auth;
 mod error;
 mod listing;
 mod providers;
@@ -14,6 +16,7 @@ mod sessions;
 mod state;
 
 pub use audit::AuditAccess;
+pub use auth::AuthFailures;
 pub use error::ApiError;
 pub use listing::{DEFAULT_LIMIT as SESSION_PAGE_DEFAULT, MAX_LIMIT as SESSION_PAGE_MAX};
 pub use providers::{CredentialAdmin, CredentialAdminError, CredentialStatus};

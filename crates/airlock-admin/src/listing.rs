@@ -69,7 +69,7 @@ pub(crate) async fn list(
     State(state): State<Arc<AdminState>>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SessionList>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Query(query) = query?;
     let limit = parse_limit(query.limit.as_deref())?;
     let after = query.after.as_deref().map(decode_cursor).transpose()?;
     let now = now_ms();

@@ -3,12 +3,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use airlock_core::{token, SessionId, TokenHash};
+use airlock_core::{token, SessionId};
 use airlock_session::now_ms;
 use axum::body::{Bytes, HttpBody};
 use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -48,7 +48,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         // admin token is.
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
-            require_admin,
+            crate::auth::require_admin,
         ));
     Router::new()
         .route("/healthz", get(healthz))
@@ -114,24 +114,6 @@ async fn json_errors(response: Response) -> Response {
     json
 }
 
-async fn require_admin(
-    State(state): Shared,
-    headers: HeaderMap,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    match presented {
-        Some(token) if TokenHash::of(token) == state.admin_token_hash => Ok(next.run(req).await),
-        _ => Err(ApiError::Unauthorized),
-    }
-}
-
 async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
@@ -188,7 +170,7 @@ fn session_env(state: &AdminState, providers: Vec<&str>, token: &str) -> BTreeMa
     env
 }
 
-fn parse_id(id: &str) -> Result<SessionId, ApiError> {
+pub(crate) fn parse_id(id: &str) -> Result<SessionId, ApiError> {
     SessionId::parse(id)
         .ok_or_else(|| ApiError::BadRequest(format!("{id:?} is not a session id (ses_...)")))
 }

@@ -135,7 +135,10 @@ where
             continue;
         };
         let router = router.clone();
-        let service = service_fn(move |req: hyper::Request<Incoming>| {
+        let service = service_fn(move |mut req: hyper::Request<Incoming>| {
+            // The client's address, for what is logged about its requests.
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
             let mut router = router.clone();
             // Boxed: hyper hands the connection back only for a service
             // whose future is `Unpin`.

@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::state::{AdminState, ProviderEnv};
 
+/// Most rules one session's scope may hold.
+pub const MAX_SCOPE_RULES: usize = 256;
+/// Most path patterns one session's scope may hold, all rules together:
+/// every call the scope refuses is matched against all of them.
+pub const MAX_SCOPE_PATTERNS: usize = 1024;
 const MAX_LABELS: usize = 32;
 const MAX_LABEL_KEY: usize = 63;
 const MAX_LABEL_VALUE: usize = 256;
@@ -80,6 +85,20 @@ impl CreateSession {
             return Err(ApiError::BadRequest(
                 "scope must hold at least one rule".into(),
             ));
+        }
+        if req.scope.rules().len() > MAX_SCOPE_RULES {
+            return Err(ApiError::BadRequest(format!(
+                "scope holds {} rules; at most {MAX_SCOPE_RULES} are allowed (a rule's paths \
+                 list takes several paths, and a trailing /** covers a whole subtree)",
+                req.scope.rules().len()
+            )));
+        }
+        let patterns = req.scope.pattern_count();
+        if patterns > MAX_SCOPE_PATTERNS {
+            return Err(ApiError::BadRequest(format!(
+                "scope holds {patterns} paths in all; at most {MAX_SCOPE_PATTERNS} are allowed (a \
+                 trailing /** covers a whole subtree)"
+            )));
         }
         for provider in req.scope.providers() {
             if !providers.contains_key(provider) {

@@ -8,6 +8,7 @@ use airlock_core::TokenHash;
 use airlock_session::Registry;
 
 use crate::audit::AuditAccess;
+use crate::auth::AuthFailures;
 use crate::providers::CredentialAdmin;
 use prometheus_client::metrics::counter::Counter;
 
@@ -20,10 +21,12 @@ pub struct ProviderEnv {
 }
 
 /// Counters of the control plane.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct AdminMetrics {
     pub sessions_created: Counter,
     pub sessions_revoked: Counter,
+    /// Requests refused for want of the admin token.
+    pub auth_failures: Arc<AuthFailures>,
 }
 
 /// Shared state of the admin API.
@@ -54,7 +57,11 @@ pub struct AdminState {
 impl AdminMetrics {
     /// Creates and registers the counters.
     pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
-        let metrics = Self::default();
+        let metrics = Self {
+            sessions_created: Counter::default(),
+            sessions_revoked: Counter::default(),
+            auth_failures: Arc::new(AuthFailures::register(registry)),
+        };
         registry.register(
             "airlock_sessions_created",
             "Sessions created",

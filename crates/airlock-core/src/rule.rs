@@ -419,6 +419,12 @@ impl Scope {
         &self.0
     }
 
+    /// The path patterns of all rules together (what a call that no rule
+    /// allows is matched against).
+    pub fn pattern_count(&self) -> usize {
+        self.0.iter().map(|r| r.paths.len()).sum()
+    }
+
     /// The distinct providers named by the rules, in first-seen order.
     pub fn providers(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();

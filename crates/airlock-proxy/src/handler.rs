@@ -500,13 +500,16 @@ impl Proxy {
         // Taken before the head is prepared (which clears the extensions).
         let agent_upgrade = admitted.websocket.then(|| hyper::upgrade::on(&mut req));
         let Some(credential) = provider.credential() else {
+            // Only an operator can fix this: an SDK retrying at once would
+            // only add denials toward `max_denied`.
             return Err(Denial::new(
                 ErrorCode::CredentialUnavailable,
                 format!(
                     "no credential is configured for provider {}",
                     provider.name()
                 ),
-            ));
+            )
+            .no_retry());
         };
         let (mut parts, body) = req.into_parts();
         credentials::prepare_upstream(

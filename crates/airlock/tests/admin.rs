@@ -184,6 +184,22 @@ async fn bad_session_requests_get_400_saying_what_is_wrong() {
             "unknown field `extra`",
         ),
         (json!("not an object"), "invalid session request"),
+        (
+            {
+                let mut b = valid_body();
+                let rule = b["scope"][0].clone();
+                b["scope"] = Value::Array(vec![rule; 257]);
+                b
+            },
+            "scope holds 257 rules; at most 256",
+        ),
+        (
+            with(
+                "/scope/0/paths",
+                json!((0..1025).map(|i| format!("/v1/p{i}")).collect::<Vec<_>>()),
+            ),
+            "scope holds 1025 paths in all; at most 1024",
+        ),
     ];
     for (body, want) in cases {
         let (status, answer) = airlock
@@ -390,6 +406,56 @@ async fn admin_token_is_required_except_for_healthz() {
     }
     let (status, answer) = airlock.admin("GET", "/v1/nothing", None).await.unwrap();
     assert_eq!(status, 404, "{answer}");
+
+    // Every refusal is counted by reason (no bearer token: 8; a wrong one:
+    // 4), and the first is logged with the client's address, never with
+    // the token it tried.
+    let metrics = request(
+        "GET",
+        &format!("{base}/metrics"),
+        &[(
+            "authorization",
+            &format!("Bearer {}", airlock.admin_token()),
+        )],
+        "",
+    )
+    .await
+    .text();
+    for line in [
+        "airlock_admin_auth_failures_total{reason=\"missing\"} 8",
+        "airlock_admin_auth_failures_total{reason=\"invalid\"} 4",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let warning = loop {
+        let output = airlock.output();
+        if let Some(line) = output
+            .lines()
+            .find(|l| l.contains("admin API request refused"))
+        {
+            break line.to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no warning logged:\n{output}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        warning.contains("WARN") && warning.contains("peer=127.0.0.1:"),
+        "{warning}"
+    );
+    // The warnings are spaced (at most one per 10 s): twelve refusals in
+    // a row make one line.
+    assert_eq!(
+        airlock
+            .output()
+            .matches("admin API request refused")
+            .count(),
+        1
+    );
+    assert!(!airlock.output().contains("Bearer wrong"));
 }
 
 /// `null` for the optional `limits` and `labels` means what leaving them

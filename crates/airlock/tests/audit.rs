@@ -222,6 +222,26 @@ async fn every_call_gets_one_record_and_none_holds_a_secret() {
         .await
         .unwrap();
     assert_eq!(status, 400);
+    // Something that is no session id is refused, as on /v1/sessions/{id},
+    // not answered with an empty list; a bad parameter is named without
+    // the framework's wording.
+    for (query, want) in [
+        ("?session=foo", "\"foo\" is not a session id (ses_...)"),
+        ("?limit=many", "invalid query string: limit: invalid digit"),
+        (
+            "?sesion=ses_x",
+            "unknown field `sesion`, expected one of `session`",
+        ),
+    ] {
+        let (status, body) = airlock
+            .admin("GET", &format!("/v1/audit{query}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{query}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(want), "{query}: {message}");
+        assert!(!message.contains("Failed to deserialize"), "{message}");
+    }
 
     let (status, verdict) = airlock
         .admin("GET", "/v1/audit/verify", None)

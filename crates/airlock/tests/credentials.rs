@@ -508,8 +508,12 @@ async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
         .await
         .unwrap();
     let token = session(&airlock, &["p"]).await;
-    let (status, _, body) = call(&airlock, "/p/x", &token).await;
+    let (status, headers, body) = call(&airlock, "/p/x", &token).await;
     assert_eq!(status, 503, "no credential yet: {body}");
+    assert!(body.contains("credential_unavailable"), "{body}");
+    // Only an operator can fix it: the SDKs are told not to retry.
+    assert_eq!(headers["x-should-retry"], "false");
+    assert!(mock.requests().is_empty(), "the provider saw the call");
     let (_, shown) = airlock
         .admin("GET", "/v1/providers/p/credential", None)
         .await
