@@ -164,10 +164,17 @@ impl fmt::Display for PathError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NotAbsolute => f.write_str("path must start with '/'"),
-            Self::ForbiddenByte(b) => write!(f, "path contains a forbidden byte 0x{b:02x}"),
+            Self::ForbiddenByte(b) => write!(f, "path contains {}", describe_byte(*b)),
             Self::BadEscape => f.write_str("path contains a malformed percent escape"),
+            Self::ForbiddenEscape(b) if b.is_ascii_graphic() => {
+                write!(
+                    f,
+                    "path contains an encoded '{}' (%{b:02X})",
+                    char::from(*b)
+                )
+            }
             Self::ForbiddenEscape(b) => {
-                write!(f, "path contains an encoded forbidden byte 0x{b:02x}")
+                write!(f, "path contains an encoded control character (%{b:02X})")
             }
             Self::DotSegment => f.write_str("path contains a '.' or '..' segment"),
             Self::EmptySegment => f.write_str("path contains an empty segment ('//')"),
@@ -177,6 +184,32 @@ impl fmt::Display for PathError {
 }
 
 impl std::error::Error for PathError {}
+
+/// A byte named the way a person reads it: `a space`, `a tab`, `'?'`,
+/// `a control character (0x01)`, `a non-ASCII byte (0xc3)`.
+pub fn describe_byte(b: u8) -> String {
+    match b {
+        b' ' => "a space".to_owned(),
+        b'\t' => "a tab".to_owned(),
+        b'\n' => "a newline".to_owned(),
+        b'\r' => "a carriage return".to_owned(),
+        0..=0x1f | 0x7f => format!("a control character (0x{b:02x})"),
+        0x80.. => format!("a non-ASCII byte (0x{b:02x}; percent-encode it)"),
+        b'?' => "'?' (a query string is no part of a path)".to_owned(),
+        _ => format!("'{}'", char::from(b)),
+    }
+}
+
+/// A character named the way a person reads it, as [`describe_byte`]
+/// names an ASCII one (`a space`, `a no-break space (U+00A0)`).
+pub fn describe_char(c: char) -> String {
+    match u8::try_from(c) {
+        Ok(b) if b.is_ascii() => describe_byte(b),
+        _ if c == '\u{a0}' => "a no-break space (U+00A0)".to_owned(),
+        _ if c.is_whitespace() => format!("a whitespace character (U+{:04X})", u32::from(c)),
+        _ => format!("'{c}' (U+{:04X})", u32::from(c)),
+    }
+}
 
 #[cfg(test)]
 mod tests;

@@ -84,9 +84,16 @@ pub enum RuleError {
     #[error("provider name {0:?} must be 1-64 characters of a-z, 0-9, '-' or '_'")]
     Provider(String),
     #[error(
-        "method {0:?} is not one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, WEBSOCKET or '*'"
+        "method {0:?} is not one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, WEBSOCKET or \
+         '*'{hint}",
+        hint = case_hint(.0)
     )]
     Method(String),
+    #[error(
+        "rule {rule:?} contains {what}: a rule holds no whitespace \
+         (PROVIDER:METHODS:PATH, e.g. openai:POST:/v1/chat/completions)"
+    )]
+    Whitespace { rule: String, what: String },
     #[error("a rule needs at least one method")]
     NoMethods,
     #[error("a rule needs at least one path")]
@@ -95,6 +102,16 @@ pub enum RuleError {
     Pattern { pattern: String, reason: String },
     #[error("a scope needs at least one rule")]
     EmptyScope,
+}
+
+/// `; methods are upper case: did you mean POST?` for a method that is one
+/// in another case (methods are compared exactly, as HTTP does), else
+/// nothing.
+fn case_hint(name: &str) -> String {
+    match Method::parse(&name.to_ascii_uppercase()) {
+        Some(method) => format!("; methods are upper case: did you mean {method}?"),
+        None => String::new(),
+    }
 }
 
 // === impl Method ===
@@ -178,7 +195,9 @@ impl MethodSet {
         self.0 & method.bit() != 0
     }
 
-    /// Parses names such as `["GET","HEAD"]` or `["*"]`.
+    /// Parses names such as `["GET","HEAD"]` or `["*"]`. Spaces around a
+    /// name are ignored (the JSON form has always taken them; a RULE on the
+    /// command line refuses any whitespace before it gets here).
     pub fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, RuleError> {
         let mut set = Self(0);
         for name in names {
@@ -346,8 +365,16 @@ pub fn validate_provider(name: &str) -> Result<(), RuleError> {
 impl FromStr for Rule {
     type Err = RuleError;
 
-    /// Parses `PROVIDER:METHODS:PATH`.
+    /// Parses `PROVIDER:METHODS:PATH`. Whitespace is refused wherever it
+    /// is (no part of a rule holds any: a space after a `:` or `,` is a
+    /// typo, and one in the path could never match).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(c) = s.chars().find(|c| c.is_whitespace()) {
+            return Err(RuleError::Whitespace {
+                rule: s.to_owned(),
+                what: path::describe_char(c),
+            });
+        }
         let shape = || RuleError::Shape(s.to_owned());
         let (provider, rest) = s.split_once(':').ok_or_else(shape)?;
         let (methods, path) = rest.split_once(':').ok_or_else(shape)?;

@@ -62,6 +62,18 @@ impl AdminClient {
         }
     }
 
+    /// The names of the providers the server configures (`GET /v1/providers`).
+    pub async fn provider_names(&self) -> anyhow::Result<Vec<String>> {
+        let listed = self.call(Method::GET, "/v1/providers", None).await?;
+        Ok(listed
+            .get("providers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.get("name").and_then(Value::as_str).map(str::to_owned))
+            .collect())
+    }
+
     /// Sends a request; returns the JSON answer of a 2xx, or an error with
     /// the server's message.
     pub async fn call(

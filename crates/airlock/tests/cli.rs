@@ -472,6 +472,22 @@ async fn error_output_snapshot() {
         &["session", "create", "--allow", "openai:post:/v1/x"],
         &["session", "create", "--allow", "openai:POST"],
         &["session", "create", "--allow", "nope:POST:/v1/x"],
+        // The rule an unknown provider came from is quoted; whitespace is
+        // refused anywhere in a rule, named as a person reads it; a
+        // provider in capitals gets the configured one it would be.
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--allow",
+            "opneai:POST:/v1/x",
+        ],
+        &["session", "create", "--allow", "openai: POST:/v1/x"],
+        &["session", "create", "--allow", "openai:POST:/v1/a b"],
+        &["session", "create", "--allow", "openai:POST:/v1/a;b"],
+        &["session", "create", "--allow", "OpenAI:POST:/v1/x"],
+        &["session", "create", "--allow", "Nope:POST:/v1/x"],
         &[
             "session",
             "create",

@@ -237,3 +237,32 @@ proptest! {
         }
     }
 }
+
+/// Errors name the character as a person reads it, not as a byte value.
+#[test]
+fn errors_name_the_character() {
+    for (path, want) in [
+        ("/v1/a b", "path contains a space"),
+        ("/v1/a\tb", "path contains a tab"),
+        ("/v1/a;b", "path contains ';'"),
+        (
+            "/v1/a?b",
+            "path contains '?' (a query string is no part of a path)",
+        ),
+        (
+            "/v1/caf\u{e9}",
+            "path contains a non-ASCII byte (0xc3; percent-encode it)",
+        ),
+        ("/v1/a\u{1}", "path contains a control character (0x01)"),
+        ("/v1%2fadmin", "path contains an encoded '/' (%2F)"),
+        (
+            "/v1/a%0a",
+            "path contains an encoded control character (%0A)",
+        ),
+    ] {
+        let err = validate(path).unwrap_err().to_string();
+        assert_eq!(err, want, "{path:?}");
+    }
+    assert_eq!(describe_char('\u{a0}'), "a no-break space (U+00A0)");
+    assert_eq!(describe_char('\u{2003}'), "a whitespace character (U+2003)");
+}

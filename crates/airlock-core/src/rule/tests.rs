@@ -60,12 +60,64 @@ fn refuses_bad_rules() {
         ("openai:POST:/v1/a*", "'*' must be a whole segment"),
         ("openai:POST:/v1//x", "empty segment"),
         ("openai:POST:/v1/../x", "'.' or '..'"),
-        ("openai:POST:/v1/%2e%2e", "encoded forbidden"),
-        ("openai:POST:/v1/a;b", "forbidden byte"),
+        ("openai:POST:/v1/%2e%2e", "contains an encoded '.' (%2E)"),
+        ("openai:POST:/v1/a;b", "path contains ';'"),
     ] {
         let err = input.parse::<Rule>().unwrap_err().to_string();
         assert!(err.contains(want), "{input}: {err}");
     }
+}
+
+/// Whitespace is refused wherever it is in a rule, naming it; before,
+/// spaces around a method were dropped and a space in the path was a
+/// "forbidden byte 0x20".
+#[test]
+fn refuses_whitespace_anywhere_in_a_rule() {
+    for (input, what) in [
+        ("openai: POST:/v1/x", "a space"),
+        ("openai:POST :/v1/x", "a space"),
+        ("openai:GET, HEAD:/v1/x", "a space"),
+        ("openai:POST:/v1/x ", "a space"),
+        ("openai:POST:/v1/a b", "a space"),
+        (" openai:POST:/v1/x", "a space"),
+        ("openai:POST:/v1/x\t", "a tab"),
+        ("openai:POST:/v1/x\n", "a newline"),
+        ("openai:POST:/v1/\u{a0}x", "a no-break space (U+00A0)"),
+    ] {
+        let err = input.parse::<Rule>().unwrap_err();
+        assert_eq!(
+            err,
+            RuleError::Whitespace {
+                rule: input.to_owned(),
+                what: what.to_owned()
+            },
+            "{input:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains(&format!("contains {what}")), "{text}");
+        assert!(!text.contains("0x20"), "{text}");
+    }
+}
+
+/// A method in another case is refused (methods are compared exactly) with
+/// the one it would be.
+#[test]
+fn a_method_in_lower_case_is_refused_with_its_upper_case() {
+    let err = "openai:post:/v1/x".parse::<Rule>().unwrap_err().to_string();
+    assert!(
+        err.ends_with("; methods are upper case: did you mean POST?"),
+        "{err}"
+    );
+    let err = "openai:GET,WebSocket:/v1/x"
+        .parse::<Rule>()
+        .unwrap_err()
+        .to_string();
+    assert!(err.ends_with("did you mean WEBSOCKET?"), "{err}");
+    let err = "openai:CONNECT:/v1/x"
+        .parse::<Rule>()
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("did you mean"), "{err}");
 }
 
 #[test]

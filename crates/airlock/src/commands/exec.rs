@@ -19,7 +19,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use crate::audit_key::AUDIT_KEY_ENV;
 use crate::cli::ExecArgs;
 use crate::client::AdminClient;
-use crate::commands::session::{create_body, refused_options};
+use crate::commands::session::open;
 use crate::config::{Config, CredentialSource};
 
 /// airlock itself failed (before the command ran, or could not revoke the
@@ -44,16 +44,13 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
     let Some((program, program_args)) = args.command.split_first() else {
         bail!("no command given (put it after --)");
     };
-    let body = create_body(&args.session)?;
     let client = AdminClient::from_env(format!("http://{}", config.admin_listen));
     // Installed before the session exists, so that no signal between now and
     // the command's start is lost: a pending one is forwarded at once.
     let mut signals = Signals::install()?;
 
     let session = tokio::select! {
-        session = client.call(Method::POST, "/v1/sessions", Some(&body)) => {
-            session.map_err(|e| refused_options(e, &args.session))?
-        }
+        session = open(&client, &args.session) => session?,
         number = signals.recv() => {
             // The session may have been created, but its token was never
             // handed to anyone; it ends with its TTL.

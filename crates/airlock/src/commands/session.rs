@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Write as _};
 
+use airlock_core::rule::{self, RuleError};
 use airlock_core::{duration, Rule};
 use anyhow::anyhow;
 use hyper::{Method, StatusCode};
@@ -18,11 +19,7 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
     let client = AdminClient::from_env(admin_url);
     match cmd {
         SessionCommand::Create(args) => {
-            let body = create_body(&args.session)?;
-            let session = client
-                .call(Method::POST, "/v1/sessions", Some(&body))
-                .await
-                .map_err(|e| refused_options(e, &args.session))?;
+            let session = open(&client, &args.session).await?;
             print!("{}", render_created(&session, args.format));
         }
         SessionCommand::List {
@@ -77,6 +74,47 @@ fn revoked_line(session: &Value) -> anyhow::Result<String> {
     }
 }
 
+/// Opens a session for `args` through the admin API and returns its
+/// answer (`id`, `token`, `env`, ...). Options are checked before anything
+/// is sent; the server's refusal is said in terms of the option it came
+/// from ([`refused_options`]).
+pub async fn open(client: &AdminClient, args: &SessionArgs) -> anyhow::Result<Value> {
+    let body = match create_body(args) {
+        Ok(body) => body,
+        Err(e) => return Err(with_provider_hint(client, args, e).await),
+    };
+    client
+        .call(Method::POST, "/v1/sessions", Some(&body))
+        .await
+        .map_err(|e| refused_options(e, args))
+}
+
+/// `error` (the refusal of `args`), plus `; did you mean openai?` when the
+/// first rule refused names a provider in capitals (`OpenAI:POST:/v1/x`)
+/// that the server configures in lower case. Asking the server is best
+/// effort: without an answer the error is unchanged.
+async fn with_provider_hint(
+    client: &AdminClient,
+    args: &SessionArgs,
+    error: anyhow::Error,
+) -> anyhow::Error {
+    let first_refused = args
+        .allow
+        .iter()
+        .find_map(|text| text.parse::<Rule>().err());
+    let Some(RuleError::Provider(name)) = first_refused else {
+        return error;
+    };
+    let lower = name.to_ascii_lowercase();
+    if lower == name || rule::validate_provider(&lower).is_err() {
+        return error;
+    }
+    match client.provider_names().await {
+        Ok(names) if names.contains(&lower) => usage(format!("{error:#}; did you mean {lower}?")),
+        _ => error,
+    }
+}
+
 /// The admin URL from `./airlock.toml`'s `admin.listen` when that file
 /// exists and loads, else the built-in default `127.0.0.1:8081`;
 /// `AIRLOCK_ADMIN_URL` overrides it. (A config named by `--config` must load:
@@ -99,7 +137,7 @@ fn check_id(id: &str) -> anyhow::Result<()> {
 /// field of the request is an option's value, so a 400 is the operator's
 /// to fix: a TTL beyond the server's `sessions.max_ttl`, a provider it does
 /// not configure, a label it refuses.
-pub fn refused_options(error: anyhow::Error, args: &SessionArgs) -> anyhow::Error {
+fn refused_options(error: anyhow::Error, args: &SessionArgs) -> anyhow::Error {
     let Some(refusal) = error.downcast_ref::<ApiRefusal>() else {
         return error;
     };
@@ -107,6 +145,9 @@ pub fn refused_options(error: anyhow::Error, args: &SessionArgs) -> anyhow::Erro
         return error;
     }
     let message = refusal.message.as_str();
+    if let Some(refused) = unknown_provider(message, args) {
+        return refused;
+    }
     if let Some(max) = message
         .strip_prefix("ttl_seconds must be between 1 and ")
         .and_then(|rest| rest.split(' ').next())
@@ -141,14 +182,37 @@ pub fn refused_options(error: anyhow::Error, args: &SessionArgs) -> anyhow::Erro
     usage(format!("{flag}: {reason}"))
 }
 
+/// The server's `unknown provider "NAME"; configured: A, B` said with the
+/// `--allow` RULE that named it (`--allow "opneai:POST:/v1/x": unknown
+/// provider "opneai" (configured: anthropic, openai)`); `None` for any
+/// other message.
+fn unknown_provider(message: &str, args: &SessionArgs) -> Option<anyhow::Error> {
+    let rest = message.strip_prefix("unknown provider \"")?;
+    let (name, configured) = rest.split_once("\"; configured: ")?;
+    let rule = args.allow.iter().find(|text| {
+        text.split_once(':')
+            .is_some_and(|(provider, _)| provider == name)
+    });
+    let configured = if configured.is_empty() {
+        "none"
+    } else {
+        configured
+    };
+    let what = format!("unknown provider {name:?} (configured: {configured})");
+    Some(usage(match rule {
+        Some(rule) => format!("--allow {rule:?}: {what}"),
+        None => format!("--allow: {what}"),
+    }))
+}
+
 /// Turns command-line options into the `POST /v1/sessions` body, refusing
 /// bad rules, TTLs and labels before anything is sent.
-pub fn create_body(args: &SessionArgs) -> anyhow::Result<Value> {
+fn create_body(args: &SessionArgs) -> anyhow::Result<Value> {
     let mut merged: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
     for text in &args.allow {
         let rule: Rule = text
             .parse()
-            .map_err(|e| usage(format!("--allow {text}: {e}")))?;
+            .map_err(|e| usage(format!("--allow {text:?}: {e}")))?;
         let value = serde_json::to_value(&rule)?;
         let methods = strings(&value["methods"]);
         let paths = strings(&value["paths"]);
