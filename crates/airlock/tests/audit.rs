@@ -563,6 +563,16 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
     );
     let garbage = broken(&|l| l[6] = "not json".into());
     assert!(garbage.contains("(line 7): malformed record"), "{garbage}");
+    // A gap before a line that is no record: the gap is the first problem
+    // (the look-ahead used to report the later line first).
+    let gap_then_garbage = broken(&|l| {
+        l.remove(1);
+        l[2] = "not json".into();
+    });
+    assert!(
+        gap_then_garbage.contains("seq 3 of chain 1 (line 2): gap: record 2 is missing"),
+        "{gap_then_garbage}"
+    );
 
     // One session's export: seqs jump, so it verifies as a session export.
     let only_a = stdout(&cli(&config, &["audit", "export", "--session", &a]));
@@ -602,6 +612,25 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
     assert!(none.is_empty());
     let out = cli(&config, &["audit", "export", "--since", "last tuesday"]);
     assert!(!out.status.success());
+}
+
+/// `audit verify --from FILE` with a file that is not there says so, before
+/// anything about the audit key (which is missing here too).
+#[test]
+fn verify_from_a_missing_file_names_the_file_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["audit", "verify", "--from", "nonexist.jsonl"])
+        .current_dir(dir.path())
+        .env_remove("AIRLOCK_AUDIT_KEY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("airlock: --from nonexist.jsonl: cannot open the file: "),
+        "{err}"
+    );
+    assert!(!err.contains("key"), "{err}");
 }
 
 /// One GET through a fresh connection: the status and whole body, or why not.

@@ -33,8 +33,11 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
             session,
         } => {
             check_session(session.as_deref())?;
+            // The file first: a file that is not there is the first thing
+            // to fix, whatever the key.
+            let reader = open_export(&file)?;
             let key = audit_key::load_existing(&config.audit, &config.store_url)?;
-            verify_file(&file, session.as_deref(), &key)
+            verify_file(reader, session.as_deref(), &key)
         }
         AuditCommand::Export { session, since } => {
             let since_ms = since.as_deref().map(parse_since).transpose()?;
@@ -112,15 +115,24 @@ fn report_break(broken: &Break, line: Option<usize>) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// Verifies an exported file line by line, with one record of look-ahead.
-fn verify_file(path: &Path, session: Option<&str>, key: &AuditKey) -> anyhow::Result<ExitCode> {
-    let reader: Box<dyn BufRead> = if path == Path::new("-") {
-        Box::new(std::io::stdin().lock())
-    } else {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        Box::new(std::io::BufReader::new(file))
-    };
+/// The exported file `--from` names (`-`: stdin), opened.
+fn open_export(path: &Path) -> anyhow::Result<Box<dyn BufRead>> {
+    if path == Path::new("-") {
+        return Ok(Box::new(std::io::stdin().lock()));
+    }
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("--from {}: cannot open the file", path.display()))?;
+    Ok(Box::new(std::io::BufReader::new(file)))
+}
+
+/// Verifies an exported file line by line, with one record of look-ahead;
+/// the first bad line is named (a line that is no record is bad where it
+/// is: the record before it is checked first).
+fn verify_file(
+    reader: Box<dyn BufRead>,
+    session: Option<&str>,
+    key: &AuditKey,
+) -> anyhow::Result<ExitCode> {
     let mut verifier = match session {
         Some(_) => ChainVerifier::allow_gaps(key),
         None => ChainVerifier::partial(key),
@@ -162,6 +174,13 @@ fn verify_file(path: &Path, session: Option<&str>, key: &AuditKey) -> anyhow::Re
         let record = match AuditRecord::from_json(&line) {
             Ok(record) => record,
             Err(why) => {
+                // The record before this line comes first; with nothing
+                // readable after it, a gap there is a gap, not a swap.
+                if let Some(previous) = pending.take() {
+                    if let Some(code) = check(&mut verifier, previous, None) {
+                        return Ok(code);
+                    }
+                }
                 // Name the record by what the line claims, when it can be read.
                 let claimed: Option<(u32, u64)> = serde_json::from_str::<serde_json::Value>(&line)
                     .ok()
