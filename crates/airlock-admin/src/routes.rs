@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use airlock_core::{token, SessionId};
+use airlock_core::{token, SessionId, TokenHash};
 use airlock_session::now_ms;
 use axum::body::{Bytes, HttpBody};
 use axum::extract::DefaultBodyLimit;
@@ -196,14 +196,48 @@ async fn show_session(
 async fn revoke_session(
     State(state): Shared,
     Path(id): Path<String>,
-) -> Result<Json<SessionView>, ApiError> {
+) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
+    revoke_and_show(state, id, "session revoked").await
+}
+
+/// Revokes session `id` and answers with it as `GET` shows it, plus
+/// `already_revoked`: whether it had been revoked before this request
+/// (revoking again changes nothing, and is neither counted nor logged as a
+/// revocation; the CLI says "already revoked").
+async fn revoke_and_show(
+    state: Arc<AdminState>,
+    id: SessionId,
+    log: &'static str,
+) -> Result<Json<Value>, ApiError> {
+    let already = revoked_before(&state, &id).await?;
     if !state.registry.revoke(&id).await? {
         return Err(ApiError::NotFound(format!("no session {id}")));
     }
-    state.metrics.sessions_revoked.inc();
-    tracing::info!(session = %id, "session revoked");
-    show_session(State(state), Path(id.to_string())).await
+    if !already {
+        state.metrics.sessions_revoked.inc();
+        tracing::info!(session = %id, "{log}");
+    }
+    let Json(view) = show_session(State(state), Path(id.to_string())).await?;
+    let mut body = serde_json::to_value(&view).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(object) = body.as_object_mut() {
+        object.insert("already_revoked".into(), Value::Bool(already));
+    }
+    Ok(Json(body))
+}
+
+/// Whether session `id` was revoked already: in this process's cache (a
+/// revocation not yet stored) or in the store.
+async fn revoked_before(state: &AdminState, id: &SessionId) -> Result<bool, ApiError> {
+    if state
+        .registry
+        .cached(id)
+        .is_some_and(|live| live.revoked_at().is_some())
+    {
+        return Ok(true);
+    }
+    let row = state.registry.store().session_by_id(id).await?;
+    Ok(row.is_some_and(|row| row.revoked_at.is_some()))
 }
 
 #[derive(Deserialize)]
@@ -214,21 +248,28 @@ struct RevokeByToken {
 
 /// `POST /v1/sessions/revoke {"token": "sess_..."}`: revocation by token, so
 /// a token never has to appear in a URL.
-async fn revoke_by_token(State(state): Shared, body: Bytes) -> Result<Json<SessionView>, ApiError> {
+async fn revoke_by_token(State(state): Shared, body: Bytes) -> Result<Json<Value>, ApiError> {
     let req: RevokeByToken = crate::sessions::parse_json(&body, "revoke request")?;
     if !token::is_well_formed(&req.token) {
         return Err(ApiError::BadRequest(
             "token is not a session token (sess_ and 43 letters and digits)".into(),
         ));
     }
-    let id = state
+    let cached = state
         .registry
-        .revoke_by_token(&req.token)
-        .await?
-        .ok_or_else(|| ApiError::NotFound("no session has this token".into()))?;
-    state.metrics.sessions_revoked.inc();
-    tracing::info!(session = %id, "session revoked by token");
-    show_session(State(state), Path(id.to_string())).await
+        .cached_by_token(&req.token)
+        .map(|live| live.id().clone());
+    let id = match cached {
+        Some(id) => Some(id),
+        None => state
+            .registry
+            .store()
+            .session_by_token(&TokenHash::of(&req.token))
+            .await?
+            .map(|row| row.id),
+    };
+    let id = id.ok_or_else(|| ApiError::NotFound("no session has this token".into()))?;
+    revoke_and_show(state, id, "session revoked by token").await
 }
 
 async fn metrics(State(state): Shared) -> Result<Response, ApiError> {

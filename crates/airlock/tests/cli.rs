@@ -705,9 +705,10 @@ async fn every_command_refuses_a_config_it_was_given_but_cannot_load() {
     assert!(stdout(&out).starts_with("ID "), "{}", stdout(&out));
 }
 
-/// Revoking a session that has already expired says so: it stays expired.
+/// Revoking a session that has already expired says so: it stays expired;
+/// one already revoked says so too.
 #[tokio::test]
-async fn revoking_an_expired_session_says_it_had_expired() {
+async fn revoking_an_ended_session_says_it_had_ended() {
     let mock = MockProvider::start().await;
     let airlock = start(&mock).await;
     let out = cli(
@@ -757,6 +758,32 @@ async fn revoking_an_expired_session_says_it_had_expired() {
     let id = created["id"].as_str().unwrap().to_owned();
     let out = cli(&airlock, &["session", "revoke", &id]).await;
     assert_eq!(stdout(&out), format!("revoked {id}\n"));
+
+    // Revoking it again changes nothing, and says so, by id or by token.
+    let out = cli(&airlock, &["session", "revoke", &id]).await;
+    assert_eq!(
+        stdout(&out),
+        format!("session {id} was already revoked; nothing to do\n")
+    );
+    let token = created["token"].as_str().unwrap();
+    let out = cli(&airlock, &["session", "revoke", token]).await;
+    assert_eq!(
+        stdout(&out),
+        format!("session {id} was already revoked; nothing to do\n")
+    );
+    // A live session revoked by token is said to be revoked.
+    let out = cli(
+        &airlock,
+        &["session", "create", "--allow", "openai:POST:/v1/x"],
+    )
+    .await;
+    let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let token = created["token"].as_str().unwrap();
+    let out = cli(&airlock, &["session", "revoke", token]).await;
+    assert_eq!(
+        stdout(&out),
+        format!("revoked {}\n", created["id"].as_str().unwrap())
+    );
 }
 
 /// `session list` follows the admin API's pages to the end: with pages of

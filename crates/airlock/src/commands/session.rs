@@ -61,10 +61,15 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
 }
 
 /// What `session revoke` did, from the session the admin API answered with:
-/// the session may have ended before (an expired session stays expired).
+/// the session may have ended before (an expired session stays expired; a
+/// revoked one is answered with `"already_revoked": true`).
 fn revoked_line(session: &Value) -> anyhow::Result<String> {
     let id = session.get("id").and_then(Value::as_str).unwrap_or("?");
+    let already = session.get("already_revoked") == Some(&Value::Bool(true));
     match session.get("state").and_then(Value::as_str) {
+        Some("revoked") if already => {
+            Ok(format!("session {id} was already revoked; nothing to do"))
+        }
         Some("revoked") => Ok(format!("revoked {id}")),
         Some("expired") => Ok(format!("{id} had already expired; nothing to revoke")),
         state => Err(anyhow!(
