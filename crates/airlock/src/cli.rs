@@ -346,9 +346,12 @@ pub struct SessionArgs {
     /// or github:GET,HEAD:/repos/acme/** (repeatable).
     #[arg(long = "allow", value_name = "RULE", required = true)]
     pub allow: Vec<String>,
-    /// Time to live: 90s, 15m, 2h.
-    #[arg(long, default_value = "15m")]
-    pub ttl: String,
+    /// Time to live, in whole seconds: 90s, 15m, 2h [default: 15m, or the
+    /// server's sessions.max_ttl when that is shorter].
+    // Hyphen values reach the duration parser, which says what is wrong
+    // with `-5m` (clap would take it for an unknown flag).
+    #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
+    pub ttl: Option<String>,
     /// A label key=value (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,

@@ -945,7 +945,7 @@ async fn cli_errors_are_one_clear_line_and_nonzero() {
                 "--ttl",
                 "forever",
             ],
-            "invalid duration",
+            "not a duration",
         ),
         (
             &[

@@ -518,6 +518,24 @@ async fn error_output_snapshot() {
             "--ttl",
             "500ms",
         ],
+        // A hyphen value reaches the duration parser; a TTL is whole
+        // seconds.
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--ttl",
+            "-5m",
+        ],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--ttl",
+            "1500ms",
+        ],
         &["audit", "export", "--session", "bogus"],
         // Usage errors exit 2 and name the option, for every command.
         &[
@@ -784,6 +802,95 @@ async fn revoking_an_ended_session_says_it_had_ended() {
         stdout(&out),
         format!("revoked {}\n", created["id"].as_str().unwrap())
     );
+}
+
+/// Without `--ttl`, a session lasts 15m, or the server's `sessions.max_ttl`
+/// when that is shorter (it was refused: "--ttl 15m: must be at most 10m",
+/// an option never typed); an explicit `--ttl` over the maximum is still
+/// refused, naming it.
+#[tokio::test]
+async fn the_default_ttl_is_at_most_the_servers_max_ttl() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(BIN)
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .config("[sessions]\nmax_ttl = \"10m\"\n")
+        .start()
+        .await
+        .unwrap();
+    let lifetime = |session: &Value| {
+        let at = |key: &str| {
+            time::OffsetDateTime::parse(
+                session[key].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+        };
+        (at("expires_at") - at("created_at")).whole_seconds()
+    };
+    let out = cli(
+        &airlock,
+        &["session", "create", "--allow", "openai:POST:/v1/x"],
+    )
+    .await;
+    let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(lifetime(&created), 600, "{created}");
+
+    let out = cli(
+        &airlock,
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--ttl",
+            "5m",
+        ],
+    )
+    .await;
+    let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(lifetime(&created), 300, "{created}");
+
+    let out = airlock_cmd(&[
+        "session",
+        "create",
+        "--allow",
+        "openai:POST:/v1/x",
+        "--ttl",
+        "15m",
+    ])
+    .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+    .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        "airlock: --ttl 15m: must be at most 10m (the server's sessions.max_ttl)\n"
+    );
+
+    // exec too.
+    let out = airlock_cmd(&[
+        "exec",
+        "--allow",
+        "openai:POST:/v1/x",
+        "--",
+        "sh",
+        "-c",
+        "echo $AIRLOCK_SESSION_ID",
+    ])
+    .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+    .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+    .output()
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_owned();
+    let (_, view) = airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(lifetime(&view), 600, "{view}");
 }
 
 /// `session list` follows the admin API's pages to the end: with pages of

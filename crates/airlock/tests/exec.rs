@@ -480,7 +480,7 @@ async fn nothing_runs_when_airlock_cannot_open_the_session() {
         (&["--allow", "nope:POST:/v1/x"], "unknown provider \"nope\""),
         (
             &["--allow", "openai:POST:/v1/x", "--ttl", "forever"],
-            "invalid duration",
+            "not a duration",
         ),
     ];
     for (args, want) in cases {

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Write as _};
+use std::time::Duration;
 
 use airlock_core::rule::{self, RuleError};
 use airlock_core::{duration, Rule};
@@ -88,10 +89,44 @@ pub async fn open(client: &AdminClient, args: &SessionArgs) -> anyhow::Result<Va
         Ok(body) => body,
         Err(e) => return Err(with_provider_hint(client, args, e).await),
     };
-    client
-        .call(Method::POST, "/v1/sessions", Some(&body))
-        .await
-        .map_err(|e| refused_options(e, args))
+    let refusal = match client.call(Method::POST, "/v1/sessions", Some(&body)).await {
+        Ok(session) => return Ok(session),
+        Err(e) => e,
+    };
+    // Without --ttl the default is the server's max_ttl when that is
+    // shorter: the server says its max_ttl only by refusing a longer TTL.
+    match max_ttl_of(&refusal) {
+        Some(max) if args.ttl.is_none() && (1..DEFAULT_TTL.as_secs()).contains(&max) => {
+            let mut body = body;
+            body["ttl_seconds"] = json!(max);
+            client
+                .call(Method::POST, "/v1/sessions", Some(&body))
+                .await
+                .map_err(|e| refused_options(e, args))
+        }
+        _ => Err(refused_options(refusal, args)),
+    }
+}
+
+/// A session's time to live when `--ttl` is not given (or the server's
+/// `sessions.max_ttl`, if that is shorter).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// The server's `sessions.max_ttl` in seconds, from its refusal of a TTL
+/// over it (`ttl_seconds must be between 1 and MAX ...`); `None` for any
+/// other error.
+fn max_ttl_of(error: &anyhow::Error) -> Option<u64> {
+    let refusal = error.downcast_ref::<ApiRefusal>()?;
+    if refusal.status != StatusCode::BAD_REQUEST {
+        return None;
+    }
+    refusal
+        .message
+        .strip_prefix("ttl_seconds must be between 1 and ")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// `error` (the refusal of `args`), plus `; did you mean openai?` when the
@@ -153,15 +188,13 @@ fn refused_options(error: anyhow::Error, args: &SessionArgs) -> anyhow::Error {
     if let Some(refused) = unknown_provider(message, args) {
         return refused;
     }
-    if let Some(max) = message
-        .strip_prefix("ttl_seconds must be between 1 and ")
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|max| max.parse::<u64>().ok())
-    {
+    if let Some(max) = max_ttl_of(&error) {
         return usage(format!(
             "--ttl {}: must be at most {} (the server's sessions.max_ttl)",
-            args.ttl,
-            duration::format(std::time::Duration::from_secs(max))
+            args.ttl
+                .clone()
+                .unwrap_or_else(|| duration::format(DEFAULT_TTL)),
+            duration::format(Duration::from_secs(max))
         ));
     }
     let flag = if message.starts_with("ttl_seconds") {
@@ -227,13 +260,10 @@ fn create_body(args: &SessionArgs) -> anyhow::Result<Value> {
         .into_iter()
         .map(|(provider, methods, paths)| json!({"provider": provider, "methods": methods, "paths": paths}))
         .collect();
-    let ttl = duration::parse(&args.ttl).map_err(|e| usage(format!("--ttl {}: {e}", args.ttl)))?;
-    if ttl < std::time::Duration::from_secs(1) {
-        return Err(usage(format!(
-            "--ttl {}: a session lasts at least 1s",
-            args.ttl
-        )));
-    }
+    let ttl = match &args.ttl {
+        Some(text) => parse_ttl(text)?,
+        None => DEFAULT_TTL,
+    };
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
     for label in &args.labels {
         let (k, v) = label
@@ -262,6 +292,27 @@ fn create_body(args: &SessionArgs) -> anyhow::Result<Value> {
         "labels": labels,
         "limits": limits,
     }))
+}
+
+/// `--ttl`: a duration of whole seconds, at least 1s.
+fn parse_ttl(text: &str) -> anyhow::Result<Duration> {
+    let ttl = duration::parse(text).map_err(|_| {
+        usage(format!(
+            "--ttl {text}: not a duration: use a whole number followed by s, m, h or d, e.g. \
+             90s, 15m, 2h or 1h30m"
+        ))
+    })?;
+    if ttl < Duration::from_secs(1) {
+        return Err(usage(format!("--ttl {text}: a session lasts at least 1s")));
+    }
+    if ttl.subsec_nanos() != 0 {
+        return Err(usage(format!(
+            "--ttl {text}: a TTL is a whole number of seconds (use {} or {})",
+            duration::format(ttl),
+            duration::format(ttl + Duration::from_secs(1))
+        )));
+    }
+    Ok(ttl)
 }
 
 fn strings(value: &Value) -> Vec<String> {
@@ -463,7 +514,7 @@ fn table_row(s: &Value, now_ms: i64) -> [String; 5] {
         if left_ms <= 0 || text("state") != "active" {
             "-".to_owned()
         } else {
-            duration::format(std::time::Duration::from_millis(left_ms.unsigned_abs()))
+            duration::format(Duration::from_millis(left_ms.unsigned_abs()))
         }
     })
     .unwrap_or_else(|_| "?".into());
