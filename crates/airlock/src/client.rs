@@ -1,5 +1,8 @@
 //! A small client of the admin API, used by the CLI commands.
 
+use std::time::Duration;
+
+use airlock_core::duration;
 use anyhow::{anyhow, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -25,7 +28,12 @@ pub struct ApiRefusal {
 impl std::fmt::Display for ApiRefusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.status == StatusCode::UNAUTHORIZED {
-            write!(f, "{} (set AIRLOCK_ADMIN_TOKEN)", self.message)
+            // The token was sent (an unset one is refused before any
+            // request): the server does not know it.
+            f.write_str(
+                "the server refused the admin token in AIRLOCK_ADMIN_TOKEN (HTTP 401): set it to \
+                 the token the server was started with",
+            )
         } else {
             write!(f, "{} (HTTP {})", self.message, self.status.as_u16())
         }
@@ -34,10 +42,21 @@ impl std::fmt::Display for ApiRefusal {
 
 impl std::error::Error for ApiRefusal {}
 
+/// The variable bounding each admin API call (a duration: `60s`, `2m`).
+pub const TIMEOUT_ENV: &str = "AIRLOCK_ADMIN_TIMEOUT";
+/// How long an admin API call may take, from connecting to the answer's
+/// last byte, unless [`TIMEOUT_ENV`] says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long connecting to the admin API may take (at most the call's
+/// timeout).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Talks to a running `airlock serve`.
 pub struct AdminClient {
     base: String,
     token: Option<String>,
+    /// Bound on one call, or why [`TIMEOUT_ENV`] is refused.
+    timeout: Result<Duration, String>,
     http: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -48,17 +67,25 @@ impl AdminClient {
             .ok()
             .filter(|v| !v.is_empty())
             .unwrap_or(default_url);
+        let timeout = timeout_from(std::env::var(TIMEOUT_ENV).ok().as_deref());
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(
+            timeout
+                .as_ref()
+                .map_or(CONNECT_TIMEOUT, |t| CONNECT_TIMEOUT.min(*t)),
+        ));
         Self {
             base: base.trim_end_matches('/').to_owned(),
             token: std::env::var("AIRLOCK_ADMIN_TOKEN")
                 .ok()
                 .filter(|v| !v.is_empty()),
+            timeout,
             // No idle connections kept: a CLI call is one request, and an
             // idle connection would hold one of the admin listener's
             // slots until its header read timeout.
             http: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(0)
-                .build_http(),
+                .build(connector),
         }
     }
 
@@ -98,10 +125,20 @@ impl AdminClient {
         let uri: Uri = url
             .parse()
             .map_err(|e| anyhow!("invalid admin API path {path:?}: {e}"))?;
-        let mut req = Request::builder().method(method).uri(uri);
-        if let Some(token) = &self.token {
-            req = req.header(AUTHORIZATION, bearer(token)?);
-        }
+        let timeout = self.timeout.clone().map_err(|e| anyhow!(e))?;
+        // Every route the CLI calls needs the token: without one, say so
+        // rather than send a request bound to be refused.
+        let Some(token) = &self.token else {
+            anyhow::bail!(
+                "AIRLOCK_ADMIN_TOKEN is not set: the admin API needs the admin token (`airlock \
+                 serve` prints it once at its first start, unless AIRLOCK_ADMIN_TOKEN was set \
+                 for it); export AIRLOCK_ADMIN_TOKEN=..."
+            );
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(AUTHORIZATION, bearer(token)?);
         let payload = match body {
             Some(v) => {
                 req = req.header(CONTENT_TYPE, "application/json");
@@ -112,20 +149,34 @@ impl AdminClient {
         let req = req
             .body(Full::new(payload))
             .context("building the admin API request")?;
-        let response = self.http.request(req).await.map_err(|e| {
-            anyhow!(
-                "cannot reach the airlock admin API at {}: {} (is `airlock serve` running? set AIRLOCK_ADMIN_URL)",
-                self.base,
-                root_cause(&e)
-            )
-        })?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
+        let exchange = async {
+            let response = self.http.request(req).await.map_err(|e| {
+                anyhow!(
+                    "cannot reach the airlock admin API at {}: {} (is `airlock serve` running? \
+                     set AIRLOCK_ADMIN_URL)",
+                    self.base,
+                    root_cause(&e)
+                )
+            })?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .context("reading the admin API's answer")?
+                .to_bytes();
+            anyhow::Ok((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(timeout, exchange)
             .await
-            .context("reading the admin API's answer")?
-            .to_bytes();
+            .map_err(|_| {
+                anyhow!(
+                    "the airlock admin API at {} did not answer within {} (is it an airlock \
+                     admin listener? set AIRLOCK_ADMIN_URL; {TIMEOUT_ENV} sets the wait)",
+                    self.base,
+                    duration::format(timeout)
+                )
+            })??;
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if status.is_success() {
             return Ok(value);
@@ -136,6 +187,20 @@ impl AdminClient {
             .unwrap_or("no error message")
             .to_owned();
         Err(ApiRefusal { status, message }.into())
+    }
+}
+
+/// The bound on one call: [`DEFAULT_TIMEOUT`], or `value` of
+/// [`TIMEOUT_ENV`] (whole seconds, at least 1s), or why `value` is refused.
+fn timeout_from(value: Option<&str>) -> Result<Duration, String> {
+    let Some(text) = value.filter(|v| !v.is_empty()) else {
+        return Ok(DEFAULT_TIMEOUT);
+    };
+    match duration::parse(text) {
+        Ok(t) if t >= Duration::from_secs(1) && t.subsec_nanos() == 0 => Ok(t),
+        _ => Err(format!(
+            "{TIMEOUT_ENV} {text:?} is not a timeout: use whole seconds, e.g. 30s, 60s or 5m"
+        )),
     }
 }
 
@@ -184,6 +249,17 @@ mod tests {
     fn path_segment_encodes_all_but_unreserved_bytes() {
         assert_eq!(path_segment("open-ai_1.x~"), "open-ai_1.x~");
         assert_eq!(path_segment("../a b/é"), "..%2Fa%20b%2F%C3%A9");
+    }
+
+    #[test]
+    fn the_timeout_is_whole_seconds_from_the_variable_or_60s() {
+        assert_eq!(timeout_from(None), Ok(DEFAULT_TIMEOUT));
+        assert_eq!(timeout_from(Some("")), Ok(DEFAULT_TIMEOUT));
+        assert_eq!(timeout_from(Some("5s")), Ok(Duration::from_secs(5)));
+        for bad in ["0s", "1500ms", "soon"] {
+            let err = timeout_from(Some(bad)).unwrap_err();
+            assert!(err.starts_with("AIRLOCK_ADMIN_TIMEOUT "), "{err}");
+        }
     }
 
     #[test]

@@ -179,6 +179,7 @@ fn airlock_cmd(args: &[&str]) -> Command {
         .env_remove("CLICOLOR_FORCE")
         .env_remove("AIRLOCK_ADMIN_URL")
         .env_remove("AIRLOCK_ADMIN_TOKEN")
+        .env_remove("AIRLOCK_ADMIN_TIMEOUT")
         .env_remove("AIRLOCK_AUDIT_KEY")
         .env_remove("OPENAI_API_KEY")
         .env_remove("ANTHROPIC_API_KEY")
@@ -662,10 +663,125 @@ async fn error_output_snapshot() {
         out.status.code().unwrap(),
         stderr(&out)
     ));
+    // A token the server does not know, and none at all.
+    let out = airlock_cmd(&["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env("AIRLOCK_ADMIN_TOKEN", "not-the-admin-token")
+        .output()
+        .await
+        .unwrap();
+    all.push_str(&format!(
+        "=== AIRLOCK_ADMIN_TOKEN=not-the-admin-token airlock session list -> exit {} ===\n{}\n",
+        out.status.code().unwrap(),
+        stderr(&out)
+    ));
+    let out = airlock_cmd(&["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .output()
+        .await
+        .unwrap();
+    all.push_str(&format!(
+        "=== (AIRLOCK_ADMIN_TOKEN unset) airlock session list -> exit {} ===\n{}\n",
+        out.status.code().unwrap(),
+        stderr(&out)
+    ));
     assert_snapshot(
         "errors",
         &redact(&all, &[(airlock.admin_url().as_str(), "http://<admin>")]),
     );
+}
+
+/// Without AIRLOCK_ADMIN_TOKEN the CLI says so and sends nothing (it used
+/// to send the request and report the server's 401 as if the token were
+/// wrong).
+#[tokio::test]
+async fn an_unset_admin_token_is_said_before_any_request() {
+    // Nothing answers here: a connection would wait in the backlog.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    for args in [
+        &["session", "list"][..],
+        &["session", "revoke", "ses_x"],
+        &["credential", "show", "openai"],
+    ] {
+        let out = tokio::time::timeout(
+            DEADLINE,
+            airlock_cmd(args).env("AIRLOCK_ADMIN_URL", &url).output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{args:?} did not exit"))
+        .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).starts_with("airlock: AIRLOCK_ADMIN_TOKEN is not set: "),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let accepted = listener.accept();
+    assert!(
+        accepted
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "a request was sent: {accepted:?}"
+    );
+}
+
+/// An admin URL where something accepts connections but never answers:
+/// each call gives up after AIRLOCK_ADMIN_TIMEOUT (60s unless set), naming
+/// the URL, with the exit code of an unreachable server (it used to wait
+/// forever).
+#[tokio::test]
+async fn an_admin_api_that_never_answers_times_out() {
+    // Never accepted: the kernel completes the handshake and the request
+    // sits in the backlog unanswered.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let cases: [(&[&str], i32); 2] = [
+        (&["session", "list"], 1),
+        (&["exec", "--allow", "openai:POST:/v1/x", "--", "true"], 125),
+    ];
+    for (args, code) in cases {
+        let started = Instant::now();
+        let out = tokio::time::timeout(
+            DEADLINE,
+            airlock_cmd(args)
+                .env("AIRLOCK_ADMIN_URL", &url)
+                .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
+                .env("AIRLOCK_ADMIN_TIMEOUT", "1s")
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{args:?} did not give up"))
+        .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out),
+            format!(
+                "airlock: the airlock admin API at {url} did not answer within 1s (is it an \
+                 airlock admin listener? set AIRLOCK_ADMIN_URL; AIRLOCK_ADMIN_TIMEOUT sets the \
+                 wait)\n"
+            ),
+            "{args:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_secs(1), "{args:?}");
+    }
+    // A timeout that is no duration is refused, naming the variable.
+    let out = airlock_cmd(&["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", &url)
+        .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
+        .env("AIRLOCK_ADMIN_TIMEOUT", "soon")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with("airlock: AIRLOCK_ADMIN_TIMEOUT \"soon\" is not a timeout"),
+        "{}",
+        stderr(&out)
+    );
+    drop(listener);
 }
 
 /// A config named by `--config` that cannot be read or parsed is refused by
