@@ -67,10 +67,9 @@ async fn run(cli: Cli) -> ExitCode {
             };
             match commands::audit::run(cmd, &config).await {
                 Ok(code) => code,
-                Err(e) => {
-                    eprintln!("airlock: {e:#}");
-                    ExitCode::from(2)
-                }
+                // 2 for a usage error only: no database or no audit key is
+                // none (and exit 1 is also "the trail does not verify").
+                Err(e) => report(Err(e)),
             }
         }
         Command::Exec(args) => {

@@ -969,7 +969,7 @@ async fn cli_errors_are_one_clear_line_and_nonzero() {
             ],
             "KEY=VALUE",
         ),
-        (&["session", "show", "nope"], "is not a session id"),
+        (&["session", "show", "nope"], "not a session id"),
         (&["session", "revoke", "ses_unknown"], "no session"),
     ];
     for (args, want) in cases {

@@ -615,7 +615,8 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
 }
 
 /// `audit verify --from FILE` with a file that is not there says so, before
-/// anything about the audit key (which is missing here too).
+/// anything about the audit key (which is missing here too). Neither is a
+/// usage error: exit 1, and without an audit key too.
 #[test]
 fn verify_from_a_missing_file_names_the_file_first() {
     let dir = tempfile::tempdir().unwrap();
@@ -631,6 +632,22 @@ fn verify_from_a_missing_file_names_the_file_first() {
         "{err}"
     );
     assert!(!err.contains("key"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for args in [&["audit", "verify"][..], &["audit", "export"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("AIRLOCK_AUDIT_KEY")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// One GET through a fresh connection: the status and whole body, or why not.

@@ -20,6 +20,8 @@ use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_airlock");
 const OPENAI_KEY: &str = "sk-real-openai-cli-0123456789";
+/// A well-formed session token no session has.
+const UNKNOWN_TOKEN: &str = "sess_0123456789abcdefghijABCDEFGHIJ0123456789xyz";
 /// Upper bound for anything a test waits for.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -506,8 +508,13 @@ async fn error_output_snapshot() {
             "novalue",
         ],
         &["session", "show", "nope"],
+        &["session", "show", "ses_unknown"],
+        // A token where an id is expected: named, never echoed.
+        &["session", "show", UNKNOWN_TOKEN],
         &["session", "revoke", "ses_unknown"],
         &["session", "revoke", "sess_unknown"],
+        &["session", "revoke", UNKNOWN_TOKEN],
+        &["session", "revoke", "sk-proj-a-real-key-pasted-here"],
         &["exec", "--allow", "openai:POST:/v1/x"],
         &["exec", "--", "true"],
         &["session", "create"],
@@ -609,6 +616,10 @@ async fn error_output_snapshot() {
         ],
         &["credential", "show", "a b"],
         &["credential", "set", "../../x"],
+        // Well-formed, but not a provider of the server's.
+        &["credential", "show", "nope"],
+        &["credential", "set", "nope"],
+        &["audit", "export", "--since", "last tuesday"],
         // Would match no record: refused rather than followed forever.
         &["audit", "tail", "--session", "bad"],
         &["audit", "verify", "--from", "-", "--session", "bad"],
@@ -628,6 +639,9 @@ async fn error_output_snapshot() {
         .unwrap();
         assert!(!out.status.success(), "{args:?}");
         assert_eq!(stdout(&out), "", "{args:?}");
+        for secret in [UNKNOWN_TOKEN, "sk-proj-a-real-key-pasted-here"] {
+            assert!(!stderr(&out).contains(secret), "{args:?}: {}", stderr(&out));
+        }
         all.push_str(&format!(
             "=== airlock {} -> exit {} ===\n{}\n",
             args.join(" "),
@@ -1496,7 +1510,8 @@ async fn audit_commands_refuse_a_store_that_does_not_exist() {
             .output()
             .await
             .unwrap();
-        assert!(!out.status.success(), "{args:?}: {}", stdout(&out));
+        // Exit 1: no database is no usage error (it used to exit 2).
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stdout(&out));
         let err = stderr(&out);
         assert!(err.contains("no database at airlock.db"), "{args:?}: {err}");
         assert!(!err.contains("intact"), "{args:?}: {err}");

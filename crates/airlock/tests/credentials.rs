@@ -574,6 +574,22 @@ async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
     assert_eq!(put("p", json!({"value": "x", "extra": 1})).await.0, 400);
     let empty = credential_cli(&airlock, &["set", "p"], "");
     assert!(!empty.status.success());
+    // A provider whose credential comes from elsewhere is refused before a
+    // secret is asked for; one the server does not have is a usage error
+    // naming PROVIDER and the configured ones.
+    let elsewhere = credential_cli(&airlock, &["set", "e"], "never-read-00000001\n");
+    assert_eq!(elsewhere.status.code(), Some(1), "{elsewhere:?}");
+    let err = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(
+        err.starts_with("airlock: provider e takes its credential from env:E_KEY;"),
+        "{err}"
+    );
+    let unknown = credential_cli(&airlock, &["set", "nope"], "never-read-00000001\n");
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&unknown.stderr),
+        "airlock: PROVIDER: no provider \"nope\" is configured on the server (configured: e, p)\n"
+    );
 
     // Nothing airlock wrote holds a secret: store, logs, metrics.
     let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();

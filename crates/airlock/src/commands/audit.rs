@@ -275,7 +275,10 @@ fn parse_since(value: &str) -> anyhow::Result<i64> {
         return Ok(now_ms().saturating_sub(ago));
     }
     let t = OffsetDateTime::parse(value, &Rfc3339).map_err(|_| {
-        anyhow::anyhow!("--since {value:?}: use an RFC 3339 time (2026-01-02T03:04:05Z) or a duration (15m, 2h)")
+        crate::cli::usage(format!(
+            "--since {value:?}: use an RFC 3339 time (2026-01-02T03:04:05Z) or a duration (15m, \
+             2h)"
+        ))
     })?;
     Ok(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
 }

@@ -8,12 +8,12 @@ use std::io::{IsTerminal, Read};
 
 use airlock_core::{rule, Secret};
 use anyhow::{bail, Context};
-use http::Method;
+use http::{Method, StatusCode};
 use serde_json::json;
 use zeroize::Zeroizing;
 
 use crate::cli::{usage, CredentialCommand};
-use crate::client::{path_segment, AdminClient};
+use crate::client::{path_segment, AdminClient, ApiRefusal};
 
 /// Runs a credential command against the admin API at `admin_url` (unless
 /// `AIRLOCK_ADMIN_URL` says otherwise).
@@ -22,11 +22,27 @@ pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()
     match cmd {
         CredentialCommand::Set { provider } => {
             check_provider(&provider)?;
+            // The server must take a credential for it before one is asked
+            // for: no secret typed in vain.
+            let status = match client.call(Method::GET, &path(&provider), None).await {
+                Ok(status) => status,
+                Err(e) => return Err(unknown_provider(&client, &provider, e).await),
+            };
+            if let Some(source) = status["source"].as_str().filter(|s| *s != "store") {
+                bail!(
+                    "provider {provider} takes its credential from {source}; set `credential = \
+                     \"store\"` in its config on the server to manage it here"
+                );
+            }
             let secret = read_secret(&provider)?;
             let body = json!({ "value": secret.expose() });
-            let answer = client
+            let answer = match client
                 .call(Method::PUT, &path(&provider), Some(&body))
-                .await?;
+                .await
+            {
+                Ok(answer) => answer,
+                Err(e) => return Err(unknown_provider(&client, &provider, e).await),
+            };
             println!(
                 "credential for {provider} stored sealed (updated {})",
                 answer["updated_at"].as_str().unwrap_or("now")
@@ -34,7 +50,10 @@ pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()
         }
         CredentialCommand::Show { provider } => {
             check_provider(&provider)?;
-            let answer = client.call(Method::GET, &path(&provider), None).await?;
+            let answer = match client.call(Method::GET, &path(&provider), None).await {
+                Ok(answer) => answer,
+                Err(e) => return Err(unknown_provider(&client, &provider, e).await),
+            };
             println!("{}", serde_json::to_string_pretty(&answer)?);
         }
     }
@@ -44,7 +63,28 @@ pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()
 /// Refuses a PROVIDER argument no config could name (the rules of
 /// `[providers.NAME]`), before anything is read or sent.
 fn check_provider(provider: &str) -> anyhow::Result<()> {
-    rule::validate_provider(provider).map_err(|e| usage(e.to_string()))
+    rule::validate_provider(provider).map_err(|e| usage(format!("PROVIDER: {e}")))
+}
+
+/// The admin API's 404 for `provider` as a usage error naming PROVIDER and
+/// the providers the server has; other errors unchanged.
+async fn unknown_provider(
+    client: &AdminClient,
+    provider: &str,
+    error: anyhow::Error,
+) -> anyhow::Error {
+    match error.downcast_ref::<ApiRefusal>() {
+        Some(refusal) if refusal.status == StatusCode::NOT_FOUND => {}
+        _ => return error,
+    }
+    let configured = match client.provider_names().await {
+        Ok(names) if names.is_empty() => " (configured: none)".to_owned(),
+        Ok(names) => format!(" (configured: {})", names.join(", ")),
+        Err(_) => String::new(),
+    };
+    usage(format!(
+        "PROVIDER: no provider {provider:?} is configured on the server{configured}"
+    ))
 }
 
 fn path(provider: &str) -> String {

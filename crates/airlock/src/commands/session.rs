@@ -5,7 +5,7 @@ use std::io::{ErrorKind, Write as _};
 use std::time::Duration;
 
 use airlock_core::rule::{self, RuleError};
-use airlock_core::{duration, Rule};
+use airlock_core::{duration, token, Rule};
 use anyhow::anyhow;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -37,24 +37,32 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
             list(&client, all, format, limit, page_size).await?;
         }
         SessionCommand::Show { id } => {
-            check_id(&id)?;
+            check_id("ID", &id)?;
             let session = client
                 .call(Method::GET, &format!("/v1/sessions/{id}"), None)
-                .await?;
+                .await
+                .map_err(|e| unknown_session("ID", e))?;
             println!("{}", serde_json::to_string_pretty(&session)?);
         }
         SessionCommand::Revoke { id_or_token } => {
-            let session = if id_or_token.starts_with("sess_") {
+            let session = if id_or_token.starts_with(TOKEN_PREFIX) {
+                if !token::is_well_formed(&id_or_token) {
+                    return Err(usage(
+                        "ID_OR_TOKEN: a malformed session token (sess_…): a token is sess_ and \
+                         43 letters and digits",
+                    ));
+                }
                 let body = json!({ "token": id_or_token });
                 client
                     .call(Method::POST, "/v1/sessions/revoke", Some(&body))
-                    .await?
+                    .await
             } else {
-                check_id(&id_or_token)?;
+                check_id("ID_OR_TOKEN", &id_or_token)?;
                 client
                     .call(Method::DELETE, &format!("/v1/sessions/{id_or_token}"), None)
-                    .await?
+                    .await
             };
+            let session = session.map_err(|e| unknown_session("ID_OR_TOKEN", e))?;
             println!("{}", revoked_line(&session)?);
         }
     }
@@ -165,11 +173,37 @@ pub(crate) fn default_admin_url() -> String {
         .unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
 }
 
-fn check_id(id: &str) -> anyhow::Result<()> {
-    if airlock_core::SessionId::parse(id).is_none() {
-        return Err(usage(format!("{id:?} is not a session id (ses_...)")));
+/// The prefix of session tokens (`sess_…`).
+const TOKEN_PREFIX: &str = "sess_";
+
+/// Refuses an `argument` that is not a session id, naming the argument. The
+/// value is shown only when it is a malformed id (`ses_…`, not a secret):
+/// anything else may be a token or a key pasted in the wrong place.
+fn check_id(argument: &str, id: &str) -> anyhow::Result<()> {
+    if airlock_core::SessionId::parse(id).is_some() {
+        return Ok(());
     }
-    Ok(())
+    Err(usage(if id.starts_with(TOKEN_PREFIX) {
+        format!(
+            "{argument}: a session token (sess_…) where a session id (ses_...) is expected; \
+             `session list` shows ids"
+        )
+    } else if id.starts_with("ses_") {
+        format!("{argument}: {id:?} is not a session id (ses_ and up to 60 letters and digits)")
+    } else {
+        format!("{argument}: not a session id (ses_...); `session list` shows them")
+    }))
+}
+
+/// The admin API's 404 for a session (`no session ses_…`, `no session has
+/// this token`) as a usage error naming `argument`; other errors unchanged.
+fn unknown_session(argument: &str, error: anyhow::Error) -> anyhow::Error {
+    match error.downcast_ref::<ApiRefusal>() {
+        Some(refusal) if refusal.status == StatusCode::NOT_FOUND => {
+            usage(format!("{argument}: {} on the server", refusal.message))
+        }
+        _ => error,
+    }
 }
 
 /// The admin API's refusal of a new session (400), said in terms of the
