@@ -263,19 +263,23 @@ Examples:
     /// List active sessions (--all adds ended ones), newest first.
     ///
     /// A table of id, state, time left, allowed/denied calls and labels;
-    /// --json prints {"sessions":[...]} for scripts. The admin API answers a
-    /// page at a time; every page is fetched, up to --limit sessions.
+    /// --format json (or --json) prints {"sessions":[...]} for scripts. The
+    /// admin API answers a page at a time; every page is fetched, up to
+    /// --limit sessions.
     #[command(after_help = "\
 Examples:
   airlock session list
-  airlock session list --all --json
+  airlock session list --all --format json
   airlock session list --all --limit 20")]
     List {
         /// Include expired and revoked sessions.
         #[arg(long)]
         all: bool,
-        /// Print JSON instead of a table.
-        #[arg(long)]
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+        format: ListFormat,
+        /// Print JSON instead of a table (the same as --format json).
+        #[arg(long, conflicts_with = "format")]
         json: bool,
         /// Stop after this many sessions (the newest ones).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
@@ -291,13 +295,18 @@ Examples:
         )]
         page_size: u32,
     },
-    /// Show one session as JSON (never its token).
+    /// Show one session (never its token): as the admin API's JSON, or
+    /// with --format text as lines for people.
     #[command(after_help = "\
-Example:
-  airlock session show ses_...")]
+Examples:
+  airlock session show ses_...
+  airlock session show ses_... --format text")]
     Show {
         /// Session id (ses_...).
         id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ShowFormat::Json)]
+        format: ShowFormat,
     },
     /// Revoke a session by id (ses_...) or token (sess_...).
     ///
@@ -396,6 +405,24 @@ fn count(text: &str) -> Result<u64, String> {
 fn rpm(text: &str) -> Result<u32, String> {
     let n = whole_number(text, u64::from(MAX_RPM))?;
     u32::try_from(n).map_err(|_| format!("must be a whole number from 1 to {MAX_RPM}"))
+}
+
+/// How `session list` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ListFormat {
+    /// An aligned table.
+    Table,
+    /// One {"sessions":[...]} document.
+    Json,
+}
+
+/// How `session show` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ShowFormat {
+    /// The admin API's JSON (the default, as before --format).
+    Json,
+    /// One `key: value` line a field, for people.
+    Text,
 }
 
 /// How `session create` prints the session.

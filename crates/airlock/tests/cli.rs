@@ -448,6 +448,22 @@ async fn session_output_snapshots() {
         "show never prints the token"
     );
     record("session show", &stdout(&out));
+    let out = cli(
+        &airlock,
+        &["session", "show", &first_id, "--format", "json"],
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap()["id"],
+        first_id.as_str()
+    );
+    let out = cli(
+        &airlock,
+        &["session", "show", &first_id, "--format", "text"],
+    )
+    .await;
+    assert!(!stdout(&out).contains("sess_"), "never the token");
+    record("session show --format text", &stdout(&out));
 
     let out = cli(&airlock, &["session", "revoke", &first_id]).await;
     record("session revoke ID", &stdout(&out));
@@ -461,6 +477,13 @@ async fn session_output_snapshots() {
     let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(listed["sessions"].as_array().unwrap().len(), 1);
     record("session list --json", &stdout(&out));
+    // --format json is the same document (it was refused with a tip about
+    // --log-format); --format table the default table.
+    let json = stdout(&out);
+    let out = cli(&airlock, &["session", "list", "--format", "json"]).await;
+    assert_eq!(stdout(&out), json);
+    let out = cli(&airlock, &["session", "list", "--format", "table"]).await;
+    assert!(stdout(&out).starts_with("ID "), "{}", stdout(&out));
 
     // Redacted as a whole, so that each session keeps its number throughout.
     assert_snapshot("session", &redact(&all, &replacements));

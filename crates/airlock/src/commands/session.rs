@@ -10,7 +10,7 @@ use anyhow::anyhow;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::cli::{usage, OutputFormat, SessionArgs, SessionCommand};
+use crate::cli::{usage, ListFormat, OutputFormat, SessionArgs, SessionCommand, ShowFormat};
 use crate::client::{AdminClient, ApiRefusal, DEFAULT_ADMIN_URL};
 use crate::config::Config;
 
@@ -25,24 +25,24 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
         }
         SessionCommand::List {
             all,
+            format,
             json,
             limit,
             page_size,
         } => {
-            let format = if json {
-                ListFormat::Json
-            } else {
-                ListFormat::Table
-            };
+            let format = if json { ListFormat::Json } else { format };
             list(&client, all, format, limit, page_size).await?;
         }
-        SessionCommand::Show { id } => {
+        SessionCommand::Show { id, format } => {
             check_id("ID", &id)?;
             let session = client
                 .call(Method::GET, &format!("/v1/sessions/{id}"), None)
                 .await
                 .map_err(|e| unknown_session("ID", e))?;
-            println!("{}", serde_json::to_string_pretty(&session)?);
+            match format {
+                ShowFormat::Json => println!("{}", serde_json::to_string_pretty(&session)?),
+                ShowFormat::Text => print!("{}", render_text(&session)),
+            }
         }
         SessionCommand::Revoke { id_or_token } => {
             let session = if id_or_token.starts_with(TOKEN_PREFIX) {
@@ -389,15 +389,6 @@ pub fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
-/// How `session list` prints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListFormat {
-    /// An aligned table ([`render_table`]).
-    Table,
-    /// `{"sessions":[...]}`, pretty-printed.
-    Json,
-}
-
 /// `session list`: fetches page after page (following `next`) until the
 /// end or `limit` sessions, and prints them in one table or one JSON
 /// document, as one answer of the whole list printed before pagination.
@@ -533,6 +524,74 @@ impl JsonList {
         });
         out
     }
+}
+
+/// `session show --format text`: one `key: value` line a field, the scope
+/// as the RULEs that would grant it.
+fn render_text(s: &Value) -> String {
+    let text = |key: &str| s.get(key).and_then(Value::as_str).unwrap_or("-").to_owned();
+    let mut lines = vec![
+        ("id", text("id")),
+        ("state", text("state")),
+        ("created", text("created_at")),
+        ("expires", text("expires_at")),
+    ];
+    if s.get("revoked_at").is_some_and(Value::is_string) {
+        lines.push(("revoked", text("revoked_at")));
+    }
+    let calls = |key: &str| {
+        s.pointer(&format!("/calls/{key}"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    lines.push((
+        "calls",
+        format!("{} allowed, {} denied", calls("allowed"), calls("denied")),
+    ));
+    let pairs = |key: &str| {
+        let joined = s
+            .get(key)
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| match v.as_str() {
+                        Some(v) => format!("{k}={v}"),
+                        None => format!("{k}={v}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        if joined.is_empty() {
+            "-".to_owned()
+        } else {
+            joined
+        }
+    };
+    lines.push(("limits", pairs("limits")));
+    lines.push(("labels", pairs("labels")));
+    let rules: Vec<String> = s
+        .get("scope")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .flat_map(|rule| {
+            let provider = rule["provider"].as_str().unwrap_or("?").to_owned();
+            let methods = strings(&rule["methods"]).join(",");
+            strings(&rule["paths"])
+                .into_iter()
+                .map(move |path| format!("{provider}:{methods}:{path}"))
+        })
+        .collect();
+    let mut out: String = lines
+        .iter()
+        .map(|(key, value)| format!("{:<8} {value}\n", format!("{key}:")))
+        .collect();
+    for (i, rule) in rules.iter().enumerate() {
+        let key = if i == 0 { "scope:" } else { "" };
+        out.push_str(&format!("{key:<8} {rule}\n"));
+    }
+    out
 }
 
 /// A session's cells in the table: id, state, time left, calls, labels.
