@@ -91,15 +91,19 @@ Examples:
     /// Opens a session through the admin API, runs CMD with the session's
     /// environment variables (for every provider in scope: the key variable
     /// holding the session token and the base-URL variable pointing at
-    /// airlock) plus AIRLOCK_SESSION_ID, forwards SIGINT, SIGTERM and SIGHUP
-    /// to it, revokes the session when it exits (for any reason, also when
-    /// airlock itself is interrupted) and exits with its status (128+N when
-    /// it was killed by signal N).
+    /// airlock) plus AIRLOCK_SESSION_ID, forwards SIGTERM and SIGHUP to it,
+    /// and SIGINT sent to airlock alone (a Ctrl-C typed at the terminal
+    /// reaches CMD directly and is not sent a second time), revokes the
+    /// session when it exits (for any reason, also when airlock itself is
+    /// interrupted) and exits with its status (128+N when it was killed by
+    /// signal N).
     ///
     /// The real credentials never reach CMD: every configured provider's
-    /// `credential = "env:VAR"` variable, AIRLOCK_ADMIN_TOKEN,
-    /// AIRLOCK_AUDIT_KEY and AIRLOCK_MASTER_KEY are removed from its
-    /// environment.
+    /// `credential = "env:VAR"` variable, every provider's key and base-URL
+    /// variables (the server's and the local config's), the key variables
+    /// of the common AI SDKs (OPENAI_API_KEY, ANTHROPIC_API_KEY, HF_TOKEN,
+    /// ...), AIRLOCK_ADMIN_TOKEN, AIRLOCK_AUDIT_KEY and AIRLOCK_MASTER_KEY
+    /// are removed from its environment.
     ///
     /// Exit status: CMD's; 2 for a usage error (a bad option or option value,
     /// as for every command); 125 when airlock fails otherwise before CMD
@@ -252,8 +256,9 @@ pub enum SessionCommand {
     /// Open a session and print it.
     ///
     /// --format json prints the admin API's answer (id, token, expiry, scope,
-    /// limits, labels, env); env prints KEY=value lines; shell prints
-    /// export KEY='value' lines to eval.
+    /// limits, labels, env); env prints the session's variables (and
+    /// AIRLOCK_SESSION_ID, as exec sets it) as KEY=value lines; shell prints
+    /// them as export KEY='value' lines to eval.
     #[command(after_help = "\
 Examples:
   airlock session create --allow openai:POST:/v1/chat/completions --ttl 15m

@@ -835,8 +835,11 @@ async fn cli_session_commands() {
     .await;
     let env = stdout(&out);
     let lines: Vec<&str> = env.lines().collect();
-    assert_eq!(lines.len(), 2, "{env}");
+    assert_eq!(lines.len(), 3, "{env}");
     assert!(lines.iter().any(|l| l.starts_with("OPENAI_API_KEY=sess_")));
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("AIRLOCK_SESSION_ID=ses_")));
     assert!(lines.contains(&format!("OPENAI_BASE_URL={}/openai/v1", airlock.proxy_url()).as_str()));
 
     let out = cli(

@@ -278,9 +278,17 @@ async fn help_snapshots() {
     }
     assert_snapshot("help", &all);
 
-    // `exec --help` names every variable it keeps from CMD.
+    // `exec --help` names every variable it keeps from CMD, and says that
+    // a Ctrl-C at the terminal is not forwarded a second time.
     let out = airlock_cmd(&["exec", "--help"]).output().await.unwrap();
     let help = stdout(&out).replace('\n', " ");
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains(
+            "a Ctrl-C typed at the terminal reaches CMD directly and is not sent a second time"
+        ),
+        "{help}"
+    );
     for var in [
         "AIRLOCK_ADMIN_TOKEN",
         "AIRLOCK_AUDIT_KEY",
@@ -384,6 +392,12 @@ async fn session_output_snapshots() {
         let (key, value) = line.split_once('=').unwrap();
         assert!(!key.is_empty() && !value.is_empty(), "{line}");
     }
+    // The session's id too, as exec sets it.
+    assert!(
+        env.lines()
+            .any(|l| l.starts_with("AIRLOCK_SESSION_ID=ses_")),
+        "{env}"
+    );
 
     let out = cli(
         &airlock,
@@ -398,7 +412,8 @@ async fn session_output_snapshots() {
     let sh = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "{shell}\nprintf '%s %s' \"$OPENAI_API_KEY\" \"$OPENAI_BASE_URL\""
+            "{shell}\nprintf '%s %s %s' \"$OPENAI_API_KEY\" \"$OPENAI_BASE_URL\" \
+             \"$AIRLOCK_SESSION_ID\""
         ))
         .output()
         .await
@@ -409,7 +424,14 @@ async fn session_output_snapshots() {
         .unwrap()
         .trim_end_matches('\'')
         .to_owned();
-    assert_eq!(stdout(&sh), format!("{token} {proxy}/openai/v1"));
+    let shell_id = shell
+        .lines()
+        .find_map(|l| l.strip_prefix("export AIRLOCK_SESSION_ID='"))
+        .unwrap()
+        .trim_end_matches('\'')
+        .to_owned();
+    assert!(shell_id.starts_with("ses_"), "{shell}");
+    assert_eq!(stdout(&sh), format!("{token} {proxy}/openai/v1 {shell_id}"));
 
     // One allowed call on the first session, so that the counts show.
     let first_token = created["token"].as_str().unwrap();

@@ -18,6 +18,19 @@ const OPENAI_KEY: &str = "sk-real-openai-exec-0123456789";
 const ANTHROPIC_KEY: &str = "sk-real-anthropic-exec-0123456789";
 /// A real key the operator's shell holds where the Anthropic SDK looks.
 const SHELL_ANTHROPIC_KEY: &str = "sk-ant-in-the-shell-0123456789";
+/// A real key the operator's shell holds for some other AI SDK.
+const SHELL_SDK_KEY: &str = "hf-or-other-sdk-key-in-the-shell-0123456789";
+/// Where AI SDKs other than OpenAI's and Anthropic's read their keys.
+const SDK_KEY_VARIABLES: [&str; 8] = [
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "REPLICATE_API_TOKEN",
+    "FIREWORKS_API_KEY",
+    "PERPLEXITY_API_KEY",
+    "VOYAGE_API_KEY",
+    "GEMINI_API_KEY",
+    "MISTRAL_API_KEY",
+];
 /// Upper bound for anything a test waits for.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -146,6 +159,8 @@ async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code
     // elsewhere): the command must not get it.
     .env("ANTHROPIC_API_KEY", SHELL_ANTHROPIC_KEY)
     .env("ANTHROPIC_BASE_URL", "https://api.anthropic.com")
+    // Keys of other AI SDKs in the operator's shell.
+    .envs(SDK_KEY_VARIABLES.map(|var| (var, SHELL_SDK_KEY)))
     .output()
     .await
     .unwrap();
@@ -184,10 +199,14 @@ async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code
     ] {
         assert_eq!(var(hidden), None, "{hidden} leaked into the child");
     }
+    for name in SDK_KEY_VARIABLES {
+        assert_eq!(var(name), None, "{name} leaked into the child");
+    }
     for secret in [
         OPENAI_KEY,
         ANTHROPIC_KEY,
         SHELL_ANTHROPIC_KEY,
+        SHELL_SDK_KEY,
         airlock.admin_token(),
     ] {
         assert!(

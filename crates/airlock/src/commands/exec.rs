@@ -136,7 +136,7 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 /// Where the common AI SDKs and CLIs look for their API keys.
-const WELL_KNOWN_KEY_VARIABLES: [&str; 14] = [
+const WELL_KNOWN_KEY_VARIABLES: [&str; 27] = [
     "OPENAI_API_KEY",
     "ANTHROPIC_API_KEY",
     "ANTHROPIC_AUTH_TOKEN",
@@ -151,6 +151,20 @@ const WELL_KNOWN_KEY_VARIABLES: [&str; 14] = [
     "DEEPSEEK_API_KEY",
     "XAI_API_KEY",
     "OPENROUTER_API_KEY",
+    // Hugging Face (huggingface_hub, transformers; LangChain's name).
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HUGGINGFACEHUB_API_TOKEN",
+    "REPLICATE_API_TOKEN",
+    "FIREWORKS_API_KEY",
+    "PERPLEXITY_API_KEY",
+    "PPLX_API_KEY",
+    "VOYAGE_API_KEY",
+    "CEREBRAS_API_KEY",
+    "DEEPINFRA_API_TOKEN",
+    "AI21_API_KEY",
+    "NVIDIA_API_KEY",
+    "AZURE_API_KEY",
 ];
 
 /// Variables the command must not inherit: the real credentials of every

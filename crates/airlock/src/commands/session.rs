@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::cli::{usage, ListFormat, OutputFormat, SessionArgs, SessionCommand, ShowFormat};
 use crate::client::{AdminClient, ApiRefusal, DEFAULT_ADMIN_URL};
+use crate::commands::exec::SESSION_ID_ENV;
 use crate::config::Config;
 
 /// Runs a session subcommand against the admin API at `admin_url` (unless
@@ -360,9 +361,11 @@ fn strings(value: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Prints a created session in the chosen format.
+/// Prints a created session in the chosen format. `env` and `shell` give
+/// the session's `env` plus `AIRLOCK_SESSION_ID` (not a secret), as `exec`
+/// sets them.
 pub fn render_created(session: &Value, format: OutputFormat) -> String {
-    let env: Vec<(&str, &str)> = session
+    let mut env: Vec<(&str, &str)> = session
         .get("env")
         .and_then(Value::as_object)
         .map(|m| {
@@ -371,6 +374,9 @@ pub fn render_created(session: &Value, format: OutputFormat) -> String {
                 .collect()
         })
         .unwrap_or_default();
+    if let Some(id) = session.get("id").and_then(Value::as_str) {
+        env.push((SESSION_ID_ENV, id));
+    }
     match format {
         OutputFormat::Json => format!(
             "{}\n",
