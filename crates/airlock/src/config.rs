@@ -146,7 +146,7 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     sessions: RawSessions,
-    providers: Option<BTreeMap<String, RawProvider>>,
+    providers: Option<BTreeMap<String, toml::Spanned<RawProvider>>>,
 }
 
 #[derive(Deserialize)]
@@ -216,22 +216,132 @@ struct RawSessions {
     max_ttl: String,
 }
 
-#[derive(Deserialize)]
+/// `[providers.NAME]` as written. The fields a built-in provider may leave
+/// out are options: [`resolve_provider`] fills them from [`builtin`] (or
+/// refuses a custom provider that leaves them out).
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawProvider {
-    upstream: String,
-    #[serde(default = "default_auth")]
-    auth: String,
-    credential: String,
-    env_key: String,
-    env_base_url: String,
-    #[serde(default)]
-    base_path: String,
+    upstream: Option<String>,
+    auth: Option<String>,
+    credential: Option<String>,
+    env_key: Option<String>,
+    env_base_url: Option<String>,
+    base_path: Option<String>,
     auth_format: Option<String>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
     ca_file: Option<PathBuf>,
     keepalive_timeout: Option<String>,
+}
+
+/// A built-in provider's settings (SPEC §2): what a `[providers.openai]` or
+/// `[providers.anthropic]` table takes for the fields it leaves out, and
+/// what airlock serves with no `[providers]` at all.
+struct Builtin {
+    upstream: &'static str,
+    auth: &'static str,
+    credential: &'static str,
+    env_key: &'static str,
+    env_base_url: &'static str,
+    base_path: &'static str,
+}
+
+/// The built-in providers' names, in order.
+pub const BUILTIN_PROVIDERS: [&str; 2] = ["anthropic", "openai"];
+
+/// The built-in provider `name`, if it is one.
+fn builtin(name: &str) -> Option<Builtin> {
+    match name {
+        "openai" => Some(Builtin {
+            upstream: "https://api.openai.com",
+            auth: "bearer",
+            credential: "env:OPENAI_API_KEY",
+            env_key: "OPENAI_API_KEY",
+            env_base_url: "OPENAI_BASE_URL",
+            base_path: "/v1",
+        }),
+        "anthropic" => Some(Builtin {
+            upstream: "https://api.anthropic.com",
+            auth: "header:x-api-key",
+            credential: "env:ANTHROPIC_API_KEY",
+            env_key: "ANTHROPIC_API_KEY",
+            env_base_url: "ANTHROPIC_BASE_URL",
+            base_path: "",
+        }),
+        _ => None,
+    }
+}
+
+/// A provider's table with every field it must have: those left out of a
+/// built-in provider's table take its defaults; a custom provider must
+/// name `upstream`, `credential`, `env_key` and `env_base_url` (`auth`
+/// defaults to `bearer`, `base_path` to none). `Err((field, reason))`.
+struct ResolvedProvider {
+    upstream: String,
+    auth: String,
+    credential: String,
+    env_key: String,
+    env_base_url: String,
+    base_path: String,
+}
+
+fn resolve_provider(
+    name: &str,
+    p: &RawProvider,
+) -> Result<ResolvedProvider, (&'static str, String)> {
+    let defaults = builtin(name);
+    let field = |value: &Option<String>,
+                 field: &'static str,
+                 default: fn(&Builtin) -> &'static str,
+                 example: &str| {
+        match (value, &defaults) {
+            (Some(value), _) => Ok(value.clone()),
+            (None, Some(builtin)) => Ok(default(builtin).to_owned()),
+            (None, None) => Err((
+                field,
+                format!(
+                    "missing: a provider other than the built-in {} must set {field} ({example})",
+                    BUILTIN_PROVIDERS.join(" and ")
+                ),
+            )),
+        }
+    };
+    let upper = name.to_ascii_uppercase().replace('-', "_");
+    Ok(ResolvedProvider {
+        upstream: field(
+            &p.upstream,
+            "upstream",
+            |b| b.upstream,
+            "the provider's URL, e.g. \"https://api.example.com\"",
+        )?,
+        credential: field(
+            &p.credential,
+            "credential",
+            |b| b.credential,
+            &format!("where the real key comes from, e.g. \"env:{upper}_API_KEY\""),
+        )?,
+        env_key: field(
+            &p.env_key,
+            "env_key",
+            |b| b.env_key,
+            &format!("the variable agents read their session token from, e.g. \"{upper}_API_KEY\""),
+        )?,
+        env_base_url: field(
+            &p.env_base_url,
+            "env_base_url",
+            |b| b.env_base_url,
+            &format!("the variable agents read airlock's base URL from, e.g. \"{upper}_BASE_URL\""),
+        )?,
+        auth: p
+            .auth
+            .clone()
+            .unwrap_or_else(|| defaults.as_ref().map_or("bearer", |b| b.auth).to_owned()),
+        base_path: p
+            .base_path
+            .clone()
+            .unwrap_or_else(|| defaults.as_ref().map_or("", |b| b.base_path).to_owned()),
+    })
 }
 
 fn default_stall_timeout() -> String {
@@ -277,9 +387,6 @@ fn default_forwarded_headers() -> String {
 }
 fn default_max_ttl() -> String {
     "24h".into()
-}
-fn default_auth() -> String {
-    "bearer".into()
 }
 fn default_true() -> bool {
     true
@@ -341,39 +448,16 @@ impl Default for RawSessions {
 }
 
 /// The built-in providers used when the config names none.
-fn builtin_providers() -> BTreeMap<String, RawProvider> {
-    BTreeMap::from([
-        (
-            "openai".to_owned(),
-            RawProvider {
-                upstream: "https://api.openai.com".into(),
-                auth: "bearer".into(),
-                credential: "env:OPENAI_API_KEY".into(),
-                env_key: "OPENAI_API_KEY".into(),
-                env_base_url: "OPENAI_BASE_URL".into(),
-                base_path: "/v1".into(),
-                auth_format: None,
-                headers: BTreeMap::new(),
-                ca_file: None,
-                keepalive_timeout: None,
-            },
-        ),
-        (
-            "anthropic".to_owned(),
-            RawProvider {
-                upstream: "https://api.anthropic.com".into(),
-                auth: "header:x-api-key".into(),
-                credential: "env:ANTHROPIC_API_KEY".into(),
-                env_key: "ANTHROPIC_API_KEY".into(),
-                env_base_url: "ANTHROPIC_BASE_URL".into(),
-                base_path: String::new(),
-                auth_format: None,
-                headers: BTreeMap::new(),
-                ca_file: None,
-                keepalive_timeout: None,
-            },
-        ),
-    ])
+fn builtin_providers() -> BTreeMap<String, toml::Spanned<RawProvider>> {
+    BUILTIN_PROVIDERS
+        .iter()
+        .map(|name| {
+            (
+                (*name).to_owned(),
+                toml::Spanned::new(0..0, RawProvider::default()),
+            )
+        })
+        .collect()
 }
 
 // === impl Config ===
@@ -418,7 +502,7 @@ impl Config {
             None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
         };
         let Some(path) = path else {
-            return Self::from_raw("<built-in defaults>", RawConfig::default());
+            return Self::from_raw("<built-in defaults>", "", RawConfig::default());
         };
         let file = path.display().to_string();
         let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
@@ -443,11 +527,16 @@ impl Config {
                 (path, Some(line)) => format!("{path} ({line})"),
                 (path, None) => path.to_owned(),
             };
+            let reason = e
+                .span()
+                .filter(|_| e.message().starts_with("duplicate key"))
+                .and_then(|span| duplicate_key_reason(text, span))
+                // A value quoted in the message may be the store's URL.
+                .unwrap_or_else(|| airlock_store::urls_for_display(e.message()).into_owned());
             ConfigError {
                 file: file.to_owned(),
                 key,
-                // A value quoted in the message may be the store's URL.
-                reason: airlock_store::urls_for_display(e.message()).into_owned(),
+                reason,
             }
         };
         let deserializer =
@@ -456,19 +545,27 @@ impl Config {
             let path = e.path().to_string();
             fail(e.into_inner(), path)
         })?;
-        Self::from_raw(file, raw)
+        Self::from_raw(file, text, raw)
     }
 
-    fn from_raw(file: &str, raw: RawConfig) -> Result<Self, ConfigError> {
+    /// Validates `raw`, parsed from `text` (which locates errors by line).
+    fn from_raw(file: &str, text: &str, raw: RawConfig) -> Result<Self, ConfigError> {
         let err = |key: &str, reason: String| ConfigError {
             file: file.to_owned(),
             key: key.to_owned(),
             reason,
         };
         let addr = |key: &str, value: &str| {
-            value
-                .parse::<SocketAddr>()
-                .map_err(|e| err(key, format!("{value:?} is not HOST:PORT ({e})")))
+            value.parse::<SocketAddr>().map_err(|_| {
+                err(
+                    key,
+                    format!(
+                        "{value:?}: must be an IP address and port such as 127.0.0.1:8080 \
+                             (or [::1]:8080, 0.0.0.0:8080 for every interface); host names are \
+                             not resolved"
+                    ),
+                )
+            })
         };
         let dur =
             |key: &str, value: &str| duration::parse(value).map_err(|e| err(key, e.to_string()));
@@ -586,11 +683,19 @@ impl Config {
         // session's one token), never an `env_base_url` or a name used as
         // both.
         let mut env_names: BTreeMap<String, String> = BTreeMap::new();
-        for (name, p) in raw.providers.unwrap_or_else(builtin_providers) {
+        for (name, spanned) in raw.providers.unwrap_or_else(builtin_providers) {
             let key = |field: &str| format!("providers.{name}.{field}");
             rule::validate_provider(&name)
                 .map_err(|e| err(&format!("providers.{name}"), e.to_string()))?;
-            let auth: AuthStyle = p
+            let line = text
+                .get(..spanned.span().start)
+                .map_or(1, |before| before.matches('\n').count() + 1);
+            let fields =
+                resolve_provider(&name, spanned.get_ref()).map_err(|(field, reason)| {
+                    err(&format!("providers.{name}.{field} (line {line})"), reason)
+                })?;
+            let p = spanned.into_inner();
+            let auth: AuthStyle = fields
                 .auth
                 .parse()
                 .map_err(|e: airlock_proxy::ProviderError| err(&key("auth"), e.to_string()))?;
@@ -598,23 +703,28 @@ impl Config {
                 if is_reserved_header(header) {
                     return Err(err(
                         &key("auth"),
-                        format!("{:?}: airlock sets this header itself", p.auth),
+                        format!("{:?}: airlock sets this header itself", fields.auth),
                     ));
                 }
             }
-            let credential = parse_credential_source(&p.credential)
+            let credential = parse_credential_source(&fields.credential)
                 .map_err(|reason| err(&key("credential"), reason))?;
             airlock_proxy::CredentialFormat::new(auth.clone(), p.auth_format.as_deref())
                 .map_err(|e| err(&key("auth_format"), e.to_string()))?;
             let headers = parse_static_headers(&p.headers, &auth)
                 .map_err(|(name, reason)| err(&key(&format!("headers.{name}")), reason))?;
-            if !p.base_path.is_empty() && airlock_core::path::validate(&p.base_path).is_err() {
+            if !fields.base_path.is_empty()
+                && airlock_core::path::validate(&fields.base_path).is_err()
+            {
                 return Err(err(
                     &key("base_path"),
-                    format!("{:?} must be empty or an absolute path", p.base_path),
+                    format!("{:?} must be empty or an absolute path", fields.base_path),
                 ));
             }
-            for (field, value) in [("env_key", &p.env_key), ("env_base_url", &p.env_base_url)] {
+            for (field, value) in [
+                ("env_key", &fields.env_key),
+                ("env_base_url", &fields.env_base_url),
+            ] {
                 let ok = !value.is_empty()
                     && value
                         .bytes()
@@ -642,7 +752,7 @@ impl Config {
                     ));
                 }
             }
-            check_upstream(&p.upstream).map_err(|reason| err(&key("upstream"), reason))?;
+            check_upstream(&fields.upstream).map_err(|reason| err(&key("upstream"), reason))?;
             let keepalive_timeout = match &p.keepalive_timeout {
                 Some(value) => dur(&key("keepalive_timeout"), value)?,
                 None => DEFAULT_KEEPALIVE_TIMEOUT,
@@ -653,16 +763,16 @@ impl Config {
             providers.insert(
                 name,
                 ProviderConfig {
-                    upstream: p.upstream,
+                    upstream: fields.upstream,
                     auth,
                     auth_format: p.auth_format,
                     headers,
                     ca_file: p.ca_file,
                     keepalive_timeout,
                     credential,
-                    env_key: p.env_key,
-                    env_base_url: p.env_base_url,
-                    base_path: p.base_path.trim_end_matches('/').to_owned(),
+                    env_key: fields.env_key,
+                    env_base_url: fields.env_base_url,
+                    base_path: fields.base_path.trim_end_matches('/').to_owned(),
                 },
             );
         }
@@ -682,6 +792,34 @@ impl Config {
             max_ttl,
             providers,
         })
+    }
+}
+
+/// What toml's bare "duplicate key" means at `span` (the repeated key's
+/// name): a table header given twice, or a key set twice in one table.
+fn duplicate_key_reason(text: &str, span: std::ops::Range<usize>) -> Option<String> {
+    let name = text.get(span.clone())?;
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[span.start..]
+        .find('\n')
+        .map_or(text.len(), |i| span.start + i);
+    let line = text.get(line_start..line_end)?.trim();
+    if line.starts_with('[') {
+        let header = line
+            .split(']')
+            .next()
+            .unwrap_or(line)
+            .trim_start_matches('[');
+        let header = header.trim_start_matches('[').trim();
+        Some(format!(
+            "table [{header}] is defined twice: a table may appear once, so merge the two \
+             into one"
+        ))
+    } else {
+        Some(format!(
+            "key `{name}` is set twice in the same table (or names a table defined \
+             elsewhere): keep one"
+        ))
     }
 }
 

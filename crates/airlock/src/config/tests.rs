@@ -86,7 +86,10 @@ fn error_of(text: &str) -> String {
 #[test]
 fn bad_configs_name_file_key_and_reason() {
     let cases = [
-        ("[proxy]\nlisten = \"nope\"", "bad.toml: proxy.listen: \"nope\" is not HOST:PORT"),
+        (
+            "[proxy]\nlisten = \"nope\"",
+            "bad.toml: proxy.listen: \"nope\": must be an IP address and port such as 127.0.0.1:8080",
+        ),
         ("[proxy]\nlistn = \"x\"", "bad.toml: proxy.listn (line 2): unknown field `listn`"),
         ("[sessions]\nmax_ttl = \"forever\"", "bad.toml: sessions.max_ttl: invalid duration"),
         ("[store]\nurl = \"mysql://x\"", "bad.toml: store.url:"),
@@ -121,7 +124,9 @@ fn bad_configs_name_file_key_and_reason() {
         ("[proxy\n", "bad.toml: line 1:"),
         (
             "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"X\"",
-            "bad.toml: providers.x (line 1): missing field `env_base_url`",
+            "bad.toml: providers.x.env_base_url (line 1): missing: a provider other than the \
+             built-in anthropic and openai must set env_base_url (the variable agents read \
+             airlock's base URL from, e.g. \"X_BASE_URL\")",
         ),
         ("[proxy]\nlisten = 8080", "bad.toml: proxy.listen (line 2): invalid type"),
         (
@@ -354,4 +359,75 @@ fn proxy_workers_default_to_one_per_core_and_are_bounded() {
     }
     let negative = error_of("[proxy]\nworkers = -1");
     assert!(negative.contains("line 2"), "{negative}");
+}
+
+/// A host name where an address goes is refused for what it is (airlock
+/// binds addresses, it does not resolve names), not called malformed.
+#[test]
+fn a_listen_host_name_is_refused_as_not_an_ip_address() {
+    for (section, key) in [("proxy", "proxy.listen"), ("admin", "admin.listen")] {
+        let got = error_of(&format!("[{section}]\nlisten = \"localhost:8080\""));
+        assert_eq!(
+            got,
+            format!(
+                "bad.toml: {key}: \"localhost:8080\": must be an IP address and port such as \
+                 127.0.0.1:8080 (or [::1]:8080, 0.0.0.0:8080 for every interface); host names \
+                 are not resolved"
+            )
+        );
+    }
+}
+
+/// A table or key given twice is named, with its line.
+#[test]
+fn a_duplicate_table_or_key_is_named() {
+    let table = "[providers.openai]\nupstream = \"https://a\"\n\n[providers.openai]\nupstream = \"https://b\"\n";
+    assert_eq!(
+        error_of(table),
+        "bad.toml: line 4: table [providers.openai] is defined twice: a table may appear once, \
+         so merge the two into one"
+    );
+    let key = "[proxy]\nlisten = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n";
+    let got = error_of(key);
+    assert!(
+        got.starts_with("bad.toml: line 3: key `listen` is set twice in the same table"),
+        "{got}"
+    );
+}
+
+/// A built-in provider's table takes the built-in settings for what it
+/// leaves out (SPEC §2); a custom one must name them.
+#[test]
+fn a_builtin_providers_table_takes_the_builtin_defaults() {
+    let c = Config::parse(
+        "x.toml",
+        "[providers.openai]\nupstream = \"http://127.0.0.1:9\"\ncredential = \"env:MY_KEY\"\n\n\
+         [providers.anthropic]\nbase_path = \"/api\"\n",
+    )
+    .unwrap();
+    let openai = &c.providers["openai"];
+    assert_eq!(openai.upstream, "http://127.0.0.1:9");
+    assert_eq!(openai.credential, CredentialSource::Env("MY_KEY".into()));
+    assert_eq!(openai.auth, AuthStyle::Bearer);
+    assert_eq!(openai.env_key, "OPENAI_API_KEY");
+    assert_eq!(openai.env_base_url, "OPENAI_BASE_URL");
+    assert_eq!(openai.base_path, "/v1");
+    let anthropic = &c.providers["anthropic"];
+    assert_eq!(anthropic.upstream, "https://api.anthropic.com");
+    assert_eq!(anthropic.auth.to_string(), "header:x-api-key");
+    assert_eq!(
+        anthropic.credential,
+        CredentialSource::Env("ANTHROPIC_API_KEY".into())
+    );
+    assert_eq!(anthropic.env_key, "ANTHROPIC_API_KEY");
+    assert_eq!(anthropic.env_base_url, "ANTHROPIC_BASE_URL");
+    assert_eq!(anthropic.base_path, "/api");
+
+    let custom = "\n[providers.acme]\nupstream = \"https://acme\"\ncredential = \"env:A\"\n";
+    assert_eq!(
+        error_of(custom),
+        "bad.toml: providers.acme.env_key (line 2): missing: a provider other than the built-in \
+         anthropic and openai must set env_key (the variable agents read their session token \
+         from, e.g. \"ACME_API_KEY\")"
+    );
 }
