@@ -394,17 +394,9 @@ pub fn load_or_create_key(
     key_file: &Path,
     purpose: KeyPurpose,
 ) -> Result<(KeyBytes, KeyOrigin), KeyError> {
-    if let Some(value) = env_value.filter(|v| !v.trim().is_empty()) {
-        let key = KeyBytes::from_encoded(value).map_err(|reason| KeyError::Env {
-            purpose: purpose.name,
-            env_var: purpose.env_var,
-            reason,
-        })?;
-        return Ok((key, KeyOrigin::Env));
-    }
-    match read_key_file(key_file, purpose) {
-        Ok(key) => Ok((key, KeyOrigin::File)),
-        Err(KeyError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+    match find_key(env_value, key_file, purpose)? {
+        Some(found) => Ok(found),
+        None => {
             if create_key_file(key_file, purpose)? {
                 // Re-read what is now on disk: proves the file round-trips.
                 read_key_file(key_file, purpose).map(|key| (key, KeyOrigin::Created))
@@ -412,8 +404,69 @@ pub fn load_or_create_key(
                 read_key_file(key_file, purpose).map(|key| (key, KeyOrigin::File))
             }
         }
+    }
+}
+
+/// Checks what [`load_or_create_key`] would load, short of creating a key
+/// file: a malformed variable or key file, or a key file with loose
+/// permissions, is the same error; a key file that does not exist yet is
+/// `Ok(None)` when its directory exists (where it would be created), else
+/// [`KeyError::NoParentDir`]. For `airlock config check`, which must refuse
+/// what `serve` would refuse and create nothing.
+pub fn check_key(
+    env_value: Option<&str>,
+    key_file: &Path,
+    purpose: KeyPurpose,
+) -> Result<Option<KeyOrigin>, KeyError> {
+    match find_key(env_value, key_file, purpose)? {
+        Some((_, origin)) => Ok(Some(origin)),
+        None => key_file_dir(key_file, purpose).map(|_| None),
+    }
+}
+
+/// The key from `env_value`, else from an existing `key_file`; `None` when
+/// there is neither (the file does not exist).
+fn find_key(
+    env_value: Option<&str>,
+    key_file: &Path,
+    purpose: KeyPurpose,
+) -> Result<Option<(KeyBytes, KeyOrigin)>, KeyError> {
+    if let Some(value) = env_value.filter(|v| !v.trim().is_empty()) {
+        let key = KeyBytes::from_encoded(value).map_err(|reason| KeyError::Env {
+            purpose: purpose.name,
+            env_var: purpose.env_var,
+            reason,
+        })?;
+        return Ok(Some((key, KeyOrigin::Env)));
+    }
+    match read_key_file(key_file, purpose) {
+        Ok(key) => Ok(Some((key, KeyOrigin::File))),
+        Err(KeyError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(err) => Err(err),
     }
+}
+
+/// The directory a new key file `path` goes in: it must exist.
+fn key_file_dir(path: &Path, purpose: KeyPurpose) -> Result<&Path, KeyError> {
+    let dir = match path.parent() {
+        Some(dir) if dir.as_os_str().is_empty() => Path::new("."),
+        Some(dir) => dir,
+        None => {
+            return Err(KeyError::Create {
+                purpose: purpose.name,
+                path: path.to_owned(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not a file path"),
+            })
+        }
+    };
+    if !dir.is_dir() {
+        return Err(KeyError::NoParentDir {
+            purpose: purpose.name,
+            path: path.to_owned(),
+            dir: dir.to_owned(),
+        });
+    }
+    Ok(dir)
 }
 
 /// Reads and checks an existing key file.
@@ -475,23 +528,7 @@ fn create_key_file(path: &Path, purpose: KeyPurpose) -> Result<bool, KeyError> {
         path: path.to_owned(),
         source,
     };
-    let dir = match path.parent() {
-        Some(dir) if dir.as_os_str().is_empty() => Path::new("."),
-        Some(dir) => dir,
-        None => {
-            return Err(create_err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a file path",
-            )))
-        }
-    };
-    if !dir.is_dir() {
-        return Err(KeyError::NoParentDir {
-            purpose: purpose.name,
-            path: path.to_owned(),
-            dir: dir.to_owned(),
-        });
-    }
+    let dir = key_file_dir(path, purpose)?;
     let file_name = path
         .file_name()
         .ok_or_else(|| create_err(io::Error::new(io::ErrorKind::InvalidInput, "no file name")))?;

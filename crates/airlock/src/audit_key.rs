@@ -2,7 +2,7 @@
 //! `[audit] key_file` (created with mode 0600 on first start).
 
 use airlock_core::audit::AuditKey;
-use airlock_core::seal::{load_or_create_key, KeyOrigin, KeyPurpose};
+use airlock_core::seal::{check_key, load_or_create_key, KeyOrigin, KeyPurpose};
 use anyhow::Context;
 
 use crate::config::AuditConfig;
@@ -19,18 +19,40 @@ const PURPOSE: KeyPurpose = KeyPurpose {
 /// variable (server start). On a shared store every replica must hold the
 /// same key, so there it must come from the variable or a configured file.
 pub fn load_or_create(config: &AuditConfig, store_url: &str) -> anyhow::Result<AuditKey> {
-    let env = std::env::var(AUDIT_KEY_ENV)
-        .ok()
-        .filter(|v| !v.trim().is_empty());
-    if let Some(problem) = missing_shared_key(config, store_url) {
-        anyhow::bail!(problem);
-    }
+    let env = env_value(config, store_url)?;
     let (key, origin) = load_or_create_key(env.as_deref(), &config.key_file, PURPOSE)
         .context("loading the audit key")?;
     if origin == KeyOrigin::Created {
-        tracing::info!(file = %config.key_file.display(), "audit key created (mode 0600)");
+        tracing::info!(
+            file = %crate::paths::absolute(&config.key_file).display(),
+            "audit key created (mode 0600)"
+        );
     }
     Ok(AuditKey::new(key.expose()))
+}
+
+/// What [`load_or_create`] would do, short of creating the key file
+/// (`config check`): the same errors, word for word; `Ok(None)` when the
+/// file would be created.
+pub fn check(config: &AuditConfig, store_url: &str) -> anyhow::Result<Option<KeyOrigin>> {
+    let env = env_value(config, store_url)?;
+    check_key(env.as_deref(), &config.key_file, PURPOSE).context("loading the audit key")
+}
+
+/// Where the key comes from, for logs and `config check`: the variable,
+/// or the key file's absolute path. Never the key.
+pub fn source(config: &AuditConfig) -> String {
+    crate::paths::key_source(AUDIT_KEY_ENV, &config.key_file)
+}
+
+/// `AIRLOCK_AUDIT_KEY` if set; refuses a shared store without a shared key.
+fn env_value(config: &AuditConfig, store_url: &str) -> anyhow::Result<Option<String>> {
+    if let Some(problem) = missing_shared_key(config, store_url) {
+        anyhow::bail!(problem);
+    }
+    Ok(std::env::var(AUDIT_KEY_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty()))
 }
 
 /// Why `serve` would refuse to start for want of an audit key, if it would:

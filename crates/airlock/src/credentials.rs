@@ -49,11 +49,7 @@ impl Credentials {
     /// (its calls get 503 until it is set); an unreadable file, a bad value
     /// or a sealed value that does not open is.
     pub async fn load(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
-        let uses_store = config
-            .providers
-            .values()
-            .any(|p| p.credential == CredentialSource::Store);
-        let master_key = if uses_store {
+        let master_key = if uses_master_key(config) {
             Some(load_master_key(config)?)
         } else {
             None
@@ -273,10 +269,7 @@ fn describe(source: &CredentialSource) -> String {
 /// would: with credentials in a shared store, every replica must hold the
 /// same key (from the variable or a configured file).
 pub fn missing_shared_master_key(config: &Config) -> Option<String> {
-    let uses_store = config
-        .providers
-        .values()
-        .any(|p| p.credential == CredentialSource::Store);
+    let uses_store = uses_master_key(config);
     let env_set = std::env::var(seal::MASTER_KEY_ENV).is_ok_and(|v| !v.trim().is_empty());
     let missing = uses_store
         && !env_set
@@ -292,17 +285,49 @@ pub fn missing_shared_master_key(config: &Config) -> Option<String> {
 }
 
 fn load_master_key(config: &Config) -> anyhow::Result<MasterKey> {
-    let env = std::env::var(seal::MASTER_KEY_ENV)
-        .ok()
-        .filter(|v| !v.trim().is_empty());
-    if let Some(problem) = missing_shared_master_key(config) {
-        anyhow::bail!(problem);
-    }
+    let env = master_key_env(config)?;
     let (key, origin) =
         load_or_create_key(env.as_deref(), &config.master_key_file, KeyPurpose::MASTER)
             .context("loading the master key")?;
     if origin == KeyOrigin::Created {
-        tracing::info!(file = %config.master_key_file.display(), "master key created (mode 0600)");
+        tracing::info!(
+            file = %crate::paths::absolute(&config.master_key_file).display(),
+            "master key created (mode 0600)"
+        );
     }
     Ok(MasterKey::new(key))
+}
+
+/// Whether some provider's credential is sealed in the store (and so
+/// `serve` needs the master key).
+pub fn uses_master_key(config: &Config) -> bool {
+    config
+        .providers
+        .values()
+        .any(|p| p.credential == CredentialSource::Store)
+}
+
+/// What `serve` would do loading the master key, short of creating its
+/// file (`config check`): the same errors, word for word; `Ok(None)` when
+/// the file would be created.
+pub fn check_master_key(config: &Config) -> anyhow::Result<Option<KeyOrigin>> {
+    let env = master_key_env(config)?;
+    seal::check_key(env.as_deref(), &config.master_key_file, KeyPurpose::MASTER)
+        .context("loading the master key")
+}
+
+/// Where the master key comes from: the variable, or the key file's
+/// absolute path. Never the key.
+pub fn master_key_source(config: &Config) -> String {
+    crate::paths::key_source(seal::MASTER_KEY_ENV, &config.master_key_file)
+}
+
+/// `AIRLOCK_MASTER_KEY` if set; refuses a shared store without a shared key.
+fn master_key_env(config: &Config) -> anyhow::Result<Option<String>> {
+    if let Some(problem) = missing_shared_master_key(config) {
+        anyhow::bail!(problem);
+    }
+    Ok(std::env::var(seal::MASTER_KEY_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty()))
 }

@@ -1287,6 +1287,7 @@ env_base_url = "LOCAL_URL"
 ca_file = "ca.pem"
 "#,
     );
+    std::fs::create_dir(dir.path().join("data")).unwrap();
     std::fs::write(dir.path().join("github.key"), secret_file_value).unwrap();
     airlock_testkit::tls::TestCa::new("config check CA").write_cert(&dir.path().join("ca.pem"));
     let dir_text = dir.path().display().to_string();
@@ -1321,7 +1322,8 @@ ca_file = "ca.pem"
     let text = stdout(&out);
     assert!(!text.contains(OPENAI_KEY) && !text.contains("adm_secret_admin_token"));
     all.push_str(&format!(
-        "=== config check (built-in defaults) ===\n{text}\n"
+        "=== config check (built-in defaults) ===\n{}\n",
+        redact(&text, &[(&empty.path().display().to_string(), "<cwd>")])
     ));
 
     // A credential file and a CA file that cannot be read: serve would
@@ -1851,4 +1853,145 @@ env_base_url = "P_URL"
         .await
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Polls `airlock`'s output until a line holds `needle`; returns that line.
+async fn output_line(airlock: &Airlock, needle: &str) -> String {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(line) = airlock.output().lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line with {needle:?}:\n{}",
+            airlock.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `serve`'s error line (the last `airlock: ` line of its stderr).
+fn serve_error(out: &Output) -> String {
+    stderr(out)
+        .lines()
+        .rfind(|l| l.starts_with("airlock: "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A malformed `AIRLOCK_AUDIT_KEY` or `AIRLOCK_MASTER_KEY` (with a provider
+/// on `credential = "store"`) is refused by `config check` in the words
+/// `serve` refuses it with, and the value is never shown.
+#[tokio::test]
+async fn config_check_refuses_the_keys_serve_refuses() {
+    let bad = "bad-key-value-xyz";
+    for (var, purpose) in [
+        ("AIRLOCK_AUDIT_KEY", "loading the audit key"),
+        ("AIRLOCK_MASTER_KEY", "loading the master key"),
+    ] {
+        let (dir, path) = config_dir(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [providers.p]\nupstream = \"https://p.example.com\"\ncredential = \"store\"\n\
+             env_key = \"P_KEY\"\nenv_base_url = \"P_URL\"\n",
+        );
+        let path = path.to_str().unwrap();
+        let check = airlock_cmd(&["config", "check", "--config", path])
+            .current_dir(dir.path())
+            .env_remove("AIRLOCK_MASTER_KEY")
+            .env(var, bad)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(check.status.code(), Some(1), "{var}: {}", stdout(&check));
+        let serve = airlock_cmd(&["serve", "--config", path])
+            .current_dir(dir.path())
+            .env_remove("AIRLOCK_MASTER_KEY")
+            .env(var, bad)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(serve.status.code(), Some(1), "{var}: {}", stderr(&serve));
+        let refused = serve_error(&serve);
+        assert!(
+            refused.starts_with(&format!("airlock: {purpose}: ")) && refused.contains(var),
+            "{refused}"
+        );
+        assert!(
+            stderr(&check).lines().any(|l| l == refused),
+            "{var}: config check said\n{}\nserve said\n{refused}",
+            stderr(&check)
+        );
+        for text in [stdout(&check), stderr(&check), stderr(&serve)] {
+            assert!(!text.contains(bad), "{text}");
+        }
+    }
+}
+
+/// A SQLite store whose directory does not exist is a problem for `config
+/// check` (exit 1) and refused by `serve`, both naming `store.url`, the
+/// directory and the fix.
+#[tokio::test]
+async fn a_sqlite_store_in_a_missing_directory_is_refused_naming_store_url() {
+    let (dir, path) = config_dir("");
+    let sub = dir.path().join("ro").join("sub");
+    std::fs::write(
+        &path,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [store]\nurl = \"sqlite://{}/airlock.db\"\n",
+            sub.display()
+        ),
+    )
+    .unwrap();
+    let path = path.to_str().unwrap();
+    let want = format!(
+        "airlock: store.url: directory {} does not exist, so the database {}/airlock.db cannot \
+         be created: create it (mkdir -p {})",
+        sub.display(),
+        sub.display(),
+        sub.display()
+    );
+    let check = airlock_cmd(&["config", "check", "--config", path])
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(check.status.code(), Some(1), "{}", stdout(&check));
+    assert!(
+        stderr(&check).lines().any(|l| l.starts_with(&want)),
+        "{}",
+        stderr(&check)
+    );
+    let serve = airlock_cmd(&["serve", "--config", path])
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(serve.status.code(), Some(1), "{}", stderr(&serve));
+    assert!(serve_error(&serve).starts_with(&want), "{}", stderr(&serve));
+    assert!(!sub.exists());
+}
+
+/// A relative store path resolves against the working directory; the
+/// start-up log shows what it resolved to, with the listeners and the
+/// audit key's file.
+#[tokio::test]
+async fn the_start_up_log_names_listeners_and_resolved_paths() {
+    let mut airlock = AirlockBuilder::new(BIN)
+        .store_url("sqlite://airlock.db")
+        .start()
+        .await
+        .unwrap();
+    let started = output_line(&airlock, "airlock started").await;
+    let dir = airlock.dir().display().to_string();
+    for field in [
+        format!("proxy={}", airlock.proxy_url()),
+        format!("admin={}", airlock.admin_url()),
+        format!("store=sqlite://airlock.db ({dir}/airlock.db)"),
+        format!("audit_key=file:{dir}/airlock.db.audit-key"),
+    ] {
+        assert!(started.contains(&field), "{field} not in {started}");
+    }
+    airlock.terminate().await.unwrap();
 }

@@ -431,3 +431,40 @@ proptest! {
         }
     }
 }
+
+/// `check_key` refuses what `load_or_create_key` refuses and creates nothing.
+#[test]
+fn check_key_refuses_what_loading_refuses_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.key");
+    let err = check_key(Some("zz"), &path, AUDIT).unwrap_err();
+    assert!(matches!(err, KeyError::Env { .. }), "{err}");
+    assert!(!err.to_string().contains("zz"), "{err}");
+    assert_eq!(
+        check_key(Some(HEX_KEY), &path, AUDIT).unwrap(),
+        Some(KeyOrigin::Env)
+    );
+    // No file yet: would be created, but is not.
+    assert_eq!(check_key(None, &path, AUDIT).unwrap(), None);
+    assert!(!path.exists());
+    let missing = dir.path().join("missing").join("audit.key");
+    assert!(matches!(
+        check_key(None, &missing, AUDIT),
+        Err(KeyError::NoParentDir { .. })
+    ));
+    write_with_mode(&path, HEX_KEY, 0o644);
+    assert!(matches!(
+        check_key(None, &path, AUDIT),
+        Err(KeyError::Permissions { .. })
+    ));
+    write_with_mode(&path, "short", 0o600);
+    assert!(matches!(
+        check_key(None, &path, AUDIT),
+        Err(KeyError::FileContent { .. })
+    ));
+    write_with_mode(&path, B64_KEY, 0o600);
+    assert_eq!(
+        check_key(None, &path, AUDIT).unwrap(),
+        Some(KeyOrigin::File)
+    );
+}

@@ -4,15 +4,14 @@
 //! whether it is available now.
 
 use std::fmt::Write as _;
-use std::path::Path;
 use std::process::ExitCode;
 
 use airlock_core::duration;
+use airlock_core::seal::KeyOrigin;
 use airlock_proxy::credential_source::{read_credential_file, CredentialFileError};
 use airlock_proxy::provider::check_ca_file;
 use airlock_proxy::ProviderError;
 
-use crate::audit_key::AUDIT_KEY_ENV;
 use crate::config::{Config, CredentialSource, DEFAULT_KEEPALIVE_TIMEOUT};
 
 /// What `config check` found: the description to print, and the problems
@@ -109,9 +108,40 @@ pub fn describe(config: &Config) -> Description {
         &format!(
             "{}{}",
             airlock_store::url_for_display(&config.store_url),
-            store_note(&config.store_url)
+            if airlock_store::is_postgres_url(&config.store_url)
+                || airlock_store::sqlite_file(&config.store_url).is_some()
+            {
+                ""
+            } else {
+                " (in memory)"
+            }
         ),
     );
+    match crate::paths::sqlite_location(&config.store_url) {
+        Ok(Some(file)) => {
+            let state = if file.exists() {
+                "exists"
+            } else {
+                "does not exist yet: created on first start"
+            };
+            line(out, "database", &format!("{} ({state})", file.display()));
+        }
+        Ok(None) => {}
+        Err(reason) => {
+            d.problems.push(format!("store.url: {reason}"));
+            line(out, "database", "cannot be created (see below)");
+        }
+    }
+    if crate::credentials::uses_master_key(config) {
+        let key = key_line(
+            crate::credentials::master_key_source(config),
+            crate::credentials::missing_shared_master_key(config)
+                .map(|problem| format!("store.master_key_file: {problem}")),
+            || crate::credentials::check_master_key(config),
+            &mut d.problems,
+        );
+        line(out, "master key", &key);
+    }
 
     let _ = writeln!(out, "audit:");
     if config.audit.enabled {
@@ -125,21 +155,13 @@ pub fn describe(config: &Config) -> Description {
                 "no (calls go on while records cannot be written)"
             },
         );
-        if let Some(problem) =
+        let key = key_line(
+            crate::audit_key::source(&config.audit),
             crate::audit_key::missing_shared_key(&config.audit, &config.store_url)
-        {
-            d.problems.push(format!("audit.key_file: {problem}"));
-        }
-        let key = if env_is_set(AUDIT_KEY_ENV) {
-            format!("env:{AUDIT_KEY_ENV} (set)")
-        } else if config.audit.key_file.exists() {
-            format!("file:{} (exists)", config.audit.key_file.display())
-        } else {
-            format!(
-                "file:{} (does not exist yet: created on first start)",
-                config.audit.key_file.display()
-            )
-        };
+                .map(|problem| format!("audit.key_file: {problem}")),
+            || crate::audit_key::check(&config.audit, &config.store_url),
+            &mut d.problems,
+        );
         line(out, "key", &key);
         line(out, "stall timeout", &dur(config.audit.stall_timeout));
     } else {
@@ -149,9 +171,6 @@ pub fn describe(config: &Config) -> Description {
     let _ = writeln!(out, "sessions:");
     line(out, "max ttl", &dur(config.max_ttl));
 
-    if let Some(problem) = crate::credentials::missing_shared_master_key(config) {
-        d.problems.push(format!("store.master_key_file: {problem}"));
-    }
     let _ = writeln!(out, "providers:");
     if config.providers.is_empty() {
         let _ = writeln!(out, "  (none)");
@@ -247,6 +266,32 @@ pub fn describe(config: &Config) -> Description {
     d
 }
 
+/// A key's line (the audit key, the master key): where it comes from and
+/// whether `serve` would take it. `shared` is the problem of a shared
+/// store without a shared key, if any; otherwise `check` loads the key as
+/// `serve` would, creating nothing. A problem is added to `problems`, in
+/// the words `serve` would refuse to start with; the key is never shown.
+fn key_line(
+    source: String,
+    shared: Option<String>,
+    check: impl FnOnce() -> anyhow::Result<Option<KeyOrigin>>,
+    problems: &mut Vec<String>,
+) -> String {
+    if let Some(problem) = shared {
+        problems.push(problem);
+        return format!("{source} (cannot be used: see below)");
+    }
+    match check() {
+        Ok(Some(KeyOrigin::Env)) => format!("{source} (set)"),
+        Ok(Some(_)) => format!("{source} (exists)"),
+        Ok(None) => format!("{source} (does not exist yet: created on first start)"),
+        Err(e) => {
+            problems.push(format!("{e:#}"));
+            format!("{source} (cannot be used: see below)")
+        }
+    }
+}
+
 /// Whether an `env:` credential that is set is one `serve` takes.
 fn usable_env_credential(p: &crate::config::ProviderConfig) -> Result<(), String> {
     let secret = p.credential.read()?.ok_or("not set")?;
@@ -279,20 +324,6 @@ fn sub_line(out: &mut String, label: &str, value: &str) {
 
 fn env_is_set(var: &str) -> bool {
     std::env::var_os(var).is_some_and(|v| !v.is_empty())
-}
-
-/// Whether the store's file exists yet.
-fn store_note(url: &str) -> &'static str {
-    let file = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .map(|rest| rest.split('?').next().unwrap_or(rest));
-    match file {
-        Some(path) if path.is_empty() || path.starts_with(':') => " (in memory)",
-        Some(path) if Path::new(path).exists() => " (exists)",
-        Some(_) => " (does not exist yet: created on first start)",
-        None => "",
-    }
 }
 
 #[cfg(test)]

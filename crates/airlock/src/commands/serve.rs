@@ -42,6 +42,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding admin.listen {}", config.admin_listen))?;
+    // A SQLite file whose directory cannot hold it is refused here, naming
+    // the setting and the path (the lock below would fail more obscurely).
+    let database = crate::paths::sqlite_location(&config.store_url)
+        .map_err(|reason| anyhow::anyhow!("store.url: {reason}"))?;
     // One serve per SQLite file: a second would migrate under the first,
     // claim the same audit chain and refuse every call. Taken before the
     // store is opened; held (declared before the store, so dropped after
@@ -232,9 +236,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     readiness
         .ready
         .store(true, std::sync::atomic::Ordering::SeqCst);
+    let store_shown = match &database {
+        Some(file) => format!(
+            "{} ({})",
+            airlock_store::url_for_display(&config.store_url),
+            file.display()
+        ),
+        None => airlock_store::url_for_display(&config.store_url).into_owned(),
+    };
     tracing::info!(
         config = %config.source,
-        store = %airlock_store::url_for_display(&config.store_url),
+        proxy = %format!("{proxy_scheme}://{proxy_addr}"),
+        admin = %format!("http://{admin_addr}"),
+        store = %store_shown,
+        audit_key = %if config.audit.enabled {
+            audit_key::source(&config.audit)
+        } else {
+            "none (audit disabled)".to_owned()
+        },
         "airlock started"
     );
     {
