@@ -28,4 +28,4 @@ pub use metrics::ProxyMetrics;
 pub use provider::{
     AuthStyle, CredentialFormat, PreparedCredential, Provider, ProviderError, ProviderSpec,
 };
-pub use server::{ProxyServer, ServerSettings};
+pub use server::{DrainControl, InFlight, ProxyServer, ServerSettings};

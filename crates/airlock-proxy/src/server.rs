@@ -136,6 +136,55 @@ pub struct ProxyServer {
     workers: Vec<oneshot::Receiver<()>>,
     /// One per worker, sent once it accepts connections.
     accepting: Vec<oneshot::Receiver<()>>,
+    /// What is in flight, and the switch that ends a drain early.
+    control: DrainControl,
+}
+
+/// Watches and ends a drain from outside [`ProxyServer::shutdown`] (which
+/// takes the server): what is in flight, and [`DrainControl::cut_now`].
+#[derive(Clone)]
+pub struct DrainControl {
+    cut: Arc<watch::Sender<bool>>,
+    /// Each worker's calls in flight.
+    calls: Vec<Arc<CallCount>>,
+    /// Each worker's open connections.
+    balance: Arc<Balance>,
+}
+
+/// Calls and connections open at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    /// Calls in flight (WebSocket tunnels included), until their responses
+    /// are gone.
+    pub calls: usize,
+    /// Open proxy connections.
+    pub connections: usize,
+}
+
+impl DrainControl {
+    /// What is in flight now, over all workers.
+    pub fn in_flight(&self) -> InFlight {
+        InFlight {
+            calls: self
+                .calls
+                .iter()
+                .map(|c| c.count.load(Ordering::Acquire))
+                .sum(),
+            connections: self
+                .balance
+                .open
+                .iter()
+                .map(|n| n.load(Ordering::Relaxed))
+                .sum(),
+        }
+    }
+
+    /// Ends the drain at once, as its timeout would: what still runs is
+    /// cut (each cut call still queues its audit record). Before shutdown
+    /// it takes effect when shutdown starts.
+    pub fn cut_now(&self) {
+        let _ = self.cut.send(true);
+    }
 }
 
 impl ProxyServer {
@@ -152,27 +201,36 @@ impl ProxyServer {
         let slots = Arc::new(Semaphore::new(max_connections));
         let accept_errors = Arc::new(AcceptErrors::new("proxy"));
         let (stop, stop_rx) = watch::channel(false);
+        let (cut, cut_rx) = watch::channel(false);
+        let count = settings.workers.max(1);
+        let (balance, inboxes) = Balance::new(count);
         let mut server = Self {
             stop,
             workers: Vec::new(),
             accepting: Vec::new(),
+            control: DrainControl {
+                cut: Arc::new(cut),
+                calls: Vec::new(),
+                balance: Arc::clone(&balance),
+            },
         };
-        let count = settings.workers.max(1);
-        let (balance, inboxes) = Balance::new(count);
         for (index, inbox) in inboxes.into_iter().enumerate() {
             let (worker_proxy, delivery) = proxy.for_worker();
             let (accepting_tx, accepting_rx) = oneshot::channel();
             server.accepting.push(accepting_rx);
+            let conn = Arc::new(ConnSettings::new(settings, worker_proxy));
+            server.control.calls.push(Arc::clone(&conn.calls));
             let worker = Worker {
                 index,
                 listener: listener.try_clone()?,
-                conn: Arc::new(ConnSettings::new(settings, worker_proxy)),
+                conn,
                 delivery,
                 accepting: accepting_tx,
                 slots: Arc::clone(&slots),
                 accept_errors: Arc::clone(&accept_errors),
                 settings: settings.clone(),
                 stop: stop_rx.clone(),
+                cut: cut_rx.clone(),
                 balance: Arc::clone(&balance),
                 inbox,
             };
@@ -199,8 +257,15 @@ impl ProxyServer {
         Ok(())
     }
 
-    /// Stops accepting, waits up to `drain_timeout` for open connections to
-    /// finish and cuts the rest. When this returns, every connection is
+    /// What is in flight, and the switch that ends a drain early; usable
+    /// while [`ProxyServer::shutdown`] runs.
+    pub fn drain_control(&self) -> DrainControl {
+        self.control.clone()
+    }
+
+    /// Stops accepting, waits up to `drain_timeout` (or until
+    /// [`DrainControl::cut_now`]) for open connections to finish and cuts
+    /// the rest. When this returns, every connection is
     /// gone (and every call's record queued).
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
@@ -233,6 +298,8 @@ struct Worker {
     accept_errors: Arc<AcceptErrors>,
     settings: ServerSettings,
     stop: watch::Receiver<bool>,
+    /// Set to end the drain before `drain_timeout`.
+    cut: watch::Receiver<bool>,
     balance: Arc<Balance>,
     /// Connections other workers accepted and handed to this one.
     inbox: mpsc::UnboundedReceiver<Handed>,
@@ -341,6 +408,7 @@ impl Worker {
             accept_errors,
             settings,
             stop,
+            cut,
             balance,
             mut inbox,
         } = self;
@@ -452,17 +520,20 @@ impl Worker {
         // still in the listener's backlog), and so are those already here.
         inbox.close();
         while inbox.try_recv().is_ok() {}
-        let drained = tokio::time::timeout(settings.drain_timeout, async {
+        let drain = tokio::time::timeout(settings.drain_timeout, async {
             while connections.join_next().await.is_some() {}
             // HTTP/2 streams run in tasks of their own and may outlive
             // their connection's future by a moment.
             conn.calls.none_left().await;
-        })
-        .await;
-        if drained.is_err() {
+        });
+        let ended = tokio::select! {
+            drained = drain => drained.map_err(|_| "drain timeout reached"),
+            () = stopped(cut) => Err("drain ended early"),
+        };
+        if let Err(why) = ended {
             tracing::warn!(
                 connections = connections.len(),
-                "drain timeout reached; closing remaining connections"
+                "{why}; closing remaining connections"
             );
             // Dropping a connection drops its HTTP/1.1 call; HTTP/2 streams
             // run in tasks of their own and end once they see the connection

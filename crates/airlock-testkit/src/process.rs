@@ -42,6 +42,8 @@ pub struct AirlockBuilder {
     store_options: String,
     env: Vec<(String, String)>,
     store_url: Option<String>,
+    /// `admin.listen`; `127.0.0.1:0` unless set.
+    admin_listen: Option<String>,
     dir: Option<PathBuf>,
     open_files: Option<u64>,
 }
@@ -58,6 +60,7 @@ impl AirlockBuilder {
             store_options: String::new(),
             env: Vec::new(),
             store_url: None,
+            admin_listen: None,
             dir: None,
             open_files: None,
         }
@@ -157,6 +160,12 @@ impl AirlockBuilder {
         self
     }
 
+    /// `admin.listen` (default `127.0.0.1:0`), e.g. `0.0.0.0:0`.
+    pub fn admin_listen(mut self, addr: &str) -> Self {
+        self.admin_listen = Some(addr.to_owned());
+        self
+    }
+
     /// Writes `{dir}/airlock.toml`, spawns `airlock serve` and waits (up to
     /// 30 s) until it prints both listening lines. On failure the error
     /// holds everything the process printed.
@@ -180,9 +189,10 @@ impl AirlockBuilder {
             .store_url
             .unwrap_or_else(|| format!("sqlite://{}/airlock.db", dir.display()));
         let config = format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_options}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_options}\n[admin]\nlisten = {admin}\n\n\
              [store]\nurl = {store}\n{store_options}\n{providers}{extra}",
             store = toml_str(&store_url),
+            admin = toml_str(self.admin_listen.as_deref().unwrap_or("127.0.0.1:0")),
             store_options = self.store_options,
             proxy_options = self.proxy_options,
             providers = self.providers,
@@ -384,14 +394,23 @@ impl Airlock {
             Some(_) => Ok(()),
             None => send_signal(self.pid, "TERM"),
         };
-        let mut exit_rx = self.exit.watch.subscribe();
         if let Err(e) = signalled {
+            let mut exit_rx = self.exit.watch.subscribe();
             let exited =
                 tokio::time::timeout(REAPED_LIMIT, exit_rx.wait_for(Option::is_some)).await;
             if !matches!(exited, Ok(Ok(_))) {
                 return Err(e.context("sending SIGTERM to airlock"));
             }
         }
+        self.wait_exit().await
+    }
+
+    /// Waits (up to 30 s) for the process to exit by itself, sending
+    /// nothing: after a SIGTERM of the test's own, when a second one would
+    /// end the drain early. On timeout the process is killed and an error
+    /// returned.
+    pub async fn wait_exit(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut exit_rx = self.exit.watch.subscribe();
         let waited = tokio::time::timeout(TERMINATE_LIMIT, async {
             exit_rx
                 .wait_for(Option::is_some)
@@ -406,8 +425,7 @@ impl Airlock {
             Err(_) => {
                 self.kill();
                 bail!(
-                    "airlock did not exit within {TERMINATE_LIMIT:?} of SIGTERM; killed it. \
-                     output:\n{}",
+                    "airlock did not exit within {TERMINATE_LIMIT:?}; killed it. output:\n{}",
                     self.output()
                 )
             }

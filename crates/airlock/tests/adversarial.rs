@@ -1054,9 +1054,13 @@ async fn configured_max_connections_over_the_descriptors_is_a_warning() {
     })
     .await;
     let capacity = airlock_proxy::descriptors::connection_capacity(Some(OPEN_FILES), 2);
+    let reserved = airlock_proxy::descriptors::reserved(2);
+    // The arithmetic is shown: 2 descriptors a connection plus the reserve.
     let warning = format!(
-        "proxy.max_connections = 500 does not fit the open files limit of {OPEN_FILES}: \
-         using {capacity}"
+        "proxy.max_connections = 500 needs up to {} open files (2 per connection, its own and \
+         its upstream connection's, plus {reserved} for the store, the admin API and files), \
+         more than the open files limit of {OPEN_FILES}: using {capacity} connections",
+        500 * 2 + reserved
     );
     let output = env.airlock.output();
     let line = output
@@ -1112,8 +1116,11 @@ async fn idle_connections_cannot_exhaust_descriptors() {
     // warning: nobody asked for 10000.
     let output = env.airlock.output();
     let notice = format!(
-        "proxy.max_connections = 10000 (the default) does not fit the open files limit of \
-         {OPEN_FILES}: using {}",
+        "proxy.max_connections = 10000 (the default) needs up to {} open files (2 per \
+         connection, its own and its upstream connection's, plus {} for the store, the admin \
+         API and files), more than the open files limit of {OPEN_FILES}: using {} connections",
+        10_000 * 2 + airlock_proxy::descriptors::reserved(2),
+        airlock_proxy::descriptors::reserved(2),
         held.len()
     );
     let line = output

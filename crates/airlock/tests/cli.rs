@@ -1694,7 +1694,8 @@ async fn readyz_is_ready_while_serving_and_503_while_draining() {
         received.contains("data: second"),
         "the held call finished: {received}"
     );
-    let status = airlock.terminate().await.unwrap();
+    // Its drain ends by itself (a second SIGTERM would cut it).
+    let status = airlock.wait_exit().await.unwrap();
     assert!(status.success(), "{status:?}\n{}", airlock.output());
 }
 
@@ -1994,4 +1995,26 @@ async fn the_start_up_log_names_listeners_and_resolved_paths() {
         assert!(started.contains(&field), "{field} not in {started}");
     }
     airlock.terminate().await.unwrap();
+}
+
+/// An admin API on a non-loopback address (plain HTTP) draws one warning
+/// at start: the admin token would cross the network in clear.
+#[tokio::test]
+async fn an_admin_api_off_loopback_is_warned_about_once() {
+    let warning = "admin.listen is not a loopback address";
+    let mut exposed = AirlockBuilder::new(BIN)
+        .admin_listen("0.0.0.0:0")
+        .start()
+        .await
+        .unwrap();
+    let line = output_line(&exposed, warning).await;
+    assert!(line.contains("WARN"), "{line}");
+    output_line(&exposed, "airlock started").await;
+    assert_eq!(exposed.output().matches(warning).count(), 1);
+    exposed.terminate().await.unwrap();
+
+    let mut local = AirlockBuilder::new(BIN).start().await.unwrap();
+    output_line(&local, "airlock started").await;
+    assert!(!local.output().contains(warning));
+    local.terminate().await.unwrap();
 }

@@ -175,7 +175,7 @@ async fn sigterm_lets_streams_in_flight_finish() {
         assert!(clean, "the stream did not end cleanly");
     }
 
-    let status = airlock.terminate().await.unwrap();
+    let status = airlock.wait_exit().await.unwrap();
     assert_eq!(status.code(), Some(0), "{}", airlock.output());
 
     // Both calls were recorded whole before the exit.
@@ -205,7 +205,7 @@ async fn a_stream_still_running_at_drain_timeout_is_cut() {
 
     let signalled = std::time::Instant::now();
     sigterm(&airlock);
-    let status = airlock.terminate().await.unwrap();
+    let status = airlock.wait_exit().await.unwrap();
     let took = signalled.elapsed();
     assert_eq!(status.code(), Some(0), "{}", airlock.output());
     assert!(
@@ -273,7 +273,7 @@ async fn a_websocket_tunnel_open_at_drain_timeout_is_cut() {
     assert!(ended.is_ok(), "the tunnel outlived the drain");
     let took = signalled.elapsed();
     assert!(took >= Duration::from_millis(900), "cut after {took:?}");
-    let status = airlock.terminate().await.unwrap();
+    let status = airlock.wait_exit().await.unwrap();
     assert_eq!(status.code(), Some(0), "{}", airlock.output());
 
     let records = exported(&airlock.config_path());
@@ -285,4 +285,73 @@ async fn a_websocket_tunnel_open_at_drain_timeout_is_cut() {
     assert_eq!(cut[0]["status"], 101, "{}", cut[0]);
     assert_eq!(cut[0]["flags"], json!(["incomplete"]), "{}", cut[0]);
     assert!(cut[0]["bytes_in"].as_u64().unwrap() > 0, "{}", cut[0]);
+}
+
+/// The shutdown line says which signal came, what is in flight and the
+/// drain timeout; a second signal ends the drain at once: what still runs
+/// is cut, every record is written, and the exit is 0, as at the timeout.
+#[tokio::test]
+async fn a_second_signal_ends_the_drain_at_once() {
+    let mock = MockProvider::start().await;
+    let mut airlock = start(&mock, "60s").await;
+    let token = token(&airlock).await;
+    let readers = [
+        tokio::spawn(rest_of(open_gated(&airlock, &token, false).await)),
+        tokio::spawn(rest_of(open_gated(&airlock, &token, true).await)),
+    ];
+
+    sigterm(&airlock);
+    let mut shutting_down = String::new();
+    wait_until("the shutdown line", || {
+        let found = airlock
+            .output()
+            .lines()
+            .find(|l| l.contains("shutting down"))
+            .map(str::to_owned);
+        let done = found.is_some();
+        if let Some(line) = found {
+            shutting_down = line;
+        }
+        async move { done }
+    })
+    .await;
+    for field in [
+        "signal=\"SIGTERM\"",
+        "calls=2",
+        "connections=2",
+        "drain_timeout=1m",
+    ] {
+        assert!(
+            shutting_down.contains(field),
+            "{field} not in {shutting_down}"
+        );
+    }
+
+    // `terminate` sends the second SIGTERM.
+    let signalled = std::time::Instant::now();
+    let status = airlock.terminate().await.unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", airlock.output());
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+    assert!(
+        airlock
+            .output()
+            .contains("second signal: ending the drain now"),
+        "{}",
+        airlock.output()
+    );
+    for reader in readers {
+        let (text, clean) = reader.await.unwrap();
+        assert!(!text.contains("second"), "{text}");
+        assert!(!clean, "a cut stream must not look complete");
+    }
+    let records = exported(&airlock.config_path());
+    let cut: Vec<_> = records
+        .iter()
+        .filter(|r| r["path"] == "/mock/gated-sse")
+        .collect();
+    assert_eq!(cut.len(), 2, "{records:#?}");
+    for record in cut {
+        assert_eq!(record["flags"], json!(["incomplete"]), "{record}");
+    }
 }

@@ -108,6 +108,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    if !admin_addr.ip().is_loopback() {
+        tracing::warn!(
+            admin = %admin_addr,
+            "admin.listen is not a loopback address and the admin API speaks plain HTTP: the \
+             admin token crosses the network in clear; listen on 127.0.0.1, or reach it only \
+             through a private network or a TLS-terminating proxy"
+        );
+    }
     // Loaded again (the config check loaded it too): the files may have
     // changed since.
     let tls = config
@@ -233,6 +241,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let flusher =
         tokio::spawn(Arc::clone(&registry).run_flusher(FLUSH_EVERY, stopped(shutdown_rx)));
 
+    // Until now SIGTERM and SIGINT end the process at once (a start stuck
+    // on a database can be interrupted); from now on the first drains, a
+    // second ends the drain.
+    let mut signals = Signals::install()?;
     readiness
         .ready
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -266,12 +278,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         out.flush()?;
     }
 
-    wait_for_signal().await?;
-    tracing::info!("shutting down: draining in-flight calls");
+    let signal = signals.next().await;
+    let drain = proxy_server.drain_control();
+    let in_flight = drain.in_flight();
+    tracing::info!(
+        signal,
+        calls = in_flight.calls,
+        connections = in_flight.connections,
+        drain_timeout = %airlock_core::duration::format(config.proxy.drain_timeout),
+        "shutting down: draining in-flight calls (another SIGTERM or SIGINT cuts them at once)"
+    );
     readiness
         .ready
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    proxy_server.shutdown().await;
+    let shutdown = proxy_server.shutdown();
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = &mut shutdown => {}
+        again = signals.next() => {
+            let in_flight = drain.in_flight();
+            tracing::warn!(
+                signal = again,
+                calls = in_flight.calls,
+                connections = in_flight.connections,
+                "second signal: ending the drain now, cutting what still runs \
+                 (their audit records are still written)"
+            );
+            drain.cut_now();
+            shutdown.await;
+        }
+    }
     // Only now: calls draining still need other replicas' revocations (the
     // sync) and their counts written (the flusher's last flush, which also
     // gives back what is left of the leases).
@@ -411,18 +447,37 @@ fn max_connections_in_force(
     } else {
         " (the default)"
     };
-    let message = format!(
-        "proxy.max_connections = {configured}{origin} does not fit the open files limit of \
-         {limit}: using {capacity} (each connection may hold two descriptors, its own and its \
-         upstream connection's; {reserved} are kept for the store, the admin API and files); \
-         raise the limit (ulimit -n, systemd LimitNOFILE=) to allow more"
-    );
+    let message = max_connections_message(configured, origin, limit, capacity, reserved);
     if limits.max_connections_set {
         tracing::warn!("{message}");
     } else {
         tracing::info!("{message}");
     }
     capacity
+}
+
+/// Why `max_connections_in_force` lowered the limit, with the arithmetic:
+/// each connection may hold two descriptors (its own and its upstream
+/// connection's) and `reserved` are kept for the rest.
+fn max_connections_message(
+    configured: usize,
+    origin: &str,
+    limit: u64,
+    capacity: usize,
+    reserved: u64,
+) -> String {
+    let per_connection = airlock_proxy::descriptors::DESCRIPTORS_PER_CONNECTION;
+    let needed = u64::try_from(configured)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(per_connection)
+        .saturating_add(reserved);
+    format!(
+        "proxy.max_connections = {configured}{origin} needs up to {needed} open files \
+         ({per_connection} per connection, its own and its upstream connection's, plus \
+         {reserved} for the store, the admin API and files), more than the open files limit \
+         of {limit}: using {capacity} connections; raise the limit (ulimit -n, systemd \
+         LimitNOFILE=) to allow more"
+    )
 }
 
 /// Longest the audit writer waits for one store call before it gives up on
@@ -502,13 +557,27 @@ async fn admin_token_hash(store: &dyn airlock_store::Store) -> anyhow::Result<To
     Ok(hash)
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, listened to from start to exit: the first starts
+/// the drain, a second one ends it.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    /// The next SIGTERM or SIGINT, by name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
