@@ -1997,6 +1997,46 @@ async fn the_start_up_log_names_listeners_and_resolved_paths() {
     airlock.terminate().await.unwrap();
 }
 
+/// `serve` says which admin token is in force (never the token): one it
+/// generated, the stored one, or `AIRLOCK_ADMIN_TOKEN`, which replaces the
+/// stored one while it is set.
+#[tokio::test]
+async fn serve_logs_which_admin_token_is_in_force() {
+    let data = tempfile::tempdir().unwrap();
+    let builder = AirlockBuilder::new(BIN).dir(data.path().to_path_buf());
+    // An empty variable counts as unset.
+    let unset = builder.clone().env("AIRLOCK_ADMIN_TOKEN", "");
+
+    let mut first = unset.clone().start().await.unwrap();
+    output_line(&first, "admin token: generated now").await;
+    let export = output_line(&first, "export AIRLOCK_ADMIN_TOKEN=").await;
+    let generated = export.split('=').nth(1).unwrap().trim().to_owned();
+    assert!(generated.starts_with("adm_"), "{export}");
+    first.terminate().await.unwrap();
+
+    let mut second = unset.start().await.unwrap();
+    output_line(&second, "admin token: the one generated on first start").await;
+    assert!(!second.output().contains(&generated));
+    let sessions = format!("{}/v1/sessions", second.admin_url());
+    let auth = format!("Bearer {generated}");
+    let reply = request("GET", &sessions, &[("authorization", &auth)], "").await;
+    assert_eq!(reply.status, 200);
+    second.terminate().await.unwrap();
+
+    let mut third = builder.start().await.unwrap();
+    let line = output_line(&third, "admin token: the one in AIRLOCK_ADMIN_TOKEN").await;
+    assert!(line.contains("INFO"), "{line}");
+    assert!(
+        line.contains("is not accepted while the variable is set"),
+        "{line}"
+    );
+    assert!(!third.output().contains(third.admin_token()));
+    let sessions = format!("{}/v1/sessions", third.admin_url());
+    let reply = request("GET", &sessions, &[("authorization", &auth)], "").await;
+    assert_eq!(reply.status, 401);
+    third.terminate().await.unwrap();
+}
+
 /// An admin API on a non-loopback address (plain HTTP) draws one warning
 /// at start: the admin token would cross the network in clear.
 #[tokio::test]

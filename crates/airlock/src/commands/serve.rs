@@ -533,9 +533,24 @@ async fn admin_token_hash(store: &dyn airlock_store::Store) -> anyhow::Result<To
                  leave it unset and serve makes one"
             );
         }
-        return Ok(TokenHash::of(&token));
+        let stored = store.setting(ADMIN_TOKEN_HASH).await?;
+        let hash = TokenHash::of(&token);
+        if stored.is_some_and(|hex| hex != hash.to_hex()) {
+            tracing::info!(
+                "admin token: the one in AIRLOCK_ADMIN_TOKEN; the token generated on first start \
+                 (its hash is stored) is not accepted while the variable is set, and is again \
+                 when it is unset"
+            );
+        } else {
+            tracing::info!("admin token: the one in AIRLOCK_ADMIN_TOKEN");
+        }
+        return Ok(hash);
     }
     if let Some(hex) = store.setting(ADMIN_TOKEN_HASH).await? {
+        tracing::info!(
+            "admin token: the one generated on first start (only its hash is stored; set \
+             AIRLOCK_ADMIN_TOKEN to use another)"
+        );
         return TokenHash::from_hex(&hex).context("stored admin token hash is corrupt");
     }
     let token = generate_secret("adm_");
@@ -545,8 +560,13 @@ async fn admin_token_hash(store: &dyn airlock_store::Store) -> anyhow::Result<To
         .await?;
     if stored != hash.to_hex() {
         // Another process won the race; its token is in force.
+        tracing::info!(
+            "admin token: the one another server generated on its first start (only its hash \
+             is stored)"
+        );
         return TokenHash::from_hex(&stored).context("stored admin token hash is corrupt");
     }
+    tracing::info!("admin token: generated now, printed once on stdout (only its hash is stored)");
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
