@@ -30,6 +30,7 @@ pub use change::{Change, SessionStatus};
 pub use postgres::{migrator_up_to as postgres_migrator_up_to, PgStore};
 pub use sqlite::{
     migrator_up_to as sqlite_migrator_up_to, SqliteStore, PAGE_SIZE as SQLITE_PAGE_SIZE,
+    WAL_SIZE_LIMIT as SQLITE_WAL_SIZE_LIMIT,
 };
 
 /// A session as stored.

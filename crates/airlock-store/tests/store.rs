@@ -1497,6 +1497,50 @@ mod sqlite_only {
         store.close().await;
     }
 
+    /// A read held open for long (an export, a verify) keeps the log from
+    /// starting over, so it grows; once the read is over and the log has
+    /// been checkpointed, its file is cut back to the limit rather than
+    /// left at its largest until the store closes.
+    #[tokio::test]
+    async fn the_log_file_shrinks_back_after_a_long_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.db");
+        let store = open(&format!("sqlite://{}", path.display())).await.unwrap();
+        let wal = dir.path().join("wal.db-wal");
+        let limit = u64::try_from(airlock_store::SQLITE_WAL_SIZE_LIMIT).unwrap();
+        let log_size = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+        let mut head = store.audit_claim_chain(&genesis).await.unwrap();
+        let mut ts = 1_000;
+        let reader = rusqlite::Connection::open(&path).unwrap();
+        reader
+            .execute_batch("BEGIN; SELECT count(*) FROM audit_chains;")
+            .unwrap();
+        while log_size() < limit + limit / 4 {
+            let (records, next) = records_after(&head, 256, ts, "ses_long");
+            store.audit_append(&records, &next).await.unwrap();
+            head = next;
+            ts += 1_000;
+        }
+        reader.execute_batch("COMMIT").unwrap();
+        drop(reader);
+        // Appends go on as a server's would; the checkpoint thread
+        // catches up and the next commit after the log restarts cuts it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while log_size() > limit {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the log stayed at {} bytes (limit {limit})",
+                log_size()
+            );
+            let (records, next) = records_after(&head, 1, ts, "ses_long");
+            store.audit_append(&records, &next).await.unwrap();
+            head = next;
+            ts += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        store.close().await;
+    }
+
     /// A file the store creates, and its log, are its owner's alone: they
     /// hold the audit trail, token hashes and sealed credentials.
     #[tokio::test]

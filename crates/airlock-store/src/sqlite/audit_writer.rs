@@ -181,6 +181,7 @@ pub(super) fn open_rusqlite(path: &Path) -> rusqlite::Result<Connection> {
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "journal_size_limit", super::WAL_SIZE_LIMIT)?;
     Ok(conn)
 }
 
