@@ -210,11 +210,13 @@ async fn revoke_and_show(
     id: SessionId,
     log: &'static str,
 ) -> Result<Json<Value>, ApiError> {
-    let already = revoked_before(&state, &id).await?;
+    let (already, expired) = ended_before(&state, &id).await?;
     if !state.registry.revoke(&id).await? {
         return Err(ApiError::NotFound(format!("no session {id}")));
     }
-    if !already {
+    // Only a session that was active is newly revoked: an expired one
+    // could not be used any more (the CLI says so).
+    if !already && !expired {
         state.metrics.sessions_revoked.inc();
         tracing::info!(session = %id, "{log}");
     }
@@ -226,18 +228,18 @@ async fn revoke_and_show(
     Ok(Json(body))
 }
 
-/// Whether session `id` was revoked already: in this process's cache (a
-/// revocation not yet stored) or in the store.
-async fn revoked_before(state: &AdminState, id: &SessionId) -> Result<bool, ApiError> {
-    if state
+/// Whether session `id` was revoked already (in this process's cache, a
+/// revocation not yet stored, or in the store), and whether it had
+/// expired.
+async fn ended_before(state: &AdminState, id: &SessionId) -> Result<(bool, bool), ApiError> {
+    let cached_revoked = state
         .registry
         .cached(id)
-        .is_some_and(|live| live.revoked_at().is_some())
-    {
-        return Ok(true);
-    }
+        .is_some_and(|live| live.revoked_at().is_some());
     let row = state.registry.store().session_by_id(id).await?;
-    Ok(row.is_some_and(|row| row.revoked_at.is_some()))
+    let revoked = cached_revoked || row.as_ref().is_some_and(|r| r.revoked_at.is_some());
+    let expired = row.is_some_and(|r| r.expires_at <= now_ms());
+    Ok((revoked, expired))
 }
 
 #[derive(Deserialize)]

@@ -977,6 +977,25 @@ async fn revoking_an_ended_session_says_it_had_ended() {
         stdout(&out),
         format!("revoked {}\n", created["id"].as_str().unwrap())
     );
+    // Counted: the two sessions that were live, not the expired one nor a
+    // repeat.
+    let metrics = request(
+        "GET",
+        &format!("{}/metrics", airlock.admin_url()),
+        &[(
+            "authorization",
+            &format!("Bearer {}", airlock.admin_token()),
+        )],
+        "",
+    )
+    .await
+    .text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "airlock_sessions_revoked_total 2"),
+        "{metrics}"
+    );
 }
 
 /// Without `--ttl`, a session lasts 15m, or the server's `sessions.max_ttl`
