@@ -410,17 +410,8 @@ async fn admin_token_is_required_except_for_healthz() {
     // Every refusal is counted by reason (no bearer token: 8; a wrong one:
     // 4), and the first is logged with the client's address, never with
     // the token it tried.
-    let metrics = request(
-        "GET",
-        &format!("{base}/metrics"),
-        &[(
-            "authorization",
-            &format!("Bearer {}", airlock.admin_token()),
-        )],
-        "",
-    )
-    .await
-    .text();
+    let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
+    let metrics = metrics.as_str().unwrap();
     for line in [
         "airlock_admin_auth_failures_total{reason=\"missing\"} 8",
         "airlock_admin_auth_failures_total{reason=\"invalid\"} 4",

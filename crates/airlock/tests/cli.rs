@@ -979,17 +979,8 @@ async fn revoking_an_ended_session_says_it_had_ended() {
     );
     // Counted: the two sessions that were live, not the expired one nor a
     // repeat.
-    let metrics = request(
-        "GET",
-        &format!("{}/metrics", airlock.admin_url()),
-        &[(
-            "authorization",
-            &format!("Bearer {}", airlock.admin_token()),
-        )],
-        "",
-    )
-    .await
-    .text();
+    let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
+    let metrics = metrics.as_str().unwrap();
     assert!(
         metrics
             .lines()
