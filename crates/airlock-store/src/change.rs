@@ -41,6 +41,28 @@ pub struct SessionStatus {
     pub denied: u64,
 }
 
+/// Where a reader of a shared store's session changes has got to: the
+/// next [`crate::Store::session_changes`] returns every change made since.
+/// Opaque; on PostgreSQL, the oldest transaction that was still running
+/// when the last read looked (a transaction id, never a wall clock).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeCursor(pub(crate) i64);
+
+/// What [`crate::Store::session_changes`] read, all in one snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionChanges {
+    /// The sessions changed since the cursor given (any process's changes
+    /// of revocation, expiry or call totals; some may be repeated from the
+    /// previous read), and the ones asked for by id (missing ones are left
+    /// out), in no particular order.
+    pub statuses: Vec<SessionStatus>,
+    /// The cursor of the next read.
+    pub next: Option<ChangeCursor>,
+    /// False when more sessions changed than one read returns: the reader
+    /// must read what it caches some other way (and start from `next`).
+    pub complete: bool,
+}
+
 /// The notification channel on PostgreSQL.
 pub(crate) const CHANNEL: &str = "airlock_changes";
 

@@ -26,7 +26,7 @@ mod sqlite;
 pub mod testing;
 
 pub use audit::{AuditQuery, ChainHead, GenesisSeal};
-pub use change::{Change, SessionStatus};
+pub use change::{Change, ChangeCursor, SessionChanges, SessionStatus};
 pub use postgres::{migrator_up_to as postgres_migrator_up_to, PgStore};
 pub use sqlite::{
     migrator_up_to as sqlite_migrator_up_to, SqliteStore, PAGE_SIZE as SQLITE_PAGE_SIZE,
@@ -306,6 +306,24 @@ pub trait Store: Send + Sync + 'static {
             }
         }
         Ok(out)
+    }
+    /// On a shared store that tracks changes (PostgreSQL): the status of
+    /// every session changed since `since` (none without a cursor: the
+    /// first read only finds where to start), plus the status of the
+    /// sessions `ids` names, all read in one snapshot, and the cursor to
+    /// give next time. Every change the read did not see is found by the
+    /// next read from the cursor it returned, whatever order concurrent
+    /// transactions commit in. An idle store costs one small query.
+    ///
+    /// `None` when the store keeps no such record: then a reader must use
+    /// [`Store::session_statuses`] on everything it caches.
+    async fn session_changes(
+        &self,
+        since: Option<ChangeCursor>,
+        ids: &[SessionId],
+    ) -> Result<Option<SessionChanges>> {
+        let _ = (since, ids);
+        Ok(None)
     }
 }
 

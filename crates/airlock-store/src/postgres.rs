@@ -32,8 +32,8 @@ use crate::audit_rows::decode_head;
 use crate::batch_trail;
 use crate::session_rows::{decode_session, decode_status, SESSION_COLUMNS, STATUS_COLUMNS};
 use crate::{
-    encode_json, to_i64, to_u64, AuditQuery, ChainHead, Change, GenesisSeal, Result, SessionPage,
-    SessionRow, SessionStatus, Store, StoredCredential,
+    encode_json, to_i64, to_u64, AuditQuery, ChainHead, Change, ChangeCursor, GenesisSeal, Result,
+    SessionChanges, SessionPage, SessionRow, SessionStatus, Store, StoredCredential,
 };
 use chain::ChainOwner;
 
@@ -49,6 +49,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Changes buffered per receiver before it is told to resync.
 const FEED_CAPACITY: usize = 4096;
+/// Changed sessions one [`Store::session_changes`] reads at most; more, and
+/// it says it is incomplete (the reader then reads everything it caches).
+const CHANGES_MAX: i64 = 10_000;
 /// A lease never exceeds this many calls, nor an eighth of what is left
 /// (but is at least one call).
 const LEASE_DIVISOR: i64 = 8;
@@ -65,7 +68,7 @@ pub struct PgStore {
 }
 
 /// The PostgreSQL schema's migrations: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 5] = [
+const MIGRATIONS: [(i64, &str, &str); 6] = [
     (
         1,
         "init",
@@ -90,6 +93,11 @@ const MIGRATIONS: [(i64, &str, &str); 5] = [
         5,
         "sessions by creation",
         include_str!("../migrations/postgres/0005_sessions_by_creation.sql"),
+    ),
+    (
+        6,
+        "session changes",
+        include_str!("../migrations/postgres/0006_session_changes.sql"),
     ),
 ];
 
@@ -468,5 +476,65 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(decode_status).collect()
+    }
+
+    /// One statement, so one snapshot: its horizon (the oldest transaction
+    /// still running, `pg_snapshot_xmin`) and the rows whose `change_xid`
+    /// (set by a trigger, migration 6) is at or above the previous
+    /// horizon, found on the partial index `sessions_change_xid`, or whose
+    /// id was asked for. A transaction this snapshot does not see is at or
+    /// above its horizon, so the next read finds what it changed.
+    async fn session_changes(
+        &self,
+        since: Option<ChangeCursor>,
+        ids: &[SessionId],
+    ) -> Result<Option<SessionChanges>> {
+        // Each branch on its index: the changed rows in `change_xid` order
+        // (the order and the limit make the index the plan whatever the
+        // statistics say), the ones asked for by primary key.
+        let sql = format!(
+            "SELECT h.horizon, s.changed, s.id, s.revoked_at, s.expires_at, s.allowed, s.denied \
+             FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon) h \
+             LEFT JOIN ( \
+                 (SELECT TRUE AS changed, {STATUS_COLUMNS} FROM sessions \
+                  WHERE change_xid >= $1 ORDER BY change_xid LIMIT $3) \
+                 UNION ALL \
+                 (SELECT FALSE AS changed, {STATUS_COLUMNS} FROM sessions WHERE id = ANY($2)) \
+             ) s ON TRUE"
+        );
+        // Without statistics on `change_xid` (a table never analysed) the
+        // planner guesses a third of the table changed and scans all of it;
+        // in this transaction only, it must use the indexes.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(&sql)
+            .bind(since.map(|c| c.0))
+            .bind(ids.iter().map(SessionId::as_str).collect::<Vec<_>>())
+            .bind(CHANGES_MAX)
+            // Planned for its cursor each time (an unnamed statement).
+            .persistent(false)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let mut changes = SessionChanges {
+            complete: true,
+            ..SessionChanges::default()
+        };
+        let mut changed = 0;
+        for row in &rows {
+            let horizon: i64 = sqlx::Row::try_get(row, "horizon")?;
+            changes.next = Some(ChangeCursor(horizon));
+            let id: Option<String> = sqlx::Row::try_get(row, "id")?;
+            if id.is_some() {
+                if sqlx::Row::try_get::<bool, _>(row, "changed")? {
+                    changed += 1;
+                }
+                changes.statuses.push(decode_status(row)?);
+            }
+        }
+        changes.complete = changed < CHANGES_MAX;
+        Ok(Some(changes))
     }
 }

@@ -1842,6 +1842,92 @@ mod shared {
         assert!(store.changes().is_none());
     }
 
+    /// `session_changes` reads what changed since its cursor and nothing
+    /// else, and never misses a change whose transaction was still open
+    /// when the previous read looked (it commits after that read, with a
+    /// transaction id below what that read saw committed).
+    #[tokio::test]
+    async fn session_changes_never_miss_a_change() {
+        let Some(backend) = backend().await else {
+            return;
+        };
+        let sqlite = Backend::sqlite().await.unwrap().open().await;
+        assert!(sqlite.session_changes(None, &[]).await.unwrap().is_none());
+        let store = backend.open().await;
+        let db = backend.pg.as_ref().unwrap();
+        let rows: Vec<SessionRow> = (0..3)
+            .map(|_| session(1_000, i64::MAX / 2, Limits::default()).1)
+            .collect();
+        for row in &rows {
+            store.insert_session(row).await.unwrap();
+        }
+        let ids = |changes: &airlock_store::SessionChanges| {
+            let mut ids: Vec<SessionId> = changes.statuses.iter().map(|s| s.id.clone()).collect();
+            ids.sort();
+            ids
+        };
+        // Without a cursor: only the sessions asked for, and a cursor.
+        let first = store
+            .session_changes(None, &[rows[0].id.clone()])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&first), vec![rows[0].id.clone()]);
+        let mut cursor = first.next.unwrap();
+        // Nothing changed: nothing read.
+        let idle = store
+            .session_changes(Some(cursor), &[])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(idle.statuses.is_empty(), "{idle:?}");
+        cursor = idle.next.unwrap();
+
+        // A transaction changes rows[1] and stays open; another changes
+        // rows[2] and commits; a read looks; then the first commits.
+        let mut slow = db.connect().await;
+        sqlx::raw_sql(&format!(
+            "BEGIN; UPDATE sessions SET revoked_at = 5000 WHERE id = '{}'",
+            rows[1].id
+        ))
+        .execute(&mut slow)
+        .await
+        .unwrap();
+        store.add_call_counts(&rows[2].id, 3, 1).await.unwrap();
+        let seen = store
+            .session_changes(Some(cursor), &[])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&seen), vec![rows[2].id.clone()]);
+        assert_eq!((seen.statuses[0].allowed, seen.statuses[0].denied), (3, 1));
+        sqlx::raw_sql("COMMIT").execute(&mut slow).await.unwrap();
+        let late = store
+            .session_changes(seen.next, &[])
+            .await
+            .unwrap()
+            .unwrap();
+        let revoked: Vec<_> = late
+            .statuses
+            .iter()
+            .filter(|s| s.id == rows[1].id)
+            .collect();
+        assert_eq!(revoked.len(), 1, "{late:?}");
+        assert_eq!(revoked[0].revoked_at, Some(5_000));
+        // A lease (`reserved`) is no change anyone needs to read. (Rows
+        // read before may come again while some transaction of the server
+        // older than them is still running.)
+        store.reserve_requests(&rows[0].id, 5).await.unwrap();
+        let after = store
+            .session_changes(late.next, &[])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!ids(&after).contains(&rows[0].id), "{after:?}");
+        store.close().await;
+        sqlite.close().await;
+    }
+
     #[tokio::test]
     async fn replicas_starting_at_once_migrate_once() {
         let Some(backend) = backend().await else {
