@@ -1,8 +1,8 @@
 //! The live session registry.
 //!
-//! [`Registry`] keeps every session that has been used or created by this
-//! process in memory, keyed by token hash, so that a call with a known token
-//! never touches the database. Counters and limits live on the cached
+//! [`Registry`] keeps the sessions this process used or created in the last
+//! ten minutes in memory (and ended ones for ten minutes), keyed by token
+//! hash, so that a call with a known token never touches the database. Counters and limits live on the cached
 //! [`LiveSession`] as atomics; a background task flushes the counters to the
 //! store. Nothing here holds a lock across I/O.
 //!

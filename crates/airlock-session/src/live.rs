@@ -45,6 +45,9 @@ pub struct LiveSession {
     /// Wakes whoever waits on [`LiveSession::changes`]: the session was
     /// revoked or its expiry moved.
     changed: Arc<Notify>,
+    /// Unix ms when a call last presented the token (to the second), or
+    /// when the session was cached.
+    last_seen: AtomicI64,
 }
 
 /// This process's share of a session's `max_requests`: calls reserved in
@@ -119,7 +122,31 @@ impl LiveSession {
             lease,
             flush_soon,
             changed: Arc::new(Notify::new()),
+            last_seen: AtomicI64::new(crate::now_ms()),
         }
+    }
+
+    /// Notes that a call presented the token at `now_ms`. Written once a
+    /// second at most, so that busy sessions do not share a cache line
+    /// written by every call.
+    pub(crate) fn seen(&self, now_ms: i64) {
+        if now_ms - self.last_seen.load(Ordering::Relaxed) >= 1_000 {
+            self.last_seen.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Unix ms when a call last presented the token, or when the session
+    /// was cached.
+    pub(crate) fn last_seen(&self) -> i64 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store has everything this process knows of the session:
+    /// no counts to write, no lease to give back.
+    pub(crate) fn settled(&self) -> bool {
+        self.unflushed_allowed.load(Ordering::Acquire) == 0
+            && self.unflushed_denied.load(Ordering::Acquire) == 0
+            && self.lease.as_ref().is_none_or(|lease| lease.left() == 0)
     }
 
     /// A future that completes at the next revocation of the session or

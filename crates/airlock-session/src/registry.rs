@@ -3,8 +3,8 @@
 //! On a store shared by replicas (PostgreSQL), [`Registry::run_sync`] keeps
 //! the cache true to the store: it applies the store's change feed
 //! (revocations and expiry changes of any replica, within milliseconds) and
-//! re-reads every cached session's state each `recheck_every` as a safety
-//! net. When that re-check has not succeeded for `max_staleness`, cached
+//! reads the sessions that changed since its last look each
+//! `recheck_every` as a safety net (one query, however many are cached). When that re-check has not succeeded for `max_staleness`, cached
 //! sessions are refused ([`AuthError::StoreUnavailable`]) until it does
 //! again: a replica cut off from the database fails closed after a bounded
 //! time. Limits across replicas: see [`LiveSession::admit`] and
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use airlock_core::token::{generate_token, is_well_formed};
 use airlock_core::{Limits, Scope, Secret, SessionId, TokenHash};
-use airlock_store::{Change, SessionRow, SessionStatus, Store, StoreError};
+use airlock_store::{Change, ChangeCursor, SessionRow, SessionStatus, Store, StoreError};
 use parking_lot::{Mutex, RwLock};
 use tokio::runtime::Handle;
 use tokio::sync::{broadcast, Notify};
@@ -32,6 +32,15 @@ pub use sync::SyncSettings;
 
 /// How long an ended session stays cached so late calls get a fast 401.
 const ENDED_RETENTION_MS: i64 = 10 * 60 * 1000;
+/// How long an active session nobody calls with stays cached. Its next
+/// call looks it up in the store again, as a first call does; the cache
+/// then holds the sessions in use, not every session ever created.
+const IDLE_RETENTION_MS: i64 = 10 * 60 * 1000;
+/// A map whose capacity is this many times its length, and above
+/// [`SHRINK_ABOVE`], is shrunk after an eviction: a hash map never gives
+/// memory back by itself.
+const SHRINK_RATIO: usize = 4;
+const SHRINK_ABOVE: usize = 1024;
 /// Largest lease of `max_requests` asked for at once (the store also caps
 /// it at an eighth of what is left).
 const MAX_LEASE: u64 = 100;
@@ -74,7 +83,28 @@ pub struct Registry {
     /// The runtime the registry was made on (the control plane's), where
     /// the request path's store calls run: see [`Registry::on_home`].
     home: Option<Handle>,
+    /// On a shared store: what the next re-check must read besides the
+    /// changes since its cursor (see [`Registry::recheck`]).
+    pending: Mutex<Pending>,
+    /// Where the last re-check's read of the store's changes got to.
+    cursor: Mutex<Option<ChangeCursor>>,
 }
+
+/// Sessions the next re-check reads by id, besides the store's changes.
+#[derive(Default)]
+struct Pending {
+    /// Sessions cached since the last re-check: the row they were cached
+    /// from may predate a change the last re-check read while they were
+    /// not cached yet.
+    cached: Vec<SessionId>,
+    /// Read every cached session (a resync, no cursor yet, or too many
+    /// sessions cached at once to list).
+    everything: bool,
+}
+
+/// Sessions cached between two re-checks beyond which the next one reads
+/// every cached session instead of a list of them.
+const PENDING_MAX: usize = 50_000;
 
 /// What a flush writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +172,11 @@ impl Registry {
             revocations: AtomicU64::new(0),
             unpersisted: Arc::new(Mutex::new(HashMap::new())),
             home: Handle::try_current().ok(),
+            pending: Mutex::new(Pending {
+                cached: Vec::new(),
+                everything: true,
+            }),
+            cursor: Mutex::new(None),
         }
     }
 
@@ -207,9 +242,11 @@ impl Registry {
     fn cache(&self, hash: TokenHash, row: SessionRow) -> Arc<LiveSession> {
         let id = row.id.clone();
         let mut by_token = self.by_token.write();
+        let mut added = false;
         let live = by_token
             .entry(hash)
             .or_insert_with(|| {
+                added = true;
                 Arc::new(LiveSession::from_row(
                     row,
                     Some(&self.flush_soon),
@@ -218,6 +255,17 @@ impl Registry {
             })
             .clone();
         drop(by_token);
+        if added && self.store.is_shared() {
+            // The next re-check reads it: a change the last one read (and
+            // found nothing cached to apply to) may be newer than its row.
+            let mut pending = self.pending.lock();
+            if pending.cached.len() < PENDING_MAX {
+                pending.cached.push(id.clone());
+            } else {
+                pending.cached = Vec::new();
+                pending.everything = true;
+            }
+        }
         self.by_id.write().insert(id, hash);
         // After the id is findable: a revocation kept from now on finds the
         // session through `cached`, one kept before is applied here.
@@ -255,6 +303,7 @@ impl Registry {
         let cached = self.by_token.read().get(&hash).cloned();
         let session = match cached {
             Some(session) => {
+                session.seen(now_ms);
                 // Revoked and expired are final; only a session that looks
                 // active may be stale.
                 if session.state(now_ms) == SessionState::Active && self.freshness.is_stale() {
@@ -533,7 +582,9 @@ impl Registry {
                 .await;
             self.write_counts(session, now).await;
         }
-        self.evict_ended(now);
+        // Held here, every session would look in use.
+        drop(sessions);
+        self.evict(now);
     }
 
     /// Writes `session`'s counter increments (and takes in the stored state
@@ -573,21 +624,35 @@ impl Registry {
         }
     }
 
-    /// Drops sessions that ended long ago from the cache.
-    fn evict_ended(&self, now: i64) {
+    /// Drops from the cache the sessions that ended long ago and the
+    /// active ones nobody has called with for a while, and shrinks the
+    /// maps that emptied. An active session stays while anything else
+    /// holds it (a stream, a tunnel, a call), while it has counts or a
+    /// lease the store has not taken back, or a revocation the store lacks
+    /// (that lives only here): its next call reads the row the store has,
+    /// which then says all there is to know about it.
+    fn evict(&self, now: i64) {
         let ended_before = now - ENDED_RETENTION_MS;
+        let idle_before = now - IDLE_RETENTION_MS;
         let unpersisted = self.unpersisted.lock();
         let mut by_token = self.by_token.write();
         let mut by_id = self.by_id.write();
         by_token.retain(|_, s| {
-            let ended_at = s.revoked_at().unwrap_or(s.expires_at()).min(s.expires_at());
-            // A revocation the store lacks lives only here.
-            let keep = ended_at > ended_before || unpersisted.contains_key(s.id());
+            let keep = if unpersisted.contains_key(s.id()) {
+                true
+            } else if s.state(now) == SessionState::Active {
+                s.last_seen() > idle_before || Arc::strong_count(s) > 1 || !s.settled()
+            } else {
+                let ended_at = s.revoked_at().unwrap_or(s.expires_at()).min(s.expires_at());
+                ended_at > ended_before
+            };
             if !keep {
                 by_id.remove(s.id());
             }
             keep
         });
+        shrink(&mut by_token);
+        shrink(&mut by_id);
     }
 
     /// Gives a session's unused lease back to the store when the session
@@ -682,16 +747,106 @@ impl Registry {
         }
     }
 
-    /// Re-reads the state of every cached session that has not ended
-    /// (ended ones stay cached a while to answer their tokens, but nothing
-    /// the store says can bring them back: no route moves an expiry).
-    /// Sessions gone from the store are treated as revoked.
+    /// Brings the cached sessions that have not ended up to date with the
+    /// store (ended ones stay cached a while to answer their tokens, but
+    /// nothing the store says can bring them back: no route moves an
+    /// expiry). Sessions gone from the store are treated as revoked.
+    ///
+    /// Where the store records changes ([`Store::session_changes`]), this
+    /// reads only the sessions changed since the last re-check plus those
+    /// cached since, in one query: an idle replica costs one small query
+    /// however many sessions it caches. Every cached session is read (in
+    /// queries of 5,000) only at the first re-check, after a resync, when
+    /// more than [`PENDING_MAX`] sessions were cached in between, or on a
+    /// store without that record.
     async fn recheck(&self) -> Result<(), StoreError> {
         self.recheck_at(now_ms()).await
     }
 
+    /// Asks the next re-check to read every cached session (the change
+    /// feed may have missed something).
+    fn recheck_everything(&self) {
+        let mut pending = self.pending.lock();
+        pending.cached = Vec::new();
+        pending.everything = true;
+    }
+
     /// [`Registry::recheck`] at the time `now` (unix ms).
     async fn recheck_at(&self, now: i64) -> Result<(), StoreError> {
+        let pending = std::mem::take(&mut *self.pending.lock());
+        let since = *self.cursor.lock();
+        let read = match since {
+            Some(since) if !pending.everything => {
+                self.read_changes(since, &pending.cached, now).await
+            }
+            _ => self.read_everything(now).await,
+        };
+        match read {
+            Ok(next) => {
+                *self.cursor.lock() = next;
+                Ok(())
+            }
+            Err(e) => {
+                // Read again next time, with what was cached meanwhile.
+                let mut again = self.pending.lock();
+                again.everything |= pending.everything;
+                if !again.everything {
+                    again.cached.extend(pending.cached);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the sessions changed since `since` and the cached ones named
+    /// in `ids`; returns the next cursor.
+    async fn read_changes(
+        &self,
+        since: ChangeCursor,
+        ids: &[SessionId],
+        now: i64,
+    ) -> Result<Option<ChangeCursor>, StoreError> {
+        const CHUNK: usize = 5_000;
+        let mut next = None;
+        let mut first = true;
+        for chunk in ids
+            .chunks(CHUNK)
+            .map(Some)
+            .chain(ids.is_empty().then_some(None))
+        {
+            let chunk = chunk.unwrap_or(&[]);
+            // The first query's cursor is the oldest: the next re-check
+            // starts from it, whatever the later ones saw.
+            let from = first.then_some(since);
+            let changes = match self.store.session_changes(from, chunk).await? {
+                Some(changes) if changes.complete || !first => changes,
+                // More changed than one read returns (or no record of
+                // changes): read every cached session instead.
+                _ => return self.read_everything(now).await,
+            };
+            if first {
+                next = changes.next;
+                first = false;
+            }
+            let read: HashMap<&SessionId, &SessionStatus> =
+                changes.statuses.iter().map(|s| (&s.id, s)).collect();
+            for status in &changes.statuses {
+                if let Some(session) = self.cached(&status.id) {
+                    session.apply_status(status);
+                }
+            }
+            for id in chunk {
+                if !read.contains_key(id) {
+                    self.gone(id);
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    /// Reads every cached session that has not ended; returns the cursor
+    /// to read changes from next (`None` on a store without one).
+    async fn read_everything(&self, now: i64) -> Result<Option<ChangeCursor>, StoreError> {
         const CHUNK: usize = 5_000;
         let sessions: Vec<Arc<LiveSession>> = self
             .by_token
@@ -700,22 +855,55 @@ impl Registry {
             .filter(|s| s.revoked_at().is_none() && s.expires_at() > now)
             .cloned()
             .collect();
-        for chunk in sessions.chunks(CHUNK) {
+        let mut next = None;
+        let mut first = true;
+        let chunks = sessions
+            .chunks(CHUNK)
+            .map(Some)
+            .chain(sessions.is_empty().then_some(None));
+        for chunk in chunks {
+            let chunk = chunk.unwrap_or(&[]);
             let ids: Vec<SessionId> = chunk.iter().map(|s| s.id().clone()).collect();
-            let statuses = self.store.session_statuses(&ids).await?;
+            // A store that records changes reads them with the same
+            // snapshot; the first query's cursor is the oldest.
+            let statuses = match self.store.session_changes(None, &ids).await? {
+                Some(changes) => {
+                    if first {
+                        next = changes.next;
+                    }
+                    changes.statuses
+                }
+                None if ids.is_empty() => Vec::new(),
+                None => self.store.session_statuses(&ids).await?,
+            };
+            first = false;
             let by_id: HashMap<&SessionId, &SessionStatus> =
                 statuses.iter().map(|s| (&s.id, s)).collect();
             for session in chunk {
                 match by_id.get(session.id()) {
                     Some(status) => session.apply_status(status),
-                    None => {
-                        tracing::warn!(session = %session.id(), "session gone from the store; refusing it");
-                        session.mark_revoked(now_ms());
-                    }
+                    None => self.gone(session.id()),
                 }
             }
         }
-        Ok(())
+        Ok(next)
+    }
+
+    /// A cached session the store no longer has: refused from now on.
+    fn gone(&self, id: &SessionId) {
+        if let Some(session) = self.cached(id) {
+            if session.revoked_at().is_none() {
+                tracing::warn!(session = %id, "session gone from the store; refusing it");
+            }
+            session.mark_revoked(now_ms());
+        }
+    }
+}
+
+/// Gives an oversized map's memory back (see [`SHRINK_RATIO`]).
+fn shrink<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > SHRINK_ABOVE && map.len().saturating_mul(SHRINK_RATIO) < map.capacity() {
+        map.shrink_to(map.len().saturating_mul(2));
     }
 }
 

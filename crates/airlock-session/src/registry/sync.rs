@@ -18,8 +18,9 @@ pub struct SyncSettings {
     /// How long cached sessions keep being served while the store cannot
     /// be read; after that, calls with them are refused until it can.
     pub max_staleness: Duration,
-    /// How often every cached session's state is re-read (the safety net
-    /// under the change feed).
+    /// How often cached sessions are brought up to date with the store
+    /// (the safety net under the change feed; on PostgreSQL one query for
+    /// the sessions changed since the last time, see `Registry::recheck`).
     pub recheck_every: Duration,
 }
 
@@ -98,9 +99,10 @@ impl Freshness {
 impl Registry {
     /// On a store shared by replicas, keeps the cache in step with it until
     /// `shutdown` resolves: applies the change feed (other replicas'
-    /// revocations and expiry changes, as they commit), and re-reads every
-    /// cached session each `recheck_every` and whenever the feed may have
-    /// missed something. While no re-check has succeeded for
+    /// revocations and expiry changes, as they commit), and brings cached
+    /// sessions up to date each `recheck_every` (reading only what changed
+    /// where the store can tell) and whenever the feed may have missed
+    /// something (then every cached session is read). While no re-check has succeeded for
     /// `max_staleness`, cached sessions are refused (fail closed); serving
     /// resumes by itself with the first re-check that succeeds.
     ///
@@ -118,7 +120,10 @@ impl Registry {
         let apply_feed = async {
             while let Some(change) = next_change(&mut feed).await {
                 match change {
-                    Change::Resync => recheck_now.notify_one(),
+                    Change::Resync => {
+                        self.recheck_everything();
+                        recheck_now.notify_one();
+                    }
                     change => self.apply_change(&change),
                 }
             }

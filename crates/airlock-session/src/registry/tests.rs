@@ -884,3 +884,98 @@ async fn an_end_watch_fires_at_the_expiry() {
     assert!(now_ms() >= expiry, "the watch fired before the expiry");
     assert_eq!(live.state(now_ms()), crate::SessionState::Expired);
 }
+
+fn cached_count(reg: &Registry) -> (usize, usize) {
+    (reg.by_token.read().len(), reg.by_id.read().len())
+}
+
+/// Ended sessions leave the cache once their retention is over, and the
+/// maps give back what they grew to (a soak of 250,000 one-second sessions
+/// held on to the memory of all of them).
+#[tokio::test]
+async fn ended_sessions_leave_the_cache_and_the_maps_shrink() {
+    const N: usize = 3_000;
+    let (_dir, reg) = registry().await;
+    let mut ended = Vec::new();
+    for i in 0..N {
+        let (live, _) = reg
+            .create(new_session(Limits::default(), Duration::from_secs(60)))
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            reg.revoke(live.id()).await.unwrap();
+        }
+        ended.push(live);
+    }
+    drop(ended);
+    let grown = reg.by_token.read().capacity();
+    assert!(grown >= N, "{grown}");
+    let now = crate::now_ms();
+    reg.evict(now);
+    assert_eq!(cached_count(&reg), (N, N), "ended only just: still cached");
+    // After the retention, the revoked ones go; the expired ones go with
+    // their own expiry plus the retention.
+    reg.evict(now + ENDED_RETENTION_MS + 1_000);
+    let left = cached_count(&reg);
+    assert!(left.0 <= N / 2 && left.0 == left.1, "{left:?}");
+    reg.evict(now + 60_000 + ENDED_RETENTION_MS + 1_000);
+    assert_eq!(cached_count(&reg), (0, 0));
+    let capacity = (reg.by_token.read().capacity(), reg.by_id.read().capacity());
+    assert!(
+        capacity.0 < grown / 4 && capacity.1 < grown / 4,
+        "{capacity:?}"
+    );
+}
+
+/// An active session nobody calls with leaves the cache after a while,
+/// unless something holds it (a stream) or the store lacks its counts;
+/// its next call looks it up again, with its counts and limits intact.
+#[tokio::test]
+async fn idle_active_sessions_leave_the_cache_and_come_back_intact() {
+    let (_dir, reg) = registry().await;
+    let limits = Limits {
+        max_requests: Some(2),
+        ..Limits::default()
+    };
+    let (idle, idle_token) = reg
+        .create(new_session(limits, Duration::from_secs(3_600)))
+        .await
+        .unwrap();
+    let (held, _) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(3_600)))
+        .await
+        .unwrap();
+    let (unflushed, _) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(3_600)))
+        .await
+        .unwrap();
+    let now = crate::now_ms();
+    let session = reg
+        .authenticate(Some(idle_token.expose()), now)
+        .await
+        .unwrap();
+    assert_eq!(reg.admit(&session).await, Ok(Admission::Admitted));
+    assert_eq!(reg.admit(&session).await, Ok(Admission::Admitted));
+    drop(session);
+    let idle_id = idle.id().clone();
+    drop(idle);
+    assert_eq!(unflushed.admit(), Admission::Admitted);
+    let unflushed_id = unflushed.id().clone();
+    drop(unflushed);
+    let later = now + IDLE_RETENTION_MS + 1_000;
+    // Counts not yet written keep a session; a flush writes them.
+    reg.evict(later);
+    assert_eq!(cached_count(&reg), (3, 3));
+    reg.flush().await;
+    reg.evict(later);
+    assert_eq!(cached_count(&reg), (1, 1), "only the one held elsewhere");
+    assert!(reg.cached(held.id()).is_some());
+    assert!(reg.cached(&idle_id).is_none() && reg.cached(&unflushed_id).is_none());
+    // Used again: read from the store, its quota's use intact.
+    let session = reg
+        .authenticate(Some(idle_token.expose()), later)
+        .await
+        .unwrap();
+    assert_eq!(session.allowed(), 2);
+    assert_eq!(reg.admit(&session).await, Ok(Admission::QuotaExhausted));
+}
