@@ -1,6 +1,8 @@
 //! What the store keeps of the audit trail: records and chain heads.
 
-use airlock_core::audit::MacBytes;
+use std::collections::VecDeque;
+
+use airlock_core::audit::{AuditRecord, MacBytes};
 
 /// An audit chain's head as stored: the last record's seq and mac, and the
 /// seal the server computed over them (see `airlock_core::audit::head_seal`).
@@ -18,10 +20,18 @@ pub struct ChainHead {
 pub struct AuditQuery {
     /// Only this session's records.
     pub session: Option<String>,
-    /// Only records at or after this time (unix ms).
+    /// From this time (unix ms) on: in each chain, the records from the
+    /// first one (in seq order) whose `ts` is at or after it to the chain's
+    /// end, a contiguous run of seqs. A record's `ts` is when its call
+    /// ended and its seq is given at commit, so a chain's `ts` steps back a
+    /// millisecond or two now and then: the run may hold a few records
+    /// a little older than `since_ms`, right after its first one. (Records
+    /// before the first are never taken.) With `session`, that session's
+    /// records of the run.
     pub since_ms: Option<i64>,
     /// Only this chain, in seq order, after `after_seq`. Without a chain,
-    /// records come oldest first by time (then chain and seq).
+    /// each chain's records in seq order, interleaved oldest first (see
+    /// [`take_oldest_first`]).
     pub chain: Option<u32>,
     /// With `chain`: only records with a greater seq.
     pub after_seq: u64,
@@ -32,3 +42,27 @@ pub struct AuditQuery {
 /// Computes the seal of a new, empty chain's head (the store does not hold
 /// the audit key).
 pub type GenesisSeal<'a> = &'a (dyn Fn(u32) -> MacBytes + Send + Sync);
+
+/// Takes up to `limit` records from the fronts of `chains` (each in seq
+/// order), always the one with the earliest `ts` (then the lowest chain):
+/// the chains interleaved oldest first, each still in seq order. What is
+/// not taken stays in `chains`.
+pub fn take_oldest_first(chains: &mut [VecDeque<AuditRecord>], limit: usize) -> Vec<AuditRecord> {
+    let mut taken = Vec::new();
+    while taken.len() < limit {
+        let next = chains
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.front().map(|r| ((r.ts_ms, r.chain), i)))
+            .min()
+            .map(|(_, i)| i);
+        match next
+            .and_then(|i| chains.get_mut(i))
+            .and_then(VecDeque::pop_front)
+        {
+            Some(record) => taken.push(record),
+            None => break,
+        }
+    }
+    taken
+}

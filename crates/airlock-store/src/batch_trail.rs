@@ -15,9 +15,11 @@
 //! clock was set back). The batches that may hold records from a given
 //! time on are therefore a suffix of the chain, found by a binary search
 //! over its primary key; a chain's records come back in seq order, which is
-//! time order wherever the clock did not step back.
+//! time order wherever the clock did not step back. (It steps back by a
+//! millisecond or two now and then even when it did not: a record's `ts`
+//! is when its call ended, its seq is given at commit.)
 
-use airlock_core::audit::AuditRecord;
+use airlock_core::audit::{format_ts, AuditRecord};
 use sqlx::{ColumnIndex, Database, Decode, Encode, QueryBuilder, Row, Type};
 
 use crate::audit_batch::{decode_batch, encode_batch, sessions, BatchSummary};
@@ -25,6 +27,9 @@ use crate::{to_i64, AuditQuery, Result, StoreError};
 
 /// Batches read per query while collecting records.
 const PAGE: i64 = 64;
+/// Batches read per query while looking for the first record at or after
+/// a time (normally the first batch read holds it).
+const SEEK_PAGE: i64 = 4;
 /// Old rows moved per batch when converting.
 const LEGACY_BATCH: i64 = 512;
 /// Most (session, batch) pairs looked up in one query.
@@ -133,16 +138,22 @@ pub(crate) async fn read_records<C: BatchRows>(
             .filter_map(|id| u32::try_from(id).ok())
             .collect(),
     };
+    if q.chain.is_some() || chains.len() <= 1 {
+        for &chain in &chains {
+            read_chain(conn, chain, q, limit, &mut found).await?;
+        }
+        return Ok(found);
+    }
+    // Each chain's records come in seq order; interleave the chains by
+    // time, each staying in seq order (so that each chain's part is a
+    // contiguous run that verifies on its own).
+    let mut per_chain = Vec::with_capacity(chains.len());
     for &chain in &chains {
-        read_chain(conn, chain, q, limit, &mut found).await?;
+        let mut records = Vec::new();
+        read_chain(conn, chain, q, limit, &mut records).await?;
+        per_chain.push(std::collections::VecDeque::from(records));
     }
-    if q.chain.is_none() && chains.len() > 1 {
-        // Each chain's records came in seq order (its time order unless the
-        // clock stepped back); interleave the chains by time.
-        found.sort_by_key(|r| (r.ts_ms, r.chain, r.seq));
-        found.truncate(limit);
-    }
-    Ok(found)
+    Ok(crate::take_oldest_first(&mut per_chain, limit))
 }
 
 /// The first seq of the chain's first batch, from `from` on, whose `ts_max`
@@ -176,6 +187,37 @@ async fn first_batch_since<C: BatchRows>(
     Ok(Some(hi))
 }
 
+/// The first seq of the batch holding the chain's first record, in seq
+/// order from the batch at `from` on, whose `ts` is at least `since`, and
+/// that record's seq; `None` when there is none. (The batch at `from` is
+/// the first whose `ts_max` reaches `since`, so it is normally the one.)
+async fn first_seq_since<C: BatchRows>(
+    conn: &mut C,
+    chain: u32,
+    mut from: i64,
+    since: i64,
+) -> Result<Option<(i64, u64)>> {
+    let chain_id = i64::from(chain);
+    let mut before = conn.batch_before(chain_id, from).await?;
+    let mut decoded = Vec::new();
+    loop {
+        let page = conn.batches_from(chain_id, from, None, SEEK_PAGE).await?;
+        let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= SEEK_PAGE;
+        for row in page {
+            decoded.clear();
+            row.decode_into(chain, before.as_ref(), &mut decoded)?;
+            if let Some(record) = decoded.iter().find(|r| r.ts_ms >= since) {
+                return Ok(Some((row.first_seq, record.seq)));
+            }
+            from = row.first_seq.saturating_add(1);
+            before = Some(row);
+        }
+        if !full {
+            return Ok(None);
+        }
+    }
+}
+
 /// Appends up to `limit` records of `chain` that `q` selects to `found`,
 /// in seq order.
 async fn read_chain<C: BatchRows>(
@@ -192,16 +234,23 @@ async fn read_chain<C: BatchRows>(
         .batch_at(chain_id, to_i64(after_seq.saturating_add(1)))
         .await?
         .map_or(0, |(first, _)| first);
-    // ... or, if later, the first batch with a record at or after `since`.
+    // ... or, if later, the batch holding the chain's first record (in
+    // seq order) at or after `since`: from there on, every record is
+    // wanted, whatever its `ts` (see `AuditQuery::since_ms`).
+    let mut cut = 0;
     if let Some(since) = q.since_ms {
-        match first_batch_since(conn, chain_id, from, since).await? {
-            Some(first) => from = from.max(first),
-            None => return Ok(()),
-        }
+        let Some(first) = first_batch_since(conn, chain_id, 0, since).await? else {
+            return Ok(());
+        };
+        let Some((batch, seq)) = first_seq_since(conn, chain, first, since).await? else {
+            return Ok(());
+        };
+        from = from.max(batch);
+        cut = seq;
     }
     let wanted = |r: &AuditRecord| {
         r.seq > after_seq
-            && q.since_ms.is_none_or(|since| r.ts_ms >= since)
+            && r.seq >= cut
             && q.session
                 .as_deref()
                 .is_none_or(|session| r.session.as_deref() == Some(session))
@@ -361,7 +410,9 @@ impl Stored {
         let newest = mine.iter().map(|r| r.ts_ms).max().unwrap_or(ts_max);
         if ts_max < newest {
             return Err(refuse(format!(
-                "the batch from this record on is indexed as ending at {ts_max} but holds a record of {newest}"
+                "the batch from this record on is indexed as ending at {} but holds a record of {}",
+                format_ts(ts_max),
+                format_ts(newest)
             )));
         }
         if let Some(before) = before {

@@ -168,6 +168,7 @@ suite!(
     audit_queries_cross_batches,
     audit_append_refuses_a_moved_head,
     audit_ts_max_never_steps_back,
+    audit_since_is_a_contiguous_run_of_seqs,
     audit_append_is_all_or_nothing,
     audit_append_fails_once_closed,
     audit_claim_resumes_the_chain,
@@ -229,14 +230,22 @@ fn records_after(
     ts_ms: i64,
     session: &str,
 ) -> (Vec<AuditRecord>, ChainHead) {
+    let times: Vec<i64> = (1..=n).map(|i| ts_ms + i64::try_from(i).unwrap()).collect();
+    records_at(head, &times, session)
+}
+
+/// Records sealed after `head` with the times `times` (odd ones of the
+/// batch naming `session`), and the head after them.
+fn records_at(head: &ChainHead, times: &[i64], session: &str) -> (Vec<AuditRecord>, ChainHead) {
     let key = key();
     let mut prev = head.mac;
     let mut out = Vec::new();
-    for i in 1..=n {
+    let n = times.len() as u64;
+    for (i, &ts_ms) in (1..=n).zip(times) {
         let mut record = AuditRecord {
             chain: 0,
             seq: 0,
-            ts_ms: ts_ms + i64::try_from(i).unwrap(),
+            ts_ms,
             session: (i % 2 == 1).then(|| session.into()),
             provider: Some("openai".into()),
             method: "POST".into(),
@@ -848,6 +857,76 @@ mod cases {
             [13, 14, 15]
         );
         assert_eq!(store.audit_heads().await.unwrap(), vec![head5]);
+        store.close().await;
+    }
+
+    /// A record's `ts` is when its call ended, its seq is given at commit:
+    /// `ts` steps back a millisecond or two along a chain, within a batch
+    /// and across batches. A time query takes, per chain, the records from
+    /// the first one (in seq order) at or after the time on, so that what
+    /// it answers is a contiguous run of seqs that verifies on its own.
+    pub async fn audit_since_is_a_contiguous_run_of_seqs(backend: &Backend) {
+        let store = backend.open().await;
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let chain = head.chain;
+        // Seqs 1-5, then 6-8; seq 4 ended before seq 3, seq 6 before seq 5.
+        let (first, head1) = records_at(&head, &[1_000, 1_001, 1_003, 1_002, 1_004], "ses_s");
+        store.audit_append(&first, &head1).await.unwrap();
+        let (second, head2) = records_at(&head1, &[1_003, 1_006, 1_005], "ses_s");
+        store.audit_append(&second, &head2).await.unwrap();
+        let key = key();
+        let read = async |q: AuditQuery| {
+            let records = store.audit_records(&q).await.unwrap();
+            let mut verifier = if q.session.is_some() {
+                ChainVerifier::allow_gaps(&key)
+            } else {
+                ChainVerifier::partial(&key)
+            };
+            for (i, record) in records.iter().enumerate() {
+                verifier.check(record, records.get(i + 1)).unwrap();
+            }
+            records.iter().map(|r| r.seq).collect::<Vec<_>>()
+        };
+        let since = |since_ms: i64| AuditQuery {
+            since_ms: Some(since_ms),
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        // Seq 4 (1_002) follows seq 3 (1_003): it is taken.
+        assert_eq!(read(since(1_003)).await, [3, 4, 5, 6, 7, 8]);
+        // Across batches: seq 6 (1_003) follows seq 5 (1_004).
+        assert_eq!(read(since(1_004)).await, [5, 6, 7, 8]);
+        // Within the second batch: seq 8 (1_005) follows seq 7 (1_006).
+        assert_eq!(read(since(1_006)).await, [7, 8]);
+        assert_eq!(read(since(1_005)).await, [7, 8]);
+        assert_eq!(read(since(1_007)).await, Vec::<u64>::new());
+        assert_eq!(read(since(0)).await, [1, 2, 3, 4, 5, 6, 7, 8]);
+        // By chain, after a seq: the same run, from after that seq.
+        assert_eq!(
+            read(AuditQuery {
+                since_ms: Some(1_004),
+                ..by_chain(chain, 5)
+            })
+            .await,
+            [6, 7, 8]
+        );
+        assert_eq!(
+            read(AuditQuery {
+                since_ms: Some(1_003),
+                limit: 2,
+                ..by_chain(chain, 0)
+            })
+            .await,
+            [3, 4]
+        );
+        // With a session: that session's records of the same run (odd
+        // ones of each batch: seqs 1, 3, 5, 6, 8).
+        let session = |since_ms: i64| AuditQuery {
+            session: Some("ses_s".into()),
+            ..since(since_ms)
+        };
+        assert_eq!(read(session(1_004)).await, [5, 6, 8]);
+        assert_eq!(read(session(1_006)).await, [8]);
         store.close().await;
     }
 

@@ -201,7 +201,10 @@ Examples:
         #[arg(long, value_name = "ID", requires = "from")]
         session: Option<String>,
     },
-    /// Print audit records as JSON lines, oldest first.
+    /// Print audit records as JSON lines, chain by chain, each in seq order.
+    ///
+    /// The output verifies on its own (`airlock audit verify --from FILE`,
+    /// adding `--session ID` for one session's export).
     #[command(after_help = "\
 Examples:
   airlock audit export > audit.jsonl
@@ -210,7 +213,11 @@ Examples:
         /// Only this session's records.
         #[arg(long, value_name = "ID")]
         session: Option<String>,
-        /// Only records at or after this time (RFC 3339), or this long ago (15m, 2h).
+        /// From this time (RFC 3339), or this long ago (15m, 2h): in each
+        /// chain, from its first record at or after T to its end, so that no
+        /// seq is missing. A record's time is when its call ended and its
+        /// seq is given at commit, so a few records may be a millisecond or
+        /// two older than T.
         #[arg(long, value_name = "T")]
         since: Option<String>,
     },

@@ -140,10 +140,15 @@ fn verify_file(
     let mut pending: Option<(usize, AuditRecord)> = None;
     // First and last seq of each chain in the file, for the summary.
     let mut ranges: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
+    // The one session every record so far names, while there is one: a
+    // gap in such a file is likely a session's export verified without
+    // `--session`.
+    let mut one_session = OneSession::Unknown;
     let mut check = |verifier: &mut ChainVerifier<'_>,
                      (line, record): (usize, AuditRecord),
                      next: Option<&AuditRecord>|
      -> Option<ExitCode> {
+        one_session.see(record.session.as_deref());
         if let Some(wanted) = session {
             if record.session.as_deref() != Some(wanted) {
                 let broken = Break {
@@ -160,10 +165,18 @@ fn verify_file(
             .entry(record.chain)
             .or_insert((record.seq, record.seq));
         range.1 = record.seq;
-        verifier
-            .check(&record, next)
-            .err()
-            .map(|broken| report_break(&broken, Some(line)))
+        verifier.check(&record, next).err().map(|broken| {
+            let code = report_break(&broken, Some(line));
+            if let (BreakReason::Gap { .. }, None, OneSession::Only(id)) =
+                (&broken.reason, session, &one_session)
+            {
+                println!(
+                    "(every record up to it names session {id}: if the file is that session's \
+                     export, whose seqs jump, verify it with --session {id})"
+                );
+            }
+            code
+        })
     };
     for (index, line) in reader.lines().enumerate() {
         let number = index + 1;
@@ -232,8 +245,30 @@ fn verify_file(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Which sessions the records of a file name, as far as read.
+enum OneSession {
+    /// No record read yet.
+    Unknown,
+    /// Every record read names this session.
+    Only(String),
+    /// Records of several sessions, or of none.
+    Several,
+}
+
+impl OneSession {
+    fn see(&mut self, session: Option<&str>) {
+        *self = match (std::mem::replace(self, Self::Several), session) {
+            (Self::Unknown, Some(id)) => Self::Only(id.to_owned()),
+            (Self::Only(only), Some(id)) if only == id => Self::Only(only),
+            _ => Self::Several,
+        };
+    }
+}
+
 /// Prints matching records chain by chain, each in seq order, so that the
-/// output verifies on its own.
+/// output verifies on its own: with `since_ms`, each chain from its first
+/// record at or after that time on (`AuditQuery::since_ms`), a contiguous
+/// run of seqs.
 async fn export(
     config: &Config,
     session: Option<String>,
