@@ -1,13 +1,17 @@
 //! `GET /v1/audit` and `GET /v1/audit/verify`.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use airlock_audit::verify_store;
-use airlock_core::audit::AuditKey;
-use airlock_store::{AuditQuery, Store};
+use airlock_core::audit::{AuditKey, AuditRecord};
+use airlock_core::SessionId;
+use airlock_store::{take_oldest_first, AuditQuery, Store};
 use axum::extract::{Query, State};
 use axum::Json;
-use serde::Deserialize;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -16,9 +20,11 @@ use crate::error::ApiError;
 use crate::state::AdminState;
 
 /// Records per page when `limit` is not given.
-const DEFAULT_LIMIT: u32 = 100;
-/// Most records one call returns.
-const MAX_LIMIT: u32 = 10_000;
+pub const DEFAULT_LIMIT: u32 = 100;
+/// Most records one page holds.
+pub const MAX_LIMIT: u32 = 10_000;
+/// Longest cursor text looked at (a few dozen characters a chain).
+const MAX_CURSOR: usize = 4_096;
 
 /// What the admin API needs to read and verify the audit trail.
 pub struct AuditAccess {
@@ -32,6 +38,26 @@ pub(crate) struct ListAudit {
     session: Option<String>,
     since: Option<String>,
     limit: Option<u32>,
+    after: Option<String>,
+}
+
+/// The answer: a page of records, and where the next one starts.
+#[derive(Serialize)]
+pub(crate) struct AuditList {
+    records: Vec<Value>,
+    /// Present only when more records may follow: pass it back as `after`
+    /// for the next page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+/// Where the next page starts: the query's filters, and per chain the last
+/// seq already answered (a chain not named starts where `since` says).
+#[derive(Debug, PartialEq, Eq)]
+struct AuditCursor {
+    since_ms: Option<i64>,
+    session: Option<SessionId>,
+    after: BTreeMap<u32, u64>,
 }
 
 fn access(state: &AdminState) -> Result<&AuditAccess, ApiError> {
@@ -40,11 +66,17 @@ fn access(state: &AdminState) -> Result<&AuditAccess, ApiError> {
     })
 }
 
-/// `GET /v1/audit?session=ID&since=RFC3339&limit=N`: records, oldest first.
+/// `GET /v1/audit?session=ID&since=RFC3339&limit=N&after=CURSOR`: records,
+/// each chain in seq order (with `since`, from its first record at or after
+/// that time on), the chains interleaved oldest first, a page at a time.
+///
+/// A page is read by keyset, each chain after the seq the cursor names:
+/// `limit` + 1 records of each chain, the page taken from their fronts.
+/// `next` is there whenever a record was left over.
 pub(crate) async fn list(
     State(state): State<Arc<AdminState>>,
     query: Result<Query<ListAudit>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditList>, ApiError> {
     let Query(query) = query?;
     let audit = access(&state)?;
     let since_ms = query
@@ -73,17 +105,116 @@ pub(crate) async fn list(
             "limit: must be between 1 and {MAX_LIMIT}"
         )));
     }
-    let records = audit
-        .store
-        .audit_records(&AuditQuery {
-            session: session.map(|id| id.to_string()),
+    let mut cursor = match query.after.as_deref() {
+        None => AuditCursor {
             since_ms,
-            limit,
-            ..AuditQuery::default()
-        })
-        .await?;
-    let records: Vec<Value> = records.iter().map(|r| r.to_json_value()).collect();
-    Ok(Json(json!({ "records": records })))
+            session,
+            after: BTreeMap::new(),
+        },
+        Some(text) => {
+            let cursor = decode_cursor(text)?;
+            // The filters are the cursor's: given again, they must agree.
+            if query.since.is_some() && since_ms != cursor.since_ms
+                || session.is_some() && session != cursor.session
+            {
+                return Err(ApiError::BadRequest(
+                    "after: this cursor is of a listing with other `session` or `since` (pass \
+                     them unchanged, or not at all, with `after`)"
+                        .into(),
+                ));
+            }
+            cursor
+        }
+    };
+    let page_len = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut chains = Vec::new();
+    for head in audit.store.audit_heads().await? {
+        let records = audit
+            .store
+            .audit_records(&AuditQuery {
+                session: cursor.session.as_ref().map(ToString::to_string),
+                since_ms: cursor.since_ms,
+                chain: Some(head.chain),
+                after_seq: cursor.after.get(&head.chain).copied().unwrap_or(0),
+                limit: limit.saturating_add(1),
+            })
+            .await?;
+        chains.push(VecDeque::from(records));
+    }
+    let page = take_oldest_first(&mut chains, page_len);
+    let more = chains.iter().any(|c| !c.is_empty());
+    for record in &page {
+        cursor.after.insert(record.chain, record.seq);
+    }
+    let next = more.then(|| encode_cursor(&cursor));
+    let records = page.iter().map(AuditRecord::to_json_value).collect();
+    Ok(Json(AuditList { records, next }))
+}
+
+/// The cursor text: opaque to clients (URL-safe base64 of
+/// `SINCE|SESSION|CHAIN.SEQ,…`, `-` for no filter).
+fn encode_cursor(cursor: &AuditCursor) -> String {
+    let since = cursor
+        .since_ms
+        .map_or_else(|| "-".to_owned(), |ms| ms.to_string());
+    let session = cursor
+        .session
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), ToString::to_string);
+    let after: Vec<String> = cursor
+        .after
+        .iter()
+        .map(|(chain, seq)| format!("{chain}.{seq}"))
+        .collect();
+    URL_SAFE_NO_PAD.encode(format!("{since}|{session}|{}", after.join(",")))
+}
+
+/// The cursor [`encode_cursor`] made; anything else (another encoding of
+/// the same cursor included) is a 400 naming `after`.
+fn decode_cursor(text: &str) -> Result<AuditCursor, ApiError> {
+    let refuse = || {
+        ApiError::BadRequest(
+            "after: not a cursor of this API (pass back the `next` of the previous page unchanged)"
+                .into(),
+        )
+    };
+    if text.is_empty() || text.len() > MAX_CURSOR {
+        return Err(refuse());
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| refuse())?;
+    let plain = std::str::from_utf8(&bytes).map_err(|_| refuse())?;
+    let mut parts = plain.split('|');
+    let (Some(since), Some(session), Some(after), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(refuse());
+    };
+    let since_ms = match since {
+        "-" => None,
+        ms => Some(ms.parse::<i64>().map_err(|_| refuse())?),
+    };
+    let session = match session {
+        "-" => None,
+        id => Some(SessionId::parse(id).ok_or_else(refuse)?),
+    };
+    let mut positions = BTreeMap::new();
+    for pair in after.split(',').filter(|p| !p.is_empty()) {
+        let (chain, seq) = pair.split_once('.').ok_or_else(refuse)?;
+        let chain = chain.parse::<u32>().map_err(|_| refuse())?;
+        let seq = seq.parse::<u64>().map_err(|_| refuse())?;
+        positions.insert(chain, seq);
+    }
+    let cursor = AuditCursor {
+        since_ms,
+        session,
+        after: positions,
+    };
+    // One text per cursor: what does not re-encode to itself was not made
+    // here.
+    if encode_cursor(&cursor) != text {
+        return Err(refuse());
+    }
+    Ok(cursor)
 }
 
 /// `GET /v1/audit/verify`: the whole stored trail.
@@ -100,4 +231,47 @@ pub(crate) async fn verify(State(state): State<Arc<AdminState>>) -> Result<Json<
             "records": verified.records,
         }),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_nothing_else_is_one() {
+        let cursors = [
+            AuditCursor {
+                since_ms: None,
+                session: None,
+                after: BTreeMap::new(),
+            },
+            AuditCursor {
+                since_ms: Some(-5),
+                session: SessionId::parse("ses_Zz09"),
+                after: [(1, 7), (4, 12_345_678_901)].into(),
+            },
+        ];
+        for cursor in cursors {
+            let text = encode_cursor(&cursor);
+            assert_eq!(decode_cursor(&text).unwrap(), cursor);
+        }
+        let b64 = |text: &str| URL_SAFE_NO_PAD.encode(text);
+        for bad in [
+            String::new(),
+            "!!".into(),
+            b64("-|-"),
+            b64("-|-|1.2|x"),
+            b64("01|-|"),
+            b64("-|nope|"),
+            b64("-|-|1.2,,3.4"),
+            b64("-|-|1"),
+            b64("-|-|x.1"),
+            b64("-|-|2.1,1.1"),
+            "a".repeat(MAX_CURSOR + 1),
+        ] {
+            assert!(decode_cursor(&bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -206,6 +206,72 @@ async fn every_call_gets_one_record_and_none_holds_a_secret() {
         1
     );
     assert_eq!(audit_records(&airlock, "?limit=3").await.len(), 3);
+    // Pages: `next` while records remain, passed back as `after` (with the
+    // filters again, or alone); the pages together are the whole listing.
+    let whole = audit_records(&airlock, "?limit=100").await;
+    for (first, then) in [
+        ("?limit=3".to_owned(), "?limit=3&after=".to_owned()),
+        (format!("?limit=2&session={id}"), "?limit=2&after=".into()),
+        (
+            format!("?limit=1&session={id}&since=2000-01-01T00:00:00Z"),
+            format!("?limit=1&session={id}&since=2000-01-01T00:00:00Z&after="),
+        ),
+    ] {
+        let (status, mut body) = airlock
+            .admin("GET", &format!("/v1/audit{first}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let mut paged = Vec::new();
+        let mut pages = 0;
+        loop {
+            pages += 1;
+            paged.extend(body["records"].as_array().unwrap().clone());
+            let Some(next) = body["next"].as_str() else {
+                break;
+            };
+            (_, body) = airlock
+                .admin("GET", &format!("/v1/audit{then}{next}"), None)
+                .await
+                .unwrap();
+        }
+        let expected: Vec<&Value> = whole
+            .iter()
+            .filter(|r| !first.contains("session") || r["session"] == id.as_str())
+            .collect();
+        assert_eq!(paged.iter().collect::<Vec<_>>(), expected, "{first}");
+        let per_page: usize = first[7..8].parse().unwrap();
+        assert_eq!(pages, expected.len().div_ceil(per_page).max(1), "{first}");
+    }
+    let (_, body) = airlock
+        .admin("GET", "/v1/audit?limit=2", None)
+        .await
+        .unwrap();
+    let next = body["next"].as_str().unwrap().to_owned();
+    for query in [
+        format!("?after={next}x"),
+        "?after=bm9wZQ".to_owned(),
+        format!("?after={next}&session={other_id}"),
+        format!("?after={next}&since=2000-01-01T00:00:00Z"),
+    ] {
+        let (status, body) = airlock
+            .admin("GET", &format!("/v1/audit{query}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("after: "),
+            "{body}"
+        );
+    }
+    let (_, body) = airlock
+        .admin("GET", "/v1/audit?limit=100", None)
+        .await
+        .unwrap();
+    assert!(body.get("next").is_none(), "nothing left: no next: {body}");
     assert!(audit_records(&airlock, "?since=2999-01-01T00:00:00Z")
         .await
         .is_empty());
