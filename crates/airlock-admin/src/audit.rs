@@ -217,11 +217,14 @@ fn decode_cursor(text: &str) -> Result<AuditCursor, ApiError> {
     Ok(cursor)
 }
 
-/// `GET /v1/audit/verify`: the whole stored trail.
+/// `GET /v1/audit/verify`: the whole stored trail. `records` is the number
+/// of records that verified (in a broken chain, those before its first
+/// break); a failing answer names the first break (`first_bad`, `chain`,
+/// `reason`) and, in `broken_chains`, every broken chain's first break.
 pub(crate) async fn verify(State(state): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
     let audit = access(&state)?;
     let verified = verify_store(audit.store.as_ref(), &audit.key).await?;
-    Ok(Json(match verified.first_break {
+    Ok(Json(match &verified.first_break {
         None => json!({ "ok": true, "records": verified.records, "chains": verified.chains }),
         Some(broken) => json!({
             "ok": false,
@@ -229,6 +232,16 @@ pub(crate) async fn verify(State(state): State<Arc<AdminState>>) -> Result<Json<
             "chain": broken.chain,
             "reason": broken.reason.to_string(),
             "records": verified.records,
+            "chains": verified.chains,
+            "broken_chains": verified
+                .broken_chains
+                .iter()
+                .map(|b| json!({
+                    "chain": b.chain,
+                    "first_bad": b.seq,
+                    "reason": b.reason.to_string(),
+                }))
+                .collect::<Vec<_>>(),
         }),
     }))
 }

@@ -9,36 +9,41 @@ const PAGE: u32 = 5_000;
 /// The outcome of verifying a trail.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
-    /// Records that verified before the first break (all of them when intact).
+    /// Records that verified: in each chain, those before its first break
+    /// (all of them when the trail is intact).
     pub records: u64,
     /// Chains checked.
     pub chains: usize,
-    /// The first place where the trail does not verify.
+    /// The first place where the trail does not verify: the first break of
+    /// the first broken chain.
     pub first_break: Option<Break>,
+    /// The first break of every broken chain, in chain order (the first is
+    /// `first_break`): each chain is checked to its end or first break.
+    pub broken_chains: Vec<Break>,
 }
 
-/// Checks every chain in `store` from seq 1 to its sealed head.
+/// Checks every chain in `store` from seq 1 to its sealed head; a broken
+/// chain does not stop the others from being checked.
 pub async fn verify_store(store: &dyn Store, key: &AuditKey) -> Result<Verified, StoreError> {
     let heads = store.audit_heads().await?;
     let mut verifier = ChainVerifier::from_start(key);
     let chains = heads.len();
+    let mut broken_chains = Vec::new();
     for head in heads {
-        if let Err(broken) = verify_chain(store, &mut verifier, head.chain).await? {
-            return Ok(outcome(&verifier, chains, Some(broken)));
-        }
-        if let Err(broken) = verifier.check_head(head.chain, head.seq, &head.mac, &head.seal) {
-            return Ok(outcome(&verifier, chains, Some(broken)));
+        let checked = match verify_chain(store, &mut verifier, head.chain).await? {
+            Ok(()) => verifier.check_head(head.chain, head.seq, &head.mac, &head.seal),
+            Err(broken) => Err(broken),
+        };
+        if let Err(broken) = checked {
+            broken_chains.push(broken);
         }
     }
-    Ok(outcome(&verifier, chains, None))
-}
-
-fn outcome(verifier: &ChainVerifier<'_>, chains: usize, first_break: Option<Break>) -> Verified {
-    Verified {
+    Ok(Verified {
         records: verifier.records(),
         chains,
-        first_break,
-    }
+        first_break: broken_chains.first().cloned(),
+        broken_chains,
+    })
 }
 
 /// Walks one chain page by page, keeping one record of look-ahead.

@@ -501,7 +501,9 @@ async fn tampering_in_the_store_is_named() {
         (
             "index a batch as older",
             "UPDATE audit_batches SET ts_max = 0 WHERE first_seq = 5",
-            "seq 5 of chain 1: malformed record",
+            // Times in RFC 3339, not Unix milliseconds.
+            "seq 5 of chain 1: malformed record: the batch from this record on is indexed as \
+             ending at 1970-01-01T00:00:00.000Z but holds a record of 20",
         ),
         (
             "hide a batch from its session's queries",
@@ -537,6 +539,13 @@ async fn tampering_in_the_store_is_named() {
         verdict["reason"].as_str().unwrap().starts_with("bad mac"),
         "{verdict}"
     );
+    // Every broken chain's first break (one chain here); `records` counts
+    // those that verified, before the break.
+    assert_eq!(verdict["broken_chains"].as_array().unwrap().len(), 1);
+    assert_eq!(verdict["broken_chains"][0]["chain"], 1);
+    assert_eq!(verdict["broken_chains"][0]["first_bad"], 3);
+    assert_eq!(verdict["broken_chains"][0]["reason"], verdict["reason"]);
+    assert_eq!(verdict["records"], 2);
 }
 
 fn write_lines(path: &Path, lines: &[String]) {
@@ -591,6 +600,8 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
         write_lines(&file, &copy);
         let out = cli(&config, &["audit", "verify", "--from", file_str]);
         assert_eq!(out.status.code(), Some(1), "{out:?}");
+        // Worded as the summary of an intact file ("audit file intact").
+        assert!(stdout(&out).starts_with("audit file broken: "), "{out:?}");
         stdout(&out)
     };
     let edited = broken(&|l| l[2] = l[2].replace("\"status\":200", "\"status\":201"));

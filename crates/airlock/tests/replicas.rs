@@ -466,6 +466,28 @@ async fn audit_of_every_replica_lands_in_postgres_and_verifies_as_one_trail() {
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("seq 2 of chain 2: bad mac"), "{stdout}");
+    // A second broken chain is named as well, not only the first.
+    airlock_store::testing::rewrite_postgres_chain(cluster.db.url(), 3, |records| {
+        records[0].path.push('x');
+    })
+    .await
+    .unwrap();
+    let out = audit_verify(&config);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("audit trail broken: first bad record is seq 2 of chain 2: bad mac"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\n  chain 3 is broken too: first bad record is seq 1: bad mac"),
+        "{stdout}"
+    );
+    // Chain 1's 3 records, and chain 2's one before its break.
+    assert!(
+        stdout.contains(&format!("({} records verified in 3 chains", calls - 5)),
+        "{stdout}"
+    );
 }
 
 /// A replica whose audit chain lock another process took while its

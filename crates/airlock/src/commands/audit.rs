@@ -89,7 +89,23 @@ async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
             );
             ExitCode::SUCCESS
         }
-        Some(broken) => report_break(&broken, None),
+        Some(broken) => {
+            let code = report_break(&broken, None);
+            for other in verified.broken_chains.iter().skip(1) {
+                println!(
+                    "  chain {} is broken too: first bad record is seq {}: {}",
+                    other.chain, other.seq, other.reason
+                );
+            }
+            println!(
+                "({} records verified in {} chain{}: in a broken chain, those before its first \
+                 bad record)",
+                verified.records,
+                verified.chains,
+                if verified.chains == 1 { "" } else { "s" }
+            );
+            code
+        }
     })
 }
 
@@ -108,8 +124,11 @@ fn report_break(broken: &Break, line: Option<usize>) -> ExitCode {
         }
         _ => "",
     };
+    // As the summaries say: "audit trail" is the store's, "audit file" a
+    // file's.
+    let what = if line.is_some() { "file" } else { "trail" };
     println!(
-        "audit trail broken: first bad record is seq {} of chain {}{at}: {}{hint}",
+        "audit {what} broken: first bad record is seq {} of chain {}{at}: {}{hint}",
         broken.seq, broken.chain, broken.reason
     );
     ExitCode::from(1)
