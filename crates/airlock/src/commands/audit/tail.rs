@@ -48,7 +48,7 @@ async fn follow(store: &dyn Store, session: Option<String>, lines: usize) -> any
             .collect();
         if lines > 0 {
             let last = last_records(store, session.as_deref(), &cursors, lines).await?;
-            if !print(&last)? {
+            if !print_lines(last.iter().map(|(_, line)| line.as_str()))? {
                 return Ok(());
             }
         }
@@ -72,10 +72,16 @@ fn print(records: &[AuditRecord]) -> anyhow::Result<bool> {
     if records.is_empty() {
         return Ok(true);
     }
-    let mut out = std::io::stdout().lock();
-    let written = records
-        .iter()
-        .try_for_each(|record| writeln!(out, "{}", record.to_json()))
+    let lines: Vec<String> = records.iter().map(AuditRecord::to_json).collect();
+    print_lines(lines.iter().map(String::as_str))
+}
+
+/// Writes JSON lines; `false` once stdout is closed (EPIPE).
+fn print_lines<'a>(lines: impl Iterator<Item = &'a str>) -> anyhow::Result<bool> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = lines
+        .into_iter()
+        .try_for_each(|line| writeln!(out, "{line}"))
         .and_then(|()| out.flush());
     match written {
         Ok(()) => Ok(true),
@@ -84,17 +90,23 @@ fn print(records: &[AuditRecord]) -> anyhow::Result<bool> {
     }
 }
 
+/// A record's place in the output order (time, chain, seq).
+type Key = (i64, u32, u64);
+
 /// The last `n` records (of `session`, if given) up to the cursors, oldest
-/// first.
+/// first, as JSON lines: at most `n` lines a chain are held while reading
+/// it, and at most `n` in all between chains (a line is a fraction of a
+/// decoded record's size). Without a session, each chain is read from `n`
+/// records before its head only.
 async fn last_records(
     store: &dyn Store,
     session: Option<&str>,
     cursors: &Cursors,
     n: usize,
-) -> anyhow::Result<Vec<AuditRecord>> {
-    let mut all = Vec::new();
+) -> anyhow::Result<Vec<(Key, String)>> {
+    let mut all: Vec<(Key, String)> = Vec::new();
     for (&chain, &head) in cursors {
-        let mut kept: VecDeque<AuditRecord> = VecDeque::with_capacity(n.min(PAGE as usize));
+        let mut kept: VecDeque<(Key, String)> = VecDeque::with_capacity(n.min(PAGE as usize));
         // Without a session filter seqs have no gaps: start n before the head.
         // With one, read the chain and keep the last n.
         let mut after_seq = match session {
@@ -123,17 +135,23 @@ async fn last_records(
                 if kept.len() == n {
                     kept.pop_front();
                 }
-                kept.push_back(record);
+                kept.push_back(((record.ts_ms, record.chain, record.seq), record.to_json()));
             }
             if !full || past_head {
                 break;
             }
         }
         all.extend(kept);
+        keep_last(&mut all, n);
     }
-    sort(&mut all);
-    let skip = all.len().saturating_sub(n);
-    Ok(all.split_off(skip))
+    Ok(all)
+}
+
+/// Sorts `lines` by their keys and keeps the last `n`.
+fn keep_last(lines: &mut Vec<(Key, String)>, n: usize) {
+    lines.sort_by_key(|(key, _)| *key);
+    let skip = lines.len().saturating_sub(n);
+    lines.drain(..skip);
 }
 
 /// Records written since the cursors, which it advances; a chain not seen
@@ -178,4 +196,20 @@ async fn poll(
 
 fn sort(records: &mut [AuditRecord]) {
     records.sort_by_key(|r| (r.ts_ms, r.chain, r.seq));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_last_keeps_the_newest_lines_in_order() {
+        let line = |ts: i64, chain: u32, seq: u64| ((ts, chain, seq), format!("{chain}.{seq}"));
+        let mut lines = vec![line(5, 1, 3), line(1, 1, 1), line(4, 2, 1), line(4, 1, 2)];
+        keep_last(&mut lines, 3);
+        let kept: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+        assert_eq!(kept, ["1.2", "2.1", "1.3"]);
+        keep_last(&mut lines, 10);
+        assert_eq!(lines.len(), 3);
+    }
 }
