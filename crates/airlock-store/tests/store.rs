@@ -1057,18 +1057,23 @@ mod cases {
                 })
                 .await
                 .unwrap();
-            // Across chains, records come in time order.
-            let mut written: Vec<&AuditRecord> = records
-                .iter()
-                .chain(&other)
-                .filter(|r| r.ts_ms >= since)
-                .filter(|r| session.is_none() || r.session.as_deref() == session)
-                .collect();
-            written.sort_by_key(|r| (r.ts_ms, r.chain, r.seq));
-            let seqs = |rs: &mut dyn Iterator<Item = &AuditRecord>| {
-                rs.map(|r| (r.chain, r.seq)).collect::<Vec<_>>()
+            // Each chain from its first record at or after `since` (in seq
+            // order) to its end, the chains interleaved oldest first.
+            let run = |chain: &[AuditRecord]| -> std::collections::VecDeque<AuditRecord> {
+                let start = chain
+                    .iter()
+                    .position(|r| r.ts_ms >= since)
+                    .unwrap_or(chain.len());
+                chain[start..]
+                    .iter()
+                    .filter(|r| session.is_none() || r.session.as_deref() == session)
+                    .cloned()
+                    .collect()
             };
-            (seqs(&mut read.iter()), seqs(&mut written.into_iter()))
+            let written =
+                airlock_store::take_oldest_first(&mut [run(&records), run(&other)], 1_000);
+            let seqs = |rs: &[AuditRecord]| rs.iter().map(|r| (r.chain, r.seq)).collect::<Vec<_>>();
+            (seqs(&read), seqs(&written))
         };
         let (read, written) = seqs_since(Some("ses_old"), 5_450).await;
         assert!(!read.is_empty());
