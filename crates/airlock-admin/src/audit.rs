@@ -172,17 +172,8 @@ fn encode_cursor(cursor: &AuditCursor) -> String {
 /// The cursor [`encode_cursor`] made; anything else (another encoding of
 /// the same cursor included) is a 400 naming `after`.
 fn decode_cursor(text: &str) -> Result<AuditCursor, ApiError> {
-    let refuse = || {
-        ApiError::BadRequest(
-            "after: not a cursor of this API (pass back the `next` of the previous page unchanged)"
-                .into(),
-        )
-    };
-    if text.is_empty() || text.len() > MAX_CURSOR {
-        return Err(refuse());
-    }
-    let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| refuse())?;
-    let plain = std::str::from_utf8(&bytes).map_err(|_| refuse())?;
+    let refuse = crate::listing::bad_cursor;
+    let plain = crate::listing::cursor_text(text, MAX_CURSOR)?;
     let mut parts = plain.split('|');
     let (Some(since), Some(session), Some(after), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())

@@ -142,17 +142,8 @@ pub(crate) fn encode_cursor(key: &SessionKey) -> String {
 /// The key a cursor of [`encode_cursor`] names; anything else (another
 /// encoding of the same key included) is a 400 naming `after`.
 pub(crate) fn decode_cursor(cursor: &str) -> Result<SessionKey, ApiError> {
-    let refuse = || {
-        ApiError::BadRequest(
-            "after: not a cursor of this API (pass back the `next` of the previous page unchanged)"
-                .into(),
-        )
-    };
-    if cursor.is_empty() || cursor.len() > MAX_CURSOR {
-        return Err(refuse());
-    }
-    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| refuse())?;
-    let text = std::str::from_utf8(&bytes).map_err(|_| refuse())?;
+    let refuse = bad_cursor;
+    let text = cursor_text(cursor, MAX_CURSOR)?;
     let (created_at, id) = text.split_once('.').ok_or_else(refuse)?;
     let canonical_number = !created_at.is_empty()
         && created_at.bytes().all(|b| b.is_ascii_digit())
@@ -168,6 +159,25 @@ pub(crate) fn decode_cursor(cursor: &str) -> Result<SessionKey, ApiError> {
         return Err(refuse());
     }
     Ok(key)
+}
+
+/// The 400 for an `after` that is no cursor of this API.
+pub(crate) fn bad_cursor() -> ApiError {
+    ApiError::BadRequest(
+        "after: not a cursor of this API (pass back the `next` of the previous page unchanged)"
+            .into(),
+    )
+}
+
+/// The text inside a cursor (URL-safe base64 of UTF-8, at most `max`
+/// characters); [`bad_cursor`] for anything else. Whoever made the cursor
+/// checks the text re-encodes to it.
+pub(crate) fn cursor_text(cursor: &str, max: usize) -> Result<String, ApiError> {
+    if cursor.is_empty() || cursor.len() > max {
+        return Err(bad_cursor());
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad_cursor())?;
+    String::from_utf8(bytes).map_err(|_| bad_cursor())
 }
 
 #[cfg(test)]
