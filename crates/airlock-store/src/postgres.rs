@@ -479,7 +479,7 @@ impl Store for PgStore {
     }
 
     /// One statement, so one snapshot: its horizon (the oldest transaction
-    /// still running, `pg_snapshot_xmin`) and the rows whose `change_xid`
+    /// still running, `txid_snapshot_xmin`) and the rows whose `change_xid`
     /// (set by a trigger, migration 6) is at or above the previous
     /// horizon, found on the partial index `sessions_change_xid`, or whose
     /// id was asked for. A transaction this snapshot does not see is at or
@@ -494,7 +494,7 @@ impl Store for PgStore {
         // statistics say), the ones asked for by primary key.
         let sql = format!(
             "SELECT h.horizon, s.changed, s.id, s.revoked_at, s.expires_at, s.allowed, s.denied \
-             FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon) h \
+             FROM (SELECT txid_snapshot_xmin(txid_current_snapshot()) AS horizon) h \
              LEFT JOIN ( \
                  (SELECT TRUE AS changed, {STATUS_COLUMNS} FROM sessions \
                   WHERE change_xid >= $1 ORDER BY change_xid LIMIT $3) \

@@ -7,25 +7,28 @@
 -- state (revocation, expiry, call totals), set by the trigger below
 -- whatever statement, of whatever client, made the change. A replica
 -- remembers the oldest transaction still running when it last looked
--- (`pg_snapshot_xmin` of that statement's snapshot) and next reads the rows
+-- (`txid_snapshot_xmin` of that statement's snapshot) and next reads the rows
 -- with `change_xid` at or above it: every transaction its look did not see
 -- is at or above that horizon, so a change is never missed, however commits
--- interleave, and no wall clock is involved (transaction ids are 64-bit
--- 64-bit, from xid8: they never wrap; kept as BIGINT so that the planner's
--- statistics apply to it). A row inserted and never changed keeps NULL; the
+-- interleave, and no wall clock is involved (`txid_current()` ids carry
+-- the epoch: 64-bit, they never wrap; the txid_* functions rather than
+-- PostgreSQL 13's pg_current_xact_id, so that PostgreSQL 11 and 12 still
+-- run airlock). A row inserted and never changed keeps NULL; the
 -- partial index holds only the changed ones.
 --
 -- Replicas upgrading at once: sqlx's migrator holds pg_advisory_lock while
 -- it migrates, so one replica applies this. The column is added without a
--- default (no table rewrite); the index build holds a SHARE lock on
--- `sessions` (writes of replicas still on the old version wait until it
--- commits).
+-- default (no table rewrite), but the migration is one transaction: the
+-- ALTER TABLE's exclusive lock on `sessions` is held through the index
+-- build, so every replica's reads and writes of `sessions` wait until it
+-- commits (the build reads the table once: about a second per million
+-- sessions).
 ALTER TABLE sessions ADD COLUMN IF NOT EXISTS change_xid BIGINT;
 
 CREATE FUNCTION airlock_session_touched() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    NEW.change_xid := pg_current_xact_id()::text::bigint;
+    NEW.change_xid := txid_current();
     RETURN NEW;
 END
 $$;
