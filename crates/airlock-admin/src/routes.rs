@@ -210,7 +210,9 @@ async fn revoke_and_show(
     id: SessionId,
     log: &'static str,
 ) -> Result<Json<Value>, ApiError> {
-    let (already, expired) = ended_before(&state, &id).await?;
+    // Read before revoking, but never in the way of it: a revocation holds
+    // in this process whether or not the store can be read or written.
+    let (already, expired) = ended_before(&state, &id).await;
     if !state.registry.revoke(&id).await? {
         return Err(ApiError::NotFound(format!("no session {id}")));
     }
@@ -230,16 +232,24 @@ async fn revoke_and_show(
 
 /// Whether session `id` was revoked already (in this process's cache, a
 /// revocation not yet stored, or in the store), and whether it had
-/// expired.
-async fn ended_before(state: &AdminState, id: &SessionId) -> Result<(bool, bool), ApiError> {
-    let cached_revoked = state
-        .registry
-        .cached(id)
-        .is_some_and(|live| live.revoked_at().is_some());
-    let row = state.registry.store().session_by_id(id).await?;
-    let revoked = cached_revoked || row.as_ref().is_some_and(|r| r.revoked_at.is_some());
-    let expired = row.is_some_and(|r| r.expires_at <= now_ms());
-    Ok((revoked, expired))
+/// expired. Only what the answer says and what is counted depend on it: a
+/// store that cannot be read leaves both to the cache (false if the
+/// session is not cached).
+async fn ended_before(state: &AdminState, id: &SessionId) -> (bool, bool) {
+    let now = now_ms();
+    let cached = state.registry.cached(id);
+    let row = match state.registry.store().session_by_id(id).await {
+        Ok(row) => row,
+        Err(e) => {
+            tracing::debug!(session = %id, error = %e, "session not read before its revocation");
+            None
+        }
+    };
+    let revoked = cached.as_ref().is_some_and(|s| s.revoked_at().is_some())
+        || row.as_ref().is_some_and(|r| r.revoked_at.is_some());
+    let expired =
+        cached.is_some_and(|s| s.expires_at() <= now) || row.is_some_and(|r| r.expires_at <= now);
+    (revoked, expired)
 }
 
 #[derive(Deserialize)]

@@ -276,7 +276,12 @@ fn builtin(name: &str) -> Option<Builtin> {
 /// A provider's table with every field it must have: those left out of a
 /// built-in provider's table take its defaults; a custom provider must
 /// name `upstream`, `credential`, `env_key` and `env_base_url` (`auth`
-/// defaults to `bearer`, `base_path` to none). `Err((field, reason))`.
+/// defaults to `bearer`, `base_path` to none). A built-in provider's table
+/// that names `env_key`, as every table had to before built-in defaults
+/// filled tables, keeps those two generic defaults too: a config written
+/// then means what it meant (an `[providers.openai]` without `base_path`
+/// in front of a gateway serving at its root stays at the root).
+/// `Err((field, reason))`.
 struct ResolvedProvider {
     upstream: String,
     auth: String,
@@ -308,6 +313,9 @@ fn resolve_provider(
         }
     };
     let upper = name.to_ascii_uppercase().replace('-', "_");
+    // `auth` and `base_path` had generic defaults for every table before
+    // built-in ones existed (see above).
+    let settings = defaults.as_ref().filter(|_| p.env_key.is_none());
     Ok(ResolvedProvider {
         upstream: field(
             &p.upstream,
@@ -336,11 +344,11 @@ fn resolve_provider(
         auth: p
             .auth
             .clone()
-            .unwrap_or_else(|| defaults.as_ref().map_or("bearer", |b| b.auth).to_owned()),
+            .unwrap_or_else(|| settings.map_or("bearer", |b| b.auth).to_owned()),
         base_path: p
             .base_path
             .clone()
-            .unwrap_or_else(|| defaults.as_ref().map_or("", |b| b.base_path).to_owned()),
+            .unwrap_or_else(|| settings.map_or("", |b| b.base_path).to_owned()),
     })
 }
 

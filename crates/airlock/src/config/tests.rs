@@ -423,6 +423,19 @@ fn a_builtin_providers_table_takes_the_builtin_defaults() {
     assert_eq!(anthropic.env_base_url, "ANTHROPIC_BASE_URL");
     assert_eq!(anthropic.base_path, "/api");
 
+    // A table written when every table had to name env_key (and auth and
+    // base_path defaulted to bearer and none) means what it meant then.
+    let c = Config::parse(
+        "x.toml",
+        "[providers.openai]\nupstream = \"http://127.0.0.1:9\"\ncredential = \"env:MY_KEY\"\n\
+         env_key = \"OPENAI_API_KEY\"\nenv_base_url = \"OPENAI_BASE_URL\"\n\n\
+         [providers.anthropic]\nupstream = \"http://127.0.0.1:9\"\ncredential = \"env:K\"\n\
+         env_key = \"ANTHROPIC_API_KEY\"\nenv_base_url = \"ANTHROPIC_BASE_URL\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.providers["openai"].base_path, "");
+    assert_eq!(c.providers["anthropic"].auth, AuthStyle::Bearer);
+
     let custom = "\n[providers.acme]\nupstream = \"https://acme\"\ncredential = \"env:A\"\n";
     assert_eq!(
         error_of(custom),
