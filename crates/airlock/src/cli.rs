@@ -186,7 +186,8 @@ pub enum AuditCommand {
     /// Check the HMAC chain of the whole trail, or of an exported file.
     ///
     /// Exit 0 with a one-line summary when intact; exit 1 naming the first
-    /// bad record (chain and seq) and why otherwise.
+    /// bad record (chain and seq) and why otherwise; exit 2 when the trail
+    /// cannot be checked at all (no database, no audit key, no file).
     #[command(after_help = "\
 Examples:
   airlock audit verify

@@ -66,10 +66,17 @@ async fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            // `audit verify` answers 0 (intact) or 1 (broken); a trail it
+            // could not check at all (no database, no key, no file) is 2,
+            // as `diff` and `grep` say trouble, so that a script never
+            // takes a misconfiguration for tampering.
+            let verifying = matches!(cmd, cli::AuditCommand::Verify { .. });
             match commands::audit::run(cmd, &config).await {
                 Ok(code) => code,
-                // 2 for a usage error only: no database or no audit key is
-                // none (and exit 1 is also "the trail does not verify").
+                Err(e) if verifying => {
+                    eprintln!("airlock: {e:#}");
+                    ExitCode::from(cli::EXIT_USAGE)
+                }
                 Err(e) => report(Err(e)),
             }
         }

@@ -692,8 +692,9 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
 }
 
 /// `audit verify --from FILE` with a file that is not there says so, before
-/// anything about the audit key (which is missing here too). Neither is a
-/// usage error: exit 1, and without an audit key too.
+/// anything about the audit key (which is missing here too). A trail
+/// `audit verify` cannot check at all exits 2, never the 1 of a trail that
+/// does not verify; `audit export` without its key exits 1.
 #[test]
 fn verify_from_a_missing_file_names_the_file_first() {
     let dir = tempfile::tempdir().unwrap();
@@ -709,8 +710,8 @@ fn verify_from_a_missing_file_names_the_file_first() {
         "{err}"
     );
     assert!(!err.contains("key"), "{err}");
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    for args in [&["audit", "verify"][..], &["audit", "export"]] {
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for (args, code) in [(&["audit", "verify"][..], 2), (&["audit", "export"], 1)] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
             .args(args)
             .current_dir(dir.path())
@@ -720,7 +721,7 @@ fn verify_from_a_missing_file_names_the_file_first() {
         assert!(!out.status.success(), "{args:?}");
         assert_eq!(
             out.status.code(),
-            Some(1),
+            Some(code),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
