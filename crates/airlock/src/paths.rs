@@ -35,7 +35,11 @@ pub fn sqlite_location(store_url: &str) -> Result<Option<PathBuf>, String> {
         return Ok(None);
     };
     let file = absolute(&file);
-    let dir = file.parent().unwrap_or(Path::new("/"));
+    // SQLite and the lock file go where a link leads: the directory that
+    // must take them is the target's (a link in a read-only directory to a
+    // file elsewhere works, as it always did).
+    let target = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
+    let dir = target.parent().unwrap_or(Path::new("/"));
     match std::fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
