@@ -291,21 +291,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     readiness
         .ready
         .store(false, std::sync::atomic::Ordering::SeqCst);
+    let first_signal = tokio::time::Instant::now();
     let shutdown = proxy_server.shutdown();
     tokio::pin!(shutdown);
-    tokio::select! {
-        () = &mut shutdown => {}
-        again = signals.next() => {
-            let in_flight = drain.in_flight();
-            tracing::warn!(
-                signal = again,
-                calls = in_flight.calls,
-                connections = in_flight.connections,
-                "second signal: ending the drain now, cutting what still runs \
-                 (their audit records are still written)"
-            );
-            drain.cut_now();
-            shutdown.await;
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            again = signals.next() => {
+                if first_signal.elapsed() < REPEATED_SIGNAL {
+                    // A wrapper and systemd may both pass one stop request
+                    // on: a repeat this soon is the same request.
+                    tracing::info!(
+                        signal = again,
+                        "signal within a second of the first: taken as the same stop request, \
+                         the drain goes on (signal again to cut it)"
+                    );
+                    continue;
+                }
+                let in_flight = drain.in_flight();
+                tracing::warn!(
+                    signal = again,
+                    calls = in_flight.calls,
+                    connections = in_flight.connections,
+                    "second signal: ending the drain now, cutting what still runs \
+                     (their audit records are still written)"
+                );
+                drain.cut_now();
+                shutdown.await;
+                break;
+            }
         }
     }
     // Only now: calls draining still need other replicas' revocations (the
@@ -577,8 +591,12 @@ async fn admin_token_hash(store: &dyn airlock_store::Store) -> anyhow::Result<To
     Ok(hash)
 }
 
+/// How soon after the first a stop signal counts as a repeat of it, not
+/// as a second request (which ends the drain).
+const REPEATED_SIGNAL: Duration = Duration::from_secs(1);
+
 /// SIGTERM and SIGINT, listened to from start to exit: the first starts
-/// the drain, a second one ends it.
+/// the drain, a second one (after [`REPEATED_SIGNAL`]) ends it.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
