@@ -258,6 +258,13 @@ fn json_round_trips_and_is_canonical() {
     assert!(AuditRecord::from_json(&respelled).is_err());
     let extra = line.replacen('{', "{\"note\":1,", 1);
     assert!(AuditRecord::from_json(&extra).is_err());
+    // A key given twice, the last time with the true value: a reader that
+    // keeps the first value sees another record.
+    let twice = line.replacen("\"status\":", "\"status\":500,\"status\":", 1);
+    assert_ne!(twice, line);
+    assert!(AuditRecord::from_json(&twice).is_err(), "{twice}");
+    // The line's own whitespace (a CRLF file, say) is no change.
+    assert_eq!(AuditRecord::from_json(&format!("{line}\r")).unwrap(), r);
     let ts = line.replace(".002Z\"", ".002000Z\"");
     assert_ne!(ts, line);
     assert!(AuditRecord::from_json(&ts).is_err(), "{ts}");
