@@ -171,8 +171,13 @@ fn session_env(state: &AdminState, providers: Vec<&str>, token: &str) -> BTreeMa
 }
 
 pub(crate) fn parse_id(id: &str) -> Result<SessionId, ApiError> {
-    SessionId::parse(id)
-        .ok_or_else(|| ApiError::BadRequest(format!("{id:?} is not a session id (ses_...)")))
+    /// Characters of a refused id said back (the rest elided).
+    const SHOWN: usize = 64;
+    SessionId::parse(id).ok_or_else(|| {
+        let shown: String = id.chars().take(SHOWN).collect();
+        let more = if shown.len() < id.len() { "…" } else { "" };
+        ApiError::BadRequest(format!("{shown:?}{more} is not a session id (ses_...)"))
+    })
 }
 
 async fn show_session(

@@ -293,6 +293,10 @@ async fn every_call_gets_one_record_and_none_holds_a_secret() {
     // the framework's wording.
     for (query, want) in [
         ("?session=foo", "\"foo\" is not a session id (ses_...)"),
+        (
+            &format!("?session=ses_{}", "a".repeat(5_000)),
+            &format!("\"ses_{}\"… is not a session id", "a".repeat(60)),
+        ),
         ("?limit=many", "invalid query string: limit: invalid digit"),
         (
             "?sesion=ses_x",
@@ -307,6 +311,7 @@ async fn every_call_gets_one_record_and_none_holds_a_secret() {
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(want), "{query}: {message}");
         assert!(!message.contains("Failed to deserialize"), "{message}");
+        assert!(message.len() < 300, "a long value is not said back whole");
     }
 
     let (status, verdict) = airlock
