@@ -118,6 +118,31 @@ fn proxy_addr(airlock: &Airlock) -> String {
 }
 
 /// `airlock audit export` on the stopped server's store.
+/// The two gated streams `readers` read were cut: their agents saw them
+/// end short, without the second event, and their records, written
+/// before the exit, say airlock cut them (`incomplete`), not that the
+/// agent went away.
+async fn assert_streams_cut(
+    readers: [tokio::task::JoinHandle<(String, bool)>; 2],
+    airlock: &Airlock,
+) {
+    for reader in readers {
+        let (text, clean) = reader.await.unwrap();
+        assert!(!text.contains("second"), "{text}");
+        assert!(!clean, "a cut stream must not look complete");
+    }
+    let records = exported(&airlock.config_path());
+    let cut: Vec<_> = records
+        .iter()
+        .filter(|r| r["path"] == "/mock/gated-sse")
+        .collect();
+    assert_eq!(cut.len(), 2, "{records:#?}");
+    for record in cut {
+        assert_eq!(record["decision"], "allow", "{record}");
+        assert_eq!(record["flags"], json!(["incomplete"]), "{record}");
+    }
+}
+
 fn exported(config: &Path) -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .arg("--config")
@@ -214,25 +239,7 @@ async fn a_stream_still_running_at_drain_timeout_is_cut() {
     );
     assert!(took < Duration::from_secs(10), "exit took {took:?}");
 
-    // The agents saw their streams end short, without the second event.
-    for reader in readers {
-        let (text, clean) = reader.await.unwrap();
-        assert!(!text.contains("second"), "{text}");
-        assert!(!clean, "a cut stream must not look complete");
-    }
-
-    // Their records were written before the exit, and say airlock cut them
-    // (`incomplete`), not that the agent went away.
-    let records = exported(&airlock.config_path());
-    let cut: Vec<_> = records
-        .iter()
-        .filter(|r| r["path"] == "/mock/gated-sse")
-        .collect();
-    assert_eq!(cut.len(), 2, "{records:#?}");
-    for record in cut {
-        assert_eq!(record["decision"], "allow", "{record}");
-        assert_eq!(record["flags"], json!(["incomplete"]), "{record}");
-    }
+    assert_streams_cut(readers, &airlock).await;
 }
 
 #[tokio::test]
@@ -357,18 +364,5 @@ async fn a_second_signal_ends_the_drain_at_once() {
         "{}",
         airlock.output()
     );
-    for reader in readers {
-        let (text, clean) = reader.await.unwrap();
-        assert!(!text.contains("second"), "{text}");
-        assert!(!clean, "a cut stream must not look complete");
-    }
-    let records = exported(&airlock.config_path());
-    let cut: Vec<_> = records
-        .iter()
-        .filter(|r| r["path"] == "/mock/gated-sse")
-        .collect();
-    assert_eq!(cut.len(), 2, "{records:#?}");
-    for record in cut {
-        assert_eq!(record["flags"], json!(["incomplete"]), "{record}");
-    }
+    assert_streams_cut(readers, &airlock).await;
 }
