@@ -37,7 +37,8 @@
 //! On shutdown the listener is closed at once (new connections are
 //! refused), open connections are told to finish (HTTP/1.1: after the call
 //! in flight; HTTP/2: GOAWAY, streams in flight go on), and whatever still
-//! runs after `drain_timeout` is cut.
+//! runs after `drain_timeout` is cut; WebSocket tunnels first get a moment
+//! ([`TUNNEL_GOODBYE`]) to send their close frames (1001) both ways.
 
 mod automatic;
 mod dormant;
@@ -83,6 +84,9 @@ const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// responses (HTTP/2 streams run in tasks of their own, which end once
 /// they see their connection gone).
 const CUT_GRACE: Duration = Duration::from_secs(2);
+/// At the drain's end, how long open WebSocket tunnels may take to close
+/// (their close handshakes, then their records) before they are cut.
+const TUNNEL_GOODBYE: Duration = Duration::from_secs(2);
 /// The body of the answer to a connection over `max_connections`.
 const OVERLOADED: &str = r#"{"error":{"type":"api_error","code":"overloaded","message":"too many open connections (proxy.max_connections)"}}"#;
 
@@ -542,6 +546,10 @@ impl Worker {
             // them. Those records say airlock cut the call, not that the
             // agent left.
             conn.proxy.cut_calls_in_flight();
+            // Tunnels close with a close frame both ways (1001) and write
+            // their records, within a bound; the rest is cut.
+            conn.closing_tunnels.send_replace(true);
+            let _ = tokio::time::timeout(TUNNEL_GOODBYE, conn.tunnels.none_left()).await;
             connections.abort_all();
             while connections.join_next().await.is_some() {}
             if tokio::time::timeout(CUT_GRACE, conn.calls.none_left())
@@ -570,6 +578,11 @@ struct ConnSettings {
     /// Calls in flight on this worker's connections (until their responses
     /// are gone).
     calls: Arc<CallCount>,
+    /// WebSocket tunnels open on this worker's connections.
+    tunnels: Arc<CallCount>,
+    /// Set when the drain ends with tunnels open: each says goodbye (a
+    /// close frame both ways) before what still runs is cut.
+    closing_tunnels: watch::Sender<bool>,
 }
 
 /// Calls in flight on all connections: an atomic on the request path, a
@@ -618,6 +631,8 @@ impl ConnSettings {
             idle_timeout: settings.idle_timeout,
             handshake_timeout: settings.header_read_timeout,
             calls: Arc::new(CallCount::default()),
+            tunnels: Arc::new(CallCount::default()),
+            closing_tunnels: watch::Sender::new(false),
         }
     }
 
@@ -692,7 +707,10 @@ impl ConnSettings {
             // the connection's task. hyper's timers are gone with the HTTP
             // connection: the tunnel applies `idle_timeout` itself.
             let _busy = Busy::enter(&tunnel_activity, &self.calls);
-            tunnel.run(self.idle_timeout).await;
+            let _open = Entered::enter(&self.tunnels);
+            tunnel
+                .run(self.idle_timeout, self.closing_tunnels.subscribe())
+                .await;
         }
     }
 }
@@ -890,6 +908,22 @@ impl Busy {
             connection: Arc::clone(connection),
             all: Arc::clone(all),
         }
+    }
+}
+
+/// Counted in a [`CallCount`] while it lives.
+struct Entered(Arc<CallCount>);
+
+impl Entered {
+    fn enter(count: &Arc<CallCount>) -> Self {
+        count.enter();
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 

@@ -42,14 +42,20 @@
 //! either way for `proxy.idle_timeout` (flagged `incomplete`), when a
 //! fail-closed audit trail stops taking records (checked every
 //! [`AUDIT_CHECK`]; flagged `incomplete`, as new calls then get 503), or when
-//! shutdown's drain timeout cuts it (dropped: `incomplete`, as any call cut
-//! then). The call's record is completed when it ends, with status 101,
-//! bytes both ways and the whole duration; the agent's connection is closed
-//! only once that record is durable.
+//! shutdown's drain ends with it still open (its timeout or a second
+//! signal; flagged `incomplete`, as any call cut then). When airlock ends
+//! it, each side still there gets a close frame saying why, as long as
+//! what airlock wrote to that side ends on a frame's boundary: the agent
+//! 1008 (session ended), 1001 (idle, shutdown), 1011 (audit trail), 1014
+//! (the provider failed or sent what the guard cannot read) or 1002 (not
+//! WebSocket), with a reason; the provider 1001. Each then has
+//! [`CLOSE_GRACE`] to answer. The call's record is completed when it ends,
+//! with status 101, bytes both ways and the whole duration; the agent's
+//! connection is closed only once that record is durable.
 
 use std::borrow::Cow;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use airlock_core::audit::Flags;
@@ -61,6 +67,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::audit::CallRecord;
@@ -87,6 +94,13 @@ const MAX_FRAME_HEADER: usize = 14;
 
 /// Longest control frame payload (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// Close codes (RFC 6455 §7.4.1, and 1014 from IANA's registry).
+const GOING_AWAY: u16 = 1001;
+const PROTOCOL_ERROR: u16 = 1002;
+const POLICY_VIOLATION: u16 = 1008;
+const INTERNAL_ERROR: u16 = 1011;
+const BAD_GATEWAY: u16 = 1014;
 
 /// Whether `req` asks for a WebSocket upgrade (`Ok(true)`), for none
 /// (`Ok(false)`), or for one airlock does not carry (400).
@@ -262,6 +276,9 @@ enum End {
     /// The audit trail (fail-closed) stopped taking records: no new call
     /// is admitted, and no tunnel carries on.
     AuditUnavailable,
+    /// Shutdown's drain ended (its timeout, or a second signal) with the
+    /// tunnel still open.
+    ShuttingDown,
 }
 
 impl End {
@@ -270,8 +287,50 @@ impl End {
             Self::Closed => Flags::empty(),
             Self::AgentFailed => Flags::CLIENT_ABORTED,
             Self::AgentNotWebSocket => Flags::CLIENT_ABORTED.union(Flags::INCOMPLETE),
-            Self::ProviderFailed | Self::Idle | Self::AuditUnavailable => Flags::INCOMPLETE,
+            Self::ProviderFailed | Self::Idle | Self::AuditUnavailable | Self::ShuttingDown => {
+                Flags::INCOMPLETE
+            }
             Self::SessionEnded => Flags::INCOMPLETE.union(Flags::SESSION_ENDED),
+        }
+    }
+
+    /// The close frames airlock sends when it ends the tunnel itself: the
+    /// agent's (code, reason) and the provider's (code), each `None` where
+    /// that side is gone or ended the tunnel itself.
+    fn goodbyes(self) -> (Option<(u16, &'static str)>, Option<u16>) {
+        match self {
+            Self::Closed => (None, None),
+            Self::AgentFailed => (None, Some(GOING_AWAY)),
+            Self::AgentNotWebSocket => (
+                Some((PROTOCOL_ERROR, "airlock: not a WebSocket frame")),
+                Some(GOING_AWAY),
+            ),
+            Self::ProviderFailed => (
+                Some((
+                    BAD_GATEWAY,
+                    "airlock: the provider's connection failed or sent a frame airlock cannot read",
+                )),
+                None,
+            ),
+            Self::SessionEnded => (
+                Some((
+                    POLICY_VIOLATION,
+                    "airlock: the session was revoked or expired",
+                )),
+                Some(GOING_AWAY),
+            ),
+            Self::Idle => (
+                Some((GOING_AWAY, "airlock: idle timeout")),
+                Some(GOING_AWAY),
+            ),
+            Self::AuditUnavailable => (
+                Some((INTERNAL_ERROR, "airlock: the audit trail takes no records")),
+                Some(GOING_AWAY),
+            ),
+            Self::ShuttingDown => (
+                Some((GOING_AWAY, "airlock is shutting down")),
+                Some(GOING_AWAY),
+            ),
         }
     }
 }
@@ -315,9 +374,14 @@ impl Tunnel {
     }
 
     /// Carries the tunnel until it ends (see the module docs); a tunnel
-    /// with nothing passing either way for `idle_timeout` is closed. Its
-    /// record is durable (or failed) when this returns.
-    pub async fn run(mut self: Box<Self>, idle_timeout: Duration) {
+    /// with nothing passing either way for `idle_timeout` is closed, and so
+    /// is one open when `closing` turns true (shutdown). Its record is
+    /// durable (or failed) when this returns.
+    pub async fn run(
+        mut self: Box<Self>,
+        idle_timeout: Duration,
+        mut closing: watch::Receiver<bool>,
+    ) {
         // Both are due at once (the tunnel runs after the 101 went out, and
         // the provider's connection switched with its 101); bounded all the
         // same, as nothing else watches this wait.
@@ -358,6 +422,7 @@ impl Tunnel {
             &mut guard,
             &mut self.call,
             idle_timeout,
+            &mut closing,
         )
         .await;
         let mut flags = end.flags();
@@ -376,13 +441,17 @@ impl Tunnel {
     }
 }
 
-/// Copies bytes both ways until the tunnel ends; how it ended.
+/// Copies bytes both ways until the tunnel ends; how it ended. When
+/// airlock ends it (see [`End::goodbyes`]), each side still there gets a
+/// close frame saying why, if what airlock wrote to it ends on a frame's
+/// boundary, and up to [`CLOSE_GRACE`] to answer it.
 async fn carry<A, P>(
     agent: &mut A,
     provider: &mut P,
     guard: &mut FrameGuard,
     call: &mut CallRecord,
     idle_timeout: Duration,
+    closing: &mut watch::Receiver<bool>,
 ) -> End
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -404,135 +473,239 @@ where
     audit_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut agent_read, mut agent_write) = tokio::io::split(agent);
     let (mut provider_read, mut provider_write) = tokio::io::split(provider);
+    let mut frames = AgentFrames::new();
+    // Whether what went to each side so far ends on a frame's boundary
+    // (no write cut short, no frame begun and not finished).
+    let agent_whole = AtomicBool::new(true);
+    let provider_whole = AtomicBool::new(true);
 
-    let up = async {
-        let mut buf = vec![0u8; BUFFER];
-        let mut frames = AgentFrames::new();
-        let mut out = BytesMut::new();
+    let end = {
+        let up = async {
+            let mut buf = vec![0u8; BUFFER];
+            let mut out = BytesMut::new();
+            loop {
+                let n = match agent_read.read(&mut buf).await {
+                    Ok(0) => {
+                        let _ = provider_write.shutdown().await;
+                        return DirectionEnd::Eof;
+                    }
+                    Ok(n) => n,
+                    Err(_) => return DirectionEnd::Agent,
+                };
+                touch();
+                out.clear();
+                if let Err(e) = frames.push(&buf[..n], &mut out) {
+                    tracing::warn!(
+                        violation = ?e,
+                        "the agent sent bytes that are no WebSocket frame; tunnel closed"
+                    );
+                    return DirectionEnd::AgentNotWebSocket;
+                }
+                if write_flushed(&mut provider_write, &out, &provider_whole)
+                    .await
+                    .is_err()
+                {
+                    return DirectionEnd::Provider;
+                }
+                provider_whole.store(frames.at_boundary(), Ordering::Relaxed);
+                bytes_in.fetch_add(out.len() as u64, Ordering::Relaxed);
+            }
+        };
+        let bytes_out = &mut call.bytes_out;
+        let down = async {
+            let mut buf = vec![0u8; BUFFER];
+            let mut out = BytesMut::new();
+            loop {
+                let n = match provider_read.read(&mut buf).await {
+                    Ok(0) => {
+                        // Everything the guard could release went out with
+                        // its read; what it still holds is the start of a
+                        // message the provider never finished (a key's
+                        // first bytes, perhaps): dropped with it.
+                        let _ = agent_write.flush().await;
+                        return DirectionEnd::Eof;
+                    }
+                    Ok(n) => n,
+                    Err(_) => return DirectionEnd::Provider,
+                };
+                touch();
+                out.clear();
+                if guard
+                    .push(Bytes::copy_from_slice(&buf[..n]), &mut out)
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "the provider sent a WebSocket frame the leak guard cannot follow \
+                         (masked, compressed, or out of sequence); tunnel closed"
+                    );
+                    return DirectionEnd::Provider;
+                }
+                if write_flushed(&mut agent_write, &out, &agent_whole)
+                    .await
+                    .is_err()
+                {
+                    return DirectionEnd::Agent;
+                }
+                *bytes_out += out.len() as u64;
+            }
+        };
+        tokio::pin!(up, down);
+        let mut up_done: Option<DirectionEnd> = None;
+        let mut down_done: Option<DirectionEnd> = None;
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        let mut lingering = false;
         loop {
-            let n = match agent_read.read(&mut buf).await {
-                Ok(0) => {
-                    let _ = provider_write.shutdown().await;
-                    return DirectionEnd::Eof;
+            tokio::select! {
+                ended = &mut up, if up_done.is_none() => {
+                    up_done = Some(ended);
                 }
-                Ok(n) => n,
-                Err(_) => return DirectionEnd::Agent,
-            };
-            touch();
-            out.clear();
-            if let Err(e) = frames.push(&buf[..n], &mut out) {
-                tracing::warn!(
-                    violation = ?e,
-                    "the agent sent bytes that are no WebSocket frame; tunnel closed"
-                );
-                return DirectionEnd::AgentNotWebSocket;
+                ended = &mut down, if down_done.is_none() => {
+                    down_done = Some(ended);
+                }
+                () = poll_fn(|cx| match session_end.as_mut() {
+                    Some(watch) => watch.poll_ended(cx),
+                    None => std::task::Poll::Pending,
+                }) => break End::SessionEnded,
+                () = told(closing) => break End::ShuttingDown,
+                () = &mut idle => {
+                    let last = opened + Duration::from_millis(last_ms.load(Ordering::Relaxed));
+                    let due = last + idle_timeout;
+                    if Instant::now() >= due {
+                        break End::Idle;
+                    }
+                    idle.as_mut().reset(due);
+                    continue;
+                }
+                () = &mut linger, if lingering => break End::Closed,
+                _ = audit_check.tick(), if audited.is_some() => {
+                    if audited.as_ref().is_some_and(|a| !a.admits_calls()) {
+                        tracing::warn!("the audit trail takes no records; WebSocket tunnel closed");
+                        break End::AuditUnavailable;
+                    }
+                    continue;
+                }
             }
-            // Flushed: over TLS, a write may leave ciphertext buffered.
-            let sent = async {
-                provider_write.write_all(&out).await?;
-                provider_write.flush().await
-            };
-            if sent.await.is_err() {
-                return DirectionEnd::Provider;
+            match (up_done, down_done) {
+                (Some(DirectionEnd::AgentNotWebSocket), _) => break End::AgentNotWebSocket,
+                (Some(DirectionEnd::Agent), _) | (_, Some(DirectionEnd::Agent)) => {
+                    break End::AgentFailed
+                }
+                (Some(DirectionEnd::Provider), _) | (_, Some(DirectionEnd::Provider)) => {
+                    break End::ProviderFailed
+                }
+                // The provider closed: nothing the agent sends can arrive.
+                (_, Some(DirectionEnd::Eof)) => break End::Closed,
+                (Some(DirectionEnd::Eof), None) if !lingering => {
+                    lingering = true;
+                    linger.as_mut().reset(Instant::now() + LINGER);
+                }
+                _ => {}
             }
-            bytes_in.fetch_add(out.len() as u64, Ordering::Relaxed);
         }
     };
-    let bytes_out = &mut call.bytes_out;
-    let down = async {
-        let mut buf = vec![0u8; BUFFER];
+
+    // Both directions are stopped (their futures dropped): airlock writes
+    // its own close frames where it ended the tunnel.
+    let (to_agent, to_provider) = end.goodbyes();
+    let to_agent = to_agent.filter(|_| agent_whole.load(Ordering::Relaxed));
+    let to_provider = to_provider.filter(|_| provider_whole.load(Ordering::Relaxed));
+    let agent_side = async {
+        let Some((code, reason)) = to_agent else {
+            return;
+        };
         let mut out = BytesMut::new();
+        write_close(&mut out, code, reason, None);
+        if write_flushed(&mut agent_write, &out, &agent_whole)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        // The agent's answer: its close frame, or its connection's end.
+        // Nothing it sends meanwhile goes on.
+        let mut buf = vec![0u8; 4 * 1024];
+        let mut ignored = BytesMut::new();
         loop {
-            let n = match provider_read.read(&mut buf).await {
-                Ok(0) => {
-                    // Everything the guard could release went out with its
-                    // read; what it still holds is the start of a message
-                    // the provider never finished (a key's first bytes,
-                    // perhaps): dropped with it.
-                    let _ = agent_write.flush().await;
-                    return DirectionEnd::Eof;
+            match agent_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    ignored.clear();
+                    if frames.push(&buf[..n], &mut ignored).is_err() || frames.saw_close() {
+                        return;
+                    }
                 }
-                Ok(n) => n,
-                Err(_) => return DirectionEnd::Provider,
-            };
-            touch();
-            out.clear();
-            if guard
-                .push(Bytes::copy_from_slice(&buf[..n]), &mut out)
-                .is_err()
-            {
-                tracing::warn!(
-                    "the provider sent a WebSocket frame the leak guard cannot follow (masked, \
-                     compressed, or out of sequence); tunnel closed"
-                );
-                return DirectionEnd::Provider;
             }
-            let sent = async {
-                agent_write.write_all(&out).await?;
-                agent_write.flush().await
-            };
-            if sent.await.is_err() {
-                return DirectionEnd::Agent;
-            }
-            *bytes_out += out.len() as u64;
         }
     };
-    tokio::pin!(up, down);
-    let mut up_done: Option<DirectionEnd> = None;
-    let mut down_done: Option<DirectionEnd> = None;
-    let idle = tokio::time::sleep(idle_timeout);
-    tokio::pin!(idle);
-    let linger = tokio::time::sleep(LINGER);
-    tokio::pin!(linger);
-    let mut lingering = false;
-    let end = loop {
-        tokio::select! {
-            ended = &mut up, if up_done.is_none() => {
-                up_done = Some(ended);
-            }
-            ended = &mut down, if down_done.is_none() => {
-                down_done = Some(ended);
-            }
-            () = poll_fn(|cx| match session_end.as_mut() {
-                Some(watch) => watch.poll_ended(cx),
-                None => std::task::Poll::Pending,
-            }) => break End::SessionEnded,
-            () = &mut idle => {
-                let last = opened + Duration::from_millis(last_ms.load(Ordering::Relaxed));
-                let due = last + idle_timeout;
-                if Instant::now() >= due {
-                    break End::Idle;
-                }
-                idle.as_mut().reset(due);
-                continue;
-            }
-            () = &mut linger, if lingering => break End::Closed,
-            _ = audit_check.tick(), if audited.is_some() => {
-                if audited.as_ref().is_some_and(|a| !a.admits_calls()) {
-                    tracing::warn!("the audit trail takes no records; WebSocket tunnel closed");
-                    break End::AuditUnavailable;
-                }
-                continue;
-            }
+    let provider_side = async {
+        let Some(code) = to_provider else {
+            return;
+        };
+        let mut out = BytesMut::new();
+        write_close(&mut out, code, "", Some(rand::random()));
+        if write_flushed(&mut provider_write, &out, &provider_whole)
+            .await
+            .is_err()
+        {
+            return;
         }
-        match (up_done, down_done) {
-            (Some(DirectionEnd::AgentNotWebSocket), _) => break End::AgentNotWebSocket,
-            (Some(DirectionEnd::Agent), _) | (_, Some(DirectionEnd::Agent)) => {
-                break End::AgentFailed
+        // A server answers with its close frame and then closes the
+        // connection (RFC 6455 §5.5.1, §7.1.1): read to its end.
+        let mut buf = vec![0u8; 4 * 1024];
+        while let Ok(n) = provider_read.read(&mut buf).await {
+            if n == 0 {
+                return;
             }
-            (Some(DirectionEnd::Provider), _) | (_, Some(DirectionEnd::Provider)) => {
-                break End::ProviderFailed
-            }
-            // The provider closed: nothing the agent sends can arrive.
-            (_, Some(DirectionEnd::Eof)) => break End::Closed,
-            (Some(DirectionEnd::Eof), None) if !lingering => {
-                lingering = true;
-                linger.as_mut().reset(Instant::now() + LINGER);
-            }
-            _ => {}
         }
     };
+    if to_agent.is_some() || to_provider.is_some() {
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            tokio::join!(agent_side, provider_side)
+        })
+        .await;
+    }
     end
+}
+
+/// Writes all of `bytes` and flushes (over TLS, a write may leave
+/// ciphertext buffered); `whole` is false while a write is under way, so a
+/// write cut short leaves it false.
+async fn write_flushed<W>(to: &mut W, bytes: &[u8], whole: &AtomicBool) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let was = whole.swap(false, Ordering::Relaxed);
+    to.write_all(bytes).await?;
+    to.flush().await?;
+    whole.store(was, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Resolves once shutdown closes the tunnels (never if nobody can).
+async fn told(closing: &mut watch::Receiver<bool>) {
+    if closing.wait_for(|closing| *closing).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Appends a close frame with `code` and `reason` (at most 123 bytes),
+/// masked with `mask` when it goes to the provider.
+fn write_close(out: &mut BytesMut, code: u16, reason: &str, mask: Option<[u8; 4]>) {
+    let mut payload = Vec::with_capacity(2 + reason.len());
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(reason.as_bytes());
+    payload.truncate(MAX_CONTROL_PAYLOAD);
+    write_header(out, true, 0x8, mask, payload.len() as u64);
+    match mask {
+        Some(mask) => out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m)),
+        None => out.extend_from_slice(&payload),
+    }
 }
 
 /// Follows the provider's frames (RFC 6455 §5.2) and passes every data
@@ -902,6 +1075,8 @@ pub(crate) struct AgentFrames {
     phase: AgentPhase,
     /// Whether a data message is in progress (its final frame not seen).
     in_message: bool,
+    /// Whether a close frame's header passed.
+    saw_close: bool,
 }
 
 enum AgentPhase {
@@ -937,7 +1112,19 @@ impl AgentFrames {
                 have: 0,
             },
             in_message: false,
+            saw_close: false,
         }
+    }
+
+    /// Whether what passed so far ends on a frame's boundary (a header
+    /// still incomplete is held back, so it counts as one).
+    pub(crate) fn at_boundary(&self) -> bool {
+        matches!(self.phase, AgentPhase::Header { .. })
+    }
+
+    /// Whether the agent sent a close frame (its header at least).
+    pub(crate) fn saw_close(&self) -> bool {
+        self.saw_close
     }
 
     /// Takes the agent's next bytes; appends to `out` what may go on to the
@@ -968,6 +1155,7 @@ impl AgentFrames {
                             return Err(e);
                         }
                     };
+                    self.saw_close |= header[0] & 0x0f == 0x8;
                     out.extend_from_slice(header);
                     self.phase = if length == 0 {
                         AgentPhase::Header {

@@ -243,7 +243,7 @@ async fn a_stream_still_running_at_drain_timeout_is_cut() {
 }
 
 #[tokio::test]
-async fn a_websocket_tunnel_open_at_drain_timeout_is_cut() {
+async fn a_websocket_tunnel_open_at_drain_timeout_is_closed_going_away() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
@@ -266,20 +266,25 @@ async fn a_websocket_tunnel_open_at_drain_timeout_is_cut() {
 
     let signalled = std::time::Instant::now();
     sigterm(&airlock);
-    // The tunnel stays open through the drain, and is cut at its end.
+    // The tunnel stays open through the drain, and at its end airlock
+    // closes it, saying why (the client answers the close as it reads on).
     let ended = tokio::time::timeout(DEADLINE, async {
+        let mut close = None;
         loop {
             match socket.next().await {
-                Some(Ok(Message::Text(_) | Message::Binary(_))) => {}
+                Some(Ok(Message::Close(frame))) => close = frame,
                 Some(Ok(_)) => {}
-                None | Some(Err(_)) => return,
+                None | Some(Err(_)) => return close,
             }
         }
     })
     .await;
-    assert!(ended.is_ok(), "the tunnel outlived the drain");
+    let close = ended.expect("the tunnel outlived the drain");
     let took = signalled.elapsed();
     assert!(took >= Duration::from_millis(900), "cut after {took:?}");
+    let close = close.expect("no close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    assert_eq!(close.reason.as_str(), "airlock is shutting down");
     let status = airlock.wait_exit().await.unwrap();
     assert_eq!(status.code(), Some(0), "{}", airlock.output());
 

@@ -114,6 +114,78 @@ async fn closed(socket: &mut Socket) {
     }
 }
 
+/// The close frame airlock ended the tunnel with: (code, reason). The
+/// socket is read on to its end, so that the client answers the close.
+async fn close_frame(socket: &mut Socket) -> (u16, String) {
+    let frame = loop {
+        match tokio::time::timeout(LIMIT, socket.next())
+            .await
+            .expect("the tunnel stayed open")
+        {
+            Some(Ok(Message::Close(Some(frame)))) => break frame,
+            Some(Ok(Message::Close(None))) => panic!("a close frame without a code"),
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => panic!("the tunnel ended without a close frame"),
+        }
+    };
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(LIMIT, socket.next()).await {}
+    (u16::from(frame.code), frame.reason.to_string())
+}
+
+/// The client frames in `bytes` (masked, as the provider receives them):
+/// (opcode, unmasked payload) each; `None` if the bytes end inside one.
+fn client_frames(mut bytes: &[u8]) -> Option<Vec<(u8, Vec<u8>)>> {
+    let mut frames = Vec::new();
+    while !bytes.is_empty() {
+        let (&first, rest) = bytes.split_first()?;
+        let (&second, rest) = rest.split_first()?;
+        assert!(second & 0x80 != 0, "an unmasked client frame");
+        let (len, rest) = match second & 0x7f {
+            126 => (
+                usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().unwrap())),
+                &rest[2..],
+            ),
+            127 => (
+                usize::try_from(u64::from_be_bytes(rest.get(..8)?.try_into().unwrap())).unwrap(),
+                &rest[8..],
+            ),
+            short => (usize::from(short), rest),
+        };
+        let mask = rest.get(..4)?;
+        let payload = rest.get(4..4 + len)?;
+        frames.push((
+            first & 0x0f,
+            payload
+                .iter()
+                .zip(mask.iter().cycle())
+                .map(|(b, m)| b ^ m)
+                .collect(),
+        ));
+        bytes = &rest[4 + len..];
+    }
+    Some(frames)
+}
+
+/// What the provider's `/ws/sink` received, once it ends with a close
+/// frame: its frames, the close frame's code last.
+async fn sink_until_close(mock: &MockProvider) -> (Vec<(u8, Vec<u8>)>, u16) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        if let Some(frames) = client_frames(&mock.websocket_received()) {
+            if let Some((0x8, payload)) = frames.last() {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                return (frames, code);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no close frame reached the provider: {:?}",
+            mock.websocket_received()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The audit records of `session`, oldest first, once `n` are there.
 async fn records(airlock: &Airlock, session: &str, n: usize) -> Vec<Value> {
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -422,7 +494,9 @@ async fn revoking_the_session_closes_an_open_tunnel() {
         .await
         .unwrap();
     assert_eq!(status, 200);
-    closed(&mut socket).await;
+    let (code, reason) = close_frame(&mut socket).await;
+    assert_eq!(code, 1008, "{reason}");
+    assert_eq!(reason, "airlock: the session was revoked or expired");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -439,6 +513,36 @@ async fn revoking_the_session_closes_an_open_tunnel() {
     );
     assert!(record["bytes_in"].as_u64().unwrap() > 0, "{record}");
     assert!(record["bytes_out"].as_u64().unwrap() > 0, "{record}");
+}
+
+#[tokio::test]
+async fn the_provider_is_told_going_away_when_airlock_ends_a_tunnel() {
+    let s = setup().await;
+    let (id, token) = session(&s.airlock).await;
+    let (mut socket, _) = connect(&s, "/ws/sink", &token).await.unwrap();
+    socket.send(Message::text("hello")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while client_frames(&s.mock.websocket_received()).is_none_or(|f| f.is_empty()) {
+        assert!(tokio::time::Instant::now() < deadline, "nothing arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, _) = s
+        .airlock
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(close_frame(&mut socket).await.0, 1008);
+    let (frames, code) = sink_until_close(&s.mock).await;
+    assert_eq!(code, 1001, "{frames:?}");
+    assert_eq!(
+        frames,
+        vec![
+            (0x1, b"hello".to_vec()),
+            (0x8, 1001u16.to_be_bytes().to_vec())
+        ],
+        "the agent's message, then airlock's close frame, and nothing else"
+    );
 }
 
 #[tokio::test]
@@ -465,9 +569,10 @@ async fn a_quiet_tunnel_outlives_the_http_idle_timeout_until_its_own() {
             Message::text(format!("ping {i}"))
         );
     }
-    // Then silence: closed after about a second.
+    // Then silence: closed after about a second, saying why.
     let quiet = std::time::Instant::now();
-    closed(&mut socket).await;
+    let (code, reason) = close_frame(&mut socket).await;
+    assert_eq!((code, reason.as_str()), (1001, "airlock: idle timeout"));
     let waited = quiet.elapsed();
     assert!(waited >= Duration::from_millis(900), "{waited:?}");
     assert!(waited < Duration::from_secs(4), "{waited:?}");
@@ -562,9 +667,11 @@ async fn a_tunnel_closes_when_the_audit_trail_stops_taking_writes() {
             "the gate never closed"
         );
     }
-    // The tunnel ends too, promptly.
+    // The tunnel ends too, promptly, saying why.
     let gate_closed = std::time::Instant::now();
-    closed(&mut socket).await;
+    let (code, reason) = close_frame(&mut socket).await;
+    assert_eq!(code, 1011, "{reason}");
+    assert_eq!(reason, "airlock: the audit trail takes no records");
     assert!(
         gate_closed.elapsed() < Duration::from_secs(3),
         "{:?}",
@@ -615,11 +722,22 @@ async fn bytes_that_are_not_websocket_from_the_agent_end_the_tunnel_unforwarded(
     stream.write_all(smuggled.as_bytes()).await.unwrap();
     let mut got = Vec::new();
     read_to_end(&mut stream, &mut got).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The agent is told (1002); the provider gets the frame and airlock's
+    // close frame, nothing of the request.
+    let mut protocol_error = vec![0x88, 0];
+    protocol_error.extend_from_slice(&1002u16.to_be_bytes());
+    protocol_error.extend_from_slice(b"airlock: not a WebSocket frame");
+    protocol_error[1] = u8::try_from(protocol_error.len() - 2).unwrap();
+    assert_eq!(got, protocol_error);
+    let (frames, code) = sink_until_close(&s.mock).await;
+    assert_eq!(code, 1001);
     assert_eq!(
-        s.mock.websocket_received(),
-        hello,
-        "the provider got more than the agent's frame"
+        frames,
+        vec![
+            (0x1, b"hello".to_vec()),
+            (0x8, 1001u16.to_be_bytes().to_vec())
+        ],
+        "the provider got more than the agent's frame and the close"
     );
     let records = records(&s.airlock, &id, 1).await;
     assert_eq!(records[0]["status"], 101, "{records:?}");
