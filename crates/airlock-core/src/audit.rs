@@ -47,6 +47,8 @@ pub const MAX_PATH_LEN: usize = 1024;
 const RECORD_DOMAIN: &[u8] = b"airlock-audit-record-v1\0";
 /// Domain separation for chain head seals.
 const HEAD_DOMAIN: &[u8] = b"airlock-audit-head-v1\0";
+/// Domain of [`AuditKey::check_value`].
+const KEY_CHECK_DOMAIN: &[u8] = b"airlock-audit-key-check-v1\0";
 
 /// The key that MACs the audit trail. Only the server holds it.
 ///
@@ -181,6 +183,15 @@ impl AuditKey {
 
     fn mac(&self) -> HmacSha256 {
         self.keyed.clone()
+    }
+
+    /// A value that tells this key from another without revealing it (an
+    /// HMAC of a constant): stored beside a trail, it lets a server refuse
+    /// to start with a key other than the one the trail was written with.
+    pub fn check_value(&self) -> MacBytes {
+        let mut m = self.mac();
+        m.update(KEY_CHECK_DOMAIN);
+        m.finalize().into_bytes().into()
     }
 }
 

@@ -308,6 +308,23 @@ impl MasterKey {
         &self.0
     }
 
+    /// A value that tells this key from another without revealing it
+    /// (HMAC-SHA-256 keyed with it, of a constant): stored beside the
+    /// sealed credentials, it lets a server refuse to start with a master
+    /// key other than the one they were sealed with.
+    pub fn check_value(&self) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        type HmacSha256 = Hmac<sha2::Sha256>;
+        // HMAC pads a key shorter than its block (64 bytes) with zeroes
+        // (RFC 2104): padded here, the same function, keyed infallibly.
+        let mut padded = Zeroizing::new([0u8; 64]);
+        padded[..KEY_LEN].copy_from_slice(self.0.expose());
+        let key = hmac::digest::Key::<HmacSha256>::from_slice(padded.as_slice());
+        let mut m = <HmacSha256 as hmac::digest::KeyInit>::new(key);
+        m.update(MASTER_KEY_CHECK_DOMAIN);
+        m.finalize().into_bytes().into()
+    }
+
     fn cipher(&self) -> XChaCha20Poly1305 {
         XChaCha20Poly1305::new(Key::from_slice(self.0.expose()))
     }
@@ -324,6 +341,9 @@ impl fmt::Display for MasterKey {
         f.write_str(REDACTED)
     }
 }
+
+/// Domain of [`MasterKey::check_value`].
+const MASTER_KEY_CHECK_DOMAIN: &[u8] = b"airlock-master-key-check-v1\0";
 
 // === sealing ===
 

@@ -102,6 +102,11 @@ impl Credentials {
                 credentials.reload(name).await?;
             }
         }
+        // The sealed credentials opened: the key is theirs. One the store
+        // remembers another key for is refused.
+        if let Some(key) = &credentials.master_key {
+            crate::key_check::master_key(credentials.store.as_ref(), key).await?;
+        }
         for (name, p) in &credentials.providers {
             if p.cell.load().is_none() {
                 let until = match p.source {

@@ -11,6 +11,7 @@ mod client;
 mod commands;
 mod config;
 mod credentials;
+mod key_check;
 mod paths;
 
 use cli::{Cli, Command};

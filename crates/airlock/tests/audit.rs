@@ -1315,3 +1315,49 @@ async fn an_export_since_a_time_verifies_when_ts_steps_back() {
     assert_eq!(code, Some(1), "{said}");
     assert!(!said.contains("--session"), "{said}");
 }
+
+/// The store remembers the audit key its trail was written with: a
+/// restart with another key is refused before it writes or prints
+/// anything (its records would never verify with the trail's), and the
+/// right key starts again. A first start that fails on its audit key
+/// leaves no admin token behind: the next start prints one.
+#[tokio::test]
+async fn serve_refuses_an_audit_key_other_than_the_trails() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |key: String| {
+        AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+            .env("AIRLOCK_AUDIT_KEY", &key)
+            .env("AIRLOCK_ADMIN_TOKEN", "")
+            .dir(dir.path().to_path_buf())
+            .start()
+    };
+    let malformed = start("bad".to_owned()).await.unwrap_err().to_string();
+    assert!(malformed.contains("loading the audit key"), "{malformed}");
+    assert!(!malformed.contains("AIRLOCK_ADMIN_TOKEN="), "{malformed}");
+
+    let mut first = start("ab".repeat(32)).await.unwrap();
+    assert!(
+        first.output().contains("AIRLOCK_ADMIN_TOKEN="),
+        "the start that succeeds prints the token: {}",
+        first.output()
+    );
+    first.terminate().await.unwrap();
+
+    let refused = start("cd".repeat(32)).await.unwrap_err().to_string();
+    assert!(
+        refused.contains(
+            "the audit key (AIRLOCK_AUDIT_KEY or [audit] key_file) is not the one this \
+             store's audit trail was written with"
+        ),
+        "{refused}"
+    );
+    let mut again = start("ab".repeat(32)).await.unwrap();
+    again.terminate().await.unwrap();
+    let verified = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["audit", "verify"])
+        .current_dir(dir.path())
+        .env("AIRLOCK_AUDIT_KEY", "ab".repeat(32))
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{verified:?}");
+}

@@ -634,3 +634,32 @@ async fn responses_stream_through_the_leak_guard_unbuffered() {
     );
     mock.open_gate();
 }
+
+/// The store remembers the master key the first server started with: a
+/// restart (or a replica) with another key is refused, even before any
+/// credential is sealed (one it set would be unreadable to the others),
+/// and the right key starts again.
+#[tokio::test]
+async fn serve_refuses_a_master_key_other_than_the_stores() {
+    let mock = MockProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = |key: String| {
+        AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+            .config(&toml_provider("p", &mock.url(), "bearer", "store", ""))
+            .env("AIRLOCK_MASTER_KEY", &key)
+            .dir(dir.path().to_path_buf())
+            .start()
+    };
+    let mut first = start("ab".repeat(32)).await.unwrap();
+    first.terminate().await.unwrap();
+    let refused = start("cd".repeat(32)).await.unwrap_err().to_string();
+    assert!(
+        refused.contains(
+            "the master key (AIRLOCK_MASTER_KEY or master_key_file) is not the one this \
+             store's credentials are sealed with"
+        ),
+        "{refused}"
+    );
+    let mut again = start("ab".repeat(32)).await.unwrap();
+    again.terminate().await.unwrap();
+}

@@ -688,6 +688,54 @@ async fn cached_sessions_are_served_for_max_staleness_at_most_without_the_databa
     assert_eq!(models(a, &unknown).await.status, 200);
 }
 
+/// A replica started with another audit key or master key than the one
+/// the store was first written with is refused, naming the key: its
+/// records would never verify with the others', and a credential it
+/// sealed could not be opened by them.
+#[tokio::test]
+async fn a_replica_with_another_audit_key_or_master_key_is_refused() {
+    let Some(db) = pg::fresh_database().await else {
+        return;
+    };
+    let _running = RUNNING.acquire().await.unwrap();
+    let mock = MockProvider::start().await;
+    let config = format!(
+        "[providers.vault]\nupstream = \"{}\"\nauth = \"bearer\"\ncredential = \"store\"\n\
+         env_key = \"VAULT_API_KEY\"\nenv_base_url = \"VAULT_BASE_URL\"\nbase_path = \"\"\n",
+        mock.url()
+    );
+    let start = |audit_key: String, master_key: String| {
+        AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+            .config(&config)
+            .store_url(db.url())
+            .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("AIRLOCK_AUDIT_KEY", &audit_key)
+            .env("AIRLOCK_MASTER_KEY", &master_key)
+            .start()
+    };
+    let (audit, master) = (AUDIT_KEY.to_owned(), "1f".repeat(32));
+    let mut first = start(audit.clone(), master.clone()).await.unwrap();
+    let other_audit = start("cd".repeat(32), master.clone())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        other_audit.contains("is not the one this store's audit trail was written with"),
+        "{other_audit}"
+    );
+    let other_master = start(audit.clone(), "2e".repeat(32))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        other_master.contains("is not the one this store's credentials are sealed with"),
+        "{other_master}"
+    );
+    let mut second = start(audit, master).await.unwrap();
+    second.terminate().await.unwrap();
+    first.terminate().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_stored_credential_set_on_one_replica_applies_on_the_others() {
     const MASTER_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";

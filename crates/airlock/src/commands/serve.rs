@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use airlock_admin::{AdminMetrics, AdminState, AuditAccess, ProviderEnv};
 use airlock_audit::{AuditSettings, Auditor};
+use airlock_core::audit::AuditKey;
 use airlock_core::token::generate_secret;
 use airlock_core::TokenHash;
 use airlock_proxy::{Provider, ProviderSpec, Proxy, ProxyMetrics, ProxySettings, ServerSettings};
@@ -63,9 +64,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // stops it before anything is printed or written (an admin token, a
     // new audit chain).
     let credentials = Arc::new(Credentials::load(&config, Arc::clone(&store)).await?);
+    // The audit key next, for the same reason: a key that does not load,
+    // or is not the one the trail was written with, stops serve here.
+    let audit_key = load_audit_key(&config, store.as_ref()).await?;
     let admin_token_hash = admin_token_hash(store.as_ref()).await?;
     let registry = Arc::new(Registry::new(Arc::clone(&store)));
-    let (auditor, audit_writer, audit_access) = start_audit(&config, &store).await?;
+    let (auditor, audit_writer, audit_access) = start_audit(&config, &store, audit_key).await?;
 
     let mut metrics_registry = prometheus_client::registry::Registry::default();
     let proxy_metrics = ProxyMetrics::new(&mut metrics_registry);
@@ -500,20 +504,35 @@ fn max_connections_message(
 /// minutes a connection left silent by a failover would hold it.
 const AUDIT_STORE_CALL_LIMIT: Duration = Duration::from_secs(15);
 
-/// Loads the audit key and starts the writer on this process's chain.
+/// The audit key (`None` with audit off), checked against the one the
+/// store's trail was written with.
+async fn load_audit_key(
+    config: &Config,
+    store: &dyn airlock_store::Store,
+) -> anyhow::Result<Option<Arc<AuditKey>>> {
+    if !config.audit.enabled {
+        return Ok(None);
+    }
+    let key = audit_key::load_or_create(&config.audit, &config.store_url)?;
+    crate::key_check::audit_key(store, &key).await?;
+    Ok(Some(Arc::new(key)))
+}
+
+/// Starts the audit writer on this process's chain, with `key` (`None`:
+/// audit off).
 async fn start_audit(
     config: &Config,
     store: &Arc<dyn airlock_store::Store>,
+    key: Option<Arc<AuditKey>>,
 ) -> anyhow::Result<(
     Auditor,
     Option<airlock_audit::WriterHandle>,
     Option<AuditAccess>,
 )> {
-    if !config.audit.enabled {
+    let Some(key) = key else {
         tracing::warn!("[audit] enabled = false: calls are not recorded");
         return Ok((Auditor::disabled(), None, None));
-    }
-    let key = Arc::new(audit_key::load_or_create(&config.audit, &config.store_url)?);
+    };
     let settings = AuditSettings {
         fail_closed: config.audit.fail_closed,
         max_batch: 1024,

@@ -1,0 +1,180 @@
+//! The store remembers which audit key and master key it was written with,
+//! as check values (an HMAC of a constant under each key: they tell one
+//! key from another and reveal nothing of it), so that a server started
+//! with another key refuses to start instead of writing what the others
+//! cannot read: a second audit key would write a chain no `audit verify`
+//! can check (the trail would stay broken for good), a second master key
+//! would seal credentials the other replicas cannot open.
+//!
+//! The first server that starts with a key stores its check value (a race
+//! between two first starts is settled by the store: one value wins, and
+//! the loser compares against it). A store written before check values
+//! existed is checked against what it holds: the audit chains' head seals
+//! (the key must open at least one), the sealed credentials (opened at
+//! load, see `credentials.rs`).
+
+use airlock_core::audit::{head_seal, AuditKey};
+use airlock_core::MasterKey;
+use airlock_store::Store;
+use anyhow::Context;
+use subtle::ConstantTimeEq;
+
+/// The setting holding the audit key's check value (hex).
+const AUDIT_KEY_CHECK: &str = "audit_key_check";
+/// The setting holding the master key's check value (hex).
+const MASTER_KEY_CHECK: &str = "master_key_check";
+
+/// Refuses an audit key other than the one the store's trail was written
+/// with; stores this key's check value if none is there yet.
+pub async fn audit_key(store: &dyn Store, key: &AuditKey) -> anyhow::Result<()> {
+    let value = hex(&key.check_value());
+    let mismatch = || {
+        anyhow::anyhow!(
+            "the audit key (AIRLOCK_AUDIT_KEY or [audit] key_file) is not the one this store's \
+             audit trail was written with: records sealed with another key would never verify. \
+             Every replica, and every restart, must use the same audit key"
+        )
+    };
+    if let Some(stored) = store.setting(AUDIT_KEY_CHECK).await? {
+        return if same(&stored, &value) {
+            Ok(())
+        } else {
+            Err(mismatch())
+        };
+    }
+    // A trail from before check values: its chains' heads are sealed with
+    // the key that wrote them.
+    let heads = store
+        .audit_heads()
+        .await
+        .context("reading the audit chains' heads")?;
+    let opened: Vec<u32> = heads
+        .iter()
+        .filter(|h| head_seal(key, h.chain, h.seq, &h.mac) == h.seal)
+        .map(|h| h.chain)
+        .collect();
+    if !heads.is_empty() && opened.is_empty() {
+        return Err(mismatch());
+    }
+    if opened.len() < heads.len() {
+        let others: Vec<u32> = heads
+            .iter()
+            .map(|h| h.chain)
+            .filter(|c| !opened.contains(c))
+            .collect();
+        tracing::warn!(
+            chains = ?others,
+            "these audit chains' heads were sealed with another audit key; `airlock audit \
+             verify` reports them"
+        );
+    }
+    let stored = store.set_setting_if_absent(AUDIT_KEY_CHECK, &value).await?;
+    if same(&stored, &value) {
+        Ok(())
+    } else {
+        // Another server stored its key's value first.
+        Err(mismatch())
+    }
+}
+
+/// Refuses a master key other than the one the store's credentials are
+/// sealed with; stores this key's check value if none is there yet (call
+/// it once the sealed credentials opened).
+pub async fn master_key(store: &dyn Store, key: &MasterKey) -> anyhow::Result<()> {
+    let value = hex(&key.check_value());
+    let stored = match store.setting(MASTER_KEY_CHECK).await? {
+        Some(stored) => stored,
+        None => {
+            store
+                .set_setting_if_absent(MASTER_KEY_CHECK, &value)
+                .await?
+        }
+    };
+    if same(&stored, &value) {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "the master key (AIRLOCK_MASTER_KEY or master_key_file) is not the one this store's \
+             credentials are sealed with: a credential set with it could not be opened by the \
+             other servers, nor one of theirs by it. Every replica, and every restart, must use \
+             the same master key"
+        ))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compares two check values in constant time.
+fn same(stored: &str, value: &str) -> bool {
+    stored.as_bytes().ct_eq(value.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, std::sync::Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("a.db").display());
+        let store = airlock_store::open(&url).await.unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn the_first_audit_key_is_remembered_and_another_refused() {
+        let (_dir, store) = store().await;
+        let key = AuditKey::new(&[7; 32]);
+        audit_key(store.as_ref(), &key).await.unwrap();
+        audit_key(store.as_ref(), &key).await.unwrap();
+        let other = AuditKey::new(&[8; 32]);
+        let refused = audit_key(store.as_ref(), &other).await.unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("is not the one this store's audit trail"),
+            "{refused}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_trail_without_a_check_value_is_checked_by_its_head_seals() {
+        let (_dir, store) = store().await;
+        let key = AuditKey::new(&[7; 32]);
+        // A chain claimed before check values existed: its genesis head is
+        // sealed with the key.
+        let genesis = head_seal(&key, 1, 0, &airlock_core::audit::GENESIS_MAC);
+        store
+            .audit_claim_chain(&|chain| {
+                head_seal(&key, chain, 0, &airlock_core::audit::GENESIS_MAC)
+            })
+            .await
+            .unwrap();
+        let heads = store.audit_heads().await.unwrap();
+        assert_eq!(heads[0].seal, genesis);
+        let other = AuditKey::new(&[8; 32]);
+        assert!(audit_key(store.as_ref(), &other).await.is_err());
+        assert_eq!(store.setting(AUDIT_KEY_CHECK).await.unwrap(), None);
+        audit_key(store.as_ref(), &key).await.unwrap();
+        assert!(audit_key(store.as_ref(), &other).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_first_master_key_is_remembered_and_another_refused() {
+        let (_dir, store) = store().await;
+        let key = MasterKey::new(airlock_core::seal::KeyBytes::from_array([1; 32]));
+        master_key(store.as_ref(), &key).await.unwrap();
+        master_key(store.as_ref(), &key).await.unwrap();
+        let other = MasterKey::new(airlock_core::seal::KeyBytes::from_array([2; 32]));
+        let refused = master_key(store.as_ref(), &other).await.unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("is not the one this store's credentials"),
+            "{refused}"
+        );
+    }
+}
