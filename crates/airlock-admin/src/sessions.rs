@@ -52,10 +52,39 @@ pub struct SessionView {
     pub expires_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<String>,
+    /// Why a revoked session was: its `max_denied` limit, or a revocation
+    /// someone asked for (admin API, CLI, `exec` on exit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_reason: Option<RevokedReason>,
     pub scope: Scope,
     pub limits: Limits,
     pub labels: BTreeMap<String, String>,
     pub calls: Calls,
+}
+
+/// Why a session was revoked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokedReason {
+    /// It reached `max_denied` (its denials, on every replica).
+    MaxDenied,
+    /// Someone revoked it.
+    Operator,
+}
+
+impl RevokedReason {
+    /// The reason for a session in `state` with `limits` and `calls`: a
+    /// session revoked once its denials reached `max_denied` was revoked
+    /// for them (a revoked session's later calls are 401s, never counted).
+    fn of(state: SessionState, limits: &Limits, calls: Calls) -> Option<Self> {
+        (state == SessionState::Revoked).then(|| {
+            if limits.max_denied.is_some_and(|max| calls.denied >= max) {
+                Self::MaxDenied
+            } else {
+                Self::Operator
+            }
+        })
+    }
 }
 
 /// Call counters of a session.
@@ -222,6 +251,7 @@ impl SessionView {
             created_at: format_ts(row.created_at),
             expires_at: format_ts(row.expires_at),
             revoked_at: revoked_at.map(format_ts),
+            revoked_reason: RevokedReason::of(state, &row.limits, calls),
             scope: row.scope.clone(),
             limits: row.limits,
             labels: row.labels.clone(),
@@ -233,19 +263,22 @@ impl SessionView {
 impl SessionView {
     /// Shows a session this process has in memory.
     pub fn from_live(live: &LiveSession, now_ms: i64) -> Self {
+        let state = live.state(now_ms);
+        let calls = Calls {
+            allowed: live.allowed(),
+            denied: live.denied(),
+        };
         Self {
             id: live.id().to_string(),
-            state: live.state(now_ms),
+            state,
             created_at: format_ts(live.created_at()),
             expires_at: format_ts(live.expires_at()),
             revoked_at: live.revoked_at().map(format_ts),
+            revoked_reason: RevokedReason::of(state, live.limits(), calls),
             scope: live.scope().clone(),
             limits: *live.limits(),
             labels: live.labels().clone(),
-            calls: Calls {
-                allowed: live.allowed(),
-                denied: live.denied(),
-            },
+            calls,
         }
     }
 }

@@ -257,7 +257,7 @@ impl Proxy {
                 self.count_denied(&session);
             }
         })?;
-        self.forward(admitted, req, call).await
+        self.forward(admitted, &session, req, call).await
     }
 
     /// The session's limits (429): `max_requests`, `requests_per_minute`.
@@ -493,6 +493,7 @@ impl Proxy {
     async fn forward(
         &self,
         admitted: Admitted<'_>,
+        session: &Arc<LiveSession>,
         mut req: Request<Incoming>,
         call: &mut CallRecord,
     ) -> Result<Forwarded, Denial> {
@@ -527,7 +528,7 @@ impl Proxy {
         let upstream_req = Request::from_parts(parts, body);
 
         let sent = tokio::time::Instant::now();
-        let response = tokio::time::timeout_at(sent + self.settings.upstream_timeout, async {
+        let send = async {
             if admitted.websocket {
                 // A connection of its own, never a pooled one.
                 let connector = provider.upgrade_connector();
@@ -535,17 +536,26 @@ impl Proxy {
             } else {
                 provider.pool().send(upstream_req).await
             }
-        })
-        .await;
+        };
+        let response = head_or_end(send, sent + self.settings.upstream_timeout, session).await;
         provider
             .metrics
             .record_upstream(sent.elapsed().as_secs_f64());
         let response = match response {
-            Err(_) => {
+            Err(HeadWait::TimedOut) => {
                 return Err(Denial::new(
                     ErrorCode::UpstreamTimeout,
                     "the provider did not answer in time",
                 ))
+            }
+            Err(HeadWait::SessionEnded) => {
+                // Dropping the request closed its upstream connection: the
+                // provider stops working for a session that is over.
+                call.flag(Flags::INCOMPLETE.union(Flags::SESSION_ENDED));
+                return Err(Denial::new(
+                    ErrorCode::InvalidToken,
+                    "the session was revoked or expired during the call",
+                ));
             }
             Ok(Err(_)) if counted.load(Ordering::Relaxed) > limit => {
                 // The provider saw the head and part of the body before
@@ -718,5 +728,54 @@ pub(crate) fn upstream_path(full: &str, start: usize) -> &str {
     match full.get(start..) {
         Some("") | None => "/",
         Some(rest) => rest,
+    }
+}
+
+/// How long a call waits for the provider's answer before it also watches
+/// its session, so that a revocation (or the expiry) ends the wait at once.
+/// Later rather than from the start: a watch costs a registration on the
+/// session and a timer, which the many calls answered sooner never need.
+const WATCH_SESSION_AFTER: Duration = Duration::from_millis(200);
+
+/// Why a call stopped waiting for the provider's answer.
+#[derive(Debug, PartialEq, Eq)]
+enum HeadWait {
+    /// `proxy.upstream_timeout` passed.
+    TimedOut,
+    /// The session was revoked or expired.
+    SessionEnded,
+}
+
+/// Waits for `send` (the provider's answer) until `deadline`, or until
+/// `session` ends once the wait is longer than [`WATCH_SESSION_AFTER`].
+/// One timer throughout, as a plain timeout would have.
+async fn head_or_end<F: std::future::Future>(
+    send: F,
+    deadline: tokio::time::Instant,
+    session: &Arc<LiveSession>,
+) -> Result<F::Output, HeadWait> {
+    tokio::pin!(send);
+    let look = (tokio::time::Instant::now() + WATCH_SESSION_AFTER).min(deadline);
+    let timer = tokio::time::sleep_until(look);
+    tokio::pin!(timer);
+    tokio::select! {
+        biased;
+        answer = &mut send => return Ok(answer),
+        () = &mut timer => {}
+    }
+    if tokio::time::Instant::now() >= deadline {
+        return Err(HeadWait::TimedOut);
+    }
+    // Listening from here on; an end before it is read off the session.
+    let mut watch = airlock_session::EndWatch::new(session);
+    if session.state(now_ms()) != airlock_session::SessionState::Active {
+        return Err(HeadWait::SessionEnded);
+    }
+    timer.as_mut().reset(deadline);
+    tokio::select! {
+        biased;
+        answer = &mut send => Ok(answer),
+        () = std::future::poll_fn(|cx| watch.poll_ended(cx)) => Err(HeadWait::SessionEnded),
+        () = &mut timer => Err(HeadWait::TimedOut),
     }
 }

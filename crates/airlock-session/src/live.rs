@@ -217,6 +217,13 @@ impl LiveSession {
         self.denied.load(Ordering::Relaxed)
     }
 
+    /// Whether its denials reached `max_denied` (which revokes it).
+    pub fn reached_max_denied(&self) -> bool {
+        self.limits
+            .max_denied
+            .is_some_and(|max| self.denied() >= max)
+    }
+
     /// Applies `max_requests` and `requests_per_minute`; an admitted call is
     /// counted as allowed.
     ///

@@ -138,6 +138,11 @@ pub enum AuthError {
     Expired,
     #[error("the session has been revoked")]
     Revoked,
+    #[error(
+        "the session has been revoked: it reached its max_denied limit of refused calls \
+         (out of scope, malformed or rate limited)"
+    )]
+    RevokedMaxDenied,
     #[error("the session store is unavailable")]
     StoreUnavailable,
 }
@@ -340,6 +345,9 @@ impl Registry {
                 Ok(session)
             }
             SessionState::Expired => Err(AuthError::Expired),
+            SessionState::Revoked if session.reached_max_denied() => {
+                Err(AuthError::RevokedMaxDenied)
+            }
             SessionState::Revoked => Err(AuthError::Revoked),
         }
     }

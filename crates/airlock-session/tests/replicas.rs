@@ -164,7 +164,7 @@ async fn max_denied_counts_denials_on_every_replica() {
         eventually(
             Duration::from_secs(1),
             "max_denied revocation",
-            async || replica.call(token.expose()).await == Err(AuthError::Revoked),
+            async || replica.call(token.expose()).await == Err(AuthError::RevokedMaxDenied),
         )
         .await;
     }

@@ -329,7 +329,7 @@ impl MockProvider {
     }
 
     /// Releases one waiting `/gated-sse` or `/gated-json` answer to send the
-    /// rest of its body.
+    /// rest of its body, or one `/gated-head` answer to be sent at all.
     /// A gate opened before any stream waits is kept for the next one.
     pub fn open_gate(&self) {
         self.shared.gate.add_permits(1);

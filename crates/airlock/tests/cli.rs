@@ -951,6 +951,15 @@ async fn revoking_an_ended_session_says_it_had_ended() {
     let id = created["id"].as_str().unwrap().to_owned();
     let out = cli(&airlock, &["session", "revoke", &id]).await;
     assert_eq!(stdout(&out), format!("revoked {id}\n"));
+    // `session show` says who ended it.
+    let out = cli(&airlock, &["session", "show", &id, "--format", "text"]).await;
+    let shown = stdout(&out);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("revoked:") && l.ends_with(" (by an operator)")),
+        "{shown}"
+    );
 
     // Revoking it again changes nothing, and says so, by id or by token.
     let out = cli(&airlock, &["session", "revoke", &id]).await;

@@ -352,6 +352,68 @@ async fn unknown_provider_and_methods() {
     assert_eq!(s.mock.request_count(), 0);
 }
 
+/// A session revoked while its call still waits for the provider's answer
+/// ends the call then, not when (or if) the provider answers: 401, the
+/// upstream request dropped with its connection (the provider stops
+/// working for a session that is over), the record flagged.
+#[tokio::test]
+async fn a_revocation_ends_a_call_still_waiting_for_the_provider() {
+    let s = setup().await;
+    let scope = json!([{"provider": "openai", "methods": ["GET"], "paths": ["/gated-head"]}]);
+    let (id, token) = session(&s.airlock, scope, json!({})).await;
+    let url = format!("{}/openai/gated-head", s.airlock.proxy_url());
+    let auth = bearer(&token);
+    let call =
+        tokio::spawn(async move { request("GET", &url, &[("authorization", &auth)], "").await });
+    // The request reached the provider, which holds its answer.
+    s.mock.wait_for_requests(1).await;
+    let (status, _) = s
+        .airlock
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let reply = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call waited for the provider after its session was revoked")
+        .unwrap();
+    assert_error(&reply, 401, "invalid_token");
+    assert_eq!(
+        reply.json()["error"]["message"],
+        "the session was revoked or expired during the call"
+    );
+    // airlock let go of the upstream connection: once the provider's answer
+    // is released, nobody reads it, and the connection ends.
+    s.mock.open_gate();
+    assert!(
+        s.mock
+            .wait_for_ended_connections(1, Duration::from_secs(10))
+            .await,
+        "the upstream connection stayed open"
+    );
+    // A refusal's record is committed just after its answer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let audit = loop {
+        let (_, audit) = s
+            .airlock
+            .admin("GET", &format!("/v1/audit?session={id}"), None)
+            .await
+            .unwrap();
+        if audit["records"].as_array().is_some_and(|r| !r.is_empty()) {
+            break audit;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let record = &audit["records"][0];
+    assert_eq!(record["status"], 401, "{record}");
+    assert_eq!(
+        record["flags"],
+        json!(["incomplete", "session_ended"]),
+        "{record}"
+    );
+}
+
 #[tokio::test]
 async fn revoked_and_expired_sessions_get_401() {
     let s = setup().await;
@@ -364,7 +426,13 @@ async fn revoked_and_expired_sessions_get_401() {
         .unwrap();
     assert_eq!(status, 200);
     assert_eq!(body["state"], "revoked");
-    assert_error(&chat(&s, &token).await, 401, "invalid_token");
+    assert_eq!(body["revoked_reason"], "operator");
+    let refused = chat(&s, &token).await;
+    assert_error(&refused, 401, "invalid_token");
+    assert_eq!(
+        refused.json()["error"]["message"],
+        "the session has been revoked"
+    );
     assert_eq!(s.mock.request_count(), 1);
 
     let created = s
@@ -462,8 +530,18 @@ async fn max_denied_revokes_the_session() {
         let reply = call("GET", &out, &token).await;
         assert_error(&reply, 403, "out_of_scope");
     }
-    // Now even an in-scope call is refused: the session is revoked.
-    assert_error(&chat(&s, &token).await, 401, "invalid_token");
+    // Now even an in-scope call is refused: the session is revoked, and
+    // the agent and the operator are told why.
+    let refused = chat(&s, &token).await;
+    assert_error(&refused, 401, "invalid_token");
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("reached its max_denied limit"),
+        "{message}"
+    );
     assert_eq!(s.mock.request_count(), 1);
     let (_, view) = s
         .airlock
@@ -471,6 +549,7 @@ async fn max_denied_revokes_the_session() {
         .await
         .unwrap();
     assert_eq!(view["state"], "revoked");
+    assert_eq!(view["revoked_reason"], "max_denied");
     assert_eq!(view["calls"], json!({"allowed": 1, "denied": 2}));
 }
 

@@ -62,6 +62,13 @@ pub(crate) async fn handle(
         "/sse" if method == Method::GET => sse(query),
         "/gated-sse" if method == Method::GET => gated_sse(shared),
         "/gated-json" if method == Method::GET => gated_json(shared),
+        "/gated-head" if method == Method::GET => {
+            // The whole answer, head included, waits for the gate.
+            if let Ok(permit) = shared.gate.acquire().await {
+                permit.forget();
+            }
+            json_response(StatusCode::OK, &json!({ "gated": true }))
+        }
         "/bytes" if method == Method::GET => bytes_response(query),
         "/upload" if method == Method::POST || method == Method::PUT => {
             json_response(StatusCode::OK, &json!({ "received": total }))

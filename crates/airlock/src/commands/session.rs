@@ -543,7 +543,12 @@ fn render_text(s: &Value) -> String {
         ("expires", text("expires_at")),
     ];
     if s.get("revoked_at").is_some_and(Value::is_string) {
-        lines.push(("revoked", text("revoked_at")));
+        let revoked = match s.get("revoked_reason").and_then(Value::as_str) {
+            Some("max_denied") => format!("{} (max_denied reached)", text("revoked_at")),
+            Some("operator") => format!("{} (by an operator)", text("revoked_at")),
+            _ => text("revoked_at"),
+        };
+        lines.push(("revoked", revoked));
     }
     let calls = |key: &str| {
         s.pointer(&format!("/calls/{key}"))
