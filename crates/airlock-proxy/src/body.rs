@@ -66,6 +66,64 @@ struct Audited {
     /// Set while [`ProxyBody::prefetch`] reads: a call cut short then is
     /// answered with airlock's own error, which its record must say.
     prefetching: bool,
+    /// For an event stream (`text/event-stream` of unknown length): where
+    /// what went out stands, so that a stream its session ended can close
+    /// with an `error` event of airlock's (see [`ended_event`]).
+    events: Option<EventBoundary>,
+}
+
+/// Follows an event stream's bytes as they go out: whether they end
+/// between two events, where an event of airlock's can follow.
+#[derive(Default)]
+struct EventBoundary {
+    /// The last bytes sent (up to 4), oldest first.
+    tail: [u8; 4],
+    len: usize,
+}
+
+impl EventBoundary {
+    fn push(&mut self, data: &[u8]) {
+        for &b in data.iter().rev().take(4).rev() {
+            if self.len == 4 {
+                self.tail.copy_within(1.., 0);
+                self.tail[3] = b;
+            } else {
+                self.tail[self.len] = b;
+                self.len += 1;
+            }
+        }
+    }
+
+    /// Whether nothing went out yet or the last line was empty (an event's
+    /// end): a line ending (CR, LF or CRLF) right after another.
+    fn between_events(&self) -> bool {
+        let tail = &self.tail[..self.len];
+        tail.is_empty()
+            || [
+                &b"\n\n"[..],
+                b"\r\r",
+                b"\r\n\r\n",
+                b"\n\r\n",
+                b"\r\n\n",
+                b"\n\r",
+            ]
+            .iter()
+            .any(|end| tail.ends_with(end))
+    }
+}
+
+/// The event that closes a stream whose session ended: the SDKs raise it
+/// as an error (OpenAI's reads the `error` object of any event's data,
+/// Anthropic's an `error` event) instead of a broken connection.
+fn ended_event() -> Bytes {
+    let error = serde_json::json!({
+        "error": {
+            "type": ErrorCode::InvalidToken.error_type(),
+            "code": ErrorCode::InvalidToken.as_str(),
+            "message": "the session was revoked or expired during the stream",
+        }
+    });
+    Bytes::from(format!("event: error\ndata: {error}\n\n"))
 }
 
 /// A record being committed.
@@ -73,6 +131,12 @@ type PendingCommit = Pin<Box<dyn Future<Output = Result<(), AuditError>> + Send>
 
 enum Phase {
     Streaming,
+    /// The session ended and airlock's `error` event went out: the stream
+    /// is cut once it had a chance to be written (`flushed` set by the
+    /// first poll after it, which yields so that hyper writes it).
+    Cutting {
+        flushed: bool,
+    },
     Committing {
         held: Option<Frame<Bytes>>,
         /// `None`: nothing to wait for (audit disabled).
@@ -148,16 +212,21 @@ impl ProxyBody {
     }
 
     /// The provider's body; `call`'s record completes when it ends.
+    /// An event stream (`event_stream`, and of unknown length) whose
+    /// session ends closes with an `error` event where it stands between
+    /// two events; any other stream is cut.
     pub(crate) fn audited(
         body: RedactingBody<UpstreamBody>,
         call: CallRecord,
         status: u16,
+        event_stream: bool,
     ) -> Self {
         let remaining = body.size_hint().exact();
         let session_end = call
             .session()
             .filter(|_| remaining.is_none())
             .map(EndWatch::new);
+        let events = (event_stream && remaining.is_none()).then(EventBoundary::default);
         Self(Inner::Audited(Box::new(Audited {
             body,
             call,
@@ -167,6 +236,7 @@ impl ProxyBody {
             session_end,
             prefetched: None,
             prefetching: false,
+            events,
         })))
     }
 
@@ -281,6 +351,15 @@ impl Audited {
         loop {
             match &mut self.phase {
                 Phase::Done => return Poll::Ready(None),
+                Phase::Cutting { flushed: false } => {
+                    self.phase = Phase::Cutting { flushed: true };
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Phase::Cutting { flushed: true } => {
+                    self.phase = Phase::Done;
+                    return Poll::Ready(Some(Err(Box::new(SessionEnded))));
+                }
                 Phase::Committing { held, commit } => {
                     let result = match commit {
                         Some(commit) => ready!(commit.as_mut().poll(cx)),
@@ -310,13 +389,13 @@ impl Audited {
                         .as_mut()
                         .is_some_and(|watch| watch.poll_ended(cx).is_ready());
                     if ended {
-                        return Poll::Ready(Some(Err(self.end_for_session())));
+                        return Poll::Ready(Some(self.end_for_session()));
                     }
                     return Poll::Pending;
                 }
             };
             if self.call.session_ended() {
-                return Poll::Ready(Some(Err(self.end_for_session())));
+                return Poll::Ready(Some(self.end_for_session()));
             }
             match frame {
                 Some(Ok(frame)) => {
@@ -331,6 +410,9 @@ impl Audited {
                         None => true,
                     };
                     if !last {
+                        if let (Some(events), Some(data)) = (&mut self.events, frame.data_ref()) {
+                            events.push(data);
+                        }
                         return Poll::Ready(Some(Ok(frame)));
                     }
                     self.commit(Some(frame));
@@ -347,16 +429,26 @@ impl Audited {
         }
     }
 
-    /// Cuts the stream short because its session was revoked or expired.
-    fn end_for_session(&mut self) -> BoxError {
+    /// Cuts the stream short because its session was revoked or expired;
+    /// an event stream standing between two events first gets airlock's
+    /// `error` event (see [`ended_event`]).
+    fn end_for_session(&mut self) -> Result<Frame<Bytes>, BoxError> {
         let (decision, status) = self.answer_if_prefetching(ErrorCode::InvalidToken);
         drop(self.call.finish(
             decision,
             status,
             Flags::INCOMPLETE.union(Flags::SESSION_ENDED),
         ));
-        self.phase = Phase::Done;
-        Box::new(SessionEnded)
+        match &self.events {
+            Some(events) if !self.prefetching && events.between_events() => {
+                self.phase = Phase::Cutting { flushed: false };
+                Ok(Frame::data(ended_event()))
+            }
+            _ => {
+                self.phase = Phase::Done;
+                Err(Box::new(SessionEnded))
+            }
+        }
     }
 
     /// The decision and status to record for a call cut short: before its
@@ -433,5 +525,51 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EventBoundary;
+
+    /// Whether `frames`, sent in order, end between two events.
+    fn between(frames: &[&[u8]]) -> bool {
+        let mut events = EventBoundary::default();
+        for frame in frames {
+            events.push(frame);
+        }
+        events.between_events()
+    }
+
+    #[test]
+    fn an_event_stream_is_between_events_after_an_empty_line_whatever_the_endings() {
+        assert!(between(&[]));
+        for ended in [
+            &b"data: x\n\n"[..],
+            b"data: x\r\n\r\n",
+            b"data: x\r\r",
+            b"data: x\n\r\n",
+            b"data: x\r\n\n",
+            b"event: a\ndata: x\n\n",
+        ] {
+            assert!(between(&[ended]), "{ended:?}");
+            // The same bytes in frames of one byte each.
+            let bytes: Vec<&[u8]> = ended.chunks(1).collect();
+            assert!(between(&bytes), "{ended:?} byte by byte");
+        }
+        for within in [
+            &b"data: x"[..],
+            b"data: x\n",
+            b"data: x\r\n",
+            b"data: x\n\ndata: y",
+            b"\ndata",
+        ] {
+            assert!(!between(&[within]), "{within:?}");
+            let bytes: Vec<&[u8]> = within.chunks(1).collect();
+            assert!(!between(&bytes), "{within:?} byte by byte");
+        }
+        // An event's end split over two frames.
+        assert!(between(&[b"data: x\n", b"\n"]));
+        assert!(between(&[b"data: x\r\n\r", b"\n"]));
     }
 }

@@ -123,7 +123,7 @@ impl ErrorCode {
     }
 
     /// The `type` field, in the vocabulary the OpenAI and Anthropic SDKs use.
-    fn error_type(self) -> &'static str {
+    pub(crate) fn error_type(self) -> &'static str {
         match self {
             Self::BadRequest
             | Self::UnknownProvider

@@ -340,8 +340,15 @@ impl Proxy {
             }
             return Response::from_parts(parts, ProxyBody::upstream(body));
         }
+        // Looked up only for an answer of unknown length (a stream).
+        let event_stream = body.size_hint().exact().is_none()
+            && parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.as_bytes().get(..b"text/event-stream".len()))
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"));
         let body = RedactingBody::new(body, redactor, RedactionFlag::default());
-        let mut body = ProxyBody::audited(body, call, status);
+        let mut body = ProxyBody::audited(body, call, status, event_stream);
         match body.prefetch().await {
             Ok(()) => {}
             // Fail-closed audit could not write the record (logged by the

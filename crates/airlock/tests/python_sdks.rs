@@ -88,6 +88,8 @@ struct Harness {
     mock: MockProvider,
     airlock: Airlock,
     env: BTreeMap<String, String>,
+    /// The session's id: the case that plays the operator revokes it.
+    session: String,
 }
 
 impl Harness {
@@ -122,6 +124,16 @@ impl Harness {
             {
                 command.env_remove(&key);
             }
+        }
+        if case == "openai_stream_revoked" {
+            // Only this case plays the operator: no other run gets the
+            // admin token.
+            command
+                .env(
+                    "SDK_REVOKE_URL",
+                    format!("{}/v1/sessions/{}", self.airlock.admin_url(), self.session),
+                )
+                .env("SDK_REVOKE_TOKEN", self.airlock.admin_token());
         }
         command
             .envs(&self.env)
@@ -280,6 +292,7 @@ async fn official_python_sdks_through_airlock() {
         mock,
         airlock,
         env,
+        session: id.clone(),
     };
 
     // --- calls inside the scope reach the provider -------------------------
@@ -428,16 +441,25 @@ async fn official_python_sdks_through_airlock() {
         assert_eq!(str_field(&denied, "code"), "out_of_scope", "{denied}");
     }
 
-    // --- a revoked session is refused --------------------------------------
-    let (status, body) = h
-        .airlock
-        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
-        .await
-        .expect("revoke session");
-    assert!(
-        (200..300).contains(&status),
-        "DELETE /v1/sessions/{id} answered {status}: {body}"
+    // --- a session revoked mid-stream: the SDK raises airlock's error ------
+    // The case opens a stream the provider holds open, revokes the session
+    // through the admin API after the first chunk, and reads on.
+    let cut = h.expect_ok("openai_stream_revoked").await;
+    assert_eq!(str_field(&cut, "error_class"), "APIError", "{cut}");
+    assert_eq!(
+        str_field(&cut, "message"),
+        "the session was revoked or expired during the stream",
+        "{cut}"
     );
+    assert_eq!(str_field(&cut, "code"), "invalid_token", "{cut}");
+
+    // --- a revoked session is refused --------------------------------------
+    let (_, view) = h
+        .airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .expect("show session");
+    assert_eq!(view["state"], "revoked", "{view}");
     for revoked in h
         .expect_refused(["openai_revoked", "anthropic_revoked"])
         .await
@@ -446,9 +468,10 @@ async fn official_python_sdks_through_airlock() {
         assert_eq!(str_field(&revoked, "code"), "invalid_token", "{revoked}");
     }
 
+    // The seven allowed calls and the stream cut short.
     assert_eq!(
         h.mock.request_count(),
-        7,
+        8,
         "provider requests after all cases: {:#?}",
         summarize(&h.mock.requests())
     );

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::stream;
+use futures_util::{stream, StreamExt};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -263,6 +263,11 @@ fn chat_completions(body: &[u8]) -> Response<MockBody> {
         .iter()
         .map(|event| Bytes::from(format!("data: {event}\n\n")))
         .collect();
+    if model == "gpt-mock-hold" {
+        // The first chunk, then the stream stays open, silent.
+        frames_out.truncate(1);
+        return event_stream(frames(stream::iter(frames_out).chain(stream::pending())));
+    }
     frames_out.push(Bytes::from_static(b"data: [DONE]\n\n"));
     event_stream(frames(stream::iter(frames_out)))
 }

@@ -12,6 +12,9 @@ Inputs (environment):
     OPENAI_BASE_URL     airlock base URL    (openai_* cases)
     ANTHROPIC_API_KEY   session token       (anthropic_* cases)
     ANTHROPIC_BASE_URL  airlock base URL    (anthropic_* cases)
+    SDK_REVOKE_URL      the admin API's DELETE URL of the session, and
+    SDK_REVOKE_TOKEN    its admin token     (openai_stream_revoked only:
+                        the operator's part, played by the case)
 
 Output: one JSON line on stdout, `{"case": ..., "ok": true|false, ...}`.
 Exit 0 when the case's expectation held, 1 when it did not (the reason is
@@ -203,6 +206,45 @@ def case_openai_revoked():
     return {**outcome, "sent_auth": recorder.summary()}
 
 
+def revoke_session():
+    """Revokes the session as an operator would, through the admin API."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        require_env("SDK_REVOKE_URL"),
+        method="DELETE",
+        headers={"Authorization": f"Bearer {require_env('SDK_REVOKE_TOKEN')}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        if answer.status != 200:
+            raise CaseFailed(f"revoking the session: HTTP {answer.status}")
+
+
+def case_openai_stream_revoked():
+    """A stream whose session is revoked mid-way raises the SDK's APIError
+    with airlock's message (its closing `error` event), not a connection
+    error. The mock holds the stream open after its first chunk."""
+    openai, client, recorder = openai_client()
+    stream = client.chat.completions.create(model="gpt-mock-hold", messages=PROMPT, stream=True)
+    first = next(stream)
+    if first.choices[0].delta.role != "assistant":
+        raise CaseFailed(f"first chunk {first!r}")
+    revoke_session()
+    try:
+        for chunk in stream:
+            raise CaseFailed(f"a chunk after the revocation: {chunk!r}")
+    except openai.APIError as err:
+        if isinstance(err, openai.APIConnectionError):
+            raise CaseFailed(f"a connection error, not airlock's event: {err!r}") from err
+        return {
+            "error_class": type(err).__name__,
+            "message": err.message,
+            "code": error_code(err),
+            "sent_auth": recorder.summary(),
+        }
+    raise CaseFailed("the stream ended without an error after the revocation")
+
+
 # --- anthropic --------------------------------------------------------------
 
 
@@ -328,6 +370,7 @@ CASES = {
     "openai_realtime": case_openai_realtime,
     "openai_out_of_scope": case_openai_out_of_scope,
     "openai_revoked": case_openai_revoked,
+    "openai_stream_revoked": case_openai_stream_revoked,
     "anthropic_message": case_anthropic_message,
     "anthropic_message_bearer": case_anthropic_message_bearer,
     "anthropic_message_x_api_key": case_anthropic_message_x_api_key,
