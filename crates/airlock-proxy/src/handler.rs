@@ -241,22 +241,25 @@ impl Proxy {
             withhold_presented(call, &req);
         })?;
         call.set_session(&session);
-        let admitted = self
-            .authorize(&session, provider, &req, token)
-            .inspect_err(|_| {
-                self.count_denied(&session);
+        let admitted = match self.authorize(&session, provider, &req, token) {
+            Ok(admitted) => admitted,
+            Err(denial) => {
                 // A path that holds the token is refused; its record must
                 // not hold it either.
                 if let Some(token) = token {
                     call.withhold_tokens(req.uri().path(), &[token]);
                 }
-            })?;
-        self.admit(&session).await.inspect_err(|denial| {
+                self.count_denied(&session).await;
+                return Err(denial);
+            }
+        };
+        if let Err(denial) = self.admit(&session).await {
             // A 429 is the session's doing; a store out of reach is not.
             if denial.code() == ErrorCode::RateLimited {
-                self.count_denied(&session);
+                self.count_denied(&session).await;
             }
-        })?;
+            return Err(denial);
+        }
         self.forward(admitted, &session, req, call).await
     }
 
@@ -490,10 +493,14 @@ impl Proxy {
         })
     }
 
-    fn count_denied(&self, session: &Arc<LiveSession>) {
+    /// Counts a denial toward `max_denied`, revoking the session when it
+    /// reaches it here; on a shared store, the denial is in the store
+    /// before the refusal is answered (see [`Registry::write_denials`]).
+    async fn count_denied(&self, session: &Arc<LiveSession>) {
         if session.count_denied() {
             self.registry.revoke_in_background(session);
         }
+        self.registry.write_denials(session).await;
     }
 
     /// Swaps the credential in, sends upstream and relays the answer.

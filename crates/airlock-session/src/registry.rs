@@ -514,6 +514,21 @@ impl Registry {
         });
     }
 
+    /// On a shared store, writes `session`'s denials (with its other
+    /// counts) now, for the refusal to be answered once the store has
+    /// them: `max_denied` then applies to the denials of every replica as
+    /// they happen (the store revokes in the same statement and tells the
+    /// others; this replica takes the revocation in from its answer), not
+    /// at the next flush. Only for sessions with `max_denied`; each denial
+    /// costs one write at most, and at most `max_denied` of them are
+    /// answered before the session is revoked. A write that fails leaves
+    /// the counts to the flusher, as before.
+    pub async fn write_denials(&self, session: &LiveSession) {
+        if self.store.is_shared() && session.limits().max_denied.is_some() {
+            self.write_counts(session, now_ms()).await;
+        }
+    }
+
     /// Remembers a revocation the store did not take, for the flusher.
     fn keep_unpersisted(&self, id: &SessionId, at: i64) {
         self.unpersisted.lock().entry(id.clone()).or_insert(at);

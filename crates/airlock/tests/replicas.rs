@@ -99,6 +99,18 @@ fn builder(
     builder
 }
 
+/// The denials the database holds for session `id`.
+async fn stored_denials(db: &FreshDb, id: &str) -> i64 {
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let denied: i64 = sqlx::query_scalar("SELECT denied FROM sessions WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    denied
+}
+
 /// Opens a session through `airlock`; returns (id, token). The scope is
 /// `GET /v1/models` on openai.
 async fn session(airlock: &Airlock, limits: Value) -> (String, String) {
@@ -259,12 +271,20 @@ async fn max_denied_counts_denials_on_every_replica() {
     for replica in [a, b, c] {
         assert_eq!(models(replica, &token).await.status, 200);
     }
-    // One out-of-scope call on each replica: no replica saw three...
-    for replica in [a, b, c] {
+    // Out-of-scope calls, two on A (back to back, quicker than the
+    // flusher's pace), one on B: no replica saw three...
+    for (n, replica) in [a, a, b].into_iter().enumerate() {
         let reply = call(replica, "files", &token).await;
         assert_eq!(reply.status, 403, "{}", reply.text());
+        // Each denial is in the database before its refusal is answered.
+        assert_eq!(stored_denials(&cluster.db, &id).await, n as i64 + 1);
     }
-    // ...but together they did: revoked everywhere.
+    // ...but together they did: the replica that refused the third
+    // learned it from its own write, before it answered...
+    let reply = models(b, &token).await;
+    assert_eq!(reply.status, 401, "{}", reply.text());
+    assert!(reply.text().contains("max_denied"), "{}", reply.text());
+    // ...and the others as the revocation travels.
     let started = Instant::now();
     for replica in [a, b, c] {
         eventually(
