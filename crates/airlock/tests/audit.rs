@@ -1076,10 +1076,16 @@ async fn streams_end_when_the_session_does_and_aborts_are_recorded() {
         .unwrap();
     assert_eq!(status, 200);
     let revoked_at = std::time::Instant::now();
-    let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+    // airlock's closing error event, then the cut.
+    let event = tokio::time::timeout(Duration::from_secs(5), body.frame())
         .await
         .unwrap();
     let took = revoked_at.elapsed();
+    let event = event.unwrap().unwrap().into_data().unwrap();
+    assert!(event.starts_with(b"event: error\n"), "{event:?}");
+    let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap();
     assert!(
         !matches!(end, Some(Ok(ref f)) if f.is_data()),
         "stream went on: {end:?}"

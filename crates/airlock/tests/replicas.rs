@@ -937,11 +937,17 @@ async fn revoked_on_a_ends_a_stream_on_b(draining: bool) {
         .await
         .unwrap();
     assert_eq!(status, 200);
-    let next = tokio::time::timeout(PROPAGATION_BOUND * 5, body.frame())
+    let event = tokio::time::timeout(PROPAGATION_BOUND * 5, body.frame())
         .await
         .expect("the stream outlived its session revoked on another replica");
     let took = started.elapsed();
     eprintln!("MEASURED: revocation on A ended the stream on B after {took:?}");
+    // airlock's closing error event, then the cut.
+    let event = event.unwrap().unwrap().into_data().unwrap();
+    assert!(event.starts_with(b"event: error\n"), "{event:?}");
+    let next = tokio::time::timeout(PROPAGATION_BOUND * 5, body.frame())
+        .await
+        .expect("the stream was not cut after airlock's event");
     assert!(
         !matches!(next, Some(Ok(_))),
         "the stream went on after the revocation: {next:?}"
