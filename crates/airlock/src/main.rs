@@ -12,6 +12,7 @@ mod commands;
 mod config;
 mod credentials;
 mod key_check;
+mod output;
 mod paths;
 
 use cli::{Cli, Command};
@@ -140,10 +141,11 @@ fn load_config_to_serve(path: Option<&std::path::Path>) -> Result<config::Config
 }
 
 /// Exit 0, or the error on stderr with exit 2 for a usage error and 1 for
-/// anything else.
+/// anything else. A closed stdout (`| head`) ends a command quietly: exit 0.
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if output::is_stdout_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("airlock: {e:#}");
             if cli::is_usage(&e) {

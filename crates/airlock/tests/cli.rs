@@ -1557,6 +1557,101 @@ async fn audit_tail_prints_the_last_records_then_follows_new_ones() {
     assert_eq!(err, "", "a closed pipe is not an error");
 }
 
+/// Runs `command` with stdout as `| head -1` leaves it once it has its
+/// line: a pipe whose reader is gone, closed before the command starts so
+/// that its first write fails however little it writes. (`output()` would
+/// pipe stdout to this process instead.)
+async fn with_stdout_closed(command: &mut Command) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let child = command
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .expect("a closed stdout did not end the command")
+        .unwrap()
+}
+
+/// A closed stdout ends a command quietly, as for `gh` and `vault`: exit 0
+/// and nothing on stderr (`completions` panicked in clap_complete, exit
+/// 101; `audit export` said `Broken pipe` and exited 1; `session show` and
+/// the other one-answer commands panicked in `println!`). `audit verify`
+/// and `config check` keep their verdict.
+#[tokio::test]
+async fn a_closed_stdout_ends_a_command_quietly() {
+    let quiet = |what: &str, out: &Output, code: i32| {
+        assert_eq!(out.status.code(), Some(code), "{what}: {}", stderr(out));
+        assert_eq!(stderr(out), "", "{what}");
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let out = with_stdout_closed(&mut airlock_cmd(&["completions", shell])).await;
+        quiet(shell, &out, 0);
+    }
+    let empty = tempfile::tempdir().unwrap();
+    let out = with_stdout_closed(airlock_cmd(&["config", "check"]).current_dir(empty.path())).await;
+    quiet("config check", &out, 0);
+
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let (id, token) = create(&airlock).await;
+    assert_eq!(chat(&airlock, &token, "/v1/chat/completions").await, 200);
+    audit_records(&airlock, 1).await;
+    let config = airlock.config_path();
+    let config = config.to_str().unwrap();
+    let against_server = |args: &[&str]| {
+        let mut command = airlock_cmd(args);
+        command
+            .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+            .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+            .current_dir(airlock.dir());
+        command
+    };
+    let commands: &[&[&str]] = &[
+        &["session", "list"],
+        &["session", "list", "--json"],
+        &["session", "show", &id],
+        &["session", "show", &id, "--format", "text"],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--format",
+            "env",
+        ],
+        &["credential", "show", "openai"],
+        &["audit", "export", "--config", config],
+        &["audit", "tail", "-n", "1", "--config", config],
+        &["audit", "verify", "--config", config],
+        &["session", "revoke", &id],
+    ];
+    for args in commands {
+        let out = with_stdout_closed(&mut against_server(args)).await;
+        quiet(&args.join(" "), &out, 0);
+    }
+
+    // A broken file is still exit 1 (nothing on stderr: the verdict was
+    // for stdout).
+    let export = cli(&airlock, &["audit", "export", "--config", config]).await;
+    let tampered = stdout(&export).replacen("\"status\":200", "\"status\":201", 1);
+    assert_ne!(tampered, stdout(&export));
+    let file = airlock.dir().join("tampered.jsonl");
+    std::fs::write(&file, tampered).unwrap();
+    let args = [
+        "audit",
+        "verify",
+        "--from",
+        file.to_str().unwrap(),
+        "--config",
+        config,
+    ];
+    let out = with_stdout_closed(&mut against_server(&args)).await;
+    quiet("audit verify --from", &out, 1);
+}
+
 /// `serve` raises its soft limit on open files to the hard one: each
 /// connection, stream and upstream connection holds a descriptor.
 /// Commands that read what `serve` stored refuse a database that does not

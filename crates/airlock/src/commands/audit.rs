@@ -2,6 +2,7 @@
 //! audit key named by the config directly, so they work while the server is
 //! down (forensics) as well as while it runs.
 
+use std::fmt::Write as _;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
 use std::process::ExitCode;
@@ -18,6 +19,7 @@ use time::OffsetDateTime;
 use crate::audit_key;
 use crate::cli::AuditCommand;
 use crate::config::Config;
+use crate::output;
 
 mod tail;
 
@@ -79,9 +81,11 @@ async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
     let verified = verify_store(store.as_ref(), &key).await;
     store.close().await;
     let verified = verified.context("reading the audit trail")?;
-    Ok(match verified.first_break {
+    let mut report = String::new();
+    let code = match verified.first_break {
         None => {
-            println!(
+            let _ = writeln!(
+                report,
                 "audit trail intact: {} records in {} chain{}",
                 verified.records,
                 verified.chains,
@@ -90,14 +94,16 @@ async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         }
         Some(broken) => {
-            let code = report_break(&broken, None);
+            let code = report_break(&mut report, &broken, None);
             for other in verified.broken_chains.iter().skip(1) {
-                println!(
+                let _ = writeln!(
+                    report,
                     "  chain {} is broken too: first bad record is seq {}: {}",
                     other.chain, other.seq, other.reason
                 );
             }
-            println!(
+            let _ = writeln!(
+                report,
                 "({} records verified in {} chain{}: in a broken chain, those before its first \
                  bad record)",
                 verified.records,
@@ -106,10 +112,13 @@ async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
             );
             code
         }
-    })
+    };
+    output::print_verdict(&report)?;
+    Ok(code)
 }
 
-fn report_break(broken: &Break, line: Option<usize>) -> ExitCode {
+/// Adds the line naming `broken` to `report`; exit 1.
+fn report_break(report: &mut String, broken: &Break, line: Option<usize>) -> ExitCode {
     let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
     // Nothing verified before the break: a key other than the server's
     // fails every record the same way tampering fails one.
@@ -127,7 +136,8 @@ fn report_break(broken: &Break, line: Option<usize>) -> ExitCode {
     // As the summaries say: "audit trail" is the store's, "audit file" a
     // file's.
     let what = if line.is_some() { "file" } else { "trail" };
-    println!(
+    let _ = writeln!(
+        report,
         "audit {what} broken: first bad record is seq {} of chain {}{at}: {}{hint}",
         broken.seq, broken.chain, broken.reason
     );
@@ -144,13 +154,27 @@ fn open_export(path: &Path) -> anyhow::Result<Box<dyn BufRead>> {
     Ok(Box::new(std::io::BufReader::new(file)))
 }
 
-/// Verifies an exported file line by line, with one record of look-ahead;
-/// the first bad line is named (a line that is no record is bad where it
-/// is: the record before it is checked first).
+/// Verifies an exported file and prints what it found.
 fn verify_file(
     reader: Box<dyn BufRead>,
     session: Option<&str>,
     key: &AuditKey,
+) -> anyhow::Result<ExitCode> {
+    let mut report = String::new();
+    let code = check_file(reader, session, key, &mut report)?;
+    output::print_verdict(&report)?;
+    Ok(code)
+}
+
+/// Verifies an exported file line by line, with one record of look-ahead;
+/// the first bad line is named (a line that is no record is bad where it
+/// is: the record before it is checked first). What it finds goes into
+/// `report`.
+fn check_file(
+    reader: Box<dyn BufRead>,
+    session: Option<&str>,
+    key: &AuditKey,
+    report: &mut String,
 ) -> anyhow::Result<ExitCode> {
     let mut verifier = match session {
         Some(_) => ChainVerifier::allow_gaps(key),
@@ -163,7 +187,8 @@ fn verify_file(
     // gap in such a file is likely a session's export verified without
     // `--session`.
     let mut one_session = OneSession::Unknown;
-    let mut check = |verifier: &mut ChainVerifier<'_>,
+    let mut check = |report: &mut String,
+                     verifier: &mut ChainVerifier<'_>,
                      (line, record): (usize, AuditRecord),
                      next: Option<&AuditRecord>|
      -> Option<ExitCode> {
@@ -177,7 +202,7 @@ fn verify_file(
                         "belongs to another session, not {wanted}"
                     )),
                 };
-                return Some(report_break(&broken, Some(line)));
+                return Some(report_break(report, &broken, Some(line)));
             }
         }
         let range = ranges
@@ -185,11 +210,12 @@ fn verify_file(
             .or_insert((record.seq, record.seq));
         range.1 = record.seq;
         verifier.check(&record, next).err().map(|broken| {
-            let code = report_break(&broken, Some(line));
+            let code = report_break(report, &broken, Some(line));
             if let (BreakReason::Gap { .. }, None, OneSession::Only(id)) =
                 (&broken.reason, session, &one_session)
             {
-                println!(
+                let _ = writeln!(
+                    report,
                     "(every record up to it names session {id}: if the file is that session's \
                      export, whose seqs jump, verify it with --session {id})"
                 );
@@ -209,7 +235,7 @@ fn verify_file(
                 // The record before this line comes first; with nothing
                 // readable after it, a gap there is a gap, not a swap.
                 if let Some(previous) = pending.take() {
-                    if let Some(code) = check(&mut verifier, previous, None) {
+                    if let Some(code) = check(report, &mut verifier, previous, None) {
                         return Ok(code);
                     }
                 }
@@ -228,31 +254,33 @@ fn verify_file(
                     seq,
                     reason: BreakReason::Malformed(why),
                 };
-                return Ok(report_break(&broken, Some(number)));
+                return Ok(report_break(report, &broken, Some(number)));
             }
         };
         if let Some(previous) = pending.take() {
-            if let Some(code) = check(&mut verifier, previous, Some(&record)) {
+            if let Some(code) = check(report, &mut verifier, previous, Some(&record)) {
                 return Ok(code);
             }
         }
         pending = Some((number, record));
     }
     if let Some(last) = pending {
-        if let Some(code) = check(&mut verifier, last, None) {
+        if let Some(code) = check(report, &mut verifier, last, None) {
             return Ok(code);
         }
     }
-    println!(
+    let _ = writeln!(
+        report,
         "audit file intact: {} records in {} chain{}",
         verifier.records(),
         verifier.chains(),
         if verifier.chains() == 1 { "" } else { "s" }
     );
     for (chain, (first, last)) in &ranges {
-        println!("  chain {chain}: seq {first} to {last}");
+        let _ = writeln!(report, "  chain {chain}: seq {first} to {last}");
     }
-    println!(
+    let _ = writeln!(
+        report,
         "(a file shows its records unaltered{}; whether records before its first or after \
          its last were cut off, only the store can tell: airlock audit verify)",
         if session.is_some() {
@@ -295,7 +323,18 @@ async fn export(
 ) -> anyhow::Result<()> {
     check_session(session.as_deref())?;
     let store = open_store(config).await?;
-    let mut out = BufWriter::new(std::io::stdout().lock());
+    let written = write_records(store.as_ref(), session, since_ms).await;
+    store.close().await;
+    written
+}
+
+/// [`export`]'s records, written to stdout.
+async fn write_records(
+    store: &dyn Store,
+    session: Option<String>,
+    since_ms: Option<i64>,
+) -> anyhow::Result<()> {
+    let mut out = BufWriter::new(output::stdout());
     for head in store.audit_heads().await? {
         let mut after_seq = 0;
         loop {
@@ -318,7 +357,6 @@ async fn export(
         }
     }
     out.flush()?;
-    store.close().await;
     Ok(())
 }
 

@@ -7,11 +7,14 @@ use clap_complete::Shell;
 
 use crate::cli::Cli;
 
-/// Writes the completion script for `shell` to stdout.
+/// Writes the completion script for `shell` to stdout. It is rendered into
+/// memory first: `clap_complete` panics on a failed write (`| head -1`).
 pub fn run(shell: Shell) -> anyhow::Result<()> {
     let mut command = Cli::command();
-    let mut out = std::io::stdout().lock();
-    clap_complete::generate(shell, &mut command, "airlock", &mut out);
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "airlock", &mut script);
+    let mut out = crate::output::stdout();
+    out.write_all(&script)?;
     out.flush()?;
     Ok(())
 }

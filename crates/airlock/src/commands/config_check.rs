@@ -25,10 +25,13 @@ pub struct Description {
 }
 
 /// Prints the description; exit 1 (with each problem on stderr) when serve
-/// would refuse to start.
+/// would refuse to start, whether or not stdout is still read.
 pub fn run(config: &Config) -> ExitCode {
     let description = describe(config);
-    print!("{}", description.text);
+    if let Err(e) = crate::output::print_verdict(&description.text) {
+        eprintln!("airlock: {e}");
+        return ExitCode::FAILURE;
+    }
     if description.problems.is_empty() {
         return ExitCode::SUCCESS;
     }

@@ -43,10 +43,10 @@ pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()
                 Ok(answer) => answer,
                 Err(e) => return Err(unknown_provider(&client, &provider, e).await),
             };
-            println!(
-                "credential for {provider} stored sealed (updated {})",
+            crate::output::print(&format!(
+                "credential for {provider} stored sealed (updated {})\n",
                 answer["updated_at"].as_str().unwrap_or("now")
-            );
+            ))?;
         }
         CredentialCommand::Show { provider } => {
             check_provider(&provider)?;
@@ -54,7 +54,7 @@ pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()
                 Ok(answer) => answer,
                 Err(e) => return Err(unknown_provider(&client, &provider, e).await),
             };
-            println!("{}", serde_json::to_string_pretty(&answer)?);
+            crate::output::print(&format!("{}\n", serde_json::to_string_pretty(&answer)?))?;
         }
     }
     Ok(())

@@ -1,7 +1,6 @@
 //! `airlock session create|list|show|revoke`.
 
 use std::collections::BTreeMap;
-use std::io::{ErrorKind, Write as _};
 use std::time::Duration;
 
 use airlock_core::rule::{self, RuleError};
@@ -14,6 +13,7 @@ use crate::cli::{usage, ListFormat, OutputFormat, SessionArgs, SessionCommand, S
 use crate::client::{AdminClient, ApiRefusal, DEFAULT_ADMIN_URL};
 use crate::commands::exec::SESSION_ID_ENV;
 use crate::config::Config;
+use crate::output;
 
 /// Runs a session subcommand against the admin API at `admin_url` (unless
 /// `AIRLOCK_ADMIN_URL` says otherwise).
@@ -22,7 +22,7 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
     match cmd {
         SessionCommand::Create(args) => {
             let session = open(&client, &args.session).await?;
-            print!("{}", render_created(&session, args.format));
+            output::print(&render_created(&session, args.format))?;
         }
         SessionCommand::List {
             all,
@@ -41,8 +41,10 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| unknown_session("ID", e))?;
             match format {
-                ShowFormat::Json => println!("{}", serde_json::to_string_pretty(&session)?),
-                ShowFormat::Text => print!("{}", render_text(&session)),
+                ShowFormat::Json => {
+                    output::print(&format!("{}\n", serde_json::to_string_pretty(&session)?))?;
+                }
+                ShowFormat::Text => output::print(&render_text(&session))?,
             }
         }
         SessionCommand::Revoke { id_or_token } => {
@@ -64,7 +66,7 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
                     .await
             };
             let session = session.map_err(|e| unknown_session("ID_OR_TOKEN", e))?;
-            println!("{}", revoked_line(&session)?);
+            output::print(&format!("{}\n", revoked_line(&session)?))?;
         }
     }
     Ok(())
@@ -431,11 +433,7 @@ async fn list(
         listed += u64::try_from(page.len()).unwrap_or(u64::MAX);
         match format {
             ListFormat::Table => rows.extend(page.iter().map(|s| table_row(s, now))),
-            ListFormat::Json => {
-                if !print_out(&json.page(page))? {
-                    return Ok(());
-                }
-            }
+            ListFormat::Json => output::print(&json.page(page))?,
         }
         let next = answer.get("next").and_then(Value::as_str);
         match next {
@@ -452,7 +450,7 @@ async fn list(
         ListFormat::Table => format_table(rows),
         ListFormat::Json => json.end(),
     };
-    print_out(&end)?;
+    output::print(&end)?;
     Ok(())
 }
 
@@ -474,16 +472,6 @@ fn list_path(all: bool, limit: u64, after: Option<&str>) -> String {
         "/v1/sessions".to_owned()
     } else {
         format!("/v1/sessions?{}", params.join("&"))
-    }
-}
-
-/// Writes `text` to stdout; `false` once stdout is closed (EPIPE: `| head`).
-fn print_out(text: &str) -> anyhow::Result<bool> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(false),
-        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
     }
 }
 

@@ -6,7 +6,7 @@
 //! start. Records are printed in time order within each poll.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{ErrorKind, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,7 +21,8 @@ const POLL_EVERY: Duration = Duration::from_millis(200);
 /// Records read per query.
 const PAGE: u32 = 1_000;
 
-/// Runs `audit tail`; returns on SIGINT/SIGTERM or when stdout is closed.
+/// Runs `audit tail` until SIGINT/SIGTERM, or until stdout is closed
+/// ([`crate::output::StdoutClosed`], a quiet end).
 pub async fn run(
     config: &Config,
     session: Option<String>,
@@ -48,16 +49,12 @@ async fn follow(store: &dyn Store, session: Option<String>, lines: usize) -> any
             .collect();
         if lines > 0 {
             let last = last_records(store, session.as_deref(), &cursors, lines).await?;
-            if !print_lines(last.iter().map(|(_, line)| line.as_str()))? {
-                return Ok(());
-            }
+            print_lines(last.iter().map(|(_, line)| line.as_str()))?;
         }
         loop {
             tokio::time::sleep(POLL_EVERY).await;
             let new = poll(store, session.as_deref(), &mut cursors).await?;
-            if !print(&new)? {
-                return Ok(());
-            }
+            print(&new)?;
         }
     };
     tokio::select! {
@@ -67,27 +64,23 @@ async fn follow(store: &dyn Store, session: Option<String>, lines: usize) -> any
     }
 }
 
-/// Writes records as JSON lines; `false` once stdout is closed (EPIPE).
-fn print(records: &[AuditRecord]) -> anyhow::Result<bool> {
+/// Writes records as JSON lines.
+fn print(records: &[AuditRecord]) -> std::io::Result<()> {
     if records.is_empty() {
-        return Ok(true);
+        return Ok(());
     }
     let lines: Vec<String> = records.iter().map(AuditRecord::to_json).collect();
     print_lines(lines.iter().map(String::as_str))
 }
 
-/// Writes JSON lines; `false` once stdout is closed (EPIPE).
-fn print_lines<'a>(lines: impl Iterator<Item = &'a str>) -> anyhow::Result<bool> {
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let written = lines
-        .into_iter()
-        .try_for_each(|line| writeln!(out, "{line}"))
-        .and_then(|()| out.flush());
-    match written {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(false),
-        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
+/// Writes JSON lines. Once stdout is closed this fails with
+/// [`crate::output::StdoutClosed`], which ends `tail` quietly.
+fn print_lines<'a>(lines: impl Iterator<Item = &'a str>) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(crate::output::stdout());
+    for line in lines {
+        writeln!(out, "{line}")?;
     }
+    out.flush()
 }
 
 /// A record's place in the output order (time, chain, seq).

@@ -1,0 +1,100 @@
+//! Commands' output on stdout. When the reader has gone (`airlock ... |
+//! head -1`), a write fails with [`StdoutClosed`], which ends the command
+//! quietly, as for `gh` and `vault`: `main` exits 0 with nothing on stderr
+//! ([`is_stdout_closed`]). Every command writes its output through here.
+
+use std::fmt;
+use std::io::{self, ErrorKind, Write};
+
+/// Stdout's reader has closed the pipe (EPIPE): not a failure.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Locked stdout whose errors say where they come from: a closed pipe is
+/// [`StdoutClosed`], anything else `writing to stdout: ...`.
+pub struct Stdout(io::StdoutLock<'static>);
+
+/// Stdout, locked for a command's output.
+pub fn stdout() -> Stdout {
+    Stdout(io::stdout().lock())
+}
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf).map_err(tag)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush().map_err(tag)
+    }
+}
+
+fn tag(error: io::Error) -> io::Error {
+    match error.kind() {
+        ErrorKind::BrokenPipe => io::Error::new(ErrorKind::BrokenPipe, StdoutClosed),
+        // Retried by `write_all`.
+        ErrorKind::Interrupted => error,
+        kind => io::Error::new(kind, format!("writing to stdout: {error}")),
+    }
+}
+
+/// Writes `text` to stdout and flushes it.
+pub fn print(text: &str) -> io::Result<()> {
+    let mut out = stdout();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// Writes `text` for a command whose exit status is a verdict (`audit
+/// verify`, `config check`): a closed stdout leaves the verdict as it is.
+pub fn print_verdict(text: &str) -> io::Result<()> {
+    match print(text) {
+        Err(e) if is_closed(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// Whether `error` (or one of its causes) is a write to a closed stdout.
+pub fn is_stdout_closed(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.is::<StdoutClosed>() || cause.downcast_ref::<io::Error>().is_some_and(is_closed)
+    })
+}
+
+fn is_closed(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<StdoutClosed>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_pipe_is_told_apart_from_other_errors() {
+        let closed = tag(io::Error::from(ErrorKind::BrokenPipe));
+        assert!(is_closed(&closed));
+        let err = anyhow::Error::new(closed).context("printing sessions");
+        assert!(is_stdout_closed(&err));
+
+        // Another EPIPE (a socket's) is not stdout's.
+        let socket = anyhow::Error::new(io::Error::from(ErrorKind::BrokenPipe));
+        assert!(!is_stdout_closed(&socket));
+
+        let full = tag(io::Error::from(ErrorKind::StorageFull));
+        assert!(!is_closed(&full));
+        assert!(
+            full.to_string().starts_with("writing to stdout: "),
+            "{full}"
+        );
+    }
+}
