@@ -608,13 +608,7 @@ impl Config {
         let public_url = raw
             .proxy
             .public_url
-            .map(|u| {
-                let trimmed = u.trim_end_matches('/').to_owned();
-                let ok = (trimmed.starts_with("http://") || trimmed.starts_with("https://"))
-                    && trimmed.parse::<http::Uri>().is_ok();
-                ok.then_some(trimmed)
-                    .ok_or_else(|| err("proxy.public_url", format!("{u:?} is not an http(s) URL")))
-            })
+            .map(|u| check_public_url(&u).map_err(|reason| err("proxy.public_url", reason)))
             .transpose()?;
         let proxy_listen = addr("proxy.listen", &raw.proxy.listen)?;
         let admin_listen = addr("admin.listen", &raw.admin.listen)?;
@@ -1051,8 +1045,38 @@ const RESERVED_HEADERS: [&str; 15] = [
     "cookie",
 ];
 
-/// `[providers.NAME.headers]`: valid names and values, none that airlock
-/// owns (framing, hop-by-hop, the credential's own header).
+/// `[proxy] public_url` without its trailing `/`: `http(s)://host[:port][/path]`.
+/// Agents' base URLs are built by appending `/PROVIDER/...` to it, so a
+/// query string or fragment would end up in the middle of them; a user or
+/// password would be handed to every agent (and is not said back here).
+fn check_public_url(url: &str) -> Result<String, String> {
+    let trimmed = url.trim_end_matches('/');
+    let uri = trimmed
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|u| {
+            (trimmed.starts_with("http://") || trimmed.starts_with("https://"))
+                && u.host().is_some()
+        })
+        .ok_or_else(|| format!("{url:?} is not an http(s) URL"))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(
+            "must not hold a user or password: it is handed to every agent in its base URL".into(),
+        );
+    }
+    let appended = "agents' base URLs are built by appending /PROVIDER/... to it";
+    // Checked in the text: `http::Uri` drops a fragment, and an empty query.
+    if trimmed.contains('?') {
+        return Err(format!("{url:?} must not have a query string: {appended}"));
+    }
+    if trimmed.contains('#') {
+        return Err(format!(
+            "{url:?} must not have a fragment (#...): {appended}"
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
 /// An upstream URL airlock can call: `http(s)://host[:port][/path]`,
 /// without a user, password or query.
 fn check_upstream(upstream: &str) -> Result<(), String> {

@@ -1373,6 +1373,9 @@ async fn config_check_refuses_a_bad_config_exactly_as_serve_does() {
         "[proxy\n",
         "[sessions]\nmax_ttl = \"0s\"\n",
         "[unknown]\n",
+        "[proxy]\npublic_url = \"http://h/a?b=x\"\n",
+        "[proxy]\npublic_url = \"http://h/#f\"\n",
+        "[proxy]\npublic_url = \"http://user:pw@h\"\n",
     ];
     let mut all = String::new();
     for toml in bad_configs {

@@ -184,6 +184,28 @@ fn bad_configs_name_file_key_and_reason() {
             "[providers.x]\nupstream = \"https://x\"\ncredential = \"env:X\"\nenv_key = \"AIRLOCK_SESSION_ID\"\nenv_base_url = \"XB\"",
             "bad.toml: providers.x.env_key: AIRLOCK_SESSION_ID is reserved for airlock's own",
         ),
+        (
+            "[proxy]\npublic_url = \"http://h/a?b=x\"",
+            "bad.toml: proxy.public_url: \"http://h/a?b=x\" must not have a query string: agents' \
+             base URLs are built by appending /PROVIDER/... to it",
+        ),
+        (
+            "[proxy]\npublic_url = \"http://h/?\"",
+            "bad.toml: proxy.public_url: \"http://h/?\" must not have a query string",
+        ),
+        (
+            "[proxy]\npublic_url = \"http://h/#f\"",
+            "bad.toml: proxy.public_url: \"http://h/#f\" must not have a fragment (#...)",
+        ),
+        (
+            "[proxy]\npublic_url = \"https://h:8443/x#\"",
+            "bad.toml: proxy.public_url: \"https://h:8443/x#\" must not have a fragment (#...)",
+        ),
+        (
+            "[proxy]\npublic_url = \"http://user:pw@h\"",
+            "bad.toml: proxy.public_url: must not hold a user or password: it is handed to every \
+             agent in its base URL",
+        ),
         ("[proxy]\nupstream_timeout = \"0s\"", "bad.toml: proxy.upstream_timeout: must be at least 1ms"),
         ("[proxy]\nconnect_timeout = \"0ms\"", "bad.toml: proxy.connect_timeout: must be at least 1ms"),
         (
@@ -195,6 +217,23 @@ fn bad_configs_name_file_key_and_reason() {
         let got = error_of(text);
         assert!(got.starts_with(want), "{text:?}\n got: {got}\nwant: {want}");
     }
+}
+
+/// `public_url` may have a path (airlock behind a front proxy's prefix);
+/// a refused user and password are not said back.
+#[test]
+fn a_public_url_may_have_a_path_but_no_credentials_shown() {
+    let c = Config::parse(
+        "x.toml",
+        "[proxy]\npublic_url = \"https://h:8443/airlock/\"",
+    )
+    .unwrap();
+    assert_eq!(
+        c.proxy.public_url.as_deref(),
+        Some("https://h:8443/airlock")
+    );
+    let refused = error_of("[proxy]\npublic_url = \"http://user:s3cret@h/?q=1\"");
+    assert!(!refused.contains("s3cret"), "{refused}");
 }
 
 /// A public URL whose host `allowed_hosts` lists, bare or with its port,
