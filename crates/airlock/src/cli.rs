@@ -102,8 +102,10 @@ Examples:
     /// `credential = "env:VAR"` variable, every provider's key and base-URL
     /// variables (the server's and the local config's), the key variables
     /// of the common AI SDKs (OPENAI_API_KEY, ANTHROPIC_API_KEY, HF_TOKEN,
-    /// ...), AIRLOCK_ADMIN_TOKEN, AIRLOCK_AUDIT_KEY and AIRLOCK_MASTER_KEY
-    /// are removed from its environment.
+    /// ...), the legacy base-URL variables some read instead of the one
+    /// set here (OPENAI_API_BASE, ANTHROPIC_API_URL, ANTHROPIC_API_BASE),
+    /// AIRLOCK_ADMIN_TOKEN, AIRLOCK_AUDIT_KEY and AIRLOCK_MASTER_KEY are
+    /// removed from its environment.
     ///
     /// Exit status: CMD's; 2 for a usage error (a bad option or option value,
     /// as for every command); 125 when airlock fails otherwise before CMD

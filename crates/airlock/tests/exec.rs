@@ -20,8 +20,10 @@ const ANTHROPIC_KEY: &str = "sk-real-anthropic-exec-0123456789";
 const SHELL_ANTHROPIC_KEY: &str = "sk-ant-in-the-shell-0123456789";
 /// A real key the operator's shell holds for some other AI SDK.
 const SHELL_SDK_KEY: &str = "hf-or-other-sdk-key-in-the-shell-0123456789";
-/// Where AI SDKs other than OpenAI's and Anthropic's read their keys.
-const SDK_KEY_VARIABLES: [&str; 8] = [
+/// Where AI SDKs other than OpenAI's and Anthropic's read their keys (and
+/// Azure OpenAI's Entra ID token).
+const SDK_KEY_VARIABLES: [&str; 9] = [
+    "AZURE_OPENAI_AD_TOKEN",
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",
     "REPLICATE_API_TOKEN",
@@ -31,6 +33,12 @@ const SDK_KEY_VARIABLES: [&str; 8] = [
     "GEMINI_API_KEY",
     "MISTRAL_API_KEY",
 ];
+/// Legacy base-URL variables that SDKs (LangChain, LiteLLM, openai < 1.0)
+/// read before the one a session sets.
+const LEGACY_BASE_URL_VARIABLES: [&str; 3] =
+    ["OPENAI_API_BASE", "ANTHROPIC_API_URL", "ANTHROPIC_API_BASE"];
+/// Where the operator's shell points them.
+const ELSEWHERE: &str = "https://elsewhere.example/v1";
 /// Upper bound for anything a test waits for.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -161,6 +169,8 @@ async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code
     .env("ANTHROPIC_BASE_URL", "https://api.anthropic.com")
     // Keys of other AI SDKs in the operator's shell.
     .envs(SDK_KEY_VARIABLES.map(|var| (var, SHELL_SDK_KEY)))
+    // Base URLs that would send the session's token elsewhere.
+    .envs(LEGACY_BASE_URL_VARIABLES.map(|var| (var, ELSEWHERE)))
     .output()
     .await
     .unwrap();
@@ -199,9 +209,10 @@ async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code
     ] {
         assert_eq!(var(hidden), None, "{hidden} leaked into the child");
     }
-    for name in SDK_KEY_VARIABLES {
+    for name in SDK_KEY_VARIABLES.iter().chain(&LEGACY_BASE_URL_VARIABLES) {
         assert_eq!(var(name), None, "{name} leaked into the child");
     }
+    assert!(!stdout.contains(ELSEWHERE), "{stdout}");
     for secret in [
         OPENAI_KEY,
         ANTHROPIC_KEY,

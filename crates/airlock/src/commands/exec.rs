@@ -136,11 +136,14 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 /// Where the common AI SDKs and CLIs look for their API keys.
-const WELL_KNOWN_KEY_VARIABLES: [&str; 27] = [
+const WELL_KNOWN_KEY_VARIABLES: [&str; 28] = [
     "OPENAI_API_KEY",
     "ANTHROPIC_API_KEY",
     "ANTHROPIC_AUTH_TOKEN",
     "AZURE_OPENAI_API_KEY",
+    // A Microsoft Entra ID bearer token: the openai SDK's AzureOpenAI
+    // client reads it (before AZURE_OPENAI_API_KEY).
+    "AZURE_OPENAI_AD_TOKEN",
     "GEMINI_API_KEY",
     "GOOGLE_API_KEY",
     "MISTRAL_API_KEY",
@@ -167,9 +170,24 @@ const WELL_KNOWN_KEY_VARIABLES: [&str; 27] = [
     "AZURE_API_KEY",
 ];
 
+/// Legacy base-URL variables that SDKs read before (or instead of) the one
+/// a session sets: inherited, they would send the session's token, and
+/// the agent, somewhere other than airlock.
+const WELL_KNOWN_BASE_URL_VARIABLES: [&str; 3] = [
+    // openai-python before 1.0 (its only name), LangChain's ChatOpenAI and
+    // OpenAIEmbeddings, LiteLLM: all before OPENAI_BASE_URL or instead of it.
+    "OPENAI_API_BASE",
+    // LangChain's ChatAnthropic (langchain-anthropic), before the
+    // Anthropic SDK's ANTHROPIC_BASE_URL.
+    "ANTHROPIC_API_URL",
+    // LiteLLM's Anthropic calls, before ANTHROPIC_BASE_URL.
+    "ANTHROPIC_API_BASE",
+];
+
 /// Variables the command must not inherit: the real credentials of every
 /// configured provider whose source is `env:VAR`; the variables the common
-/// AI SDKs read keys from ([`WELL_KNOWN_KEY_VARIABLES`]); every provider's
+/// AI SDKs read keys from ([`WELL_KNOWN_KEY_VARIABLES`]) and the legacy
+/// base-URL variables they read ([`WELL_KNOWN_BASE_URL_VARIABLES`]); every provider's
 /// `env_key` and `env_base_url` (the names its SDK reads: a real key the
 /// operator's shell holds there must not reach the command for a provider
 /// outside the session, and one inside gets the session's values); the
@@ -188,6 +206,11 @@ pub fn hidden_variables(config: &Config) -> BTreeSet<String> {
     // a provider here uses them: a real key in the shell under one of
     // them must not reach an agent's command either.
     vars.extend(WELL_KNOWN_KEY_VARIABLES.iter().map(|v| (*v).to_owned()));
+    vars.extend(
+        WELL_KNOWN_BASE_URL_VARIABLES
+            .iter()
+            .map(|v| (*v).to_owned()),
+    );
     vars.insert("AIRLOCK_ADMIN_TOKEN".to_owned());
     vars.insert(AUDIT_KEY_ENV.to_owned());
     vars.insert(airlock_core::seal::MASTER_KEY_ENV.to_owned());
