@@ -34,6 +34,9 @@ pub struct LiveSession {
     unflushed_denied: AtomicU64,
     /// Set once `max_denied` was reached here (the caller revokes once).
     max_denied_reached: AtomicBool,
+    /// Held while a refused call writes the session's denials (see
+    /// `Registry::write_denials`): one write at a time.
+    denial_writes: tokio::sync::Mutex<()>,
     rate: Option<DefaultDirectRateLimiter>,
     /// `max_requests` spent from leases reserved in the store (see
     /// `Store::leases_requests`).
@@ -118,6 +121,7 @@ impl LiveSession {
             unflushed_allowed: AtomicU64::new(0),
             unflushed_denied: AtomicU64::new(0),
             max_denied_reached: AtomicBool::new(false),
+            denial_writes: tokio::sync::Mutex::new(()),
             rate,
             lease,
             flush_soon,
@@ -215,6 +219,11 @@ impl LiveSession {
     /// Calls denied so far (counted like [`LiveSession::allowed`]).
     pub fn denied(&self) -> u64 {
         self.denied.load(Ordering::Relaxed)
+    }
+
+    /// Serialises the writes of this session's denials.
+    pub(crate) fn denial_writes(&self) -> &tokio::sync::Mutex<()> {
+        &self.denial_writes
     }
 
     /// Whether its denials reached `max_denied` (which revokes it).

@@ -207,9 +207,18 @@ impl Registry {
     /// Starts a store call from the request path on the home runtime
     /// without waiting for it (see [`Registry::on_home`]).
     fn spawn_home(&self, task: impl Future<Output = ()> + Send + 'static) {
+        drop(self.spawn_home_joined(task));
+    }
+
+    /// [`Registry::spawn_home`], with the task's handle (dropping it does
+    /// not stop the task).
+    fn spawn_home_joined(
+        &self,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
         match &self.home {
-            Some(home) => drop(home.spawn(task)),
-            None => drop(tokio::spawn(task)),
+            Some(home) => home.spawn(task),
+            None => tokio::spawn(task),
         }
     }
 
@@ -523,10 +532,26 @@ impl Registry {
     /// costs one write at most, and at most `max_denied` of them are
     /// answered before the session is revoked. A write that fails leaves
     /// the counts to the flusher, as before.
-    pub async fn write_denials(&self, session: &LiveSession) {
-        if self.store.is_shared() && session.limits().max_denied.is_some() {
-            self.write_counts(session, now_ms()).await;
+    ///
+    /// One write at a time per session: denials that come while one is
+    /// under way go together in the next (a hostile agent's burst of
+    /// refusals costs a write per round trip to the store, not per
+    /// refusal). The write runs in a task of its own on the registry's
+    /// runtime, so that a refused call dropped meanwhile (its agent gone)
+    /// does not take the counts it took with it.
+    pub async fn write_denials(self: &Arc<Self>, session: &Arc<LiveSession>) {
+        if !self.store.is_shared() || session.limits().max_denied.is_none() {
+            return;
         }
+        let registry = Arc::clone(self);
+        let session = Arc::clone(session);
+        let write = self.spawn_home_joined(async move {
+            let _one_at_a_time = session.denial_writes().lock().await;
+            registry.write_counts(&session, now_ms()).await;
+        });
+        // Err only if the runtime is shutting down: the flusher's last
+        // flush then writes what is left.
+        let _ = write.await;
     }
 
     /// Remembers a revocation the store did not take, for the flusher.
