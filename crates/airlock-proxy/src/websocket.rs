@@ -609,9 +609,12 @@ where
 
     // Both directions are stopped (their futures dropped): airlock writes
     // its own close frames where it ended the tunnel.
+    // Not to a side that already got a close frame (the other side's):
+    // a second one breaks the protocol.
     let (to_agent, to_provider) = end.goodbyes();
-    let to_agent = to_agent.filter(|_| agent_whole.load(Ordering::Relaxed));
-    let to_provider = to_provider.filter(|_| provider_whole.load(Ordering::Relaxed));
+    let to_agent = to_agent.filter(|_| agent_whole.load(Ordering::Relaxed) && !guard.saw_close());
+    let to_provider =
+        to_provider.filter(|_| provider_whole.load(Ordering::Relaxed) && !frames.saw_close());
     let agent_side = async {
         let Some((code, reason)) = to_agent else {
             return;
@@ -738,6 +741,8 @@ pub(crate) struct FrameGuard {
     pending: BytesMut,
     /// Whether a control frame's payload was redacted.
     control_redacted: bool,
+    /// Whether the provider's close frame passed.
+    saw_close: bool,
 }
 
 /// A data message in progress.
@@ -819,7 +824,13 @@ impl FrameGuard {
             message: None,
             pending: BytesMut::new(),
             control_redacted: false,
+            saw_close: false,
         }
+    }
+
+    /// Whether the provider's close frame went through.
+    pub(crate) fn saw_close(&self) -> bool {
+        self.saw_close
     }
 
     /// Whether anything was redacted so far.
@@ -980,6 +991,7 @@ impl FrameGuard {
     /// released of the message in progress.
     fn control(&mut self, opcode: u8, payload: &[u8], out: &mut BytesMut) {
         self.fragment(out);
+        self.saw_close |= opcode == 0x8;
         let payload = self.redactor.redact(payload);
         if let Cow::Owned(_) = payload {
             self.control_redacted = true;

@@ -155,6 +155,8 @@ pub(crate) struct Shared {
     ended: watch::Sender<usize>,
     /// Every byte the `/ws/sink` route received after its switch.
     pub(crate) ws_received: Mutex<Vec<u8>>,
+    /// `/ws/sink` connections read to their end (closed by airlock).
+    pub(crate) ws_sinks_ended: watch::Sender<usize>,
 }
 
 impl Shared {
@@ -265,6 +267,7 @@ impl MockProvider {
             accepted: AtomicUsize::new(0),
             ended: watch::channel(0).0,
             ws_received: Mutex::new(Vec::new()),
+            ws_sinks_ended: watch::Sender::new(0),
         });
         let server = spawn(listener, shared.clone());
         MockProvider {
@@ -313,6 +316,16 @@ impl MockProvider {
     /// (frames as they came, masked), all its connections together.
     pub fn websocket_received(&self) -> Vec<u8> {
         self.shared.ws_received.lock().clone()
+    }
+
+    /// Waits up to `limit` until `n` `/ws/sink` connections were read to
+    /// their end (everything airlock sent on them is then in
+    /// [`MockProvider::websocket_received`]); returns whether they were.
+    pub async fn wait_for_ended_websocket_sinks(&self, n: usize, limit: Duration) -> bool {
+        let mut ended = self.shared.ws_sinks_ended.subscribe();
+        tokio::time::timeout(limit, ended.wait_for(|count| *count >= n))
+            .await
+            .is_ok_and(|seen| seen.is_ok())
     }
 
     /// Number of requests recorded so far (including ones still in flight).

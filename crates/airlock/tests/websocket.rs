@@ -545,6 +545,53 @@ async fn the_provider_is_told_going_away_when_airlock_ends_a_tunnel() {
     );
 }
 
+/// A side that already got the other's close frame gets no second one
+/// (RFC 6455 §5.5.1): the agent closes, the provider (which never answers)
+/// gets only that close; the session then ends during the close
+/// handshake, and only the agent is told.
+#[tokio::test]
+async fn a_side_that_got_a_close_frame_gets_no_second_one() {
+    let s = setup().await;
+    let (id, token) = session(&s.airlock).await;
+    let (mut socket, _) = connect(&s, "/ws/sink", &token).await.unwrap();
+    socket
+        .send(Message::Close(Some(
+            tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: 1000.into(),
+                reason: "done".into(),
+            },
+        )))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while client_frames(&s.mock.websocket_received()).is_none_or(|f| f.is_empty()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the close never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, _) = s
+        .airlock
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    // The agent's close is answered by airlock's (the provider never did).
+    assert_eq!(close_frame(&mut socket).await.0, 1008);
+    assert!(
+        s.mock.wait_for_ended_websocket_sinks(1, LIMIT).await,
+        "airlock kept the provider's connection open"
+    );
+    let mut done = 1000u16.to_be_bytes().to_vec();
+    done.extend_from_slice(b"done");
+    assert_eq!(
+        client_frames(&s.mock.websocket_received()).unwrap(),
+        vec![(0x8, done)],
+        "the provider got a second close frame"
+    );
+}
+
 #[tokio::test]
 async fn a_quiet_tunnel_outlives_the_http_idle_timeout_until_its_own() {
     let mock = MockProvider::start().await;

@@ -98,6 +98,7 @@ pub(crate) fn handle(
                     }
                     shared.ws_received.lock().extend_from_slice(&buf[..n]);
                 }
+                shared.ws_sinks_ended.send_modify(|n| *n += 1);
                 return;
             }
             "/ws/split-key" if split_key(&mut io, &authorization).await.is_err() => return,
