@@ -1078,7 +1078,7 @@ fn check_public_url(url: &str) -> Result<String, String> {
 }
 
 /// An upstream URL airlock can call: `http(s)://host[:port][/path]`,
-/// without a user, password or query.
+/// without a user, password, query or fragment.
 fn check_upstream(upstream: &str) -> Result<(), String> {
     let uri = upstream
         .parse::<http::Uri>()
@@ -1093,8 +1093,14 @@ fn check_upstream(upstream: &str) -> Result<(), String> {
             "must not hold a user or password: the provider's key goes in `credential`".into(),
         );
     }
-    if uri.query().is_some() {
+    // Checked in the text: `http::Uri` drops a fragment, and an empty query.
+    if upstream.contains('?') {
         return Err(format!("{upstream:?} must not have a query string"));
+    }
+    if upstream.contains('#') {
+        return Err(format!(
+            "{upstream:?} must not have a fragment (#...): calls' paths are appended to it"
+        ));
     }
     Ok(())
 }

@@ -169,6 +169,14 @@ fn bad_configs_name_file_key_and_reason() {
             "bad.toml: providers.x.upstream: \"https://x/v1?a=1\" must not have a query string",
         ),
         (
+            "[providers.x]\nupstream = \"https://x/v1?\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"XB\"",
+            "bad.toml: providers.x.upstream: \"https://x/v1?\" must not have a query string",
+        ),
+        (
+            "[providers.x]\nupstream = \"https://x/v1#frag\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"XB\"",
+            "bad.toml: providers.x.upstream: \"https://x/v1#frag\" must not have a fragment (#...)",
+        ),
+        (
             "[providers.x]\nupstream = \"HTTPS://x\"\ncredential = \"env:X\"\nenv_key = \"X\"\nenv_base_url = \"XB\"",
             "bad.toml: providers.x.upstream: \"HTTPS://x\" is not an http(s) URL",
         ),
