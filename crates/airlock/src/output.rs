@@ -2,6 +2,7 @@
 //! head -1`), a write fails with [`StdoutClosed`], which ends the command
 //! quietly, as for `gh` and `vault`: `main` exits 0 with nothing on stderr
 //! ([`is_stdout_closed`]). Every command writes its output through here.
+//! (`session create` fails instead: see `commands/session.rs`.)
 
 use std::fmt;
 use std::io::{self, ErrorKind, Write};

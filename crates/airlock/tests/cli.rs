@@ -1617,14 +1617,6 @@ async fn a_closed_stdout_ends_a_command_quietly() {
         &["session", "list", "--json"],
         &["session", "show", &id],
         &["session", "show", &id, "--format", "text"],
-        &[
-            "session",
-            "create",
-            "--allow",
-            "openai:POST:/v1/x",
-            "--format",
-            "env",
-        ],
         &["credential", "show", "openai"],
         &["audit", "export", "--config", config],
         &["audit", "tail", "-n", "1", "--config", config],
@@ -1635,6 +1627,35 @@ async fn a_closed_stdout_ends_a_command_quietly() {
         let out = with_stdout_closed(&mut against_server(args)).await;
         quiet(&args.join(" "), &out, 0);
     }
+    // `session create` is the exception: a session whose token was printed
+    // nowhere is revoked, and the command fails, saying so.
+    let args = [
+        "session",
+        "create",
+        "--allow",
+        "openai:POST:/v1/x",
+        "--label",
+        "test=closed-stdout",
+    ];
+    let out = with_stdout_closed(&mut against_server(&args)).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.starts_with(
+            "airlock: stdout was closed before the session's token was printed; session ses_"
+        ) && said.trim_end().ends_with(" revoked"),
+        "{said}"
+    );
+    let listed = cli(&airlock, &["session", "list", "--all", "--json"]).await;
+    let listed: Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    let created: Vec<&Value> = listed["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["labels"]["test"] == "closed-stdout")
+        .collect();
+    assert_eq!(created.len(), 1, "{listed}");
+    assert_eq!(created[0]["state"], "revoked", "{listed}");
 
     // A broken file is still exit 1 (nothing on stderr: the verdict was
     // for stdout).

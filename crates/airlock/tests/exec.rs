@@ -209,7 +209,13 @@ async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code
     ] {
         assert_eq!(var(hidden), None, "{hidden} leaked into the child");
     }
-    for name in SDK_KEY_VARIABLES.iter().chain(&LEGACY_BASE_URL_VARIABLES) {
+    for name in SDK_KEY_VARIABLES {
+        assert_eq!(var(name), None, "{name} leaked into the child");
+    }
+    // The legacy base-URL names: the one whose provider is in the session
+    // gets the session's base URL; the others are gone.
+    assert_eq!(var("OPENAI_API_BASE"), Some(base_url), "{stdout}");
+    for name in ["ANTHROPIC_API_URL", "ANTHROPIC_API_BASE"] {
         assert_eq!(var(name), None, "{name} leaked into the child");
     }
     assert!(!stdout.contains(ELSEWHERE), "{stdout}");

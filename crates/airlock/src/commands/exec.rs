@@ -79,7 +79,16 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
     for var in hidden {
         command.env_remove(var);
     }
-    for (key, value) in session_env(&session) {
+    let env = session_env(&session);
+    // The legacy names get the session's base URL too, so that the tools
+    // that read them go through airlock rather than to the provider with a
+    // token worth nothing there.
+    for (legacy, current) in LEGACY_BASE_URL_ALIASES {
+        if let Some((_, url)) = env.iter().find(|(key, _)| key == current) {
+            command.env(legacy, url);
+        }
+    }
+    for (key, value) in env {
         command.env(key, value);
     }
     command.env(SESSION_ID_ENV, &id);
@@ -182,6 +191,14 @@ const WELL_KNOWN_BASE_URL_VARIABLES: [&str; 3] = [
     "ANTHROPIC_API_URL",
     // LiteLLM's Anthropic calls, before ANTHROPIC_BASE_URL.
     "ANTHROPIC_API_BASE",
+];
+
+/// The legacy base-URL variables ([`WELL_KNOWN_BASE_URL_VARIABLES`]) and
+/// the current one each stands for: set to the session's value of it.
+const LEGACY_BASE_URL_ALIASES: [(&str, &str); 3] = [
+    ("OPENAI_API_BASE", "OPENAI_BASE_URL"),
+    ("ANTHROPIC_API_URL", "ANTHROPIC_BASE_URL"),
+    ("ANTHROPIC_API_BASE", "ANTHROPIC_BASE_URL"),
 ];
 
 /// Variables the command must not inherit: the real credentials of every

@@ -22,7 +22,25 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
     match cmd {
         SessionCommand::Create(args) => {
             let session = open(&client, &args.session).await?;
-            output::print(&render_created(&session, args.format))?;
+            if let Err(e) = output::print(&render_created(&session, args.format)) {
+                // Its token went nowhere, and is not kept anywhere: nobody
+                // can use the session, which is revoked rather than left to
+                // run its TTL. Not a quiet end: nothing was created.
+                let id = session.get("id").and_then(Value::as_str).unwrap_or("-");
+                let revoked = client
+                    .call(Method::DELETE, &format!("/v1/sessions/{id}"), None)
+                    .await;
+                let what = match revoked {
+                    Ok(_) => format!("session {id} revoked"),
+                    Err(why) => format!("session {id} could not be revoked ({why:#})"),
+                };
+                let cause = if output::is_stdout_closed(&anyhow::Error::from(e)) {
+                    "stdout was closed".to_owned()
+                } else {
+                    "stdout could not be written".to_owned()
+                };
+                anyhow::bail!("{cause} before the session's token was printed; {what}");
+            }
         }
         SessionCommand::List {
             all,
