@@ -90,6 +90,9 @@ struct Harness {
     env: BTreeMap<String, String>,
     /// The session's id: the case that plays the operator revokes it.
     session: String,
+    /// A second session (anthropic only): (id, token), for the Anthropic
+    /// case that revokes its own session mid-stream.
+    second: (String, String),
 }
 
 impl Harness {
@@ -125,18 +128,25 @@ impl Harness {
                 command.env_remove(&key);
             }
         }
-        if case == "openai_stream_revoked" {
-            // Only this case plays the operator: no other run gets the
-            // admin token.
+        command.envs(&self.env);
+        // Only the cases that play the operator get the admin token.
+        let revoked = match case {
+            "openai_stream_revoked" => Some(self.session.as_str()),
+            "anthropic_stream_revoked" => {
+                command.env("ANTHROPIC_API_KEY", &self.second.1);
+                Some(self.second.0.as_str())
+            }
+            _ => None,
+        };
+        if let Some(id) = revoked {
             command
                 .env(
                     "SDK_REVOKE_URL",
-                    format!("{}/v1/sessions/{}", self.airlock.admin_url(), self.session),
+                    format!("{}/v1/sessions/{id}", self.airlock.admin_url()),
                 )
                 .env("SDK_REVOKE_TOKEN", self.airlock.admin_token());
         }
         command
-            .envs(&self.env)
             .env("SDK_CASE", case)
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("NO_PROXY", "127.0.0.1,localhost");
@@ -287,12 +297,24 @@ async fn official_python_sdks_through_airlock() {
         );
     }
 
+    let second = airlock
+        .create_session(json!({
+            "scope": [{"provider": "anthropic", "methods": ["POST"], "paths": ["/v1/messages"]}],
+            "ttl_seconds": 300,
+        }))
+        .await
+        .expect("create the second session");
+    let second = (
+        str_field(&second, "id").to_owned(),
+        str_field(&second, "token").to_owned(),
+    );
     let h = Harness {
         python,
         mock,
         airlock,
         env,
         session: id.clone(),
+        second,
     };
 
     // --- calls inside the scope reach the provider -------------------------
@@ -452,6 +474,13 @@ async fn official_python_sdks_through_airlock() {
         "{cut}"
     );
     assert_eq!(str_field(&cut, "code"), "invalid_token", "{cut}");
+    // The Anthropic SDK raises on the `error` event too (its own session).
+    let cut = h.expect_ok("anthropic_stream_revoked").await;
+    assert!(
+        str_field(&cut, "message").contains("the session was revoked or expired during the stream"),
+        "{cut}"
+    );
+    assert_eq!(str_field(&cut, "code"), "invalid_token", "{cut}");
 
     // --- a revoked session is refused --------------------------------------
     let (_, view) = h
@@ -468,10 +497,10 @@ async fn official_python_sdks_through_airlock() {
         assert_eq!(str_field(&revoked, "code"), "invalid_token", "{revoked}");
     }
 
-    // The seven allowed calls and the stream cut short.
+    // The seven allowed calls and the two streams cut short.
     assert_eq!(
         h.mock.request_count(),
-        8,
+        9,
         "provider requests after all cases: {:#?}",
         summarize(&h.mock.requests())
     );

@@ -341,10 +341,15 @@ fn messages(body: &[u8]) -> Response<MockBody> {
         }),
     ));
     events.push(("message_stop", json!({"type": "message_stop"})));
-    let frames_out: Vec<Bytes> = events
+    let mut frames_out: Vec<Bytes> = events
         .iter()
         .map(|(name, data)| Bytes::from(format!("event: {name}\ndata: {data}\n\n")))
         .collect();
+    if model == "claude-mock-hold" {
+        // The first event, then the stream stays open, silent.
+        frames_out.truncate(1);
+        return event_stream(frames(stream::iter(frames_out).chain(stream::pending())));
+    }
     event_stream(frames(stream::iter(frames_out)))
 }
 

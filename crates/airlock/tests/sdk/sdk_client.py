@@ -13,8 +13,8 @@ Inputs (environment):
     ANTHROPIC_API_KEY   session token       (anthropic_* cases)
     ANTHROPIC_BASE_URL  airlock base URL    (anthropic_* cases)
     SDK_REVOKE_URL      the admin API's DELETE URL of the session, and
-    SDK_REVOKE_TOKEN    its admin token     (openai_stream_revoked only:
-                        the operator's part, played by the case)
+    SDK_REVOKE_TOKEN    its admin token     (*_stream_revoked only: the
+                        operator's part, played by the case)
 
 Output: one JSON line on stdout, `{"case": ..., "ok": true|false, ...}`.
 Exit 0 when the case's expectation held, 1 when it did not (the reason is
@@ -364,6 +364,32 @@ def case_anthropic_revoked():
     return {**outcome, "sent_auth": recorder.summary()}
 
 
+def case_anthropic_stream_revoked():
+    """As case_openai_stream_revoked, with the Anthropic SDK: it raises its
+    API error for airlock's `error` event, not a connection error."""
+    anthropic, client, recorder = anthropic_client()
+    stream = client.messages.create(
+        model="claude-mock-hold", max_tokens=64, messages=PROMPT, stream=True
+    )
+    first = next(iter(stream))
+    if first.type != "message_start":
+        raise CaseFailed(f"first event {first!r}")
+    revoke_session()
+    try:
+        for event in stream:
+            raise CaseFailed(f"an event after the revocation: {event!r}")
+    except anthropic.APIError as err:
+        if isinstance(err, anthropic.APIConnectionError):
+            raise CaseFailed(f"a connection error, not airlock's event: {err!r}") from err
+        return {
+            "error_class": type(err).__name__,
+            "message": str(err),
+            "code": error_code(err),
+            "sent_auth": recorder.summary(),
+        }
+    raise CaseFailed("the stream ended without an error after the revocation")
+
+
 CASES = {
     "openai_chat": case_openai_chat,
     "openai_stream": case_openai_stream,
@@ -377,6 +403,7 @@ CASES = {
     "anthropic_stream": case_anthropic_stream,
     "anthropic_out_of_scope": case_anthropic_out_of_scope,
     "anthropic_revoked": case_anthropic_revoked,
+    "anthropic_stream_revoked": case_anthropic_stream_revoked,
 }
 
 
