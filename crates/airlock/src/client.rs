@@ -181,6 +181,15 @@ impl AdminClient {
         if status.is_success() {
             return Ok(value);
         }
+        // The proxy's answer to `/v1/...` (no provider named `v1`): the URL
+        // is the proxy's, not the admin API's.
+        if value.pointer("/error/code").and_then(Value::as_str) == Some("unknown_provider") {
+            anyhow::bail!(
+                "{} answered as airlock's proxy, not its admin API: AIRLOCK_ADMIN_URL points at \
+                 proxy.listen; use [admin] listen's address (by default http://127.0.0.1:8081)",
+                self.base
+            );
+        }
         let message = value
             .pointer("/error/message")
             .and_then(Value::as_str)

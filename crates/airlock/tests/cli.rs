@@ -753,6 +753,30 @@ async fn error_output_snapshot() {
 /// Without AIRLOCK_ADMIN_TOKEN the CLI says so and sends nothing (it used
 /// to send the request and report the server's 401 as if the token were
 /// wrong).
+/// AIRLOCK_ADMIN_URL set to the proxy's address by mistake is named as
+/// such (the proxy's 404 said "no provider is configured under this
+/// path").
+#[tokio::test]
+async fn an_admin_url_that_is_the_proxy_s_is_said_to_be() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let out = airlock_cmd(&["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", airlock.proxy_url())
+        .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "answered as airlock's proxy, not its admin API: AIRLOCK_ADMIN_URL points at \
+             proxy.listen"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[tokio::test]
 async fn an_unset_admin_token_is_said_before_any_request() {
     // Nothing answers here: a connection would wait in the backlog.
