@@ -99,6 +99,15 @@ fn builder(
     builder
 }
 
+/// A provider `vault` on `mock` whose credential is sealed in the store.
+fn vault_config(mock: &MockProvider) -> String {
+    format!(
+        "[providers.vault]\nupstream = \"{}\"\nauth = \"bearer\"\ncredential = \"store\"\n\
+         env_key = \"VAULT_API_KEY\"\nenv_base_url = \"VAULT_BASE_URL\"\nbase_path = \"\"\n",
+        mock.url()
+    )
+}
+
 /// The denials the database holds for session `id`.
 async fn stored_denials(db: &FreshDb, id: &str) -> i64 {
     let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
@@ -719,11 +728,7 @@ async fn a_replica_with_another_audit_key_or_master_key_is_refused() {
     };
     let _running = RUNNING.acquire().await.unwrap();
     let mock = MockProvider::start().await;
-    let config = format!(
-        "[providers.vault]\nupstream = \"{}\"\nauth = \"bearer\"\ncredential = \"store\"\n\
-         env_key = \"VAULT_API_KEY\"\nenv_base_url = \"VAULT_BASE_URL\"\nbase_path = \"\"\n",
-        mock.url()
-    );
+    let config = vault_config(&mock);
     let start = |audit_key: String, master_key: String| {
         AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
             .config(&config)
@@ -764,11 +769,7 @@ async fn a_stored_credential_set_on_one_replica_applies_on_the_others() {
     };
     let _running = RUNNING.acquire().await.unwrap();
     let mock = MockProvider::start().await;
-    let config = format!(
-        "[providers.vault]\nupstream = \"{}\"\nauth = \"bearer\"\ncredential = \"store\"\n\
-         env_key = \"VAULT_API_KEY\"\nenv_base_url = \"VAULT_BASE_URL\"\nbase_path = \"\"\n",
-        mock.url()
-    );
+    let config = vault_config(&mock);
     let start = || {
         AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
             .config(&config)

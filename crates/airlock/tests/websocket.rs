@@ -186,6 +186,27 @@ async fn sink_until_close(mock: &MockProvider) -> (Vec<(u8, Vec<u8>)>, u16) {
     }
 }
 
+/// Revokes session `id` through the admin API.
+async fn revoke(airlock: &Airlock, id: &str) {
+    let (status, body) = airlock
+        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Waits until the provider's `/ws/sink` received a whole frame.
+async fn sink_received_a_frame(mock: &MockProvider) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while client_frames(&mock.websocket_received()).is_none_or(|f| f.is_empty()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no frame reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The audit records of `session`, oldest first, once `n` are there.
 async fn records(airlock: &Airlock, session: &str, n: usize) -> Vec<Value> {
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -488,12 +509,7 @@ async fn revoking_the_session_closes_an_open_tunnel() {
     assert_eq!(next_message(&mut socket).await, Message::text("before"));
 
     let started = std::time::Instant::now();
-    let (status, _) = s
-        .airlock
-        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
+    revoke(&s.airlock, &id).await;
     let (code, reason) = close_frame(&mut socket).await;
     assert_eq!(code, 1008, "{reason}");
     assert_eq!(reason, "airlock: the session was revoked or expired");
@@ -521,17 +537,8 @@ async fn the_provider_is_told_going_away_when_airlock_ends_a_tunnel() {
     let (id, token) = session(&s.airlock).await;
     let (mut socket, _) = connect(&s, "/ws/sink", &token).await.unwrap();
     socket.send(Message::text("hello")).await.unwrap();
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while client_frames(&s.mock.websocket_received()).is_none_or(|f| f.is_empty()) {
-        assert!(tokio::time::Instant::now() < deadline, "nothing arrived");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let (status, _) = s
-        .airlock
-        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
+    sink_received_a_frame(&s.mock).await;
+    revoke(&s.airlock, &id).await;
     assert_eq!(close_frame(&mut socket).await.0, 1008);
     let (frames, code) = sink_until_close(&s.mock).await;
     assert_eq!(code, 1001, "{frames:?}");
@@ -563,20 +570,8 @@ async fn a_side_that_got_a_close_frame_gets_no_second_one() {
         )))
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while client_frames(&s.mock.websocket_received()).is_none_or(|f| f.is_empty()) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the close never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let (status, _) = s
-        .airlock
-        .admin("DELETE", &format!("/v1/sessions/{id}"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
+    sink_received_a_frame(&s.mock).await;
+    revoke(&s.airlock, &id).await;
     // The agent's close is answered by airlock's (the provider never did).
     assert_eq!(close_frame(&mut socket).await.0, 1008);
     assert!(
