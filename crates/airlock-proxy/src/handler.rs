@@ -161,6 +161,16 @@ impl Proxy {
             let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);
             if let Some(provider) = provider {
                 call.set_provider(provider.recorded_name());
+                // Whose call it was, when this process knows the token: a
+                // look in its cache only (a refusal asks the store nothing).
+                let known =
+                    credentials::find_token(provider.auth(), req.headers(), req.uri().query())
+                        .ok()
+                        .flatten()
+                        .and_then(|token| self.registry.cached_by_token(token));
+                if let Some(session) = known {
+                    call.set_session(&session);
+                }
             }
             withhold_presented(&mut call, &req);
             drop(finish_refused(&mut call, &response));

@@ -915,7 +915,7 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
         .start()
         .await
         .unwrap();
-    let (_, token) = session(&airlock, json!({})).await;
+    let (id, token) = session(&airlock, json!({})).await;
     let url = |n: &str| format!("{}/openai/v1/calls/{n}", airlock.proxy_url());
     assert_eq!(try_get(&url("before"), &token).await.unwrap().0, 200);
 
@@ -1020,6 +1020,8 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
         assert_eq!(record["decision"], "audit_unavailable", "{record}");
         assert_eq!(record["status"], 503, "{record}");
         assert_eq!(record["provider"], "openai", "{record}");
+        // The token is one this process knows: the record names its session.
+        assert_eq!(record["session"], id.as_str(), "{record}");
     }
 }
 
