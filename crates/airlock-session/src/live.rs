@@ -34,9 +34,12 @@ pub struct LiveSession {
     unflushed_denied: AtomicU64,
     /// Set once `max_denied` was reached here (the caller revokes once).
     max_denied_reached: AtomicBool,
-    /// Held while a refused call writes the session's denials (see
-    /// `Registry::write_denials`): one write at a time.
-    denial_writes: tokio::sync::Mutex<()>,
+    /// Held while the session's counts are written to the store: one
+    /// write at a time, so that a refused call waiting for its denial to
+    /// be stored (`Registry::write_denials`) waits for a write already
+    /// under way (the flusher's, which may have taken that denial) rather
+    /// than find nothing left to write.
+    count_writes: tokio::sync::Mutex<()>,
     rate: Option<DefaultDirectRateLimiter>,
     /// `max_requests` spent from leases reserved in the store (see
     /// `Store::leases_requests`).
@@ -121,7 +124,7 @@ impl LiveSession {
             unflushed_allowed: AtomicU64::new(0),
             unflushed_denied: AtomicU64::new(0),
             max_denied_reached: AtomicBool::new(false),
-            denial_writes: tokio::sync::Mutex::new(()),
+            count_writes: tokio::sync::Mutex::new(()),
             rate,
             lease,
             flush_soon,
@@ -221,9 +224,9 @@ impl LiveSession {
         self.denied.load(Ordering::Relaxed)
     }
 
-    /// Serialises the writes of this session's denials.
-    pub(crate) fn denial_writes(&self) -> &tokio::sync::Mutex<()> {
-        &self.denial_writes
+    /// Serialises the writes of this session's counts.
+    pub(crate) fn count_writes(&self) -> &tokio::sync::Mutex<()> {
+        &self.count_writes
     }
 
     /// Whether its denials reached `max_denied` (which revokes it).

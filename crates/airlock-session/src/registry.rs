@@ -533,12 +533,14 @@ impl Registry {
     /// answered before the session is revoked. A write that fails leaves
     /// the counts to the flusher, as before.
     ///
-    /// One write at a time per session: denials that come while one is
-    /// under way go together in the next (a hostile agent's burst of
-    /// refusals costs a write per round trip to the store, not per
-    /// refusal). The write runs in a task of its own on the registry's
-    /// runtime, so that a refused call dropped meanwhile (its agent gone)
-    /// does not take the counts it took with it.
+    /// One write of a session's counts at a time (`write_counts`, the
+    /// flusher's too): denials that come while one is under way go
+    /// together in the next (a hostile agent's burst of refusals costs a
+    /// write per round trip to the store, not per refusal), and a denial
+    /// the flusher took is stored by the time the wait for its write ends.
+    /// The write runs in a task of its own on the registry's runtime, so
+    /// that a refused call dropped meanwhile (its agent gone) does not take
+    /// the counts it took with it.
     pub async fn write_denials(self: &Arc<Self>, session: &Arc<LiveSession>) {
         if !self.store.is_shared() || session.limits().max_denied.is_none() {
             return;
@@ -546,7 +548,6 @@ impl Registry {
         let registry = Arc::clone(self);
         let session = Arc::clone(session);
         let write = self.spawn_home_joined(async move {
-            let _one_at_a_time = session.denial_writes().lock().await;
             registry.write_counts(&session, now_ms()).await;
         });
         // Err only if the runtime is shutting down: the flusher's last
@@ -638,6 +639,8 @@ impl Registry {
     /// Writes `session`'s counter increments (and takes in the stored state
     /// a shared store answers with).
     async fn write_counts(&self, session: &LiveSession, now: i64) {
+        // One write of a session's counts at a time (see the field).
+        let _writing = session.count_writes().lock().await;
         let (allowed, denied) = session.take_unflushed();
         if allowed == 0 && denied == 0 {
             return;
