@@ -1051,55 +1051,49 @@ const RESERVED_HEADERS: [&str; 15] = [
 /// password would be handed to every agent (and is not said back here).
 fn check_public_url(url: &str) -> Result<String, String> {
     let trimmed = url.trim_end_matches('/');
-    let uri = trimmed
-        .parse::<http::Uri>()
-        .ok()
-        .filter(|u| {
-            (trimmed.starts_with("http://") || trimmed.starts_with("https://"))
-                && u.host().is_some()
-        })
-        .ok_or_else(|| format!("{url:?} is not an http(s) URL"))?;
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(
-            "must not hold a user or password: it is handed to every agent in its base URL".into(),
-        );
-    }
-    let appended = "agents' base URLs are built by appending /PROVIDER/... to it";
-    // Checked in the text: `http::Uri` drops a fragment, and an empty query.
-    if trimmed.contains('?') {
-        return Err(format!("{url:?} must not have a query string: {appended}"));
-    }
-    if trimmed.contains('#') {
-        return Err(format!(
-            "{url:?} must not have a fragment (#...): {appended}"
-        ));
-    }
+    check_http_url(
+        trimmed,
+        url,
+        "it is handed to every agent in its base URL",
+        "agents' base URLs are built by appending /PROVIDER/... to it",
+    )?;
     Ok(trimmed.to_owned())
 }
 
 /// An upstream URL airlock can call: `http(s)://host[:port][/path]`,
 /// without a user, password, query or fragment.
 fn check_upstream(upstream: &str) -> Result<(), String> {
-    let uri = upstream
+    check_http_url(
+        upstream,
+        upstream,
+        "the provider's key goes in `credential`",
+        "calls' paths are appended to it",
+    )
+}
+
+/// Checks that `url` is `http(s)://host[:port][/path]` with no user or
+/// password (`no_user`: why), query string or fragment (`appended`: why);
+/// errors quote `shown`, the URL as configured.
+fn check_http_url(url: &str, shown: &str, no_user: &str, appended: &str) -> Result<(), String> {
+    let uri = url
         .parse::<http::Uri>()
         .ok()
         .filter(|u| {
-            (upstream.starts_with("http://") || upstream.starts_with("https://"))
-                && u.host().is_some()
+            (url.starts_with("http://") || url.starts_with("https://")) && u.host().is_some()
         })
-        .ok_or_else(|| format!("{upstream:?} is not an http(s) URL"))?;
+        .ok_or_else(|| format!("{shown:?} is not an http(s) URL"))?;
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(
-            "must not hold a user or password: the provider's key goes in `credential`".into(),
-        );
+        return Err(format!("must not hold a user or password: {no_user}"));
     }
     // Checked in the text: `http::Uri` drops a fragment, and an empty query.
-    if upstream.contains('?') {
-        return Err(format!("{upstream:?} must not have a query string"));
-    }
-    if upstream.contains('#') {
+    if url.contains('?') {
         return Err(format!(
-            "{upstream:?} must not have a fragment (#...): calls' paths are appended to it"
+            "{shown:?} must not have a query string: {appended}"
+        ));
+    }
+    if url.contains('#') {
+        return Err(format!(
+            "{shown:?} must not have a fragment (#...): {appended}"
         ));
     }
     Ok(())

@@ -220,6 +220,26 @@ def revoke_session():
             raise CaseFailed(f"revoking the session: HTTP {answer.status}")
 
 
+def revoked_mid_stream(sdk, stream, recorder, message_of):
+    """Revokes the session, then reads on: the SDK (`sdk`, the module) must
+    raise its API error for airlock's closing event, not a connection error
+    nor another item of the stream. The error as the case's result."""
+    revoke_session()
+    try:
+        for item in stream:
+            raise CaseFailed(f"an item of the stream after the revocation: {item!r}")
+    except sdk.APIError as err:
+        if isinstance(err, sdk.APIConnectionError):
+            raise CaseFailed(f"a connection error, not airlock's event: {err!r}") from err
+        return {
+            "error_class": type(err).__name__,
+            "message": message_of(err),
+            "code": error_code(err),
+            "sent_auth": recorder.summary(),
+        }
+    raise CaseFailed("the stream ended without an error after the revocation")
+
+
 def case_openai_stream_revoked():
     """A stream whose session is revoked mid-way raises the SDK's APIError
     with airlock's message (its closing `error` event), not a connection
@@ -229,20 +249,7 @@ def case_openai_stream_revoked():
     first = next(stream)
     if first.choices[0].delta.role != "assistant":
         raise CaseFailed(f"first chunk {first!r}")
-    revoke_session()
-    try:
-        for chunk in stream:
-            raise CaseFailed(f"a chunk after the revocation: {chunk!r}")
-    except openai.APIError as err:
-        if isinstance(err, openai.APIConnectionError):
-            raise CaseFailed(f"a connection error, not airlock's event: {err!r}") from err
-        return {
-            "error_class": type(err).__name__,
-            "message": err.message,
-            "code": error_code(err),
-            "sent_auth": recorder.summary(),
-        }
-    raise CaseFailed("the stream ended without an error after the revocation")
+    return revoked_mid_stream(openai, stream, recorder, lambda err: err.message)
 
 
 # --- anthropic --------------------------------------------------------------
@@ -374,20 +381,7 @@ def case_anthropic_stream_revoked():
     first = next(iter(stream))
     if first.type != "message_start":
         raise CaseFailed(f"first event {first!r}")
-    revoke_session()
-    try:
-        for event in stream:
-            raise CaseFailed(f"an event after the revocation: {event!r}")
-    except anthropic.APIError as err:
-        if isinstance(err, anthropic.APIConnectionError):
-            raise CaseFailed(f"a connection error, not airlock's event: {err!r}") from err
-        return {
-            "error_class": type(err).__name__,
-            "message": str(err),
-            "code": error_code(err),
-            "sent_auth": recorder.summary(),
-        }
-    raise CaseFailed("the stream ended without an error after the revocation")
+    return revoked_mid_stream(anthropic, stream, recorder, str)
 
 
 CASES = {
