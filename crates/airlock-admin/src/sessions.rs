@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use airlock_core::audit::format_ts;
-use airlock_core::{Limits, Scope};
+use airlock_core::{Limits, ObjectOnly, Scope};
 use airlock_session::{LiveSession, NewSession, SessionState};
 use airlock_store::SessionRow;
 use serde::{Deserialize, Serialize};
@@ -29,8 +29,20 @@ pub struct CreateSession {
     pub ttl_seconds: u64,
     #[serde(default, deserialize_with = "null_as_default")]
     pub labels: BTreeMap<String, String>,
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(default, deserialize_with = "object_or_null")]
     pub limits: Limits,
+}
+
+/// An object, or `null` taken as the default; never the fields as an
+/// array ([`ObjectOnly`]).
+fn object_or_null<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<ObjectOnly<T>>::deserialize(deserializer)?
+        .map(|object| object.0)
+        .unwrap_or_default())
 }
 
 /// `null` taken as the field's default, as when it is left out (clients

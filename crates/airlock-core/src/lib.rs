@@ -10,11 +10,13 @@
 //!   environment or a 0600 key file (the one module that touches the file system).
 //! - [`duration`]: the `90s` / `15m` / `2h` durations used by the CLI and config.
 //! - [`limits`]: per-session limits.
+//! - [`object_only`]: [`ObjectOnly`], a struct deserialised from a JSON object only.
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod duration;
 pub mod limits;
+pub mod object_only;
 pub mod path;
 pub mod rule;
 pub mod seal;
@@ -22,6 +24,7 @@ pub mod secret;
 pub mod token;
 
 pub use limits::Limits;
+pub use object_only::ObjectOnly;
 pub use rule::{Method, MethodSet, PathPattern, Rule, Scope};
 pub use seal::{KeyBytes, KeyOrigin, KeyPurpose, MasterKey, SecretBytes};
 pub use secret::Secret;

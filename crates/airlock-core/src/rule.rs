@@ -15,6 +15,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::object_only::ObjectOnly;
 use crate::path::{self, PathError, ValidPath};
 
 /// An HTTP method a scope may grant, or [`Method::WebSocket`]. `CONNECT`,
@@ -55,7 +56,7 @@ enum PatternSegment {
 
 /// One grant: a provider, the methods and the path patterns it may use.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "RawRule", into = "RawRule")]
+#[serde(try_from = "ObjectOnly<RawRule>", into = "RawRule")]
 pub struct Rule {
     provider: String,
     methods: MethodSet,
@@ -386,6 +387,14 @@ impl FromStr for Rule {
             MethodSet::parse(methods.split(','))?,
             vec![path.parse()?],
         )
+    }
+}
+
+impl TryFrom<ObjectOnly<RawRule>> for Rule {
+    type Error = RuleError;
+
+    fn try_from(raw: ObjectOnly<RawRule>) -> Result<Self, Self::Error> {
+        Self::try_from(raw.0)
     }
 }
 

@@ -173,6 +173,13 @@ async fn bad_session_requests_get_400_saying_what_is_wrong() {
         ),
         (with("/limits/max_denied", json!(-1)), "max_denied"),
         (with("/labels", json!({"bad key": "v"})), "label key"),
+        // serde would read a struct's fields from an array, by position.
+        (with("/limits", json!([5, 1, 2])), "limits: invalid type"),
+        (with("/limits", json!([])), "limits: invalid type"),
+        (
+            with("/scope/0", json!(["openai", ["POST"], ["/v1/chat"]])),
+            "scope[0]: invalid type",
+        ),
         (json!({"scope": valid_body()["scope"]}), "ttl_seconds"),
         (json!({"ttl_seconds": 60}), "scope"),
         (
