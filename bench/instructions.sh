@@ -15,6 +15,12 @@
 # the call rate (a few percent when other jobs take the CPU): compare runs
 # of this script made on a quiet machine. Profiles are kept in
 # target/callgrind/ (`callgrind_annotate --inclusive=yes FILE`).
+#
+# Then the system calls per call at c=1 (strace -c, audit off and on):
+# the kernel's part of a call, which callgrind does not count.
+#
+#   BENCH_BIN_DIR=/tmp/old/target/release bench/instructions.sh
+#                                          # another build's binaries, no build
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -31,15 +37,20 @@ missing=()
 have wrk || missing+=(wrk)
 have valgrind || missing+=(valgrind)
 have curl || missing+=(curl)
+have strace || missing+=(strace)
 if ((${#missing[@]})); then
     echo "[instructions] installing ${missing[*]}" >&2
     install_packages "${missing[@]}"
 fi
 
-echo "[instructions] building airlock and airlock-bench (release)" >&2
-cargo build --release --locked -p airlock -p airlock-bench
-BIN="$ROOT/target/release"
-OUT="$ROOT/target/callgrind"
+if [ -n "${BENCH_BIN_DIR:-}" ]; then
+    BIN="$BENCH_BIN_DIR"
+else
+    echo "[instructions] building airlock and airlock-bench (release)" >&2
+    cargo build --release --locked -p airlock -p airlock-bench
+    BIN="$ROOT/target/release"
+fi
+OUT="${BENCH_OUT_DIR:-$ROOT/target/callgrind}"
 mkdir -p "$OUT"
 
 WORK="$(mktemp -d)"
@@ -84,9 +95,13 @@ done = function(summary, latency, requests)
 end
 LUA
 
-printf '%-12s %10s %16s %22s\n' "airlock" "calls" "instructions" "instructions per call"
-for mode in off on; do
-    dir="$WORK/$mode"
+# start_airlock MODE WRAPPER...: writes MODE's config (audit off or on),
+# starts airlock under WRAPPER (may be empty), waits for its listeners and
+# opens a session. Sets $pid, $url and $token.
+start_airlock() {
+    local mode="$1"
+    shift
+    local dir="$WORK/$mode-$RANDOM"
     mkdir -p "$dir"
     {
         printf '[proxy]\nlisten = "127.0.0.1:0"\n\n[admin]\nlisten = "127.0.0.1:0"\n\n'
@@ -95,13 +110,11 @@ for mode in off on; do
         printf 'env_key = "MOCK_API_KEY"\nenv_base_url = "MOCK_BASE_URL"\nbase_path = ""\n'
         if [ "$mode" = off ]; then printf '\n[audit]\nenabled = false\n'; fi
     } >"$dir/airlock.toml"
-    profile="$OUT/audit-$mode.cg"
-    rm -f "$profile"*
     BENCH_KEY="$KEY" AIRLOCK_ADMIN_TOKEN="$ADMIN_TOKEN" AIRLOCK_AUDIT_KEY="$AUDIT_KEY" RUST_LOG=warn \
-        valgrind --tool=callgrind --callgrind-out-file="$profile" --dump-instr=no \
-        "$BIN/airlock" serve --config "$dir/airlock.toml" >"$dir/log" 2>&1 &
+        "$@" "$BIN/airlock" serve --config "$dir/airlock.toml" >"$dir/log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
+    local proxy admin
     proxy="$(wait_for_line "$dir/log" "airlock proxy listening on " 120)"
     admin="$(wait_for_line "$dir/log" "airlock admin listening on " 120)"
     token="$(curl -sf -X POST -H "Authorization: Bearer $ADMIN_TOKEN" \
@@ -110,21 +123,61 @@ for mode in off on; do
         "$admin/v1/sessions" | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')"
     [ -n "$token" ] || { echo "[instructions] no session token" >&2; exit 1; }
     url="$proxy/mock/v1/chat/completions"
-    BENCH_TOKEN="$token" wrk -t1 -c8 -d4s -s "$WORK/post.lua" "$url" >/dev/null
-    callgrind_control -z "$pid" >/dev/null 2>&1
-    result="$(BENCH_TOKEN="$token" wrk -t1 -c8 -d"${SECONDS_MEASURED}s" -s "$WORK/post.lua" "$url")"
-    callgrind_control -d "$pid" >/dev/null 2>&1
-    kill "$pid"
-    wait "$pid" 2>/dev/null || true
+}
+
+# load CONNECTIONS SECONDS: small JSON POSTs by wrk; sets $calls (exits on
+# any error).
+load() {
+    local result errors
+    result="$(BENCH_TOKEN="$token" wrk -t1 -c"$1" -d"$2s" -s "$WORK/post.lua" "$url")"
     calls="$(sed -n 's/^CALLS \([0-9]*\) .*/\1/p' <<<"$result")"
     errors="$(sed -n 's/^CALLS [0-9]* ERRORS \([0-9]*\)$/\1/p' <<<"$result")"
     if [ -z "$calls" ] || [ "$calls" -eq 0 ] || [ "${errors:-1}" -ne 0 ]; then
-        echo "[instructions] audit $mode: $calls calls, ${errors:-?} errors" >&2
+        echo "[instructions] $calls calls, ${errors:-?} errors" >&2
         echo "$result" >&2
         exit 1
     fi
+}
+
+stop_airlock() {
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+}
+
+printf '%-12s %10s %16s %22s\n' "airlock" "calls" "instructions" "instructions per call"
+for mode in off on; do
+    profile="$OUT/audit-$mode.cg"
+    rm -f "$profile"*
+    start_airlock "$mode" valgrind --tool=callgrind --callgrind-out-file="$profile" --dump-instr=no
+    load 8 4
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    load 8 "$SECONDS_MEASURED"
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    stop_airlock
     dump="$(ls -t "$profile".* | head -1)"
     total="$(sed -n 's/^summary: //p' "$dump")"
     printf '%-12s %10d %16d %22d\n' "audit $mode" "$calls" "$total" "$((total / calls))"
 done
 echo "[instructions] profiles: $OUT/audit-{off,on}.cg.*" >&2
+
+# System calls per call at c=1, where each one adds to the latency: the
+# kernel's share, which callgrind does not see (a timer that makes tokio
+# wake its own thread costs a write and an extra epoll_wait per call, and
+# nothing in user space). nginx's figure, for comparison: two recvfrom,
+# two writev, two epoll_wait.
+for mode in off on; do
+    start_airlock "$mode"
+    load 1 2
+    strace -c -f -p "$pid" -o "$OUT/syscalls-audit-$mode.txt" 2>"$WORK/strace-$mode.log" &
+    tracer=$!
+    wait_for_line "$WORK/strace-$mode.log" "attached" 10 >/dev/null
+    load 1 "$SECONDS_MEASURED"
+    kill -INT "$tracer"
+    wait "$tracer" 2>/dev/null || true
+    stop_airlock
+    printf '\naudit %s, c=1: system calls per call (%d calls; at least 0.05 per call)\n' "$mode" "$calls"
+    # strace -c's columns: % time, seconds, usecs/call, calls, [errors,] name.
+    awk -v calls="$calls" '$1 ~ /^[0-9.]+$/ && $NF != "total" && $4 / calls >= 0.05 {
+        printf "  %-14s %6.2f\n", $NF, $4 / calls
+    }' "$OUT/syscalls-audit-$mode.txt"
+done

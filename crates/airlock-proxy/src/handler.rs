@@ -1,6 +1,7 @@
 //! The request path, one stage a line.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -137,9 +138,11 @@ impl Proxy {
     /// A WebSocket handshake the provider accepted comes back as a `101`
     /// with its [`Tunnel`], which the caller runs once the `101` is sent
     /// (the call's record completes when the tunnel ends).
+    /// `head_timer` is the connection's (see [`HeadTimer`]).
     pub async fn handle(
         &self,
         req: Request<Incoming>,
+        head_timer: &HeadTimer,
     ) -> (Response<ProxyBody>, Option<Box<Tunnel>>) {
         let started = Instant::now();
         if !self.auditor.admits_calls() {
@@ -177,7 +180,7 @@ impl Proxy {
             return (response, None);
         }
         let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);
-        let (provider, result) = self.process(req, &mut call).await;
+        let (provider, result) = self.process(req, &mut call, head_timer).await;
         let metrics = provider.map_or(&self.unknown_provider, |p| &p.metrics);
         let mut unanswered = Unanswered {
             metrics,
@@ -216,6 +219,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         call: &mut CallRecord,
+        head_timer: &HeadTimer,
     ) -> (Option<&Provider>, Result<Forwarded, Denial>) {
         let provider = match self.route(req.uri().path()) {
             Ok(provider) => provider,
@@ -229,7 +233,7 @@ impl Proxy {
             metrics: &provider.metrics,
             answered: false,
         };
-        let result = self.process_for(provider, req, call).await;
+        let result = self.process_for(provider, req, call, head_timer).await;
         unanswered.answered = true;
         (Some(provider), result)
     }
@@ -239,6 +243,7 @@ impl Proxy {
         provider: &Provider,
         req: Request<Incoming>,
         call: &mut CallRecord,
+        head_timer: &HeadTimer,
     ) -> Result<Forwarded, Denial> {
         let token = credentials::find_token(provider.auth(), req.headers(), req.uri().query())
             .inspect_err(|_| withhold_presented(call, &req))?;
@@ -270,7 +275,8 @@ impl Proxy {
             }
             return Err(denial);
         }
-        self.forward(admitted, &session, req, call).await
+        self.forward(admitted, &session, req, call, head_timer)
+            .await
     }
 
     /// The session's limits (429): `max_requests`, `requests_per_minute`.
@@ -520,6 +526,7 @@ impl Proxy {
         session: &Arc<LiveSession>,
         mut req: Request<Incoming>,
         call: &mut CallRecord,
+        head_timer: &HeadTimer,
     ) -> Result<Forwarded, Denial> {
         let provider = admitted.provider;
         // Taken before the head is prepared (which clears the extensions).
@@ -563,16 +570,18 @@ impl Proxy {
         };
         tokio::pin!(send);
         let deadline = sent + self.settings.upstream_timeout;
-        // Most answers come sooner: a plain timeout until then, as cheap as
-        // one can be; a slower one also watches the session.
-        let response = match tokio::time::timeout_at(
-            (sent + WATCH_SESSION_AFTER).min(deadline),
-            send.as_mut(),
-        )
-        .await
-        {
-            Ok(answer) => Ok(answer),
-            Err(_) => head_or_end(send, deadline, session).await,
+        // Most answers come sooner: the connection's timer until then, as
+        // cheap as one can be; a slower one also watches the session.
+        let mut timer = head_timer.take((sent + WATCH_SESSION_AFTER).min(deadline));
+        let answered = tokio::select! {
+            biased;
+            answer = send.as_mut() => Some(answer),
+            () = timer.as_mut() => None,
+        };
+        head_timer.give_back(timer);
+        let response = match answered {
+            Some(answer) => Ok(answer),
+            None => head_or_end(send, deadline, session).await,
         };
         provider
             .metrics
@@ -772,6 +781,49 @@ pub(crate) fn upstream_path(full: &str, start: usize) -> &str {
 /// Later rather than from the start: a watch costs a registration on the
 /// session and a timer, which the many calls answered sooner never need.
 const WATCH_SESSION_AFTER: Duration = Duration::from_millis(200);
+
+/// The timer a connection's calls wait for the provider's answer with
+/// (until [`WATCH_SESSION_AFTER`]), kept from one call to the next.
+///
+/// A timer made for each call is registered with the runtime and removed
+/// again every time, and one due before the runtime's next planned wake-up
+/// (the connection's idle timeout, mostly) makes it wake itself: a system
+/// call and one more turn of its event loop, per call. A kept timer that
+/// is still pending is moved later with one atomic operation. Once a
+/// connection has been idle for [`WATCH_SESSION_AFTER`] the timer fires
+/// unheard. Calls running at once on one HTTP/2 connection make their own
+/// beside it.
+#[derive(Default)]
+pub struct HeadTimer(std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>);
+
+impl HeadTimer {
+    /// The timer, set to `deadline`.
+    fn take(&self, deadline: tokio::time::Instant) -> Pin<Box<tokio::time::Sleep>> {
+        let kept = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match kept {
+            Some(mut timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+
+    /// Keeps `timer` for the connection's next call.
+    fn give_back(&self, timer: Pin<Box<tokio::time::Sleep>>) {
+        let mut kept = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.is_none() {
+            *kept = Some(timer);
+        }
+    }
+}
 
 /// Why a call stopped waiting for the provider's answer.
 #[derive(Debug, PartialEq, Eq)]

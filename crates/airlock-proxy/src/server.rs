@@ -67,7 +67,7 @@ use tokio::task::JoinSet;
 use crate::body::{BoxError, ProxyBody};
 use crate::descriptors::{AcceptErrors, AcceptFailure};
 use crate::error::ErrorCode;
-use crate::handler::Proxy;
+use crate::handler::{HeadTimer, Proxy};
 use crate::headers::FramingAnomaly;
 use crate::tls::ServerTls;
 use crate::websocket::Tunnel;
@@ -770,7 +770,7 @@ async fn handle(
     // around, and the sniffer stops following after such a head).
     let asked_upgrade =
         req.version() < http::Version::HTTP_2 && req.headers().contains_key(UPGRADE);
-    let (mut response, tunnel) = proxy.handle(req).await;
+    let (mut response, tunnel) = proxy.handle(req, &busy.connection.head_timer).await;
     if let Some(tunnel) = tunnel {
         *switched.lock().unwrap_or_else(PoisonError::into_inner) = Some(tunnel);
     }
@@ -855,6 +855,8 @@ struct Activity {
     served: AtomicBool,
     /// When the last call ended, in milliseconds after `opened`.
     idle_since_ms: AtomicU64,
+    /// The calls' timer for the provider's answer.
+    head_timer: HeadTimer,
 }
 
 impl Activity {
@@ -864,6 +866,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
+            head_timer: HeadTimer::default(),
         }
     }
 }

@@ -414,6 +414,41 @@ async fn a_revocation_ends_a_call_still_waiting_for_the_provider() {
     );
 }
 
+/// A session that expires while its call waits for the provider's answer
+/// ends the call at its expiry (the wait's timer), not when the provider
+/// answers.
+#[tokio::test]
+async fn an_expiry_ends_a_call_still_waiting_for_the_provider() {
+    let s = setup().await;
+    let scope = json!([{"provider": "openai", "methods": ["GET"], "paths": ["/gated-head"]}]);
+    let created = s
+        .airlock
+        .create_session(json!({"scope": scope, "ttl_seconds": 2}))
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let url = format!("{}/openai/gated-head", s.airlock.proxy_url());
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        request("GET", &url, &[("authorization", &bearer(&token))], ""),
+    )
+    .await
+    .expect("the call waited for the provider after its session expired");
+    assert_error(&reply, 401, "invalid_token");
+    assert_eq!(
+        reply.json()["error"]["message"],
+        "the session was revoked or expired during the call"
+    );
+    assert_eq!(s.mock.request_count(), 1, "the call reached the provider");
+    s.mock.open_gate();
+    assert!(
+        s.mock
+            .wait_for_ended_connections(1, Duration::from_secs(10))
+            .await,
+        "the upstream connection stayed open"
+    );
+}
+
 #[tokio::test]
 async fn revoked_and_expired_sessions_get_401() {
     let s = setup().await;
