@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,6 +18,8 @@ use airlock_core::audit::{record_path, record_path_withholding, AuditRecord, Fla
 use airlock_core::token::TOKEN_PREFIX;
 use airlock_session::{now_ms, LiveSession, SessionState};
 use http::{Method, Request};
+
+use crate::cut::{Cut, Waiting};
 
 /// Longest method name kept in a record.
 const MAX_METHOD_LEN: usize = 32;
@@ -39,8 +41,10 @@ pub(crate) struct CallRecord {
     pub(crate) bytes_out: u64,
     /// The call's session, once known (a stream ends when it does).
     session: Option<Arc<LiveSession>>,
-    /// Set when shutdown cuts calls in flight: a drop is then airlock's doing.
-    cutting: Arc<AtomicBool>,
+    /// Shutdown cutting calls in flight: a drop is then airlock's doing.
+    cut: Arc<Cut>,
+    /// Held by a call answering that cut until the call is done.
+    answering_cut: Option<Waiting>,
 }
 
 // === impl CallRecord ===
@@ -51,7 +55,7 @@ impl CallRecord {
         auditor: &Auditor,
         req: &Request<B>,
         started: Instant,
-        cutting: &Arc<AtomicBool>,
+        cut: &Arc<Cut>,
     ) -> Self {
         let method = recorded_method(req.method());
         let record = Some(Box::new(AuditRecord {
@@ -80,8 +84,15 @@ impl CallRecord {
             status: 0,
             bytes_out: 0,
             session: None,
-            cutting: Arc::clone(cutting),
+            cut: Arc::clone(cut),
+            answering_cut: None,
         }
+    }
+
+    /// The call answers shutdown's cut; the drain waits for it until this
+    /// record is done with (see [`Cut::answered`]).
+    pub(crate) fn answers_cut(&mut self, waiting: Waiting) {
+        self.answering_cut = Some(waiting);
     }
 
     /// The call was routed to `provider`.
@@ -243,7 +254,7 @@ impl Drop for CallRecord {
                 None
             };
             let status = self.status;
-            let flags = if self.cutting.load(Ordering::Acquire) {
+            let flags = if self.cut.has_started() {
                 Flags::INCOMPLETE
             } else {
                 Flags::CLIENT_ABORTED

@@ -28,6 +28,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     HeadersTooLarge,
     Overloaded,
+    ShuttingDown,
 }
 
 /// A refused or failed call. The message is shown to the caller and must
@@ -65,7 +66,7 @@ pub(crate) fn cause<'a, T: std::error::Error + 'static>(
 
 impl ErrorCode {
     /// All codes, in a fixed order (used to pre-register metrics).
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::AuditUnavailable,
         ErrorCode::BadRequest,
         ErrorCode::CredentialUnavailable,
@@ -80,6 +81,7 @@ impl ErrorCode {
         ErrorCode::PayloadTooLarge,
         ErrorCode::HeadersTooLarge,
         ErrorCode::Overloaded,
+        ErrorCode::ShuttingDown,
     ];
 
     /// The wire name.
@@ -99,6 +101,7 @@ impl ErrorCode {
             Self::PayloadTooLarge => "payload_too_large",
             Self::HeadersTooLarge => "headers_too_large",
             Self::Overloaded => "overloaded",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 
@@ -118,7 +121,7 @@ impl ErrorCode {
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -135,6 +138,7 @@ impl ErrorCode {
             Self::AuditUnavailable
             | Self::CredentialUnavailable
             | Self::Overloaded
+            | Self::ShuttingDown
             | Self::StoreUnavailable
             | Self::UpstreamAuthFailed
             | Self::UpstreamError

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use crate::audit::CallRecord;
 use crate::body::{ProxyBody, RequestBody, Withheld};
 use crate::credential_source::Loaded;
 use crate::credentials;
+use crate::cut::{Cut, Waiting};
 use crate::error::{Denial, ErrorCode};
 use crate::headers::{opaque_coding, strip_hop_by_hop};
 use crate::metrics::ProviderMetrics;
@@ -38,8 +39,8 @@ pub struct ProxySettings {
 
 /// The proxy: providers by name, the session registry and the audit trail.
 pub struct Proxy {
-    /// Set when shutdown cuts the calls still running (drain timeout).
-    cutting: Arc<AtomicBool>,
+    /// Shutdown cutting the calls still running (drain timeout).
+    cut: Arc<Cut>,
     providers: HashMap<String, Provider>,
     registry: Arc<Registry>,
     auditor: Auditor,
@@ -84,7 +85,7 @@ impl Proxy {
         unknown_provider: ProviderMetrics,
     ) -> Self {
         Self {
-            cutting: Arc::new(AtomicBool::new(false)),
+            cut: Arc::default(),
             providers: providers
                 .into_iter()
                 .map(|p| (p.name().to_owned(), p))
@@ -103,7 +104,7 @@ impl Proxy {
     pub fn for_worker(&self) -> (Self, Option<Delivery>) {
         let (auditor, delivery) = self.auditor.for_worker();
         let proxy = Self {
-            cutting: Arc::clone(&self.cutting),
+            cut: Arc::clone(&self.cut),
             providers: self
                 .providers
                 .iter()
@@ -127,9 +128,18 @@ impl Proxy {
     }
 
     /// Marks the calls still in flight as cut by airlock: their records say
-    /// `incomplete` rather than `client_aborted` when they are dropped.
+    /// `incomplete` rather than `client_aborted` when they are dropped. A
+    /// call waiting for its provider's answer (for 200 ms or more) answers
+    /// 503 `shutting_down` instead; [`Proxy::cut_answered`] resolves once
+    /// those answers are on their way.
     pub fn cut_calls_in_flight(&self) {
-        self.cutting.store(true, Ordering::Release);
+        self.cut.start();
+    }
+
+    /// Resolves once the calls [`Proxy::cut_calls_in_flight`] woke have
+    /// answered (every worker's: the proxies of all workers share it).
+    pub async fn cut_answered(&self) {
+        self.cut.answered().await;
     }
 
     /// Handles one call. Never fails: every refusal is a JSON error response.
@@ -161,7 +171,7 @@ impl Proxy {
             // writes again (held back, flagged `written_late`, if a commit
             // of it fails first).
             let response = denial.into_response();
-            let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);
+            let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cut);
             if let Some(provider) = provider {
                 call.set_provider(provider.recorded_name());
                 // Whose call it was, when this process knows the token: a
@@ -179,7 +189,7 @@ impl Proxy {
             drop(finish_refused(&mut call, &response));
             return (response, None);
         }
-        let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cutting);
+        let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cut);
         let (provider, result) = self.process(req, &mut call, head_timer).await;
         let metrics = provider.map_or(&self.unknown_provider, |p| &p.metrics);
         let mut unanswered = Unanswered {
@@ -581,7 +591,7 @@ impl Proxy {
         head_timer.give_back(timer);
         let response = match answered {
             Some(answer) => Ok(answer),
-            None => head_or_end(send, deadline, session).await,
+            None => head_or_end(send, deadline, session, &self.cut).await,
         };
         provider
             .metrics
@@ -592,6 +602,17 @@ impl Proxy {
                     ErrorCode::UpstreamTimeout,
                     "the provider did not answer in time",
                 ))
+            }
+            Err(HeadWait::Cut(waiting)) => {
+                // Shutdown's drain ended: the agent learns it from an
+                // answer (SDKs retry a 503, on another replica behind a
+                // balancer) rather than from a connection closed unanswered.
+                call.flag(Flags::INCOMPLETE);
+                call.answers_cut(waiting);
+                return Err(Denial::new(
+                    ErrorCode::ShuttingDown,
+                    "airlock is shutting down and cut the call before the provider answered",
+                ));
             }
             Err(HeadWait::SessionEnded) => {
                 // Dropping the request closed its upstream connection: the
@@ -826,21 +847,25 @@ impl HeadTimer {
 }
 
 /// Why a call stopped waiting for the provider's answer.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum HeadWait {
     /// `proxy.upstream_timeout` passed.
     TimedOut,
     /// The session was revoked or expired.
     SessionEnded,
+    /// Shutdown's drain ended; the call is counted until it has answered.
+    Cut(Waiting),
 }
 
 /// Goes on waiting for `send` (the provider's answer) until `deadline`,
-/// or until `session` ends.
+/// until `session` ends, or until shutdown cuts the calls in flight.
 async fn head_or_end<F: std::future::Future>(
     mut send: std::pin::Pin<&mut F>,
     deadline: tokio::time::Instant,
     session: &Arc<LiveSession>,
+    cut: &Arc<Cut>,
 ) -> Result<F::Output, HeadWait> {
+    let waiting = cut.waiting();
     if tokio::time::Instant::now() >= deadline {
         return Err(HeadWait::TimedOut);
     }
@@ -854,5 +879,6 @@ async fn head_or_end<F: std::future::Future>(
         answer = send.as_mut() => Ok(answer),
         () = std::future::poll_fn(|cx| watch.poll_ended(cx)) => Err(HeadWait::SessionEnded),
         () = tokio::time::sleep_until(deadline) => Err(HeadWait::TimedOut),
+        () = cut.started() => Err(HeadWait::Cut(waiting)),
     }
 }

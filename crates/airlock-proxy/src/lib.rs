@@ -10,6 +10,7 @@ mod audit;
 pub mod body;
 pub mod credential_source;
 pub mod credentials;
+mod cut;
 pub mod descriptors;
 pub mod error;
 pub mod handler;

@@ -549,7 +549,12 @@ impl Worker {
             // Tunnels close with a close frame both ways (1001) and write
             // their records, within a bound; the rest is cut.
             conn.closing_tunnels.send_replace(true);
-            let _ = tokio::time::timeout(TUNNEL_GOODBYE, conn.tunnels.none_left()).await;
+            // Calls waiting for their provider's answer answer 503 first.
+            let _ = tokio::time::timeout(TUNNEL_GOODBYE, async {
+                conn.tunnels.none_left().await;
+                conn.proxy.cut_answered().await;
+            })
+            .await;
             connections.abort_all();
             while connections.join_next().await.is_some() {}
             if tokio::time::timeout(CUT_GRACE, conn.calls.none_left())

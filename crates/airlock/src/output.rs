@@ -63,6 +63,23 @@ pub fn print_verdict(text: &str) -> io::Result<()> {
     }
 }
 
+/// Whether stdout is `/dev/null`, where nobody reads what is written; a
+/// stdout the command was started with closed (`>&-`) is one too (Rust's
+/// start-up opens `/dev/null` on a closed descriptor 0, 1 or 2).
+pub fn stdout_is_null() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(null) = std::fs::metadata("/dev/null") else {
+        return false;
+    };
+    let Ok(fd) = io::stdout().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .is_ok_and(|out| out.file_type().is_char_device() && out.rdev() == null.rdev())
+}
+
 /// Whether `error` (or one of its causes) is a write to a closed stdout.
 pub fn is_stdout_closed(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {

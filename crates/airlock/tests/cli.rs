@@ -1680,6 +1680,37 @@ async fn a_closed_stdout_ends_a_command_quietly() {
         .collect();
     assert_eq!(created.len(), 1, "{listed}");
     assert_eq!(created[0]["state"], "revoked", "{listed}");
+    // Nor is a session opened for a stdout that is /dev/null (which is
+    // also what a stdout closed at start, `>&-`, becomes).
+    let args = [
+        "session",
+        "create",
+        "--allow",
+        "openai:POST:/v1/x",
+        "--label",
+        "test=null-stdout",
+    ];
+    // (`output` would make stdout a pipe.)
+    let out = against_server(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).trim_end(),
+        "airlock: stdout is /dev/null (or was closed): the session's token would be printed \
+         nowhere; no session created"
+    );
+    let listed = cli(&airlock, &["session", "list", "--all", "--json"]).await;
+    assert!(
+        !stdout(&listed).contains("null-stdout"),
+        "{}",
+        stdout(&listed)
+    );
 
     // A broken file is still exit 1 (nothing on stderr: the verdict was
     // for stdout).

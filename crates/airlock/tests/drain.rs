@@ -242,6 +242,44 @@ async fn a_stream_still_running_at_drain_timeout_is_cut() {
     assert_streams_cut(readers, &airlock).await;
 }
 
+/// A call still waiting for its provider's answer when the drain ends is
+/// answered, not dropped: 503 `shutting_down` (which SDKs retry), recorded
+/// as airlock's doing, not as an agent that left.
+#[tokio::test]
+async fn a_call_still_waiting_for_its_provider_at_drain_timeout_gets_503() {
+    let mock = MockProvider::start().await;
+    let mut airlock = start(&mock, "1s").await;
+    let token = token(&airlock).await;
+    let url = format!("{}/mock/gated-head", airlock.proxy_url());
+    let call = tokio::spawn(async move {
+        airlock_testkit::client::request(
+            "GET",
+            &url,
+            &[("authorization", &format!("Bearer {token}"))],
+            "",
+        )
+        .await
+    });
+    mock.wait_for_requests(1).await;
+
+    sigterm(&airlock);
+    let reply = tokio::time::timeout(DEADLINE, call).await.unwrap().unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.error_code().as_deref(), Some("shutting_down"));
+    let status = airlock.wait_exit().await.unwrap();
+    assert_eq!(status.code(), Some(0), "{}", airlock.output());
+
+    let records = exported(&airlock.config_path());
+    let record = records
+        .iter()
+        .find(|r| r["path"] == "/mock/gated-head")
+        .unwrap_or_else(|| panic!("{records:#?}"));
+    assert_eq!(record["decision"], "shutting_down", "{record}");
+    assert_eq!(record["status"], 503, "{record}");
+    assert_eq!(record["flags"], json!(["incomplete"]), "{record}");
+    mock.open_gate();
+}
+
 #[tokio::test]
 async fn a_websocket_tunnel_open_at_drain_timeout_is_closed_going_away() {
     use futures_util::{SinkExt, StreamExt};

@@ -21,6 +21,12 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
     let client = AdminClient::from_env(admin_url);
     match cmd {
         SessionCommand::Create(args) => {
+            if output::stdout_is_null() {
+                anyhow::bail!(
+                    "stdout is /dev/null (or was closed): the session's token would be printed \
+                     nowhere; no session created"
+                );
+            }
             let session = open(&client, &args.session).await?;
             if let Err(e) = output::print(&render_created(&session, args.format)) {
                 // Its token went nowhere, and is not kept anywhere: nobody

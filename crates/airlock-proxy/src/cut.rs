@@ -1,0 +1,116 @@
+//! The end of shutdown's drain as the calls still in flight see it:
+//! [`Cut`].
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+/// Shared by every worker's [`crate::handler::Proxy`]. When the drain ends
+/// with calls still in flight, [`Cut::start`] marks them cut by airlock
+/// (their records say `incomplete`, not `client_aborted`) and wakes the
+/// calls waiting for their provider's answer, which answer 503
+/// `shutting_down` instead of being dropped unanswered; the drain then
+/// gives those answers a moment ([`Cut::answered`]) before it closes the
+/// connections.
+#[derive(Debug, Default)]
+pub(crate) struct Cut {
+    started: AtomicBool,
+    notice: Notify,
+    /// Calls in a long wait for their provider's answer, or answering the
+    /// cut: what [`Cut::answered`] waits for.
+    waiting: AtomicUsize,
+    none_waiting: Notify,
+}
+
+impl Cut {
+    /// Cuts the calls in flight.
+    pub(crate) fn start(&self) {
+        self.started.store(true, Ordering::Release);
+        self.notice.notify_waiters();
+    }
+
+    /// Whether the calls in flight have been cut.
+    pub(crate) fn has_started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the calls in flight are cut.
+    pub(crate) async fn started(&self) {
+        let notified = self.notice.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.has_started() {
+            notified.await;
+        }
+    }
+
+    /// Counts a call waiting for its provider's answer until the returned
+    /// guard is dropped (kept by a call answering the cut until its answer
+    /// is on its way).
+    pub(crate) fn waiting(self: &Arc<Self>) -> Waiting {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        Waiting(Arc::clone(self))
+    }
+
+    /// Resolves once no call counted by [`Cut::waiting`] is left.
+    pub(crate) async fn answered(&self) {
+        loop {
+            let notified = self.none_waiting.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.waiting.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A call counted by [`Cut::waiting`].
+#[derive(Debug)]
+pub(crate) struct Waiting(Arc<Cut>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.0.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none_waiting.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cut_wakes_its_waiters_and_waits_for_their_answers() {
+        let cut = Arc::new(Cut::default());
+        let waiting = cut.waiting();
+        let waiter = {
+            let cut = Arc::clone(&cut);
+            tokio::spawn(async move {
+                cut.started().await;
+                // The answer goes out; then the guard goes.
+                drop(waiting);
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!cut.has_started());
+        cut.start();
+        assert!(cut.has_started());
+        cut.answered().await;
+        waiter.await.unwrap();
+        // Started once, started for good: a later wait returns at once.
+        cut.started().await;
+    }
+
+    #[tokio::test]
+    async fn answered_returns_at_once_with_nobody_waiting() {
+        let cut = Arc::new(Cut::default());
+        drop(cut.waiting());
+        cut.answered().await;
+    }
+}
