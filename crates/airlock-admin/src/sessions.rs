@@ -210,13 +210,29 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
                 "label key {key:?} must be 1-{MAX_LABEL_KEY} characters of a-z, A-Z, 0-9, '_', '-', '.', '/'"
             )));
         }
-        if value.len() > MAX_LABEL_VALUE || value.chars().any(char::is_control) {
+        if value.len() > MAX_LABEL_VALUE || value.chars().any(is_hidden) {
             return Err(ApiError::BadRequest(format!(
-                "label {key:?}: value must be at most {MAX_LABEL_VALUE} bytes without control characters"
+                "label {key:?}: value must be at most {MAX_LABEL_VALUE} bytes without control, \
+                 format or line-separator characters"
             )));
         }
     }
     Ok(())
+}
+
+/// Whether `c` is a character a label value may not hold: one that is
+/// not shown as itself — controls, and format characters such as
+/// U+202E (right-to-left override) or U+200B (zero-width space), with
+/// which a label could show an operator something else than it holds.
+fn is_hidden(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    matches!(
+        c.general_category(),
+        GeneralCategory::Control
+            | GeneralCategory::Format
+            | GeneralCategory::LineSeparator
+            | GeneralCategory::ParagraphSeparator
+    )
 }
 
 // === impl SessionView ===

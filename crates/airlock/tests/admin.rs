@@ -173,6 +173,18 @@ async fn bad_session_requests_get_400_saying_what_is_wrong() {
         ),
         (with("/limits/max_denied", json!(-1)), "max_denied"),
         (with("/labels", json!({"bad key": "v"})), "label key"),
+        (with("/labels", json!({"owner": "a\u{1b}[31m"})), "control"),
+        // Shown as something else than it holds: right-to-left override,
+        // zero-width space, line separator.
+        (
+            with("/labels", json!({"owner": "\u{202e}gnp.exe"})),
+            "format",
+        ),
+        (with("/labels", json!({"owner": "ad\u{200b}min"})), "format"),
+        (
+            with("/labels", json!({"owner": "a\u{2028}b"})),
+            "line-separator",
+        ),
         // serde would read a struct's fields from an array, by position.
         (with("/limits", json!([5, 1, 2])), "limits: invalid type"),
         (with("/limits", json!([])), "limits: invalid type"),
@@ -236,6 +248,11 @@ async fn bad_session_requests_get_400_saying_what_is_wrong() {
     assert_eq!(reply.error_code().as_deref(), Some("bad_request"));
     // Still healthy.
     airlock.create_session(valid_body()).await.unwrap();
+    // Letters of any script are labels' own.
+    airlock
+        .create_session(with("/labels", json!({"team": "équipe 日本"})))
+        .await
+        .unwrap();
 }
 
 /// `GET /v1/sessions` pages: 25 sessions by 10 are 10, 10, 5, and only
