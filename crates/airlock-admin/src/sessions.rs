@@ -213,7 +213,7 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
         if value.len() > MAX_LABEL_VALUE || value.chars().any(is_hidden) {
             return Err(ApiError::BadRequest(format!(
                 "label {key:?}: value must be at most {MAX_LABEL_VALUE} bytes without control, \
-                 format or line-separator characters"
+                 format, line-separator, private-use or unassigned characters"
             )));
         }
     }
@@ -221,9 +221,11 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
 }
 
 /// Whether `c` is a character a label value may not hold: one that is
-/// not shown as itself — controls, and format characters such as
-/// U+202E (right-to-left override) or U+200B (zero-width space), with
-/// which a label could show an operator something else than it holds.
+/// not shown as itself — controls, format characters such as U+202E
+/// (right-to-left override), U+200B (zero-width space) and the zero-width
+/// joiners, line and paragraph separators, private-use and unassigned
+/// code points — with which a label could show an operator something
+/// else than it holds.
 fn is_hidden(c: char) -> bool {
     use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
     matches!(
@@ -232,6 +234,8 @@ fn is_hidden(c: char) -> bool {
             | GeneralCategory::Format
             | GeneralCategory::LineSeparator
             | GeneralCategory::ParagraphSeparator
+            | GeneralCategory::PrivateUse
+            | GeneralCategory::Unassigned
     )
 }
 

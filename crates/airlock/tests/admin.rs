@@ -185,6 +185,10 @@ async fn bad_session_requests_get_400_saying_what_is_wrong() {
             with("/labels", json!({"owner": "a\u{2028}b"})),
             "line-separator",
         ),
+        (
+            with("/labels", json!({"owner": "a\u{e000}b"})),
+            "private-use",
+        ),
         // serde would read a struct's fields from an array, by position.
         (with("/limits", json!([5, 1, 2])), "limits: invalid type"),
         (with("/limits", json!([])), "limits: invalid type"),

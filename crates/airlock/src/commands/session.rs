@@ -22,6 +22,10 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
     match cmd {
         SessionCommand::Create(args) => {
             if output::stdout_is_null() {
+                // Bad arguments are told as such first.
+                if let Err(e) = create_body(&args.session) {
+                    return Err(with_provider_hint(&client, &args.session, e).await);
+                }
                 anyhow::bail!(
                     "stdout is /dev/null (or was closed): the session's token would be printed \
                      nowhere; no session created"
