@@ -1,10 +1,12 @@
 //! The end of shutdown's drain as the calls still in flight see it:
 //! [`Cut`].
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
+
+use crate::in_flight::{Entered, InFlightCount};
 
 /// Shared by every worker's [`crate::handler::Proxy`]. When the drain ends
 /// with calls still in flight, [`Cut::start`] marks them cut by airlock
@@ -19,8 +21,7 @@ pub(crate) struct Cut {
     notice: Notify,
     /// Calls in a long wait for their provider's answer, or answering the
     /// cut: what [`Cut::answered`] waits for.
-    waiting: AtomicUsize,
-    none_waiting: Notify,
+    waiting: Arc<InFlightCount>,
 }
 
 impl Cut {
@@ -48,36 +49,18 @@ impl Cut {
     /// Counts a call waiting for its provider's answer until the returned
     /// guard is dropped (kept by a call answering the cut until its answer
     /// is on its way).
-    pub(crate) fn waiting(self: &Arc<Self>) -> Waiting {
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        Waiting(Arc::clone(self))
+    pub(crate) fn waiting(&self) -> Waiting {
+        Entered::enter(&self.waiting)
     }
 
     /// Resolves once no call counted by [`Cut::waiting`] is left.
     pub(crate) async fn answered(&self) {
-        loop {
-            let notified = self.none_waiting.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.waiting.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
+        self.waiting.none_left().await;
     }
 }
 
 /// A call counted by [`Cut::waiting`].
-#[derive(Debug)]
-pub(crate) struct Waiting(Arc<Cut>);
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        if self.0.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.none_waiting.notify_waiters();
-        }
-    }
-}
+pub(crate) type Waiting = Entered;
 
 #[cfg(test)]
 mod tests {

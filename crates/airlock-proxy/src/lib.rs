@@ -15,6 +15,7 @@ pub mod descriptors;
 pub mod error;
 pub mod handler;
 pub mod headers;
+mod in_flight;
 pub mod metrics;
 pub mod provider;
 pub mod redact;

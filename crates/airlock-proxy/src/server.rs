@@ -61,7 +61,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::body::{BoxError, ProxyBody};
@@ -69,6 +69,7 @@ use crate::descriptors::{AcceptErrors, AcceptFailure};
 use crate::error::ErrorCode;
 use crate::handler::{HeadTimer, Proxy};
 use crate::headers::FramingAnomaly;
+use crate::in_flight::{Entered, InFlightCount};
 use crate::tls::ServerTls;
 use crate::websocket::Tunnel;
 use airlock_audit::Delivery;
@@ -150,7 +151,7 @@ pub struct ProxyServer {
 pub struct DrainControl {
     cut: Arc<watch::Sender<bool>>,
     /// Each worker's calls in flight.
-    calls: Vec<Arc<CallCount>>,
+    calls: Vec<Arc<InFlightCount>>,
     /// Each worker's open connections.
     balance: Arc<Balance>,
 }
@@ -169,11 +170,7 @@ impl DrainControl {
     /// What is in flight now, over all workers.
     pub fn in_flight(&self) -> InFlight {
         InFlight {
-            calls: self
-                .calls
-                .iter()
-                .map(|c| c.count.load(Ordering::Acquire))
-                .sum(),
+            calls: self.calls.iter().map(|c| c.now()).sum(),
             connections: self
                 .balance
                 .open
@@ -582,45 +579,12 @@ struct ConnSettings {
     handshake_timeout: Duration,
     /// Calls in flight on this worker's connections (until their responses
     /// are gone).
-    calls: Arc<CallCount>,
+    calls: Arc<InFlightCount>,
     /// WebSocket tunnels open on this worker's connections.
-    tunnels: Arc<CallCount>,
+    tunnels: Arc<InFlightCount>,
     /// Set when the drain ends with tunnels open: each says goodbye (a
     /// close frame both ways) before what still runs is cut.
     closing_tunnels: watch::Sender<bool>,
-}
-
-/// Calls in flight on all connections: an atomic on the request path, a
-/// notification when the last one ends.
-#[derive(Default)]
-struct CallCount {
-    count: AtomicUsize,
-    none_left: Notify,
-}
-
-impl CallCount {
-    fn enter(&self) {
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn leave(&self) {
-        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.none_left.notify_waiters();
-        }
-    }
-
-    /// Resolves once no call is in flight.
-    async fn none_left(&self) {
-        loop {
-            let notified = self.none_left.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.count.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
 }
 
 impl ConnSettings {
@@ -635,8 +599,8 @@ impl ConnSettings {
             first_timeout: settings.idle_timeout.min(settings.header_read_timeout),
             idle_timeout: settings.idle_timeout,
             handshake_timeout: settings.header_read_timeout,
-            calls: Arc::new(CallCount::default()),
-            tunnels: Arc::new(CallCount::default()),
+            calls: Arc::new(InFlightCount::default()),
+            tunnels: Arc::new(InFlightCount::default()),
             closing_tunnels: watch::Sender::new(false),
         }
     }
@@ -904,11 +868,11 @@ async fn idle(activity: &Activity, first: Duration, limit: Duration) {
 /// total), until its response body is gone.
 struct Busy {
     connection: Arc<Activity>,
-    all: Arc<CallCount>,
+    all: Arc<InFlightCount>,
 }
 
 impl Busy {
-    fn enter(connection: &Arc<Activity>, all: &Arc<CallCount>) -> Self {
+    fn enter(connection: &Arc<Activity>, all: &Arc<InFlightCount>) -> Self {
         connection.served.store(true, Ordering::Release);
         connection.in_flight.fetch_add(1, Ordering::AcqRel);
         all.enter();
@@ -916,22 +880,6 @@ impl Busy {
             connection: Arc::clone(connection),
             all: Arc::clone(all),
         }
-    }
-}
-
-/// Counted in a [`CallCount`] while it lives.
-struct Entered(Arc<CallCount>);
-
-impl Entered {
-    fn enter(count: &Arc<CallCount>) -> Self {
-        count.enter();
-        Self(Arc::clone(count))
-    }
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        self.0.leave();
     }
 }
 

@@ -382,15 +382,7 @@ async fn a_revocation_ends_a_call_still_waiting_for_the_provider() {
         reply.json()["error"]["message"],
         "the session was revoked or expired during the call"
     );
-    // airlock let go of the upstream connection: once the provider's answer
-    // is released, nobody reads it, and the connection ends.
-    s.mock.open_gate();
-    assert!(
-        s.mock
-            .wait_for_ended_connections(1, Duration::from_secs(10))
-            .await,
-        "the upstream connection stayed open"
-    );
+    assert_upstream_let_go(&s).await;
     // A refusal's record is committed just after its answer.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let audit = loop {
@@ -411,6 +403,19 @@ async fn a_revocation_ends_a_call_still_waiting_for_the_provider() {
         record["flags"],
         json!(["incomplete", "session_ended"]),
         "{record}"
+    );
+}
+
+/// airlock let go of the upstream connection of a call it ended: once the
+/// provider's held answer is released, nobody reads it, and the
+/// connection ends.
+async fn assert_upstream_let_go(s: &Setup) {
+    s.mock.open_gate();
+    assert!(
+        s.mock
+            .wait_for_ended_connections(1, Duration::from_secs(10))
+            .await,
+        "the upstream connection stayed open"
     );
 }
 
@@ -440,13 +445,7 @@ async fn an_expiry_ends_a_call_still_waiting_for_the_provider() {
         "the session was revoked or expired during the call"
     );
     assert_eq!(s.mock.request_count(), 1, "the call reached the provider");
-    s.mock.open_gate();
-    assert!(
-        s.mock
-            .wait_for_ended_connections(1, Duration::from_secs(10))
-            .await,
-        "the upstream connection stayed open"
-    );
+    assert_upstream_let_go(&s).await;
 }
 
 #[tokio::test]
