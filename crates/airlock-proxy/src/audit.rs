@@ -95,6 +95,11 @@ impl CallRecord {
         self.answering_cut = Some(waiting);
     }
 
+    /// Shutdown's cut, as the call sees it.
+    pub(crate) fn cut(&self) -> &Arc<Cut> {
+        &self.cut
+    }
+
     /// The call was routed to `provider`.
     pub(crate) fn set_provider(&mut self, provider: &Arc<str>) {
         if let Some(r) = &mut self.record {

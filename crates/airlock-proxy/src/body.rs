@@ -20,6 +20,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::audit::CallRecord;
+use crate::cut::CutWatch;
 use crate::error::ErrorCode;
 use crate::redact::RedactingBody;
 use crate::upstream_pool::UpstreamBody;
@@ -60,6 +61,9 @@ struct Audited {
     /// Wakes an idle stream whose session ended (streams of unknown length
     /// only).
     session_end: Option<EndWatch>,
+    /// Wakes an idle stream when shutdown's drain ends (streams of unknown
+    /// length only).
+    cut: Option<CutWatch>,
     /// A frame read before the response head went out (see
     /// [`ProxyBody::prefetch`]), to be sent first.
     prefetched: Option<Frame<Bytes>>,
@@ -112,15 +116,56 @@ impl EventBoundary {
     }
 }
 
-/// The event that closes a stream whose session ended: the SDKs raise it
-/// as an error (OpenAI's reads the `error` object of any event's data,
+/// Why airlock ends a stream before the provider does.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    /// The session was revoked or expired.
+    SessionEnded,
+    /// Shutdown's drain ended with the stream still running.
+    ShuttingDown,
+}
+
+impl Ending {
+    fn code(self) -> ErrorCode {
+        match self {
+            Self::SessionEnded => ErrorCode::InvalidToken,
+            Self::ShuttingDown => ErrorCode::ShuttingDown,
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Self::SessionEnded => "the session was revoked or expired during the stream",
+            Self::ShuttingDown => "airlock is shutting down and cut the stream",
+        }
+    }
+
+    fn flags(self) -> Flags {
+        match self {
+            Self::SessionEnded => Flags::INCOMPLETE.union(Flags::SESSION_ENDED),
+            Self::ShuttingDown => Flags::INCOMPLETE,
+        }
+    }
+
+    /// The error the stream ends with, after its `error` event.
+    fn error(self) -> BoxError {
+        match self {
+            Self::SessionEnded => Box::new(SessionEnded),
+            Self::ShuttingDown => Box::new(CutByShutdown),
+        }
+    }
+}
+
+/// The event that closes a stream airlock ends: the SDKs raise it as an
+/// error (OpenAI's reads the `error` object of any event's data,
 /// Anthropic's an `error` event) instead of a broken connection.
-fn ended_event() -> Bytes {
+fn ended_event(ending: Ending) -> Bytes {
+    let code = ending.code();
     let error = serde_json::json!({
         "error": {
-            "type": ErrorCode::InvalidToken.error_type(),
-            "code": ErrorCode::InvalidToken.as_str(),
-            "message": "the session was revoked or expired during the stream",
+            "type": code.error_type(),
+            "code": code.as_str(),
+            "message": ending.message(),
         }
     });
     Bytes::from(format!("event: error\ndata: {error}\n\n"))
@@ -131,11 +176,13 @@ type PendingCommit = Pin<Box<dyn Future<Output = Result<(), AuditError>> + Send>
 
 enum Phase {
     Streaming,
-    /// The session ended and airlock's `error` event went out: the stream
-    /// is cut once it had a chance to be written (`flushed` set by the
-    /// first poll after it, which yields so that hyper writes it).
+    /// airlock's `error` event went out (its session ended, or shutdown
+    /// cut it): the stream is cut once it had a chance to be written
+    /// (`flushed` set by the first poll after it, which yields so that
+    /// hyper writes it).
     Cutting {
         flushed: bool,
+        why: Ending,
     },
     Committing {
         held: Option<Frame<Bytes>>,
@@ -158,6 +205,11 @@ pub struct RequestBody {
 #[derive(Debug, thiserror::Error)]
 #[error("the session was revoked or expired during the response")]
 pub struct SessionEnded;
+
+/// A response cut short by the end of shutdown's drain.
+#[derive(Debug, thiserror::Error)]
+#[error("airlock is shutting down and cut the response")]
+pub struct CutByShutdown;
 
 /// Why [`ProxyBody::prefetch`] withheld the whole answer.
 #[derive(Debug)]
@@ -226,6 +278,7 @@ impl ProxyBody {
             .session()
             .filter(|_| remaining.is_none())
             .map(EndWatch::new);
+        let cut = remaining.is_none().then(|| call.cut().watch());
         let events = (event_stream && remaining.is_none()).then(EventBoundary::default);
         Self(Inner::Audited(Box::new(Audited {
             body,
@@ -234,6 +287,7 @@ impl ProxyBody {
             remaining,
             phase: Phase::Streaming,
             session_end,
+            cut,
             prefetched: None,
             prefetching: false,
             events,
@@ -351,14 +405,21 @@ impl Audited {
         loop {
             match &mut self.phase {
                 Phase::Done => return Poll::Ready(None),
-                Phase::Cutting { flushed: false } => {
-                    self.phase = Phase::Cutting { flushed: true };
+                Phase::Cutting {
+                    flushed: false,
+                    why,
+                } => {
+                    self.phase = Phase::Cutting {
+                        flushed: true,
+                        why: *why,
+                    };
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
-                Phase::Cutting { flushed: true } => {
+                Phase::Cutting { flushed: true, why } => {
+                    let error = why.error();
                     self.phase = Phase::Done;
-                    return Poll::Ready(Some(Err(Box::new(SessionEnded))));
+                    return Poll::Ready(Some(Err(error)));
                 }
                 Phase::Committing { held, commit } => {
                     let result = match commit {
@@ -389,13 +450,20 @@ impl Audited {
                         .as_mut()
                         .is_some_and(|watch| watch.poll_ended(cx).is_ready());
                     if ended {
-                        return Poll::Ready(Some(self.end_for_session()));
+                        return Poll::Ready(Some(self.end_early(Ending::SessionEnded)));
+                    }
+                    let cut = self
+                        .cut
+                        .as_mut()
+                        .is_some_and(|watch| watch.poll_started(cx).is_ready());
+                    if cut {
+                        return Poll::Ready(Some(self.end_early(Ending::ShuttingDown)));
                     }
                     return Poll::Pending;
                 }
             };
             if self.call.session_ended() {
-                return Poll::Ready(Some(self.end_for_session()));
+                return Poll::Ready(Some(self.end_early(Ending::SessionEnded)));
             }
             match frame {
                 Some(Ok(frame)) => {
@@ -429,24 +497,23 @@ impl Audited {
         }
     }
 
-    /// Cuts the stream short because its session was revoked or expired;
-    /// an event stream standing between two events first gets airlock's
-    /// `error` event (see [`ended_event`]).
-    fn end_for_session(&mut self) -> Result<Frame<Bytes>, BoxError> {
-        let (decision, status) = self.answer_if_prefetching(ErrorCode::InvalidToken);
-        drop(self.call.finish(
-            decision,
-            status,
-            Flags::INCOMPLETE.union(Flags::SESSION_ENDED),
-        ));
+    /// Cuts the stream short (its session was revoked or expired, or
+    /// shutdown cut it); an event stream standing between two events first
+    /// gets airlock's `error` event (see [`ended_event`]).
+    fn end_early(&mut self, why: Ending) -> Result<Frame<Bytes>, BoxError> {
+        let (decision, status) = self.answer_if_prefetching(why.code());
+        drop(self.call.finish(decision, status, why.flags()));
         match &self.events {
             Some(events) if !self.prefetching && events.between_events() => {
-                self.phase = Phase::Cutting { flushed: false };
-                Ok(Frame::data(ended_event()))
+                self.phase = Phase::Cutting {
+                    flushed: false,
+                    why,
+                };
+                Ok(Frame::data(ended_event(why)))
             }
             _ => {
                 self.phase = Phase::Done;
-                Err(Box::new(SessionEnded))
+                Err(why.error())
             }
         }
     }

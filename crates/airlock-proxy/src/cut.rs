@@ -1,9 +1,13 @@
 //! The end of shutdown's drain as the calls still in flight see it:
 //! [`Cut`].
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
 use crate::in_flight::{Entered, InFlightCount};
@@ -12,13 +16,14 @@ use crate::in_flight::{Entered, InFlightCount};
 /// with calls still in flight, [`Cut::start`] marks them cut by airlock
 /// (their records say `incomplete`, not `client_aborted`) and wakes the
 /// calls waiting for their provider's answer, which answer 503
-/// `shutting_down` instead of being dropped unanswered; the drain then
-/// gives those answers a moment ([`Cut::answered`]) before it closes the
-/// connections.
+/// `shutting_down` instead of being dropped unanswered, and the streams of
+/// unknown length ([`CutWatch`]), which event streams end with an `error`
+/// event saying so; the drain then gives those answers a moment
+/// ([`Cut::answered`]) before it closes the connections.
 #[derive(Debug, Default)]
 pub(crate) struct Cut {
     started: AtomicBool,
-    notice: Notify,
+    notice: Arc<Notify>,
     /// Calls in a long wait for their provider's answer, or answering the
     /// cut: what [`Cut::answered`] waits for.
     waiting: Arc<InFlightCount>,
@@ -56,6 +61,39 @@ impl Cut {
     /// Resolves once no call counted by [`Cut::waiting`] is left.
     pub(crate) async fn answered(&self) {
         self.waiting.none_left().await;
+    }
+
+    /// A stream's watch on the cut (see [`CutWatch`]).
+    pub(crate) fn watch(self: &Arc<Self>) -> CutWatch {
+        let mut notice = Box::pin(Arc::clone(&self.notice).notified_owned());
+        notice.as_mut().enable();
+        CutWatch {
+            notice,
+            cut: Arc::clone(self),
+            _answering: self.waiting(),
+        }
+    }
+}
+
+/// Held by a stream of unknown length: wakes it when the cut starts, and
+/// counts it among the answers the drain waits for until it is dropped
+/// (the stream's end, its `error` event written).
+pub(crate) struct CutWatch {
+    notice: Pin<Box<OwnedNotified>>,
+    cut: Arc<Cut>,
+    _answering: Waiting,
+}
+
+impl CutWatch {
+    /// `Ready` once the cut has started; otherwise `Pending`, with `cx`
+    /// woken when it does.
+    pub(crate) fn poll_started(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // Enabled from the start: a cut before this poll is in the flag,
+        // one after it wakes the notice.
+        if self.cut.has_started() {
+            return Poll::Ready(());
+        }
+        self.notice.as_mut().poll(cx)
     }
 }
 

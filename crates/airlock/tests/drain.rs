@@ -118,18 +118,26 @@ fn proxy_addr(airlock: &Airlock) -> String {
 }
 
 /// `airlock audit export` on the stopped server's store.
-/// The two gated streams `readers` read were cut: their agents saw them
-/// end short, without the second event, and their records, written
-/// before the exit, say airlock cut them (`incomplete`), not that the
-/// agent went away.
+/// The two gated streams `readers` read (over HTTP/1.1, then HTTP/2) were
+/// cut: their agents saw them end short, without the second event — the
+/// HTTP/1.1 one after airlock's `error` event saying why (over HTTP/2 that
+/// event is best effort) — and their records, written before the exit,
+/// say airlock cut them (`incomplete`), not that the agent went away.
 async fn assert_streams_cut(
     readers: [tokio::task::JoinHandle<(String, bool)>; 2],
     airlock: &Airlock,
 ) {
-    for reader in readers {
+    for (i, reader) in readers.into_iter().enumerate() {
         let (text, clean) = reader.await.unwrap();
         assert!(!text.contains("second"), "{text}");
         assert!(!clean, "a cut stream must not look complete");
+        if i == 0 {
+            assert!(
+                text.starts_with("event: error\ndata: ")
+                    && text.contains(r#""code":"shutting_down""#),
+                "{text}"
+            );
+        }
     }
     let records = exported(&airlock.config_path());
     let cut: Vec<_> = records
