@@ -95,14 +95,50 @@ struct Idle<B> {
 }
 
 struct IdleConnection<B> {
-    sender: http1::SendRequest<B>,
+    sender: Http1Sender<B>,
     since: Instant,
 }
 
 /// A connection ready for one request.
 enum Lent<B> {
-    Http1(http1::SendRequest<B>),
+    Http1(Http1Sender<B>),
     Http2(http2::SendRequest<B>),
+}
+
+/// An HTTP/1 connection's sender, which ends the connection's task when it
+/// is dropped: a call that stops waiting (its answer took too long, its
+/// session ended, shutdown cut it) or a body dropped before its end closes
+/// the connection at once. hyper alone would go on writing the request
+/// body for as long as the provider keeps the connection open without
+/// reading it, holding the agent's body — and with it the agent's
+/// connection — all that time.
+struct Http1Sender<B> {
+    sender: http1::SendRequest<B>,
+    /// `None` for a WebSocket handshake's connection, which hands its
+    /// socket to the tunnel and must not be cut under it.
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl<B> std::ops::Deref for Http1Sender<B> {
+    type Target = http1::SendRequest<B>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.sender
+    }
+}
+
+impl<B> std::ops::DerefMut for Http1Sender<B> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.sender
+    }
+}
+
+impl<B> Drop for Http1Sender<B> {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 /// What a pooled connection can send: [`RequestBody`] on the request
@@ -186,7 +222,7 @@ pub struct UpstreamBody<B = RequestBody> {
 }
 
 struct Lease<B> {
-    sender: http1::SendRequest<B>,
+    sender: Http1Sender<B>,
     pool: Weak<Shared<B>>,
 }
 
@@ -331,7 +367,7 @@ impl<B: SentBody> UpstreamPool<B> {
         Ok(response.map(|body| UpstreamBody {
             body,
             lease: Some(Lease {
-                sender,
+                sender: Http1Sender { sender, task: None },
                 pool: Weak::new(),
             }),
         }))
@@ -412,12 +448,16 @@ impl<B: SentBody> Shared<B> {
             }
             return Ok(Lent::Http2(sender));
         }
-        let (mut sender, connection) = http1::Builder::new()
+        let (sender, connection) = http1::Builder::new()
             .max_buf_size(self.upstream.settings.read_buffer)
             .handshake(io)
             .await
             .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(drive("HTTP/1", connection));
+        let task = tokio::spawn(drive("HTTP/1", connection)).abort_handle();
+        let mut sender = Http1Sender {
+            sender,
+            task: Some(task),
+        };
         self.start_reaping();
         sender.ready().await.map_err(UpstreamError::Handshake)?;
         Ok(Lent::Http1(sender))
@@ -427,7 +467,7 @@ impl<B: SentBody> Shared<B> {
     fn lend(
         self: &Arc<Self>,
         response: Response<Incoming>,
-        sender: http1::SendRequest<B>,
+        sender: Http1Sender<B>,
     ) -> Response<UpstreamBody<B>> {
         response.map(|body| {
             let mut body = UpstreamBody {
@@ -445,7 +485,7 @@ impl<B: SentBody> Shared<B> {
     }
 
     /// Keeps `sender`'s connection for the next call.
-    fn put(&self, sender: http1::SendRequest<B>) {
+    fn put(&self, sender: Http1Sender<B>) {
         let mut idle = self.idle();
         if idle.http1.len() >= MAX_IDLE {
             idle.http1.pop_front();
@@ -541,8 +581,14 @@ impl<B: SentBody> UpstreamBody<B> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let Some(idle_timeout) = pool.upgrade().map(|p| p.upstream.settings.idle_timeout) else {
+            return;
+        };
+        // A provider that answered without reading the whole request body
+        // gets as long as an idle connection would to take the rest; then
+        // the connection closes.
         runtime.spawn(async move {
-            if sender.ready().await.is_ok() {
+            if let Ok(Ok(())) = tokio::time::timeout(idle_timeout, sender.ready()).await {
                 if let Some(pool) = pool.upgrade() {
                     pool.put(sender);
                 }

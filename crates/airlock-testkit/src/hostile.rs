@@ -210,6 +210,13 @@ fn dechunk(mut rest: &[u8]) -> (Vec<u8>, bool) {
 pub enum Script {
     /// Reads the request and never answers.
     Silent,
+    /// Reads the request head, then neither reads the body nor answers for
+    /// `drain_after`; then reads what was sent until airlock closes the
+    /// connection (counted by [`ScriptedUpstream::hung_up`]).
+    Stalled {
+        /// How long the body is left unread.
+        drain_after: Duration,
+    },
     /// Answers 200 with a chunked body that never ends, written as fast as
     /// the connection takes it (64 KiB chunks).
     Endless,
@@ -329,8 +336,13 @@ async fn run_script(mut stream: TcpStream, state: Arc<UpstreamState>) {
     }
     state.requests.fetch_add(1, Ordering::SeqCst);
     let (mut reader, mut writer) = stream.into_split();
+    let unread_for = match state.script {
+        Script::Stalled { drain_after } => drain_after,
+        _ => Duration::ZERO,
+    };
     // The peer going away is seen as EOF on the read side.
     let gone = async move {
+        tokio::time::sleep(unread_for).await;
         let mut buf = [0u8; 1024];
         loop {
             match reader.read(&mut buf).await {
@@ -342,6 +354,7 @@ async fn run_script(mut stream: TcpStream, state: Arc<UpstreamState>) {
     let script = async {
         match state.script {
             Script::Silent => std::future::pending::<()>().await,
+            Script::Stalled { .. } => std::future::pending::<()>().await,
             Script::HeadOnly => {
                 let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                              content-length: 100\r\n\r\n";

@@ -12,6 +12,8 @@
 //! Run with `--nocapture` to see the table of cases and outcomes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use airlock_testkit::client::request;
@@ -1334,7 +1336,11 @@ async fn idle_timeout_closes_idle_connections_but_not_quiet_streams() {
 }
 
 /// Reads from `stream` until `needle` appears, EOF, or `limit`.
-async fn read_until(stream: &mut TcpStream, needle: &str, limit: Duration) -> String {
+async fn read_until<R: AsyncReadExt + Unpin>(
+    stream: &mut R,
+    needle: &str,
+    limit: Duration,
+) -> String {
     let deadline = tokio::time::Instant::now() + limit;
     let mut text = String::new();
     let mut buf = [0u8; 4096];
@@ -1397,6 +1403,95 @@ async fn a_refusal_sent_before_the_body_arrives_says_the_connection_closes() {
         );
     }
     assert_eq!(mock.requests().len(), 0);
+}
+
+/// A provider that stops reading an upload and never answers: at
+/// `upstream_timeout` the agent gets its 504, and airlock closes the
+/// provider's connection and the agent's, rather than hold both open while
+/// hyper waits to write the rest of the body (for as long as the provider
+/// keeps its connection, with the agent's `max_connections` slot taken).
+#[tokio::test]
+async fn a_stalled_upload_at_upstream_timeout_closes_both_connections() {
+    // The provider reads again 4 s in: before that only airlock can free
+    // the connections.
+    let upstream = ScriptedUpstream::start(Script::Stalled {
+        drain_after: Duration::from_secs(4),
+    })
+    .await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("up", &upstream.url(), "bearer", "sk-stalled-0123456789", "")
+        .proxy_option(r#"upstream_timeout = "1s""#)
+        .proxy_option("max_connections = 1")
+        .start()
+        .await
+        .unwrap();
+    let session = airlock
+        .create_session(json!({"scope": [{"provider": "up", "methods": ["POST"], "paths": ["/**"]}], "ttl_seconds": 600}))
+        .await
+        .unwrap();
+    let token = session["token"].as_str().unwrap();
+    let mut stream = TcpStream::connect(hostile::authority(&airlock.proxy_url()))
+        .await
+        .unwrap();
+    // A body far larger than the sockets' buffers: with the provider not
+    // reading, the agent's writes block once the buffers on the way are
+    // full, and airlock's write of the body to the provider with them.
+    let head = format!(
+        "POST /up/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 1073741824\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let stop = Arc::new(AtomicBool::new(false));
+    let uploading = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            let chunk = vec![b'a'; 64 * 1024];
+            while !stop.load(Ordering::SeqCst) {
+                if writer.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            // Kept open: the agent neither finishes nor abandons its body.
+            writer
+        }
+    });
+    let answer = read_until(&mut reader, "upstream_timeout", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    stop.store(true, Ordering::SeqCst);
+
+    // The agent's connection is gone from airlock: its one slot serves
+    // another connection (503 `overloaded` while it is held), well before
+    // the provider reads again.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let ex = exchange(
+            &airlock.proxy_url(),
+            b"GET /up/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            CASE_LIMIT,
+        )
+        .await;
+        if ex.status != Some(503) {
+            assert_eq!(ex.status, Some(401), "{}", ex.raw);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled call's connection still holds the slot: {}",
+            ex.raw
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // When the provider reads again, it finds its connection closed after
+    // what was already on its way.
+    assert!(
+        upstream
+            .wait_hung_up(1, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "airlock kept the provider's connection open"
+    );
+    drop(uploading.await.unwrap());
 }
 
 #[tokio::test]
