@@ -230,18 +230,23 @@ pub(crate) enum Withheld {
 pub struct AgentBodyBroke(#[source] hyper::Error);
 
 impl AgentBodyBroke {
-    /// Whether the agent's connection broke (reset, aborted): nobody is
-    /// left to read an answer. A body that ended early with the
-    /// connection's end of stream (FIN) is not: the agent may have only
-    /// half-closed it and still read the 400.
+    /// Whether the agent's connection broke (reset, aborted), or the
+    /// agent reset its HTTP/2 stream: nobody is left to read an answer. A
+    /// body that ended early with the connection's end of stream (FIN) is
+    /// not: the agent may have only half-closed it and still read the 400.
     pub fn agent_left(&self) -> bool {
         use std::io::ErrorKind;
-        crate::error::cause::<std::io::Error>(&self.0).is_some_and(|io| {
-            matches!(
-                io.kind(),
-                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-            )
-        })
+        let stream_reset = crate::error::cause::<h2::Error>(&self.0)
+            .is_some_and(|e| e.is_reset() && e.is_remote());
+        stream_reset
+            || crate::error::cause::<std::io::Error>(&self.0).is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::BrokenPipe
+                )
+            })
     }
 }
 

@@ -195,6 +195,7 @@ impl Proxy {
         let mut unanswered = Unanswered {
             metrics,
             answered: false,
+            refused: None,
         };
         let (answer, tunnel) = match result {
             Ok(forwarded) if forwarded.switched() => {
@@ -211,6 +212,7 @@ impl Proxy {
             }
             Err(denial) => {
                 tracing::debug!(code = %denial.code(), "call refused");
+                unanswered.refused = Some((denial.code(), started));
                 (self.refuse(denial, call).await, None)
             }
         };
@@ -242,6 +244,7 @@ impl Proxy {
         let mut unanswered = Unanswered {
             metrics: &provider.metrics,
             answered: false,
+            refused: None,
         };
         let result = self.process_for(provider, req, call, head_timer).await;
         unanswered.answered = true;
@@ -757,18 +760,26 @@ fn store_unavailable() -> Denial {
     )
 }
 
-/// Counts a call as `client_aborted` in the metrics, as its record says,
-/// when its agent goes away (the call's future is dropped) before airlock
-/// has answered.
+/// Counts a call in the metrics as its record says when its agent goes
+/// away (the call's future is dropped) before airlock has answered:
+/// `client_aborted`, or the refusal whose record was written already.
 struct Unanswered<'a> {
     metrics: &'a ProviderMetrics,
     answered: bool,
+    /// Set once a refusal's record is finished: the record says it.
+    refused: Option<(ErrorCode, Instant)>,
 }
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
-        if !self.answered {
-            self.metrics.record_aborted();
+        if self.answered {
+            return;
+        }
+        match self.refused {
+            Some((code, started)) => self
+                .metrics
+                .record(Some(code), started.elapsed().as_secs_f64()),
+            None => self.metrics.record_aborted(),
         }
     }
 }

@@ -128,7 +128,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let bytes = read_pem_file(path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not a PEM certificate file: {e}"))?;
+        .map_err(|e| format!("not a PEM certificate file: {}", pem_error(&e)))?;
     if certs.is_empty() {
         return Err("no PEM certificate (BEGIN CERTIFICATE) in the file".into());
     }
@@ -143,8 +143,25 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
             "no PEM private key (BEGIN PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY) in the file"
                 .to_owned()
         }
-        other => format!("not a PEM private key file: {other}"),
+        other => format!("not a PEM private key file: {}", pem_error(&other)),
     })
+}
+
+/// A PEM parse error in words: the parser's own text shows the lines it
+/// quotes as lists of byte values.
+fn pem_error(error: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    match error {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "a section has no \"-----END {}-----\" line (the file is cut short?)",
+            text(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => {
+            format!("malformed section start line {:?}", text(line))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// What the files looked like when they were last loaded (or tried).

@@ -1630,6 +1630,68 @@ async fn an_upload_cut_by_the_agent_leaving_is_client_aborted_not_bad_request() 
     );
 }
 
+/// The same over HTTP/2: an agent that resets its stream (`RST_STREAM`
+/// `CANCEL`) in the middle of its request body is gone — `client_aborted`,
+/// status 0, in the record and in the metrics alike (it was recorded as a
+/// 400 `bad_request` the agent never got, while the metrics said
+/// `client_aborted`).
+#[tokio::test]
+async fn an_upload_stream_the_agent_resets_is_client_aborted_not_bad_request() {
+    let (upstream, airlock, _, _) = scripted(Script::Silent, "").await;
+    let session = airlock
+        .create_session(json!({"scope": [{"provider": "up", "methods": ["POST"], "paths": ["/**"]}], "ttl_seconds": 600}))
+        .await
+        .unwrap();
+    let id = session["id"].as_str().unwrap();
+    let token = session["token"].as_str().unwrap();
+    let proxy_url = airlock.proxy_url();
+    let authority = hostile::authority(&proxy_url);
+    let tcp = TcpStream::connect(authority).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{authority}/up/upload"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-length", "104857600")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    // More than the windows on the way take: the upload is under way
+    // when the stream is reset.
+    body.send_data(bytes::Bytes::from(vec![b'a'; 3 << 20]), false)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the call never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    body.send_reset(h2::Reason::CANCEL);
+    drop(response);
+
+    let records = audit_records(&airlock, id, 1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!(record["decision"], "client_aborted", "{record}");
+    assert_eq!(record["status"], 0, "{record}");
+    assert_eq!(record["flags"], json!(["client_aborted"]), "{record}");
+    let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
+    let metrics = metrics.as_str().unwrap();
+    assert!(
+        metrics
+            .contains("airlock_proxy_calls_total{provider=\"up\",decision=\"client_aborted\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("airlock_proxy_calls_total{provider=\"up\",decision=\"bad_request\"} 0"),
+        "{metrics}"
+    );
+}
+
 /// An agent that goes away while the provider has not answered yet is
 /// counted in the metrics as its record says: `client_aborted`.
 #[tokio::test]

@@ -209,3 +209,23 @@ fn a_missing_file_at_start_is_an_error() {
     let err = ServerTls::load(files).unwrap_err();
     assert_eq!(err.config_key(), "proxy.tls_cert");
 }
+
+#[test]
+fn a_file_cut_short_is_named_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed("one");
+    let files = write(dir.path(), &(cert[..200].to_owned(), key.clone()));
+    let err = load_server_config(&files).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "not a PEM certificate file: a section has no \"-----END CERTIFICATE-----\" line"
+        ),
+        "{err}"
+    );
+    let files = write(dir.path(), &(cert, key[..100].to_owned()));
+    let err = load_server_config(&files).unwrap_err().to_string();
+    assert!(
+        err.contains("not a PEM private key file: a section has no \"-----END PRIVATE KEY-----\""),
+        "{err}"
+    );
+}
