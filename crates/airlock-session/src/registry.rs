@@ -778,24 +778,33 @@ impl Registry {
         }
     }
 
-    /// Applies a change announced by the store.
-    fn apply_change(&self, change: &Change) {
-        if let Change::Session {
+    /// Applies a change announced by the store. Returns whether the
+    /// session's totals should be read now: a session with `max_denied`
+    /// that another replica revoked may have reached it there, which its
+    /// refusals here should say (they read the denials this replica knows
+    /// of), not only at the next re-check.
+    fn apply_change(&self, change: &Change) -> bool {
+        let Change::Session {
             id,
             revoked_at,
             expires_at,
         } = change
-        {
-            if let Some(live) = self.cached(id) {
-                if let Some(at) = revoked_at {
-                    if live.revoked_at().is_none() {
-                        tracing::info!(session = %id, "session revoked by another replica");
-                    }
-                    live.mark_revoked(*at);
-                }
-                live.set_expires_at(*expires_at);
+        else {
+            return false;
+        };
+        let Some(live) = self.cached(id) else {
+            return false;
+        };
+        let mut read_totals = false;
+        if let Some(at) = revoked_at {
+            if live.revoked_at().is_none() {
+                tracing::info!(session = %id, "session revoked by another replica");
+                read_totals = live.limits().max_denied.is_some();
             }
+            live.mark_revoked(*at);
         }
+        live.set_expires_at(*expires_at);
+        read_totals
     }
 
     /// Brings the cached sessions that have not ended up to date with the

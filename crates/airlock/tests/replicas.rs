@@ -293,13 +293,21 @@ async fn max_denied_counts_denials_on_every_replica() {
     let reply = models(b, &token).await;
     assert_eq!(reply.status, 401, "{}", reply.text());
     assert!(reply.text().contains("max_denied"), "{}", reply.text());
-    // ...and the others as the revocation travels.
+    // ...and the others as the revocation travels, saying why soon after
+    // (they read the session's totals when its revocation arrives, rather
+    // than at their next re-check, a second apart).
     let started = Instant::now();
     for replica in [a, b, c] {
         eventually(
             Duration::from_secs(5),
             "max_denied across replicas",
             async || poll_status(replica, &token).await == Some(401),
+        )
+        .await;
+        eventually(
+            Duration::from_millis(400),
+            "the reason known on every replica",
+            async || models(replica, &token).await.text().contains("max_denied"),
         )
         .await;
     }

@@ -124,7 +124,11 @@ impl Registry {
                         self.recheck_everything();
                         recheck_now.notify_one();
                     }
-                    change => self.apply_change(&change),
+                    change => {
+                        if self.apply_change(&change) {
+                            recheck_now.notify_one();
+                        }
+                    }
                 }
             }
             tracing::debug!("change feed closed");
