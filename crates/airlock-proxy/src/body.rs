@@ -236,17 +236,16 @@ impl AgentBodyBroke {
     /// not: the agent may have only half-closed it and still read the 400.
     pub fn agent_left(&self) -> bool {
         use std::io::ErrorKind;
-        let stream_reset = crate::error::cause::<h2::Error>(&self.0)
-            .is_some_and(|e| e.is_reset() && e.is_remote());
-        stream_reset
-            || crate::error::cause::<std::io::Error>(&self.0).is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    ErrorKind::ConnectionReset
-                        | ErrorKind::ConnectionAborted
-                        | ErrorKind::BrokenPipe
-                )
-            })
+        let broken = |io: &std::io::Error| {
+            matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+            )
+        };
+        // h2's errors do not give their I/O error as a source.
+        let h2_gone = crate::error::cause::<h2::Error>(&self.0)
+            .is_some_and(|e| (e.is_reset() && e.is_remote()) || e.get_io().is_some_and(broken));
+        h2_gone || crate::error::cause::<std::io::Error>(&self.0).is_some_and(broken)
     }
 }
 

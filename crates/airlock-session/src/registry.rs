@@ -904,7 +904,9 @@ impl Registry {
         Ok(next)
     }
 
-    /// Reads every cached session that has not ended; returns the cursor
+    /// Reads every cached session that has not ended (and those revoked
+    /// short of their `max_denied`, which another replica may have reached:
+    /// their refusals say so once the totals are read); returns the cursor
     /// to read changes from next (`None` on a store without one).
     async fn read_everything(&self, now: i64) -> Result<Option<ChangeCursor>, StoreError> {
         const CHUNK: usize = 5_000;
@@ -912,7 +914,12 @@ impl Registry {
             .by_token
             .read()
             .values()
-            .filter(|s| s.revoked_at().is_none() && s.expires_at() > now)
+            .filter(|s| {
+                let active = s.revoked_at().is_none() && s.expires_at() > now;
+                let reason_unread = s.revoked_at().is_some()
+                    && s.limits().max_denied.is_some_and(|max| s.denied() < max);
+                active || reason_unread
+            })
             .cloned()
             .collect();
         let mut next = None;

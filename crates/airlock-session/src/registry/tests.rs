@@ -979,3 +979,61 @@ async fn idle_active_sessions_leave_the_cache_and_come_back_intact() {
     assert_eq!(session.allowed(), 2);
     assert_eq!(reg.admit(&session).await, Ok(Admission::QuotaExhausted));
 }
+
+/// Another replica revoked a session at its `max_denied`: once this one
+/// learns of the revocation it reads the session's totals (even when the
+/// re-check reads everything, which skips ended sessions), and its
+/// refusals say why.
+#[tokio::test]
+async fn a_revocation_at_max_denied_elsewhere_is_told_as_such() {
+    let (_dir, base) = registry().await;
+    let (feed, _) = broadcast::channel(16);
+    let store = CountingStore::over(base.store(), Some(feed.clone()));
+    let reg = Arc::new(Registry::new(store.clone() as Arc<dyn Store>));
+    let sync = tokio::spawn(Arc::clone(&reg).run_sync(
+        SyncSettings {
+            max_staleness: Duration::from_secs(60),
+            recheck_every: Duration::from_secs(60),
+        },
+        std::future::pending(),
+    ));
+    let limits = Limits {
+        max_denied: Some(2),
+        ..Limits::default()
+    };
+    let (session, token) = reg
+        .create(new_session(limits, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let now = crate::now_ms();
+    reg.authenticate(Some(token.expose()), now).await.unwrap();
+    eventually(Duration::from_secs(5), "sync subscribed", async || {
+        feed.receiver_count() > 0
+    })
+    .await;
+    // A re-read of everything while the session is active: done before
+    // the other replica's writes, it cannot be what brings them.
+    feed.send(Change::Resync).unwrap();
+    eventually(Duration::from_secs(5), "the session re-read", async || {
+        store.status_reads.lock().unwrap().contains(session.id())
+    })
+    .await;
+    // The other replica's two denials and its revocation, in the store.
+    store
+        .inner
+        .add_call_counts(session.id(), 0, 2)
+        .await
+        .unwrap();
+    store.inner.revoke_session(session.id(), now).await.unwrap();
+    feed.send(Change::Session {
+        id: session.id().clone(),
+        revoked_at: Some(now),
+        expires_at: session.expires_at(),
+    })
+    .unwrap();
+    eventually(Duration::from_secs(5), "the reason read", async || {
+        reg.authenticate(Some(token.expose()), now).await.err() == Some(AuthError::RevokedMaxDenied)
+    })
+    .await;
+    sync.abort();
+}
