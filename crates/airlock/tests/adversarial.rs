@@ -1573,29 +1573,21 @@ async fn an_answer_that_breaks_off_before_its_body_is_a_clean_502() {
     assert_eq!(record["upstream_status"], 200, "{record}");
 }
 
-/// An agent whose connection is reset in the middle of its request body
-/// (an upload cut by a flaky network) is recorded and counted as
-/// `client_aborted`, status 0 — not as the 400 `bad_request` of a malformed
-/// request, which is an attack signal. (One that half-closes instead still
-/// reads its 400: `proxy.rs`, `a_body_the_agent_cuts_short_is_its_400`.)
-#[tokio::test]
-async fn an_upload_cut_by_the_agent_leaving_is_client_aborted_not_bad_request() {
+/// A scripted upstream that takes requests and never answers, airlock in
+/// front of it, and a session that may POST there: its id and token.
+async fn upload_setup() -> (ScriptedUpstream, Airlock, String, String) {
     let (upstream, airlock, _, _) = scripted(Script::Silent, "").await;
     let session = airlock
         .create_session(json!({"scope": [{"provider": "up", "methods": ["POST"], "paths": ["/**"]}], "ttl_seconds": 600}))
         .await
         .unwrap();
-    let id = session["id"].as_str().unwrap();
-    let token = session["token"].as_str().unwrap();
-    let mut stream = TcpStream::connect(hostile::authority(&airlock.proxy_url()))
-        .await
-        .unwrap();
-    let head = format!(
-        "POST /up/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: 1048576\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&[b'a'; 4096]).await.unwrap();
+    let id = session["id"].as_str().unwrap().to_owned();
+    let token = session["token"].as_str().unwrap().to_owned();
+    (upstream, airlock, id, token)
+}
+
+/// Waits until `upstream` has a request head.
+async fn wait_for_request(upstream: &ScriptedUpstream) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while upstream.requests() == 0 {
         assert!(
@@ -1604,14 +1596,12 @@ async fn an_upload_cut_by_the_agent_leaving_is_client_aborted_not_bad_request() 
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // Closed with a reset, as a dropped network connection. (Deprecated
-    // because a lingering close blocks the thread on drop; a zero linger
-    // does not: the reset goes out at once.)
-    #[allow(deprecated)]
-    stream.set_linger(Some(Duration::ZERO)).unwrap();
-    drop(stream);
+}
 
-    let records = audit_records(&airlock, id, 1).await;
+/// The session's one call is recorded and counted `client_aborted`,
+/// status 0, and not as a `bad_request`.
+async fn assert_one_client_aborted(airlock: &Airlock, id: &str) {
+    let records = audit_records(airlock, id, 1).await;
     assert_eq!(records.len(), 1, "{records:?}");
     let record = &records[0];
     assert_eq!(record["decision"], "client_aborted", "{record}");
@@ -1630,6 +1620,34 @@ async fn an_upload_cut_by_the_agent_leaving_is_client_aborted_not_bad_request() 
     );
 }
 
+/// An agent whose connection is reset in the middle of its request body
+/// (an upload cut by a flaky network) is recorded and counted as
+/// `client_aborted`, status 0 — not as the 400 `bad_request` of a malformed
+/// request, which is an attack signal. (One that half-closes instead still
+/// reads its 400: `proxy.rs`, `a_body_the_agent_cuts_short_is_its_400`.)
+#[tokio::test]
+async fn an_upload_cut_by_the_agent_leaving_is_client_aborted_not_bad_request() {
+    let (upstream, airlock, id, token) = upload_setup().await;
+    let mut stream = TcpStream::connect(hostile::authority(&airlock.proxy_url()))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /up/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 1048576\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&[b'a'; 4096]).await.unwrap();
+    wait_for_request(&upstream).await;
+    // Closed with a reset, as a dropped network connection. (Deprecated
+    // because a lingering close blocks the thread on drop; a zero linger
+    // does not: the reset goes out at once.)
+    #[allow(deprecated)]
+    stream.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(stream);
+
+    assert_one_client_aborted(&airlock, &id).await;
+}
+
 /// The same over HTTP/2: an agent that resets its stream (`RST_STREAM`
 /// `CANCEL`) in the middle of its request body is gone — `client_aborted`,
 /// status 0, in the record and in the metrics alike (it was recorded as a
@@ -1637,13 +1655,7 @@ async fn an_upload_cut_by_the_agent_leaving_is_client_aborted_not_bad_request() 
 /// `client_aborted`).
 #[tokio::test]
 async fn an_upload_stream_the_agent_resets_is_client_aborted_not_bad_request() {
-    let (upstream, airlock, _, _) = scripted(Script::Silent, "").await;
-    let session = airlock
-        .create_session(json!({"scope": [{"provider": "up", "methods": ["POST"], "paths": ["/**"]}], "ttl_seconds": 600}))
-        .await
-        .unwrap();
-    let id = session["id"].as_str().unwrap();
-    let token = session["token"].as_str().unwrap();
+    let (upstream, airlock, id, token) = upload_setup().await;
     let proxy_url = airlock.proxy_url();
     let authority = hostile::authority(&proxy_url);
     let tcp = TcpStream::connect(authority).await.unwrap();
@@ -1662,34 +1674,11 @@ async fn an_upload_stream_the_agent_resets_is_client_aborted_not_bad_request() {
     // when the stream is reset.
     body.send_data(bytes::Bytes::from(vec![b'a'; 3 << 20]), false)
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while upstream.requests() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the call never reached the provider"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_request(&upstream).await;
     body.send_reset(h2::Reason::CANCEL);
     drop(response);
 
-    let records = audit_records(&airlock, id, 1).await;
-    assert_eq!(records.len(), 1, "{records:?}");
-    let record = &records[0];
-    assert_eq!(record["decision"], "client_aborted", "{record}");
-    assert_eq!(record["status"], 0, "{record}");
-    assert_eq!(record["flags"], json!(["client_aborted"]), "{record}");
-    let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
-    let metrics = metrics.as_str().unwrap();
-    assert!(
-        metrics
-            .contains("airlock_proxy_calls_total{provider=\"up\",decision=\"client_aborted\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("airlock_proxy_calls_total{provider=\"up\",decision=\"bad_request\"} 0"),
-        "{metrics}"
-    );
+    assert_one_client_aborted(&airlock, &id).await;
 }
 
 /// An agent that goes away while the provider has not answered yet is

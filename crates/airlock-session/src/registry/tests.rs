@@ -642,9 +642,16 @@ async fn without_a_change_feed_there_is_nothing_to_sync() {
     assert!(!reg.freshness.is_stale());
 }
 
-#[tokio::test]
-async fn changes_from_the_feed_apply_at_once_and_resync_rereads() {
-    let (_dir, base) = registry().await;
+/// A registry over a store with a change feed (sent by the test), its
+/// sync running with re-checks only when asked for.
+async fn synced_registry() -> (
+    tempfile::TempDir,
+    broadcast::Sender<Change>,
+    Arc<CountingStore>,
+    Arc<Registry>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (dir, base) = registry().await;
     let (feed, _) = broadcast::channel(16);
     let store = CountingStore::over(base.store(), Some(feed.clone()));
     let reg = Arc::new(Registry::new(store.clone() as Arc<dyn Store>));
@@ -655,6 +662,12 @@ async fn changes_from_the_feed_apply_at_once_and_resync_rereads() {
         },
         std::future::pending(),
     ));
+    (dir, feed, store, reg, sync)
+}
+
+#[tokio::test]
+async fn changes_from_the_feed_apply_at_once_and_resync_rereads() {
+    let (_dir, feed, store, reg, sync) = synced_registry().await;
     let (a, token_a) = reg
         .create(new_session(Limits::default(), Duration::from_secs(60)))
         .await
@@ -986,17 +999,7 @@ async fn idle_active_sessions_leave_the_cache_and_come_back_intact() {
 /// refusals say why.
 #[tokio::test]
 async fn a_revocation_at_max_denied_elsewhere_is_told_as_such() {
-    let (_dir, base) = registry().await;
-    let (feed, _) = broadcast::channel(16);
-    let store = CountingStore::over(base.store(), Some(feed.clone()));
-    let reg = Arc::new(Registry::new(store.clone() as Arc<dyn Store>));
-    let sync = tokio::spawn(Arc::clone(&reg).run_sync(
-        SyncSettings {
-            max_staleness: Duration::from_secs(60),
-            recheck_every: Duration::from_secs(60),
-        },
-        std::future::pending(),
-    ));
+    let (_dir, feed, store, reg, sync) = synced_registry().await;
     let limits = Limits {
         max_denied: Some(2),
         ..Limits::default()
