@@ -550,7 +550,12 @@ impl Config {
         let deserializer =
             toml::de::Deserializer::parse(text).map_err(|e| fail(e, String::new()))?;
         let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let path = e.path().to_string();
+            // A table read with its span (`toml::Spanned`) shows up in the
+            // path under the field name toml gives it inside.
+            let path = e
+                .path()
+                .to_string()
+                .replace(".$__serde_spanned_private_value", "");
             fail(e.into_inner(), path)
         })?;
         Self::from_raw(file, text, raw)

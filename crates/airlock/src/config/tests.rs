@@ -130,6 +130,14 @@ fn bad_configs_name_file_key_and_reason() {
         ),
         ("[proxy]\nlisten = 8080", "bad.toml: proxy.listen (line 2): invalid type"),
         (
+            "[providers.openai]\nupstream = \"http://x\"\nauth = 5",
+            "bad.toml: providers.openai.auth (line 3): invalid type",
+        ),
+        (
+            "[providers.openai]\nupstrem = \"http://x\"",
+            "bad.toml: providers.openai.upstrem (line 2): unknown field `upstrem`",
+        ),
+        (
             "[proxy]\nlisten = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"",
             "bad.toml: admin.listen: 127.0.0.1:9000 overlaps proxy.listen",
         ),
