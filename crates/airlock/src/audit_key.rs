@@ -6,6 +6,7 @@ use airlock_core::seal::{check_key, load_or_create_key, KeyOrigin, KeyPurpose};
 use anyhow::Context;
 
 use crate::config::AuditConfig;
+use crate::key_check::NewKeyFile;
 
 /// The environment variable that may hold the audit key (64 hex characters).
 pub const AUDIT_KEY_ENV: &str = "AIRLOCK_AUDIT_KEY";
@@ -18,7 +19,10 @@ const PURPOSE: KeyPurpose = KeyPurpose {
 /// Loads the key, creating the key file if there is neither it nor the
 /// variable (server start). On a shared store every replica must hold the
 /// same key, so there it must come from the variable or a configured file.
-pub fn load_or_create(config: &AuditConfig, store_url: &str) -> anyhow::Result<AuditKey> {
+pub fn load_or_create(
+    config: &AuditConfig,
+    store_url: &str,
+) -> anyhow::Result<(AuditKey, NewKeyFile)> {
     let env = env_value(config, store_url)?;
     let (key, origin) = load_or_create_key(env.as_deref(), &config.key_file, PURPOSE)
         .context("loading the audit key")?;
@@ -28,7 +32,8 @@ pub fn load_or_create(config: &AuditConfig, store_url: &str) -> anyhow::Result<A
             "audit key created (mode 0600)"
         );
     }
-    Ok(AuditKey::new(key.expose()))
+    let created = NewKeyFile::new(origin == KeyOrigin::Created, &config.key_file);
+    Ok((AuditKey::new(key.expose()), created))
 }
 
 /// What [`load_or_create`] would do, short of creating the key file
@@ -81,5 +86,9 @@ pub fn load_existing(config: &AuditConfig, store_url: &str) -> anyhow::Result<Au
             config.key_file.display()
         );
     }
-    load_or_create(config, store_url)
+    // It exists: nothing is created (a file that appeared meanwhile is
+    // kept all the same).
+    let (key, created) = load_or_create(config, store_url)?;
+    created.keep();
+    Ok(key)
 }

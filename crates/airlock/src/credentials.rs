@@ -24,6 +24,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 
 use crate::config::{Config, CredentialSource};
+use crate::key_check::NewKeyFile;
 
 /// One provider's credential: where it comes from and what is in force.
 struct ProviderCredential {
@@ -49,10 +50,11 @@ impl Credentials {
     /// (its calls get 503 until it is set); an unreadable file, a bad value
     /// or a sealed value that does not open is.
     pub async fn load(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
-        let master_key = if uses_master_key(config) {
-            Some(load_master_key(config)?)
+        let (master_key, created) = if uses_master_key(config) {
+            let (key, created) = load_master_key(config)?;
+            (Some(key), Some(created))
         } else {
-            None
+            (None, None)
         };
         let mut credentials = Self {
             providers: BTreeMap::new(),
@@ -106,6 +108,9 @@ impl Credentials {
         // remembers another key for is refused.
         if let Some(key) = &credentials.master_key {
             crate::key_check::master_key(credentials.store.as_ref(), key).await?;
+        }
+        if let Some(created) = created {
+            created.keep();
         }
         for (name, p) in &credentials.providers {
             if p.cell.load().is_none() {
@@ -289,7 +294,7 @@ pub fn missing_shared_master_key(config: &Config) -> Option<String> {
     })
 }
 
-fn load_master_key(config: &Config) -> anyhow::Result<MasterKey> {
+fn load_master_key(config: &Config) -> anyhow::Result<(MasterKey, NewKeyFile)> {
     let env = master_key_env(config)?;
     let (key, origin) =
         load_or_create_key(env.as_deref(), &config.master_key_file, KeyPurpose::MASTER)
@@ -300,7 +305,8 @@ fn load_master_key(config: &Config) -> anyhow::Result<MasterKey> {
             "master key created (mode 0600)"
         );
     }
-    Ok(MasterKey::new(key))
+    let created = NewKeyFile::new(origin == KeyOrigin::Created, &config.master_key_file);
+    Ok((MasterKey::new(key), created))
 }
 
 /// Whether some provider's credential is sealed in the store (and so

@@ -178,3 +178,36 @@ mod tests {
         );
     }
 }
+
+/// A key file this start created: removed again when the start fails
+/// before the store has taken the key (`keep`). A new key for a store
+/// written with another (its file lost) would otherwise stay on disk, and
+/// `config check` would then find nothing missing.
+#[derive(Debug)]
+#[must_use]
+pub struct NewKeyFile(Option<std::path::PathBuf>);
+
+impl NewKeyFile {
+    /// `file` if this start created it.
+    pub fn new(created: bool, file: &std::path::Path) -> Self {
+        Self(created.then(|| file.to_path_buf()))
+    }
+
+    /// The store took the key: the file stays.
+    pub fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for NewKeyFile {
+    fn drop(&mut self) {
+        if let Some(file) = self.0.take() {
+            if std::fs::remove_file(&file).is_ok() {
+                tracing::info!(
+                    file = %crate::paths::absolute(&file).display(),
+                    "removed the key file this start created"
+                );
+            }
+        }
+    }
+}

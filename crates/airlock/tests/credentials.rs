@@ -663,3 +663,34 @@ async fn serve_refuses_a_master_key_other_than_the_stores() {
     let mut again = start("ab".repeat(32)).await.unwrap();
     again.terminate().await.unwrap();
 }
+
+/// A key file lost while its store stays: the next start makes a new key,
+/// which the store refuses, and the file it made is removed again (left
+/// behind, it would pass for the store's key).
+#[tokio::test]
+async fn a_start_refused_for_a_new_key_leaves_no_key_file_behind() {
+    let mock = MockProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+            .config(&toml_provider("p", &mock.url(), "bearer", "store", ""))
+            .dir(dir.path().to_path_buf())
+            .start()
+    };
+    let mut first = start().await.unwrap();
+    first.terminate().await.unwrap();
+    for name in ["airlock.db.master-key", "airlock.db.audit-key"] {
+        let file = dir.path().join(name);
+        let saved = dir.path().join(format!("{name}.saved"));
+        std::fs::rename(&file, &saved).unwrap();
+        let refused = start().await.unwrap_err().to_string();
+        assert!(refused.contains("is not the one this store"), "{refused}");
+        assert!(
+            !file.exists(),
+            "{name}: the file the refused start created was left behind"
+        );
+        std::fs::rename(&saved, &file).unwrap();
+    }
+    let mut again = start().await.unwrap();
+    again.terminate().await.unwrap();
+}

@@ -513,8 +513,9 @@ async fn load_audit_key(
     if !config.audit.enabled {
         return Ok(None);
     }
-    let key = audit_key::load_or_create(&config.audit, &config.store_url)?;
+    let (key, created) = audit_key::load_or_create(&config.audit, &config.store_url)?;
     crate::key_check::audit_key(store, &key).await?;
+    created.keep();
     Ok(Some(Arc::new(key)))
 }
 
