@@ -93,6 +93,9 @@ struct Harness {
     /// A second session (anthropic only): (id, token), for the Anthropic
     /// case that revokes its own session mid-stream.
     second: (String, String),
+    /// A third session's token (openai only), for the case that stops
+    /// airlock mid-stream.
+    third: String,
 }
 
 impl Harness {
@@ -135,6 +138,12 @@ impl Harness {
             "anthropic_stream_revoked" => {
                 command.env("ANTHROPIC_API_KEY", &self.second.1);
                 Some(self.second.0.as_str())
+            }
+            "openai_stream_drained" => {
+                command
+                    .env("OPENAI_API_KEY", &self.third)
+                    .env("SDK_AIRLOCK_PID", self.airlock.pid().to_string());
+                None
             }
             _ => None,
         };
@@ -256,6 +265,8 @@ async fn official_python_sdks_through_airlock() {
             ANTHROPIC_CRED,
             "",
         )
+        // Short, for the case that stops airlock mid-stream.
+        .proxy_option(r#"drain_timeout = "1s""#)
         .start()
         .await
         .expect("start airlock");
@@ -308,6 +319,14 @@ async fn official_python_sdks_through_airlock() {
         str_field(&second, "id").to_owned(),
         str_field(&second, "token").to_owned(),
     );
+    let third = airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]}],
+            "ttl_seconds": 300,
+        }))
+        .await
+        .expect("create the third session");
+    let third = str_field(&third, "token").to_owned();
     let h = Harness {
         python,
         mock,
@@ -315,6 +334,7 @@ async fn official_python_sdks_through_airlock() {
         env,
         session: id.clone(),
         second,
+        third,
     };
 
     // --- calls inside the scope reach the provider -------------------------
@@ -504,4 +524,15 @@ async fn official_python_sdks_through_airlock() {
         "provider requests after all cases: {:#?}",
         summarize(&h.mock.requests())
     );
+
+    // --- a stream still running when shutdown's drain ends (last: the case
+    // stops airlock): the SDK raises airlock's error ------------------------
+    let cut = h.expect_ok("openai_stream_drained").await;
+    assert_eq!(str_field(&cut, "error_class"), "APIError", "{cut}");
+    assert_eq!(
+        str_field(&cut, "message"),
+        "airlock is shutting down and cut the stream",
+        "{cut}"
+    );
+    assert_eq!(str_field(&cut, "code"), "shutting_down", "{cut}");
 }

@@ -15,6 +15,8 @@ Inputs (environment):
     SDK_REVOKE_URL      the admin API's DELETE URL of the session, and
     SDK_REVOKE_TOKEN    its admin token     (*_stream_revoked only: the
                         operator's part, played by the case)
+    SDK_AIRLOCK_PID     airlock's process   (openai_stream_drained only:
+                        the case stops it with SIGTERM)
 
 Output: one JSON line on stdout, `{"case": ..., "ok": true|false, ...}`.
 Exit 0 when the case's expectation held, 1 when it did not (the reason is
@@ -252,6 +254,34 @@ def case_openai_stream_revoked():
     return revoked_mid_stream(openai, stream, recorder, lambda err: err.message)
 
 
+def case_openai_stream_drained():
+    """A stream still running when airlock's shutdown drain ends raises the
+    SDK's APIError with airlock's message (its closing `error` event). The
+    case stops airlock (SIGTERM; its drain_timeout is short) after the
+    first chunk, the mock holding the stream open."""
+    import signal
+
+    openai, client, recorder = openai_client()
+    stream = client.chat.completions.create(model="gpt-mock-hold", messages=PROMPT, stream=True)
+    first = next(stream)
+    if first.choices[0].delta.role != "assistant":
+        raise CaseFailed(f"first chunk {first!r}")
+    os.kill(int(require_env("SDK_AIRLOCK_PID")), signal.SIGTERM)
+    try:
+        for item in stream:
+            raise CaseFailed(f"an item of the stream after the stop: {item!r}")
+    except openai.APIError as err:
+        if isinstance(err, openai.APIConnectionError):
+            raise CaseFailed(f"a connection error, not airlock's event: {err!r}") from err
+        return {
+            "error_class": type(err).__name__,
+            "message": err.message,
+            "code": error_code(err),
+            "sent_auth": recorder.summary(),
+        }
+    raise CaseFailed("the stream ended without an error after the stop")
+
+
 # --- anthropic --------------------------------------------------------------
 
 
@@ -391,6 +421,7 @@ CASES = {
     "openai_out_of_scope": case_openai_out_of_scope,
     "openai_revoked": case_openai_revoked,
     "openai_stream_revoked": case_openai_stream_revoked,
+    "openai_stream_drained": case_openai_stream_drained,
     "anthropic_message": case_anthropic_message,
     "anthropic_message_bearer": case_anthropic_message_bearer,
     "anthropic_message_x_api_key": case_anthropic_message_x_api_key,
