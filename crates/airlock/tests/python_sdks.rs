@@ -487,13 +487,11 @@ async fn official_python_sdks_through_airlock() {
     // The case opens a stream the provider holds open, revokes the session
     // through the admin API after the first chunk, and reads on.
     let cut = h.expect_ok("openai_stream_revoked").await;
-    assert_eq!(str_field(&cut, "error_class"), "APIError", "{cut}");
-    assert_eq!(
-        str_field(&cut, "message"),
+    assert_openai_cut(
+        &cut,
         "the session was revoked or expired during the stream",
-        "{cut}"
+        "invalid_token",
     );
-    assert_eq!(str_field(&cut, "code"), "invalid_token", "{cut}");
     // The Anthropic SDK raises on the `error` event too (its own session).
     let cut = h.expect_ok("anthropic_stream_revoked").await;
     assert!(
@@ -528,11 +526,17 @@ async fn official_python_sdks_through_airlock() {
     // --- a stream still running when shutdown's drain ends (last: the case
     // stops airlock): the SDK raises airlock's error ------------------------
     let cut = h.expect_ok("openai_stream_drained").await;
-    assert_eq!(str_field(&cut, "error_class"), "APIError", "{cut}");
-    assert_eq!(
-        str_field(&cut, "message"),
+    assert_openai_cut(
+        &cut,
         "airlock is shutting down and cut the stream",
-        "{cut}"
+        "shutting_down",
     );
-    assert_eq!(str_field(&cut, "code"), "shutting_down", "{cut}");
+}
+
+/// The OpenAI SDK raised its `APIError` with airlock's closing event:
+/// `message` and `code`.
+fn assert_openai_cut(cut: &Value, message: &str, code: &str) {
+    assert_eq!(str_field(cut, "error_class"), "APIError", "{cut}");
+    assert_eq!(str_field(cut, "message"), message, "{cut}");
+    assert_eq!(str_field(cut, "code"), code, "{cut}");
 }

@@ -223,13 +223,19 @@ def revoke_session():
 
 
 def revoked_mid_stream(sdk, stream, recorder, message_of):
-    """Revokes the session, then reads on: the SDK (`sdk`, the module) must
-    raise its API error for airlock's closing event, not a connection error
-    nor another item of the stream. The error as the case's result."""
+    """Revokes the session, then reads on (see `read_on_to_error`)."""
     revoke_session()
+    return read_on_to_error(sdk, stream, recorder, message_of, "the revocation")
+
+
+def read_on_to_error(sdk, stream, recorder, message_of, after):
+    """Reads on after airlock ended the stream (`after` says how): the SDK
+    (`sdk`, the module) must raise its API error for airlock's closing
+    event, not a connection error nor another item of the stream. The error
+    as the case's result."""
     try:
         for item in stream:
-            raise CaseFailed(f"an item of the stream after the revocation: {item!r}")
+            raise CaseFailed(f"an item of the stream after {after}: {item!r}")
     except sdk.APIError as err:
         if isinstance(err, sdk.APIConnectionError):
             raise CaseFailed(f"a connection error, not airlock's event: {err!r}") from err
@@ -239,18 +245,25 @@ def revoked_mid_stream(sdk, stream, recorder, message_of):
             "code": error_code(err),
             "sent_auth": recorder.summary(),
         }
-    raise CaseFailed("the stream ended without an error after the revocation")
+    raise CaseFailed(f"the stream ended without an error after {after}")
+
+
+def openai_held_stream():
+    """A chat stream the mock holds open after its first chunk, that chunk
+    read: (the SDK module, the stream, the recorder)."""
+    openai, client, recorder = openai_client()
+    stream = client.chat.completions.create(model="gpt-mock-hold", messages=PROMPT, stream=True)
+    first = next(stream)
+    if first.choices[0].delta.role != "assistant":
+        raise CaseFailed(f"first chunk {first!r}")
+    return openai, stream, recorder
 
 
 def case_openai_stream_revoked():
     """A stream whose session is revoked mid-way raises the SDK's APIError
     with airlock's message (its closing `error` event), not a connection
     error. The mock holds the stream open after its first chunk."""
-    openai, client, recorder = openai_client()
-    stream = client.chat.completions.create(model="gpt-mock-hold", messages=PROMPT, stream=True)
-    first = next(stream)
-    if first.choices[0].delta.role != "assistant":
-        raise CaseFailed(f"first chunk {first!r}")
+    openai, stream, recorder = openai_held_stream()
     return revoked_mid_stream(openai, stream, recorder, lambda err: err.message)
 
 
@@ -261,25 +274,9 @@ def case_openai_stream_drained():
     first chunk, the mock holding the stream open."""
     import signal
 
-    openai, client, recorder = openai_client()
-    stream = client.chat.completions.create(model="gpt-mock-hold", messages=PROMPT, stream=True)
-    first = next(stream)
-    if first.choices[0].delta.role != "assistant":
-        raise CaseFailed(f"first chunk {first!r}")
+    openai, stream, recorder = openai_held_stream()
     os.kill(int(require_env("SDK_AIRLOCK_PID")), signal.SIGTERM)
-    try:
-        for item in stream:
-            raise CaseFailed(f"an item of the stream after the stop: {item!r}")
-    except openai.APIError as err:
-        if isinstance(err, openai.APIConnectionError):
-            raise CaseFailed(f"a connection error, not airlock's event: {err!r}") from err
-        return {
-            "error_class": type(err).__name__,
-            "message": err.message,
-            "code": error_code(err),
-            "sent_auth": recorder.summary(),
-        }
-    raise CaseFailed("the stream ended without an error after the stop")
+    return read_on_to_error(openai, stream, recorder, lambda err: err.message, "the stop")
 
 
 # --- anthropic --------------------------------------------------------------
