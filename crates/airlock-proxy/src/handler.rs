@@ -22,6 +22,7 @@ use crate::credentials;
 use crate::cut::{Cut, Waiting};
 use crate::error::{Denial, ErrorCode};
 use crate::headers::{opaque_coding, strip_hop_by_hop};
+use crate::in_flight::{EnteredHere, InFlightCount};
 use crate::metrics::ProviderMetrics;
 use crate::provider::{PreparedCredential, Provider};
 use crate::redact::{RedactingBody, RedactionFlag};
@@ -41,6 +42,9 @@ pub struct ProxySettings {
 pub struct Proxy {
     /// Shutdown cutting the calls still running (drain timeout).
     cut: Arc<Cut>,
+    /// This worker's calls waiting for their provider's answer, before
+    /// [`WATCH_SESSION_AFTER`] (or their answer) has them watch the cut.
+    awaiting_heads: InFlightCount,
     providers: HashMap<String, Provider>,
     registry: Arc<Registry>,
     auditor: Auditor,
@@ -86,6 +90,7 @@ impl Proxy {
     ) -> Self {
         Self {
             cut: Arc::default(),
+            awaiting_heads: InFlightCount::default(),
             providers: providers
                 .into_iter()
                 .map(|p| (p.name().to_owned(), p))
@@ -105,6 +110,7 @@ impl Proxy {
         let (auditor, delivery) = self.auditor.for_worker();
         let proxy = Self {
             cut: Arc::clone(&self.cut),
+            awaiting_heads: InFlightCount::default(),
             providers: self
                 .providers
                 .iter()
@@ -129,16 +135,23 @@ impl Proxy {
 
     /// Marks the calls still in flight as cut by airlock: their records say
     /// `incomplete` rather than `client_aborted` when they are dropped. A
-    /// call waiting for its provider's answer (for 200 ms or more) answers
-    /// 503 `shutting_down` instead; [`Proxy::cut_answered`] resolves once
-    /// those answers are on their way.
+    /// call waiting for its provider's answer answers 503 `shutting_down`
+    /// instead (at once after 200 ms of waiting, else when its wait
+    /// reaches 200 ms); [`Proxy::cut_answered`] resolves once those
+    /// answers are on their way.
     pub fn cut_calls_in_flight(&self) {
         self.cut.start();
     }
 
-    /// Resolves once the calls [`Proxy::cut_calls_in_flight`] woke have
-    /// answered (every worker's: the proxies of all workers share it).
+    /// Resolves once the calls [`Proxy::cut_calls_in_flight`] cut while
+    /// they waited for their provider have answered: this worker's calls
+    /// that had waited less than 200 ms first reach that mark (or their
+    /// answer), then every worker's answers to the cut go out (the
+    /// proxies of all workers share the cut).
     pub async fn cut_answered(&self) {
+        // A call leaves `awaiting_heads` only once it is counted by the
+        // cut's `waiting` (or has its answer), so nothing slips between.
+        self.awaiting_heads.none_left().await;
         self.cut.answered().await;
     }
 
@@ -583,8 +596,12 @@ impl Proxy {
         };
         tokio::pin!(send);
         let deadline = sent + self.settings.upstream_timeout;
+        // Counted until the wait is over: a drain that ends meanwhile waits
+        // for the call to reach its timer, which then sees the cut.
+        let awaiting = EnteredHere::enter(&self.awaiting_heads);
         // Most answers come sooner: the connection's timer until then, as
-        // cheap as one can be; a slower one also watches the session.
+        // cheap as one can be; a slower one also watches the session (and
+        // the cut).
         let mut timer = head_timer.take((sent + WATCH_SESSION_AFTER).min(deadline));
         let answered = tokio::select! {
             biased;
@@ -596,6 +613,8 @@ impl Proxy {
             Some(answer) => Ok(answer),
             None => head_or_end(send, deadline, session, &self.cut).await,
         };
+        // Only now: a cut call is counted by the cut's `waiting` by now.
+        drop(awaiting);
         provider
             .metrics
             .record_upstream(sent.elapsed().as_secs_f64());

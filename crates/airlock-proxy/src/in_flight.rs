@@ -59,3 +59,22 @@ impl Drop for Entered {
         self.0.leave();
     }
 }
+
+/// Counted in a borrowed [`InFlightCount`] while it lives: for a count
+/// that outlives the guard without an `Arc` (no shared reference count to
+/// touch).
+#[derive(Debug)]
+pub(crate) struct EnteredHere<'a>(&'a InFlightCount);
+
+impl<'a> EnteredHere<'a> {
+    pub(crate) fn enter(count: &'a InFlightCount) -> Self {
+        count.enter();
+        Self(count)
+    }
+}
+
+impl Drop for EnteredHere<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}

@@ -255,8 +255,23 @@ async fn a_stream_still_running_at_drain_timeout_is_cut() {
 /// as airlock's doing, not as an agent that left.
 #[tokio::test]
 async fn a_call_still_waiting_for_its_provider_at_drain_timeout_gets_503() {
+    // The drain ends after the call has waited 200 ms: it is watching the cut.
+    assert_waiting_call_answered_503("1s").await;
+}
+
+/// A call that has waited less than 200 ms when the drain ends (its
+/// connection's timer, not yet the cut, is what it listens to) is answered
+/// too: the drain waits for it to reach its timer.
+#[tokio::test]
+async fn a_call_that_just_started_waiting_at_drain_timeout_gets_503() {
+    assert_waiting_call_answered_503("50ms").await;
+}
+
+/// Sends a call whose provider never answers, stops airlock with
+/// `drain_timeout`, and checks the call's 503 and its record.
+async fn assert_waiting_call_answered_503(drain_timeout: &str) {
     let mock = MockProvider::start().await;
-    let mut airlock = start(&mock, "1s").await;
+    let mut airlock = start(&mock, drain_timeout).await;
     let token = token(&airlock).await;
     let url = format!("{}/mock/gated-head", airlock.proxy_url());
     let call = tokio::spawn(async move {
