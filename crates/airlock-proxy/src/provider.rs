@@ -13,7 +13,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
@@ -356,16 +356,25 @@ impl CredentialFormat {
             }
             AuthStyle::Query(name) => Injected::Query(Secret::new(format!(
                 "{name}={}",
-                utf8_percent_encode(key, NON_ALPHANUMERIC)
+                utf8_percent_encode(key, QUERY_VALUE)
             ))),
         };
-        // Guard the raw key and, where it differs, the form sent upstream.
-        let mut secrets: Vec<&[u8]> = vec![key.as_bytes()];
-        if let Injected::Header(_, value) = &injected {
-            if value.as_bytes() != key.as_bytes() {
-                secrets.push(value.as_bytes());
+        // Guard the raw key and, where they differ, the form sent upstream
+        // and the forms a provider echoing its URL may give it back in
+        // (percent-encoded with upper- or lower-case hex, unreserved
+        // characters encoded too or not). Equal forms are guarded once.
+        let mut forms: Vec<Vec<u8>> = vec![key.as_bytes().to_vec()];
+        match &injected {
+            Injected::Header(_, value) => forms.push(value.as_bytes().to_vec()),
+            Injected::Query(_) => {
+                for set in [QUERY_VALUE, NON_ALPHANUMERIC] {
+                    let encoded = utf8_percent_encode(key, set).to_string();
+                    forms.push(lower_case_escapes(&encoded).into_bytes());
+                    forms.push(encoded.into_bytes());
+                }
             }
         }
+        let secrets: Vec<&[u8]> = forms.iter().map(Vec::as_slice).collect();
         let own = Redactor::new(&secrets)?;
         Ok(PreparedCredential {
             injected,
@@ -413,6 +422,33 @@ impl fmt::Debug for PreparedCredential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PreparedCredential([redacted])")
     }
+}
+
+/// What a query-style credential's value is percent-encoded with: all but
+/// RFC 3986's unreserved characters, so that the usual key alphabets
+/// (letters, digits, `-`, `_`, `.`, `~`) go upstream as they are.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// `encoded` with the hex digits of its `%XX` escapes in lower case.
+fn lower_case_escapes(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut hex_left = 0;
+    for c in encoded.chars() {
+        if hex_left > 0 {
+            out.push(c.to_ascii_lowercase());
+            hex_left -= 1;
+        } else {
+            if c == '%' {
+                hex_left = 2;
+            }
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn sensitive_header(value: &str) -> Result<HeaderValue, ProviderError> {
@@ -574,5 +610,25 @@ mod tests {
         assert_eq!(host("http://example.com:80"), "example.com");
         assert_eq!(host("http://[::1]:9100"), "[::1]:9100");
         assert_eq!(host("http://[::1]:80"), "[::1]");
+    }
+
+    #[test]
+    fn a_query_key_goes_out_minimally_encoded_and_is_guarded_in_every_spelling() {
+        let format = CredentialFormat::new(AuthStyle::Query("key".to_owned()), None).unwrap();
+        let prepared = format
+            .prepare(&Secret::new("AIza-x_y.z~w+/=".to_owned()))
+            .unwrap();
+        assert_eq!(prepared.query_pair(), Some("key=AIza-x_y.z~w%2B%2F%3D"));
+        let guard = prepared.redactor();
+        for form in [
+            "AIza-x_y.z~w+/=",
+            "AIza-x_y.z~w%2B%2F%3D",
+            "AIza-x_y.z~w%2b%2f%3d",
+            "AIza%2Dx%5Fy%2Ez%7Ew%2B%2F%3D",
+            "AIza%2dx%5fy%2ez%7ew%2b%2f%3d",
+        ] {
+            assert!(guard.contains_secret(form.as_bytes()), "{form}");
+        }
+        assert_eq!(lower_case_escapes("A%2BbC%3Dd"), "A%2bbC%3dd");
     }
 }

@@ -132,7 +132,7 @@ async fn auth_styles_formats_and_static_headers() {
     assert_eq!(call(&airlock, "/gquery/x?a=1", &token).await.0, 200);
     assert_eq!(
         mock.requests()[0].query(),
-        Some("a=1&key=AIza%2Dreal%2Dgoogle%2Dkey%2D0002")
+        Some("a=1&key=AIza-real-google-key-0002")
     );
     // Static headers replace whatever the agent sent under that name.
     mock.clear();

@@ -186,9 +186,41 @@ async fn query_style_moves_the_credential_into_the_query() {
     assert_eq!(seen[0].path(), "/v1beta/models/gemini");
     assert_eq!(
         seen[0].query().unwrap(),
-        "alt=json&key=AIza%2Dreal%2Dgoogle%2B%2F%3D"
+        "alt=json&key=AIza-real-google%2B%2F%3D"
     );
     assert!(!seen[0].contains(&token));
+}
+
+/// A provider that echoes its URL (error bodies, redirects do) gives the
+/// query-style key back percent-encoded: that form, in whichever spelling,
+/// is masked like the raw key.
+#[tokio::test]
+async fn a_query_key_echoed_back_encoded_is_masked() {
+    let s = setup().await;
+    let scope = json!([{"provider": "google", "methods": ["GET"], "paths": ["/echo"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let url = format!("{}/google/echo?key={token}", s.airlock.proxy_url());
+    let reply = request("GET", &url, &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // What the provider got (and echoed) holds the key as sent.
+    let sent = "AIza-real-google%2B%2F%3D";
+    assert_eq!(
+        s.mock.requests()[0].query(),
+        Some(format!("key={sent}").as_str())
+    );
+    let echoed = reply.json()["path_and_query"].as_str().unwrap().to_owned();
+    assert!(echoed.starts_with("/echo?key="), "{echoed}");
+    assert!(!echoed.contains("google"), "the key came back: {echoed}");
+    let text = reply.text();
+    for form in [
+        GOOGLE_KEY,
+        sent,
+        "AIza-real-google%2b%2f%3d",
+        "AIza%2Dreal%2Dgoogle%2B%2F%3D",
+        "AIza%2dreal%2dgoogle%2b%2f%3d",
+    ] {
+        assert!(!text.contains(form), "{form} in {text}");
+    }
 }
 
 #[tokio::test]
