@@ -9,8 +9,10 @@
 //! - no empty segment (`//`) except a single trailing slash, no `.` or `..`
 //!   segment;
 //! - a percent escape must be two hex digits and must not decode to `/`, `\`,
-//!   `.`, `%`, NUL or another control character; the decoded bytes of every
-//!   segment must be valid UTF-8 (which rules out overlong encodings).
+//!   `.`, `%`, `?`, `#`, `;` (a server that decodes before it splits off the
+//!   query, fragment or parameters would cut the path there), NUL or another
+//!   control character; the decoded bytes of every segment must be valid
+//!   UTF-8 (which rules out overlong encodings).
 
 use std::fmt;
 
@@ -23,7 +25,8 @@ pub enum PathError {
     ForbiddenByte(u8),
     /// `%` not followed by two hex digits.
     BadEscape,
-    /// An escape decoding to `/`, `\`, `.`, `%` or a control character.
+    /// An escape decoding to `/`, `\`, `.`, `%`, `?`, `#`, `;` or a control
+    /// character.
     ForbiddenEscape(u8),
     /// A `.` or `..` segment.
     DotSegment,
@@ -91,7 +94,10 @@ pub(crate) fn validate_segment(segment: &str, is_last: bool) -> Result<(), PathE
         let b = bytes[i];
         if b == b'%' {
             let decoded = decode_escape(bytes.get(i + 1..i + 3)).ok_or(PathError::BadEscape)?;
-            if matches!(decoded, b'/' | b'\\' | b'.' | b'%') || decoded < 0x20 || decoded == 0x7f {
+            if matches!(decoded, b'/' | b'\\' | b'.' | b'%' | b'?' | b'#' | b';')
+                || decoded < 0x20
+                || decoded == 0x7f
+            {
                 return Err(PathError::ForbiddenEscape(decoded));
             }
             escaped = true;

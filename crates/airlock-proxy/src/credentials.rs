@@ -14,7 +14,7 @@ use http::Request;
 use percent_encoding::percent_decode_str;
 
 use crate::error::Denial;
-use crate::headers::{check_head, FramingAnomaly, RequestPolicy};
+use crate::headers::{check_head, loose_query_keys, names_loosely, FramingAnomaly, RequestPolicy};
 use crate::provider::{AuthStyle, PreparedCredential, Provider};
 
 /// Finds the session token in the request. `Ok(None)` when none was given.
@@ -163,19 +163,23 @@ pub fn screen<B>(
     Ok(())
 }
 
-/// With a query-style provider, a parameter that decodes to the credential
-/// parameter's name but is spelled differently (`k%65y=`) would reach the
-/// provider next to the real credential: refused.
+/// With a query-style provider, a parameter that a lenient server could
+/// read as the credential parameter but that is not exactly it (`k%65y=`,
+/// `KEY=`, `key[]=`, or `key=` after a `;`) would reach the provider next
+/// to the real credential: refused. (The exact name, `&`-separated, is where
+/// the token is read from and what the credential replaces.)
 fn check_query_auth(auth: &AuthStyle, query: Option<&str>) -> Result<(), Denial> {
     let AuthStyle::Query(name) = auth else {
         return Ok(());
     };
-    for (key, _) in query_pairs(query) {
-        if key != name && percent_decode_str(key).decode_utf8_lossy() == name.as_str() {
-            return Err(Denial::bad_request(format!(
-                "the query parameter {name} is spelled ambiguously"
-            )));
-        }
+    let exact = query_pairs(query).filter(|(key, _)| key == name).count();
+    let loose = loose_query_keys(query)
+        .filter(|key| names_loosely(key, name))
+        .count();
+    if loose != exact {
+        return Err(Denial::bad_request(format!(
+            "the query parameter {name} is spelled ambiguously"
+        )));
     }
     Ok(())
 }

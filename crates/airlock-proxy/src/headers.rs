@@ -349,19 +349,36 @@ fn check_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<(), Denia
             )));
         }
     }
-    for pair in query.unwrap_or("").split('&') {
-        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-        let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
-        if METHOD_OVERRIDE_PARAMS
+    for key in loose_query_keys(query) {
+        if let Some(param) = METHOD_OVERRIDE_PARAMS
             .iter()
-            .any(|p| key.eq_ignore_ascii_case(p))
+            .find(|p| names_loosely(key, p))
         {
             return Err(Denial::bad_request(format!(
-                "method override parameters are not accepted ({key})"
+                "method override parameters are not accepted ({param})"
             )));
         }
     }
     Ok(())
+}
+
+/// The query's parameter names as lenient servers split it: at `&` and at
+/// `;` (older frameworks take both as separators), as sent.
+pub(crate) fn loose_query_keys(query: Option<&str>) -> impl Iterator<Item = &str> {
+    query
+        .unwrap_or("")
+        .split(['&', ';'])
+        .map(|pair| pair.split_once('=').map_or(pair, |(key, _)| key))
+}
+
+/// Whether a lenient server could read the parameter name `key` (as sent)
+/// as `name`: percent-decoded, without surrounding whitespace or a
+/// trailing `[]`, in any case.
+pub(crate) fn names_loosely(key: &str, name: &str) -> bool {
+    let decoded = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+    let trimmed = decoded.trim();
+    let bare = trimmed.strip_suffix("[]").unwrap_or(trimmed).trim();
+    bare.eq_ignore_ascii_case(name)
 }
 
 /// Client-address headers (per policy) and names that a lenient server

@@ -285,6 +285,11 @@ async fn path_tricks_are_refused() {
         case("overlong UTF-8 %c0%ae", get("/openai/v1/models/%c0%ae%c0%ae/admin", t), BAD),
         case("invalid UTF-8 %ff", get("/openai/v1/models/%ff", t), BAD),
         case("double encoding %252e", get("/openai/v1/models/%252e%252e/admin", t), BAD),
+        // A server that decodes before it splits off the query would see
+        // `/v1/models/x` and a query: each of these matches `/v1/models/*`.
+        case("encoded ? %3F", get("/openai/v1/models/x%3F", t), BAD),
+        case("encoded # %23", get("/openai/v1/models/x%23", t), BAD),
+        case("encoded ; %3b", get("/openai/v1/models/x%3b", t), BAD),
         case(
             "encoded letter is not decoded into scope",
             get("/openai/v1/%6dodels/x", t),
@@ -348,6 +353,16 @@ async fn method_tricks_are_refused() {
         case(
             "_method query parameter",
             get("/openai/v1/models/x?_method=DELETE", t),
+            BAD,
+        ),
+        case(
+            "_method after a ; separator",
+            get("/openai/v1/models/x?a=1;_method=DELETE", t),
+            BAD,
+        ),
+        case(
+            "_method[] query parameter",
+            get("/openai/v1/models/x?_method[]=DELETE", t),
             BAD,
         ),
         case("lower-case method", req("get", target, t, ""), BAD),
@@ -550,6 +565,21 @@ async fn header_tricks_are_refused() {
         case(
             "query credential spelled k%65y",
             format!("GET /google/v1beta/models/x?key={t}&k%65y=AIza-attacker HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+            BAD,
+        ),
+        case(
+            "query credential after a ; separator",
+            format!("GET /google/v1beta/models/x?a=1;key=AIza-attacker&key={t} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+            BAD,
+        ),
+        case(
+            "query credential spelled KEY",
+            format!("GET /google/v1beta/models/x?KEY=AIza-attacker&key={t} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+            BAD,
+        ),
+        case(
+            "query credential spelled key[]",
+            format!("GET /google/v1beta/models/x?key[]=AIza-attacker&key={t} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
             BAD,
         ),
     ];

@@ -38,6 +38,10 @@ fn ambiguous_paths_are_refused() {
         ("/v1/a%00", PathError::ForbiddenEscape(0)),
         ("/v1/a%0a", PathError::ForbiddenEscape(b'\n')),
         ("/v1/a%252e%252e", PathError::ForbiddenEscape(b'%')),
+        ("/v1/files/f%3F/content", PathError::ForbiddenEscape(b'?')),
+        ("/v1/files/f%3f/content", PathError::ForbiddenEscape(b'?')),
+        ("/v1/files/f%23/content", PathError::ForbiddenEscape(b'#')),
+        ("/v1/files/f%3B/content", PathError::ForbiddenEscape(b';')),
         ("/v1\\admin", PathError::ForbiddenByte(b'\\')),
         ("/v1/models;x=1", PathError::ForbiddenByte(b';')),
         ("/v1/a b", PathError::ForbiddenByte(b' ')),
@@ -109,6 +113,20 @@ proptest! {
                 let got = segments(&seen);
                 prop_assert_eq!(got.len(), expected.len(), "{} became {}", path, seen);
                 prop_assert!(!got.iter().any(|s| s == "." || s == ".."), "{} became {}", path, seen);
+            }
+        }
+    }
+
+    /// No accepted path decodes to one holding `?`, `#` or `;`: a server
+    /// that decodes before it splits off the query, the fragment or
+    /// parameters would see a shorter path than the scope matched.
+    #[test]
+    fn accepted_paths_decode_to_no_query_fragment_or_parameters(
+        path in "(/([a-zA-Z0-9._~-]|%[0-9a-fA-F]{2}|%3[fFbB]|%23|%25|[;:@%/.?#]){0,8}){1,6}"
+    ) {
+        if validate(&path).is_ok() {
+            for seen in lenient_interpretations(&path) {
+                prop_assert!(!seen.contains(['?', '#', ';']), "{} became {}", path, seen);
             }
         }
     }

@@ -155,7 +155,19 @@ fn the_token_only_where_it_is_the_credential() {
     }
     // The query-style credential parameter, spelled another way.
     assert!(check_query_auth(&q, Some("k%65y=x&a=1")).is_err());
+    for ambiguous in [
+        "a=1;key=x&key=y",
+        "KEY=x&key=y",
+        "key[]=x&key=y",
+        "%20key=x&key=y",
+    ] {
+        assert!(
+            check_query_auth(&q, Some(ambiguous)).is_err(),
+            "{ambiguous}"
+        );
+    }
     assert!(check_query_auth(&q, Some("key=x&a=1")).is_ok());
+    assert!(check_query_auth(&q, Some("key=x;a=1&keys=2")).is_ok());
 }
 
 #[test]
