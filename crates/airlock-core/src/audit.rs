@@ -111,7 +111,8 @@ pub enum BreakReason {
     OutOfOrder { expected: u64 },
     /// The record does not link to the one before it.
     BrokenLink,
-    /// Records after this one were removed (the sealed head is further on).
+    /// This record and any after it up to the sealed head were removed
+    /// (the chain ends before its head).
     Truncated { head_seq: u64 },
     /// The chain head's seal is not valid.
     BadHead,
@@ -123,7 +124,8 @@ pub enum BreakReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Break {
     pub chain: u32,
-    /// Seq of the first bad record (for `Truncated`, the last good one).
+    /// Seq of the first bad record (for `Truncated`, the first missing one;
+    /// for `BadHead`, the chain's last record).
     pub seq: u64,
     pub reason: BreakReason,
 }
@@ -404,7 +406,7 @@ impl AuditRecord {
 ///
 /// An agent may put a token in the path, by mistake or to smuggle it (the
 /// call is then refused). Whatever has a token's shape — `sess_` and at
-/// least [`TOKEN_RUN_MIN`] letters, digits or `_`, spelled plainly or in
+/// least [`crate::token::TOKEN_RUN_MIN`] letters, digits or `_`, spelled plainly or in
 /// escapes — is withheld: `sess_[withheld]`. A path that held one is
 /// recorded decoded, as it could not be cut out of the escapes.
 pub fn record_path(path: &str) -> String {
@@ -428,11 +430,6 @@ pub fn record_path_withholding(path: &str, secrets: &[&str]) -> Option<String> {
     Some(cut(withhold_tokens(&without)))
 }
 
-/// Fewest letters, digits and `_` after `sess_` that make a token's shape
-/// for [`record_path`]. A token has 43; a shorter run may be a token cut
-/// short.
-pub const TOKEN_RUN_MIN: usize = 16;
-
 /// What stands in a recorded path for a withheld token.
 const WITHHELD: &str = "[withheld]";
 
@@ -441,35 +438,12 @@ fn withhold_tokens(path: &str) -> Cow<'_, str> {
     if !may_hold_token(path.as_bytes()) {
         return Cow::Borrowed(path);
     }
-    let decoded = decode(path);
-    let mut out = String::new();
-    let mut withheld = false;
-    let mut rest: &str = &decoded;
-    while let Some(at) = rest.find(TOKEN_PREFIX) {
-        let after = &rest[at + TOKEN_PREFIX.len()..];
-        // `_` too: two tokens back to back are one run.
-        let run = after
-            .bytes()
-            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
-            .count();
-        out.push_str(&rest[..at + TOKEN_PREFIX.len()]);
-        if run >= TOKEN_RUN_MIN {
-            out.push_str(WITHHELD);
-            withheld = true;
-            rest = &after[run..];
-        } else {
-            rest = after;
-        }
+    match crate::token::withhold_runs(&decode(path)) {
+        Some(withheld) => Cow::Owned(withheld),
+        None => Cow::Borrowed(path),
     }
-    if !withheld {
-        return Cow::Borrowed(path);
-    }
-    out.push_str(rest);
-    Cow::Owned(out)
 }
 
-/// Whether `path` has an escape or a `sess_` (one pass, no searcher to
-/// set up: this runs for every call).
 fn may_hold_token(path: &[u8]) -> bool {
     let prefix = TOKEN_PREFIX.as_bytes();
     memchr::memchr2_iter(b'%', b'_', path).any(|i| path[i] == b'%' || path[..=i].ends_with(prefix))
@@ -579,7 +553,10 @@ impl fmt::Display for BreakReason {
                 f.write_str("broken link: prev_mac does not match the previous record")
             }
             Self::Truncated { head_seq } => {
-                write!(f, "truncated: the chain's sealed head is record {head_seq}")
+                write!(
+                    f,
+                    "truncated: missing (the chain ends before its sealed head, record {head_seq})"
+                )
             }
             Self::BadHead => f.write_str("bad head: the chain head's seal is not valid"),
             Self::Malformed(why) => write!(f, "malformed record: {why}"),
@@ -700,7 +677,11 @@ impl<'k> ChainVerifier<'k> {
             return Err(fail(BreakReason::BadHead));
         }
         if head_seq > last_seq {
-            return Err(fail(BreakReason::Truncated { head_seq }));
+            return Err(Break {
+                chain,
+                seq: last_seq + 1,
+                reason: BreakReason::Truncated { head_seq },
+            });
         }
         if head_seq == last_seq && *head_mac != last_mac {
             return Err(fail(BreakReason::BadHead));

@@ -5,15 +5,17 @@ use std::time::Duration;
 /// Why a duration was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid duration {0:?}: use a number followed by ms, s, m, h or d, e.g. 500ms, 90s, 15m, 2h"
+    "invalid duration {0:?}: use a number followed by ms, s, m, h or d, e.g. 500ms, 90s, 15m, 2h, 1h30m"
 )]
 pub struct DurationError(String);
 
-/// Parses `500ms`, `90s`, `15m`, `2h`, `1d` and combinations such as `1h30m`.
+/// Parses `500ms`, `90s`, `15m`, `2h`, `1d` and combinations such as `1h30m`
+/// (each unit once, largest first).
 pub fn parse(input: &str) -> Result<Duration, DurationError> {
     let fail = || DurationError(input.to_owned());
     let mut total: u64 = 0;
     let mut number: Option<u64> = None;
+    let mut last_unit: Option<u64> = None;
     let mut chars = input.trim().chars().peekable();
     while let Some(c) = chars.next() {
         if let Some(digit) = c.to_digit(10) {
@@ -37,6 +39,12 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
             'd' => 86_400_000,
             _ => return Err(fail()),
         };
+        // Each unit once, largest first (`1h30m`): `30m1h` or `1m1m` is a
+        // typo more likely than a sum.
+        if last_unit.is_some_and(|last| unit >= last) {
+            return Err(fail());
+        }
+        last_unit = Some(unit);
         let n = number.take().ok_or_else(fail)?;
         total = n
             .checked_mul(unit)

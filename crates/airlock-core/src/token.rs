@@ -37,6 +37,40 @@ pub fn generate_secret(prefix: &str) -> Secret {
     Secret::new(value)
 }
 
+/// Fewest letters, digits and `_` after `sess_` that make a token's shape
+/// for [`withhold_runs`]. A token has 43; a shorter run may be a token cut
+/// short.
+pub const TOKEN_RUN_MIN: usize = 16;
+
+/// `text` with every run that has a token's shape (`sess_` and at least
+/// [`TOKEN_RUN_MIN`] letters, digits or `_`; two tokens back to back are
+/// one run) shown as `sess_[withheld]`; `None` when there is none. For
+/// what airlock writes out (records, messages) that may quote an input.
+pub fn withhold_runs(text: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut withheld = false;
+    let mut rest = text;
+    while let Some(at) = rest.find(TOKEN_PREFIX) {
+        let after = &rest[at + TOKEN_PREFIX.len()..];
+        let run = after
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            .count();
+        out.push_str(&rest[..at + TOKEN_PREFIX.len()]);
+        if run >= TOKEN_RUN_MIN {
+            out.push_str("[withheld]");
+            withheld = true;
+            rest = &after[run..];
+        } else {
+            rest = after;
+        }
+    }
+    withheld.then(|| {
+        out.push_str(rest);
+        out
+    })
+}
+
 /// Whether `candidate` has the exact shape of a session token. Used to refuse
 /// garbage before any lookup.
 pub fn is_well_formed(candidate: &str) -> bool {

@@ -13,9 +13,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-/// Where the admin API is, when nothing says otherwise.
-pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:8081";
-
 /// A non-2xx answer of the admin API: its status and the server's message.
 #[derive(Debug)]
 pub struct ApiRefusal {
@@ -60,13 +57,17 @@ pub struct AdminClient {
     http: Client<HttpConnector, Full<Bytes>>,
 }
 
+/// `AIRLOCK_ADMIN_URL`, when set and not empty.
+pub fn admin_url_from_env() -> Option<String> {
+    std::env::var("AIRLOCK_ADMIN_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
 impl AdminClient {
     /// A client for `AIRLOCK_ADMIN_URL` (or `default_url`) with `AIRLOCK_ADMIN_TOKEN`.
     pub fn from_env(default_url: String) -> Self {
-        let base = std::env::var("AIRLOCK_ADMIN_URL")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .unwrap_or(default_url);
+        let base = admin_url_from_env().unwrap_or(default_url);
         let timeout = timeout_from(std::env::var(TIMEOUT_ENV).ok().as_deref());
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(

@@ -112,7 +112,13 @@ impl Credentials {
         if let Some(created) = created {
             created.keep();
         }
-        for (name, p) in &credentials.providers {
+        Ok(credentials)
+    }
+
+    /// Warns of each provider without a credential (its calls get 503):
+    /// once `serve` knows it will start, so that a refusal is all it says.
+    pub fn warn_missing(&self) {
+        for (name, p) in &self.providers {
             if p.cell.load().is_none() {
                 let until = match p.source {
                     // Read once, at start.
@@ -123,7 +129,6 @@ impl Credentials {
                 tracing::warn!(provider = %name, source = %describe(&p.source), "no credential available; calls to this provider get 503 {until}");
             }
         }
-        Ok(credentials)
     }
 
     /// The live credential of `provider`, for the proxy.

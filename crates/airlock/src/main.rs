@@ -21,7 +21,10 @@ use cli::{Cli, Command};
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(&e),
+    };
     // Log lines are written by a background thread: the request path never
     // blocks on stderr. The guard flushes what is pending at exit.
     let _log_guard = init_logging(cli.log_format);
@@ -36,7 +39,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("airlock: cannot start the async runtime: {e}");
+            crate::output::error_line(format_args!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -64,7 +67,7 @@ async fn run(cli: Cli) -> ExitCode {
             let config = match config::Config::load(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("airlock: invalid config: {e}");
+                    crate::output::error_line(format_args!("invalid config: {e}"));
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
@@ -76,7 +79,7 @@ async fn run(cli: Cli) -> ExitCode {
             match commands::audit::run(cmd, &config).await {
                 Ok(code) => code,
                 Err(e) if verifying => {
-                    eprintln!("airlock: {e:#}");
+                    crate::output::error_line(format_args!("{e:#}"));
                     ExitCode::from(cli::EXIT_USAGE)
                 }
                 Err(e) => report(Err(e)),
@@ -90,7 +93,7 @@ async fn run(cli: Cli) -> ExitCode {
             match commands::exec::run(args, &config).await {
                 Ok(code) => code,
                 Err(e) => {
-                    eprintln!("airlock: {e:#}");
+                    crate::output::error_line(format_args!("{e:#}"));
                     // A usage error exits 2, as for every command; 125 is
                     // for airlock's other failures before CMD ran.
                     ExitCode::from(if cli::is_usage(&e) {
@@ -115,29 +118,45 @@ async fn run(cli: Cli) -> ExitCode {
 /// does and gives exit 64.
 fn load_config(path: Option<&std::path::Path>) -> Result<config::Config, ExitCode> {
     config::Config::load(path).map_err(|e| {
-        eprintln!("airlock: invalid config: {e}");
+        crate::output::error_line(format_args!("invalid config: {e}"));
         ExitCode::from(EXIT_CONFIG)
     })
 }
 
 /// The admin API's URL for the commands that talk to it: `admin.listen` of
-/// the config. A config named by `--config` must load, as for every command
-/// (exit 64 otherwise); without one, `./airlock.toml` or the defaults.
+/// the config (`--config`, else `./airlock.toml` when it exists, else the
+/// defaults), which must load as for every command (exit 64 otherwise).
+/// `AIRLOCK_ADMIN_URL` overrides it; with it set and no `--config`, no
+/// config is read.
 fn admin_url(path: Option<&std::path::Path>) -> Result<String, ExitCode> {
-    match path {
-        Some(_) => load_config(path).map(|c| format!("http://{}", c.admin_listen)),
-        None => Ok(commands::session::default_admin_url()),
+    if let Some(url) = client::admin_url_from_env().filter(|_| path.is_none()) {
+        return Ok(url);
     }
+    load_config(path).map(|c| format!("http://{}", c.admin_listen))
 }
 
 /// Like `load_config`, and also loads the TLS files `serve` would use.
 fn load_config_to_serve(path: Option<&std::path::Path>) -> Result<config::Config, ExitCode> {
     let config = load_config(path)?;
     config.check_tls().map_err(|e| {
-        eprintln!("airlock: invalid config: {e}");
+        crate::output::error_line(format_args!("invalid config: {e}"));
         ExitCode::from(EXIT_CONFIG)
     })?;
     Ok(config)
+}
+
+/// clap's answer to the command line (help, version, or a usage error),
+/// as clap gives it, unless it quotes a session token: then in plain text
+/// with the token withheld.
+fn clap_error(e: &clap::Error) -> ExitCode {
+    let plain = e.render().to_string();
+    match airlock_core::token::withhold_runs(&plain) {
+        Some(withheld) => {
+            eprint!("{withheld}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(cli::EXIT_USAGE))
+        }
+        None => e.exit(),
+    }
 }
 
 /// Exit 0, or the error on stderr with exit 2 for a usage error and 1 for
@@ -147,7 +166,7 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if output::is_stdout_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("airlock: {e:#}");
+            crate::output::error_line(format_args!("{e:#}"));
             if cli::is_usage(&e) {
                 ExitCode::from(cli::EXIT_USAGE)
             } else {

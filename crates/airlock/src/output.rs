@@ -93,6 +93,17 @@ fn is_closed(error: &io::Error) -> bool {
         .is_some_and(|inner| inner.is::<StdoutClosed>())
 }
 
+/// Writes `airlock: {message}` to stderr, with whatever has a session
+/// token's shape withheld (`sess_[withheld]`): messages may quote what the
+/// user typed, and a token pasted in the wrong place is never printed back.
+pub fn error_line(message: impl fmt::Display) {
+    let line = format!("airlock: {message}");
+    match airlock_core::token::withhold_runs(&line) {
+        Some(withheld) => eprintln!("{withheld}"),
+        None => eprintln!("{line}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1033,6 +1033,93 @@ async fn cli_errors_are_one_clear_line_and_nonzero() {
     );
 }
 
+/// A session token pasted where something else belongs is refused without
+/// being printed back, whichever part of the CLI refuses it (clap, a rule,
+/// an id, a message quoting the input).
+#[tokio::test]
+async fn a_token_in_the_wrong_place_is_never_printed_back() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let token = airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["POST"], "paths": ["/v1/x"]}],
+            "ttl_seconds": 60,
+        }))
+        .await
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let t = token.as_str();
+    let cases: &[&[&str]] = &[
+        &["session", "create", "--allow", t],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--rpm",
+            t,
+        ],
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:POST:/v1/x",
+            "--label",
+            t,
+        ],
+        &["session", "show", t, "--bogus"],
+        &["audit", "export", "--session", t],
+        &["audit", "tail", "--session", t],
+        &["audit", "verify", "--from", "-", "--session", t],
+        &["completions", t],
+    ];
+    for args in cases {
+        let out = cli(&airlock, args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(!err.is_empty(), "{args:?}");
+        assert!(
+            !err.contains(&t["sess_".len()..]),
+            "{args:?} printed the token: {err}"
+        );
+    }
+}
+
+/// `./airlock.toml`, when it exists, must load for the commands that talk
+/// to the admin API, as for the others: they do not fall back to the
+/// default address and blame the network.
+#[tokio::test]
+async fn an_invalid_default_config_is_refused_by_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("airlock.toml"),
+        "[admin]\nlisten = \"127.0.0.1:1\"\n[proxy]\nlistn = \"x\"\n",
+    )
+    .unwrap();
+    for args in [
+        &["session", "list"][..],
+        &["credential", "show", "openai"],
+        &["config", "check"],
+    ] {
+        let out = tokio::process::Command::new(BIN)
+            .args(args)
+            .env("AIRLOCK_ADMIN_TOKEN", "x")
+            .env_remove("AIRLOCK_ADMIN_URL")
+            .current_dir(dir.path())
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("invalid config: airlock.toml: proxy"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 #[tokio::test]
 async fn bad_config_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -468,7 +468,7 @@ async fn tampering_in_the_store_is_named() {
         (
             "cut the tail",
             Box::new(|r| r.retain(|r| r.seq < 9)),
-            "seq 8 of chain 1: truncated: the chain's sealed head is record 10",
+            "seq 9 of chain 1: truncated: missing (the chain ends before its sealed head, record 10)",
         ),
     ];
     for (name, edit, expected) in cases {
@@ -683,6 +683,23 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
         stdout(&out).contains("seq 3 of chain 1 (line 2): bad mac"),
         "{out:?}"
     );
+
+    // A session id the store never had (a typo) is a usage error, not an
+    // empty export that verifies, nor a tail that waits forever.
+    let unknown = "ses_0000000000000000000000";
+    for args in [
+        &["audit", "export", "--session", unknown][..],
+        &["audit", "tail", "--session", unknown],
+    ] {
+        let out = cli(&config, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains(&format!("--session: no session {unknown} in the store")),
+            "{out:?}"
+        );
+        assert!(out.stdout.is_empty(), "{out:?}");
+    }
 
     // --since: a contiguous tail.
     let since = stdout(&cli(&config, &["audit", "export", "--since", "1h"]));
@@ -1332,10 +1349,16 @@ async fn an_export_since_a_time_verifies_when_ts_steps_back() {
 #[tokio::test]
 async fn serve_refuses_an_audit_key_other_than_the_trails() {
     let dir = tempfile::tempdir().unwrap();
+    // A provider without its credential: a start that goes on warns of it.
     let start = |key: String| {
         AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
             .env("AIRLOCK_AUDIT_KEY", &key)
             .env("AIRLOCK_ADMIN_TOKEN", "")
+            .config(
+                "[providers.nokey]\nupstream = \"http://127.0.0.1:9\"\n\
+                 credential = \"env:AIRLOCK_TEST_UNSET_KEY\"\nenv_key = \"NOKEY_API_KEY\"\n\
+                 env_base_url = \"NOKEY_BASE_URL\"\n",
+            )
             .dir(dir.path().to_path_buf())
             .start()
     };
@@ -1349,6 +1372,11 @@ async fn serve_refuses_an_audit_key_other_than_the_trails() {
         "the start that succeeds prints the token: {}",
         first.output()
     );
+    assert!(
+        first.output().contains("no credential available"),
+        "{}",
+        first.output()
+    );
     first.terminate().await.unwrap();
 
     let refused = start("cd".repeat(32)).await.unwrap_err().to_string();
@@ -1359,6 +1387,7 @@ async fn serve_refuses_an_audit_key_other_than_the_trails() {
         ),
         "{refused}"
     );
+    assert!(!refused.contains("no credential available"), "{refused}");
     let mut again = start("ab".repeat(32)).await.unwrap();
     again.terminate().await.unwrap();
     let verified = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))

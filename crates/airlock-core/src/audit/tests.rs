@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
+use crate::token::TOKEN_RUN_MIN;
 
 fn key() -> AuditKey {
     AuditKey::new(&[7; 32])
@@ -222,7 +223,7 @@ fn truncation_is_caught_by_the_sealed_head() {
     let err = v.check_head(1, head.seq, &head.mac, &seal).unwrap_err();
     assert_eq!(
         (err.seq, err.reason),
-        (7, BreakReason::Truncated { head_seq: 10 })
+        (8, BreakReason::Truncated { head_seq: 10 })
     );
 
     // A head rewritten without the key does not pass either.

@@ -25,6 +25,10 @@ fn refuses_garbage() {
         "5 m",
         "ms",
         "5mss",
+        "30m1h",
+        "1m1m",
+        "1s1m",
+        "500ms1s",
     ] {
         assert!(parse(bad).is_err(), "{bad}");
     }

@@ -56,12 +56,9 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
 /// Refuses a `--session` that is not a session id (it would match nothing:
 /// `tail` would wait forever, `export` print nothing).
 fn check_session(session: Option<&str>) -> anyhow::Result<()> {
-    match session {
-        Some(id) if airlock_core::SessionId::parse(id).is_none() => Err(crate::cli::usage(
-            format!("--session {id:?} is not a session id (ses_...)"),
-        )),
-        _ => Ok(()),
-    }
+    session.map_or(Ok(()), |id| {
+        crate::commands::session::check_id("--session", id)
+    })
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
@@ -323,24 +320,46 @@ async fn export(
 ) -> anyhow::Result<()> {
     check_session(session.as_deref())?;
     let store = open_store(config).await?;
-    let written = write_records(store.as_ref(), session, since_ms).await;
+    let written = match write_records(store.as_ref(), session.as_deref(), since_ms).await {
+        // Nothing for a session the store never had: a mistyped id, whose
+        // empty export would verify as intact.
+        Ok(0) => check_session_known(store.as_ref(), session.as_deref()).await,
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
     store.close().await;
     written
 }
 
-/// [`export`]'s records, written to stdout.
+/// Refuses a `--session` the store has never had (a usage error, exit 2):
+/// a mistyped id would export nothing, which verifies as intact, or leave
+/// `tail` waiting forever. (Sessions are never deleted.)
+async fn check_session_known(store: &dyn Store, session: Option<&str>) -> anyhow::Result<()> {
+    let Some(id) = session.and_then(airlock_core::SessionId::parse) else {
+        return Ok(());
+    };
+    match store.session_by_id(&id).await? {
+        Some(_) => Ok(()),
+        None => Err(crate::cli::usage(format!(
+            "--session: no session {id} in the store"
+        ))),
+    }
+}
+
+/// [`export`]'s records, written to stdout; how many.
 async fn write_records(
     store: &dyn Store,
-    session: Option<String>,
+    session: Option<&str>,
     since_ms: Option<i64>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let mut out = BufWriter::new(output::stdout());
+    let mut written = 0;
     for head in store.audit_heads().await? {
         let mut after_seq = 0;
         loop {
             let page = store
                 .audit_records(&AuditQuery {
-                    session: session.clone(),
+                    session: session.map(str::to_owned),
                     since_ms,
                     chain: Some(head.chain),
                     after_seq,
@@ -350,6 +369,7 @@ async fn write_records(
             for record in &page {
                 writeln!(out, "{}", record.to_json())?;
             }
+            written += page.len();
             match page.last() {
                 Some(last) if page.len() == PAGE as usize => after_seq = last.seq,
                 _ => break,
@@ -357,7 +377,7 @@ async fn write_records(
         }
     }
     out.flush()?;
-    Ok(())
+    Ok(written)
 }
 
 /// `--since`: an RFC 3339 time, or a duration meaning "that long ago".

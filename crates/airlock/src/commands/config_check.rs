@@ -29,14 +29,14 @@ pub struct Description {
 pub fn run(config: &Config) -> ExitCode {
     let description = describe(config);
     if let Err(e) = crate::output::print_verdict(&description.text) {
-        eprintln!("airlock: {e}");
+        crate::output::error_line(format_args!("{e}"));
         return ExitCode::FAILURE;
     }
     if description.problems.is_empty() {
         return ExitCode::SUCCESS;
     }
     for problem in &description.problems {
-        eprintln!("airlock: {problem}");
+        crate::output::error_line(format_args!("{problem}"));
     }
     ExitCode::FAILURE
 }

@@ -54,7 +54,7 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
         number = signals.recv() => {
             // The session may have been created, but its token was never
             // handed to anyone; it ends with its TTL.
-            eprintln!("airlock: interrupted while opening the session");
+            crate::output::error_line("interrupted while opening the session");
             return Ok(ExitCode::from(signal_exit_code(number)));
         }
     };
@@ -69,10 +69,10 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
     // no config here): their variables go too.
     match client.call(Method::GET, "/v1/providers", None).await {
         Ok(listed) => hidden.extend(provider_variables(&listed)),
-        Err(e) => eprintln!(
-            "airlock: could not list the server's providers ({e:#}); removing the variables \
-             the local config names"
-        ),
+        Err(e) => crate::output::error_line(format_args!(
+            "could not list the server's providers ({e:#}); removing the variables the local \
+             config names"
+        )),
     }
     let mut command = tokio::process::Command::new(program);
     command.args(program_args);
@@ -101,9 +101,12 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
             } else {
                 EXIT_CANNOT_EXECUTE
             };
-            eprintln!("airlock: cannot run {}: {e}", program.to_string_lossy());
+            crate::output::error_line(format_args!(
+                "cannot run {}: {e}",
+                program.to_string_lossy()
+            ));
             if let Err(e) = revoke(&client, &id).await {
-                eprintln!("airlock: {e:#}");
+                crate::output::error_line(format_args!("{e:#}"));
             }
             return Ok(ExitCode::from(code));
         }
@@ -127,14 +130,17 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
     let code = match status {
         Ok(status) => exit_code_of(status),
         Err(e) => {
-            eprintln!("airlock: waiting for {}: {e}", program.to_string_lossy());
+            crate::output::error_line(format_args!(
+                "waiting for {}: {e}",
+                program.to_string_lossy()
+            ));
             EXIT_AIRLOCK_FAILED
         }
     };
     match revoked {
         Ok(()) => Ok(ExitCode::from(code)),
         Err(e) => {
-            eprintln!("airlock: {e:#}");
+            crate::output::error_line(format_args!("{e:#}"));
             Ok(ExitCode::from(if code == 0 {
                 EXIT_AIRLOCK_FAILED
             } else {
@@ -335,7 +341,9 @@ fn forward_signal(pid: u32, number: i32) {
     };
     if let Err(e) = rustix::process::kill_process(pid, signal) {
         if e != rustix::io::Errno::SRCH {
-            eprintln!("airlock: cannot forward signal {number} to the command: {e}");
+            crate::output::error_line(format_args!(
+                "cannot forward signal {number} to the command: {e}"
+            ));
         }
     }
 }

@@ -67,6 +67,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The audit key next, for the same reason: a key that does not load,
     // or is not the one the trail was written with, stops serve here.
     let audit_key = load_audit_key(&config, store.as_ref()).await?;
+    credentials.warn_missing();
     let admin_token_hash = admin_token_hash(store.as_ref()).await?;
     let registry = Arc::new(Registry::new(Arc::clone(&store)));
     let (auditor, audit_writer, audit_access) = start_audit(&config, &store, audit_key).await?;

@@ -10,9 +10,8 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::cli::{usage, ListFormat, OutputFormat, SessionArgs, SessionCommand, ShowFormat};
-use crate::client::{AdminClient, ApiRefusal, DEFAULT_ADMIN_URL};
+use crate::client::{AdminClient, ApiRefusal};
 use crate::commands::exec::SESSION_ID_ENV;
-use crate::config::Config;
 use crate::output;
 
 /// Runs a session subcommand against the admin API at `admin_url` (unless
@@ -194,23 +193,13 @@ async fn with_provider_hint(
     }
 }
 
-/// The admin URL from `./airlock.toml`'s `admin.listen` when that file
-/// exists and loads, else the built-in default `127.0.0.1:8081`;
-/// `AIRLOCK_ADMIN_URL` overrides it. (A config named by `--config` must load:
-/// see `main.rs`.)
-pub(crate) fn default_admin_url() -> String {
-    Config::load(None)
-        .map(|c| format!("http://{}", c.admin_listen))
-        .unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
-}
-
 /// The prefix of session tokens (`sess_…`).
 const TOKEN_PREFIX: &str = "sess_";
 
 /// Refuses an `argument` that is not a session id, naming the argument. The
 /// value is shown only when it is a malformed id (`ses_…`, not a secret):
 /// anything else may be a token or a key pasted in the wrong place.
-fn check_id(argument: &str, id: &str) -> anyhow::Result<()> {
+pub(crate) fn check_id(argument: &str, id: &str) -> anyhow::Result<()> {
     if airlock_core::SessionId::parse(id).is_some() {
         return Ok(());
     }

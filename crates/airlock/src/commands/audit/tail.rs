@@ -29,7 +29,10 @@ pub async fn run(
     lines: usize,
 ) -> anyhow::Result<ExitCode> {
     let store = super::open_store(config).await?;
-    let result = follow(store.as_ref(), session, lines).await;
+    let result = match super::check_session_known(store.as_ref(), session.as_deref()).await {
+        Ok(()) => follow(store.as_ref(), session, lines).await,
+        Err(e) => Err(e),
+    };
     store.close().await;
     result.map(|()| ExitCode::SUCCESS)
 }
