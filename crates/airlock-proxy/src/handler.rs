@@ -36,6 +36,10 @@ pub struct ProxySettings {
     pub upstream_timeout: Duration,
     /// Checks on the request head and body size ([`credentials::screen`]).
     pub request: crate::headers::RequestPolicy,
+    /// The path of `proxy.public_url` (`/airlock`), if it has one: a call's
+    /// path may start with it (a reverse proxy at that path that passes it
+    /// on) or not (one that strips it); `/{provider}` follows either way.
+    pub path_prefix: Option<String>,
 }
 
 /// The proxy: providers by name, the session registry and the audit trail.
@@ -176,7 +180,7 @@ impl Proxy {
             );
             // Counted under the provider the path names (a lookup of its
             // first segment), as any other refusal of a call to it is.
-            let provider = self.route(req.uri().path()).ok();
+            let provider = self.route(req.uri().path()).ok().map(|(p, _)| p);
             let metrics = provider.map_or(&self.unknown_provider, |p| &p.metrics);
             metrics.record(Some(denial.code()), started.elapsed().as_secs_f64());
             // Its record is queued, not waited for (the trail cannot be
@@ -246,8 +250,8 @@ impl Proxy {
         call: &mut CallRecord,
         head_timer: &HeadTimer,
     ) -> (Option<&Provider>, Result<Forwarded, Denial>) {
-        let provider = match self.route(req.uri().path()) {
-            Ok(provider) => provider,
+        let (provider, path_start) = match self.route(req.uri().path()) {
+            Ok(routed) => routed,
             Err(denial) => {
                 withhold_presented(call, &req);
                 return (None, Err(denial));
@@ -259,7 +263,9 @@ impl Proxy {
             answered: false,
             refused: None,
         };
-        let result = self.process_for(provider, req, call, head_timer).await;
+        let result = self
+            .process_for(provider, path_start, req, call, head_timer)
+            .await;
         unanswered.answered = true;
         (Some(provider), result)
     }
@@ -267,6 +273,7 @@ impl Proxy {
     async fn process_for(
         &self,
         provider: &Provider,
+        path_start: usize,
         req: Request<Incoming>,
         call: &mut CallRecord,
         head_timer: &HeadTimer,
@@ -282,7 +289,7 @@ impl Proxy {
             withhold_presented(call, &req);
         })?;
         call.set_session(&session);
-        let admitted = match self.authorize(&session, provider, &req, token) {
+        let admitted = match self.authorize(&session, provider, path_start, &req, token) {
             Ok(admitted) => admitted,
             Err(denial) => {
                 // A path that holds the token is refused; its record must
@@ -462,21 +469,31 @@ impl Proxy {
         )
     }
 
-    /// The provider named by the first path segment.
-    fn route(&self, path: &str) -> Result<&Provider, Denial> {
-        let name = path
+    /// The provider named by the first path segment (after the public
+    /// URL's path, where the call has it), and where the provider's own
+    /// path starts.
+    fn route(&self, path: &str) -> Result<(&Provider, usize), Denial> {
+        let prefixed = self
+            .settings
+            .path_prefix
+            .as_deref()
+            .and_then(|prefix| path.strip_prefix(prefix))
+            .filter(|rest| rest.starts_with('/'));
+        let rest = prefixed.unwrap_or(path);
+        let name = rest
             .strip_prefix('/')
             .map(|rest| match rest.bytes().position(|b| b == b'/') {
                 Some(end) => &rest[..end],
                 None => rest,
             })
             .unwrap_or("");
-        self.providers.get(name).ok_or_else(|| {
+        let provider = self.providers.get(name).ok_or_else(|| {
             Denial::new(
                 ErrorCode::UnknownProvider,
                 "no provider is configured under this path; use /{provider}/...",
             )
-        })
+        })?;
+        Ok((provider, path.len() - rest.len() + 1 + name.len()))
     }
 
     /// 401 unless the token names an active session.
@@ -495,13 +512,13 @@ impl Proxy {
         &self,
         session: &LiveSession,
         provider: &'a Provider,
+        path_start: usize,
         req: &Request<Incoming>,
         token: Option<&str>,
     ) -> Result<Admitted<'a>, Denial> {
         let websocket = websocket::classify(req)?;
         credentials::screen(req, provider, &self.settings.request, token)?;
         let full = req.uri().path();
-        let path_start = 1 + provider.name().len();
         let upstream_path = upstream_path(full, path_start);
         let valid_path =
             path::validate(upstream_path).map_err(|e| Denial::bad_request(e.to_string()))?;

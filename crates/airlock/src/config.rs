@@ -63,6 +63,16 @@ pub struct ProxyConfig {
     pub limits: ProxyLimits,
 }
 
+impl ProxyConfig {
+    /// The path of `public_url` (`/airlock` of `https://host/airlock`),
+    /// which calls may carry before `/{provider}`; `None` without one.
+    pub fn public_path(&self) -> Option<&str> {
+        let url = self.public_url.as_deref()?;
+        let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+        after_scheme.find('/').map(|at| &after_scheme[at..])
+    }
+}
+
 /// How long an idle upstream connection is kept when the provider's
 /// `keepalive_timeout` is not set.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -784,6 +794,17 @@ impl Config {
             );
         }
 
+        if let Some(first) = proxy.public_path().and_then(|p| p[1..].split('/').next()) {
+            if providers.contains_key(first) {
+                return Err(err(
+                    "proxy.public_url",
+                    format!(
+                        "its path starts with /{first}, a provider's name: a call to \
+                         /{first}/... could be either"
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             source: file.to_owned(),
             proxy,

@@ -223,6 +223,57 @@ async fn a_query_key_echoed_back_encoded_is_masked() {
     }
 }
 
+/// With a path in `proxy.public_url` (airlock behind a reverse proxy at
+/// `/gw`), the base URL agents are given works whether that proxy passes
+/// the path on or strips it; anything else under it is no provider's.
+#[tokio::test]
+async fn a_public_url_path_routes_with_or_without_it() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("openai", &mock.url(), "bearer", OPENAI_KEY, "/v1")
+        .proxy_option(r#"public_url = "http://airlock.test/gw""#)
+        .start()
+        .await
+        .unwrap();
+    let created = airlock
+        .create_session(json!({"scope": chat_scope(), "ttl_seconds": 300}))
+        .await
+        .unwrap();
+    assert_eq!(
+        created["env"]["OPENAI_BASE_URL"], "http://airlock.test/gw/openai/v1",
+        "{created}"
+    );
+    let token = created["token"].as_str().unwrap();
+    let call = |path: &str| {
+        let url = format!("{}{path}", airlock.proxy_url());
+        let auth = bearer(token);
+        async move { request("POST", &url, &[("authorization", &auth)], "{}").await }
+    };
+    for path in [
+        "/gw/openai/v1/chat/completions",
+        "/openai/v1/chat/completions",
+    ] {
+        let reply = call(path).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+    }
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|r| r.path() == "/v1/chat/completions"));
+    for path in [
+        "/gwx/openai/v1/chat/completions",
+        "/gw/gw/openai/v1/chat/completions",
+        "/gw",
+    ] {
+        let reply = call(path).await;
+        assert_error(&reply, 404, "unknown_provider");
+    }
+    assert_eq!(
+        mock.request_count(),
+        2,
+        "refused calls reached the provider"
+    );
+}
+
 #[tokio::test]
 async fn bad_tokens_get_401_and_reach_nothing() {
     let s = setup().await;

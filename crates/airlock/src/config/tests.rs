@@ -51,6 +51,14 @@ env_base_url = "GOOGLE_BASE_URL"
 "#;
     let c = Config::parse("airlock.toml", text).unwrap();
     assert_eq!(c.proxy.public_url.as_deref(), Some("http://127.0.0.1:8080"));
+    assert_eq!(c.proxy.public_path(), None);
+    for (url, path) in [
+        ("https://h/gw/", Some("/gw")),
+        ("http://h:1/a/b", Some("/a/b")),
+    ] {
+        let c = Config::parse("x.toml", &format!("[proxy]\npublic_url = \"{url}\"")).unwrap();
+        assert_eq!(c.proxy.public_path(), path, "{url}");
+    }
     assert_eq!(c.providers.len(), 2);
     assert_eq!(c.providers["google"].auth, AuthStyle::Query("key".into()));
     assert_eq!(
@@ -216,6 +224,10 @@ fn bad_configs_name_file_key_and_reason() {
         (
             "[proxy]\npublic_url = \"https://h:8443/x#\"",
             "bad.toml: proxy.public_url: \"https://h:8443/x#\" must not have a fragment (#...)",
+        ),
+        (
+            "[proxy]\npublic_url = \"http://h/openai/gw\"",
+            "bad.toml: proxy.public_url: its path starts with /openai, a provider's name",
         ),
         (
             "[proxy]\npublic_url = \"http://user:pw@h\"",
