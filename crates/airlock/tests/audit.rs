@@ -644,7 +644,25 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
         "{respelled}"
     );
     let garbage = broken(&|l| l[6] = "not json".into());
-    assert!(garbage.contains("(line 7): malformed record"), "{garbage}");
+    assert!(
+        garbage.contains("first bad record is an unreadable line (line 7): malformed record"),
+        "{garbage}"
+    );
+    // A first line that is no record, with records after it: broken.
+    let first_garbage = broken(&|l| l[0] = "not json".into());
+    assert!(
+        first_garbage.contains("(line 1): malformed"),
+        "{first_garbage}"
+    );
+    // A file of which no line is a record is the wrong file, not a
+    // tampered one: exit 2, as for a file that is not there.
+    write_lines(&file, &["[proxy]".to_owned(), "listen = \"x\"".to_owned()]);
+    let out = cli(&config, &["audit", "verify", "--from", file_str]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not an audit export"),
+        "{out:?}"
+    );
     // A gap before a line that is no record: the gap is the first problem
     // (the look-ahead used to report the later line first).
     let gap_then_garbage = broken(&|l| {

@@ -133,10 +133,16 @@ fn report_break(report: &mut String, broken: &Break, line: Option<usize>) -> Exi
     // As the summaries say: "audit trail" is the store's, "audit file" a
     // file's.
     let what = if line.is_some() { "file" } else { "trail" };
+    // Seqs start at 1: 0 is a line that does not say which record it is.
+    let which = if broken.seq == 0 {
+        "an unreadable line".to_owned()
+    } else {
+        format!("seq {} of chain {}", broken.seq, broken.chain)
+    };
     let _ = writeln!(
         report,
-        "audit {what} broken: first bad record is seq {} of chain {}{at}: {}{hint}",
-        broken.seq, broken.chain, broken.reason
+        "audit {what} broken: first bad record is {which}{at}: {}{hint}",
+        broken.reason
     );
     ExitCode::from(1)
 }
@@ -220,7 +226,8 @@ fn check_file(
             code
         })
     };
-    for (index, line) in reader.lines().enumerate() {
+    let mut lines = reader.lines().enumerate();
+    while let Some((index, line)) = lines.next() {
         let number = index + 1;
         let line = line.with_context(|| format!("reading line {number}"))?;
         if line.trim().is_empty() {
@@ -245,6 +252,18 @@ fn check_file(
                             v["seq"].as_u64()?,
                         ))
                     });
+                // Not one record in the whole file: it is no audit export
+                // (the wrong file), which says nothing about tampering.
+                if verifier.records() == 0 && ranges.is_empty() {
+                    let any_record = lines
+                        .any(|(_, line)| line.is_ok_and(|l| AuditRecord::from_json(&l).is_ok()));
+                    if !any_record {
+                        anyhow::bail!(
+                            "--from: not an audit export: no line of it is an audit record \
+                             (line {number}: {why})"
+                        );
+                    }
+                }
                 let (chain, seq) = claimed.unwrap_or((0, 0));
                 let broken = Break {
                     chain,
