@@ -8,6 +8,7 @@ use airlock_session::now_ms;
 use axum::body::{Bytes, HttpBody};
 use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Request, State};
+use axum::handler::Handler;
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -54,7 +55,12 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(authenticated)
-        .fallback(not_found)
+        // Behind the token too: without it, the API says nothing of which
+        // routes it has.
+        .fallback(not_found.layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            crate::auth::require_admin,
+        )))
         .layer(middleware::map_response(json_errors))
         .with_state(state)
 }

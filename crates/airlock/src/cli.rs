@@ -297,7 +297,7 @@ Examples:
         #[arg(long, conflicts_with = "format")]
         json: bool,
         /// Stop after this many sessions (the newest ones).
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, value_name = "N", value_parser = at_least_one)]
         limit: Option<u64>,
         /// Sessions asked for per admin API call (1-10000; tests use small
         /// pages).
@@ -408,6 +408,14 @@ fn whole_number(text: &str, max: u64) -> Result<u64, String> {
     match text.parse::<u64>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
         _ => Err(format!("must be a whole number from 1 to {max}")),
+    }
+}
+
+/// `session list --limit`: a whole number, at least 1.
+fn at_least_one(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be a whole number, at least 1".to_owned()),
     }
 }
 

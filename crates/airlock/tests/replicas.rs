@@ -522,7 +522,7 @@ async fn audit_of_every_replica_lands_in_postgres_and_verifies_as_one_trail() {
     );
     // Chain 1's 3 records, and chain 2's one before its break.
     assert!(
-        stdout.contains(&format!("({} records verified in 3 chains", calls - 5)),
+        stdout.contains(&format!("({} records in 3 chains verified", calls - 5)),
         "{stdout}"
     );
 }

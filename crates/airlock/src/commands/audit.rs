@@ -2,7 +2,7 @@
 //! audit key named by the config directly, so they work while the server is
 //! down (forensics) as well as while it runs.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
 use std::process::ExitCode;
@@ -83,10 +83,8 @@ async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
         None => {
             let _ = writeln!(
                 report,
-                "audit trail intact: {} records in {} chain{}",
-                verified.records,
-                verified.chains,
-                if verified.chains == 1 { "" } else { "s" }
+                "audit trail intact: {}",
+                counted(verified.records, verified.chains)
             );
             ExitCode::SUCCESS
         }
@@ -101,17 +99,25 @@ async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
             }
             let _ = writeln!(
                 report,
-                "({} records verified in {} chain{}: in a broken chain, those before its first \
-                 bad record)",
-                verified.records,
-                verified.chains,
-                if verified.chains == 1 { "" } else { "s" }
+                "({} verified: in a broken chain, those before its first bad record)",
+                counted(verified.records, verified.chains)
             );
             code
         }
     };
     output::print_verdict(&report)?;
     Ok(code)
+}
+
+/// `N records in M chains`, singular where it is one.
+fn counted<R, C>(records: R, chains: C) -> String
+where
+    R: fmt::Display + PartialEq + From<u8>,
+    C: fmt::Display + PartialEq + From<u8>,
+{
+    let records_s = if records == R::from(1) { "" } else { "s" };
+    let chains_s = if chains == C::from(1) { "" } else { "s" };
+    format!("{records} record{records_s} in {chains} chain{chains_s}")
 }
 
 /// Adds the line naming `broken` to `report`; exit 1.
@@ -287,10 +293,8 @@ fn check_file(
     }
     let _ = writeln!(
         report,
-        "audit file intact: {} records in {} chain{}",
-        verifier.records(),
-        verifier.chains(),
-        if verifier.chains() == 1 { "" } else { "s" }
+        "audit file intact: {}",
+        counted(verifier.records(), verifier.chains())
     );
     for (chain, (first, last)) in &ranges {
         let _ = writeln!(report, "  chain {chain}: seq {first} to {last}");
