@@ -1347,9 +1347,13 @@ ca_file = "ca.pem"
     assert!(!text.contains("secret-beta-value"), "{text}");
     assert!(text.contains("env:CHECK_OPENAI_KEY (set)"), "{text}");
     assert!(text.contains("env:CHECK_ANTHROPIC_KEY (not set"), "{text}");
+    // The default worker count is the machine's core count.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let workers = format!("workers:              {cores}\n");
+    let workers = (workers.as_str(), "workers:              <cores>\n");
     let mut all = format!(
         "=== config check ===\n{}\n",
-        redact(&text, &[(&dir_text, "<dir>")])
+        redact(&text, &[(&dir_text, "<dir>"), workers])
     );
 
     // Built-in defaults: no config file in the working directory.
@@ -1366,7 +1370,10 @@ ca_file = "ca.pem"
     assert!(!text.contains(OPENAI_KEY) && !text.contains("adm_secret_admin_token"));
     all.push_str(&format!(
         "=== config check (built-in defaults) ===\n{}\n",
-        redact(&text, &[(&empty.path().display().to_string(), "<cwd>")])
+        redact(
+            &text,
+            &[(&empty.path().display().to_string(), "<cwd>"), workers]
+        )
     ));
 
     // A credential file and a CA file that cannot be read: serve would
@@ -1383,7 +1390,7 @@ ca_file = "ca.pem"
     assert_eq!(out.status.code(), Some(1));
     all.push_str(&format!(
         "=== config check (unreadable credential file, no certificate in the CA file, a credential too short) -> exit 1 ===\n--- stdout\n{}--- stderr\n{}\n",
-        redact(&stdout(&out), &[(&dir_text, "<dir>")]),
+        redact(&stdout(&out), &[(&dir_text, "<dir>"), workers]),
         redact(&stderr(&out), &[(&dir_text, "<dir>")]),
     ));
     assert_snapshot("config_check", &all);

@@ -41,6 +41,18 @@ pub fn run(config: &Config) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// A size the way the config takes it: `2GiB`, `64KiB`, or bytes.
+fn bytes(n: u64) -> String {
+    const KIB: u64 = 1024;
+    const GIB: u64 = KIB * KIB * KIB;
+    match n {
+        n if n >= GIB && n % GIB == 0 => format!("{}GiB", n / GIB),
+        n if n >= KIB * KIB && n % (KIB * KIB) == 0 => format!("{}MiB", n / (KIB * KIB)),
+        n if n >= KIB && n % KIB == 0 => format!("{}KiB", n / KIB),
+        n => format!("{n} bytes"),
+    }
+}
+
 /// Describes `config` without revealing any credential.
 pub fn describe(config: &Config) -> Description {
     let mut d = Description::default();
@@ -93,6 +105,47 @@ pub fn describe(config: &Config) -> Description {
         &dur(config.proxy.header_read_timeout),
     );
     line(out, "drain timeout", &dur(config.proxy.drain_timeout));
+    line(out, "workers", &config.proxy.workers.to_string());
+    let limits = &config.proxy.limits;
+    line(out, "idle timeout", &dur(limits.idle_timeout));
+    line(
+        out,
+        "max connections",
+        &format!(
+            "{} (lowered at start to what the open files limit holds)",
+            limits.max_connections
+        ),
+    );
+    line(
+        out,
+        "max header size",
+        &bytes(limits.max_header_size as u64),
+    );
+    line(out, "max request body", &bytes(limits.max_request_body));
+    line(
+        out,
+        "forwarded headers",
+        match limits.forwarded_headers {
+            airlock_proxy::headers::ForwardedPolicy::Refuse => "refuse (400)",
+            airlock_proxy::headers::ForwardedPolicy::Strip => "strip",
+        },
+    );
+    line(
+        out,
+        "allowed hosts",
+        &if limits.allowed_hosts.is_empty() {
+            "any".to_owned()
+        } else {
+            limits.allowed_hosts.join(", ")
+        },
+    );
+    if let Some(path) = config.proxy.public_path() {
+        line(
+            out,
+            "routes",
+            &format!("/{{provider}}/... and {path}/{{provider}}/... (the public URL's path)"),
+        );
+    }
 
     let _ = writeln!(out, "admin:");
     line(out, "listen", &config.admin_listen.to_string());
