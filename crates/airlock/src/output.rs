@@ -93,6 +93,26 @@ fn is_closed(error: &io::Error) -> bool {
         .is_some_and(|inner| inner.is::<StdoutClosed>())
 }
 
+/// Whether stdout's reader has gone (a pipe whose reading end is closed),
+/// found without writing: for a command that waits between writes (`audit
+/// tail`), so that `| head -1` ends it without waiting for the next record.
+/// A terminal or a file is never gone.
+pub fn stdout_gone() -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let stdout = io::stdout();
+    let mut fds = [PollFd::new(&stdout, PollFlags::OUT)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&now)) {
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL),
+        Err(_) => false,
+    }
+}
+
 /// Writes `airlock: {message}` to stderr, with whatever has a session
 /// token's shape withheld (`sess_[withheld]`): messages may quote what the
 /// user typed, and a token pasted in the wrong place is never printed back.

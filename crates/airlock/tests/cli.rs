@@ -1658,6 +1658,25 @@ async fn a_closed_stdout_ends_a_command_quietly() {
         let out = with_stdout_closed(&mut against_server(args)).await;
         quiet(&args.join(" "), &out, 0);
     }
+    // `audit tail -n 1 | head -1`: the reader goes after the line it
+    // wanted; no record follows, yet tail ends (it used to wait for the
+    // next record to find the pipe closed).
+    let mut tail = against_server(&["audit", "tail", "-n", "1", "--config", config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(tail.stdout.take().unwrap())
+        .read_line(&mut first)
+        .await
+        .unwrap();
+    assert!(first.contains("\"seq\":"), "{first}");
+    let out = tokio::time::timeout(DEADLINE, tail.wait_with_output())
+        .await
+        .expect("audit tail went on after its reader left")
+        .unwrap();
+    quiet("audit tail | head -1", &out, 0);
     // `session create` is the exception: a session whose token was printed
     // nowhere is revoked, and the command fails, saying so.
     let args = [

@@ -56,6 +56,9 @@ async fn follow(store: &dyn Store, session: Option<String>, lines: usize) -> any
         }
         loop {
             tokio::time::sleep(POLL_EVERY).await;
+            if crate::output::stdout_gone() {
+                return Ok(());
+            }
             let new = poll(store, session.as_deref(), &mut cursors).await?;
             print(&new)?;
         }
