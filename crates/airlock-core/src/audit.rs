@@ -27,7 +27,9 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::token::TOKEN_PREFIX;
+#[doc(no_inline)]
+pub use crate::token::TOKEN_RUN_MIN;
+use crate::token::{TOKEN_PREFIX, WITHHELD};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -430,9 +432,6 @@ pub fn record_path_withholding(path: &str, secrets: &[&str]) -> Option<String> {
     Some(cut(withhold_tokens(&without)))
 }
 
-/// What stands in a recorded path for a withheld token.
-const WITHHELD: &str = "[withheld]";
-
 /// `path` with every token shape withheld (decoded if it held one).
 fn withhold_tokens(path: &str) -> Cow<'_, str> {
     if !may_hold_token(path.as_bytes()) {
@@ -444,6 +443,8 @@ fn withhold_tokens(path: &str) -> Cow<'_, str> {
     }
 }
 
+/// Whether `path` has an escape or a `sess_` (one pass, no searcher to
+/// set up: this runs for every call).
 fn may_hold_token(path: &[u8]) -> bool {
     let prefix = TOKEN_PREFIX.as_bytes();
     memchr::memchr2_iter(b'%', b'_', path).any(|i| path[i] == b'%' || path[..=i].ends_with(prefix))

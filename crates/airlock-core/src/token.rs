@@ -37,6 +37,10 @@ pub fn generate_secret(prefix: &str) -> Secret {
     Secret::new(value)
 }
 
+/// What stands for a withheld token after its `sess_` (`sess_[withheld]`),
+/// and for other withheld secrets.
+pub const WITHHELD: &str = "[withheld]";
+
 /// Fewest letters, digits and `_` after `sess_` that make a token's shape
 /// for [`withhold_runs`]. A token has 43; a shorter run may be a token cut
 /// short.
@@ -58,7 +62,7 @@ pub fn withhold_runs(text: &str) -> Option<String> {
             .count();
         out.push_str(&rest[..at + TOKEN_PREFIX.len()]);
         if run >= TOKEN_RUN_MIN {
-            out.push_str("[withheld]");
+            out.push_str(WITHHELD);
             withheld = true;
             rest = &after[run..];
         } else {

@@ -46,8 +46,9 @@ pub struct ProxySettings {
 pub struct Proxy {
     /// Shutdown cutting the calls still running (drain timeout).
     cut: Arc<Cut>,
-    /// This worker's calls waiting for their provider's answer, before
-    /// [`WATCH_SESSION_AFTER`] (or their answer) has them watch the cut.
+    /// This worker's calls waiting for their provider's answer, for the
+    /// whole wait: one cut meanwhile leaves it only once the cut's
+    /// `waiting` counts it (after [`WATCH_SESSION_AFTER`] at most).
     awaiting_heads: InFlightCount,
     providers: HashMap<String, Provider>,
     registry: Arc<Registry>,

@@ -12,6 +12,8 @@
 //!   ambiguous framing, absolute-form targets and foreign `Host`s. Each
 //!   refusal is a 400 (413 for a body over the limit) naming the problem.
 
+use std::borrow::Cow;
+
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::Authority;
 use http::{Method, Uri, Version};
@@ -350,9 +352,10 @@ fn check_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<(), Denia
         }
     }
     for key in loose_query_keys(query) {
+        let read = loosely_read(key);
         if let Some(param) = METHOD_OVERRIDE_PARAMS
             .iter()
-            .find(|p| names_loosely(key, p))
+            .find(|p| read.eq_ignore_ascii_case(p))
         {
             return Err(Denial::bad_request(format!(
                 "method override parameters are not accepted ({param})"
@@ -371,14 +374,19 @@ pub(crate) fn loose_query_keys(query: Option<&str>) -> impl Iterator<Item = &str
         .map(|pair| pair.split_once('=').map_or(pair, |(key, _)| key))
 }
 
-/// Whether a lenient server could read the parameter name `key` (as sent)
-/// as `name`: percent-decoded, without surrounding whitespace or a
-/// trailing `[]`, in any case.
-pub(crate) fn names_loosely(key: &str, name: &str) -> bool {
-    let decoded = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+/// The parameter name `key` (as sent) as a lenient server may read it:
+/// `+` as a space, percent-decoded, without surrounding whitespace or a
+/// trailing `[]`; compared with a name in any case. Borrowed when there is
+/// nothing to undo.
+pub(crate) fn loosely_read(key: &str) -> Cow<'_, str> {
+    if !key.contains(['+', '%', '[', ' ', '\t']) {
+        return Cow::Borrowed(key);
+    }
+    let spaced = key.replace('+', " ");
+    let decoded = percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy();
     let trimmed = decoded.trim();
     let bare = trimmed.strip_suffix("[]").unwrap_or(trimmed).trim();
-    bare.eq_ignore_ascii_case(name)
+    Cow::Owned(bare.to_owned())
 }
 
 /// Client-address headers (per policy) and names that a lenient server

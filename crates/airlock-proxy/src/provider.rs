@@ -367,7 +367,7 @@ impl CredentialFormat {
         match &injected {
             Injected::Header(_, value) => forms.push(value.as_bytes().to_vec()),
             Injected::Query(_) => {
-                for set in [QUERY_VALUE, NON_ALPHANUMERIC] {
+                for set in ECHO_ENCODINGS {
                     let encoded = utf8_percent_encode(key, set).to_string();
                     forms.push(lower_case_escapes(&encoded).into_bytes());
                     forms.push(encoded.into_bytes());
@@ -432,6 +432,24 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'.')
     .remove(b'~');
+
+/// The ways common URL encoders spell a value, for the leak guard of a
+/// query-style key a provider may echo: this proxy's own (and Go's
+/// `QueryEscape`, JavaScript's `encodeURIComponent`), Python's `quote`
+/// (`/` left as it is), Java's `URLEncoder` (`-_.*` left), and everything
+/// but letters and digits. (An encoder that leaves `+`, `/` and `=` as
+/// they are, such as `encodeURI`, gives a key of those characters back
+/// raw, which is guarded anyway.)
+const ECHO_ENCODINGS: [&AsciiSet; 4] = [
+    QUERY_VALUE,
+    &QUERY_VALUE.remove(b'/'),
+    &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'*'),
+    NON_ALPHANUMERIC,
+];
 
 /// `encoded` with the hex digits of its `%XX` escapes in lower case.
 fn lower_case_escapes(encoded: &str) -> String {
@@ -613,7 +631,7 @@ mod tests {
     }
 
     #[test]
-    fn a_query_key_goes_out_minimally_encoded_and_is_guarded_in_every_spelling() {
+    fn a_query_key_goes_out_minimally_encoded_and_is_guarded_in_the_usual_spellings() {
         let format = CredentialFormat::new(AuthStyle::Query("key".to_owned()), None).unwrap();
         let prepared = format
             .prepare(&Secret::new("AIza-x_y.z~w+/=".to_owned()))
@@ -626,6 +644,11 @@ mod tests {
             "AIza-x_y.z~w%2b%2f%3d",
             "AIza%2Dx%5Fy%2Ez%7Ew%2B%2F%3D",
             "AIza%2dx%5fy%2ez%7ew%2b%2f%3d",
+            // Python's quote: `/` raw.
+            "AIza-x_y.z~w%2B/%3D",
+            "AIza-x_y.z~w%2b/%3d",
+            // Java's URLEncoder: `~` encoded.
+            "AIza-x_y.z%7Ew%2B%2F%3D",
         ] {
             assert!(guard.contains_secret(form.as_bytes()), "{form}");
         }

@@ -654,6 +654,17 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
         first_garbage.contains("(line 1): malformed"),
         "{first_garbage}"
     );
+    // Every line altered, each still naming its record: broken, not the
+    // wrong file.
+    let all_altered = broken(&|l| {
+        for line in l.iter_mut() {
+            *line = line.replace("\"mac\":", "\"max\":");
+        }
+    });
+    assert!(
+        all_altered.contains("seq 1 of chain 1 (line 1): malformed"),
+        "{all_altered}"
+    );
     // A file of which no line is a record is the wrong file, not a
     // tampered one: exit 2, as for a file that is not there.
     write_lines(&file, &["[proxy]".to_owned(), "listen = \"x\"".to_owned()]);

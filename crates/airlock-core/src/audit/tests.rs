@@ -1,7 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
-use crate::token::TOKEN_RUN_MIN;
 
 fn key() -> AuditKey {
     AuditKey::new(&[7; 32])

@@ -160,6 +160,7 @@ fn the_token_only_where_it_is_the_credential() {
         "KEY=x&key=y",
         "key[]=x&key=y",
         "%20key=x&key=y",
+        "+key=x&key=y",
     ] {
         assert!(
             check_query_auth(&q, Some(ambiguous)).is_err(),

@@ -2,7 +2,7 @@
 //! audit key named by the config directly, so they work while the server is
 //! down (forensics) as well as while it runs.
 
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
 use std::process::ExitCode;
@@ -110,13 +110,9 @@ async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 /// `N records in M chains`, singular where it is one.
-fn counted<R, C>(records: R, chains: C) -> String
-where
-    R: fmt::Display + PartialEq + From<u8>,
-    C: fmt::Display + PartialEq + From<u8>,
-{
-    let records_s = if records == R::from(1) { "" } else { "s" };
-    let chains_s = if chains == C::from(1) { "" } else { "s" };
+fn counted(records: u64, chains: usize) -> String {
+    let records_s = if records == 1 { "" } else { "s" };
+    let chains_s = if chains == 1 { "" } else { "s" };
     format!("{records} record{records_s} in {chains} chain{chains_s}")
 }
 
@@ -140,7 +136,7 @@ fn report_break(report: &mut String, broken: &Break, line: Option<usize>) -> Exi
     // file's.
     let what = if line.is_some() { "file" } else { "trail" };
     // Seqs start at 1: 0 is a line that does not say which record it is.
-    let which = if broken.seq == 0 {
+    let which = if line.is_some() && broken.seq == 0 {
         "an unreadable line".to_owned()
     } else {
         format!("seq {} of chain {}", broken.seq, broken.chain)
@@ -250,19 +246,17 @@ fn check_file(
                     }
                 }
                 // Name the record by what the line claims, when it can be read.
-                let claimed: Option<(u32, u64)> = serde_json::from_str::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| {
-                        Some((
-                            u32::try_from(v["chain"].as_u64()?).ok()?,
-                            v["seq"].as_u64()?,
-                        ))
+                let claimed = claimed_record(&line);
+                // Not one line in the whole file that is, or says it is, a
+                // record: it is no audit export (the wrong file), which says
+                // nothing about tampering. (Records whose every line was
+                // altered still name their chain and seq: broken.)
+                if verifier.records() == 0 && ranges.is_empty() && claimed.is_none() {
+                    let any_record = lines.any(|(_, line)| {
+                        line.is_ok_and(|l| {
+                            AuditRecord::from_json(&l).is_ok() || claimed_record(&l).is_some()
+                        })
                     });
-                // Not one record in the whole file: it is no audit export
-                // (the wrong file), which says nothing about tampering.
-                if verifier.records() == 0 && ranges.is_empty() {
-                    let any_record = lines
-                        .any(|(_, line)| line.is_ok_and(|l| AuditRecord::from_json(&l).is_ok()));
                     if !any_record {
                         anyhow::bail!(
                             "--from: not an audit export: no line of it is an audit record \
@@ -310,6 +304,16 @@ fn check_file(
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The chain and seq a line that is no valid record says it has, when it
+/// is JSON that says so.
+fn claimed_record(line: &str) -> Option<(u32, u64)> {
+    let value = serde_json::from_str::<serde_json::Value>(line).ok()?;
+    Some((
+        u32::try_from(value["chain"].as_u64()?).ok()?,
+        value["seq"].as_u64()?,
+    ))
 }
 
 /// Which sessions the records of a file name, as far as read.

@@ -112,7 +112,7 @@ pub fn describe(config: &Config) -> Description {
         out,
         "max connections",
         &format!(
-            "{} (lowered at start to what the open files limit holds)",
+            "{} (lowered at start if the open files limit cannot hold it)",
             limits.max_connections
         ),
     );
