@@ -41,6 +41,10 @@ pub struct Config {
     pub audit: AuditConfig,
     pub max_ttl: Duration,
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// What the file says that likely is not what was meant (shown by
+    /// `config check`, logged by `serve`), besides [`Config::warnings`]'
+    /// own checks.
+    notes: Vec<String>,
 }
 
 /// Most data-plane threads `proxy.workers` may ask for.
@@ -301,6 +305,35 @@ struct ResolvedProvider {
     base_path: String,
 }
 
+/// A built-in provider's table that sets `env_key` keeps the generic
+/// `auth` and `base_path` defaults (see [`ResolvedProvider`]); where it
+/// leaves one out and the built-in's differs, that is said, since a table
+/// written today likely meant the built-in's.
+fn legacy_defaults_note(name: &str, p: &RawProvider) -> Option<String> {
+    let builtin = builtin(name)?;
+    p.env_key.as_ref()?;
+    let mut kept = Vec::new();
+    if p.auth.is_none() && builtin.auth != "bearer" {
+        kept.push(format!(
+            "auth = \"bearer\" (the built-in's is \"{}\")",
+            builtin.auth
+        ));
+    }
+    if p.base_path.is_none() && !builtin.base_path.is_empty() {
+        kept.push(format!(
+            "base_path = \"\" (the built-in's is \"{}\")",
+            builtin.base_path
+        ));
+    }
+    (!kept.is_empty()).then(|| {
+        format!(
+            "providers.{name}: sets env_key, so it keeps the defaults of a custom provider: {}; \
+             set them to say which you mean",
+            kept.join(", ")
+        )
+    })
+}
+
 fn resolve_provider(
     name: &str,
     p: &RawProvider,
@@ -484,18 +517,17 @@ impl Config {
     /// What in the config may keep agents from reaching the proxy, though
     /// it is valid (`serve` logs these at start, `config check` shows them).
     pub fn warnings(&self) -> Vec<String> {
-        let Some(url) = &self.proxy.public_url else {
-            return Vec::new();
-        };
-        public_url_warning(
-            url,
-            self.proxy.tls.is_some(),
-            &self.proxy.limits.allowed_hosts,
-        )
-        .err()
-        .map(|reason| format!("proxy.public_url: {reason}"))
-        .into_iter()
-        .collect()
+        let mut warnings = self.notes.clone();
+        if let Some(url) = &self.proxy.public_url {
+            if let Err(reason) = public_url_warning(
+                url,
+                self.proxy.tls.is_some(),
+                &self.proxy.limits.allowed_hosts,
+            ) {
+                warnings.push(format!("proxy.public_url: {reason}"));
+            }
+        }
+        warnings
     }
 
     /// Loads `tls_cert` / `tls_key` once to prove they make a server
@@ -695,6 +727,7 @@ impl Config {
         }
 
         let mut providers = BTreeMap::new();
+        let mut notes = Vec::new();
         // Variable name -> the key that set it: a session's `env` holds one
         // value per name. Two providers may share an `env_key` (both get the
         // session's one token), never an `env_base_url` or a name used as
@@ -707,6 +740,9 @@ impl Config {
             let line = text
                 .get(..spanned.span().start)
                 .map_or(1, |before| before.matches('\n').count() + 1);
+            if let Some(note) = legacy_defaults_note(&name, spanned.get_ref()) {
+                notes.push(note);
+            }
             let fields =
                 resolve_provider(&name, spanned.get_ref()).map_err(|(field, reason)| {
                     err(&format!("providers.{name}.{field} (line {line})"), reason)
@@ -819,6 +855,7 @@ impl Config {
             audit,
             max_ttl,
             providers,
+            notes,
         })
     }
 }

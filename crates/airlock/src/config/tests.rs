@@ -511,3 +511,36 @@ fn a_builtin_providers_table_takes_the_builtin_defaults() {
          from, e.g. \"ACME_API_KEY\")"
     );
 }
+
+/// A built-in provider's table that sets `env_key` keeps a custom
+/// provider's `auth` and `base_path` (as in earlier versions): said where
+/// that differs from the built-in's, silent once the table sets them.
+#[test]
+fn a_builtin_table_with_env_key_is_warned_of_its_generic_defaults() {
+    let c = Config::parse(
+        "x.toml",
+        "[providers.anthropic]\nenv_key = \"ANTHROPIC_API_KEY\"\n\
+         [providers.openai]\nenv_key = \"OPENAI_API_KEY\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.providers["anthropic"].auth, AuthStyle::Bearer);
+    let warnings = c.warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("providers.anthropic: sets env_key")
+            && warnings[0].contains("auth = \"bearer\" (the built-in's is \"header:x-api-key\")"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].contains("base_path = \"\" (the built-in's is \"/v1\")"),
+        "{warnings:?}"
+    );
+    for quiet in [
+        "[providers.anthropic]\nenv_key = \"A\"\nauth = \"header:x-api-key\"\n",
+        "[providers.openai]\nenv_key = \"O\"\nbase_path = \"\"\n",
+        "[providers.openai]\nupstream = \"https://gw.example\"\n",
+    ] {
+        let c = Config::parse("x.toml", quiet).unwrap();
+        assert!(c.warnings().is_empty(), "{quiet}: {:?}", c.warnings());
+    }
+}
