@@ -273,6 +273,16 @@ impl FromStr for PathPattern {
             pattern: source.to_owned(),
             reason: reason.to_owned(),
         };
+        // A session token pasted into a rule would be stored and shown
+        // with the scope, and match nothing: calls whose path holds a
+        // token are refused. Not quoted back.
+        if let Some(withheld) = crate::token::withhold_runs(source) {
+            return Err(RuleError::Pattern {
+                pattern: withheld,
+                reason: "holds a session token (no call's path may: such a call is refused)"
+                    .to_owned(),
+            });
+        }
         let body = source
             .strip_prefix('/')
             .ok_or_else(|| fail("must start with '/'"))?;

@@ -1059,6 +1059,12 @@ async fn a_token_in_the_wrong_place_is_never_printed_back() {
             "session",
             "create",
             "--allow",
+            &format!("openai:POST:/v1/{t}"),
+        ],
+        &[
+            "session",
+            "create",
+            "--allow",
             "openai:POST:/v1/x",
             "--rpm",
             t,

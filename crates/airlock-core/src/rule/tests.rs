@@ -62,9 +62,14 @@ fn refuses_bad_rules() {
         ("openai:POST:/v1/../x", "'.' or '..'"),
         ("openai:POST:/v1/%2e%2e", "contains an encoded '.' (%2E)"),
         ("openai:POST:/v1/a;b", "path contains ';'"),
+        (
+            "openai:POST:/v1/sess_0123456789abcdefghijABCDEFGHIJ0123456789abc",
+            "path pattern \"/v1/sess_[withheld]\": holds a session token",
+        ),
     ] {
         let err = input.parse::<Rule>().unwrap_err().to_string();
         assert!(err.contains(want), "{input}: {err}");
+        assert!(!err.contains("0123456789abcdefghij"), "{input}: {err}");
     }
 }
 
