@@ -410,8 +410,11 @@ fn default_store_url() -> String {
 fn default_max_staleness() -> String {
     "5s".into()
 }
+/// The official OpenAI and Anthropic SDKs wait 10 minutes for an answer:
+/// a call they would still wait for is not cut here (and then retried by
+/// them, the provider doing the work again).
 fn default_upstream_timeout() -> String {
-    "300s".into()
+    "600s".into()
 }
 fn default_connect_timeout() -> String {
     "10s".into()
