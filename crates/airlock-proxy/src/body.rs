@@ -333,6 +333,27 @@ impl ProxyBody {
     }
 }
 
+impl ProxyBody {
+    /// When [`ProxyBody::prefetch`] read the whole body (one frame of a
+    /// body of known length, its record written), replaces it with what
+    /// `rewrite` makes of it, if anything; returns the new length.
+    pub(crate) fn rewrite_whole(
+        &mut self,
+        rewrite: impl FnOnce(&[u8]) -> Option<Bytes>,
+    ) -> Option<usize> {
+        let Inner::Audited(audited) = &mut self.0 else {
+            return None;
+        };
+        if !matches!(audited.phase, Phase::Done) {
+            return None;
+        }
+        let new = rewrite(audited.prefetched.as_ref()?.data_ref()?)?;
+        let len = new.len();
+        audited.prefetched = Some(Frame::data(new));
+        Some(len)
+    }
+}
+
 impl std::fmt::Debug for ProxyBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.0 {

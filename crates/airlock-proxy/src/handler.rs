@@ -26,6 +26,7 @@ use crate::in_flight::{EnteredHere, InFlightCount};
 use crate::metrics::ProviderMetrics;
 use crate::provider::{PreparedCredential, Provider};
 use crate::redact::{RedactingBody, RedactionFlag};
+use crate::results_url::ResultsUrl;
 use crate::upstream_pool::UpstreamBody;
 use crate::websocket::{self, Tunnel};
 
@@ -36,6 +37,10 @@ pub struct ProxySettings {
     pub upstream_timeout: Duration,
     /// Checks on the request head and body size ([`credentials::screen`]).
     pub request: crate::headers::RequestPolicy,
+    /// The base URL agents are given (`proxy.public_url`, or the listener's
+    /// URL), where a provider's answer names a URL of its own that agents
+    /// should reach through airlock (see [`crate::results_url`]).
+    pub public_url: Option<String>,
     /// The path of `proxy.public_url` (`/airlock`), if it has one: a call's
     /// path may start with it (a reverse proxy at that path that passes it
     /// on) or not (one that strips it); `/{provider}` follows either way.
@@ -63,6 +68,8 @@ struct Forwarded {
     credential: Arc<Loaded<PreparedCredential>>,
     /// The agent's connection, for a WebSocket handshake.
     agent_upgrade: Option<OnUpgrade>,
+    /// For a batches call: the answer's `results_url`s to point at airlock.
+    results_url: Option<ResultsUrl>,
 }
 
 impl Forwarded {
@@ -98,7 +105,12 @@ impl Proxy {
             awaiting_heads: InFlightCount::default(),
             providers: providers
                 .into_iter()
-                .map(|p| (p.name().to_owned(), p))
+                .map(|mut p| {
+                    if let Some(public_url) = &settings.public_url {
+                        p.answer_urls_via(public_url);
+                    }
+                    (p.name().to_owned(), p)
+                })
                 .collect(),
             registry,
             auditor,
@@ -365,6 +377,7 @@ impl Proxy {
             response,
             credential,
             agent_upgrade: _,
+            results_url,
         } = forwarded;
         let (mut parts, body) = response.into_parts();
         let status = parts.status.as_u16();
@@ -422,6 +435,19 @@ impl Proxy {
                 .into_response()
             }
         }
+        if let Some(results_url) = results_url {
+            let json = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+            if let Some(len) =
+                body.rewrite_whole(|whole| json.then(|| results_url.rewrite(whole)).flatten())
+            {
+                parts
+                    .headers
+                    .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+            }
+        }
         Response::from_parts(parts, body)
     }
 
@@ -439,6 +465,7 @@ impl Proxy {
             response,
             credential,
             agent_upgrade,
+            results_url: _,
         } = forwarded;
         let (mut parts, body) = response.into_parts();
         call.set_forwarded(parts.status.as_u16());
@@ -573,6 +600,7 @@ impl Proxy {
         head_timer: &HeadTimer,
     ) -> Result<Forwarded, Denial> {
         let provider = admitted.provider;
+        let results_url = provider.results_url_for(req.uri().path()).cloned();
         // Taken before the head is prepared (which clears the extensions).
         let agent_upgrade = admitted.websocket.then(|| hyper::upgrade::on(&mut req));
         let Some(credential) = provider.credential() else {
@@ -716,6 +744,7 @@ impl Proxy {
             response,
             credential,
             agent_upgrade,
+            results_url,
         })
     }
 }

@@ -14,6 +14,8 @@ use http::Uri;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+use crate::results_url::ResultsUrl;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
@@ -98,6 +100,12 @@ pub struct Provider {
     /// `http/1.1` only).
     upgrade_connector: UpstreamConnector,
     pub(crate) metrics: ProviderMetrics,
+    /// The upstream as the provider spells its own URLs
+    /// (`https://api.anthropic.com`).
+    own_url: Arc<str>,
+    /// Points batch `results_url`s at airlock (set once airlock's public
+    /// URL is known: [`Provider::answer_urls_via`]).
+    results_url: Option<ResultsUrl>,
 }
 
 /// The real credential, prepared once in the form the request path inserts.
@@ -212,9 +220,15 @@ impl Provider {
             spec.keepalive_timeout,
         )
         .map_err(|_| bad_upstream())?;
+        let own_url = Arc::from(format!(
+            "{scheme}://{}{path_prefix}",
+            host.to_str().map_err(|_| bad_upstream())?
+        ));
         Ok(Self {
             pool,
             upgrade_connector,
+            own_url,
+            results_url: None,
             name: Arc::from(spec.name),
             scheme,
             authority,
@@ -238,12 +252,31 @@ impl Provider {
             headers: self.headers.clone(),
             credential: Arc::clone(&self.credential),
             pool: self.pool.empty_like(),
+            own_url: Arc::clone(&self.own_url),
+            results_url: self.results_url.clone(),
             upgrade_connector: self.upgrade_connector.clone(),
             metrics: self.metrics.clone(),
         }
     }
 
     /// The provider's name (the first path segment agents use).
+    /// Has batch answers' `results_url`s at this provider's upstream point
+    /// at `{public_url}/{name}` (see [`ResultsUrl`]).
+    pub fn answer_urls_via(&mut self, public_url: &str) {
+        self.results_url = Some(ResultsUrl::new(
+            &self.own_url,
+            &format!("{}/{}", public_url.trim_end_matches('/'), self.name),
+        ));
+    }
+
+    /// The rewrite of `results_url`s, for a call to `path` that may get
+    /// one back.
+    pub(crate) fn results_url_for(&self, path: &str) -> Option<&ResultsUrl> {
+        self.results_url
+            .as_ref()
+            .filter(|_| ResultsUrl::applies_to(path))
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -274,6 +274,39 @@ async fn a_public_url_path_routes_with_or_without_it() {
     );
 }
 
+/// Anthropic's SDKs fetch a message batch's `results_url` as it is, an
+/// absolute URL at the provider: airlock points it at itself, so that the
+/// results come through airlock (scope, record, the real key) instead of
+/// the token going to the provider directly.
+#[tokio::test]
+async fn a_batch_results_url_points_at_airlock() {
+    let s = setup().await;
+    let scope = json!([{"provider": "anthropic", "methods": ["GET"], "paths": ["/v1/messages/batches/**"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let key = [("x-api-key", token.as_str())];
+    let batch_url = format!("{}/anthropic/v1/messages/batches/b1", s.airlock.proxy_url());
+    let reply = request("GET", &batch_url, &key, "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let results_url = reply.json()["results_url"].as_str().unwrap().to_owned();
+    assert_eq!(
+        results_url,
+        format!("{batch_url}/results"),
+        "the provider said {}",
+        s.mock.requests()[0].header("host").unwrap()
+    );
+    assert_eq!(
+        reply.headers["content-length"].to_str().unwrap(),
+        reply.body.len().to_string()
+    );
+    let reply = request("GET", &results_url, &key, "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.text().contains("\"succeeded\""), "{}", reply.text());
+    let seen = s.mock.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].path(), "/v1/messages/batches/b1/results");
+    assert_eq!(seen[1].header("x-api-key").unwrap(), ANTHROPIC_KEY);
+}
+
 #[tokio::test]
 async fn bad_tokens_get_401_and_reach_nothing() {
     let s = setup().await;

@@ -90,6 +90,9 @@ pub(crate) async fn handle(
             response
         }
         "/echo" => echo(method, &target, &parts.headers, &kept),
+        batch if method == Method::GET && batch.starts_with("/v1/messages/batches/") => {
+            message_batch(batch, &parts.headers)
+        }
         "/gzip-always" => gzip_always(&parts.headers),
         "/leak-head" => leak_head(&parts.headers),
         "/leak-sse" => leak_sse(&parts.headers),
@@ -507,6 +510,36 @@ fn echo(
     } else {
         json_response(StatusCode::OK, &echo)
     }
+}
+
+/// Anthropic's Message Batches API, as far as `results()` needs: a batch
+/// (`/v1/messages/batches/ID`) names its `results_url` at the provider's
+/// own address (the `Host` it was called by), and the results
+/// (`…/results`) are JSON lines.
+fn message_batch(path: &str, headers: &http::HeaderMap) -> Response<MockBody> {
+    let rest = &path["/v1/messages/batches/".len()..];
+    if let Some(id) = rest.strip_suffix("/results") {
+        let line = json!({"custom_id": "c1", "result": {"type": "succeeded"}, "batch": id});
+        let mut response = Response::new(full(format!("{line}\n")));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/binary"),
+        );
+        return response;
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("mock.invalid");
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "id": rest,
+            "type": "message_batch",
+            "processing_status": "ended",
+            "results_url": format!("http://{host}/v1/messages/batches/{rest}/results"),
+        }),
+    )
 }
 
 /// The request's `Authorization` value echoed, gzip-encoded whatever the

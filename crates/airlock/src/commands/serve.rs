@@ -157,6 +157,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 allowed_hosts: config.proxy.limits.allowed_hosts.clone(),
                 max_request_body: config.proxy.limits.max_request_body,
             },
+            public_url: Some(public_url.clone()),
             path_prefix: config.proxy.public_path().map(str::to_owned),
         },
         proxy_metrics.for_provider("_unknown"),
