@@ -7,9 +7,10 @@
 //! pointed at airlock's URL for the provider instead, so that the results
 //! are fetched through airlock, checked against the scope and recorded.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
+use memchr::memmem;
 
 /// The field whose value is rewritten.
 const FIELD: &[u8] = b"\"results_url\"";
@@ -37,7 +38,10 @@ impl ResultsUrl {
     /// answer may hold a `results_url`: a batches call. (A cheap test, made
     /// for every call.)
     pub fn applies_to(path: &str) -> bool {
-        memchr::memmem::find(path.as_bytes(), b"/batches").is_some()
+        // Built once: `memmem::find` would set up a searcher every call.
+        static BATCHES: LazyLock<memmem::Finder<'static>> =
+            LazyLock::new(|| memmem::Finder::new(b"/batches"));
+        BATCHES.find(path.as_bytes()).is_some()
     }
 
     /// `json` with each `"results_url": "{upstream}/…"` made
@@ -46,7 +50,7 @@ impl ResultsUrl {
         let upstream = self.upstream.as_bytes();
         let mut out: Option<Vec<u8>> = None;
         let mut copied = 0;
-        for field in memchr::memmem::find_iter(json, FIELD) {
+        for field in memmem::find_iter(json, FIELD) {
             let Some(value) = string_value_after(json, field + FIELD.len()) else {
                 continue;
             };
