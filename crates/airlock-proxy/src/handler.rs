@@ -439,7 +439,11 @@ impl Proxy {
             let json = parts
                 .headers
                 .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+                .is_some_and(|v| {
+                    let v = v.as_bytes();
+                    v.starts_with(b"application/json")
+                        && matches!(v.get(16), None | Some(b';' | b' '))
+                });
             if let Some(len) =
                 body.rewrite_whole(|whole| json.then(|| results_url.rewrite(whole)).flatten())
             {

@@ -375,8 +375,8 @@ pub(crate) fn loose_query_keys(query: Option<&str>) -> impl Iterator<Item = &str
 }
 
 /// The parameter name `key` (as sent) as a lenient server may read it:
-/// `+` as a space, percent-decoded, without surrounding whitespace or a
-/// trailing `[]`; compared with a name in any case. Borrowed when there is
+/// `+` as a space, percent-decoded, without surrounding whitespace or
+/// control characters or a trailing `[]`; compared with a name in any case. Borrowed when there is
 /// nothing to undo.
 pub(crate) fn loosely_read(key: &str) -> Cow<'_, str> {
     if !key.contains(['+', '%', '[', ' ', '\t']) {
@@ -384,8 +384,13 @@ pub(crate) fn loosely_read(key: &str) -> Cow<'_, str> {
     }
     let spaced = key.replace('+', " ");
     let decoded = percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy();
-    let trimmed = decoded.trim();
-    let bare = trimmed.strip_suffix("[]").unwrap_or(trimmed).trim();
+    // Whitespace and control characters (`_method%00`) around it too.
+    let ignored = |c: char| c.is_whitespace() || c.is_control();
+    let trimmed = decoded.trim_matches(ignored);
+    let bare = trimmed
+        .strip_suffix("[]")
+        .unwrap_or(trimmed)
+        .trim_matches(ignored);
     Cow::Owned(bare.to_owned())
 }
 

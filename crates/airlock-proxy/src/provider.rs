@@ -402,8 +402,13 @@ impl CredentialFormat {
             Injected::Query(_) => {
                 for set in ECHO_ENCODINGS {
                     let encoded = utf8_percent_encode(key, set).to_string();
-                    forms.push(lower_case_escapes(&encoded).into_bytes());
-                    forms.push(encoded.into_bytes());
+                    // Form encoders (Go's `QueryEscape`, Python's
+                    // `quote_plus`, Java's) write a space as `+`.
+                    let plus = encoded.contains("%20").then(|| encoded.replace("%20", "+"));
+                    for spelling in std::iter::once(encoded).chain(plus) {
+                        forms.push(lower_case_escapes(&spelling).into_bytes());
+                        forms.push(spelling.into_bytes());
+                    }
                 }
             }
         }
@@ -468,13 +473,20 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
 
 /// The ways common URL encoders spell a value, for the leak guard of a
 /// query-style key a provider may echo: this proxy's own (and Go's
-/// `QueryEscape`, JavaScript's `encodeURIComponent`), Python's `quote`
-/// (`/` left as it is), Java's `URLEncoder` (`-_.*` left), and everything
-/// but letters and digits. (An encoder that leaves `+`, `/` and `=` as
-/// they are, such as `encodeURI`, gives a key of those characters back
-/// raw, which is guarded anyway.)
-const ECHO_ENCODINGS: [&AsciiSet; 4] = [
+/// `QueryEscape`, Python's `quote(safe='')`), JavaScript's
+/// `encodeURIComponent` (`!'()*` left), Python's `quote` (`/` left),
+/// Java's `URLEncoder` (`-_.*` left), and everything but letters and
+/// digits; each also with a space as `+`. (An encoder that leaves `+`, `/`
+/// and `=` as they are, such as `encodeURI`, gives a key of those
+/// characters back raw, which is guarded anyway.)
+const ECHO_ENCODINGS: [&AsciiSet; 5] = [
     QUERY_VALUE,
+    &QUERY_VALUE
+        .remove(b'!')
+        .remove(b'\'')
+        .remove(b'(')
+        .remove(b')')
+        .remove(b'*'),
     &QUERY_VALUE.remove(b'/'),
     &NON_ALPHANUMERIC
         .remove(b'-')
@@ -686,5 +698,23 @@ mod tests {
             assert!(guard.contains_secret(form.as_bytes()), "{form}");
         }
         assert_eq!(lower_case_escapes("A%2BbC%3Dd"), "A%2bbC%3dd");
+
+        // A key with a space, `!'()*` and a non-ASCII letter.
+        let prepared = format
+            .prepare(&Secret::new("Ab c*!(x)'y+z/=é".to_owned()))
+            .unwrap();
+        let guard = prepared.redactor();
+        for form in [
+            // encodeURIComponent
+            "Ab%20c*!(x)'y%2Bz%2F%3D%C3%A9",
+            // Go's QueryEscape, Python's quote_plus
+            "Ab+c%2A%21%28x%29%27y%2Bz%2F%3D%C3%A9",
+            // Java's URLEncoder
+            "Ab+c*%21%28x%29%27y%2Bz%2F%3D%C3%A9",
+            // ... in lower-case hex
+            "Ab+c*%21%28x%29%27y%2bz%2f%3d%c3%a9",
+        ] {
+            assert!(guard.contains_secret(form.as_bytes()), "{form}");
+        }
     }
 }

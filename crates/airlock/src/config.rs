@@ -833,6 +833,15 @@ impl Config {
             );
         }
 
+        if let Some(path) = proxy.public_path() {
+            // Calls carry it: the rules of a call's path hold for it too.
+            airlock_core::path::validate(path).map_err(|e| {
+                err(
+                    "proxy.public_url",
+                    format!("its path {path:?} is not one airlock accepts in a call: {e}"),
+                )
+            })?;
+        }
         if let Some(first) = proxy.public_path().and_then(|p| p[1..].split('/').next()) {
             if providers.contains_key(first) {
                 return Err(err(

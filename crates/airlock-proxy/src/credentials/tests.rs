@@ -161,6 +161,7 @@ fn the_token_only_where_it_is_the_credential() {
         "key[]=x&key=y",
         "%20key=x&key=y",
         "+key=x&key=y",
+        "key%00=x&key=y",
     ] {
         assert!(
             check_query_auth(&q, Some(ambiguous)).is_err(),

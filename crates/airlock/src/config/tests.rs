@@ -230,6 +230,14 @@ fn bad_configs_name_file_key_and_reason() {
             "bad.toml: proxy.public_url: its path starts with /openai, a provider's name",
         ),
         (
+            "[proxy]\npublic_url = \"http://h/a/../gw\"",
+            "bad.toml: proxy.public_url: its path \"/a/../gw\" is not one airlock accepts in a call",
+        ),
+        (
+            "[proxy]\npublic_url = \"http://h/gw%2Fx\"",
+            "bad.toml: proxy.public_url: its path \"/gw%2Fx\" is not one airlock accepts in a call: path contains an encoded '/'",
+        ),
+        (
             "[proxy]\npublic_url = \"http://user:pw@h\"",
             "bad.toml: proxy.public_url: must not hold a user or password: it is handed to every \
              agent in its base URL",
