@@ -67,6 +67,9 @@ struct Audited {
     /// A frame read before the response head went out (see
     /// [`ProxyBody::prefetch`]), to be sent first.
     prefetched: Option<Frame<Bytes>>,
+    /// The trailers read by [`ProxyBody::gather`] after its data, to be
+    /// sent after [`Audited::prefetched`].
+    gathered_trailers: Option<Frame<Bytes>>,
     /// Set while [`ProxyBody::prefetch`] reads: a call cut short then is
     /// answered with airlock's own error, which its record must say.
     prefetching: bool,
@@ -293,6 +296,7 @@ impl ProxyBody {
             session_end,
             cut,
             prefetched: None,
+            gathered_trailers: None,
             prefetching: false,
             events,
         })))
@@ -317,26 +321,48 @@ impl ProxyBody {
         if audited.remaining.is_none() || audited.prefetched.is_some() {
             return Ok(());
         }
-        audited.prefetching = true;
-        let next = std::future::poll_fn(|cx| audited.poll_frame(cx)).await;
-        audited.prefetching = false;
-        match next {
-            Some(Ok(frame)) => {
-                audited.prefetched = Some(frame);
-                Ok(())
-            }
-            None => Ok(()),
-            Some(Err(e)) if e.is::<AuditError>() => Err(Withheld::AuditUnwritten),
-            Some(Err(e)) if e.is::<SessionEnded>() => Err(Withheld::SessionEnded),
-            Some(Err(_)) => Err(Withheld::UpstreamBroke),
+        if let Some(frame) = audited.read_ahead().await? {
+            audited.prefetched = Some(frame);
         }
+        Ok(())
+    }
+
+    /// For a body airlock may rewrite whole (see
+    /// [`ProxyBody::rewrite_whole`]), in place of [`ProxyBody::prefetch`]:
+    /// reads it to its end, or until more than `limit` bytes came, before
+    /// the response head goes out; what was read goes out first, as one
+    /// frame. Fails as [`ProxyBody::prefetch`].
+    pub(crate) async fn gather(&mut self, limit: usize) -> Result<(), Withheld> {
+        let Inner::Audited(audited) = &mut self.0 else {
+            return Ok(());
+        };
+        if audited.prefetched.is_some() {
+            return Ok(());
+        }
+        let mut data = bytes::BytesMut::new();
+        while data.len() <= limit && !matches!(audited.phase, Phase::Done) {
+            let Some(frame) = audited.read_ahead().await? else {
+                break;
+            };
+            match frame.into_data() {
+                Ok(chunk) => data.extend_from_slice(&chunk),
+                Err(trailers) => {
+                    audited.gathered_trailers = Some(trailers);
+                    break;
+                }
+            }
+        }
+        if !data.is_empty() {
+            audited.prefetched = Some(Frame::data(data.freeze()));
+        }
+        Ok(())
     }
 }
 
 impl ProxyBody {
-    /// When [`ProxyBody::prefetch`] read the whole body (one frame of a
-    /// body of known length, its record written), replaces it with what
-    /// `rewrite` makes of it, if anything; returns the new length.
+    /// When [`ProxyBody::gather`] (or [`ProxyBody::prefetch`]) read the
+    /// whole body (its record written), replaces it with what `rewrite`
+    /// makes of it, if anything; returns the new length.
     pub(crate) fn rewrite_whole(
         &mut self,
         rewrite: impl FnOnce(&[u8]) -> Option<Bytes>,
@@ -386,7 +412,9 @@ impl Body for ProxyBody {
         match &self.0 {
             Inner::Upstream(body) => body.is_end_stream(),
             Inner::Audited(audited) => {
-                audited.prefetched.is_none() && matches!(audited.phase, Phase::Done)
+                audited.prefetched.is_none()
+                    && audited.gathered_trailers.is_none()
+                    && matches!(audited.phase, Phase::Done)
             }
             Inner::Full(body) => body.is_end_stream(),
         }
@@ -404,6 +432,20 @@ impl Body for ProxyBody {
 // === impl Audited ===
 
 impl Audited {
+    /// The body's next frame, read before the response head goes out.
+    async fn read_ahead(&mut self) -> Result<Option<Frame<Bytes>>, Withheld> {
+        self.prefetching = true;
+        let next = std::future::poll_fn(|cx| self.poll_frame(cx)).await;
+        self.prefetching = false;
+        match next {
+            Some(Ok(frame)) => Ok(Some(frame)),
+            None => Ok(None),
+            Some(Err(e)) if e.is::<AuditError>() => Err(Withheld::AuditUnwritten),
+            Some(Err(e)) if e.is::<SessionEnded>() => Err(Withheld::SessionEnded),
+            Some(Err(_)) => Err(Withheld::UpstreamBroke),
+        }
+    }
+
     /// What is left to send: the prefetched frame and the rest of the body.
     fn size_hint(&self) -> SizeHint {
         let rest = self.body.size_hint();
@@ -426,6 +468,9 @@ impl Audited {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(frame) = self.prefetched.take() {
             return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(trailers) = self.gathered_trailers.take() {
+            return Poll::Ready(Some(Ok(trailers)));
         }
         loop {
             match &mut self.phase {

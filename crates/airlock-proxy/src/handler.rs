@@ -415,7 +415,15 @@ impl Proxy {
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"));
         let body = RedactingBody::new(body, redactor, RedactionFlag::default());
         let mut body = ProxyBody::audited(body, call, status, event_stream);
-        match body.prefetch().await {
+        // A batch answer whose `results_url` airlock may rewrite is read
+        // whole first (up to a bound), with or without a length.
+        let results_url = results_url.filter(|_| is_json(&parts.headers));
+        let read = if results_url.is_some() {
+            body.gather(REWRITE_AT_MOST).await
+        } else {
+            body.prefetch().await
+        };
+        match read {
             Ok(()) => {}
             // Fail-closed audit could not write the record (logged by the
             // body), before anything was sent.
@@ -436,17 +444,7 @@ impl Proxy {
             }
         }
         if let Some(results_url) = results_url {
-            let json = parts
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| {
-                    let v = v.as_bytes();
-                    v.starts_with(b"application/json")
-                        && matches!(v.get(16), None | Some(b';' | b' '))
-                });
-            if let Some(len) =
-                body.rewrite_whole(|whole| json.then(|| results_url.rewrite(whole)).flatten())
-            {
+            if let Some(len) = body.rewrite_whole(|whole| results_url.rewrite(whole)) {
                 parts
                     .headers
                     .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
@@ -751,6 +749,19 @@ impl Proxy {
             results_url,
         })
     }
+}
+
+/// Most of a batch answer read before its head goes out (see
+/// [`crate::results_url`]); a longer one goes on unchanged.
+const REWRITE_AT_MOST: usize = 1024 * 1024;
+
+/// Whether `headers` say `Content-Type: application/json` (parameters
+/// allowed).
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(b"application/json") && matches!(v.get(16), None | Some(b';' | b' '))
+    })
 }
 
 /// Whether a response carries a body the agent will read.

@@ -305,6 +305,18 @@ async fn a_batch_results_url_points_at_airlock() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[1].path(), "/v1/messages/batches/b1/results");
     assert_eq!(seen[1].header("x-api-key").unwrap(), ANTHROPIC_KEY);
+    // The same answer without a length, in two frames: read whole first.
+    let chunked_url = format!("{batch_url}-chunked");
+    let reply = request("GET", &chunked_url, &key, "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json()["results_url"].as_str().unwrap(),
+        format!("{chunked_url}/results")
+    );
+    assert_eq!(
+        reply.headers["content-length"].to_str().unwrap(),
+        reply.body.len().to_string()
+    );
 }
 
 #[tokio::test]

@@ -531,15 +531,28 @@ fn message_batch(path: &str, headers: &http::HeaderMap) -> Response<MockBody> {
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("mock.invalid");
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "id": rest,
-            "type": "message_batch",
-            "processing_status": "ended",
-            "results_url": format!("http://{host}/v1/messages/batches/{rest}/results"),
-        }),
-    )
+    let batch = json!({
+        "id": rest,
+        "type": "message_batch",
+        "processing_status": "ended",
+        "results_url": format!("http://{host}/v1/messages/batches/{rest}/results"),
+    });
+    if !rest.ends_with("-chunked") {
+        return json_response(StatusCode::OK, &batch);
+    }
+    // Without a length, in two frames, the URL split between them.
+    let text = batch.to_string();
+    let (first, second) = text.split_at(text.len() - 20);
+    let parts = vec![
+        Bytes::from(first.to_owned()),
+        Bytes::from(second.to_owned()),
+    ];
+    let mut response = Response::new(frames(stream::iter(parts)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// The request's `Authorization` value echoed, gzip-encoded whatever the
