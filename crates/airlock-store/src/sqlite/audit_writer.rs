@@ -81,11 +81,15 @@ impl AuditWriter {
     pub(super) async fn start(path: PathBuf) -> Result<Self> {
         let io_error = |e| StoreError::Database(sqlx::Error::Io(e));
         let watch = Arc::new(FileWatch::of(&path).map_err(io_error)?);
-        let checkpointer =
-            Checkpointer::start(path.clone(), Arc::clone(&watch)).map_err(io_error)?;
-        let opened = tokio::task::spawn_blocking(move || connect(&path))
-            .await
-            .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
+        let checkpoint_watch = Arc::clone(&watch);
+        // Both block: starting the checkpoint thread waits for it to run.
+        let (checkpointer, opened) = tokio::task::spawn_blocking(move || {
+            let checkpointer = Checkpointer::start(path.clone(), checkpoint_watch);
+            (checkpointer, connect(&path))
+        })
+        .await
+        .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
+        let checkpointer = checkpointer.map_err(io_error)?;
         let conn = opened.map_err(database_error)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(Some(Open {
