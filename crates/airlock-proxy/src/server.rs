@@ -42,6 +42,7 @@
 
 mod automatic;
 mod dormant;
+mod misdirected;
 mod sniff;
 
 use std::convert::Infallible;
@@ -75,6 +76,7 @@ use crate::websocket::Tunnel;
 use airlock_audit::Delivery;
 use automatic::Automatic;
 use dormant::Dormant;
+use misdirected::{Misdirection, MISDIRECTED};
 use sniff::{SharedVerdicts, Sniffer, Verdicts};
 
 /// Most concurrent HTTP/2 streams on one connection.
@@ -492,7 +494,7 @@ impl Worker {
                 let _slot = slot;
                 let _counted = counted;
                 match tls {
-                    None => conn.run(stream, peer, stop).await,
+                    None => conn.run(stream, peer, stop, Listener::Plain).await,
                     Some(acceptor) => {
                         let handshake =
                             tokio::time::timeout(conn.handshake_timeout, acceptor.accept(stream));
@@ -501,6 +503,9 @@ impl Worker {
                                 Ok(Ok(stream)) => stream,
                                 Ok(Err(e)) => {
                                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    if misdirected::not_tls(&e) {
+                                        MISDIRECTED.report(Misdirection::PlainOnTls, peer);
+                                    }
                                     return;
                                 }
                                 Err(_) => {
@@ -510,7 +515,7 @@ impl Worker {
                             },
                             () = stopped(stop.clone()) => return,
                         };
-                        conn.run(stream, peer, stop).await;
+                        conn.run(stream, peer, stop, Listener::Tls).await;
                     }
                 }
             });
@@ -569,6 +574,13 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
+/// Which kind of listener a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listener {
+    Plain,
+    Tls,
+}
+
 /// What every connection task needs.
 struct ConnSettings {
     builder: auto::Builder<TokioExecutor>,
@@ -607,8 +619,13 @@ impl ConnSettings {
 
     /// Serves one connection (plain TCP, or TLS after the handshake) until
     /// it ends, is idle too long, or shutdown asks it to finish.
-    async fn run<S>(&self, io: S, peer: std::net::SocketAddr, stop: watch::Receiver<bool>)
-    where
+    async fn run<S>(
+        &self,
+        io: S,
+        peer: std::net::SocketAddr,
+        stop: watch::Receiver<bool>,
+        listener: Listener,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let verdicts = SharedVerdicts::default();
@@ -621,6 +638,7 @@ impl ConnSettings {
         let busy = Arc::clone(&activity);
         let proxy = Arc::clone(&self.proxy);
         let calls = Arc::clone(&self.calls);
+        let opening = Arc::clone(&verdicts);
         // A WebSocket tunnel the connection's call opened, run below once
         // hyper has sent the 101 and let go of the connection.
         let switched: TunnelSlot = Arc::default();
@@ -665,6 +683,9 @@ impl ConnSettings {
         };
         if let Some(Err(e)) = ended {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+        if listener == Listener::Plain && Verdicts::opened_tls(&opening) {
+            MISDIRECTED.report(Misdirection::TlsOnPlain, peer);
         }
         let tunnel = switched
             .lock()

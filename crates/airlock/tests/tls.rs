@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use airlock_testkit::client::{raw, raw_status};
-use airlock_testkit::tls::{https_request, Leaf, Offer, TestCa, TlsConnection, TlsMockProvider};
+use airlock_testkit::tls::{
+    https_request, try_https_request, Leaf, Offer, TestCa, TlsConnection, TlsMockProvider,
+};
 use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
 use bytes::Bytes;
 use http::Version;
@@ -299,6 +301,78 @@ async fn http2_with_prior_knowledge_on_plain_tcp() {
     assert!(seen
         .iter()
         .all(|r| r.header("authorization").as_deref() == Some(&format!("Bearer {KEY}"))));
+}
+
+/// A client speaking TLS to the plain port, or plain HTTP to the TLS port,
+/// gets nothing it can use; the log tells the operator which mix-up it
+/// was, once a minute at most, and the listener goes on serving.
+#[tokio::test]
+async fn a_client_speaking_the_wrong_protocol_is_named_in_the_log() {
+    const TLS_ON_PLAIN: &str = "a client opened a TLS handshake on the plain-HTTP proxy listener";
+    const PLAIN_ON_TLS: &str = "a client spoke plain HTTP (or something else than TLS)";
+    let ca = TestCa::new("airlock test CA");
+    let mock = MockProvider::start().await;
+
+    let plain = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .provider("mock", &mock.url(), "bearer", KEY, "")
+        .start()
+        .await
+        .unwrap();
+    let https_url = plain.proxy_url().replace("http://", "https://");
+    for _ in 0..2 {
+        let tried = try_https_request(
+            ca.cert_pem(),
+            Offer::Both,
+            "GET",
+            &format!("{https_url}/mock/v1/models"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        assert!(
+            tried.is_err(),
+            "a TLS client got an answer from the plain port"
+        );
+    }
+    wait_for_output(&plain, TLS_ON_PLAIN, 0).await;
+    let token = token(&plain, &["mock"]).await;
+    let answer = raw(
+        &plain.proxy_url(),
+        format!(
+            "GET /mock/v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\
+             connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    let output = plain.output();
+    assert_eq!(output.matches(TLS_ON_PLAIN).count(), 1, "{output}");
+    assert!(!output.contains(PLAIN_ON_TLS), "{output}");
+    let line = output.lines().find(|l| l.contains(TLS_ON_PLAIN)).unwrap();
+    assert!(
+        line.contains("WARN") && line.contains("peer=127.0.0.1:"),
+        "{line}"
+    );
+
+    let files = Files::new(&ca.leaf("airlock.internal"));
+    let tls = files
+        .builder()
+        .provider("mock", &mock.url(), "bearer", KEY, "")
+        .start()
+        .await
+        .unwrap();
+    let plain_url = tls.proxy_url().replace("https://", "http://");
+    let answer = raw(
+        &plain_url,
+        b"GET /mock/v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 0, "{answer}");
+    wait_for_output(&tls, PLAIN_ON_TLS, 0).await;
+    assert!(!tls.output().contains(TLS_ON_PLAIN), "{}", tls.output());
+    // Only the plain call on the plain port reached the provider.
+    assert_eq!(mock.requests().len(), 1);
 }
 
 #[tokio::test]

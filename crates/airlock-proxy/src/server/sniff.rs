@@ -35,6 +35,8 @@ pub(crate) struct Verdicts {
     lost: bool,
     /// The connection speaks HTTP/2: nothing to follow.
     http2: bool,
+    /// The connection opened with a TLS handshake, not a request.
+    tls_handshake: bool,
 }
 
 /// The verdicts of one connection.
@@ -116,6 +118,16 @@ impl Verdicts {
     }
 }
 
+impl Verdicts {
+    /// Whether the connection opened with a TLS handshake.
+    pub(crate) fn opened_tls(shared: &SharedVerdicts) -> bool {
+        shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tls_handshake
+    }
+}
+
 // === impl Sniffer ===
 
 impl Sniffer {
@@ -166,6 +178,20 @@ impl Sniffer {
                     bytes = &bytes[1..];
                 }
                 State::Head => {
+                    if self.next == 0
+                        && !self.head.started
+                        && self.line.is_empty()
+                        && super::misdirected::opens_tls(bytes)
+                    {
+                        // Not HTTP at all: hyper refuses it; the server
+                        // tells the operator (see `misdirected`).
+                        self.verdicts
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .tls_handshake = true;
+                        self.lose(None);
+                        return;
+                    }
                     let (line, rest) = match memchr::memchr(b'\n', bytes) {
                         Some(end) => (&bytes[..end], Some(&bytes[end + 1..])),
                         None => (bytes, None),
