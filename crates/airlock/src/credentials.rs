@@ -106,8 +106,8 @@ impl Credentials {
         }
         // The sealed credentials opened: the key is theirs. One the store
         // remembers another key for is refused.
-        if let Some(key) = &credentials.master_key {
-            crate::key_check::master_key(credentials.store.as_ref(), key).await?;
+        if let (Some(key), Some(made)) = (&credentials.master_key, &created) {
+            crate::key_check::master_key(credentials.store.as_ref(), key, made).await?;
         }
         if let Some(created) = created {
             created.keep();

@@ -25,14 +25,17 @@ const AUDIT_KEY_CHECK: &str = "audit_key_check";
 const MASTER_KEY_CHECK: &str = "master_key_check";
 
 /// Refuses an audit key other than the one the store's trail was written
-/// with; stores this key's check value if none is there yet.
-pub async fn audit_key(store: &dyn Store, key: &AuditKey) -> anyhow::Result<()> {
+/// with; stores this key's check value if none is there yet. `made` is
+/// the key file this start created (the refusal then says the file was
+/// missing).
+pub async fn audit_key(store: &dyn Store, key: &AuditKey, made: &NewKeyFile) -> anyhow::Result<()> {
     let value = hex(&key.check_value());
     let mismatch = || {
         anyhow::anyhow!(
             "the audit key (AIRLOCK_AUDIT_KEY or [audit] key_file) is not the one this store's \
              audit trail was written with: records sealed with another key would never verify. \
-             Every replica, and every restart, must use the same audit key"
+             Every replica, and every restart, must use the same audit key{}",
+            made.missing_hint("AIRLOCK_AUDIT_KEY")
         )
     };
     if let Some(stored) = store.setting(AUDIT_KEY_CHECK).await? {
@@ -77,10 +80,27 @@ pub async fn audit_key(store: &dyn Store, key: &AuditKey) -> anyhow::Result<()> 
     }
 }
 
+/// Whether `key` is the audit key the store remembers (`None`: it holds no
+/// check value, a trail from before them or none at all). Reads only.
+pub async fn audit_key_remembered(
+    store: &dyn Store,
+    key: &AuditKey,
+) -> anyhow::Result<Option<bool>> {
+    let value = hex(&key.check_value());
+    Ok(store
+        .setting(AUDIT_KEY_CHECK)
+        .await?
+        .map(|stored| same(&stored, &value)))
+}
+
 /// Refuses a master key other than the one the store's credentials are
 /// sealed with; stores this key's check value if none is there yet (call
-/// it once the sealed credentials opened).
-pub async fn master_key(store: &dyn Store, key: &MasterKey) -> anyhow::Result<()> {
+/// it once the sealed credentials opened). `made` as for [`audit_key`].
+pub async fn master_key(
+    store: &dyn Store,
+    key: &MasterKey,
+    made: &NewKeyFile,
+) -> anyhow::Result<()> {
     let value = hex(&key.check_value());
     let stored = match store.setting(MASTER_KEY_CHECK).await? {
         Some(stored) => stored,
@@ -97,7 +117,8 @@ pub async fn master_key(store: &dyn Store, key: &MasterKey) -> anyhow::Result<()
             "the master key (AIRLOCK_MASTER_KEY or master_key_file) is not the one this store's \
              credentials are sealed with: a credential set with it could not be opened by the \
              other servers, nor one of theirs by it. Every replica, and every restart, must use \
-             the same master key"
+             the same master key{}",
+            made.missing_hint("AIRLOCK_MASTER_KEY")
         ))
     }
 }
@@ -117,6 +138,11 @@ mod tests {
 
     use super::*;
 
+    /// A key file this start did not create.
+    fn kept() -> NewKeyFile {
+        NewKeyFile::new(false, std::path::Path::new("unused"))
+    }
+
     async fn store() -> (tempfile::TempDir, std::sync::Arc<dyn Store>) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("a.db").display());
@@ -128,10 +154,12 @@ mod tests {
     async fn the_first_audit_key_is_remembered_and_another_refused() {
         let (_dir, store) = store().await;
         let key = AuditKey::new(&[7; 32]);
-        audit_key(store.as_ref(), &key).await.unwrap();
-        audit_key(store.as_ref(), &key).await.unwrap();
+        audit_key(store.as_ref(), &key, &kept()).await.unwrap();
+        audit_key(store.as_ref(), &key, &kept()).await.unwrap();
         let other = AuditKey::new(&[8; 32]);
-        let refused = audit_key(store.as_ref(), &other).await.unwrap_err();
+        let refused = audit_key(store.as_ref(), &other, &kept())
+            .await
+            .unwrap_err();
         assert!(
             refused
                 .to_string()
@@ -156,20 +184,22 @@ mod tests {
         let heads = store.audit_heads().await.unwrap();
         assert_eq!(heads[0].seal, genesis);
         let other = AuditKey::new(&[8; 32]);
-        assert!(audit_key(store.as_ref(), &other).await.is_err());
+        assert!(audit_key(store.as_ref(), &other, &kept()).await.is_err());
         assert_eq!(store.setting(AUDIT_KEY_CHECK).await.unwrap(), None);
-        audit_key(store.as_ref(), &key).await.unwrap();
-        assert!(audit_key(store.as_ref(), &other).await.is_err());
+        audit_key(store.as_ref(), &key, &kept()).await.unwrap();
+        assert!(audit_key(store.as_ref(), &other, &kept()).await.is_err());
     }
 
     #[tokio::test]
     async fn the_first_master_key_is_remembered_and_another_refused() {
         let (_dir, store) = store().await;
         let key = MasterKey::new(airlock_core::seal::KeyBytes::from_array([1; 32]));
-        master_key(store.as_ref(), &key).await.unwrap();
-        master_key(store.as_ref(), &key).await.unwrap();
+        master_key(store.as_ref(), &key, &kept()).await.unwrap();
+        master_key(store.as_ref(), &key, &kept()).await.unwrap();
         let other = MasterKey::new(airlock_core::seal::KeyBytes::from_array([2; 32]));
-        let refused = master_key(store.as_ref(), &other).await.unwrap_err();
+        let refused = master_key(store.as_ref(), &other, &kept())
+            .await
+            .unwrap_err();
         assert!(
             refused
                 .to_string()
@@ -196,6 +226,18 @@ impl NewKeyFile {
     /// The store took the key: the file stays.
     pub fn keep(mut self) {
         self.0 = None;
+    }
+
+    /// For a refused key: that its file was missing and what to do, when
+    /// this start created it; empty otherwise.
+    fn missing_hint(&self, variable: &str) -> String {
+        self.0.as_ref().map_or_else(String::new, |file| {
+            format!(
+                ". {} did not exist, so this start made a new key (removed again): put back the \
+                 key file this store was written with, or set {variable} to that key",
+                crate::paths::absolute(file).display()
+            )
+        })
     }
 }
 

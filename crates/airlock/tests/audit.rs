@@ -1417,13 +1417,32 @@ async fn serve_refuses_an_audit_key_other_than_the_trails() {
         "{refused}"
     );
     assert!(!refused.contains("no credential available"), "{refused}");
+    // A start with the right key does not mention a missing file.
+    assert!(!refused.contains("did not exist"), "{refused}");
     let mut again = start("ab".repeat(32)).await.unwrap();
     again.terminate().await.unwrap();
-    let verified = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(["audit", "verify"])
-        .current_dir(dir.path())
-        .env("AIRLOCK_AUDIT_KEY", "ab".repeat(32))
-        .output()
-        .unwrap();
+    let verify = |key: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args(["audit", "verify"])
+            .current_dir(dir.path())
+            .env("AIRLOCK_AUDIT_KEY", key)
+            .output()
+            .unwrap()
+    };
+    let verified = verify("ab".repeat(32));
     assert!(verified.status.success(), "{verified:?}");
+    // With another key every record would look forged: the store knows
+    // the trail's key, so that is a misconfiguration (exit 2), not
+    // tampering (exit 1).
+    let wrong = verify("cd".repeat(32));
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(2), "{wrong:?}");
+    assert!(
+        said.contains(
+            "the audit key (AIRLOCK_AUDIT_KEY or [audit] key_file) is not the one this store's \
+             audit trail was written with, so nothing was verified"
+        ),
+        "{said}"
+    );
+    assert!(wrong.stdout.is_empty(), "{wrong:?}");
 }

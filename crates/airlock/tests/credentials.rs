@@ -685,6 +685,21 @@ async fn a_start_refused_for_a_new_key_leaves_no_key_file_behind() {
         std::fs::rename(&file, &saved).unwrap();
         let refused = start().await.unwrap_err().to_string();
         assert!(refused.contains("is not the one this store"), "{refused}");
+        // The refusal says why: the file was missing, and what to do.
+        let variable = if name.contains("master") {
+            "AIRLOCK_MASTER_KEY"
+        } else {
+            "AIRLOCK_AUDIT_KEY"
+        };
+        assert!(
+            refused.contains(&format!(
+                "{}{}{name} did not exist, so this start made a new key (removed again): put \
+                 back the key file this store was written with, or set {variable} to that key",
+                dir.path().canonicalize().unwrap().display(),
+                std::path::MAIN_SEPARATOR
+            )),
+            "{refused}"
+        );
         assert!(
             !file.exists(),
             "{name}: the file the refused start created was left behind"

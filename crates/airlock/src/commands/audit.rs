@@ -75,6 +75,17 @@ async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>
 async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
     let key = audit_key::load_existing(&config.audit, &config.store_url)?;
     let store = open_store(config).await?;
+    // Another key than the trail's would find every record forged: a
+    // misconfiguration (exit 2), which the store's check value tells.
+    let remembered = crate::key_check::audit_key_remembered(store.as_ref(), &key).await;
+    if !matches!(remembered, Ok(Some(true) | None)) {
+        store.close().await;
+        remembered.context("reading the audit key's check value")?;
+        anyhow::bail!(
+            "the audit key (AIRLOCK_AUDIT_KEY or [audit] key_file) is not the one this store's \
+             audit trail was written with, so nothing was verified: use the servers' audit key"
+        );
+    }
     let verified = verify_store(store.as_ref(), &key).await;
     store.close().await;
     let verified = verified.context("reading the audit trail")?;

@@ -517,7 +517,7 @@ async fn load_audit_key(
         return Ok(None);
     }
     let (key, created) = audit_key::load_or_create(&config.audit, &config.store_url)?;
-    crate::key_check::audit_key(store, &key).await?;
+    crate::key_check::audit_key(store, &key, &created).await?;
     created.keep();
     Ok(Some(Arc::new(key)))
 }
