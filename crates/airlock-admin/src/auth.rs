@@ -5,9 +5,9 @@
 //! the logs without flooding them.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use airlock_core::spaced::Spaced;
 use airlock_core::TokenHash;
 use airlock_session::now_ms;
 use axum::extract::{ConnectInfo, Request, State};
@@ -54,10 +54,8 @@ struct FailureLabels {
 pub struct AuthFailures {
     missing: Counter,
     invalid: Counter,
-    /// When the last warning was logged (ms since the epoch; 0: never).
-    last_logged_ms: AtomicI64,
-    /// Refusals since the last warning, not yet reported.
-    unreported: AtomicU64,
+    /// When the next warning is due, and the refusals it reports.
+    warnings: Spaced,
 }
 
 impl AuthFailures {
@@ -80,8 +78,7 @@ impl AuthFailures {
         Self {
             missing: counter(Failure::Missing),
             invalid: counter(Failure::Invalid),
-            last_logged_ms: AtomicI64::new(0),
-            unreported: AtomicU64::new(0),
+            warnings: Spaced::new(LOG_EVERY_MS),
         }
     }
 
@@ -90,19 +87,9 @@ impl AuthFailures {
             Failure::Missing => self.missing.inc(),
             Failure::Invalid => self.invalid.inc(),
         };
-        self.unreported.fetch_add(1, Ordering::Relaxed);
-        let last = self.last_logged_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now_ms.saturating_sub(last) >= LOG_EVERY_MS;
-        // One caller wins the right to log this period.
-        if !due
-            || self
-                .last_logged_ms
-                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        let Some(refused) = self.warnings.count(now_ms) else {
             return;
-        }
-        let refused = self.unreported.swap(0, Ordering::Relaxed);
+        };
         let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
         tracing::warn!(
             %peer,
@@ -162,20 +149,15 @@ mod tests {
         let failures = AuthFailures::register(&mut registry);
         let start = 1_800_000_000_000;
         failures.record(Failure::Invalid, None, start);
-        assert_eq!(failures.last_logged_ms.load(Ordering::Relaxed), start);
         for i in 1..=5 {
             failures.record(Failure::Invalid, None, start + i);
         }
         failures.record(Failure::Missing, None, start + 6);
-        // Within the period: no new warning, the refusals wait to be told.
-        assert_eq!(failures.last_logged_ms.load(Ordering::Relaxed), start);
-        assert_eq!(failures.unreported.load(Ordering::Relaxed), 6);
-        failures.record(Failure::Invalid, None, start + LOG_EVERY_MS);
-        assert_eq!(
-            failures.last_logged_ms.load(Ordering::Relaxed),
-            start + LOG_EVERY_MS
-        );
-        assert_eq!(failures.unreported.load(Ordering::Relaxed), 0);
-        assert_eq!(failures.counts(), (1, 7));
+        assert_eq!(failures.counts(), (1, 6));
+        // Within the period no warning is due; the next one, a period
+        // after the first, reports the refusals since (the six above and
+        // its own).
+        assert_eq!(failures.warnings.count(start + LOG_EVERY_MS - 1), None);
+        assert_eq!(failures.warnings.count(start + LOG_EVERY_MS), Some(8));
     }
 }

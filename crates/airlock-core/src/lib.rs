@@ -21,6 +21,7 @@ pub mod path;
 pub mod rule;
 pub mod seal;
 pub mod secret;
+pub mod spaced;
 pub mod token;
 
 pub use limits::Limits;

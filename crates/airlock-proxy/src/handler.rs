@@ -141,6 +141,13 @@ impl Proxy {
         (proxy, delivery)
     }
 
+    /// Counts a connection refused at `proxy.max_connections` (answered 503
+    /// `overloaded` before any request was read) under `_unknown`.
+    pub(crate) fn count_refused_connection(&self) {
+        self.unknown_provider
+            .record_refusal(crate::error::ErrorCode::Overloaded);
+    }
+
     /// Closes this worker's idle upstream connections, every provider's:
     /// what a worker does when it runs out of descriptors (a failed accept
     /// or upstream connect), since pooled connections beyond one per proxy

@@ -125,6 +125,14 @@ impl ProviderMetrics {
         self.latency.observe(seconds);
     }
 
+    /// Counts one refusal answered before any request was read (a
+    /// connection over `proxy.max_connections`): no latency to observe.
+    pub fn record_refusal(&self, code: ErrorCode) {
+        if let Some(counter) = self.decisions.get(1 + code.index()) {
+            counter.inc();
+        }
+    }
+
     /// Counts one call whose agent went away before airlock answered it.
     pub fn record_aborted(&self) {
         if let Some(counter) = self.decisions.last() {

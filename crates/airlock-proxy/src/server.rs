@@ -74,6 +74,7 @@ use crate::in_flight::{Entered, InFlightCount};
 use crate::tls::ServerTls;
 use crate::websocket::Tunnel;
 use airlock_audit::Delivery;
+use airlock_core::spaced::Spaced;
 use automatic::Automatic;
 use dormant::Dormant;
 use misdirected::{Misdirection, MISDIRECTED};
@@ -90,6 +91,9 @@ const CUT_GRACE: Duration = Duration::from_secs(2);
 /// At the drain's end, how long open WebSocket tunnels may take to close
 /// (their close handshakes, then their records) before they are cut.
 const TUNNEL_GOODBYE: Duration = Duration::from_secs(2);
+/// Connections refused at `max_connections`, warned about once a minute.
+static FULL: Spaced = Spaced::new(60_000);
+
 /// The body of the answer to a connection over `max_connections`.
 const OVERLOADED: &str = r#"{"error":{"type":"api_error","code":"overloaded","message":"too many open connections (proxy.max_connections)"}}"#;
 
@@ -437,7 +441,20 @@ impl Worker {
                     Ok((stream, peer)) => {
                         accept_errors.accepted();
                         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                            tracing::debug!(%peer, "connection refused: proxy.max_connections reached");
+                            conn.proxy.count_refused_connection();
+                            if let Some(refused) = FULL.count(airlock_session::now_ms()) {
+                                tracing::warn!(
+                                    %peer,
+                                    refused,
+                                    max_connections = settings.max_connections,
+                                    "proxy.max_connections ({}) open: a new \
+                                     connection was answered 503 overloaded and closed ({refused} \
+                                     since the last such warning; at most one a minute); raise \
+                                     proxy.max_connections, or the open files limit it was lowered \
+                                     to at start",
+                                    settings.max_connections
+                                );
+                            }
                             if settings.tls.is_none() {
                                 crate::descriptors::refuse_connection(&stream, OVERLOADED);
                             }

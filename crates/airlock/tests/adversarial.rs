@@ -949,10 +949,26 @@ async fn connections_over_the_limit_are_refused_and_slots_come_back() {
     let addr = hostile::authority(&env.airlock.proxy_url()).to_owned();
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(TcpStream::connect(&addr).await.unwrap());
+        // A call answered on it: the connection is accepted and holds its
+        // slot (kept alive).
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&answer).ends_with("}}") {
+            let n = tokio::time::timeout(CASE_LIMIT, stream.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 404 "));
+        held.push(stream);
     }
-    // Make sure airlock has accepted all four (a slot is taken at accept).
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut extra = exchange(
         &env.airlock.proxy_url(),
         b"GET /openai/v1/models/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
@@ -968,6 +984,18 @@ async fn connections_over_the_limit_are_refused_and_slots_come_back() {
     }
     assert!(extra.closes_within(Duration::from_secs(2)).await);
     assert_eq!(env.mock.request_count(), 0);
+    // The refusal shows: counted (under `_unknown`: no request was read)
+    // and warned about.
+    let (_, metrics) = env.airlock.admin("GET", "/metrics", None).await.unwrap();
+    let metrics = metrics.as_str().unwrap().to_owned();
+    let line = "airlock_proxy_calls_total{provider=\"_unknown\",decision=\"overloaded\"} 1";
+    assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    let warning = "proxy.max_connections (4) open: a new connection was answered 503 overloaded";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env.airlock.output().contains(warning) {
+        assert!(Instant::now() < deadline, "{}", env.airlock.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Freed slots are usable again.
     drop(held);
     let started = Instant::now();

@@ -7,15 +7,15 @@
 //! connections since the last one, so that a scanner cannot flood it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use airlock_core::spaced::Spaced;
 use airlock_session::now_ms;
 
 /// Shortest time between two warnings.
 const LOG_EVERY_MS: i64 = 60_000;
 
 /// The process's count of misdirected connections and when it last warned.
-pub(super) static MISDIRECTED: Misdirected = Misdirected::new();
+pub(super) static MISDIRECTED: Misdirected = Misdirected(Spaced::new(LOG_EVERY_MS));
 
 /// Which protocol mix-up a connection showed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,24 +27,12 @@ pub(super) enum Misdirection {
 }
 
 /// Misdirected connections: counted, and warned about at a bounded rate.
-pub(super) struct Misdirected {
-    /// When the last warning was logged (ms since the epoch; 0: never).
-    last_logged_ms: AtomicI64,
-    /// Connections since the last warning, not yet reported.
-    unreported: AtomicU64,
-}
+pub(super) struct Misdirected(Spaced);
 
 impl Misdirected {
-    const fn new() -> Self {
-        Self {
-            last_logged_ms: AtomicI64::new(0),
-            unreported: AtomicU64::new(0),
-        }
-    }
-
     /// Logs `what` from `peer`, if a warning is due.
     pub(super) fn report(&self, what: Misdirection, peer: SocketAddr) {
-        let Some(seen) = self.count(now_ms()) else {
+        let Some(seen) = self.0.count(now_ms()) else {
             return;
         };
         match what {
@@ -64,24 +52,6 @@ impl Misdirected {
                  last such warning; at most one warning a minute)"
             ),
         }
-    }
-
-    /// Counts one connection at `now_ms`; the connections to report when a
-    /// warning is due now.
-    fn count(&self, now_ms: i64) -> Option<u64> {
-        self.unreported.fetch_add(1, Ordering::Relaxed);
-        let last = self.last_logged_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now_ms.saturating_sub(last) >= LOG_EVERY_MS;
-        // One caller wins the right to warn this period.
-        if !due
-            || self
-                .last_logged_ms
-                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return None;
-        }
-        Some(self.unreported.swap(0, Ordering::Relaxed))
     }
 }
 
@@ -109,17 +79,6 @@ pub(super) fn not_tls(error: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn warnings_are_spaced_and_count_what_they_did_not_report() {
-        let misdirected = Misdirected::new();
-        let t0 = 1_700_000_000_000;
-        assert_eq!(misdirected.count(t0), Some(1));
-        assert_eq!(misdirected.count(t0 + 1), None);
-        assert_eq!(misdirected.count(t0 + LOG_EVERY_MS - 1), None);
-        assert_eq!(misdirected.count(t0 + LOG_EVERY_MS), Some(3));
-        assert_eq!(misdirected.count(t0 + LOG_EVERY_MS + 5), None);
-    }
 
     #[test]
     fn a_tls_record_header_is_told_from_a_request_line() {
