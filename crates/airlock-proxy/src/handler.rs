@@ -321,7 +321,13 @@ impl Proxy {
                 return Err(denial);
             }
         };
-        if let Err(denial) = self.admit(&session).await {
+        let limits = self.admit(&session).await;
+        // A call with `max_requests` may have waited for its lease to be
+        // refilled (a store round trip, here or in `authenticate`): a
+        // session that ended meanwhile sends nothing more upstream, and
+        // what it tried counts as no denial.
+        airlock_session::still_active(&session, now_ms()).map_err(auth_denial)?;
+        if let Err(denial) = limits {
             // A 429 is the session's doing; a store out of reach is not.
             if denial.code() == ErrorCode::RateLimited {
                 self.count_denied(&session).await;
@@ -538,10 +544,7 @@ impl Proxy {
         self.registry
             .authenticate(token, now_ms())
             .await
-            .map_err(|e| match e {
-                AuthError::StoreUnavailable => store_unavailable(),
-                other => Denial::new(ErrorCode::InvalidToken, other.to_string()),
-            })
+            .map_err(auth_denial)
     }
 
     /// Path (400), scope (403) and limits (429), in that order.
@@ -886,6 +889,14 @@ fn audit_unavailable() -> Response<ProxyBody> {
         "the audit trail cannot be written; calls are refused until it can",
     )
     .into_response()
+}
+
+/// The answer to a token refused: 401, or 503 when the store is out of reach.
+fn auth_denial(error: AuthError) -> Denial {
+    match error {
+        AuthError::StoreUnavailable => store_unavailable(),
+        other => Denial::new(ErrorCode::InvalidToken, other.to_string()),
+    }
 }
 
 /// The part of the request path after `/{provider}`; `/` when nothing follows.

@@ -147,6 +147,19 @@ pub enum AuthError {
     StoreUnavailable,
 }
 
+/// `Ok` while `session` is active at `now_ms`; otherwise why its token is
+/// refused. Checked when a call is authenticated and again after anything
+/// the call waited for (a lease refill is a store round trip, during which
+/// the session may be revoked or expire).
+pub fn still_active(session: &LiveSession, now_ms: i64) -> Result<(), AuthError> {
+    match session.state(now_ms) {
+        SessionState::Active => Ok(()),
+        SessionState::Expired => Err(AuthError::Expired),
+        SessionState::Revoked if session.reached_max_denied() => Err(AuthError::RevokedMaxDenied),
+        SessionState::Revoked => Err(AuthError::Revoked),
+    }
+}
+
 /// Errors from registry operations that touch the store.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -348,17 +361,9 @@ impl Registry {
                 session
             }
         };
-        match session.state(now_ms) {
-            SessionState::Active => {
-                self.ensure_lease(&session).await?;
-                Ok(session)
-            }
-            SessionState::Expired => Err(AuthError::Expired),
-            SessionState::Revoked if session.reached_max_denied() => {
-                Err(AuthError::RevokedMaxDenied)
-            }
-            SessionState::Revoked => Err(AuthError::Revoked),
-        }
+        still_active(&session, now_ms)?;
+        self.ensure_lease(&session).await?;
+        Ok(session)
     }
 
     /// Makes sure a session leasing `max_requests` from a shared store has

@@ -715,6 +715,67 @@ async fn max_denied_revokes_the_session() {
     assert_eq!(view["calls"], json!({"allowed": 1, "denied": 2}));
 }
 
+/// Calls that waited for their session's `max_requests` lease (a store
+/// round trip) while another call's denial revoked the session send
+/// nothing upstream: the session's state is read again after the wait
+/// (round 26: every one of them went to the provider after the
+/// revocation). One HTTP/2 connection, so the calls queue for the lease
+/// in the order they were sent: the out-of-scope one first.
+#[tokio::test]
+async fn calls_waiting_for_a_lease_stop_when_the_session_is_revoked_meanwhile() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+
+    let s = setup().await;
+    let (id, token) = session(
+        &s.airlock,
+        chat_scope(),
+        json!({"max_requests": 50, "max_denied": 1}),
+    )
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let base = s.airlock.proxy_url();
+    let send = |method: &str, path: &str| {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("{base}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let response = client.request(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    // The connection first, with a call no session is asked about.
+    let (status, _) = send("GET", "/no-such-provider/x").await;
+    assert_eq!(status, 404);
+    let mut calls = vec![Box::pin(send("POST", "/openai/v1/files"))];
+    for _ in 0..20 {
+        calls.push(Box::pin(send("POST", "/openai/v1/chat/completions")));
+    }
+    let answers = futures_util::future::join_all(calls).await;
+    assert_eq!(answers[0].0, 403, "{:?}", answers[0]);
+    for (status, body) in &answers[1..] {
+        assert_eq!(*status, 401, "{body}");
+        assert!(body.contains("reached its max_denied limit"), "{body}");
+    }
+    assert_eq!(s.mock.request_count(), 0);
+    let (_, view) = s
+        .airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(view["revoked_reason"], "max_denied");
+    assert_eq!(view["calls"]["denied"], 1, "{view}");
+}
+
 #[tokio::test]
 async fn sse_events_arrive_as_the_provider_sends_them() {
     use futures_util::StreamExt;
