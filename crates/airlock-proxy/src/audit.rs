@@ -4,7 +4,8 @@
 //! call goes through its stages. It is finished exactly once: when airlock
 //! answers itself, when the provider's response ends, or — if the call is
 //! dropped before either (the agent went away) — on drop, flagged
-//! `client_aborted`. Finishing logs the call's one `info` line (target
+//! `client_aborted` (decision `allow` once the request was on its way to
+//! the provider, `client_aborted` before). Finishing logs the call's one `info` line (target
 //! `airlock::call`) and submits the record to the audit trail.
 
 use std::borrow::Cow;
@@ -139,6 +140,16 @@ impl CallRecord {
         self.session
             .as_ref()
             .is_some_and(|s| s.state(now_ms()) != SessionState::Active)
+    }
+
+    /// Every check passed and the request is on its way to the provider:
+    /// the call is "allowed" from here on, also if the agent leaves before
+    /// the answer (the record then says `allow` and `client_aborted`, never
+    /// that the call stopped before the provider saw anything).
+    pub(crate) fn set_sending(&mut self) {
+        if let Some(r) = &mut self.record {
+            r.decision = Cow::Borrowed("allow");
+        }
     }
 
     /// The provider answered with `status`; the call is now "allowed".

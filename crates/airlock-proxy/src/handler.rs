@@ -642,6 +642,7 @@ impl Proxy {
         let body = RequestBody::new(body, Arc::clone(&counted), limit);
         let upstream_req = Request::from_parts(parts, body);
 
+        call.set_sending();
         let sent = tokio::time::Instant::now();
         let send = async {
             if admitted.websocket {
