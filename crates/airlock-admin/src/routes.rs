@@ -124,13 +124,17 @@ async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: 200 while serving, 503 while starting or draining. Like
-/// `/healthz`, it needs no admin token.
+/// Readiness: 200 while serving, 503 while starting or draining, while a
+/// fail-closed audit trail cannot be written, and while a shared session
+/// store has been out of reach for longer than `max_staleness` (every call
+/// is refused then). Like `/healthz`, it needs no admin token.
 async fn readyz(State(state): Shared) -> Response {
     let status = if !state.ready.load(std::sync::atomic::Ordering::SeqCst) {
         "draining"
     } else if !(state.calls_admitted)() {
         "audit_unavailable"
+    } else if !state.registry.can_vouch() {
+        "store_unavailable"
     } else {
         return (StatusCode::OK, Json(json!({"status": "ready"}))).into_response();
     };

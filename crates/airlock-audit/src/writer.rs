@@ -221,11 +221,13 @@ impl Writer {
                     let reason = e.to_string();
                     self.answer(|| Err(AuditError::Write(reason.clone())));
                     // Kept for later only when they surely were not written:
-                    // SQLite rolls a failed commit back, and a conflict is
-                    // decided before anything is written. Another store's
+                    // SQLite rolls a failed commit back, a conflict is
+                    // decided before anything is written, and a store that
+                    // could not be reached was sent nothing. Another store's
                     // error may come after its commit (a lost answer): sent
                     // again, they could be there twice.
-                    let not_written = (self.inline || matches!(e, StoreError::ChainConflict(_)))
+                    let not_written = (self.inline
+                        || matches!(e, StoreError::ChainConflict(_) | StoreError::Unreachable(_)))
                         && !matches!(e, StoreError::InvalidBatch(_));
                     if not_written {
                         self.keep_unwritten(late);

@@ -124,6 +124,9 @@ impl EventBoundary {
 enum Ending {
     /// The session was revoked or expired.
     SessionEnded,
+    /// The session store (shared) has been out of reach for longer than
+    /// `max_staleness`: a revocation may not have reached this process.
+    StoreUnavailable,
     /// Shutdown's drain ended with the stream still running.
     ShuttingDown,
 }
@@ -132,6 +135,7 @@ impl Ending {
     fn code(self) -> ErrorCode {
         match self {
             Self::SessionEnded => ErrorCode::InvalidToken,
+            Self::StoreUnavailable => ErrorCode::StoreUnavailable,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
         }
     }
@@ -139,6 +143,10 @@ impl Ending {
     fn message(self) -> &'static str {
         match self {
             Self::SessionEnded => "the session was revoked or expired during the stream",
+            Self::StoreUnavailable => {
+                "airlock lost its session store for longer than store.max_staleness and cut the \
+                 stream: it cannot tell whether the session was revoked"
+            }
             Self::ShuttingDown => "airlock is shutting down and cut the stream",
         }
     }
@@ -146,7 +154,7 @@ impl Ending {
     fn flags(self) -> Flags {
         match self {
             Self::SessionEnded => Flags::INCOMPLETE.union(Flags::SESSION_ENDED),
-            Self::ShuttingDown => Flags::INCOMPLETE,
+            Self::StoreUnavailable | Self::ShuttingDown => Flags::INCOMPLETE,
         }
     }
 
@@ -154,6 +162,7 @@ impl Ending {
     fn error(self) -> BoxError {
         match self {
             Self::SessionEnded => Box::new(SessionEnded),
+            Self::StoreUnavailable => Box::new(StoreOutOfReach),
             Self::ShuttingDown => Box::new(CutByShutdown),
         }
     }
@@ -209,6 +218,12 @@ pub struct RequestBody {
 #[error("the session was revoked or expired during the response")]
 pub struct SessionEnded;
 
+/// A response cut short because the session store was out of reach for
+/// longer than `store.max_staleness`.
+#[derive(Debug, thiserror::Error)]
+#[error("the session store was out of reach for too long during the response")]
+pub struct StoreOutOfReach;
+
 /// A response cut short by the end of shutdown's drain.
 #[derive(Debug, thiserror::Error)]
 #[error("airlock is shutting down and cut the response")]
@@ -221,6 +236,9 @@ pub(crate) enum Withheld {
     AuditUnwritten,
     /// The session was revoked or expired before the answer went out.
     SessionEnded,
+    /// The session store was out of reach for longer than
+    /// `store.max_staleness` before the answer went out.
+    StoreUnavailable,
     /// The provider's body broke off before its first byte.
     UpstreamBroke,
 }
@@ -442,6 +460,7 @@ impl Audited {
             None => Ok(None),
             Some(Err(e)) if e.is::<AuditError>() => Err(Withheld::AuditUnwritten),
             Some(Err(e)) if e.is::<SessionEnded>() => Err(Withheld::SessionEnded),
+            Some(Err(e)) if e.is::<StoreOutOfReach>() => Err(Withheld::StoreUnavailable),
             Some(Err(_)) => Err(Withheld::UpstreamBroke),
         }
     }
@@ -520,7 +539,8 @@ impl Audited {
                         .as_mut()
                         .is_some_and(|watch| watch.poll_ended(cx).is_ready());
                     if ended {
-                        return Poll::Ready(Some(self.end_early(Ending::SessionEnded)));
+                        let why = self.session_ending();
+                        return Poll::Ready(Some(self.end_early(why)));
                     }
                     let cut = self
                         .cut
@@ -534,6 +554,9 @@ impl Audited {
             };
             if self.call.session_ended() {
                 return Poll::Ready(Some(self.end_early(Ending::SessionEnded)));
+            }
+            if self.call.session().is_some_and(|s| s.unvouched()) {
+                return Poll::Ready(Some(self.end_early(Ending::StoreUnavailable)));
             }
             match frame {
                 Some(Ok(frame)) => {
@@ -564,6 +587,16 @@ impl Audited {
                     return Poll::Ready(Some(Err(e.into())));
                 }
             }
+        }
+    }
+
+    /// Why the session's watch fired: it ended, or the store is out of
+    /// reach (the session still looks active).
+    fn session_ending(&self) -> Ending {
+        if self.call.session().is_some_and(|s| s.is_active_now()) {
+            Ending::StoreUnavailable
+        } else {
+            Ending::SessionEnded
         }
     }
 

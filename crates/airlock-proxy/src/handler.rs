@@ -448,6 +448,7 @@ impl Proxy {
                 )
                 .into_response()
             }
+            Err(Withheld::StoreUnavailable) => return store_unavailable().into_response(),
             Err(Withheld::UpstreamBroke) => {
                 return Denial::new(
                     ErrorCode::UpstreamError,
@@ -703,6 +704,12 @@ impl Proxy {
                     ErrorCode::InvalidToken,
                     "the session was revoked or expired during the call",
                 ));
+            }
+            Err(HeadWait::StoreUnavailable) => {
+                // As above: a revocation elsewhere may not have reached
+                // this process.
+                call.flag(Flags::INCOMPLETE);
+                return Err(store_unavailable());
             }
             Ok(Err(_)) if counted.load(Ordering::Relaxed) > limit => {
                 // The provider saw the head and part of the body before
@@ -964,6 +971,9 @@ enum HeadWait {
     TimedOut,
     /// The session was revoked or expired.
     SessionEnded,
+    /// The session store has been out of reach for longer than
+    /// `store.max_staleness`: the session cannot be vouched for.
+    StoreUnavailable,
     /// Shutdown's drain ended; the call is counted until it has answered.
     Cut(Waiting),
 }
@@ -982,13 +992,20 @@ async fn head_or_end<F: std::future::Future>(
     }
     // Listening from here on; an end before it is read off the session.
     let mut watch = airlock_session::EndWatch::new(session);
-    if session.state(now_ms()) != airlock_session::SessionState::Active {
-        return Err(HeadWait::SessionEnded);
+    let ended = || {
+        if session.is_active_now() {
+            HeadWait::StoreUnavailable
+        } else {
+            HeadWait::SessionEnded
+        }
+    };
+    if !session.is_active_now() || session.unvouched() {
+        return Err(ended());
     }
     tokio::select! {
         biased;
         answer = send.as_mut() => Ok(answer),
-        () = std::future::poll_fn(|cx| watch.poll_ended(cx)) => Err(HeadWait::SessionEnded),
+        () = std::future::poll_fn(|cx| watch.poll_ended(cx)) => Err(ended()),
         () = tokio::time::sleep_until(deadline) => Err(HeadWait::TimedOut),
         () = cut.started() => Err(HeadWait::Cut(waiting)),
     }

@@ -36,7 +36,9 @@
 //!
 //! On shutdown the listener is closed at once (new connections are
 //! refused), open connections are told to finish (HTTP/1.1: after the call
-//! in flight; HTTP/2: GOAWAY, streams in flight go on), and whatever still
+//! in flight; HTTP/2: GOAWAY, streams in flight go on; one without a call
+//! in flight gets a second, so a request head that never completes does
+//! not hold the drain), and whatever still
 //! runs after `drain_timeout` is cut; WebSocket tunnels first get a moment
 //! ([`TUNNEL_GOODBYE`]) to send their close frames (1001) both ways.
 
@@ -690,6 +692,13 @@ impl ConnSettings {
             ending = watchers => {
                 connection.as_mut().graceful_shutdown();
                 match ending {
+                    // No call in flight: nothing to drain. A request head
+                    // still coming in (a slow or stalled client) would
+                    // otherwise hold the drain until header_read_timeout;
+                    // it reached nothing, and its client may send it again.
+                    Ending::Shutdown if tunnel_activity.in_flight.load(Ordering::Acquire) == 0 => {
+                        tokio::time::timeout(IDLE_GRACE, connection.as_mut()).await.ok()
+                    }
                     Ending::Shutdown => Some(connection.as_mut().await),
                     Ending::Idle => {
                         tracing::debug!(%peer, "closing idle connection");

@@ -100,6 +100,7 @@ const GOING_AWAY: u16 = 1001;
 const PROTOCOL_ERROR: u16 = 1002;
 const POLICY_VIOLATION: u16 = 1008;
 const INTERNAL_ERROR: u16 = 1011;
+const TRY_AGAIN_LATER: u16 = 1013;
 const BAD_GATEWAY: u16 = 1014;
 
 /// Whether `req` asks for a WebSocket upgrade (`Ok(true)`), for none
@@ -271,6 +272,9 @@ enum End {
     ProviderFailed,
     /// The session was revoked or expired.
     SessionEnded,
+    /// The session store (shared) has been out of reach for longer than
+    /// `max_staleness`: a revocation may not have reached this process.
+    StoreUnavailable,
     /// Nothing passed either way for the idle timeout.
     Idle,
     /// The audit trail (fail-closed) stopped taking records: no new call
@@ -287,9 +291,11 @@ impl End {
             Self::Closed => Flags::empty(),
             Self::AgentFailed => Flags::CLIENT_ABORTED,
             Self::AgentNotWebSocket => Flags::CLIENT_ABORTED.union(Flags::INCOMPLETE),
-            Self::ProviderFailed | Self::Idle | Self::AuditUnavailable | Self::ShuttingDown => {
-                Flags::INCOMPLETE
-            }
+            Self::ProviderFailed
+            | Self::Idle
+            | Self::AuditUnavailable
+            | Self::StoreUnavailable
+            | Self::ShuttingDown => Flags::INCOMPLETE,
             Self::SessionEnded => Flags::INCOMPLETE.union(Flags::SESSION_ENDED),
         }
     }
@@ -316,6 +322,13 @@ impl End {
                 Some((
                     POLICY_VIOLATION,
                     "airlock: the session was revoked or expired",
+                )),
+                Some(GOING_AWAY),
+            ),
+            Self::StoreUnavailable => (
+                Some((
+                    TRY_AGAIN_LATER,
+                    "airlock: the session store is out of reach; the session cannot be vouched for",
                 )),
                 Some(GOING_AWAY),
             ),
@@ -465,7 +478,8 @@ where
         last_ms.store(now, Ordering::Relaxed);
     };
     let bytes_in = call.count_request_body();
-    let mut session_end = call.session().map(EndWatch::new);
+    let session = call.session().cloned();
+    let mut session_end = session.as_ref().map(EndWatch::new);
     // Fail-closed audit: the tunnel ends once its trail stops taking
     // records, as new calls are then refused.
     let audited = call.fail_closed().then(|| call.auditor().clone());
@@ -568,7 +582,11 @@ where
                 () = poll_fn(|cx| match session_end.as_mut() {
                     Some(watch) => watch.poll_ended(cx),
                     None => std::task::Poll::Pending,
-                }) => break End::SessionEnded,
+                }) => break if session.as_ref().is_some_and(|s| s.is_active_now()) {
+                    End::StoreUnavailable
+                } else {
+                    End::SessionEnded
+                },
                 () = told(closing) => break End::ShuttingDown,
                 () = &mut idle => {
                     let last = opened + Duration::from_millis(last_ms.load(Ordering::Relaxed));

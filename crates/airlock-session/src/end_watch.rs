@@ -40,8 +40,10 @@ impl EndWatch {
         }
     }
 
-    /// `Ready` once the session is no longer active; otherwise `Pending`,
-    /// with `cx` woken at its next change or its expiry.
+    /// `Ready` once the session is no longer active, or this process can
+    /// no longer vouch for it ([`LiveSession::unvouched`]: the caller tells
+    /// the two apart by the session's state); otherwise `Pending`, with `cx`
+    /// woken at its next change or its expiry.
     pub fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let changed = self.changes.as_mut().poll(cx).is_ready();
@@ -52,7 +54,7 @@ impl EndWatch {
             // wakes the next poll.
             self.changes.set(self.session.changes());
             self.changes.as_mut().enable();
-            if self.session.state(now_ms()) != SessionState::Active {
+            if self.session.state(now_ms()) != SessionState::Active || self.session.unvouched() {
                 return Poll::Ready(());
             }
             self.deadline.as_mut().reset(next_look(&self.session));

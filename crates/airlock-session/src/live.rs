@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::{Limits, Scope, SessionId};
+
+use crate::registry::sync::Freshness;
 use airlock_store::{SessionRow, SessionStatus};
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -54,6 +56,9 @@ pub struct LiveSession {
     /// Unix ms when a call last presented the token (to the second), or
     /// when the session was cached.
     last_seen: AtomicI64,
+    /// Whether the registry's cache is still within `max_staleness` of the
+    /// store (always, on a store of one process).
+    freshness: Arc<Freshness>,
 }
 
 /// This process's share of a session's `max_requests`: calls reserved in
@@ -101,6 +106,7 @@ impl LiveSession {
         row: SessionRow,
         flush_soon: Option<&Arc<Notify>>,
         leases: bool,
+        freshness: Arc<Freshness>,
     ) -> Self {
         let rate = row
             .limits
@@ -130,7 +136,31 @@ impl LiveSession {
             flush_soon,
             changed: Arc::new(Notify::new()),
             last_seen: AtomicI64::new(crate::now_ms()),
+            freshness,
         }
+    }
+
+    /// Whether this process can no longer vouch for the session's state:
+    /// its store is shared and has been out of reach for longer than
+    /// `max_staleness`, so a revocation elsewhere may not have reached it.
+    /// Calls are then refused and streams and tunnels end, as for an ended
+    /// session, until the store answers again.
+    pub fn unvouched(&self) -> bool {
+        self.freshness.is_stale()
+    }
+
+    /// Whether the session is active now (not revoked, not expired). After
+    /// an [`crate::EndWatch`] fired, `true` means it fired because this
+    /// process can no longer vouch for the session
+    /// ([`LiveSession::unvouched`]).
+    pub fn is_active_now(&self) -> bool {
+        self.state(crate::now_ms()) == SessionState::Active
+    }
+
+    /// Wakes whoever waits on [`LiveSession::changes`] to look again (the
+    /// registry lost its store: see [`LiveSession::unvouched`]).
+    pub(crate) fn wake_watchers(&self) {
+        self.changed.notify_waiters();
     }
 
     /// Notes that a call presented the token at `now_ms`. Written once a

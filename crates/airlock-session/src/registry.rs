@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, Notify};
 use crate::live::{Admission, LiveSession, SessionState};
 use crate::now_ms;
 
-mod sync;
+pub(crate) mod sync;
 
 pub use sync::SyncSettings;
 
@@ -70,7 +70,7 @@ pub struct Registry {
     flush_soon: Arc<Notify>,
     /// Whether `max_requests` is spent from leases (`Store::leases_requests`).
     leases: bool,
-    freshness: sync::Freshness,
+    freshness: Arc<sync::Freshness>,
     /// Revocations this process has written to the store. A token looked up
     /// while one was written is looked up again: the row it read may be
     /// older than the revocation, which found nothing cached to mark.
@@ -186,7 +186,7 @@ impl Registry {
             by_id: RwLock::new(HashMap::new()),
             flush_soon: Arc::new(Notify::new()),
             leases,
-            freshness: sync::Freshness::new(),
+            freshness: Arc::new(sync::Freshness::new()),
             revocations: AtomicU64::new(0),
             unpersisted: Arc::new(Mutex::new(HashMap::new())),
             home: Handle::try_current().ok(),
@@ -278,6 +278,7 @@ impl Registry {
                     row,
                     Some(&self.flush_soon),
                     self.leases,
+                    Arc::clone(&self.freshness),
                 ))
             })
             .clone();
@@ -364,6 +365,13 @@ impl Registry {
         still_active(&session, now_ms)?;
         self.ensure_lease(&session).await?;
         Ok(session)
+    }
+
+    /// Whether the cached sessions can be vouched for: false once a shared
+    /// store has been out of reach for longer than `max_staleness` (cached
+    /// sessions are refused then, see [`LiveSession::unvouched`]).
+    pub fn can_vouch(&self) -> bool {
+        !self.freshness.is_stale()
     }
 
     /// Makes sure a session leasing `max_requests` from a shared store has

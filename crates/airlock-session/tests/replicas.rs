@@ -286,6 +286,13 @@ async fn a_replica_cut_off_from_the_database_fails_closed_then_recovers_by_itsel
     // A replica that has never seen `unknown`.
     let b = Replica::start(&db, staleness).await;
     assert_eq!(b.call(known.expose()).await, Ok(Admission::Admitted));
+    // A stream of `known` in flight on `b`: it watches its session.
+    let streaming = b
+        .registry
+        .authenticate(Some(known.expose()), airlock_session::now_ms())
+        .await
+        .unwrap();
+    let mut watch = airlock_session::EndWatch::new(&streaming);
 
     db.allow_connections(false).await;
     db.terminate_connections().await;
@@ -302,6 +309,18 @@ async fn a_replica_cut_off_from_the_database_fails_closed_then_recovers_by_itsel
     .await;
     eprintln!("known session refused {took:?} after the database went away");
     assert!(took >= staleness / 2, "{took:?}");
+    // The stream ends too, now that `b` cannot vouch for the session (a
+    // revocation elsewhere could not reach it), though the session still
+    // looks active: round 25 found streams and tunnels running on for as
+    // long as the database was gone. (The registry wakes the watches when
+    // it finds itself stale: within a re-check of the refusal above.)
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        std::future::poll_fn(|cx| watch.poll_ended(cx)),
+    )
+    .await
+    .expect("the stream's watch did not fire while the store was out of reach");
+    assert!(streaming.is_active_now() && streaming.unvouched());
     assert!(
         cut.elapsed() < staleness + Duration::from_secs(3),
         "{:?}",

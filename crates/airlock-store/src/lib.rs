@@ -121,6 +121,10 @@ pub enum StoreError {
     // which printed it three times over in `airlock: …` errors.
     #[error("database error: {0}")]
     Database(sqlx::Error),
+    /// No connection to the database could be had for a write: nothing of
+    /// it was sent, so it surely did not land.
+    #[error("cannot reach the database: {0}")]
+    Unreachable(sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(sqlx::migrate::MigrateError),
     #[error("audit chain {0} was moved on by another writer")]

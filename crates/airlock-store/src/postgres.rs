@@ -362,7 +362,12 @@ impl Store for PgStore {
         if !self.chain.may_append(head.chain) {
             return Err(crate::StoreError::ChainConflict(head.chain));
         }
-        let mut conn = self.pool.acquire().await?;
+        // Failing here, nothing was sent: the writer may send it again.
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(crate::StoreError::Unreachable)?;
         audit_batches::append(&mut conn, records, head).await
     }
 

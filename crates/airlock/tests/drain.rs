@@ -363,6 +363,59 @@ async fn a_websocket_tunnel_open_at_drain_timeout_is_closed_going_away() {
 /// The shutdown line says which signal came, what is in flight and the
 /// drain timeout; a second signal ends the drain at once: what still runs
 /// is cut, every record is written, and the exit is 0, as at the timeout.
+/// A connection with no call in flight does not hold the drain, even one
+/// whose client stopped halfway through a request head (round 24: it held
+/// shutdown for the whole `drain_timeout`).
+#[tokio::test]
+async fn a_half_sent_request_head_does_not_hold_the_drain() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mock = MockProvider::start().await;
+    let mut airlock = start(&mock, "30s").await;
+    let mut stalled = tokio::net::TcpStream::connect(proxy_addr(&airlock))
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"GET /mock/x HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+
+    let signalled = Instant::now();
+    sigterm(&airlock);
+    // The drain had the connection to wait for.
+    wait_until("the shutdown line", || {
+        let said = airlock.output().contains("shutting down");
+        async move { said }
+    })
+    .await;
+    let output = airlock.output();
+    let line = output
+        .lines()
+        .find(|l| l.contains("shutting down"))
+        .unwrap();
+    assert!(
+        line.contains("connections=1") && line.contains("calls=0"),
+        "{line}"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), airlock.wait_exit())
+        .await
+        .expect("the drain waited for a request head that never came")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        signalled.elapsed()
+    );
+    // The stalled client finds its connection closed, unanswered.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(read.is_err() || rest.is_empty(), "{rest:?}");
+    assert_eq!(mock.request_count(), 0);
+}
+
 #[tokio::test]
 async fn a_second_signal_ends_the_drain_at_once() {
     let mock = MockProvider::start().await;

@@ -587,7 +587,7 @@ async fn a_replica_cut_off_from_the_database_fails_closed_and_recovers_by_itself
     let [a, b] = &cluster.replicas[..] else {
         unreachable!()
     };
-    let (_, known) = session(a, json!({})).await;
+    let (known_id, known) = session(a, json!({})).await;
     let (_, unknown) = session(a, json!({})).await;
     assert_eq!(models(b, &known).await.status, 200);
 
@@ -668,6 +668,29 @@ async fn a_replica_cut_off_from_the_database_fails_closed_and_recovers_by_itself
     assert_eq!(models(b, &unknown).await.status, 200);
     let (_, after) = session(b, json!({})).await;
     assert_eq!(models(a, &after).await.status, 200);
+    // 4. The calls B refused while the database was gone are in the trail,
+    //    written once it came back and flagged so (round 25: they were
+    //    counted lost, an error getting a connection taken for one whose
+    //    write may have landed).
+    eventually(
+        Duration::from_secs(10),
+        "refusals written late",
+        async || {
+            let (_, page) = b
+                .admin("GET", &format!("/v1/audit?session={known_id}"), None)
+                .await
+                .unwrap();
+            page["records"].as_array().is_some_and(|records| {
+                records.iter().any(|r| {
+                    r["status"].as_u64().is_some_and(|s| s >= 500)
+                        && r["flags"]
+                            .as_array()
+                            .is_some_and(|f| f.contains(&json!("written_late")))
+                })
+            })
+        },
+    )
+    .await;
     let (_, verdict) = a.admin("GET", "/v1/audit/verify", None).await.unwrap();
     assert_eq!(verdict["ok"], true, "{verdict}");
 }
@@ -691,6 +714,30 @@ async fn cached_sessions_are_served_for_max_staleness_at_most_without_the_databa
     // Created on B: A has never seen it.
     let (_, unknown) = session(b, json!({})).await;
     assert_eq!(models(a, &known).await.status, 200);
+    // An event stream on A (an event every 50 ms for 50 s), read to its end
+    // in the background.
+    let streamer = a
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["GET"], "paths": ["/sse"]}],
+            "ttl_seconds": 600,
+        }))
+        .await
+        .unwrap();
+    let (first, mut rest) = first_frame(
+        &format!("{}/openai/sse?events=1000&delay_ms=50", a.proxy_url()),
+        streamer["token"].as_str().unwrap(),
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&first).contains("data: "));
+    let stream = tokio::spawn(async move {
+        let mut last = String::new();
+        while let Some(Ok(frame)) = rest.frame().await {
+            if let Some(data) = frame.data_ref() {
+                last = String::from_utf8_lossy(data).into_owned();
+            }
+        }
+        (Instant::now(), last)
+    });
 
     cluster.db.allow_connections(false).await;
     cluster.db.terminate_connections().await;
@@ -716,6 +763,23 @@ async fn cached_sessions_are_served_for_max_staleness_at_most_without_the_databa
     );
     let reply = models(a, &known).await;
     assert!(reply.error_code().is_some(), "{}", reply.text());
+    // A load balancer asking A is told (round 25: `/readyz` said ready
+    // while every call was refused).
+    let ready = request("GET", &format!("{}/readyz", a.admin_url()), &[], "").await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert_eq!(ready.json()["status"], "store_unavailable");
+    // The stream ends within the same bound, with an `error` event saying
+    // why (round 25: streams and tunnels ran on for as long as the database
+    // was gone, though a revocation elsewhere could not reach A).
+    let (ended, last) = tokio::time::timeout(Duration::from_secs(5), stream)
+        .await
+        .expect("the stream ran on without the database")
+        .unwrap();
+    let lasted = ended - cut;
+    eprintln!("MEASURED: stream cut {lasted:?} after the database went away (bound 3s)");
+    assert!(lasted >= Duration::from_secs(2), "{lasted:?}");
+    assert!(last.starts_with("event: error"), "{last}");
+    assert!(last.contains("\"store_unavailable\""), "{last}");
 
     cluster.db.allow_connections(true).await;
     eventually(Duration::from_secs(20), "recovery", async || {
@@ -723,6 +787,8 @@ async fn cached_sessions_are_served_for_max_staleness_at_most_without_the_databa
     })
     .await;
     assert_eq!(models(a, &unknown).await.status, 200);
+    let ready = request("GET", &format!("{}/readyz", a.admin_url()), &[], "").await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
 }
 
 /// A replica started with another audit key or master key than the one

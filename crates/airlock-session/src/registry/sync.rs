@@ -25,7 +25,7 @@ pub struct SyncSettings {
 }
 
 /// When the cache was last known to match the store.
-pub(super) struct Freshness {
+pub(crate) struct Freshness {
     epoch: Instant,
     /// Milliseconds after `epoch` at which the last successful re-check
     /// started.
@@ -83,7 +83,7 @@ impl Freshness {
     }
 
     /// Whether the cache may be staler than the bound.
-    pub(super) fn is_stale(&self) -> bool {
+    pub(crate) fn is_stale(&self) -> bool {
         let bound = self.max_stale_ms.load(Ordering::Acquire);
         bound != u64::MAX
             && self.now_ms()
@@ -176,6 +176,11 @@ impl Registry {
                         "session store unreachable for longer than max_staleness: refusing cached sessions"
                     );
                     failed_closed = true;
+                    // Streams and tunnels of cached sessions end too: a
+                    // revocation elsewhere could not reach this replica.
+                    for session in self.by_token.read().values() {
+                        session.wake_watchers();
+                    }
                 }
             }
         };
