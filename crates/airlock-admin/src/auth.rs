@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use airlock_core::spaced::Spaced;
 use airlock_core::TokenHash;
-use airlock_session::now_ms;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
@@ -82,6 +81,7 @@ impl AuthFailures {
         }
     }
 
+    /// `now_ms` on a monotonic clock ([`airlock_core::spaced::monotonic_ms`]).
     fn record(&self, failure: Failure, peer: Option<SocketAddr>, now_ms: i64) {
         match failure {
             Failure::Missing => self.missing.inc(),
@@ -135,7 +135,10 @@ pub(crate) async fn require_admin(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0);
-    state.metrics.auth_failures.record(failure, peer, now_ms());
+    state
+        .metrics
+        .auth_failures
+        .record(failure, peer, airlock_core::spaced::monotonic_ms());
     Err(ApiError::Unauthorized)
 }
 

@@ -4,6 +4,17 @@
 //! shows in the log without filling it.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// Milliseconds on a monotonic clock (from the first call, plus one): what
+/// callers pass to [`Spaced::count`], so that a wall clock set back does
+/// not silence warnings until it catches up.
+pub fn monotonic_ms() -> i64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let elapsed = EPOCH.get_or_init(Instant::now).elapsed().as_millis();
+    i64::try_from(elapsed).unwrap_or(i64::MAX - 1) + 1
+}
 
 /// Counts events and says when the next warning about them is due.
 #[derive(Debug)]
@@ -26,8 +37,9 @@ impl Spaced {
         }
     }
 
-    /// Counts one event at `now_ms`. When a warning is due, the number of
-    /// events it reports (this one included); one caller gets it.
+    /// Counts one event at `now_ms` (see [`monotonic_ms`]). When a warning
+    /// is due, the number of events it reports (this one included); one
+    /// caller gets it.
     pub fn count(&self, now_ms: i64) -> Option<u64> {
         self.unreported.fetch_add(1, Ordering::Relaxed);
         let last = self.last_ms.load(Ordering::Relaxed);

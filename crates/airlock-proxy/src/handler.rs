@@ -321,13 +321,7 @@ impl Proxy {
                 return Err(denial);
             }
         };
-        let limits = self.admit(&session).await;
-        // A call with `max_requests` may have waited for its lease to be
-        // refilled (a store round trip, here or in `authenticate`): a
-        // session that ended meanwhile sends nothing more upstream, and
-        // what it tried counts as no denial.
-        airlock_session::still_active(&session, now_ms()).map_err(auth_denial)?;
-        if let Err(denial) = limits {
+        if let Err(denial) = self.admit(&session).await {
             // A 429 is the session's doing; a store out of reach is not.
             if denial.code() == ErrorCode::RateLimited {
                 self.count_denied(&session).await;
@@ -340,11 +334,12 @@ impl Proxy {
 
     /// The session's limits (429): `max_requests`, `requests_per_minute`.
     async fn admit(&self, session: &Arc<LiveSession>) -> Result<(), Denial> {
-        let admission = self
-            .registry
-            .admit(session)
-            .await
-            .map_err(|_| store_unavailable())?;
+        // A call with `max_requests` may wait for its lease to be refilled
+        // (a store round trip, here or in `authenticate`): the registry
+        // reads the session's state again after such a wait, so a session
+        // that ended meanwhile sends nothing more upstream (401), spends
+        // nothing and counts no denial.
+        let admission = self.registry.admit(session).await.map_err(auth_denial)?;
         match admission {
             Admission::Admitted => Ok(()),
             Admission::RateLimited { retry_after } => Err(Denial::new(

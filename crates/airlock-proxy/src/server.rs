@@ -444,13 +444,14 @@ impl Worker {
                         accept_errors.accepted();
                         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                             conn.proxy.count_refused_connection();
-                            if let Some(refused) = FULL.count(airlock_session::now_ms()) {
+                            if let Some(refused) = FULL.count(airlock_core::spaced::monotonic_ms()) {
                                 tracing::warn!(
                                     %peer,
                                     refused,
                                     max_connections = settings.max_connections,
                                     "proxy.max_connections ({}) open: a new \
-                                     connection was answered 503 overloaded and closed ({refused} \
+                                     connection was refused (503 overloaded without TLS; closed \
+                                     unanswered with TLS) ({refused} \
                                      since the last such warning; at most one a minute); raise \
                                      proxy.max_connections, or the open files limit it was lowered \
                                      to at start",
@@ -697,7 +698,16 @@ impl ConnSettings {
                     // otherwise hold the drain until header_read_timeout;
                     // it reached nothing, and its client may send it again.
                     Ending::Shutdown if tunnel_activity.in_flight.load(Ordering::Acquire) == 0 => {
-                        tokio::time::timeout(IDLE_GRACE, connection.as_mut()).await.ok()
+                        match tokio::time::timeout(IDLE_GRACE, connection.as_mut()).await {
+                            Ok(ended) => Some(ended),
+                            // A call dispatched during the grace is drained
+                            // like any other (none is, between polls, unless
+                            // it counts here).
+                            Err(_) if tunnel_activity.in_flight.load(Ordering::Acquire) > 0 => {
+                                Some(connection.as_mut().await)
+                            }
+                            Err(_) => None,
+                        }
                     }
                     Ending::Shutdown => Some(connection.as_mut().await),
                     Ending::Idle => {

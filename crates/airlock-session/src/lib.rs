@@ -16,7 +16,7 @@ mod registry;
 
 pub use end_watch::{EndWatch, END_WATCH_RECHECK};
 pub use live::{Admission, LiveSession, SessionState};
-pub use registry::{still_active, AuthError, NewSession, Registry, RegistryError, SyncSettings};
+pub use registry::{AuthError, NewSession, Registry, RegistryError, SyncSettings};
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> i64 {

@@ -151,7 +151,7 @@ pub enum AuthError {
 /// refused. Checked when a call is authenticated and again after anything
 /// the call waited for (a lease refill is a store round trip, during which
 /// the session may be revoked or expire).
-pub fn still_active(session: &LiveSession, now_ms: i64) -> Result<(), AuthError> {
+pub(crate) fn still_active(session: &LiveSession, now_ms: i64) -> Result<(), AuthError> {
     match session.state(now_ms) {
         SessionState::Active => Ok(()),
         SessionState::Expired => Err(AuthError::Expired),
@@ -363,7 +363,10 @@ impl Registry {
             }
         };
         still_active(&session, now_ms)?;
-        self.ensure_lease(&session).await?;
+        if self.ensure_lease(&session).await? {
+            // The wait was a store round trip: the session may have ended.
+            still_active(&session, crate::now_ms())?;
+        }
         Ok(session)
     }
 
@@ -378,10 +381,11 @@ impl Registry {
     /// a call to spend: waits for a refill when the lease is empty, starts
     /// one in the background when it runs low. Leaves an empty lease empty
     /// when the store has nothing left ([`LiveSession::admit`] then answers
-    /// `QuotaExhausted`).
-    async fn ensure_lease(&self, session: &Arc<LiveSession>) -> Result<(), AuthError> {
+    /// `QuotaExhausted`). Returns whether it waited (for the refill lock or
+    /// the store), after which the session's state must be read again.
+    async fn ensure_lease(&self, session: &Arc<LiveSession>) -> Result<bool, AuthError> {
         let Some(lease) = session.lease() else {
-            return Ok(());
+            return Ok(false);
         };
         if lease.left() > 0 {
             if lease.running_low() {
@@ -397,20 +401,20 @@ impl Registry {
                     }
                 });
             }
-            return Ok(());
+            return Ok(false);
         }
         if lease.recently_spent(now_ms(), SPENT_RETRY_MS) {
-            return Ok(());
+            return Ok(false);
         }
         let _refilling = lease.refill.lock().await;
         if lease.left() > 0 || lease.recently_spent(now_ms(), SPENT_RETRY_MS) {
-            return Ok(());
+            return Ok(true);
         }
         let store = Arc::clone(&self.store);
         let leased = Arc::clone(session);
         let refilled = self.on_home(async move { refill(store.as_ref(), &leased).await });
         match tokio::time::timeout(STORE_WAIT, refilled).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => Ok(true),
             Ok(Err(e)) => {
                 tracing::error!(session = %session.id(), error = %e, "could not lease max_requests");
                 Err(AuthError::StoreUnavailable)
@@ -439,7 +443,9 @@ impl Registry {
             {
                 return Ok(admission);
             }
-            self.ensure_lease(session).await?;
+            if self.ensure_lease(session).await? {
+                still_active(session, now_ms())?;
+            }
         }
     }
 

@@ -93,6 +93,15 @@ pub async fn audit_key_remembered(
         .map(|stored| same(&stored, &value)))
 }
 
+/// Whether at least one of the store's audit chains has its head sealed
+/// with `key`.
+pub async fn seals_a_head(store: &dyn Store, key: &AuditKey) -> anyhow::Result<bool> {
+    let heads = store.audit_heads().await?;
+    Ok(heads
+        .iter()
+        .any(|h| head_seal(key, h.chain, h.seq, &h.mac) == h.seal))
+}
+
 /// Refuses a master key other than the one the store's credentials are
 /// sealed with; stores this key's check value if none is there yet (call
 /// it once the sealed credentials opened). `made` as for [`audit_key`].

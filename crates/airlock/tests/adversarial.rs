@@ -990,7 +990,7 @@ async fn connections_over_the_limit_are_refused_and_slots_come_back() {
     let metrics = metrics.as_str().unwrap().to_owned();
     let line = "airlock_proxy_calls_total{provider=\"_unknown\",decision=\"overloaded\"} 1";
     assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
-    let warning = "proxy.max_connections (4) open: a new connection was answered 503 overloaded";
+    let warning = "proxy.max_connections (4) open: a new connection was refused (503 overloaded";
     let deadline = Instant::now() + Duration::from_secs(10);
     while !env.airlock.output().contains(warning) {
         assert!(Instant::now() < deadline, "{}", env.airlock.output());

@@ -1445,4 +1445,25 @@ async fn serve_refuses_an_audit_key_other_than_the_trails() {
         "{said}"
     );
     assert!(wrong.stdout.is_empty(), "{wrong:?}");
+    // The check value sits in the store verify distrusts: altered, the
+    // chain's head (sealed with the right key) tells, and the trail is
+    // reported broken (exit 1), not the key wrong.
+    execute_sqlite(
+        &dir.path().join("airlock.db"),
+        &format!(
+            "UPDATE settings SET value = '{}' WHERE key = 'audit_key_check'",
+            "00".repeat(32)
+        ),
+    )
+    .await
+    .unwrap();
+    let altered = verify("ab".repeat(32));
+    assert_eq!(altered.status.code(), Some(1), "{altered:?}");
+    assert!(
+        String::from_utf8_lossy(&altered.stdout)
+            .contains("the store's audit key check value was altered"),
+        "{altered:?}"
+    );
+    // Another key still seals no head: exit 2.
+    assert_eq!(verify("cd".repeat(32)).status.code(), Some(2));
 }

@@ -117,7 +117,114 @@ fn proxy_addr(airlock: &Airlock) -> String {
     airlock.proxy_url().trim_start_matches("http://").to_owned()
 }
 
-/// `airlock audit export` on the stopped server's store.
+/// A connection with no call in flight does not hold the drain, even one
+/// whose client stopped halfway through a request head (round 24: it held
+/// shutdown for the whole `drain_timeout`).
+#[tokio::test]
+async fn a_half_sent_request_head_does_not_hold_the_drain() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mock = MockProvider::start().await;
+    let mut airlock = start(&mock, "30s").await;
+    let mut stalled = tokio::net::TcpStream::connect(proxy_addr(&airlock))
+        .await
+        .unwrap();
+    // A call answered first: the connection is surely held by airlock.
+    stalled
+        .write_all(b"GET /nowhere/x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&answer).ends_with("}}") {
+        let n = tokio::time::timeout(DEADLINE, stalled.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(n, 0, "{}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 404 "));
+    // Then half of a second head, and nothing more.
+    stalled
+        .write_all(b"GET /mock/x HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+
+    let signalled = Instant::now();
+    sigterm(&airlock);
+    // The drain had the connection to wait for.
+    wait_until("the shutdown line", || {
+        let said = airlock.output().contains("shutting down");
+        async move { said }
+    })
+    .await;
+    let output = airlock.output();
+    let line = output
+        .lines()
+        .find(|l| l.contains("shutting down"))
+        .unwrap();
+    assert!(
+        line.contains("connections=1") && line.contains("calls=0"),
+        "{line}"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), airlock.wait_exit())
+        .await
+        .expect("the drain waited for a request head that never came")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        signalled.elapsed()
+    );
+    // The stalled client finds its connection closed, unanswered.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(read.is_err() || rest.is_empty(), "{rest:?}");
+    assert_eq!(mock.request_count(), 0);
+}
+
+/// A stop that could not write every audit record exits 1, so that a
+/// supervisor sees it (round 24: it exited 0, the loss only in the log).
+#[tokio::test]
+async fn a_stop_that_loses_audit_records_exits_1() {
+    let mock = MockProvider::start().await;
+    let mut airlock = start(&mock, "5s").await;
+    let token = token(&airlock).await;
+    // The database file deleted under the running server: records can no
+    // longer be stored, and are held back for a store that never returns.
+    std::fs::remove_file(airlock.dir().join("airlock.db")).unwrap();
+    let url = format!("{}/mock/v1/models", airlock.proxy_url());
+    wait_until("a call refused for its audit record", || {
+        let url = url.clone();
+        let token = token.clone();
+        async move {
+            let reply = airlock_testkit::client::request(
+                "GET",
+                &url,
+                &[("authorization", &format!("Bearer {token}"))],
+                "",
+            )
+            .await;
+            reply.error_code().as_deref() == Some("audit_unavailable")
+        }
+    })
+    .await;
+
+    let status = airlock.terminate().await.unwrap();
+    assert_eq!(status.code(), Some(1), "{}", airlock.output());
+    assert!(
+        airlock
+            .output()
+            .contains("could not be written before the exit"),
+        "{}",
+        airlock.output()
+    );
+}
+
 /// The two gated streams `readers` read (over HTTP/1.1, then HTTP/2) were
 /// cut: their agents saw them end short, without the second event — the
 /// HTTP/1.1 one after airlock's `error` event saying why (over HTTP/2 that
@@ -151,6 +258,7 @@ async fn assert_streams_cut(
     }
 }
 
+/// `airlock audit export` on the stopped server's store.
 fn exported(config: &Path) -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .arg("--config")
@@ -363,59 +471,6 @@ async fn a_websocket_tunnel_open_at_drain_timeout_is_closed_going_away() {
 /// The shutdown line says which signal came, what is in flight and the
 /// drain timeout; a second signal ends the drain at once: what still runs
 /// is cut, every record is written, and the exit is 0, as at the timeout.
-/// A connection with no call in flight does not hold the drain, even one
-/// whose client stopped halfway through a request head (round 24: it held
-/// shutdown for the whole `drain_timeout`).
-#[tokio::test]
-async fn a_half_sent_request_head_does_not_hold_the_drain() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let mock = MockProvider::start().await;
-    let mut airlock = start(&mock, "30s").await;
-    let mut stalled = tokio::net::TcpStream::connect(proxy_addr(&airlock))
-        .await
-        .unwrap();
-    stalled
-        .write_all(b"GET /mock/x HTTP/1.1\r\nHost: a\r\n")
-        .await
-        .unwrap();
-
-    let signalled = Instant::now();
-    sigterm(&airlock);
-    // The drain had the connection to wait for.
-    wait_until("the shutdown line", || {
-        let said = airlock.output().contains("shutting down");
-        async move { said }
-    })
-    .await;
-    let output = airlock.output();
-    let line = output
-        .lines()
-        .find(|l| l.contains("shutting down"))
-        .unwrap();
-    assert!(
-        line.contains("connections=1") && line.contains("calls=0"),
-        "{line}"
-    );
-    let status = tokio::time::timeout(Duration::from_secs(10), airlock.wait_exit())
-        .await
-        .expect("the drain waited for a request head that never came")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
-    assert!(
-        signalled.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        signalled.elapsed()
-    );
-    // The stalled client finds its connection closed, unanswered.
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut rest))
-        .await
-        .unwrap();
-    assert!(read.is_err() || rest.is_empty(), "{rest:?}");
-    assert_eq!(mock.request_count(), 0);
-}
-
 #[tokio::test]
 async fn a_second_signal_ends_the_drain_at_once() {
     let mock = MockProvider::start().await;

@@ -8,8 +8,7 @@
 
 use std::net::SocketAddr;
 
-use airlock_core::spaced::Spaced;
-use airlock_session::now_ms;
+use airlock_core::spaced::{monotonic_ms, Spaced};
 
 /// Shortest time between two warnings.
 const LOG_EVERY_MS: i64 = 60_000;
@@ -32,7 +31,7 @@ pub(super) struct Misdirected(Spaced);
 impl Misdirected {
     /// Logs `what` from `peer`, if a warning is due.
     pub(super) fn report(&self, what: Misdirection, peer: SocketAddr) {
-        let Some(seen) = self.0.count(now_ms()) else {
+        let Some(seen) = self.0.count(monotonic_ms()) else {
             return;
         };
         match what {

@@ -16,8 +16,9 @@
 //! same core waited behind it (one call in a hundred at concurrency 1 took
 //! 0.6–1 ms longer, see BENCHMARKS.md). As `SCHED_IDLE` it yields the core
 //! to any other thread that wakes, and still gets a small share of a busy
-//! machine, which is all it needs; if it falls behind, the writer's own
-//! backstop keeps the log bounded.
+//! machine, which is all it needs; if it falls behind, the log grows until
+//! it catches up (the writer's own backstop checkpoints too, when this
+//! thread is not in the middle of one).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

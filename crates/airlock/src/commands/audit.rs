@@ -13,6 +13,8 @@ use airlock_core::duration;
 use airlock_session::now_ms;
 use airlock_store::{AuditQuery, Store};
 use anyhow::Context;
+
+use crate::key_check;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -76,21 +78,53 @@ async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
     let key = audit_key::load_existing(&config.audit, &config.store_url)?;
     let store = open_store(config).await?;
     // Another key than the trail's would find every record forged: a
-    // misconfiguration (exit 2), which the store's check value tells.
-    let remembered = crate::key_check::audit_key_remembered(store.as_ref(), &key).await;
-    if !matches!(remembered, Ok(Some(true) | None)) {
-        store.close().await;
-        remembered.context("reading the audit key's check value")?;
-        anyhow::bail!(
-            "the audit key (AIRLOCK_AUDIT_KEY or [audit] key_file) is not the one this store's \
-             audit trail was written with, so nothing was verified: use the servers' audit key"
-        );
-    }
+    // misconfiguration (exit 2), which the store's check value tells. The
+    // value sits in the store verify distrusts, so the chains' sealed heads
+    // decide: one sealed with this key makes it the trail's key, and the
+    // check value was altered.
+    let altered_check = match key_check::audit_key_remembered(store.as_ref(), &key).await {
+        Ok(Some(true) | None) => false,
+        Ok(Some(false)) => match key_check::seals_a_head(store.as_ref(), &key).await {
+            Ok(true) => true,
+            Ok(false) => {
+                store.close().await;
+                anyhow::bail!(
+                    "the audit key (AIRLOCK_AUDIT_KEY or [audit] key_file) is not the one this \
+                     store's audit trail was written with, so nothing was verified: use the \
+                     servers' audit key (if it is that key, the store's key check value and \
+                     every chain's head were altered)"
+                );
+            }
+            Err(e) => {
+                store.close().await;
+                return Err(e.context("reading the audit chains' heads"));
+            }
+        },
+        Err(e) => {
+            store.close().await;
+            return Err(e.context("reading the audit key's check value"));
+        }
+    };
     let verified = verify_store(store.as_ref(), &key).await;
     store.close().await;
     let verified = verified.context("reading the audit trail")?;
     let mut report = String::new();
+    if altered_check {
+        let _ = writeln!(
+            report,
+            "audit trail broken: the store's audit key check value was altered (the chains' \
+             heads are sealed with this key)"
+        );
+    }
     let code = match verified.first_break {
+        None if altered_check => {
+            let _ = writeln!(
+                report,
+                "({} verified)",
+                counted(verified.records, verified.chains)
+            );
+            ExitCode::from(1)
+        }
         None => {
             let _ = writeln!(
                 report,

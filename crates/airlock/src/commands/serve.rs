@@ -75,7 +75,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut metrics_registry = prometheus_client::registry::Registry::default();
     let proxy_metrics = ProxyMetrics::new(&mut metrics_registry);
     let admin_metrics = AdminMetrics::register(&mut metrics_registry);
-    if let Some(stats) = auditor.stats() {
+    let audit_stats = auditor.stats();
+    if let Some(stats) = &audit_stats {
         stats.register(&mut metrics_registry);
     }
 
@@ -339,15 +340,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _ = flusher.await;
     let _ = sync.await;
+    let lost_before = audit_stats.as_ref().map_or(0, |s| s.lost.get());
     if let Some(writer) = audit_writer {
         writer.shutdown().await;
     }
+    let lost = audit_stats.as_ref().map_or(0, |s| s.lost.get()) - lost_before;
     credential_feed.abort();
     for task in tls_reload {
         task.abort();
     }
     store.close().await;
     tracing::info!("stopped");
+    if lost > 0 {
+        // A supervisor (systemd, Kubernetes) sees the exit status, not the
+        // log: a stop that lost records is no clean stop.
+        anyhow::bail!(
+            "{lost} audit record{} could not be written before the exit (see the log above)",
+            if lost == 1 { "" } else { "s" }
+        );
+    }
     Ok(())
 }
 
