@@ -111,6 +111,25 @@ pub async fn raw(base_url: &str, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Writes `request` (one HTTP/1.1 request that airlock answers with a
+/// JSON body, e.g. an error) on `stream` and reads the answer through the
+/// end of that body, leaving the connection open: proof that airlock has
+/// accepted the connection and holds it (kept alive).
+pub async fn answer_on(stream: &mut tokio::net::TcpStream, request: &[u8]) -> String {
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&answer).ends_with('}') {
+        let n = tokio::time::timeout(LIMIT, stream.read(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// The status code of a raw HTTP/1.1 answer (0 if none).
 pub fn raw_status(answer: &str) -> u16 {
     answer

@@ -952,21 +952,12 @@ async fn connections_over_the_limit_are_refused_and_slots_come_back() {
         // A call answered on it: the connection is accepted and holds its
         // slot (kept alive).
         let mut stream = TcpStream::connect(&addr).await.unwrap();
-        stream
-            .write_all(b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !String::from_utf8_lossy(&answer).ends_with("}}") {
-            let n = tokio::time::timeout(CASE_LIMIT, stream.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&buf[..n]);
-        }
-        assert!(answer.starts_with(b"HTTP/1.1 404 "));
+        let answer = airlock_testkit::client::answer_on(
+            &mut stream,
+            b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
         held.push(stream);
     }
     let mut extra = exchange(

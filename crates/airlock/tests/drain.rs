@@ -126,30 +126,25 @@ async fn a_half_sent_request_head_does_not_hold_the_drain() {
 
     let mock = MockProvider::start().await;
     let mut airlock = start(&mock, "30s").await;
+    // Half of a first head, and nothing more.
     let mut stalled = tokio::net::TcpStream::connect(proxy_addr(&airlock))
         .await
         .unwrap();
-    // A call answered first: the connection is surely held by airlock.
-    stalled
-        .write_all(b"GET /nowhere/x HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !String::from_utf8_lossy(&answer).ends_with("}}") {
-        let n = tokio::time::timeout(DEADLINE, stalled.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_ne!(n, 0, "{}", String::from_utf8_lossy(&answer));
-        answer.extend_from_slice(&buf[..n]);
-    }
-    assert!(answer.starts_with(b"HTTP/1.1 404 "));
-    // Then half of a second head, and nothing more.
     stalled
         .write_all(b"GET /mock/x HTTP/1.1\r\nHost: a\r\n")
         .await
         .unwrap();
+    // A call answered on a second connection: the listener hands out
+    // connections in the order they came, so the first one is held too.
+    let mut second = tokio::net::TcpStream::connect(proxy_addr(&airlock))
+        .await
+        .unwrap();
+    let answer = airlock_testkit::client::answer_on(
+        &mut second,
+        b"GET /nowhere/x HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
 
     let signalled = Instant::now();
     sigterm(&airlock);
@@ -165,7 +160,7 @@ async fn a_half_sent_request_head_does_not_hold_the_drain() {
         .find(|l| l.contains("shutting down"))
         .unwrap();
     assert!(
-        line.contains("connections=1") && line.contains("calls=0"),
+        line.contains("connections=2") && line.contains("calls=0"),
         "{line}"
     );
     let status = tokio::time::timeout(Duration::from_secs(10), airlock.wait_exit())
