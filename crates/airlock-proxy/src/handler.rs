@@ -141,8 +141,9 @@ impl Proxy {
         (proxy, delivery)
     }
 
-    /// Counts a connection refused at `proxy.max_connections` (answered 503
-    /// `overloaded` before any request was read) under `_unknown`.
+    /// Counts a connection refused at `proxy.max_connections` (before any
+    /// request was read: answered 503 `overloaded`, or closed unanswered on
+    /// a TLS listener) under `_unknown`.
     pub(crate) fn count_refused_connection(&self) {
         self.unknown_provider
             .record_refusal(crate::error::ErrorCode::Overloaded);

@@ -116,9 +116,7 @@ impl Verdicts {
             None => Some("the connection's framing could not be followed"),
         }
     }
-}
 
-impl Verdicts {
     /// Whether the connection opened with a TLS handshake.
     pub(crate) fn opened_tls(shared: &SharedVerdicts) -> bool {
         shared
