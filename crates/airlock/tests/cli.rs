@@ -2027,8 +2027,59 @@ async fn a_second_serve_on_the_same_sqlite_file_is_refused() {
     .unwrap();
     let err = refusal(hard.path()).await;
     assert!(err.contains("hard links"), "{err}");
+    // A directory where the file should be is named as such (round 24: it
+    // was said to have hard links).
+    let directory = tempfile::tempdir().unwrap();
+    std::fs::create_dir(directory.path().join("airlock.db")).unwrap();
+    let err = refusal(directory.path()).await;
+    assert!(
+        err.contains("is a directory: store.url names the database file"),
+        "{err}"
+    );
     let (id, _) = create(&first).await;
     assert!(id.starts_with("ses_"));
+    assert!(!first
+        .output()
+        .contains("can be read or written by other users"));
+}
+
+/// A SQLite store others can read is warned about at start (round 24: a
+/// 0644 database, with its token hashes, sealed credentials and audit
+/// trail, was taken silently; airlock creates it 0600).
+#[tokio::test]
+async fn a_store_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+            .dir(dir.path().to_path_buf())
+            .start()
+    };
+    let mut first = start().await.unwrap();
+    first.terminate().await.unwrap();
+    let database = dir.path().join("airlock.db");
+    std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut second = start().await.unwrap();
+    // The log is written by a thread of its own: polled.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let warned = loop {
+        let found = second
+            .output()
+            .lines()
+            .find(|l| l.contains("can be read or written by other users"))
+            .map(str::to_owned);
+        if let Some(line) = found {
+            break line;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", second.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    second.terminate().await.unwrap();
+    assert!(
+        warned.contains("WARN") && warned.contains("mode=0644"),
+        "{warned}"
+    );
 }
 
 /// `config check` refuses a PostgreSQL config without the keys every

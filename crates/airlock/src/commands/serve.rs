@@ -380,14 +380,30 @@ fn lock_sqlite_store(url: &str) -> anyhow::Result<Option<std::fs::File>> {
     // symlink resolves to it, and a file with other hard links is refused
     // (another server could reach it by a name this one cannot know).
     let database = match std::fs::metadata(&named) {
+        Ok(meta) if meta.is_dir() => anyhow::bail!(
+            "the store {} is a directory: store.url names the database file \
+             (sqlite://DIRECTORY/airlock.db)",
+            named.display()
+        ),
         Ok(meta) if meta.nlink() > 1 => anyhow::bail!(
             "the store {} has {} hard links: another `airlock serve` could use it under \
              another name; keep the database in a file with one name",
             named.display(),
             meta.nlink()
         ),
-        Ok(_) => std::fs::canonicalize(&named)
-            .with_context(|| format!("resolving {}", named.display()))?,
+        Ok(meta) => {
+            if meta.mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %named.display(),
+                    mode = format_args!("{:04o}", meta.mode() & 0o7777),
+                    "the SQLite store can be read or written by other users: it holds the \
+                     session token hashes, sealed credentials and the audit trail; \
+                     `chmod 600` it (airlock creates it so)"
+                );
+            }
+            std::fs::canonicalize(&named)
+                .with_context(|| format!("resolving {}", named.display()))?
+        }
         Err(_) => {
             let parent = named
                 .parent()
