@@ -24,6 +24,9 @@ pub struct EndWatch {
     session: Arc<LiveSession>,
     changes: Pin<Box<OwnedNotified>>,
     deadline: Pin<Box<Sleep>>,
+    /// Whether a poll has looked at the session yet: the first one does,
+    /// for an end (or a lost store) that came before the watch began.
+    looked: bool,
 }
 
 // === impl EndWatch ===
@@ -37,6 +40,7 @@ impl EndWatch {
             session: Arc::clone(session),
             changes,
             deadline: Box::pin(tokio::time::sleep_until(next_look(session))),
+            looked: false,
         }
     }
 
@@ -46,7 +50,8 @@ impl EndWatch {
     /// woken at its next change or its expiry.
     pub fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            let changed = self.changes.as_mut().poll(cx).is_ready();
+            let changed = self.changes.as_mut().poll(cx).is_ready() || !self.looked;
+            self.looked = true;
             if !changed && self.deadline.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }

@@ -864,6 +864,21 @@ async fn an_end_watch_fires_at_revocation_at_once() {
     assert!(has_ended(&mut watch), "revoked, and no time had to pass");
 }
 
+/// A watch begun after the session ended (or after the registry lost its
+/// store and woke the watches then) sees it at its first poll, not at its
+/// next look (up to `END_WATCH_RECHECK` later).
+#[tokio::test]
+async fn an_end_watch_begun_after_the_end_fires_at_its_first_poll() {
+    let (_dir, reg) = registry().await;
+    let (live, _) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert!(reg.revoke(live.id()).await.unwrap());
+    let mut watch = crate::EndWatch::new(&live);
+    assert!(has_ended(&mut watch));
+}
+
 #[tokio::test]
 async fn an_end_watch_fires_when_the_expiry_is_moved_into_the_past() {
     let (_dir, reg) = registry().await;
