@@ -2117,6 +2117,22 @@ env_base_url = "P_URL"
         err.contains("store.master_key_file: with a PostgreSQL store every replica needs the same master key"),
         "{err}"
     );
+    // No default key file is shown for a store without a SQLite file to
+    // put it next to (round 25: it showed `file:…/airlock.master-key`).
+    let said = stdout(&out);
+    for line in [
+        "master key:           not set (see below)",
+        "key:                  not set (see below)",
+    ] {
+        assert!(
+            said.lines().any(|l| l.trim_start() == line),
+            "{line} in\n{said}"
+        );
+    }
+    assert!(
+        !said.contains("airlock.master-key") && !said.contains("airlock.audit-key"),
+        "{said}"
+    );
     let out = airlock_cmd(&["config", "check", "--config", path])
         .current_dir(dir.path())
         .env("AIRLOCK_AUDIT_KEY", "ab".repeat(32))

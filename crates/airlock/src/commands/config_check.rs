@@ -334,8 +334,9 @@ fn key_line(
     problems: &mut Vec<String>,
 ) -> String {
     if let Some(problem) = shared {
+        // The default file next to a SQLite store means nothing here.
         problems.push(problem);
-        return format!("{source} (cannot be used: see below)");
+        return "not set (see below)".to_owned();
     }
     match check() {
         Ok(Some(KeyOrigin::Env)) => format!("{source} (set)"),
