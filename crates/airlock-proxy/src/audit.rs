@@ -17,7 +17,7 @@ use std::time::Instant;
 use airlock_audit::{AuditError, Auditor};
 use airlock_core::audit::{record_path, record_path_withholding, AuditRecord, Flags, GENESIS_MAC};
 use airlock_core::token::TOKEN_PREFIX;
-use airlock_session::{now_ms, LiveSession, SessionState};
+use airlock_session::{now_ms, LiveSession};
 use http::{Method, Request};
 
 use crate::cut::{Cut, Waiting};
@@ -133,13 +133,6 @@ impl CallRecord {
     /// The call's session, once the token named one.
     pub(crate) fn session(&self) -> Option<&Arc<LiveSession>> {
         self.session.as_ref()
-    }
-
-    /// Whether the call's session has been revoked or has expired.
-    pub(crate) fn session_ended(&self) -> bool {
-        self.session
-            .as_ref()
-            .is_some_and(|s| s.state(now_ms()) != SessionState::Active)
     }
 
     /// Every check passed and the request is on its way to the provider:

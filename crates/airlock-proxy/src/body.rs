@@ -13,7 +13,7 @@ use std::task::{ready, Context, Poll};
 
 use airlock_audit::AuditError;
 use airlock_core::audit::Flags;
-use airlock_session::EndWatch;
+use airlock_session::{EndWatch, WatchEnd};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -132,6 +132,14 @@ enum Ending {
 }
 
 impl Ending {
+    /// Why a stream's session stops it.
+    fn of(end: WatchEnd) -> Self {
+        match end {
+            WatchEnd::Ended => Self::SessionEnded,
+            WatchEnd::Unvouched => Self::StoreUnavailable,
+        }
+    }
+
     fn code(self) -> ErrorCode {
         match self {
             Self::SessionEnded => ErrorCode::InvalidToken,
@@ -534,12 +542,11 @@ impl Audited {
             let frame = match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Ready(frame) => frame,
                 Poll::Pending => {
-                    let ended = self
-                        .session_end
-                        .as_mut()
-                        .is_some_and(|watch| watch.poll_ended(cx).is_ready());
-                    if ended {
-                        let why = self.session_ending();
+                    let ended = match self.session_end.as_mut().map(|w| w.poll_ended(cx)) {
+                        Some(Poll::Ready(end)) => Some(Ending::of(end)),
+                        _ => None,
+                    };
+                    if let Some(why) = ended {
                         return Poll::Ready(Some(self.end_early(why)));
                     }
                     let cut = self
@@ -552,11 +559,8 @@ impl Audited {
                     return Poll::Pending;
                 }
             };
-            if self.call.session_ended() {
-                return Poll::Ready(Some(self.end_early(Ending::SessionEnded)));
-            }
-            if self.call.session().is_some_and(|s| s.unvouched()) {
-                return Poll::Ready(Some(self.end_early(Ending::StoreUnavailable)));
+            if let Some(end) = self.call.session().and_then(|s| WatchEnd::of(s)) {
+                return Poll::Ready(Some(self.end_early(Ending::of(end))));
             }
             match frame {
                 Some(Ok(frame)) => {
@@ -587,16 +591,6 @@ impl Audited {
                     return Poll::Ready(Some(Err(e.into())));
                 }
             }
-        }
-    }
-
-    /// Why the session's watch fired: it ended, or the store is out of
-    /// reach (the session still looks active).
-    fn session_ending(&self) -> Ending {
-        if self.call.session().is_some_and(|s| s.is_active_now()) {
-            Ending::StoreUnavailable
-        } else {
-            Ending::SessionEnded
         }
     }
 

@@ -988,20 +988,17 @@ async fn head_or_end<F: std::future::Future>(
     }
     // Listening from here on; an end before it is read off the session.
     let mut watch = airlock_session::EndWatch::new(session);
-    let ended = || {
-        if session.is_active_now() {
-            HeadWait::StoreUnavailable
-        } else {
-            HeadWait::SessionEnded
-        }
+    let ended = |end| match end {
+        airlock_session::WatchEnd::Ended => HeadWait::SessionEnded,
+        airlock_session::WatchEnd::Unvouched => HeadWait::StoreUnavailable,
     };
-    if !session.is_active_now() || session.unvouched() {
-        return Err(ended());
+    if let Some(end) = airlock_session::WatchEnd::of(session) {
+        return Err(ended(end));
     }
     tokio::select! {
         biased;
         answer = send.as_mut() => Ok(answer),
-        () = std::future::poll_fn(|cx| watch.poll_ended(cx)) => Err(ended()),
+        end = std::future::poll_fn(|cx| watch.poll_ended(cx)) => Err(ended(end)),
         () = tokio::time::sleep_until(deadline) => Err(HeadWait::TimedOut),
         () = cut.started() => Err(HeadWait::Cut(waiting)),
     }

@@ -59,7 +59,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use airlock_core::audit::Flags;
-use airlock_session::EndWatch;
+use airlock_session::{EndWatch, WatchEnd};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Version};
@@ -478,8 +478,7 @@ where
         last_ms.store(now, Ordering::Relaxed);
     };
     let bytes_in = call.count_request_body();
-    let session = call.session().cloned();
-    let mut session_end = session.as_ref().map(EndWatch::new);
+    let mut session_end = call.session().map(EndWatch::new);
     // Fail-closed audit: the tunnel ends once its trail stops taking
     // records, as new calls are then refused.
     let audited = call.fail_closed().then(|| call.auditor().clone());
@@ -579,13 +578,12 @@ where
                 ended = &mut down, if down_done.is_none() => {
                     down_done = Some(ended);
                 }
-                () = poll_fn(|cx| match session_end.as_mut() {
+                end = poll_fn(|cx| match session_end.as_mut() {
                     Some(watch) => watch.poll_ended(cx),
                     None => std::task::Poll::Pending,
-                }) => break if session.as_ref().is_some_and(|s| s.is_active_now()) {
-                    End::StoreUnavailable
-                } else {
-                    End::SessionEnded
+                }) => break match end {
+                    WatchEnd::Ended => End::SessionEnded,
+                    WatchEnd::Unvouched => End::StoreUnavailable,
                 },
                 () = told(closing) => break End::ShuttingDown,
                 () = &mut idle => {

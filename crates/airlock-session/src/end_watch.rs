@@ -45,10 +45,9 @@ impl EndWatch {
     }
 
     /// `Ready` once the session is no longer active, or this process can
-    /// no longer vouch for it ([`LiveSession::unvouched`]: the caller tells
-    /// the two apart by the session's state); otherwise `Pending`, with `cx`
+    /// no longer vouch for it, saying which; otherwise `Pending`, with `cx`
     /// woken at its next change or its expiry.
-    pub fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    pub fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<WatchEnd> {
         loop {
             let changed = self.changes.as_mut().poll(cx).is_ready() || !self.looked;
             self.looked = true;
@@ -59,10 +58,34 @@ impl EndWatch {
             // wakes the next poll.
             self.changes.set(self.session.changes());
             self.changes.as_mut().enable();
-            if self.session.state(now_ms()) != SessionState::Active || self.session.unvouched() {
-                return Poll::Ready(());
+            if let Some(end) = WatchEnd::of(&self.session) {
+                return Poll::Ready(end);
             }
             self.deadline.as_mut().reset(next_look(&self.session));
+        }
+    }
+}
+
+/// Why an [`EndWatch`] fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The session was revoked or expired.
+    Ended,
+    /// The session still looks active, but this process can no longer
+    /// vouch for it ([`LiveSession::unvouched`]: its shared store has been
+    /// out of reach for longer than `max_staleness`).
+    Unvouched,
+}
+
+impl WatchEnd {
+    /// Why `session`'s calls in flight must end now, if they must.
+    pub fn of(session: &LiveSession) -> Option<Self> {
+        if session.state(now_ms()) != SessionState::Active {
+            Some(Self::Ended)
+        } else if session.unvouched() {
+            Some(Self::Unvouched)
+        } else {
+            None
         }
     }
 }

@@ -14,7 +14,7 @@ mod end_watch;
 mod live;
 mod registry;
 
-pub use end_watch::{EndWatch, END_WATCH_RECHECK};
+pub use end_watch::{EndWatch, WatchEnd, END_WATCH_RECHECK};
 pub use live::{Admission, LiveSession, SessionState};
 pub use registry::{AuthError, NewSession, Registry, RegistryError, SyncSettings};
 

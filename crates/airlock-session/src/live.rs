@@ -149,14 +149,6 @@ impl LiveSession {
         self.freshness.is_stale()
     }
 
-    /// Whether the session is active now (not revoked, not expired). After
-    /// an [`crate::EndWatch`] fired, `true` means it fired because this
-    /// process can no longer vouch for the session
-    /// ([`LiveSession::unvouched`]).
-    pub fn is_active_now(&self) -> bool {
-        self.state(crate::now_ms()) == SessionState::Active
-    }
-
     /// Wakes whoever waits on [`LiveSession::changes`] to look again (the
     /// registry lost its store: see [`LiveSession::unvouched`]).
     pub(crate) fn wake_watchers(&self) {
