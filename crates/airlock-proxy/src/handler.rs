@@ -336,10 +336,10 @@ impl Proxy {
     /// The session's limits (429): `max_requests`, `requests_per_minute`.
     async fn admit(&self, session: &Arc<LiveSession>) -> Result<(), Denial> {
         // A call with `max_requests` may wait for its lease to be refilled
-        // (a store round trip, here or in `authenticate`): the registry
-        // reads the session's state again after such a wait, so a session
-        // that ended meanwhile sends nothing more upstream (401), spends
-        // nothing and counts no denial.
+        // (a store round trip, only here: a call refused before costs the
+        // store nothing): the registry reads the session's state again
+        // after such a wait, so a session that ended meanwhile sends
+        // nothing more upstream (401), spends nothing and counts no denial.
         let admission = self.registry.admit(session).await.map_err(auth_denial)?;
         match admission {
             Admission::Admitted => Ok(()),

@@ -23,7 +23,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::runtime::Handle;
 use tokio::sync::{broadcast, Notify};
 
-use crate::live::{Admission, LiveSession, SessionState};
+use crate::live::{Admission, Lease, LiveSession, SessionState};
 use crate::now_ms;
 
 pub(crate) mod sync;
@@ -315,9 +315,9 @@ impl Registry {
     ///
     /// On a shared store, a cached session is refused with
     /// [`AuthError::StoreUnavailable`] while the cache may be stale (see
-    /// [`Registry::run_sync`]), and a session with `max_requests` whose
-    /// lease ran dry has it refilled from the store here (once per lease,
-    /// not per call).
+    /// [`Registry::run_sync`]). Never waits for a `max_requests` lease: a
+    /// call refused for its path or scope costs the store nothing (the
+    /// lease is [`Registry::admit`]'s).
     pub async fn authenticate(
         &self,
         token: Option<&str>,
@@ -363,10 +363,6 @@ impl Registry {
             }
         };
         still_active(&session, now_ms)?;
-        if self.ensure_lease(&session).await? {
-            // The wait was a store round trip: the session may have ended.
-            still_active(&session, crate::now_ms())?;
-        }
         Ok(session)
     }
 
@@ -377,33 +373,66 @@ impl Registry {
         !self.freshness.is_stale()
     }
 
-    /// Makes sure a session leasing `max_requests` from a shared store has
-    /// a call to spend: waits for a refill when the lease is empty, starts
-    /// one in the background when it runs low. Leaves an empty lease empty
-    /// when the store has nothing left ([`LiveSession::admit`] then answers
-    /// `QuotaExhausted`). Returns whether it waited (for the refill lock or
-    /// the store), after which the session's state must be read again.
-    async fn ensure_lease(&self, session: &Arc<LiveSession>) -> Result<bool, AuthError> {
-        let Some(lease) = session.lease() else {
-            return Ok(false);
-        };
-        if lease.left() > 0 {
-            if lease.running_low() {
-                let store = Arc::clone(&self.store);
-                let session = Arc::clone(session);
-                self.spawn_home(async move {
-                    if let Some(lease) = session.lease() {
-                        if let Ok(_refilling) = lease.refill.try_lock() {
-                            if lease.running_low() {
-                                let _ = refill(store.as_ref(), &session).await;
-                            }
-                        }
-                    }
-                });
+    /// Asks `session`'s limits to admit a call (see [`LiveSession::admit`]).
+    ///
+    /// On a store that leases `max_requests`, an empty lease is refilled
+    /// first: the call waits for the store (once per lease, not per call)
+    /// and then reads the session's state again, so that a session revoked
+    /// or expired meanwhile is refused (its [`AuthError`]) and spends
+    /// nothing. A lease running low is refilled in the background. A call
+    /// is refused `QuotaExhausted` only when the store has nothing left to
+    /// lease (each round either gets a grant, which the quota bounds, or
+    /// finds the store spent).
+    pub async fn admit(&self, session: &Arc<LiveSession>) -> Result<Admission, AuthError> {
+        loop {
+            let admission = session.admit();
+            let Some(lease) = session.lease() else {
+                return Ok(admission);
+            };
+            if admission != Admission::QuotaExhausted {
+                self.refill_when_low(session, lease);
+                return Ok(admission);
             }
-            return Ok(false);
+            if lease.recently_spent(now_ms(), SPENT_RETRY_MS) {
+                return Ok(admission);
+            }
+            if self.refill_empty(session, lease).await? {
+                // The wait was a store round trip: the session may have ended.
+                still_active(session, now_ms())?;
+            }
         }
-        if lease.recently_spent(now_ms(), SPENT_RETRY_MS) {
+    }
+
+    /// Starts a background refill of a lease of at least four running
+    /// below a quarter, unless one is under way.
+    fn refill_when_low(&self, session: &Arc<LiveSession>, lease: &Lease) {
+        if !lease.running_low() {
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        let session = Arc::clone(session);
+        self.spawn_home(async move {
+            if let Some(lease) = session.lease() {
+                if let Ok(_refilling) = lease.refill.try_lock() {
+                    if lease.running_low() {
+                        let _ = refill(store.as_ref(), &session).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Refills `session`'s empty lease from the store, one refill at a
+    /// time (calls that find one under way wait for it). Leaves the lease
+    /// empty when the store has nothing left. Returns whether it waited
+    /// (for the refill lock or the store), after which the session's state
+    /// must be read again.
+    async fn refill_empty(
+        &self,
+        session: &Arc<LiveSession>,
+        lease: &Lease,
+    ) -> Result<bool, AuthError> {
+        if lease.left() > 0 {
             return Ok(false);
         }
         let _refilling = lease.refill.lock().await;
@@ -422,29 +451,6 @@ impl Registry {
             Err(_) => {
                 tracing::error!(session = %session.id(), "leasing max_requests timed out");
                 Err(AuthError::StoreUnavailable)
-            }
-        }
-    }
-
-    /// Asks `session`'s limits to admit a call. On a shared store, a lease
-    /// that other calls emptied after this one's [`Registry::authenticate`]
-    /// is refilled before the call is refused, so that `max_requests`
-    /// refuses a call only when the store has nothing left to lease. (Each
-    /// round either gets a grant, which the quota bounds, or finds the
-    /// store spent.)
-    pub async fn admit(&self, session: &Arc<LiveSession>) -> Result<Admission, AuthError> {
-        loop {
-            let admission = session.admit();
-            let Some(lease) = session.lease() else {
-                return Ok(admission);
-            };
-            if admission != Admission::QuotaExhausted
-                || lease.recently_spent(now_ms(), SPENT_RETRY_MS)
-            {
-                return Ok(admission);
-            }
-            if self.ensure_lease(session).await? {
-                still_active(session, now_ms())?;
             }
         }
     }

@@ -62,7 +62,7 @@ impl Replica {
             .registry
             .authenticate(Some(token), airlock_session::now_ms())
             .await?;
-        Ok(session.admit())
+        self.registry.admit(&session).await
     }
 }
 

@@ -715,31 +715,34 @@ async fn max_denied_revokes_the_session() {
     assert_eq!(view["calls"], json!({"allowed": 1, "denied": 2}));
 }
 
-/// Calls that waited for their session's `max_requests` lease (a store
-/// round trip) while another call's denial revoked the session send
+/// Calls that wait for their session's `max_requests` lease (a store
+/// round trip) while another call's denial revokes the session send
 /// nothing upstream: the session's state is read again after the wait
 /// (round 26: every one of them went to the provider after the
-/// revocation). One HTTP/2 connection, so the calls queue for the lease
-/// in the order they were sent: the out-of-scope one first.
+/// revocation). Another process holds the store's write lock, so the
+/// lease cannot be refilled until the revocation is in force; the
+/// out-of-scope call that revokes does not wait for the lease.
 #[tokio::test]
 async fn calls_waiting_for_a_lease_stop_when_the_session_is_revoked_meanwhile() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
+    use sqlx::Connection;
 
-    let s = setup().await;
+    // Audit off: its records would wait for the lock too.
+    let s = setup_with("[audit]\nenabled = false\n").await;
     let (id, token) = session(
         &s.airlock,
         chat_scope(),
-        json!({"max_requests": 50, "max_denied": 1}),
+        json!({"max_requests": 50, "max_denied": 2}),
     )
     .await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<Full<Bytes>>();
     let base = s.airlock.proxy_url();
-    let send = |method: &str, path: &str| {
+    let send = |path: &str| {
         let request = http::Request::builder()
-            .method(method)
+            .method("POST")
             .uri(format!("{base}{path}"))
             .header("authorization", format!("Bearer {token}"))
             .header("content-type", "application/json")
@@ -753,17 +756,30 @@ async fn calls_waiting_for_a_lease_stop_when_the_session_is_revoked_meanwhile() 
             (status, String::from_utf8_lossy(&body).into_owned())
         }
     };
-    // The connection first, with a call no session is asked about.
-    let (status, _) = send("GET", "/no-such-provider/x").await;
-    assert_eq!(status, 404);
-    let mut calls = vec![Box::pin(send("POST", "/openai/v1/files"))];
-    for _ in 0..20 {
-        calls.push(Box::pin(send("POST", "/openai/v1/chat/completions")));
-    }
-    let answers = futures_util::future::join_all(calls).await;
-    assert_eq!(answers[0].0, 403, "{:?}", answers[0]);
-    for (status, body) in &answers[1..] {
-        assert_eq!(*status, 401, "{body}");
+    // The first denial: the session is cached, its lease still empty.
+    assert_eq!(send("/openai/v1/files").await.0, 403);
+
+    let db = s.airlock.dir().join("airlock.db");
+    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let waiting =
+        futures_util::future::join_all((0..20).map(|_| send("/openai/v1/chat/completions")));
+    // The second denial, sent after them on the same connection (`join`
+    // polls them first), revokes; the lock goes once it is answered.
+    let revoking = async {
+        let answer = send("/openai/v1/files").await;
+        sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+        answer
+    };
+    let (answers, (status, body)) = futures_util::future::join(waiting, revoking).await;
+    assert_eq!(status, 403, "{body}");
+    for (status, body) in answers {
+        assert_eq!(status, 401, "{body}");
         assert!(body.contains("reached its max_denied limit"), "{body}");
     }
     assert_eq!(s.mock.request_count(), 0);
@@ -774,7 +790,7 @@ async fn calls_waiting_for_a_lease_stop_when_the_session_is_revoked_meanwhile() 
         .unwrap();
     assert_eq!(view["revoked_reason"], "max_denied");
     // The refused calls spent nothing of max_requests.
-    assert_eq!(view["calls"], json!({"allowed": 0, "denied": 1}), "{view}");
+    assert_eq!(view["calls"], json!({"allowed": 0, "denied": 2}), "{view}");
 }
 
 #[tokio::test]

@@ -216,6 +216,10 @@ struct CountingStore {
     /// This many more revocations fail (the store recovering).
     refused_revocations: std::sync::atomic::AtomicUsize,
     gate: Option<LookupGate>,
+    /// Holds `max_requests` reservations (lease refills) the same way.
+    reserve_gate: Option<LookupGate>,
+    /// How many reservations were asked for.
+    reserves: std::sync::atomic::AtomicUsize,
     /// The sessions whose statuses were asked for, in order.
     status_reads: std::sync::Mutex<Vec<SessionId>>,
 }
@@ -228,6 +232,16 @@ struct LookupGate {
     fail: std::sync::atomic::AtomicBool,
 }
 
+impl LookupGate {
+    fn new() -> Self {
+        Self {
+            read: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+            fail: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
 impl CountingStore {
     fn over(inner: &Arc<dyn Store>, feed: Option<broadcast::Sender<Change>>) -> Arc<Self> {
         Arc::new(Self {
@@ -238,6 +252,24 @@ impl CountingStore {
             read_only: Default::default(),
             refused_revocations: Default::default(),
             gate: None,
+            reserve_gate: None,
+            reserves: Default::default(),
+            status_reads: Default::default(),
+        })
+    }
+
+    /// Holds every `max_requests` reservation until the test releases it.
+    fn reserve_gated(inner: &Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Arc::clone(inner),
+            token_lookups: Default::default(),
+            feed: None,
+            unreachable: Default::default(),
+            read_only: Default::default(),
+            refused_revocations: Default::default(),
+            gate: None,
+            reserve_gate: Some(LookupGate::new()),
+            reserves: Default::default(),
             status_reads: Default::default(),
         })
     }
@@ -250,11 +282,9 @@ impl CountingStore {
             unreachable: Default::default(),
             read_only: Default::default(),
             refused_revocations: Default::default(),
-            gate: Some(LookupGate {
-                read: tokio::sync::Notify::new(),
-                release: tokio::sync::Semaphore::new(0),
-                fail: std::sync::atomic::AtomicBool::new(false),
-            }),
+            gate: Some(LookupGate::new()),
+            reserve_gate: None,
+            reserves: Default::default(),
             status_reads: Default::default(),
         })
     }
@@ -368,6 +398,12 @@ impl Store for CountingStore {
         self.inner.leases_requests()
     }
     async fn reserve_requests(&self, id: &SessionId, want: u64) -> airlock_store::Result<u64> {
+        self.reserves
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(gate) = &self.reserve_gate {
+            gate.read.notify_one();
+            gate.release.acquire().await.unwrap().forget();
+        }
         self.inner.reserve_requests(id, want).await
     }
     async fn release_requests(&self, id: &SessionId, count: u64) -> airlock_store::Result<()> {
@@ -547,6 +583,71 @@ async fn revocation_during_a_lookup(recheck_fails: bool) {
             .err(),
         Some(AuthError::Revoked)
     );
+}
+
+/// A call that waited for its session's `max_requests` lease (a store
+/// round trip) reads the session's state again: revoked meanwhile, it is
+/// refused and spends nothing (round 26: such calls went upstream after
+/// the revocation).
+#[tokio::test]
+async fn a_call_that_waited_for_its_lease_is_refused_when_revoked_meanwhile() {
+    let (_dir, reg) = registry().await;
+    let limits = Limits {
+        max_requests: Some(10),
+        ..Limits::default()
+    };
+    let (_, token) = reg
+        .create(new_session(limits, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let gated = CountingStore::reserve_gated(reg.store());
+    let fresh = Arc::new(Registry::new(Arc::clone(&gated) as Arc<dyn Store>));
+    let gate = gated.reserve_gate.as_ref().unwrap();
+    let live = fresh
+        .authenticate(Some(token.expose()), crate::now_ms())
+        .await
+        .unwrap();
+
+    let admitting = tokio::spawn({
+        let fresh = Arc::clone(&fresh);
+        let live = Arc::clone(&live);
+        async move { fresh.admit(&live).await }
+    });
+    // The call waits for the store's grant; the revocation lands now.
+    gate.read.notified().await;
+    assert!(fresh.revoke(live.id()).await.unwrap());
+    gate.release.add_permits(1);
+    assert_eq!(admitting.await.unwrap(), Err(AuthError::Revoked));
+    assert_eq!(live.allowed(), 0);
+}
+
+/// `authenticate` never waits for a lease: a call refused for its path or
+/// scope costs the store nothing; the lease is refilled by `admit`.
+#[tokio::test]
+async fn authenticating_leaves_the_lease_to_admit() {
+    let (_dir, reg) = registry().await;
+    let limits = Limits {
+        max_requests: Some(10),
+        ..Limits::default()
+    };
+    let (_, token) = reg
+        .create(new_session(limits, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let gated = CountingStore::reserve_gated(reg.store());
+    let fresh = Registry::new(Arc::clone(&gated) as Arc<dyn Store>);
+    let gate = gated.reserve_gate.as_ref().unwrap();
+    gate.release.add_permits(16);
+    let reserves = || gated.reserves.load(std::sync::atomic::Ordering::SeqCst);
+
+    let live = fresh
+        .authenticate(Some(token.expose()), crate::now_ms())
+        .await
+        .unwrap();
+    assert_eq!(reserves(), 0);
+    assert_eq!(fresh.admit(&live).await.unwrap(), Admission::Admitted);
+    assert_eq!(reserves(), 1);
+    assert_eq!(live.allowed(), 1);
 }
 
 /// The periodic re-check asks the store only about sessions that have not
