@@ -465,6 +465,28 @@ impl Airlock {
         self.output.lock().clone()
     }
 
+    /// Waits until the output holds `needle` more than `seen` times (log
+    /// lines are written by a thread of their own, so this polls) and
+    /// returns the last line holding it. Panics after 15 s, with the output.
+    pub async fn wait_for_output(&self, needle: &str, seen: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let output = self.output();
+            if output.matches(needle).count() > seen {
+                return output
+                    .lines()
+                    .rfind(|line| line.contains(needle))
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new {needle:?} in the output within 15 s:\n{output}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Calls the admin API with the admin token. A JSON `body` is sent with
     /// `content-type: application/json`. The answer is parsed as JSON; an
     /// empty body gives `null` and a non-JSON body a JSON string.

@@ -12,6 +12,7 @@ mod commands;
 mod config;
 mod credentials;
 mod key_check;
+mod logging;
 mod output;
 mod paths;
 
@@ -27,7 +28,7 @@ fn main() -> ExitCode {
     };
     // Log lines are written by a background thread: the request path never
     // blocks on stderr. The guard flushes what is pending at exit.
-    let _log_guard = init_logging(cli.log_format);
+    let _log_guard = logging::init(cli.log_format);
     // The control plane: admin API, store sync, PostgreSQL audit writes.
     // Proxy traffic runs on `proxy.workers` threads of its own (see
     // airlock_proxy::server), so two threads are plenty here.
@@ -174,25 +175,4 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
             }
         }
     }
-}
-
-fn init_logging(format: cli::LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // PostgreSQL's notices (a migration's "already exists, skipping")
-        // are not news.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
-    // Colours only on a terminal: escape codes in a log file or pipe are noise.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(writer);
-    match format {
-        cli::LogFormat::Text => builder.init(),
-        cli::LogFormat::Json => builder.json().init(),
-    }
-    guard
 }

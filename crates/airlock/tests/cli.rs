@@ -2061,25 +2061,47 @@ async fn a_store_others_can_read_is_warned_about() {
     let database = dir.path().join("airlock.db");
     std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o644)).unwrap();
     let mut second = start().await.unwrap();
-    // The log is written by a thread of its own: polled.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let warned = loop {
-        let found = second
-            .output()
-            .lines()
-            .find(|l| l.contains("can be read or written by other users"))
-            .map(str::to_owned);
-        if let Some(line) = found {
-            break line;
-        }
-        assert!(std::time::Instant::now() < deadline, "{}", second.output());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let warned = second
+        .wait_for_output("can be read or written by other users", 0)
+        .await;
     second.terminate().await.unwrap();
     assert!(
         warned.contains("WARN") && warned.contains("mode=0644"),
         "{warned}"
     );
+}
+
+/// A `RUST_LOG` without a level (here the typo `infoo`, a target name to
+/// `tracing`) keeps airlock's warnings and says why, where it silenced
+/// every line (known since round 24).
+#[tokio::test]
+async fn a_rust_log_without_a_level_keeps_warnings() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+            .dir(dir.path().to_path_buf())
+            .env("RUST_LOG", "infoo")
+            .start()
+    };
+    let mut first = start().await.unwrap();
+    first.terminate().await.unwrap();
+    // A store others can read: a warning at start.
+    let database = dir.path().join("airlock.db");
+    std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut second = start().await.unwrap();
+    let named = second.wait_for_output("which is not a level", 0).await;
+    assert!(
+        named.contains("WARN") && named.contains("\"infoo\""),
+        "{named}"
+    );
+    second
+        .wait_for_output("can be read or written by other users", 0)
+        .await;
+    second.terminate().await.unwrap();
+    // Warnings, not INFO lines.
+    assert!(!second.output().contains(" INFO "), "{}", second.output());
 }
 
 /// `config check` refuses a PostgreSQL config without the keys every

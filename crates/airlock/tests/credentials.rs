@@ -418,9 +418,11 @@ async fn file_credentials_rotate_without_restart() {
             .count()
     };
     std::fs::remove_file(&file).unwrap();
-    wait_for_output(&airlock, "No such file").await;
+    airlock.wait_for_output("No such file", 0).await;
     write_atomically(&file, "short");
-    wait_for_output(&airlock, "to be guarded against echoes").await;
+    airlock
+        .wait_for_output("to be guarded against echoes", 0)
+        .await;
     assert_eq!(warnings(), 2, "{}", airlock.output());
     assert_eq!(call(&airlock, "/p/x", &token).await.0, 200);
     assert_eq!(
@@ -432,22 +434,11 @@ async fn file_credentials_rotate_without_restart() {
         Some("Bearer file-key-version-three")
     );
     write_atomically(&file, "file-key-version-four");
-    wait_for_output(&airlock, "credential file is readable again").await;
+    airlock
+        .wait_for_output("credential file is readable again", 0)
+        .await;
     wait_for_credential(&airlock, &mock, &token, "file-key-version-four").await;
     assert_eq!(warnings(), 2, "{}", airlock.output());
-}
-
-/// Waits until airlock's output holds `text`.
-async fn wait_for_output(airlock: &Airlock, text: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !airlock.output().contains(text) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never logged {text:?}: {}",
-            airlock.output()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn credential_cli(airlock: &Airlock, args: &[&str], stdin: &str) -> std::process::Output {

@@ -104,19 +104,6 @@ async fn wait_for_certificate(url: &str, ca: &TestCa, want: &[u8], what: &str) {
     }
 }
 
-/// Polls the process output until it holds `needle` more than `seen` times.
-async fn wait_for_output(airlock: &Airlock, needle: &str, seen: usize) {
-    let deadline = Instant::now() + DEADLINE;
-    while airlock.output().matches(needle).count() <= seen {
-        assert!(
-            Instant::now() < deadline,
-            "no new {needle:?} in the output within {DEADLINE:?}:\n{}",
-            airlock.output()
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 #[tokio::test]
 async fn https_listener_and_tls_upstream_with_ca_file() {
     let ca = TestCa::new("airlock test CA");
@@ -334,7 +321,7 @@ async fn a_client_speaking_the_wrong_protocol_is_named_in_the_log() {
             "a TLS client got an answer from the plain port"
         );
     }
-    wait_for_output(&plain, TLS_ON_PLAIN, 0).await;
+    plain.wait_for_output(TLS_ON_PLAIN, 0).await;
     let token = token(&plain, &["mock"]).await;
     let answer = raw(
         &plain.proxy_url(),
@@ -369,7 +356,7 @@ async fn a_client_speaking_the_wrong_protocol_is_named_in_the_log() {
     )
     .await;
     assert_eq!(raw_status(&answer), 0, "{answer}");
-    wait_for_output(&tls, PLAIN_ON_TLS, 0).await;
+    tls.wait_for_output(PLAIN_ON_TLS, 0).await;
     assert!(!tls.output().contains(TLS_ON_PLAIN), "{}", tls.output());
     // Only the plain call on the plain port reached the provider.
     assert_eq!(mock.requests().len(), 1);
@@ -404,7 +391,7 @@ async fn certificate_reloads_keep_open_connections() {
     second.write(&files.cert, &files.key);
     send_signal(airlock.pid(), "HUP");
     wait_for_certificate(&url, &ca, &second.cert_der(), "SIGHUP").await;
-    wait_for_output(&airlock, "SIGHUP", 0).await;
+    airlock.wait_for_output("SIGHUP", 0).await;
     // ...while the connection opened before goes on with the old one.
     let reply = open
         .request("GET", "/mock/v1/models", &[("authorization", &auth)])
@@ -421,7 +408,9 @@ async fn certificate_reloads_keep_open_connections() {
     let refused = airlock.output().matches("keeping the old one").count();
     std::fs::write(&files.key, "not a key\n").unwrap();
     send_signal(airlock.pid(), "HUP");
-    wait_for_output(&airlock, "keeping the old one", refused).await;
+    airlock
+        .wait_for_output("keeping the old one", refused)
+        .await;
     let again = TlsConnection::open(&url, ca.cert_pem()).await.unwrap();
     assert_eq!(again.certificate(), third.cert_der());
     let reply = open
