@@ -136,6 +136,8 @@ struct Fingerprint {
     len: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
+    /// Permission bits.
+    mode: u32,
 }
 
 /// The watcher thread's state.
@@ -152,6 +154,8 @@ struct Worker<T, F> {
     /// The error of the last check, if it failed: a warning is logged when
     /// the error changes, not on every periodic re-check.
     failing: Option<String>,
+    /// The mode last warned about (see [`warn_if_open`]).
+    open_mode: Option<u32>,
 }
 
 // === impl CredentialCell ===
@@ -272,6 +276,8 @@ impl FileWatcher {
         };
         cell.store(value);
         stats.reloads.fetch_add(1, Ordering::Relaxed);
+        let mut open_mode = None;
+        warn_if_open(&path, fingerprint.mode, &mut open_mode);
 
         let (tx, rx) = mpsc::channel();
         let notifier = if options.notify {
@@ -287,6 +293,7 @@ impl FileWatcher {
             fingerprint: Some(fingerprint),
             current: secret,
             failing: None,
+            open_mode,
         };
         let handle = std::thread::Builder::new()
             .name("airlock-credential-watch".into())
@@ -424,6 +431,7 @@ where
             }
         };
         self.fingerprint = Some(fingerprint);
+        warn_if_open(&self.path, fingerprint.mode, &mut self.open_mode);
         if secret == self.current {
             self.recovered();
             return;
@@ -470,6 +478,29 @@ where
     }
 }
 
+/// Warns when a credential file can be read or written by other users
+/// (`mode` grants the group or others anything): whoever reads it holds
+/// the provider key airlock keeps from agents, and an agent on the same
+/// machine is such a reader. Once per mode (`warned` remembers it), again
+/// after a change; nothing once the mode is tight.
+fn warn_if_open(path: &Path, mode: u32, warned: &mut Option<u32>) {
+    if mode & 0o077 == 0 {
+        *warned = None;
+        return;
+    }
+    if *warned == Some(mode) {
+        return;
+    }
+    *warned = Some(mode);
+    tracing::warn!(
+        path = %path.display(),
+        mode = format_args!("{mode:04o}"),
+        "the credential file can be read or written by other users: whoever reads it holds \
+         the provider key airlock keeps from agents; `chmod 600` it (owned by the user \
+         airlock runs as; in Kubernetes, a secret volume's defaultMode 0400)"
+    );
+}
+
 /// Waits until no `Changed` arrived for `quiet` (at most 10 × `quiet` in
 /// all). `false` when the watcher is stopping.
 fn debounce(rx: &mpsc::Receiver<Msg>, quiet: Duration) -> bool {
@@ -497,6 +528,7 @@ impl Fingerprint {
             len: meta.len(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
             ctime: (meta.ctime(), meta.ctime_nsec()),
+            mode: meta.mode() & 0o7777,
         }
     }
 }

@@ -365,6 +365,56 @@ fn write_atomically(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// A credential file other users can read is warned about, with its mode
+/// (never its value), once per mode: an agent on the same machine could
+/// read the key airlock keeps from it (known since round 24: silent).
+#[tokio::test]
+async fn a_credential_file_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+
+    const NEEDLE: &str = "the credential file can be read or written by other users";
+    let mock = MockProvider::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let file = secrets.path().join("p.key");
+    std::fs::write(&file, "file-key-kept-private\n").unwrap();
+    let chmod = |mode| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode));
+    chmod(0o600).unwrap();
+    let config = toml_provider(
+        "p",
+        &mock.url(),
+        "bearer",
+        &format!("file:{}", file.display()),
+        "",
+    );
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .config(&config)
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start()
+        .await
+        .unwrap();
+    chmod(0o644).unwrap();
+    let warned = airlock.wait_for_output(NEEDLE, 0).await;
+    assert!(
+        warned.contains("WARN") && warned.contains("mode=0644"),
+        "{warned}"
+    );
+    // None at start (it would have come first): the file was 0600 then.
+    assert_eq!(airlock.output().matches(NEEDLE).count(), 1);
+    chmod(0o640).unwrap();
+    let warned = airlock.wait_for_output(NEEDLE, 1).await;
+    assert!(warned.contains("mode=0640"), "{warned}");
+    assert!(!airlock.output().contains("file-key-kept-private"));
+    // At start too.
+    let restarted = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .config(&config)
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start()
+        .await
+        .unwrap();
+    let warned = restarted.wait_for_output(NEEDLE, 0).await;
+    assert!(warned.contains("mode=0640"), "{warned}");
+}
+
 #[tokio::test]
 async fn file_credentials_rotate_without_restart() {
     let mock = MockProvider::start().await;
