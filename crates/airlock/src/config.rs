@@ -206,8 +206,8 @@ struct RawAdmin {
 struct RawStore {
     #[serde(default = "default_store_url")]
     url: String,
-    #[serde(default = "default_max_staleness")]
-    max_staleness: String,
+    /// Unset: [`DEFAULT_MAX_STALENESS`].
+    max_staleness: Option<String>,
     master_key_file: Option<PathBuf>,
 }
 
@@ -407,9 +407,8 @@ fn default_admin_listen() -> String {
 fn default_store_url() -> String {
     "sqlite://airlock.db".into()
 }
-fn default_max_staleness() -> String {
-    "5s".into()
-}
+/// `store.max_staleness` when unset.
+const DEFAULT_MAX_STALENESS: &str = "5s";
 /// The official OpenAI and Anthropic SDKs wait 10 minutes for an answer:
 /// a call they would still wait for is not cut here (and then retried by
 /// them, the provider doing the work again).
@@ -478,7 +477,7 @@ impl Default for RawStore {
     fn default() -> Self {
         Self {
             url: default_store_url(),
-            max_staleness: default_max_staleness(),
+            max_staleness: None,
             master_key_file: None,
         }
     }
@@ -720,7 +719,13 @@ impl Config {
                 ),
             ));
         }
-        let store_max_staleness = dur("store.max_staleness", &raw.store.max_staleness)?;
+        let store_max_staleness = dur(
+            "store.max_staleness",
+            raw.store
+                .max_staleness
+                .as_deref()
+                .unwrap_or(DEFAULT_MAX_STALENESS),
+        )?;
         if store_max_staleness < Duration::from_millis(100) {
             return Err(err("store.max_staleness", "must be at least 100ms".into()));
         }
@@ -731,6 +736,13 @@ impl Config {
 
         let mut providers = BTreeMap::new();
         let mut notes = Vec::new();
+        if raw.store.max_staleness.is_some() && !airlock_store::is_postgres_url(&store_url) {
+            notes.push(
+                "store.max_staleness applies to a PostgreSQL store shared by replicas; a SQLite \
+                 store is this process's own and never stale, so it is ignored"
+                    .to_owned(),
+            );
+        }
         // Variable name -> the key that set it: a session's `env` holds one
         // value per name. Two providers may share an `env_key` (both get the
         // session's one token), never an `env_base_url` or a name used as

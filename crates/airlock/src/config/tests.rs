@@ -552,3 +552,31 @@ fn a_builtin_table_with_env_key_is_warned_of_its_generic_defaults() {
         assert!(c.warnings().is_empty(), "{quiet}: {:?}", c.warnings());
     }
 }
+
+/// `store.max_staleness` with a SQLite store is named as ignored (it was
+/// taken silently); with PostgreSQL, or left out, nothing is said.
+#[test]
+fn max_staleness_with_sqlite_is_warned_of() {
+    let c = Config::parse("x.toml", "[store]\nmax_staleness = \"2s\"\n").unwrap();
+    let warnings = c.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("store.max_staleness applies to a PostgreSQL store"),
+        "{warnings:?}"
+    );
+    for quiet in [
+        "[store]\nurl = \"sqlite://a.db\"\n",
+        "[store]\nurl = \"postgres://u@h/db\"\nmax_staleness = \"2s\"\n",
+    ] {
+        let c = Config::parse("x.toml", quiet).unwrap();
+        assert!(c.warnings().is_empty(), "{quiet}: {:?}", c.warnings());
+        assert_eq!(
+            c.store_max_staleness,
+            if quiet.contains("2s") {
+                Duration::from_secs(2)
+            } else {
+                Duration::from_secs(5)
+            }
+        );
+    }
+}
