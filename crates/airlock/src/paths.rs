@@ -3,7 +3,8 @@
 //! config file's; what they resolve to is shown absolute (`config check`,
 //! the start-up log) so that a user starting airlock elsewhere sees it.
 //! Also the check that a SQLite store's directory can take the database,
-//! shared by `serve` and `config check`.
+//! shared by `serve` and `config check`, and the hint for a store that
+//! failed to open on a full disk.
 
 use std::path::{Path, PathBuf};
 
@@ -80,6 +81,31 @@ pub fn sqlite_location(store_url: &str) -> Result<Option<PathBuf>, String> {
     Ok(Some(file))
 }
 
+/// Below this much free space a SQLite store that failed to open is said to
+/// be on a full disk: its write-ahead log and shared-memory index grow by
+/// pages and 32 KiB blocks, and SQLite itself names a failed growth of the
+/// index only "disk I/O error".
+const LOW_SPACE: u64 = 1024 * 1024;
+
+/// Why a SQLite store at `database` may have failed to open, when the file
+/// system holding it is (nearly) full: what is free and what to do.
+pub fn full_disk_hint(database: &Path) -> Option<String> {
+    let dir = database.parent().unwrap_or(Path::new("/"));
+    let stats = rustix::fs::statvfs(dir).ok()?;
+    low_space_hint(dir, stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
+/// [`full_disk_hint`] for `free` bytes left in `dir`.
+fn low_space_hint(dir: &Path, free: u64) -> Option<String> {
+    (free < LOW_SPACE).then(|| {
+        format!(
+            "the file system holding {} has {free} bytes free: SQLite needs room for its \
+             -wal and -shm files; free some space or point store.url elsewhere",
+            dir.display()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +135,23 @@ mod tests {
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(absolute(Path::new("airlock.db")), cwd.join("airlock.db"));
         assert_eq!(absolute(Path::new("/a/b")), PathBuf::from("/a/b"));
+    }
+
+    #[test]
+    fn a_full_disk_is_named_with_what_is_free() {
+        let dir = Path::new("/var/lib/airlock");
+        let hint = low_space_hint(dir, 4096).unwrap();
+        assert!(
+            hint.starts_with("the file system holding /var/lib/airlock has 4096 bytes free"),
+            "{hint}"
+        );
+        assert_eq!(low_space_hint(dir, LOW_SPACE), None);
+        // A store directory with room says nothing.
+        let room = tempfile::tempdir().unwrap();
+        let database = room.path().join("airlock.db");
+        let free = rustix::fs::statvfs(room.path()).unwrap();
+        if free.f_bavail * free.f_frsize >= LOW_SPACE {
+            assert_eq!(full_disk_hint(&database), None);
+        }
     }
 }

@@ -59,7 +59,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 "opening store {}",
                 airlock_store::url_for_display(&config.store_url)
             )
-        })?;
+        })
+        .map_err(
+            |e| match database.as_deref().and_then(crate::paths::full_disk_hint) {
+                Some(hint) => e.context(hint),
+                None => e,
+            },
+        )?;
     // Credentials first: one serve refuses (too short, not header-safe)
     // stops it before anything is printed or written (an admin token, a
     // new audit chain).
