@@ -12,6 +12,9 @@ pub enum ApiError {
     NotFound(String),
     Conflict(String),
     Internal(String),
+    /// The session store is out of reach (see
+    /// [`airlock_store::StoreError::is_unavailable`]): 503, worth retrying.
+    StoreUnavailable(String),
     /// Any other refusal, by its status: what axum refused before a handler
     /// ran (a method a route does not have, a body over the limit, a path
     /// that is not UTF-8).
@@ -44,6 +47,12 @@ impl ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "api_error",
                 "internal",
+                m,
+            ),
+            Self::StoreUnavailable(m) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "store_unavailable",
                 m,
             ),
             Self::Status(status, m) => {
@@ -95,12 +104,27 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
 
 impl From<airlock_session::RegistryError> for ApiError {
     fn from(e: airlock_session::RegistryError) -> Self {
-        Self::Internal(e.to_string())
+        match e {
+            airlock_session::RegistryError::Store(e) => e.into(),
+            // In force here, and written to the store once it can be.
+            airlock_session::RegistryError::RevocationPending(ref inner)
+                if inner.is_unavailable() =>
+            {
+                Self::StoreUnavailable(e.to_string())
+            }
+            pending @ airlock_session::RegistryError::RevocationPending(_) => {
+                Self::Internal(pending.to_string())
+            }
+        }
     }
 }
 
 impl From<airlock_store::StoreError> for ApiError {
     fn from(e: airlock_store::StoreError) -> Self {
-        Self::Internal(e.to_string())
+        if e.is_unavailable() {
+            Self::StoreUnavailable(format!("the session store is out of reach: {e}"))
+        } else {
+            Self::Internal(e.to_string())
+        }
     }
 }

@@ -157,6 +157,36 @@ pub enum StoreError {
     FileGone(std::path::PathBuf),
 }
 
+impl StoreError {
+    /// Whether the store is out of reach (no connection, no answer in time,
+    /// shutting down) rather than refusing what was asked: worth asking
+    /// again later (the admin API answers 503 `store_unavailable`).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Unreachable(_) | Self::TimedOut(_) | Self::RuntimeGone => true,
+            Self::Database(sqlx::Error::Database(e)) => {
+                e.code().as_deref().is_some_and(refuses_connections)
+            }
+            Self::Database(e) => matches!(
+                e,
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Whether PostgreSQL's SQLSTATE `code` says it takes no connections now:
+/// class 08 (connection exception), shutting down or starting (57P01–03),
+/// too many connections (53300), or the database closed to connections
+/// (55000, `ALLOW_CONNECTIONS false`).
+fn refuses_connections(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "55000")
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         Self::Database(e)

@@ -780,6 +780,10 @@ async fn cached_sessions_are_served_for_max_staleness_at_most_without_the_databa
     assert!(lasted >= Duration::from_secs(2), "{lasted:?}");
     assert!(last.starts_with("event: error"), "{last}");
     assert!(last.contains("\"store_unavailable\""), "{last}");
+    // The admin API says the store is out of reach: 503, not 500 (round 25).
+    let (status, body) = a.admin("GET", "/v1/sessions", None).await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
 
     cluster.db.allow_connections(true).await;
     eventually(Duration::from_secs(20), "recovery", async || {
