@@ -98,6 +98,13 @@ pub struct RequestPolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FramingAnomaly(pub &'static str);
 
+impl FramingAnomaly {
+    /// A head line longer than `proxy.max_header_size`, after which the
+    /// listener cannot follow the connection: refused with 431, as hyper
+    /// refuses such a head on a connection's first request.
+    pub const HEAD_TOO_LARGE: Self = Self("the request head is larger than proxy.max_header_size");
+}
+
 // === impl ForwardedPolicy ===
 
 impl std::str::FromStr for ForwardedPolicy {
@@ -245,6 +252,12 @@ pub fn check_head(
     auth: &AuthStyle,
     policy: &RequestPolicy,
 ) -> Result<(), Denial> {
+    if let Some(&FramingAnomaly::HEAD_TOO_LARGE) = anomaly {
+        return Err(Denial::new(
+            ErrorCode::HeadersTooLarge,
+            FramingAnomaly::HEAD_TOO_LARGE.0,
+        ));
+    }
     if let Some(FramingAnomaly(what)) = anomaly {
         return Err(Denial::bad_request(format!(
             "ambiguous request framing: {what}"

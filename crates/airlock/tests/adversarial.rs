@@ -943,6 +943,33 @@ async fn oversized_heads_and_bodies_are_refused() {
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
 
+/// A head over `max_header_size` after a kept-alive call is refused as on
+/// a connection's first request: 431 `headers_too_large` (the listener's
+/// verdict: hyper's own limit is higher by then). It was refused with 400
+/// "the connection's framing could not be followed".
+#[tokio::test]
+async fn an_oversized_head_after_a_call_is_refused_as_too_large() {
+    let env = env(&[r#"max_header_size = "16KiB""#]).await;
+    let addr = hostile::authority(&env.airlock.proxy_url()).to_owned();
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    let answer = airlock_testkit::client::answer_on(
+        &mut stream,
+        b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    let pad = format!("X-Pad: {}\r\n", "a".repeat(20 * 1024));
+    let answer = airlock_testkit::client::answer_on(
+        &mut stream,
+        &req("GET", "/openai/v1/models/x", &env.token, &pad),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    assert!(answer.contains("\"headers_too_large\""), "{answer}");
+    assert!(answer.contains("proxy.max_header_size"), "{answer}");
+    assert_eq!(env.mock.request_count(), 0);
+}
+
 #[tokio::test]
 async fn connections_over_the_limit_are_refused_and_slots_come_back() {
     let env = env(&["max_connections = 4"]).await;

@@ -25,6 +25,8 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::headers::FramingAnomaly;
+
 /// Verdicts of the heads read so far, shared between the connection's
 /// reader and its service.
 #[derive(Debug, Default)]
@@ -33,6 +35,9 @@ pub(crate) struct Verdicts {
     queue: VecDeque<(u64, Option<&'static str>)>,
     /// The sniffer lost track of the framing: no verdict can be trusted.
     lost: bool,
+    /// Why, when it is the request's own doing (a head too large): the
+    /// verdict of every request after.
+    lost_because: Option<&'static str>,
     /// The connection speaks HTTP/2: nothing to follow.
     http2: bool,
     /// The connection opened with a TLS handshake, not a request.
@@ -113,7 +118,11 @@ impl Verdicts {
         match verdicts.queue.pop_front() {
             Some((_, verdict)) => verdict,
             None if verdicts.http2 => None,
-            None => Some("the connection's framing could not be followed"),
+            None => Some(
+                verdicts
+                    .lost_because
+                    .unwrap_or("the connection's framing could not be followed"),
+            ),
         }
     }
 
@@ -195,7 +204,14 @@ impl Sniffer {
                         None => (bytes, None),
                     };
                     if self.line.len() + line.len() > self.max_line {
-                        // hyper refuses the head (431); nothing left to follow.
+                        // Nothing left to follow. hyper refuses such a head
+                        // (431) on a connection's first request, but after
+                        // a call its own limit may be higher: refused then
+                        // by the verdict.
+                        self.verdicts
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .lost_because = Some(FramingAnomaly::HEAD_TOO_LARGE.0);
                         self.lose(None);
                         return;
                     }
