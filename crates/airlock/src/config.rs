@@ -1109,7 +1109,20 @@ fn parse_credential_source(value: &str) -> Result<CredentialSource, String> {
     if value == "store" {
         return Ok(CredentialSource::Store);
     }
-    Err(format!("{value:?} must be env:VAR, file:PATH or store"))
+    // The value itself is never repeated: what is written here by mistake
+    // is often the key, and this message goes to terminals and logs.
+    let scheme = value
+        .split_once(':')
+        .map(|(scheme, _)| scheme)
+        .filter(|s| !s.is_empty() && s.len() <= 8 && s.bytes().all(|b| b.is_ascii_alphabetic()));
+    let what = match scheme {
+        Some(scheme) => format!("\"{scheme}:\" is not a credential source"),
+        None => "the value is not a credential source".to_owned(),
+    };
+    Err(format!(
+        "{what}: use env:VAR, file:PATH or store (the value is not shown; if it is the key \
+         itself, put it in an environment variable, a file or the store, not in the config)"
+    ))
 }
 
 /// Headers airlock itself decides: a provider's static headers may not set them.

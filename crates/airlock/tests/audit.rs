@@ -588,6 +588,18 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
         "{summary}"
     );
     assert!(summary.contains("only the store can tell"), "{summary}");
+    // An empty input verifies nothing: not "intact" (round 28: a pipe whose
+    // export failed passed, exit 0).
+    for empty in ["", "\n\n"] {
+        std::fs::write(&file, empty).unwrap();
+        let out = cli(&config, &["audit", "verify", "--from", file_str]);
+        // 2: not verified (1 is "broken").
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("holds no audit records"),
+            "{out:?}"
+        );
+    }
     // A file cut at its start still verifies, and its summary shows where
     // it starts.
     write_lines(&file, &lines[2..]);

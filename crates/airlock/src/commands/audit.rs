@@ -330,6 +330,14 @@ fn check_file(
             return Ok(code);
         }
     }
+    if verifier.records() == 0 {
+        // Not "intact": an export that failed, or a pipe whose first
+        // command did, is empty too (round 28: exit 0 for either).
+        anyhow::bail!(
+            "--from: the input holds no audit records, so nothing was verified (an export \
+             that failed prints none, nor does one of a session without calls)"
+        );
+    }
     let _ = writeln!(
         report,
         "audit file intact: {}",

@@ -580,3 +580,28 @@ fn max_staleness_with_sqlite_is_warned_of() {
         );
     }
 }
+
+/// A credential source that is none of env:, file: or store is refused
+/// without repeating the value: written there by mistake, it is often the
+/// key itself (round 28: the key was echoed to the terminal and logs).
+#[test]
+fn a_literal_credential_is_refused_without_being_shown() {
+    let config = |credential: &str| {
+        format!(
+            "[providers.p]\nupstream = \"https://p.example.com\"\ncredential = \"{credential}\"\n\
+             env_key = \"P_KEY\"\nenv_base_url = \"P_URL\"\n"
+        )
+    };
+    let err = Config::parse("x.toml", &config("sk-live-abc123realkey"))
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("abc123"), "{err}");
+    assert!(err.contains("providers.p.credential"), "{err}");
+    assert!(err.contains("use env:VAR, file:PATH or store"), "{err}");
+    // A mistyped source names its prefix, nothing after it.
+    let err = Config::parse("x.toml", &config("ENV:P_SECRET"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("\"ENV:\" is not a credential source"), "{err}");
+    assert!(!err.contains("P_SECRET"), "{err}");
+}
