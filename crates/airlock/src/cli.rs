@@ -102,10 +102,13 @@ Examples:
     /// `credential = "env:VAR"` variable, every provider's key and base-URL
     /// variables (the server's and the local config's), the key variables
     /// of the common AI SDKs (OPENAI_API_KEY, ANTHROPIC_API_KEY, HF_TOKEN,
-    /// ...), the legacy base-URL variables some read instead of the one
-    /// set here (OPENAI_API_BASE, ANTHROPIC_API_URL, ANTHROPIC_API_BASE),
-    /// AIRLOCK_ADMIN_TOKEN, AIRLOCK_AUDIT_KEY and AIRLOCK_MASTER_KEY are
-    /// removed from its environment.
+    /// ...), AIRLOCK_ADMIN_TOKEN, AIRLOCK_AUDIT_KEY and AIRLOCK_MASTER_KEY
+    /// are removed from its environment. The legacy base-URL variables some
+    /// SDKs read instead of the one set here (OPENAI_API_BASE,
+    /// ANTHROPIC_API_URL, ANTHROPIC_API_BASE) are never inherited: set to
+    /// the session's base URL when it has one, removed otherwise. Other variables (a GITHUB_TOKEN, cloud keys)
+    /// are inherited as usual: run CMD under `env -i` or a clean shell for
+    /// less.
     ///
     /// Exit status: CMD's; 2 for a usage error (a bad option or option value,
     /// as for every command); 125 when airlock fails otherwise before CMD
@@ -323,16 +326,20 @@ Examples:
         #[arg(long, value_enum, default_value_t = ShowFormat::Json)]
         format: ShowFormat,
     },
-    /// Revoke a session by id (ses_...) or token (sess_...).
+    /// Revoke sessions by id (ses_...) or token (sess_...).
     ///
-    /// The next call with its token gets 401.
+    /// The next call with a revoked session's token gets 401. With several,
+    /// each is revoked in turn; one the server does not know is named on
+    /// stderr and the others are still revoked (exit 2 then).
     #[command(after_help = "\
 Examples:
   airlock session revoke ses_...
+  airlock session revoke ses_A... ses_B...
   airlock session revoke \"$OPENAI_API_KEY\"")]
     Revoke {
-        /// Session id or token.
-        id_or_token: String,
+        /// Session ids or tokens.
+        #[arg(required = true, value_name = "ID_OR_TOKEN")]
+        ids_or_tokens: Vec<String>,
     },
 }
 
@@ -371,8 +378,9 @@ pub struct SessionArgs {
     /// or github:GET,HEAD:/repos/acme/** (repeatable).
     #[arg(long = "allow", value_name = "RULE", required = true)]
     pub allow: Vec<String>,
-    /// Time to live, in whole seconds: 90s, 15m, 2h [default: 15m, or the
-    /// server's sessions.max_ttl when that is shorter].
+    /// Time to live: 90s, 15m, 2h, 1h30m (no fractions of a second)
+    /// [default: 15m, or the server's sessions.max_ttl when that is
+    /// shorter].
     // Hyphen values reach the duration parser, which says what is wrong
     // with `-5m` (clap would take it for an unknown flag).
     #[arg(long, value_name = "TTL", allow_hyphen_values = true)]
@@ -442,7 +450,7 @@ pub enum ListFormat {
 /// How `session show` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ShowFormat {
-    /// The admin API's JSON (the default, as before --format).
+    /// The admin API's JSON (the default).
     Json,
     /// One `key: value` line a field, for people.
     Text,

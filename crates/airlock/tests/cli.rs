@@ -190,17 +190,22 @@ fn airlock_cmd(args: &[&str]) -> Command {
     command
 }
 
-/// The CLI against a running server.
+/// The CLI against a running server; it must succeed.
 async fn cli(airlock: &Airlock, args: &[&str]) -> Output {
-    let out = airlock_cmd(args)
+    let out = cli_ending(airlock, args).await;
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    out
+}
+
+/// The CLI against a running server, however it ends.
+async fn cli_ending(airlock: &Airlock, args: &[&str]) -> Output {
+    airlock_cmd(args)
         .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
         .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
         .current_dir(airlock.dir())
         .output()
         .await
-        .unwrap();
-    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
-    out
+        .unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -1020,6 +1025,58 @@ async fn revoking_an_ended_session_says_it_had_ended() {
             .any(|l| l == "airlock_sessions_revoked_total 2"),
         "{metrics}"
     );
+}
+
+/// `session revoke` takes several sessions (round 28: one per run, so an
+/// incident meant a loop): each is revoked; one the server does not know is
+/// named on stderr, the others revoked all the same, exit 2; a malformed
+/// one revokes nothing.
+#[tokio::test]
+async fn session_revoke_takes_several_sessions() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let create = async || {
+        let out = cli(
+            &airlock,
+            &["session", "create", "--allow", "openai:POST:/v1/x"],
+        )
+        .await;
+        let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        (
+            created["id"].as_str().unwrap().to_owned(),
+            created["token"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (a, _) = create().await;
+    let (b, b_token) = create().await;
+    let (c, _) = create().await;
+    let state = async |id: &str| {
+        let (_, view) = airlock
+            .admin("GET", &format!("/v1/sessions/{id}"), None)
+            .await
+            .unwrap();
+        view["state"].as_str().unwrap().to_owned()
+    };
+
+    // A malformed one: nothing is revoked.
+    let out = cli_ending(&airlock, &["session", "revoke", &a, "ses_no-such"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(state(&a).await, "active");
+
+    let unknown = "ses_AAAAAAAAAAAAAAAAAAAAAA";
+    let out = cli_ending(&airlock, &["session", "revoke", &a, unknown, &b_token, &c]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        format!("revoked {a}\nrevoked {b}\nrevoked {c}\n")
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(unknown), "{err}");
+    assert!(err.contains("not every session given was revoked"), "{err}");
+    assert!(!err.contains(&b_token), "{err}");
+    for id in [&a, &b, &c] {
+        assert_eq!(state(id).await, "revoked");
+    }
 }
 
 /// Without `--ttl`, a session lasts 15m, or the server's `sessions.max_ttl`

@@ -74,29 +74,56 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
                 ShowFormat::Text => output::print(&render_text(&session))?,
             }
         }
-        SessionCommand::Revoke { id_or_token } => {
-            let session = if id_or_token.starts_with(TOKEN_PREFIX) {
-                if !token::is_well_formed(&id_or_token) {
-                    return Err(usage(
-                        "ID_OR_TOKEN: a malformed session token (sess_…): a token is sess_ and \
-                         43 letters and digits",
-                    ));
-                }
-                let body = json!({ "token": id_or_token });
-                client
-                    .call(Method::POST, "/v1/sessions/revoke", Some(&body))
-                    .await
-            } else {
-                check_id("ID_OR_TOKEN", &id_or_token)?;
-                client
-                    .call(Method::DELETE, &format!("/v1/sessions/{id_or_token}"), None)
-                    .await
-            };
-            let session = session.map_err(|e| unknown_session("ID_OR_TOKEN", e))?;
-            output::print(&format!("{}\n", revoked_line(&session)?))?;
-        }
+        SessionCommand::Revoke { ids_or_tokens } => revoke(&client, &ids_or_tokens).await?,
     }
     Ok(())
+}
+
+/// Revokes each of `ids_or_tokens` in turn, every one checked for its
+/// form first (a usage error revokes nothing). One the server does not
+/// know is named on stderr and the rest still revoked: in an incident the
+/// revocations matter more than the typo. Exit 2 at the end if any was
+/// unknown; any other error stops at once.
+async fn revoke(client: &AdminClient, ids_or_tokens: &[String]) -> anyhow::Result<()> {
+    for id_or_token in ids_or_tokens {
+        if id_or_token.starts_with(TOKEN_PREFIX) {
+            if !token::is_well_formed(id_or_token) {
+                return Err(usage(
+                    "ID_OR_TOKEN: a malformed session token (sess_…): a token is sess_ and \
+                     43 letters and digits",
+                ));
+            }
+        } else {
+            check_id("ID_OR_TOKEN", id_or_token)?;
+        }
+    }
+    let mut unknown = None;
+    for id_or_token in ids_or_tokens {
+        let session = if id_or_token.starts_with(TOKEN_PREFIX) {
+            let body = json!({ "token": id_or_token });
+            client
+                .call(Method::POST, "/v1/sessions/revoke", Some(&body))
+                .await
+        } else {
+            client
+                .call(Method::DELETE, &format!("/v1/sessions/{id_or_token}"), None)
+                .await
+        };
+        match session.map_err(|e| unknown_session("ID_OR_TOKEN", e)) {
+            Ok(session) => output::print(&format!("{}\n", revoked_line(&session)?))?,
+            Err(e) if ids_or_tokens.len() > 1 && crate::cli::is_usage(&e) => {
+                output::error_line(format_args!("{e:#}"));
+                unknown = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match unknown {
+        Some(_) => Err(usage(
+            "ID_OR_TOKEN: not every session given was revoked (see above)",
+        )),
+        None => Ok(()),
+    }
 }
 
 /// What `session revoke` did, from the session the admin API answered with:
