@@ -521,8 +521,9 @@ fn sensitive_header(value: &str) -> Result<HeaderValue, ProviderError> {
     Ok(value)
 }
 
-/// The system's root certificates, plus those in `ca_file` (PEM).
-fn trust_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, ProviderError> {
+/// The system's root certificates (`SSL_CERT_FILE` and `SSL_CERT_DIR`
+/// override where they are read from), plus those in `ca_file` (PEM).
+pub fn trust_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, ProviderError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for error in &native.errors {

@@ -1,6 +1,7 @@
 //! TLS for tests: a throwaway certificate authority ([`TestCa`]) issuing
 //! leaf certificates, a recording mock provider served over TLS
-//! ([`TlsMockProvider`], the same routes as [`MockProvider`]), and HTTPS
+//! ([`TlsMockProvider`], the same routes as [`MockProvider`]), a
+//! TLS-terminating front for a plain listener ([`TlsFront`]), and HTTPS
 //! clients that trust the test CA.
 //!
 //! Everything uses rustls's `ring` provider.
@@ -145,6 +146,54 @@ impl Leaf {
             .expect("rustls: server certificate");
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config
+    }
+}
+
+/// A TLS-terminating proxy on `127.0.0.1:<random port>` in front of a
+/// plain TCP listener (as a load balancer in front of airlock's admin
+/// API): each connection's bytes are relayed both ways once its handshake
+/// is done. Stops when dropped.
+pub struct TlsFront {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsFront {
+    /// Starts relaying to `backend` with `leaf` as the server certificate
+    /// (ALPN `http/1.1` only: the bytes are not looked at).
+    pub async fn start(leaf: &Leaf, backend: SocketAddr) -> TlsFront {
+        let mut config = leaf.server_config();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("front: bind");
+        let addr = listener.local_addr().expect("front: address");
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                connections.spawn(async move {
+                    let Ok(mut client) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    let Ok(mut upstream) = TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        TlsFront { addr, task }
+    }
+
+    /// `https://127.0.0.1:PORT` (the leaf names `127.0.0.1`).
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

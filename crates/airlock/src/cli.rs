@@ -61,8 +61,9 @@ Examples:
   airlock audit tail -n 20
 
 The CLI reaches a running server through AIRLOCK_ADMIN_URL (default: http://
-plus admin.listen of the config, 127.0.0.1:8081) and AIRLOCK_ADMIN_TOKEN; each
-call gives up after AIRLOCK_ADMIN_TIMEOUT (default: 60s).";
+plus admin.listen of the config, 127.0.0.1:8081; https:// through a TLS proxy,
+trusting AIRLOCK_ADMIN_CA_FILE's certificates too) and AIRLOCK_ADMIN_TOKEN;
+each call gives up after AIRLOCK_ADMIN_TIMEOUT (default: 60s).";
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, ValueEnum)]

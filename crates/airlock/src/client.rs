@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -39,6 +40,33 @@ impl std::fmt::Display for ApiRefusal {
 
 impl std::error::Error for ApiRefusal {}
 
+/// The connector: plain HTTP, or, for an `https://` admin URL, TLS trusting
+/// the system's roots and those of `ca_file` ([`CA_FILE_ENV`]). Roots are
+/// loaded only for `https`: a plain call does not read the system's bundle.
+fn connector(
+    https: bool,
+    ca_file: Option<&std::ffi::OsStr>,
+    connect_timeout: Duration,
+) -> Result<HttpsConnector<HttpConnector>, String> {
+    let roots = if https {
+        airlock_proxy::provider::trust_roots(ca_file.map(std::path::Path::new))
+            .map_err(|e| format!("{CA_FILE_ENV}: {e}"))?
+    } else {
+        rustls::RootCertStore::empty()
+    };
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http))
+}
+
 /// The variable bounding each admin API call (a duration: `60s`, `2m`).
 pub const TIMEOUT_ENV: &str = "AIRLOCK_ADMIN_TIMEOUT";
 /// How long an admin API call may take, from connecting to the answer's
@@ -47,6 +75,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long connecting to the admin API may take (at most the call's
 /// timeout).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The variable naming a PEM file of CA certificates trusted, besides the
+/// system's, for an `https://` admin URL (a TLS-terminating proxy in front
+/// of the admin listener with a private CA).
+pub const CA_FILE_ENV: &str = "AIRLOCK_ADMIN_CA_FILE";
 
 /// Talks to a running `airlock serve`.
 pub struct AdminClient {
@@ -54,7 +86,8 @@ pub struct AdminClient {
     token: Option<String>,
     /// Bound on one call, or why [`TIMEOUT_ENV`] is refused.
     timeout: Result<Duration, String>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    /// The client, or why an `https://` URL cannot be trusted.
+    http: Result<Client<HttpsConnector<HttpConnector>, Full<Bytes>>, String>,
 }
 
 /// `AIRLOCK_ADMIN_URL`, when set and not empty.
@@ -69,24 +102,26 @@ impl AdminClient {
     pub fn from_env(default_url: String) -> Self {
         let base = admin_url_from_env().unwrap_or(default_url);
         let timeout = timeout_from(std::env::var(TIMEOUT_ENV).ok().as_deref());
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(
-            timeout
-                .as_ref()
-                .map_or(CONNECT_TIMEOUT, |t| CONNECT_TIMEOUT.min(*t)),
-        ));
+        let connect_timeout = timeout
+            .as_ref()
+            .map_or(CONNECT_TIMEOUT, |t| CONNECT_TIMEOUT.min(*t));
+        let https = base.starts_with("https://");
+        let ca_file = std::env::var_os(CA_FILE_ENV).filter(|v| !v.is_empty());
+        let http = connector(https, ca_file.as_deref(), connect_timeout).map(|connector| {
+            // No idle connections kept: a CLI call is one request, and an
+            // idle connection would hold one of the admin listener's
+            // slots until its header read timeout.
+            Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(connector)
+        });
         Self {
             base: base.trim_end_matches('/').to_owned(),
             token: std::env::var("AIRLOCK_ADMIN_TOKEN")
                 .ok()
                 .filter(|v| !v.is_empty()),
             timeout,
-            // No idle connections kept: a CLI call is one request, and an
-            // idle connection would hold one of the admin listener's
-            // slots until its header read timeout.
-            http: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .build(connector),
+            http,
         }
     }
 
@@ -110,13 +145,14 @@ impl AdminClient {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
-        if !self.base.starts_with("http://") {
+        if !self.base.starts_with("http://") && !self.base.starts_with("https://") {
             anyhow::bail!(
-                "AIRLOCK_ADMIN_URL {:?} must start with http:// (the admin listener speaks plain \
-                 HTTP; reach a remote one through a tunnel or a TLS-terminating proxy)",
+                "AIRLOCK_ADMIN_URL {:?} must start with http:// or https:// (the admin listener \
+                 speaks plain HTTP; https:// reaches it through a TLS-terminating proxy)",
                 self.base
             );
         }
+        let http = self.http.as_ref().map_err(|e| anyhow!("{e}"))?;
         self.base
             .parse::<Uri>()
             .map_err(|e| anyhow!("invalid admin URL {:?} (AIRLOCK_ADMIN_URL): {e}", self.base))?;
@@ -151,7 +187,7 @@ impl AdminClient {
             .body(Full::new(payload))
             .context("building the admin API request")?;
         let exchange = async {
-            let response = self.http.request(req).await.map_err(|e| {
+            let response = http.request(req).await.map_err(|e| {
                 anyhow!(
                     "cannot reach the airlock admin API at {}: {} (is `airlock serve` running? \
                      set AIRLOCK_ADMIN_URL)",
