@@ -196,14 +196,6 @@ type PendingCommit = Pin<Box<dyn Future<Output = Result<(), AuditError>> + Send>
 
 enum Phase {
     Streaming,
-    /// airlock's `error` event went out (its session ended, or shutdown
-    /// cut it): the stream is cut once it had a chance to be written
-    /// (`flushed` set by the first poll after it, which yields so that
-    /// hyper writes it).
-    Cutting {
-        flushed: bool,
-        why: Ending,
-    },
     Committing {
         held: Option<Frame<Bytes>>,
         /// `None`: nothing to wait for (audit disabled).
@@ -502,22 +494,6 @@ impl Audited {
         loop {
             match &mut self.phase {
                 Phase::Done => return Poll::Ready(None),
-                Phase::Cutting {
-                    flushed: false,
-                    why,
-                } => {
-                    self.phase = Phase::Cutting {
-                        flushed: true,
-                        why: *why,
-                    };
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                Phase::Cutting { flushed: true, why } => {
-                    let error = why.error();
-                    self.phase = Phase::Done;
-                    return Poll::Ready(Some(Err(error)));
-                }
                 Phase::Committing { held, commit } => {
                     let result = match commit {
                         Some(commit) => ready!(commit.as_mut().poll(cx)),
@@ -595,17 +571,19 @@ impl Audited {
     }
 
     /// Cuts the stream short (its session was revoked or expired, or
-    /// shutdown cut it); an event stream standing between two events first
-    /// gets airlock's `error` event (see [`ended_event`]).
+    /// shutdown cut it). An event stream standing between two events gets
+    /// airlock's `error` event (see [`ended_event`]) and then ends as a
+    /// stream does (the last chunk, or HTTP/2's end of stream), as the
+    /// providers end theirs after an error: an SDK raises the event's error.
+    /// Cut off instead (round 27), an HTTP client may drop the events it
+    /// had not read yet, that one included, and raise a network error.
+    /// Any other answer is cut off: its end would pass for complete.
     fn end_early(&mut self, why: Ending) -> Result<Frame<Bytes>, BoxError> {
         let (decision, status) = self.answer_if_prefetching(why.code());
         drop(self.call.finish(decision, status, why.flags()));
         match &self.events {
             Some(events) if !self.prefetching && events.between_events() => {
-                self.phase = Phase::Cutting {
-                    flushed: false,
-                    why,
-                };
+                self.phase = Phase::Done;
                 Ok(Frame::data(ended_event(why)))
             }
             _ => {

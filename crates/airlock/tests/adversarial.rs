@@ -1854,6 +1854,25 @@ async fn open_stream(airlock: &Airlock, token: &str, path: &str, needle: &str) -
     stream
 }
 
+/// Reads a chunked answer on `stream` to its end (its last chunk, or the
+/// connection's close) within `limit`: what came, or `None` if it did not
+/// end in time.
+async fn read_to_end_within(stream: &mut TcpStream, limit: Duration) -> Option<String> {
+    let mut rest = Vec::new();
+    tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        while !rest.ends_with(b"\r\n0\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => rest.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(String::from_utf8_lossy(&rest).into_owned())
+}
+
 /// The audit records of `session`, waiting up to 5 s for `n` of them.
 async fn audit_records(airlock: &Airlock, session: &str, n: usize) -> Vec<Value> {
     let started = Instant::now();
@@ -1980,33 +1999,20 @@ async fn a_session_revoked_mid_stream_ends_the_stream_at_once() {
         .unwrap();
     assert_eq!(status, 200);
     let revoked = Instant::now();
-    // Read to the stream's end, keeping what came.
-    let mut rest = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => rest.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .is_ok();
+    let rest = read_to_end_within(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("the stream outlived its session");
     let took = revoked.elapsed();
-    assert!(ended, "the stream outlived its session");
     // Cut between two events, the stream's last event is airlock's error,
-    // which the SDKs raise with its message (a chunk of the cut
-    // chunked body: its size line, then the event).
-    let rest = String::from_utf8_lossy(&rest);
+    // which the SDKs raise with its message (a chunk of the chunked body:
+    // its size line, then the event), and then the body ends as a
+    // provider's does after an error. Cut off instead, an HTTP client may
+    // drop the event unread and raise a network error (round 27: Node's
+    // fetch did, 7 to 9 times in 10).
     let event = "event: error\ndata: {\"error\":{\"code\":\"invalid_token\",\"message\":\
                  \"the session was revoked or expired during the stream\",\
                  \"type\":\"authentication_error\"}}\n\n";
-    assert!(rest.contains(event), "{rest:?}");
-    assert!(
-        !rest.ends_with("0\r\n\r\n"),
-        "the stream ended as if complete: {rest:?}"
-    );
+    assert!(rest.ends_with(&format!("{event}\r\n0\r\n\r\n")), "{rest:?}");
     // The revocation itself wakes the idle stream (no periodic re-check).
     assert!(
         took < Duration::from_millis(500),
@@ -2059,8 +2065,10 @@ async fn session_expiring_mid_stream(interval: Duration) {
     let token = session["token"].as_str().unwrap();
     let started = Instant::now();
     let mut stream = open_stream(&airlock, token, "/sse", "\"n\":0").await;
-    let ended = hostile::closes_within(&mut stream, Duration::from_secs(10)).await;
-    assert!(ended, "the stream outlived its session");
+    let rest = read_to_end_within(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("the stream outlived its session");
+    assert!(rest.contains("event: error\n"), "{rest:?}");
     let took = started.elapsed();
     assert!(took < Duration::from_secs(2) + SLACK, "{took:?}");
     assert!(upstream
