@@ -66,6 +66,10 @@ pub enum CredentialAdminError {
     Invalid(String),
     #[error("{0}")]
     Internal(String),
+    /// The store refused or could not be reached (503 when it is out of
+    /// reach, see [`airlock_store::StoreError::is_unavailable`]).
+    #[error(transparent)]
+    Store(#[from] airlock_store::StoreError),
 }
 
 #[derive(Deserialize)]
@@ -81,6 +85,7 @@ impl From<CredentialAdminError> for ApiError {
             CredentialAdminError::NotStored { .. } => ApiError::Conflict(e.to_string()),
             CredentialAdminError::Invalid(m) => ApiError::BadRequest(m),
             CredentialAdminError::Internal(m) => ApiError::Internal(m),
+            CredentialAdminError::Store(e) => e.into(),
         }
     }
 }

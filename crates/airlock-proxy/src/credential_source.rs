@@ -478,13 +478,15 @@ where
     }
 }
 
-/// Warns when a credential file can be read or written by other users
-/// (`mode` grants the group or others anything): whoever reads it holds
-/// the provider key airlock keeps from agents, and an agent on the same
-/// machine is such a reader. Once per mode (`warned` remembers it), again
-/// after a change; nothing once the mode is tight.
+/// Warns when a credential file is open to other users: anyone may read
+/// or write it, or its group may write it. Whoever reads it holds the
+/// provider key airlock keeps from agents, and an agent on the same
+/// machine is such a reader. A group that may only read is not warned
+/// about: Kubernetes makes secret files group-readable for a pod's
+/// `fsGroup`. Once per mode (`warned` remembers it), again after a
+/// change; nothing once the mode is tight.
 fn warn_if_open(path: &Path, mode: u32, warned: &mut Option<u32>) {
-    if mode & 0o077 == 0 {
+    if !is_open(mode) {
         *warned = None;
         return;
     }
@@ -496,9 +498,14 @@ fn warn_if_open(path: &Path, mode: u32, warned: &mut Option<u32>) {
         path = %path.display(),
         mode = format_args!("{mode:04o}"),
         "the credential file can be read or written by other users: whoever reads it holds \
-         the provider key airlock keeps from agents; `chmod 600` it (owned by the user \
-         airlock runs as; in Kubernetes, a secret volume's defaultMode 0400)"
+         the provider key airlock keeps from agents; `chmod 600` it (in Kubernetes, a secret \
+         volume's defaultMode 0400)"
     );
+}
+
+/// Whether `mode` lets anyone read or write the file, or its group write it.
+fn is_open(mode: u32) -> bool {
+    mode & 0o027 != 0
 }
 
 /// Waits until no `Changed` arrived for `quiet` (at most 10 × `quiet` in

@@ -164,27 +164,30 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             Self::Unreachable(_) | Self::TimedOut(_) | Self::RuntimeGone => true,
-            Self::Database(sqlx::Error::Database(e)) => {
-                e.code().as_deref().is_some_and(refuses_connections)
-            }
+            Self::Database(sqlx::Error::Database(e)) => e
+                .code()
+                .as_deref()
+                .is_some_and(|code| refuses_connections(code, e.message())),
+            // Not `Tls`: a certificate the client refuses is a
+            // misconfiguration, not an outage.
             Self::Database(e) => matches!(
                 e,
-                sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Io(_)
-                    | sqlx::Error::Tls(_)
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
             ),
             _ => false,
         }
     }
 }
 
-/// Whether PostgreSQL's SQLSTATE `code` says it takes no connections now:
-/// class 08 (connection exception), shutting down or starting (57P01–03),
-/// too many connections (53300), or the database closed to connections
-/// (55000, `ALLOW_CONNECTIONS false`).
-fn refuses_connections(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "55000")
+/// Whether PostgreSQL's SQLSTATE `code` (with its `message`) says it takes
+/// no connections now: class 08 (connection exception), shutting down or
+/// starting (57P01–03), too many connections (53300), or the database
+/// closed to connections (`ALLOW_CONNECTIONS false`: 55000, a code shared
+/// with other states, so told by its message).
+fn refuses_connections(code: &str, message: &str) -> bool {
+    code.starts_with("08")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+        || (code == "55000" && message.contains("not currently accepting connections"))
 }
 
 impl From<sqlx::Error> for StoreError {

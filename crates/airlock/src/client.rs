@@ -49,8 +49,12 @@ fn connector(
     connect_timeout: Duration,
 ) -> Result<HttpsConnector<HttpConnector>, String> {
     let roots = if https {
-        airlock_proxy::provider::trust_roots(ca_file.map(std::path::Path::new))
-            .map_err(|e| format!("{CA_FILE_ENV}: {e}"))?
+        airlock_proxy::provider::trust_roots(ca_file.map(std::path::Path::new)).map_err(|e| {
+            match ca_file {
+                Some(_) => format!("{CA_FILE_ENV}: {e}"),
+                None => format!("the system's CA certificates for an https:// admin URL: {e}"),
+            }
+        })?
     } else {
         rustls::RootCertStore::empty()
     };

@@ -243,8 +243,7 @@ impl CredentialAdmin for Credentials {
             .map_err(|e| CredentialAdminError::Internal(e.to_string()))?;
         self.store
             .set_credential(provider, &sealed, now_ms())
-            .await
-            .map_err(|e| CredentialAdminError::Internal(e.to_string()))?;
+            .await?;
         p.cell.store(Some(prepared));
         Ok(())
     }
@@ -255,11 +254,7 @@ impl CredentialAdmin for Credentials {
             .get(provider)
             .ok_or_else(|| CredentialAdminError::UnknownProvider(provider.to_owned()))?;
         let updated_at = if p.source == CredentialSource::Store {
-            self.store
-                .credential(provider)
-                .await
-                .map_err(|e| CredentialAdminError::Internal(e.to_string()))?
-                .map(|c| c.updated_at)
+            self.store.credential(provider).await?.map(|c| c.updated_at)
         } else {
             None
         };

@@ -90,7 +90,9 @@ const LOW_SPACE: u64 = 1024 * 1024;
 /// Why a SQLite store at `database` may have failed to open, when the file
 /// system holding it is (nearly) full: what is free and what to do.
 pub fn full_disk_hint(database: &Path) -> Option<String> {
-    let dir = database.parent().unwrap_or(Path::new("/"));
+    // Where a link leads, as `sqlite_location` checks.
+    let target = std::fs::canonicalize(database).unwrap_or_else(|_| database.to_path_buf());
+    let dir = target.parent().unwrap_or(Path::new("/"));
     let stats = rustix::fs::statvfs(dir).ok()?;
     low_space_hint(dir, stats.f_bavail.saturating_mul(stats.f_frsize))
 }

@@ -951,22 +951,29 @@ async fn oversized_heads_and_bodies_are_refused() {
 async fn an_oversized_head_after_a_call_is_refused_as_too_large() {
     let env = env(&[r#"max_header_size = "16KiB""#]).await;
     let addr = hostile::authority(&env.airlock.proxy_url()).to_owned();
-    let mut stream = TcpStream::connect(&addr).await.unwrap();
-    let answer = airlock_testkit::client::answer_on(
-        &mut stream,
-        b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
-    let pad = format!("X-Pad: {}\r\n", "a".repeat(20 * 1024));
-    let answer = airlock_testkit::client::answer_on(
-        &mut stream,
-        &req("GET", "/openai/v1/models/x", &env.token, &pad),
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
-    assert!(answer.contains("\"headers_too_large\""), "{answer}");
-    assert!(answer.contains("proxy.max_header_size"), "{answer}");
+    // One line over the limit, then (diff review) many lines each under
+    // it that are over it together.
+    let one_line = format!("X-Pad: {}\r\n", "a".repeat(20 * 1024));
+    let many_lines: String = (0..10)
+        .map(|i| format!("X-Pad-{i}: {}\r\n", "a".repeat(2 * 1024)))
+        .collect();
+    for pad in [one_line, many_lines] {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        let answer = airlock_testkit::client::answer_on(
+            &mut stream,
+            b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+        let answer = airlock_testkit::client::answer_on(
+            &mut stream,
+            &req("GET", "/openai/v1/models/x", &env.token, &pad),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+        assert!(answer.contains("\"headers_too_large\""), "{answer}");
+        assert!(answer.contains("proxy.max_header_size"), "{answer}");
+    }
     assert_eq!(env.mock.request_count(), 0);
 }
 

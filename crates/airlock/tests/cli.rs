@@ -1129,6 +1129,50 @@ async fn session_revoke_takes_several_sessions() {
     }
 }
 
+/// A revocation the server answers with an error (here its store is
+/// locked by another process: the server holds the revocation and writes it
+/// later) does not stop `session revoke` from sending the others (diff
+/// review: in an incident, the sessions after it stayed active); exit 1.
+#[tokio::test]
+async fn session_revoke_goes_on_past_a_failed_one() {
+    use sqlx::Connection;
+
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let out = cli(
+            &airlock,
+            &["session", "create", "--allow", "openai:POST:/v1/x"],
+        )
+        .await;
+        let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
+    let db = airlock.dir().join("airlock.db");
+    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let out = cli_ending(&airlock, &["session", "revoke", &ids[0], &ids[1]]).await;
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(err.contains("not every session given was revoked"), "{err}");
+    // Both were sent: each is revoked (held by the server) and named.
+    for id in &ids {
+        let (_, view) = airlock
+            .admin("GET", &format!("/v1/sessions/{id}"), None)
+            .await
+            .unwrap();
+        assert_eq!(view["state"], "revoked", "{view}");
+    }
+    assert_eq!(err.matches("revoked in this process").count(), 2, "{err}");
+}
+
 /// Without `--ttl`, a session lasts 15m, or the server's `sessions.max_ttl`
 /// when that is shorter (it was refused: "--ttl 15m: must be at most 10m",
 /// an option never typed); an explicit `--ttl` over the maximum is still

@@ -400,9 +400,9 @@ async fn a_credential_file_others_can_read_is_warned_about() {
     );
     // None at start (it would have come first): the file was 0600 then.
     assert_eq!(airlock.output().matches(NEEDLE).count(), 1);
-    chmod(0o640).unwrap();
+    chmod(0o604).unwrap();
     let warned = airlock.wait_for_output(NEEDLE, 1).await;
-    assert!(warned.contains("mode=0640"), "{warned}");
+    assert!(warned.contains("mode=0604"), "{warned}");
     assert!(!airlock.output().contains("file-key-kept-private"));
     // At start too.
     let restarted = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
@@ -412,7 +412,7 @@ async fn a_credential_file_others_can_read_is_warned_about() {
         .await
         .unwrap();
     let warned = restarted.wait_for_output(NEEDLE, 0).await;
-    assert!(warned.contains("mode=0640"), "{warned}");
+    assert!(warned.contains("mode=0604"), "{warned}");
 }
 
 #[tokio::test]

@@ -352,3 +352,13 @@ fn watcher_is_send_and_sync() {
     assert_send_sync::<FileWatcher>();
     assert_send_sync::<CredentialCell<Secret>>();
 }
+
+#[test]
+fn open_modes_are_those_others_can_use_or_the_group_write() {
+    for open in [0o644, 0o604, 0o660, 0o620, 0o606, 0o777] {
+        assert!(is_open(open), "{open:o}");
+    }
+    for tight in [0o600, 0o400, 0o640, 0o440] {
+        assert!(!is_open(tight), "{tight:o}");
+    }
+}

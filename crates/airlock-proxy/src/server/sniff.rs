@@ -55,8 +55,8 @@ pub(crate) struct Sniffer {
     head: Head,
     /// Number of the next head.
     next: u64,
-    /// Longest head line followed.
-    max_line: usize,
+    /// Longest head followed (and so longest line).
+    max_head: usize,
     verdicts: SharedVerdicts,
 }
 
@@ -94,6 +94,8 @@ enum Chunk {
 struct Head {
     /// Request line seen.
     started: bool,
+    /// Bytes of the head's complete lines so far, line ends included.
+    len: usize,
     anomaly: Option<&'static str>,
     http10: bool,
     content_lengths: usize,
@@ -145,7 +147,7 @@ impl Sniffer {
             line: Vec::new(),
             head: Head::default(),
             next: 0,
-            max_line: max_head.saturating_add(2),
+            max_head: max_head.saturating_add(2),
             verdicts,
         }
     }
@@ -203,7 +205,7 @@ impl Sniffer {
                         Some(end) => (&bytes[..end], Some(&bytes[end + 1..])),
                         None => (bytes, None),
                     };
-                    if self.line.len() + line.len() > self.max_line {
+                    if self.head.len + self.line.len() + line.len() > self.max_head {
                         // Nothing left to follow. hyper refuses such a head
                         // (431) on a connection's first request, but after
                         // a call its own limit may be higher: refused then
@@ -254,8 +256,10 @@ impl Sniffer {
                 return;
             }
             self.request_line(line);
+            self.head.len = line.len() + 2;
             return;
         }
+        self.head.len += line.len() + 2;
         if line.is_empty() {
             self.end_of_head();
             return;

@@ -80,10 +80,13 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
 }
 
 /// Revokes each of `ids_or_tokens` in turn, every one checked for its
-/// form first (a usage error revokes nothing). One the server does not
-/// know is named on stderr and the rest still revoked: in an incident the
-/// revocations matter more than the typo. Exit 2 at the end if any was
-/// unknown; any other error stops at once.
+/// form first (a usage error revokes nothing). In an incident the
+/// revocations matter more than one that fails: one the server does not
+/// know, or refuses (a store out of reach: the server holds the
+/// revocation and writes it later), is named on stderr and the rest are
+/// still sent; an error that would fail them all (the server out of
+/// reach, the admin token refused) stops at once. Exit 1 at the end if one
+/// failed, else 2 if one was unknown.
 async fn revoke(client: &AdminClient, ids_or_tokens: &[String]) -> anyhow::Result<()> {
     for id_or_token in ids_or_tokens {
         if id_or_token.starts_with(TOKEN_PREFIX) {
@@ -97,7 +100,7 @@ async fn revoke(client: &AdminClient, ids_or_tokens: &[String]) -> anyhow::Resul
             check_id("ID_OR_TOKEN", id_or_token)?;
         }
     }
-    let mut unknown = None;
+    let (mut unknown, mut failed) = (false, false);
     for id_or_token in ids_or_tokens {
         let session = if id_or_token.starts_with(TOKEN_PREFIX) {
             let body = json!({ "token": id_or_token });
@@ -109,21 +112,37 @@ async fn revoke(client: &AdminClient, ids_or_tokens: &[String]) -> anyhow::Resul
                 .call(Method::DELETE, &format!("/v1/sessions/{id_or_token}"), None)
                 .await
         };
-        match session.map_err(|e| unknown_session("ID_OR_TOKEN", e)) {
-            Ok(session) => output::print(&format!("{}\n", revoked_line(&session)?))?,
-            Err(e) if ids_or_tokens.len() > 1 && crate::cli::is_usage(&e) => {
-                output::error_line(format_args!("{e:#}"));
-                unknown = Some(e);
+        let error = match session.map_err(|e| unknown_session("ID_OR_TOKEN", e)) {
+            Ok(session) => {
+                output::print(&format!("{}\n", revoked_line(&session)?))?;
+                continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => e,
+        };
+        // Whether the server answered about this session alone.
+        let of_this_one = crate::cli::is_usage(&error)
+            || error
+                .downcast_ref::<ApiRefusal>()
+                .is_some_and(|r| r.status != StatusCode::UNAUTHORIZED);
+        if ids_or_tokens.len() == 1 || !of_this_one {
+            return Err(error);
+        }
+        output::error_line(format_args!("{error:#}"));
+        if crate::cli::is_usage(&error) {
+            unknown = true;
+        } else {
+            failed = true;
         }
     }
-    match unknown {
-        Some(_) => Err(usage(
-            "ID_OR_TOKEN: not every session given was revoked (see above)",
-        )),
-        None => Ok(()),
+    if failed {
+        anyhow::bail!("not every session given was revoked (see above)");
     }
+    if unknown {
+        return Err(usage(
+            "ID_OR_TOKEN: not every session given was revoked (see above)",
+        ));
+    }
+    Ok(())
 }
 
 /// What `session revoke` did, from the session the admin API answered with:
