@@ -18,4 +18,4 @@ mod process;
 pub mod tls;
 
 pub use mock::{MockProvider, RecordedRequest, MAX_RECORDED_BODY};
-pub use process::{Airlock, AirlockBuilder};
+pub use process::{Airlock, AirlockBuilder, StoreLock};

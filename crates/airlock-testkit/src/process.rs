@@ -373,6 +373,29 @@ impl Airlock {
         &self.dir
     }
 
+    /// Takes the default SQLite store's write lock from a connection of its
+    /// own, as another process would (`BEGIN IMMEDIATE`, or `BEGIN
+    /// EXCLUSIVE` with `exclusive`), until [`StoreLock::release`]: airlock's
+    /// writes wait for it (and fail after their busy timeout).
+    pub async fn lock_store(&self, exclusive: bool) -> StoreLock {
+        use sqlx::Connection as _;
+
+        let db = self.dir.join("airlock.db");
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .expect("opening the store to lock it");
+        let begin = if exclusive {
+            "BEGIN EXCLUSIVE"
+        } else {
+            "BEGIN IMMEDIATE"
+        };
+        sqlx::query(begin)
+            .execute(&mut conn)
+            .await
+            .expect("locking the store");
+        StoreLock { conn }
+    }
+
     /// Path of the generated config file, `{dir}/airlock.toml`.
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("airlock.toml")
@@ -756,6 +779,33 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The SQLite store's write lock, held by [`Airlock::lock_store`].
+pub struct StoreLock {
+    conn: sqlx::SqliteConnection,
+}
+
+impl StoreLock {
+    /// Gives the lock back (rolls back the empty transaction).
+    pub async fn release(mut self) {
+        use sqlx::Connection as _;
+
+        sqlx::query("ROLLBACK")
+            .execute(&mut self.conn)
+            .await
+            .expect("unlocking the store");
+        self.conn
+            .close()
+            .await
+            .expect("closing the locking connection");
+    }
+}
+
+impl std::fmt::Debug for StoreLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreLock").finish_non_exhaustive()
+    }
 }
 
 #[cfg(test)]

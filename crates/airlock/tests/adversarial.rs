@@ -958,13 +958,7 @@ async fn an_oversized_head_after_a_call_is_refused_as_too_large() {
         .map(|i| format!("X-Pad-{i}: {}\r\n", "a".repeat(2 * 1024)))
         .collect();
     for pad in [one_line, many_lines] {
-        let mut stream = TcpStream::connect(&addr).await.unwrap();
-        let answer = airlock_testkit::client::answer_on(
-            &mut stream,
-            b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-        )
-        .await;
-        assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+        let mut stream = kept_alive_connection(&addr).await;
         let answer = airlock_testkit::client::answer_on(
             &mut stream,
             &req("GET", "/openai/v1/models/x", &env.token, &pad),
@@ -977,6 +971,18 @@ async fn an_oversized_head_after_a_call_is_refused_as_too_large() {
     assert_eq!(env.mock.request_count(), 0);
 }
 
+/// A connection to `addr` with one call answered on it (404), kept alive.
+async fn kept_alive_connection(addr: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let answer = airlock_testkit::client::answer_on(
+        &mut stream,
+        b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    stream
+}
+
 #[tokio::test]
 async fn connections_over_the_limit_are_refused_and_slots_come_back() {
     let env = env(&["max_connections = 4"]).await;
@@ -984,15 +990,8 @@ async fn connections_over_the_limit_are_refused_and_slots_come_back() {
     let mut held = Vec::new();
     for _ in 0..4 {
         // A call answered on it: the connection is accepted and holds its
-        // slot (kept alive).
-        let mut stream = TcpStream::connect(&addr).await.unwrap();
-        let answer = airlock_testkit::client::answer_on(
-            &mut stream,
-            b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-        )
-        .await;
-        assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
-        held.push(stream);
+        // slot.
+        held.push(kept_alive_connection(&addr).await);
     }
     let mut extra = exchange(
         &env.airlock.proxy_url(),

@@ -978,14 +978,7 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
     assert_eq!(try_get(&url("before"), &token).await.unwrap().0, 200);
 
     // Another process takes the database's write lock and keeps it.
-    let db = airlock.dir().join("airlock.db");
-    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let locker = airlock.lock_store(true).await;
 
     // The call in flight when the store stopped taking writes is not
     // answered: its record could not be written. The provider's answer
@@ -1048,8 +1041,7 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
     assert_eq!(not_ready.json()["status"], "audit_unavailable");
 
     // The lock goes away: airlock recovers by itself.
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
-    locker.close().await.unwrap();
+    locker.release().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let (status, _) = try_get(&url("after"), &token).await.unwrap();

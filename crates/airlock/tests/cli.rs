@@ -1135,8 +1135,6 @@ async fn session_revoke_takes_several_sessions() {
 /// review: in an incident, the sessions after it stayed active); exit 1.
 #[tokio::test]
 async fn session_revoke_goes_on_past_a_failed_one() {
-    use sqlx::Connection;
-
     let mock = MockProvider::start().await;
     let airlock = start(&mock).await;
     let mut ids = Vec::new();
@@ -1149,16 +1147,9 @@ async fn session_revoke_goes_on_past_a_failed_one() {
         let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
         ids.push(created["id"].as_str().unwrap().to_owned());
     }
-    let db = airlock.dir().join("airlock.db");
-    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let locker = airlock.lock_store(false).await;
     let out = cli_ending(&airlock, &["session", "revoke", &ids[0], &ids[1]]).await;
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    locker.release().await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = stderr(&out);
     assert!(err.contains("not every session given was revoked"), "{err}");
@@ -2194,24 +2185,34 @@ async fn a_second_serve_on_the_same_sqlite_file_is_refused() {
         .contains("can be read or written by other users"));
 }
 
-/// A SQLite store others can read is warned about at start (round 24: a
-/// 0644 database, with its token hashes, sealed credentials and audit
-/// trail, was taken silently; airlock creates it 0600).
-#[tokio::test]
-async fn a_store_others_can_read_is_warned_about() {
+/// A server started, stopped and started again (with `env`) on its store
+/// made 0644 in between: readable by others.
+async fn restarted_on_an_open_store(env: &[(&str, &str)]) -> (tempfile::TempDir, Airlock) {
     use std::os::unix::fs::PermissionsExt;
 
     let dir = tempfile::tempdir().unwrap();
     let start = || {
-        AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
-            .dir(dir.path().to_path_buf())
-            .start()
+        let mut builder =
+            AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock")).dir(dir.path().to_path_buf());
+        for (key, value) in env {
+            builder = builder.env(key, value);
+        }
+        builder.start()
     };
     let mut first = start().await.unwrap();
     first.terminate().await.unwrap();
     let database = dir.path().join("airlock.db");
     std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let mut second = start().await.unwrap();
+    let second = start().await.unwrap();
+    (dir, second)
+}
+
+/// A SQLite store others can read is warned about at start (round 24: a
+/// 0644 database, with its token hashes, sealed credentials and audit
+/// trail, was taken silently; airlock creates it 0600).
+#[tokio::test]
+async fn a_store_others_can_read_is_warned_about() {
+    let (_dir, mut second) = restarted_on_an_open_store(&[]).await;
     let warned = second
         .wait_for_output("can be read or written by other users", 0)
         .await;
@@ -2224,24 +2225,11 @@ async fn a_store_others_can_read_is_warned_about() {
 
 /// A `RUST_LOG` without a level (here the typo `infoo`, a target name to
 /// `tracing`) keeps airlock's warnings and says why, where it silenced
-/// every line (known since round 24).
+/// every line (known since round 24). The warning looked for: the store
+/// others can read.
 #[tokio::test]
 async fn a_rust_log_without_a_level_keeps_warnings() {
-    use std::os::unix::fs::PermissionsExt;
-
-    let dir = tempfile::tempdir().unwrap();
-    let start = || {
-        AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
-            .dir(dir.path().to_path_buf())
-            .env("RUST_LOG", "infoo")
-            .start()
-    };
-    let mut first = start().await.unwrap();
-    first.terminate().await.unwrap();
-    // A store others can read: a warning at start.
-    let database = dir.path().join("airlock.db");
-    std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let mut second = start().await.unwrap();
+    let (_dir, mut second) = restarted_on_an_open_store(&[("RUST_LOG", "infoo")]).await;
     let named = second.wait_for_output("which is not a level", 0).await;
     assert!(
         named.contains("WARN") && named.contains("\"infoo\""),

@@ -359,6 +359,24 @@ async fn wait_for_credential(airlock: &Airlock, mock: &MockProvider, token: &str
     }
 }
 
+/// A server whose provider `p` (bearer, upstream `mock`) takes its
+/// credential from `file`.
+async fn serve_with_file_credential(mock: &MockProvider, file: &Path) -> Airlock {
+    let config = toml_provider(
+        "p",
+        &mock.url(),
+        "bearer",
+        &format!("file:{}", file.display()),
+        "",
+    );
+    AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .config(&config)
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start()
+        .await
+        .unwrap()
+}
+
 fn write_atomically(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
@@ -379,19 +397,7 @@ async fn a_credential_file_others_can_read_is_warned_about() {
     std::fs::write(&file, "file-key-kept-private\n").unwrap();
     let chmod = |mode| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode));
     chmod(0o600).unwrap();
-    let config = toml_provider(
-        "p",
-        &mock.url(),
-        "bearer",
-        &format!("file:{}", file.display()),
-        "",
-    );
-    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
-        .config(&config)
-        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
-        .start()
-        .await
-        .unwrap();
+    let airlock = serve_with_file_credential(&mock, &file).await;
     chmod(0o644).unwrap();
     let warned = airlock.wait_for_output(NEEDLE, 0).await;
     assert!(
@@ -405,12 +411,7 @@ async fn a_credential_file_others_can_read_is_warned_about() {
     assert!(warned.contains("mode=0604"), "{warned}");
     assert!(!airlock.output().contains("file-key-kept-private"));
     // At start too.
-    let restarted = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
-        .config(&config)
-        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
-        .start()
-        .await
-        .unwrap();
+    let restarted = serve_with_file_credential(&mock, &file).await;
     let warned = restarted.wait_for_output(NEEDLE, 0).await;
     assert!(warned.contains("mode=0604"), "{warned}");
 }
@@ -421,19 +422,7 @@ async fn file_credentials_rotate_without_restart() {
     let secrets = tempfile::tempdir().unwrap();
     let file = secrets.path().join("p.key");
     std::fs::write(&file, "file-key-version-one\n").unwrap();
-    let config = toml_provider(
-        "p",
-        &mock.url(),
-        "bearer",
-        &format!("file:{}", file.display()),
-        "",
-    );
-    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
-        .config(&config)
-        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
-        .start()
-        .await
-        .unwrap();
+    let airlock = serve_with_file_credential(&mock, &file).await;
     let token = session(&airlock, &["p"]).await;
     assert_eq!(call(&airlock, "/p/x", &token).await.0, 200);
     assert_eq!(

@@ -726,7 +726,6 @@ async fn max_denied_revokes_the_session() {
 async fn calls_waiting_for_a_lease_stop_when_the_session_is_revoked_meanwhile() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
-    use sqlx::Connection;
 
     // Audit off: its records would wait for the lock too.
     let s = setup_with("[audit]\nenabled = false\n").await;
@@ -759,21 +758,14 @@ async fn calls_waiting_for_a_lease_stop_when_the_session_is_revoked_meanwhile() 
     // The first denial: the session is cached, its lease still empty.
     assert_eq!(send("/openai/v1/files").await.0, 403);
 
-    let db = s.airlock.dir().join("airlock.db");
-    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let locker = s.airlock.lock_store(false).await;
     let waiting =
         futures_util::future::join_all((0..20).map(|_| send("/openai/v1/chat/completions")));
     // The second denial, sent after them on the same connection (`join`
     // polls them first), revokes; the lock goes once it is answered.
     let revoking = async {
         let answer = send("/openai/v1/files").await;
-        sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+        locker.release().await;
         answer
     };
     let (answers, (status, body)) = futures_util::future::join(waiting, revoking).await;

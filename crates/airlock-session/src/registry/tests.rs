@@ -243,8 +243,9 @@ impl LookupGate {
 }
 
 impl CountingStore {
-    fn over(inner: &Arc<dyn Store>, feed: Option<broadcast::Sender<Change>>) -> Arc<Self> {
-        Arc::new(Self {
+    /// Counts and passes everything through to `inner`.
+    fn plain(inner: &Arc<dyn Store>, feed: Option<broadcast::Sender<Change>>) -> Self {
+        Self {
             inner: Arc::clone(inner),
             token_lookups: Default::default(),
             feed,
@@ -255,37 +256,26 @@ impl CountingStore {
             reserve_gate: None,
             reserves: Default::default(),
             status_reads: Default::default(),
+        }
+    }
+
+    fn over(inner: &Arc<dyn Store>, feed: Option<broadcast::Sender<Change>>) -> Arc<Self> {
+        Arc::new(Self::plain(inner, feed))
+    }
+
+    /// Holds every token lookup until the test releases it.
+    fn gated(inner: &Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self {
+            gate: Some(LookupGate::new()),
+            ..Self::plain(inner, None)
         })
     }
 
     /// Holds every `max_requests` reservation until the test releases it.
     fn reserve_gated(inner: &Arc<dyn Store>) -> Arc<Self> {
         Arc::new(Self {
-            inner: Arc::clone(inner),
-            token_lookups: Default::default(),
-            feed: None,
-            unreachable: Default::default(),
-            read_only: Default::default(),
-            refused_revocations: Default::default(),
-            gate: None,
             reserve_gate: Some(LookupGate::new()),
-            reserves: Default::default(),
-            status_reads: Default::default(),
-        })
-    }
-
-    fn gated(inner: &Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Self {
-            inner: Arc::clone(inner),
-            token_lookups: Default::default(),
-            feed: None,
-            unreachable: Default::default(),
-            read_only: Default::default(),
-            refused_revocations: Default::default(),
-            gate: Some(LookupGate::new()),
-            reserve_gate: None,
-            reserves: Default::default(),
-            status_reads: Default::default(),
+            ..Self::plain(inner, None)
         })
     }
 }
