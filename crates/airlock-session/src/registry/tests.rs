@@ -575,13 +575,11 @@ async fn revocation_during_a_lookup(recheck_fails: bool) {
     );
 }
 
-/// A call that waited for its session's `max_requests` lease (a store
-/// round trip) reads the session's state again: revoked meanwhile, it is
-/// refused and spends nothing (round 26: such calls went upstream after
-/// the revocation).
-#[tokio::test]
-async fn a_call_that_waited_for_its_lease_is_refused_when_revoked_meanwhile() {
-    let (_dir, reg) = registry().await;
+/// A session with `max_requests` (its token), and a registry that has not
+/// seen it yet over a store whose reservations wait for the test's gate.
+async fn leasing_through_a_gate() -> (tempfile::TempDir, Arc<CountingStore>, Arc<Registry>, Secret)
+{
+    let (dir, reg) = registry().await;
     let limits = Limits {
         max_requests: Some(10),
         ..Limits::default()
@@ -592,6 +590,16 @@ async fn a_call_that_waited_for_its_lease_is_refused_when_revoked_meanwhile() {
         .unwrap();
     let gated = CountingStore::reserve_gated(reg.store());
     let fresh = Arc::new(Registry::new(Arc::clone(&gated) as Arc<dyn Store>));
+    (dir, gated, fresh, token)
+}
+
+/// A call that waited for its session's `max_requests` lease (a store
+/// round trip) reads the session's state again: revoked meanwhile, it is
+/// refused and spends nothing (round 26: such calls went upstream after
+/// the revocation).
+#[tokio::test]
+async fn a_call_that_waited_for_its_lease_is_refused_when_revoked_meanwhile() {
+    let (_dir, gated, fresh, token) = leasing_through_a_gate().await;
     let gate = gated.reserve_gate.as_ref().unwrap();
     let live = fresh
         .authenticate(Some(token.expose()), crate::now_ms())
@@ -615,17 +623,7 @@ async fn a_call_that_waited_for_its_lease_is_refused_when_revoked_meanwhile() {
 /// scope costs the store nothing; the lease is refilled by `admit`.
 #[tokio::test]
 async fn authenticating_leaves_the_lease_to_admit() {
-    let (_dir, reg) = registry().await;
-    let limits = Limits {
-        max_requests: Some(10),
-        ..Limits::default()
-    };
-    let (_, token) = reg
-        .create(new_session(limits, Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let gated = CountingStore::reserve_gated(reg.store());
-    let fresh = Registry::new(Arc::clone(&gated) as Arc<dyn Store>);
+    let (_dir, gated, fresh, token) = leasing_through_a_gate().await;
     let gate = gated.reserve_gate.as_ref().unwrap();
     gate.release.add_permits(16);
     let reserves = || gated.reserves.load(std::sync::atomic::Ordering::SeqCst);
