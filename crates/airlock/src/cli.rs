@@ -327,20 +327,31 @@ Examples:
         #[arg(long, value_enum, default_value_t = ShowFormat::Json)]
         format: ShowFormat,
     },
-    /// Revoke sessions by id (ses_...) or token (sess_...).
+    /// Revoke sessions by id (ses_...) or token (sess_...), or every active
+    /// session with given labels.
     ///
     /// The next call with a revoked session's token gets 401. With several,
-    /// each is revoked in turn; one the server does not know is named on
-    /// stderr and the others are still revoked (exit 2 then).
+    /// each is revoked in turn; one the server does not know (exit 2) or
+    /// fails to revoke (exit 1) is named on stderr and the others are still
+    /// revoked.
     #[command(after_help = "\
 Examples:
   airlock session revoke ses_...
   airlock session revoke ses_A... ses_B...
-  airlock session revoke \"$OPENAI_API_KEY\"")]
+  airlock session revoke \"$OPENAI_API_KEY\"
+  airlock session revoke --label agent=a1")]
     Revoke {
         /// Session ids or tokens.
-        #[arg(required = true, value_name = "ID_OR_TOKEN")]
+        #[arg(
+            value_name = "ID_OR_TOKEN",
+            required_unless_present = "labels",
+            conflicts_with = "labels"
+        )]
         ids_or_tokens: Vec<String>,
+        /// Revoke every active session with this label key=value
+        /// (repeatable: sessions with all of them).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
     },
 }
 

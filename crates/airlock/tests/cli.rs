@@ -1129,6 +1129,55 @@ async fn session_revoke_takes_several_sessions() {
     }
 }
 
+/// `session revoke --label` revokes every active session with all the
+/// labels given (round 28: an incident's "everything agent X holds" took
+/// `list --json`, a filter and a loop); none matching is said, exit 0.
+#[tokio::test]
+async fn session_revoke_by_label_revokes_the_sessions_with_all_of_them() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let create = async |labels: &[&str]| {
+        let mut args = vec!["session", "create", "--allow", "openai:POST:/v1/x"];
+        for label in labels {
+            args.extend(["--label", label]);
+        }
+        let out = cli(&airlock, &args).await;
+        let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        created["id"].as_str().unwrap().to_owned()
+    };
+    let a1 = create(&["agent=a", "team=x"]).await;
+    let a2 = create(&["agent=a", "team=y"]).await;
+    let b = create(&["agent=b", "team=x"]).await;
+    let state = async |id: &str| {
+        let (_, view) = airlock
+            .admin("GET", &format!("/v1/sessions/{id}"), None)
+            .await
+            .unwrap();
+        view["state"].as_str().unwrap().to_owned()
+    };
+
+    let out = cli(
+        &airlock,
+        &[
+            "session", "revoke", "--label", "agent=a", "--label", "team=x",
+        ],
+    )
+    .await;
+    assert_eq!(stdout(&out), format!("revoked {a1}\n"));
+    assert_eq!(state(&a2).await, "active");
+    let out = cli(&airlock, &["session", "revoke", "--label", "agent=a"]).await;
+    assert_eq!(stdout(&out), format!("revoked {a2}\n"));
+    assert_eq!(state(&b).await, "active");
+    // Nothing left with it: said, not an error.
+    let out = cli(&airlock, &["session", "revoke", "--label", "agent=a"]).await;
+    assert_eq!(stdout(&out), "");
+    assert!(stderr(&out).contains("no active session has the labels agent=a"));
+    // Ids and labels together are refused.
+    let out = cli_ending(&airlock, &["session", "revoke", &b, "--label", "agent=b"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(state(&b).await, "active");
+}
+
 /// A revocation the server answers with an error (here its store is
 /// locked by another process: the server holds the revocation and writes it
 /// later) does not stop `session revoke` from sending the others (diff

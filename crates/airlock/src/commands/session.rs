@@ -74,7 +74,22 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
                 ShowFormat::Text => output::print(&render_text(&session))?,
             }
         }
-        SessionCommand::Revoke { ids_or_tokens } => revoke(&client, &ids_or_tokens).await?,
+        SessionCommand::Revoke {
+            ids_or_tokens,
+            labels,
+        } if ids_or_tokens.is_empty() => {
+            let labels = parse_labels(&labels)?;
+            let ids = labelled(&client, &labels).await?;
+            if ids.is_empty() {
+                output::error_line(format_args!(
+                    "no active session has the labels {}; nothing to revoke",
+                    shown_labels(&labels)
+                ));
+            } else {
+                revoke(&client, &ids).await?;
+            }
+        }
+        SessionCommand::Revoke { ids_or_tokens, .. } => revoke(&client, &ids_or_tokens).await?,
     }
     Ok(())
 }
@@ -343,6 +358,69 @@ fn unknown_provider(message: &str, args: &SessionArgs) -> Option<anyhow::Error> 
     }))
 }
 
+/// `--label KEY=VALUE` options, each key once.
+fn parse_labels(given: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
+    for label in given {
+        let (k, v) = label
+            .split_once('=')
+            .ok_or_else(|| usage(format!("--label {label:?} must be KEY=VALUE")))?;
+        if let Some(first) = labels.get(k) {
+            return Err(usage(format!(
+                "--label {k:?} given twice ({k}={first} and {k}={v}): a label has one value"
+            )));
+        }
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(labels)
+}
+
+/// `labels` as given: `k=v, k2=v2`.
+fn shown_labels(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The ids of the active sessions whose labels include all of `labels`,
+/// every page of `GET /v1/sessions` read.
+async fn labelled(
+    client: &AdminClient,
+    labels: &BTreeMap<String, String>,
+) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = list_path(
+            false,
+            u64::from(airlock_admin::SESSION_PAGE_MAX),
+            after.as_deref(),
+        );
+        let answer = client.call(Method::GET, &path, None).await?;
+        let sessions = answer
+            .get("sessions")
+            .and_then(Value::as_array)
+            .ok_or_else(|| anyhow!("the admin API's answer holds no \"sessions\" list"))?;
+        for session in sessions {
+            let has_all = labels
+                .iter()
+                .all(|(k, v)| session["labels"].get(k).and_then(Value::as_str) == Some(v));
+            if let (true, Some(id)) = (has_all, session["id"].as_str()) {
+                ids.push(id.to_owned());
+            }
+        }
+        match answer.get("next").and_then(Value::as_str) {
+            Some(next) if after.as_deref() != Some(next) => after = Some(next.to_owned()),
+            Some(next) => {
+                anyhow::bail!("the admin API answered the same page twice (next = {next:?})")
+            }
+            None => return Ok(ids),
+        }
+    }
+}
+
 /// Turns command-line options into the `POST /v1/sessions` body, refusing
 /// bad rules, TTLs and labels before anything is sent.
 fn create_body(args: &SessionArgs) -> anyhow::Result<Value> {
@@ -364,18 +442,7 @@ fn create_body(args: &SessionArgs) -> anyhow::Result<Value> {
         Some(text) => parse_ttl(text)?,
         None => DEFAULT_TTL,
     };
-    let mut labels: BTreeMap<String, String> = BTreeMap::new();
-    for label in &args.labels {
-        let (k, v) = label
-            .split_once('=')
-            .ok_or_else(|| usage(format!("--label {label:?} must be KEY=VALUE")))?;
-        if let Some(first) = labels.get(k) {
-            return Err(usage(format!(
-                "--label {k:?} given twice ({k}={first} and {k}={v}): a label has one value"
-            )));
-        }
-        labels.insert(k.to_owned(), v.to_owned());
-    }
+    let labels = parse_labels(&args.labels)?;
     let mut limits = serde_json::Map::new();
     if let Some(rpm) = args.rpm {
         limits.insert("requests_per_minute".into(), json!(rpm));
