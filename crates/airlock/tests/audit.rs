@@ -515,6 +515,13 @@ async fn tampering_in_the_store_is_named() {
             "DELETE FROM audit_batch_sessions WHERE first_seq = 7",
             "seq 7 of chain 1: malformed record",
         ),
+        (
+            // Not "first bad record is seq 10": all ten verified (round 28).
+            "forge the head's seal",
+            "UPDATE audit_chains SET head_seal = zeroblob(32) WHERE id = 1",
+            "audit trail broken: the sealed head of chain 1 (at seq 10) does not match its \
+             records: bad head",
+        ),
     ];
     for (name, sql, expected) in row_cases {
         backup.restore();

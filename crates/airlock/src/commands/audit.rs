@@ -181,14 +181,24 @@ fn report_break(report: &mut String, broken: &Break, line: Option<usize>) -> Exi
     // file's.
     let what = if line.is_some() { "file" } else { "trail" };
     // Seqs start at 1: 0 is a line that does not say which record it is.
-    let which = if line.is_some() && broken.seq == 0 {
-        "an unreadable line".to_owned()
-    } else {
-        format!("seq {} of chain {}", broken.seq, broken.chain)
+    // A bad head is no bad record: the records up to it verified (round
+    // 28: "first bad record is seq 35", with 35 records verified).
+    let which = match broken.reason {
+        BreakReason::BadHead => format!(
+            "the sealed head of chain {} (at seq {}) does not match its records",
+            broken.chain, broken.seq
+        ),
+        _ if line.is_some() && broken.seq == 0 => {
+            "first bad record is an unreadable line".to_owned()
+        }
+        _ => format!(
+            "first bad record is seq {} of chain {}",
+            broken.seq, broken.chain
+        ),
     };
     let _ = writeln!(
         report,
-        "audit {what} broken: first bad record is {which}{at}: {}{hint}",
+        "audit {what} broken: {which}{at}: {}{hint}",
         broken.reason
     );
     ExitCode::from(1)
