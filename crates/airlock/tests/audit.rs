@@ -491,6 +491,12 @@ async fn tampering_in_the_store_is_named() {
         "garbled: {}",
         stdout(&out)
     );
+    // Its count says why the intact records before it are not in it.
+    assert!(
+        stdout(&out).contains("less any read in one page with a record that does not decode"),
+        "garbled: {}",
+        stdout(&out)
+    );
 
     // The rows around the records are checked against them too: a batch
     // copied under another seq, one indexed as older than it is, or one
