@@ -107,9 +107,9 @@ Examples:
     /// are removed from its environment. The legacy base-URL variables some
     /// SDKs read instead of the one set here (OPENAI_API_BASE,
     /// ANTHROPIC_API_URL, ANTHROPIC_API_BASE) are never inherited: set to
-    /// the session's base URL when it has one, removed otherwise. Other variables (a GITHUB_TOKEN, cloud keys)
-    /// are inherited as usual: run CMD under `env -i` or a clean shell for
-    /// less.
+    /// the session's base URL when it has one, removed otherwise. Other
+    /// variables (a GITHUB_TOKEN, cloud keys) are inherited as usual, unless
+    /// --clean-env starts CMD with only the basic ones (and --pass-env's).
     ///
     /// Exit status: CMD's; 2 for a usage error (a bad option or option value,
     /// as for every command); 125 when airlock fails otherwise before CMD
@@ -372,6 +372,15 @@ pub struct ExecArgs {
     /// What the session may do.
     #[command(flatten)]
     pub session: SessionArgs,
+    /// Start CMD with only the session's variables and the basic ones
+    /// (PATH, HOME, USER, LOGNAME, SHELL, TERM, LANG, LC_*, TZ, TMPDIR):
+    /// nothing else of this shell's (a GITHUB_TOKEN, cloud keys) reaches it.
+    #[arg(long)]
+    pub clean_env: bool,
+    /// With --clean-env, also pass this variable of this shell's on
+    /// (repeatable).
+    #[arg(long = "pass-env", value_name = "NAME", requires = "clean_env")]
+    pub pass_env: Vec<String>,
     /// The command to run and its arguments (put them after `--`).
     #[arg(
         value_name = "CMD",

@@ -707,3 +707,84 @@ async fn the_servers_providers_variables_are_removed_whatever_the_local_config()
     assert!(!stdout.contains("GITHUB_BASE_URL="), "{stdout}");
     assert!(!stdout.contains("-in-the-shell-"), "{stdout}");
 }
+
+/// `--clean-env` starts the command with only the session's variables and
+/// the basic ones, plus those `--pass-env` names (round 28: the operator's
+/// GITHUB_TOKEN and cloud keys reached the agent); a credential stays out
+/// even when named.
+#[tokio::test]
+async fn clean_env_passes_only_the_basic_variables_and_those_named() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let out = exec(
+        &airlock,
+        &[
+            "--allow",
+            "openai:POST:/v1/chat/completions",
+            "--clean-env",
+            "--pass-env",
+            "AGENT_MODE",
+            "--pass-env",
+            "AIRLOCK_TEST_CRED_OPENAI",
+            "--",
+            "sh",
+            "-c",
+            "env",
+        ],
+    )
+    .env("GITHUB_TOKEN", "ghp_in_the_shell_0123456789")
+    .env("AWS_SECRET_ACCESS_KEY", "aws-in-the-shell-0123456789")
+    .env("AGENT_MODE", "careful")
+    .env("LC_ALL", "C")
+    .output()
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    for kept in [
+        "PATH",
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "AIRLOCK_SESSION_ID",
+        "AGENT_MODE",
+        "LC_ALL",
+    ] {
+        assert!(names.contains(&kept), "{kept} missing: {stdout}");
+    }
+    for gone in [
+        "GITHUB_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "AIRLOCK_ADMIN_URL",
+        "AIRLOCK_TEST_CRED_OPENAI",
+    ] {
+        assert!(
+            !names.contains(&gone),
+            "{gone} reached the command: {stdout}"
+        );
+    }
+    assert!(!stdout.contains(OPENAI_KEY), "{stdout}");
+    // --pass-env without --clean-env is refused.
+    let out = exec(
+        &airlock,
+        &[
+            "--allow",
+            "openai:POST:/v1/x",
+            "--pass-env",
+            "X",
+            "--",
+            "true",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

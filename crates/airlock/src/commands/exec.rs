@@ -76,6 +76,15 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
     }
     let mut command = tokio::process::Command::new(program);
     command.args(program_args);
+    if args.clean_env {
+        command.env_clear();
+        for (name, value) in std::env::vars_os() {
+            if kept_in_a_clean_env(&name, &args.pass_env) {
+                command.env(name, value);
+            }
+        }
+    }
+    // Also after --clean-env: --pass-env names no credential.
     for var in hidden {
         command.env_remove(var);
     }
@@ -184,6 +193,21 @@ const WELL_KNOWN_KEY_VARIABLES: [&str; 28] = [
     "NVIDIA_API_KEY",
     "AZURE_API_KEY",
 ];
+
+/// The variables `--clean-env` keeps, besides the session's: what a
+/// program needs to run at all, nothing that holds a secret.
+const CLEAN_ENV: [&str; 9] = [
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "TZ", "TMPDIR",
+];
+
+/// Whether `--clean-env` passes `name` on: a basic variable, a locale
+/// (`LC_*`), or one `--pass-env` names.
+fn kept_in_a_clean_env(name: &std::ffi::OsStr, pass: &[String]) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    CLEAN_ENV.contains(&name) || name.starts_with("LC_") || pass.iter().any(|p| p == name)
+}
 
 /// Legacy base-URL variables that SDKs read before (or instead of) the one
 /// a session sets: inherited, they would send the session's token, and
