@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use airlock_audit::verify_store;
+use airlock_audit::{verify_store, Verified};
 use airlock_core::audit::{AuditKey, AuditRecord};
 use airlock_core::SessionId;
 use airlock_store::{take_oldest_first, AuditQuery, Store};
@@ -215,7 +215,13 @@ fn decode_cursor(text: &str) -> Result<AuditCursor, ApiError> {
 pub(crate) async fn verify(State(state): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
     let audit = access(&state)?;
     let verified = verify_store(audit.store.as_ref(), &audit.key).await?;
-    Ok(Json(match &verified.first_break {
+    Ok(Json(verified_json(&verified)))
+}
+
+/// A verification as `GET /v1/audit/verify` answers it (and `airlock audit
+/// verify --json` prints it).
+pub fn verified_json(verified: &Verified) -> Value {
+    match &verified.first_break {
         None => json!({ "ok": true, "records": verified.records, "chains": verified.chains }),
         Some(broken) => json!({
             "ok": false,
@@ -234,7 +240,7 @@ pub(crate) async fn verify(State(state): State<Arc<AdminState>>) -> Result<Json<
                 }))
                 .collect::<Vec<_>>(),
         }),
-    }))
+    }
 }
 
 #[cfg(test)]

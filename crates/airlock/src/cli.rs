@@ -207,6 +207,10 @@ Examples:
         /// records' seqs may jump; each record is still checked).
         #[arg(long, value_name = "ID", requires = "from")]
         session: Option<String>,
+        /// The verdict of the stored trail as one JSON object, as GET
+        /// /v1/audit/verify answers it (same exit status).
+        #[arg(long, conflicts_with = "from")]
+        json: bool,
     },
     /// Print audit records as JSON lines, chain by chain, each in seq order.
     ///

@@ -417,6 +417,11 @@ async fn tampering_in_the_store_is_named() {
     let config = airlock.config_path();
     let backup = Backup::take(&db);
     assert!(cli(&config, &["audit", "verify"]).status.success());
+    // The verdict as JSON, as the admin API answers it.
+    let out = cli(&config, &["audit", "verify", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let verdict: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(verdict, json!({"ok": true, "records": 10, "chains": 1}));
 
     type Edit = Box<dyn FnOnce(&mut Vec<AuditRecord>)>;
     let at = |seq: u64| usize::try_from(seq - 1).unwrap();
@@ -478,6 +483,21 @@ async fn tampering_in_the_store_is_named() {
         assert_eq!(out.status.code(), Some(1), "{name}: {out:?}");
         assert!(stdout(&out).contains(expected), "{name}: {}", stdout(&out));
     }
+
+    backup.restore();
+    rewrite_sqlite_chain(&db, 1, |r| r[4].status = 201)
+        .await
+        .unwrap();
+    let out = cli(&config, &["audit", "verify", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let verdict: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(verdict["ok"], false, "{verdict}");
+    assert_eq!(verdict["first_bad"], 5, "{verdict}");
+    assert_eq!(verdict["chain"], 1, "{verdict}");
+    assert_eq!(
+        verdict["reason"], "bad mac: the record was altered or forged",
+        "{verdict}"
+    );
 
     // A batch that no longer decodes fails verification, naming where.
     backup.restore();

@@ -31,10 +31,13 @@ const PAGE: u32 = 5_000;
 /// Runs an audit command; exit 1 means "the trail does not verify".
 pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode> {
     match cmd {
-        AuditCommand::Verify { from: None, .. } => verify_stored(config).await,
+        AuditCommand::Verify {
+            from: None, json, ..
+        } => verify_stored(config, json).await,
         AuditCommand::Verify {
             from: Some(file),
             session,
+            ..
         } => {
             check_session(session.as_deref())?;
             // The file first: a file that is not there is the first thing
@@ -74,7 +77,7 @@ async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>
         })
 }
 
-async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
+async fn verify_stored(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let key = audit_key::load_existing(&config.audit, &config.store_url)?;
     let store = open_store(config).await?;
     // Another key than the trail's would find every record forged: a
@@ -108,6 +111,20 @@ async fn verify_stored(config: &Config) -> anyhow::Result<ExitCode> {
     let verified = verify_store(store.as_ref(), &key).await;
     store.close().await;
     let verified = verified.context("reading the audit trail")?;
+    if json {
+        let mut verdict = airlock_admin::verified_json(&verified);
+        if altered_check {
+            verdict["ok"] = serde_json::Value::Bool(false);
+            verdict["key_check_altered"] = serde_json::Value::Bool(true);
+        }
+        let code = if verdict["ok"] == true {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
+        output::print_verdict(&format!("{verdict}\n"))?;
+        return Ok(code);
+    }
     let mut report = String::new();
     if altered_check {
         let _ = writeln!(
