@@ -1077,6 +1077,15 @@ async fn the_cli_speaks_https_to_an_admin_api_behind_tls() {
     );
 }
 
+/// The state of session `id` as the admin API shows it.
+async fn session_state(airlock: &Airlock, id: &str) -> String {
+    let (_, view) = airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    view["state"].as_str().unwrap().to_owned()
+}
+
 /// `session revoke` takes several sessions (round 28: one per run, so an
 /// incident meant a loop): each is revoked; one the server does not know is
 /// named on stderr, the others revoked all the same, exit 2; a malformed
@@ -1100,13 +1109,7 @@ async fn session_revoke_takes_several_sessions() {
     let (a, _) = create().await;
     let (b, b_token) = create().await;
     let (c, _) = create().await;
-    let state = async |id: &str| {
-        let (_, view) = airlock
-            .admin("GET", &format!("/v1/sessions/{id}"), None)
-            .await
-            .unwrap();
-        view["state"].as_str().unwrap().to_owned()
-    };
+    let state = async |id: &str| session_state(&airlock, id).await;
 
     // A malformed one: nothing is revoked.
     let out = cli_ending(&airlock, &["session", "revoke", &a, "ses_no-such"]).await;
@@ -1148,13 +1151,7 @@ async fn session_revoke_by_label_revokes_the_sessions_with_all_of_them() {
     let a1 = create(&["agent=a", "team=x"]).await;
     let a2 = create(&["agent=a", "team=y"]).await;
     let b = create(&["agent=b", "team=x"]).await;
-    let state = async |id: &str| {
-        let (_, view) = airlock
-            .admin("GET", &format!("/v1/sessions/{id}"), None)
-            .await
-            .unwrap();
-        view["state"].as_str().unwrap().to_owned()
-    };
+    let state = async |id: &str| session_state(&airlock, id).await;
 
     let out = cli(
         &airlock,
@@ -1204,11 +1201,7 @@ async fn session_revoke_goes_on_past_a_failed_one() {
     assert!(err.contains("not every session given was revoked"), "{err}");
     // Both were sent: each is revoked (held by the server) and named.
     for id in &ids {
-        let (_, view) = airlock
-            .admin("GET", &format!("/v1/sessions/{id}"), None)
-            .await
-            .unwrap();
-        assert_eq!(view["state"], "revoked", "{view}");
+        assert_eq!(session_state(&airlock, id).await, "revoked");
     }
     assert_eq!(err.matches("revoked in this process").count(), 2, "{err}");
 }
