@@ -15,7 +15,7 @@ mod serve;
 mod sessions;
 mod state;
 
-pub use audit::{verified_json, AuditAccess};
+pub use audit::{verified_json, AuditAccess, MAX_LIMIT as AUDIT_PAGE_MAX};
 pub use auth::AuthFailures;
 pub use error::ApiError;
 pub use listing::{DEFAULT_LIMIT as SESSION_PAGE_DEFAULT, MAX_LIMIT as SESSION_PAGE_MAX};

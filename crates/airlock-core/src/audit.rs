@@ -352,6 +352,16 @@ impl AuditRecord {
         Ok(record)
     }
 
+    /// The record a JSON value describes, as the admin API lists records
+    /// (`GET /v1/audit`). A value has no key order or spelling to check, so
+    /// unlike [`Self::from_json`] this takes any order of the fields; what
+    /// they hold is still the record's, which its mac covers.
+    pub fn from_json_value(value: serde_json::Value) -> Result<Self, String> {
+        let wire: WireRecord =
+            serde_json::from_value(value).map_err(|e| format!("not a record: {e}"))?;
+        Self::from_wire(wire)
+    }
+
     fn to_wire(&self) -> WireRecord {
         WireRecord {
             chain: self.chain,

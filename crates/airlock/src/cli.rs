@@ -193,12 +193,17 @@ pub enum AuditCommand {
     ///
     /// Exit 0 with a one-line summary when intact; exit 1 naming the first
     /// bad record (chain and seq) and why otherwise; exit 2 when the trail
-    /// cannot be checked at all (no database, no audit key, no file).
+    /// cannot be checked at all (no database, no audit key, no file, no
+    /// answer from the server).
+    ///
+    /// Reads the store and the audit key named by the config, so it works
+    /// while the server is down; --remote asks the running server instead.
     #[command(after_help = "\
 Examples:
   airlock audit verify
   airlock audit verify --from audit.jsonl
-  airlock audit verify --from session.jsonl --session ses_...")]
+  airlock audit verify --from session.jsonl --session ses_...
+  AIRLOCK_ADMIN_URL=https://airlock-admin.internal airlock audit verify --remote")]
     Verify {
         /// An exported JSON Lines file instead of the store ("-" for stdin).
         #[arg(long, value_name = "FILE")]
@@ -211,15 +216,22 @@ Examples:
         /// /v1/audit/verify answers it (same exit status).
         #[arg(long, conflicts_with = "from")]
         json: bool,
+        /// Have the running server verify its trail (GET /v1/audit/verify
+        /// at AIRLOCK_ADMIN_URL, with AIRLOCK_ADMIN_TOKEN): no access to the
+        /// store or the audit key needed here. The verdict is the server's.
+        #[arg(long, conflicts_with = "from")]
+        remote: bool,
     },
     /// Print audit records as JSON lines, chain by chain, each in seq order.
     ///
     /// The output verifies on its own (`airlock audit verify --from FILE`,
-    /// adding `--session ID` for one session's export).
+    /// adding `--session ID` for one session's export). Reads the store
+    /// named by the config; --remote reads through the running server.
     #[command(after_help = "\
 Examples:
   airlock audit export > audit.jsonl
-  airlock audit export --session ses_... --since 2026-01-02T00:00:00Z")]
+  airlock audit export --session ses_... --since 2026-01-02T00:00:00Z
+  airlock audit export --remote --since 1h > last-hour.jsonl")]
     Export {
         /// Only this session's records.
         #[arg(long, value_name = "ID")]
@@ -231,6 +243,22 @@ Examples:
         /// two older than T.
         #[arg(long, value_name = "T")]
         since: Option<String>,
+        /// Read the records through the running server (GET /v1/audit at
+        /// AIRLOCK_ADMIN_URL, with AIRLOCK_ADMIN_TOKEN) instead of the
+        /// store: no database access needed here. Chains come interleaved,
+        /// oldest record first; the output verifies the same.
+        #[arg(long)]
+        remote: bool,
+        /// Records asked for per store query or admin API call (1-10000;
+        /// tests use small pages).
+        #[arg(
+            long,
+            hide = true,
+            value_name = "N",
+            default_value_t = 5_000,
+            value_parser = clap::value_parser!(u32).range(1..=i64::from(airlock_admin::AUDIT_PAGE_MAX))
+        )]
+        page_size: u32,
     },
     /// Follow the audit trail: print new records as JSON lines as they are
     /// written, until interrupted.

@@ -129,6 +129,11 @@ impl AdminClient {
         }
     }
 
+    /// The admin API's URL this client calls.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// The names of the providers the server configures (`GET /v1/providers`).
     pub async fn provider_names(&self) -> anyhow::Result<Vec<String>> {
         let listed = self.call(Method::GET, "/v1/providers", None).await?;

@@ -584,6 +584,155 @@ async fn tampering_in_the_store_is_named() {
     assert_eq!(verdict["broken_chains"][0]["first_bad"], 3);
     assert_eq!(verdict["broken_chains"][0]["reason"], verdict["reason"]);
     assert_eq!(verdict["records"], 2);
+    // And so does `audit verify --remote`, from where neither the store
+    // nor the key is.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = remote_cli(&airlock, elsewhere.path(), &["audit", "verify", "--remote"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "audit trail broken: first bad record is seq 3 of chain 1: {} (verified by the \
+             server at {})\n(2 records in 1 chain verified: in a broken chain, those before its \
+             first bad record)\n",
+            verdict["reason"].as_str().unwrap(),
+            airlock.admin_url()
+        )
+    );
+    let out = remote_cli(
+        &airlock,
+        elsewhere.path(),
+        &["audit", "verify", "--remote", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap(),
+        verdict
+    );
+}
+
+/// Runs `airlock ARGS...` in `dir` (no config, no store, no audit key
+/// there) against `airlock`'s admin API.
+fn remote_cli(airlock: &Airlock, dir: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("AIRLOCK_AUDIT_KEY")
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap()
+}
+
+/// `audit export --remote` and `audit verify --remote` read the trail
+/// through the admin API: the same records, byte for byte, as the export
+/// from the store, page after page; nothing needed where they run.
+#[tokio::test]
+async fn remote_export_and_verify_go_through_the_admin_api() {
+    let mock = MockProvider::start().await;
+    let airlock = builder(&mock).start().await.unwrap();
+    let (a, token_a) = session(&airlock, json!({})).await;
+    let (_, token_b) = session(&airlock, json!({})).await;
+    for n in 1..=7 {
+        let token = if n % 2 == 1 { &token_a } else { &token_b };
+        assert_eq!(
+            get(&airlock, &format!("/openai/v1/calls/{n}"), token).await,
+            200
+        );
+    }
+    assert_eq!(get(&airlock, "/openai/v1/models", &token_b).await, 403);
+    // Committed before the answers completed: all there.
+    assert_eq!(audit_records(&airlock, "?limit=100").await.len(), 8);
+    let config = airlock.config_path();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let remote = |args: &[&str]| {
+        let out = remote_cli(&airlock, elsewhere.path(), args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        stdout(&out)
+    };
+
+    let local = stdout(&cli(&config, &["audit", "export"]));
+    assert_eq!(local.lines().count(), 8);
+    // Pages of 3 records: the cursor is followed to the end.
+    let exported = remote(&["audit", "export", "--remote", "--page-size", "3"]);
+    assert_eq!(exported, local);
+    assert_eq!(remote(&["audit", "export", "--remote"]), local);
+    // The file it wrote verifies with the key, as a local export does.
+    let file = airlock.dir().join("remote.jsonl");
+    std::fs::write(&file, &exported).unwrap();
+    let out = cli(
+        &config,
+        &["audit", "verify", "--from", file.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{out:?}");
+
+    // Filters as the local export has them.
+    let only_a = remote(&[
+        "audit",
+        "export",
+        "--remote",
+        "--session",
+        &a,
+        "--page-size",
+        "2",
+    ]);
+    assert_eq!(only_a.lines().count(), 4);
+    assert_eq!(
+        only_a,
+        stdout(&cli(&config, &["audit", "export", "--session", &a]))
+    );
+    assert_eq!(
+        remote(&["audit", "export", "--remote", "--since", "1h"]),
+        local
+    );
+    assert!(remote(&[
+        "audit",
+        "export",
+        "--remote",
+        "--since",
+        "2999-01-01T00:00:00Z"
+    ])
+    .is_empty());
+    let unknown = "ses_0000000000000000000000";
+    let out = remote_cli(
+        &airlock,
+        elsewhere.path(),
+        &["audit", "export", "--remote", "--session", unknown],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("--session: the server has no session {unknown}")),
+        "{out:?}"
+    );
+
+    assert_eq!(
+        remote(&["audit", "verify", "--remote"]),
+        format!(
+            "audit trail intact: 8 records in 1 chain (verified by the server at {})\n",
+            airlock.admin_url()
+        )
+    );
+    let verdict: Value =
+        serde_json::from_str(&remote(&["audit", "verify", "--remote", "--json"])).unwrap();
+    assert_eq!(verdict, json!({"ok": true, "records": 8, "chains": 1}));
+
+    // Without the admin token nothing was verified: exit 2, not 1.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["audit", "verify", "--remote"])
+        .current_dir(elsewhere.path())
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env("AIRLOCK_ADMIN_TOKEN", "adm_wrong_token_0123456789")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused the admin token"),
+        "{out:?}"
+    );
+    // Nothing was created where the commands ran (no store, no key file).
+    let left: Vec<_> = std::fs::read_dir(elsewhere.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 fn write_lines(path: &Path, lines: &[String]) {

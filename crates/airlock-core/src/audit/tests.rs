@@ -252,6 +252,11 @@ fn json_round_trips_and_is_canonical() {
         serde_json::json!(["client_aborted", "credential_redacted"])
     );
     assert!(value["ts"].as_str().unwrap().ends_with('Z'));
+    // As the admin API lists it: a value, in whatever key order.
+    assert_eq!(AuditRecord::from_json_value(value.clone()).unwrap(), r);
+    let mut without_mac = value.clone();
+    without_mac.as_object_mut().unwrap().remove("mac");
+    assert!(AuditRecord::from_json_value(without_mac).is_err());
 
     // A spelling that parses to the same value is still refused.
     let respelled = line.replace("\"duration_ms\":1.236", "\"duration_ms\":1.2360001");

@@ -20,17 +20,22 @@ use time::OffsetDateTime;
 
 use crate::audit_key;
 use crate::cli::AuditCommand;
+use crate::client::AdminClient;
 use crate::config::Config;
 use crate::output;
 
+mod remote;
 mod tail;
-
-/// Records read per query while exporting.
-const PAGE: u32 = 5_000;
 
 /// Runs an audit command; exit 1 means "the trail does not verify".
 pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode> {
     match cmd {
+        AuditCommand::Verify {
+            from: None,
+            json,
+            remote: true,
+            ..
+        } => remote::verify(&admin_client(config), json).await,
         AuditCommand::Verify {
             from: None, json, ..
         } => verify_stored(config, json).await,
@@ -46,9 +51,20 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
             let key = audit_key::load_existing(&config.audit, &config.store_url)?;
             verify_file(reader, session.as_deref(), &key)
         }
-        AuditCommand::Export { session, since } => {
+        AuditCommand::Export {
+            session,
+            since,
+            remote,
+            page_size,
+        } => {
+            check_session(session.as_deref())?;
             let since_ms = since.as_deref().map(parse_since).transpose()?;
-            export(config, session, since_ms).await?;
+            if remote {
+                let client = admin_client(config);
+                remote::export(&client, session.as_deref(), since_ms, page_size).await?;
+            } else {
+                export(config, session, since_ms, page_size).await?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Tail { session, lines } => {
@@ -56,6 +72,12 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
             tail::run(config, session, lines).await
         }
     }
+}
+
+/// The admin API client of `--remote`: `AIRLOCK_ADMIN_URL`, else the
+/// config's admin listener, as for the session commands.
+fn admin_client(config: &Config) -> AdminClient {
+    AdminClient::from_env(format!("http://{}", config.admin_listen))
 }
 
 /// Refuses a `--session` that is not a session id (it would match nothing:
@@ -437,10 +459,11 @@ async fn export(
     config: &Config,
     session: Option<String>,
     since_ms: Option<i64>,
+    page_size: u32,
 ) -> anyhow::Result<()> {
-    check_session(session.as_deref())?;
     let store = open_store(config).await?;
-    let written = match write_records(store.as_ref(), session.as_deref(), since_ms).await {
+    let written = match write_records(store.as_ref(), session.as_deref(), since_ms, page_size).await
+    {
         // Nothing for a session the store never had: a mistyped id, whose
         // empty export would verify as intact.
         Ok(0) => check_session_known(store.as_ref(), session.as_deref()).await,
@@ -471,6 +494,7 @@ async fn write_records(
     store: &dyn Store,
     session: Option<&str>,
     since_ms: Option<i64>,
+    page_size: u32,
 ) -> anyhow::Result<usize> {
     let mut out = BufWriter::new(output::stdout());
     let mut written = 0;
@@ -483,7 +507,7 @@ async fn write_records(
                     since_ms,
                     chain: Some(head.chain),
                     after_seq,
-                    limit: PAGE,
+                    limit: page_size,
                 })
                 .await?;
             for record in &page {
@@ -491,7 +515,7 @@ async fn write_records(
             }
             written += page.len();
             match page.last() {
-                Some(last) if page.len() == PAGE as usize => after_seq = last.seq,
+                Some(last) if page.len() == page_size as usize => after_seq = last.seq,
                 _ => break,
             }
         }

@@ -1,0 +1,224 @@
+//! `airlock audit verify --remote` and `audit export --remote`: the audit
+//! trail through the running server's admin API, for an operator who has
+//! neither the database nor the audit key at hand (a replica set on
+//! PostgreSQL, a server in a container).
+
+use std::fmt::Write as _;
+use std::io::{BufWriter, Write};
+use std::process::ExitCode;
+
+use airlock_core::audit::AuditRecord;
+use anyhow::{anyhow, Context};
+use hyper::{Method, StatusCode};
+use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::client::{path_segment, AdminClient, ApiRefusal};
+use crate::output;
+
+/// `GET /v1/audit/verify`: the server's verdict, as text or (`json`) as the
+/// server's JSON; exit 0 when intact, 1 when not.
+pub async fn verify(client: &AdminClient, json: bool) -> anyhow::Result<ExitCode> {
+    let verdict = client.call(Method::GET, "/v1/audit/verify", None).await?;
+    let ok = match verdict.get("ok").and_then(Value::as_bool) {
+        Some(ok) => ok,
+        None => anyhow::bail!("the admin API's verdict holds no \"ok\": {verdict}"),
+    };
+    let code = if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    };
+    let text = if json {
+        format!("{verdict}\n")
+    } else {
+        verdict_text(&verdict, client.base())
+    };
+    output::print_verdict(&text)?;
+    Ok(code)
+}
+
+/// The lines `audit verify` prints for the server's verdict.
+fn verdict_text(verdict: &Value, server: &str) -> String {
+    let number = |value: &Value, key: &str| value.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let text = |value: &Value, key: &str| {
+        value
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or("no reason given")
+            .to_owned()
+    };
+    let counted = super::counted(
+        number(verdict, "records"),
+        usize::try_from(number(verdict, "chains")).unwrap_or(usize::MAX),
+    );
+    let mut report = String::new();
+    if verdict.get("ok").and_then(Value::as_bool) == Some(true) {
+        let _ = writeln!(
+            report,
+            "audit trail intact: {counted} (verified by the server at {server})"
+        );
+        return report;
+    }
+    let _ = writeln!(
+        report,
+        "audit trail broken: first bad record is seq {} of chain {}: {} (verified by the server \
+         at {server})",
+        number(verdict, "first_bad"),
+        number(verdict, "chain"),
+        text(verdict, "reason"),
+    );
+    let others = verdict.get("broken_chains").and_then(Value::as_array);
+    for other in others.into_iter().flatten().skip(1) {
+        let _ = writeln!(
+            report,
+            "  chain {} is broken too: first bad record is seq {}: {}",
+            number(other, "chain"),
+            number(other, "first_bad"),
+            text(other, "reason"),
+        );
+    }
+    let _ = writeln!(
+        report,
+        "({counted} verified: in a broken chain, those before its first bad record)"
+    );
+    report
+}
+
+/// `GET /v1/audit`, page after page (following `next`), each record
+/// written as the JSON line `audit export` writes for it. A `session` the
+/// server has never had is a usage error, as for the local export.
+pub async fn export(
+    client: &AdminClient,
+    session: Option<&str>,
+    since_ms: Option<i64>,
+    page_size: u32,
+) -> anyhow::Result<()> {
+    let since = since_ms.map(rfc3339).transpose()?;
+    let mut out = BufWriter::new(output::stdout());
+    let mut written: u64 = 0;
+    let mut after: Option<String> = None;
+    loop {
+        let path = list_path(session, since.as_deref(), page_size, after.as_deref());
+        let answer = client.call(Method::GET, &path, None).await?;
+        let records = answer
+            .get("records")
+            .and_then(Value::as_array)
+            .ok_or_else(|| anyhow!("the admin API's answer holds no \"records\" list"))?;
+        for value in records {
+            let record = AuditRecord::from_json_value(value.clone()).map_err(|why| {
+                anyhow!("the admin API listed a record airlock cannot read: {why}")
+            })?;
+            writeln!(out, "{}", record.to_json())?;
+            written += 1;
+        }
+        match answer.get("next").and_then(Value::as_str) {
+            Some(next) if after.as_deref() == Some(next) => {
+                anyhow::bail!("the admin API answered the same page twice (next = {next:?})")
+            }
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    out.flush()?;
+    if written == 0 {
+        if let Some(id) = session {
+            check_session_known(client, id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The path of one page of records.
+fn list_path(
+    session: Option<&str>,
+    since: Option<&str>,
+    limit: u32,
+    after: Option<&str>,
+) -> String {
+    let mut params = vec![format!("limit={limit}")];
+    if let Some(session) = session {
+        params.push(format!("session={}", path_segment(session)));
+    }
+    if let Some(since) = since {
+        params.push(format!("since={}", path_segment(since)));
+    }
+    if let Some(after) = after {
+        params.push(format!("after={}", path_segment(after)));
+    }
+    format!("/v1/audit?{}", params.join("&"))
+}
+
+/// `ms` as the RFC 3339 time the admin API reads (to the millisecond).
+fn rfc3339(ms: i64) -> anyhow::Result<String> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .ok_or_else(|| crate::cli::usage("--since: the time is out of range"))
+}
+
+/// Refuses a `--session` the server has never had (exit 2): its empty
+/// export would verify as intact.
+async fn check_session_known(client: &AdminClient, id: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/sessions/{}", path_segment(id));
+    match client.call(Method::GET, &path, None).await {
+        Ok(_) => Ok(()),
+        Err(e) => match e.downcast_ref::<ApiRefusal>() {
+            Some(refusal) if refusal.status == StatusCode::NOT_FOUND => Err(crate::cli::usage(
+                format!("--session: the server has no session {id}"),
+            )),
+            _ => Err(e).context("looking the session up"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn verdicts_read_as_the_local_ones() {
+        let intact = json!({"ok": true, "records": 3, "chains": 1});
+        assert_eq!(
+            verdict_text(&intact, "http://a:1"),
+            "audit trail intact: 3 records in 1 chain (verified by the server at http://a:1)\n"
+        );
+        let broken = json!({
+            "ok": false, "first_bad": 4, "chain": 2, "reason": "bad mac",
+            "records": 5, "chains": 2,
+            "broken_chains": [
+                {"chain": 2, "first_bad": 4, "reason": "bad mac"},
+                {"chain": 3, "first_bad": 9, "reason": "gap: record 8 is missing"},
+            ],
+        });
+        assert_eq!(
+            verdict_text(&broken, "http://a:1"),
+            "audit trail broken: first bad record is seq 4 of chain 2: bad mac (verified by the \
+             server at http://a:1)\n  chain 3 is broken too: first bad record is seq 9: gap: \
+             record 8 is missing\n(5 records in 2 chains verified: in a broken chain, those \
+             before its first bad record)\n"
+        );
+    }
+
+    #[test]
+    fn pages_carry_the_filters_encoded() {
+        assert_eq!(
+            list_path(
+                Some("ses_A1"),
+                Some("2026-01-02T03:04:05.006Z"),
+                50,
+                Some("x-y_z")
+            ),
+            "/v1/audit?limit=50&session=ses_A1&since=2026-01-02T03%3A04%3A05.006Z&after=x-y_z"
+        );
+        assert_eq!(list_path(None, None, 7, None), "/v1/audit?limit=7");
+        assert_eq!(
+            rfc3339(1_767_323_045_006).unwrap(),
+            "2026-01-02T03:04:05.006Z"
+        );
+    }
+}
