@@ -17,7 +17,7 @@ use std::time::Instant;
 use airlock_audit::{AuditError, Auditor};
 use airlock_core::audit::{record_path, record_path_withholding, AuditRecord, Flags, GENESIS_MAC};
 use airlock_core::token::TOKEN_PREFIX;
-use airlock_session::{now_ms, LiveSession};
+use airlock_session::{now_ms, CallSlot, LiveSession};
 use http::{Method, Request};
 
 use crate::cut::{Cut, Waiting};
@@ -46,6 +46,9 @@ pub(crate) struct CallRecord {
     cut: Arc<Cut>,
     /// Held by a call answering that cut until the call is done.
     answering_cut: Option<Waiting>,
+    /// The session's slot for a call in flight, given back when the
+    /// record is finished (the call has ended).
+    slot: Option<CallSlot>,
 }
 
 // === impl CallRecord ===
@@ -87,7 +90,13 @@ impl CallRecord {
             session: None,
             cut: Arc::clone(cut),
             answering_cut: None,
+            slot: None,
         }
+    }
+
+    /// Keeps the session's slot for this call until the call ends.
+    pub(crate) fn hold_slot(&mut self, slot: CallSlot) {
+        self.slot = Some(slot);
     }
 
     /// The call answers shutdown's cut; the drain waits for it until this
@@ -194,6 +203,10 @@ impl CallRecord {
         flags: Flags,
     ) -> Option<impl Future<Output = Result<(), AuditError>> + Send + 'static> {
         let mut record = self.record.take()?;
+        // The call has ended: its slot is free before the answer's last
+        // frame (which waits for the commit) reaches the agent, so that
+        // its next call never finds it still taken.
+        self.slot = None;
         if let Some(decision) = decision {
             record.decision = Cow::Borrowed(decision);
         }

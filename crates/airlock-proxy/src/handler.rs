@@ -45,6 +45,9 @@ pub struct ProxySettings {
     /// path may start with it (a reverse proxy at that path that passes it
     /// on) or not (one that strips it); `/{provider}` follows either way.
     pub path_prefix: Option<String>,
+    /// Calls one session may have in flight in this process
+    /// (`sessions.max_calls_in_flight`); one more is refused 429.
+    pub max_calls_in_flight: u32,
 }
 
 /// The proxy: providers by name, the session registry and the audit trail.
@@ -322,6 +325,21 @@ impl Proxy {
                 return Err(denial);
             }
         };
+        // A bound on what one session holds of this process (connections,
+        // upstream connections, memory), not a sign of misuse: refused
+        // 429 like a rate limit, but counted toward no `max_denied` (an
+        // SDK running calls in parallel would otherwise end its session).
+        let max = self.settings.max_calls_in_flight;
+        let Some(slot) = session.enter_call(max) else {
+            return Err(Denial::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "this session already has {max} calls in flight, the most one session may \
+                     have (sessions.max_calls_in_flight); retry once one has ended"
+                ),
+            )
+            .retry_after(SLOT_RETRY_AFTER));
+        };
         if let Err(denial) = self.admit(&session).await {
             // A 429 is the session's doing; a store out of reach is not.
             if denial.code() == ErrorCode::RateLimited {
@@ -329,6 +347,7 @@ impl Proxy {
             }
             return Err(denial);
         }
+        call.hold_slot(slot);
         self.forward(admitted, &session, req, call, head_timer)
             .await
     }
@@ -916,6 +935,10 @@ pub(crate) fn upstream_path(full: &str, start: usize) -> &str {
 /// Later rather than from the start: a watch costs a registration on the
 /// session and a timer, which the many calls answered sooner never need.
 const WATCH_SESSION_AFTER: Duration = Duration::from_millis(200);
+
+/// The `Retry-After` of a call refused because its session has
+/// `sessions.max_calls_in_flight` calls in flight.
+const SLOT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The timer a connection's calls wait for the provider's answer with
 /// (until [`WATCH_SESSION_AFTER`]), kept from one call to the next.

@@ -15,7 +15,7 @@ mod live;
 mod registry;
 
 pub use end_watch::{EndWatch, WatchEnd, END_WATCH_RECHECK};
-pub use live::{Admission, LiveSession, SessionState};
+pub use live::{Admission, CallSlot, LiveSession, SessionState};
 pub use registry::{AuthError, NewSession, Registry, RegistryError, SyncSettings};
 
 /// Milliseconds since the Unix epoch, from the system clock.

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +59,30 @@ pub struct LiveSession {
     /// Whether the registry's cache is still within `max_staleness` of the
     /// store (always, on a store of one process).
     freshness: Arc<Freshness>,
+    /// Calls this process admitted for the session that have not ended
+    /// (each holds a [`CallSlot`]).
+    in_flight: AtomicU32,
+}
+
+/// One of a session's calls in flight (see [`LiveSession::enter_call`]);
+/// the slot is free again when this is dropped.
+#[must_use = "the slot is free again once this is dropped"]
+pub struct CallSlot {
+    session: Arc<LiveSession>,
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.session.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for CallSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallSlot")
+            .field("session", &self.session.id)
+            .finish()
+    }
 }
 
 /// This process's share of a session's `max_requests`: calls reserved in
@@ -137,7 +161,37 @@ impl LiveSession {
             changed: Arc::new(Notify::new()),
             last_seen: AtomicI64::new(crate::now_ms()),
             freshness,
+            in_flight: AtomicU32::new(0),
         }
+    }
+
+    /// Takes one of the session's `max` slots for calls in flight in this
+    /// process; `None` when all of them are taken.
+    pub fn enter_call(self: &Arc<Self>, max: u32) -> Option<CallSlot> {
+        let mut now = self.in_flight.load(Ordering::Acquire);
+        loop {
+            if now >= max {
+                return None;
+            }
+            match self.in_flight.compare_exchange_weak(
+                now,
+                now + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Some(CallSlot {
+                        session: Arc::clone(self),
+                    })
+                }
+                Err(actual) => now = actual,
+            }
+        }
+    }
+
+    /// The session's calls in flight in this process.
+    pub fn calls_in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
     }
 
     /// Whether this process can no longer vouch for the session's state:

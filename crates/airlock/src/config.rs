@@ -40,6 +40,9 @@ pub struct Config {
     pub master_key_file_explicit: bool,
     pub audit: AuditConfig,
     pub max_ttl: Duration,
+    /// `sessions.max_calls_in_flight`: calls one session may have in
+    /// flight in one process.
+    pub max_calls_in_flight: u32,
     pub providers: BTreeMap<String, ProviderConfig>,
     /// What the file says that likely is not what was meant (shown by
     /// `config check`, logged by `serve`), besides [`Config::warnings`]'
@@ -228,6 +231,14 @@ struct RawAudit {
 struct RawSessions {
     #[serde(default = "default_max_ttl")]
     max_ttl: String,
+    #[serde(default = "default_max_calls_in_flight")]
+    max_calls_in_flight: u32,
+}
+
+/// `sessions.max_calls_in_flight` when the file does not set it.
+pub const DEFAULT_MAX_CALLS_IN_FLIGHT: u32 = 512;
+fn default_max_calls_in_flight() -> u32 {
+    DEFAULT_MAX_CALLS_IN_FLIGHT
 }
 
 /// `[providers.NAME]` as written. The fields a built-in provider may leave
@@ -496,6 +507,7 @@ impl Default for RawSessions {
     fn default() -> Self {
         Self {
             max_ttl: default_max_ttl(),
+            max_calls_in_flight: default_max_calls_in_flight(),
         }
     }
 }
@@ -733,6 +745,13 @@ impl Config {
         if max_ttl.is_zero() {
             return Err(err("sessions.max_ttl", "must be at least 1s".into()));
         }
+        let max_calls_in_flight = raw.sessions.max_calls_in_flight;
+        if !(1..=1_000_000).contains(&max_calls_in_flight) {
+            return Err(err(
+                "sessions.max_calls_in_flight",
+                format!("must be between 1 and 1000000, not {max_calls_in_flight}"),
+            ));
+        }
 
         let mut providers = BTreeMap::new();
         let mut notes = Vec::new();
@@ -878,6 +897,7 @@ impl Config {
             store_max_staleness,
             audit,
             max_ttl,
+            max_calls_in_flight,
             providers,
             notes,
         })

@@ -682,6 +682,105 @@ async fn limits_rate_and_quota() {
     assert_eq!(view["state"], "active");
 }
 
+/// One session holds at most `sessions.max_calls_in_flight` calls at once:
+/// one more is refused 429 before anything goes upstream, and counts toward
+/// no `max_denied`; other sessions are not held back, and a slot is free
+/// again as soon as its call has ended.
+#[tokio::test]
+async fn a_session_has_at_most_max_calls_in_flight() {
+    let s = setup_with("[sessions]\nmax_calls_in_flight = 2\n").await;
+    let scope = json!([
+        {"provider": "openai", "methods": ["GET"], "paths": ["/gated-head", "/v1/models"]},
+    ]);
+    let (id, token) = session(&s.airlock, scope.clone(), json!({"max_denied": 1})).await;
+    let held = format!("{}/openai/gated-head", s.airlock.proxy_url());
+    let models = format!("{}/openai/v1/models", s.airlock.proxy_url());
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, auth) = (held.clone(), bearer(&token));
+            tokio::spawn(async move { request("GET", &url, &[("authorization", &auth)], "").await })
+        })
+        .collect();
+    // Both reached the provider, which holds its answers.
+    s.mock.wait_for_requests(2).await;
+    for _ in 0..3 {
+        let refused = call("GET", &models, &token).await;
+        assert_error(&refused, 429, "rate_limited");
+        assert_eq!(refused.headers["retry-after"], "1");
+        assert!(
+            refused.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("already has 2 calls in flight"),
+            "{}",
+            refused.json()
+        );
+    }
+    assert_eq!(s.mock.request_count(), 2, "a refused call went upstream");
+    // Another session is not held back.
+    let (_, other) = session(&s.airlock, scope, json!({})).await;
+    assert_eq!(call("GET", &models, &other).await.status, 200);
+
+    // One answer released: its slot is free by the time it arrives.
+    s.mock.open_gate();
+    let (first, _, pending) = futures_util::future::select_all(calls).await;
+    assert_eq!(first.unwrap().status, 200);
+    assert_eq!(call("GET", &models, &token).await.status, 200);
+    s.mock.open_gate();
+    for rest in pending {
+        assert_eq!(rest.await.unwrap().status, 200);
+    }
+    // Three refusals and max_denied 1: still active, the refusals recorded.
+    let (_, view) = s
+        .airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(view["state"], "active", "{view}");
+    assert_eq!(view["calls"], json!({"allowed": 3, "denied": 0}), "{view}");
+    let (_, audit) = s
+        .airlock
+        .admin("GET", &format!("/v1/audit?session={id}"), None)
+        .await
+        .unwrap();
+    let decisions: Vec<&str> = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        decisions.iter().filter(|d| **d == "rate_limited").count(),
+        3,
+        "{audit}"
+    );
+}
+
+/// A call's slot is free before its answer completes: an agent making one
+/// call after another over a kept-alive connection never finds its last
+/// call still holding the only slot.
+#[tokio::test]
+async fn a_slot_is_free_when_its_answer_arrives() {
+    use http_body_util::{BodyExt, Empty};
+
+    let s = setup_with("[sessions]\nmax_calls_in_flight = 1\n").await;
+    let scope = json!([{"provider": "openai", "methods": ["GET"], "paths": ["/v1/models"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({})).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    for n in 0..300 {
+        let req = hyper::Request::get(format!("{}/openai/v1/models", s.airlock.proxy_url()))
+            .header("authorization", bearer(&token))
+            .body(Empty::new())
+            .unwrap();
+        let response = client.request(req).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(status, 200, "call {n}: {}", String::from_utf8_lossy(&body));
+    }
+    assert_eq!(s.mock.connections(), 1);
+}
+
 #[tokio::test]
 async fn max_denied_revokes_the_session() {
     let s = setup().await;

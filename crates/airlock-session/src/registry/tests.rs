@@ -1144,3 +1144,42 @@ async fn a_revocation_at_max_denied_elsewhere_is_told_as_such() {
     .await;
     sync.abort();
 }
+
+#[tokio::test]
+async fn a_session_has_at_most_its_slots_for_calls_in_flight() {
+    let (_dir, reg) = registry().await;
+    let (live, _) = reg
+        .create(new_session(Limits::default(), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let first = live.enter_call(2).unwrap();
+    let second = live.enter_call(2).unwrap();
+    assert_eq!(live.calls_in_flight(), 2);
+    assert!(live.enter_call(2).is_none());
+    // A refusal takes nothing.
+    assert_eq!(live.calls_in_flight(), 2);
+    drop(first);
+    assert_eq!(live.calls_in_flight(), 1);
+    let third = live.enter_call(2).unwrap();
+    assert!(live.enter_call(2).is_none());
+    drop((second, third));
+    assert_eq!(live.calls_in_flight(), 0);
+
+    // Taken from many threads at once, never more than the bound.
+    let taken = std::sync::atomic::AtomicU32::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| {
+                for _ in 0..1_000 {
+                    if let Some(slot) = live.enter_call(3) {
+                        assert!(live.calls_in_flight() <= 3);
+                        taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        drop(slot);
+                    }
+                }
+            });
+        }
+    });
+    assert!(taken.into_inner() > 0);
+    assert_eq!(live.calls_in_flight(), 0);
+}

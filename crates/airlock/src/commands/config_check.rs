@@ -226,6 +226,11 @@ pub fn describe(config: &Config) -> Description {
 
     let _ = writeln!(out, "sessions:");
     line(out, "max ttl", &dur(config.max_ttl));
+    line(
+        out,
+        "max calls in flight",
+        &format!("{} per session and process", config.max_calls_in_flight),
+    );
 
     let _ = writeln!(out, "providers:");
     if config.providers.is_empty() {

@@ -166,6 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             },
             public_url: Some(public_url.clone()),
             path_prefix: config.proxy.public_path().map(str::to_owned),
+            max_calls_in_flight: config.max_calls_in_flight,
         },
         proxy_metrics.for_provider("_unknown"),
     ));

@@ -399,6 +399,25 @@ fn proxy_limits_have_safe_defaults_and_parse() {
 }
 
 #[test]
+fn a_session_s_calls_in_flight_are_bounded() {
+    let c = Config::parse("x.toml", "").unwrap();
+    assert_eq!(c.max_calls_in_flight, DEFAULT_MAX_CALLS_IN_FLIGHT);
+    let c = Config::parse("x.toml", "[sessions]\nmax_calls_in_flight = 16\n").unwrap();
+    assert_eq!(c.max_calls_in_flight, 16);
+    for value in ["0", "1000001"] {
+        assert_eq!(
+            error_of(&format!("[sessions]\nmax_calls_in_flight = {value}")),
+            format!(
+                "bad.toml: sessions.max_calls_in_flight: must be between 1 and 1000000, not \
+                 {value}"
+            )
+        );
+    }
+    assert!(error_of("[sessions]\nmax_calls_in_flight = -1")
+        .starts_with("bad.toml: sessions.max_calls_in_flight"));
+}
+
+#[test]
 fn byte_sizes() {
     for (text, bytes) in [
         ("0", 0),
