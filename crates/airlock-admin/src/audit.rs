@@ -49,6 +49,10 @@ pub(crate) struct AuditList {
     /// for the next page.
     #[serde(skip_serializing_if = "Option::is_none")]
     next: Option<String>,
+    /// Always present: where this page ended. Passed back as `after` later,
+    /// it answers the records committed since (what `audit tail --remote`
+    /// polls with).
+    resume: String,
 }
 
 /// Where the next page starts: the query's filters, and per chain the last
@@ -68,7 +72,9 @@ fn access(state: &AdminState) -> Result<&AuditAccess, ApiError> {
 
 /// `GET /v1/audit?session=ID&since=RFC3339&limit=N&after=CURSOR`: records,
 /// each chain in seq order (with `since`, from its first record at or after
-/// that time on), the chains interleaved oldest first, a page at a time.
+/// that time on), the chains interleaved oldest first, a page at a time;
+/// `resume`, always there, is where the page ended (to poll for records
+/// committed later).
 ///
 /// A page is read by keyset, each chain after the seq the cursor names:
 /// `limit` + 1 records of each chain, the page taken from their fronts.
@@ -146,9 +152,14 @@ pub(crate) async fn list(
     for record in &page {
         cursor.after.insert(record.chain, record.seq);
     }
-    let next = more.then(|| encode_cursor(&cursor));
+    let resume = encode_cursor(&cursor);
+    let next = more.then(|| resume.clone());
     let records = page.iter().map(AuditRecord::to_json_value).collect();
-    Ok(Json(AuditList { records, next }))
+    Ok(Json(AuditList {
+        records,
+        next,
+        resume,
+    }))
 }
 
 /// The cursor text: opaque to clients (URL-safe base64 of

@@ -264,12 +264,14 @@ Examples:
     /// written, until interrupted.
     ///
     /// Reads the store named by the config directly (every 200 ms), so it
-    /// sees the records of every replica sharing the store.
+    /// sees the records of every replica sharing the store; --remote reads
+    /// them through the running server.
     #[command(after_help = "\
 Examples:
   airlock audit tail
   airlock audit tail -n 20 --session ses_...
-  airlock audit tail | jq -c 'select(.decision != \"allow\")'")]
+  airlock audit tail | jq -c 'select(.decision != \"allow\")'
+  airlock audit tail --remote --session ses_...")]
     Tail {
         /// Only this session's records.
         #[arg(long, value_name = "ID")]
@@ -277,6 +279,12 @@ Examples:
         /// First print the last N records already written.
         #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 0)]
         lines: usize,
+        /// Follow through the running server (GET /v1/audit at
+        /// AIRLOCK_ADMIN_URL, with AIRLOCK_ADMIN_TOKEN, every 200 ms)
+        /// instead of the store: the records committed from now on (no
+        /// --lines).
+        #[arg(long)]
+        remote: bool,
     },
 }
 

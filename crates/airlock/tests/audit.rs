@@ -272,6 +272,47 @@ async fn every_call_gets_one_record_and_none_holds_a_secret() {
         .await
         .unwrap();
     assert!(body.get("next").is_none(), "nothing left: no next: {body}");
+    // `resume` is where the page ended: passed back later, it answers
+    // only what was committed since (nothing yet, then the new call's),
+    // with the filters it was given (a session's).
+    let resume = body["resume"].as_str().unwrap().to_owned();
+    let after = |cursor: String| {
+        let airlock = &airlock;
+        async move {
+            let (status, body) = airlock
+                .admin("GET", &format!("/v1/audit?after={cursor}"), None)
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+    let nothing = after(resume.clone()).await;
+    assert_eq!(nothing["records"], json!([]), "{nothing}");
+    assert_eq!(nothing["resume"], resume.as_str(), "{nothing}");
+    let (_, body) = airlock
+        .admin("GET", &format!("/v1/audit?session={id}&limit=100"), None)
+        .await
+        .unwrap();
+    let resume_mine = body["resume"].as_str().unwrap().to_owned();
+    assert_eq!(get(&airlock, "/openai/v1/calls/6", &other_token).await, 200);
+    // (Its max_requests is spent: refused, and recorded as its.)
+    assert_eq!(get(&airlock, "/openai/v1/calls/7", &token).await, 429);
+    let since = after(resume).await;
+    let paths: Vec<&str> = since["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/openai/v1/calls/6", "/openai/v1/calls/7"],
+        "{since}"
+    );
+    let mine = after(resume_mine).await;
+    assert_eq!(mine["records"].as_array().unwrap().len(), 1, "{mine}");
+    assert_eq!(mine["records"][0]["path"], "/openai/v1/calls/7", "{mine}");
     assert!(audit_records(&airlock, "?since=2999-01-01T00:00:00Z")
         .await
         .is_empty());

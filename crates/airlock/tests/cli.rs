@@ -1775,6 +1775,121 @@ async fn audit_tail_prints_the_last_records_then_follows_new_ones() {
     assert_eq!(err, "", "a closed pipe is not an error");
 }
 
+/// Makes calls with `token` until every tail (each follows from when it
+/// started) has printed one, then reads the records those calls left for
+/// them, so that each one's next line is the next record committed; the
+/// first seq each printed.
+async fn caught_up(
+    airlock: &Airlock,
+    token: &str,
+    tails: &mut [&mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>],
+) -> Vec<u64> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut firsts: Vec<Option<u64>> = vec![None; tails.len()];
+    while firsts.iter().any(Option::is_none) {
+        assert!(Instant::now() < deadline, "audit tail printed nothing");
+        assert_eq!(chat(airlock, token, "/v1/chat/completions").await, 200);
+        for (tail, first) in tails.iter_mut().zip(&mut firsts) {
+            if first.is_some() {
+                continue;
+            }
+            // (`next_line` is cancel safe: a line cut short here is read
+            // whole by the next call.)
+            let waited = tokio::time::timeout(Duration::from_millis(300), tail.next_line()).await;
+            if let Ok(line) = waited {
+                let line = line.unwrap().expect("audit tail ended");
+                let record: Value = serde_json::from_str(&line).unwrap();
+                *first = record["seq"].as_u64();
+            }
+        }
+    }
+    let last = audit_records(airlock, 1).await.last().unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    for (tail, first) in tails.iter_mut().zip(&firsts) {
+        let mut at = first.unwrap();
+        while at != last {
+            at = next(tail).await["seq"].as_u64().unwrap();
+        }
+    }
+    firsts.into_iter().map(Option::unwrap).collect()
+}
+
+/// `audit tail --remote` follows the trail through the admin API, from
+/// when it starts, with the session filter, from where neither store nor
+/// key is.
+#[tokio::test]
+async fn audit_tail_remote_follows_through_the_admin_api() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let (id, token) = create(&airlock).await;
+    let (other_id, other_token) = create(&airlock).await;
+    assert_eq!(chat(&airlock, &token, "/v1/chat/completions").await, 200);
+    let before = audit_records(&airlock, 1).await[0]["seq"].as_u64().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let remote = |args: &[&str]| {
+        let mut command = airlock_cmd(&[&["audit", "tail", "--remote"], args].concat());
+        command
+            .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+            .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+            .current_dir(elsewhere.path());
+        command
+    };
+    let spawn = |args: &[&str]| {
+        remote(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    let mut all = spawn(&[]);
+    let mut all_lines = BufReader::new(all.stdout.take().unwrap()).lines();
+    let mut mine = spawn(&["--session", &id]);
+    let mut mine_lines = BufReader::new(mine.stdout.take().unwrap()).lines();
+    // From when it started: the record before is not printed.
+    let firsts = caught_up(&airlock, &token, &mut [&mut all_lines, &mut mine_lines]).await;
+    assert!(firsts.iter().all(|&seq| seq > before), "{firsts:?}");
+
+    assert_eq!(
+        chat(&airlock, &other_token, "/v1/chat/completions").await,
+        200
+    );
+    assert_eq!(chat(&airlock, &token, "/v1/other").await, 403);
+    let new = [next(&mut all_lines).await, next(&mut all_lines).await];
+    assert_eq!(new[0]["session"], other_id.as_str());
+    assert_eq!(new[1]["session"], id.as_str());
+    assert_eq!(new[1]["path"], "/openai/v1/other");
+    let mine_new = next(&mut mine_lines).await;
+    assert_eq!(mine_new, new[1]);
+
+    for child in [&mut all, &mut mine] {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+        rustix::process::kill_process(pid.unwrap(), rustix::process::Signal::INT).unwrap();
+        let status = tokio::time::timeout(DEADLINE, child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+    }
+
+    // What it cannot do is a usage error.
+    let unknown = "ses_0000000000000000000000";
+    for (args, said) in [
+        (&["-n", "5"][..], "--lines: not with --remote"),
+        (
+            &["--session", unknown],
+            "--session: the server has no session",
+        ),
+    ] {
+        let out = remote(args).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(said), "{args:?}: {}", stderr(&out));
+    }
+    let left: Vec<_> = std::fs::read_dir(elsewhere.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// Runs `command` with stdout as `| head -1` leaves it once it has its
 /// line: a pipe whose reader is gone, closed before the command starts so
 /// that its first write fails however little it writes. (`output()` would

@@ -67,9 +67,17 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
             }
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Tail { session, lines } => {
+        AuditCommand::Tail {
+            session,
+            lines,
+            remote,
+        } => {
             check_session(session.as_deref())?;
-            tail::run(config, session, lines).await
+            if remote {
+                remote::tail(&admin_client(config), session.as_deref(), lines).await
+            } else {
+                tail::run(config, session, lines).await
+            }
         }
     }
 }

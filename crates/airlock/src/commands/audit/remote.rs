@@ -1,4 +1,5 @@
-//! `airlock audit verify --remote` and `audit export --remote`: the audit
+//! `airlock audit verify --remote`, `export --remote` and `tail --remote`:
+//! the audit
 //! trail through the running server's admin API, for an operator who has
 //! neither the database nor the audit key at hand (a replica set on
 //! PostgreSQL, a server in a container).
@@ -102,15 +103,8 @@ pub async fn export(
     loop {
         let path = list_path(session, since.as_deref(), page_size, after.as_deref());
         let answer = client.call(Method::GET, &path, None).await?;
-        let records = answer
-            .get("records")
-            .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("the admin API's answer holds no \"records\" list"))?;
-        for value in records {
-            let record = AuditRecord::from_json_value(value.clone()).map_err(|why| {
-                anyhow!("the admin API listed a record airlock cannot read: {why}")
-            })?;
-            writeln!(out, "{}", record.to_json())?;
+        for line in record_lines(&answer)? {
+            writeln!(out, "{line}")?;
             written += 1;
         }
         match answer.get("next").and_then(Value::as_str) {
@@ -128,6 +122,78 @@ pub async fn export(
         }
     }
     Ok(())
+}
+
+/// Records asked for per poll of `tail --remote`.
+const TAIL_PAGE: u32 = 1_000;
+
+/// `audit tail --remote`: the records committed from now on, through
+/// `GET /v1/audit` polled with the `resume` of its last answer, until
+/// SIGINT/SIGTERM or until stdout is closed.
+pub async fn tail(
+    client: &AdminClient,
+    session: Option<&str>,
+    lines: usize,
+) -> anyhow::Result<ExitCode> {
+    if lines > 0 {
+        return Err(crate::cli::usage(
+            "--lines: not with --remote (the admin API reads forward only); `airlock audit \
+             export --remote --since 15m` prints what came before",
+        ));
+    }
+    if let Some(id) = session {
+        check_session_known(client, id).await?;
+    }
+    let since = rfc3339(airlock_session::now_ms())?;
+    super::tail::until_interrupted(async {
+        let mut after: Option<String> = None;
+        loop {
+            // The cursor holds the filters: `since` goes with the first
+            // call only.
+            let since = if after.is_none() {
+                Some(since.as_str())
+            } else {
+                None
+            };
+            let path = list_path(session, since, TAIL_PAGE, after.as_deref());
+            let answer = client.call(Method::GET, &path, None).await?;
+            let lines = record_lines(&answer)?;
+            super::tail::print_lines(lines.iter().map(String::as_str))?;
+            let Some(resume) = answer.get("resume").and_then(Value::as_str) else {
+                anyhow::bail!(
+                    "the admin API's answer holds no \"resume\" (a server older than this \
+                     command): `audit tail --remote` cannot follow it"
+                );
+            };
+            after = Some(resume.to_owned());
+            // A full page: more are waiting, ask again at once.
+            if answer.get("next").is_none() {
+                tokio::time::sleep(super::tail::POLL_EVERY).await;
+                if output::stdout_gone() {
+                    return Ok(());
+                }
+            }
+        }
+    })
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The records of an answer of `GET /v1/audit`, each as the JSON line
+/// `audit export` writes for it.
+fn record_lines(answer: &Value) -> anyhow::Result<Vec<String>> {
+    let records = answer
+        .get("records")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("the admin API's answer holds no \"records\" list"))?;
+    records
+        .iter()
+        .map(|value| {
+            AuditRecord::from_json_value(value.clone())
+                .map(|record| record.to_json())
+                .map_err(|why| anyhow!("the admin API listed a record airlock cannot read: {why}"))
+        })
+        .collect()
 }
 
 /// The path of one page of records.

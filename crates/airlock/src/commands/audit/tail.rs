@@ -16,8 +16,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 
-/// How often the store is asked for new records.
-const POLL_EVERY: Duration = Duration::from_millis(200);
+/// How often the store (or the admin API) is asked for new records.
+pub(super) const POLL_EVERY: Duration = Duration::from_millis(200);
 /// Records read per query.
 const PAGE: u32 = 1_000;
 
@@ -40,10 +40,21 @@ pub async fn run(
 /// Last seq seen, per chain.
 type Cursors = BTreeMap<u32, u64>;
 
-async fn follow(store: &dyn Store, session: Option<String>, lines: usize) -> anyhow::Result<()> {
+/// Runs `work` until it ends or SIGINT/SIGTERM arrives (a quiet end).
+pub(super) async fn until_interrupted(
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let work = async {
+    tokio::select! {
+        result = work => result,
+        _ = interrupt.recv() => Ok(()),
+        _ = terminate.recv() => Ok(()),
+    }
+}
+
+async fn follow(store: &dyn Store, session: Option<String>, lines: usize) -> anyhow::Result<()> {
+    until_interrupted(async {
         let mut cursors: Cursors = store
             .audit_heads()
             .await?
@@ -62,12 +73,8 @@ async fn follow(store: &dyn Store, session: Option<String>, lines: usize) -> any
             let new = poll(store, session.as_deref(), &mut cursors).await?;
             print(&new)?;
         }
-    };
-    tokio::select! {
-        result = work => result,
-        _ = interrupt.recv() => Ok(()),
-        _ = terminate.recv() => Ok(()),
-    }
+    })
+    .await
 }
 
 /// Writes records as JSON lines.
@@ -81,7 +88,7 @@ fn print(records: &[AuditRecord]) -> std::io::Result<()> {
 
 /// Writes JSON lines. Once stdout is closed this fails with
 /// [`crate::output::StdoutClosed`], which ends `tail` quietly.
-fn print_lines<'a>(lines: impl Iterator<Item = &'a str>) -> std::io::Result<()> {
+pub(super) fn print_lines<'a>(lines: impl Iterator<Item = &'a str>) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::new(crate::output::stdout());
     for line in lines {
         writeln!(out, "{line}")?;
