@@ -121,6 +121,22 @@ Examples:
   airlock exec --allow anthropic:POST:/v1/messages --ttl 2h --label agent=a1 \\
                --max-denied 3 -- ./run-agent --verbose")]
     Exec(ExecArgs),
+    /// Show whether the running server is ready, its providers' credentials
+    /// and its active sessions, through the admin API.
+    ///
+    /// Exit 0 when the server is ready; 1 when it is not (starting or
+    /// shutting down, its audit trail or shared store out of reach: every
+    /// call is refused then) or cannot be asked.
+    #[command(after_help = "\
+Examples:
+  airlock status
+  airlock status --json | jq .ready")]
+    Status {
+        /// One JSON object: url, ready, status (as GET /readyz says it),
+        /// providers (name, source, set), active_sessions.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the configuration.
     #[command(
         subcommand,
@@ -141,7 +157,8 @@ Examples:
         shell: clap_complete::Shell,
     },
     /// Verify, export and follow the audit trail (reads the store and the audit key
-    /// named by the config directly; the server need not be running).
+    /// named by the config directly, so the server need not be running; with
+    /// --remote, through the running server's admin API).
     #[command(
         subcommand,
         after_help = "\

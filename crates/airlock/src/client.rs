@@ -154,6 +154,36 @@ impl AdminClient {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
+        let (status, value) = self.exchange(method, path, body).await?;
+        if status.is_success() {
+            return Ok(value);
+        }
+        // The proxy's answer to `/v1/...` (no provider named `v1`): the URL
+        // is the proxy's, not the admin API's.
+        if value.pointer("/error/code").and_then(Value::as_str) == Some("unknown_provider") {
+            anyhow::bail!(
+                "{} answered as airlock's proxy, not its admin API: AIRLOCK_ADMIN_URL points at \
+                 proxy.listen; use [admin] listen's address (by default http://127.0.0.1:8081)",
+                self.base
+            );
+        }
+        let message = value
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or("no error message")
+            .to_owned();
+        Err(ApiRefusal { status, message }.into())
+    }
+
+    /// Sends a request; returns the answer's status and JSON (`null` when
+    /// it is none), whatever the status. Errors are the server out of
+    /// reach, a timeout, or a request that cannot be made.
+    pub async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
         if !self.base.starts_with("http://") && !self.base.starts_with("https://") {
             anyhow::bail!(
                 "AIRLOCK_ADMIN_URL {:?} must start with http:// or https:// (the admin listener \
@@ -224,24 +254,7 @@ impl AdminClient {
                 )
             })??;
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        if status.is_success() {
-            return Ok(value);
-        }
-        // The proxy's answer to `/v1/...` (no provider named `v1`): the URL
-        // is the proxy's, not the admin API's.
-        if value.pointer("/error/code").and_then(Value::as_str) == Some("unknown_provider") {
-            anyhow::bail!(
-                "{} answered as airlock's proxy, not its admin API: AIRLOCK_ADMIN_URL points at \
-                 proxy.listen; use [admin] listen's address (by default http://127.0.0.1:8081)",
-                self.base
-            );
-        }
-        let message = value
-            .pointer("/error/message")
-            .and_then(Value::as_str)
-            .unwrap_or("no error message")
-            .to_owned();
-        Err(ApiRefusal { status, message }.into())
+        Ok((status, value))
     }
 }
 

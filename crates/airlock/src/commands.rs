@@ -7,3 +7,4 @@ pub mod credential;
 pub mod exec;
 pub mod serve;
 pub mod session;
+pub mod status;

@@ -64,6 +64,13 @@ async fn run(cli: Cli) -> ExitCode {
             Ok(url) => report(commands::credential::run(cmd, url).await),
             Err(code) => code,
         },
+        Command::Status { json } => match admin_url(cli.config.as_deref()) {
+            Ok(url) => match commands::status::run(url, json).await {
+                Ok(code) => code,
+                Err(e) => report(Err(e)),
+            },
+            Err(code) => code,
+        },
         Command::Audit(cmd) => {
             let config = match config::Config::load(cli.config.as_deref()) {
                 Ok(c) => c,

@@ -1263,6 +1263,20 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
     let not_ready = readyz().await;
     assert_eq!(not_ready.status, 503);
     assert_eq!(not_ready.json()["status"], "audit_unavailable");
+    // And so does `airlock status`, exit 1.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let status = remote_cli(&airlock, elsewhere.path(), &["status"]);
+    assert_eq!(status.status.code(), Some(1), "{status:?}");
+    assert_eq!(
+        stdout(&status),
+        format!(
+            "server:     {}: not ready: the audit trail cannot be written, so every call is \
+             refused (fail_closed)\nproviders:  2\n  dead    env:AIRLOCK_TEST_CRED_DEAD, \
+             available\n  openai  env:AIRLOCK_TEST_CRED_OPENAI, available\nsessions:   1 \
+             active session\n",
+            airlock.admin_url()
+        )
+    );
 
     // The lock goes away: airlock recovers by itself.
     locker.release().await;
@@ -1276,6 +1290,14 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
         assert!(tokio::time::Instant::now() < deadline, "never recovered");
     }
     assert_eq!(readyz().await.status, 200);
+    let status = remote_cli(&airlock, elsewhere.path(), &["status", "--json"]);
+    assert_eq!(status.status.code(), Some(0), "{status:?}");
+    let shown: Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert_eq!(shown["ready"], true, "{shown}");
+    assert_eq!(shown["status"], "ready", "{shown}");
+    assert_eq!(shown["active_sessions"], 1, "{shown}");
+    assert_eq!(shown["providers"][1]["name"], "openai", "{shown}");
+    assert_eq!(shown["providers"][1]["set"], true, "{shown}");
     let (_, verdict) = airlock
         .admin("GET", "/v1/audit/verify", None)
         .await

@@ -261,6 +261,7 @@ async fn help_snapshots() {
         &["audit", "verify"],
         &["audit", "export"],
         &["audit", "tail"],
+        &["status"],
         &["config"],
         &["config", "check"],
         &["completions"],

@@ -480,6 +480,23 @@ async fn file_credentials_rotate_without_restart() {
     assert_eq!(warnings(), 2, "{}", airlock.output());
 }
 
+/// `airlock status` against `airlock` with `admin_token`: its exit code,
+/// and what it printed (stdout, then stderr).
+fn status_cli(airlock: &Airlock, admin_token: &str) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .arg("status")
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env("AIRLOCK_ADMIN_TOKEN", admin_token)
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), printed)
+}
+
 fn credential_cli(airlock: &Airlock, args: &[&str], stdin: &str) -> std::process::Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args([
@@ -552,6 +569,14 @@ async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
         (shown["set"].as_bool(), shown["source"].as_str()),
         (Some(false), Some("store"))
     );
+    // `airlock status` says which credential is missing and how to set it
+    // (the server is ready: other providers' calls go through).
+    let (code, shown) = status_cli(&airlock, ADMIN_TOKEN);
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(
+        shown.contains("\n  e  env:E_KEY, available\n  p  store, not set: calls get 503 (airlock credential set p)\n"),
+        "{shown}"
+    );
 
     let first = "store-secret-version-one-000";
     let out = credential_cli(&airlock, &["set", "p"], &format!("{first}\n"));
@@ -559,6 +584,12 @@ async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("credential for p stored sealed"));
     assert!(!String::from_utf8_lossy(&out.stdout).contains(first));
     wait_for_credential(&airlock, &mock, &token, first).await;
+    let (_, shown) = status_cli(&airlock, ADMIN_TOKEN);
+    assert!(shown.contains("\n  p  store, available\n"), "{shown}");
+    assert!(!shown.contains(first), "{shown}");
+    let (code, shown) = status_cli(&airlock, "adm_not_the_token_0123456789");
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(shown.contains("refused the admin token"), "{shown}");
 
     let second = "store-secret-version-two-000";
     let (status, shown) = airlock

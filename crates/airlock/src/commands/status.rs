@@ -1,0 +1,149 @@
+//! `airlock status`: the running server as the admin API shows it — ready
+//! or why not, each provider's credential, the active sessions.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::client::{path_segment, AdminClient};
+use crate::output;
+
+/// Runs `status` against the admin API at `admin_url` (unless
+/// `AIRLOCK_ADMIN_URL` says otherwise); exit 0 when the server is ready,
+/// 1 when it is not.
+pub async fn run(admin_url: String, json: bool) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::from_env(admin_url);
+    // With the token first: a server that refuses it is named as such
+    // (`/readyz` needs none).
+    let names = client.provider_names().await?;
+    let (ready_status, readiness) = client.exchange(Method::GET, "/readyz", None).await?;
+    let readiness = readiness
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_owned();
+    let ready = ready_status.is_success() && readiness == "ready";
+    let mut providers = Vec::new();
+    for name in names {
+        let path = format!("/v1/providers/{}/credential", path_segment(&name));
+        let credential = client.call(Method::GET, &path, None).await?;
+        providers.push(json!({
+            "name": name,
+            "source": credential.get("source").cloned().unwrap_or(Value::Null),
+            "set": credential.get("set").cloned().unwrap_or(Value::Null),
+        }));
+    }
+    let active = active_sessions(&client).await?;
+    let text = if json {
+        let status = json!({
+            "url": client.base(),
+            "ready": ready,
+            "status": readiness,
+            "providers": providers,
+            "active_sessions": active,
+        });
+        format!("{}\n", serde_json::to_string_pretty(&status)?)
+    } else {
+        render(client.base(), &readiness, &providers, active)
+    };
+    output::print(&text)?;
+    Ok(if ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The active sessions, counted over every page of `GET /v1/sessions`.
+async fn active_sessions(client: &AdminClient) -> anyhow::Result<u64> {
+    let mut count: u64 = 0;
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/sessions?limit={}", airlock_admin::SESSION_PAGE_MAX);
+        if let Some(after) = &after {
+            let _ = write!(path, "&after={}", path_segment(after));
+        }
+        let answer = client.call(Method::GET, &path, None).await?;
+        let sessions = answer
+            .get("sessions")
+            .and_then(Value::as_array)
+            .ok_or_else(|| anyhow!("the admin API's answer holds no \"sessions\" list"))?;
+        count += u64::try_from(sessions.len()).unwrap_or(u64::MAX);
+        match answer.get("next").and_then(Value::as_str) {
+            Some(next) if after.as_deref() == Some(next) => {
+                anyhow::bail!("the admin API answered the same page twice (next = {next:?})")
+            }
+            Some(next) => after = Some(next.to_owned()),
+            None => return Ok(count),
+        }
+    }
+}
+
+/// What `/readyz`'s status means, for people.
+fn readiness_text(status: &str) -> &str {
+    match status {
+        "ready" => "ready",
+        "draining" => "not ready: starting or shutting down",
+        "audit_unavailable" => {
+            "not ready: the audit trail cannot be written, so every call is refused (fail_closed)"
+        }
+        "store_unavailable" => {
+            "not ready: the shared store has been out of reach for longer than max_staleness, so \
+             every call is refused"
+        }
+        _ => "not ready",
+    }
+}
+
+/// The lines for people.
+fn render(url: &str, readiness: &str, providers: &[Value], active: u64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "server:     {url}: {}", readiness_text(readiness));
+    let _ = writeln!(out, "providers:  {}", providers.len());
+    let width = providers
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    for provider in providers {
+        let name = provider["name"].as_str().unwrap_or("-");
+        let source = provider["source"].as_str().unwrap_or("unknown source");
+        let state = match provider["set"].as_bool() {
+            Some(true) => "available".to_owned(),
+            Some(false) if source == "store" => {
+                format!("not set: calls get 503 (airlock credential set {name})")
+            }
+            Some(false) => "not available: calls get 503".to_owned(),
+            None => "unknown".to_owned(),
+        };
+        let _ = writeln!(out, "  {name:<width$}  {source}, {state}");
+    }
+    let plural = if active == 1 { "" } else { "s" };
+    let _ = writeln!(out, "sessions:   {active} active session{plural}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_for_people() {
+        let providers = [
+            json!({"name": "anthropic", "source": "env:ANTHROPIC_API_KEY", "set": true}),
+            json!({"name": "gh", "source": "store", "set": false}),
+        ];
+        assert_eq!(
+            render("http://a:1", "ready", &providers, 1),
+            "server:     http://a:1: ready\nproviders:  2\n  anthropic  env:ANTHROPIC_API_KEY, \
+             available\n  gh         store, not set: calls get 503 (airlock credential set \
+             gh)\nsessions:   1 active session\n"
+        );
+        assert!(render("u", "audit_unavailable", &[], 0)
+            .starts_with("server:     u: not ready: the audit trail cannot be written"));
+    }
+}
