@@ -39,6 +39,7 @@ pub(crate) struct ListAudit {
     since: Option<String>,
     limit: Option<u32>,
     after: Option<String>,
+    from: Option<String>,
 }
 
 /// The answer: a page of records, and where the next one starts.
@@ -111,6 +112,9 @@ pub(crate) async fn list(
             "limit: must be between 1 and {MAX_LIMIT}"
         )));
     }
+    if let Some(from) = query.from.as_deref() {
+        return end_of_trail(audit, from, &query, session).await;
+    }
     let mut cursor = match query.after.as_deref() {
         None => AuditCursor {
             since_ms,
@@ -159,6 +163,45 @@ pub(crate) async fn list(
         records,
         next,
         resume,
+    }))
+}
+
+/// `GET /v1/audit?from=end[&session=ID]`: no records, and a `resume` at the
+/// end of every chain as committed now (each chain's head: its records up
+/// to there are committed with it), from which a client follows what is
+/// committed later whatever its clock says.
+async fn end_of_trail(
+    audit: &AuditAccess,
+    from: &str,
+    query: &ListAudit,
+    session: Option<SessionId>,
+) -> Result<Json<AuditList>, ApiError> {
+    if from != "end" {
+        return Err(ApiError::BadRequest(
+            "from: the one place it names is `end` (from=end)".into(),
+        ));
+    }
+    if query.after.is_some() || query.since.is_some() {
+        return Err(ApiError::BadRequest(
+            "from=end starts where the trail ends now: not with `after` or `since`".into(),
+        ));
+    }
+    let after = audit
+        .store
+        .audit_heads()
+        .await?
+        .iter()
+        .map(|head| (head.chain, head.seq))
+        .collect();
+    let cursor = AuditCursor {
+        since_ms: None,
+        session,
+        after,
+    };
+    Ok(Json(AuditList {
+        records: Vec::new(),
+        next: None,
+        resume: encode_cursor(&cursor),
     }))
 }
 

@@ -341,6 +341,9 @@ impl Proxy {
             .retry_after(SLOT_RETRY_AFTER));
         };
         if let Err(denial) = self.admit(&session).await {
+            // Free before counting the denial (a store round trip on a
+            // shared store).
+            drop(slot);
             // A 429 is the session's doing; a store out of reach is not.
             if denial.code() == ErrorCode::RateLimited {
                 self.count_denied(&session).await;

@@ -43,6 +43,8 @@ pub struct Config {
     /// `sessions.max_calls_in_flight`: calls one session may have in
     /// flight in one process.
     pub max_calls_in_flight: u32,
+    /// Whether `max_calls_in_flight` came from the file (not the default).
+    pub max_calls_in_flight_set: bool,
     pub providers: BTreeMap<String, ProviderConfig>,
     /// What the file says that likely is not what was meant (shown by
     /// `config check`, logged by `serve`), besides [`Config::warnings`]'
@@ -231,15 +233,12 @@ struct RawAudit {
 struct RawSessions {
     #[serde(default = "default_max_ttl")]
     max_ttl: String,
-    #[serde(default = "default_max_calls_in_flight")]
-    max_calls_in_flight: u32,
+    max_calls_in_flight: Option<u32>,
 }
 
-/// `sessions.max_calls_in_flight` when the file does not set it.
+/// `sessions.max_calls_in_flight` when the file does not set it (`serve`
+/// lowers it to a quarter of the connections it can hold).
 pub const DEFAULT_MAX_CALLS_IN_FLIGHT: u32 = 512;
-fn default_max_calls_in_flight() -> u32 {
-    DEFAULT_MAX_CALLS_IN_FLIGHT
-}
 
 /// `[providers.NAME]` as written. The fields a built-in provider may leave
 /// out are options: [`resolve_provider`] fills them from [`builtin`] (or
@@ -507,7 +506,7 @@ impl Default for RawSessions {
     fn default() -> Self {
         Self {
             max_ttl: default_max_ttl(),
-            max_calls_in_flight: default_max_calls_in_flight(),
+            max_calls_in_flight: None,
         }
     }
 }
@@ -745,7 +744,11 @@ impl Config {
         if max_ttl.is_zero() {
             return Err(err("sessions.max_ttl", "must be at least 1s".into()));
         }
-        let max_calls_in_flight = raw.sessions.max_calls_in_flight;
+        let max_calls_in_flight_set = raw.sessions.max_calls_in_flight.is_some();
+        let max_calls_in_flight = raw
+            .sessions
+            .max_calls_in_flight
+            .unwrap_or(DEFAULT_MAX_CALLS_IN_FLIGHT);
         if !(1..=1_000_000).contains(&max_calls_in_flight) {
             return Err(err(
                 "sessions.max_calls_in_flight",
@@ -898,6 +901,7 @@ impl Config {
             audit,
             max_ttl,
             max_calls_in_flight,
+            max_calls_in_flight_set,
             providers,
             notes,
         })

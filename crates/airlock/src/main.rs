@@ -71,6 +71,22 @@ async fn run(cli: Cli) -> ExitCode {
             },
             Err(code) => code,
         },
+        Command::Audit(cmd) if commands::audit::is_remote(&cmd) => {
+            let verifying = matches!(cmd, cli::AuditCommand::Verify { .. });
+            let url = match admin_url(cli.config.as_deref()) {
+                Ok(url) => url,
+                Err(code) => return code,
+            };
+            match commands::audit::run_remote(cmd, url).await {
+                Ok(code) => code,
+                // As below: a trail verify could not ask about is exit 2.
+                Err(e) if verifying && !output::is_stdout_closed(&e) => {
+                    crate::output::error_line(format_args!("{e:#}"));
+                    ExitCode::from(cli::EXIT_USAGE)
+                }
+                Err(e) => report(Err(e)),
+            }
+        }
         Command::Audit(cmd) => {
             let config = match config::Config::load(cli.config.as_deref()) {
                 Ok(c) => c,

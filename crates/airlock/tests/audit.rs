@@ -295,6 +295,26 @@ async fn every_call_gets_one_record_and_none_holds_a_secret() {
         .await
         .unwrap();
     let resume_mine = body["resume"].as_str().unwrap().to_owned();
+    // `from=end`: no records, and a `resume` where the trail ends now.
+    let (status, end) = airlock
+        .admin("GET", "/v1/audit?from=end", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{end}");
+    assert_eq!(end["records"], json!([]), "{end}");
+    assert!(end.get("next").is_none(), "{end}");
+    let from_end = end["resume"].as_str().unwrap().to_owned();
+    for query in [
+        "?from=start",
+        "?from=end&since=2000-01-01T00:00:00Z",
+        "?from=end&after=x",
+    ] {
+        let (status, body) = airlock
+            .admin("GET", &format!("/v1/audit{query}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{query}: {body}");
+    }
     assert_eq!(get(&airlock, "/openai/v1/calls/6", &other_token).await, 200);
     // (Its max_requests is spent: refused, and recorded as its.)
     assert_eq!(get(&airlock, "/openai/v1/calls/7", &token).await, 429);
@@ -310,6 +330,7 @@ async fn every_call_gets_one_record_and_none_holds_a_secret() {
         ["/openai/v1/calls/6", "/openai/v1/calls/7"],
         "{since}"
     );
+    assert_eq!(after(from_end).await["records"], since["records"]);
     let mine = after(resume_mine).await;
     assert_eq!(mine["records"].as_array().unwrap().len(), 1, "{mine}");
     assert_eq!(mine["records"][0]["path"], "/openai/v1/calls/7", "{mine}");
@@ -758,6 +779,13 @@ async fn remote_export_and_verify_go_through_the_admin_api() {
     let verdict: Value =
         serde_json::from_str(&remote(&["audit", "verify", "--remote", "--json"])).unwrap();
     assert_eq!(verdict, json!({"ok": true, "records": 8, "chains": 1}));
+
+    // A local config is not read (as for the session commands), even a
+    // broken one.
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(broken.path().join("airlock.toml"), "[proxy\n").unwrap();
+    let out = remote_cli(&airlock, broken.path(), &["audit", "verify", "--remote"]);
+    assert!(out.status.success(), "{out:?}");
 
     // Without the admin token nothing was verified: exit 2, not 1.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))

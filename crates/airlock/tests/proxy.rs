@@ -781,6 +781,82 @@ async fn a_slot_is_free_when_its_answer_arrives() {
     assert_eq!(s.mock.connections(), 1);
 }
 
+/// However a call ends — the agent leaving while the provider holds its
+/// answer, or in the middle of a stream, the provider failing — its slot
+/// comes back: with one slot, the next call is admitted each time.
+#[tokio::test]
+async fn a_slot_comes_back_however_its_call_ends() {
+    use futures_util::StreamExt;
+    use http_body_util::BodyStream;
+
+    let s = setup_with("[sessions]\nmax_calls_in_flight = 1\n").await;
+    let scope = json!([{"provider": "openai", "methods": ["GET"], "paths": ["/**"]}]);
+    let (id, token) = session(&s.airlock, scope, json!({})).await;
+    let url = |path: &str| format!("{}/openai{path}", s.airlock.proxy_url());
+    // Waits for the session's `n`th record: its call has ended.
+    let ended = |n: usize| {
+        let airlock = &s.airlock;
+        let id = id.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let (_, audit) = airlock
+                    .admin("GET", &format!("/v1/audit?session={id}"), None)
+                    .await
+                    .unwrap();
+                let records = audit["records"].as_array().unwrap().clone();
+                if records.len() >= n {
+                    return records[n - 1].clone();
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{audit}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let admitted = || async { call("GET", &url("/v1/models"), &token).await.status };
+
+    // The agent leaves while the provider holds the answer's head.
+    let held = {
+        let (url, auth) = (url("/gated-head"), bearer(&token));
+        tokio::spawn(async move { request("GET", &url, &[("authorization", &auth)], "").await })
+    };
+    s.mock.wait_for_requests(1).await;
+    assert_error(
+        &call("GET", &url("/v1/models"), &token).await,
+        429,
+        "rate_limited",
+    );
+    held.abort();
+    let record = ended(2).await;
+    assert_eq!(record["flags"], json!(["client_aborted"]), "{record}");
+    assert_eq!(admitted().await, 200);
+
+    // The agent leaves in the middle of a stream.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let req = hyper::Request::get(url("/gated-sse"))
+        .header("authorization", bearer(&token))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = client.request(req).await.unwrap();
+    let mut frames = BodyStream::new(response.into_body());
+    frames.next().await.unwrap().unwrap();
+    assert_error(
+        &call("GET", &url("/v1/models"), &token).await,
+        429,
+        "rate_limited",
+    );
+    drop((frames, client));
+    let record = ended(5).await;
+    assert_eq!(record["path"], "/openai/gated-sse", "{record}");
+    assert_eq!(admitted().await, 200);
+
+    // The provider refuses the credential: airlock's own 502.
+    let refused = call("GET", &url("/status/401"), &token).await;
+    assert_error(&refused, 502, "upstream_auth_failed");
+    assert_eq!(admitted().await, 200);
+}
+
 #[tokio::test]
 async fn max_denied_revokes_the_session() {
     let s = setup().await;

@@ -27,15 +27,44 @@ use crate::output;
 mod remote;
 mod tail;
 
-/// Runs an audit command; exit 1 means "the trail does not verify".
+/// Whether `cmd` goes through the admin API (`--remote`) rather than the
+/// store: it needs no config then, as the session commands.
+pub fn is_remote(cmd: &AuditCommand) -> bool {
+    match cmd {
+        AuditCommand::Verify { remote, .. }
+        | AuditCommand::Export { remote, .. }
+        | AuditCommand::Tail { remote, .. } => *remote,
+    }
+}
+
+/// Runs a `--remote` audit command against the admin API at `admin_url`
+/// (unless `AIRLOCK_ADMIN_URL` says otherwise).
+pub async fn run_remote(cmd: AuditCommand, admin_url: String) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::from_env(admin_url);
+    match cmd {
+        AuditCommand::Verify { json, .. } => remote::verify(&client, json).await,
+        AuditCommand::Export {
+            session,
+            since,
+            page_size,
+            ..
+        } => {
+            check_session(session.as_deref())?;
+            let since_ms = since.as_deref().map(parse_since).transpose()?;
+            remote::export(&client, session.as_deref(), since_ms, page_size).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Tail { session, lines, .. } => {
+            check_session(session.as_deref())?;
+            remote::tail(&client, session.as_deref(), lines).await
+        }
+    }
+}
+
+/// Runs an audit command on the store the config names; exit 1 means "the
+/// trail does not verify".
 pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode> {
     match cmd {
-        AuditCommand::Verify {
-            from: None,
-            json,
-            remote: true,
-            ..
-        } => remote::verify(&admin_client(config), json).await,
         AuditCommand::Verify {
             from: None, json, ..
         } => verify_stored(config, json).await,
@@ -54,38 +83,19 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
         AuditCommand::Export {
             session,
             since,
-            remote,
             page_size,
+            ..
         } => {
             check_session(session.as_deref())?;
             let since_ms = since.as_deref().map(parse_since).transpose()?;
-            if remote {
-                let client = admin_client(config);
-                remote::export(&client, session.as_deref(), since_ms, page_size).await?;
-            } else {
-                export(config, session, since_ms, page_size).await?;
-            }
+            export(config, session, since_ms, page_size).await?;
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Tail {
-            session,
-            lines,
-            remote,
-        } => {
+        AuditCommand::Tail { session, lines, .. } => {
             check_session(session.as_deref())?;
-            if remote {
-                remote::tail(&admin_client(config), session.as_deref(), lines).await
-            } else {
-                tail::run(config, session, lines).await
-            }
+            tail::run(config, session, lines).await
         }
     }
-}
-
-/// The admin API client of `--remote`: `AIRLOCK_ADMIN_URL`, else the
-/// config's admin listener, as for the session commands.
-fn admin_client(config: &Config) -> AdminClient {
-    AdminClient::from_env(format!("http://{}", config.admin_listen))
 }
 
 /// Refuses a `--session` that is not a session id (it would match nothing:

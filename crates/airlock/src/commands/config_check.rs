@@ -226,10 +226,18 @@ pub fn describe(config: &Config) -> Description {
 
     let _ = writeln!(out, "sessions:");
     line(out, "max ttl", &dur(config.max_ttl));
+    let calls = config.max_calls_in_flight;
+    let calls_note = if !config.max_calls_in_flight_set {
+        " (the default; serve lowers it to a quarter of the connections it can hold, when less)"
+    } else if usize::try_from(calls).is_ok_and(|c| c >= config.proxy.limits.max_connections) {
+        " (not below proxy.max_connections: one session can hold every connection)"
+    } else {
+        ""
+    };
     line(
         out,
         "max calls in flight",
-        &format!("{} per session and process", config.max_calls_in_flight),
+        &format!("{calls} per session and process{calls_note}"),
     );
 
     let _ = writeln!(out, "providers:");

@@ -152,6 +152,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
+    let max_connections =
+        max_connections_in_force(&config.proxy.limits, open_files, config.proxy.workers);
     let gate = auditor.clone();
     let proxy = Arc::new(Proxy::new(
         providers,
@@ -166,7 +168,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             },
             public_url: Some(public_url.clone()),
             path_prefix: config.proxy.public_path().map(str::to_owned),
-            max_calls_in_flight: config.max_calls_in_flight,
+            max_calls_in_flight: max_calls_in_flight_in_force(&config, max_connections),
         },
         proxy_metrics.for_provider("_unknown"),
     ));
@@ -193,11 +195,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         header_read_timeout: config.proxy.header_read_timeout,
         drain_timeout: config.proxy.drain_timeout,
         idle_timeout: config.proxy.limits.idle_timeout,
-        max_connections: max_connections_in_force(
-            &config.proxy.limits,
-            open_files,
-            config.proxy.workers,
-        ),
+        max_connections,
         max_header_size: config.proxy.limits.max_header_size,
         tls: tls.clone(),
         workers: config.proxy.workers,
@@ -511,6 +509,35 @@ fn max_connections_in_force(
     capacity
 }
 
+/// `sessions.max_calls_in_flight`: the default lowered to a quarter of the
+/// `max_connections` this process can hold, so that one session cannot
+/// hold them all (logged as information); a value the file sets is kept,
+/// with a warning when it is not below them.
+fn max_calls_in_flight_in_force(config: &Config, max_connections: usize) -> u32 {
+    let configured = config.max_calls_in_flight;
+    let connections = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    if config.max_calls_in_flight_set {
+        if configured >= connections {
+            tracing::warn!(
+                "sessions.max_calls_in_flight = {configured} is not below the {max_connections} \
+                 connections this process can hold (proxy.max_connections, open files): one \
+                 session can hold them all"
+            );
+        }
+        return configured;
+    }
+    let quarter = (connections / 4).max(1);
+    if configured <= quarter {
+        return configured;
+    }
+    tracing::info!(
+        "sessions.max_calls_in_flight = {quarter}: the default {configured} lowered to a quarter \
+         of the {max_connections} connections this process can hold, so that one session \
+         cannot hold them all (set it to choose)"
+    );
+    quarter
+}
+
 /// Why `max_connections_in_force` lowered the limit, with the arithmetic:
 /// each connection may hold two descriptors (its own and its upstream
 /// connection's) and `reserved` are kept for the rest.
@@ -674,5 +701,25 @@ impl Signals {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_default_calls_in_flight_leave_room_for_other_sessions() {
+        let default = Config::parse("x.toml", "").unwrap();
+        assert_eq!(max_calls_in_flight_in_force(&default, 10_000), 512);
+        assert_eq!(max_calls_in_flight_in_force(&default, 460), 115);
+        assert_eq!(max_calls_in_flight_in_force(&default, 2), 1);
+        // A value the file sets is kept (warned about when it is not
+        // below the connections).
+        let set = Config::parse("x.toml", "[sessions]\nmax_calls_in_flight = 600\n").unwrap();
+        assert_eq!(max_calls_in_flight_in_force(&set, 460), 600);
+        assert_eq!(max_calls_in_flight_in_force(&set, 10_000), 600);
     }
 }

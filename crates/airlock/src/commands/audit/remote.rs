@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use airlock_core::audit::AuditRecord;
 use anyhow::{anyhow, Context};
@@ -124,9 +125,6 @@ pub async fn export(
     Ok(())
 }
 
-/// Records asked for per poll of `tail --remote`.
-const TAIL_PAGE: u32 = 1_000;
-
 /// `audit tail --remote`: the records committed from now on, through
 /// `GET /v1/audit` polled with the `resume` of its last answer, until
 /// SIGINT/SIGTERM or until stdout is closed.
@@ -144,28 +142,47 @@ pub async fn tail(
     if let Some(id) = session {
         check_session_known(client, id).await?;
     }
-    let since = rfc3339(airlock_session::now_ms())?;
+    // Where the trail ends now, as the server sees it (each chain's head):
+    // no clock decides what is new.
+    let mut start = String::from("/v1/audit?from=end");
+    if let Some(id) = session {
+        start.push_str(&format!("&session={}", path_segment(id)));
+    }
+    let mut after = resume_of(&client.call(Method::GET, &start, None).await?)?;
     super::tail::until_interrupted(async {
-        let mut after: Option<String> = None;
+        // When the server stopped answering, if it has.
+        let mut outage: Option<Instant> = None;
         loop {
-            // The cursor holds the filters: `since` goes with the first
-            // call only.
-            let since = if after.is_none() {
-                Some(since.as_str())
-            } else {
-                None
+            // The cursor holds the session filter.
+            let path = list_path(None, None, super::tail::PAGE, Some(&after));
+            let answer = match client.call(Method::GET, &path, None).await {
+                Ok(answer) => answer,
+                Err(e) if passing(&e) => {
+                    let since = *outage.get_or_insert_with(|| {
+                        output::error_line(format_args!(
+                            "{e:#}; asking again every {}s for up to {}s",
+                            RETRY_EVERY.as_secs(),
+                            OUTAGE_LIMIT.as_secs()
+                        ));
+                        Instant::now()
+                    });
+                    if since.elapsed() >= OUTAGE_LIMIT {
+                        return Err(e.context(format!(
+                            "the admin API did not answer for {}s",
+                            OUTAGE_LIMIT.as_secs()
+                        )));
+                    }
+                    tokio::time::sleep(RETRY_EVERY).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
-            let path = list_path(session, since, TAIL_PAGE, after.as_deref());
-            let answer = client.call(Method::GET, &path, None).await?;
+            if outage.take().is_some() {
+                output::error_line(format_args!("the admin API answers again"));
+            }
             let lines = record_lines(&answer)?;
             super::tail::print_lines(lines.iter().map(String::as_str))?;
-            let Some(resume) = answer.get("resume").and_then(Value::as_str) else {
-                anyhow::bail!(
-                    "the admin API's answer holds no \"resume\" (a server older than this \
-                     command): `audit tail --remote` cannot follow it"
-                );
-            };
-            after = Some(resume.to_owned());
+            after = resume_of(&answer)?;
             // A full page: more are waiting, ask again at once.
             if answer.get("next").is_none() {
                 tokio::time::sleep(super::tail::POLL_EVERY).await;
@@ -177,6 +194,33 @@ pub async fn tail(
     })
     .await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long `tail --remote` keeps asking a server that does not answer
+/// (restarting, briefly overloaded) before it gives up.
+const OUTAGE_LIMIT: Duration = Duration::from_secs(60);
+/// How often it asks meanwhile.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether an admin API call failed in a way that may pass: no answer (the
+/// server is restarting or out of reach) or a 5xx (overloaded, its store
+/// briefly out of reach). A refused token or request will not pass.
+fn passing(error: &anyhow::Error) -> bool {
+    match error.downcast_ref::<ApiRefusal>() {
+        Some(refusal) => refusal.status.is_server_error(),
+        None => true,
+    }
+}
+
+/// The `resume` cursor of an answer of `GET /v1/audit`.
+fn resume_of(answer: &Value) -> anyhow::Result<String> {
+    match answer.get("resume").and_then(Value::as_str) {
+        Some(resume) => Ok(resume.to_owned()),
+        None => anyhow::bail!(
+            "the admin API's answer holds no \"resume\" (a server older than this command): \
+             `audit tail --remote` cannot follow it"
+        ),
+    }
 }
 
 /// The records of an answer of `GET /v1/audit`, each as the JSON line

@@ -18,8 +18,8 @@ use crate::config::Config;
 
 /// How often the store (or the admin API) is asked for new records.
 pub(super) const POLL_EVERY: Duration = Duration::from_millis(200);
-/// Records read per query.
-const PAGE: u32 = 1_000;
+/// Records read per query (or admin API call).
+pub(super) const PAGE: u32 = 1_000;
 
 /// Runs `audit tail` until SIGINT/SIGTERM, or until stdout is closed
 /// ([`crate::output::StdoutClosed`], a quiet end).
