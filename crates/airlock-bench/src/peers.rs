@@ -173,21 +173,28 @@ pub struct AirlockSpec {
     pub store_url: Option<String>,
 }
 
-/// Writes `{dir}/airlock.toml` and starts `airlock serve`. If the audit-off
-/// key is refused by this build, starts it again without the key.
+/// Writes `{dir}/airlock.toml` and starts `airlock serve`. A build that
+/// refuses a key (an older one, measured with `--airlock-bin`) is started
+/// again without it: `sessions.max_calls_in_flight` (a build without it
+/// has no cap), then the audit-off key.
 pub fn start_airlock(spec: &AirlockSpec, dir: &Path) -> anyhow::Result<Airlock> {
     let config_path = dir.join("airlock.toml");
     let admin_token = admin_token();
-    let first = write_and_start(spec, dir, &config_path, &admin_token, spec.audit_off);
-    let (proc, urls, audit_key_refused) = match first {
-        Ok((proc, urls)) => (proc, urls, false),
-        Err(err) if spec.audit_off && refuses_audit_key(&err) => {
-            let (proc, urls) = write_and_start(spec, dir, &config_path, &admin_token, false)
-                .context("starting airlock without the audit key")?;
-            (proc, urls, true)
-        }
-        Err(err) => return Err(err),
+    let mut keys = ConfigKeys {
+        audit_off: spec.audit_off,
+        calls_cap: true,
     };
+    let (proc, urls) = loop {
+        match write_and_start(spec, dir, &config_path, &admin_token, keys) {
+            Ok(started) => break started,
+            Err(err) if keys.calls_cap && refuses_key(&err, "max_calls_in_flight") => {
+                keys.calls_cap = false;
+            }
+            Err(err) if keys.audit_off && refuses_audit_key(&err) => keys.audit_off = false,
+            Err(err) => return Err(err),
+        }
+    };
+    let audit_key_refused = spec.audit_off && !keys.audit_off;
     Ok(Airlock {
         proc,
         proxy: client::addr_of(first_of(&urls, 0)?)?,
@@ -198,11 +205,25 @@ pub fn start_airlock(spec: &AirlockSpec, dir: &Path) -> anyhow::Result<Airlock> 
     })
 }
 
+/// The optional keys of the benchmark's config.
+#[derive(Clone, Copy)]
+struct ConfigKeys {
+    /// `[audit] enabled = false`.
+    audit_off: bool,
+    /// `[sessions] max_calls_in_flight` above the workloads' concurrency.
+    calls_cap: bool,
+}
+
 /// Whether airlock refused the config because of the audit switch (e.g.
 /// "line 19: unknown field `enabled`, expected `fail_closed`").
 fn refuses_audit_key(err: &anyhow::Error) -> bool {
+    refuses_key(err, "`enabled`") || refuses_key(err, "audit")
+}
+
+/// Whether airlock refused the config naming `key`.
+fn refuses_key(err: &anyhow::Error, key: &str) -> bool {
     let text = format!("{err:#}");
-    text.contains("invalid config") && (text.contains("`enabled`") || text.contains("audit"))
+    text.contains("invalid config") && text.contains(key)
 }
 
 fn write_and_start(
@@ -210,17 +231,20 @@ fn write_and_start(
     dir: &Path,
     config_path: &Path,
     admin_token: &str,
-    audit_off: bool,
+    keys: ConfigKeys,
 ) -> anyhow::Result<(Proc, Vec<String>)> {
     let store_url = spec
         .store_url
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}/airlock.db", dir.display()));
-    std::fs::write(
-        config_path,
-        airlock_config(&store_url, spec.upstream, audit_off),
-    )
-    .with_context(|| format!("writing {}", config_path.display()))?;
+    let mut config = airlock_config(&store_url, spec.upstream, keys.audit_off);
+    if keys.calls_cap {
+        config.push_str(&format!(
+            "\n[sessions]\nmax_calls_in_flight = {BENCH_CALLS_IN_FLIGHT}\n"
+        ));
+    }
+    std::fs::write(config_path, config)
+        .with_context(|| format!("writing {}", config_path.display()))?;
     spawn_airlock(&spec.bin, config_path, admin_token)
 }
 
@@ -277,6 +301,10 @@ pub fn airlock_config(store_url: &str, upstream: SocketAddr, audit_off: bool) ->
     }
     config
 }
+
+/// The benchmark's one session runs up to 256 calls at once: above the
+/// default cap, which a low open files limit lowers further.
+const BENCH_CALLS_IN_FLIGHT: u32 = 1024;
 
 /// The audit key every benchmarked airlock uses (not a secret: a benchmark).
 const BENCH_AUDIT_KEY: &str = "42a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f";
