@@ -329,8 +329,14 @@ impl Proxy {
         // upstream connections, memory), not a sign of misuse: refused
         // 429 like a rate limit, but counted toward no `max_denied` (an
         // SDK running calls in parallel would otherwise end its session).
+        // Each refusal takes from `requests_per_minute` as a call does, so
+        // that a flood of them runs into the rate, whose refusals count.
         let max = self.settings.max_calls_in_flight;
         let Some(slot) = session.enter_call(max) else {
+            if let Some(retry_after) = session.spend_rate() {
+                self.count_denied(&session).await;
+                return Err(rate_denial(retry_after));
+            }
             return Err(Denial::new(
                 ErrorCode::RateLimited,
                 format!(
@@ -365,11 +371,7 @@ impl Proxy {
         let admission = self.registry.admit(session).await.map_err(auth_denial)?;
         match admission {
             Admission::Admitted => Ok(()),
-            Admission::RateLimited { retry_after } => Err(Denial::new(
-                ErrorCode::RateLimited,
-                "requests_per_minute exceeded for this session",
-            )
-            .retry_after(retry_after)),
+            Admission::RateLimited { retry_after } => Err(rate_denial(retry_after)),
             Admission::QuotaExhausted => Err(Denial::new(
                 ErrorCode::RateLimited,
                 "max_requests reached for this session",
@@ -938,6 +940,15 @@ pub(crate) fn upstream_path(full: &str, start: usize) -> &str {
 /// Later rather than from the start: a watch costs a registration on the
 /// session and a timer, which the many calls answered sooner never need.
 const WATCH_SESSION_AFTER: Duration = Duration::from_millis(200);
+
+/// The 429 of a call over its session's `requests_per_minute`.
+fn rate_denial(retry_after: Duration) -> Denial {
+    Denial::new(
+        ErrorCode::RateLimited,
+        "requests_per_minute exceeded for this session",
+    )
+    .retry_after(retry_after)
+}
 
 /// The `Retry-After` of a call refused because its session has
 /// `sessions.max_calls_in_flight` calls in flight.

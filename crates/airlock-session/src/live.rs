@@ -354,6 +354,14 @@ impl LiveSession {
         Admission::Admitted
     }
 
+    /// Takes a `requests_per_minute` token for a call refused before the
+    /// limits (its session's slots all taken), as a call would: a flood of
+    /// such refusals runs into the rate, whose refusals count toward
+    /// `max_denied`. `Some(wait)` when the rate refuses it (no token left).
+    pub fn spend_rate(&self) -> Option<Duration> {
+        self.rate_limited()
+    }
+
     /// `Some(wait)` when `requests_per_minute` refuses a call now.
     fn rate_limited(&self) -> Option<Duration> {
         let rate = self.rate.as_ref()?;

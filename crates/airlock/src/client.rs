@@ -87,6 +87,8 @@ pub const CA_FILE_ENV: &str = "AIRLOCK_ADMIN_CA_FILE";
 /// Talks to a running `airlock serve`.
 pub struct AdminClient {
     base: String,
+    /// `base` as messages show it: user information withheld.
+    shown: String,
     token: Option<String>,
     /// Bound on one call, or why [`TIMEOUT_ENV`] is refused.
     timeout: Result<Duration, String>,
@@ -119,8 +121,10 @@ impl AdminClient {
                 .pool_max_idle_per_host(0)
                 .build(connector)
         });
+        let base = base.trim_end_matches('/').to_owned();
         Self {
-            base: base.trim_end_matches('/').to_owned(),
+            shown: without_userinfo(&base),
+            base,
             token: std::env::var("AIRLOCK_ADMIN_TOKEN")
                 .ok()
                 .filter(|v| !v.is_empty()),
@@ -129,9 +133,10 @@ impl AdminClient {
         }
     }
 
-    /// The admin API's URL this client calls.
-    pub fn base(&self) -> &str {
-        &self.base
+    /// The admin API's URL this client calls, as messages show it (user
+    /// information withheld).
+    pub fn shown_url(&self) -> &str {
+        &self.shown
     }
 
     /// The names of the providers the server configures (`GET /v1/providers`).
@@ -164,7 +169,7 @@ impl AdminClient {
             anyhow::bail!(
                 "{} answered as airlock's proxy, not its admin API: AIRLOCK_ADMIN_URL points at \
                  proxy.listen; use [admin] listen's address (by default http://127.0.0.1:8081)",
-                self.base
+                self.shown
             );
         }
         let message = value
@@ -188,13 +193,16 @@ impl AdminClient {
             anyhow::bail!(
                 "AIRLOCK_ADMIN_URL {:?} must start with http:// or https:// (the admin listener \
                  speaks plain HTTP; https:// reaches it through a TLS-terminating proxy)",
-                self.base
+                self.shown
             );
         }
         let http = self.http.as_ref().map_err(|e| anyhow!("{e}"))?;
-        self.base
-            .parse::<Uri>()
-            .map_err(|e| anyhow!("invalid admin URL {:?} (AIRLOCK_ADMIN_URL): {e}", self.base))?;
+        self.base.parse::<Uri>().map_err(|e| {
+            anyhow!(
+                "invalid admin URL {:?} (AIRLOCK_ADMIN_URL): {e}",
+                self.shown
+            )
+        })?;
         // Callers build paths from checked values: a path that does not
         // parse is airlock's own fault, not the URL's.
         let url = format!("{}{path}", self.base);
@@ -230,7 +238,7 @@ impl AdminClient {
                 anyhow!(
                     "cannot reach the airlock admin API at {}: {} (is `airlock serve` running? \
                      set AIRLOCK_ADMIN_URL)",
-                    self.base,
+                    self.shown,
                     root_cause(&e)
                 )
             })?;
@@ -249,12 +257,25 @@ impl AdminClient {
                 anyhow!(
                     "the airlock admin API at {} did not answer within {} (is it an airlock \
                      admin listener? set AIRLOCK_ADMIN_URL; {TIMEOUT_ENV} sets the wait)",
-                    self.base,
+                    self.shown,
                     duration::format(timeout)
                 )
             })??;
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok((status, value))
+    }
+}
+
+/// `url` with the user information of its authority (`user:password@`)
+/// withheld, for messages.
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://[withheld]@{}", &rest[at + 1..]),
+        None => url.to_owned(),
     }
 }
 
@@ -312,6 +333,20 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_withhold_a_url_s_user_information() {
+        assert_eq!(
+            without_userinfo("http://u:p@127.0.0.1:8081"),
+            "http://[withheld]@127.0.0.1:8081"
+        );
+        assert_eq!(
+            without_userinfo("https://a@b:c@host/x?y=z@w"),
+            "https://[withheld]@host/x?y=z@w"
+        );
+        assert_eq!(without_userinfo("http://host:1/p@q"), "http://host:1/p@q");
+        assert_eq!(without_userinfo("host@x"), "host@x");
+    }
 
     #[test]
     fn path_segment_encodes_all_but_unreserved_bytes() {

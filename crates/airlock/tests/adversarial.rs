@@ -1054,8 +1054,12 @@ async fn upstream_connections_beyond_the_descriptors_are_overloaded_not_bad_gate
     const OPEN_FILES: u64 = 128;
     /// airlock's `MAX_CONCURRENT_STREAMS`, all held open at once.
     const STREAMS: usize = 100;
+    // One session runs every stream: above its cap of calls in flight,
+    // which the default would lower to a quarter of the few connections.
     let env = env_with(&["workers = 2"], |builder| {
-        builder.open_files_limit(OPEN_FILES)
+        builder
+            .open_files_limit(OPEN_FILES)
+            .config("[sessions]\nmax_calls_in_flight = 1000\n")
     })
     .await;
     let session = env

@@ -748,6 +748,15 @@ async fn remote_export_and_verify_go_through_the_admin_api() {
         remote(&["audit", "export", "--remote", "--since", "1h"]),
         local
     );
+    // Before year 0: everything, as from the store.
+    assert_eq!(
+        remote(&["audit", "export", "--remote", "--since", "20000000h"]),
+        local
+    );
+    assert_eq!(
+        stdout(&cli(&config, &["audit", "export", "--since", "20000000h"])),
+        local
+    );
     assert!(remote(&[
         "audit",
         "export",
@@ -780,6 +789,13 @@ async fn remote_export_and_verify_go_through_the_admin_api() {
         serde_json::from_str(&remote(&["audit", "verify", "--remote", "--json"])).unwrap();
     assert_eq!(verdict, json!({"ok": true, "records": 8, "chains": 1}));
 
+    // --session is for a file's verification, not the server's.
+    let out = remote_cli(
+        &airlock,
+        elsewhere.path(),
+        &["audit", "verify", "--remote", "--session", &a],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     // A local config is not read (as for the session commands), even a
     // broken one.
     let broken = tempfile::tempdir().unwrap();

@@ -756,6 +756,63 @@ async fn a_session_has_at_most_max_calls_in_flight() {
     );
 }
 
+/// Refusals at the cap take from `requests_per_minute` as calls do: a flood
+/// of them runs into the rate, whose refusals count toward `max_denied`
+/// and end the session.
+#[tokio::test]
+async fn a_flood_at_the_cap_runs_into_the_rate_limit() {
+    let s = setup_with("[sessions]\nmax_calls_in_flight = 1\n").await;
+    let scope = json!([{"provider": "openai", "methods": ["GET"], "paths": ["/**"]}]);
+    let limits = json!({"requests_per_minute": 3, "max_denied": 2});
+    let (id, token) = session(&s.airlock, scope, limits).await;
+    let held = {
+        let (url, auth) = (
+            format!("{}/openai/gated-head", s.airlock.proxy_url()),
+            bearer(&token),
+        );
+        tokio::spawn(async move { request("GET", &url, &[("authorization", &auth)], "").await })
+    };
+    s.mock.wait_for_requests(1).await;
+    let models = format!("{}/openai/v1/models", s.airlock.proxy_url());
+    let message = |reply: &Reply| {
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    // The held call took one of the three tokens; two refusals at the cap
+    // take the others, counted toward nothing.
+    for _ in 0..2 {
+        let refused = call("GET", &models, &token).await;
+        assert_error(&refused, 429, "rate_limited");
+        assert!(
+            message(&refused).contains("calls in flight"),
+            "{}",
+            refused.json()
+        );
+    }
+    // Then the rate refuses, and counts: two of them end the session.
+    for _ in 0..2 {
+        let refused = call("GET", &models, &token).await;
+        assert_error(&refused, 429, "rate_limited");
+        assert_eq!(
+            message(&refused),
+            "requests_per_minute exceeded for this session"
+        );
+    }
+    assert_error(&call("GET", &models, &token).await, 401, "invalid_token");
+    let (_, view) = s
+        .airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(view["state"], "revoked", "{view}");
+    assert_eq!(view["revoked_reason"], "max_denied", "{view}");
+    assert_eq!(s.mock.request_count(), 1);
+    s.mock.open_gate();
+    let _ = held.await;
+}
+
 /// A call's slot is free before its answer completes: an agent making one
 /// call after another over a kept-alive connection never finds its last
 /// call still holding the only slot.

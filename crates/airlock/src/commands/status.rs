@@ -39,7 +39,7 @@ pub async fn run(admin_url: String, json: bool) -> anyhow::Result<ExitCode> {
     let active = active_sessions(&client).await?;
     let text = if json {
         let status = json!({
-            "url": client.base(),
+            "url": client.shown_url(),
             "ready": ready,
             "status": readiness,
             "providers": providers,
@@ -47,7 +47,7 @@ pub async fn run(admin_url: String, json: bool) -> anyhow::Result<ExitCode> {
         });
         format!("{}\n", serde_json::to_string_pretty(&status)?)
     } else {
-        render(client.base(), &readiness, &providers, active)
+        render(client.shown_url(), &readiness, &providers, active)
     };
     output::print(&text)?;
     Ok(if ready {

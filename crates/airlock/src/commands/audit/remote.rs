@@ -35,7 +35,7 @@ pub async fn verify(client: &AdminClient, json: bool) -> anyhow::Result<ExitCode
     let text = if json {
         format!("{verdict}\n")
     } else {
-        verdict_text(&verdict, client.base())
+        verdict_text(&verdict, client.shown_url())
     };
     output::print_verdict(&text)?;
     Ok(code)
@@ -97,7 +97,12 @@ pub async fn export(
     since_ms: Option<i64>,
     page_size: u32,
 ) -> anyhow::Result<()> {
-    let since = since_ms.map(rfc3339).transpose()?;
+    // Before any time RFC 3339 can write: every record, as the local
+    // export has it.
+    let since = match since_ms {
+        Some(ms) if ms < 0 && rfc3339(ms).is_err() => None,
+        since_ms => since_ms.map(rfc3339).transpose()?,
+    };
     let mut out = BufWriter::new(output::stdout());
     let mut written: u64 = 0;
     let mut after: Option<String> = None;

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use airlock_core::audit::AuditRecord;
-use airlock_store::{AuditQuery, Store};
+use airlock_store::{take_oldest_first, AuditQuery, Store};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
@@ -99,18 +99,18 @@ pub(super) fn print_lines<'a>(lines: impl Iterator<Item = &'a str>) -> std::io::
 /// A record's place in the output order (time, chain, seq).
 type Key = (i64, u32, u64);
 
-/// The last `n` records (of `session`, if given) up to the cursors, oldest
-/// first, as JSON lines: at most `n` lines a chain are held while reading
-/// it, and at most `n` in all between chains (a line is a fraction of a
-/// decoded record's size). Without a session, each chain is read from `n`
-/// records before its head only.
+/// The last `n` records (of `session`, if given) up to the cursors, as
+/// JSON lines: the chains interleaved oldest first, each in seq order (so
+/// that the output verifies as a file); at most `n` lines a chain are held
+/// (a line is a fraction of a decoded record's size). Without a session,
+/// each chain is read from `n` records before its head only.
 async fn last_records(
     store: &dyn Store,
     session: Option<&str>,
     cursors: &Cursors,
     n: usize,
 ) -> anyhow::Result<Vec<(Key, String)>> {
-    let mut all: Vec<(Key, String)> = Vec::new();
+    let mut chains = Vec::with_capacity(cursors.len());
     for (&chain, &head) in cursors {
         let mut kept: VecDeque<(Key, String)> = VecDeque::with_capacity(n.min(PAGE as usize));
         // Without a session filter seqs have no gaps: start n before the head.
@@ -147,28 +147,48 @@ async fn last_records(
                 break;
             }
         }
-        all.extend(kept);
-        keep_last(&mut all, n);
+        chains.push(kept);
     }
+    let mut all = oldest_first(chains);
+    let skip = all.len().saturating_sub(n);
+    all.drain(..skip);
     Ok(all)
 }
 
-/// Sorts `lines` by their keys and keeps the last `n`.
-fn keep_last(lines: &mut Vec<(Key, String)>, n: usize) {
-    lines.sort_by_key(|(key, _)| *key);
-    let skip = lines.len().saturating_sub(n);
-    lines.drain(..skip);
+/// The lines of `chains` (each in seq order), the chains interleaved by
+/// time, each still in seq order: a record whose call ended before that of
+/// the record before it on its chain (its `ts` is earlier) still comes
+/// after it.
+fn oldest_first(mut chains: Vec<VecDeque<(Key, String)>>) -> Vec<(Key, String)> {
+    let mut lines = Vec::with_capacity(chains.iter().map(VecDeque::len).sum());
+    loop {
+        let next = chains
+            .iter()
+            .enumerate()
+            .filter_map(|(i, chain)| chain.front().map(|((ts, id, _), _)| ((*ts, *id), i)))
+            .min()
+            .map(|(_, i)| i);
+        match next
+            .and_then(|i| chains.get_mut(i))
+            .and_then(VecDeque::pop_front)
+        {
+            Some(line) => lines.push(line),
+            None => return lines,
+        }
+    }
 }
 
 /// Records written since the cursors, which it advances; a chain not seen
-/// before is read from its start.
+/// before is read from its start. The chains interleaved oldest first, each
+/// in seq order (`take_oldest_first`).
 async fn poll(
     store: &dyn Store,
     session: Option<&str>,
     cursors: &mut Cursors,
 ) -> anyhow::Result<Vec<AuditRecord>> {
-    let mut new = Vec::new();
+    let mut chains = Vec::new();
     for head in store.audit_heads().await? {
+        let mut new = VecDeque::new();
         let cursor = cursors.entry(head.chain).or_insert(0);
         if head.seq <= *cursor {
             continue;
@@ -195,13 +215,9 @@ async fn poll(
         // Every record up to the head was committed when the head was read:
         // records of other sessions up to it need not be read again.
         *cursor = (*cursor).max(head.seq);
+        chains.push(new);
     }
-    sort(&mut new);
-    Ok(new)
-}
-
-fn sort(records: &mut [AuditRecord]) {
-    records.sort_by_key(|r| (r.ts_ms, r.chain, r.seq));
+    Ok(take_oldest_first(&mut chains, usize::MAX))
 }
 
 #[cfg(test)]
@@ -209,13 +225,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keep_last_keeps_the_newest_lines_in_order() {
+    fn chains_are_interleaved_by_time_each_in_seq_order() {
         let line = |ts: i64, chain: u32, seq: u64| ((ts, chain, seq), format!("{chain}.{seq}"));
-        let mut lines = vec![line(5, 1, 3), line(1, 1, 1), line(4, 2, 1), line(4, 1, 2)];
-        keep_last(&mut lines, 3);
-        let kept: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
-        assert_eq!(kept, ["1.2", "2.1", "1.3"]);
-        keep_last(&mut lines, 10);
-        assert_eq!(lines.len(), 3);
+        // Chain 1's seq 2 ended before its seq 1 (seqs are given at commit).
+        let chains = vec![
+            VecDeque::from([line(5, 1, 1), line(3, 1, 2), line(9, 1, 3)]),
+            VecDeque::from([line(4, 2, 1), line(6, 2, 2)]),
+        ];
+        let merged: Vec<String> = oldest_first(chains).into_iter().map(|(_, l)| l).collect();
+        assert_eq!(merged, ["2.1", "1.1", "1.2", "2.2", "1.3"]);
     }
 }
