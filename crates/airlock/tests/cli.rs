@@ -1728,28 +1728,9 @@ async fn audit_tail_prints_the_last_records_then_follows_new_ones() {
     assert!(my_two.iter().all(|r| r["session"] == id.as_str()));
 
     // New records are followed; the session filter holds.
-    assert_eq!(
-        chat(&airlock, &other_token, "/v1/chat/completions").await,
-        200
-    );
-    assert_eq!(chat(&airlock, &token, "/v1/other").await, 403);
-    let new = [next(&mut all_lines).await, next(&mut all_lines).await];
-    assert_eq!(new[0]["session"], other_id.as_str());
-    assert_eq!(new[1]["session"], id.as_str());
-    assert_eq!(new[1]["path"], "/openai/v1/other");
-    let mine_new = next(&mut mine_lines).await;
-    assert_eq!(mine_new["seq"], new[1]["seq"]);
-
-    // SIGINT ends it cleanly.
-    for child in [&mut all, &mut mine] {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
-        rustix::process::kill_process(pid.unwrap(), rustix::process::Signal::INT).unwrap();
-        let status = tokio::time::timeout(DEADLINE, child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(status.code(), Some(0));
-    }
+    let sessions = [(id.as_str(), token.as_str()), (&other_id, &other_token)];
+    follows_new_records(&airlock, sessions, &mut all_lines, &mut mine_lines).await;
+    interrupted_cleanly([&mut all, &mut mine]).await;
 
     // A closed pipe ends it cleanly at the next record it writes.
     let mut tail = spawn_tail(&["-n", "1"]);
@@ -1774,6 +1755,40 @@ async fn audit_tail_prints_the_last_records_then_follows_new_ones() {
         .await
         .unwrap();
     assert_eq!(err, "", "a closed pipe is not an error");
+}
+
+/// A tail of the whole trail and one of the first session's (`sessions`:
+/// id and token of each of two) print what is committed next: a call of
+/// the second session's, then one of the first's.
+async fn follows_new_records(
+    airlock: &Airlock,
+    [(id, token), (other_id, other_token)]: [(&str, &str); 2],
+    all_lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    mine_lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) {
+    assert_eq!(
+        chat(airlock, other_token, "/v1/chat/completions").await,
+        200
+    );
+    assert_eq!(chat(airlock, token, "/v1/other").await, 403);
+    let new = [next(all_lines).await, next(all_lines).await];
+    assert_eq!(new[0]["session"], other_id);
+    assert_eq!(new[1]["session"], id);
+    assert_eq!(new[1]["path"], "/openai/v1/other");
+    assert_eq!(next(mine_lines).await, new[1]);
+}
+
+/// SIGINT ends each of `children` cleanly (exit 0).
+async fn interrupted_cleanly<const N: usize>(children: [&mut tokio::process::Child; N]) {
+    for child in children {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+        rustix::process::kill_process(pid.unwrap(), rustix::process::Signal::INT).unwrap();
+        let status = tokio::time::timeout(DEADLINE, child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+    }
 }
 
 /// Makes calls with `token` until every tail (each follows from when it
@@ -1852,27 +1867,9 @@ async fn audit_tail_remote_follows_through_the_admin_api() {
     let firsts = caught_up(&airlock, &token, &mut [&mut all_lines, &mut mine_lines]).await;
     assert!(firsts.iter().all(|&seq| seq > before), "{firsts:?}");
 
-    assert_eq!(
-        chat(&airlock, &other_token, "/v1/chat/completions").await,
-        200
-    );
-    assert_eq!(chat(&airlock, &token, "/v1/other").await, 403);
-    let new = [next(&mut all_lines).await, next(&mut all_lines).await];
-    assert_eq!(new[0]["session"], other_id.as_str());
-    assert_eq!(new[1]["session"], id.as_str());
-    assert_eq!(new[1]["path"], "/openai/v1/other");
-    let mine_new = next(&mut mine_lines).await;
-    assert_eq!(mine_new, new[1]);
-
-    for child in [&mut all, &mut mine] {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
-        rustix::process::kill_process(pid.unwrap(), rustix::process::Signal::INT).unwrap();
-        let status = tokio::time::timeout(DEADLINE, child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(status.code(), Some(0));
-    }
+    let sessions = [(id.as_str(), token.as_str()), (&other_id, &other_token)];
+    follows_new_records(&airlock, sessions, &mut all_lines, &mut mine_lines).await;
+    interrupted_cleanly([&mut all, &mut mine]).await;
 
     // What it cannot do is a usage error.
     let unknown = "ses_0000000000000000000000";
