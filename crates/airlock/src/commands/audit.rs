@@ -49,8 +49,7 @@ pub async fn run_remote(cmd: AuditCommand, admin_url: String) -> anyhow::Result<
             page_size,
             ..
         } => {
-            check_session(session.as_deref())?;
-            let since_ms = since.as_deref().map(parse_since).transpose()?;
+            let since_ms = export_filters(session.as_deref(), since.as_deref())?;
             remote::export(&client, session.as_deref(), since_ms, page_size).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -86,8 +85,7 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
             page_size,
             ..
         } => {
-            check_session(session.as_deref())?;
-            let since_ms = since.as_deref().map(parse_since).transpose()?;
+            let since_ms = export_filters(session.as_deref(), since.as_deref())?;
             export(config, session, since_ms, page_size).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -96,6 +94,12 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
             tail::run(config, session, lines).await
         }
     }
+}
+
+/// `export`'s `--session` checked and `--since` read (as Unix ms).
+fn export_filters(session: Option<&str>, since: Option<&str>) -> anyhow::Result<Option<i64>> {
+    check_session(session)?;
+    since.map(parse_since).transpose()
 }
 
 /// Refuses a `--session` that is not a session id (it would match nothing:
