@@ -235,11 +235,21 @@ impl AdminClient {
             .context("building the admin API request")?;
         let exchange = async {
             let response = http.request(req).await.map_err(|e| {
+                let cause = root_cause(&e);
+                // A TLS handshake answered with plain HTTP: the admin
+                // listener itself, which speaks no TLS.
+                let hint = if cause.contains("InvalidContentType") {
+                    "the server there does not speak TLS: the admin listener speaks plain HTTP \
+                     (use http://, or the address of the TLS proxy in front of it)"
+                } else if self.base.starts_with("https://") && is_certificate_error(&cause) {
+                    "its certificate is not trusted: AIRLOCK_ADMIN_CA_FILE names the CA that \
+                     signed it"
+                } else {
+                    "is `airlock serve` running? set AIRLOCK_ADMIN_URL"
+                };
                 anyhow!(
-                    "cannot reach the airlock admin API at {}: {} (is `airlock serve` running? \
-                     set AIRLOCK_ADMIN_URL)",
-                    self.shown,
-                    root_cause(&e)
+                    "cannot reach the airlock admin API at {}: {cause} ({hint})",
+                    self.shown
                 )
             })?;
             let status = response.status();
@@ -320,6 +330,12 @@ pub fn path_segment(segment: &str) -> String {
         }
     }
     out
+}
+
+/// Whether rustls refused the server's certificate (`cause` as
+/// [`root_cause`] gives it).
+fn is_certificate_error(cause: &str) -> bool {
+    cause.contains("invalid peer certificate") || cause.contains("UnknownIssuer")
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

@@ -1072,7 +1072,21 @@ async fn the_cli_speaks_https_to_an_admin_api_behind_tls() {
         stderr(&out)
     );
     assert!(
-        stderr(&out).to_lowercase().contains("certificate"),
+        stderr(&out).contains("AIRLOCK_ADMIN_CA_FILE names the CA that signed it"),
+        "{}",
+        stderr(&out)
+    );
+    // https:// to the admin listener itself, which speaks plain HTTP.
+    let plain = airlock.admin_url().replace("http://", "https://");
+    let out = airlock_cmd(&["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", &plain)
+        .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr(&out).contains("the server there does not speak TLS"),
         "{}",
         stderr(&out)
     );

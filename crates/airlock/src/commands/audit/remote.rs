@@ -63,13 +63,20 @@ fn verdict_text(verdict: &Value, server: &str) -> String {
         );
         return report;
     }
-    let _ = writeln!(
-        report,
-        "audit trail broken: first bad record is seq {} of chain {}: {} (verified by the server \
-         at {server})",
+    let (seq, chain, reason) = (
         number(verdict, "first_bad"),
         number(verdict, "chain"),
         text(verdict, "reason"),
+    );
+    // As the local verify says it: a bad head is no bad record.
+    let which = if reason.starts_with("bad head") {
+        format!("the sealed head of chain {chain} (at seq {seq}) does not match its records")
+    } else {
+        format!("first bad record is seq {seq} of chain {chain}")
+    };
+    let _ = writeln!(
+        report,
+        "audit trail broken: {which}: {reason} (verified by the server at {server})"
     );
     let others = verdict.get("broken_chains").and_then(Value::as_array);
     for other in others.into_iter().flatten().skip(1) {
@@ -310,6 +317,14 @@ mod tests {
                 {"chain": 3, "first_bad": 9, "reason": "gap: record 8 is missing"},
             ],
         });
+        let bad_head = json!({
+            "ok": false, "first_bad": 35, "chain": 1, "records": 35, "chains": 1,
+            "reason": "bad head: the chain head's seal is not valid",
+        });
+        assert!(verdict_text(&bad_head, "u").starts_with(
+            "audit trail broken: the sealed head of chain 1 (at seq 35) does not match its \
+             records: bad head"
+        ));
         assert_eq!(
             verdict_text(&broken, "http://a:1"),
             "audit trail broken: first bad record is seq 4 of chain 2: bad mac (verified by the \
