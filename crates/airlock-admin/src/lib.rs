@@ -23,4 +23,4 @@ pub use providers::{CredentialAdmin, CredentialAdminError, CredentialStatus};
 pub use routes::{router, MAX_BODY};
 pub use serve::{serve, ServeSettings, MAX_HEADER_LINES};
 pub use sessions::{CreateSession, SessionView};
-pub use state::{AdminMetrics, AdminState, ProviderEnv};
+pub use state::{AdminMetrics, AdminState, ProviderEnv, ServerInfo};

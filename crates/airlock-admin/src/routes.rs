@@ -42,6 +42,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/v1/audit", get(crate::audit::list))
         .route("/v1/audit/verify", get(crate::audit::verify))
+        .route("/v1/server", get(server))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .route_layer(middleware::from_fn(refuse_declared_oversize))
@@ -118,6 +119,28 @@ async fn json_errors(response: Response) -> Response {
     parts.headers.remove(header::CONTENT_LENGTH);
     json.headers_mut().extend(parts.headers);
     json
+}
+
+/// `GET /v1/server`: this process — version, start, store, audit, session
+/// bounds in force. Behind the admin token: a version tells a scanner
+/// which flaws to try.
+async fn server(State(state): Shared) -> Json<Value> {
+    let info = &state.server;
+    Json(json!({
+        "version": info.version,
+        "started_at": airlock_core::audit::format_ts(info.started_at_ms),
+        "uptime_seconds": (now_ms() - info.started_at_ms).max(0) / 1000,
+        "store": info.store,
+        "audit": {
+            "enabled": state.audit.is_some(),
+            "fail_closed": state.audit.is_some() && info.audit_fail_closed,
+        },
+        "sessions": {
+            "max_ttl_seconds": state.max_ttl.as_secs(),
+            "max_calls_in_flight": info.max_calls_in_flight,
+        },
+        "public_url": state.public_url,
+    }))
 }
 
 async fn healthz() -> Json<Value> {

@@ -29,8 +29,27 @@ pub struct AdminMetrics {
     pub auth_failures: Arc<AuthFailures>,
 }
 
+/// What `GET /v1/server` says of this process: its build and the settings
+/// in force that decide how calls are treated.
+#[derive(Clone, Debug)]
+pub struct ServerInfo {
+    /// The `airlock` version (`CARGO_PKG_VERSION`).
+    pub version: &'static str,
+    /// When this process started (Unix ms).
+    pub started_at_ms: i64,
+    /// `sqlite` or `postgres`.
+    pub store: &'static str,
+    /// `[audit] fail_closed` (meaningless with audit disabled).
+    pub audit_fail_closed: bool,
+    /// `sessions.max_calls_in_flight` as in force (after `serve` lowered
+    /// the default).
+    pub max_calls_in_flight: u32,
+}
+
 /// Shared state of the admin API.
 pub struct AdminState {
+    /// This process, for `GET /v1/server`.
+    pub server: ServerInfo,
     pub registry: Arc<Registry>,
     /// Configured providers by name.
     pub providers: BTreeMap<String, ProviderEnv>,

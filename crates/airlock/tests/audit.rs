@@ -1311,15 +1311,29 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
     let elsewhere = tempfile::tempdir().unwrap();
     let status = remote_cli(&airlock, elsewhere.path(), &["status"]);
     assert_eq!(status.status.code(), Some(1), "{status:?}");
+    let shown = stdout(&status);
+    let lines: Vec<&str> = shown.lines().collect();
     assert_eq!(
-        stdout(&status),
+        lines[0],
         format!(
             "server:     {}: not ready: the audit trail cannot be written, so every call is \
-             refused (fail_closed)\nproviders:  2\n  dead    env:AIRLOCK_TEST_CRED_DEAD, \
-             available\n  openai  env:AIRLOCK_TEST_CRED_OPENAI, available\nsessions:   1 \
-             active session\n",
+             refused (fail_closed)",
             airlock.admin_url()
-        )
+        ),
+        "{shown}"
+    );
+    // The process: its version, uptime, store and audit settings.
+    let process = format!("            airlock {}, up ", env!("CARGO_PKG_VERSION"));
+    assert!(lines[1].starts_with(&process), "{shown}");
+    assert!(
+        lines[1].ends_with(", store sqlite, audit on (fail closed), 512 calls in flight a session"),
+        "{shown}"
+    );
+    assert_eq!(
+        lines[2..].join("\n"),
+        "providers:  2\n  dead    env:AIRLOCK_TEST_CRED_DEAD, available\n  openai  \
+         env:AIRLOCK_TEST_CRED_OPENAI, available\nsessions:   1 active session",
+        "{shown}"
     );
 
     // The lock goes away: airlock recovers by itself.
@@ -1342,6 +1356,13 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
     assert_eq!(shown["active_sessions"], 1, "{shown}");
     assert_eq!(shown["providers"][1]["name"], "openai", "{shown}");
     assert_eq!(shown["providers"][1]["set"], true, "{shown}");
+    assert_eq!(shown["server"]["store"], "sqlite", "{shown}");
+    assert_eq!(shown["server"]["audit"]["fail_closed"], true, "{shown}");
+    assert_eq!(
+        shown["server"]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "{shown}"
+    );
     let (_, verdict) = airlock
         .admin("GET", "/v1/audit/verify", None)
         .await

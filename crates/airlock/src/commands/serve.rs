@@ -31,6 +31,7 @@ const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 /// Runs the server until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let started_at_ms = airlock_session::now_ms();
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
@@ -154,6 +155,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let max_connections =
         max_connections_in_force(&config.proxy.limits, open_files, config.proxy.workers);
+    let max_calls_in_flight = max_calls_in_flight_in_force(&config, max_connections);
     let gate = auditor.clone();
     let proxy = Arc::new(Proxy::new(
         providers,
@@ -168,11 +170,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             },
             public_url: Some(public_url.clone()),
             path_prefix: config.proxy.public_path().map(str::to_owned),
-            max_calls_in_flight: max_calls_in_flight_in_force(&config, max_connections),
+            max_calls_in_flight,
         },
         proxy_metrics.for_provider("_unknown"),
     ));
     let admin_state = Arc::new(AdminState {
+        server: airlock_admin::ServerInfo {
+            version: env!("CARGO_PKG_VERSION"),
+            started_at_ms,
+            store: if airlock_store::is_postgres_url(&config.store_url) {
+                "postgres"
+            } else {
+                "sqlite"
+            },
+            audit_fail_closed: config.audit.fail_closed,
+            max_calls_in_flight,
+        },
         registry: Arc::clone(&registry),
         providers: provider_envs,
         public_url,

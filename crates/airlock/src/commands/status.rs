@@ -37,17 +37,23 @@ pub async fn run(admin_url: String, json: bool) -> anyhow::Result<ExitCode> {
         }));
     }
     let active = active_sessions(&client).await?;
+    // A server from before `GET /v1/server` answers 404: said as unknown.
+    let server = match client.exchange(Method::GET, "/v1/server", None).await? {
+        (status, server) if status.is_success() => server,
+        _ => Value::Null,
+    };
     let text = if json {
         let status = json!({
             "url": client.shown_url(),
             "ready": ready,
             "status": readiness,
+            "server": server,
             "providers": providers,
             "active_sessions": active,
         });
         format!("{}\n", serde_json::to_string_pretty(&status)?)
     } else {
-        render(client.shown_url(), &readiness, &providers, active)
+        render(client.shown_url(), &readiness, &server, &providers, active)
     };
     output::print(&text)?;
     Ok(if ready {
@@ -98,10 +104,42 @@ fn readiness_text(status: &str) -> &str {
     }
 }
 
+/// The line describing the server process (`GET /v1/server`), if it says.
+fn server_line(server: &Value) -> Option<String> {
+    let version = server.get("version")?.as_str()?;
+    let mut parts = vec![format!("airlock {version}")];
+    if version != env!("CARGO_PKG_VERSION") {
+        parts[0].push_str(&format!(" (this CLI: {})", env!("CARGO_PKG_VERSION")));
+    }
+    if let Some(up) = server.get("uptime_seconds").and_then(Value::as_u64) {
+        parts.push(format!(
+            "up {}",
+            airlock_core::duration::format(std::time::Duration::from_secs(up))
+        ));
+    }
+    if let Some(store) = server.get("store").and_then(Value::as_str) {
+        parts.push(format!("store {store}"));
+    }
+    let audit = &server["audit"];
+    match (audit["enabled"].as_bool(), audit["fail_closed"].as_bool()) {
+        (Some(true), Some(true)) => parts.push("audit on (fail closed)".to_owned()),
+        (Some(true), _) => parts.push("audit on (fail open)".to_owned()),
+        (Some(false), _) => parts.push("audit OFF".to_owned()),
+        (None, _) => {}
+    }
+    if let Some(max) = server["sessions"]["max_calls_in_flight"].as_u64() {
+        parts.push(format!("{max} calls in flight a session"));
+    }
+    Some(parts.join(", "))
+}
+
 /// The lines for people.
-fn render(url: &str, readiness: &str, providers: &[Value], active: u64) -> String {
+fn render(url: &str, readiness: &str, server: &Value, providers: &[Value], active: u64) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "server:     {url}: {}", readiness_text(readiness));
+    if let Some(line) = server_line(server) {
+        let _ = writeln!(out, "            {line}");
+    }
     let _ = writeln!(out, "providers:  {}", providers.len());
     let width = providers
         .iter()
@@ -138,12 +176,29 @@ mod tests {
             json!({"name": "gh", "source": "store", "set": false}),
         ];
         assert_eq!(
-            render("http://a:1", "ready", &providers, 1),
+            render("http://a:1", "ready", &Value::Null, &providers, 1),
             "server:     http://a:1: ready\nproviders:  2\n  anthropic  env:ANTHROPIC_API_KEY, \
              available\n  gh         store, not set: calls get 503 (airlock credential set \
              gh)\nsessions:   1 active session\n"
         );
-        assert!(render("u", "audit_unavailable", &[], 0)
+        let server = json!({
+            "version": env!("CARGO_PKG_VERSION"), "uptime_seconds": 3720, "store": "postgres",
+            "audit": {"enabled": true, "fail_closed": true},
+            "sessions": {"max_calls_in_flight": 115},
+        });
+        assert_eq!(
+            server_line(&server).unwrap(),
+            format!(
+                "airlock {}, up {}, store postgres, audit on (fail closed), 115 calls in flight a \
+                 session",
+                env!("CARGO_PKG_VERSION"),
+                airlock_core::duration::format(std::time::Duration::from_secs(3720))
+            )
+        );
+        let older = json!({"version": "0.0.1", "audit": {"enabled": false}});
+        assert!(server_line(&older).unwrap().contains("(this CLI: "));
+        assert!(server_line(&older).unwrap().ends_with("audit OFF"));
+        assert!(render("u", "audit_unavailable", &Value::Null, &[], 0)
             .starts_with("server:     u: not ready: the audit trail cannot be written"));
     }
 }
