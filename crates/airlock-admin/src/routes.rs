@@ -129,7 +129,7 @@ async fn server(State(state): Shared) -> Json<Value> {
     Json(json!({
         "version": info.version,
         "started_at": airlock_core::audit::format_ts(info.started_at_ms),
-        "uptime_seconds": (now_ms() - info.started_at_ms).max(0) / 1000,
+        "uptime_seconds": info.started.elapsed().as_secs(),
         "store": info.store,
         "audit": {
             "enabled": state.audit.is_some(),

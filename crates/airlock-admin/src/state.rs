@@ -35,8 +35,10 @@ pub struct AdminMetrics {
 pub struct ServerInfo {
     /// The `airlock` version (`CARGO_PKG_VERSION`).
     pub version: &'static str,
-    /// When this process started (Unix ms).
+    /// When this process started (Unix ms, for display).
     pub started_at_ms: i64,
+    /// The same on the monotonic clock, which uptime is counted on.
+    pub started: std::time::Instant,
     /// `sqlite` or `postgres`.
     pub store: &'static str,
     /// `[audit] fail_closed` (meaningless with audit disabled).

@@ -329,8 +329,10 @@ impl Proxy {
         // upstream connections, memory), not a sign of misuse: refused
         // 429 like a rate limit, but counted toward no `max_denied` (an
         // SDK running calls in parallel would otherwise end its session).
-        // Each refusal takes from `requests_per_minute` as a call does, so
-        // that a flood of them runs into the rate, whose refusals count.
+        // Each refusal takes from a `requests_per_minute` bucket of its
+        // own, so that a flood of them runs into the rate, whose refusals
+        // count, while retries of such refusals never use up the rate of
+        // the calls that go upstream.
         let max = self.settings.max_calls_in_flight;
         let Some(slot) = session.enter_call(max) else {
             if let Some(retry_after) = session.spend_rate() {

@@ -43,6 +43,10 @@ pub struct LiveSession {
     /// than find nothing left to write.
     count_writes: tokio::sync::Mutex<()>,
     rate: Option<DefaultDirectRateLimiter>,
+    /// A bucket of the same rate for calls refused at the session's
+    /// `max_calls_in_flight` ([`LiveSession::spend_rate`]): such refusals
+    /// never use up the tokens of calls that go upstream.
+    refusal_rate: Option<DefaultDirectRateLimiter>,
     /// `max_requests` spent from leases reserved in the store (see
     /// `Store::leases_requests`).
     lease: Option<Lease>,
@@ -121,6 +125,13 @@ pub enum Admission {
     QuotaExhausted,
 }
 
+/// Takes a token of `rate`; `Some(wait)` when it has none.
+fn limited(rate: &DefaultDirectRateLimiter) -> Option<Duration> {
+    rate.check()
+        .err()
+        .map(|not_until| not_until.wait_time_from(rate.clock().now()))
+}
+
 // === impl LiveSession ===
 
 impl LiveSession {
@@ -132,11 +143,13 @@ impl LiveSession {
         leases: bool,
         freshness: Arc<Freshness>,
     ) -> Self {
-        let rate = row
+        let quota = row
             .limits
             .requests_per_minute
             .and_then(NonZeroU32::new)
-            .map(|rpm| RateLimiter::direct(Quota::per_minute(rpm)));
+            .map(Quota::per_minute);
+        let rate = quota.map(RateLimiter::direct);
+        let refusal_rate = quota.map(RateLimiter::direct);
         let lease = (leases && row.limits.max_requests.is_some()).then(Lease::empty);
         let flush_soon = flush_soon
             .filter(|_| row.limits.max_denied.is_some())
@@ -156,6 +169,7 @@ impl LiveSession {
             max_denied_reached: AtomicBool::new(false),
             count_writes: tokio::sync::Mutex::new(()),
             rate,
+            refusal_rate,
             lease,
             flush_soon,
             changed: Arc::new(Notify::new()),
@@ -354,20 +368,19 @@ impl LiveSession {
         Admission::Admitted
     }
 
-    /// Takes a `requests_per_minute` token for a call refused before the
-    /// limits (its session's slots all taken), as a call would: a flood of
-    /// such refusals runs into the rate, whose refusals count toward
-    /// `max_denied`. `Some(wait)` when the rate refuses it (no token left).
+    /// Takes a token of `requests_per_minute` from the bucket of calls
+    /// refused before the limits (its session's slots all taken), a bucket
+    /// of its own so that a client retrying such refusals never uses up
+    /// the rate of the calls that go upstream: a flood of them runs into
+    /// it, and those refusals count toward `max_denied`. `Some(wait)` when
+    /// that bucket is empty.
     pub fn spend_rate(&self) -> Option<Duration> {
-        self.rate_limited()
+        limited(self.refusal_rate.as_ref()?)
     }
 
     /// `Some(wait)` when `requests_per_minute` refuses a call now.
     fn rate_limited(&self) -> Option<Duration> {
-        let rate = self.rate.as_ref()?;
-        rate.check()
-            .err()
-            .map(|not_until| not_until.wait_time_from(rate.clock().now()))
+        limited(self.rate.as_ref()?)
     }
 
     fn count_allowed(&self) {

@@ -48,12 +48,22 @@ pub type GenesisSeal<'a> = &'a (dyn Fn(u32) -> MacBytes + Send + Sync);
 /// the chains interleaved oldest first, each still in seq order. What is
 /// not taken stays in `chains`.
 pub fn take_oldest_first(chains: &mut [VecDeque<AuditRecord>], limit: usize) -> Vec<AuditRecord> {
+    take_oldest_first_by(chains, limit, |r| (r.ts_ms, r.chain))
+}
+
+/// [`take_oldest_first`] for anything that knows its record's `(ts,
+/// chain)` (`key`): the JSON lines `audit tail` holds, say.
+pub fn take_oldest_first_by<T>(
+    chains: &mut [VecDeque<T>],
+    limit: usize,
+    key: impl Fn(&T) -> (i64, u32),
+) -> Vec<T> {
     let mut taken = Vec::new();
     while taken.len() < limit {
         let next = chains
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| c.front().map(|r| ((r.ts_ms, r.chain), i)))
+            .filter_map(|(i, c)| c.front().map(|r| (key(r), i)))
             .min()
             .map(|(_, i)| i);
         match next

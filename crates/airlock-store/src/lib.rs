@@ -25,7 +25,7 @@ mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use audit::{take_oldest_first, AuditQuery, ChainHead, GenesisSeal};
+pub use audit::{take_oldest_first, take_oldest_first_by, AuditQuery, ChainHead, GenesisSeal};
 pub use change::{Change, ChangeCursor, SessionChanges, SessionStatus};
 pub use postgres::{migrator_up_to as postgres_migrator_up_to, PgStore};
 pub use sqlite::{

@@ -227,7 +227,7 @@ Examples:
         from: Option<PathBuf>,
         /// With --from: the file is an export of this session only (its
         /// records' seqs may jump; each record is still checked).
-        #[arg(long, value_name = "ID", requires = "from", conflicts_with = "remote")]
+        #[arg(long, value_name = "ID", requires = "from", conflicts_with_all = ["remote", "json"])]
         session: Option<String>,
         /// The verdict of the stored trail as one JSON object, as GET
         /// /v1/audit/verify answers it (same exit status).

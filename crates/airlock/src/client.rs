@@ -89,6 +89,8 @@ pub struct AdminClient {
     base: String,
     /// `base` as messages show it: user information withheld.
     shown: String,
+    /// Whether [`CA_FILE_ENV`] names a file (for the certificate hint).
+    ca_file_set: bool,
     token: Option<String>,
     /// Bound on one call, or why [`TIMEOUT_ENV`] is refused.
     timeout: Result<Duration, String>,
@@ -123,6 +125,7 @@ impl AdminClient {
         });
         let base = base.trim_end_matches('/').to_owned();
         Self {
+            ca_file_set: ca_file.is_some(),
             shown: without_userinfo(&base),
             base,
             token: std::env::var("AIRLOCK_ADMIN_TOKEN")
@@ -241,9 +244,12 @@ impl AdminClient {
                 let hint = if cause.contains("InvalidContentType") {
                     "the server there does not speak TLS: the admin listener speaks plain HTTP \
                      (use http://, or the address of the TLS proxy in front of it)"
-                } else if self.base.starts_with("https://") && is_certificate_error(&cause) {
-                    "its certificate is not trusted: AIRLOCK_ADMIN_CA_FILE names the CA that \
-                     signed it"
+                } else if cause.contains("UnknownIssuer") && !self.ca_file_set {
+                    "its certificate is signed by a CA this machine does not trust: \
+                     AIRLOCK_ADMIN_CA_FILE names the CA that signed it"
+                } else if cause.contains("UnknownIssuer") {
+                    "its certificate is signed by none of the CAs of AIRLOCK_ADMIN_CA_FILE or \
+                     the system's"
                 } else {
                     "is `airlock serve` running? set AIRLOCK_ADMIN_URL"
                 };
@@ -279,12 +285,15 @@ impl AdminClient {
 /// `url` with the user information of its authority (`user:password@`)
 /// withheld, for messages.
 fn without_userinfo(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    // Without a scheme (a malformed URL, said back in its error), what
+    // comes first is taken as the authority all the same.
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://[withheld]@{}", &rest[at + 1..]),
+        Some(at) => format!("{scheme}[withheld]@{}", &rest[at + 1..]),
         None => url.to_owned(),
     }
 }
@@ -332,12 +341,6 @@ pub fn path_segment(segment: &str) -> String {
     out
 }
 
-/// Whether rustls refused the server's certificate (`cause` as
-/// [`root_cause`] gives it).
-fn is_certificate_error(cause: &str) -> bool {
-    cause.contains("invalid peer certificate") || cause.contains("UnknownIssuer")
-}
-
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = e;
     while let Some(next) = cause.source() {
@@ -361,7 +364,15 @@ mod tests {
             "https://[withheld]@host/x?y=z@w"
         );
         assert_eq!(without_userinfo("http://host:1/p@q"), "http://host:1/p@q");
-        assert_eq!(without_userinfo("host@x"), "host@x");
+        assert_eq!(
+            without_userinfo("admin:pw@host:8081"),
+            "[withheld]@host:8081"
+        );
+        assert_eq!(without_userinfo("host:1/a@b"), "host:1/a@b");
+        assert_eq!(
+            without_userinfo("http://u:p@[::1]:8081/x"),
+            "http://[withheld]@[::1]:8081/x"
+        );
     }
 
     #[test]

@@ -1235,3 +1235,30 @@ async fn serve_runs_with_no_config_at_all() {
         .ends_with("/anthropic"));
     child.kill().await.unwrap();
 }
+
+/// `GET /v1/server` describes the process with the bounds in force: the
+/// default `max_calls_in_flight` as `serve` lowered it for an open files
+/// limit that holds few connections (12 with two workers: a quarter is 3).
+#[tokio::test]
+async fn the_server_route_says_the_bounds_in_force() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(BIN)
+        .provider("openai", &mock.url(), "bearer", "sk-real-1", "/v1")
+        .proxy_option("workers = 2")
+        .open_files_limit(128)
+        .start()
+        .await
+        .unwrap();
+    let (status, server) = airlock.admin("GET", "/v1/server", None).await.unwrap();
+    assert_eq!(status, 200, "{server}");
+    assert_eq!(server["version"], env!("CARGO_PKG_VERSION"), "{server}");
+    assert_eq!(server["store"], "sqlite", "{server}");
+    assert_eq!(
+        server["audit"],
+        json!({"enabled": true, "fail_closed": true})
+    );
+    assert_eq!(server["sessions"]["max_calls_in_flight"], 3, "{server}");
+    assert_eq!(server["sessions"]["max_ttl_seconds"], 86_400, "{server}");
+    assert!(server["uptime_seconds"].as_u64().is_some(), "{server}");
+    assert!(!server.to_string().contains(airlock.admin_token()));
+}

@@ -789,6 +789,9 @@ async fn remote_export_and_verify_go_through_the_admin_api() {
         serde_json::from_str(&remote(&["audit", "verify", "--remote", "--json"])).unwrap();
     assert_eq!(verdict, json!({"ok": true, "records": 8, "chains": 1}));
 
+    // --session is for a file's verification, not the store's either.
+    let out = cli(&config, &["audit", "verify", "--json", "--session", &a]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     // --session is for a file's verification, not the server's.
     let out = remote_cli(
         &airlock,
@@ -1238,6 +1241,7 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
     let mock = MockProvider::start().await;
     let airlock = builder(&mock)
         .config("[audit]\nfail_closed = true\nstall_timeout = \"300ms\"\n")
+        .config("[sessions]\nmax_calls_in_flight = 64\n")
         .start()
         .await
         .unwrap();
@@ -1326,7 +1330,7 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
     let process = format!("            airlock {}, up ", env!("CARGO_PKG_VERSION"));
     assert!(lines[1].starts_with(&process), "{shown}");
     assert!(
-        lines[1].ends_with(", store sqlite, audit on (fail closed), 512 calls in flight a session"),
+        lines[1].ends_with(", store sqlite, audit on (fail closed), 64 calls in flight a session"),
         "{shown}"
     );
     assert_eq!(

@@ -756,9 +756,10 @@ async fn a_session_has_at_most_max_calls_in_flight() {
     );
 }
 
-/// Refusals at the cap take from `requests_per_minute` as calls do: a flood
-/// of them runs into the rate, whose refusals count toward `max_denied`
-/// and end the session.
+/// Refusals at the cap take from a `requests_per_minute` bucket of their
+/// own: a flood of them runs into the rate, whose refusals count toward
+/// `max_denied` and end the session, while the rate of calls that go
+/// upstream is left whole.
 #[tokio::test]
 async fn a_flood_at_the_cap_runs_into_the_rate_limit() {
     let s = setup_with("[sessions]\nmax_calls_in_flight = 1\n").await;
@@ -780,9 +781,9 @@ async fn a_flood_at_the_cap_runs_into_the_rate_limit() {
             .unwrap()
             .to_owned()
     };
-    // The held call took one of the three tokens; two refusals at the cap
-    // take the others, counted toward nothing.
-    for _ in 0..2 {
+    // Refusals at the cap have a bucket of the same rate of their own
+    // (the held call's token is not theirs): three, counted toward nothing.
+    for _ in 0..3 {
         let refused = call("GET", &models, &token).await;
         assert_error(&refused, 429, "rate_limited");
         assert!(
@@ -809,8 +810,38 @@ async fn a_flood_at_the_cap_runs_into_the_rate_limit() {
     assert_eq!(view["state"], "revoked", "{view}");
     assert_eq!(view["revoked_reason"], "max_denied", "{view}");
     assert_eq!(s.mock.request_count(), 1);
-    s.mock.open_gate();
-    let _ = held.await;
+    // The held call ended with its session.
+    assert_error(&held.await.unwrap(), 401, "invalid_token");
+
+    // A client retrying refusals at the cap does not use up the rate of
+    // its calls: a stream holds the slot and one of three tokens; after a
+    // flood of refusals the other two still go upstream.
+    let scope = json!([{"provider": "openai", "methods": ["GET"], "paths": ["/**"]}]);
+    let (_, token) = session(&s.airlock, scope, json!({"requests_per_minute": 3})).await;
+    let (_, stream) = airlock_testkit::client::first_frame(
+        &format!("{}/openai/gated-sse", s.airlock.proxy_url()),
+        &token,
+    )
+    .await;
+    for _ in 0..10 {
+        assert_error(&call("GET", &models, &token).await, 429, "rate_limited");
+    }
+    // The agent leaves the stream: its slot comes back.
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while call("GET", &models, &token).await.status != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+    }
+    assert_eq!(call("GET", &models, &token).await.status, 200);
+    let over = call("GET", &models, &token).await;
+    assert_error(&over, 429, "rate_limited");
+    assert_eq!(
+        message(&over),
+        "requests_per_minute exceeded for this session"
+    );
 }
 
 /// A call's slot is free before its answer completes: an agent making one

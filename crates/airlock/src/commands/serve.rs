@@ -31,7 +31,7 @@ const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 /// Runs the server until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let started_at_ms = airlock_session::now_ms();
+    let (started, started_at_ms) = (std::time::Instant::now(), airlock_session::now_ms());
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
@@ -178,6 +178,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         server: airlock_admin::ServerInfo {
             version: env!("CARGO_PKG_VERSION"),
             started_at_ms,
+            started,
             store: if airlock_store::is_postgres_url(&config.store_url) {
                 "postgres"
             } else {

@@ -123,7 +123,8 @@ fn server_line(server: &Value) -> Option<String> {
     let audit = &server["audit"];
     match (audit["enabled"].as_bool(), audit["fail_closed"].as_bool()) {
         (Some(true), Some(true)) => parts.push("audit on (fail closed)".to_owned()),
-        (Some(true), _) => parts.push("audit on (fail open)".to_owned()),
+        (Some(true), Some(false)) => parts.push("audit on (fail open)".to_owned()),
+        (Some(true), None) => parts.push("audit on".to_owned()),
         (Some(false), _) => parts.push("audit OFF".to_owned()),
         (None, _) => {}
     }

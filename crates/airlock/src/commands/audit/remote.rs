@@ -106,9 +106,11 @@ pub async fn export(
 ) -> anyhow::Result<()> {
     // Before any time RFC 3339 can write: every record, as the local
     // export has it.
-    let since = match since_ms {
-        Some(ms) if ms < 0 && rfc3339(ms).is_err() => None,
-        since_ms => since_ms.map(rfc3339).transpose()?,
+    let since = match since_ms.map(|ms| (ms, rfc3339(ms))) {
+        None => None,
+        Some((_, Ok(since))) => Some(since),
+        Some((ms, Err(_))) if ms < 0 => None,
+        Some((_, Err(e))) => return Err(e),
     };
     let mut out = BufWriter::new(output::stdout());
     let mut written: u64 = 0;

@@ -3,7 +3,8 @@
 //!
 //! Each chain (one per writing process) is followed from the last seq seen;
 //! a chain that appears later (a replica started) is followed from its
-//! start. Records are printed in time order within each poll.
+//! start. Within each poll the chains are interleaved by time, each in seq
+//! order, so that what is printed verifies as a file.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use airlock_core::audit::AuditRecord;
-use airlock_store::{take_oldest_first, AuditQuery, Store};
+use airlock_store::{take_oldest_first, take_oldest_first_by, AuditQuery, Store};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
@@ -96,7 +97,8 @@ pub(super) fn print_lines<'a>(lines: impl Iterator<Item = &'a str>) -> std::io::
     out.flush()
 }
 
-/// A record's place in the output order (time, chain, seq).
+/// A record's time, chain and seq (the output interleaves chains by the
+/// first two; within a chain the order is the seq's).
 type Key = (i64, u32, u64);
 
 /// The last `n` records (of `session`, if given) up to the cursors, as
@@ -160,22 +162,7 @@ async fn last_records(
 /// the record before it on its chain (its `ts` is earlier) still comes
 /// after it.
 fn oldest_first(mut chains: Vec<VecDeque<(Key, String)>>) -> Vec<(Key, String)> {
-    let mut lines = Vec::with_capacity(chains.iter().map(VecDeque::len).sum());
-    loop {
-        let next = chains
-            .iter()
-            .enumerate()
-            .filter_map(|(i, chain)| chain.front().map(|((ts, id, _), _)| ((*ts, *id), i)))
-            .min()
-            .map(|(_, i)| i);
-        match next
-            .and_then(|i| chains.get_mut(i))
-            .and_then(VecDeque::pop_front)
-        {
-            Some(line) => lines.push(line),
-            None => return lines,
-        }
-    }
+    take_oldest_first_by(&mut chains, usize::MAX, |((ts, chain, _), _)| (*ts, *chain))
 }
 
 /// Records written since the cursors, which it advances; a chain not seen
@@ -188,11 +175,11 @@ async fn poll(
 ) -> anyhow::Result<Vec<AuditRecord>> {
     let mut chains = Vec::new();
     for head in store.audit_heads().await? {
-        let mut new = VecDeque::new();
         let cursor = cursors.entry(head.chain).or_insert(0);
         if head.seq <= *cursor {
             continue;
         }
+        let mut new = VecDeque::new();
         loop {
             let page = store
                 .audit_records(&AuditQuery {
