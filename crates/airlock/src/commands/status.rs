@@ -8,7 +8,7 @@ use anyhow::anyhow;
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::client::{path_segment, AdminClient};
+use crate::client::{path_segment, AdminClient, ApiRefusal};
 use crate::output;
 
 /// Runs `status` against the admin API at `admin_url` (unless
@@ -36,7 +36,13 @@ pub async fn run(admin_url: String, json: bool) -> anyhow::Result<ExitCode> {
             "set": credential.get("set").cloned().unwrap_or(Value::Null),
         }));
     }
-    let active = active_sessions(&client).await?;
+    // The count needs the store, which may be why the server is not
+    // ready: said as unknown then, the rest still shown.
+    let active = match active_sessions(&client).await {
+        Ok(active) => Some(active),
+        Err(e) if !ready && e.downcast_ref::<ApiRefusal>().is_some() => None,
+        Err(e) => return Err(e),
+    };
     // A server from before `GET /v1/server` answers 404: said as unknown.
     let server = match client.exchange(Method::GET, "/v1/server", None).await? {
         (status, server) if status.is_success() => server,
@@ -106,7 +112,8 @@ fn readiness_text(status: &str) -> &str {
 
 /// The line describing the server process (`GET /v1/server`), if it says.
 fn server_line(server: &Value) -> Option<String> {
-    let version = server.get("version")?.as_str()?;
+    let version = printable(server.get("version")?.as_str()?);
+    let version = version.as_str();
     let mut parts = vec![format!("airlock {version}")];
     if version != env!("CARGO_PKG_VERSION") {
         parts[0].push_str(&format!(" (this CLI: {})", env!("CARGO_PKG_VERSION")));
@@ -118,7 +125,7 @@ fn server_line(server: &Value) -> Option<String> {
         ));
     }
     if let Some(store) = server.get("store").and_then(Value::as_str) {
-        parts.push(format!("store {store}"));
+        parts.push(format!("store {}", printable(store)));
     }
     let audit = &server["audit"];
     match (audit["enabled"].as_bool(), audit["fail_closed"].as_bool()) {
@@ -134,8 +141,22 @@ fn server_line(server: &Value) -> Option<String> {
     Some(parts.join(", "))
 }
 
+/// `text` from the server as a terminal may show it: control characters
+/// (an escape sequence) as `?`.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// The lines for people.
-fn render(url: &str, readiness: &str, server: &Value, providers: &[Value], active: u64) -> String {
+fn render(
+    url: &str,
+    readiness: &str,
+    server: &Value,
+    providers: &[Value],
+    active: Option<u64>,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "server:     {url}: {}", readiness_text(readiness));
     if let Some(line) = server_line(server) {
@@ -161,8 +182,18 @@ fn render(url: &str, readiness: &str, server: &Value, providers: &[Value], activ
         };
         let _ = writeln!(out, "  {name:<width$}  {source}, {state}");
     }
-    let plural = if active == 1 { "" } else { "s" };
-    let _ = writeln!(out, "sessions:   {active} active session{plural}");
+    match active {
+        Some(active) => {
+            let plural = if active == 1 { "" } else { "s" };
+            let _ = writeln!(out, "sessions:   {active} active session{plural}");
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "sessions:   unknown (the server could not read its store)"
+            );
+        }
+    }
     out
 }
 
@@ -177,7 +208,7 @@ mod tests {
             json!({"name": "gh", "source": "store", "set": false}),
         ];
         assert_eq!(
-            render("http://a:1", "ready", &Value::Null, &providers, 1),
+            render("http://a:1", "ready", &Value::Null, &providers, Some(1)),
             "server:     http://a:1: ready\nproviders:  2\n  anthropic  env:ANTHROPIC_API_KEY, \
              available\n  gh         store, not set: calls get 503 (airlock credential set \
              gh)\nsessions:   1 active session\n"
@@ -196,10 +227,14 @@ mod tests {
                 airlock_core::duration::format(std::time::Duration::from_secs(3720))
             )
         );
+        assert!(render("u", "store_unavailable", &Value::Null, &[], None)
+            .ends_with("sessions:   unknown (the server could not read its store)\n"));
+        let escape = json!({"version": "9.9\u{1b}[2J"});
+        assert!(server_line(&escape).unwrap().starts_with("airlock 9.9?[2J"));
         let older = json!({"version": "0.0.1", "audit": {"enabled": false}});
         assert!(server_line(&older).unwrap().contains("(this CLI: "));
         assert!(server_line(&older).unwrap().ends_with("audit OFF"));
-        assert!(render("u", "audit_unavailable", &Value::Null, &[], 0)
+        assert!(render("u", "audit_unavailable", &Value::Null, &[], Some(0))
             .starts_with("server:     u: not ready: the audit trail cannot be written"));
     }
 }
