@@ -181,12 +181,13 @@ impl StoreError {
 
 /// Whether PostgreSQL's SQLSTATE `code` (with its `message`) says it takes
 /// no connections now: class 08 (connection exception), shutting down or
-/// starting (57P01–03), too many connections (53300), or the database
+/// starting (57P01–03), too many connections (53300), the database the URL
+/// names gone (3D000: dropped, or not yet restored), or the database
 /// closed to connections (`ALLOW_CONNECTIONS false`: 55000, a code shared
 /// with other states, so told by its message).
 fn refuses_connections(code: &str, message: &str) -> bool {
     code.starts_with("08")
-        || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "3D000")
         || (code == "55000" && message.contains("not currently accepting connections"))
 }
 
@@ -557,6 +558,21 @@ const CLOSE_POOL_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outages_are_told_from_other_database_errors() {
+        for code in ["08006", "57P01", "53300", "3D000"] {
+            assert!(refuses_connections(code, ""), "{code}");
+        }
+        assert!(refuses_connections(
+            "55000",
+            "database \"x\" is not currently accepting connections"
+        ));
+        // A missing table is a broken store, not one out of reach.
+        for code in ["42P01", "55000", "23505"] {
+            assert!(!refuses_connections(code, "other"), "{code}");
+        }
+    }
 
     #[test]
     fn passwords_are_withheld_from_displayed_urls() {
