@@ -19,7 +19,8 @@ use serde_json::Value;
 pub struct ApiRefusal {
     /// The answer's status.
     pub status: StatusCode,
-    /// The server's `error.message` (or "no error message").
+    /// The server's `error.message` (for a 5xx without one, a sentence
+    /// saying so; other answers without one are not refusals but errors).
     pub message: String,
 }
 
@@ -163,7 +164,8 @@ impl AdminClient {
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
         let (status, value) = self.exchange(method, path, body).await?;
-        if status.is_success() {
+        let airlock_message = value.pointer("/error/message").and_then(Value::as_str);
+        if status.is_success() && value.is_object() {
             return Ok(value);
         }
         // The proxy's answer to `/v1/...` (no provider named `v1`): the URL
@@ -175,11 +177,26 @@ impl AdminClient {
                 self.shown
             );
         }
-        let message = value
-            .pointer("/error/message")
-            .and_then(Value::as_str)
-            .unwrap_or("no error message")
-            .to_owned();
+        let message = match airlock_message {
+            Some(message) if !status.is_success() => message.to_owned(),
+            // A 5xx may come from a proxy or load balancer in front of a
+            // restarting airlock: still a refusal, one that may pass.
+            _ if status.is_server_error() => {
+                "no airlock error in the answer (from a proxy in front of airlock?)".to_owned()
+            }
+            _ => anyhow::bail!(
+                "{} answered HTTP {} but not as airlock's admin API does (no JSON {}): is \
+                 AIRLOCK_ADMIN_URL the address of airlock's [admin] listen (by default \
+                 http://127.0.0.1:8081)?",
+                self.shown,
+                status.as_u16(),
+                if status.is_success() {
+                    "object"
+                } else {
+                    "error"
+                }
+            ),
+        };
         Err(ApiRefusal { status, message }.into())
     }
 

@@ -783,6 +783,84 @@ async fn an_admin_url_that_is_the_proxy_s_is_said_to_be() {
     );
 }
 
+/// A web server that is not airlock: answers every request with
+/// `status_line` and an HTML page. Returns its URL.
+async fn foreign_server(status_line: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = "<html><body><h1>Welcome</h1></body></html>";
+                let answer = format!(
+                    "HTTP/1.1 {status_line}\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\
+                     connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
+/// AIRLOCK_ADMIN_URL naming a server that is not airlock: said so, with
+/// exit 1, rather than "no error message" (and, for a 404, exit 2 as if
+/// the session were unknown) or a missing "sessions" list. A 5xx without
+/// airlock's error stays a refusal that may pass (a proxy in front of a
+/// restarting airlock), said as such.
+#[tokio::test]
+async fn an_admin_url_that_is_not_airlock_is_said_to_be() {
+    let cases: [(&str, &[&str], &str); 3] = [
+        (
+            "404 Not Found",
+            &["session", "show", "ses_x"],
+            "answered HTTP 404 but not as airlock's admin API does (no JSON error): is \
+             AIRLOCK_ADMIN_URL the address of airlock's [admin] listen",
+        ),
+        (
+            "200 OK",
+            &["session", "list"],
+            "answered HTTP 200 but not as airlock's admin API does (no JSON object): is \
+             AIRLOCK_ADMIN_URL the address of airlock's [admin] listen",
+        ),
+        (
+            "502 Bad Gateway",
+            &["session", "list"],
+            "no airlock error in the answer (from a proxy in front of airlock?) (HTTP 502)",
+        ),
+    ];
+    for (status_line, args, said) in cases {
+        let url = foreign_server(status_line).await;
+        let out = airlock_cmd(args)
+            .env("AIRLOCK_ADMIN_URL", &url)
+            .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{status_line}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains(said),
+            "{status_line}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_unset_admin_token_is_said_before_any_request() {
     // Nothing answers here: a connection would wait in the backlog.

@@ -15,7 +15,9 @@ use airlock_bench::sse::SseSpec;
 
 /// Side-by-side load benchmark of airlock on loopback.
 #[derive(Parser, Debug)]
-#[command(name = "bench-run")]
+// bench/run.sh passes its defaults (`--out`, the binaries) before the
+// caller's arguments: the last occurrence of an option wins.
+#[command(name = "bench-run", args_override_self = true)]
 struct Args {
     /// Measured time of every load round (whole seconds: 5s, 1m).
     #[arg(long, default_value = "3s", value_parser = parse_seconds)]
@@ -198,5 +200,21 @@ mod tests {
         assert_eq!(parse_seconds("7"), Ok(Duration::from_secs(7)));
         assert!(parse_seconds("500ms").is_err());
         assert!(parse_seconds("0s").is_err());
+    }
+
+    #[test]
+    fn a_later_option_overrides_the_scripts_default() {
+        let args = Args::try_parse_from([
+            "bench-run",
+            "--out",
+            "a.md",
+            "--rounds",
+            "2",
+            "--out",
+            "b.md",
+        ])
+        .expect("parses");
+        assert_eq!(args.out, Some(PathBuf::from("b.md")));
+        assert_eq!(args.rounds, 2);
     }
 }
