@@ -209,17 +209,8 @@ impl Auditor {
             })
             .await?;
         tracing::info!(chain = head.chain, seq = head.seq, "audit chain claimed");
-        let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
-        let shared = Arc::new(Shared {
-            tx: tx.clone(),
-            health: Health {
-                healthy: AtomicBool::new(true),
-                commit_started: AtomicU64::new(0),
-                base: Instant::now(),
-            },
-            settings,
-            stats: Arc::new(AuditStats::default()),
-        });
+        let (shared, rx) = Shared::new(settings);
+        let tx = shared.tx.clone();
         let inline = store.audit_appends_inline();
         let writer = writer::Writer::new(store, key, head, Arc::clone(&shared), inline);
         let (finished, done) = oneshot::channel();
@@ -456,6 +447,22 @@ impl Delivery {
 // === impl Shared ===
 
 impl Shared {
+    /// A healthy writer's shared state, and the receiving end of its queue.
+    fn new(settings: AuditSettings) -> (Arc<Self>, mpsc::Receiver<Msg>) {
+        let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
+        let shared = Arc::new(Shared {
+            tx,
+            health: Health {
+                healthy: AtomicBool::new(true),
+                commit_started: AtomicU64::new(0),
+                base: Instant::now(),
+            },
+            settings,
+            stats: Arc::new(AuditStats::default()),
+        });
+        (shared, rx)
+    }
+
     /// Healthy, not stuck in a commit, and room in the queue.
     fn writable(&self) -> bool {
         self.health.healthy.load(Ordering::Acquire)

@@ -580,3 +580,60 @@ async fn a_networked_store_s_failed_batch_is_not_sent_again() {
     assert_eq!((verified.records, verified.first_break), (1, None));
     assert_eq!(auditor.stats().unwrap().lost.get(), 1);
 }
+
+/// A writer of `store` (not running) and its queue's two ends, as
+/// `Auditor::start` makes them.
+async fn idle_writer(
+    store: &Arc<FaultyStore>,
+) -> (writer::Writer, mpsc::Sender<Msg>, mpsc::Receiver<Msg>) {
+    let key = key();
+    let head = store
+        .audit_claim_chain(&|chain| head_seal(&key, chain, 0, &GENESIS_MAC))
+        .await
+        .unwrap();
+    let (shared, rx) = Shared::new(settings());
+    let tx = shared.tx.clone();
+    let inline = store.audit_appends_inline();
+    let writer = writer::Writer::new(store.clone(), Arc::new(key), head, shared, inline);
+    (writer, tx, rx)
+}
+
+fn queued_record(n: u64) -> Msg {
+    Msg::Record(*record(n), oneshot::channel().0, None)
+}
+
+/// At light load the writer on a thread of its own takes the next record
+/// from its queue while watching it (no wake-up needed); after a larger
+/// batch, or sharing a runtime (a networked store), it does not watch and
+/// leaves the record to the queue's `recv`.
+#[tokio::test]
+async fn the_writer_watches_its_queue_only_after_a_small_batch_on_its_own_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut watching, tx, mut rx) = idle_writer(&inline_store(&dir).await).await;
+    for small in 0..=writer::WATCH_AFTER_BATCH {
+        watching.last_batch = small;
+        tx.try_send(queued_record(1)).unwrap();
+        assert!(watching.watch_queue(&mut rx).is_some(), "after {small}");
+    }
+    watching.last_batch = writer::WATCH_AFTER_BATCH + 1;
+    tx.try_send(queued_record(2)).unwrap();
+    assert!(watching.watch_queue(&mut rx).is_none());
+    assert!(rx.try_recv().is_ok(), "the record stays queued");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (shared_runtime, tx, mut rx) = idle_writer(&store(&dir).await).await;
+    tx.try_send(queued_record(3)).unwrap();
+    assert!(shared_runtime.watch_queue(&mut rx).is_none());
+    assert!(rx.try_recv().is_ok(), "the record stays queued");
+}
+
+/// An empty queue is watched for IDLE_WATCH, then left to `recv` (the
+/// writer sleeps).
+#[tokio::test]
+async fn the_watch_of_an_empty_queue_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _tx, mut rx) = idle_writer(&inline_store(&dir).await).await;
+    let began = std::time::Instant::now();
+    assert!(writer.watch_queue(&mut rx).is_none());
+    assert!(began.elapsed() >= writer::IDLE_WATCH);
+}

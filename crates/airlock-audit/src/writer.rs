@@ -19,7 +19,7 @@ const PROBE_LOG_EVERY: u64 = 100;
 /// After a batch of at most this many records (light load), a writer on a
 /// thread of its own watches its queue for [`IDLE_WATCH`] before it
 /// sleeps.
-const WATCH_AFTER_BATCH: usize = 2;
+pub(crate) const WATCH_AFTER_BATCH: usize = 2;
 
 /// How long the writer watches its queue after a small batch, giving up
 /// its CPU between looks (`sched_yield`): the next call's record then
@@ -29,7 +29,7 @@ const WATCH_AFTER_BATCH: usize = 2;
 /// calls of one connection through airlock. Under heavier load the batches
 /// are larger and the writer sleeps at once, leaving the CPU to the proxy
 /// workers.
-const IDLE_WATCH: Duration = Duration::from_micros(250);
+pub(crate) const IDLE_WATCH: Duration = Duration::from_micros(250);
 
 /// State of the writer task.
 pub(crate) struct Writer {
@@ -52,7 +52,7 @@ pub(crate) struct Writer {
     /// first and then every [`PROBE_LOG_EVERY`]th, not every probe).
     probes_failed: u64,
     /// Records in the last batch committed.
-    last_batch: usize,
+    pub(crate) last_batch: usize,
 }
 
 // === impl Writer ===
@@ -154,7 +154,7 @@ impl Writer {
     /// The next message if one comes within [`IDLE_WATCH`] after a small
     /// batch; `None` at once under load, when the writer shares a runtime
     /// (it must not hold that runtime's thread), or when the queue closed.
-    fn watch_queue(&self, rx: &mut mpsc::Receiver<Msg>) -> Option<Msg> {
+    pub(crate) fn watch_queue(&self, rx: &mut mpsc::Receiver<Msg>) -> Option<Msg> {
         if !self.inline || self.last_batch > WATCH_AFTER_BATCH {
             return None;
         }
