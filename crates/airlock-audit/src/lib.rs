@@ -212,7 +212,9 @@ impl Auditor {
         let (shared, rx) = Shared::new(settings);
         let tx = shared.tx.clone();
         let inline = store.audit_appends_inline();
-        let writer = writer::Writer::new(store, key, head, Arc::clone(&shared), inline);
+        let several_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+        let writer =
+            writer::Writer::new(store, key, head, Arc::clone(&shared), inline, several_cpus);
         let (finished, done) = oneshot::channel();
         if inline {
             // The store commits on the caller's thread: the writer gets a

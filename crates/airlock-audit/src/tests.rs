@@ -582,9 +582,16 @@ async fn a_networked_store_s_failed_batch_is_not_sent_again() {
 }
 
 /// A writer of `store` (not running) and its queue's two ends, as
-/// `Auditor::start` makes them.
+/// `Auditor::start` makes them on a machine with several CPUs.
 async fn idle_writer(
     store: &Arc<FaultyStore>,
+) -> (writer::Writer, mpsc::Sender<Msg>, mpsc::Receiver<Msg>) {
+    idle_writer_on(store, true).await
+}
+
+async fn idle_writer_on(
+    store: &Arc<FaultyStore>,
+    several_cpus: bool,
 ) -> (writer::Writer, mpsc::Sender<Msg>, mpsc::Receiver<Msg>) {
     let key = key();
     let head = store
@@ -594,7 +601,14 @@ async fn idle_writer(
     let (shared, rx) = Shared::new(settings());
     let tx = shared.tx.clone();
     let inline = store.audit_appends_inline();
-    let writer = writer::Writer::new(store.clone(), Arc::new(key), head, shared, inline);
+    let writer = writer::Writer::new(
+        store.clone(),
+        Arc::new(key),
+        head,
+        shared,
+        inline,
+        several_cpus,
+    );
     (writer, tx, rx)
 }
 
@@ -624,6 +638,13 @@ async fn the_writer_watches_its_queue_only_after_a_small_batch_on_its_own_thread
     let (shared_runtime, tx, mut rx) = idle_writer(&store(&dir).await).await;
     tx.try_send(queued_record(3)).unwrap();
     assert!(shared_runtime.watch_queue(&mut rx).is_none());
+    assert!(rx.try_recv().is_ok(), "the record stays queued");
+
+    // One CPU: the proxy workers need the one the writer would watch on.
+    let dir = tempfile::tempdir().unwrap();
+    let (one_cpu, tx, mut rx) = idle_writer_on(&inline_store(&dir).await, false).await;
+    tx.try_send(queued_record(4)).unwrap();
+    assert!(one_cpu.watch_queue(&mut rx).is_none());
     assert!(rx.try_recv().is_ok(), "the record stays queued");
 }
 

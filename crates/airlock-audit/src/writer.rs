@@ -48,6 +48,10 @@ pub(crate) struct Writer {
     /// Commit with [`Store::audit_append_blocking`]: the writer has a
     /// thread of its own.
     inline: bool,
+    /// Watch the queue after a small batch (see [`IDLE_WATCH`]): only on a
+    /// thread of its own and with more than one CPU, where the proxy
+    /// workers have another to run on.
+    watches: bool,
     /// Probes failed since the store last took a write (logged at the
     /// first and then every [`PROBE_LOG_EVERY`]th, not every probe).
     probes_failed: u64,
@@ -64,6 +68,7 @@ impl Writer {
         head: ChainHead,
         shared: Arc<Shared>,
         inline: bool,
+        watches: bool,
     ) -> Self {
         let max_batch = shared.settings.max_batch.max(1);
         Self {
@@ -75,6 +80,7 @@ impl Writer {
             waiters: Vec::with_capacity(max_batch),
             unwritten: Vec::new(),
             inline,
+            watches: inline && watches,
             probes_failed: 0,
             last_batch: 0,
         }
@@ -153,9 +159,10 @@ impl Writer {
 
     /// The next message if one comes within [`IDLE_WATCH`] after a small
     /// batch; `None` at once under load, when the writer shares a runtime
-    /// (it must not hold that runtime's thread), or when the queue closed.
+    /// (it must not hold that runtime's thread) or the machine has one CPU,
+    /// or when the queue closed.
     pub(crate) fn watch_queue(&self, rx: &mut mpsc::Receiver<Msg>) -> Option<Msg> {
-        if !self.inline || self.last_batch > WATCH_AFTER_BATCH {
+        if !self.watches || self.last_batch > WATCH_AFTER_BATCH {
             return None;
         }
         let until = Instant::now() + IDLE_WATCH;
