@@ -151,9 +151,9 @@ async fn healthz() -> Json<Value> {
 /// fail-closed audit trail cannot be written, and while a shared session
 /// store has been out of reach for longer than `max_staleness` (every call
 /// is refused then). Like `/healthz`, it needs no admin token. When more
-/// than one holds, the first in that order is named: a store out of reach
-/// usually fails the audit writer first, so `audit_unavailable` may be
-/// what is said until the session store's staleness bound passes.
+/// than one holds, the first in that order is named: `audit_unavailable`
+/// while the audit writer cannot write (a store out of reach usually
+/// stops it first), even after the staleness bound passes.
 async fn readyz(State(state): Shared) -> Response {
     let status = if !state.ready.load(std::sync::atomic::Ordering::SeqCst) {
         "draining"

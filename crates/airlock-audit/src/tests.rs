@@ -624,6 +624,7 @@ fn queued_record(n: u64) -> Msg {
 async fn the_writer_watches_its_queue_only_after_a_small_batch_on_its_own_thread() {
     let dir = tempfile::tempdir().unwrap();
     let (mut watching, tx, mut rx) = idle_writer(&inline_store(&dir).await).await;
+    watching.watch_pays = true;
     for small in 0..=writer::WATCH_AFTER_BATCH {
         watching.last_batch = small;
         tx.try_send(queued_record(1)).unwrap();
@@ -635,26 +636,44 @@ async fn the_writer_watches_its_queue_only_after_a_small_batch_on_its_own_thread
     assert!(rx.try_recv().is_ok(), "the record stays queued");
 
     let dir = tempfile::tempdir().unwrap();
-    let (shared_runtime, tx, mut rx) = idle_writer(&store(&dir).await).await;
+    let (mut shared_runtime, tx, mut rx) = idle_writer(&store(&dir).await).await;
+    shared_runtime.watch_pays = true;
     tx.try_send(queued_record(3)).unwrap();
     assert!(shared_runtime.watch_queue(&mut rx).is_none());
     assert!(rx.try_recv().is_ok(), "the record stays queued");
 
     // One CPU: the proxy workers need the one the writer would watch on.
     let dir = tempfile::tempdir().unwrap();
-    let (one_cpu, tx, mut rx) = idle_writer_on(&inline_store(&dir).await, false).await;
+    let (mut one_cpu, tx, mut rx) = idle_writer_on(&inline_store(&dir).await, false).await;
+    one_cpu.watch_pays = true;
     tx.try_send(queued_record(4)).unwrap();
     assert!(one_cpu.watch_queue(&mut rx).is_none());
     assert!(rx.try_recv().is_ok(), "the record stays queued");
 }
 
 /// An empty queue is watched for IDLE_WATCH, then left to `recv` (the
-/// writer sleeps).
+/// writer sleeps); after a watch that caught nothing the writer does not
+/// watch again until a sleep shorter than IDLE_WATCH says it would have
+/// caught the record that ended it (calls spaced out by a slow provider
+/// cost no watching).
 #[tokio::test]
-async fn the_watch_of_an_empty_queue_ends() {
+async fn a_watch_that_catches_nothing_stops_the_watching_until_records_come_close() {
     let dir = tempfile::tempdir().unwrap();
-    let (writer, _tx, mut rx) = idle_writer(&inline_store(&dir).await).await;
+    let (mut writer, tx, mut rx) = idle_writer(&inline_store(&dir).await).await;
+    writer.watch_pays = true;
     let began = std::time::Instant::now();
     assert!(writer.watch_queue(&mut rx).is_none());
     assert!(began.elapsed() >= writer::IDLE_WATCH);
+    assert!(!writer.watch_pays);
+    tx.try_send(queued_record(1)).unwrap();
+    assert!(writer.watch_queue(&mut rx).is_none(), "not watched");
+    assert!(rx.try_recv().is_ok(), "the record stays queued");
+
+    let long_ago = std::time::Instant::now() - 4 * writer::IDLE_WATCH;
+    writer.woke(long_ago);
+    assert!(!writer.watch_pays, "a long sleep");
+    writer.woke(std::time::Instant::now());
+    assert!(writer.watch_pays, "a short sleep");
+    tx.try_send(queued_record(2)).unwrap();
+    assert!(writer.watch_queue(&mut rx).is_some());
 }

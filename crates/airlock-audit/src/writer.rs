@@ -25,8 +25,11 @@ pub(crate) const WATCH_AFTER_BATCH: usize = 2;
 /// its CPU between looks (`sched_yield`): the next call's record then
 /// needs no cross-thread wake-up (a system call by the proxy worker and, on
 /// a VM, an inter-processor interrupt to a halted vCPU: tens of µs on a
-/// call's latency at concurrency 1). Longer than the time between two
-/// calls of one connection through airlock. Under heavier load the batches
+/// call's latency at concurrency 1). It watches only while records come
+/// that close together (a fast provider, calls back to back): a watch that
+/// caught nothing stops the watching until a record again comes within
+/// this long of the writer going to sleep, so calls that take their
+/// provider milliseconds cost no watching. Under heavier load the batches
 /// are larger and the writer sleeps at once, leaving the CPU to the proxy
 /// workers.
 pub(crate) const IDLE_WATCH: Duration = Duration::from_micros(250);
@@ -57,6 +60,9 @@ pub(crate) struct Writer {
     probes_failed: u64,
     /// Records in the last batch committed.
     pub(crate) last_batch: usize,
+    /// The last watch caught a record, or the last sleep was shorter than
+    /// [`IDLE_WATCH`]: watching is likely to catch the next one.
+    pub(crate) watch_pays: bool,
 }
 
 // === impl Writer ===
@@ -83,6 +89,7 @@ impl Writer {
             watches: inline && watches,
             probes_failed: 0,
             last_batch: 0,
+            watch_pays: false,
         }
     }
 
@@ -92,7 +99,12 @@ impl Writer {
             let msg = if self.shared.health.healthy.load(Ordering::Acquire) {
                 match self.watch_queue(&mut rx) {
                     Some(msg) => Some(msg),
-                    None => rx.recv().await,
+                    None => {
+                        let slept = Instant::now();
+                        let msg = rx.recv().await;
+                        self.woke(slept);
+                        msg
+                    }
                 }
             } else {
                 tokio::select! {
@@ -158,11 +170,12 @@ impl Writer {
     }
 
     /// The next message if one comes within [`IDLE_WATCH`] after a small
-    /// batch; `None` at once under load, when the writer shares a runtime
-    /// (it must not hold that runtime's thread) or the machine has one CPU,
-    /// or when the queue closed.
-    pub(crate) fn watch_queue(&self, rx: &mut mpsc::Receiver<Msg>) -> Option<Msg> {
-        if !self.watches || self.last_batch > WATCH_AFTER_BATCH {
+    /// batch while watching pays; `None` at once under load, when watching
+    /// caught nothing lately, when the writer shares a runtime (it must not
+    /// hold that runtime's thread) or the machine has one CPU, or when the
+    /// queue closed.
+    pub(crate) fn watch_queue(&mut self, rx: &mut mpsc::Receiver<Msg>) -> Option<Msg> {
+        if !self.watches || !self.watch_pays || self.last_batch > WATCH_AFTER_BATCH {
             return None;
         }
         let until = Instant::now() + IDLE_WATCH;
@@ -172,9 +185,18 @@ impl Writer {
                 Err(mpsc::error::TryRecvError::Empty) if Instant::now() < until => {
                     std::thread::yield_now();
                 }
-                Err(_) => return None,
+                Err(_) => {
+                    self.watch_pays = false;
+                    return None;
+                }
             }
         }
+    }
+
+    /// Notes how long the writer slept (since `slept`): a record that came
+    /// within [`IDLE_WATCH`] would have been caught by a watch.
+    pub(crate) fn woke(&mut self, slept: Instant) {
+        self.watch_pays = slept.elapsed() < IDLE_WATCH;
     }
 
     fn take(&mut self, msg: Msg) -> Option<oneshot::Sender<()>> {
