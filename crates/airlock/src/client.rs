@@ -41,6 +41,19 @@ impl std::fmt::Display for ApiRefusal {
 
 impl std::error::Error for ApiRefusal {}
 
+/// An answer that is not one airlock's admin API gives: the admin URL names
+/// another server. Not a refusal, and not one that may pass.
+#[derive(Debug)]
+pub struct NotAirlock(pub(crate) String);
+
+impl std::fmt::Display for NotAirlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotAirlock {}
+
 /// The connector: plain HTTP, or, for an `https://` admin URL, TLS trusting
 /// the system's roots and those of `ca_file` ([`CA_FILE_ENV`]). Roots are
 /// loaded only for `https`: a plain call does not read the system's bundle.
@@ -143,6 +156,31 @@ impl AdminClient {
         &self.shown
     }
 
+    /// The error for an answer (of `status`) that airlock's admin API would
+    /// not give, `what` saying what gives it away.
+    fn not_airlock(&self, status: StatusCode, what: &str) -> NotAirlock {
+        NotAirlock(format!(
+            "{} answered HTTP {} but not as airlock's admin API does ({what}): is \
+             AIRLOCK_ADMIN_URL the address of airlock's [admin] listen (by default \
+             http://127.0.0.1:8081)?",
+            self.shown,
+            status.as_u16()
+        ))
+    }
+
+    /// `answer` when it holds each of `fields`, as airlock's answer to the
+    /// request does; otherwise the URL names another server ([`NotAirlock`])
+    /// — a JSON object of another API must not pass for a session created,
+    /// a credential stored or a trail verified.
+    pub fn expect_fields(&self, answer: Value, fields: &[&str]) -> anyhow::Result<Value> {
+        match fields.iter().find(|field| answer.get(**field).is_none()) {
+            None => Ok(answer),
+            Some(missing) => Err(self
+                .not_airlock(StatusCode::OK, &format!("no \"{missing}\" in its JSON"))
+                .into()),
+        }
+    }
+
     /// The names of the providers the server configures (`GET /v1/providers`).
     pub async fn provider_names(&self) -> anyhow::Result<Vec<String>> {
         let listed = self.call(Method::GET, "/v1/providers", None).await?;
@@ -181,21 +219,15 @@ impl AdminClient {
             Some(message) if !status.is_success() => message.to_owned(),
             // A 5xx may come from a proxy or load balancer in front of a
             // restarting airlock: still a refusal, one that may pass.
-            _ if status.is_server_error() => {
-                "no airlock error in the answer (from a proxy in front of airlock?)".to_owned()
-            }
-            _ => anyhow::bail!(
-                "{} answered HTTP {} but not as airlock's admin API does (no JSON {}): is \
-                 AIRLOCK_ADMIN_URL the address of airlock's [admin] listen (by default \
-                 http://127.0.0.1:8081)?",
-                self.shown,
-                status.as_u16(),
-                if status.is_success() {
-                    "object"
-                } else {
-                    "error"
-                }
+            _ if status.is_server_error() => format!(
+                "{} answered without airlock's JSON error (a proxy in front of a restarting \
+                 airlock? if not, AIRLOCK_ADMIN_URL may name another server)",
+                self.shown
             ),
+            _ if status.is_success() => {
+                return Err(self.not_airlock(status, "no JSON object").into())
+            }
+            _ => return Err(self.not_airlock(status, "no JSON error").into()),
         };
         Err(ApiRefusal { status, message }.into())
     }

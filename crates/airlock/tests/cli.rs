@@ -786,6 +786,21 @@ async fn an_admin_url_that_is_the_proxy_s_is_said_to_be() {
 /// A web server that is not airlock: answers every request with
 /// `status_line` and an HTML page. Returns its URL.
 async fn foreign_server(status_line: &'static str) -> String {
+    foreign_server_answering(
+        status_line,
+        "text/html",
+        "<html><body><h1>Welcome</h1></body></html>",
+    )
+    .await
+}
+
+/// A server that is not airlock answering every request with `status_line`
+/// and `body` of `content_type`. Returns its URL.
+async fn foreign_server_answering(
+    status_line: &'static str,
+    content_type: &'static str,
+    body: &'static str,
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -800,9 +815,8 @@ async fn foreign_server(status_line: &'static str) -> String {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let body = "<html><body><h1>Welcome</h1></body></html>";
                 let answer = format!(
-                    "HTTP/1.1 {status_line}\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\
+                    "HTTP/1.1 {status_line}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
                      connection: close\r\n\r\n{body}",
                     body.len()
                 );
@@ -836,7 +850,8 @@ async fn an_admin_url_that_is_not_airlock_is_said_to_be() {
         (
             "502 Bad Gateway",
             &["session", "list"],
-            "no airlock error in the answer (from a proxy in front of airlock?) (HTTP 502)",
+            "answered without airlock's JSON error (a proxy in front of a restarting airlock? if \
+             not, AIRLOCK_ADMIN_URL may name another server) (HTTP 502)",
         ),
     ];
     for (status_line, args, said) in cases {
@@ -858,6 +873,63 @@ async fn an_admin_url_that_is_not_airlock_is_said_to_be() {
             "{status_line}: {}",
             stderr(&out)
         );
+    }
+}
+
+/// A server answering JSON objects of another API: no command takes them
+/// for airlock's answer (a session created, a credential stored, a trail
+/// verified); each names the field that is missing and the variable.
+#[tokio::test]
+async fn another_api_s_json_does_not_pass_for_airlock_s() {
+    let url = foreign_server_answering("200 OK", "application/json", r#"{"ok":true}"#).await;
+    let cases: [(&[&str], i32, &str); 6] = [
+        (
+            &[
+                "session",
+                "create",
+                "--allow",
+                "openai:POST:/v1/x",
+                "--format",
+                "shell",
+            ],
+            1,
+            "no \"id\" in its JSON",
+        ),
+        (&["session", "show", "ses_x"], 1, "no \"id\" in its JSON"),
+        (&["session", "revoke", "ses_x"], 1, "no \"id\" in its JSON"),
+        (
+            &["credential", "set", "openai"],
+            1,
+            "no \"provider\" in its JSON",
+        ),
+        (
+            &["credential", "show", "openai"],
+            1,
+            "no \"provider\" in its JSON",
+        ),
+        (
+            &["audit", "verify", "--remote"],
+            2,
+            "no \"records\" in its JSON",
+        ),
+    ];
+    for (args, code, said) in cases {
+        let out = airlock_cmd(args)
+            .env("AIRLOCK_ADMIN_URL", &url)
+            .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "{url} answered HTTP 200 but not as airlock's admin API does ({said}): is \
+                 AIRLOCK_ADMIN_URL the address of airlock's [admin] listen"
+            )),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(stdout(&out).is_empty(), "{args:?}: {}", stdout(&out));
     }
 }
 

@@ -25,7 +25,7 @@ pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()
             // The server must take a credential for it before one is asked
             // for: no secret typed in vain.
             let status = match client.call(Method::GET, &path(&provider), None).await {
-                Ok(status) => status,
+                Ok(status) => client.expect_fields(status, CREDENTIAL_FIELDS)?,
                 Err(e) => return Err(unknown_provider(&client, &provider, e).await),
             };
             if let Some(source) = status["source"].as_str().filter(|s| *s != "store") {
@@ -40,7 +40,7 @@ pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()
                 .call(Method::PUT, &path(&provider), Some(&body))
                 .await
             {
-                Ok(answer) => answer,
+                Ok(answer) => client.expect_fields(answer, CREDENTIAL_FIELDS)?,
                 Err(e) => return Err(unknown_provider(&client, &provider, e).await),
             };
             crate::output::print(&format!(
@@ -51,7 +51,7 @@ pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()
         CredentialCommand::Show { provider } => {
             check_provider(&provider)?;
             let answer = match client.call(Method::GET, &path(&provider), None).await {
-                Ok(answer) => answer,
+                Ok(answer) => client.expect_fields(answer, CREDENTIAL_FIELDS)?,
                 Err(e) => return Err(unknown_provider(&client, &provider, e).await),
             };
             crate::output::print(&format!("{}\n", serde_json::to_string_pretty(&answer)?))?;
@@ -59,6 +59,9 @@ pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()
     }
     Ok(())
 }
+
+/// Fields of every answer about a provider's credential.
+const CREDENTIAL_FIELDS: &[&str] = &["provider", "source", "set"];
 
 /// Refuses a PROVIDER argument no config could name (the rules of
 /// `[providers.NAME]`), before anything is read or sent.

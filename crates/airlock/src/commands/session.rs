@@ -67,6 +67,7 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
                 .call(Method::GET, &format!("/v1/sessions/{id}"), None)
                 .await
                 .map_err(|e| unknown_session("ID", e))?;
+            let session = client.expect_fields(session, SESSION_FIELDS)?;
             match format {
                 ShowFormat::Json => {
                     output::print(&format!("{}\n", serde_json::to_string_pretty(&session)?))?;
@@ -127,6 +128,7 @@ async fn revoke(client: &AdminClient, ids_or_tokens: &[String]) -> anyhow::Resul
                 .call(Method::DELETE, &format!("/v1/sessions/{id_or_token}"), None)
                 .await
         };
+        let session = session.and_then(|s| client.expect_fields(s, SESSION_FIELDS));
         let error = match session.map_err(|e| unknown_session("ID_OR_TOKEN", e)) {
             Ok(session) => {
                 output::print(&format!("{}\n", revoked_line(&session)?))?;
@@ -184,6 +186,15 @@ fn revoked_line(session: &Value) -> anyhow::Result<String> {
 /// is sent; the server's refusal is said in terms of the option it came
 /// from ([`refused_options`]).
 pub async fn open(client: &AdminClient, args: &SessionArgs) -> anyhow::Result<Value> {
+    let session = create(client, args).await?;
+    client.expect_fields(session, &["id", "token", "env"])
+}
+
+/// Fields of every answer about a session.
+const SESSION_FIELDS: &[&str] = &["id", "state"];
+
+/// `POST /v1/sessions` for `args`, as [`open`] describes.
+async fn create(client: &AdminClient, args: &SessionArgs) -> anyhow::Result<Value> {
     let body = match create_body(args) {
         Ok(body) => body,
         Err(e) => return Err(with_provider_hint(client, args, e).await),

@@ -16,17 +16,20 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::client::{path_segment, AdminClient, ApiRefusal};
+use crate::client::{path_segment, AdminClient, ApiRefusal, NotAirlock};
 use crate::output;
 
 /// `GET /v1/audit/verify`: the server's verdict, as text or (`json`) as the
 /// server's JSON; exit 0 when intact, 1 when not.
 pub async fn verify(client: &AdminClient, json: bool) -> anyhow::Result<ExitCode> {
     let verdict = client.call(Method::GET, "/v1/audit/verify", None).await?;
+    let verdict = client.expect_fields(verdict, &["ok"])?;
     let ok = match verdict.get("ok").and_then(Value::as_bool) {
         Some(ok) => ok,
         None => anyhow::bail!("the admin API's verdict holds no \"ok\": {verdict}"),
     };
+    // An intact trail is counted, a broken one explained.
+    let verdict = client.expect_fields(verdict, if ok { &["records"] } else { &["reason"] })?;
     let code = if ok {
         ExitCode::SUCCESS
     } else {
@@ -220,6 +223,9 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// server is restarting or out of reach) or a 5xx (overloaded, its store
 /// briefly out of reach). A refused token or request will not pass.
 fn passing(error: &anyhow::Error) -> bool {
+    if error.downcast_ref::<NotAirlock>().is_some() {
+        return false;
+    }
     match error.downcast_ref::<ApiRefusal>() {
         Some(refusal) => refusal.status.is_server_error(),
         None => true,
@@ -303,6 +309,24 @@ mod tests {
 
     use super::*;
     use serde_json::json;
+
+    /// `tail --remote` keeps asking through an outage or a 5xx, not when
+    /// the URL names another server or a request is refused.
+    #[test]
+    fn only_outages_and_server_errors_may_pass() {
+        let refusal = |status| {
+            anyhow::Error::new(ApiRefusal {
+                status,
+                message: "m".into(),
+            })
+        };
+        assert!(passing(&anyhow::anyhow!("connection refused")));
+        assert!(passing(&refusal(StatusCode::BAD_GATEWAY)));
+        assert!(!passing(&refusal(StatusCode::FORBIDDEN)));
+        assert!(!passing(&anyhow::Error::new(NotAirlock(
+            "not airlock".into()
+        ))));
+    }
 
     #[test]
     fn verdicts_read_as_the_local_ones() {
