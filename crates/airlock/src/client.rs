@@ -248,6 +248,13 @@ impl AdminClient {
                 self.shown
             );
         }
+        if self.base.contains(['?', '#']) {
+            anyhow::bail!(
+                "AIRLOCK_ADMIN_URL {:?} has a query or a fragment: give the admin listener's \
+                 address (a path prefix is kept), e.g. http://127.0.0.1:8081",
+                self.shown
+            );
+        }
         let http = self.http.as_ref().map_err(|e| anyhow!("{e}"))?;
         self.base.parse::<Uri>().map_err(|e| {
             anyhow!(

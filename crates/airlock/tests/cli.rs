@@ -933,6 +933,57 @@ async fn another_api_s_json_does_not_pass_for_airlock_s() {
     }
 }
 
+/// An admin URL with a query string (or a fragment) is refused before any
+/// request: the paths would be appended to the query (round 31: "no such
+/// admin route").
+#[tokio::test]
+async fn an_admin_url_with_a_query_is_refused_before_any_request() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}?x=1", listener.local_addr().unwrap());
+    let out = airlock_cmd(&["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", &url)
+        .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "airlock: AIRLOCK_ADMIN_URL {url:?} has a query or a fragment: give the admin \
+             listener's address (a path prefix is kept), e.g. http://127.0.0.1:8081\n"
+        )
+    );
+    let accepted = listener.accept();
+    assert!(
+        accepted
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "a request was sent: {accepted:?}"
+    );
+}
+
+/// A server without the credential route (an older airlock's JSON 404)
+/// is not said to lack the provider: its own message is.
+#[tokio::test]
+async fn a_missing_credential_route_is_not_an_unknown_provider() {
+    let url = foreign_server_answering(
+        "404 Not Found",
+        "application/json",
+        r#"{"error":{"type":"not_found","code":"not_found","message":"no such admin route"}}"#,
+    )
+    .await;
+    let out = airlock_cmd(&["credential", "show", "openai"])
+        .env("AIRLOCK_ADMIN_URL", &url)
+        .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "airlock: no such admin route (HTTP 404)\n");
+}
+
 #[tokio::test]
 async fn an_unset_admin_token_is_said_before_any_request() {
     // Nothing answers here: a connection would wait in the backlog.

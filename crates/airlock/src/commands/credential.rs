@@ -77,7 +77,10 @@ async fn unknown_provider(
     error: anyhow::Error,
 ) -> anyhow::Error {
     match error.downcast_ref::<ApiRefusal>() {
-        Some(refusal) if refusal.status == StatusCode::NOT_FOUND => {}
+        // Not the route missing (a server older than this command).
+        Some(refusal)
+            if refusal.status == StatusCode::NOT_FOUND
+                && refusal.message != "no such admin route" => {}
         _ => return error,
     }
     let configured = match client.provider_names().await {
