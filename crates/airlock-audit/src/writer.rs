@@ -28,7 +28,7 @@ pub(crate) const WATCH_AFTER_BATCH: usize = 2;
 /// call's latency at concurrency 1). It watches only while records come
 /// that close together (a fast provider, calls back to back): a watch that
 /// caught nothing stops the watching until a record again comes within
-/// this long of the writer going to sleep, so calls that take their
+/// this long of a commit's end, so calls that take their
 /// provider milliseconds cost no watching. Under heavier load the batches
 /// are larger and the writer sleeps at once, leaving the CPU to the proxy
 /// workers.
@@ -63,6 +63,8 @@ pub(crate) struct Writer {
     /// The last watch caught a record, or the last sleep was shorter than
     /// [`IDLE_WATCH`]: watching is likely to catch the next one.
     pub(crate) watch_pays: bool,
+    /// When the last commit ended.
+    committed: Instant,
 }
 
 // === impl Writer ===
@@ -90,6 +92,7 @@ impl Writer {
             probes_failed: 0,
             last_batch: 0,
             watch_pays: false,
+            committed: Instant::now(),
         }
     }
 
@@ -100,9 +103,8 @@ impl Writer {
                 match self.watch_queue(&mut rx) {
                     Some(msg) => Some(msg),
                     None => {
-                        let slept = Instant::now();
                         let msg = rx.recv().await;
-                        self.woke(slept);
+                        self.woke(self.committed.elapsed());
                         msg
                     }
                 }
@@ -140,6 +142,7 @@ impl Writer {
             }
             self.last_batch = self.records.len();
             self.commit().await;
+            self.committed = Instant::now();
             if let Some(done) = shutdown {
                 // Nothing is queued before the shutdown message that has not
                 // been committed; take what raced in after it, then stop.
@@ -193,10 +196,11 @@ impl Writer {
         }
     }
 
-    /// Notes how long the writer slept (since `slept`): a record that came
-    /// within [`IDLE_WATCH`] would have been caught by a watch.
-    pub(crate) fn woke(&mut self, slept: Instant) {
-        self.watch_pays = slept.elapsed() < IDLE_WATCH;
+    /// Notes that the record that woke the writer came `gap` after the
+    /// last commit ended (a watch included): one that came within
+    /// [`IDLE_WATCH`] would have been caught by a watch.
+    pub(crate) fn woke(&mut self, gap: Duration) {
+        self.watch_pays = gap < IDLE_WATCH;
     }
 
     fn take(&mut self, msg: Msg) -> Option<oneshot::Sender<()>> {

@@ -209,11 +209,12 @@ impl AdminClient {
         // The proxy's answer to `/v1/...` (no provider named `v1`): the URL
         // is the proxy's, not the admin API's.
         if value.pointer("/error/code").and_then(Value::as_str) == Some("unknown_provider") {
-            anyhow::bail!(
+            return Err(NotAirlock(format!(
                 "{} answered as airlock's proxy, not its admin API: AIRLOCK_ADMIN_URL points at \
                  proxy.listen; use [admin] listen's address (by default http://127.0.0.1:8081)",
                 self.shown
-            );
+            ))
+            .into());
         }
         let message = match airlock_message {
             Some(message) if !status.is_success() => message.to_owned(),
@@ -347,7 +348,9 @@ fn without_userinfo(url: &str) -> String {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
         None => (String::new(), url),
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // Up to the path only: a password may hold a raw '?' or '#' (invalid,
+    // but then said back in an error).
+    let authority_end = rest.find('/').unwrap_or(rest.len());
     match rest[..authority_end].rfind('@') {
         Some(at) => format!("{scheme}[withheld]@{}", &rest[at + 1..]),
         None => url.to_owned(),
@@ -425,6 +428,15 @@ mod tests {
             "[withheld]@host:8081"
         );
         assert_eq!(without_userinfo("host:1/a@b"), "host:1/a@b");
+        // A password holding a raw '?' or '#' (refused, and said back).
+        assert_eq!(
+            without_userinfo("http://u:pa?ss@host:1"),
+            "http://[withheld]@host:1"
+        );
+        assert_eq!(
+            without_userinfo("http://u:p#w@host:1/x"),
+            "http://[withheld]@host:1/x"
+        );
         assert_eq!(
             without_userinfo("http://u:p@[::1]:8081/x"),
             "http://[withheld]@[::1]:8081/x"
