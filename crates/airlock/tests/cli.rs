@@ -933,14 +933,33 @@ async fn another_api_s_json_does_not_pass_for_airlock_s() {
     }
 }
 
+/// A listener that never accepts, and its URL: a connection to it would
+/// wait in the backlog, where [`assert_nothing_sent`] finds it.
+fn unanswering_listener() -> (std::net::TcpListener, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    (listener, url)
+}
+
+/// No connection reached `listener`.
+fn assert_nothing_sent(listener: &std::net::TcpListener) {
+    let accepted = listener.accept();
+    assert!(
+        accepted
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "a request was sent: {accepted:?}"
+    );
+}
+
 /// An admin URL with a query string (or a fragment) is refused before any
 /// request: the paths would be appended to the query (round 31: "no such
 /// admin route").
 #[tokio::test]
 async fn an_admin_url_with_a_query_is_refused_before_any_request() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let url = format!("http://{}?x=1", listener.local_addr().unwrap());
+    let (listener, url) = unanswering_listener();
+    let url = format!("{url}?x=1");
     let out = airlock_cmd(&["session", "list"])
         .env("AIRLOCK_ADMIN_URL", &url)
         .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
@@ -955,13 +974,7 @@ async fn an_admin_url_with_a_query_is_refused_before_any_request() {
              listener's address (a path prefix is kept), e.g. http://127.0.0.1:8081\n"
         )
     );
-    let accepted = listener.accept();
-    assert!(
-        accepted
-            .as_ref()
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
-        "a request was sent: {accepted:?}"
-    );
+    assert_nothing_sent(&listener);
 }
 
 /// A server without the credential route (an older airlock's JSON 404)
@@ -986,10 +999,7 @@ async fn a_missing_credential_route_is_not_an_unknown_provider() {
 
 #[tokio::test]
 async fn an_unset_admin_token_is_said_before_any_request() {
-    // Nothing answers here: a connection would wait in the backlog.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (listener, url) = unanswering_listener();
     for args in [
         &["session", "list"][..],
         &["session", "revoke", "ses_x"],
@@ -1009,13 +1019,7 @@ async fn an_unset_admin_token_is_said_before_any_request() {
             stderr(&out)
         );
     }
-    let accepted = listener.accept();
-    assert!(
-        accepted
-            .as_ref()
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
-        "a request was sent: {accepted:?}"
-    );
+    assert_nothing_sent(&listener);
 }
 
 /// An admin URL where something accepts connections but never answers:
