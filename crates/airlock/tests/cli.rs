@@ -856,12 +856,7 @@ async fn an_admin_url_that_is_not_airlock_is_said_to_be() {
     ];
     for (status_line, args, said) in cases {
         let url = foreign_server(status_line).await;
-        let out = airlock_cmd(args)
-            .env("AIRLOCK_ADMIN_URL", &url)
-            .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
-            .output()
-            .await
-            .unwrap();
+        let out = against(&url, args).await;
         assert_eq!(
             out.status.code(),
             Some(1),
@@ -914,12 +909,7 @@ async fn another_api_s_json_does_not_pass_for_airlock_s() {
         ),
     ];
     for (args, code, said) in cases {
-        let out = airlock_cmd(args)
-            .env("AIRLOCK_ADMIN_URL", &url)
-            .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
-            .output()
-            .await
-            .unwrap();
+        let out = against(&url, args).await;
         assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
         assert!(
             stderr(&out).contains(&format!(
@@ -931,6 +921,17 @@ async fn another_api_s_json_does_not_pass_for_airlock_s() {
         );
         assert!(stdout(&out).is_empty(), "{args:?}: {}", stdout(&out));
     }
+}
+
+/// The CLI with AIRLOCK_ADMIN_URL `url` and some admin token, however it
+/// ends.
+async fn against(url: &str, args: &[&str]) -> Output {
+    airlock_cmd(args)
+        .env("AIRLOCK_ADMIN_URL", url)
+        .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
+        .output()
+        .await
+        .unwrap()
 }
 
 /// A listener that never accepts, and its URL: a connection to it would
@@ -960,12 +961,7 @@ fn assert_nothing_sent(listener: &std::net::TcpListener) {
 async fn an_admin_url_with_a_query_is_refused_before_any_request() {
     let (listener, url) = unanswering_listener();
     let url = format!("{url}?x=1");
-    let out = airlock_cmd(&["session", "list"])
-        .env("AIRLOCK_ADMIN_URL", &url)
-        .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
-        .output()
-        .await
-        .unwrap();
+    let out = against(&url, &["session", "list"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(
         stderr(&out),
@@ -987,12 +983,7 @@ async fn a_missing_credential_route_is_not_an_unknown_provider() {
         r#"{"error":{"type":"not_found","code":"not_found","message":"no such admin route"}}"#,
     )
     .await;
-    let out = airlock_cmd(&["credential", "show", "openai"])
-        .env("AIRLOCK_ADMIN_URL", &url)
-        .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
-        .output()
-        .await
-        .unwrap();
+    let out = against(&url, &["credential", "show", "openai"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(stderr(&out), "airlock: no such admin route (HTTP 404)\n");
 }
