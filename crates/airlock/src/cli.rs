@@ -99,9 +99,9 @@ Examples:
     /// interrupted) and exits with its status (128+N when it was killed by
     /// signal N).
     ///
-    /// The real credentials never reach CMD: every configured provider's
-    /// `credential = "env:VAR"` variable, every provider's key and base-URL
-    /// variables (the server's and the local config's), the key variables
+    /// The real credentials never reach CMD: every provider's
+    /// `credential = "env:VAR"` variable, key and base-URL variables (the
+    /// server's, as its admin API reports them, and the local config's), the key variables
     /// of the common AI SDKs (OPENAI_API_KEY, ANTHROPIC_API_KEY, HF_TOKEN,
     /// ...), AIRLOCK_ADMIN_TOKEN, AIRLOCK_AUDIT_KEY and AIRLOCK_MASTER_KEY
     /// are removed from its environment. The legacy base-URL variables some

@@ -688,6 +688,10 @@ async fn the_servers_providers_variables_are_removed_whatever_the_local_config()
         .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
         .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
         .env("GITHUB_API_KEY", "ghp_in_the_shell_0123456789")
+        // The server's own credential variables, which the local config
+        // does not name: the server says which they are.
+        .env("AIRLOCK_TEST_CRED_GITHUB", "ghp_real_exec_0123456789")
+        .env("AIRLOCK_TEST_CRED_OPENAI", OPENAI_KEY)
         .env("GITHUB_BASE_URL", "https://api.github.com")
         // Keys for providers neither config names, where SDKs look.
         .env("ANTHROPIC_API_KEY", "sk-ant-in-the-shell-0123456789")
@@ -706,6 +710,8 @@ async fn the_servers_providers_variables_are_removed_whatever_the_local_config()
     assert!(!stdout.contains("GITHUB_API_KEY="), "{stdout}");
     assert!(!stdout.contains("GITHUB_BASE_URL="), "{stdout}");
     assert!(!stdout.contains("-in-the-shell-"), "{stdout}");
+    assert!(!stdout.contains("ghp_real_exec_"), "{stdout}");
+    assert!(!stdout.contains(OPENAI_KEY), "{stdout}");
 }
 
 /// `--clean-env` starts the command with only the session's variables and

@@ -18,7 +18,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::audit_key::AUDIT_KEY_ENV;
 use crate::cli::ExecArgs;
-use crate::client::AdminClient;
+use crate::client::{path_segment, AdminClient};
 use crate::commands::session::open;
 use crate::config::{Config, CredentialSource};
 
@@ -68,7 +68,10 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
     // The server's providers may not be the local config's (another host,
     // no config here): their variables go too.
     match client.call(Method::GET, "/v1/providers", None).await {
-        Ok(listed) => hidden.extend(provider_variables(&listed)),
+        Ok(listed) => {
+            hidden.extend(provider_variables(&listed));
+            hidden.extend(credential_variables(&client, &listed).await);
+        }
         Err(e) => crate::output::error_line(format_args!(
             "could not list the server's providers ({e:#}); removing the variables the local \
              config names"
@@ -274,6 +277,37 @@ fn provider_variables(listed: &Value) -> Vec<String> {
         .flat_map(|p| [p.get("env_key"), p.get("env_base_url")])
         .filter_map(|v| v.and_then(Value::as_str).map(str::to_owned))
         .collect()
+}
+
+/// The variables the server's providers read their real credential from
+/// (`credential = "env:VAR"`, as `GET /v1/providers/{name}/credential`
+/// says): the server's sources, whatever the local config names (round 32:
+/// run without the server's config, exec passed the real key on).
+async fn credential_variables(client: &AdminClient, listed: &Value) -> Vec<String> {
+    let names = listed
+        .get("providers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("name").and_then(Value::as_str));
+    let mut vars = Vec::new();
+    for name in names {
+        let path = format!("/v1/providers/{}/credential", path_segment(name));
+        match client.call(Method::GET, &path, None).await {
+            Ok(status) => vars.extend(
+                status
+                    .get("source")
+                    .and_then(Value::as_str)
+                    .and_then(|source| source.strip_prefix("env:"))
+                    .map(str::to_owned),
+            ),
+            Err(e) => crate::output::error_line(format_args!(
+                "could not read where provider {name} takes its credential from ({e:#}); if \
+                 from a variable the local config does not name, it is not removed"
+            )),
+        }
+    }
+    vars
 }
 
 /// The `env` object of a created session.
