@@ -216,6 +216,21 @@ impl AdminClient {
             ))
             .into());
         }
+        // The code airlock's admin API gives these statuses (another API's
+        // JSON error in the same shape, such as OpenAI's, must not read as
+        // an unknown session or provider, or a refused admin token).
+        let code = value.pointer("/error/code").and_then(Value::as_str);
+        let expected_code = match status {
+            StatusCode::NOT_FOUND => Some("not_found"),
+            StatusCode::UNAUTHORIZED => Some("unauthorized"),
+            _ => None,
+        };
+        if let Some(expected) =
+            expected_code.filter(|e| airlock_message.is_some() && code != Some(*e))
+        {
+            let what = format!("error code {:?}, not {expected:?}", code.unwrap_or(""));
+            return Err(self.not_airlock(status, &what).into());
+        }
         let message = match airlock_message {
             Some(message) if !status.is_success() => message.to_owned(),
             // A 5xx may come from a proxy or load balancer in front of a

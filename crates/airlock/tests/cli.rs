@@ -973,6 +973,59 @@ async fn an_admin_url_with_a_query_is_refused_before_any_request() {
     assert_nothing_sent(&listener);
 }
 
+/// A server answering errors in airlock's JSON shape but with another API's
+/// codes (OpenAI's 404 `unknown_url`, 401 `invalid_api_key`): not read as
+/// an unknown session or provider (exit 2) or a refused admin token, but
+/// said to be another server (round 32).
+#[tokio::test]
+async fn another_api_s_json_errors_do_not_pass_for_airlock_s() {
+    let not_found = foreign_server_answering(
+        "404 Not Found",
+        "application/json",
+        r#"{"error":{"message":"Unknown request URL","type":"invalid_request_error","code":"unknown_url"}}"#,
+    )
+    .await;
+    let unauthorized = foreign_server_answering(
+        "401 Unauthorized",
+        "application/json",
+        r#"{"error":{"message":"Incorrect API key","type":"invalid_request_error","code":"invalid_api_key"}}"#,
+    )
+    .await;
+    let cases: [(&str, &[&str], u16, &str); 4] = [
+        (
+            &not_found,
+            &["session", "show", "ses_x"],
+            404,
+            "unknown_url",
+        ),
+        (
+            &not_found,
+            &["session", "revoke", "ses_x"],
+            404,
+            "unknown_url",
+        ),
+        (
+            &not_found,
+            &["credential", "show", "openai"],
+            404,
+            "unknown_url",
+        ),
+        (&unauthorized, &["session", "list"], 401, "invalid_api_key"),
+    ];
+    for (url, args, status, code) in cases {
+        let out = against(url, args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "{url} answered HTTP {status} but not as airlock's admin API does (error code \
+                 \"{code}\", not "
+            )),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 /// A server without the credential route (an older airlock's JSON 404)
 /// is not said to lack the provider: its own message is.
 #[tokio::test]
