@@ -877,7 +877,18 @@ async fn an_admin_url_that_is_not_airlock_is_said_to_be() {
 #[tokio::test]
 async fn another_api_s_json_does_not_pass_for_airlock_s() {
     let url = foreign_server_answering("200 OK", "application/json", r#"{"ok":true}"#).await;
-    let cases: [(&[&str], i32, &str); 6] = [
+    let cases: [(&[&str], i32, &str); 9] = [
+        (&["session", "list"], 1, "no \"sessions\" in its JSON"),
+        (
+            &["audit", "export", "--remote"],
+            1,
+            "no \"records\" in its JSON",
+        ),
+        (
+            &["audit", "tail", "--remote"],
+            1,
+            "no \"records\" in its JSON",
+        ),
         (
             &[
                 "session",

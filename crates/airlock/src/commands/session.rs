@@ -410,6 +410,7 @@ async fn labelled(
             after.as_deref(),
         );
         let answer = client.call(Method::GET, &path, None).await?;
+        let answer = client.expect_fields(answer, &["sessions"])?;
         let sessions = answer
             .get("sessions")
             .and_then(Value::as_array)
@@ -564,6 +565,7 @@ async fn list(
         let answer = client
             .call(Method::GET, &list_path(all, want, after.as_deref()), None)
             .await?;
+        let answer = client.expect_fields(answer, &["sessions"])?;
         let sessions = answer
             .get("sessions")
             .and_then(Value::as_array)

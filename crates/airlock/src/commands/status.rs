@@ -79,6 +79,7 @@ async fn active_sessions(client: &AdminClient) -> anyhow::Result<u64> {
             let _ = write!(path, "&after={}", path_segment(after));
         }
         let answer = client.call(Method::GET, &path, None).await?;
+        let answer = client.expect_fields(answer, &["sessions"])?;
         let sessions = answer
             .get("sessions")
             .and_then(Value::as_array)

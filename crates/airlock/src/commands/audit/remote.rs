@@ -121,6 +121,7 @@ pub async fn export(
     loop {
         let path = list_path(session, since.as_deref(), page_size, after.as_deref());
         let answer = client.call(Method::GET, &path, None).await?;
+        let answer = client.expect_fields(answer, &["records"])?;
         for line in record_lines(&answer)? {
             writeln!(out, "{line}")?;
             written += 1;
@@ -165,14 +166,19 @@ pub async fn tail(
     if let Some(id) = session {
         start.push_str(&format!("&session={}", path_segment(id)));
     }
-    let mut after = resume_of(&client.call(Method::GET, &start, None).await?)?;
+    let started = client.call(Method::GET, &start, None).await?;
+    let mut after = resume_of(&client.expect_fields(started, &["records"])?)?;
     super::tail::until_interrupted(async {
         // When the server stopped answering, if it has.
         let mut outage: Option<Instant> = None;
         loop {
             // The cursor holds the session filter.
             let path = list_path(None, None, super::tail::PAGE, Some(&after));
-            let answer = match client.call(Method::GET, &path, None).await {
+            let answer = match client
+                .call(Method::GET, &path, None)
+                .await
+                .and_then(|answer| client.expect_fields(answer, &["records"]))
+            {
                 Ok(answer) => answer,
                 Err(e) if passing(&e) => {
                     let since = *outage.get_or_insert_with(|| {
