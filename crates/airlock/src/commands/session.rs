@@ -395,6 +395,30 @@ fn shown_labels(labels: &BTreeMap<String, String>) -> String {
         .join(", ")
 }
 
+/// One page of `GET /v1/sessions` at `path` (the page after `after`): its
+/// sessions and the cursor of the next page, if any. A server answering
+/// with `after` again (the same page twice) is refused rather than asked
+/// forever.
+pub async fn sessions_page(
+    client: &AdminClient,
+    path: &str,
+    after: Option<&str>,
+) -> anyhow::Result<(Vec<Value>, Option<String>)> {
+    let answer = client.call(Method::GET, path, None).await?;
+    let mut answer = client.expect_fields(answer, &["sessions"])?;
+    let next = answer
+        .get("next")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if let Some(next) = next.as_deref().filter(|next| Some(*next) == after) {
+        anyhow::bail!("the admin API answered the same page twice (next = {next:?})");
+    }
+    match answer.get_mut("sessions").map(Value::take) {
+        Some(Value::Array(sessions)) => Ok((sessions, next)),
+        _ => anyhow::bail!("the admin API's answer holds no \"sessions\" list"),
+    }
+}
+
 /// The ids of the active sessions whose labels include all of `labels`,
 /// every page of `GET /v1/sessions` read.
 async fn labelled(
@@ -409,13 +433,8 @@ async fn labelled(
             u64::from(airlock_admin::SESSION_PAGE_MAX),
             after.as_deref(),
         );
-        let answer = client.call(Method::GET, &path, None).await?;
-        let answer = client.expect_fields(answer, &["sessions"])?;
-        let sessions = answer
-            .get("sessions")
-            .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("the admin API's answer holds no \"sessions\" list"))?;
-        for session in sessions {
+        let (sessions, next) = sessions_page(client, &path, after.as_deref()).await?;
+        for session in &sessions {
             let has_all = labels
                 .iter()
                 .all(|(k, v)| session["labels"].get(k).and_then(Value::as_str) == Some(v));
@@ -423,11 +442,8 @@ async fn labelled(
                 ids.push(id.to_owned());
             }
         }
-        match answer.get("next").and_then(Value::as_str) {
-            Some(next) if after.as_deref() != Some(next) => after = Some(next.to_owned()),
-            Some(next) => {
-                anyhow::bail!("the admin API answered the same page twice (next = {next:?})")
-            }
+        match next {
+            Some(next) => after = Some(next),
             None => return Ok(ids),
         }
     }
@@ -562,14 +578,8 @@ async fn list(
         let want = limit.map_or(u64::from(page_size), |limit| {
             (limit - listed).min(u64::from(page_size))
         });
-        let answer = client
-            .call(Method::GET, &list_path(all, want, after.as_deref()), None)
-            .await?;
-        let answer = client.expect_fields(answer, &["sessions"])?;
-        let sessions = answer
-            .get("sessions")
-            .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("the admin API's answer holds no \"sessions\" list"))?;
+        let path = list_path(all, want, after.as_deref());
+        let (sessions, next) = sessions_page(client, &path, after.as_deref()).await?;
         let room =
             usize::try_from(limit.map_or(u64::MAX, |limit| limit - listed)).unwrap_or(usize::MAX);
         let page = &sessions[..sessions.len().min(room)];
@@ -578,14 +588,8 @@ async fn list(
             ListFormat::Table => rows.extend(page.iter().map(|s| table_row(s, now))),
             ListFormat::Json => output::print(&json.page(page))?,
         }
-        let next = answer.get("next").and_then(Value::as_str);
         match next {
-            Some(next) if limit.is_none_or(|limit| listed < limit) => {
-                if after.as_deref() == Some(next) {
-                    anyhow::bail!("the admin API answered the same page twice (next = {next:?})");
-                }
-                after = Some(next.to_owned());
-            }
+            Some(next) if limit.is_none_or(|limit| listed < limit) => after = Some(next),
             _ => break,
         }
     }

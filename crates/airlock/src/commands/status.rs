@@ -4,7 +4,6 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use anyhow::anyhow;
 use hyper::Method;
 use serde_json::{json, Value};
 
@@ -78,18 +77,11 @@ async fn active_sessions(client: &AdminClient) -> anyhow::Result<u64> {
         if let Some(after) = &after {
             let _ = write!(path, "&after={}", path_segment(after));
         }
-        let answer = client.call(Method::GET, &path, None).await?;
-        let answer = client.expect_fields(answer, &["sessions"])?;
-        let sessions = answer
-            .get("sessions")
-            .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("the admin API's answer holds no \"sessions\" list"))?;
+        let (sessions, next) =
+            super::session::sessions_page(client, &path, after.as_deref()).await?;
         count += u64::try_from(sessions.len()).unwrap_or(u64::MAX);
-        match answer.get("next").and_then(Value::as_str) {
-            Some(next) if after.as_deref() == Some(next) => {
-                anyhow::bail!("the admin API answered the same page twice (next = {next:?})")
-            }
-            Some(next) => after = Some(next.to_owned()),
+        match next {
+            Some(next) => after = Some(next),
             None => return Ok(count),
         }
     }
