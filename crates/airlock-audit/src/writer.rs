@@ -60,8 +60,9 @@ pub(crate) struct Writer {
     probes_failed: u64,
     /// Records in the last batch committed.
     pub(crate) last_batch: usize,
-    /// The last watch caught a record, or the last sleep was shorter than
-    /// [`IDLE_WATCH`]: watching is likely to catch the next one.
+    /// The last watch caught a record, or the record that last woke the
+    /// writer came within [`IDLE_WATCH`] of its commit's end: watching is
+    /// likely to catch the next one.
     pub(crate) watch_pays: bool,
     /// When the last commit ended.
     committed: Instant,
