@@ -103,7 +103,7 @@ Examples:
     /// `credential = "env:VAR"` variable, key and base-URL variables (the
     /// server's, as its admin API reports them, and the local config's), the key variables
     /// of the common AI SDKs (OPENAI_API_KEY, ANTHROPIC_API_KEY, HF_TOKEN,
-    /// ...), AIRLOCK_ADMIN_TOKEN, AIRLOCK_AUDIT_KEY and AIRLOCK_MASTER_KEY
+    /// ...), AIRLOCK_ADMIN_URL, AIRLOCK_ADMIN_TOKEN, AIRLOCK_AUDIT_KEY and AIRLOCK_MASTER_KEY
     /// are removed from its environment. The legacy base-URL variables some
     /// SDKs read instead of the one set here (OPENAI_API_BASE,
     /// ANTHROPIC_API_URL, ANTHROPIC_API_BASE) are never inherited: set to

@@ -112,11 +112,12 @@ pub struct AdminClient {
     http: Result<Client<HttpsConnector<HttpConnector>, Full<Bytes>>, String>,
 }
 
+/// The variable naming the admin API's URL.
+pub const ADMIN_URL_ENV: &str = "AIRLOCK_ADMIN_URL";
+
 /// `AIRLOCK_ADMIN_URL`, when set and not empty.
 pub fn admin_url_from_env() -> Option<String> {
-    std::env::var("AIRLOCK_ADMIN_URL")
-        .ok()
-        .filter(|v| !v.is_empty())
+    std::env::var(ADMIN_URL_ENV).ok().filter(|v| !v.is_empty())
 }
 
 impl AdminClient {

@@ -171,6 +171,7 @@ async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code
     .envs(SDK_KEY_VARIABLES.map(|var| (var, SHELL_SDK_KEY)))
     // Base URLs that would send the session's token elsewhere.
     .envs(LEGACY_BASE_URL_VARIABLES.map(|var| (var, ELSEWHERE)))
+    .env("AGENT_SETTING", "inherited")
     .output()
     .await
     .unwrap();
@@ -197,12 +198,13 @@ async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code
     // Only providers in scope get variables.
     assert_eq!(var("ANTHROPIC_API_KEY"), None, "{stdout}");
     assert_eq!(var("ANTHROPIC_BASE_URL"), None, "{stdout}");
-    // The real credentials' source variables, the admin token, the audit
-    // key and the master key are gone, though airlock's own environment has
-    // them.
+    // The real credentials' source variables, the admin API's URL (it may
+    // hold a user:password) and token, the audit key and the master key are
+    // gone, though airlock's own environment has them.
     for hidden in [
         "AIRLOCK_TEST_CRED_OPENAI",
         "AIRLOCK_TEST_CRED_ANTHROPIC",
+        "AIRLOCK_ADMIN_URL",
         "AIRLOCK_ADMIN_TOKEN",
         "AIRLOCK_AUDIT_KEY",
         "AIRLOCK_MASTER_KEY",
@@ -232,7 +234,7 @@ async fn child_sees_the_session_env_never_the_real_credentials_and_its_exit_code
         );
     }
     // The rest of the environment is inherited.
-    assert_eq!(var("AIRLOCK_ADMIN_URL"), Some(airlock.admin_url().as_str()));
+    assert_eq!(var("AGENT_SETTING"), Some("inherited"));
 
     let id = var("AIRLOCK_SESSION_ID").unwrap();
     let view = session(&airlock, id).await;

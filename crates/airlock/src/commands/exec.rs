@@ -261,6 +261,9 @@ pub fn hidden_variables(config: &Config) -> BTreeSet<String> {
             .iter()
             .map(|v| (*v).to_owned()),
     );
+    // The agent has no business with the admin API: neither where it is
+    // (the URL may hold a user:password) nor its token.
+    vars.insert(crate::client::ADMIN_URL_ENV.to_owned());
     vars.insert("AIRLOCK_ADMIN_TOKEN".to_owned());
     vars.insert(AUDIT_KEY_ENV.to_owned());
     vars.insert(airlock_core::seal::MASTER_KEY_ENV.to_owned());
