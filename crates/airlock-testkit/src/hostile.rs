@@ -229,6 +229,17 @@ pub enum Script {
         /// Time between events.
         interval: Duration,
     },
+    /// Answers every request with `status_line` (`404 Not Found`) and
+    /// `body` of `content_type`, then closes the connection: a server that
+    /// is not the one expected.
+    Fixed {
+        /// Status code and reason phrase.
+        status_line: &'static str,
+        /// The body's `content-type`.
+        content_type: &'static str,
+        /// The whole body.
+        body: &'static str,
+    },
 }
 
 /// A raw-TCP upstream that misbehaves on purpose and reports what happened:
@@ -355,6 +366,19 @@ async fn run_script(mut stream: TcpStream, state: Arc<UpstreamState>) {
         match state.script {
             Script::Silent => std::future::pending::<()>().await,
             Script::Stalled { .. } => std::future::pending::<()>().await,
+            Script::Fixed {
+                status_line,
+                content_type,
+                body,
+            } => {
+                let answer = format!(
+                    "HTTP/1.1 {status_line}\r\ncontent-type: {content_type}\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = writer.write_all(answer.as_bytes()).await;
+                let _ = writer.shutdown().await;
+            }
             Script::HeadOnly => {
                 let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                              content-length: 100\r\n\r\n";

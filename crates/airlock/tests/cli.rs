@@ -12,6 +12,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use airlock_testkit::client::request;
+use airlock_testkit::hostile::{Script, ScriptedUpstream};
 use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -784,8 +785,8 @@ async fn an_admin_url_that_is_the_proxy_s_is_said_to_be() {
 }
 
 /// A web server that is not airlock: answers every request with
-/// `status_line` and an HTML page. Returns its URL.
-async fn foreign_server(status_line: &'static str) -> String {
+/// `status_line` and an HTML page. Keep it while it is used.
+async fn foreign_server(status_line: &'static str) -> ScriptedUpstream {
     foreign_server_answering(
         status_line,
         "text/html",
@@ -795,36 +796,18 @@ async fn foreign_server(status_line: &'static str) -> String {
 }
 
 /// A server that is not airlock answering every request with `status_line`
-/// and `body` of `content_type`. Returns its URL.
+/// and `body` of `content_type`. Keep it while it is used.
 async fn foreign_server_answering(
     status_line: &'static str,
     content_type: &'static str,
     body: &'static str,
-) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let answer = format!(
-                    "HTTP/1.1 {status_line}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
-                     connection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
-    url
+) -> ScriptedUpstream {
+    ScriptedUpstream::start(Script::Fixed {
+        status_line,
+        content_type,
+        body,
+    })
+    .await
 }
 
 /// AIRLOCK_ADMIN_URL naming a server that is not airlock: said so, with
@@ -855,7 +838,8 @@ async fn an_admin_url_that_is_not_airlock_is_said_to_be() {
         ),
     ];
     for (status_line, args, said) in cases {
-        let url = foreign_server(status_line).await;
+        let server = foreign_server(status_line).await;
+        let url = server.url();
         let out = against(&url, args).await;
         assert_eq!(
             out.status.code(),
@@ -876,7 +860,8 @@ async fn an_admin_url_that_is_not_airlock_is_said_to_be() {
 /// verified); each names the field that is missing and the variable.
 #[tokio::test]
 async fn another_api_s_json_does_not_pass_for_airlock_s() {
-    let url = foreign_server_answering("200 OK", "application/json", r#"{"ok":true}"#).await;
+    let server = foreign_server_answering("200 OK", "application/json", r#"{"ok":true}"#).await;
+    let url = server.url();
     let cases: [(&[&str], i32, &str); 9] = [
         (&["session", "list"], 1, "no \"sessions\" in its JSON"),
         (
@@ -990,18 +975,20 @@ async fn an_admin_url_with_a_query_is_refused_before_any_request() {
 /// said to be another server (round 32).
 #[tokio::test]
 async fn another_api_s_json_errors_do_not_pass_for_airlock_s() {
-    let not_found = foreign_server_answering(
+    let not_found_server = foreign_server_answering(
         "404 Not Found",
         "application/json",
         r#"{"error":{"message":"Unknown request URL","type":"invalid_request_error","code":"unknown_url"}}"#,
     )
     .await;
-    let unauthorized = foreign_server_answering(
+    let not_found = not_found_server.url();
+    let unauthorized_server = foreign_server_answering(
         "401 Unauthorized",
         "application/json",
         r#"{"error":{"message":"Incorrect API key","type":"invalid_request_error","code":"invalid_api_key"}}"#,
     )
     .await;
+    let unauthorized = unauthorized_server.url();
     let cases: [(&str, &[&str], u16, &str); 4] = [
         (
             &not_found,
@@ -1041,12 +1028,13 @@ async fn another_api_s_json_errors_do_not_pass_for_airlock_s() {
 /// is not said to lack the provider: its own message is.
 #[tokio::test]
 async fn a_missing_credential_route_is_not_an_unknown_provider() {
-    let url = foreign_server_answering(
+    let server = foreign_server_answering(
         "404 Not Found",
         "application/json",
         r#"{"error":{"type":"not_found","code":"not_found","message":"no such admin route"}}"#,
     )
     .await;
+    let url = server.url();
     let out = against(&url, &["credential", "show", "openai"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(stderr(&out), "airlock: no such admin route (HTTP 404)\n");
