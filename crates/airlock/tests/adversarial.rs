@@ -1735,6 +1735,33 @@ async fn an_upload_cut_by_the_agent_leaving_is_client_aborted_not_bad_request() 
     assert_one_client_aborted(&airlock, &id).await;
 }
 
+/// An HTTP/1.1 agent that half-closes its connection after a complete
+/// request (`shutdown(SHUT_WR)`) counts as gone, as SECURITY.md says: the
+/// provider's call is cancelled, nothing is answered, and the record says
+/// `client_aborted` — not a provider call held open for an agent that left.
+#[tokio::test]
+async fn an_agent_that_half_closes_after_its_request_is_client_aborted() {
+    let (upstream, airlock, id, token) = upload_setup().await;
+    let mut stream = TcpStream::connect(hostile::authority(&airlock.proxy_url()))
+        .await
+        .unwrap();
+    let request = format!(
+        "POST /up/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Authorization: Bearer {token}\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    wait_for_request(&upstream).await;
+    stream.shutdown().await.unwrap();
+
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the connection stays open")
+        .unwrap();
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert_one_client_aborted(&airlock, &id).await;
+}
+
 /// The same over HTTP/2: an agent that resets its stream (`RST_STREAM`
 /// `CANCEL`) in the middle of its request body is gone — `client_aborted`,
 /// status 0, in the record and in the metrics alike (it was recorded as a
