@@ -275,7 +275,7 @@ pub(crate) async fn verify(State(state): State<Arc<AdminState>>) -> Result<Json<
 /// A verification as `GET /v1/audit/verify` answers it (and `airlock audit
 /// verify --json` prints it).
 pub fn verified_json(verified: &Verified) -> Value {
-    match &verified.first_break {
+    let mut verdict = match &verified.first_break {
         None => json!({ "ok": true, "records": verified.records, "chains": verified.chains }),
         Some(broken) => json!({
             "ok": false,
@@ -294,7 +294,17 @@ pub fn verified_json(verified: &Verified) -> Value {
                 }))
                 .collect::<Vec<_>>(),
         }),
+    };
+    // Only for a trail that was pruned: the verdict of one that was not
+    // stays as it always was.
+    if !verified.pruned.is_empty() {
+        verdict["pruned"] = verified
+            .pruned
+            .iter()
+            .map(|(chain, first_seq)| json!({"chain": chain, "first_seq": first_seq}))
+            .collect();
     }
+    verdict
 }
 
 #[cfg(test)]

@@ -20,16 +20,34 @@ pub struct Verified {
     /// The first break of every broken chain, in chain order (the first is
     /// `first_break`): each chain is checked to its end or first break.
     pub broken_chains: Vec<Break>,
+    /// Chains checked from a sealed floor (their older records were
+    /// pruned): the chain and its first record's seq, in chain order.
+    pub pruned: Vec<(u32, u64)>,
 }
 
-/// Checks every chain in `store` from seq 1 to its sealed head; a broken
-/// chain does not stop the others from being checked.
+/// Checks every chain in `store` from seq 1 — or, for a chain whose older
+/// records were pruned, from its sealed floor — to its sealed head; a
+/// broken chain does not stop the others from being checked.
 pub async fn verify_store(store: &dyn Store, key: &AuditKey) -> Result<Verified, StoreError> {
     let heads = store.audit_heads().await?;
+    let floors = store.audit_floors().await?;
     let mut verifier = ChainVerifier::from_start(key);
     let chains = heads.len();
     let mut broken_chains = Vec::new();
+    let mut pruned = Vec::new();
     for head in heads {
+        let floor = floors.iter().find(|floor| floor.chain == head.chain);
+        let started = match floor {
+            Some(floor) => verifier.start_after(floor.chain, floor.seq, &floor.mac, &floor.seal),
+            None => Ok(()),
+        };
+        if let Err(broken) = started {
+            broken_chains.push(broken);
+            continue;
+        }
+        if let Some(floor) = floor {
+            pruned.push((floor.chain, floor.seq.saturating_add(1)));
+        }
         let checked = match verify_chain(store, &mut verifier, head.chain).await? {
             Ok(()) => verifier.check_head(head.chain, head.seq, &head.mac, &head.seal),
             Err(broken) => Err(broken),
@@ -43,6 +61,7 @@ pub async fn verify_store(store: &dyn Store, key: &AuditKey) -> Result<Verified,
         chains,
         first_break: broken_chains.first().cloned(),
         broken_chains,
+        pruned,
     })
 }
 

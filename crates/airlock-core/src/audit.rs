@@ -51,6 +51,8 @@ const RECORD_DOMAIN: &[u8] = b"airlock-audit-record-v1\0";
 const HEAD_DOMAIN: &[u8] = b"airlock-audit-head-v1\0";
 /// Domain of [`AuditKey::check_value`].
 const KEY_CHECK_DOMAIN: &[u8] = b"airlock-audit-key-check-v1\0";
+/// Domain of a chain floor's seal (see [`floor_seal`]).
+const FLOOR_DOMAIN: &[u8] = b"airlock-audit-floor-v1\0";
 
 /// The key that MACs the audit trail. Only the server holds it.
 ///
@@ -118,6 +120,9 @@ pub enum BreakReason {
     Truncated { head_seq: u64 },
     /// The chain head's seal is not valid.
     BadHead,
+    /// The chain's floor (where records before it were pruned) has no
+    /// valid seal: records may have been removed from its start.
+    BadFloor,
     /// The record could not be read.
     Malformed(String),
 }
@@ -513,6 +518,18 @@ pub fn head_seal(key: &AuditKey, chain: u32, seq: u64, mac: &MacBytes) -> MacByt
     m.finalize().into_bytes().into()
 }
 
+/// The seal of a chain floor: proves that `(chain, seq, mac)` — the last
+/// record removed when the chain's older records were pruned — was written
+/// by someone holding the key, so that the chain may start after `seq`.
+pub fn floor_seal(key: &AuditKey, chain: u32, seq: u64, mac: &MacBytes) -> MacBytes {
+    let mut m = key.mac();
+    m.update(FLOOR_DOMAIN);
+    m.update(&chain.to_be_bytes());
+    m.update(&seq.to_be_bytes());
+    m.update(mac);
+    m.finalize().into_bytes().into()
+}
+
 /// RFC 3339 UTC with milliseconds, e.g. `2026-01-02T03:04:05.678Z`.
 pub fn format_ts(ms: i64) -> String {
     let nanos = i128::from(ms) * 1_000_000;
@@ -570,6 +587,10 @@ impl fmt::Display for BreakReason {
                 )
             }
             Self::BadHead => f.write_str("bad head: the chain head's seal is not valid"),
+            Self::BadFloor => f.write_str(
+                "bad floor: the seal of the point the chain was pruned to is not valid, so \
+                 records may have been removed from its start",
+            ),
             Self::Malformed(why) => write!(f, "malformed record: {why}"),
         }
     }
@@ -617,6 +638,28 @@ impl<'k> ChainVerifier<'k> {
     /// Chains seen so far.
     pub fn chains(&self) -> usize {
         self.chains.len()
+    }
+
+    /// Starts `chain` after its floor: the records up to `seq` were pruned
+    /// and the last of them had `mac`, so the next record must be `seq + 1`
+    /// and link to `mac`. Checks the floor's `seal` first: a floor without
+    /// a valid one breaks the chain at `seq + 1` (and starts nothing).
+    pub fn start_after(
+        &mut self,
+        chain: u32,
+        seq: u64,
+        mac: &MacBytes,
+        seal: &MacBytes,
+    ) -> Result<(), Break> {
+        if floor_seal(self.key, chain, seq, mac) != *seal {
+            return Err(Break {
+                chain,
+                seq: seq.saturating_add(1),
+                reason: BreakReason::BadFloor,
+            });
+        }
+        self.chains.insert(chain, (seq, *mac));
+        Ok(())
     }
 
     /// The last (seq, mac) seen on `chain`.

@@ -15,6 +15,38 @@ pub struct ChainHead {
     pub seal: MacBytes,
 }
 
+/// Where a chain starts after its older records were pruned
+/// (`airlock audit prune`): the last record removed, and the seal over it
+/// (see `airlock_core::audit::floor_seal`) that lets verification start
+/// the chain after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainFloor {
+    pub chain: u32,
+    /// The last record removed: the chain's records now start at `seq + 1`.
+    pub seq: u64,
+    /// That record's mac, which the next record links to.
+    pub mac: MacBytes,
+    pub seal: MacBytes,
+    /// When the records were removed (unix ms).
+    pub pruned_at_ms: i64,
+}
+
+/// What pruning removed from one chain (or would, on a dry run).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pruned {
+    pub chain: u32,
+    /// The first record removed (1, or the seq after the previous floor).
+    pub first_seq: u64,
+    /// Records removed.
+    pub records: u64,
+    /// The chain's floor now: its `seq` is the last record removed.
+    pub floor: ChainFloor,
+}
+
+/// Computes the seal of a chain's floor, `(chain, seq, mac)` (the store
+/// does not hold the audit key).
+pub type FloorSeal<'a> = &'a (dyn Fn(u32, u64, &MacBytes) -> MacBytes + Send + Sync);
+
 /// Which audit records to read.
 #[derive(Clone, Debug, Default)]
 pub struct AuditQuery {

@@ -23,7 +23,7 @@ use airlock_core::audit::{format_ts, AuditRecord};
 use sqlx::{ColumnIndex, Database, Decode, Encode, QueryBuilder, Row, Type};
 
 use crate::audit_batch::{decode_batch, encode_batch, sessions, BatchSummary};
-use crate::{to_i64, AuditQuery, Result, StoreError};
+use crate::{to_i64, AuditQuery, ChainFloor, FloorSeal, Pruned, Result, StoreError};
 
 /// Batches read per query while collecting records.
 const PAGE: i64 = 64;
@@ -62,7 +62,13 @@ pub(crate) trait BatchRows: Send {
     /// Those of `pairs` (session, first seq) that the session index holds
     /// for `chain`, as (first seq, session).
     async fn indexed(&mut self, chain: i64, pairs: &[(&str, i64)]) -> Result<Vec<(i64, String)>>;
+    /// Every row of `audit_floors` (chain, seq, mac, seal, pruned_at), by
+    /// chain.
+    async fn floor_rows(&mut self) -> Result<Vec<FloorRow>>;
 }
+
+/// A row of `audit_floors`: chain, seq, mac, seal, pruned_at (unix ms).
+pub(crate) type FloorRow = (i64, i64, Vec<u8>, Vec<u8>, i64);
 
 /// The writes of a batch trail, and of moving the old format into it, in
 /// a store's SQL.
@@ -88,6 +94,12 @@ pub(crate) trait TrailWrites: Send {
     async fn keep_aside(&mut self, key: (i64, i64)) -> Result<()>;
     /// Drops the old table.
     async fn drop_legacy(&mut self) -> Result<()>;
+    /// Deletes the chain's batches that start before `first_seq`, and
+    /// their session index rows.
+    async fn delete_batches_before(&mut self, chain: i64, first_seq: i64) -> Result<()>;
+    /// Stores `floor` as its chain's floor, unless the chain has one
+    /// further on already (a prune that ran meanwhile).
+    async fn set_floor(&mut self, floor: &ChainFloor) -> Result<()>;
 }
 
 /// A row of `audit_batches` as read (`last_seq`, `ts_max` and `records`
@@ -154,6 +166,118 @@ pub(crate) async fn read_records<C: BatchRows>(
         per_chain.push(std::collections::VecDeque::from(records));
     }
     Ok(crate::take_oldest_first(&mut per_chain, limit))
+}
+
+/// [`crate::Store::audit_floors`] over a batch trail.
+pub(crate) async fn floors<C: BatchRows>(conn: &mut C) -> Result<Vec<ChainFloor>> {
+    let corrupt = |chain: i64, reason: &str| StoreError::Corrupt {
+        what: format!("the audit floor of chain {chain}"),
+        reason: reason.to_owned(),
+    };
+    conn.floor_rows()
+        .await?
+        .into_iter()
+        .map(|(chain, seq, mac, seal, pruned_at_ms)| {
+            Ok(ChainFloor {
+                chain: u32::try_from(chain).map_err(|_| corrupt(chain, "chain out of range"))?,
+                seq: u64::try_from(seq).map_err(|_| corrupt(chain, "negative seq"))?,
+                mac: mac
+                    .try_into()
+                    .map_err(|_| corrupt(chain, "mac is not 32 bytes"))?,
+                seal: seal
+                    .try_into()
+                    .map_err(|_| corrupt(chain, "seal is not 32 bytes"))?,
+                pruned_at_ms,
+            })
+        })
+        .collect()
+}
+
+/// [`crate::Store::audit_prune`] over a batch trail, inside the caller's
+/// transaction. Per chain: the batches before the first whose `ts_max`
+/// reaches `before_ms` (those whose records all ended earlier: `ts_max`
+/// never decreases along a chain), but never the chain's last batch; the
+/// last record of the last batch removed becomes the chain's floor.
+pub(crate) async fn prune<C: BatchRows + TrailWrites>(
+    conn: &mut C,
+    before_ms: i64,
+    seal: FloorSeal<'_>,
+    now_ms: i64,
+    dry_run: bool,
+) -> Result<Vec<Pruned>> {
+    let mut pruned = Vec::new();
+    for chain_id in conn.chains().await? {
+        let Ok(chain) = u32::try_from(chain_id) else {
+            continue;
+        };
+        let Some((last_batch, _)) = conn.batch_at(chain_id, i64::MAX).await? else {
+            continue;
+        };
+        let cut = first_batch_since(conn, chain_id, 0, before_ms)
+            .await?
+            .unwrap_or(last_batch)
+            .min(last_batch);
+        let Some(first) = conn.batches_from(chain_id, 0, None, 1).await?.pop() else {
+            continue;
+        };
+        if first.first_seq >= cut {
+            continue;
+        }
+        let Some(before) = conn.batch_before(chain_id, cut).await? else {
+            continue;
+        };
+        // The last batch to go, whole: its last record is the floor.
+        let row = conn
+            .batches_from(chain_id, before.first_seq, None, 1)
+            .await?
+            .pop()
+            .filter(|row| row.first_seq == before.first_seq);
+        let mut records = Vec::new();
+        match row {
+            Some(row) => row.decode_into(chain, None, &mut records)?,
+            None => {
+                return Err(StoreError::UnreadableAudit {
+                    chain,
+                    seq: u64::try_from(before.first_seq).unwrap_or(0),
+                    reason: "the batch from this record on went while pruning".to_owned(),
+                })
+            }
+        }
+        let Some(last) = records.last() else {
+            continue;
+        };
+        // Seqs run on from batch to batch: anything else is a damaged
+        // trail, which pruning would hide.
+        if to_i64(last.seq) != cut - 1 {
+            return Err(StoreError::UnreadableAudit {
+                chain,
+                seq: u64::try_from(cut).unwrap_or(0),
+                reason: format!(
+                    "the batch before this record ends at record {}, not {}",
+                    last.seq,
+                    cut - 1
+                ),
+            });
+        }
+        let floor = ChainFloor {
+            chain,
+            seq: last.seq,
+            mac: last.mac,
+            seal: seal(chain, last.seq, &last.mac),
+            pruned_at_ms: now_ms,
+        };
+        if !dry_run {
+            conn.delete_batches_before(chain_id, cut).await?;
+            conn.set_floor(&floor).await?;
+        }
+        pruned.push(Pruned {
+            chain,
+            first_seq: u64::try_from(first.first_seq).unwrap_or(0),
+            records: u64::try_from(cut - first.first_seq).unwrap_or(0),
+            floor,
+        });
+    }
+    Ok(pruned)
 }
 
 /// The first seq of the chain's first batch, from `from` on, whose `ts_max`

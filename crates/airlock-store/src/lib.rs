@@ -25,7 +25,10 @@ mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use audit::{take_oldest_first, take_oldest_first_by, AuditQuery, ChainHead, GenesisSeal};
+pub use audit::{
+    take_oldest_first, take_oldest_first_by, AuditQuery, ChainFloor, ChainHead, FloorSeal,
+    GenesisSeal, Pruned,
+};
 pub use change::{Change, ChangeCursor, SessionChanges, SessionStatus};
 pub use postgres::{migrator_up_to as postgres_migrator_up_to, PgStore};
 pub use sqlite::{
@@ -271,6 +274,21 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_heads(&self) -> Result<Vec<ChainHead>>;
     /// A small write proving the audit trail can be written right now.
     async fn audit_probe(&self) -> Result<()>;
+    /// Every chain's floor, where older records were pruned, by chain.
+    async fn audit_floors(&self) -> Result<Vec<ChainFloor>>;
+    /// Removes, in every chain, the oldest records: the batches whose
+    /// records all ended before `before_ms` (unix ms), never a chain's last
+    /// batch (its head stays checkable against a record). Each chain pruned
+    /// gets the last record removed as its floor, sealed with `seal`, and
+    /// `now_ms` as its time, in the same transaction. With `dry_run`,
+    /// nothing changes and the answer says what would go.
+    async fn audit_prune(
+        &self,
+        before_ms: i64,
+        seal: FloorSeal<'_>,
+        now_ms: i64,
+        dry_run: bool,
+    ) -> Result<Vec<Pruned>>;
 
     /// Flushes and closes connections.
     async fn close(&self);

@@ -32,8 +32,9 @@ use crate::audit_rows::decode_head;
 use crate::batch_trail;
 use crate::session_rows::{decode_session, decode_status, SESSION_COLUMNS, STATUS_COLUMNS};
 use crate::{
-    encode_json, to_i64, to_u64, AuditQuery, ChainHead, Change, ChangeCursor, GenesisSeal, Result,
-    SessionChanges, SessionPage, SessionRow, SessionStatus, Store, StoredCredential,
+    encode_json, to_i64, to_u64, AuditQuery, ChainFloor, ChainHead, Change, ChangeCursor,
+    FloorSeal, GenesisSeal, Pruned, Result, SessionChanges, SessionPage, SessionRow, SessionStatus,
+    Store, StoredCredential,
 };
 use chain::ChainOwner;
 
@@ -68,7 +69,7 @@ pub struct PgStore {
 }
 
 /// The PostgreSQL schema's migrations: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 6] = [
+const MIGRATIONS: [(i64, &str, &str); 7] = [
     (
         1,
         "init",
@@ -98,6 +99,11 @@ const MIGRATIONS: [(i64, &str, &str); 6] = [
         6,
         "session changes",
         include_str!("../migrations/postgres/0006_session_changes.sql"),
+    ),
+    (
+        7,
+        "audit floors",
+        include_str!("../migrations/postgres/0007_audit_floors.sql"),
     ),
 ];
 
@@ -374,6 +380,24 @@ impl Store for PgStore {
     async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
         let mut conn = self.pool.acquire().await?;
         batch_trail::read_records(&mut *conn, q).await
+    }
+
+    async fn audit_floors(&self) -> Result<Vec<ChainFloor>> {
+        let mut conn = self.pool.acquire().await?;
+        batch_trail::floors(&mut *conn).await
+    }
+
+    async fn audit_prune(
+        &self,
+        before_ms: i64,
+        seal: FloorSeal<'_>,
+        now_ms: i64,
+        dry_run: bool,
+    ) -> Result<Vec<Pruned>> {
+        let mut tx = self.pool.begin().await?;
+        let pruned = batch_trail::prune(&mut *tx, before_ms, seal, now_ms, dry_run).await?;
+        tx.commit().await?;
+        Ok(pruned)
     }
 
     async fn audit_heads(&self) -> Result<Vec<ChainHead>> {

@@ -19,8 +19,8 @@ use self::audit_batches::{append_through_pool, read_records};
 use self::audit_writer::{AuditWriter, BUSY_TIMEOUT};
 use crate::audit_rows::decode_head;
 use crate::{
-    decode_json, encode_json, to_i64, to_u64, AuditQuery, ChainHead, GenesisSeal, Result,
-    SessionPage, SessionRow, Store, StoreError, StoredCredential,
+    decode_json, encode_json, to_i64, to_u64, AuditQuery, ChainFloor, ChainHead, FloorSeal,
+    GenesisSeal, Pruned, Result, SessionPage, SessionRow, Store, StoreError, StoredCredential,
 };
 
 mod audit_batches;
@@ -40,7 +40,7 @@ const COLUMNS: &str =
     "id, token_hash, created_at, expires_at, revoked_at, scope, limits, labels, allowed, denied";
 
 /// The SQLite schema's migrations: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 7] = [
+const MIGRATIONS: [(i64, &str, &str); 8] = [
     (
         1,
         "init",
@@ -75,6 +75,11 @@ const MIGRATIONS: [(i64, &str, &str); 7] = [
         7,
         "sessions by creation",
         include_str!("../migrations/sqlite/0007_sessions_by_creation.sql"),
+    ),
+    (
+        8,
+        "audit floors",
+        include_str!("../migrations/sqlite/0008_audit_floors.sql"),
     ),
 ];
 
@@ -529,6 +534,28 @@ impl Store for SqliteStore {
     async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
         self.file_present()?;
         read_records(&self.pool, q).await
+    }
+
+    async fn audit_floors(&self) -> Result<Vec<ChainFloor>> {
+        self.file_present()?;
+        let mut conn = self.pool.acquire().await?;
+        crate::batch_trail::floors(&mut *conn).await
+    }
+
+    async fn audit_prune(
+        &self,
+        before_ms: i64,
+        seal: FloorSeal<'_>,
+        now_ms: i64,
+        dry_run: bool,
+    ) -> Result<Vec<Pruned>> {
+        self.file_present()?;
+        // IMMEDIATE: the write lock from the start, so that the audit
+        // writer's commits wait for the prune instead of failing it.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let pruned = crate::batch_trail::prune(&mut *tx, before_ms, seal, now_ms, dry_run).await?;
+        tx.commit().await?;
+        Ok(pruned)
     }
 
     async fn audit_heads(&self) -> Result<Vec<ChainHead>> {

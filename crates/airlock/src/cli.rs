@@ -156,8 +156,8 @@ Examples:
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Verify, export and follow the audit trail (reads the store and the audit key
-    /// named by the config directly, so the server need not be running; with
+    /// Verify, export, follow and prune the audit trail (reads the store and the audit
+    /// key named by the config directly, so the server need not be running; with
     /// --remote, through the running server's admin API).
     #[command(
         subcommand,
@@ -165,7 +165,8 @@ Examples:
 Examples:
   airlock audit verify
   airlock audit export --session ses_... > session.jsonl
-  airlock audit tail -n 20"
+  airlock audit tail -n 20
+  airlock audit prune --before 90d"
     )]
     Audit(AuditCommand),
     /// Manage providers' real credentials (write-only) through the admin API.
@@ -302,6 +303,34 @@ Examples:
         /// --lines).
         #[arg(long)]
         remote: bool,
+    },
+    /// Remove the oldest records from the trail, keeping it verifiable.
+    ///
+    /// In each chain, removes the records from its start up to the last
+    /// batch whose records all ended before T (a chain's last batch always
+    /// stays), and stores where the chain now starts, sealed with the audit
+    /// key: `audit verify` then checks each chain from there, and still
+    /// finds any other record removed. Export first what must be kept.
+    /// Refuses (exit 1) when the trail does not verify: pruning would
+    /// remove the evidence. Reads the store and the audit key named by the
+    /// config, like verify; it may run while the server runs. SQLite
+    /// reuses the space freed for new records (the file does not shrink).
+    #[command(after_help = "\
+Examples:
+  airlock audit export > audit-until-now.jsonl && airlock audit prune --before 90d
+  airlock audit prune --before 2026-01-01T00:00:00Z --dry-run")]
+    Prune {
+        /// Remove records that ended before this time (RFC 3339), or more
+        /// than this long ago (90d, 12h).
+        #[arg(long, value_name = "T")]
+        before: String,
+        /// Say what would be removed, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The outcome as one JSON object: before, dry_run, records, and
+        /// per chain first_seq, last_seq and records.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -1786,3 +1786,164 @@ async fn serve_refuses_an_audit_key_other_than_the_trails() {
     // Another key still seals no head: exit 2.
     assert_eq!(verify("cd".repeat(32)).status.code(), Some(2));
 }
+
+/// Unix ms now.
+fn unix_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// A time strictly after every record written so far: the wall clock's
+/// next millisecond, waited for (records carry milliseconds).
+fn next_ms_after_now() -> i64 {
+    let t = unix_ms() + 1;
+    while unix_ms() < t {
+        std::hint::spin_loop();
+    }
+    t
+}
+
+/// `airlock audit prune --before T` removes the records that ended before
+/// T while the server runs and keeps the rest verifiable, through the CLI,
+/// the admin API and an export; removing anything else, or moving or
+/// dropping the sealed floor, still breaks the trail; a trail that does
+/// not verify is not pruned.
+#[tokio::test]
+async fn pruning_keeps_the_rest_verifiable_and_tampering_still_shows() {
+    let mock = MockProvider::start().await;
+    let mut airlock = builder(&mock).start().await.unwrap();
+    let (_, token) = session(&airlock, json!({})).await;
+    for n in 1..=5 {
+        assert_eq!(
+            get(&airlock, &format!("/openai/v1/calls/{n}"), &token).await,
+            200
+        );
+    }
+    let before = next_ms_after_now();
+    for n in 6..=8 {
+        assert_eq!(
+            get(&airlock, &format!("/openai/v1/calls/{n}"), &token).await,
+            200
+        );
+    }
+    let config = airlock.config_path();
+    let before_arg = airlock_core::audit::format_ts(before);
+
+    // A dry run changes nothing.
+    let out = cli(
+        &config,
+        &["audit", "prune", "--before", &before_arg, "--dry-run"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "chain 1: would remove records 1–5 (5 records); it would start at record 6\n\
+             would remove 5 records that ended before {before_arg} (dry run: nothing changed)\n"
+        )
+    );
+    assert_eq!(audit_records(&airlock, "?limit=100").await.len(), 8);
+
+    // While the server runs.
+    let out = cli(
+        &config,
+        &["audit", "prune", "--before", &before_arg, "--json"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let pruned: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        pruned,
+        json!({"before": before_arg, "dry_run": false, "records": 5,
+               "chains": [{"chain": 1, "first_seq": 1, "last_seq": 5, "records": 5}]})
+    );
+    let seqs: Vec<u64> = audit_records(&airlock, "?limit=100")
+        .await
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [6, 7, 8]);
+    // The server goes on appending to the pruned chain.
+    assert_eq!(get(&airlock, "/openai/v1/calls/9", &token).await, 200);
+    let (_, verdict) = airlock
+        .admin("GET", "/v1/audit/verify", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        verdict,
+        json!({"ok": true, "records": 4, "chains": 1,
+               "pruned": [{"chain": 1, "first_seq": 6}]})
+    );
+    // Nothing older left: a second prune removes nothing.
+    let out = cli(&config, &["audit", "prune", "--before", &before_arg]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).starts_with("nothing to prune"), "{out:?}");
+    // An export of the pruned trail verifies on its own.
+    let exported = stdout(&cli(&config, &["audit", "export"]));
+    let file = airlock.dir().join("pruned.jsonl");
+    std::fs::write(&file, &exported).unwrap();
+    let out = cli(
+        &config,
+        &["audit", "verify", "--from", file.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{out:?}");
+
+    airlock.terminate().await.unwrap();
+    let out = cli(&config, &["audit", "verify"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        "audit trail intact: 4 records in 1 chain (older records pruned: chain 1 from record 6)\n"
+    );
+
+    let db = airlock.dir().join("airlock.db");
+    let backup = Backup::take(&db);
+    let cases = [
+        (
+            "the floor dropped",
+            "DELETE FROM audit_floors",
+            "first bad record is seq 6 of chain 1: gap: record 1 is missing",
+        ),
+        (
+            "the floor moved on, its seal kept",
+            "UPDATE audit_floors SET seq = 6",
+            "first bad record is seq 7 of chain 1: bad floor",
+        ),
+        (
+            "the floor's seal replaced",
+            "UPDATE audit_floors SET seal = mac",
+            "first bad record is seq 6 of chain 1: bad floor",
+        ),
+        (
+            "the first record after the floor removed too",
+            "DELETE FROM audit_batches WHERE first_seq = 6",
+            "first bad record is seq 7 of chain 1: gap: record 6 is missing",
+        ),
+    ];
+    for (what, sql, named) in cases {
+        execute_sqlite(&db, sql).await.unwrap();
+        let out = cli(&config, &["audit", "verify"]);
+        assert_eq!(out.status.code(), Some(1), "{what}: {out:?}");
+        assert!(stdout(&out).contains(named), "{what}: {out:?}");
+        backup.restore();
+    }
+
+    // A trail that does not verify is left as it is.
+    execute_sqlite(&db, "DELETE FROM audit_batches WHERE first_seq = 7")
+        .await
+        .unwrap();
+    let out = cli(&config, &["audit", "prune", "--before", "0s"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("seq 8 of chain 1: gap: record 7 is missing")
+            && stderr.contains("nothing was pruned"),
+        "{stderr}"
+    );
+    let out = cli(&config, &["audit", "export"]);
+    assert_eq!(stdout(&out).lines().count(), 3, "{out:?}");
+}

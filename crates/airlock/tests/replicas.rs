@@ -527,6 +527,86 @@ async fn audit_of_every_replica_lands_in_postgres_and_verifies_as_one_trail() {
     );
 }
 
+/// `airlock audit prune` on PostgreSQL, while two replicas write: each
+/// replica's chain loses its records that ended before T and gets a sealed
+/// floor; the replicas go on appending, the trail verifies from the
+/// floors, and a floor removed behind airlock's back breaks its chain.
+#[tokio::test]
+async fn pruning_a_shared_trail_keeps_every_chain_verifiable() {
+    let Some(mut cluster) = Cluster::start(2, &[]).await else {
+        return;
+    };
+    let (_, token) = session(&cluster.replicas[0], json!({})).await;
+    for replica in &cluster.replicas {
+        for _ in 0..3 {
+            assert_eq!(models(replica, &token).await.status, 200);
+        }
+    }
+    // Every record so far ended before T, every later one at or after it.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 1;
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        < before
+    {
+        std::hint::spin_loop();
+    }
+    for replica in &cluster.replicas {
+        for _ in 0..2 {
+            assert_eq!(models(replica, &token).await.status, 200);
+        }
+    }
+    let before = airlock_core::audit::format_ts(i64::try_from(before).unwrap());
+    let prune = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--config")
+        .arg(cluster.replicas[0].config_path())
+        .args(["audit", "prune", "--before", &before, "--json"])
+        .env("AIRLOCK_AUDIT_KEY", AUDIT_KEY)
+        .output()
+        .unwrap();
+    assert!(prune.status.success(), "{prune:?}");
+    let pruned: Value = serde_json::from_slice(&prune.stdout).unwrap();
+    assert_eq!(pruned["records"], 6, "{pruned}");
+    for chain in pruned["chains"].as_array().unwrap() {
+        assert_eq!(
+            (&chain["first_seq"], &chain["last_seq"], &chain["records"]),
+            (&json!(1), &json!(3), &json!(3)),
+            "{pruned}"
+        );
+    }
+    for replica in &cluster.replicas {
+        assert_eq!(models(replica, &token).await.status, 200);
+    }
+    let (_, verdict) = cluster.replicas[1]
+        .admin("GET", "/v1/audit/verify", None)
+        .await
+        .unwrap();
+    assert_eq!(verdict["ok"], true, "{verdict}");
+    assert_eq!(verdict["records"], 6, "{verdict}");
+    assert_eq!(verdict["pruned"].as_array().unwrap().len(), 2, "{verdict}");
+
+    for replica in &mut cluster.replicas {
+        replica.terminate().await.unwrap();
+    }
+    let config = cluster.replicas[0].config_path();
+    let out = audit_verify(&config);
+    assert!(out.status.success(), "{out:?}");
+    cluster
+        .db
+        .execute("DELETE FROM audit_floors WHERE chain = (SELECT MAX(chain) FROM audit_floors)")
+        .await;
+    let out = audit_verify(&config);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("seq 4 of chain"), "{stdout}");
+    assert!(stdout.contains("gap: record 1 is missing"), "{stdout}");
+}
+
 /// A replica whose audit chain lock another process took while its
 /// connection was down moves to another chain at its next commit, and the
 /// call that commit holds is answered (not refused while the writer

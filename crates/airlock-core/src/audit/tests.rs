@@ -232,6 +232,65 @@ fn truncation_is_caught_by_the_sealed_head() {
 }
 
 #[test]
+fn a_pruned_chain_verifies_from_its_sealed_floor_only() {
+    let key = key();
+    let records = chain(&key, 1, 10);
+    let floor = &records[3];
+    let seal = floor_seal(&key, 1, floor.seq, &floor.mac);
+
+    // From the floor on, the rest verifies as a whole chain, to its head.
+    let mut v = ChainVerifier::from_start(&key);
+    v.start_after(1, floor.seq, &floor.mac, &seal).unwrap();
+    verify(&mut v, &records[4..]).unwrap();
+    assert_eq!(v.records(), 6);
+    let head = records.last().unwrap();
+    v.check_head(
+        1,
+        head.seq,
+        &head.mac,
+        &head_seal(&key, 1, head.seq, &head.mac),
+    )
+    .unwrap();
+
+    // More removed than the floor says: a gap right after it.
+    let mut v = ChainVerifier::from_start(&key);
+    v.start_after(1, floor.seq, &floor.mac, &seal).unwrap();
+    let err = verify(&mut v, &records[5..]).unwrap_err();
+    assert_eq!((err.seq, err.reason), (6, BreakReason::Gap { expected: 5 }));
+
+    // A floor moved without the key (a later seq, the same seal; or a
+    // head's seal passed off as a floor's) starts nothing.
+    let mut v = ChainVerifier::from_start(&key);
+    let later = &records[5];
+    let err = v.start_after(1, later.seq, &later.mac, &seal).unwrap_err();
+    assert_eq!(
+        (err.chain, err.seq, err.reason),
+        (1, 7, BreakReason::BadFloor)
+    );
+    let head_like = head_seal(&key, 1, floor.seq, &floor.mac);
+    let err = v
+        .start_after(1, floor.seq, &floor.mac, &head_like)
+        .unwrap_err();
+    assert_eq!(err.reason, BreakReason::BadFloor);
+    // ... and a chain that then starts after seq 1 is a gap, as before.
+    let err = verify(&mut v, &records[4..]).unwrap_err();
+    assert_eq!(err.reason, BreakReason::Gap { expected: 1 });
+
+    // A floor whose mac is not the last pruned record's breaks the link.
+    let mut v = ChainVerifier::from_start(&key);
+    let other = records[2].mac;
+    v.start_after(
+        1,
+        floor.seq,
+        &other,
+        &floor_seal(&key, 1, floor.seq, &other),
+    )
+    .unwrap();
+    let err = verify(&mut v, &records[4..]).unwrap_err();
+    assert_eq!((err.seq, err.reason), (5, BreakReason::BrokenLink));
+}
+
+#[test]
 fn json_round_trips_and_is_canonical() {
     let key = key();
     let mut r = chain(&key, 3, 2).remove(1);

@@ -378,6 +378,20 @@ impl Store for CountingStore {
     async fn audit_probe(&self) -> airlock_store::Result<()> {
         self.inner.audit_probe().await
     }
+    async fn audit_floors(&self) -> airlock_store::Result<Vec<airlock_store::ChainFloor>> {
+        self.inner.audit_floors().await
+    }
+    async fn audit_prune(
+        &self,
+        before_ms: i64,
+        seal: airlock_store::FloorSeal<'_>,
+        now_ms: i64,
+        dry_run: bool,
+    ) -> airlock_store::Result<Vec<airlock_store::Pruned>> {
+        self.inner
+            .audit_prune(before_ms, seal, now_ms, dry_run)
+            .await
+    }
     async fn close(&self) {
         self.inner.close().await;
     }

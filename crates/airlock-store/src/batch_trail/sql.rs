@@ -93,6 +93,14 @@ macro_rules! impl_batch_trail {
                     .fetch_all(self)
                     .await?)
             }
+
+            async fn floor_rows(&mut self) -> $crate::Result<Vec<$crate::batch_trail::FloorRow>> {
+                Ok(sqlx::query_as(
+                    "SELECT chain, seq, mac, seal, pruned_at FROM audit_floors ORDER BY chain",
+                )
+                .fetch_all(self)
+                .await?)
+            }
         }
 
         impl $crate::batch_trail::TrailWrites for $conn {
@@ -174,6 +182,44 @@ macro_rules! impl_batch_trail {
                 sqlx::query("DROP TABLE audit_records")
                     .execute(self)
                     .await?;
+                Ok(())
+            }
+
+            async fn delete_batches_before(
+                &mut self,
+                chain: i64,
+                first_seq: i64,
+            ) -> $crate::Result<()> {
+                for table in ["audit_batch_sessions", "audit_batches"] {
+                    sqlx::query(&format!(
+                        "DELETE FROM {table} WHERE chain = $1 AND first_seq < $2"
+                    ))
+                    .bind(chain)
+                    .bind(first_seq)
+                    .execute(&mut *self)
+                    .await?;
+                }
+                Ok(())
+            }
+
+            async fn set_floor(
+                &mut self,
+                floor: &$crate::ChainFloor,
+            ) -> $crate::Result<()> {
+                sqlx::query(
+                    "INSERT INTO audit_floors (chain, seq, mac, seal, pruned_at) \
+                     VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (chain) DO UPDATE SET seq = excluded.seq, mac = excluded.mac, \
+                     seal = excluded.seal, pruned_at = excluded.pruned_at \
+                     WHERE audit_floors.seq < excluded.seq",
+                )
+                .bind(i64::from(floor.chain))
+                .bind($crate::to_i64(floor.seq))
+                .bind(floor.mac.as_slice())
+                .bind(floor.seal.as_slice())
+                .bind(floor.pruned_at_ms)
+                .execute(self)
+                .await?;
                 Ok(())
             }
         }

@@ -1,6 +1,6 @@
-//! `airlock audit verify`, `export` and `tail`: read the store and the
-//! audit key named by the config directly, so they work while the server is
-//! down (forensics) as well as while it runs.
+//! `airlock audit verify`, `export`, `tail` and `prune`: read the store and
+//! the audit key named by the config directly, so they work while the
+//! server is down (forensics) as well as while it runs.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufWriter, Write};
@@ -24,6 +24,7 @@ use crate::client::AdminClient;
 use crate::config::Config;
 use crate::output;
 
+mod prune;
 mod remote;
 mod tail;
 
@@ -34,6 +35,7 @@ pub fn is_remote(cmd: &AuditCommand) -> bool {
         AuditCommand::Verify { remote, .. }
         | AuditCommand::Export { remote, .. }
         | AuditCommand::Tail { remote, .. } => *remote,
+        AuditCommand::Prune { .. } => false,
     }
 }
 
@@ -57,6 +59,10 @@ pub async fn run_remote(cmd: AuditCommand, admin_url: String) -> anyhow::Result<
             check_session(session.as_deref())?;
             remote::tail(&client, session.as_deref(), lines).await
         }
+        // Never remote (see `is_remote`).
+        AuditCommand::Prune { .. } => Err(crate::cli::usage(
+            "audit prune has no --remote: it runs on the store".to_owned(),
+        )),
     }
 }
 
@@ -93,13 +99,21 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
             check_session(session.as_deref())?;
             tail::run(config, session, lines).await
         }
+        AuditCommand::Prune {
+            before,
+            dry_run,
+            json,
+        } => {
+            let before_ms = parse_time("--before", &before)?;
+            prune::run(config, before_ms, dry_run, json).await
+        }
     }
 }
 
 /// `export`'s `--session` checked and `--since` read (as Unix ms).
 fn export_filters(session: Option<&str>, since: Option<&str>) -> anyhow::Result<Option<i64>> {
     check_session(session)?;
-    since.map(parse_since).transpose()
+    since.map(|since| parse_time("--since", since)).transpose()
 }
 
 /// Refuses a `--session` that is not a session id (it would match nothing:
@@ -189,8 +203,9 @@ async fn verify_stored(config: &Config, json: bool) -> anyhow::Result<ExitCode> 
         None => {
             let _ = writeln!(
                 report,
-                "audit trail intact: {}",
-                counted(verified.records, verified.chains)
+                "audit trail intact: {}{}",
+                counted(verified.records, verified.chains),
+                pruned_note(&verified.pruned)
             );
             ExitCode::SUCCESS
         }
@@ -226,6 +241,18 @@ async fn verify_stored(config: &Config, json: bool) -> anyhow::Result<ExitCode> 
     };
     output::print_verdict(&report)?;
     Ok(code)
+}
+
+/// Where pruned chains start (`audit prune`), for the verdict's line.
+fn pruned_note(pruned: &[(u32, u64)]) -> String {
+    if pruned.is_empty() {
+        return String::new();
+    }
+    let starts: Vec<String> = pruned
+        .iter()
+        .map(|(chain, first_seq)| format!("chain {chain} from record {first_seq}"))
+        .collect();
+    format!(" (older records pruned: {})", starts.join(", "))
 }
 
 /// `N records in M chains`, singular where it is one.
@@ -546,16 +573,17 @@ async fn write_records(
     Ok(written)
 }
 
-/// `--since`: an RFC 3339 time, or a duration meaning "that long ago".
-fn parse_since(value: &str) -> anyhow::Result<i64> {
+/// `--since` or `--before` (`flag`): an RFC 3339 time, or a duration
+/// meaning "that long ago".
+fn parse_time(flag: &str, value: &str) -> anyhow::Result<i64> {
     if let Ok(ago) = duration::parse(value) {
         let ago = i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);
         return Ok(now_ms().saturating_sub(ago));
     }
     let t = OffsetDateTime::parse(value, &Rfc3339).map_err(|_| {
         crate::cli::usage(format!(
-            "--since {value:?}: use an RFC 3339 time (2026-01-02T03:04:05Z) or a duration (15m, \
-             2h)"
+            "{flag} {value:?}: use an RFC 3339 time (2026-01-02T03:04:05Z) or a duration (15m, \
+             2h, 90d)"
         ))
     })?;
     Ok(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
