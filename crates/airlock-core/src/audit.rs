@@ -16,7 +16,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
 use hmac::digest::KeyInit;
@@ -426,8 +426,13 @@ impl AuditRecord {
 /// least [`crate::token::TOKEN_RUN_MIN`] letters, digits or `_`, spelled plainly or in
 /// escapes — is withheld: `sess_[withheld]`. A path that held one is
 /// recorded decoded, as it could not be cut out of the escapes.
+///
+/// A recorded path is visible ASCII: any other byte (an HTTP/2 `:path` may
+/// carry UTF-8, such as U+2028, a line break to many log viewers) is
+/// written as its escape, so that no log line or record can be split or
+/// dressed up by the agent.
 pub fn record_path(path: &str) -> String {
-    cut(withhold_tokens(path))
+    cut(escape_invisible(withhold_tokens(path)))
 }
 
 /// [`record_path`] of `path` with `secrets` withheld as well, for a call
@@ -444,7 +449,24 @@ pub fn record_path_withholding(path: &str, secrets: &[&str]) -> Option<String> {
     for secret in present {
         without = without.replace(*secret, WITHHELD);
     }
-    Some(cut(withhold_tokens(&without)))
+    Some(cut(escape_invisible(withhold_tokens(&without))))
+}
+
+/// `path` with every byte outside visible ASCII written as `%XX` (one pass
+/// to look, none to copy for the paths HTTP/1.1 lets through).
+fn escape_invisible(path: Cow<'_, str>) -> Cow<'_, str> {
+    if path.bytes().all(|b| b.is_ascii_graphic()) {
+        return path;
+    }
+    let mut out = String::with_capacity(path.len() * 3);
+    for b in path.bytes() {
+        if b.is_ascii_graphic() {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// `path` with every token shape withheld (decoded if it held one).

@@ -230,8 +230,9 @@ impl CallRecord {
 /// The call's one log line: session, provider, method, path, decision,
 /// status, duration. Never a token, credential, query or body. Fields are
 /// recorded by `Display` (no escaping pass) and numbers as integers: this
-/// line is written for every call. Paths cannot hold control characters
-/// (the HTTP parser refuses them), so a line stays one line.
+/// line is written for every call. A recorded path is visible ASCII
+/// (`airlock_core::audit::record_path` escapes anything else an HTTP/2
+/// `:path` may carry), so a line stays one line.
 fn log_call(r: &AuditRecord) {
     tracing::info!(
         target: "airlock::call",

@@ -2113,3 +2113,43 @@ async fn session_expiring_mid_stream(interval: Duration) {
         .await
         .is_some());
 }
+
+/// An HTTP/2 `:path` carrying UTF-8 that log viewers read as a line break
+/// (U+2028) and spaces that look like none (U+00A0) cannot forge a second
+/// `airlock::call` line, nor put anything outside visible ASCII in one: the
+/// call's path is logged and recorded escaped.
+#[tokio::test]
+async fn an_http2_path_cannot_forge_a_log_line() {
+    let env = env_with(&[], |builder| {
+        builder.env("RUST_LOG", "warn,airlock::call=info")
+    })
+    .await;
+    let forged = "/openai/v1/models/x\u{2028}2026-01-01T00:00:00Z\u{a0}INFO\u{a0}airlock::call:\
+                  \u{a0}call\u{a0}session=ses_FAKE\u{a0}decision=allow";
+    let bearer = format!("Bearer {}", env.token);
+    let fields: [(&[u8], &[u8]); 5] = [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", b"127.0.0.1"),
+        (b":path", forged.as_bytes()),
+        (b"authorization", bearer.as_bytes()),
+    ];
+    let outcome = h2raw::request(&env.airlock.proxy_url(), &fields, None, CASE_LIMIT).await;
+    assert_eq!(outcome.status, Some(400), "{outcome:?}");
+    assert_eq!(env.mock.request_count(), 0);
+
+    let line = env.airlock.wait_for_output("airlock::call", 0).await;
+    assert!(
+        line.contains("path=/openai/v1/models/x%E2%80%A82026-01-01T00:00:00Z%C2%A0INFO"),
+        "{line}"
+    );
+    let output = env.airlock.output();
+    assert!(
+        output.chars().all(|c| c.is_ascii()),
+        "non-ASCII in the output: {output}"
+    );
+    assert!(!output.contains("ses_FAKE decision"), "{output}");
+    let (_, listed) = env.airlock.admin("GET", "/v1/audit", None).await.unwrap();
+    let path = listed["records"][0]["path"].as_str().unwrap();
+    assert!(path.bytes().all(|b| b.is_ascii_graphic()), "{path}");
+}

@@ -343,6 +343,25 @@ fn record_path_is_bounded() {
     assert!(cut.ends_with('…'));
 }
 
+/// An HTTP/2 `:path` may carry UTF-8 that many log viewers read as a line
+/// break (U+2028, U+0085) or that turns text around (U+202E), and spaces
+/// that look like none (U+00A0): recorded paths hold visible ASCII only.
+#[test]
+fn record_path_escapes_everything_outside_visible_ascii() {
+    let forged = "/v1/models/x\u{2028}2026-01-01 INFO call\u{a0}decision=allow\u{202e}\u{85}\t";
+    let recorded = record_path(forged);
+    assert!(recorded.bytes().all(|b| b.is_ascii_graphic()), "{recorded}");
+    assert_eq!(
+        recorded,
+        "/v1/models/x%E2%80%A82026-01-01%20INFO%20call%C2%A0decision=allow%E2%80%AE%C2%85%09"
+    );
+    let token = format!("sess_{}", "A".repeat(43));
+    let withheld = record_path_withholding(&format!("/v1/{token}\u{2028}"), &[&token[5..]]);
+    assert_eq!(withheld.as_deref(), Some("/v1/sess_[withheld]%E2%80%A8"));
+    // What HTTP/1.1 lets through is kept as it is.
+    assert_eq!(record_path("/v1/files/a%20b"), "/v1/files/a%20b");
+}
+
 /// Every byte of `text` as a `%XX` escape.
 fn escaped(text: &str) -> String {
     text.bytes().map(|b| format!("%{b:02X}")).collect()
