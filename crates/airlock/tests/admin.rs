@@ -1185,6 +1185,27 @@ async fn serve_runs_with_no_config_at_all() {
         "{}",
         stderr(&weak)
     );
+    // So is one no client could send (round 33: a secret file's trailing
+    // newline locked every client out, with nothing said).
+    for (token, named) in [
+        ("adm_serve_defaults_0123\n", "a line break"),
+        (" adm_serve_defaults_0123", "a space"),
+        ("adm_serve_défaults_0123", "not printable ASCII"),
+    ] {
+        let unsendable = tokio::process::Command::new(BIN)
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .current_dir(dir.path())
+            .env("AIRLOCK_ADMIN_TOKEN", token)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(unsendable.status.code(), Some(1), "{token:?}");
+        let err = stderr(&unsendable);
+        assert!(
+            err.contains("AIRLOCK_ADMIN_TOKEN contains") && err.contains(named),
+            "{token:?}: {err}"
+        );
+    }
     let mut child = tokio::process::Command::new(BIN)
         .args(["serve", "--config", path.to_str().unwrap()])
         .current_dir(dir.path())

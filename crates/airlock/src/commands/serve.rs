@@ -637,6 +637,22 @@ async fn admin_token_hash(store: &dyn airlock_store::Store) -> anyhow::Result<To
         .ok()
         .filter(|t| !t.is_empty())
     {
+        // A token no client can send as it is (a trailing newline from a
+        // secret file, a space) would lock every client out of the admin
+        // API, with nothing said.
+        if let Some(c) = token.chars().find(|c| !c.is_ascii_graphic()) {
+            let what = match c {
+                '\n' | '\r' => "a line break (a trailing newline from a secret file?)".to_owned(),
+                ' ' => "a space".to_owned(),
+                c if c.is_control() => format!("a control character ({:?})", c),
+                c => format!("{c:?}, which is not printable ASCII"),
+            };
+            anyhow::bail!(
+                "AIRLOCK_ADMIN_TOKEN contains {what}: clients send the admin token in an \
+                 Authorization header, which cannot carry it as it is, so no client could use \
+                 the admin API; use printable ASCII only (e.g. `openssl rand -hex 24`)"
+            );
+        }
         let length = token.chars().count();
         if length < MIN_ADMIN_TOKEN_CHARS {
             anyhow::bail!(
