@@ -104,6 +104,9 @@ impl Store for FaultyStore {
     async fn audit_floors(&self) -> Result<Vec<airlock_store::ChainFloor>> {
         self.inner.audit_floors().await
     }
+    async fn audit_headless_chains(&self) -> Result<Vec<(u32, u64)>> {
+        self.inner.audit_headless_chains().await
+    }
     async fn audit_prune(
         &self,
         before_ms: i64,

@@ -56,6 +56,18 @@ pub async fn verify_store(store: &dyn Store, key: &AuditKey) -> Result<Verified,
             broken_chains.push(broken);
         }
     }
+    // Records whose chain has no head: someone deleted the head, which
+    // would otherwise hide the chain (and any edit to it) from this check.
+    let headless = store.audit_headless_chains().await?;
+    let chains = chains + headless.len();
+    for (chain, seq) in headless {
+        broken_chains.push(Break {
+            chain,
+            seq,
+            reason: BreakReason::NoHead,
+        });
+    }
+    broken_chains.sort_by_key(|broken| broken.chain);
     Ok(Verified {
         records: verifier.records(),
         chains,

@@ -123,6 +123,9 @@ pub enum BreakReason {
     /// The chain's floor (where records before it were pruned) has no
     /// valid seal: records may have been removed from its start.
     BadFloor,
+    /// The store holds records of this chain but not its sealed head (its
+    /// head was deleted): nothing says where the chain ends.
+    NoHead,
     /// The record could not be read.
     Malformed(String),
 }
@@ -609,6 +612,10 @@ impl fmt::Display for BreakReason {
                 )
             }
             Self::BadHead => f.write_str("bad head: the chain head's seal is not valid"),
+            Self::NoHead => f.write_str(
+                "no head: the chain's records are stored but its sealed head is gone \
+                 (deleted), so records may have been cut off its end or altered",
+            ),
             Self::BadFloor => f.write_str(
                 "bad floor: the seal of the point the chain was pruned to is not valid, so \
                  records may have been removed from its start",

@@ -65,6 +65,10 @@ pub(crate) trait BatchRows: Send {
     /// Every row of `audit_floors` (chain, seq, mac, seal, pruned_at), by
     /// chain.
     async fn floor_rows(&mut self) -> Result<Vec<FloorRow>>;
+    /// Chains with batches or a floor but no row in `audit_chains`, and the
+    /// first seq each holds (after its floor, if it has no batch), by
+    /// chain.
+    async fn headless_chains(&mut self) -> Result<Vec<(i64, i64)>>;
 }
 
 /// A row of `audit_floors`: chain, seq, mac, seal, pruned_at (unix ms).
@@ -191,6 +195,21 @@ pub(crate) async fn floors<C: BatchRows>(conn: &mut C) -> Result<Vec<ChainFloor>
             })
         })
         .collect()
+}
+
+/// [`crate::Store::audit_headless_chains`] over a batch trail.
+pub(crate) async fn headless_chains<C: BatchRows>(conn: &mut C) -> Result<Vec<(u32, u64)>> {
+    Ok(conn
+        .headless_chains()
+        .await?
+        .into_iter()
+        .map(|(chain, seq)| {
+            (
+                u32::try_from(chain).unwrap_or(u32::MAX),
+                u64::try_from(seq).unwrap_or(0),
+            )
+        })
+        .collect())
 }
 
 /// [`crate::Store::audit_prune`] over a batch trail, inside the caller's

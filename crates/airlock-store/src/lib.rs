@@ -276,6 +276,10 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_probe(&self) -> Result<()>;
     /// Every chain's floor, where older records were pruned, by chain.
     async fn audit_floors(&self) -> Result<Vec<ChainFloor>>;
+    /// Chains the store holds records (or a floor) of but no head, each
+    /// with the first seq it holds: their head was deleted. (Reads every
+    /// batch row: for verification, not for the request path.)
+    async fn audit_headless_chains(&self) -> Result<Vec<(u32, u64)>>;
     /// Removes, in every chain, the oldest records: the batches whose
     /// records all ended before `before_ms` (unix ms), never a chain's last
     /// batch (its head stays checkable against a record). Each chain pruned

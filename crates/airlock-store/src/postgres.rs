@@ -387,6 +387,11 @@ impl Store for PgStore {
         batch_trail::floors(&mut *conn).await
     }
 
+    async fn audit_headless_chains(&self) -> Result<Vec<(u32, u64)>> {
+        let mut conn = self.pool.acquire().await?;
+        batch_trail::headless_chains(&mut *conn).await
+    }
+
     async fn audit_prune(
         &self,
         before_ms: i64,

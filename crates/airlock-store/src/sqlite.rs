@@ -435,9 +435,15 @@ impl Store for SqliteStore {
     async fn audit_claim_chain(&self, genesis: GenesisSeal<'_>) -> Result<ChainHead> {
         // One SQLite file has one server, so it has one chain: resume it.
         const CHAIN: u32 = 1;
+        // A new chain only where none was: records (or a floor) without a
+        // head mean the head was deleted, and a chain started again at
+        // seq 1 would collide with them — refused below instead.
         sqlx::query(
             "INSERT INTO audit_chains (id, head_seq, head_mac, head_seal, created_at) \
-             VALUES (?, 0, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+             SELECT ?1, 0, ?2, ?3, ?4 \
+             WHERE NOT EXISTS (SELECT 1 FROM audit_batches WHERE chain = ?1) \
+             AND NOT EXISTS (SELECT 1 FROM audit_floors WHERE chain = ?1) \
+             ON CONFLICT (id) DO NOTHING",
         )
         .bind(i64::from(CHAIN))
         .bind(GENESIS_MAC.as_slice())
@@ -448,9 +454,18 @@ impl Store for SqliteStore {
         let row =
             sqlx::query("SELECT id, head_seq, head_mac, head_seal FROM audit_chains WHERE id = ?")
                 .bind(i64::from(CHAIN))
-                .fetch_one(&self.pool)
+                .fetch_optional(&self.pool)
                 .await?;
-        decode_head(&row)
+        match row {
+            Some(row) => decode_head(&row),
+            None => Err(StoreError::Corrupt {
+                what: format!("audit chain {CHAIN}"),
+                reason: "its records are stored but its sealed head is gone (deleted), so the \
+                         trail cannot be continued; `airlock audit verify` names it. Restore \
+                         the database from a backup"
+                    .to_owned(),
+            }),
+        }
     }
 
     async fn audit_append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
@@ -540,6 +555,12 @@ impl Store for SqliteStore {
         self.file_present()?;
         let mut conn = self.pool.acquire().await?;
         crate::batch_trail::floors(&mut *conn).await
+    }
+
+    async fn audit_headless_chains(&self) -> Result<Vec<(u32, u64)>> {
+        self.file_present()?;
+        let mut conn = self.pool.acquire().await?;
+        crate::batch_trail::headless_chains(&mut *conn).await
     }
 
     async fn audit_prune(

@@ -1947,3 +1947,55 @@ async fn pruning_keeps_the_rest_verifiable_and_tampering_still_shows() {
     let out = cli(&config, &["audit", "export"]);
     assert_eq!(stdout(&out).lines().count(), 3, "{out:?}");
 }
+
+/// Deleting a chain's sealed head does not hide the chain: `audit verify`
+/// names it (its records could otherwise be edited unseen), and `serve`
+/// refuses to start on it rather than start the chain again at seq 1 and
+/// refuse every call (round 33).
+#[tokio::test]
+async fn a_chain_whose_head_was_deleted_is_named_and_not_resumed() {
+    let mock = MockProvider::start().await;
+    let mut airlock = builder(&mock).start().await.unwrap();
+    let (_, token) = session(&airlock, json!({})).await;
+    for n in 1..=3 {
+        assert_eq!(
+            get(&airlock, &format!("/openai/v1/calls/{n}"), &token).await,
+            200
+        );
+    }
+    airlock.terminate().await.unwrap();
+    let config = airlock.config_path();
+    let db = airlock.dir().join("airlock.db");
+    execute_sqlite(&db, "DELETE FROM audit_chains")
+        .await
+        .unwrap();
+
+    let out = cli(&config, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stdout(&out).starts_with(
+            "audit trail broken: first bad record is seq 1 of chain 1: no head: the chain's \
+             records are stored but its sealed head is gone"
+        ),
+        "{out:?}"
+    );
+    let out = cli(&config, &["audit", "verify", "--json"]);
+    let verdict: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (&verdict["ok"], &verdict["chain"], &verdict["first_bad"]),
+        (&json!(false), &json!(1), &json!(1))
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("audit chain 1") && stderr.contains("its sealed head is gone"),
+        "{stderr}"
+    );
+}

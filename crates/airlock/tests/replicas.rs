@@ -605,6 +605,25 @@ async fn pruning_a_shared_trail_keeps_every_chain_verifiable() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("seq 4 of chain"), "{stdout}");
     assert!(stdout.contains("gap: record 1 is missing"), "{stdout}");
+
+    // A chain whose head row is deleted is named, not left out (round 33).
+    let hidden = cluster
+        .db
+        .scalar_i64("SELECT MIN(id) FROM audit_chains")
+        .await;
+    cluster
+        .db
+        .execute(&format!("DELETE FROM audit_chains WHERE id = {hidden}"))
+        .await;
+    let out = audit_verify(&config);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "first bad record is seq 4 of chain {hidden}: no head"
+        )),
+        "{stdout}"
+    );
 }
 
 /// A replica whose audit chain lock another process took while its

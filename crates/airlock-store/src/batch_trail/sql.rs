@@ -94,6 +94,20 @@ macro_rules! impl_batch_trail {
                     .await?)
             }
 
+            async fn headless_chains(&mut self) -> $crate::Result<Vec<(i64, i64)>> {
+                Ok(sqlx::query_as(
+                    "SELECT chain, MIN(first_seq) FROM audit_batches \
+                     WHERE chain NOT IN (SELECT id FROM audit_chains) GROUP BY chain \
+                     UNION ALL \
+                     SELECT chain, seq + 1 FROM audit_floors \
+                     WHERE chain NOT IN (SELECT id FROM audit_chains) \
+                     AND chain NOT IN (SELECT chain FROM audit_batches) \
+                     ORDER BY 1",
+                )
+                .fetch_all(self)
+                .await?)
+            }
+
             async fn floor_rows(&mut self) -> $crate::Result<Vec<$crate::batch_trail::FloorRow>> {
                 Ok(sqlx::query_as(
                     "SELECT chain, seq, mac, seal, pruned_at FROM audit_floors ORDER BY chain",
