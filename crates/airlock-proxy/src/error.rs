@@ -44,6 +44,9 @@ pub struct Denial {
     /// The agent's connection went away: nobody reads this answer, and the
     /// call is recorded and counted as `client_aborted`.
     agent_gone: bool,
+    /// A bound on capacity, not a sign of misuse: a 429 counted toward no
+    /// `max_denied`.
+    capacity: bool,
 }
 
 /// The first error of type `T` in `error`'s chain, `error` itself
@@ -169,7 +172,21 @@ impl Denial {
             retry_after: None,
             final_answer: false,
             agent_gone: false,
+            capacity: false,
         }
+    }
+
+    /// The same denial as a bound on capacity rather than misuse: it counts
+    /// toward no `max_denied` (see [`Denial::counts_as_denial`]).
+    pub fn capacity(mut self) -> Self {
+        self.capacity = true;
+        self
+    }
+
+    /// Whether this refusal counts toward the session's `max_denied` and
+    /// `calls.denied`: a 429 that is not a bound on capacity.
+    pub fn counts_as_denial(&self) -> bool {
+        self.code == ErrorCode::RateLimited && !self.capacity
     }
 
     /// The same denial, for a call whose agent went away before it could

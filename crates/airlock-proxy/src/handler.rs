@@ -352,8 +352,9 @@ impl Proxy {
             // Free before counting the denial (a store round trip on a
             // shared store).
             drop(slot);
-            // A 429 is the session's doing; a store out of reach is not.
-            if denial.code() == ErrorCode::RateLimited {
+            // A 429 is the session's doing (unless it is a bound on
+            // capacity); a store out of reach is not.
+            if denial.counts_as_denial() {
                 self.count_denied(&session).await;
             }
             return Err(denial);
@@ -379,6 +380,15 @@ impl Proxy {
                 "max_requests reached for this session",
             )
             .no_retry()),
+            // Not the session's doing, nor final: other replicas hold the
+            // rest of its quota in leases they have not used yet.
+            Admission::QuotaHeldElsewhere => Err(Denial::new(
+                ErrorCode::RateLimited,
+                "the rest of this session's max_requests is leased to other airlock replicas \
+                 and not used yet; retry in a moment",
+            )
+            .retry_after(SLOT_RETRY_AFTER)
+            .capacity()),
         }
     }
 

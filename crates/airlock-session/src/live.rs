@@ -97,6 +97,9 @@ pub(crate) struct Lease {
     last_grant: AtomicU64,
     /// Unix ms when the store last said the quota was spent; 0 otherwise.
     spent_at: AtomicI64,
+    /// When the store last had nothing to grant, calls reserved by other
+    /// processes were still unused: the quota is held elsewhere, not spent.
+    held_elsewhere: AtomicBool,
     /// Unix ms of the last admitted call.
     last_used: AtomicI64,
     /// One refill at a time.
@@ -123,6 +126,11 @@ pub enum Admission {
     },
     /// `max_requests` reached.
     QuotaExhausted,
+    /// The rest of `max_requests` is leased to other processes sharing the
+    /// store and not used yet: this process cannot admit the call now, but
+    /// a retry may be admitted (once a lease comes back or the calls are
+    /// made, when it becomes [`Admission::QuotaExhausted`]).
+    QuotaHeldElsewhere,
 }
 
 /// Takes a token of `rate`; `Some(wait)` when it has none.
@@ -309,6 +317,11 @@ impl LiveSession {
         self.allowed.load(Ordering::Relaxed)
     }
 
+    /// Calls this process admitted that the store's totals lack yet.
+    pub(crate) fn unflushed_allowed(&self) -> u64 {
+        self.unflushed_allowed.load(Ordering::Acquire)
+    }
+
     /// Calls denied so far (counted like [`LiveSession::allowed`]).
     pub fn denied(&self) -> u64 {
         self.denied.load(Ordering::Relaxed)
@@ -480,6 +493,7 @@ impl Lease {
             left: AtomicU64::new(0),
             last_grant: AtomicU64::new(0),
             spent_at: AtomicI64::new(0),
+            held_elsewhere: AtomicBool::new(false),
             last_used: AtomicI64::new(0),
             refill: tokio::sync::Mutex::new(()),
         }
@@ -527,9 +541,17 @@ impl Lease {
         grant >= 4 && self.left() <= grant / 4
     }
 
-    /// Records that the store has nothing left to grant.
-    pub(crate) fn mark_spent(&self, now_ms: i64) {
+    /// Records that the store has nothing left to grant, and whether calls
+    /// other processes reserved were still unused then (`held_elsewhere`).
+    pub(crate) fn mark_spent(&self, now_ms: i64, held_elsewhere: bool) {
+        self.held_elsewhere.store(held_elsewhere, Ordering::Release);
         self.spent_at.store(now_ms.max(1), Ordering::Release);
+    }
+
+    /// Whether, when the store last had nothing to grant, the quota was held
+    /// by other processes rather than spent.
+    pub(crate) fn held_elsewhere(&self) -> bool {
+        self.held_elsewhere.load(Ordering::Acquire)
     }
 
     /// Whether the store said, less than `retry_ms` ago, that the quota was

@@ -394,7 +394,11 @@ impl Registry {
                 return Ok(admission);
             }
             if lease.recently_spent(now_ms(), SPENT_RETRY_MS) {
-                return Ok(admission);
+                return Ok(if lease.held_elsewhere() {
+                    Admission::QuotaHeldElsewhere
+                } else {
+                    admission
+                });
             }
             if self.refill_empty(session, lease).await? {
                 // The wait was a store round trip: the session may have ended.
@@ -1005,7 +1009,23 @@ async fn refill(store: &dyn Store, session: &LiveSession) -> Result<(), StoreErr
         return Ok(());
     };
     match store.reserve_requests(session.id(), MAX_LEASE).await? {
-        0 => lease.mark_spent(now_ms()),
+        0 => {
+            // Every call of the quota is reserved; whether all were made is
+            // in the stored totals (as flushed: calls other processes made
+            // since count as unused, and a retry finds them later).
+            let held_elsewhere = match session.limits().max_requests {
+                Some(max) => {
+                    let statuses = store
+                        .session_statuses(std::slice::from_ref(session.id()))
+                        .await?;
+                    statuses.first().is_some_and(|status| {
+                        status.allowed.saturating_add(session.unflushed_allowed()) < max
+                    })
+                }
+                None => false,
+            };
+            lease.mark_spent(now_ms(), held_elsewhere);
+        }
         granted => lease.add(granted),
     }
     Ok(())

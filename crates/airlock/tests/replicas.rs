@@ -366,6 +366,67 @@ async fn max_requests_counts_calls_on_every_replica() {
     .await;
 }
 
+/// A replica whose lease ran dry while another replica's lease still holds
+/// unused calls does not answer "max_requests reached" (final, and a
+/// denial toward `max_denied`): it answers a retryable 429 that counts as
+/// no denial, until the quota is really spent (round 33: sessions lost
+/// calls of their quota, and could be revoked, under concurrent load).
+#[tokio::test]
+async fn a_quota_leased_to_another_replica_is_not_refused_as_spent() {
+    let Some(cluster) = Cluster::start(2, &[]).await else {
+        return;
+    };
+    let (a, b) = (&cluster.replicas[0], &cluster.replicas[1]);
+    let (id, token) = session(a, json!({"max_requests": 16, "max_denied": 3})).await;
+    // A leases two calls (an eighth of 16) and makes one.
+    assert_eq!(models(a, &token).await.status, 200);
+    // B leases the other fourteen, one at a time, and makes them.
+    let mut made = 0;
+    let refusal = loop {
+        let reply = models(b, &token).await;
+        if reply.status != 200 {
+            break reply;
+        }
+        made += 1;
+        assert!(made <= 14, "B made more calls than it could lease");
+    };
+    assert_eq!(made, 14);
+    let held = |reply: &Reply| {
+        reply.status == 429
+            && error_code(reply) == "rate_limited"
+            && reply.text().contains("leased to other airlock replicas")
+            && reply.headers.get("retry-after").is_some_and(|v| v == "1")
+            && reply.headers.get("x-should-retry").is_none()
+    };
+    assert!(held(&refusal), "{refusal:?}");
+    // More than max_denied of them: none counts.
+    for _ in 0..4 {
+        let reply = models(b, &token).await;
+        assert!(held(&reply), "{reply:?}");
+    }
+    // A makes the last call of the quota from its lease.
+    assert_eq!(models(a, &token).await.status, 200);
+    // Once the totals are flushed, B finds the quota spent: final.
+    eventually(Duration::from_secs(10), "the final refusal", async || {
+        let reply = models(b, &token).await;
+        if held(&reply) {
+            return false;
+        }
+        assert_eq!(reply.status, 429, "{reply:?}");
+        assert!(reply.text().contains("max_requests reached"), "{reply:?}");
+        assert_eq!(reply.headers.get("x-should-retry").unwrap(), "false");
+        true
+    })
+    .await;
+    assert_eq!(cluster.mock.request_count(), 16);
+    eventually(Duration::from_secs(5), "the totals", async || {
+        let shown = show(a, &id).await;
+        shown["calls"] == json!({"allowed": 16, "denied": 1})
+    })
+    .await;
+    assert_eq!(show(a, &id).await["state"], "active");
+}
+
 /// A burst of calls on one replica spends every call of `max_requests`:
 /// a lease that another call emptied is refilled, not answered with a 429
 /// (which would count toward `max_denied` and revoke the session here).
