@@ -396,21 +396,37 @@ impl CredentialFormat {
         // and the forms a provider echoing its URL may give it back in
         // (percent-encoded with upper- or lower-case hex, unreserved
         // characters encoded too or not). Equal forms are guarded once.
+        // A key sent in a header is guarded in those spellings too when it
+        // holds anything but unreserved characters (`/`, `+`, `=` of a
+        // base64 key): a provider may put it in a URL it answers with.
+        // Keys of letters, digits and `-._~` (the common ones) read the
+        // same in every one, so they cost no searcher per response.
         let mut forms: Vec<Vec<u8>> = vec![key.as_bytes().to_vec()];
-        match &injected {
-            Injected::Header(_, value) => forms.push(value.as_bytes().to_vec()),
-            Injected::Query(_) => {
-                for set in ECHO_ENCODINGS {
-                    let encoded = utf8_percent_encode(key, set).to_string();
-                    // Form encoders (Go's `QueryEscape`, Python's
-                    // `quote_plus`, Java's) write a space as `+`.
-                    let plus = encoded.contains("%20").then(|| encoded.replace("%20", "+"));
-                    for spelling in std::iter::once(encoded).chain(plus) {
-                        forms.push(lower_case_escapes(&spelling).into_bytes());
-                        forms.push(spelling.into_bytes());
-                    }
+        let unreserved = key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+        let echoes_url = match &injected {
+            Injected::Header(_, value) => {
+                forms.push(value.as_bytes().to_vec());
+                !unreserved
+            }
+            Injected::Query(_) => true,
+        };
+        if echoes_url {
+            for set in ECHO_ENCODINGS {
+                let encoded = utf8_percent_encode(key, set).to_string();
+                // Form encoders (Go's `QueryEscape`, Python's
+                // `quote_plus`, Java's) write a space as `+`.
+                let plus = encoded.contains("%20").then(|| encoded.replace("%20", "+"));
+                for spelling in std::iter::once(encoded).chain(plus) {
+                    forms.push(lower_case_escapes(&spelling).into_bytes());
+                    forms.push(spelling.into_bytes());
                 }
             }
+        }
+        // JSON encoders that escape `/` (PHP's by default) write `\/`.
+        if key.contains('/') {
+            forms.push(key.replace('/', "\\/").into_bytes());
         }
         let secrets: Vec<&[u8]> = forms.iter().map(Vec::as_slice).collect();
         let own = Redactor::new(&secrets)?;
@@ -699,6 +715,8 @@ mod tests {
             assert!(guard.contains_secret(form.as_bytes()), "{form}");
         }
         assert_eq!(lower_case_escapes("A%2BbC%3Dd"), "A%2bbC%3dd");
+        // ... and as a JSON encoder that escapes `/` writes it.
+        assert!(guard.contains_secret(br"AIza-x_y.z~w+\/="));
 
         // A key with a space, `!'()*` and a non-ASCII letter.
         let prepared = format
@@ -716,6 +734,40 @@ mod tests {
             "Ab+c*%21%28x%29%27y%2bz%2f%3d%c3%a9",
         ] {
             assert!(guard.contains_secret(form.as_bytes()), "{form}");
+        }
+    }
+
+    /// A base64 key sent in a header is guarded in its URL and JSON
+    /// spellings too (round 33: a redirect's `Location` and a JSON body
+    /// with `\/` went out unredacted); a key of unreserved characters only
+    /// gets no more searchers than its own and the header value.
+    #[test]
+    fn a_header_key_with_reserved_characters_is_guarded_in_its_echo_spellings() {
+        // The key, and the header value where it differs.
+        for (style, plain_searchers) in [
+            (AuthStyle::Bearer, 2),
+            (
+                AuthStyle::Header(http::HeaderName::from_static("x-api-key")),
+                1,
+            ),
+        ] {
+            let format = CredentialFormat::new(style, None).unwrap();
+            let prepared = format
+                .prepare(&Secret::new("sk-EVILKEY-0123456789abcdef/+=".to_owned()))
+                .unwrap();
+            let guard = prepared.redactor();
+            for form in [
+                "sk-EVILKEY-0123456789abcdef/+=",
+                "sk-EVILKEY-0123456789abcdef%2F%2B%3D",
+                "sk-EVILKEY-0123456789abcdef%2f%2b%3d",
+                r"sk-EVILKEY-0123456789abcdef\/+=",
+            ] {
+                assert!(guard.contains_secret(form.as_bytes()), "{form}");
+            }
+            let plain = format
+                .prepare(&Secret::new("sk-proj-0123456789_abcdef".to_owned()))
+                .unwrap();
+            assert_eq!(plain.redactor().secret_count(), plain_searchers);
         }
     }
 }

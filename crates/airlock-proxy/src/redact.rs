@@ -211,6 +211,12 @@ impl Redactor {
         }))
     }
 
+    /// How many distinct secrets it looks for (one searcher each).
+    #[cfg(test)]
+    pub(crate) fn secret_count(&self) -> usize {
+        self.0.finders.len()
+    }
+
     /// Whether there is nothing to redact.
     pub fn is_empty(&self) -> bool {
         self.0.finders.is_empty()
