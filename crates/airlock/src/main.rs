@@ -73,6 +73,7 @@ async fn run(cli: Cli) -> ExitCode {
         },
         Command::Audit(cmd) if commands::audit::is_remote(&cmd) => {
             let verifying = matches!(cmd, cli::AuditCommand::Verify { .. });
+            let json = matches!(cmd, cli::AuditCommand::Verify { json: true, .. });
             let url = match admin_url(cli.config.as_deref()) {
                 Ok(url) => url,
                 Err(code) => return code,
@@ -80,10 +81,7 @@ async fn run(cli: Cli) -> ExitCode {
             match commands::audit::run_remote(cmd, url).await {
                 Ok(code) => code,
                 // As below: a trail verify could not ask about is exit 2.
-                Err(e) if verifying && !output::is_stdout_closed(&e) => {
-                    crate::output::error_line(format_args!("{e:#}"));
-                    ExitCode::from(cli::EXIT_USAGE)
-                }
+                Err(e) if verifying && !output::is_stdout_closed(&e) => unverified(&e, json),
                 Err(e) => report(Err(e)),
             }
         }
@@ -100,12 +98,10 @@ async fn run(cli: Cli) -> ExitCode {
             // as `diff` and `grep` say trouble, so that a script never
             // takes a misconfiguration for tampering.
             let verifying = matches!(cmd, cli::AuditCommand::Verify { .. });
+            let json = matches!(cmd, cli::AuditCommand::Verify { json: true, .. });
             match commands::audit::run(cmd, &config).await {
                 Ok(code) => code,
-                Err(e) if verifying => {
-                    crate::output::error_line(format_args!("{e:#}"));
-                    ExitCode::from(cli::EXIT_USAGE)
-                }
+                Err(e) if verifying => unverified(&e, json),
                 Err(e) => report(Err(e)),
             }
         }
@@ -136,6 +132,20 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Completions { shell } => report(commands::completions::run(shell)),
     }
+}
+
+/// `audit verify` that could not check the trail: says why, and with
+/// `--json` also prints a verdict a script can read (`ok` false, the
+/// `error`) instead of nothing; exit 2.
+fn unverified(error: &anyhow::Error, json: bool) -> ExitCode {
+    let message = format!("{error:#}");
+    if json {
+        let verdict = serde_json::json!({ "ok": false, "error": message });
+        // The verdict is the exit status; a closed stdout changes nothing.
+        let _ = output::print_verdict(&format!("{verdict}\n"));
+    }
+    crate::output::error_line(&message);
+    ExitCode::from(cli::EXIT_USAGE)
 }
 
 /// Loads the config named by `--config`; on error, says why as `serve`

@@ -262,6 +262,7 @@ async fn help_snapshots() {
         &["audit", "verify"],
         &["audit", "export"],
         &["audit", "tail"],
+        &["audit", "prune"],
         &["status"],
         &["config"],
         &["config", "check"],
@@ -2922,4 +2923,49 @@ async fn an_admin_api_off_loopback_is_warned_about_once() {
     output_line(&local, "airlock started").await;
     assert!(!local.output().contains(warning));
     local.terminate().await.unwrap();
+}
+
+/// `--json` answers stay JSON when the command cannot do its job: `status
+/// --json` against a server that cannot be asked, and `audit verify --json`
+/// that cannot check the trail, print an object a script can read (`ready`
+/// or `ok` false, and the `error`) besides the line on stderr, with the
+/// same exit status (round 33: stdout was empty).
+#[tokio::test]
+async fn json_answers_stay_json_when_the_command_fails() {
+    let (listener, url) = unanswering_listener();
+    drop(listener);
+    let out = against(&url, &["status", "--json"]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["ready"], false, "{status}");
+    assert_eq!(status["url"], url.as_str(), "{status}");
+    assert!(
+        status["error"].as_str().unwrap().contains("cannot reach"),
+        "{status}"
+    );
+    assert!(stderr(&out).contains("cannot reach"), "{out:?}");
+
+    let out = against(&url, &["audit", "verify", "--remote", "--json"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let verdict: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(verdict["ok"], false, "{verdict}");
+    assert!(
+        verdict["error"].as_str().unwrap().contains("cannot reach"),
+        "{verdict}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = airlock_cmd(&["audit", "verify", "--json"])
+        .current_dir(dir.path())
+        .env("AIRLOCK_AUDIT_KEY", "not-a-key")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let verdict: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(verdict["ok"], false, "{verdict}");
+    assert!(
+        verdict["error"].as_str().unwrap().contains("audit key"),
+        "{verdict}"
+    );
 }

@@ -12,9 +12,24 @@ use crate::output;
 
 /// Runs `status` against the admin API at `admin_url` (unless
 /// `AIRLOCK_ADMIN_URL` says otherwise); exit 0 when the server is ready,
-/// 1 when it is not.
+/// 1 when it is not. With `json`, a server that cannot be asked is said on
+/// stdout too (`ready` false and the `error`), not only on stderr.
 pub async fn run(admin_url: String, json: bool) -> anyhow::Result<ExitCode> {
     let client = AdminClient::from_env(admin_url);
+    let outcome = report(&client, json).await;
+    if let (Err(e), true) = (&outcome, json) {
+        let status = json!({
+            "url": client.shown_url(),
+            "ready": false,
+            "error": format!("{e:#}"),
+        });
+        output::print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
+    }
+    outcome
+}
+
+/// What `run` prints, read from the admin API.
+async fn report(client: &AdminClient, json: bool) -> anyhow::Result<ExitCode> {
     // With the token first: a server that refuses it is named as such
     // (`/readyz` needs none).
     let names = client.provider_names().await?;
@@ -37,7 +52,7 @@ pub async fn run(admin_url: String, json: bool) -> anyhow::Result<ExitCode> {
     }
     // The count needs the store, which may be why the server is not
     // ready: said as unknown then, the rest still shown.
-    let active = match active_sessions(&client).await {
+    let active = match active_sessions(client).await {
         Ok(active) => Some(active),
         Err(e) if !ready && e.downcast_ref::<ApiRefusal>().is_some() => None,
         Err(e) => return Err(e),
