@@ -100,6 +100,10 @@ pub(crate) struct Lease {
     /// When the store last had nothing to grant, calls reserved by other
     /// processes were still unused: the quota is held elsewhere, not spent.
     held_elsewhere: AtomicBool,
+    /// Unix ms since when the quota has been held elsewhere with the stored
+    /// total of calls made unchanged (`held_total`); 0 when it is not.
+    held_since: AtomicI64,
+    held_total: AtomicU64,
     /// Unix ms of the last admitted call.
     last_used: AtomicI64,
     /// One refill at a time.
@@ -494,6 +498,8 @@ impl Lease {
             last_grant: AtomicU64::new(0),
             spent_at: AtomicI64::new(0),
             held_elsewhere: AtomicBool::new(false),
+            held_since: AtomicI64::new(0),
+            held_total: AtomicU64::new(0),
             last_used: AtomicI64::new(0),
             refill: tokio::sync::Mutex::new(()),
         }
@@ -525,6 +531,22 @@ impl Lease {
         self.last_grant.store(granted, Ordering::Relaxed);
         self.left.fetch_add(granted, Ordering::AcqRel);
         self.spent_at.store(0, Ordering::Release);
+        self.held_since.store(0, Ordering::Release);
+    }
+
+    /// Whether the quota, found held elsewhere with `total` calls made in
+    /// all, has been held that way with no call made for longer than
+    /// `limit_ms`: the calls were reserved by a process that went away
+    /// without giving them back (a live one uses them, or gives them back
+    /// once idle), so they are lost and the quota is spent.
+    pub(crate) fn held_in_vain(&self, now_ms: i64, total: u64, limit_ms: i64) -> bool {
+        let since = self.held_since.load(Ordering::Acquire);
+        if since == 0 || self.held_total.load(Ordering::Acquire) != total {
+            self.held_total.store(total, Ordering::Release);
+            self.held_since.store(now_ms.max(1), Ordering::Release);
+            return false;
+        }
+        now_ms - since > limit_ms
     }
 
     /// Takes everything left, to give it back to the store.

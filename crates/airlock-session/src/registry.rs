@@ -49,6 +49,11 @@ const MAX_LEASE: u64 = 100;
 const SPENT_RETRY_MS: i64 = 1_000;
 /// A lease unused this long is given back for other replicas to use.
 const LEASE_IDLE_MS: i64 = 5_000;
+/// A quota held by other replicas' leases with no call made for this long
+/// is taken as spent: a live replica would have used the calls or given
+/// them back idle (after [`LEASE_IDLE_MS`], at its next flush); a replica
+/// killed with its lease never does.
+const HELD_IN_VAIN_MS: i64 = LEASE_IDLE_MS + 3_000;
 /// At shutdown, how long revocations the store has not taken are retried.
 const FINAL_REVOCATION_WAIT: Duration = Duration::from_secs(5);
 /// How often they are retried then.
@@ -1013,18 +1018,20 @@ async fn refill(store: &dyn Store, session: &LiveSession) -> Result<(), StoreErr
             // Every call of the quota is reserved; whether all were made is
             // in the stored totals (as flushed: calls other processes made
             // since count as unused, and a retry finds them later).
+            let now = now_ms();
             let held_elsewhere = match session.limits().max_requests {
                 Some(max) => {
                     let statuses = store
                         .session_statuses(std::slice::from_ref(session.id()))
                         .await?;
                     statuses.first().is_some_and(|status| {
-                        status.allowed.saturating_add(session.unflushed_allowed()) < max
+                        let total = status.allowed.saturating_add(session.unflushed_allowed());
+                        total < max && !lease.held_in_vain(now, total, HELD_IN_VAIN_MS)
                     })
                 }
                 None => false,
             };
-            lease.mark_spent(now_ms(), held_elsewhere);
+            lease.mark_spent(now, held_elsewhere);
         }
         granted => lease.add(granted),
     }

@@ -427,6 +427,41 @@ async fn a_quota_leased_to_another_replica_is_not_refused_as_spent() {
     assert_eq!(show(a, &id).await["state"], "active");
 }
 
+/// The calls a replica killed with `kill -9` held in its lease are lost
+/// (README): another replica that finds the rest of the quota held
+/// elsewhere answers retryable 429s only while that could change, then the
+/// final "max_requests reached" — not retryable refusals for ever.
+#[tokio::test]
+async fn a_quota_held_by_a_killed_replica_ends_in_the_final_refusal() {
+    let Some(mut cluster) = Cluster::start(2, &[]).await else {
+        return;
+    };
+    let (_, token) = session(&cluster.replicas[0], json!({"max_requests": 16})).await;
+    assert_eq!(models(&cluster.replicas[0], &token).await.status, 200);
+    cluster.replicas[0].kill();
+    let b = &cluster.replicas[1];
+    for _ in 0..14 {
+        assert_eq!(models(b, &token).await.status, 200);
+    }
+    let first = models(b, &token).await;
+    assert!(
+        first.text().contains("leased to other airlock replicas"),
+        "{first:?}"
+    );
+    let waited = eventually(Duration::from_secs(20), "the final refusal", async || {
+        let reply = models(b, &token).await;
+        assert_eq!(reply.status, 429, "{reply:?}");
+        reply.text().contains("max_requests reached")
+    })
+    .await;
+    eprintln!("final refusal after {waited:?}");
+    assert_eq!(
+        cluster.mock.request_count(),
+        15,
+        "the killed replica's call is lost"
+    );
+}
+
 /// A burst of calls on one replica spends every call of `max_requests`:
 /// a lease that another call emptied is refilled, not answered with a 429
 /// (which would count toward `max_denied` and revoke the session here).
