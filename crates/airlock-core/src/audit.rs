@@ -535,20 +535,22 @@ fn cut(path: Cow<'_, str>) -> String {
 /// The seal of a chain head: proves `(chain, seq, mac)` was a head the
 /// server wrote.
 pub fn head_seal(key: &AuditKey, chain: u32, seq: u64, mac: &MacBytes) -> MacBytes {
-    let mut m = key.mac();
-    m.update(HEAD_DOMAIN);
-    m.update(&chain.to_be_bytes());
-    m.update(&seq.to_be_bytes());
-    m.update(mac);
-    m.finalize().into_bytes().into()
+    position_seal(key, HEAD_DOMAIN, chain, seq, mac)
 }
 
 /// The seal of a chain floor: proves that `(chain, seq, mac)` — the last
 /// record removed when the chain's older records were pruned — was written
 /// by someone holding the key, so that the chain may start after `seq`.
 pub fn floor_seal(key: &AuditKey, chain: u32, seq: u64, mac: &MacBytes) -> MacBytes {
+    position_seal(key, FLOOR_DOMAIN, chain, seq, mac)
+}
+
+/// The HMAC of a position in a chain, `(chain, seq, mac)`, for one use
+/// (`domain`: a head, a floor), so that a seal of one use is never valid
+/// for another.
+fn position_seal(key: &AuditKey, domain: &[u8], chain: u32, seq: u64, mac: &MacBytes) -> MacBytes {
     let mut m = key.mac();
-    m.update(FLOOR_DOMAIN);
+    m.update(domain);
     m.update(&chain.to_be_bytes());
     m.update(&seq.to_be_bytes());
     m.update(mac);
