@@ -381,14 +381,20 @@ impl Proxy {
             )
             .no_retry()),
             // Not the session's doing, nor final: other replicas hold the
-            // rest of its quota in leases they have not used yet.
-            Admission::QuotaHeldElsewhere => Err(Denial::new(
-                ErrorCode::RateLimited,
-                "the rest of this session's max_requests is leased to other airlock replicas \
-                 and not used yet; retry in a moment",
-            )
-            .retry_after(SLOT_RETRY_AFTER)
-            .capacity()),
+            // rest of its quota in leases they have not used yet. As the
+            // refusal at `max_calls_in_flight`, each takes from a rate
+            // bucket of its own, so that a flood of them runs into the
+            // rate limit, whose refusals count.
+            Admission::QuotaHeldElsewhere => match session.spend_rate() {
+                Some(retry_after) => Err(rate_denial(retry_after)),
+                None => Err(Denial::new(
+                    ErrorCode::RateLimited,
+                    "the rest of this session's max_requests is leased to other airlock \
+                     replicas and not used yet; retry in a moment",
+                )
+                .retry_after(SLOT_RETRY_AFTER)
+                .capacity()),
+            },
         }
     }
 

@@ -133,7 +133,8 @@ pub enum Admission {
     /// The rest of `max_requests` is leased to other processes sharing the
     /// store and not used yet: this process cannot admit the call now, but
     /// a retry may be admitted (once a lease comes back or the calls are
-    /// made, when it becomes [`Admission::QuotaExhausted`]).
+    /// made, when it becomes [`Admission::QuotaExhausted`]; also when no
+    /// call was made for a while, the lease being a dead process's).
     QuotaHeldElsewhere,
 }
 

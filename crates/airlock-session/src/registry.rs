@@ -385,9 +385,10 @@ impl Registry {
     /// and then reads the session's state again, so that a session revoked
     /// or expired meanwhile is refused (its [`AuthError`]) and spends
     /// nothing. A lease running low is refilled in the background. A call
-    /// is refused `QuotaExhausted` only when the store has nothing left to
-    /// lease (each round either gets a grant, which the quota bounds, or
-    /// finds the store spent).
+    /// is refused only when the store has nothing left to lease (each round
+    /// either gets a grant, which the quota bounds, or finds the store
+    /// spent): `QuotaExhausted`, or `QuotaHeldElsewhere` while other
+    /// processes' leases may still hold unused calls.
     pub async fn admit(&self, session: &Arc<LiveSession>) -> Result<Admission, AuthError> {
         loop {
             let admission = session.admit();
@@ -1018,20 +1019,24 @@ async fn refill(store: &dyn Store, session: &LiveSession) -> Result<(), StoreErr
             // Every call of the quota is reserved; whether all were made is
             // in the stored totals (as flushed: calls other processes made
             // since count as unused, and a retry finds them later).
-            let now = now_ms();
+            // (Only a shared store has an elsewhere: on SQLite, calls
+            // reserved and never made are those of a process that died.)
             let held_elsewhere = match session.limits().max_requests {
-                Some(max) => {
+                Some(max) if store.is_shared() => {
                     let statuses = store
                         .session_statuses(std::slice::from_ref(session.id()))
                         .await?;
+                    let now = now_ms();
                     statuses.first().is_some_and(|status| {
                         let total = status.allowed.saturating_add(session.unflushed_allowed());
                         total < max && !lease.held_in_vain(now, total, HELD_IN_VAIN_MS)
                     })
                 }
-                None => false,
+                _ => false,
             };
-            lease.mark_spent(now, held_elsewhere);
+            // Timed after the store's answers: the wait before asking again
+            // starts now, however long they took.
+            lease.mark_spent(now_ms(), held_elsewhere);
         }
         granted => lease.add(granted),
     }
