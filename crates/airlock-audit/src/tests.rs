@@ -24,6 +24,9 @@ struct FaultyStore {
     hang: AtomicBool,
     release: Notify,
     inline: bool,
+    /// The next read of audit records first prunes every chain as far as
+    /// it goes (an `audit prune` landing in the middle of a verify).
+    prune_before_read: AtomicBool,
 }
 
 #[async_trait]
@@ -92,6 +95,16 @@ impl Store for FaultyStore {
         self.inner.audit_append(records, head).await
     }
     async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        if self.prune_before_read.swap(false, Ordering::AcqRel) {
+            let key = key();
+            let seal = |chain, seq, mac: &airlock_core::audit::MacBytes| {
+                airlock_core::audit::floor_seal(&key, chain, seq, mac)
+            };
+            self.inner
+                .audit_prune(i64::MAX, &seal, 1, false)
+                .await
+                .unwrap();
+        }
         self.inner.audit_records(q).await
     }
     async fn audit_heads(&self) -> Result<Vec<ChainHead>> {
@@ -153,6 +166,7 @@ async fn faulty_store(dir: &tempfile::TempDir, inline: bool) -> Arc<FaultyStore>
         hang: AtomicBool::new(false),
         release: Notify::new(),
         inline,
+        prune_before_read: AtomicBool::new(false),
     })
 }
 
@@ -241,6 +255,26 @@ async fn futures_join<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
         out.push(f.await);
     }
     out
+}
+
+/// A prune that lands while verify reads (after it read the floors) moves
+/// the chain's start from under it: the chain is checked again from its
+/// new floor, not reported broken (review: a monitoring job's verify would
+/// raise a false alarm during every prune).
+#[tokio::test]
+async fn a_prune_during_verify_is_no_break() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let (auditor, writer) = start(&store).await;
+    for n in 1..=5 {
+        auditor.submit(record(n)).await.unwrap();
+    }
+    writer.shutdown().await;
+    store.prune_before_read.store(true, Ordering::Release);
+
+    let verified = verify_store(store.as_ref(), &key()).await.unwrap();
+    assert_eq!(verified.first_break, None, "{verified:?}");
+    assert_eq!((verified.records, verified.pruned), (1, vec![(1, 5)]));
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Verification of the audit trail as stored.
 
 use airlock_core::audit::{AuditKey, AuditRecord, Break, BreakReason, ChainVerifier};
-use airlock_store::{AuditQuery, Store, StoreError};
+use airlock_store::{AuditQuery, ChainFloor, ChainHead, Store, StoreError};
 
 /// Records read per query while verifying.
 const PAGE: u32 = 5_000;
@@ -25,35 +25,46 @@ pub struct Verified {
     pub pruned: Vec<(u32, u64)>,
 }
 
+/// How many times a chain is checked again when `audit prune` moved its
+/// floor while it was being read.
+const PRUNED_MEANWHILE_RETRIES: usize = 3;
+
 /// Checks every chain in `store` from seq 1 — or, for a chain whose older
 /// records were pruned, from its sealed floor — to its sealed head; a
-/// broken chain does not stop the others from being checked.
+/// broken chain does not stop the others from being checked. A chain found
+/// broken while a prune moved its floor (the records read went from under
+/// the reading) is checked again from the new floor.
 pub async fn verify_store(store: &dyn Store, key: &AuditKey) -> Result<Verified, StoreError> {
     let heads = store.audit_heads().await?;
-    let floors = store.audit_floors().await?;
-    let mut verifier = ChainVerifier::from_start(key);
+    let mut floors = store.audit_floors().await?;
+    let mut records = 0;
     let chains = heads.len();
     let mut broken_chains = Vec::new();
     let mut pruned = Vec::new();
     for head in heads {
-        let floor = floors.iter().find(|floor| floor.chain == head.chain);
-        let started = match floor {
-            Some(floor) => verifier.start_after(floor.chain, floor.seq, &floor.mac, &floor.seal),
-            None => Ok(()),
+        let mut attempts = 0;
+        let (verifier, checked) = loop {
+            let floor = floors
+                .iter()
+                .find(|floor| floor.chain == head.chain)
+                .cloned();
+            let mut verifier = ChainVerifier::from_start(key);
+            let checked = verify_one(store, &mut verifier, &head, floor.as_ref()).await?;
+            attempts += 1;
+            if checked.is_ok() || attempts > PRUNED_MEANWHILE_RETRIES {
+                break (verifier, checked.map(|()| floor));
+            }
+            floors = store.audit_floors().await?;
+            let now = floors.iter().find(|floor| floor.chain == head.chain);
+            if now == floor.as_ref() {
+                break (verifier, checked.map(|()| floor));
+            }
         };
-        if let Err(broken) = started {
-            broken_chains.push(broken);
-            continue;
-        }
-        if let Some(floor) = floor {
-            pruned.push((floor.chain, floor.seq.saturating_add(1)));
-        }
-        let checked = match verify_chain(store, &mut verifier, head.chain).await? {
-            Ok(()) => verifier.check_head(head.chain, head.seq, &head.mac, &head.seal),
-            Err(broken) => Err(broken),
-        };
-        if let Err(broken) = checked {
-            broken_chains.push(broken);
+        records += verifier.records();
+        match checked {
+            Ok(Some(floor)) => pruned.push((floor.chain, floor.seq.saturating_add(1))),
+            Ok(None) => {}
+            Err(broken) => broken_chains.push(broken),
         }
     }
     // Records whose chain has no head: someone deleted the head, which
@@ -69,11 +80,29 @@ pub async fn verify_store(store: &dyn Store, key: &AuditKey) -> Result<Verified,
     }
     broken_chains.sort_by_key(|broken| broken.chain);
     Ok(Verified {
-        records: verifier.records(),
+        records,
         chains,
         first_break: broken_chains.first().cloned(),
         broken_chains,
         pruned,
+    })
+}
+
+/// Checks one chain, from its `floor` if it has one, to its `head`.
+async fn verify_one(
+    store: &dyn Store,
+    verifier: &mut ChainVerifier<'_>,
+    head: &ChainHead,
+    floor: Option<&ChainFloor>,
+) -> Result<Result<(), Break>, StoreError> {
+    if let Some(floor) = floor {
+        if let Err(broken) = verifier.start_after(floor.chain, floor.seq, &floor.mac, &floor.seal) {
+            return Ok(Err(broken));
+        }
+    }
+    Ok(match verify_chain(store, verifier, head.chain).await? {
+        Ok(()) => verifier.check_head(head.chain, head.seq, &head.mac, &head.seal),
+        Err(broken) => Err(broken),
     })
 }
 

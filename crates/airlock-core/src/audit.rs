@@ -430,10 +430,11 @@ impl AuditRecord {
 /// escapes — is withheld: `sess_[withheld]`. A path that held one is
 /// recorded decoded, as it could not be cut out of the escapes.
 ///
-/// A recorded path is visible ASCII: any other byte (an HTTP/2 `:path` may
-/// carry UTF-8, such as U+2028, a line break to many log viewers) is
-/// written as its escape, so that no log line or record can be split or
-/// dressed up by the agent.
+/// A recorded path is visible ASCII (but for the `…` of a cut): any other
+/// byte (an HTTP/2 `:path` may carry UTF-8, such as U+2028, a line break
+/// to many log viewers) is written as its escape, so that no log line or
+/// record can be split or dressed up by the agent. (`%` itself is kept, so
+/// a path that spelled such an escape reads the same.)
 pub fn record_path(path: &str) -> String {
     cut(escape_invisible(withhold_tokens(path)))
 }

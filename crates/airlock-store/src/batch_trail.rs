@@ -99,8 +99,14 @@ pub(crate) trait TrailWrites: Send {
     /// Drops the old table.
     async fn drop_legacy(&mut self) -> Result<()>;
     /// Deletes the chain's batches that start before `first_seq`, and
-    /// their session index rows.
-    async fn delete_batches_before(&mut self, chain: i64, first_seq: i64) -> Result<()>;
+    /// their session index rows (under `sessions`, the sessions they name:
+    /// found by the index's key instead of a scan of it).
+    async fn delete_batches_before(
+        &mut self,
+        chain: i64,
+        first_seq: i64,
+        sessions: &[String],
+    ) -> Result<()>;
     /// Stores `floor` as its chain's floor, unless the chain has one
     /// further on already (a prune that ran meanwhile).
     async fn set_floor(&mut self, floor: &ChainFloor) -> Result<()>;
@@ -212,12 +218,21 @@ pub(crate) async fn headless_chains<C: BatchRows>(conn: &mut C) -> Result<Vec<(u
         .collect())
 }
 
-/// [`crate::Store::audit_prune`] over a batch trail, inside the caller's
-/// transaction. Per chain: the batches before the first whose `ts_max`
-/// reaches `before_ms` (those whose records all ended earlier: `ts_max`
-/// never decreases along a chain), but never the chain's last batch; the
-/// last record of the last batch removed becomes the chain's floor.
-pub(crate) async fn prune<C: BatchRows + TrailWrites>(
+/// Batches removed from a chain per transaction while pruning: each step
+/// holds the store's write lock briefly (SQLite: the audit writer's
+/// commits wait for it), however much a prune removes in all.
+pub(crate) const PRUNE_STEP: i64 = 256;
+
+/// One step of [`crate::Store::audit_prune`] over a batch trail, inside the
+/// caller's transaction; the store repeats steps until one removes nothing
+/// (see [`merge_pruned`]). Per chain, the cut is before the first batch
+/// whose `ts_max` reaches `before_ms` (the batches before it hold only
+/// records that ended earlier: `ts_max` never decreases along a chain),
+/// and never after the chain's last batch; a step removes up to
+/// [`PRUNE_STEP`] batches of those, and the last record it removes becomes
+/// the chain's floor. A dry run removes nothing and answers the whole cut
+/// at once.
+pub(crate) async fn prune_step<C: BatchRows + TrailWrites>(
     conn: &mut C,
     before_ms: i64,
     seal: FloorSeal<'_>,
@@ -242,39 +257,46 @@ pub(crate) async fn prune<C: BatchRows + TrailWrites>(
         if first.first_seq >= cut {
             continue;
         }
-        let Some(before) = conn.batch_before(chain_id, cut).await? else {
-            continue;
+        // The batches this step removes, whole: the sessions they name
+        // (their index rows go with them) and their last record, the floor.
+        let step: Vec<Stored> = if dry_run {
+            // Only the last batch before the cut is needed.
+            let Some(before) = conn.batch_before(chain_id, cut).await? else {
+                continue;
+            };
+            conn.batches_from(chain_id, before.first_seq, None, 1)
+                .await?
+        } else {
+            conn.batches_from(chain_id, first.first_seq, None, PRUNE_STEP)
+                .await?
         };
-        // The last batch to go, whole: its last record is the floor.
-        let row = conn
-            .batches_from(chain_id, before.first_seq, None, 1)
-            .await?
-            .pop()
-            .filter(|row| row.first_seq == before.first_seq);
         let mut records = Vec::new();
-        match row {
-            Some(row) => row.decode_into(chain, None, &mut records)?,
-            None => {
-                return Err(StoreError::UnreadableAudit {
-                    chain,
-                    seq: u64::try_from(before.first_seq).unwrap_or(0),
-                    reason: "the batch from this record on went while pruning".to_owned(),
-                })
+        let mut sessions: Vec<String> = Vec::new();
+        let mut previous: Option<&Stored> = None;
+        for row in step.iter().filter(|row| row.first_seq < cut) {
+            let start = records.len();
+            row.decode_into(chain, previous, &mut records)?;
+            for session in crate::audit_batch::sessions(&records[start..]) {
+                if !sessions.iter().any(|s| s == session) {
+                    sessions.push(session.to_owned());
+                }
             }
+            previous = Some(row);
         }
         let Some(last) = records.last() else {
             continue;
         };
+        let step_cut = to_i64(last.seq) + 1;
         // Seqs run on from batch to batch: anything else is a damaged
         // trail, which pruning would hide.
-        if to_i64(last.seq) != cut - 1 {
+        let next = conn.batch_at(chain_id, step_cut).await?;
+        if next.map(|(first_seq, _)| first_seq) != Some(step_cut) {
             return Err(StoreError::UnreadableAudit {
                 chain,
-                seq: u64::try_from(cut).unwrap_or(0),
+                seq: u64::try_from(step_cut).unwrap_or(0),
                 reason: format!(
-                    "the batch before this record ends at record {}, not {}",
-                    last.seq,
-                    cut - 1
+                    "no batch starts right after record {}, where pruning would cut",
+                    last.seq
                 ),
             });
         }
@@ -286,17 +308,32 @@ pub(crate) async fn prune<C: BatchRows + TrailWrites>(
             pruned_at_ms: now_ms,
         };
         if !dry_run {
-            conn.delete_batches_before(chain_id, cut).await?;
+            conn.delete_batches_before(chain_id, step_cut, &sessions)
+                .await?;
             conn.set_floor(&floor).await?;
         }
         pruned.push(Pruned {
             chain,
             first_seq: u64::try_from(first.first_seq).unwrap_or(0),
-            records: u64::try_from(cut - first.first_seq).unwrap_or(0),
+            records: u64::try_from(step_cut - first.first_seq).unwrap_or(0),
             floor,
         });
     }
     Ok(pruned)
+}
+
+/// Adds one step's `step` to the prune's `total` (per chain: records
+/// summed, the first step's first seq, the last step's floor).
+pub(crate) fn merge_pruned(total: &mut Vec<Pruned>, step: Vec<Pruned>) {
+    for chain in step {
+        match total.iter_mut().find(|t| t.chain == chain.chain) {
+            Some(t) => {
+                t.records += chain.records;
+                t.floor = chain.floor;
+            }
+            None => total.push(chain),
+        }
+    }
 }
 
 /// The first seq of the chain's first batch, from `from` on, whose `ts_max`

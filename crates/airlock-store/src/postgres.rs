@@ -399,10 +399,18 @@ impl Store for PgStore {
         now_ms: i64,
         dry_run: bool,
     ) -> Result<Vec<Pruned>> {
-        let mut tx = self.pool.begin().await?;
-        let pruned = batch_trail::prune(&mut *tx, before_ms, seal, now_ms, dry_run).await?;
-        tx.commit().await?;
-        Ok(pruned)
+        let mut pruned = Vec::new();
+        loop {
+            // A step at a time, each its own short transaction.
+            let mut tx = self.pool.begin().await?;
+            let step = batch_trail::prune_step(&mut *tx, before_ms, seal, now_ms, dry_run).await?;
+            tx.commit().await?;
+            let done = dry_run || step.is_empty();
+            batch_trail::merge_pruned(&mut pruned, step);
+            if done {
+                return Ok(pruned);
+            }
+        }
     }
 
     async fn audit_heads(&self) -> Result<Vec<ChainHead>> {

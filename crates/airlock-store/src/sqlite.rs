@@ -571,12 +571,22 @@ impl Store for SqliteStore {
         dry_run: bool,
     ) -> Result<Vec<Pruned>> {
         self.file_present()?;
-        // IMMEDIATE: the write lock from the start, so that the audit
-        // writer's commits wait for the prune instead of failing it.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let pruned = crate::batch_trail::prune(&mut *tx, before_ms, seal, now_ms, dry_run).await?;
-        tx.commit().await?;
-        Ok(pruned)
+        let mut pruned = Vec::new();
+        loop {
+            // IMMEDIATE: the write lock from the start of each step, so
+            // that the step never fails to upgrade a read; each step is
+            // short, so the audit writer's commits wait for it briefly.
+            let begin = if dry_run { "BEGIN" } else { "BEGIN IMMEDIATE" };
+            let mut tx = self.pool.begin_with(begin).await?;
+            let step =
+                crate::batch_trail::prune_step(&mut *tx, before_ms, seal, now_ms, dry_run).await?;
+            tx.commit().await?;
+            let done = dry_run || step.is_empty();
+            crate::batch_trail::merge_pruned(&mut pruned, step);
+            if done {
+                return Ok(pruned);
+            }
+        }
     }
 
     async fn audit_heads(&self) -> Result<Vec<ChainHead>> {

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use airlock_core::audit::{head_seal, AuditKey, AuditRecord, ChainVerifier, Flags, GENESIS_MAC};
+use airlock_core::audit::{
+    floor_seal, head_seal, AuditKey, AuditRecord, ChainVerifier, Flags, MacBytes, GENESIS_MAC,
+};
 use airlock_core::token::generate_token;
 use airlock_core::{Limits, SessionId, TokenHash};
 use airlock_store::{
@@ -178,6 +180,7 @@ suite!(
     sessions_are_listed_a_page_at_a_time,
     active_sessions_are_listed_a_page_at_a_time,
     session_pages_walk_the_creation_index,
+    audit_prune_removes_in_steps_and_seals_the_floor,
 );
 
 #[tokio::test]
@@ -469,6 +472,116 @@ async fn all_pages(
 /// The cases both backends must pass.
 mod cases {
     use super::*;
+
+    /// Pruning removes, in steps, every batch before the first whose
+    /// `ts_max` reaches the cut (their session index rows too: a session's
+    /// records still read back), seals the last record removed as the
+    /// chain's floor, and never removes the chain's last batch; a dry run
+    /// says the same and changes nothing.
+    pub async fn audit_prune_removes_in_steps_and_seals_the_floor(backend: &Backend) {
+        let store = backend.open().await;
+        let mut head = store.audit_claim_chain(&genesis).await.unwrap();
+        let chain = head.chain;
+        let mut all = Vec::new();
+        // 600 batches of two records 10 ms apart, each batch's first one
+        // naming a session: more batches than two steps remove.
+        for batch in 0..600_i64 {
+            let session = if batch % 2 == 0 {
+                "ses_even"
+            } else {
+                "ses_odd"
+            };
+            let (records, next) = records_after(&head, 2, 1_000 + batch * 10, session);
+            store.audit_append(&records, &next).await.unwrap();
+            all.extend(records);
+            head = next;
+        }
+        let key = key();
+        let seal = |chain: u32, seq: u64, mac: &MacBytes| floor_seal(&key, chain, seq, mac);
+        // Batches 0 to 549 end before this (records 1 to 1,100).
+        let before = 1_000 + 550 * 10;
+        let floor = airlock_store::ChainFloor {
+            chain,
+            seq: 1_100,
+            mac: all[1_099].mac,
+            seal: floor_seal(&key, chain, 1_100, &all[1_099].mac),
+            pruned_at_ms: 42,
+        };
+        let expected = vec![airlock_store::Pruned {
+            chain,
+            first_seq: 1,
+            records: 1_100,
+            floor: floor.clone(),
+        }];
+        assert_eq!(
+            store.audit_prune(before, &seal, 42, true).await.unwrap(),
+            expected
+        );
+        assert!(store.audit_floors().await.unwrap().is_empty());
+        assert_eq!(
+            store
+                .audit_records(&by_chain(chain, 0))
+                .await
+                .unwrap()
+                .len(),
+            1_000
+        );
+
+        assert_eq!(
+            store.audit_prune(before, &seal, 42, false).await.unwrap(),
+            expected
+        );
+        assert_eq!(store.audit_floors().await.unwrap(), vec![floor.clone()]);
+        let left = store.audit_records(&by_chain(chain, 0)).await.unwrap();
+        assert_eq!(left.len(), 100);
+        assert_eq!(left[0].seq, 1_101);
+        let mut verifier = ChainVerifier::from_start(&key);
+        verifier
+            .start_after(chain, floor.seq, &floor.mac, &floor.seal)
+            .unwrap();
+        for (i, record) in left.iter().enumerate() {
+            verifier.check(record, left.get(i + 1)).unwrap();
+        }
+        verifier
+            .check_head(chain, head.seq, &head.mac, &head.seal)
+            .unwrap();
+        let even = store
+            .audit_records(&AuditQuery {
+                session: Some("ses_even".to_owned()),
+                ..by_chain(chain, 0)
+            })
+            .await
+            .unwrap();
+        assert_eq!(even.len(), 25);
+        assert!(store.audit_headless_chains().await.unwrap().is_empty());
+
+        // Nothing more ended before that time; everything else but the
+        // last batch (records 1,199 and 1,200) ended before the end of time.
+        assert!(store
+            .audit_prune(before, &seal, 43, false)
+            .await
+            .unwrap()
+            .is_empty());
+        let rest = store.audit_prune(i64::MAX, &seal, 44, false).await.unwrap();
+        assert_eq!(
+            (rest[0].first_seq, rest[0].records, rest[0].floor.seq),
+            (1_101, 98, 1_198)
+        );
+        let left = store.audit_records(&by_chain(chain, 0)).await.unwrap();
+        assert_eq!(
+            left.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1_199, 1_200]
+        );
+        let odd = store
+            .audit_records(&AuditQuery {
+                session: Some("ses_odd".to_owned()),
+                ..by_chain(chain, 0)
+            })
+            .await
+            .unwrap();
+        assert_eq!(odd.iter().map(|r| r.seq).collect::<Vec<_>>(), [1_199]);
+        store.close().await;
+    }
 
     pub async fn sessions_round_trip_and_survive_reopen(backend: &Backend) {
         let store = backend.open().await;

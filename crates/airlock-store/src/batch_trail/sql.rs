@@ -203,16 +203,24 @@ macro_rules! impl_batch_trail {
                 &mut self,
                 chain: i64,
                 first_seq: i64,
+                sessions: &[String],
             ) -> $crate::Result<()> {
-                for table in ["audit_batch_sessions", "audit_batches"] {
-                    sqlx::query(&format!(
-                        "DELETE FROM {table} WHERE chain = $1 AND first_seq < $2"
-                    ))
+                for session in sessions {
+                    sqlx::query(
+                        "DELETE FROM audit_batch_sessions \
+                         WHERE session = $1 AND chain = $2 AND first_seq < $3",
+                    )
+                    .bind(session)
                     .bind(chain)
                     .bind(first_seq)
                     .execute(&mut *self)
                     .await?;
                 }
+                sqlx::query("DELETE FROM audit_batches WHERE chain = $1 AND first_seq < $2")
+                    .bind(chain)
+                    .bind(first_seq)
+                    .execute(&mut *self)
+                    .await?;
                 Ok(())
             }
 
