@@ -2944,6 +2944,18 @@ async fn json_answers_stay_json_when_the_command_fails() {
         "{status}"
     );
     assert!(stderr(&out).contains("cannot reach"), "{out:?}");
+    // A server that refuses the token still says it is ready (`/readyz`
+    // needs none).
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let out = against(&airlock.admin_url(), &["status", "--json"]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["ready"], true, "{status}");
+    assert!(
+        status["error"].as_str().unwrap().contains("401"),
+        "{status}"
+    );
 
     let out = against(&url, &["audit", "verify", "--remote", "--json"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");

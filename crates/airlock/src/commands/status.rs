@@ -18,9 +18,15 @@ pub async fn run(admin_url: String, json: bool) -> anyhow::Result<ExitCode> {
     let client = AdminClient::from_env(admin_url);
     let outcome = report(&client, json).await;
     if let (Err(e), true) = (&outcome, json) {
+        // `/readyz` needs no token: a server that refused the token (or
+        // failed later) may still say whether it is ready.
+        let ready = match client.exchange(Method::GET, "/readyz", None).await {
+            Ok((status, answer)) => status.is_success() && answer["status"] == "ready",
+            Err(_) => false,
+        };
         let status = json!({
             "url": client.shown_url(),
-            "ready": false,
+            "ready": ready,
             "error": format!("{e:#}"),
         });
         output::print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
