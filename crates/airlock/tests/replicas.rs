@@ -427,6 +427,43 @@ async fn a_quota_leased_to_another_replica_is_not_refused_as_spent() {
     assert_eq!(show(a, &id).await["state"], "active");
 }
 
+/// Retryable refusals of a quota held elsewhere are no free pass for a
+/// flood: they take from the session's second `requests_per_minute`
+/// bucket (as refusals at `max_calls_in_flight` do), and past it the
+/// refusals are the rate limit's, which count toward `max_denied`.
+#[tokio::test]
+async fn a_flood_of_retries_on_a_quota_held_elsewhere_runs_into_the_rate() {
+    let Some(cluster) = Cluster::start(2, &[]).await else {
+        return;
+    };
+    let (a, b) = (&cluster.replicas[0], &cluster.replicas[1]);
+    let limits = json!({"max_requests": 16, "requests_per_minute": 20, "max_denied": 2});
+    let (id, token) = session(a, limits).await;
+    assert_eq!(models(a, &token).await.status, 200);
+    for _ in 0..14 {
+        assert_eq!(models(b, &token).await.status, 200);
+    }
+    // The second bucket's 20, then the rate's refusals, two of which end
+    // the session.
+    let mut held = 0;
+    let mut rate = 0;
+    let ended = loop {
+        let reply = models(b, &token).await;
+        match reply.status {
+            429 if reply.text().contains("leased to other airlock replicas") => held += 1,
+            429 if reply.text().contains("requests_per_minute exceeded") => rate += 1,
+            _ => break reply,
+        }
+        assert!(
+            held + rate <= 30,
+            "{held} held, {rate} rate-limited: no end"
+        );
+    };
+    assert_eq!((held, rate), (20, 2), "{ended:?}");
+    assert_eq!(ended.status, 401, "{ended:?}");
+    assert_eq!(show(a, &id).await["state"], "revoked");
+}
+
 /// The calls a replica killed with `kill -9` held in its lease are lost
 /// (README): another replica that finds the rest of the quota held
 /// elsewhere answers retryable 429s only while that could change, then the
