@@ -25,9 +25,11 @@ pub struct Verified {
     pub pruned: Vec<(u32, u64)>,
 }
 
-/// How many times a chain is checked again when `audit prune` moved its
-/// floor while it was being read.
-const PRUNED_MEANWHILE_RETRIES: usize = 3;
+/// How many times at most a chain is checked again while `audit prune`
+/// keeps moving its floor as it is read (a prune moves it one step of up
+/// to 256 batches at a time, and only forward: this bounds a check that
+/// would otherwise follow a prune to its end).
+const PRUNED_MEANWHILE_RETRIES: usize = 10_000;
 
 /// Checks every chain in `store` from seq 1 — or, for a chain whose older
 /// records were pruned, from its sealed floor — to its sealed head; a

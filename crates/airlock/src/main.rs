@@ -64,19 +64,19 @@ async fn run(cli: Cli) -> ExitCode {
             Ok(url) => report(commands::credential::run(cmd, url).await),
             Err(code) => code,
         },
-        Command::Status { json } => match admin_url(cli.config.as_deref()) {
+        Command::Status { json } => match try_admin_url(cli.config.as_deref()) {
             Ok(url) => match commands::status::run(url, json).await {
                 Ok(code) => code,
                 Err(e) => report(Err(e)),
             },
-            Err(code) => code,
+            Err(message) => config_failed(&message, json.then_some("ready")),
         },
         Command::Audit(cmd) if commands::audit::is_remote(&cmd) => {
             let verifying = matches!(cmd, cli::AuditCommand::Verify { .. });
             let json = matches!(cmd, cli::AuditCommand::Verify { json: true, .. });
-            let url = match admin_url(cli.config.as_deref()) {
+            let url = match try_admin_url(cli.config.as_deref()) {
                 Ok(url) => url,
-                Err(code) => return code,
+                Err(message) => return config_failed(&message, json.then_some("ok")),
             };
             match commands::audit::run_remote(cmd, url).await {
                 Ok(code) => code,
@@ -86,11 +86,12 @@ async fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Audit(cmd) => {
+            let json = matches!(cmd, cli::AuditCommand::Verify { json: true, .. });
             let config = match config::Config::load(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
-                    crate::output::error_line(format_args!("invalid config: {e}"));
-                    return ExitCode::from(EXIT_CONFIG);
+                    let message = format!("invalid config: {e}");
+                    return config_failed(&message, json.then_some("ok"));
                 }
             };
             // `audit verify` answers 0 (intact) or 1 (broken); a trail it
@@ -98,7 +99,6 @@ async fn run(cli: Cli) -> ExitCode {
             // as `diff` and `grep` say trouble, so that a script never
             // takes a misconfiguration for tampering.
             let verifying = matches!(cmd, cli::AuditCommand::Verify { .. });
-            let json = matches!(cmd, cli::AuditCommand::Verify { json: true, .. });
             match commands::audit::run(cmd, &config).await {
                 Ok(code) => code,
                 Err(e) if verifying => unverified(&e, json),
@@ -148,6 +148,19 @@ fn unverified(error: &anyhow::Error, json: bool) -> ExitCode {
     ExitCode::from(cli::EXIT_USAGE)
 }
 
+/// A config that could not be loaded (exit 64), said on stderr; a `--json`
+/// command (`verdict`: the field its answer says false in) also prints a
+/// JSON object on stdout, as for its other failures.
+fn config_failed(message: &str, verdict: Option<&str>) -> ExitCode {
+    if let Some(field) = verdict {
+        let mut answer = serde_json::json!({ "error": message });
+        answer[field] = serde_json::Value::Bool(false);
+        let _ = output::print_verdict(&format!("{answer}\n"));
+    }
+    crate::output::error_line(message);
+    ExitCode::from(EXIT_CONFIG)
+}
+
 /// Loads the config named by `--config`; on error, says why as `serve`
 /// does and gives exit 64.
 fn load_config(path: Option<&std::path::Path>) -> Result<config::Config, ExitCode> {
@@ -163,10 +176,20 @@ fn load_config(path: Option<&std::path::Path>) -> Result<config::Config, ExitCod
 /// `AIRLOCK_ADMIN_URL` overrides it; with it set and no `--config`, no
 /// config is read.
 fn admin_url(path: Option<&std::path::Path>) -> Result<String, ExitCode> {
+    try_admin_url(path).map_err(|message| {
+        crate::output::error_line(&message);
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// [`admin_url`], or why the config could not be loaded (nothing printed).
+fn try_admin_url(path: Option<&std::path::Path>) -> Result<String, String> {
     if let Some(url) = client::admin_url_from_env().filter(|_| path.is_none()) {
         return Ok(url);
     }
-    load_config(path).map(|c| format!("http://{}", c.admin_listen))
+    config::Config::load(path)
+        .map(|c| format!("http://{}", c.admin_listen))
+        .map_err(|e| format!("invalid config: {e}"))
 }
 
 /// Like `load_config`, and also loads the TLS files `serve` would use.

@@ -2980,4 +2980,25 @@ async fn json_answers_stay_json_when_the_command_fails() {
         verdict["error"].as_str().unwrap().contains("audit key"),
         "{verdict}"
     );
+
+    // A config that cannot be read: exit 64, and still the JSON (round 34).
+    for (args, field) in [
+        (&["status", "--json"][..], "ready"),
+        (&["audit", "verify", "--json"], "ok"),
+        (&["audit", "verify", "--remote", "--json"], "ok"),
+    ] {
+        let mut all = vec!["--config", "/nonexistent/airlock.toml"];
+        all.extend_from_slice(args);
+        let out = airlock_cmd(&all).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        let answer: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(answer[field], false, "{args:?}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("/nonexistent/airlock.toml"),
+            "{args:?}: {answer}"
+        );
+    }
 }

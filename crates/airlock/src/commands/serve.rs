@@ -633,10 +633,19 @@ async fn start_audit(
 /// The admin token's hash: from `AIRLOCK_ADMIN_TOKEN`, or generated on first
 /// start (printed once, only its hash stored).
 async fn admin_token_hash(store: &dyn airlock_store::Store) -> anyhow::Result<TokenHash> {
-    if let Some(token) = std::env::var("AIRLOCK_ADMIN_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-    {
+    let token = match std::env::var("AIRLOCK_ADMIN_TOKEN") {
+        Ok(token) => Some(token).filter(|t| !t.is_empty()),
+        Err(std::env::VarError::NotPresent) => None,
+        // Not to be taken for unset: the token generated on first start
+        // would stay in force (round 34).
+        Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!(
+            "AIRLOCK_ADMIN_TOKEN is not valid UTF-8 (a byte outside printable ASCII): clients \
+             send the admin token in an Authorization header, which cannot carry it, so no \
+             client could use the admin API; use printable ASCII only (e.g. `openssl rand -hex \
+             24`)"
+        ),
+    };
+    if let Some(token) = token {
         // A token no client can send as it is (a trailing newline from a
         // secret file, a space) would lock every client out of the admin
         // API, with nothing said.
