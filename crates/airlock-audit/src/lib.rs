@@ -61,8 +61,10 @@ pub struct AuditSettings {
 /// Why a record was not written.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
+    // The store's error is in the message, not also its source: `{:#}`
+    // printed it twice.
     #[error("the audit store refused the write: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("the audit store refused the batch: {0}")]
     Write(String),
     #[error("the audit writer did not commit in time")]
@@ -71,6 +73,12 @@ pub enum AuditError {
     Closed,
     #[error("the audit queue is full")]
     QueueFull,
+}
+
+impl From<StoreError> for AuditError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
 }
 
 /// Metrics of the writer (Prometheus, registered by the caller).
