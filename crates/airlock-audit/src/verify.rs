@@ -45,7 +45,7 @@ pub async fn verify_store(store: &dyn Store, key: &AuditKey) -> Result<Verified,
     let mut pruned = Vec::new();
     for head in heads {
         let mut attempts = 0;
-        let (verifier, checked) = loop {
+        let (verifier, floor, checked) = loop {
             let floor = floors
                 .iter()
                 .find(|floor| floor.chain == head.chain)
@@ -53,20 +53,39 @@ pub async fn verify_store(store: &dyn Store, key: &AuditKey) -> Result<Verified,
             let mut verifier = ChainVerifier::from_start(key);
             let checked = verify_one(store, &mut verifier, &head, floor.as_ref()).await?;
             attempts += 1;
-            if checked.is_ok() || attempts > PRUNED_MEANWHILE_RETRIES {
-                break (verifier, checked.map(|()| floor));
-            }
+            let broken = match &checked {
+                Err(broken) if attempts <= PRUNED_MEANWHILE_RETRIES => broken,
+                _ => break (verifier, floor, checked),
+            };
             floors = store.audit_floors().await?;
             let now = floors.iter().find(|floor| floor.chain == head.chain);
-            if now == floor.as_ref() {
-                break (verifier, checked.map(|()| floor));
+            // A prune moves the floor forward, and what it removed from
+            // under the reading breaks the chain at or before the new
+            // floor's next record; anything else is reported as it is.
+            let moved = match (&floor, now) {
+                (Some(old), Some(now)) => now.seq > old.seq,
+                (None, Some(_)) => true,
+                _ => false,
+            };
+            let by_the_prune = now.is_some_and(|now| broken.seq <= now.seq.saturating_add(1));
+            if !(moved && by_the_prune) {
+                break (verifier, floor, checked);
             }
         };
         records += verifier.records();
-        match checked {
-            Ok(Some(floor)) => pruned.push((floor.chain, floor.seq.saturating_add(1))),
-            Ok(None) => {}
-            Err(broken) => broken_chains.push(broken),
+        // Started from a floor whose seal verified, broken later or not.
+        let started = !matches!(
+            &checked,
+            Err(Break {
+                reason: BreakReason::BadFloor,
+                ..
+            })
+        );
+        if let (Some(floor), true) = (&floor, started) {
+            pruned.push((floor.chain, floor.seq.saturating_add(1)));
+        }
+        if let Err(broken) = checked {
+            broken_chains.push(broken);
         }
     }
     // Records whose chain has no head: someone deleted the head, which

@@ -274,6 +274,17 @@ pub(crate) async fn prune_step<C: BatchRows + TrailWrites>(
         let mut sessions: Vec<String> = Vec::new();
         let mut previous: Option<&Stored> = None;
         for row in step.iter().filter(|row| row.first_seq < cut) {
+            // Seqs run on from batch to batch (decoding checks overlaps):
+            // a gap is a damaged trail, which pruning would hide.
+            if let Some(before) = previous.and_then(|p| p.last_seq) {
+                if row.first_seq != before + 1 {
+                    return Err(StoreError::UnreadableAudit {
+                        chain,
+                        seq: u64::try_from(before + 1).unwrap_or(0),
+                        reason: "a batch is missing here, where pruning would remove".to_owned(),
+                    });
+                }
+            }
             let start = records.len();
             row.decode_into(chain, previous, &mut records)?;
             for session in crate::audit_batch::sessions(&records[start..]) {

@@ -284,8 +284,10 @@ pub trait Store: Send + Sync + 'static {
     /// records all ended before `before_ms` (unix ms), never a chain's last
     /// batch (its head stays checkable against a record). Each chain pruned
     /// gets the last record removed as its floor, sealed with `seal`, and
-    /// `now_ms` as its time, in the same transaction. With `dry_run`,
-    /// nothing changes and the answer says what would go.
+    /// `now_ms` as its time. It removes in steps, each its own transaction
+    /// that moves the floor along: an error leaves the steps before it
+    /// done. With `dry_run`, nothing changes and the answer says what
+    /// would go.
     async fn audit_prune(
         &self,
         before_ms: i64,

@@ -68,6 +68,10 @@ pub struct PgStore {
     keeper: tokio::task::AbortHandle,
 }
 
+/// The advisory lock (one-key space, as sqlx's migrator's) that steps of
+/// `audit prune` take for their transaction.
+const PRUNE_LOCK: i64 = 0x4149_524c_5052_554e; // "AIRLPRUN"
+
 /// The PostgreSQL schema's migrations: version, description, SQL.
 const MIGRATIONS: [(i64, &str, &str); 7] = [
     (
@@ -401,8 +405,14 @@ impl Store for PgStore {
     ) -> Result<Vec<Pruned>> {
         let mut pruned = Vec::new();
         loop {
-            // A step at a time, each its own short transaction.
+            // A step at a time, each its own short transaction; the steps
+            // of prunes running at once take turns (as SQLite's write lock
+            // makes them), so that each step reads what the last one left.
             let mut tx = self.pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(PRUNE_LOCK)
+                .execute(&mut *tx)
+                .await?;
             let step = batch_trail::prune_step(&mut *tx, before_ms, seal, now_ms, dry_run).await?;
             tx.commit().await?;
             let done = dry_run || step.is_empty();

@@ -181,6 +181,7 @@ suite!(
     active_sessions_are_listed_a_page_at_a_time,
     session_pages_walk_the_creation_index,
     audit_prune_removes_in_steps_and_seals_the_floor,
+    audit_prune_stops_at_a_missing_batch,
 );
 
 #[tokio::test]
@@ -580,6 +581,41 @@ mod cases {
             .await
             .unwrap();
         assert_eq!(odd.iter().map(|r| r.seq).collect::<Vec<_>>(), [1_199]);
+        store.close().await;
+    }
+
+    /// A batch missing in the middle of what a prune would remove (the
+    /// trail damaged after it verified) stops the prune before it removes
+    /// anything: pruning would hide the gap.
+    pub async fn audit_prune_stops_at_a_missing_batch(backend: &Backend) {
+        let store = backend.open().await;
+        let mut head = store.audit_claim_chain(&genesis).await.unwrap();
+        let chain = head.chain;
+        for batch in 0..10_i64 {
+            let (records, next) = records_after(&head, 1, 1_000 + batch * 10, "ses_a");
+            store.audit_append(&records, &next).await.unwrap();
+            head = next;
+        }
+        backend
+            .execute(&format!(
+                "DELETE FROM audit_batches WHERE chain = {chain} AND first_seq = 5"
+            ))
+            .await;
+        let key = key();
+        let seal = |chain: u32, seq: u64, mac: &MacBytes| floor_seal(&key, chain, seq, mac);
+        let err = store
+            .audit_prune(i64::MAX, &seal, 1, false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnreadableAudit { seq: 5, .. }),
+            "{err:?}"
+        );
+        assert!(store.audit_floors().await.unwrap().is_empty());
+        assert_eq!(
+            backend.scalar("SELECT COUNT(*) FROM audit_batches").await,
+            9
+        );
         store.close().await;
     }
 

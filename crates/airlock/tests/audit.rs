@@ -1931,6 +1931,19 @@ async fn pruning_keeps_the_rest_verifiable_and_tampering_still_shows() {
         assert!(stdout(&out).contains(named), "{what}: {out:?}");
         backup.restore();
     }
+    // A chain started from its sealed floor and broken later is still
+    // listed as pruned.
+    execute_sqlite(&db, "DELETE FROM audit_batches WHERE first_seq = 7")
+        .await
+        .unwrap();
+    let out = cli(&config, &["audit", "verify", "--json"]);
+    let verdict: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (&verdict["ok"], &verdict["pruned"]),
+        (&json!(false), &json!([{"chain": 1, "first_seq": 6}])),
+        "{verdict}"
+    );
+    backup.restore();
 
     // A trail that does not verify is left as it is.
     execute_sqlite(&db, "DELETE FROM audit_batches WHERE first_seq = 7")

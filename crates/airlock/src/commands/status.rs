@@ -18,12 +18,15 @@ pub async fn run(admin_url: String, json: bool) -> anyhow::Result<ExitCode> {
     let client = AdminClient::from_env(admin_url);
     let outcome = report(&client, json).await;
     if let (Err(e), true) = (&outcome, json) {
-        // `/readyz` needs no token: a server that refused the token (or
-        // failed later) may still say whether it is ready.
-        let ready = match client.exchange(Method::GET, "/readyz", None).await {
-            Ok((status, answer)) => status.is_success() && answer["status"] == "ready",
-            Err(_) => false,
-        };
+        // `/readyz` needs no token: a server that answered with a refusal
+        // (a wrong token, say) may still say whether it is ready. One that
+        // did not answer is not asked again (a hung one would take the
+        // whole timeout once more).
+        let ready = e.downcast_ref::<ApiRefusal>().is_some()
+            && match client.exchange(Method::GET, "/readyz", None).await {
+                Ok((status, answer)) => status.is_success() && answer["status"] == "ready",
+                Err(_) => false,
+            };
         let status = json!({
             "url": client.shown_url(),
             "ready": ready,
