@@ -81,7 +81,10 @@ async fn prune(
     let pruned = store
         .audit_prune(before_ms, &seal, now_ms(), dry_run)
         .await
-        .context("pruning the audit trail")?;
+        .context(
+            "pruning the audit trail (steps done before this error stay done: `airlock audit \
+             verify` says where each chain starts now)",
+        )?;
     Ok(Ok(pruned))
 }
 
