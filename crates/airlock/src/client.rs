@@ -106,6 +106,8 @@ pub struct AdminClient {
     /// Whether [`CA_FILE_ENV`] names a file (for the certificate hint).
     ca_file_set: bool,
     token: Option<String>,
+    /// `AIRLOCK_ADMIN_TOKEN` is set but not UTF-8 (not taken for unset).
+    token_not_utf8: bool,
     /// Bound on one call, or why [`TIMEOUT_ENV`] is refused.
     timeout: Result<Duration, String>,
     /// The client, or why an `https://` URL cannot be trusted.
@@ -146,6 +148,10 @@ impl AdminClient {
             token: std::env::var("AIRLOCK_ADMIN_TOKEN")
                 .ok()
                 .filter(|v| !v.is_empty()),
+            token_not_utf8: matches!(
+                std::env::var("AIRLOCK_ADMIN_TOKEN"),
+                Err(std::env::VarError::NotUnicode(_))
+            ),
             timeout,
             http,
         }
@@ -289,6 +295,12 @@ impl AdminClient {
         // Every route the CLI calls needs the token: without one, say so
         // rather than send a request bound to be refused.
         let Some(token) = &self.token else {
+            if self.token_not_utf8 {
+                anyhow::bail!(
+                    "AIRLOCK_ADMIN_TOKEN is not valid UTF-8: it cannot be sent in a header (the \
+                     admin token is printable ASCII)"
+                );
+            }
             anyhow::bail!(
                 "AIRLOCK_ADMIN_TOKEN is not set: the admin API needs the admin token (`airlock \
                  serve` prints it once at its first start, unless AIRLOCK_ADMIN_TOKEN was set \

@@ -3002,3 +3002,26 @@ async fn json_answers_stay_json_when_the_command_fails() {
         );
     }
 }
+
+/// A non-UTF-8 `AIRLOCK_ADMIN_TOKEN` (Latin-1 bytes) is named as such, not
+/// taken for an unset variable (round 34).
+#[tokio::test]
+async fn a_non_utf8_admin_token_is_named() {
+    use std::os::unix::ffi::OsStrExt;
+    let (listener, url) = unanswering_listener();
+    let out = airlock_cmd(&["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", &url)
+        .env(
+            "AIRLOCK_ADMIN_TOKEN",
+            std::ffi::OsStr::from_bytes(b"adm_t\xe9st_token_0123456789"),
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr(&out).contains("AIRLOCK_ADMIN_TOKEN is not valid UTF-8"),
+        "{out:?}"
+    );
+    assert_nothing_sent(&listener);
+}
