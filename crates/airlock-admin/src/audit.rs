@@ -54,6 +54,12 @@ pub(crate) struct AuditList {
     /// it answers the records committed since (what `audit tail --remote`
     /// polls with).
     resume: String,
+    /// Present only when the cursor given as `after` was behind a chain's
+    /// floor: records it had not read were pruned (`audit prune`) before
+    /// it came back; per chain, the first of them and the first record
+    /// there is now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pruned: Vec<Value>,
 }
 
 /// Where the next page starts: the query's filters, and per chain the last
@@ -136,6 +142,22 @@ pub(crate) async fn list(
             cursor
         }
     };
+    // A follower behind a prune is told what it missed rather than left
+    // to find the gap in what it kept.
+    let mut pruned = Vec::new();
+    if query.after.is_some() {
+        for floor in audit.store.audit_floors().await? {
+            if let Some(&read) = cursor.after.get(&floor.chain) {
+                if read < floor.seq {
+                    pruned.push(json!({
+                        "chain": floor.chain,
+                        "missed_from": read + 1,
+                        "first_seq": floor.seq + 1,
+                    }));
+                }
+            }
+        }
+    }
     let page_len = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut chains = Vec::new();
     for head in audit.store.audit_heads().await? {
@@ -163,6 +185,7 @@ pub(crate) async fn list(
         records,
         next,
         resume,
+        pruned,
     }))
 }
 
@@ -202,6 +225,7 @@ async fn end_of_trail(
         records: Vec::new(),
         next: None,
         resume: encode_cursor(&cursor),
+        pruned: Vec::new(),
     }))
 }
 

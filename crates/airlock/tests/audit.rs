@@ -1849,6 +1849,13 @@ async fn pruning_keeps_the_rest_verifiable_and_tampering_still_shows() {
     );
     assert_eq!(audit_records(&airlock, "?limit=100").await.len(), 8);
 
+    // A follower that read records 1 and 2 before the prune.
+    let (_, first_page) = airlock
+        .admin("GET", "/v1/audit?limit=2", None)
+        .await
+        .unwrap();
+    let behind = first_page["next"].as_str().unwrap().to_owned();
+
     // While the server runs.
     let out = cli(
         &config,
@@ -1867,6 +1874,23 @@ async fn pruning_keeps_the_rest_verifiable_and_tampering_still_shows() {
         .map(|r| r["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(seqs, [6, 7, 8]);
+    // Coming back, the follower is told what it missed, and goes on.
+    let (_, page) = airlock
+        .admin("GET", &format!("/v1/audit?after={behind}"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        page["pruned"],
+        json!([{"chain": 1, "missed_from": 3, "first_seq": 6}]),
+        "{page}"
+    );
+    assert_eq!(page["records"][0]["seq"], 6, "{page}");
+    let resume = page["resume"].as_str().unwrap().to_owned();
+    let (_, page) = airlock
+        .admin("GET", &format!("/v1/audit?after={resume}"), None)
+        .await
+        .unwrap();
+    assert!(page.get("pruned").is_none(), "{page}");
     // The server goes on appending to the pruned chain.
     assert_eq!(get(&airlock, "/openai/v1/calls/9", &token).await, 200);
     let (_, verdict) = airlock

@@ -203,6 +203,7 @@ pub async fn tail(
             if outage.take().is_some() {
                 output::error_line(format_args!("the admin API answers again"));
             }
+            report_pruned(&answer);
             let lines = record_lines(&answer)?;
             super::tail::print_lines(lines.iter().map(String::as_str))?;
             after = resume_of(&answer)?;
@@ -239,6 +240,25 @@ fn passing(error: &anyhow::Error) -> bool {
 }
 
 /// The `resume` cursor of an answer of `GET /v1/audit`.
+/// Says on stderr which records were pruned before this follower read them
+/// (the answer's `pruned`, when the cursor was behind a chain's floor).
+fn report_pruned(answer: &Value) {
+    for chain in answer["pruned"].as_array().into_iter().flatten() {
+        let (Some(id), Some(from), Some(first)) = (
+            chain["chain"].as_u64(),
+            chain["missed_from"].as_u64(),
+            chain["first_seq"].as_u64(),
+        ) else {
+            continue;
+        };
+        output::error_line(format_args!(
+            "chain {id}: records {from}–{} were pruned (`airlock audit prune`) before they were \
+             read; following on from record {first}",
+            first.saturating_sub(1)
+        ));
+    }
+}
+
 fn resume_of(answer: &Value) -> anyhow::Result<String> {
     match answer.get("resume").and_then(Value::as_str) {
         Some(resume) => Ok(resume.to_owned()),
