@@ -437,6 +437,11 @@ impl Proxy {
             return self.refuse(denial, call).await;
         }
         strip_hop_by_hop(&mut parts.headers);
+        // A 204 has no body and no length (RFC 9110 §8.6): HTTP/2 agents
+        // take one the provider sent anyway as a broken stream.
+        if parts.status == StatusCode::NO_CONTENT {
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+        }
         // Nothing of the upstream connection's own goes on: hyper would
         // write the provider's reason phrase (text it chose, which can
         // quote the key) in place of the standard one.
@@ -850,6 +855,23 @@ fn unrelayable(
         // for (airlock sends no Upgrade).
         let message = format!("the provider answered {status} to a call that asked for no upgrade");
         return Some(Denial::new(ErrorCode::UpstreamError, message));
+    }
+    // Framing the provider made ambiguous is refused, not repaired (as an
+    // agent's is): its `Content-Length` would have framed the agent's
+    // answer while hyper read the body chunked (round 35: answers cut, or
+    // short but complete-looking).
+    if parts.headers.contains_key(http::header::TRANSFER_ENCODING)
+        && parts.headers.contains_key(http::header::CONTENT_LENGTH)
+    {
+        tracing::warn!(
+            provider,
+            "the provider's answer had both Content-Length and Transfer-Encoding"
+        );
+        return Some(Denial::new(
+            ErrorCode::UpstreamError,
+            "the provider's answer had both Content-Length and Transfer-Encoding (ambiguous \
+             framing)",
+        ));
     }
     let coding = opaque_coding(&parts.headers).filter(|_| has_body(parts.status, body))?;
     tracing::warn!(

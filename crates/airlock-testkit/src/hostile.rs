@@ -240,6 +240,9 @@ pub enum Script {
         /// The whole body.
         body: &'static str,
     },
+    /// Answers every request with exactly these bytes (head and body, any
+    /// framing), then closes the connection.
+    Raw(&'static str),
 }
 
 /// A raw-TCP upstream that misbehaves on purpose and reports what happened:
@@ -376,6 +379,10 @@ async fn run_script(mut stream: TcpStream, state: Arc<UpstreamState>) {
                      content-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
+                let _ = writer.write_all(answer.as_bytes()).await;
+                let _ = writer.shutdown().await;
+            }
+            Script::Raw(answer) => {
                 let _ = writer.write_all(answer.as_bytes()).await;
                 let _ = writer.shutdown().await;
             }

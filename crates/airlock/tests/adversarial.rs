@@ -2150,3 +2150,72 @@ async fn an_http2_path_cannot_forge_a_log_line() {
     let path = listed["records"][0]["path"].as_str().unwrap();
     assert!(path.bytes().all(|b| b.is_ascii_graphic()), "{path}");
 }
+
+/// A provider answer framed both by `Content-Length` and chunked
+/// `Transfer-Encoding` is refused with a 502, not relayed with the length
+/// framing the agent's answer while the body was read chunked (round 35:
+/// cut answers, or short ones that looked complete).
+#[tokio::test]
+async fn a_provider_answer_with_two_framings_is_refused() {
+    let (_upstream, airlock, id, token) = scripted(
+        Script::Raw(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n\
+             2f\r\nabcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstu\r\n0\r\n\r\n",
+        ),
+        "",
+    )
+    .await;
+    let url = format!("{}/up/v1/models", airlock.proxy_url());
+    let reply = request(
+        "GET",
+        &url,
+        &[("authorization", &format!("Bearer {token}"))],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, 502, "{reply:?}");
+    assert_eq!(
+        reply.error_code().as_deref(),
+        Some("upstream_error"),
+        "{reply:?}"
+    );
+    assert!(
+        reply
+            .text()
+            .contains("both Content-Length and Transfer-Encoding"),
+        "{reply:?}"
+    );
+    let records = audit_records(&airlock, &id, 1).await;
+    assert_eq!(records[0]["decision"], "upstream_error", "{records:?}");
+}
+
+/// A provider's 204 with a `Content-Length` reaches an HTTP/2 agent without
+/// it (RFC 9110 §8.6: a 204 has none), as hyper already sends it over
+/// HTTP/1.1 (round 35: HTTP/2 clients took the stream for broken).
+#[tokio::test]
+async fn a_204_reaches_an_http2_agent_without_a_length() {
+    let (_upstream, airlock, _, token) = scripted(
+        Script::Raw("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello"),
+        "",
+    )
+    .await;
+    let authority = hostile::authority(&airlock.proxy_url()).to_owned();
+    let tcp = TcpStream::connect(&authority).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::get(format!("http://{authority}/up/v1/models"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 204);
+    assert!(
+        response.headers().get("content-length").is_none(),
+        "{:?}",
+        response.headers()
+    );
+}
