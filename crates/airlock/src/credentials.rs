@@ -238,6 +238,9 @@ impl CredentialAdmin for Credentials {
         let prepared = p
             .format
             .prepare(&value)
+            // Guarding the key it replaces, as a rotation heard of from
+            // another replica does (round 35: this replica stopped).
+            .and_then(|prepared| rotated(prepared, &p.cell))
             .map_err(|e| CredentialAdminError::Invalid(format!("value: {e}")))?;
         let sealed = seal::seal(key, &credential_aad(provider), value.expose().as_bytes())
             .map_err(|e| CredentialAdminError::Internal(e.to_string()))?;

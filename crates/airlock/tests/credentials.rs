@@ -605,6 +605,18 @@ async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
     assert!(shown["updated_at"].is_string());
     assert!(!shown.to_string().contains(second));
     wait_for_credential(&airlock, &mock, &token, second).await;
+    // An answer echoing the key just rotated out through the admin API is
+    // masked too, as for rotations the other replicas hear of (round 35:
+    // the replica that took the new key stopped guarding the old one).
+    let reply = request(
+        "POST",
+        &format!("{}/p/echo", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        Bytes::from(format!("old: {first}, new: {second}")),
+    )
+    .await;
+    let text = reply.text();
+    assert!(!text.contains(first) && !text.contains(second), "{text}");
 
     // Refusals: an env provider, an unknown one, a value too short, junk.
     let put = |name: &'static str, body: Value| {
