@@ -798,7 +798,7 @@ impl Proxy {
                 tracing::warn!(provider = provider.name(), error = %e, "upstream request failed");
                 return Err(Denial::new(
                     ErrorCode::UpstreamError,
-                    "the provider could not be reached",
+                    "the provider could not be reached, or its answer could not be read",
                 ));
             }
             Ok(Ok(response)) => response,
