@@ -2036,3 +2036,72 @@ async fn a_chain_whose_head_was_deleted_is_named_and_not_resumed() {
         "{stderr}"
     );
 }
+
+/// A local `audit tail` that fell behind a prune (here: stopped while the
+/// records it had not read were pruned) says on stderr what it missed, and
+/// follows on from the floor.
+#[tokio::test]
+async fn a_local_tail_behind_a_prune_is_told() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mock = MockProvider::start().await;
+    let airlock = builder(&mock).start().await.unwrap();
+    let (_, token) = session(&airlock, json!({})).await;
+    assert_eq!(get(&airlock, "/openai/v1/calls/1", &token).await, 200);
+    let mut tail = tokio::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--config")
+        .arg(airlock.config_path())
+        .args(["audit", "tail", "-n", "1"])
+        .env_remove("AIRLOCK_AUDIT_KEY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(tail.stdout.take().unwrap()).lines();
+    let mut err = BufReader::new(tail.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), out.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("\"seq\":1,"), "{line}");
+    // It has read up to record 1: stopped there, it falls behind.
+    let pid = tail.id().unwrap().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    for n in 2..=4 {
+        assert_eq!(
+            get(&airlock, &format!("/openai/v1/calls/{n}"), &token).await,
+            200
+        );
+    }
+    let out_of_prune = cli(
+        &airlock.config_path(),
+        &["audit", "prune", "--before", "0s"],
+    );
+    assert!(out_of_prune.status.success(), "{out_of_prune:?}");
+    signal("-CONT");
+
+    let told = tokio::time::timeout(Duration::from_secs(10), err.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        told,
+        "airlock: chain 1: records 2–3 were pruned (`airlock audit prune`) before they were \
+         read; following on from record 4"
+    );
+    let line = tokio::time::timeout(Duration::from_secs(10), out.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("\"seq\":4,"), "{line}");
+}

@@ -179,6 +179,7 @@ async fn poll(
         if head.seq <= *cursor {
             continue;
         }
+        let read_up_to = *cursor;
         let mut new = VecDeque::new();
         loop {
             let page = store
@@ -199,12 +200,39 @@ async fn poll(
                 break;
             }
         }
+        // Seqs jump only where records were pruned before they were read
+        // (or, with a session, at other sessions' records).
+        let jumped = new
+            .front()
+            .is_some_and(|first| read_up_to > 0 && first.seq > read_up_to + 1);
+        if jumped && session.is_none() {
+            report_pruned(store, head.chain, read_up_to).await?;
+        }
         // Every record up to the head was committed when the head was read:
         // records of other sessions up to it need not be read again.
         *cursor = (*cursor).max(head.seq);
         chains.push(new);
     }
     Ok(take_oldest_first(&mut chains, usize::MAX))
+}
+
+/// Says on stderr that `chain`'s records after `read_up_to` up to its
+/// floor were pruned (`audit prune`) before this follower read them.
+async fn report_pruned(store: &dyn Store, chain: u32, read_up_to: u64) -> anyhow::Result<()> {
+    let floors = store.audit_floors().await?;
+    if let Some(floor) = floors
+        .iter()
+        .find(|f| f.chain == chain && f.seq > read_up_to)
+    {
+        crate::output::error_line(format_args!(
+            "chain {chain}: records {}–{} were pruned (`airlock audit prune`) before they were \
+             read; following on from record {}",
+            read_up_to + 1,
+            floor.seq,
+            floor.seq + 1
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
