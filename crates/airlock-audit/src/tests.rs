@@ -177,6 +177,18 @@ async fn faulty_store(dir: &tempfile::TempDir, inline: bool) -> Arc<FaultyStore>
     })
 }
 
+/// A store holding records 1 to `n`, each committed on its own (one batch
+/// each), its writer shut down.
+async fn store_with_records(dir: &tempfile::TempDir, n: u64) -> Arc<FaultyStore> {
+    let store = store(dir).await;
+    let (auditor, writer) = start(&store).await;
+    for n in 1..=n {
+        auditor.submit(record(n)).await.unwrap();
+    }
+    writer.shutdown().await;
+    store
+}
+
 /// Starts a writer on `store` with the test key and settings.
 async fn start(store: &Arc<FaultyStore>) -> (Auditor, WriterHandle) {
     Auditor::start(store.clone(), Arc::new(key()), settings())
@@ -272,12 +284,7 @@ async fn futures_join<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
 #[tokio::test]
 async fn a_prune_during_verify_is_no_break() {
     let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
-    let (auditor, writer) = start(&store).await;
-    for n in 1..=10 {
-        auditor.submit(record(n)).await.unwrap();
-    }
-    writer.shutdown().await;
+    let store = store_with_records(&dir, 10).await;
     store.prune_before_reads.store(6, Ordering::Release);
 
     let verified = verify_store(store.as_ref(), &key()).await.unwrap();
@@ -535,12 +542,7 @@ async fn disabled_auditor_admits_and_records_nothing() {
 #[tokio::test]
 async fn tampering_in_the_store_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let store = store(&dir).await;
-    let (auditor, writer) = start(&store).await;
-    for n in 1..=10 {
-        auditor.submit(record(n)).await.unwrap();
-    }
-    writer.shutdown().await;
+    let store = store_with_records(&dir, 10).await;
     let path = dir.path().join("a.db");
     airlock_store::testing::rewrite_sqlite_chain(&path, 1, |records| {
         records[3].status = 500;
