@@ -156,7 +156,7 @@ pub struct ChainVerifier<'k> {
 }
 
 /// JSON form of a record (what the API and `audit export` print).
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireRecord {
     chain: u32,
@@ -341,20 +341,20 @@ impl AuditRecord {
         serde_json::to_value(self.to_wire()).unwrap_or_default()
     }
 
-    /// Parses one JSON line. The line must be exactly what [`Self::to_json`]
-    /// prints for the record it describes (canonical form), so that no edit
-    /// can hide in a field's spelling.
+    /// Parses one JSON line. Every field must hold exactly the value
+    /// [`Self::to_json`] prints for the record it describes, so that no edit
+    /// can hide in a field's spelling (`1.2360001` ms read as the 1236 µs the
+    /// mac covers, a timestamp with extra digits); how the line is laid out
+    /// (spaces, key order, `\u` escapes, as another JSON tool writes it back)
+    /// is not part of the record.
     pub fn from_json(line: &str) -> Result<Self, String> {
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+        // Straight into the struct: a key given twice is refused (a reader
+        // keeping its first value would see another record than one keeping
+        // the last), as is a key the record does not have.
         let wire: WireRecord =
-            serde_json::from_value(value).map_err(|e| format!("not a record: {e}"))?;
-        let record = Self::from_wire(wire)?;
-        // Byte for byte what the record prints (around the line's own
-        // whitespace): a comparison of parsed values would let a key given
-        // twice through, parsed as its last value while a reader keeping
-        // the first sees another record.
-        if record.to_json() != line.trim() {
+            serde_json::from_str(line).map_err(|e| format!("not a record: {e}"))?;
+        let record = Self::from_wire(wire.clone())?;
+        if record.to_wire() != wire {
             return Err("fields are not in canonical form".to_owned());
         }
         Ok(record)
@@ -410,7 +410,7 @@ impl AuditRecord {
             status: w.status,
             upstream_status: w.upstream_status,
             // Rounding back is exact for every value `to_wire` produces; the
-            // canonical-form check in `from_json` refuses anything else.
+            // check in `from_json` refuses any other.
             duration_us: (w.duration_ms * 1000.0).round() as u64,
             bytes_in: w.bytes_in,
             bytes_out: w.bytes_out,

@@ -144,8 +144,8 @@ async fn every_call_gets_one_record_and_none_holds_a_secret() {
         (
             "/nobody/v1/calls/3".into(),
             token.clone(),
-            404,
-            "unknown_provider",
+            403,
+            "out_of_scope",
         ),
         (
             "/dead/anything".into(),
@@ -896,6 +896,19 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
     assert!(
         edited.contains("seq 3 of chain 1 (line 3): bad mac"),
         "{edited}"
+    );
+    // Every line written back by another JSON tool (Python's `json.dumps`
+    // layout: a space after each separator) with record 3 edited: the edit
+    // is named, not line 1's layout.
+    let relaid = broken(&|l| {
+        for line in l.iter_mut() {
+            *line = line.replace("\",\"", "\", \"").replace("\":", "\": ");
+        }
+        l[2] = l[2].replace("\"status\": 200", "\"status\": 201");
+    });
+    assert!(
+        relaid.contains("seq 3 of chain 1 (line 3): bad mac"),
+        "{relaid}"
     );
     let dropped = broken(&|l| {
         l.remove(3);

@@ -329,6 +329,26 @@ fn json_round_trips_and_is_canonical() {
     assert!(AuditRecord::from_json(&twice).is_err(), "{twice}");
     // The line's own whitespace (a CRLF file, say) is no change.
     assert_eq!(AuditRecord::from_json(&format!("{line}\r")).unwrap(), r);
+    // Nor is the layout another JSON tool gives the same values: spaces
+    // after the separators and `\u` escapes (Python's `json.dumps`), keys
+    // in another order, a whole number of milliseconds written without
+    // its `.0` (jq).
+    let python = line
+        .replace("\",\"", "\", \"")
+        .replace("\":", "\": ")
+        .replace("\\r", "\\u000d");
+    assert_ne!(python, line);
+    assert_eq!(AuditRecord::from_json(&python).unwrap(), r);
+    let reordered = serde_json::to_string(&value).unwrap();
+    assert_ne!(reordered, line);
+    assert_eq!(AuditRecord::from_json(&reordered).unwrap(), r);
+    let mut whole = r.clone();
+    whole.duration_us = 2000;
+    whole.mac = whole.compute_mac(&key);
+    let whole_line = whole.to_json();
+    assert!(whole_line.contains("\"duration_ms\":2.0,"), "{whole_line}");
+    let jq = whole_line.replace("\"duration_ms\":2.0,", "\"duration_ms\":2,");
+    assert_eq!(AuditRecord::from_json(&jq).unwrap(), whole);
     let ts = line.replace(".002Z\"", ".002000Z\"");
     assert_ne!(ts, line);
     assert!(AuditRecord::from_json(&ts).is_err(), "{ts}");
