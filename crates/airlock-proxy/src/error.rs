@@ -21,7 +21,6 @@ pub enum ErrorCode {
     OutOfScope,
     RateLimited,
     StoreUnavailable,
-    UnknownProvider,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamTimeout,
@@ -69,7 +68,7 @@ pub(crate) fn cause<'a, T: std::error::Error + 'static>(
 
 impl ErrorCode {
     /// All codes, in a fixed order (used to pre-register metrics).
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::AuditUnavailable,
         ErrorCode::BadRequest,
         ErrorCode::CredentialUnavailable,
@@ -77,7 +76,6 @@ impl ErrorCode {
         ErrorCode::OutOfScope,
         ErrorCode::RateLimited,
         ErrorCode::StoreUnavailable,
-        ErrorCode::UnknownProvider,
         ErrorCode::UpstreamAuthFailed,
         ErrorCode::UpstreamError,
         ErrorCode::UpstreamTimeout,
@@ -97,7 +95,6 @@ impl ErrorCode {
             Self::OutOfScope => "out_of_scope",
             Self::RateLimited => "rate_limited",
             Self::StoreUnavailable => "store_unavailable",
-            Self::UnknownProvider => "unknown_provider",
             Self::UpstreamAuthFailed => "upstream_auth_failed",
             Self::UpstreamError => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -118,7 +115,6 @@ impl ErrorCode {
             Self::OutOfScope => StatusCode::FORBIDDEN,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UnknownProvider => StatusCode::NOT_FOUND,
             Self::UpstreamAuthFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -131,10 +127,9 @@ impl ErrorCode {
     /// The `type` field, in the vocabulary the OpenAI and Anthropic SDKs use.
     pub(crate) fn error_type(self) -> &'static str {
         match self {
-            Self::BadRequest
-            | Self::UnknownProvider
-            | Self::PayloadTooLarge
-            | Self::HeadersTooLarge => "invalid_request_error",
+            Self::BadRequest | Self::PayloadTooLarge | Self::HeadersTooLarge => {
+                "invalid_request_error"
+            }
             Self::InvalidToken => "authentication_error",
             Self::OutOfScope => "permission_error",
             Self::RateLimited => "rate_limit_error",

@@ -204,7 +204,7 @@ impl Proxy {
             );
             // Counted under the provider the path names (a lookup of its
             // first segment), as any other refusal of a call to it is.
-            let provider = self.route(req.uri().path()).ok().map(|(p, _)| p);
+            let provider = self.route(req.uri().path()).map(|(p, _)| p);
             let metrics = provider.map_or(&self.unknown_provider, |p| &p.metrics);
             metrics.record(Some(denial.code()), started.elapsed().as_secs_f64());
             // Its record is queued, not waited for (the trail cannot be
@@ -274,12 +274,8 @@ impl Proxy {
         call: &mut CallRecord,
         head_timer: &HeadTimer,
     ) -> (Option<&Provider>, Result<Forwarded, Denial>) {
-        let (provider, path_start) = match self.route(req.uri().path()) {
-            Ok(routed) => routed,
-            Err(denial) => {
-                withhold_presented(call, &req);
-                return (None, Err(denial));
-            }
+        let Some((provider, path_start)) = self.route(req.uri().path()) else {
+            return (None, Err(self.refuse_unrouted(&req, call).await));
         };
         call.set_provider(provider.recorded_name());
         let mut unanswered = Unanswered {
@@ -558,8 +554,8 @@ impl Proxy {
 
     /// The provider named by the first path segment (after the public
     /// URL's path, where the call has it), and where the provider's own
-    /// path starts.
-    fn route(&self, path: &str) -> Result<(&Provider, usize), Denial> {
+    /// path starts; `None` when no provider is configured under it.
+    fn route(&self, path: &str) -> Option<(&Provider, usize)> {
         let prefixed = self
             .settings
             .path_prefix
@@ -574,13 +570,46 @@ impl Proxy {
                 None => rest,
             })
             .unwrap_or("");
-        let provider = self.providers.get(name).ok_or_else(|| {
-            Denial::new(
-                ErrorCode::UnknownProvider,
-                "no provider is configured under this path; use /{provider}/...",
-            )
-        })?;
-        Ok((provider, path.len() - rest.len() + 1 + name.len()))
+        let provider = self.providers.get(name)?;
+        Some((provider, path.len() - rest.len() + 1 + name.len()))
+    }
+
+    /// The refusal of a call under no configured provider, checked in the
+    /// order of every call: without a valid session token 401 (so that no
+    /// one learns without a token which providers airlock has), else 403,
+    /// as no session's scope holds a provider airlock does not configure,
+    /// counted toward the session's `max_denied` like any call outside its
+    /// scope. The token is looked for wherever a configured provider takes
+    /// one.
+    async fn refuse_unrouted(&self, req: &Request<Incoming>, call: &mut CallRecord) -> Denial {
+        withhold_presented(call, req);
+        let mut token = None;
+        for provider in self.providers.values() {
+            match credentials::find_token(provider.auth(), req.headers(), req.uri().query()) {
+                Ok(None) => {}
+                Ok(Some(found)) if token.is_none_or(|t| t == found) => token = Some(found),
+                Ok(Some(_)) => {
+                    return Denial::bad_request("the request carries two different credentials")
+                }
+                Err(denial) => return denial,
+            }
+        }
+        let session = match self.authenticate(token).await {
+            Ok(session) => session,
+            Err(denial) => {
+                if let Some(ended) = token.and_then(|t| self.registry.cached_by_token(t)) {
+                    call.set_session(&ended);
+                }
+                return denial;
+            }
+        };
+        call.set_session(&session);
+        self.count_denied(&session).await;
+        Denial::new(
+            ErrorCode::OutOfScope,
+            "no provider is configured under this path, so it is outside this session's \
+             scope; use /{provider}/... with a provider of the scope",
+        )
     }
 
     /// 401 unless the token names an active session.

@@ -213,9 +213,10 @@ impl AdminClient {
         if status.is_success() && value.is_object() {
             return Ok(value);
         }
-        // The proxy's answer to `/v1/...` (no provider named `v1`): the URL
-        // is the proxy's, not the admin API's.
-        if value.pointer("/error/code").and_then(Value::as_str) == Some("unknown_provider") {
+        // The proxy's answer to `/v1/...` with the admin token (no session
+        // token, so `invalid_token` before anything else; the admin API's
+        // code is `unauthorized`): the URL is the proxy's.
+        if value.pointer("/error/code").and_then(Value::as_str) == Some("invalid_token") {
             return Err(NotAirlock(format!(
                 "{} answered as airlock's proxy, not its admin API: AIRLOCK_ADMIN_URL points at \
                  proxy.listen; use [admin] listen's address (by default http://127.0.0.1:8081)",

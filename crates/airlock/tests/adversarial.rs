@@ -112,6 +112,9 @@ fn case(name: &'static str, request: impl Into<Vec<u8>>, expect: Expect) -> Case
 }
 
 const BAD: Expect = Expect::Json(400, "bad_request");
+/// Refused as outside the session's scope (a provider airlock does not
+/// configure, too).
+const OUTSIDE: Expect = Expect::Json(403, "out_of_scope");
 const BAD_CLOSE: Expect = Expect::JsonThenClose(400, "bad_request");
 /// A head hyper cannot parse: hyper answers by itself and closes; on a
 /// fresh connection airlock has put its JSON error in that answer.
@@ -202,7 +205,7 @@ async fn assert_alive(env: &Env) {
     .await;
     assert_eq!(
         ex.status,
-        Some(404),
+        Some(401),
         "airlock stopped answering: {}",
         ex.raw
     );
@@ -305,11 +308,11 @@ async fn path_tricks_are_refused() {
         case(
             "authority-form (CONNECT)",
             req("CONNECT", hostile::authority(&env.mock.url()), t, ""),
-            Expect::Json(404, "unknown_provider"),
+            OUTSIDE,
         ),
-        case("asterisk-form", req("OPTIONS", "*", t, ""), Expect::Json(404, "unknown_provider")),
-        case("provider in other case", get("/OpenAI/v1/models/x", t), Expect::Json(404, "unknown_provider")),
-        case("encoded provider separator", get("/openai%2fv1/models/x", t), Expect::Json(404, "unknown_provider")),
+        case("asterisk-form", req("OPTIONS", "*", t, ""), OUTSIDE),
+        case("provider in other case", get("/OpenAI/v1/models/x", t), OUTSIDE),
+        case("encoded provider separator", get("/openai%2fv1/models/x", t), OUTSIDE),
         case("space in the target", get("/openai/v1/models/a b", t), UNPARSEABLE),
         case(
             "HTTP/0.9 request line",
@@ -724,12 +727,12 @@ async fn a_token_in_the_path_reaches_no_record_or_log_line() {
         case(
             "token as the provider",
             no_auth(&format!("/{t}/v1/models")),
-            Expect::Json(404, "unknown_provider"),
+            Expect::Json(401, "invalid_token"),
         ),
         case(
             "random part under an unknown provider",
             get(&format!("/0penai/v1/models/{secret}"), t),
-            Expect::Json(404, "unknown_provider"),
+            OUTSIDE,
         ),
     ];
     run("token in the path", &env, cases).await;
@@ -971,7 +974,7 @@ async fn an_oversized_head_after_a_call_is_refused_as_too_large() {
     assert_eq!(env.mock.request_count(), 0);
 }
 
-/// A connection to `addr` with one call answered on it (404), kept alive.
+/// A connection to `addr` with one call answered on it (401: no token), kept alive.
 async fn kept_alive_connection(addr: &str) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let answer = airlock_testkit::client::answer_on(
@@ -979,7 +982,7 @@ async fn kept_alive_connection(addr: &str) -> TcpStream {
         b"GET /no-such-provider/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
     )
     .await;
-    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
     stream
 }
 
@@ -1030,7 +1033,7 @@ async fn connections_over_the_limit_are_refused_and_slots_come_back() {
             CASE_LIMIT,
         )
         .await;
-        if ex.status == Some(404) {
+        if ex.status == Some(401) {
             break;
         }
         assert!(
@@ -1185,7 +1188,7 @@ async fn idle_connections_cannot_exhaust_descriptors() {
     let mut refused = loop {
         let mut ex = exchange(&url, call, CASE_LIMIT).await;
         match ex.status {
-            Some(404) => held.push(ex.stream.take().expect("kept alive")),
+            Some(401) => held.push(ex.stream.take().expect("kept alive")),
             Some(503) => break ex,
             _ => panic!(
                 "connection {} (of at most {OPEN_FILES} open files): {ex:?}\noutput:\n{}",
@@ -1265,7 +1268,7 @@ async fn idle_connections_cannot_exhaust_descriptors() {
             CASE_LIMIT,
         )
         .await;
-        if ex.status == Some(404) {
+        if ex.status == Some(401) {
             break;
         }
         assert_eq!(ex.error_code().as_deref(), Some("overloaded"), "{ex:?}");
@@ -1468,7 +1471,7 @@ async fn a_refusal_sent_before_the_body_arrives_says_the_connection_closes() {
             "401",
         ),
         ("out of scope", token, "/openai/v1/files", "403"),
-        ("unknown provider", token, "/nobody/v1/x", "404"),
+        ("unknown provider", token, "/nobody/v1/x", "403"),
     ] {
         let mut stream = TcpStream::connect(hostile::authority(&airlock.proxy_url()))
             .await

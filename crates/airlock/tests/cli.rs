@@ -762,8 +762,8 @@ async fn error_output_snapshot() {
 /// to send the request and report the server's 401 as if the token were
 /// wrong).
 /// AIRLOCK_ADMIN_URL set to the proxy's address by mistake is named as
-/// such (the proxy's 404 said "no provider is configured under this
-/// path").
+/// such (the proxy answers the admin token with 401 `invalid_token`, as
+/// it is no session token).
 #[tokio::test]
 async fn an_admin_url_that_is_the_proxy_s_is_said_to_be() {
     let mock = MockProvider::start().await;

@@ -144,7 +144,7 @@ async fn a_half_sent_request_head_does_not_hold_the_drain() {
         b"GET /nowhere/x HTTP/1.1\r\nHost: a\r\n\r\n",
     )
     .await;
-    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
 
     let signalled = Instant::now();
     sigterm(&airlock);

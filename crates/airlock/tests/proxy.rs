@@ -265,7 +265,7 @@ async fn a_public_url_path_routes_with_or_without_it() {
         "/gw",
     ] {
         let reply = call(path).await;
-        assert_error(&reply, 404, "unknown_provider");
+        assert_error(&reply, 403, "out_of_scope");
     }
     assert_eq!(
         mock.request_count(),
@@ -456,18 +456,46 @@ async fn ambiguous_paths_are_refused_not_normalised() {
     assert_eq!(reply.status, 200);
 }
 
+/// A path under no configured provider is checked like any call: the
+/// token first (401 without a valid one: no one learns without a token
+/// which providers airlock has), then the scope (403, counted toward
+/// `max_denied`: probing for providers ends a session as any probing does).
 #[tokio::test]
 async fn unknown_provider_and_methods() {
     let s = setup().await;
     let scope = json!([{"provider": "openai", "methods": ["*"], "paths": ["/**"]}]);
-    let (_, token) = session(&s.airlock, scope, json!({})).await;
-    let reply = call(
+    let (id, token) = session(&s.airlock, scope, json!({"max_denied": 3})).await;
+    let nope = format!("{}/nope/v1/models", s.airlock.proxy_url());
+    assert_error(&request("GET", &nope, &[], "").await, 401, "invalid_token");
+    let unknown = "sess_unknownunknownunknownunknownunknown123";
+    assert_error(&call("GET", &nope, unknown).await, 401, "invalid_token");
+    let x_api_key = request("GET", &nope, &[("x-api-key", unknown)], "").await;
+    assert_error(&x_api_key, 401, "invalid_token");
+    let reply = call("GET", &nope, &token).await;
+    assert_error(&reply, 403, "out_of_scope");
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no provider is configured under this path"),
+        "{}",
+        reply.text()
+    );
+    let (_, shown) = s
+        .airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(shown["calls"]["denied"], 1, "{shown}");
+    // Two different tokens: ambiguous, as under a configured provider.
+    let two = request(
         "GET",
-        &format!("{}/nope/v1/models", s.airlock.proxy_url()),
-        &token,
+        &nope,
+        &[("authorization", &bearer(&token)), ("x-api-key", unknown)],
+        "",
     )
     .await;
-    assert_error(&reply, 404, "unknown_provider");
+    assert_error(&two, 400, "bad_request");
     for method in ["TRACE", "PROPFIND"] {
         let reply = call(
             method,
@@ -477,6 +505,14 @@ async fn unknown_provider_and_methods() {
         .await;
         assert_error(&reply, 400, "bad_request");
     }
+    // TRACE and PROPFIND were its second and third denial: `max_denied`.
+    let reply = call(
+        "GET",
+        &format!("{}/openai/v1/models", s.airlock.proxy_url()),
+        &token,
+    )
+    .await;
+    assert_error(&reply, 401, "invalid_token");
     assert_eq!(s.mock.request_count(), 0);
 }
 
