@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::state::AdminState;
 
 /// Records per page when `limit` is not given.
-pub const DEFAULT_LIMIT: u32 = 100;
+pub const DEFAULT_LIMIT: u32 = 1_000;
 /// Most records one page holds.
 pub const MAX_LIMIT: u32 = 10_000;
 /// Longest cursor text looked at (a few dozen characters a chain).

@@ -1211,6 +1211,10 @@ async fn limits_hold_across_kill_dash_nine() {
         }
     }
     assert_eq!(allowed, 120);
+    // A listing without `limit` holds them all (1000 by default): a client
+    // that does not page sees a small trail whole.
+    let listed = audit_records(&airlock, "").await;
+    assert!(listed.len() > 120, "{} records listed", listed.len());
     // Every call let through is covered by a reservation in the database.
     let reserved = stored(&mut conn, "reserved", &quota_id).await;
     assert!((120..=300).contains(&reserved), "reserved {reserved}");
