@@ -8,6 +8,7 @@
 mod audit;
 mod auth;
 mod error;
+mod exposition;
 mod listing;
 mod providers;
 mod routes;

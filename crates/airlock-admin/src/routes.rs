@@ -9,7 +9,7 @@ use axum::body::{Bytes, HttpBody};
 use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Request, State};
 use axum::handler::Handler;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::exposition;
 use crate::sessions::{CreateSession, SessionView};
 use crate::state::AdminState;
 
@@ -325,16 +326,16 @@ async fn revoke_by_token(State(state): Shared, body: Bytes) -> Result<Json<Value
     revoke_and_show(state, id, "session revoked by token").await
 }
 
-async fn metrics(State(state): Shared) -> Result<Response, ApiError> {
+/// The metrics, as OpenMetrics when the client asks for it (Prometheus
+/// does), else in Prometheus' classic text format.
+async fn metrics(State(state): Shared, headers: HeaderMap) -> Result<Response, ApiError> {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &state.metrics_registry)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
+    let (content_type, text) = if exposition::wants_openmetrics(&headers) {
+        (exposition::OPENMETRICS, text)
+    } else {
+        (exposition::CLASSIC, exposition::to_classic(&text))
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }

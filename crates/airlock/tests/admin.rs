@@ -742,6 +742,52 @@ async fn metrics_count_calls_by_provider_and_decision() {
         "one timing per commit"
     );
     assert!(!text.contains(token) && !text.contains("sk-real-1"));
+
+    // Prometheus' classic text format unless OpenMetrics is asked for
+    // (as Prometheus asks): the same samples, a counter's HELP and TYPE
+    // named as its samples are, no `# EOF`.
+    let metrics_url = format!("{}/metrics", airlock.admin_url());
+    let admin_auth = format!("Bearer {}", airlock.admin_token());
+    let classic = request("GET", &metrics_url, &[("authorization", &admin_auth)], "").await;
+    assert_eq!(
+        classic.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let classic = classic.text();
+    assert!(
+        classic.contains("\n# TYPE airlock_proxy_calls_total counter\n"),
+        "{classic}"
+    );
+    assert!(!classic.contains("# EOF"), "{classic}");
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0,\
+        application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let openmetrics = request(
+        "GET",
+        &metrics_url,
+        &[
+            ("authorization", &admin_auth),
+            ("accept", prometheus_accept),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(
+        openmetrics.headers["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let openmetrics = openmetrics.text();
+    assert!(
+        openmetrics.contains("\n# TYPE airlock_proxy_calls counter\n"),
+        "{openmetrics}"
+    );
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    let samples = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("airlock_proxy_calls_total"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(samples(&classic), samples(&openmetrics));
 }
 
 #[tokio::test]
