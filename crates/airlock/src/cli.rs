@@ -133,7 +133,9 @@ Examples:
   airlock status --json | jq .ready")]
     Status {
         /// One JSON object: url, ready, status (as GET /readyz says it),
-        /// providers (name, source, set), active_sessions.
+        /// server (as GET /v1/server says it), providers (name, source,
+        /// set), active_sessions; url, ready, error when the server cannot
+        /// be asked.
         #[arg(long)]
         json: bool,
     },
