@@ -155,6 +155,23 @@ pub struct ChainVerifier<'k> {
     records: u64,
 }
 
+/// Fields of a record's JSON form, [`WireRecord`]'s.
+const WIRE_FIELDS: usize = 16;
+
+/// Whether `value` is an object with every field of a record, `null` ones
+/// included: serde would also read a record from an array of its values,
+/// and take a missing `null` field for one (neither is what airlock
+/// writes, nor what a reader of the file may take it for).
+fn has_every_field(value: &serde_json::Value) -> Result<(), String> {
+    match value.as_object() {
+        Some(fields) if fields.len() == WIRE_FIELDS => Ok(()),
+        Some(_) => Err(format!(
+            "not a record: a record has exactly {WIRE_FIELDS} fields, null ones included"
+        )),
+        None => Err("not a record: not a JSON object".to_owned()),
+    }
+}
+
 /// JSON form of a record (what the API and `audit export` print).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -353,6 +370,9 @@ impl AuditRecord {
         // the last), as is a key the record does not have.
         let wire: WireRecord =
             serde_json::from_str(line).map_err(|e| format!("not a record: {e}"))?;
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+        has_every_field(&value)?;
         let record = Self::from_wire(wire.clone())?;
         if record.to_wire() != wire {
             return Err("fields are not in canonical form".to_owned());
@@ -365,6 +385,7 @@ impl AuditRecord {
     /// unlike [`Self::from_json`] this takes any order of the fields; what
     /// they hold is still the record's, which its mac covers.
     pub fn from_json_value(value: serde_json::Value) -> Result<Self, String> {
+        has_every_field(&value)?;
         let wire: WireRecord =
             serde_json::from_value(value).map_err(|e| format!("not a record: {e}"))?;
         Self::from_wire(wire)

@@ -871,6 +871,12 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
             "{out:?}"
         );
     }
+    // A byte order mark (as some Windows editors write) is no record.
+    let mut with_bom = lines.clone();
+    with_bom[0] = format!("\u{feff}{}", with_bom[0]);
+    write_lines(&file, &with_bom);
+    let out = cli(&config, &["audit", "verify", "--from", file_str]);
+    assert!(out.status.success(), "{out:?}");
     // A file cut at its start still verifies, and its summary shows where
     // it starts.
     write_lines(&file, &lines[2..]);
@@ -909,6 +915,36 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
     assert!(
         relaid.contains("seq 3 of chain 1 (line 3): bad mac"),
         "{relaid}"
+    );
+    // A record's values without their names: not a record.
+    let as_array = broken(&|l| {
+        let record: Value = serde_json::from_str(&l[1]).unwrap();
+        let in_order: Vec<&Value> = [
+            "chain",
+            "seq",
+            "ts",
+            "session",
+            "provider",
+            "method",
+            "path",
+            "decision",
+            "status",
+            "upstream_status",
+            "duration_ms",
+            "bytes_in",
+            "bytes_out",
+            "flags",
+            "prev_mac",
+            "mac",
+        ]
+        .iter()
+        .map(|k| &record[*k])
+        .collect();
+        l[1] = serde_json::to_string(&in_order).unwrap();
+    });
+    assert!(
+        as_array.contains("(line 2): malformed record"),
+        "{as_array}"
     );
     let dropped = broken(&|l| {
         l.remove(3);

@@ -349,6 +349,61 @@ fn json_round_trips_and_is_canonical() {
     assert!(whole_line.contains("\"duration_ms\":2.0,"), "{whole_line}");
     let jq = whole_line.replace("\"duration_ms\":2.0,", "\"duration_ms\":2,");
     assert_eq!(AuditRecord::from_json(&jq).unwrap(), whole);
+    // A value one unit in the last place off is another value (read so
+    // by any correct parser), though it rounds to the same microseconds.
+    for off in ["1.2360000000000002", "1.2359999999999998"] {
+        let ulp = line.replace("\"duration_ms\":1.236,", &format!("\"duration_ms\":{off},"));
+        assert_ne!(ulp, line);
+        assert!(AuditRecord::from_json(&ulp).is_err(), "{ulp}");
+    }
+    let mut quick = r.clone();
+    quick.duration_us = 91;
+    quick.mac = quick.compute_mac(&key);
+    let quick_line = quick.to_json();
+    assert!(
+        quick_line.contains("\"duration_ms\":0.091,"),
+        "{quick_line}"
+    );
+    for off in ["0.09100000000000001", "0.09099999999999999"] {
+        let ulp = quick_line.replace("\"duration_ms\":0.091,", &format!("\"duration_ms\":{off},"));
+        assert!(AuditRecord::from_json(&ulp).is_err(), "{ulp}");
+    }
+    // The values without their names, or without a `null` field: not
+    // what airlock writes.
+    let in_order = [
+        "chain",
+        "seq",
+        "ts",
+        "session",
+        "provider",
+        "method",
+        "path",
+        "decision",
+        "status",
+        "upstream_status",
+        "duration_ms",
+        "bytes_in",
+        "bytes_out",
+        "flags",
+        "prev_mac",
+        "mac",
+    ];
+    assert_eq!(in_order.len(), WIRE_FIELDS);
+    let array: Vec<&serde_json::Value> = in_order.iter().map(|k| &value[*k]).collect();
+    let array = serde_json::to_string(&array).unwrap();
+    assert!(AuditRecord::from_json(&array).is_err(), "{array}");
+    let mut unanswered = r.clone();
+    unanswered.upstream_status = None;
+    unanswered.mac = unanswered.compute_mac(&key);
+    let mut no_null = unanswered.to_json_value();
+    assert_eq!(
+        AuditRecord::from_json_value(no_null.clone()).unwrap(),
+        unanswered
+    );
+    assert!(no_null["upstream_status"].is_null());
+    no_null.as_object_mut().unwrap().remove("upstream_status");
+    assert!(AuditRecord::from_json(&no_null.to_string()).is_err());
+    assert!(AuditRecord::from_json_value(no_null).is_err());
     let ts = line.replace(".002Z\"", ".002000Z\"");
     assert_ne!(ts, line);
     assert!(AuditRecord::from_json(&ts).is_err(), "{ts}");

@@ -388,6 +388,11 @@ fn check_file(
     while let Some((index, line)) = lines.next() {
         let number = index + 1;
         let line = line.with_context(|| format!("reading line {number}"))?;
+        // A byte order mark some editors put at a file's start.
+        let line = match (number, line.strip_prefix('\u{feff}')) {
+            (1, Some(rest)) => rest.to_owned(),
+            _ => line,
+        };
         if line.trim().is_empty() {
             continue;
         }
