@@ -575,12 +575,11 @@ impl Proxy {
     }
 
     /// The refusal of a call under no configured provider, checked in the
-    /// order of every call: without a valid session token 401 (so that no
-    /// one learns without a token which providers airlock has), else 403,
-    /// as no session's scope holds a provider airlock does not configure,
-    /// counted toward the session's `max_denied` like any call outside its
-    /// scope. The token is looked for wherever a configured provider takes
-    /// one.
+    /// order of every call: without a valid session token 401, else 400
+    /// for an ambiguous path and 403 for any other, as no session's scope
+    /// holds a provider airlock does not configure; counted toward the
+    /// session's `max_denied` like any refusal of an identified session.
+    /// The token is looked for wherever a configured provider takes one.
     async fn refuse_unrouted(&self, req: &Request<Incoming>, call: &mut CallRecord) -> Denial {
         withhold_presented(call, req);
         let mut token = None;
@@ -604,12 +603,17 @@ impl Proxy {
             }
         };
         call.set_session(&session);
+        // An ambiguous path is refused as such (400), as under a provider.
+        let denial = match path::validate(req.uri().path()) {
+            Err(e) => Denial::bad_request(e.to_string()),
+            Ok(_) => Denial::new(
+                ErrorCode::OutOfScope,
+                "no provider is configured under this path, so it is outside this session's \
+                 scope; use /{provider}/... with a provider of the scope",
+            ),
+        };
         self.count_denied(&session).await;
-        Denial::new(
-            ErrorCode::OutOfScope,
-            "no provider is configured under this path, so it is outside this session's \
-             scope; use /{provider}/... with a provider of the scope",
-        )
+        denial
     }
 
     /// 401 unless the token names an active session.
