@@ -10,20 +10,33 @@ pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.
 /// Content type of a classic text format answer.
 pub(crate) const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Whether the client asked for OpenMetrics (Prometheus does, in its
-/// `Accept` header); anything else gets the classic format.
+/// Whether the client's `Accept` prefers OpenMetrics (Prometheus' does)
+/// to the classic format: OpenMetrics at a quality above 0 and at least
+/// that of `text/plain`. Anything else gets the classic format.
 pub(crate) fn wants_openmetrics(headers: &HeaderMap) -> bool {
-    headers
+    let mut openmetrics: f32 = 0.0;
+    let mut plain: f32 = 0.0;
+    let ranges = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|range| {
-            let mut params = range.split(';').map(str::trim);
-            let media = params.next().unwrap_or("");
-            media.eq_ignore_ascii_case("application/openmetrics-text")
-                && !params.any(|p| p.replace(' ', "").eq_ignore_ascii_case("q=0"))
-        })
+        .flat_map(|value| value.split(','));
+    for range in ranges {
+        let mut params = range.split(';').map(str::trim);
+        let media = params.next().unwrap_or("");
+        let quality = params
+            .filter_map(|p| p.split_once('='))
+            .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+            .map_or(Some(1.0), |(_, q)| q.trim().parse::<f32>().ok())
+            .filter(|q| (0.0..=1.0).contains(q))
+            .unwrap_or(0.0);
+        if media.eq_ignore_ascii_case("application/openmetrics-text") {
+            openmetrics = openmetrics.max(quality);
+        } else if media.eq_ignore_ascii_case("text/plain") {
+            plain = plain.max(quality);
+        }
+    }
+    openmetrics > 0.0 && openmetrics >= plain
 }
 
 /// The classic text format of an OpenMetrics exposition: without the
@@ -117,5 +130,14 @@ airlock_seconds_bucket{le=\"+Inf\"} 1
         assert!(!accept(&["*/*"]));
         assert!(!accept(&["text/plain;version=0.0.4"]));
         assert!(!accept(&["application/openmetrics-text; q=0, text/plain"]));
+        assert!(!accept(&["application/openmetrics-text;q=0"]));
+        // Preferences by quality, not by presence.
+        assert!(!accept(&[
+            "text/plain;q=1, application/openmetrics-text;q=0.5"
+        ]));
+        assert!(accept(&[
+            "text/plain;q=0.4, application/openmetrics-text;q=0.5"
+        ]));
+        assert!(!accept(&["application/openmetrics-text;q=nonsense"]));
     }
 }
