@@ -108,22 +108,40 @@ fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
         .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
 }
 
-/// The agent's query as it sent it, byte for byte, without the parameter
-/// `name` (where its token was), then `pair`, the real credential.
+/// The agent's query as it sent it, byte for byte, with `pair` (the real
+/// credential) where the parameter `name` (its token) first was and any
+/// repeat of it left out; at the end when the token came in a header.
 fn query_with_credential(query: Option<&str>, name: &str, pair: &str) -> String {
     let mut rebuilt = String::with_capacity(query.map_or(0, str::len) + pair.len() + 1);
-    for segment in query
+    let mut placed = false;
+    let mut first = true;
+    let segments = query
         .filter(|q| !q.is_empty())
         .into_iter()
-        .flat_map(|q| q.split('&'))
-    {
+        .flat_map(|q| q.split('&'));
+    for segment in segments {
         let key = segment.split_once('=').map_or(segment, |(key, _)| key);
-        if key != name {
-            rebuilt.push_str(segment);
+        let kept = if key != name {
+            segment
+        } else if !placed {
+            placed = true;
+            pair
+        } else {
+            continue;
+        };
+        // Empty segments (`a&&b`) are kept as sent, too.
+        if !first {
             rebuilt.push('&');
         }
+        first = false;
+        rebuilt.push_str(kept);
     }
-    rebuilt.push_str(pair);
+    if !placed {
+        if !first {
+            rebuilt.push('&');
+        }
+        rebuilt.push_str(pair);
+    }
     rebuilt
 }
 

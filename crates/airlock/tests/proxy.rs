@@ -189,6 +189,16 @@ async fn query_style_moves_the_credential_into_the_query() {
         "alt=json&key=AIza-real-google%2B%2F%3D"
     );
     assert!(!seen[0].contains(&token));
+    // The credential takes the token's place: the agent's order stays.
+    let url = format!(
+        "{}/google/v1beta/models/gemini?key={token}&alt=sse&x=1",
+        s.airlock.proxy_url()
+    );
+    assert_eq!(request("GET", &url, &[], "").await.status, 200);
+    assert_eq!(
+        s.mock.requests()[1].query().unwrap(),
+        "key=AIza-real-google%2B%2F%3D&alt=sse&x=1"
+    );
 }
 
 /// A provider that echoes its URL (error bodies, redirects do) gives the

@@ -180,11 +180,19 @@ fn the_credential_query_keeps_every_other_byte_of_the_agent_s_query() {
         (Some(""), "key=REAL"),
         (Some("key=sess_t"), "key=REAL"),
         (Some("alt=sse&key=sess_t"), "alt=sse&key=REAL"),
-        (Some("key=sess_t&alt=sse"), "alt=sse&key=REAL"),
+        // In the token's place: the order of the parameters is the agent's.
+        (Some("key=sess_t&alt=sse"), "key=REAL&alt=sse"),
+        (Some("a=1&key=sess_t&b=2"), "a=1&key=REAL&b=2"),
+        // The same token given twice: once, where it first was.
+        (Some("key=sess_t&a=1&key=sess_t"), "key=REAL&a=1"),
         (
             Some("alt=sse&flag&&x=1&key=sess_t"),
             "alt=sse&flag&&x=1&key=REAL",
         ),
+        (Some("&key=sess_t&"), "&key=REAL&"),
+        // The token in a header: the credential goes last.
+        (Some("alt=sse"), "alt=sse&key=REAL"),
+        (Some("&a=1"), "&a=1&key=REAL"),
         (Some("a=%20b&keys=1&key"), "a=%20b&keys=1&key=REAL"),
     ];
     for (query, want) in cases {
