@@ -53,6 +53,16 @@ pub(crate) struct CallRecord {
 
 // === impl CallRecord ===
 
+/// What a record names as a call's path: the path, or for an
+/// authority-form target (`CONNECT host:port`), which has none, the
+/// authority.
+pub(crate) fn recorded_target(uri: &http::Uri) -> &str {
+    match (uri.path(), uri.authority()) {
+        ("", Some(authority)) => authority.as_str(),
+        (path, _) => path,
+    }
+}
+
 impl CallRecord {
     /// Starts the record of `req`.
     pub(crate) fn begin<B>(
@@ -69,7 +79,7 @@ impl CallRecord {
             session: None,
             provider: None,
             method,
-            path: record_path(req.uri().path()),
+            path: record_path(recorded_target(req.uri())),
             decision: Cow::Borrowed(""),
             status: 0,
             upstream_status: None,

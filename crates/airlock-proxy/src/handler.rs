@@ -15,7 +15,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
-use crate::audit::CallRecord;
+use crate::audit::{recorded_target, CallRecord};
 use crate::body::{ProxyBody, RequestBody, Withheld};
 use crate::credential_source::Loaded;
 use crate::credentials;
@@ -315,7 +315,7 @@ impl Proxy {
                 // A path that holds the token is refused; its record must
                 // not hold it either.
                 if let Some(token) = token {
-                    call.withhold_tokens(req.uri().path(), &[token]);
+                    call.withhold_tokens(recorded_target(req.uri()), &[token]);
                 }
                 self.count_denied(&session).await;
                 return Err(denial);
@@ -924,7 +924,7 @@ fn unrelayable(
 fn withhold_presented<B>(call: &mut CallRecord, req: &Request<B>) {
     let tokens = credentials::presented_tokens(req);
     if !tokens.is_empty() {
-        call.withhold_tokens(req.uri().path(), &tokens);
+        call.withhold_tokens(recorded_target(req.uri()), &tokens);
     }
 }
 

@@ -736,17 +736,34 @@ async fn a_token_in_the_path_reaches_no_record_or_log_line() {
             get(&format!("/0penai/v1/models/{secret}"), t),
             OUTSIDE,
         ),
+        // A CONNECT target has no path: its record names the authority.
+        case(
+            "token as a CONNECT authority",
+            format!("CONNECT {t}:443 HTTP/1.1\r\nHost: {t}:443\r\n\r\n"),
+            Expect::Json(401, "invalid_token"),
+        ),
+        case(
+            "random part as a CONNECT authority",
+            req("CONNECT", &format!("{secret}:443"), t, ""),
+            BAD,
+        ),
     ];
     run("token in the path", &env, cases).await;
 
     let body = every_record(&env).await;
     let records = body["records"].as_array().unwrap();
-    // Besides the six, `run`'s own probes and check calls.
+    // Besides the eight, `run`'s own probes and check calls.
     let withheld = records
         .iter()
         .filter(|r| r["path"].as_str().is_some_and(|p| p.contains("[withheld]")))
         .count();
-    assert_eq!(withheld, 6, "{body}");
+    assert_eq!(withheld, 8, "{body}");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["method"] == "CONNECT" && r["path"] == "sess_[withheld]:443"),
+        "{body}"
+    );
     assert!(!body.to_string().contains(&secret[..16]), "{body}");
     let output = env.airlock.output();
     assert!(output.contains("[withheld]"), "{output}");
