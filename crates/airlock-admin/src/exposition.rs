@@ -12,7 +12,8 @@ pub(crate) const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Whether the client's `Accept` prefers OpenMetrics (Prometheus' does)
 /// to the classic format: OpenMetrics at a quality above 0 and at least
-/// that of `text/plain`. Anything else gets the classic format.
+/// that of `text/plain` (or a range holding it: `text/*`, `*/*`).
+/// Anything else gets the classic format.
 pub(crate) fn wants_openmetrics(headers: &HeaderMap) -> bool {
     let mut openmetrics: f32 = 0.0;
     let mut plain: f32 = 0.0;
@@ -32,7 +33,10 @@ pub(crate) fn wants_openmetrics(headers: &HeaderMap) -> bool {
             .unwrap_or(0.0);
         if media.eq_ignore_ascii_case("application/openmetrics-text") {
             openmetrics = openmetrics.max(quality);
-        } else if media.eq_ignore_ascii_case("text/plain") {
+        } else if ["text/plain", "text/*", "*/*"]
+            .iter()
+            .any(|m| media.eq_ignore_ascii_case(m))
+        {
             plain = plain.max(quality);
         }
     }
@@ -139,5 +143,7 @@ airlock_seconds_bucket{le=\"+Inf\"} 1
             "text/plain;q=0.4, application/openmetrics-text;q=0.5"
         ]));
         assert!(!accept(&["application/openmetrics-text;q=nonsense"]));
+        assert!(!accept(&["text/*;q=1, application/openmetrics-text;q=0.5"]));
+        assert!(!accept(&["*/*, application/openmetrics-text;q=0.9"]));
     }
 }

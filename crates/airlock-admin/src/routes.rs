@@ -337,5 +337,13 @@ async fn metrics(State(state): Shared, headers: HeaderMap) -> Result<Response, A
     } else {
         (exposition::CLASSIC, exposition::to_classic(&text))
     };
-    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+    // The answer depends on `Accept`: a cache in between must know.
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::VARY, "accept"),
+        ],
+        text,
+    )
+        .into_response())
 }

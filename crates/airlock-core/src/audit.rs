@@ -368,11 +368,11 @@ impl AuditRecord {
         // Straight into the struct: a key given twice is refused (a reader
         // keeping its first value would see another record than one keeping
         // the last), as is a key the record does not have.
-        let wire: WireRecord =
-            serde_json::from_str(line).map_err(|e| format!("not a record: {e}"))?;
         let value: serde_json::Value =
             serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
         has_every_field(&value)?;
+        let wire: WireRecord =
+            serde_json::from_str(line).map_err(|e| format!("not a record: {e}"))?;
         let record = Self::from_wire(wire.clone())?;
         if record.to_wire() != wire {
             return Err("fields are not in canonical form".to_owned());

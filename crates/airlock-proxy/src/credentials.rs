@@ -25,9 +25,7 @@ pub fn find_token<'a>(
 ) -> Result<Option<&'a str>, Denial> {
     let mut found: Option<&'a str> = None;
     let mut offer = |candidate: &'a str| match found {
-        Some(previous) if previous != candidate => Err(Denial::bad_request(
-            "the request carries two different credentials",
-        )),
+        Some(previous) if previous != candidate => Err(two_credentials()),
         _ => {
             found = Some(candidate);
             Ok(())
@@ -55,6 +53,31 @@ pub fn find_token<'a>(
         }
     }
     Ok(found)
+}
+
+/// Finds the session token of a call under no configured provider: in
+/// `Authorization: Bearer` and in every place one of `styles` reads a
+/// token from, taken in the order given (so that of two problems the same
+/// one is named every time). Two different tokens are refused as under a
+/// provider.
+pub fn find_token_in_any<'a, 's>(
+    styles: impl IntoIterator<Item = &'s AuthStyle>,
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Result<Option<&'a str>, Denial> {
+    let mut found = find_token(&AuthStyle::Bearer, headers, query)?;
+    for style in styles {
+        match (found, find_token(style, headers, query)?) {
+            (Some(previous), Some(token)) if previous != token => return Err(two_credentials()),
+            (None, token) => found = token,
+            _ => {}
+        }
+    }
+    Ok(found)
+}
+
+fn two_credentials() -> Denial {
+    Denial::bad_request("the request carries two different credentials")
 }
 
 /// Every well-formed session token anywhere in `req`'s head (header values,
@@ -143,6 +166,21 @@ fn query_with_credential(query: Option<&str>, name: &str, pair: &str) -> String 
         rebuilt.push_str(pair);
     }
     rebuilt
+}
+
+/// What [`screen`] checks of a call under no configured provider (nothing
+/// of it is forwarded): the head as under a provider that takes its token
+/// in `Authorization: Bearer`.
+pub fn screen_unrouted<B>(req: &Request<B>, policy: &RequestPolicy) -> Result<(), Denial> {
+    check_head(
+        req.method(),
+        req.uri(),
+        req.version(),
+        req.headers(),
+        req.extensions().get::<FramingAnomaly>(),
+        &AuthStyle::Bearer,
+        policy,
+    )
 }
 
 /// Everything about an authenticated call's head that is checked before its

@@ -275,7 +275,16 @@ impl Proxy {
         head_timer: &HeadTimer,
     ) -> (Option<&Provider>, Result<Forwarded, Denial>) {
         let Some((provider, path_start)) = self.route(req.uri().path()) else {
-            return (None, Err(self.refuse_unrouted(&req, call).await));
+            // Counted as `client_aborted` should the agent leave while the
+            // token or the denial waits for the store.
+            let mut unanswered = Unanswered {
+                metrics: &self.unknown_provider,
+                answered: false,
+                refused: None,
+            };
+            let denial = self.refuse_unrouted(&req, call).await;
+            unanswered.answered = true;
+            return (None, Err(denial));
         };
         call.set_provider(provider.recorded_name());
         let mut unanswered = Unanswered {
@@ -575,24 +584,25 @@ impl Proxy {
     }
 
     /// The refusal of a call under no configured provider, checked in the
-    /// order of every call: without a valid session token 401, else 400
-    /// for an ambiguous path and 403 for any other, as no session's scope
-    /// holds a provider airlock does not configure; counted toward the
-    /// session's `max_denied` like any refusal of an identified session.
-    /// The token is looked for wherever a configured provider takes one.
+    /// order of every call: 400 for a token that cannot be read
+    /// unambiguously, 401 without a valid session token (503 when the
+    /// store cannot tell), then 400 for a head or path refused under any
+    /// provider and 403 for any other, as no session's scope holds a
+    /// provider airlock does not configure; counted toward the session's
+    /// `max_denied` like any refusal of an identified session. The token
+    /// is looked for wherever a configured provider takes one.
     async fn refuse_unrouted(&self, req: &Request<Incoming>, call: &mut CallRecord) -> Denial {
         withhold_presented(call, req);
-        let mut token = None;
-        for provider in self.providers.values() {
-            match credentials::find_token(provider.auth(), req.headers(), req.uri().query()) {
-                Ok(None) => {}
-                Ok(Some(found)) if token.is_none_or(|t| t == found) => token = Some(found),
-                Ok(Some(_)) => {
-                    return Denial::bad_request("the request carries two different credentials")
-                }
-                Err(denial) => return denial,
-            }
-        }
+        let mut providers: Vec<&Provider> = self.providers.values().collect();
+        providers.sort_unstable_by_key(|p| p.name());
+        let token = match credentials::find_token_in_any(
+            providers.iter().map(|p| p.auth()),
+            req.headers(),
+            req.uri().query(),
+        ) {
+            Ok(token) => token,
+            Err(denial) => return denial,
+        };
         let session = match self.authenticate(token).await {
             Ok(session) => session,
             Err(denial) => {
@@ -603,9 +613,13 @@ impl Proxy {
             }
         };
         call.set_session(&session);
-        // An ambiguous path is refused as such (400), as under a provider.
-        let denial = match path::validate(req.uri().path()) {
-            Err(e) => Denial::bad_request(e.to_string()),
+        let screened = credentials::screen_unrouted(req, &self.settings.request)
+            .and_then(|()| {
+                path::validate(req.uri().path()).map_err(|e| Denial::bad_request(e.to_string()))
+            })
+            .and_then(|_| request_method(req));
+        let denial = match screened {
+            Err(denial) => denial,
             Ok(_) => Denial::new(
                 ErrorCode::OutOfScope,
                 "no provider is configured under this path, so it is outside this session's \
@@ -642,9 +656,7 @@ impl Proxy {
         let method = if websocket {
             Method::WebSocket
         } else {
-            Method::of_request(req.method().as_str()).ok_or_else(|| {
-                Denial::bad_request(format!("method {} is not supported", req.method()))
-            })?
+            request_method(req)?
         };
         if !session
             .scope()
@@ -993,6 +1005,12 @@ fn audit_unavailable() -> Response<ProxyBody> {
 }
 
 /// The answer to a token refused: 401, or 503 when the store is out of reach.
+/// The call's method among those a scope can name; 400 for any other.
+fn request_method<B>(req: &Request<B>) -> Result<Method, Denial> {
+    Method::of_request(req.method().as_str())
+        .ok_or_else(|| Denial::bad_request(format!("method {} is not supported", req.method())))
+}
+
 fn auth_denial(error: AuthError) -> Denial {
     match error {
         AuthError::StoreUnavailable => store_unavailable(),

@@ -216,7 +216,10 @@ impl AdminClient {
         // The proxy's answer to `/v1/...` with the admin token (no session
         // token, so `invalid_token` before anything else; the admin API's
         // code is `unauthorized`): the URL is the proxy's.
-        if value.pointer("/error/code").and_then(Value::as_str) == Some("invalid_token") {
+        if status == StatusCode::UNAUTHORIZED
+            && value.pointer("/error/code").and_then(Value::as_str) == Some("invalid_token")
+            && value.pointer("/error/type").and_then(Value::as_str) == Some("authentication_error")
+        {
             return Err(NotAirlock(format!(
                 "{} answered as airlock's proxy, not its admin API: AIRLOCK_ADMIN_URL points at \
                  proxy.listen; use [admin] listen's address (by default http://127.0.0.1:8081)",

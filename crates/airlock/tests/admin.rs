@@ -753,6 +753,7 @@ async fn metrics_count_calls_by_provider_and_decision() {
         classic.headers["content-type"],
         "text/plain; version=0.0.4; charset=utf-8"
     );
+    assert_eq!(classic.headers["vary"], "accept");
     let classic = classic.text();
     assert!(
         classic.contains("\n# TYPE airlock_proxy_calls_total counter\n"),

@@ -474,7 +474,7 @@ async fn ambiguous_paths_are_refused_not_normalised() {
 async fn unknown_provider_and_methods() {
     let s = setup().await;
     let scope = json!([{"provider": "openai", "methods": ["*"], "paths": ["/**"]}]);
-    let (id, token) = session(&s.airlock, scope, json!({"max_denied": 4})).await;
+    let (id, token) = session(&s.airlock, scope, json!({"max_denied": 5})).await;
     let nope = format!("{}/nope/v1/models", s.airlock.proxy_url());
     assert_error(&request("GET", &nope, &[], "").await, 401, "invalid_token");
     let unknown = "sess_unknownunknownunknownunknownunknown123";
@@ -509,6 +509,8 @@ async fn unknown_provider_and_methods() {
     // An ambiguous path under no provider: refused as ambiguous, counted.
     let dotted = format!("{}/nope/../openai/v1/models", s.airlock.proxy_url());
     assert_error(&call("GET", &dotted, &token).await, 400, "bad_request");
+    // So is a method or head refused under any provider.
+    assert_error(&call("TRACE", &nope, &token).await, 400, "bad_request");
     for method in ["TRACE", "PROPFIND"] {
         let reply = call(
             method,
@@ -518,7 +520,7 @@ async fn unknown_provider_and_methods() {
         .await;
         assert_error(&reply, 400, "bad_request");
     }
-    // TRACE and PROPFIND were its third and fourth denial: `max_denied`.
+    // TRACE and PROPFIND were its fourth and fifth denial: `max_denied`.
     let reply = call(
         "GET",
         &format!("{}/openai/v1/models", s.airlock.proxy_url()),

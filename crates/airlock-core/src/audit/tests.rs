@@ -409,6 +409,28 @@ fn json_round_trips_and_is_canonical() {
     assert!(AuditRecord::from_json(&ts).is_err(), "{ts}");
 }
 
+/// Durations `to_json` writes read back as themselves: a spread of
+/// microseconds up to ten seconds, then larger ones up to a year (a
+/// stream of a long session; `duration_ms` is an `f64`, exact far beyond).
+#[test]
+fn every_duration_round_trips_through_json() {
+    let key = key();
+    let mut r = chain(&key, 1, 1).remove(0);
+    let year_us = 366 * 24 * 3600 * 1_000_000u64;
+    let larger = (0..40u64)
+        .map(|shift| (10_000_000u64 << shift) | shift)
+        .take_while(|us| *us <= year_us);
+    let small = (0..=100_000)
+        .step_by(3)
+        .chain((100_000..=10_000_000).step_by(997));
+    for us in small.chain(larger).chain([year_us, year_us - 1]) {
+        r.duration_us = us;
+        let back = AuditRecord::from_json(&r.to_json())
+            .unwrap_or_else(|e| panic!("{us} µs: {e}: {}", r.to_json()));
+        assert_eq!(back.duration_us, us);
+    }
+}
+
 #[test]
 fn record_path_is_bounded() {
     assert_eq!(record_path("/v1/models"), "/v1/models");
