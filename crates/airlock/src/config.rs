@@ -1122,6 +1122,16 @@ fn parse_credential_source(value: &str) -> Result<CredentialSource, String> {
         if var.is_empty() {
             return Err("env: needs a variable name".into());
         }
+        // A key pasted after `env:` (`env:sk-proj-…`) would otherwise be
+        // shown as a variable's name by `config check` and in logs.
+        if !is_env_name(var) {
+            return Err(
+                "env: needs an environment variable name (letters, digits and _, not starting \
+                 with a digit; the value is not shown: if it is the key itself, put it in that \
+                 variable, not in the config)"
+                    .into(),
+            );
+        }
         return Ok(CredentialSource::Env(var.to_owned()));
     }
     if let Some(path) = value.strip_prefix("file:") {
@@ -1147,6 +1157,15 @@ fn parse_credential_source(value: &str) -> Result<CredentialSource, String> {
         "{what}: use env:VAR, file:PATH or store (the value is not shown; if it is the key \
          itself, put it in an environment variable, a file or the store, not in the config)"
     ))
+}
+
+/// Whether `name` is a portable environment variable name (POSIX: letters,
+/// digits and `_`, not starting with a digit).
+fn is_env_name(name: &str) -> bool {
+    name.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Headers airlock itself decides: a provider's static headers may not set them.

@@ -623,4 +623,16 @@ fn a_literal_credential_is_refused_without_being_shown() {
         .to_string();
     assert!(err.contains("\"ENV:\" is not a credential source"), "{err}");
     assert!(!err.contains("P_SECRET"), "{err}");
+    // A key pasted after `env:` is no variable name (round 37: `config
+    // check` printed it as one).
+    for pasted in ["env:sk-proj-AbCdEf0123456789SECRET", "env:9abc", "env:a b"] {
+        let err = Config::parse("x.toml", &config(pasted))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs an environment variable name"), "{err}");
+        assert!(!err.contains(&pasted[4..]), "{err}");
+    }
+    for name in ["env:P_KEY", "env:_x1", "env:openai_api_key"] {
+        assert!(Config::parse("x.toml", &config(name)).is_ok(), "{name}");
+    }
 }
