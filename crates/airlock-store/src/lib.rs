@@ -148,7 +148,9 @@ pub enum StoreError {
     #[error("the store did not answer within {0:?}")]
     TimedOut(std::time::Duration),
     #[error(
-        "no database at {}: nothing has been stored there (is this the config `serve` runs with?)",
+        "no database at {}: nothing has been stored there (is this the config `serve` runs \
+         with, from the directory it runs in? a relative store.url is relative to the working \
+         directory, not to the config file)",
         .0.display()
     )]
     Missing(std::path::PathBuf),

@@ -144,7 +144,10 @@ impl SqliteStore {
         if create {
             create_private(url, options.get_filename());
         } else if !is_in_memory(url) && !options.get_filename().exists() {
-            return Err(StoreError::Missing(options.get_filename().to_path_buf()));
+            let file = options.get_filename();
+            return Err(StoreError::Missing(
+                std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf()),
+            ));
         }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)

@@ -81,9 +81,15 @@ pub fn load_existing(config: &AuditConfig, store_url: &str) -> anyhow::Result<Au
         .ok()
         .filter(|v| !v.trim().is_empty());
     if env.is_none() && !config.key_file.exists() {
+        let relative = if config.key_file.is_relative() {
+            "; a relative key_file is relative to the working directory, not to the config file"
+        } else {
+            ""
+        };
         anyhow::bail!(
-            "no audit key: set {AUDIT_KEY_ENV} or point [audit] key_file at the server's key ({} does not exist)",
-            config.key_file.display()
+            "no audit key: set {AUDIT_KEY_ENV} or point [audit] key_file at the server's key ({} \
+             does not exist{relative})",
+            crate::paths::absolute(&config.key_file).display()
         );
     }
     // It exists: nothing is created (a file that appeared meanwhile is

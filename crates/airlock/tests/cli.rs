@@ -2325,22 +2325,32 @@ async fn a_closed_stdout_ends_a_command_quietly() {
 #[tokio::test]
 async fn audit_commands_refuse_a_store_that_does_not_exist() {
     let dir = tempfile::tempdir().unwrap();
-    for (args, code) in [
-        (&["audit", "verify"][..], 2),
-        (&["audit", "export"], 1),
-        (&["audit", "tail", "--lines", "1"], 1),
+    // Named absolute, with where a relative path starts (round 37: run
+    // from another directory, verify said the audit key was missing).
+    let database = dir.path().canonicalize().unwrap().join("airlock.db");
+    let missing = format!("no database at {}", database.display());
+    for (args, code, key) in [
+        (&["audit", "verify"][..], 2, true),
+        (&["audit", "verify"], 2, false),
+        (&["audit", "export"], 1, true),
+        (&["audit", "tail", "--lines", "1"], 1, true),
     ] {
-        let out = airlock_cmd(args)
-            .env("AIRLOCK_AUDIT_KEY", "ab".repeat(32))
-            .current_dir(dir.path())
-            .output()
-            .await
-            .unwrap();
+        let mut cmd = airlock_cmd(args);
+        if key {
+            cmd.env("AIRLOCK_AUDIT_KEY", "ab".repeat(32));
+        } else {
+            cmd.env_remove("AIRLOCK_AUDIT_KEY");
+        }
+        let out = cmd.current_dir(dir.path()).output().await.unwrap();
         // Not 1 for verify, whose 1 is "the trail does not verify": 2, a
         // trail it could not check; 1 for the others.
         assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stdout(&out));
         let err = stderr(&out);
-        assert!(err.contains("no database at airlock.db"), "{args:?}: {err}");
+        assert!(err.contains(&missing), "{args:?}: {err}");
+        assert!(
+            err.contains("relative to the working directory"),
+            "{args:?}: {err}"
+        );
         assert!(!err.contains("intact"), "{args:?}: {err}");
     }
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();

@@ -136,8 +136,16 @@ async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>
 }
 
 async fn verify_stored(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let key = audit_key::load_existing(&config.audit, &config.store_url)?;
+    // The store first: a config read from another directory than `serve`'s
+    // misses both, and the database is what to say is missing.
     let store = open_store(config).await?;
+    let key = match audit_key::load_existing(&config.audit, &config.store_url) {
+        Ok(key) => key,
+        Err(e) => {
+            store.close().await;
+            return Err(e);
+        }
+    };
     // Another key than the trail's would find every record forged: a
     // misconfiguration (exit 2), which the store's check value tells. The
     // value sits in the store verify distrusts, so the chains' sealed heads
