@@ -225,7 +225,9 @@ Examples:
   airlock audit verify --from session.jsonl --session ses_...
   AIRLOCK_ADMIN_URL=https://airlock-admin.internal airlock audit verify --remote")]
     Verify {
-        /// An exported JSON Lines file instead of the store ("-" for stdin).
+        /// An exported JSON Lines file instead of the store ("-" for
+        /// stdin); its records' MACs are checked with the audit key all the
+        /// same (AIRLOCK_AUDIT_KEY or [audit] key_file).
         #[arg(long, value_name = "FILE")]
         from: Option<PathBuf>,
         /// With --from: the file is an export of this session only (its
@@ -364,7 +366,7 @@ pub enum SessionCommand {
     #[command(after_help = "\
 Examples:
   airlock session create --allow openai:POST:/v1/chat/completions --ttl 15m
-  airlock session create --allow openai:GET:/v1/models/* --format env > agent.env
+  airlock session create --allow 'openai:GET:/v1/models/*' --format env > agent.env
   eval \"$(airlock session create --allow anthropic:POST:/v1/messages --format shell)\"")]
     Create(CreateArgs),
     /// List active sessions (--all adds ended ones), newest first.
