@@ -24,6 +24,18 @@ pub struct ApiRefusal {
     pub message: String,
 }
 
+/// The admin API's message for a path it has no route for.
+const NO_ROUTE: &str = "no such admin route";
+
+impl ApiRefusal {
+    /// The server has no route for the path asked (a server older than the
+    /// command, or AIRLOCK_ADMIN_URL with a path that is no prefix of the
+    /// admin API's), rather than no such session or provider.
+    pub fn no_route(&self) -> bool {
+        self.status == StatusCode::NOT_FOUND && self.message.starts_with(NO_ROUTE)
+    }
+}
+
 impl std::fmt::Display for ApiRefusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.status == StatusCode::UNAUTHORIZED {
@@ -208,7 +220,7 @@ impl AdminClient {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
-        let (status, value) = self.exchange(method, path, body).await?;
+        let (status, value) = self.exchange(method.clone(), path, body).await?;
         let airlock_message = value.pointer("/error/message").and_then(Value::as_str);
         if status.is_success() && value.is_object() {
             return Ok(value);
@@ -243,6 +255,11 @@ impl AdminClient {
             return Err(self.not_airlock(status, &what).into());
         }
         let message = match airlock_message {
+            // Which URL had no route: AIRLOCK_ADMIN_URL's path prefix, or
+            // an older server without the route.
+            Some(NO_ROUTE) if status == StatusCode::NOT_FOUND => {
+                format!("{NO_ROUTE}: {method} {}{path}", self.shown)
+            }
             Some(message) if !status.is_success() => message.to_owned(),
             // A 5xx may come from a proxy or load balancer in front of a
             // restarting airlock: still a refusal, one that may pass.

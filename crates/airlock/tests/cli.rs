@@ -1038,7 +1038,14 @@ async fn a_missing_credential_route_is_not_an_unknown_provider() {
     let url = server.url();
     let out = against(&url, &["credential", "show", "openai"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert_eq!(stderr(&out), "airlock: no such admin route (HTTP 404)\n");
+    // Naming the URL that had no route (round 37: AIRLOCK_ADMIN_URL with
+    // a path that is no prefix of the admin API's).
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "airlock: no such admin route: GET {url}/v1/providers/openai/credential (HTTP 404)\n"
+        )
+    );
 }
 
 #[tokio::test]

@@ -78,9 +78,7 @@ async fn unknown_provider(
 ) -> anyhow::Error {
     match error.downcast_ref::<ApiRefusal>() {
         // Not the route missing (a server older than this command).
-        Some(refusal)
-            if refusal.status == StatusCode::NOT_FOUND
-                && refusal.message != "no such admin route" => {}
+        Some(refusal) if refusal.status == StatusCode::NOT_FOUND && !refusal.no_route() => {}
         _ => return error,
     }
     let configured = match client.provider_names().await {
