@@ -197,13 +197,18 @@ Examples:
         /// Provider name, as configured.
         provider: String,
     },
-    /// Show whether a provider has a credential, its source and when it was set.
+    /// Show whether a provider has a credential, its source and when it
+    /// was set, as JSON.
     #[command(after_help = "\
 Example:
   airlock credential show openai")]
     Show {
         /// Provider name, as configured.
         provider: String,
+        /// Print JSON (what it always prints; accepted as by the other
+        /// commands that print JSON).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -416,6 +421,10 @@ Examples:
         /// Output format.
         #[arg(long, value_enum, default_value_t = ShowFormat::Json)]
         format: ShowFormat,
+        /// Print JSON (the default; the same as --format json, as for the
+        /// other commands that print JSON).
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
     },
     /// Revoke sessions by id (ses_...) or token (sess_...), or every active
     /// session with given labels.
@@ -454,6 +463,10 @@ pub struct CreateArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
     pub format: OutputFormat,
+    /// Print JSON (the default; the same as --format json, as for the
+    /// other commands that print JSON).
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
 }
 
 /// Options of `exec`.

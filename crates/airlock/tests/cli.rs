@@ -494,6 +494,11 @@ async fn session_output_snapshots() {
     .await;
     assert!(!stdout(&out).contains("sess_"), "never the token");
     record("session show --format text", &stdout(&out));
+    // --json wherever JSON is printed, as `session list --json` (round 37:
+    // each command spelled it its own way).
+    let shown = stdout(&cli(&airlock, &["session", "show", &first_id]).await);
+    let out = cli(&airlock, &["session", "show", &first_id, "--json"]).await;
+    assert_eq!(stdout(&out), shown);
 
     let out = cli(&airlock, &["session", "revoke", &first_id]).await;
     record("session revoke ID", &stdout(&out));
@@ -517,6 +522,28 @@ async fn session_output_snapshots() {
 
     // Redacted as a whole, so that each session keeps its number throughout.
     assert_snapshot("session", &redact(&all, &replacements));
+
+    // (After the snapshot: one more session.)
+    let out = cli(
+        &airlock,
+        &[
+            "session",
+            "create",
+            "--allow",
+            "openai:GET:/v1/models",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let json_created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(json_created["token"].as_str().unwrap().starts_with("sess_"));
+    let out = cli(&airlock, &["credential", "show", "openai", "--json"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap()["provider"],
+        "openai"
+    );
 }
 
 /// Errors: one line naming what is wrong, and the exit code.

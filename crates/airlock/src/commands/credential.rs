@@ -48,7 +48,7 @@ pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()
                 answer["updated_at"].as_str().unwrap_or("now")
             ))?;
         }
-        CredentialCommand::Show { provider } => {
+        CredentialCommand::Show { provider, .. } => {
             check_provider(&provider)?;
             let answer = match client.call(Method::GET, &path(&provider), None).await {
                 Ok(answer) => client.expect_fields(answer, CREDENTIAL_FIELDS)?,

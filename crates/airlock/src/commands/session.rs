@@ -31,7 +31,12 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
                 );
             }
             let session = open(&client, &args.session).await?;
-            if let Err(e) = output::print(&render_created(&session, args.format)) {
+            let format = if args.json {
+                OutputFormat::Json
+            } else {
+                args.format
+            };
+            if let Err(e) = output::print(&render_created(&session, format)) {
                 // Its token went nowhere, and is not kept anywhere: nobody
                 // can use the session, which is revoked rather than left to
                 // run its TTL. Not a quiet end: nothing was created.
@@ -61,7 +66,8 @@ pub async fn run(cmd: SessionCommand, admin_url: String) -> anyhow::Result<()> {
             let format = if json { ListFormat::Json } else { format };
             list(&client, all, format, limit, page_size).await?;
         }
-        SessionCommand::Show { id, format } => {
+        SessionCommand::Show { id, format, json } => {
+            let format = if json { ShowFormat::Json } else { format };
             check_id("ID", &id)?;
             let session = client
                 .call(Method::GET, &format!("/v1/sessions/{id}"), None)
