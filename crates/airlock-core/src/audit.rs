@@ -155,8 +155,26 @@ pub struct ChainVerifier<'k> {
     records: u64,
 }
 
-/// Fields of a record's JSON form, [`WireRecord`]'s.
-const WIRE_FIELDS: usize = 16;
+/// The fields of a record's JSON form, in the order `to_json` writes them
+/// ([`WireRecord`]'s).
+pub const RECORD_FIELDS: [&str; 16] = [
+    "chain",
+    "seq",
+    "ts",
+    "session",
+    "provider",
+    "method",
+    "path",
+    "decision",
+    "status",
+    "upstream_status",
+    "duration_ms",
+    "bytes_in",
+    "bytes_out",
+    "flags",
+    "prev_mac",
+    "mac",
+];
 
 /// Whether `value` is an object with every field of a record, `null` ones
 /// included: serde would also read a record from an array of its values,
@@ -164,9 +182,10 @@ const WIRE_FIELDS: usize = 16;
 /// writes, nor what a reader of the file may take it for).
 fn has_every_field(value: &serde_json::Value) -> Result<(), String> {
     match value.as_object() {
-        Some(fields) if fields.len() == WIRE_FIELDS => Ok(()),
+        Some(fields) if fields.len() == RECORD_FIELDS.len() => Ok(()),
         Some(_) => Err(format!(
-            "not a record: a record has exactly {WIRE_FIELDS} fields, null ones included"
+            "not a record: a record has exactly {} fields, null ones included",
+            RECORD_FIELDS.len()
         )),
         None => Err("not a record: not a JSON object".to_owned()),
     }

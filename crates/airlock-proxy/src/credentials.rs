@@ -172,13 +172,21 @@ fn query_with_credential(query: Option<&str>, name: &str, pair: &str) -> String 
 /// of it is forwarded): the head as under a provider that takes its token
 /// in `Authorization: Bearer`.
 pub fn screen_unrouted<B>(req: &Request<B>, policy: &RequestPolicy) -> Result<(), Denial> {
+    check_request_head(req, &AuthStyle::Bearer, policy)
+}
+
+fn check_request_head<B>(
+    req: &Request<B>,
+    auth: &AuthStyle,
+    policy: &RequestPolicy,
+) -> Result<(), Denial> {
     check_head(
         req.method(),
         req.uri(),
         req.version(),
         req.headers(),
         req.extensions().get::<FramingAnomaly>(),
-        &AuthStyle::Bearer,
+        auth,
         policy,
     )
 }
@@ -197,15 +205,7 @@ pub fn screen<B>(
     token: Option<&str>,
 ) -> Result<(), Denial> {
     let auth = provider.auth();
-    check_head(
-        req.method(),
-        req.uri(),
-        req.version(),
-        req.headers(),
-        req.extensions().get::<FramingAnomaly>(),
-        auth,
-        policy,
-    )?;
+    check_request_head(req, auth, policy)?;
     check_query_auth(auth, req.uri().query())?;
     if let Some(token) = token {
         check_token_not_elsewhere(

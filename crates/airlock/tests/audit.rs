@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_core::audit::AuditRecord;
+use airlock_core::audit::{AuditRecord, RECORD_FIELDS};
 use airlock_store::testing::{execute_sqlite, garble_sqlite_batch, rewrite_sqlite_chain};
 use airlock_testkit::client::request;
 use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
@@ -919,27 +919,7 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
     // A record's values without their names: not a record.
     let as_array = broken(&|l| {
         let record: Value = serde_json::from_str(&l[1]).unwrap();
-        let in_order: Vec<&Value> = [
-            "chain",
-            "seq",
-            "ts",
-            "session",
-            "provider",
-            "method",
-            "path",
-            "decision",
-            "status",
-            "upstream_status",
-            "duration_ms",
-            "bytes_in",
-            "bytes_out",
-            "flags",
-            "prev_mac",
-            "mac",
-        ]
-        .iter()
-        .map(|k| &record[*k])
-        .collect();
+        let in_order: Vec<&Value> = RECORD_FIELDS.iter().map(|k| &record[*k]).collect();
         l[1] = serde_json::to_string(&in_order).unwrap();
     });
     assert!(
