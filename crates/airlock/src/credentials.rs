@@ -46,6 +46,27 @@ pub struct Credentials {
 // === impl Credentials ===
 
 impl Credentials {
+    /// Refuses a credential in the environment or a file that `load` would
+    /// refuse (too short to be guarded, not sendable in a header), before
+    /// `serve` opens or writes anything: a refused start leaves no new
+    /// database behind (config is never half-applied). A file that cannot
+    /// be read is left to `load`, which says why.
+    pub fn check_before_start(config: &Config) -> anyhow::Result<()> {
+        for (name, p) in &config.providers {
+            if p.credential == CredentialSource::Store {
+                continue;
+            }
+            let format = CredentialFormat::new(p.auth.clone(), p.auth_format.as_deref())
+                .with_context(|| format!("providers.{name}.auth_format"))?;
+            if let Ok(Some(secret)) = p.credential.read() {
+                format
+                    .prepare(&secret)
+                    .with_context(|| format!("providers.{name}.credential"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Loads every provider's credential. A missing one is not an error
     /// (its calls get 503 until it is set); an unreadable file, a bad value
     /// or a sealed value that does not open is.

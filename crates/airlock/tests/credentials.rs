@@ -196,6 +196,13 @@ async fn a_refused_credential_stops_serve_before_anything_is_written() {
     assert!(err.contains("at least 8 bytes"), "{err}");
     assert!(!err.contains("AIRLOCK_ADMIN_TOKEN="), "{err}");
     assert!(!dir.path().join("airlock.db.audit-key").exists(), "{err}");
+    // Nor a database (round 37: an empty one and its lock file were left).
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("airlock.db"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[tokio::test]

@@ -44,6 +44,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding admin.listen {}", config.admin_listen))?;
+    // Credentials serve would refuse, before a new database is created.
+    Credentials::check_before_start(&config)?;
     // A SQLite file whose directory cannot hold it is refused here, naming
     // the setting and the path (the lock below would fail more obscurely).
     let database = crate::paths::sqlite_location(&config.store_url)
