@@ -2507,6 +2507,15 @@ async fn readyz_is_ready_while_serving_and_503_while_draining() {
     // Liveness is unaffected while draining.
     let health = request("GET", &format!("{}/healthz", airlock.admin_url()), &[], "").await;
     assert_eq!(health.status, 200);
+    // `status` says so, as /readyz does (round 37: "starting or shutting
+    // down").
+    let out = cli_ending(&airlock, &["status"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("not ready: draining"),
+        "{}",
+        stdout(&out)
+    );
 
     mock.open_gate();
     while let Some(frame) = tokio::time::timeout(DEADLINE, frames.next()).await.unwrap() {

@@ -115,7 +115,7 @@ async fn active_sessions(client: &AdminClient) -> anyhow::Result<u64> {
 fn readiness_text(status: &str) -> &str {
     match status {
         "ready" => "ready",
-        "draining" => "not ready: starting or shutting down",
+        "draining" => "not ready: draining (shutting down, or for a moment at start)",
         "audit_unavailable" => {
             "not ready: the audit trail cannot be written, so every call is refused (fail_closed)"
         }
