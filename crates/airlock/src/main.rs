@@ -184,12 +184,20 @@ fn admin_url(path: Option<&std::path::Path>) -> Result<String, ExitCode> {
 
 /// [`admin_url`], or why the config could not be loaded (nothing printed).
 fn try_admin_url(path: Option<&std::path::Path>) -> Result<String, String> {
-    if let Some(url) = client::admin_url_from_env().filter(|_| path.is_none()) {
+    let from_env = client::admin_url_from_env();
+    if let Some(url) = from_env.clone().filter(|_| path.is_none()) {
         return Ok(url);
     }
-    config::Config::load(path)
-        .map(|c| format!("http://{}", c.admin_listen))
-        .map_err(|e| format!("invalid config: {e}"))
+    let config = config::Config::load(path).map_err(|e| format!("invalid config: {e}"))?;
+    if config.admin_listen.port() == 0 && from_env.is_none() {
+        // Nothing listens on port 0: serve picks the port when it starts.
+        return Err(format!(
+            "admin.listen is {}: serve picks the port when it starts and prints it (\"airlock \
+             admin listening on http://…\"); set AIRLOCK_ADMIN_URL to that address",
+            config.admin_listen
+        ));
+    }
+    Ok(format!("http://{}", config.admin_listen))
 }
 
 /// Like `load_config`, and also loads the TLS files `serve` would use.

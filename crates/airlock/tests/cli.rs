@@ -1749,6 +1749,22 @@ async fn session_list_prints_every_page() {
 }
 
 /// Writes `airlock.toml` for `config check` into a fresh directory.
+/// A config whose admin.listen is port 0 names no address the CLI can
+/// reach: said so, with what to do (round 37: it tried port 0).
+#[tokio::test]
+async fn an_admin_listen_on_port_0_is_no_address_for_the_cli() {
+    let (_dir, path) = config_dir("[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let out = airlock_cmd(&["session", "list", "--config", path.to_str().unwrap()])
+        .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("admin.listen is 127.0.0.1:0"), "{err}");
+    assert!(err.contains("set AIRLOCK_ADMIN_URL"), "{err}");
+}
+
 fn config_dir(toml: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("airlock.toml");
