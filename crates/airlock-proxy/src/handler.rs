@@ -309,14 +309,10 @@ impl Proxy {
     ) -> Result<Forwarded, Denial> {
         let token = credentials::find_token(provider.auth(), req.headers(), req.uri().query())
             .inspect_err(|_| withhold_presented(call, &req))?;
-        let session = self.authenticate(token).await.inspect_err(|_| {
-            // A revoked or expired session's token still names it: the
-            // record says whose ended session was used.
-            if let Some(ended) = token.and_then(|t| self.registry.cached_by_token(t)) {
-                call.set_session(&ended);
-            }
-            withhold_presented(call, &req);
-        })?;
+        let session = self
+            .authenticate_call(token, call)
+            .await
+            .inspect_err(|_| withhold_presented(call, &req))?;
         call.set_session(&session);
         let admitted = match self.authorize(&session, provider, path_start, &req, token) {
             Ok(admitted) => admitted,
@@ -603,14 +599,9 @@ impl Proxy {
             Ok(token) => token,
             Err(denial) => return denial,
         };
-        let session = match self.authenticate(token).await {
+        let session = match self.authenticate_call(token, call).await {
             Ok(session) => session,
-            Err(denial) => {
-                if let Some(ended) = token.and_then(|t| self.registry.cached_by_token(t)) {
-                    call.set_session(&ended);
-                }
-                return denial;
-            }
+            Err(denial) => return denial,
         };
         call.set_session(&session);
         let screened = credentials::screen_unrouted(req, &self.settings.request)
@@ -630,12 +621,23 @@ impl Proxy {
         denial
     }
 
-    /// 401 unless the token names an active session.
-    async fn authenticate(&self, token: Option<&str>) -> Result<Arc<LiveSession>, Denial> {
+    /// 401 unless the token names an active session. A revoked or
+    /// expired session's token still names it: `call`'s record then says
+    /// whose ended session was used.
+    async fn authenticate_call(
+        &self,
+        token: Option<&str>,
+        call: &mut CallRecord,
+    ) -> Result<Arc<LiveSession>, Denial> {
         self.registry
             .authenticate(token, now_ms())
             .await
             .map_err(auth_denial)
+            .inspect_err(|_| {
+                if let Some(ended) = token.and_then(|t| self.registry.cached_by_token(t)) {
+                    call.set_session(&ended);
+                }
+            })
     }
 
     /// Path (400), scope (403) and limits (429), in that order.
