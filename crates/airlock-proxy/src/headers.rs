@@ -23,8 +23,11 @@ use crate::provider::AuthStyle;
 
 /// Headers that are hop-by-hop by definition (RFC 9110 §7.6.1) or that airlock
 /// owns on the upstream leg.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
+    // The settings of an `Upgrade: h2c` request (RFC 7540 §3.2.1), which
+    // belong to that connection only.
+    HeaderName::from_static("http2-settings"),
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHORIZATION,
@@ -35,10 +38,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Headers that ask a server to act as if the request had another method.
-const METHOD_OVERRIDE: [&str; 3] = [
+const METHOD_OVERRIDE: [&str; 5] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    "x-http-verb",
+    "x-method",
 ];
 
 /// Query parameters that frameworks read as a method override.
@@ -389,8 +394,10 @@ pub(crate) fn loose_query_keys(query: Option<&str>) -> impl Iterator<Item = &str
 
 /// The parameter name `key` (as sent) as a lenient server may read it:
 /// `+` as a space, percent-decoded, without surrounding whitespace or
-/// control characters or a trailing `[]`; compared with a name in any case. Borrowed when there is
-/// nothing to undo.
+/// control characters, and without what follows a `[` (`key[]`,
+/// `key[0]`, `key[a][b]`: PHP, Rails and Node's `qs` read each as a
+/// parameter `key`); compared with a name in any case. Borrowed when there
+/// is nothing to undo.
 pub(crate) fn loosely_read(key: &str) -> Cow<'_, str> {
     if !key.contains(['+', '%', '[', ' ', '\t']) {
         return Cow::Borrowed(key);
@@ -400,10 +407,10 @@ pub(crate) fn loosely_read(key: &str) -> Cow<'_, str> {
     // Whitespace and control characters (`_method%00`) around it too.
     let ignored = |c: char| c.is_whitespace() || c.is_control();
     let trimmed = decoded.trim_matches(ignored);
-    let bare = trimmed
-        .strip_suffix("[]")
-        .unwrap_or(trimmed)
-        .trim_matches(ignored);
+    let bare = match trimmed.find('[') {
+        Some(at) if at > 0 => trimmed[..at].trim_matches(ignored),
+        _ => trimmed,
+    };
     Cow::Owned(bare.to_owned())
 }
 

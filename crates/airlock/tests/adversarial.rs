@@ -370,6 +370,27 @@ async fn method_tricks_are_refused() {
             get("/openai/v1/models/x?_method[]=DELETE", t),
             BAD,
         ),
+        // Indexed names (round 38): read as `_method` by PHP, Rails, qs.
+        case(
+            "_method[0] query parameter",
+            get("/openai/v1/models/x?_method[0]=DELETE", t),
+            BAD,
+        ),
+        case(
+            "_method%5B0%5D query parameter",
+            get("/openai/v1/models/x?_method%5B0%5D=DELETE", t),
+            BAD,
+        ),
+        case(
+            "X-HTTP-Verb header",
+            req("GET", target, t, "X-HTTP-Verb: DELETE\r\n"),
+            BAD,
+        ),
+        case(
+            "X-Method header",
+            req("GET", target, t, "X-Method: DELETE\r\n"),
+            BAD,
+        ),
         case("lower-case method", req("get", target, t, ""), BAD),
         case(
             "unknown method PROPFIND",
@@ -585,6 +606,16 @@ async fn header_tricks_are_refused() {
         case(
             "query credential spelled key[]",
             format!("GET /google/v1beta/models/x?key[]=AIza-attacker&key={t} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+            BAD,
+        ),
+        case(
+            "query credential spelled key[0]",
+            format!("GET /google/v1beta/models/x?key[0]=AIza-attacker HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\n\r\n"),
+            BAD,
+        ),
+        case(
+            "query credential spelled key%5Ba%5D",
+            format!("GET /google/v1beta/models/x?key%5Ba%5D=AIza-attacker HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\n\r\n"),
             BAD,
         ),
     ];

@@ -118,6 +118,8 @@ fn hostile_heads_are_refused() {
         &[("host", "a"), ("x-http-method-override", "DELETE")],
         &[("host", "a"), ("X-HTTP-Method", "DELETE")],
         &[("host", "a"), ("x-method-override", "DELETE")],
+        &[("host", "a"), ("X-HTTP-Verb", "DELETE")],
+        &[("host", "a"), ("x-method", "DELETE")],
         &[("host", "a"), ("x-original-url", "/admin")],
         &[("host", "a"), ("x-rewrite-url", "/admin")],
         &[("host", "a"), ("x-original-uri", "/admin")],
