@@ -424,9 +424,14 @@ impl CredentialFormat {
                 }
             }
         }
-        // JSON encoders that escape `/` (PHP's by default) write `\/`.
+        // JSON encoders that escape `/` (PHP's by default) write `\/`;
+        // .NET's System.Text.Json (its default encoder) writes `+` as
+        // `\u002B` (round 38).
         if key.contains('/') {
             forms.push(key.replace('/', "\\/").into_bytes());
+        }
+        if key.contains('+') {
+            forms.push(key.replace('+', "\\u002B").into_bytes());
         }
         let secrets: Vec<&[u8]> = forms.iter().map(Vec::as_slice).collect();
         let own = Redactor::new(&secrets)?;
@@ -761,6 +766,7 @@ mod tests {
                 "sk-EVILKEY-0123456789abcdef%2F%2B%3D",
                 "sk-EVILKEY-0123456789abcdef%2f%2b%3d",
                 r"sk-EVILKEY-0123456789abcdef\/+=",
+                r"sk-EVILKEY-0123456789abcdef/\u002B=",
             ] {
                 assert!(guard.contains_secret(form.as_bytes()), "{form}");
             }
