@@ -237,11 +237,13 @@ Examples:
         from: Option<PathBuf>,
         /// With --from: the file is an export of this session only (its
         /// records' seqs may jump; each record is still checked).
-        #[arg(long, value_name = "ID", requires = "from", conflicts_with_all = ["remote", "json"])]
+        #[arg(long, value_name = "ID", requires = "from", conflicts_with = "remote")]
         session: Option<String>,
-        /// The verdict of the stored trail as one JSON object, as GET
-        /// /v1/audit/verify answers it (same exit status).
-        #[arg(long, conflicts_with = "from")]
+        /// The verdict as one JSON object (same exit status): the stored
+        /// trail's as GET /v1/audit/verify answers it; a file's as
+        /// {"ok", "records", "chains": [{"chain", "first_seq", "last_seq"}]}
+        /// or {"ok": false, "first_bad", "chain", "line", "reason"}.
+        #[arg(long)]
         json: bool,
         /// Have the running server verify its trail (GET /v1/audit/verify
         /// at AIRLOCK_ADMIN_URL, with AIRLOCK_ADMIN_TOKEN): no access to the

@@ -903,6 +903,41 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
         edited.contains("seq 3 of chain 1 (line 3): bad mac"),
         "{edited}"
     );
+    // The same verdict as JSON (round 37: --json was refused with --from).
+    let out = cli(&config, &["audit", "verify", "--from", file_str, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap(),
+        json!({"ok": false, "first_bad": 3, "chain": 1, "line": 3, "reason": "bad mac: the record was altered or forged"})
+    );
+    write_lines(&file, &lines);
+    let out = cli(&config, &["audit", "verify", "--from", file_str, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap(),
+        json!({"ok": true, "records": 8, "chains": [{"chain": 1, "first_seq": 1, "last_seq": 8}]})
+    );
+    let missing = dir.path().join("missing.jsonl");
+    let out = cli(
+        &config,
+        &[
+            "audit",
+            "verify",
+            "--from",
+            missing.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let verdict: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(verdict["ok"], false, "{verdict}");
+    assert!(
+        verdict["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot open the file"),
+        "{verdict}"
+    );
     // Every line written back by another JSON tool (Python's `json.dumps`
     // layout: a space after each separator) with record 3 edited: the edit
     // is named, not line 1's layout.

@@ -76,6 +76,7 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
         AuditCommand::Verify {
             from: Some(file),
             session,
+            json,
             ..
         } => {
             check_session(session.as_deref())?;
@@ -83,7 +84,7 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
             // to fix, whatever the key.
             let reader = open_export(&file)?;
             let key = audit_key::load_existing(&config.audit, &config.store_url)?;
-            verify_file(reader, session.as_deref(), &key)
+            verify_file(reader, session.as_deref(), &key, json)
         }
         AuditCommand::Export {
             session,
@@ -323,28 +324,126 @@ fn open_export(path: &Path) -> anyhow::Result<Box<dyn BufRead>> {
     Ok(Box::new(std::io::BufReader::new(file)))
 }
 
-/// Verifies an exported file and prints what it found.
+/// Verifies an exported file and prints what it found: lines for people,
+/// or with `json` one object (`ok`, `records`, `chains` with each one's
+/// first and last seq; or `ok` false with `first_bad`, `chain`, `line`,
+/// `reason`).
 fn verify_file(
     reader: Box<dyn BufRead>,
     session: Option<&str>,
     key: &AuditKey,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
+    let verdict = check_file(reader, session, key)?;
     let mut report = String::new();
-    let code = check_file(reader, session, key, &mut report)?;
+    let code = match &verdict {
+        FileVerdict::Intact { .. } => ExitCode::SUCCESS,
+        FileVerdict::Broken { .. } => ExitCode::from(1),
+    };
+    if json {
+        let _ = writeln!(report, "{}", file_verdict_json(&verdict));
+    } else {
+        write_file_verdict(&mut report, &verdict, session);
+    }
     output::print_verdict(&report)?;
     Ok(code)
 }
 
+/// What [`check_file`] found.
+enum FileVerdict {
+    /// Every record verified.
+    Intact {
+        records: u64,
+        chains: usize,
+        /// First and last seq of each chain in the file.
+        ranges: std::collections::BTreeMap<u32, (u64, u64)>,
+    },
+    /// The first bad record, on `line`.
+    Broken {
+        broken: Break,
+        line: usize,
+        /// A gap in a file whose records so far all name this session:
+        /// likely its export, verified without `--session`.
+        one_session: Option<String>,
+    },
+}
+
+/// The lines `verify --from` prints for people.
+fn write_file_verdict(report: &mut String, verdict: &FileVerdict, session: Option<&str>) {
+    match verdict {
+        FileVerdict::Broken {
+            broken,
+            line,
+            one_session,
+        } => {
+            report_break(report, broken, Some(*line));
+            if let Some(id) = one_session {
+                let _ = writeln!(
+                    report,
+                    "(every record up to it names session {id}: if the file is that session's \
+                     export, whose seqs jump, verify it with --session {id})"
+                );
+            }
+        }
+        FileVerdict::Intact {
+            records,
+            chains,
+            ranges,
+        } => {
+            let _ = writeln!(report, "audit file intact: {}", counted(*records, *chains));
+            for (chain, (first, last)) in ranges {
+                let _ = writeln!(report, "  chain {chain}: seq {first} to {last}");
+            }
+            let _ = writeln!(
+                report,
+                "(a file shows its records unaltered{}; whether records before its first or \
+                 after its last were cut off, only the store can tell: airlock audit verify)",
+                if session.is_some() {
+                    ""
+                } else {
+                    " and none missing between them"
+                }
+            );
+        }
+    }
+}
+
+/// The JSON verdict of `verify --from --json`.
+fn file_verdict_json(verdict: &FileVerdict) -> serde_json::Value {
+    match verdict {
+        FileVerdict::Intact {
+            records,
+            chains: _,
+            ranges,
+        } => serde_json::json!({
+            "ok": true,
+            "records": records,
+            "chains": ranges
+                .iter()
+                .map(|(chain, (first, last))| {
+                    serde_json::json!({"chain": chain, "first_seq": first, "last_seq": last})
+                })
+                .collect::<Vec<_>>(),
+        }),
+        // Seq 0: a line that does not say which record it is.
+        FileVerdict::Broken { broken, line, .. } => serde_json::json!({
+            "ok": false,
+            "first_bad": broken.seq,
+            "chain": broken.chain,
+            "line": line,
+            "reason": broken.reason.to_string(),
+        }),
+    }
+}
+
 /// Verifies an exported file line by line, with one record of look-ahead;
 /// the first bad line is named (a line that is no record is bad where it
-/// is: the record before it is checked first). What it finds goes into
-/// `report`.
+/// is: the record before it is checked first).
 fn check_file(
     reader: Box<dyn BufRead>,
     session: Option<&str>,
     key: &AuditKey,
-    report: &mut String,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<FileVerdict> {
     let mut verifier = match session {
         Some(_) => ChainVerifier::allow_gaps(key),
         None => ChainVerifier::partial(key),
@@ -356,11 +455,10 @@ fn check_file(
     // gap in such a file is likely a session's export verified without
     // `--session`.
     let mut one_session = OneSession::Unknown;
-    let mut check = |report: &mut String,
-                     verifier: &mut ChainVerifier<'_>,
+    let mut check = |verifier: &mut ChainVerifier<'_>,
                      (line, record): (usize, AuditRecord),
                      next: Option<&AuditRecord>|
-     -> Option<ExitCode> {
+     -> Option<FileVerdict> {
         one_session.see(record.session.as_deref());
         if let Some(wanted) = session {
             if record.session.as_deref() != Some(wanted) {
@@ -371,7 +469,11 @@ fn check_file(
                         "belongs to another session, not {wanted}"
                     )),
                 };
-                return Some(report_break(report, &broken, Some(line)));
+                return Some(FileVerdict::Broken {
+                    broken,
+                    line,
+                    one_session: None,
+                });
             }
         }
         let range = ranges
@@ -379,17 +481,15 @@ fn check_file(
             .or_insert((record.seq, record.seq));
         range.1 = record.seq;
         verifier.check(&record, next).err().map(|broken| {
-            let code = report_break(report, &broken, Some(line));
-            if let (BreakReason::Gap { .. }, None, OneSession::Only(id)) =
-                (&broken.reason, session, &one_session)
-            {
-                let _ = writeln!(
-                    report,
-                    "(every record up to it names session {id}: if the file is that session's \
-                     export, whose seqs jump, verify it with --session {id})"
-                );
+            let one_session = match (&broken.reason, session, &one_session) {
+                (BreakReason::Gap { .. }, None, OneSession::Only(id)) => Some(id.clone()),
+                _ => None,
+            };
+            FileVerdict::Broken {
+                broken,
+                line,
+                one_session,
             }
-            code
         })
     };
     let mut lines = reader.lines().enumerate();
@@ -410,8 +510,8 @@ fn check_file(
                 // The record before this line comes first; with nothing
                 // readable after it, a gap there is a gap, not a swap.
                 if let Some(previous) = pending.take() {
-                    if let Some(code) = check(report, &mut verifier, previous, None) {
-                        return Ok(code);
+                    if let Some(broken) = check(&mut verifier, previous, None) {
+                        return Ok(broken);
                     }
                 }
                 // Name the record by what the line claims, when it can be read.
@@ -434,24 +534,27 @@ fn check_file(
                     }
                 }
                 let (chain, seq) = claimed.unwrap_or((0, 0));
-                let broken = Break {
-                    chain,
-                    seq,
-                    reason: BreakReason::Malformed(why),
-                };
-                return Ok(report_break(report, &broken, Some(number)));
+                return Ok(FileVerdict::Broken {
+                    broken: Break {
+                        chain,
+                        seq,
+                        reason: BreakReason::Malformed(why),
+                    },
+                    line: number,
+                    one_session: None,
+                });
             }
         };
         if let Some(previous) = pending.take() {
-            if let Some(code) = check(report, &mut verifier, previous, Some(&record)) {
-                return Ok(code);
+            if let Some(broken) = check(&mut verifier, previous, Some(&record)) {
+                return Ok(broken);
             }
         }
         pending = Some((number, record));
     }
     if let Some(last) = pending {
-        if let Some(code) = check(report, &mut verifier, last, None) {
-            return Ok(code);
+        if let Some(broken) = check(&mut verifier, last, None) {
+            return Ok(broken);
         }
     }
     if verifier.records() == 0 {
@@ -462,25 +565,11 @@ fn check_file(
              that failed prints none, nor does one of a session without calls)"
         );
     }
-    let _ = writeln!(
-        report,
-        "audit file intact: {}",
-        counted(verifier.records(), verifier.chains())
-    );
-    for (chain, (first, last)) in &ranges {
-        let _ = writeln!(report, "  chain {chain}: seq {first} to {last}");
-    }
-    let _ = writeln!(
-        report,
-        "(a file shows its records unaltered{}; whether records before its first or after \
-         its last were cut off, only the store can tell: airlock audit verify)",
-        if session.is_some() {
-            ""
-        } else {
-            " and none missing between them"
-        }
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(FileVerdict::Intact {
+        records: verifier.records(),
+        chains: verifier.chains(),
+        ranges,
+    })
 }
 
 /// The chain and seq a line that is no valid record says it has, when it
