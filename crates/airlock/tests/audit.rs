@@ -1048,6 +1048,13 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
         Some(1),
         "gaps are refused unless --session says why"
     );
+    assert!(
+        stdout(&out).contains(&format!(
+            "(every record up to it names session {a}: if the file is that session's export"
+        )),
+        "{}",
+        stdout(&out)
+    );
     let mut tampered = a_lines.clone();
     tampered[1] = tampered[1].replace("/v1/calls/3", "/v1/calls/9");
     write_lines(&file, &tampered);
