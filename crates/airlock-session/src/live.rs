@@ -448,6 +448,13 @@ impl LiveSession {
         self.denied.fetch_max(denied, Ordering::AcqRel);
     }
 
+    /// Takes in the stored total of denied calls (every process's, as
+    /// flushed) announced with a revocation.
+    pub(crate) fn note_stored_denied(&self, denied: u64) {
+        let denied = denied + self.unflushed_denied.load(Ordering::Acquire);
+        self.denied.fetch_max(denied, Ordering::AcqRel);
+    }
+
     /// Sets the expiry (changed elsewhere).
     pub(crate) fn set_expires_at(&self, at_ms: i64) {
         if self.expires_at.swap(at_ms, Ordering::AcqRel) != at_ms {

@@ -547,13 +547,21 @@ impl Registry {
         let at = now_ms();
         session.mark_revoked(at);
         tracing::warn!(session = %session.id(), "session revoked: max_denied reached");
-        let store = Arc::clone(&self.store);
-        let id = session.id().clone();
-        let unpersisted = Arc::clone(&self.unpersisted);
+        let registry = Arc::clone(self);
+        let session = Arc::clone(session);
         self.spawn_home(async move {
-            if let Err(e) = store.revoke_session(&id, at).await {
+            // The denials first: other replicas, told of the revocation,
+            // read the session's totals then, which must hold the denial
+            // that reached `max_denied` for their refusals to say so
+            // (round 37: the revocation arrived first, and they said only
+            // "revoked" until their next re-check).
+            if registry.store.is_shared() {
+                registry.write_counts(&session, now_ms()).await;
+            }
+            let id = session.id();
+            if let Err(e) = registry.store.revoke_session(id, at).await {
                 tracing::error!(session = %id, error = %e, "could not persist revocation; retrying");
-                unpersisted.lock().entry(id).or_insert(at);
+                registry.unpersisted.lock().entry(id.clone()).or_insert(at);
             }
         });
     }
@@ -819,6 +827,14 @@ impl Registry {
     /// refusals here should say (they read the denials this replica knows
     /// of), not only at the next re-check.
     fn apply_change(&self, change: &Change) -> bool {
+        if let Change::Denied { id, denied } = change {
+            // Just before the revocation it came with: the refusals that
+            // follow say whether `max_denied` ended the session.
+            if let Some(live) = self.cached(id) {
+                live.note_stored_denied(*denied);
+            }
+            return false;
+        }
         let Change::Session {
             id,
             revoked_at,

@@ -20,6 +20,12 @@ pub enum Change {
         /// Unix ms.
         expires_at: i64,
     },
+    /// The stored total of a session's denied calls, announced just before
+    /// its revocation (PostgreSQL migration 8 on): a process told of the
+    /// revocation then knows whether `max_denied` ended the session, and
+    /// says so from its first refusal. A process of an older version
+    /// ignores it.
+    Denied { id: SessionId, denied: u64 },
     /// A provider's credential was set or changed.
     Credential { provider: String },
     /// Changes may have been missed (the feed was down, or this receiver
@@ -70,7 +76,8 @@ pub(crate) const CHANNEL: &str = "airlock_changes";
 
 impl Change {
     /// Parses a notification payload:
-    /// `session ID REVOKED_AT|- EXPIRES_AT` or `credential PROVIDER`.
+    /// `session ID REVOKED_AT|- EXPIRES_AT`, `denied ID N` or
+    /// `credential PROVIDER`.
     pub(crate) fn parse(payload: &str) -> Option<Self> {
         let mut words = payload.split(' ');
         match words.next()? {
@@ -86,6 +93,14 @@ impl Change {
                     revoked_at,
                     expires_at,
                 })
+            }
+            "denied" => {
+                let id = SessionId::parse(words.next()?)?;
+                let denied = words.next()?.parse().ok()?;
+                words
+                    .next()
+                    .is_none()
+                    .then_some(Change::Denied { id, denied })
             }
             "credential" => {
                 let provider = words.next()?;
@@ -109,6 +124,7 @@ impl Change {
                 "session {id} {} {expires_at}",
                 revoked_at.map_or_else(|| "-".to_owned(), |at| at.to_string())
             )),
+            Change::Denied { id, denied } => Some(format!("denied {id} {denied}")),
             Change::Credential { provider } => Some(format!("credential {provider}")),
             Change::Resync => None,
         }

@@ -73,7 +73,7 @@ pub struct PgStore {
 const PRUNE_LOCK: i64 = 0x4149_524c_5052_554e; // "AIRLPRUN"
 
 /// The PostgreSQL schema's migrations: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 7] = [
+const MIGRATIONS: [(i64, &str, &str); 8] = [
     (
         1,
         "init",
@@ -108,6 +108,11 @@ const MIGRATIONS: [(i64, &str, &str); 7] = [
         7,
         "audit floors",
         include_str!("../migrations/postgres/0007_audit_floors.sql"),
+    ),
+    (
+        8,
+        "session change denied",
+        include_str!("../migrations/postgres/0008_session_change_denied.sql"),
     ),
 ];
 

@@ -208,7 +208,7 @@ impl Credentials {
                 Ok(Change::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     self.reload_stored().await;
                 }
-                Ok(Change::Session { .. }) => {}
+                Ok(Change::Session { .. } | Change::Denied { .. }) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }

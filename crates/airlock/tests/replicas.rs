@@ -268,6 +268,46 @@ async fn sessions_are_shared_and_a_revocation_holds_on_every_replica_within_a_se
     assert_eq!(show(a, &id).await["state"], "revoked");
 }
 
+/// A replica whose own count reaches `max_denied` revokes the session at
+/// once and writes the denial before the revocation: another replica,
+/// told of the revocation, says why from its first refusal (round 37: the
+/// revocation could land first, and its refusals said only "revoked" for
+/// a second or so). Several rounds: the race lost about one in ten.
+#[tokio::test]
+async fn a_revocation_by_max_denied_arrives_with_its_reason() {
+    let Some(cluster) = Cluster::start(2, &[]).await else {
+        return;
+    };
+    let [a, b] = &cluster.replicas[..] else {
+        unreachable!()
+    };
+    for round in 0..12 {
+        let (_, token) = session(a, json!({"max_denied": 2})).await;
+        // Both replicas hold the session.
+        for replica in [a, b] {
+            assert_eq!(models(replica, &token).await.status, 200);
+        }
+        for _ in 0..2 {
+            assert_eq!(call(b, "files", &token).await.status, 403);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let first_refusal = loop {
+            let reply = models(a, &token).await;
+            if reply.status == 401 {
+                break reply.text();
+            }
+            assert!(Instant::now() < deadline, "round {round}: not revoked on A");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        assert!(
+            first_refusal.contains("max_denied"),
+            "round {round}: {first_refusal}\nA:\n{}\nB:\n{}",
+            a.output(),
+            b.output()
+        );
+    }
+}
+
 #[tokio::test]
 async fn max_denied_counts_denials_on_every_replica() {
     let Some(cluster) = Cluster::start(3, &[]).await else {
