@@ -422,8 +422,8 @@ impl Proxy {
     /// Relays the provider's answer, with the credential scrubbed from its
     /// headers and body. Its record completes when the body ends; a response
     /// without a body is recorded before it is sent. A provider refusing the
-    /// real credential (401/403) gets the agent airlock's own 502 instead of
-    /// a body that may quote part of the key.
+    /// real credential (401) gets the agent airlock's own 502 instead of a
+    /// body that may quote part of the key.
     async fn relay(&self, forwarded: Forwarded, mut call: CallRecord) -> Response<ProxyBody> {
         let Forwarded {
             response,
@@ -881,16 +881,20 @@ fn has_body(status: StatusCode, body: &UpstreamBody) -> bool {
 }
 
 /// airlock's own error in place of a provider's answer it must not relay:
-/// a 401/403 (the provider refused the real credential, and such bodies
-/// often quote part of it), a 1xx nobody asked for, or a body in a coding
-/// the leak guard cannot read. `None` for an answer to relay.
+/// a 401 (the provider refused the real credential, and such bodies often
+/// quote part of it: OpenAI's names its last characters), a 1xx nobody
+/// asked for, or a body in a coding the leak guard cannot read. `None` for
+/// an answer to relay — a 403 too: providers refuse with it what the key
+/// may not do (a model, a region, a project role), which the agent's SDK
+/// reports as such (round 39: it read "the provider refused airlock's
+/// credential").
 fn unrelayable(
     parts: &http::response::Parts,
     body: &UpstreamBody,
     provider: &str,
 ) -> Option<Denial> {
     let status = parts.status.as_u16();
-    if parts.status == StatusCode::UNAUTHORIZED || parts.status == StatusCode::FORBIDDEN {
+    if parts.status == StatusCode::UNAUTHORIZED {
         tracing::warn!(provider, status, "the provider refused the real credential");
         let message = format!(
             "the provider refused airlock's credential (HTTP {status}); ask the operator to check it"

@@ -319,28 +319,32 @@ async fn a_credential_in_the_answer_s_head_outside_its_values_is_dropped() {
     );
 }
 
+/// A provider's 401 (it refused the real credential) is airlock's own 502;
+/// its 403 (what the key may not do: a model, a region) is relayed, as the
+/// agent's SDK reports it (round 39).
 #[tokio::test]
 async fn an_upstream_refusing_the_credential_is_airlocks_502() {
     let (_mock, airlock, token) = openai_with_session().await;
-    for upstream in [401u16, 403] {
-        let (status, headers, body) =
-            call(&airlock, &format!("/openai/status/{upstream}"), &token).await;
-        assert_eq!(status, 502, "{body}");
-        // Retrying cannot fix the operator's credential: SDKs are told so.
-        assert_eq!(headers["x-should-retry"], "false");
-        let body: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(body["error"]["code"], "upstream_auth_failed");
-        let message = body["error"]["message"].as_str().unwrap();
-        assert!(!message.contains("sk-"), "{message}");
-    }
+    let (status, headers, body) = call(&airlock, "/openai/status/401", &token).await;
+    assert_eq!(status, 502, "{body}");
+    // Retrying cannot fix the operator's credential: SDKs are told so.
+    assert_eq!(headers["x-should-retry"], "false");
+    let refused: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(refused["error"]["code"], "upstream_auth_failed");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(!message.contains("sk-"), "{message}");
+    let (status, headers, body) = call(&airlock, "/openai/status/403", &token).await;
+    assert_eq!((status, body.as_str()), (403, r#"{"status":403}"#));
+    assert!(!headers.contains_key("x-should-retry"), "{headers:?}");
     // Metrics count what the agent got, as the records do.
     let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
     let metrics = metrics.as_str().unwrap();
-    let line = "airlock_proxy_calls_total{provider=\"openai\",decision=\"upstream_auth_failed\"} 2";
+    let line = "airlock_proxy_calls_total{provider=\"openai\",decision=\"upstream_auth_failed\"} 1";
     assert!(metrics.contains(line), "{metrics}");
     let recs = records(&airlock).await;
     assert_eq!(recs[0]["decision"], "upstream_auth_failed");
     assert_eq!(recs[0]["upstream_status"], 401);
+    assert_eq!(recs[1]["decision"], "allow");
     assert_eq!(recs[1]["upstream_status"], 403);
     assert_eq!(recs[0]["status"], 502);
 }
