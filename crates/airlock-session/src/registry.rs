@@ -550,18 +550,26 @@ impl Registry {
         let registry = Arc::clone(self);
         let session = Arc::clone(session);
         self.spawn_home(async move {
+            let id = session.id();
             // The denials first: other replicas, told of the revocation,
             // read the session's totals then, which must hold the denial
             // that reached `max_denied` for their refusals to say so
             // (round 37: the revocation arrived first, and they said only
-            // "revoked" until their next re-check).
+            // "revoked" until their next re-check). Meanwhile the
+            // revocation is one the store has not taken: should the write
+            // stall, the flusher persists it all the same.
             if registry.store.is_shared() {
+                registry.unpersisted.lock().entry(id.clone()).or_insert(at);
                 registry.write_counts(&session, now_ms()).await;
             }
-            let id = session.id();
-            if let Err(e) = registry.store.revoke_session(id, at).await {
-                tracing::error!(session = %id, error = %e, "could not persist revocation; retrying");
-                registry.unpersisted.lock().entry(id.clone()).or_insert(at);
+            match registry.store.revoke_session(id, at).await {
+                Ok(_) => {
+                    registry.unpersisted.lock().remove(id);
+                }
+                Err(e) => {
+                    tracing::error!(session = %id, error = %e, "could not persist revocation; retrying");
+                    registry.unpersisted.lock().entry(id.clone()).or_insert(at);
+                }
             }
         });
     }

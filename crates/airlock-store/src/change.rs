@@ -23,8 +23,8 @@ pub enum Change {
     /// The stored total of a session's denied calls, announced just before
     /// its revocation (PostgreSQL migration 8 on): a process told of the
     /// revocation then knows whether `max_denied` ended the session, and
-    /// says so from its first refusal. A process of an older version
-    /// ignores it.
+    /// says so from its first refusal. A process of an older version logs
+    /// it as malformed and ignores it.
     Denied { id: SessionId, denied: u64 },
     /// A provider's credential was set or changed.
     Credential { provider: String },

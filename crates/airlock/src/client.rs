@@ -129,6 +129,18 @@ pub struct AdminClient {
 /// The variable naming the admin API's URL.
 pub const ADMIN_URL_ENV: &str = "AIRLOCK_ADMIN_URL";
 
+/// The admin API's URL from the config's `admin.listen`: an error for port
+/// 0, which names no address (serve picks the port when it starts).
+pub fn admin_url_of_listen(listen: std::net::SocketAddr) -> Result<String, String> {
+    if listen.port() == 0 {
+        return Err(format!(
+            "admin.listen is {listen}: serve picks the port when it starts and prints it \
+             (\"airlock admin listening on http://…\"); set AIRLOCK_ADMIN_URL to that address"
+        ));
+    }
+    Ok(format!("http://{listen}"))
+}
+
 /// `AIRLOCK_ADMIN_URL`, when set and not empty.
 pub fn admin_url_from_env() -> Option<String> {
     std::env::var(ADMIN_URL_ENV).ok().filter(|v| !v.is_empty())

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use airlock_admin::{CredentialAdmin, CredentialAdminError, CredentialStatus};
 use airlock_core::seal::{self, credential_aad, load_or_create_key, KeyOrigin, KeyPurpose};
 use airlock_core::{MasterKey, Secret};
-use airlock_proxy::credential_source::{CredentialCell, FileWatcher};
+use airlock_proxy::credential_source::{read_credential_file, CredentialCell, FileWatcher};
 use airlock_proxy::{CredentialFormat, PreparedCredential, ProviderError};
 use airlock_session::now_ms;
 use airlock_store::{Change, Store};
@@ -49,20 +49,23 @@ impl Credentials {
     /// Refuses a credential in the environment or a file that `load` would
     /// refuse (too short to be guarded, not sendable in a header), before
     /// `serve` opens or writes anything: a refused start leaves no new
-    /// database behind (config is never half-applied). A file that cannot
-    /// be read is left to `load`, which says why.
+    /// database behind (config is never half-applied). A file is read as
+    /// its watcher reads it (whitespace trimmed, empty: not set yet); one
+    /// that cannot be read is left to `load`, which says why.
     pub fn check_before_start(config: &Config) -> anyhow::Result<()> {
         for (name, p) in &config.providers {
-            if p.credential == CredentialSource::Store {
+            let secret = match &p.credential {
+                CredentialSource::Store => continue,
+                CredentialSource::Env(_) => p.credential.read().ok().flatten(),
+                CredentialSource::File(path) => read_credential_file(path).ok().flatten(),
+            };
+            let Some(secret) = secret else {
                 continue;
-            }
-            let format = CredentialFormat::new(p.auth.clone(), p.auth_format.as_deref())
-                .with_context(|| format!("providers.{name}.auth_format"))?;
-            if let Ok(Some(secret)) = p.credential.read() {
-                format
-                    .prepare(&secret)
-                    .with_context(|| format!("providers.{name}.credential"))?;
-            }
+            };
+            CredentialFormat::new(p.auth.clone(), p.auth_format.as_deref())
+                .with_context(|| format!("providers.{name}.auth_format"))?
+                .prepare(&secret)
+                .with_context(|| format!("providers.{name}.credential"))?;
         }
         Ok(())
     }

@@ -189,15 +189,11 @@ fn try_admin_url(path: Option<&std::path::Path>) -> Result<String, String> {
         return Ok(url);
     }
     let config = config::Config::load(path).map_err(|e| format!("invalid config: {e}"))?;
-    if config.admin_listen.port() == 0 && from_env.is_none() {
-        // Nothing listens on port 0: serve picks the port when it starts.
-        return Err(format!(
-            "admin.listen is {}: serve picks the port when it starts and prints it (\"airlock \
-             admin listening on http://…\"); set AIRLOCK_ADMIN_URL to that address",
-            config.admin_listen
-        ));
+    match from_env {
+        // The client takes the variable's URL over the config's.
+        Some(_) => Ok(format!("http://{}", config.admin_listen)),
+        None => client::admin_url_of_listen(config.admin_listen),
     }
-    Ok(format!("http://{}", config.admin_listen))
 }
 
 /// Like `load_config`, and also loads the TLS files `serve` would use.

@@ -908,15 +908,33 @@ async fn exports_verify_on_their_own_and_tampering_is_named() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert_eq!(
         serde_json::from_str::<Value>(&stdout(&out)).unwrap(),
-        json!({"ok": false, "first_bad": 3, "chain": 1, "line": 3, "reason": "bad mac: the record was altered or forged"})
+        json!({
+            "ok": false, "first_bad": 3, "chain": 1, "line": 3,
+            "reason": "bad mac: the record was altered or forged", "records": 2
+        })
     );
     write_lines(&file, &lines);
     let out = cli(&config, &["audit", "verify", "--from", file_str, "--json"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(
         serde_json::from_str::<Value>(&stdout(&out)).unwrap(),
-        json!({"ok": true, "records": 8, "chains": [{"chain": 1, "first_seq": 1, "last_seq": 8}]})
+        json!({
+            "ok": true, "records": 8, "chains": 1,
+            "ranges": [{"chain": 1, "first_seq": 1, "last_seq": 8}]
+        })
     );
+    // A line that names no record: no seq or chain to give.
+    let mut garbled = lines.clone();
+    garbled[5] = "not json".into();
+    write_lines(&file, &garbled);
+    let out = cli(&config, &["audit", "verify", "--from", file_str, "--json"]);
+    let verdict: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (&verdict["first_bad"], &verdict["chain"], &verdict["line"]),
+        (&Value::Null, &Value::Null, &json!(6)),
+        "{verdict}"
+    );
+    write_lines(&file, &lines);
     let missing = dir.path().join("missing.jsonl");
     let out = cli(
         &config,

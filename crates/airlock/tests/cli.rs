@@ -1754,15 +1754,30 @@ async fn session_list_prints_every_page() {
 #[tokio::test]
 async fn an_admin_listen_on_port_0_is_no_address_for_the_cli() {
     let (_dir, path) = config_dir("[admin]\nlisten = \"127.0.0.1:0\"\n");
-    let out = airlock_cmd(&["session", "list", "--config", path.to_str().unwrap()])
-        .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
-    let err = stderr(&out);
-    assert!(err.contains("admin.listen is 127.0.0.1:0"), "{err}");
-    assert!(err.contains("set AIRLOCK_ADMIN_URL"), "{err}");
+    let path = path.to_str().unwrap();
+    let exec = [
+        "exec",
+        "--config",
+        path,
+        "--allow",
+        "openai:GET:/v1/models",
+        "--",
+        "true",
+    ];
+    for (args, code) in [
+        (&["session", "list", "--config", path][..], 64),
+        (&exec, 125),
+    ] {
+        let out = airlock_cmd(args)
+            .env("AIRLOCK_ADMIN_TOKEN", "some-admin-token")
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("admin.listen is 127.0.0.1:0"), "{err}");
+        assert!(err.contains("set AIRLOCK_ADMIN_URL"), "{err}");
+    }
 }
 
 fn config_dir(toml: &str) -> (tempfile::TempDir, PathBuf) {

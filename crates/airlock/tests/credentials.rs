@@ -427,6 +427,30 @@ async fn a_credential_file_others_can_read_is_warned_about() {
     assert!(warned.contains("mode=0604"), "{warned}");
 }
 
+/// The check `serve` makes of a credential file before it creates its
+/// database reads the file as its watcher does: an empty one is a key not
+/// set yet (503 until it is), one padded with whitespace is the key
+/// within (the diff review after round 37: both stopped `serve`).
+#[tokio::test]
+async fn empty_and_padded_credential_files_do_not_stop_serve() {
+    let mock = MockProvider::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let file = secrets.path().join("p.key");
+    std::fs::write(&file, "\n").unwrap();
+    let airlock = serve_with_file_credential(&mock, &file).await;
+    let token = session(&airlock, &["p"]).await;
+    assert_eq!(call(&airlock, "/p/x", &token).await.0, 503);
+    drop(airlock);
+    std::fs::write(&file, "  file-key-with-padding \n").unwrap();
+    let airlock = serve_with_file_credential(&mock, &file).await;
+    let token = session(&airlock, &["p"]).await;
+    assert_eq!(call(&airlock, "/p/x", &token).await.0, 200);
+    assert_eq!(
+        mock.requests()[0].header("authorization").as_deref(),
+        Some("Bearer file-key-with-padding")
+    );
+}
+
 #[tokio::test]
 async fn file_credentials_rotate_without_restart() {
     let mock = MockProvider::start().await;

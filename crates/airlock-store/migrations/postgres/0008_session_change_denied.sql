@@ -1,8 +1,10 @@
 -- A revocation is announced with the session's stored total of denied
 -- calls, just before it (`denied ID N`), so that a replica told of it
--- knows at once whether max_denied ended the session. Replicas of an
--- older version ignore the extra notification (and still take the
--- `session …` one, whose format is unchanged).
+-- knows at once whether max_denied ended the session. A replica of an
+-- older version still running logs the extra notification as malformed
+-- and ignores it (it takes the `session …` one, whose format is
+-- unchanged); like every migration, this one stops an older version from
+-- starting on the database.
 CREATE OR REPLACE FUNCTION airlock_session_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN

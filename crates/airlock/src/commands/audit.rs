@@ -358,10 +358,11 @@ enum FileVerdict {
         /// First and last seq of each chain in the file.
         ranges: std::collections::BTreeMap<u32, (u64, u64)>,
     },
-    /// The first bad record, on `line`.
+    /// The first bad record, on `line`; `records` verified before it.
     Broken {
         broken: Break,
         line: usize,
+        records: u64,
         /// A gap in a file whose records so far all name this session:
         /// likely its export, verified without `--session`.
         one_session: Option<String>,
@@ -375,6 +376,7 @@ fn write_file_verdict(report: &mut String, verdict: &FileVerdict, session: Optio
             broken,
             line,
             one_session,
+            ..
         } => {
             report_break(report, broken, Some(*line));
             if let Some(id) = one_session {
@@ -408,31 +410,43 @@ fn write_file_verdict(report: &mut String, verdict: &FileVerdict, session: Optio
     }
 }
 
-/// The JSON verdict of `verify --from --json`.
+/// The JSON verdict of `verify --from --json`: the fields of the stored
+/// trail's (`ok`, `records`, `chains` as a count, `first_bad`, `chain`,
+/// `reason`), with a file's own: each chain's `ranges`, the bad `line`.
 fn file_verdict_json(verdict: &FileVerdict) -> serde_json::Value {
     match verdict {
         FileVerdict::Intact {
             records,
-            chains: _,
+            chains,
             ranges,
         } => serde_json::json!({
             "ok": true,
             "records": records,
-            "chains": ranges
+            "chains": chains,
+            "ranges": ranges
                 .iter()
                 .map(|(chain, (first, last))| {
                     serde_json::json!({"chain": chain, "first_seq": first, "last_seq": last})
                 })
                 .collect::<Vec<_>>(),
         }),
-        // Seq 0: a line that does not say which record it is.
-        FileVerdict::Broken { broken, line, .. } => serde_json::json!({
-            "ok": false,
-            "first_bad": broken.seq,
-            "chain": broken.chain,
-            "line": line,
-            "reason": broken.reason.to_string(),
-        }),
+        FileVerdict::Broken {
+            broken,
+            line,
+            records,
+            ..
+        } => {
+            // Seq 0: a line that does not say which record it is.
+            let named = broken.seq != 0;
+            serde_json::json!({
+                "ok": false,
+                "first_bad": named.then_some(broken.seq),
+                "chain": named.then_some(broken.chain),
+                "line": line,
+                "reason": broken.reason.to_string(),
+                "records": records,
+            })
+        }
     }
 }
 
@@ -472,6 +486,7 @@ fn check_file(
                 return Some(FileVerdict::Broken {
                     broken,
                     line,
+                    records: verifier.records(),
                     one_session: None,
                 });
             }
@@ -488,6 +503,7 @@ fn check_file(
             FileVerdict::Broken {
                 broken,
                 line,
+                records: verifier.records(),
                 one_session,
             }
         })
@@ -541,6 +557,7 @@ fn check_file(
                         reason: BreakReason::Malformed(why),
                     },
                     line: number,
+                    records: verifier.records(),
                     one_session: None,
                 });
             }

@@ -44,7 +44,13 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
     let Some((program, program_args)) = args.command.split_first() else {
         bail!("no command given (put it after --)");
     };
-    let client = AdminClient::from_env(format!("http://{}", config.admin_listen));
+    let default_url = match crate::client::admin_url_from_env() {
+        Some(url) => url,
+        None => {
+            crate::client::admin_url_of_listen(config.admin_listen).map_err(anyhow::Error::msg)?
+        }
+    };
+    let client = AdminClient::from_env(default_url);
     // Installed before the session exists, so that no signal between now and
     // the command's start is lost: a pending one is forwarded at once.
     let mut signals = Signals::install()?;
