@@ -240,9 +240,9 @@ Examples:
         #[arg(long, value_name = "ID", requires = "from", conflicts_with = "remote")]
         session: Option<String>,
         /// The verdict as one JSON object (same exit status): the stored
-        /// trail's as GET /v1/audit/verify answers it; a file's as
-        /// {"ok", "records", "chains": [{"chain", "first_seq", "last_seq"}]}
-        /// or {"ok": false, "first_bad", "chain", "line", "reason"}.
+        /// trail's as GET /v1/audit/verify answers it; a file's with the
+        /// same fields, plus "ranges" (each chain's first and last seq) or
+        /// the bad "line".
         #[arg(long)]
         json: bool,
         /// Have the running server verify its trail (GET /v1/audit/verify
