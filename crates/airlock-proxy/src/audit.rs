@@ -21,6 +21,7 @@ use airlock_session::{now_ms, CallSlot, LiveSession};
 use http::{Method, Request};
 
 use crate::cut::{Cut, Waiting};
+use crate::request_id::RequestId;
 
 /// Longest method name kept in a record.
 const MAX_METHOD_LEN: usize = 32;
@@ -33,6 +34,8 @@ pub(crate) const UNDECIDED: &str = "client_aborted";
 pub(crate) struct CallRecord {
     auditor: Auditor,
     started: Instant,
+    /// The call's id in its log line and on airlock's own answer.
+    id: RequestId,
     /// `None` once finished.
     record: Option<Box<AuditRecord>>,
     bytes_in: Option<Arc<AtomicU64>>,
@@ -93,6 +96,7 @@ impl CallRecord {
         Self {
             auditor: auditor.clone(),
             started,
+            id: RequestId::new(),
             record,
             bytes_in: None,
             status: 0,
@@ -102,6 +106,11 @@ impl CallRecord {
             answering_cut: None,
             slot: None,
         }
+    }
+
+    /// The call's id (see [`crate::request_id`]).
+    pub(crate) fn request_id(&self) -> RequestId {
+        self.id
     }
 
     /// Keeps the session's slot for this call until the call ends.
@@ -229,7 +238,7 @@ impl CallRecord {
             .map_or(0, |c| c.load(Ordering::Relaxed));
         record.bytes_out = self.bytes_out;
         record.flags.insert(flags);
-        log_call(&record);
+        log_call(&record, self.id);
         // With audit disabled there is nothing to wait for.
         self.auditor
             .is_enabled()
@@ -238,12 +247,12 @@ impl CallRecord {
 }
 
 /// The call's one log line: session, provider, method, path, decision,
-/// status, duration. Never a token, credential, query or body. Fields are
+/// status, duration and the call's id. Never a token, credential, query or body. Fields are
 /// recorded by `Display` (no escaping pass) and numbers as integers: this
 /// line is written for every call. A recorded path is visible ASCII
 /// (`airlock_core::audit::record_path` escapes anything else an HTTP/2
 /// `:path` may carry), so a line stays one line.
-fn log_call(r: &AuditRecord) {
+fn log_call(r: &AuditRecord, id: RequestId) {
     tracing::info!(
         target: "airlock::call",
         session = %r.session.as_deref().unwrap_or("-"),
@@ -253,6 +262,7 @@ fn log_call(r: &AuditRecord) {
         decision = %r.decision,
         status = r.status,
         duration_us = r.duration_us,
+        request_id = %id,
         "call"
     );
 }

@@ -28,6 +28,7 @@ pub enum ErrorCode {
     HeadersTooLarge,
     Overloaded,
     ShuttingDown,
+    UriTooLong,
 }
 
 /// A refused or failed call. The message is shown to the caller and must
@@ -68,7 +69,7 @@ pub(crate) fn cause<'a, T: std::error::Error + 'static>(
 
 impl ErrorCode {
     /// All codes, in a fixed order (used to pre-register metrics).
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::AuditUnavailable,
         ErrorCode::BadRequest,
         ErrorCode::CredentialUnavailable,
@@ -83,6 +84,7 @@ impl ErrorCode {
         ErrorCode::HeadersTooLarge,
         ErrorCode::Overloaded,
         ErrorCode::ShuttingDown,
+        ErrorCode::UriTooLong,
     ];
 
     /// The wire name.
@@ -102,6 +104,7 @@ impl ErrorCode {
             Self::HeadersTooLarge => "headers_too_large",
             Self::Overloaded => "overloaded",
             Self::ShuttingDown => "shutting_down",
+            Self::UriTooLong => "uri_too_long",
         }
     }
 
@@ -121,13 +124,14 @@ impl ErrorCode {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
         }
     }
 
     /// The `type` field, in the vocabulary the OpenAI and Anthropic SDKs use.
     pub(crate) fn error_type(self) -> &'static str {
         match self {
-            Self::BadRequest | Self::PayloadTooLarge | Self::HeadersTooLarge => {
+            Self::BadRequest | Self::PayloadTooLarge | Self::HeadersTooLarge | Self::UriTooLong => {
                 "invalid_request_error"
             }
             Self::InvalidToken => "authentication_error",

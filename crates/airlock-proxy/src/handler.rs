@@ -152,6 +152,12 @@ impl Proxy {
             .record_refusal(crate::error::ErrorCode::Overloaded);
     }
 
+    /// Counts a request airlock could not parse, answered with `code` and
+    /// its connection closed (no call: nothing to route or record).
+    pub(crate) fn count_unparsed(&self, code: ErrorCode) {
+        self.unknown_provider.record_refusal(code);
+    }
+
     /// Closes this worker's idle upstream connections, every provider's:
     /// what a worker does when it runs out of descriptors (a failed accept
     /// or upstream connect), since pooled connections beyond one per proxy
@@ -211,8 +217,9 @@ impl Proxy {
             // written now): the writer writes it once the store takes
             // writes again (held back, flagged `written_late`, if a commit
             // of it fails first).
-            let response = denial.into_response();
+            let mut response = denial.into_response();
             let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cut);
+            call.request_id().label(response.headers_mut());
             if let Some(provider) = provider {
                 call.set_provider(provider.recorded_name());
                 // Whose call it was, when this process knows the token: a
@@ -231,6 +238,7 @@ impl Proxy {
             return (response, None);
         }
         let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cut);
+        let request_id = call.request_id();
         let (provider, result) = self.process(req, &mut call, head_timer).await;
         let metrics = provider.map_or(&self.unknown_provider, |p| &p.metrics);
         let mut unanswered = Unanswered {
@@ -238,7 +246,7 @@ impl Proxy {
             answered: false,
             refused: None,
         };
-        let (answer, tunnel) = match result {
+        let (mut answer, tunnel) = match result {
             Ok(forwarded) if forwarded.switched() => {
                 self.open_tunnel(forwarded, call, metrics).await
             }
@@ -261,10 +269,11 @@ impl Proxy {
         // Counted as the agent gets it: relaying may still answer with
         // airlock's own error (an encoded body, the provider refusing the
         // credential, audit that cannot be written).
-        metrics.record(
-            answer.extensions().get::<ErrorCode>().copied(),
-            started.elapsed().as_secs_f64(),
-        );
+        let own_error = answer.extensions().get::<ErrorCode>().copied();
+        metrics.record(own_error, started.elapsed().as_secs_f64());
+        if own_error.is_some() {
+            request_id.label(answer.headers_mut());
+        }
         (answer, tunnel)
     }
 
@@ -326,6 +335,13 @@ impl Proxy {
                 return Err(denial);
             }
         };
+        // Before the limits: a call that cannot go upstream for want of a
+        // credential (the operator's to fix) spends none of the session's
+        // `max_requests` or rate (round 40: two such 503s used up a
+        // `max_requests` of 2 and were counted as allowed).
+        let Some(credential) = provider.credential() else {
+            return Err(credential_unavailable(provider));
+        };
         // A bound on what one session holds of this process (connections,
         // upstream connections, memory), not a sign of misuse: refused
         // 429 like a rate limit, but counted toward no `max_denied` (an
@@ -361,7 +377,7 @@ impl Proxy {
             return Err(denial);
         }
         call.hold_slot(slot);
-        self.forward(admitted, &session, req, call, head_timer)
+        self.forward(admitted, credential, &session, req, call, head_timer)
             .await
     }
 
@@ -697,6 +713,7 @@ impl Proxy {
     async fn forward(
         &self,
         admitted: Admitted<'_>,
+        credential: Arc<Loaded<PreparedCredential>>,
         session: &Arc<LiveSession>,
         mut req: Request<Incoming>,
         call: &mut CallRecord,
@@ -706,18 +723,6 @@ impl Proxy {
         let results_url = provider.results_url_for(req.uri().path()).cloned();
         // Taken before the head is prepared (which clears the extensions).
         let agent_upgrade = admitted.websocket.then(|| hyper::upgrade::on(&mut req));
-        let Some(credential) = provider.credential() else {
-            // Only an operator can fix this: an SDK retrying at once would
-            // only add denials toward `max_denied`.
-            return Err(Denial::new(
-                ErrorCode::CredentialUnavailable,
-                format!(
-                    "no credential is configured for provider {}",
-                    provider.name()
-                ),
-            )
-            .no_retry());
-        };
         let (mut parts, body) = req.into_parts();
         credentials::prepare_upstream(
             &mut parts,
@@ -960,6 +965,19 @@ fn finish_refused(
         response.status().as_u16(),
         Flags::empty(),
     )
+}
+
+/// 503 `credential_unavailable`: `provider` has no credential to send. Only
+/// an operator can fix this: an SDK retrying at once would only add calls.
+fn credential_unavailable(provider: &Provider) -> Denial {
+    Denial::new(
+        ErrorCode::CredentialUnavailable,
+        format!(
+            "no credential is configured for provider {}",
+            provider.name()
+        ),
+    )
+    .no_retry()
 }
 
 /// 503 `store_unavailable`: the session store is needed and cannot be reached.

@@ -19,6 +19,7 @@ mod in_flight;
 pub mod metrics;
 pub mod provider;
 pub mod redact;
+mod request_id;
 mod results_url;
 pub mod server;
 pub mod tls;

@@ -95,6 +95,8 @@ const CUT_GRACE: Duration = Duration::from_secs(2);
 const TUNNEL_GOODBYE: Duration = Duration::from_secs(2);
 /// Connections refused at `max_connections`, warned about once a minute.
 static FULL: Spaced = Spaced::new(60_000);
+/// Requests hyper could not parse, warned about once a minute.
+static UNPARSED: Spaced = Spaced::new(60_000);
 
 /// The body of the answer to a connection over `max_connections`.
 const OVERLOADED: &str = r#"{"error":{"type":"api_error","code":"overloaded","message":"too many open connections (proxy.max_connections)"}}"#;
@@ -720,8 +722,27 @@ impl ConnSettings {
         if let Some(Err(e)) = ended {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
-        if listener == Listener::Plain && Verdicts::opened_tls(&opening) {
+        let misdirected = listener == Listener::Plain && Verdicts::opened_tls(&opening);
+        if misdirected {
             MISDIRECTED.report(Misdirection::TlsOnPlain, peer);
+        }
+        if let Some(&code) = tunnel_activity.unparsed.get() {
+            // No call (nothing parsed to record), but not unseen either
+            // (round 40): counted, and warned about at most once a minute
+            // (a TLS handshake here has its own warning).
+            self.proxy.count_unparsed(code);
+            let due = || UNPARSED.count(airlock_core::spaced::monotonic_ms());
+            if let Some(answered) = (!misdirected).then(due).flatten() {
+                tracing::warn!(
+                    %peer,
+                    answered,
+                    "a request that is not valid HTTP/1.1 was answered {} {code} and its \
+                     connection closed ({answered} since the last such warning; at most one a \
+                     minute): a client speaking another protocol, or a request head over \
+                     proxy.max_header_size",
+                    code.status().as_u16()
+                );
+            }
         }
         let tunnel = switched
             .lock()
@@ -883,6 +904,10 @@ struct Activity {
     idle_since_ms: AtomicU64,
     /// The calls' timer for the provider's answer.
     head_timer: HeadTimer,
+    /// The refusal airlock put in place of hyper's answer to a first
+    /// request it could not parse ([`automatic`]), counted when the
+    /// connection ends.
+    unparsed: std::sync::OnceLock<crate::error::ErrorCode>,
 }
 
 impl Activity {
@@ -893,6 +918,7 @@ impl Activity {
             served: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
             head_timer: HeadTimer::default(),
+            unparsed: std::sync::OnceLock::new(),
         }
     }
 }

@@ -17,5 +17,5 @@ pub mod pg;
 mod process;
 pub mod tls;
 
-pub use mock::{MockProvider, RecordedRequest, MAX_RECORDED_BODY};
+pub use mock::{MockProvider, RecordedRequest, MAX_RECORDED_BODY, MOCK_REQUEST_ID};
 pub use process::{Airlock, AirlockBuilder, StoreLock};

@@ -3,6 +3,8 @@
 
 mod body;
 mod routes;
+
+pub use routes::MOCK_REQUEST_ID;
 mod websocket;
 
 /// The mock's request handler, for the TLS mock (`crate::tls`) that serves

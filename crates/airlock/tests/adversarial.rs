@@ -547,6 +547,63 @@ async fn an_overlong_target_is_refused_with_json() {
     run("long target", &env, cases).await;
 }
 
+/// A request hyper cannot parse is no call (nothing to route or record),
+/// but it is not unseen: counted under `_unknown` with the code it was
+/// answered with, and warned about at most once a minute (round 40: a
+/// scanner's garbage and oversized heads showed nowhere).
+#[tokio::test]
+async fn requests_that_cannot_be_parsed_are_counted_and_warned_about() {
+    let env = env(&[r#"max_header_size = "16KiB""#]).await;
+    let oversized = format!(
+        "GET /openai/v1/models/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let cases = vec![
+        case(
+            "garbage",
+            b"GARBAGE\r\n\r\n".to_vec(),
+            Expect::JsonThenClose(400, "bad_request"),
+        ),
+        case(
+            "garbage again",
+            b"NOT HTTP AT ALL\r\n\r\n".to_vec(),
+            Expect::JsonThenClose(400, "bad_request"),
+        ),
+        case("head over max_header_size", oversized, TOO_LARGE),
+    ];
+    run("unparseable", &env, cases).await;
+    let counted = |metrics: &str, decision: &str, n: u64| {
+        let series = format!(
+            "airlock_proxy_calls_total{{provider=\"_unknown\",decision=\"{decision}\"}} {n}"
+        );
+        metrics.lines().any(|l| l == series)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = env.airlock.admin("GET", "/metrics", None).await.unwrap();
+        let metrics = metrics.as_str().unwrap().to_owned();
+        if counted(&metrics, "bad_request", 2) && counted(&metrics, "headers_too_large", 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not counted:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = env
+        .airlock
+        .wait_for_output("a request that is not valid HTTP/1.1 was answered", 0)
+        .await;
+    assert!(line.contains("peer="), "{line}");
+    // One warning for the three (at most one a minute).
+    let output = env.airlock.output();
+    assert_eq!(
+        output
+            .matches("a request that is not valid HTTP/1.1")
+            .count(),
+        1,
+        "{output}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Headers the agent must not set upstream
 // ---------------------------------------------------------------------------

@@ -1385,6 +1385,10 @@ async fn fail_closed_refuses_calls_while_the_store_cannot_be_written() {
     )
     .await;
     assert_eq!(unknown.status, 503, "{}", unknown.text());
+    // Refused at the gate, it still carries its id for the SDKs.
+    let call_id = unknown.headers["x-request-id"].to_str().unwrap();
+    assert!(call_id.starts_with("airlock_"), "{call_id}");
+    assert_eq!(unknown.headers["request-id"], call_id);
     let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
     let metrics = metrics.as_str().unwrap();
     let count = |provider: &str| {

@@ -2877,6 +2877,36 @@ async fn config_check_refuses_the_keys_serve_refuses() {
             assert!(!text.contains(bad), "{text}");
         }
     }
+    // An admin token serve refuses (round 40: config check passed these).
+    for token in ["short", "a token with spaces in it 0123"] {
+        let (dir, path) =
+            config_dir("[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+        let path = path.to_str().unwrap();
+        let run = |command: &[&str]| {
+            let mut args = command.to_vec();
+            args.extend(["--config", path]);
+            airlock_cmd(&args)
+                .current_dir(dir.path())
+                .env("AIRLOCK_ADMIN_TOKEN", token)
+                .output()
+        };
+        let check = run(&["config", "check"]).await.unwrap();
+        assert_eq!(check.status.code(), Some(1), "{token}: {}", stdout(&check));
+        assert!(
+            stdout(&check).contains("env:AIRLOCK_ADMIN_TOKEN (set, refused: see below)"),
+            "{}",
+            stdout(&check)
+        );
+        let serve = run(&["serve"]).await.unwrap();
+        assert_eq!(serve.status.code(), Some(1), "{token}: {}", stderr(&serve));
+        let refused = serve_error(&serve);
+        assert!(refused.contains("AIRLOCK_ADMIN_TOKEN"), "{refused}");
+        assert!(
+            stderr(&check).lines().any(|l| l == refused),
+            "{token}: config check said\n{}\nserve said\n{refused}",
+            stderr(&check)
+        );
+    }
 }
 
 /// A SQLite store whose directory does not exist is a problem for `config

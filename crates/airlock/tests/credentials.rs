@@ -817,3 +817,59 @@ async fn a_start_refused_for_a_new_key_leaves_no_key_file_behind() {
     let mut again = start().await.unwrap();
     again.terminate().await.unwrap();
 }
+
+/// A call refused for want of a credential (the operator's to fix) spends
+/// nothing of the session's limits and counts as neither allowed nor
+/// denied: round 40 saw two such 503s use up a `max_requests` of 2, and the
+/// session say `2 allowed` where the audit trail said `credential_unavailable`.
+#[tokio::test]
+async fn a_call_without_a_credential_spends_none_of_the_session_limits() {
+    let mock = MockProvider::start().await;
+    let airlock = AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+        .config(&toml_provider("p", &mock.url(), "bearer", "store", ""))
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start()
+        .await
+        .unwrap();
+    let created = airlock
+        .create_session(json!({
+            "scope": [{"provider": "p", "methods": ["GET"], "paths": ["/**"]}],
+            "ttl_seconds": 600,
+            "limits": {"max_requests": 1, "max_denied": 2},
+        }))
+        .await
+        .unwrap();
+    let (id, token) = (
+        created["id"].as_str().unwrap(),
+        created["token"].as_str().unwrap(),
+    );
+    for _ in 0..3 {
+        let (status, _, body) = call(&airlock, "/p/x", token).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("credential_unavailable"), "{body}");
+    }
+    let (_, shown) = airlock
+        .admin("GET", &format!("/v1/sessions/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(shown["state"], "active", "{shown}");
+    assert_eq!(shown["calls"]["allowed"], 0, "{shown}");
+    assert_eq!(shown["calls"]["denied"], 0, "{shown}");
+
+    let (status, body) = airlock
+        .admin(
+            "PUT",
+            "/v1/providers/p/credential",
+            Some(json!({"value": "store-secret-for-the-quota-00"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // The session's one call is still there to make.
+    let (status, _, body) = call(&airlock, "/p/x", token).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(mock.request_count(), 1);
+    let (status, _, body) = call(&airlock, "/p/x", token).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(mock.request_count(), 1);
+}

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use airlock_testkit::client::{raw, raw_status, request, Reply};
-use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
+use airlock_testkit::{Airlock, AirlockBuilder, MockProvider, MOCK_REQUEST_ID};
 use serde_json::{json, Value};
 
 const OPENAI_KEY: &str = "sk-real-openai-0123456789";
@@ -1481,4 +1481,77 @@ async fn proxy_workers_each_serve_calls_with_the_real_credential() {
             "the session token reached the provider"
         );
     }
+}
+
+/// The call id on airlock's own answers: both SDKs' headers, one value.
+fn airlock_request_id(reply: &Reply) -> String {
+    let id = reply.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(reply.headers["request-id"], id.as_str());
+    let digits = id
+        .strip_prefix("airlock_")
+        .unwrap_or_else(|| panic!("{id}"));
+    assert_eq!(digits.len(), 16, "{id}");
+    assert!(digits.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    id
+}
+
+/// airlock's own answers carry the call's id where the OpenAI and
+/// Anthropic SDKs read a request id (`x-request-id`, `request-id`: round
+/// 39 saw `request_id` None on every airlock error), and the call's log
+/// line names the same id, so an agent's error leads to its line. A
+/// provider's answer keeps the provider's id and gets none of airlock's.
+#[tokio::test]
+async fn airlock_answers_carry_the_id_of_their_log_line() {
+    let s = setup().await;
+    let (_, token) = session(
+        &s.airlock,
+        json!([
+            {"provider": "openai", "methods": ["POST"], "paths": ["/v1/chat/completions"]},
+            {"provider": "openai", "methods": ["GET"], "paths": ["/status/*"]}
+        ]),
+        json!({}),
+    )
+    .await;
+    let url = |path: &str| format!("{}/openai{path}", s.airlock.proxy_url());
+
+    let tokenless = request("POST", &url("/v1/chat/completions"), &[], "{}").await;
+    assert_error(&tokenless, 401, "invalid_token");
+    let first = airlock_request_id(&tokenless);
+    let line = s.airlock.wait_for_output(&first, 0).await;
+    assert!(
+        line.contains("airlock::call") && line.contains("status=401"),
+        "{line}"
+    );
+
+    let outside = call("DELETE", &url("/v1/files/f1"), &token).await;
+    assert_error(&outside, 403, "out_of_scope");
+    let second = airlock_request_id(&outside);
+    assert_ne!(first, second);
+    let line = s.airlock.wait_for_output(&second, 0).await;
+    assert!(line.contains("path=/openai/v1/files/f1"), "{line}");
+
+    // The provider refused (its id relayed); airlock's id is only in its log.
+    let relayed = call("GET", &url("/status/400"), &token).await;
+    assert_eq!(relayed.status, 400, "{}", relayed.text());
+    assert_eq!(relayed.headers["x-request-id"], MOCK_REQUEST_ID);
+    assert!(relayed.headers.get("request-id").is_none());
+    let line = s
+        .airlock
+        .wait_for_output("path=/openai/status/400", 0)
+        .await;
+    assert!(line.contains("request_id=airlock_"), "{line}");
+
+    // A provider's 401 is airlock's 502, under airlock's id, not the provider's.
+    let rejected = call("GET", &url("/status/401"), &token).await;
+    assert_error(&rejected, 502, "upstream_auth_failed");
+    let third = airlock_request_id(&rejected);
+    assert_ne!(third, MOCK_REQUEST_ID);
+    s.airlock.wait_for_output(&third, 0).await;
+
+    // An answer the provider gave without an id gets none.
+    let allowed = chat(&s, &token).await;
+    assert_eq!(allowed.status, 200, "{}", allowed.text());
+    assert!(allowed.headers.get("x-request-id").is_none());
+    assert!(allowed.headers.get("request-id").is_none());
+    assert_eq!(s.mock.request_count(), 3);
 }

@@ -1227,6 +1227,32 @@ async fn a_stored_credential_set_on_one_replica_applies_on_the_others() {
     )
     .await;
     eprintln!("MEASURED: B took up the unannounced credential {took:?} after its feed dropped");
+
+    // The database gone longer than max_staleness: `airlock status` still
+    // reports, the stored credential's state unknown (round 40: it gave up
+    // on the whole report at that credential's 503).
+    db.allow_connections(false).await;
+    db.terminate_connections().await;
+    eventually(Duration::from_secs(20), "B not ready", async || {
+        let ready = request("GET", &format!("{}/readyz", b.admin_url()), &[], "").await;
+        ready.json()["status"] == "store_unavailable"
+    })
+    .await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .arg("status")
+        .env("AIRLOCK_ADMIN_URL", b.admin_url())
+        .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{shown}{out:?}");
+    assert!(shown.contains("not ready: the shared store"), "{shown}");
+    assert!(
+        shown.contains("\n  vault  unknown (the server could not read its store)\n"),
+        "{shown}"
+    );
+    assert!(shown.contains("sessions:   unknown"), "{shown}");
+    db.allow_connections(true).await;
 }
 
 fn hex_of(bytes: &[u8]) -> String {

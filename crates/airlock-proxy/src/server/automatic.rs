@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::Activity;
+use crate::error::ErrorCode;
 
 /// What the connection's writer does with hyper's writes.
 pub(super) enum Automatic {
@@ -50,7 +51,9 @@ impl Automatic {
     pub(super) fn decide(&mut self, first: &[u8]) {
         if let Self::Watching(activity) = self {
             *self = match answer_for(first) {
-                Some(answer) if !activity.served.load(Ordering::Acquire) => {
+                Some((answer, code)) if !activity.served.load(Ordering::Acquire) => {
+                    // Counted once the connection ends (it is no call).
+                    let _ = activity.unparsed.set(code);
                     Self::Replacing { answer, sent: 0 }
                 }
                 _ => Self::Passing,
@@ -67,40 +70,39 @@ pub(super) fn first_slice<'a>(bufs: &'a [IoSlice<'a>]) -> &'a [u8] {
         .unwrap_or(&[])
 }
 
-/// airlock's answer for hyper's automatic `head` (a status line), or `None`
-/// when `head` is not one.
-fn answer_for(head: &[u8]) -> Option<Vec<u8>> {
+/// airlock's answer for hyper's automatic `head` (a status line) and its
+/// code, or `None` when `head` is not one.
+fn answer_for(head: &[u8]) -> Option<(Vec<u8>, ErrorCode)> {
     let status = head.strip_prefix(b"HTTP/1.1 ")?.get(..3)?;
     let (status_line, code, message) = match status {
         b"400" => (
             "400 Bad Request",
-            "bad_request",
+            ErrorCode::BadRequest,
             "the request is not valid HTTP/1.1 (its request line or a header is malformed)",
         ),
         b"431" => (
             "431 Request Header Fields Too Large",
-            "headers_too_large",
+            ErrorCode::HeadersTooLarge,
             "the request head is larger than proxy.max_header_size or has more than 100 header lines",
         ),
         b"414" => (
             "414 URI Too Long",
-            "uri_too_long",
+            ErrorCode::UriTooLong,
             "the request target is too long",
         ),
         _ => return None,
     };
     let body = serde_json::json!({
-        "error": { "type": "invalid_request_error", "code": code, "message": message }
+        "error": { "type": "invalid_request_error", "code": code.as_str(), "message": message }
     })
     .to_string();
-    Some(
-        format!(
-            "HTTP/1.1 {status_line}\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes(),
+    let answer = format!(
+        "HTTP/1.1 {status_line}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     )
+    .into_bytes();
+    Some((answer, code))
 }
 
 #[cfg(test)]
@@ -108,8 +110,10 @@ mod tests {
     use super::*;
 
     fn answer(head: &[u8]) -> Option<(String, serde_json::Value)> {
-        let bytes = answer_for(head)?;
+        let (bytes, code) = answer_for(head)?;
         let text = String::from_utf8(bytes).unwrap();
+        let status = format!("HTTP/1.1 {}", code.status().as_u16());
+        assert!(head.starts_with(status.as_bytes()));
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         let length: usize = head
             .lines()

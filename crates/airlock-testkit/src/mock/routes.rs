@@ -452,8 +452,16 @@ fn status(code: &str) -> Response<MockBody> {
         *response.status_mut() = status;
         return response;
     }
-    json_response(status, &json!({ "status": status.as_u16() }))
+    let mut response = json_response(status, &json!({ "status": status.as_u16() }));
+    // As hosted providers do: the id a provider's error is known by.
+    response
+        .headers_mut()
+        .insert("x-request-id", HeaderValue::from_static(MOCK_REQUEST_ID));
+    response
 }
+
+/// The `x-request-id` of the mock's `/status/N` answers.
+pub const MOCK_REQUEST_ID: &str = "req_mock_0001";
 
 /// `/echo`: what was received, as JSON.
 /// `/leak-sse`: a provider that leaks what it was sent. Every request

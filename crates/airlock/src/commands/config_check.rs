@@ -149,13 +149,19 @@ pub fn describe(config: &Config) -> Description {
 
     let _ = writeln!(out, "admin:");
     line(out, "listen", &config.admin_listen.to_string());
-    let token = if env_is_set("AIRLOCK_ADMIN_TOKEN") {
-        "env:AIRLOCK_ADMIN_TOKEN (set)".to_owned()
-    } else {
-        "env:AIRLOCK_ADMIN_TOKEN (not set: the stored one, or a new one printed on first start)"
-            .to_owned()
+    // Checked as `serve` checks it (round 40: a token too short for serve
+    // passed here).
+    let token = match crate::commands::serve::admin_token_from_env() {
+        Ok(Some(_)) => "env:AIRLOCK_ADMIN_TOKEN (set)",
+        Ok(None) => {
+            "env:AIRLOCK_ADMIN_TOKEN (not set: the stored one, or a new one printed on first start)"
+        }
+        Err(e) => {
+            d.problems.push(format!("{e:#}"));
+            "env:AIRLOCK_ADMIN_TOKEN (set, refused: see below)"
+        }
     };
-    line(out, "token", &token);
+    line(out, "token", token);
 
     let _ = writeln!(out, "store:");
     line(

@@ -632,9 +632,10 @@ async fn start_audit(
     Ok((auditor, Some(writer), Some(access)))
 }
 
-/// The admin token's hash: from `AIRLOCK_ADMIN_TOKEN`, or generated on first
-/// start (printed once, only its hash stored).
-async fn admin_token_hash(store: &dyn airlock_store::Store) -> anyhow::Result<TokenHash> {
+/// The admin token `AIRLOCK_ADMIN_TOKEN` sets (`None`: unset or empty),
+/// refused when no client could send it or it is too short to be secret.
+/// `config check` asks the same.
+pub(crate) fn admin_token_from_env() -> anyhow::Result<Option<String>> {
     let token = match std::env::var("AIRLOCK_ADMIN_TOKEN") {
         Ok(token) => Some(token).filter(|t| !t.is_empty()),
         Err(std::env::VarError::NotPresent) => None,
@@ -647,31 +648,40 @@ async fn admin_token_hash(store: &dyn airlock_store::Store) -> anyhow::Result<To
              24`)"
         ),
     };
-    if let Some(token) = token {
-        // A token no client can send as it is (a trailing newline from a
-        // secret file, a space) would lock every client out of the admin
-        // API, with nothing said.
-        if let Some(c) = token.chars().find(|c| !c.is_ascii_graphic()) {
-            let what = match c {
-                '\n' | '\r' => "a line break (a trailing newline from a secret file?)".to_owned(),
-                ' ' => "a space".to_owned(),
-                c if c.is_control() => format!("a control character ({:?})", c),
-                c => format!("{c:?}, which is not printable ASCII"),
-            };
-            anyhow::bail!(
-                "AIRLOCK_ADMIN_TOKEN contains {what}: clients send the admin token in an \
-                 Authorization header, which cannot carry it as it is, so no client could use \
-                 the admin API; use printable ASCII only (e.g. `openssl rand -hex 24`)"
-            );
-        }
-        let length = token.chars().count();
-        if length < MIN_ADMIN_TOKEN_CHARS {
-            anyhow::bail!(
-                "AIRLOCK_ADMIN_TOKEN has only {length} characters: the admin API's token needs \
-                 at least {MIN_ADMIN_TOKEN_CHARS} random ones (e.g. `openssl rand -hex 24`), or \
-                 leave it unset and serve makes one"
-            );
-        }
+    let Some(token) = token else {
+        return Ok(None);
+    };
+    // A token no client can send as it is (a trailing newline from a
+    // secret file, a space) would lock every client out of the admin
+    // API, with nothing said.
+    if let Some(c) = token.chars().find(|c| !c.is_ascii_graphic()) {
+        let what = match c {
+            '\n' | '\r' => "a line break (a trailing newline from a secret file?)".to_owned(),
+            ' ' => "a space".to_owned(),
+            c if c.is_control() => format!("a control character ({:?})", c),
+            c => format!("{c:?}, which is not printable ASCII"),
+        };
+        anyhow::bail!(
+            "AIRLOCK_ADMIN_TOKEN contains {what}: clients send the admin token in an \
+             Authorization header, which cannot carry it as it is, so no client could use \
+             the admin API; use printable ASCII only (e.g. `openssl rand -hex 24`)"
+        );
+    }
+    let length = token.chars().count();
+    if length < MIN_ADMIN_TOKEN_CHARS {
+        anyhow::bail!(
+            "AIRLOCK_ADMIN_TOKEN has only {length} characters: the admin API's token needs \
+             at least {MIN_ADMIN_TOKEN_CHARS} random ones (e.g. `openssl rand -hex 24`), or \
+             leave it unset and serve makes one"
+        );
+    }
+    Ok(Some(token))
+}
+
+/// The admin token's hash: from `AIRLOCK_ADMIN_TOKEN`, or generated on first
+/// start (printed once, only its hash stored).
+async fn admin_token_hash(store: &dyn airlock_store::Store) -> anyhow::Result<TokenHash> {
+    if let Some(token) = admin_token_from_env()? {
         let stored = store.setting(ADMIN_TOKEN_HASH).await?;
         let hash = TokenHash::of(&token);
         if stored.is_some_and(|hex| hex != hash.to_hex()) {

@@ -52,7 +52,14 @@ async fn report(client: &AdminClient, json: bool) -> anyhow::Result<ExitCode> {
     let mut providers = Vec::new();
     for name in names {
         let path = format!("/v1/providers/{}/credential", path_segment(&name));
-        let credential = client.call(Method::GET, &path, None).await?;
+        // A stored credential's state needs the store, which may be why
+        // the server is not ready: said as unknown then (round 40: status
+        // gave up on the whole report).
+        let credential = match client.call(Method::GET, &path, None).await {
+            Ok(credential) => credential,
+            Err(e) if !ready && e.downcast_ref::<ApiRefusal>().is_some() => Value::Null,
+            Err(e) => return Err(e),
+        };
         providers.push(json!({
             "name": name,
             "source": credential.get("source").cloned().unwrap_or(Value::Null),
@@ -188,7 +195,13 @@ fn render(
         .unwrap_or(0);
     for provider in providers {
         let name = provider["name"].as_str().unwrap_or("-");
-        let source = provider["source"].as_str().unwrap_or("unknown source");
+        let Some(source) = provider["source"].as_str() else {
+            let _ = writeln!(
+                out,
+                "  {name:<width$}  unknown (the server could not read its store)"
+            );
+            continue;
+        };
         let state = match provider["set"].as_bool() {
             Some(true) => "available".to_owned(),
             Some(false) if source == "store" => {
@@ -246,6 +259,11 @@ mod tests {
         );
         assert!(render("u", "store_unavailable", &Value::Null, &[], None)
             .ends_with("sessions:   unknown (the server could not read its store)\n"));
+        let unread = [json!({"name": "vault", "source": null, "set": null})];
+        assert!(
+            render("u", "store_unavailable", &Value::Null, &unread, None)
+                .contains("\n  vault  unknown (the server could not read its store)\n"),
+        );
         let escape = json!({"version": "9.9\u{1b}[2J"});
         assert!(server_line(&escape).unwrap().starts_with("airlock 9.9?[2J"));
         let older = json!({"version": "0.0.1", "audit": {"enabled": false}});
