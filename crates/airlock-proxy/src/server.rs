@@ -828,7 +828,7 @@ async fn handle(
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    response.map(|body| Tracked { body, _busy: busy })
+    response.map(|body| Tracked::new(body, busy))
 }
 
 /// Passes an accepted connection to worker `target` (if that worker has
@@ -908,6 +908,12 @@ struct Activity {
     /// request it could not parse ([`automatic`]), counted when the
     /// connection ends.
     unparsed: std::sync::OnceLock<crate::error::ErrorCode>,
+    /// Calls whose answer waits for the agent to take its next part: hyper
+    /// holds the answer (or its last frame) and has not asked for more.
+    waiting_on_agent: AtomicUsize,
+    /// Bumped whenever hyper asks a call's answer for more: the agent is
+    /// taking what it is sent.
+    agent_progress: AtomicU64,
 }
 
 impl Activity {
@@ -919,6 +925,8 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             head_timer: HeadTimer::default(),
             unparsed: std::sync::OnceLock::new(),
+            waiting_on_agent: AtomicUsize::new(0),
+            agent_progress: AtomicU64::new(0),
         }
     }
 }
@@ -927,12 +935,30 @@ impl Activity {
 /// (`first` before its first call).
 async fn idle(activity: &Activity, first: Duration, limit: Duration) {
     let mut deadline = activity.opened + first;
+    // The agent's progress at the last look, while every call waited on it.
+    let mut stalled_at: Option<u64> = None;
     loop {
         tokio::time::sleep_until(deadline.into()).await;
-        if activity.in_flight.load(Ordering::Acquire) > 0 {
+        let in_flight = activity.in_flight.load(Ordering::Acquire);
+        if in_flight > 0 {
+            // Calls in flight keep a connection open, unless every one of
+            // them waits for an agent that has taken nothing for a whole
+            // `limit` (round 41: an HTTP/2 client that never opened its
+            // flow-control window held its connection with a 401 airlock
+            // could not send, for ever).
+            let progress = activity.agent_progress.load(Ordering::Acquire);
+            if activity.waiting_on_agent.load(Ordering::Acquire) >= in_flight {
+                if stalled_at == Some(progress) {
+                    return;
+                }
+                stalled_at = Some(progress);
+            } else {
+                stalled_at = None;
+            }
             deadline = Instant::now() + limit;
             continue;
         }
+        stalled_at = None;
         let bound = if activity.served.load(Ordering::Acquire) {
             limit
         } else {
@@ -977,10 +1003,47 @@ impl Drop for Busy {
 
 /// A response body that keeps its call counted as in flight. The body is
 /// dropped before the count (field order): once the count is down, the
-/// call's record has been queued.
+/// call's record has been queued. It also tells the connection whether the
+/// answer waits for the agent (`handed`: hyper holds the head or the last
+/// frame and has not asked for more) rather than for the provider.
 struct Tracked {
     body: ProxyBody,
+    handed: bool,
     _busy: Busy,
+}
+
+impl Tracked {
+    /// `body`, just handed to hyper with its response head.
+    fn new(body: ProxyBody, busy: Busy) -> Self {
+        busy.connection
+            .waiting_on_agent
+            .fetch_add(1, Ordering::AcqRel);
+        Self {
+            body,
+            handed: true,
+            _busy: busy,
+        }
+    }
+
+    /// Marks the answer as waiting on the agent (`true`) or not.
+    fn set_handed(&mut self, handed: bool) {
+        if self.handed == handed {
+            return;
+        }
+        self.handed = handed;
+        let waiting = &self._busy.connection.waiting_on_agent;
+        if handed {
+            waiting.fetch_add(1, Ordering::AcqRel);
+        } else {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.set_handed(false);
+    }
 }
 
 impl Body for Tracked {
@@ -991,7 +1054,16 @@ impl Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        this._busy
+            .connection
+            .agent_progress
+            .fetch_add(1, Ordering::Relaxed);
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        // A frame given to hyper waits for the agent until hyper asks for
+        // the next; a pending body waits for the provider (or the audit).
+        this.set_handed(matches!(polled, Poll::Ready(Some(Ok(_)))));
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -153,6 +153,57 @@ pub async fn idle_connection_lifetime(base_url: &str, limit: Duration) -> Option
     }
 }
 
+/// Opens an HTTP/2 connection whose flow-control window for the server's
+/// answers is 0 (`SETTINGS_INITIAL_WINDOW_SIZE`), sends `fields` as stream
+/// 1 and never opens the window: an agent that does not take its answer.
+/// It acknowledges settings and answers pings, so that the server has no
+/// other reason to close. Returns how long until the server closed the
+/// connection or said GOAWAY (or `None` after `limit`).
+pub async fn unread_answer_lifetime(
+    base_url: &str,
+    fields: &[(&[u8], &[u8])],
+    limit: Duration,
+) -> Option<Duration> {
+    const INITIAL_WINDOW_SIZE: u16 = 0x4;
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(authority(base_url))
+        .await
+        .expect("connect to the server");
+    let mut out = PREFACE.to_vec();
+    let mut settings = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+    settings.extend(0u32.to_be_bytes());
+    out.extend(frame(SETTINGS, 0, 0, &settings));
+    out.extend(frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &header_block(fields),
+    ));
+    stream.write_all(&out).await.ok()?;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+        while let Some((kind, flags, _, payload, used)) = next_frame(&buf) {
+            if kind == SETTINGS && flags & ACK == 0 {
+                let _ = stream.write_all(&frame(SETTINGS, ACK, 0, &[])).await;
+            }
+            if kind == PING && flags & ACK == 0 {
+                let _ = stream.write_all(&frame(PING, ACK, 0, &payload)).await;
+            }
+            if kind == GOAWAY {
+                return Some(started.elapsed());
+            }
+            buf.drain(..used);
+        }
+    }
+}
+
 /// One frame at the start of `buf`: (type, flags, stream, payload, bytes used).
 fn next_frame(buf: &[u8]) -> Option<(u8, u8, u32, Vec<u8>, usize)> {
     if buf.len() < 9 {

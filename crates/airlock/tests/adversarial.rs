@@ -547,6 +547,40 @@ async fn an_overlong_target_is_refused_with_json() {
     run("long target", &env, cases).await;
 }
 
+/// An HTTP/2 agent that never opens its flow-control window cannot hold
+/// its connection with an answer airlock cannot send (round 41: 50 such
+/// connections, without a token, held every slot of `max_connections`
+/// for as long as they stayed open): once every call on a connection has
+/// waited a whole `idle_timeout` for the agent to take its answer, the
+/// connection is closed like an idle one.
+#[tokio::test]
+async fn an_agent_that_takes_no_answer_cannot_hold_its_connection() {
+    let env = env(&[r#"idle_timeout = "1s""#]).await;
+    let bearer = format!("Bearer {}", env.token);
+    let allowed: [(&[u8], &[u8]); 5] = [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", b"127.0.0.1"),
+        (b":path", b"/openai/v1/models/x"),
+        (b"authorization", bearer.as_bytes()),
+    ];
+    let tokenless = &allowed[..4];
+    for fields in [tokenless, &allowed[..]] {
+        let lifetime = h2raw::unread_answer_lifetime(
+            &env.airlock.proxy_url(),
+            fields,
+            Duration::from_secs(15),
+        )
+        .await;
+        let lifetime = lifetime.expect("the connection was held open");
+        assert!(lifetime >= Duration::from_millis(900), "{lifetime:?}");
+    }
+    // The allowed call reached the provider; the tokenless one nothing.
+    assert_eq!(env.mock.request_count(), 1);
+    env.mock.clear();
+    assert_normal_call_works(&env).await;
+}
+
 /// A request hyper cannot parse is no call (nothing to route or record),
 /// but it is not unseen: counted under `_unknown` with the code it was
 /// answered with, and warned about at most once a minute (round 40: a
