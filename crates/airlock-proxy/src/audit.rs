@@ -26,6 +26,9 @@ use crate::request_id::RequestId;
 /// Longest method name kept in a record.
 const MAX_METHOD_LEN: usize = 32;
 
+/// Longest provider request id logged.
+const MAX_PROVIDER_REQUEST_ID: usize = 128;
+
 /// The decision recorded (and counted) for a call dropped before airlock
 /// decided.
 pub(crate) const UNDECIDED: &str = "client_aborted";
@@ -36,6 +39,8 @@ pub(crate) struct CallRecord {
     started: Instant,
     /// The call's id in its log line and on airlock's own answer.
     id: RequestId,
+    /// The id the provider gave its answer, for the log line.
+    provider_request_id: Option<http::HeaderValue>,
     /// `None` once finished.
     record: Option<Box<AuditRecord>>,
     bytes_in: Option<Arc<AtomicU64>>,
@@ -97,6 +102,7 @@ impl CallRecord {
             auditor: auditor.clone(),
             started,
             id: RequestId::new(),
+            provider_request_id: None,
             record,
             bytes_in: None,
             status: 0,
@@ -111,6 +117,20 @@ impl CallRecord {
     /// The call's id (see [`crate::request_id`]).
     pub(crate) fn request_id(&self) -> RequestId {
         self.id
+    }
+
+    /// Notes the id the provider gave its answer (`x-request-id`, else
+    /// `request-id`; read after the leak guard scrubbed the headers), so
+    /// that the log line of a call the provider refused can be found by
+    /// the id the agent saw: visible ASCII of at most
+    /// [`MAX_PROVIDER_REQUEST_ID`] bytes, else none.
+    pub(crate) fn note_provider_request_id(&mut self, headers: &http::HeaderMap) {
+        let id = crate::request_id::provider_request_id(headers);
+        self.provider_request_id = id
+            .filter(|v| {
+                v.len() <= MAX_PROVIDER_REQUEST_ID && v.as_bytes().iter().all(u8::is_ascii_graphic)
+            })
+            .cloned();
     }
 
     /// Keeps the session's slot for this call until the call ends.
@@ -238,7 +258,7 @@ impl CallRecord {
             .map_or(0, |c| c.load(Ordering::Relaxed));
         record.bytes_out = self.bytes_out;
         record.flags.insert(flags);
-        log_call(&record, self.id);
+        log_call(&record, self.id, self.provider_request_id.as_ref());
         // With audit disabled there is nothing to wait for.
         self.auditor
             .is_enabled()
@@ -247,12 +267,12 @@ impl CallRecord {
 }
 
 /// The call's one log line: session, provider, method, path, decision,
-/// status, duration and the call's id. Never a token, credential, query or body. Fields are
+/// status, duration, the call's id and the provider's. Never a token, credential, query or body. Fields are
 /// recorded by `Display` (no escaping pass) and numbers as integers: this
 /// line is written for every call. A recorded path is visible ASCII
 /// (`airlock_core::audit::record_path` escapes anything else an HTTP/2
 /// `:path` may carry), so a line stays one line.
-fn log_call(r: &AuditRecord, id: RequestId) {
+fn log_call(r: &AuditRecord, id: RequestId, provider_id: Option<&http::HeaderValue>) {
     tracing::info!(
         target: "airlock::call",
         session = %r.session.as_deref().unwrap_or("-"),
@@ -263,6 +283,7 @@ fn log_call(r: &AuditRecord, id: RequestId) {
         status = r.status,
         duration_us = r.duration_us,
         request_id = %id,
+        upstream_request_id = %provider_id.and_then(|v| v.to_str().ok()).unwrap_or("-"),
         "call"
     );
 }

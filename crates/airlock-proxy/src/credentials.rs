@@ -338,6 +338,7 @@ pub fn prepare_upstream(
     if let AuthStyle::Header(name) = provider.auth() {
         parts.headers.remove(name);
     }
+    join_cookie_crumbs(&mut parts.headers);
     for (name, value) in provider.extra_headers() {
         parts.headers.insert(name.clone(), value.clone());
     }
@@ -361,6 +362,31 @@ pub fn prepare_upstream(
     parts.version = http::Version::HTTP_11;
     parts.extensions = http::Extensions::new();
     Ok(())
+}
+
+/// Joins the `Cookie` fields of a request into one, `; ` between them:
+/// HTTP/2 sends a cookie as many fields ("crumbs"), which must be joined
+/// before they go on over HTTP/1.1 (RFC 9113 §8.2.3; round 41 saw five
+/// `Cookie` lines reach a provider). One field is left as it is.
+fn join_cookie_crumbs(headers: &mut http::HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    let mut sensitive = false;
+    for crumb in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+        sensitive |= crumb.is_sensitive();
+    }
+    // Each crumb was a valid value, and so is the join.
+    if let Ok(mut value) = HeaderValue::from_bytes(&joined) {
+        value.set_sensitive(sensitive);
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 #[cfg(test)]

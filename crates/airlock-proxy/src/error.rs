@@ -286,3 +286,20 @@ pub fn error_response(
     );
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `index` is the declaration order, which metrics rely on matching
+    /// `ALL`'s; and every code has a distinct wire name.
+    #[test]
+    fn every_code_is_at_its_index_in_all() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(code.index(), i, "{code}");
+        }
+        let names: std::collections::HashSet<_> =
+            ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
+    }
+}

@@ -337,11 +337,18 @@ impl Proxy {
         };
         // Before the limits: a call that cannot go upstream for want of a
         // credential (the operator's to fix) spends none of the session's
-        // `max_requests` or rate (round 40: two such 503s used up a
-        // `max_requests` of 2 and were counted as allowed).
-        let Some(credential) = provider.credential() else {
+        // `max_requests` or its calls' rate (round 40: two such 503s used
+        // up a `max_requests` of 2 and were counted as allowed).
+        if provider.credential().is_none() {
+            // As a refusal at the slots below: a bucket of its own, so
+            // that a flood of them runs into the rate, whose refusals
+            // count toward `max_denied`.
+            if let Some(retry_after) = session.spend_rate() {
+                self.count_denied(&session).await;
+                return Err(rate_denial(retry_after));
+            }
             return Err(credential_unavailable(provider));
-        };
+        }
         // A bound on what one session holds of this process (connections,
         // upstream connections, memory), not a sign of misuse: refused
         // 429 like a rate limit, but counted toward no `max_denied` (an
@@ -376,6 +383,11 @@ impl Proxy {
             }
             return Err(denial);
         }
+        // Taken after the limits, which may have waited for a lease: the
+        // credential in force now (rotated, or gone, meanwhile).
+        let Some(credential) = provider.credential() else {
+            return Err(credential_unavailable(provider));
+        };
         call.hold_slot(slot);
         self.forward(admitted, credential, &session, req, call, head_timer)
             .await
@@ -467,6 +479,7 @@ impl Proxy {
         if redactor.scrub_headers(&mut parts.headers) {
             call.flag(Flags::CREDENTIAL_REDACTED);
         }
+        call.note_provider_request_id(&parts.headers);
         if !has_body(parts.status, &body) {
             if let Some(commit) = call.finish(None, status, Flags::empty()) {
                 if let Err(e) = commit.await {

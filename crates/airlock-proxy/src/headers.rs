@@ -352,8 +352,17 @@ fn check_target(
     }
 }
 
-/// Method and target override headers and query parameters.
+/// Method and target override headers and query parameters; a query
+/// with a byte outside visible ASCII.
 fn check_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<(), Denial> {
+    // HTTP/1.1's parser refuses such a target; an HTTP/2 `:path` may carry
+    // one (round 41: raw UTF-8 in the query went upstream as it came),
+    // which servers then decode each their own way.
+    if let Some(byte) = query.and_then(|q| q.bytes().find(|b| !b.is_ascii_graphic())) {
+        return Err(Denial::bad_request(format!(
+            "the query holds a byte outside visible ASCII ({byte:#04x}); percent-encode it"
+        )));
+    }
     // One pass over the names the head has: cheaper than a lookup for each
     // listed name, which parses and hashes that name every time.
     for name in headers.keys() {

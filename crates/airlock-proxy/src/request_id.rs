@@ -19,6 +19,14 @@ const OPENAI_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 /// The header the Anthropic SDKs read.
 const ANTHROPIC_HEADER: HeaderName = HeaderName::from_static("request-id");
 
+/// The id a provider gave its answer: `x-request-id` (OpenAI), else
+/// `request-id` (Anthropic).
+pub(crate) fn provider_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
+    headers
+        .get(OPENAI_HEADER)
+        .or_else(|| headers.get(ANTHROPIC_HEADER))
+}
+
 /// One call's id: 64 random bits, shown as `airlock_` and 16 hex digits.
 /// Unique enough to find a call's log line; it names nothing and proves
 /// nothing.

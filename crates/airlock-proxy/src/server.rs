@@ -95,6 +95,9 @@ const CUT_GRACE: Duration = Duration::from_secs(2);
 const TUNNEL_GOODBYE: Duration = Duration::from_secs(2);
 /// Connections refused at `max_connections`, warned about once a minute.
 static FULL: Spaced = Spaced::new(60_000);
+/// Connections closed for answers their agents did not take, warned about
+/// once a minute.
+static STALLED: Spaced = Spaced::new(60_000);
 /// Requests hyper could not parse, warned about once a minute.
 static UNPARSED: Spaced = Spaced::new(60_000);
 
@@ -686,7 +689,7 @@ impl ConnSettings {
             tokio::select! {
                 biased;
                 () = stopped(stop) => Ending::Shutdown,
-                () = idle(&activity, first, limit) => Ending::Idle,
+                ending = idle(&activity, first, limit) => ending,
             }
         }));
         let ended = tokio::select! {
@@ -714,6 +717,21 @@ impl ConnSettings {
                     Ending::Shutdown => Some(connection.as_mut().await),
                     Ending::Idle => {
                         tracing::debug!(%peer, "closing idle connection");
+                        tokio::time::timeout(IDLE_GRACE, connection.as_mut()).await.ok()
+                    }
+                    Ending::Stalled => {
+                        if let Some(closed) = STALLED.count(airlock_core::spaced::monotonic_ms()) {
+                            tracing::warn!(
+                                %peer,
+                                closed,
+                                "closed a connection whose calls had all waited proxy.idle_timeout \
+                                 ({}) for the agent to take their answers (an agent that stopped \
+                                 reading, or an HTTP/2 agent that never opened its flow-control \
+                                 window); the calls' records say client_aborted ({closed} such \
+                                 connections since the last such warning; at most one a minute)",
+                                airlock_core::duration::format(limit)
+                            );
+                        }
                         tokio::time::timeout(IDLE_GRACE, connection.as_mut()).await.ok()
                     }
                 }
@@ -769,6 +787,9 @@ type TunnelSlot = Arc<Mutex<Option<Box<Tunnel>>>>;
 enum Ending {
     /// The server is shutting down.
     Shutdown,
+    /// Every call in flight waited too long for the agent to take its
+    /// answer.
+    Stalled,
     /// No call in flight for too long.
     Idle,
 }
@@ -932,8 +953,10 @@ impl Activity {
 }
 
 /// Resolves once the connection has had no call in flight for `limit`
-/// (`first` before its first call).
-async fn idle(activity: &Activity, first: Duration, limit: Duration) {
+/// (`first` before its first call): [`Ending::Idle`]; or once every call
+/// in flight has waited on its agent, taking nothing, for a whole `limit`
+/// (closed between one and two `limit`s after that began): [`Ending::Stalled`].
+async fn idle(activity: &Activity, first: Duration, limit: Duration) -> Ending {
     let mut deadline = activity.opened + first;
     // The agent's progress at the last look, while every call waited on it.
     let mut stalled_at: Option<u64> = None;
@@ -949,7 +972,7 @@ async fn idle(activity: &Activity, first: Duration, limit: Duration) {
             let progress = activity.agent_progress.load(Ordering::Acquire);
             if activity.waiting_on_agent.load(Ordering::Acquire) >= in_flight {
                 if stalled_at == Some(progress) {
-                    return;
+                    return Ending::Stalled;
                 }
                 stalled_at = Some(progress);
             } else {
@@ -967,7 +990,7 @@ async fn idle(activity: &Activity, first: Duration, limit: Duration) {
         let since = Duration::from_millis(activity.idle_since_ms.load(Ordering::Acquire));
         let due = activity.opened + since + bound;
         if Instant::now() >= due {
-            return;
+            return Ending::Idle;
         }
         deadline = due;
     }

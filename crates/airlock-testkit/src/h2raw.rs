@@ -158,7 +158,8 @@ pub async fn idle_connection_lifetime(base_url: &str, limit: Duration) -> Option
 /// 1 and never opens the window: an agent that does not take its answer.
 /// It acknowledges settings and answers pings, so that the server has no
 /// other reason to close. Returns how long until the server closed the
-/// connection or said GOAWAY (or `None` after `limit`).
+/// connection (a GOAWAY alone leaves the stream, and the connection's
+/// slot, held), or `None` after `limit`.
 pub async fn unread_answer_lifetime(
     base_url: &str,
     fields: &[(&[u8], &[u8])],
@@ -195,9 +196,6 @@ pub async fn unread_answer_lifetime(
             }
             if kind == PING && flags & ACK == 0 {
                 let _ = stream.write_all(&frame(PING, ACK, 0, &payload)).await;
-            }
-            if kind == GOAWAY {
-                return Some(started.elapsed());
             }
             buf.drain(..used);
         }

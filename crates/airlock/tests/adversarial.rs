@@ -575,8 +575,47 @@ async fn an_agent_that_takes_no_answer_cannot_hold_its_connection() {
         let lifetime = lifetime.expect("the connection was held open");
         assert!(lifetime >= Duration::from_millis(900), "{lifetime:?}");
     }
-    // The allowed call reached the provider; the tokenless one nothing.
-    assert_eq!(env.mock.request_count(), 1);
+    let warning = env
+        .airlock
+        .wait_for_output("closed a connection whose calls had all waited", 0)
+        .await;
+    assert!(
+        warning.contains("WARN") && warning.contains("peer="),
+        "{warning}"
+    );
+
+    // A stream read as it comes is not cut, however quiet its provider
+    // (2.5 s between events, over two idle timeouts), over HTTP/2 too.
+    use http_body_util::{BodyExt, Empty};
+    let streaming = env
+        .airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["GET"], "paths": ["/sse"]}],
+            "ttl_seconds": 300,
+        }))
+        .await
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<bytes::Bytes>>();
+    let request = http::Request::get(format!(
+        "{}/openai/sse?events=3&delay_ms=2500",
+        env.airlock.proxy_url()
+    ))
+    .header(
+        "authorization",
+        format!("Bearer {}", streaming["token"].as_str().unwrap()),
+    )
+    .body(Empty::new())
+    .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(body.matches("data: ").count(), 3, "{body}");
+    // The unread allowed call and the stream reached the provider; the
+    // tokenless call nothing.
+    assert_eq!(env.mock.request_count(), 2);
     env.mock.clear();
     assert_normal_call_works(&env).await;
 }
@@ -2256,6 +2295,49 @@ async fn session_expiring_mid_stream(interval: Duration) {
         .wait_hung_up(1, Duration::from_secs(5))
         .await
         .is_some());
+}
+
+/// HTTP/2 as an HTTP/1.1 provider must get it (round 41): a cookie sent
+/// as several fields ("crumbs") goes on as one `Cookie`, joined with `; `
+/// (RFC 9113 §8.2.3); a query with raw bytes outside visible ASCII, which
+/// HTTP/1.1's parser would refuse, is refused (it went upstream as sent).
+#[tokio::test]
+async fn http2_cookies_are_joined_and_raw_query_bytes_refused() {
+    let env = env(&[]).await;
+    let bearer = format!("Bearer {}", env.token);
+    let head = |path: &[u8]| -> Vec<(&'static [u8], Vec<u8>)> {
+        vec![
+            (b":method", b"GET".to_vec()),
+            (b":scheme", b"http".to_vec()),
+            (b":authority", b"127.0.0.1".to_vec()),
+            (b":path", path.to_vec()),
+            (b"authorization", bearer.clone().into_bytes()),
+        ]
+    };
+    let mut fields = head(b"/openai/v1/models/x");
+    for crumb in ["a=1", "b=2", "c=3"] {
+        fields.push((b"cookie", crumb.as_bytes().to_vec()));
+    }
+    let borrowed: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (*n, &v[..])).collect();
+    let outcome = h2raw::request(&env.airlock.proxy_url(), &borrowed, None, CASE_LIMIT).await;
+    assert_eq!(outcome.status, Some(200), "{outcome:?}");
+    let seen = env.mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header_values("cookie"), vec!["a=1; b=2; c=3"]);
+    env.mock.clear();
+
+    for path in [
+        "/openai/v1/models/x?q=\u{2028}".as_bytes(),
+        "/openai/v1/models/x?caf\u{e9}=1".as_bytes(),
+    ] {
+        let fields = head(path);
+        let borrowed: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (*n, &v[..])).collect();
+        let outcome = h2raw::request(&env.airlock.proxy_url(), &borrowed, None, CASE_LIMIT).await;
+        assert_eq!(outcome.status, Some(400), "{outcome:?}");
+        assert_eq!(outcome.error_code().as_deref(), Some("bad_request"));
+    }
+    assert_eq!(env.mock.request_count(), 0);
+    assert_normal_call_works(&env).await;
 }
 
 /// An HTTP/2 `:path` carrying UTF-8 that log viewers read as a line break

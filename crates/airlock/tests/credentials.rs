@@ -855,6 +855,23 @@ async fn a_call_without_a_credential_spends_none_of_the_session_limits() {
     assert_eq!(shown["state"], "active", "{shown}");
     assert_eq!(shown["calls"]["allowed"], 0, "{shown}");
     assert_eq!(shown["calls"]["denied"], 0, "{shown}");
+    // A flood of them runs into the session's rate (a bucket of its own),
+    // whose refusals count.
+    let limited = airlock
+        .create_session(json!({
+            "scope": [{"provider": "p", "methods": ["GET"], "paths": ["/**"]}],
+            "ttl_seconds": 600,
+            "limits": {"requests_per_minute": 2},
+        }))
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let (status, _, _) = call(&airlock, "/p/x", limited["token"].as_str().unwrap()).await;
+        statuses.push(status);
+    }
+    assert_eq!(statuses[0], 503, "{statuses:?}");
+    assert_eq!(statuses[4], 429, "{statuses:?}");
 
     let (status, body) = airlock
         .admin(

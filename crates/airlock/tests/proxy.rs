@@ -1540,6 +1540,11 @@ async fn airlock_answers_carry_the_id_of_their_log_line() {
         .wait_for_output("path=/openai/status/400", 0)
         .await;
     assert!(line.contains("request_id=airlock_"), "{line}");
+    // The provider's id is in the line too: the agent's id leads there.
+    assert!(
+        line.contains(&format!("upstream_request_id={MOCK_REQUEST_ID}")),
+        "{line}"
+    );
 
     // A provider's 401 is airlock's 502, under airlock's id, not the provider's.
     let rejected = call("GET", &url("/status/401"), &token).await;

@@ -55,6 +55,11 @@ fn bytes(n: u64) -> String {
 
 /// Describes `config` without revealing any credential.
 pub fn describe(config: &Config) -> Description {
+    describe_with(config, crate::commands::serve::admin_token_from_env())
+}
+
+/// [`describe`], with `admin_token` as `AIRLOCK_ADMIN_TOKEN` gives it.
+fn describe_with(config: &Config, admin_token: anyhow::Result<Option<String>>) -> Description {
     let mut d = Description::default();
     let out = &mut d.text;
     let dur = |d: std::time::Duration| duration::format(d);
@@ -151,7 +156,7 @@ pub fn describe(config: &Config) -> Description {
     line(out, "listen", &config.admin_listen.to_string());
     // Checked as `serve` checks it (round 40: a token too short for serve
     // passed here).
-    let token = match crate::commands::serve::admin_token_from_env() {
+    let token = match admin_token {
         Ok(Some(_)) => "env:AIRLOCK_ADMIN_TOKEN (set)",
         Ok(None) => {
             "env:AIRLOCK_ADMIN_TOKEN (not set: the stored one, or a new one printed on first start)"
@@ -417,7 +422,7 @@ mod tests {
         );
         let config = Config::parse("x.toml", &text).unwrap();
         std::fs::write(&key, "sk-x\n").unwrap();
-        let d = describe(&config);
+        let d = describe_with(&config, Ok(None));
         assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
         assert!(
             d.problems[0].contains("at least 8 bytes"),
@@ -425,9 +430,9 @@ mod tests {
             d.problems
         );
         std::fs::write(&key, "sk-long-enough-0123\n").unwrap();
-        assert!(describe(&config).problems.is_empty());
+        assert!(describe_with(&config, Ok(None)).problems.is_empty());
         std::fs::write(&key, "\n").unwrap();
-        let d = describe(&config);
+        let d = describe_with(&config, Ok(None));
         assert!(
             d.problems.is_empty() && d.text.contains("(empty:"),
             "{}",
@@ -438,13 +443,15 @@ mod tests {
     #[test]
     fn a_wildcard_listener_without_a_public_url_is_pointed_out() {
         let config = Config::parse("x.toml", "[proxy]\nlisten = \"0.0.0.0:18082\"\n").unwrap();
-        let text = describe(&config).text;
+        let text = describe_with(&config, Ok(None)).text;
         assert!(text.contains("an address no agent can reach"), "{text}");
         let config = Config::parse(
             "x.toml",
             "[proxy]\nlisten = \"0.0.0.0:18082\"\npublic_url = \"http://airlock:18082\"\n",
         )
         .unwrap();
-        assert!(!describe(&config).text.contains("no agent can reach"));
+        assert!(!describe_with(&config, Ok(None))
+            .text
+            .contains("no agent can reach"));
     }
 }

@@ -57,7 +57,13 @@ async fn report(client: &AdminClient, json: bool) -> anyhow::Result<ExitCode> {
         // gave up on the whole report).
         let credential = match client.call(Method::GET, &path, None).await {
             Ok(credential) => credential,
-            Err(e) if !ready && e.downcast_ref::<ApiRefusal>().is_some() => Value::Null,
+            Err(e)
+                if !ready
+                    && e.downcast_ref::<ApiRefusal>()
+                        .is_some_and(|r| r.status == hyper::StatusCode::SERVICE_UNAVAILABLE) =>
+            {
+                Value::Null
+            }
             Err(e) => return Err(e),
         };
         providers.push(json!({
