@@ -184,11 +184,56 @@ async fn create_session(State(state): Shared, body: Bytes) -> Result<Response, A
     let view = SessionView::from_live(&live, now_ms());
     tracing::info!(session = %live.id(), expires_at = %view.expires_at, "session created");
     let mut body = serde_json::to_value(&view).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let warnings = scope_warnings(&state, live.scope());
     if let Some(object) = body.as_object_mut() {
         object.insert("token".into(), Value::String(token.expose().to_owned()));
         object.insert("env".into(), json!(env));
+        if !warnings.is_empty() {
+            object.insert("warnings".into(), json!(warnings));
+        }
     }
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Path patterns that cannot match a call the provider's SDKs make through
+/// the session's base URL (`{public_url}/{provider}{base_path}`): a pattern
+/// whose fixed start is not under the provider's `base_path` (round 40:
+/// `openai:POST:/chat/completions`, a path relative to `OPENAI_BASE_URL`,
+/// was taken without a word and every SDK call got 403). Said, not refused:
+/// an agent may call such a path itself.
+fn scope_warnings(state: &AdminState, scope: &airlock_core::Scope) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for rule in scope.rules() {
+        let name = rule.provider();
+        let Some(provider) = state.providers.get(name) else {
+            continue;
+        };
+        let base = provider.base_path.trim_end_matches('/');
+        if base.is_empty() {
+            continue;
+        }
+        for pattern in rule.paths() {
+            let pattern = pattern.as_str();
+            let fixed = pattern.find('*').map_or(pattern, |at| &pattern[..at]);
+            let under = base.starts_with(fixed)
+                || fixed
+                    .strip_prefix(base)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+            if under {
+                continue;
+            }
+            let meant = pattern
+                .strip_prefix(&format!("/{name}"))
+                .filter(|rest| rest.starts_with(base))
+                .map_or_else(|| format!("{base}{pattern}"), str::to_owned);
+            warnings.push(format!(
+                "{name} path {pattern} is not under {base}, where the session's base URL \
+                 ({}) sends its SDK's calls, so no SDK call matches it: did you mean {meant}?",
+                provider.env_base_url
+            ));
+        }
+    }
+    warnings
 }
 
 /// For every provider in scope: its key variable = token, its base-URL

@@ -346,6 +346,11 @@ impl Rule {
         &self.provider
     }
 
+    /// The path patterns this rule grants.
+    pub fn paths(&self) -> &[PathPattern] {
+        &self.paths
+    }
+
     /// Whether this rule allows `method` on `path` of `provider`.
     pub fn allows(&self, provider: &str, method: Method, path: &str) -> bool {
         path::validate(path).is_ok() && self.allows_valid(provider, method, path)

@@ -18,7 +18,7 @@
 //! and once when accepting works again.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
@@ -69,6 +69,50 @@ pub fn connection_capacity(open_files: Option<u64>, workers: usize) -> usize {
     };
     let room = open_files.saturating_sub(reserved(workers)) / DESCRIPTORS_PER_CONNECTION;
     usize::try_from(room).unwrap_or(usize::MAX).max(1)
+}
+
+/// Calls in flight upstream now, every worker's and provider's.
+static UPSTREAM_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Most calls in flight upstream at once: unbounded until
+/// [`limit_upstream_calls`].
+static UPSTREAM_MAX: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Bounds the calls the process has in flight upstream at once, every
+/// worker's and provider's together, to `max` (what `serve` sets is
+/// `proxy.max_connections`: each proxy connection is counted with the
+/// descriptor of the upstream connection its call uses). An HTTP/1.1
+/// agent has one call in flight per connection, so this binds only
+/// HTTP/2 streams, each of which needs an upstream connection of its own:
+/// without the bound they took the descriptors kept for the store and the
+/// admin API (round 41: the admin listener failed its accepts while an
+/// agent held 196 streams on three connections).
+pub fn limit_upstream_calls(max: usize) {
+    UPSTREAM_MAX.store(max.max(1), Ordering::Release);
+}
+
+/// One call's part of the bound set by [`limit_upstream_calls`], held
+/// with its upstream answer and given back when dropped.
+#[derive(Debug)]
+pub struct UpstreamSlot(());
+
+impl UpstreamSlot {
+    /// A slot, or `None` when every one is taken.
+    pub fn take() -> Option<Self> {
+        let max = UPSTREAM_MAX.load(Ordering::Acquire);
+        UPSTREAM_IN_FLIGHT
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| Self(()))
+    }
+}
+
+impl Drop for UpstreamSlot {
+    fn drop(&mut self) {
+        UPSTREAM_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Answers a connection over a listener's limit with a 503 whose JSON

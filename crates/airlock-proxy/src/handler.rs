@@ -854,8 +854,9 @@ impl Proxy {
                 );
                 return Err(Denial::new(
                     ErrorCode::Overloaded,
-                    "airlock is out of file descriptors or memory for a connection to the \
-                     provider; try again shortly",
+                    "airlock has no room for another call to the provider (file descriptors, \
+                     memory, or as many calls in flight as proxy.max_connections); try again \
+                     shortly",
                 )
                 .retry_after(Duration::from_secs(1)));
             }

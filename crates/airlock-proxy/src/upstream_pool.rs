@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::{AgentBodyBroke, BoxError, RequestBody};
-use crate::descriptors;
+use crate::descriptors::{self, UpstreamSlot};
 use crate::provider::UpstreamConnector;
 
 /// Most idle HTTP/1 connections a pool keeps; the oldest go first.
@@ -177,17 +177,21 @@ pub enum UpstreamError {
     Request(hyper::Error),
     #[error("the request target cannot be sent: {0}")]
     Target(http::Error),
+    #[error("as many calls are in flight upstream as proxy.max_connections allows")]
+    NoSlot,
 }
 
 impl UpstreamError {
     /// Whether no connection could be opened for want of descriptors or
-    /// memory in this process or system ([`descriptors::is_resource_shortage`]).
+    /// memory in this process or system ([`descriptors::is_resource_shortage`]),
+    /// or of a slot ([`UpstreamSlot`]).
     pub fn is_resource_shortage(&self) -> bool {
         match self {
             Self::Connect(error) => {
                 let error: &(dyn std::error::Error + 'static) = error.as_ref();
                 descriptors::is_resource_shortage(error)
             }
+            Self::NoSlot => true,
             _ => false,
         }
     }
@@ -219,6 +223,9 @@ pub struct UpstreamBody<B = RequestBody> {
     body: Incoming,
     /// The connection to return; `None` once returned or for HTTP/2.
     lease: Option<Lease<B>>,
+    /// The call's part of the process's bound on calls in flight upstream
+    /// ([`UpstreamSlot`]), until the answer is done with.
+    _slot: Option<UpstreamSlot>,
 }
 
 struct Lease<B> {
@@ -276,6 +283,7 @@ impl<B: SentBody> UpstreamPool<B> {
         &self,
         mut req: Request<B>,
     ) -> Result<Response<UpstreamBody<B>>, UpstreamError> {
+        let mut slot = Some(UpstreamSlot::take().ok_or(UpstreamError::NoSlot)?);
         loop {
             let (lent, reused) = match self.shared.checkout() {
                 Some(lent) => (lent, true),
@@ -287,7 +295,7 @@ impl<B: SentBody> UpstreamPool<B> {
                     req.headers_mut()
                         .insert(HOST, self.shared.upstream.host.clone());
                     match sender.try_send_request(req).await {
-                        Ok(response) => return Ok(self.shared.lend(response, sender)),
+                        Ok(response) => return Ok(self.shared.lend(response, sender, slot)),
                         Err(e) => e,
                     }
                 }
@@ -296,7 +304,11 @@ impl<B: SentBody> UpstreamPool<B> {
                     req.headers_mut().remove(HOST);
                     match sender.try_send_request(req).await {
                         Ok(response) => {
-                            return Ok(response.map(|body| UpstreamBody { body, lease: None }))
+                            return Ok(response.map(|body| UpstreamBody {
+                                body,
+                                lease: None,
+                                _slot: slot.take(),
+                            }))
                         }
                         Err(e) => e,
                     }
@@ -338,6 +350,7 @@ impl<B: SentBody> UpstreamPool<B> {
         mut req: Request<B>,
     ) -> Result<Response<UpstreamBody<B>>, UpstreamError> {
         let upstream = &self.shared.upstream;
+        let slot = UpstreamSlot::take().ok_or(UpstreamError::NoSlot)?;
         let io = connector
             .clone()
             .call(upstream.target.clone())
@@ -370,6 +383,7 @@ impl<B: SentBody> UpstreamPool<B> {
                 sender: Http1Sender { sender, task: None },
                 pool: Weak::new(),
             }),
+            _slot: Some(slot),
         }))
     }
 }
@@ -468,6 +482,7 @@ impl<B: SentBody> Shared<B> {
         self: &Arc<Self>,
         response: Response<Incoming>,
         sender: Http1Sender<B>,
+        slot: Option<UpstreamSlot>,
     ) -> Response<UpstreamBody<B>> {
         response.map(|body| {
             let mut body = UpstreamBody {
@@ -476,6 +491,7 @@ impl<B: SentBody> Shared<B> {
                     sender,
                     pool: Arc::downgrade(self),
                 }),
+                _slot: slot,
             };
             if body.body.is_end_stream() {
                 body.give_back();

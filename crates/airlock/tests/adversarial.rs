@@ -1315,6 +1315,81 @@ async fn upstream_connections_beyond_the_descriptors_are_overloaded_not_bad_gate
     assert_normal_call_works(&env).await;
 }
 
+/// HTTP/2 streams of a few connections cannot have more calls in flight
+/// upstream than `max_connections` (each proxy connection is counted with
+/// one upstream connection's descriptor): one stream more gets 503
+/// `overloaded` at once, the provider sees nothing of it, and the
+/// descriptors kept for the store and the admin API stay free (round 41:
+/// 196 streams on three connections took them, and the admin listener
+/// failed its accepts).
+#[tokio::test]
+async fn http2_streams_have_at_most_max_connections_calls_upstream() {
+    use http_body_util::{BodyExt, Full};
+    const MAX: usize = 4;
+    const STREAMS: usize = 10;
+    let env = env_with(&["max_connections = 4", "workers = 1"], |builder| {
+        builder.config("[sessions]\nmax_calls_in_flight = 100\n")
+    })
+    .await;
+    let session = env
+        .airlock
+        .create_session(json!({
+            "scope": [{"provider": "anthropic", "methods": ["GET"], "paths": ["/gated-json"]}],
+            "ttl_seconds": 300,
+        }))
+        .await
+        .unwrap();
+    let token = session["token"].as_str().unwrap().to_owned();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<bytes::Bytes>>();
+    let url = format!("{}/anthropic/gated-json", env.airlock.proxy_url());
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..STREAMS {
+        let request = http::Request::get(&url)
+            .header("x-api-key", &token)
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let client = client.clone();
+        calls.spawn(async move {
+            let response = tokio::time::timeout(CASE_LIMIT, client.request(request))
+                .await
+                .expect("every stream is answered")
+                .expect("over HTTP/2");
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, body)
+        });
+    }
+    // The streams over the bound are answered at once; the others wait
+    // at the provider's gate.
+    for _ in 0..STREAMS - MAX {
+        let (status, body) = calls.join_next().await.unwrap().unwrap();
+        assert_eq!(status, 503, "{body:?}");
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    }
+    env.mock.wait_for_requests(MAX).await;
+    assert_eq!(env.mock.request_count(), MAX);
+    // The admin API answers meanwhile.
+    let (status, _) = env
+        .airlock
+        .admin("GET", "/v1/sessions", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    for _ in 0..MAX {
+        env.mock.open_gate();
+    }
+    while let Some(answered) = calls.join_next().await {
+        let (status, body) = answered.unwrap();
+        assert_eq!(status, 200, "{body:?}");
+    }
+    drop(client);
+    env.mock.clear();
+    assert_normal_call_works(&env).await;
+}
+
 /// A `max_connections` the config sets and the open files limit cannot hold
 /// is lowered with a warning.
 #[tokio::test]

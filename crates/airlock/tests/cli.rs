@@ -3143,3 +3143,44 @@ async fn a_non_utf8_admin_token_is_named() {
     );
     assert_nothing_sent(&listener);
 }
+
+/// A rule whose path no SDK call through the session's base URL can match
+/// (relative to `OPENAI_BASE_URL`, or with airlock's `/openai` prefix) is
+/// created, with a warning on stderr that names the path meant (round
+/// 40: it was taken without a word, and every SDK call got 403). Paths
+/// under the base path, and patterns that may reach it, get none.
+#[tokio::test]
+async fn a_rule_no_sdk_call_can_match_is_warned_about() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    for (rule, meant) in [
+        ("openai:POST:/chat/completions", "/v1/chat/completions"),
+        (
+            "openai:POST:/openai/v1/chat/completions",
+            "/v1/chat/completions",
+        ),
+    ] {
+        let out = cli(&airlock, &["session", "create", "--allow", rule]).await;
+        let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert!(created["token"].is_string(), "{created}");
+        let path = rule.rsplit(':').next().unwrap();
+        let said = stderr(&out);
+        assert!(
+            said.starts_with(&format!(
+                "airlock: warning: openai path {path} is not under /v1"
+            )) && said.contains(&format!("did you mean {meant}?")),
+            "{said}"
+        );
+        assert_eq!(said.lines().count(), 1, "{said}");
+    }
+    for rule in [
+        "openai:POST:/v1/chat/completions",
+        "openai:GET:/v1/**",
+        "openai:*:/**",
+        "openai:POST:/*/chat/completions",
+        "openai:GET:/v1",
+    ] {
+        let out = cli(&airlock, &["session", "create", "--allow", rule]).await;
+        assert_eq!(stderr(&out), "", "{rule}");
+    }
+}

@@ -158,6 +158,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let max_connections =
         max_connections_in_force(&config.proxy.limits, open_files, config.proxy.workers);
     let max_calls_in_flight = max_calls_in_flight_in_force(&config, max_connections);
+    // Each proxy connection is counted with one upstream connection's
+    // descriptor: HTTP/2 streams, which need one each, get no more.
+    airlock_proxy::descriptors::limit_upstream_calls(max_connections);
     let gate = auditor.clone();
     let proxy = Arc::new(Proxy::new(
         providers,

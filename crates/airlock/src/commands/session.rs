@@ -193,6 +193,16 @@ fn revoked_line(session: &Value) -> anyhow::Result<String> {
 /// from ([`refused_options`]).
 pub async fn open(client: &AdminClient, args: &SessionArgs) -> anyhow::Result<Value> {
     let session = create(client, args).await?;
+    // Rules the server says no SDK call can match (on stderr: stdout is
+    // the session, perhaps read by a script).
+    let warnings = session.get("warnings").and_then(Value::as_array);
+    for warning in warnings.into_iter().flatten().filter_map(Value::as_str) {
+        let shown: String = warning
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        crate::output::error_line(format_args!("warning: {shown}"));
+    }
     client.expect_fields(session, &["id", "token", "env"])
 }
 
