@@ -196,11 +196,11 @@ async fn create_session(State(state): Shared, body: Bytes) -> Result<Response, A
 }
 
 /// Path patterns that cannot match a call the provider's SDKs make through
-/// the session's base URL (`{public_url}/{provider}{base_path}`): a pattern
-/// whose fixed start is not under the provider's `base_path` (round 40:
-/// `openai:POST:/chat/completions`, a path relative to `OPENAI_BASE_URL`,
-/// was taken without a word and every SDK call got 403). Said, not refused:
-/// an agent may call such a path itself.
+/// the session's base URL (`{public_url}/{provider}{base_path}`: every
+/// such call is under `base_path`), compared segment by segment (round
+/// 40: `openai:POST:/chat/completions`, a path relative to
+/// `OPENAI_BASE_URL`, was taken without a word and every SDK call got
+/// 403). Said, not refused: an agent may call such a path itself.
 fn scope_warnings(state: &AdminState, scope: &airlock_core::Scope) -> Vec<String> {
     let mut warnings = Vec::new();
     for rule in scope.rules() {
@@ -214,18 +214,18 @@ fn scope_warnings(state: &AdminState, scope: &airlock_core::Scope) -> Vec<String
         }
         for pattern in rule.paths() {
             let pattern = pattern.as_str();
-            let fixed = pattern.find('*').map_or(pattern, |at| &pattern[..at]);
-            let under = base.starts_with(fixed)
-                || fixed
-                    .strip_prefix(base)
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
-            if under {
+            if may_match_under(pattern, base) {
                 continue;
             }
-            let meant = pattern
+            let meant = match pattern
                 .strip_prefix(&format!("/{name}"))
-                .filter(|rest| rest.starts_with(base))
-                .map_or_else(|| format!("{base}{pattern}"), str::to_owned);
+                .filter(|rest| may_match_under(rest, base))
+            {
+                Some(rest) => rest.to_owned(),
+                // The base itself or above it: what is under it.
+                None if may_match_under(&format!("{pattern}/x"), base) => format!("{base}/**"),
+                None => format!("{base}{pattern}"),
+            };
             warnings.push(format!(
                 "{name} path {pattern} is not under {base}, where the session's base URL \
                  ({}) sends its SDK's calls, so no SDK call matches it: did you mean {meant}?",
@@ -234,6 +234,25 @@ fn scope_warnings(state: &AdminState, scope: &airlock_core::Scope) -> Vec<String
         }
     }
     warnings
+}
+
+/// Whether path `pattern` (`*` one segment, `**` the rest) can match a
+/// path strictly under `base` (`/v1` → `/v1/...`).
+fn may_match_under(pattern: &str, base: &str) -> bool {
+    let mut base = base.trim_start_matches('/').split('/');
+    for segment in pattern.trim_start_matches('/').split('/') {
+        if segment == "**" {
+            return true;
+        }
+        match base.next() {
+            Some(expected) if segment == "*" || segment == expected => {}
+            Some(_) => return false,
+            // Deeper than the base, along it: under it.
+            None => return true,
+        }
+    }
+    // Ended at the base or above it.
+    false
 }
 
 /// For every provider in scope: its key variable = token, its base-URL

@@ -9,11 +9,13 @@
 //! for every listener in the process, the admin API's included. So
 //! `serve` lowers `proxy.max_connections` to [`connection_capacity`] (with a
 //! warning) and the proxy refuses connections beyond it with its usual 503
-//! `overloaded`, while descriptors are still left for everything else.
+//! `overloaded`, while descriptors are still left for everything else; the
+//! calls in flight upstream are bounded by the same number
+//! ([`UpstreamSlot`]), so that HTTP/2 streams, which each need an upstream
+//! connection, cannot take more.
 //!
-//! Should `accept` fail all the same (descriptors taken by upstream
-//! connections of HTTP/2 streams, another process exhausting the system's
-//! table), [`AcceptErrors`] makes the loop pause [`ACCEPT_BACKOFF`] between
+//! Should `accept` fail all the same (descriptors taken by idle pooled
+//! upstream connections, another process exhausting the system's table), [`AcceptErrors`] makes the loop pause [`ACCEPT_BACKOFF`] between
 //! attempts instead of spinning, and logs the episode once when it begins
 //! and once when accepting works again.
 

@@ -20,6 +20,7 @@ use crate::body::{ProxyBody, RequestBody, Withheld};
 use crate::credential_source::Loaded;
 use crate::credentials;
 use crate::cut::{Cut, Waiting};
+use crate::descriptors::UpstreamSlot;
 use crate::error::{Denial, ErrorCode};
 use crate::headers::{opaque_coding, strip_hop_by_hop};
 use crate::in_flight::{EnteredHere, InFlightCount};
@@ -372,10 +373,32 @@ impl Proxy {
             )
             .retry_after(SLOT_RETRY_AFTER));
         };
+        // The process's bound on calls in flight upstream (HTTP/2 streams
+        // each need an upstream connection; see `descriptors`): before the
+        // limits, so that a refusal here spends nothing of the session's
+        // (a capacity bound, as the slot above, counted toward nothing).
+        let Some(upstream_slot) = UpstreamSlot::take() else {
+            if let Some(at) = UPSTREAM_FULL.count(airlock_core::spaced::monotonic_ms()) {
+                tracing::warn!(
+                    refused = at,
+                    "as many calls are in flight upstream as proxy.max_connections allows: a \
+                     call was refused 503 overloaded ({at} since the last such warning; at most \
+                     one a minute): HTTP/2 streams each need an upstream connection"
+                );
+            }
+            return Err(Denial::new(
+                ErrorCode::Overloaded,
+                "airlock has as many calls in flight to providers as proxy.max_connections \
+                 allows; try again shortly",
+            )
+            .retry_after(Duration::from_secs(1))
+            .capacity());
+        };
         if let Err(denial) = self.admit(&session).await {
             // Free before counting the denial (a store round trip on a
             // shared store).
             drop(slot);
+            drop(upstream_slot);
             // A 429 is the session's doing (unless it is a bound on
             // capacity); a store out of reach is not.
             if denial.counts_as_denial() {
@@ -389,7 +412,11 @@ impl Proxy {
             return Err(credential_unavailable(provider));
         };
         call.hold_slot(slot);
-        self.forward(admitted, credential, &session, req, call, head_timer)
+        let cleared = Cleared {
+            credential,
+            upstream_slot,
+        };
+        self.forward(admitted, cleared, &session, req, call, head_timer)
             .await
     }
 
@@ -726,12 +753,16 @@ impl Proxy {
     async fn forward(
         &self,
         admitted: Admitted<'_>,
-        credential: Arc<Loaded<PreparedCredential>>,
+        cleared: Cleared,
         session: &Arc<LiveSession>,
         mut req: Request<Incoming>,
         call: &mut CallRecord,
         head_timer: &HeadTimer,
     ) -> Result<Forwarded, Denial> {
+        let Cleared {
+            credential,
+            upstream_slot,
+        } = cleared;
         let provider = admitted.provider;
         let results_url = provider.results_url_for(req.uri().path()).cloned();
         // Taken before the head is prepared (which clears the extensions).
@@ -757,9 +788,12 @@ impl Proxy {
             if admitted.websocket {
                 // A connection of its own, never a pooled one.
                 let connector = provider.upgrade_connector();
-                provider.pool().send_upgrade(connector, upstream_req).await
+                provider
+                    .pool()
+                    .send_upgrade(connector, upstream_req, upstream_slot)
+                    .await
             } else {
-                provider.pool().send(upstream_req).await
+                provider.pool().send(upstream_req, upstream_slot).await
             }
         };
         tokio::pin!(send);
@@ -854,9 +888,8 @@ impl Proxy {
                 );
                 return Err(Denial::new(
                     ErrorCode::Overloaded,
-                    "airlock has no room for another call to the provider (file descriptors, \
-                     memory, or as many calls in flight as proxy.max_connections); try again \
-                     shortly",
+                    "airlock is out of file descriptors or memory for a connection to the \
+                     provider; try again shortly",
                 )
                 .retry_after(Duration::from_secs(1)));
             }
@@ -980,6 +1013,17 @@ fn finish_refused(
         Flags::empty(),
     )
 }
+
+/// What a call holds once every check passed: the credential to send and
+/// its part of the bound on calls in flight upstream.
+struct Cleared {
+    credential: Arc<Loaded<PreparedCredential>>,
+    upstream_slot: UpstreamSlot,
+}
+
+/// Calls refused for the bound on calls in flight upstream, warned about
+/// once a minute.
+static UPSTREAM_FULL: airlock_core::spaced::Spaced = airlock_core::spaced::Spaced::new(60_000);
 
 /// 503 `credential_unavailable`: `provider` has no credential to send. Only
 /// an operator can fix this: an SDK retrying at once would only add calls.

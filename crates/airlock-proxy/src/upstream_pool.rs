@@ -177,21 +177,17 @@ pub enum UpstreamError {
     Request(hyper::Error),
     #[error("the request target cannot be sent: {0}")]
     Target(http::Error),
-    #[error("as many calls are in flight upstream as proxy.max_connections allows")]
-    NoSlot,
 }
 
 impl UpstreamError {
     /// Whether no connection could be opened for want of descriptors or
-    /// memory in this process or system ([`descriptors::is_resource_shortage`]),
-    /// or of a slot ([`UpstreamSlot`]).
+    /// memory in this process or system ([`descriptors::is_resource_shortage`]).
     pub fn is_resource_shortage(&self) -> bool {
         match self {
             Self::Connect(error) => {
                 let error: &(dyn std::error::Error + 'static) = error.as_ref();
                 descriptors::is_resource_shortage(error)
             }
-            Self::NoSlot => true,
             _ => false,
         }
     }
@@ -225,7 +221,7 @@ pub struct UpstreamBody<B = RequestBody> {
     lease: Option<Lease<B>>,
     /// The call's part of the process's bound on calls in flight upstream
     /// ([`UpstreamSlot`]), until the answer is done with.
-    _slot: Option<UpstreamSlot>,
+    slot: Option<UpstreamSlot>,
 }
 
 struct Lease<B> {
@@ -282,8 +278,9 @@ impl<B: SentBody> UpstreamPool<B> {
     pub async fn send(
         &self,
         mut req: Request<B>,
+        slot: UpstreamSlot,
     ) -> Result<Response<UpstreamBody<B>>, UpstreamError> {
-        let mut slot = Some(UpstreamSlot::take().ok_or(UpstreamError::NoSlot)?);
+        let mut slot = Some(slot);
         loop {
             let (lent, reused) = match self.shared.checkout() {
                 Some(lent) => (lent, true),
@@ -295,7 +292,7 @@ impl<B: SentBody> UpstreamPool<B> {
                     req.headers_mut()
                         .insert(HOST, self.shared.upstream.host.clone());
                     match sender.try_send_request(req).await {
-                        Ok(response) => return Ok(self.shared.lend(response, sender, slot)),
+                        Ok(response) => return Ok(self.shared.lend(response, sender, slot.take())),
                         Err(e) => e,
                     }
                 }
@@ -307,7 +304,7 @@ impl<B: SentBody> UpstreamPool<B> {
                             return Ok(response.map(|body| UpstreamBody {
                                 body,
                                 lease: None,
-                                _slot: slot.take(),
+                                slot: slot.take(),
                             }))
                         }
                         Err(e) => e,
@@ -348,9 +345,9 @@ impl<B: SentBody> UpstreamPool<B> {
         &self,
         connector: &UpstreamConnector,
         mut req: Request<B>,
+        slot: UpstreamSlot,
     ) -> Result<Response<UpstreamBody<B>>, UpstreamError> {
         let upstream = &self.shared.upstream;
-        let slot = UpstreamSlot::take().ok_or(UpstreamError::NoSlot)?;
         let io = connector
             .clone()
             .call(upstream.target.clone())
@@ -383,7 +380,7 @@ impl<B: SentBody> UpstreamPool<B> {
                 sender: Http1Sender { sender, task: None },
                 pool: Weak::new(),
             }),
-            _slot: Some(slot),
+            slot: Some(slot),
         }))
     }
 }
@@ -491,7 +488,7 @@ impl<B: SentBody> Shared<B> {
                     sender,
                     pool: Arc::downgrade(self),
                 }),
-                _slot: slot,
+                slot,
             };
             if body.body.is_end_stream() {
                 body.give_back();
@@ -577,6 +574,15 @@ where
 }
 
 // === impl UpstreamBody ===
+
+impl<B> UpstreamBody<B> {
+    /// Takes the call's slot ([`UpstreamSlot`]) from the answer, for
+    /// whatever holds the upstream connection after it (a WebSocket
+    /// tunnel, once the connection has switched).
+    pub fn take_slot(&mut self) -> Option<UpstreamSlot> {
+        self.slot.take()
+    }
+}
 
 impl<B: SentBody> UpstreamBody<B> {
     /// Returns the connection to its pool: now when it can take another

@@ -71,6 +71,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::audit::CallRecord;
+use crate::descriptors::UpstreamSlot;
 use crate::error::{Denial, ErrorCode};
 use crate::redact::{RedactState, Redactor};
 use crate::upstream_pool::UpstreamBody;
@@ -241,6 +242,9 @@ pub struct Tunnel {
     /// The provider's (empty) answer body: it holds the upstream
     /// connection's sender until the switch is done.
     upstream: UpstreamBody,
+    /// The call's part of the bound on calls in flight upstream, held for
+    /// as long as the tunnel holds the upstream connection.
+    _upstream_slot: Option<UpstreamSlot>,
     call: CallRecord,
     redactor: Redactor,
     /// Counts the tunnel in `airlock_proxy_websocket_tunnels` while it lives.
@@ -368,7 +372,7 @@ impl Tunnel {
     pub(crate) fn new(
         agent: OnUpgrade,
         provider: OnUpgrade,
-        upstream: UpstreamBody,
+        mut upstream: UpstreamBody,
         call: CallRecord,
         redactor: Redactor,
         gauge: &Gauge,
@@ -379,6 +383,7 @@ impl Tunnel {
         Box::new(Self {
             agent,
             provider,
+            _upstream_slot: upstream.take_slot(),
             upstream,
             call,
             redactor,

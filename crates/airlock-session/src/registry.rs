@@ -560,7 +560,9 @@ impl Registry {
             // stall, the flusher persists it all the same.
             if registry.store.is_shared() {
                 registry.unpersisted.lock().entry(id.clone()).or_insert(at);
-                registry.write_counts(&session, now_ms()).await;
+                if let Err(e) = registry.write_counts(&session, now_ms()).await {
+                    tracing::warn!(session = %id, error = %e, "could not flush call counts");
+                }
             }
             match registry.store.revoke_session(id, at).await {
                 Ok(_) => {
@@ -599,7 +601,9 @@ impl Registry {
         let registry = Arc::clone(self);
         let session = Arc::clone(session);
         let write = self.spawn_home_joined(async move {
-            registry.write_counts(&session, now_ms()).await;
+            if let Err(e) = registry.write_counts(&session, now_ms()).await {
+                tracing::warn!(session = %session.id(), error = %e, "could not flush call counts");
+            }
         });
         // Err only if the runtime is shutting down: the flusher's last
         // flush then writes what is left.
@@ -670,31 +674,38 @@ impl Registry {
                 .filter(|s| s.has_unflushed_denials())
                 .cloned()
                 .collect();
+            let mut failed = Failures::default();
             for session in &denied {
-                self.write_counts(session, now).await;
+                failed.note(self.write_counts(session, now).await);
             }
+            failed.warn();
             return;
         }
         self.persist_revocations().await;
         let sessions: Vec<Arc<LiveSession>> = self.by_token.read().values().cloned().collect();
+        let mut failed = Failures::default();
         for session in &sessions {
             self.release_lease(session, now, kind == FlushKind::Final)
                 .await;
-            self.write_counts(session, now).await;
+            failed.note(self.write_counts(session, now).await);
         }
+        // One line for them all: with the store out of reach, a line per
+        // session each second grew with the sessions cached (round 40).
+        failed.warn();
         // Held here, every session would look in use.
         drop(sessions);
         self.evict(now);
     }
 
     /// Writes `session`'s counter increments (and takes in the stored state
-    /// a shared store answers with).
-    async fn write_counts(&self, session: &LiveSession, now: i64) {
+    /// a shared store answers with). A failed write leaves them for the
+    /// next flush and is returned for the caller to say.
+    async fn write_counts(&self, session: &LiveSession, now: i64) -> Result<(), StoreError> {
         // One write of a session's counts at a time (see the field).
         let _writing = session.count_writes().lock().await;
         let (allowed, denied) = session.take_unflushed();
         if allowed == 0 && denied == 0 {
-            return;
+            return Ok(());
         }
         match self
             .store
@@ -720,10 +731,11 @@ impl Registry {
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(session = %session.id(), error = %e, "could not flush call counts");
                 session.restore_unflushed(allowed, denied);
+                return Err(e);
             }
         }
+        Ok(())
     }
 
     /// Drops from the cache the sessions that ended long ago and the
@@ -1065,6 +1077,35 @@ async fn refill(store: &dyn Store, session: &LiveSession) -> Result<(), StoreErr
         granted => lease.add(granted),
     }
     Ok(())
+}
+
+/// The count writes of one flush that failed, said in one line.
+#[derive(Default)]
+struct Failures {
+    sessions: usize,
+    first: Option<StoreError>,
+}
+
+impl Failures {
+    /// Takes in one session's write.
+    fn note(&mut self, written: Result<(), StoreError>) {
+        if let Err(e) = written {
+            self.sessions += 1;
+            self.first.get_or_insert(e);
+        }
+    }
+
+    /// Warns once, naming how many sessions' counts wait for the next flush.
+    fn warn(self) {
+        if let Some(e) = self.first {
+            tracing::warn!(
+                sessions = self.sessions,
+                error = %e,
+                "could not flush the call counts of {} sessions; they are kept for the next flush",
+                self.sessions
+            );
+        }
+    }
 }
 
 /// Receives the next change; a receiver that fell behind is told to resync.

@@ -123,6 +123,9 @@ impl Credentials {
                 },
             );
         }
+        if let (Some(key), Some(made)) = (&credentials.master_key, &created) {
+            crate::key_check::master_key_known_other(credentials.store.as_ref(), key, made).await?;
+        }
         for (name, p) in &config.providers {
             if p.credential == CredentialSource::Store {
                 credentials.reload(name).await?;
@@ -179,7 +182,11 @@ impl Credentials {
         let secret = seal::open(key, &credential_aad(provider), &stored.sealed)
             .and_then(|bytes| bytes.into_secret())
             .with_context(|| {
-                format!("the stored credential of {provider} does not open with this master key")
+                format!(
+                    "the stored credential of {provider} does not open with this master key \
+                     (AIRLOCK_MASTER_KEY or [store] master_key_file): every replica must use the \
+                     key the credentials were sealed with"
+                )
             })?;
         let prepared = p
             .format

@@ -122,14 +122,35 @@ pub async fn master_key(
     if same(&stored, &value) {
         Ok(())
     } else {
-        Err(anyhow::anyhow!(
-            "the master key (AIRLOCK_MASTER_KEY or master_key_file) is not the one this store's \
-             credentials are sealed with: a credential set with it could not be opened by the \
-             other servers, nor one of theirs by it. Every replica, and every restart, must use \
-             the same master key{}",
-            made.missing_hint("AIRLOCK_MASTER_KEY")
-        ))
+        Err(master_key_mismatch(made))
     }
+}
+
+/// Refuses a master key the store remembers another key for, without
+/// writing anything: what `serve` asks before it opens a sealed
+/// credential (round 40: a replica with another key said only that a
+/// credential did not open, after logging another as loaded).
+pub async fn master_key_known_other(
+    store: &dyn Store,
+    key: &MasterKey,
+    made: &NewKeyFile,
+) -> anyhow::Result<()> {
+    let value = hex(&key.check_value());
+    match store.setting(MASTER_KEY_CHECK).await? {
+        Some(stored) if !same(&stored, &value) => Err(master_key_mismatch(made)),
+        _ => Ok(()),
+    }
+}
+
+/// The refusal of a master key that is not the store's.
+fn master_key_mismatch(made: &NewKeyFile) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the master key (AIRLOCK_MASTER_KEY or master_key_file) is not the one this store's \
+         credentials are sealed with: a credential set with it could not be opened by the \
+         other servers, nor one of theirs by it. Every replica, and every restart, must use \
+         the same master key{}",
+        made.missing_hint("AIRLOCK_MASTER_KEY")
+    )
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -3159,6 +3159,9 @@ async fn a_rule_no_sdk_call_can_match_is_warned_about() {
             "openai:POST:/openai/v1/chat/completions",
             "/v1/chat/completions",
         ),
+        // The base itself, or above it: no SDK call is there.
+        ("openai:GET:/v1", "/v1/**"),
+        ("openai:GET:/*", "/v1/**"),
     ] {
         let out = cli(&airlock, &["session", "create", "--allow", rule]).await;
         let created: Value = serde_json::from_str(&stdout(&out)).unwrap();
@@ -3178,7 +3181,7 @@ async fn a_rule_no_sdk_call_can_match_is_warned_about() {
         "openai:GET:/v1/**",
         "openai:*:/**",
         "openai:POST:/*/chat/completions",
-        "openai:GET:/v1",
+        "openai:GET:/v1/*",
     ] {
         let out = cli(&airlock, &["session", "create", "--allow", rule]).await;
         assert_eq!(stderr(&out), "", "{rule}");

@@ -1098,14 +1098,32 @@ async fn a_replica_with_another_audit_key_or_master_key_is_refused() {
         other_audit.contains("is not the one this store's audit trail was written with"),
         "{other_audit}"
     );
+    // With a credential sealed in the store, the key is refused as such,
+    // before that credential is opened (round 40: "does not open", after
+    // another had been logged as loaded).
+    let (status, body) = first
+        .admin(
+            "PUT",
+            "/v1/providers/vault/credential",
+            Some(json!({"value": "vault-secret-sealed-00001"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
     let other_master = start(audit.clone(), "2e".repeat(32))
         .await
         .unwrap_err()
         .to_string();
     assert!(
-        other_master.contains("is not the one this store's credentials are sealed with"),
+        other_master.contains("is not the one this store's credentials are sealed with")
+            && other_master.contains("AIRLOCK_MASTER_KEY"),
         "{other_master}"
     );
+    assert!(
+        !other_master.contains("credential loaded"),
+        "{other_master}"
+    );
+    assert!(!other_master.contains("does not open"), "{other_master}");
     let mut second = start(audit, master).await.unwrap();
     second.terminate().await.unwrap();
     first.terminate().await.unwrap();

@@ -111,6 +111,11 @@ async fn one_answer_server() -> (SocketAddr, watch::Receiver<usize>) {
 
 type TestPool = UpstreamPool<Full<Bytes>>;
 
+/// A slot of the process's bound, unbounded in tests.
+fn slot() -> crate::descriptors::UpstreamSlot {
+    crate::descriptors::UpstreamSlot::take().unwrap()
+}
+
 fn pool(addr: SocketAddr) -> TestPool {
     let authority: Authority = addr.to_string().parse().unwrap();
     let host = HeaderValue::from_str(authority.as_str()).unwrap();
@@ -136,7 +141,7 @@ fn get() -> Request<Full<Bytes>> {
 
 /// Sends a request and reads the answer to its end.
 async fn call(pool: &TestPool) -> Bytes {
-    let response = pool.send(get()).await.unwrap();
+    let response = pool.send(get(), slot()).await.unwrap();
     assert_eq!(response.status(), 200);
     response.into_body().collect().await.unwrap().to_bytes()
 }
@@ -156,7 +161,7 @@ async fn a_connection_serves_call_after_call_once_its_body_is_read() {
 async fn a_connection_whose_body_is_unread_is_not_lent_again() {
     let (addr, mut counts) = keep_alive_server().await;
     let pool = pool(addr);
-    let unread = pool.send(get()).await.unwrap();
+    let unread = pool.send(get(), slot()).await.unwrap();
     assert_eq!(pool.idle_count(), 0);
     // A second call while the first body is pending gets a connection of
     // its own.
@@ -174,7 +179,7 @@ async fn a_connection_whose_body_is_unread_is_not_lent_again() {
 async fn shedding_closes_idle_connections_and_leaves_lent_ones() {
     let (addr, mut counts) = keep_alive_server().await;
     let pool = pool(addr);
-    let lent = pool.send(get()).await.unwrap();
+    let lent = pool.send(get(), slot()).await.unwrap();
     call(&pool).await;
     assert_eq!(pool.idle_count(), 1);
     assert_eq!(pool.shed_idle(), 1);
@@ -240,7 +245,7 @@ async fn http1_requests_name_the_upstream_in_host() {
         String::from_utf8(head).unwrap()
     });
     let pool = pool(addr);
-    let response = pool.send(get()).await.unwrap();
+    let response = pool.send(get(), slot()).await.unwrap();
     assert_eq!(response.status(), 204);
     let head = server.await.unwrap().to_ascii_lowercase();
     assert!(head.starts_with("get /x http/1.1\r\n"), "{head}");
@@ -300,7 +305,7 @@ async fn a_connection_closed_unseen_never_sends_a_request_twice() {
     // cannot have seen it when the pool lends the connection again.
     close_tx.send(()).unwrap();
     closed_rx.recv().unwrap();
-    let resent = match pool.send(get()).await {
+    let resent = match pool.send(get(), slot()).await {
         Ok(response) => {
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, Bytes::from_static(b"ok"));
@@ -389,7 +394,10 @@ async fn an_answer_before_the_request_body_ends_returns_its_connection_after_it(
 
     let (chunks, rx) = tokio::sync::mpsc::channel(1);
     chunks.send(Bytes::from_static(b"abc")).await.unwrap();
-    let response = pool.send(request(ChannelBody(rx), 6)).await.unwrap();
+    let response = pool
+        .send(request(ChannelBody(rx), 6), slot())
+        .await
+        .unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, Bytes::from_static(b"ok"));
     // The answer is read but the request is not finished: the connection
@@ -409,7 +417,10 @@ async fn an_answer_before_the_request_body_ends_returns_its_connection_after_it(
     let (chunks, rx) = tokio::sync::mpsc::channel(1);
     chunks.send(Bytes::from_static(b"xy")).await.unwrap();
     drop(chunks);
-    let response = pool.send(request(ChannelBody(rx), 2)).await.unwrap();
+    let response = pool
+        .send(request(ChannelBody(rx), 2), slot())
+        .await
+        .unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, Bytes::from_static(b"ok"));
     assert_eq!(*accepted.borrow(), 1);
@@ -449,7 +460,7 @@ async fn a_body_ending_in_trailers_returns_its_connection() {
         let mut req = get();
         req.headers_mut()
             .insert(http::header::TE, HeaderValue::from_static("trailers"));
-        let mut body = pool.send(req).await.unwrap().into_body();
+        let mut body = pool.send(req, slot()).await.unwrap().into_body();
         let data = body.frame().await.unwrap().unwrap();
         assert_eq!(data.into_data().unwrap(), Bytes::from_static(b"ok"));
         let trailers = body.frame().await.unwrap().unwrap();
