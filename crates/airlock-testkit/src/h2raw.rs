@@ -118,7 +118,8 @@ pub async fn request(
 }
 
 /// Opens an HTTP/2 connection, exchanges SETTINGS and then stays idle;
-/// returns how long until the server closed it (or `None` after `limit`).
+/// returns how long until the server closed it or said GOAWAY (or `None`
+/// after `limit`).
 pub async fn idle_connection_lifetime(base_url: &str, limit: Duration) -> Option<Duration> {
     let started = std::time::Instant::now();
     let mut stream = TcpStream::connect(authority(base_url))
@@ -127,39 +128,16 @@ pub async fn idle_connection_lifetime(base_url: &str, limit: Duration) -> Option
     let mut out = PREFACE.to_vec();
     out.extend(frame(SETTINGS, 0, 0, &[]));
     stream.write_all(&out).await.ok()?;
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut buf = Vec::new();
-    loop {
-        let mut chunk = [0u8; 4096];
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Err(_) => return None,
-            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-        }
-        // Acknowledge settings and answer pings so the server has no reason
-        // to close other than idleness.
-        while let Some((kind, flags, _, payload, used)) = next_frame(&buf) {
-            if kind == SETTINGS && flags & ACK == 0 {
-                let _ = stream.write_all(&frame(SETTINGS, ACK, 0, &[])).await;
-            }
-            if kind == PING && flags & ACK == 0 {
-                let _ = stream.write_all(&frame(PING, ACK, 0, &payload)).await;
-            }
-            if kind == GOAWAY {
-                return Some(started.elapsed());
-            }
-            buf.drain(..used);
-        }
-    }
+    stay_until_closed(&mut stream, limit, true).await?;
+    Some(started.elapsed())
 }
 
 /// Opens an HTTP/2 connection whose flow-control window for the server's
 /// answers is 0 (`SETTINGS_INITIAL_WINDOW_SIZE`), sends `fields` as stream
 /// 1 and never opens the window: an agent that does not take its answer.
-/// It acknowledges settings and answers pings, so that the server has no
-/// other reason to close. Returns how long until the server closed the
-/// connection (a GOAWAY alone leaves the stream, and the connection's
-/// slot, held), or `None` after `limit`.
+/// Returns how long until the server closed the connection (a GOAWAY
+/// alone leaves the stream, and the connection's slot, held), or `None`
+/// after `limit`.
 pub async fn unread_answer_lifetime(
     base_url: &str,
     fields: &[(&[u8], &[u8])],
@@ -181,13 +159,22 @@ pub async fn unread_answer_lifetime(
         &header_block(fields),
     ));
     stream.write_all(&out).await.ok()?;
+    stay_until_closed(&mut stream, limit, false).await?;
+    Some(started.elapsed())
+}
+
+/// Reads `stream` until the server closes it (or, with `at_goaway`, says
+/// GOAWAY), acknowledging settings and answering pings so that the server
+/// has no reason to close other than the one a test waits for. `None`
+/// after `limit`.
+async fn stay_until_closed(stream: &mut TcpStream, limit: Duration, at_goaway: bool) -> Option<()> {
     let deadline = tokio::time::Instant::now() + limit;
     let mut buf = Vec::new();
     loop {
         let mut chunk = [0u8; 4096];
         match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
             Err(_) => return None,
-            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(0) | Err(_)) => return Some(()),
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
         while let Some((kind, flags, _, payload, used)) = next_frame(&buf) {
@@ -196,6 +183,9 @@ pub async fn unread_answer_lifetime(
             }
             if kind == PING && flags & ACK == 0 {
                 let _ = stream.write_all(&frame(PING, ACK, 0, &payload)).await;
+            }
+            if kind == GOAWAY && at_goaway {
+                return Some(());
             }
             buf.drain(..used);
         }

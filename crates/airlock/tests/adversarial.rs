@@ -1225,29 +1225,14 @@ async fn connections_over_the_limit_are_refused_and_slots_come_back() {
     assert_normal_call_works(&env).await;
 }
 
-/// HTTP/2 streams of one connection each need an upstream connection of
-/// their own: more than the descriptors left. A stream that cannot have
-/// one gets 503 `overloaded` with `Retry-After` (airlock's shortage, not
-/// the provider's failure: never 502), the provider sees nothing of it,
-/// the streams that got a connection complete, and calls work again
-/// afterwards. (With the bound on calls in flight upstream, set to the
-/// `max_connections` the open files allow, the refusals come from that
-/// bound before descriptors run out; an upstream connect failing for want
-/// of descriptors answers the same, `UpstreamError::is_resource_shortage`.)
-#[tokio::test]
-async fn upstream_connections_beyond_the_descriptors_are_overloaded_not_bad_gateway() {
+/// Opens `n` HTTP/2 streams on one connection to the mock's
+/// `/gated-json` (which answers once its gate opens) under a session of
+/// their own; each task gives the stream's status, `Retry-After` and body.
+async fn gated_streams(
+    env: &Env,
+    n: usize,
+) -> tokio::task::JoinSet<(http::StatusCode, Option<http::HeaderValue>, bytes::Bytes)> {
     use http_body_util::{BodyExt, Full};
-    const OPEN_FILES: u64 = 128;
-    /// airlock's `MAX_CONCURRENT_STREAMS`, all held open at once.
-    const STREAMS: usize = 100;
-    // One session runs every stream: above its cap of calls in flight,
-    // which the default would lower to a quarter of the few connections.
-    let env = env_with(&["workers = 2"], |builder| {
-        builder
-            .open_files_limit(OPEN_FILES)
-            .config("[sessions]\nmax_calls_in_flight = 1000\n")
-    })
-    .await;
     let session = env
         .airlock
         .create_session(json!({
@@ -1261,10 +1246,8 @@ async fn upstream_connections_beyond_the_descriptors_are_overloaded_not_bad_gate
         .http2_only(true)
         .build_http::<Full<bytes::Bytes>>();
     let url = format!("{}/anthropic/gated-json", env.airlock.proxy_url());
-    // A stream that reached the provider waits for the gate (its upstream
-    // connection held); one that could not connect is answered at once.
     let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..STREAMS {
+    for _ in 0..n {
         let request = http::Request::get(&url)
             .header("x-api-key", &token)
             .body(Full::new(bytes::Bytes::new()))
@@ -1281,6 +1264,34 @@ async fn upstream_connections_beyond_the_descriptors_are_overloaded_not_bad_gate
             (status, retry_after, body)
         });
     }
+    calls
+}
+
+/// HTTP/2 streams of one connection each need an upstream connection of
+/// their own: more than the descriptors left. A stream that cannot have
+/// one gets 503 `overloaded` with `Retry-After` (airlock's shortage, not
+/// the provider's failure: never 502), the provider sees nothing of it,
+/// the streams that got a connection complete, and calls work again
+/// afterwards. (With the bound on calls in flight upstream, set to the
+/// `max_connections` the open files allow, the refusals come from that
+/// bound before descriptors run out; an upstream connect failing for want
+/// of descriptors answers the same, `UpstreamError::is_resource_shortage`.)
+#[tokio::test]
+async fn upstream_connections_beyond_the_descriptors_are_overloaded_not_bad_gateway() {
+    const OPEN_FILES: u64 = 128;
+    /// airlock's `MAX_CONCURRENT_STREAMS`, all held open at once.
+    const STREAMS: usize = 100;
+    // One session runs every stream: above its cap of calls in flight,
+    // which the default would lower to a quarter of the few connections.
+    let env = env_with(&["workers = 2"], |builder| {
+        builder
+            .open_files_limit(OPEN_FILES)
+            .config("[sessions]\nmax_calls_in_flight = 1000\n")
+    })
+    .await;
+    // A stream that reached the provider waits for the gate (its upstream
+    // connection held); one that could not connect is answered at once.
+    let mut calls = gated_streams(&env, STREAMS).await;
     let mut overloaded = 0;
     let through = loop {
         let through = env.mock.request_count();
@@ -1332,47 +1343,17 @@ async fn upstream_connections_beyond_the_descriptors_are_overloaded_not_bad_gate
 /// failed its accepts).
 #[tokio::test]
 async fn http2_streams_have_at_most_max_connections_calls_upstream() {
-    use http_body_util::{BodyExt, Full};
     const MAX: usize = 4;
     const STREAMS: usize = 10;
     let env = env_with(&["max_connections = 4", "workers = 1"], |builder| {
         builder.config("[sessions]\nmax_calls_in_flight = 100\n")
     })
     .await;
-    let session = env
-        .airlock
-        .create_session(json!({
-            "scope": [{"provider": "anthropic", "methods": ["GET"], "paths": ["/gated-json"]}],
-            "ttl_seconds": 300,
-        }))
-        .await
-        .unwrap();
-    let token = session["token"].as_str().unwrap().to_owned();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<bytes::Bytes>>();
-    let url = format!("{}/anthropic/gated-json", env.airlock.proxy_url());
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..STREAMS {
-        let request = http::Request::get(&url)
-            .header("x-api-key", &token)
-            .body(Full::new(bytes::Bytes::new()))
-            .unwrap();
-        let client = client.clone();
-        calls.spawn(async move {
-            let response = tokio::time::timeout(CASE_LIMIT, client.request(request))
-                .await
-                .expect("every stream is answered")
-                .expect("over HTTP/2");
-            let status = response.status();
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            (status, body)
-        });
-    }
+    let mut calls = gated_streams(&env, STREAMS).await;
     // The streams over the bound are answered at once; the others wait
     // at the provider's gate.
     for _ in 0..STREAMS - MAX {
-        let (status, body) = calls.join_next().await.unwrap().unwrap();
+        let (status, _, body) = calls.join_next().await.unwrap().unwrap();
         assert_eq!(status, 503, "{body:?}");
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["code"], "overloaded", "{body}");
@@ -1390,10 +1371,9 @@ async fn http2_streams_have_at_most_max_connections_calls_upstream() {
         env.mock.open_gate();
     }
     while let Some(answered) = calls.join_next().await {
-        let (status, body) = answered.unwrap();
+        let (status, _, body) = answered.unwrap();
         assert_eq!(status, 200, "{body:?}");
     }
-    drop(client);
     env.mock.clear();
     assert_normal_call_works(&env).await;
 }
