@@ -270,7 +270,14 @@ impl AdminClient {
             // Which URL had no route: AIRLOCK_ADMIN_URL's path prefix, or
             // an older server without the route.
             Some(NO_ROUTE) if status == StatusCode::NOT_FOUND => {
-                format!("{NO_ROUTE}: {method} {}{path}", self.shown)
+                // The likeliest such prefix: the API's own `/v1` (round 40).
+                let hint = if self.shown.trim_end_matches('/').ends_with("/v1") {
+                    " (AIRLOCK_ADMIN_URL ends in /v1, which every route already starts with: \
+                     set it to the admin listener's address alone)"
+                } else {
+                    ""
+                };
+                format!("{NO_ROUTE}: {method} {}{path}{hint}", self.shown)
             }
             Some(message) if !status.is_success() => message.to_owned(),
             // A 5xx may come from a proxy or load balancer in front of a

@@ -3187,3 +3187,25 @@ async fn a_rule_no_sdk_call_can_match_is_warned_about() {
         assert_eq!(stderr(&out), "", "{rule}");
     }
 }
+
+/// `AIRLOCK_ADMIN_URL` with the API's own `/v1` at its end is named as the
+/// likely mistake (round 40: only "no such admin route: …/v1/v1/sessions").
+#[tokio::test]
+async fn an_admin_url_ending_in_v1_is_named() {
+    let mock = MockProvider::start().await;
+    let airlock = start(&mock).await;
+    let url = format!("{}/v1", airlock.admin_url());
+    let out = airlock_cmd(&["session", "list"])
+        .env("AIRLOCK_ADMIN_URL", &url)
+        .env("AIRLOCK_ADMIN_TOKEN", airlock.admin_token())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains(&format!("no such admin route: GET {url}/v1/sessions"))
+            && said.contains("AIRLOCK_ADMIN_URL ends in /v1"),
+        "{said}"
+    );
+}

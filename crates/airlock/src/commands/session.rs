@@ -118,6 +118,14 @@ async fn revoke(client: &AdminClient, ids_or_tokens: &[String]) -> anyhow::Resul
                      43 letters and digits",
                 ));
             }
+        } else if !id_or_token.starts_with("ses_")
+            && airlock_core::SessionId::parse(id_or_token).is_none()
+        {
+            // Either is taken here (round 40: "not a session id" alone).
+            return Err(usage(
+                "ID_OR_TOKEN: neither a session id (ses_...) nor a session token (sess_...); \
+                 `session list` shows the ids",
+            ));
         } else {
             check_id("ID_OR_TOKEN", id_or_token)?;
         }
