@@ -122,13 +122,14 @@ impl CallRecord {
     /// Notes the id the provider gave its answer (`x-request-id`, else
     /// `request-id`; read after the leak guard scrubbed the headers), so
     /// that the log line of a call the provider refused can be found by
-    /// the id the agent saw: visible ASCII of at most
-    /// [`MAX_PROVIDER_REQUEST_ID`] bytes, else none.
+    /// the id the agent saw: 1 to [`MAX_PROVIDER_REQUEST_ID`] bytes of
+    /// visible ASCII, else none.
     pub(crate) fn note_provider_request_id(&mut self, headers: &http::HeaderMap) {
         let id = crate::request_id::provider_request_id(headers);
         self.provider_request_id = id
             .filter(|v| {
-                v.len() <= MAX_PROVIDER_REQUEST_ID && v.as_bytes().iter().all(u8::is_ascii_graphic)
+                (1..=MAX_PROVIDER_REQUEST_ID).contains(&v.len())
+                    && v.as_bytes().iter().all(u8::is_ascii_graphic)
             })
             .cloned();
     }

@@ -929,11 +929,11 @@ struct Activity {
     /// request it could not parse ([`automatic`]), counted when the
     /// connection ends.
     unparsed: std::sync::OnceLock<crate::error::ErrorCode>,
-    /// Calls whose answer waits for the agent to take its next part: hyper
-    /// holds the answer (or its last frame) and has not asked for more.
+    /// Calls whose answer waits for an agent that has taken none of it:
+    /// hyper holds the head or the first frame and has not asked for more.
     waiting_on_agent: AtomicUsize,
-    /// Bumped whenever hyper asks a call's answer for more: the agent is
-    /// taking what it is sent.
+    /// Bumped whenever hyper asks a call's answer for more after a frame:
+    /// the agent is taking what it is sent.
     agent_progress: AtomicU64,
 }
 
@@ -1027,11 +1027,14 @@ impl Drop for Busy {
 /// A response body that keeps its call counted as in flight. The body is
 /// dropped before the count (field order): once the count is down, the
 /// call's record has been queued. It also tells the connection whether the
-/// answer waits for the agent (`handed`: hyper holds the head or the last
-/// frame and has not asked for more) rather than for the provider.
+/// answer waits for an agent that has taken none of it (`handed`: hyper
+/// holds the head or the first frame and has not asked for more), and
+/// counts hyper coming back for more as the agent's progress.
 struct Tracked {
     body: ProxyBody,
     handed: bool,
+    /// Frames given to hyper so far.
+    frames: u32,
     _busy: Busy,
 }
 
@@ -1044,6 +1047,7 @@ impl Tracked {
         Self {
             body,
             handed: true,
+            frames: 0,
             _busy: busy,
         }
     }
@@ -1078,14 +1082,26 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        this._busy
-            .connection
-            .agent_progress
-            .fetch_add(1, Ordering::Relaxed);
+        if this.frames > 0 {
+            // hyper is back for more: the agent took what it was given.
+            this._busy
+                .connection
+                .agent_progress
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        // A frame given to hyper waits for the agent until hyper asks for
-        // the next; a pending body waits for the provider (or the audit).
-        this.set_handed(matches!(polled, Poll::Ready(Some(Ok(_)))));
+        let handed = matches!(polled, Poll::Ready(Some(Ok(_))));
+        if handed {
+            this.frames = this.frames.saturating_add(1);
+        }
+        // The head, or the first frame, given to hyper waits for the agent
+        // until hyper asks for the next: what an answer the agent never
+        // takes looks like (airlock's own refusals are one frame). An
+        // answer the agent has been taking frame by frame is never counted
+        // so: how often hyper asks again follows the kernel's send buffer,
+        // which can hold megabytes (round 42: steady slow readers of large
+        // downloads were cut). A pending body waits for the provider.
+        this.set_handed(handed && this.frames <= 1);
         polled
     }
 

@@ -163,6 +163,58 @@ pub async fn unread_answer_lifetime(
     Some(started.elapsed())
 }
 
+/// As [`unread_answer_lifetime`], but sending `fields` again as a new
+/// stream every `every`, none of whose answers it takes either: new
+/// requests are no sign that the agent takes its answers.
+pub async fn unread_answers_lifetime(
+    base_url: &str,
+    fields: &[(&[u8], &[u8])],
+    every: Duration,
+    limit: Duration,
+) -> Option<Duration> {
+    const INITIAL_WINDOW_SIZE: u16 = 0x4;
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(authority(base_url))
+        .await
+        .expect("connect to the server");
+    let mut out = PREFACE.to_vec();
+    let mut settings = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+    settings.extend(0u32.to_be_bytes());
+    out.extend(frame(SETTINGS, 0, 0, &settings));
+    stream.write_all(&out).await.ok()?;
+    let block = header_block(fields);
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut ticks = tokio::time::interval(every);
+    let mut next_stream: u32 = 1;
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        tokio::select! {
+            _ = ticks.tick() => {
+                let headers = frame(HEADERS, END_HEADERS | END_STREAM, next_stream, &block);
+                next_stream += 2;
+                if stream.write_all(&headers).await.is_err() {
+                    return Some(started.elapsed());
+                }
+            }
+            read = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => match read {
+                Err(_) => return None,
+                Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            },
+        }
+        while let Some((kind, flags, _, payload, used)) = next_frame(&buf) {
+            if kind == SETTINGS && flags & ACK == 0 {
+                let _ = stream.write_all(&frame(SETTINGS, ACK, 0, &[])).await;
+            }
+            if kind == PING && flags & ACK == 0 {
+                let _ = stream.write_all(&frame(PING, ACK, 0, &payload)).await;
+            }
+            buf.drain(..used);
+        }
+    }
+}
+
 /// Reads `stream` until the server closes it (or, with `at_goaway`, says
 /// GOAWAY), acknowledging settings and answering pings so that the server
 /// has no reason to close other than the one a test waits for. `None`

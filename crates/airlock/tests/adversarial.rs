@@ -575,6 +575,17 @@ async fn an_agent_that_takes_no_answer_cannot_hold_its_connection() {
         let lifetime = lifetime.expect("the connection was held open");
         assert!(lifetime >= Duration::from_millis(900), "{lifetime:?}");
     }
+    // Nor by opening a new stream more often than the idle timeout (round
+    // 42: one every 3 s held connections open for good).
+    let lifetime = h2raw::unread_answers_lifetime(
+        &env.airlock.proxy_url(),
+        tokenless,
+        Duration::from_millis(300),
+        Duration::from_secs(15),
+    )
+    .await;
+    let lifetime = lifetime.expect("the connection was held open by new streams");
+    assert!(lifetime >= Duration::from_millis(900), "{lifetime:?}");
     let warning = env
         .airlock
         .wait_for_output("closed a connection whose calls had all waited", 0)
@@ -618,6 +629,66 @@ async fn an_agent_that_takes_no_answer_cannot_hold_its_connection() {
     assert_eq!(env.mock.request_count(), 2);
     env.mock.clear();
     assert_normal_call_works(&env).await;
+}
+
+/// An agent taking a large answer slowly but steadily is not taken for
+/// one that takes nothing, however large the kernel's send buffer grows
+/// (round 42: HTTP/1.1 and HTTP/2 readers at 100–300 KB/s of 8–12 MB
+/// downloads were cut: hyper asks for the next frame only once megabytes
+/// of that buffer have drained, longer than an `idle_timeout` of seconds).
+#[tokio::test]
+async fn a_slow_steady_reader_of_a_large_answer_is_not_cut() {
+    const LEN: usize = 6_000_000;
+    let env = env(&[r#"idle_timeout = "1s""#]).await;
+    let session = env
+        .airlock
+        .create_session(json!({
+            "scope": [{"provider": "openai", "methods": ["GET"], "paths": ["/bytes"]}],
+            "ttl_seconds": 300,
+        }))
+        .await
+        .unwrap();
+    let token = session["token"].as_str().unwrap();
+    let addr: std::net::SocketAddr = hostile::authority(&env.airlock.proxy_url())
+        .parse()
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // A small window: what airlock sends waits in its own send buffer.
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /openai/bytes?n={LEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                 Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut read = 0usize;
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        // About 500 KB/s: the agent's reading pace, not a synchronisation.
+        tokio::time::sleep(Duration::from_millis(32)).await;
+        match tokio::time::timeout(CASE_LIMIT, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => read += n,
+            Ok(Err(e)) => panic!("cut after {read} bytes: {e}"),
+            Err(_) => panic!("no byte for {CASE_LIMIT:?} after {read}"),
+        }
+    }
+    assert!(
+        read > LEN,
+        "cut after {read} of {LEN} bytes (head included)"
+    );
+    assert!(
+        !env.airlock
+            .output()
+            .contains("closed a connection whose calls"),
+        "{}",
+        env.airlock.output()
+    );
 }
 
 /// A request hyper cannot parse is no call (nothing to route or record),
