@@ -128,7 +128,7 @@ pub async fn idle_connection_lifetime(base_url: &str, limit: Duration) -> Option
     let mut out = PREFACE.to_vec();
     out.extend(frame(SETTINGS, 0, 0, &[]));
     stream.write_all(&out).await.ok()?;
-    stay_until_closed(&mut stream, limit, true).await?;
+    stay_until_closed(&mut stream, limit, true, None).await?;
     Some(started.elapsed())
 }
 
@@ -143,24 +143,7 @@ pub async fn unread_answer_lifetime(
     fields: &[(&[u8], &[u8])],
     limit: Duration,
 ) -> Option<Duration> {
-    const INITIAL_WINDOW_SIZE: u16 = 0x4;
-    let started = std::time::Instant::now();
-    let mut stream = TcpStream::connect(authority(base_url))
-        .await
-        .expect("connect to the server");
-    let mut out = PREFACE.to_vec();
-    let mut settings = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
-    settings.extend(0u32.to_be_bytes());
-    out.extend(frame(SETTINGS, 0, 0, &settings));
-    out.extend(frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &header_block(fields),
-    ));
-    stream.write_all(&out).await.ok()?;
-    stay_until_closed(&mut stream, limit, false).await?;
-    Some(started.elapsed())
+    unread_lifetime(base_url, fields, None, limit).await
 }
 
 /// As [`unread_answer_lifetime`], but sending `fields` again as a new
@@ -170,6 +153,17 @@ pub async fn unread_answers_lifetime(
     base_url: &str,
     fields: &[(&[u8], &[u8])],
     every: Duration,
+    limit: Duration,
+) -> Option<Duration> {
+    unread_lifetime(base_url, fields, Some(every), limit).await
+}
+
+/// The window-0 connection of [`unread_answer_lifetime`], sending `fields`
+/// once, or every `every`.
+async fn unread_lifetime(
+    base_url: &str,
+    fields: &[(&[u8], &[u8])],
+    every: Option<Duration>,
     limit: Duration,
 ) -> Option<Duration> {
     const INITIAL_WINDOW_SIZE: u16 = 0x4;
@@ -182,52 +176,52 @@ pub async fn unread_answers_lifetime(
     settings.extend(0u32.to_be_bytes());
     out.extend(frame(SETTINGS, 0, 0, &settings));
     stream.write_all(&out).await.ok()?;
-    let block = header_block(fields);
+    let requests = Requests {
+        block: header_block(fields),
+        every: every.unwrap_or(limit),
+    };
+    stay_until_closed(&mut stream, limit, false, Some(requests)).await?;
+    Some(started.elapsed())
+}
+
+/// A request sent as a new stream every `every` (the first at once; with
+/// an `every` of the whole limit, only that one).
+struct Requests {
+    block: Vec<u8>,
+    every: Duration,
+}
+
+/// Reads `stream` until the server closes it (or, with `at_goaway`, says
+/// GOAWAY), acknowledging settings and answering pings so that the server
+/// has no reason to close other than the one a test waits for, and sending
+/// `requests` meanwhile. `None` after `limit`.
+async fn stay_until_closed(
+    stream: &mut TcpStream,
+    limit: Duration,
+    at_goaway: bool,
+    requests: Option<Requests>,
+) -> Option<()> {
     let deadline = tokio::time::Instant::now() + limit;
-    let mut ticks = tokio::time::interval(every);
+    // Polled only with requests to send.
+    let mut ticks = tokio::time::interval(requests.as_ref().map_or(limit, |r| r.every));
     let mut next_stream: u32 = 1;
     let mut buf = Vec::new();
     loop {
         let mut chunk = [0u8; 4096];
         tokio::select! {
-            _ = ticks.tick() => {
-                let headers = frame(HEADERS, END_HEADERS | END_STREAM, next_stream, &block);
+            _ = ticks.tick(), if requests.is_some() => {
+                let block = requests.as_ref().map_or(&[][..], |r| &r.block[..]);
+                let headers = frame(HEADERS, END_HEADERS | END_STREAM, next_stream, block);
                 next_stream += 2;
                 if stream.write_all(&headers).await.is_err() {
-                    return Some(started.elapsed());
+                    return Some(());
                 }
             }
             read = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => match read {
                 Err(_) => return None,
-                Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(0) | Err(_)) => return Some(()),
                 Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
             },
-        }
-        while let Some((kind, flags, _, payload, used)) = next_frame(&buf) {
-            if kind == SETTINGS && flags & ACK == 0 {
-                let _ = stream.write_all(&frame(SETTINGS, ACK, 0, &[])).await;
-            }
-            if kind == PING && flags & ACK == 0 {
-                let _ = stream.write_all(&frame(PING, ACK, 0, &payload)).await;
-            }
-            buf.drain(..used);
-        }
-    }
-}
-
-/// Reads `stream` until the server closes it (or, with `at_goaway`, says
-/// GOAWAY), acknowledging settings and answering pings so that the server
-/// has no reason to close other than the one a test waits for. `None`
-/// after `limit`.
-async fn stay_until_closed(stream: &mut TcpStream, limit: Duration, at_goaway: bool) -> Option<()> {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut buf = Vec::new();
-    loop {
-        let mut chunk = [0u8; 4096];
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Err(_) => return None,
-            Ok(Ok(0) | Err(_)) => return Some(()),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
         while let Some((kind, flags, _, payload, used)) = next_frame(&buf) {
             if kind == SETTINGS && flags & ACK == 0 {
