@@ -527,6 +527,8 @@ impl Proxy {
                 .and_then(|v| v.as_bytes().get(..b"text/event-stream".len()))
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"));
         let body = RedactingBody::new(body, redactor, RedactionFlag::default());
+        // Said in a refusal should the session end before the answer.
+        let session = call.session().cloned();
         let mut body = ProxyBody::audited(body, call, status, event_stream);
         // A batch answer whose `results_url` airlock may rewrite is read
         // whole first (up to a bound), with or without a length.
@@ -542,11 +544,7 @@ impl Proxy {
             // body), before anything was sent.
             Err(Withheld::AuditUnwritten) => return audit_unavailable(),
             Err(Withheld::SessionEnded) => {
-                return Denial::new(
-                    ErrorCode::InvalidToken,
-                    "the session was revoked or expired during the call",
-                )
-                .into_response()
+                return ended_during_call(session.as_deref()).into_response()
             }
             Err(Withheld::StoreUnavailable) => return store_unavailable().into_response(),
             Err(Withheld::UpstreamBroke) => {
@@ -842,10 +840,7 @@ impl Proxy {
                 // Dropping the request closed its upstream connection: the
                 // provider stops working for a session that is over.
                 call.flag(Flags::INCOMPLETE.union(Flags::SESSION_ENDED));
-                return Err(Denial::new(
-                    ErrorCode::InvalidToken,
-                    "the session was revoked or expired during the call",
-                ));
+                return Err(ended_during_call(Some(session)));
             }
             Err(HeadWait::StoreUnavailable) => {
                 // As above: a revocation elsewhere may not have reached
@@ -1024,6 +1019,20 @@ struct Cleared {
 /// Calls refused for the bound on calls in flight upstream, warned about
 /// once a minute.
 static UPSTREAM_FULL: airlock_core::spaced::Spaced = airlock_core::spaced::Spaced::new(60_000);
+
+/// 401 for a call whose session ended while it was under way: saying so,
+/// and that `max_denied` ended it when it did (a call in flight on one
+/// replica when another's denials revoked the session said only "revoked
+/// or expired").
+fn ended_during_call(session: Option<&LiveSession>) -> Denial {
+    let message = if session.is_some_and(LiveSession::reached_max_denied) {
+        "the session was revoked during the call: it reached its max_denied limit of refused \
+         calls (out of scope, malformed or rate limited)"
+    } else {
+        "the session was revoked or expired during the call"
+    };
+    Denial::new(ErrorCode::InvalidToken, message)
+}
 
 /// 503 `credential_unavailable`: `provider` has no credential to send. Only
 /// an operator can fix this: an SDK retrying at once would only add calls.
