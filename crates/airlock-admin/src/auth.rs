@@ -1,10 +1,11 @@
 //! The admin token check, and what a refused one leaves behind: a counter
 //! (`airlock_admin_auth_failures_total{reason}`) and a warning naming the
 //! client's address, at most one line per [`LOG_EVERY`] with the count of
-//! refusals since the last one, so that a client guessing tokens shows in
-//! the logs without flooding them.
+//! refusals since the last one, for each reason, so that a client guessing
+//! tokens shows in the logs without flooding them.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use airlock_core::spaced::Spaced;
@@ -53,8 +54,22 @@ struct FailureLabels {
 pub struct AuthFailures {
     missing: Counter,
     invalid: Counter,
-    /// When the next warning is due, and the refusals it reports.
+    /// When the next warning is due.
     warnings: Spaced,
+    /// Refusals without a token since the last warning.
+    unreported_missing: AtomicU64,
+    /// Refusals with a wrong token since the last warning.
+    unreported_invalid: AtomicU64,
+}
+
+/// What a warning reports: the refusals since the last one, by reason
+/// (round 43: a warning gave them all the reason of the request that
+/// happened to make it due, so seven wrong tokens and one request without
+/// any read as eight without a token).
+#[derive(Debug, PartialEq, Eq)]
+struct Unreported {
+    missing: u64,
+    invalid: u64,
 }
 
 impl AuthFailures {
@@ -78,30 +93,47 @@ impl AuthFailures {
             missing: counter(Failure::Missing),
             invalid: counter(Failure::Invalid),
             warnings: Spaced::new(LOG_EVERY_MS),
+            unreported_missing: AtomicU64::new(0),
+            unreported_invalid: AtomicU64::new(0),
         }
     }
 
     /// `now_ms` on a monotonic clock ([`airlock_core::spaced::monotonic_ms`]).
     fn record(&self, failure: Failure, peer: Option<SocketAddr>, now_ms: i64) {
-        match failure {
-            Failure::Missing => self.missing.inc(),
-            Failure::Invalid => self.invalid.inc(),
-        };
-        let Some(refused) = self.warnings.count(now_ms) else {
+        let Some(Unreported { missing, invalid }) = self.count(failure, now_ms) else {
             return;
         };
         let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        let refused = missing + invalid;
         tracing::warn!(
             %peer,
             reason = failure.as_str(),
             refused,
+            wrong_token = invalid,
+            no_token = missing,
             "admin API request refused: {} admin token ({refused} refused since the last such \
-             warning; at most one warning per {LOG_EVERY})",
+             warning: {invalid} with a wrong token, {missing} without one; at most one warning \
+             per {LOG_EVERY})",
             match failure {
                 Failure::Missing => "no",
                 Failure::Invalid => "a wrong",
             },
         );
+    }
+
+    /// Counts one refusal; when a warning is due, what it reports.
+    fn count(&self, failure: Failure, now_ms: i64) -> Option<Unreported> {
+        let (counter, unreported) = match failure {
+            Failure::Missing => (&self.missing, &self.unreported_missing),
+            Failure::Invalid => (&self.invalid, &self.unreported_invalid),
+        };
+        counter.inc();
+        unreported.fetch_add(1, Ordering::Relaxed);
+        self.warnings.count(now_ms)?;
+        Some(Unreported {
+            missing: self.unreported_missing.swap(0, Ordering::Relaxed),
+            invalid: self.unreported_invalid.swap(0, Ordering::Relaxed),
+        })
     }
 
     /// Refusals counted for a missing and for a wrong token.
@@ -147,20 +179,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_refusal_is_counted_and_warnings_are_spaced() {
+    fn every_refusal_is_counted_and_warnings_are_spaced_and_say_why_each_was_refused() {
         let mut registry = Registry::default();
         let failures = AuthFailures::register(&mut registry);
         let start = 1_800_000_000_000;
-        failures.record(Failure::Invalid, None, start);
+        assert_eq!(
+            failures.count(Failure::Invalid, start),
+            Some(Unreported {
+                missing: 0,
+                invalid: 1
+            })
+        );
         for i in 1..=5 {
-            failures.record(Failure::Invalid, None, start + i);
+            assert_eq!(failures.count(Failure::Invalid, start + i), None);
         }
-        failures.record(Failure::Missing, None, start + 6);
+        assert_eq!(failures.count(Failure::Missing, start + 6), None);
         assert_eq!(failures.counts(), (1, 6));
         // Within the period no warning is due; the next one, a period
-        // after the first, reports the refusals since (the six above and
-        // its own).
-        assert_eq!(failures.warnings.count(start + LOG_EVERY_MS - 1), None);
-        assert_eq!(failures.warnings.count(start + LOG_EVERY_MS), Some(8));
+        // after the first, reports the refusals since, each under its own
+        // reason, whatever the reason of the one that made it due.
+        assert_eq!(
+            failures.count(Failure::Missing, start + LOG_EVERY_MS - 1),
+            None
+        );
+        assert_eq!(
+            failures.count(Failure::Missing, start + LOG_EVERY_MS),
+            Some(Unreported {
+                missing: 3,
+                invalid: 5
+            })
+        );
+        assert_eq!(failures.counts(), (3, 6));
     }
 }

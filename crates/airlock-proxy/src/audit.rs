@@ -268,23 +268,26 @@ impl CallRecord {
 }
 
 /// The call's one log line: session, provider, method, path, decision,
-/// status, duration, the call's id and the provider's. Never a token, credential, query or body. Fields are
-/// recorded by `Display` (no escaping pass) and numbers as integers: this
-/// line is written for every call. A recorded path is visible ASCII
-/// (`airlock_core::audit::record_path` escapes anything else an HTTP/2
-/// `:path` may carry), so a line stays one line.
+/// status, duration, the call's id and the provider's. Never a token,
+/// credential, query or body. Fields are recorded by `Display` (no escaping
+/// pass) and numbers as integers: this line is written for every call. A
+/// recorded path is visible ASCII (`airlock_core::audit::record_path`
+/// escapes anything else an HTTP/2 `:path` may carry), so a line stays one
+/// line. A session, provider or provider's id the call has none of is left
+/// out, as the audit record's `null` (round 43: JSON logs said `"-"`).
 fn log_call(r: &AuditRecord, id: RequestId, provider_id: Option<&http::HeaderValue>) {
+    let upstream_id = provider_id.and_then(|v| v.to_str().ok());
     tracing::info!(
         target: "airlock::call",
-        session = %r.session.as_deref().unwrap_or("-"),
-        provider = %r.provider.as_deref().unwrap_or("-"),
+        session = r.session.as_deref().map(tracing::field::display::<&str>),
+        provider = r.provider.as_deref().map(tracing::field::display::<&str>),
         method = %r.method,
         path = %r.path,
         decision = %r.decision,
         status = r.status,
         duration_us = r.duration_us,
         request_id = %id,
-        upstream_request_id = %provider_id.and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        upstream_request_id = upstream_id.map(tracing::field::display::<&str>),
         "call"
     );
 }

@@ -126,6 +126,11 @@ pub enum ProviderError {
     CredentialNotHeaderSafe,
     #[error("the credential is empty")]
     CredentialEmpty,
+    #[error(
+        "the credential begins or ends with white space (a padded copy?): a provider's key holds \
+         none there, and a header value loses it on the way; give the key without it"
+    )]
+    CredentialPadded,
     #[error("auth_format must contain {{key}} exactly once, not {0:?}")]
     Format(String),
     #[error("auth_format applies to header styles only (bearer or header:NAME)")]
@@ -368,12 +373,17 @@ impl CredentialFormat {
     }
 
     /// Prepares `credential` for the request path. Refuses an empty
-    /// credential, one that cannot be sent in a header, and one too short
-    /// for the leak guard.
+    /// credential, one with white space at either end (blank ones too:
+    /// the leak guard would take every run of spaces for the key), one
+    /// that cannot be sent in a header, and one too short for the leak
+    /// guard.
     pub fn prepare(&self, credential: &Secret) -> Result<PreparedCredential, ProviderError> {
         let key = credential.expose();
         if key.is_empty() {
             return Err(ProviderError::CredentialEmpty);
+        }
+        if key.starts_with(char::is_whitespace) || key.ends_with(char::is_whitespace) {
+            return Err(ProviderError::CredentialPadded);
         }
         let formatted = |default_before: &str| match &self.template {
             Some((before, after)) => format!("{before}{key}{after}"),
@@ -695,6 +705,33 @@ mod tests {
         assert_eq!(host("http://example.com:80"), "example.com");
         assert_eq!(host("http://[::1]:9100"), "[::1]:9100");
         assert_eq!(host("http://[::1]:80"), "[::1]");
+    }
+
+    /// Round 43: a blank credential was stored, and the leak guard then
+    /// took every run of spaces in an answer for the key; a padded one was
+    /// sent with its spaces, which a header value loses on the way.
+    #[test]
+    fn a_credential_with_white_space_at_either_end_is_refused() {
+        for auth in [AuthStyle::Bearer, AuthStyle::Query("key".to_owned())] {
+            let format = CredentialFormat::new(auth, None).unwrap();
+            for padded in [
+                "            ",
+                "\t\t\t\t\t\t\t\t\t\t\t\t",
+                "  sk-live-0123456789abcdef",
+                "sk-live-0123456789abcdef  ",
+                "sk-live-0123456789abcdef\t",
+                "\u{a0}sk-live-0123456789abcdef",
+            ] {
+                let refused = format.prepare(&Secret::new(padded.to_owned()));
+                assert!(
+                    matches!(refused, Err(ProviderError::CredentialPadded)),
+                    "{padded:?}: {refused:?}"
+                );
+            }
+            format
+                .prepare(&Secret::new("sk-live-0123456789abcdef".to_owned()))
+                .unwrap();
+        }
     }
 
     #[test]

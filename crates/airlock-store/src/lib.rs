@@ -155,6 +155,11 @@ pub enum StoreError {
     )]
     Missing(std::path::PathBuf),
     #[error(
+        "no airlock store in the database {0}: nothing has been stored there (is this the \
+         store.url `serve` runs with?); nothing was created in it"
+    )]
+    NoStore(String),
+    #[error(
         "the database file {} was deleted or replaced while airlock had it open; \
          nothing written now would be kept (put it back or restart airlock)",
         .0.display()
@@ -412,12 +417,16 @@ fn lease_grant(max: u64, reserved: u64, want: u64) -> u64 {
     want.max(1).min((left / 8).max(1)).min(left)
 }
 
-/// Opens the store at `url` like [`open`], but a SQLite database only if
-/// its file exists: for commands that read what `serve` stored, which must
-/// not create an empty store and report on it.
+/// Opens the store at `url` like [`open`], but only if it exists: a SQLite
+/// database whose file is there, a PostgreSQL database holding airlock's
+/// schema. For commands that read what `serve` stored, which must not
+/// create an empty store and report on it.
 pub async fn open_existing(url: &str) -> Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         return Ok(Arc::new(SqliteStore::open_existing(url).await?));
+    }
+    if is_postgres_url(url) {
+        return Ok(Arc::new(PgStore::open_existing(url).await?));
     }
     open(url).await
 }

@@ -136,11 +136,29 @@ impl PgStore {
     /// `postgresql://…`), brings its schema up to date and starts listening
     /// for changes. Must be called inside a Tokio runtime.
     pub async fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, true).await
+    }
+
+    /// Opens the database at `url` only if airlock's schema is there
+    /// ([`StoreError::NoStore`] otherwise, and nothing is created), for
+    /// commands that read what `serve` stored: an empty database must not
+    /// be given airlock's tables and then reported on as an empty trail.
+    pub async fn open_existing(url: &str) -> Result<Self> {
+        Self::open_with(url, false).await
+    }
+
+    async fn open_with(url: &str, create: bool) -> Result<Self> {
         let options = PgConnectOptions::from_str(url)?.application_name("airlock");
         {
             // A connection of its own: closing it releases the migration
             // lock whatever happened.
             let mut conn = PgConnection::connect_with(&options).await?;
+            if !create && !has_schema(&mut conn).await? {
+                let _ = conn.close().await;
+                return Err(crate::StoreError::NoStore(
+                    crate::url_for_display(url).into_owned(),
+                ));
+            }
             let migrated = match migrator().run_direct(&mut conn).await {
                 Ok(()) => audit_batches::convert_legacy(&mut conn).await,
                 Err(e) => Err(e.into()),
@@ -170,6 +188,16 @@ impl PgStore {
             keeper,
         })
     }
+}
+
+/// Whether the database holds airlock's schema: sqlx's record of the
+/// migrations applied, found where they were (the connection's search path).
+async fn has_schema(conn: &mut PgConnection) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(conn)
+            .await?,
+    )
 }
 
 impl Drop for PgStore {

@@ -1931,6 +1931,20 @@ async fn pruning_keeps_the_rest_verifiable_and_tampering_still_shows() {
     let config = airlock.config_path();
     let before_arg = airlock_core::audit::format_ts(before);
 
+    // A cut in the future (a mistyped year) is refused, even for a dry
+    // run, and changes nothing.
+    let future = airlock_core::audit::format_ts(unix_ms() + 3_600_000);
+    for args in [
+        &["audit", "prune", "--before", &future][..],
+        &["audit", "prune", "--before", &future, "--dry-run"],
+    ] {
+        let out = cli(&config, args);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is in the future"), "{err}");
+    }
+    assert_eq!(audit_records(&airlock, "?limit=100").await.len(), 8);
+
     // A dry run changes nothing.
     let out = cli(
         &config,

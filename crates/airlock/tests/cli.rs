@@ -2382,8 +2382,6 @@ async fn a_closed_stdout_ends_a_command_quietly() {
     quiet("audit verify --from", &out, 1);
 }
 
-/// `serve` raises its soft limit on open files to the hard one: each
-/// connection, stream and upstream connection holds a descriptor.
 /// Commands that read what `serve` stored refuse a database that does not
 /// exist, rather than creating an empty one and reporting on it (an
 /// operator who forgot `--config` was told "audit trail intact").
@@ -2422,6 +2420,47 @@ async fn audit_commands_refuse_a_store_that_does_not_exist() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// The same for a PostgreSQL database airlock never wrote to (round 43:
+/// `audit verify` gave it airlock's tables and said "audit trail intact:
+/// 0 records").
+#[tokio::test]
+async fn audit_commands_refuse_a_postgres_database_airlock_never_wrote_to() {
+    let Some(db) = airlock_testkit::pg::fresh_database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("airlock.toml");
+    std::fs::write(&config, format!("[store]\nurl = \"{}\"\n", db.url())).unwrap();
+    let config = config.to_str().unwrap();
+    for (args, code) in [
+        (&["audit", "verify", "--config", config][..], 2),
+        (&["audit", "export", "--config", config], 1),
+        (&["audit", "tail", "--lines", "1", "--config", config], 1),
+    ] {
+        let out = airlock_cmd(args)
+            .env("AIRLOCK_AUDIT_KEY", "ab".repeat(32))
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stdout(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("no airlock store in the database") && err.contains("nothing was created"),
+            "{args:?}: {err}"
+        );
+        assert!(!stdout(&out).contains("intact"), "{args:?}");
+    }
+    let tables = db
+        .scalar_i64(
+            "SELECT count(*) FROM information_schema.tables \
+             WHERE table_schema NOT IN ('pg_catalog', 'information_schema')",
+        )
+        .await;
+    assert_eq!(tables, 0, "the commands created tables");
+}
+
+/// `serve` raises its soft limit on open files to the hard one: each
+/// connection, stream and upstream connection holds a descriptor.
 #[tokio::test]
 async fn serve_raises_its_open_files_limit() {
     use std::os::unix::fs::PermissionsExt;

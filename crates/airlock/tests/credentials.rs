@@ -682,6 +682,23 @@ async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
     assert_eq!(put("p", json!({"value": "x", "extra": 1})).await.0, 400);
     let empty = credential_cli(&airlock, &["set", "p"], "");
     assert!(!empty.status.success());
+    // Blank or padded (round 43: twelve spaces were stored, and the leak
+    // guard masked every indentation of that width), through the API and
+    // the CLI alike; the key in force stays.
+    for value in [
+        "            ",
+        "  padded-key-000000001",
+        "padded-key-000000001 \t",
+    ] {
+        let (status, body) = put("p", json!({ "value": value })).await;
+        assert_eq!(status, 400, "{value:?}: {body}");
+        assert!(body.to_string().contains("white space"), "{body}");
+        let out = credential_cli(&airlock, &["set", "p"], &format!("{value}\n"));
+        assert!(!out.status.success(), "{value:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("white space"), "{value:?}: {err}");
+    }
+    wait_for_credential(&airlock, &mock, &token, second).await;
     // A provider whose credential comes from elsewhere is refused before a
     // secret is asked for; one the server does not have is a usage error
     // naming PROVIDER and the configured ones.

@@ -1522,6 +1522,12 @@ async fn airlock_answers_carry_the_id_of_their_log_line() {
         line.contains("airlock::call") && line.contains("status=401"),
         "{line}"
     );
+    // No session, no provider's id: the fields are left out, not `-`.
+    assert!(line.contains("provider=openai"), "{line}");
+    assert!(
+        !line.contains("session=") && !line.contains("upstream_request_id") && !line.contains("=-"),
+        "{line}"
+    );
 
     let outside = call("DELETE", &url("/v1/files/f1"), &token).await;
     assert_error(&outside, 403, "out_of_scope");

@@ -106,6 +106,7 @@ pub async fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<ExitCode>
             json,
         } => {
             let before_ms = parse_time("--before", &before)?;
+            refuse_future_cut(&before, before_ms, now_ms())?;
             prune::run(config, before_ms, dry_run, json).await
         }
     }
@@ -694,6 +695,20 @@ async fn write_records(
 
 /// `--since` or `--before` (`flag`): an RFC 3339 time, or a duration
 /// meaning "that long ago".
+/// Refuses a `prune --before` later than `now_ms`: it would remove every
+/// record but each chain's last batch, and is far likelier a mistyped
+/// year than meant (round 43). Everything up to now stays possible.
+fn refuse_future_cut(value: &str, before_ms: i64, now_ms: i64) -> anyhow::Result<()> {
+    if before_ms > now_ms {
+        return Err(crate::cli::usage(format!(
+            "--before {value:?} is in the future: prune removes records that ended before it, \
+             which would be every record but each chain's last batch; give a time in the past \
+             (2026-01-02T03:04:05Z) or an age (90d)"
+        )));
+    }
+    Ok(())
+}
+
 fn parse_time(flag: &str, value: &str) -> anyhow::Result<i64> {
     if let Ok(ago) = duration::parse(value) {
         let ago = i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);

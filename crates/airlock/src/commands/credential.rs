@@ -98,7 +98,8 @@ fn path(provider: &str) -> String {
 /// The secret from stdin: prompted without echo on a terminal, else all of
 /// stdin with one trailing newline removed.
 fn read_secret(provider: &str) -> anyhow::Result<Secret> {
-    let text = if std::io::stdin().is_terminal() {
+    let terminal = std::io::stdin().is_terminal();
+    let text = if terminal {
         Zeroizing::new(
             rpassword::prompt_password(format!("credential for {provider} (input hidden): "))
                 .context("reading the credential from the terminal")?,
@@ -111,6 +112,9 @@ fn read_secret(provider: &str) -> anyhow::Result<Secret> {
         text
     };
     let trimmed = text.trim_end_matches(['\n', '\r']);
+    if trimmed.is_empty() && terminal {
+        bail!("no credential entered: nothing was stored");
+    }
     if trimmed.is_empty() {
         bail!("no credential on stdin (pipe it in, e.g. `airlock credential set {provider} < key.txt`)");
     }
