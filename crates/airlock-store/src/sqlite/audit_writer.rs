@@ -15,6 +15,7 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ use rusqlite::{ffi, params, CachedStatement, Connection, OpenFlags, OptionalExte
 use sqlx::error::{DatabaseError, ErrorKind};
 
 use super::audit_batches::LAST_TS_MAX;
-use super::checkpointer::{Checkpointer, FileWatch, WRITER_CHECKPOINT_PAGES};
+use super::checkpointer::{Checkpointer, Commits, FileWatch, WRITER_CHECKPOINT_PAGES};
 use crate::audit_batch::{encode_batch, sessions, summarise};
 use crate::batch_trail::{INSERT_BATCH, INSERT_SESSION};
 use crate::to_i64;
@@ -53,6 +54,8 @@ struct Open {
     /// The last batch this connection committed, which spares the next
     /// append a look-up of its `ts_max`.
     last: Option<LastBatch>,
+    /// Commits made, for the checkpoint thread's cadence.
+    commits: Commits,
 }
 
 /// What the next append needs of the batch before it.
@@ -82,9 +85,12 @@ impl AuditWriter {
         let io_error = |e| StoreError::Database(sqlx::Error::Io(e));
         let watch = Arc::new(FileWatch::of(&path).map_err(io_error)?);
         let checkpoint_watch = Arc::clone(&watch);
+        let commits = Commits::default();
+        let checkpoint_commits = Arc::clone(&commits);
         // Both block: starting the checkpoint thread waits for it to run.
         let (checkpointer, opened) = tokio::task::spawn_blocking(move || {
-            let checkpointer = Checkpointer::start(path.clone(), checkpoint_watch);
+            let checkpointer =
+                Checkpointer::start(path.clone(), checkpoint_watch, checkpoint_commits);
             (checkpointer, connect(&path))
         })
         .await
@@ -96,6 +102,7 @@ impl AuditWriter {
                 conn,
                 encoded: Vec::new(),
                 last: None,
+                commits,
             }))),
             watch,
             checkpointer: Mutex::new(Some(checkpointer)),
@@ -160,6 +167,7 @@ fn append_on(slot: &Slot, records: &[AuditRecord], head: &ChainHead) -> Result<(
     let last = open.last.take();
     let mut statements = Statements::prepare(&open.conn).map_err(database_error)?;
     open.last = statements.append(records, &open.encoded, head, last)?;
+    open.commits.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
