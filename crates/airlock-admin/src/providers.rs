@@ -1,5 +1,6 @@
 //! `GET /v1/providers`: the providers and the variables agents get for them;
-//! `PUT` and `GET /v1/providers/{name}/credential`: write-only credentials.
+//! `PUT`, `GET` and `DELETE /v1/providers/{name}/credential`: write-only
+//! credentials.
 
 use std::sync::Arc;
 
@@ -41,6 +42,10 @@ pub trait CredentialAdmin: Send + Sync {
     /// Seals and stores `value` as `provider`'s credential; the next call
     /// uses it, on every replica sharing the store.
     async fn set(&self, provider: &str, value: Secret) -> Result<(), CredentialAdminError>;
+    /// Removes `provider`'s stored credential: the next call to it gets 503
+    /// `credential_unavailable`, on every replica sharing the store.
+    /// Whether one was stored.
+    async fn remove(&self, provider: &str) -> Result<bool, CredentialAdminError>;
     /// Whether `provider` has a credential, where it comes from, and when a
     /// stored one was last set (unix ms). Never the value.
     async fn status(&self, provider: &str) -> Result<CredentialStatus, CredentialAdminError>;
@@ -101,6 +106,23 @@ pub(crate) async fn put_credential(
     state.credentials.set(&name, value).await?;
     tracing::info!(provider = %name, "provider credential set");
     show(&state, &name).await
+}
+
+/// `DELETE /v1/providers/{name}/credential`: removes a stored credential
+/// (after a leak, say, before a new key is at hand). The answer is the
+/// credential's state as `GET` gives it, with `removed`: whether one was
+/// stored (removing none is no error, so a retry is harmless).
+pub(crate) async fn delete_credential(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let removed = state.credentials.remove(&name).await?;
+    if removed {
+        tracing::info!(provider = %name, "provider credential removed");
+    }
+    let Json(mut answer) = show(&state, &name).await?;
+    answer["removed"] = Value::Bool(removed);
+    Ok(Json(answer))
 }
 
 /// `GET /v1/providers/{name}/credential`: whether one is set and when.

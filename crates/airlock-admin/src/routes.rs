@@ -39,7 +39,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/providers", get(crate::providers::list))
         .route(
             "/v1/providers/{name}/credential",
-            get(crate::providers::get_credential).put(crate::providers::put_credential),
+            get(crate::providers::get_credential)
+                .put(crate::providers::put_credential)
+                .delete(crate::providers::delete_credential),
         )
         .route("/v1/audit", get(crate::audit::list))
         .route("/v1/audit/verify", get(crate::audit::verify))

@@ -68,6 +68,9 @@ impl Store for FaultyStore {
     async fn set_credential(&self, provider: &str, sealed: &[u8], at: i64) -> Result<()> {
         self.inner.set_credential(provider, sealed, at).await
     }
+    async fn remove_credential(&self, provider: &str) -> Result<bool> {
+        self.inner.remove_credential(provider).await
+    }
     async fn audit_claim_chain(&self, genesis: GenesisSeal<'_>) -> Result<ChainHead> {
         self.inner.audit_claim_chain(genesis).await
     }

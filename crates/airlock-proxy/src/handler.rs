@@ -877,6 +877,7 @@ impl Proxy {
                 let shed = self.shed_idle_upstream();
                 tracing::warn!(
                     provider = provider.name(),
+                    request_id = %call.request_id(),
                     error = %e,
                     idle_connections_closed = shed,
                     "no upstream connection"
@@ -889,7 +890,14 @@ impl Proxy {
                 .retry_after(Duration::from_secs(1)));
             }
             Ok(Err(e)) => {
-                tracing::warn!(provider = provider.name(), error = %e, "upstream request failed");
+                // The call's id leads to its `airlock::call` line (round
+                // 43: only the time linked the two).
+                tracing::warn!(
+                    provider = provider.name(),
+                    request_id = %call.request_id(),
+                    error = %e,
+                    "upstream request failed"
+                );
                 return Err(Denial::new(
                     ErrorCode::UpstreamError,
                     "the provider could not be reached, or its answer could not be read",

@@ -128,7 +128,7 @@ pub enum ProviderError {
     CredentialEmpty,
     #[error(
         "the credential begins or ends with white space (a padded copy?): a provider's key holds \
-         none there, and a header value loses it on the way; give the key without it"
+         none there; give the key without it"
     )]
     CredentialPadded,
     #[error("auth_format must contain {{key}} exactly once, not {0:?}")]

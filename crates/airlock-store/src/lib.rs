@@ -250,6 +250,9 @@ pub trait Store: Send + Sync + 'static {
     /// Stores `sealed` as `provider`'s credential, replacing any; processes
     /// sharing the store hear of it through [`Store::changes`].
     async fn set_credential(&self, provider: &str, sealed: &[u8], at_ms: i64) -> Result<()>;
+    /// Removes `provider`'s stored credential; whether there was one.
+    /// Processes sharing the store hear of it through [`Store::changes`].
+    async fn remove_credential(&self, provider: &str) -> Result<bool>;
 
     /// The audit chain this process appends to, at its head: on a store
     /// with one writer, the one chain (resumed where it ended); where

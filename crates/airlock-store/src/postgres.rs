@@ -73,7 +73,7 @@ pub struct PgStore {
 const PRUNE_LOCK: i64 = 0x4149_524c_5052_554e; // "AIRLPRUN"
 
 /// The PostgreSQL schema's migrations: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 8] = [
+const MIGRATIONS: [(i64, &str, &str); 9] = [
     (
         1,
         "init",
@@ -113,6 +113,11 @@ const MIGRATIONS: [(i64, &str, &str); 8] = [
         8,
         "session change denied",
         include_str!("../migrations/postgres/0008_session_change_denied.sql"),
+    ),
+    (
+        9,
+        "credential removed",
+        include_str!("../migrations/postgres/0009_credential_removed.sql"),
     ),
 ];
 
@@ -190,14 +195,18 @@ impl PgStore {
     }
 }
 
-/// Whether the database holds airlock's schema: sqlx's record of the
-/// migrations applied, found where they were (the connection's search path).
+/// Whether the database holds airlock's schema where the migrations would
+/// run (the first schema of the search path that exists): sqlx's record of
+/// the migrations and the audit chains. Another program's
+/// `_sqlx_migrations`, or one later in the search path, is not airlock's.
 async fn has_schema(conn: &mut PgConnection) -> Result<bool> {
-    Ok(
-        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-            .fetch_one(conn)
-            .await?,
+    let found: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = current_schema() \
+         AND tablename IN ('_sqlx_migrations', 'audit_chains')",
     )
+    .fetch_one(conn)
+    .await?;
+    Ok(found == 2)
 }
 
 impl Drop for PgStore {
@@ -379,6 +388,14 @@ impl Store for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn remove_credential(&self, provider: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM credentials WHERE provider = $1")
+            .bind(provider)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Several processes share the database, so each owns a chain of its

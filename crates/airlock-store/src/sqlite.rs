@@ -13,7 +13,7 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions as _, Connection as _, Row, SqlitePool};
 
 use self::audit_batches::{append_through_pool, read_records};
 use self::audit_writer::{AuditWriter, BUSY_TIMEOUT};
@@ -143,11 +143,19 @@ impl SqliteStore {
             .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string());
         if create {
             create_private(url, options.get_filename());
-        } else if !is_in_memory(url) && !options.get_filename().exists() {
+        } else if !is_in_memory(url) {
             let file = options.get_filename();
-            return Err(StoreError::Missing(
-                std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf()),
-            ));
+            let absolute = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+            if !file.exists() {
+                return Err(StoreError::Missing(absolute));
+            }
+            // A file, but airlock's? (An empty one, or another program's
+            // database, would be given airlock's tables and reported on as
+            // an empty trail.) Looked at read-only, before anything is
+            // written to it.
+            if !has_schema(file).await? {
+                return Err(StoreError::NoStore(absolute.display().to_string()));
+            }
         }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -207,6 +215,26 @@ impl SqliteStore {
             denied: u64::try_from(row.try_get::<i64, _>("denied")?).unwrap_or(0),
         })
     }
+}
+
+/// Whether the database file at `path` holds airlock's schema (sqlx's
+/// record of the migrations and the audit chains), read on a read-only
+/// connection of its own.
+async fn has_schema(path: &Path) -> Result<bool> {
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .busy_timeout(BUSY_TIMEOUT)
+        .connect()
+        .await?;
+    let found: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master \
+         WHERE type = 'table' AND name IN ('_sqlx_migrations', 'audit_chains')",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    let _ = conn.close().await;
+    Ok(found == 2)
 }
 
 /// The file `url` names, unless it is in memory or not a `sqlite:` URL.
@@ -433,6 +461,15 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn remove_credential(&self, provider: &str) -> Result<bool> {
+        self.file_present()?;
+        let done = sqlx::query("DELETE FROM credentials WHERE provider = ?")
+            .bind(provider)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn audit_claim_chain(&self, genesis: GenesisSeal<'_>) -> Result<ChainHead> {

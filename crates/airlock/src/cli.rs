@@ -177,7 +177,8 @@ Examples:
         after_help = "\
 Examples:
   airlock credential set openai < key.txt
-  airlock credential show openai"
+  airlock credential show openai
+  airlock credential remove openai"
     )]
     Credential(CredentialCommand),
 }
@@ -209,6 +210,21 @@ Example:
         /// commands that print JSON).
         #[arg(long)]
         json: bool,
+    },
+    /// Remove a provider's stored credential: its calls get 503
+    /// `credential_unavailable` until one is set again, on every replica.
+    ///
+    /// For a key that leaked before its successor is at hand (`set`
+    /// replaces a key in one step). Removing none is no error.
+    #[command(
+        visible_alias = "rm",
+        after_help = "\
+Example:
+  airlock credential remove openai"
+    )]
+    Remove {
+        /// Provider name, as configured.
+        provider: String,
     },
 }
 

@@ -2511,6 +2511,26 @@ async fn an_http2_path_cannot_forge_a_log_line() {
     assert!(path.bytes().all(|b| b.is_ascii_graphic()), "{path}");
 }
 
+/// The warning about an upstream request that failed (the provider closed
+/// the connection without an answer) names the call's id, which the 502
+/// carries and the call's `airlock::call` line names too (round 43: only
+/// the time tied the warning to its call).
+#[tokio::test]
+async fn a_failed_upstream_request_is_warned_about_under_the_calls_id() {
+    let (_upstream, airlock, _, token) = scripted(Script::Raw(""), "").await;
+    let reply = request(
+        "GET",
+        &format!("{}/up/v1/models", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, 502, "{reply:?}");
+    let id = reply.headers["x-request-id"].to_str().unwrap().to_owned();
+    let warning = airlock.wait_for_output("upstream request failed", 0).await;
+    assert!(warning.contains(&format!("request_id={id}")), "{warning}");
+}
+
 /// A provider answer framed both by `Content-Length` and chunked
 /// `Transfer-Encoding` is refused with a 502, not relayed with the length
 /// framing the agent's answer while the body was read chunked (round 35:

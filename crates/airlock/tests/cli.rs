@@ -2420,6 +2420,54 @@ async fn audit_commands_refuse_a_store_that_does_not_exist() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// A SQLite file that is not airlock's (empty, or another program's
+/// database) is refused as well, and left as it was: nothing is written to
+/// it.
+#[tokio::test]
+async fn audit_commands_refuse_a_sqlite_file_that_is_not_airlocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    let foreign = dir.path().join("foreign.db");
+    {
+        use sqlx::ConnectOptions as _;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&foreign)
+            .create_if_missing(true)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE notes (body TEXT)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::Connection::close(conn).await.unwrap();
+    }
+    for file in [&empty, &foreign] {
+        let before = std::fs::read(file).unwrap();
+        let config = dir.path().join("airlock.toml");
+        std::fs::write(
+            &config,
+            format!("[store]\nurl = \"sqlite://{}\"\n", file.display()),
+        )
+        .unwrap();
+        let out = airlock_cmd(&["audit", "verify", "--config", config.to_str().unwrap()])
+            .env("AIRLOCK_AUDIT_KEY", "ab".repeat(32))
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{file:?}: {}", stdout(&out));
+        let err = stderr(&out);
+        assert!(err.contains("no airlock store in the database"), "{err}");
+        assert!(!stdout(&out).contains("intact"));
+        assert_eq!(
+            std::fs::read(file).unwrap(),
+            before,
+            "{file:?} was written to"
+        );
+    }
+}
+
 /// The same for a PostgreSQL database airlock never wrote to (round 43:
 /// `audit verify` gave it airlock's tables and said "audit trail intact:
 /// 0 records").

@@ -13,6 +13,7 @@ use airlock_testkit::{Airlock, AirlockBuilder, MockProvider};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use sqlx::Connection as _;
 
 const ADMIN_TOKEN: &str = "adm_credential_test_token_000000";
 const OPENAI_KEY: &str = "sk-proj-real-openai-key-0123456789abcdef";
@@ -682,6 +683,45 @@ async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
     assert_eq!(put("p", json!({"value": "x", "extra": 1})).await.0, 400);
     let empty = credential_cli(&airlock, &["set", "p"], "");
     assert!(!empty.status.success());
+    // Removal: the next call gets 503 and the provider sees nothing; a
+    // second removal removes nothing and is no error; an env provider's and
+    // an unknown one's are refused.
+    let removed = credential_cli(&airlock, &["remove", "p"], "");
+    assert!(removed.status.success(), "{removed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&removed.stdout),
+        "credential for p removed: its calls get 503 credential_unavailable until one is set \
+         (airlock credential set p)\n"
+    );
+    mock.clear();
+    let (status, _, body) = call(&airlock, "/p/x", &token).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(mock.requests().is_empty(), "the provider saw a call");
+    let (status, body) = airlock
+        .admin("DELETE", "/v1/providers/p/credential", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["removed"], &body["set"]),
+        (&json!(false), &json!(false))
+    );
+    let again = credential_cli(&airlock, &["rm", "p"], "");
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout),
+        "provider p had no stored credential: nothing removed\n"
+    );
+    let elsewhere = credential_cli(&airlock, &["remove", "e"], "");
+    assert_eq!(elsewhere.status.code(), Some(1), "{elsewhere:?}");
+    assert!(
+        String::from_utf8_lossy(&elsewhere.stderr).contains("takes its credential from env:E_KEY"),
+        "{elsewhere:?}"
+    );
+    let unknown = credential_cli(&airlock, &["remove", "nope"], "");
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    let (status, body) = put("p", json!({ "value": second })).await;
+    assert_eq!(status, 200, "{body}");
     // Blank or padded (round 43: twelve spaces were stored, and the leak
     // guard masked every indentation of that width), through the API and
     // the CLI alike; the key in force stays.
@@ -787,6 +827,68 @@ async fn serve_refuses_a_master_key_other_than_the_stores() {
     );
     let mut again = start("ab".repeat(32)).await.unwrap();
     again.terminate().await.unwrap();
+}
+
+/// A stored credential airlock now refuses (padded: stored by a version
+/// that took it) leaves its provider without a credential, said in the
+/// log, rather than stopping `serve`, which would leave no way to replace
+/// it; a new value set through the running server applies.
+#[tokio::test]
+async fn a_stored_credential_airlock_now_refuses_leaves_its_provider_unavailable() {
+    let mock = MockProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let master = "ab".repeat(32);
+    let start = || {
+        AirlockBuilder::new(env!("CARGO_BIN_EXE_airlock"))
+            .config(&toml_provider("p", &mock.url(), "bearer", "store", ""))
+            .env("AIRLOCK_MASTER_KEY", &master)
+            .env("AIRLOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+            .dir(dir.path().to_path_buf())
+            .start()
+    };
+    let mut first = start().await.unwrap();
+    first.terminate().await.unwrap();
+    let key = airlock_core::seal::MasterKey::from_encoded(&master).unwrap();
+    let sealed = airlock_core::seal::seal(
+        &key,
+        &airlock_core::seal::credential_aad("p"),
+        b"  padded-real-key-0000000001",
+    )
+    .unwrap();
+    let mut db = sqlx::SqliteConnection::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("airlock.db").display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO credentials (provider, sealed, updated_at) VALUES ('p', ?, 1)")
+        .bind(sealed)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    db.close().await.unwrap();
+
+    let airlock = start().await.unwrap();
+    airlock
+        .wait_for_output(
+            "the stored credential of p is refused (the credential begins or ends with white space",
+            0,
+        )
+        .await;
+    let token = session(&airlock, &["p"]).await;
+    let (status, _, body) = call(&airlock, "/p/x", &token).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(mock.requests().is_empty());
+    let (status, body) = airlock
+        .admin(
+            "PUT",
+            "/v1/providers/p/credential",
+            Some(json!({"value": "good-real-key-0000000001"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    wait_for_credential(&airlock, &mock, &token, "good-real-key-0000000001").await;
 }
 
 /// A key file lost while its store stays: the next start makes a new key,

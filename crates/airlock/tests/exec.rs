@@ -779,6 +779,14 @@ async fn clean_env_passes_only_the_basic_variables_and_those_named() {
         );
     }
     assert!(!stdout.contains(OPENAI_KEY), "{stdout}");
+    // The operator is told which --pass-env was not honoured, and only it
+    // (round 43: it was dropped silently).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--pass-env AIRLOCK_TEST_CRED_OPENAI: not passed on"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("--pass-env AGENT_MODE"), "{stderr}");
     // --pass-env without --clean-env is refused.
     let out = exec(
         &airlock,

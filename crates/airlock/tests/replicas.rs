@@ -1191,6 +1191,40 @@ async fn a_stored_credential_set_on_one_replica_applies_on_the_others() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    // Removed on A (a leaked key, no successor at hand yet): B stops using
+    // it once it hears of the removal, and the provider sees nothing more.
+    let (status, body) = a
+        .admin("DELETE", "/v1/providers/vault/credential", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["removed"], &body["set"]),
+        (&json!(true), &json!(false))
+    );
+    eventually(PROPAGATION_BOUND, "B without the credential", async || {
+        mock.clear();
+        get(&b).await.status == 503 && mock.requests().is_empty()
+    })
+    .await;
+    let (status, body) = a
+        .admin(
+            "PUT",
+            "/v1/providers/vault/credential",
+            Some(json!({"value": "vault-secret-two-000000"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    eventually(
+        PROPAGATION_BOUND,
+        "B with the credential again",
+        async || {
+            mock.clear();
+            get(&b).await.status == 200
+        },
+    )
+    .await;
     // The plaintext is nowhere in the database.
     let rows: Vec<(Vec<u8>,)> = sqlx::query_as("SELECT sealed FROM credentials")
         .fetch_all(&sqlx::PgPool::connect(db.url()).await.unwrap())

@@ -353,6 +353,9 @@ impl Store for CountingStore {
     ) -> airlock_store::Result<()> {
         self.inner.set_credential(provider, sealed, at).await
     }
+    async fn remove_credential(&self, provider: &str) -> airlock_store::Result<bool> {
+        self.inner.remove_credential(provider).await
+    }
     async fn audit_claim_chain(
         &self,
         genesis: airlock_store::GenesisSeal<'_>,

@@ -693,8 +693,6 @@ async fn write_records(
     Ok(written)
 }
 
-/// `--since` or `--before` (`flag`): an RFC 3339 time, or a duration
-/// meaning "that long ago".
 /// Refuses a `prune --before` later than `now_ms`: it would remove every
 /// record but each chain's last batch, and is far likelier a mistyped
 /// year than meant (round 43). Everything up to now stays possible.
@@ -709,6 +707,8 @@ fn refuse_future_cut(value: &str, before_ms: i64, now_ms: i64) -> anyhow::Result
     Ok(())
 }
 
+/// `--since` or `--before` (`flag`): an RFC 3339 time, or a duration
+/// meaning "that long ago".
 fn parse_time(flag: &str, value: &str) -> anyhow::Result<i64> {
     if let Ok(ago) = duration::parse(value) {
         let ago = i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);

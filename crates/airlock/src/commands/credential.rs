@@ -1,4 +1,4 @@
-//! `airlock credential set PROVIDER` and `airlock credential show PROVIDER`.
+//! `airlock credential set PROVIDER`, `show PROVIDER` and `remove PROVIDER`.
 //!
 //! The secret is read from stdin — with echo off when stdin is a terminal —
 //! so it never lands in shell history, `ps` or the environment, and is sent
@@ -47,6 +47,22 @@ pub async fn run(cmd: CredentialCommand, admin_url: String) -> anyhow::Result<()
                 "credential for {provider} stored sealed (updated {})\n",
                 answer["updated_at"].as_str().unwrap_or("now")
             ))?;
+        }
+        CredentialCommand::Remove { provider } => {
+            check_provider(&provider)?;
+            let answer = match client.call(Method::DELETE, &path(&provider), None).await {
+                Ok(answer) => client.expect_fields(answer, CREDENTIAL_FIELDS)?,
+                Err(e) => return Err(unknown_provider(&client, &provider, e).await),
+            };
+            let said = if answer["removed"].as_bool() == Some(true) {
+                format!(
+                    "credential for {provider} removed: its calls get 503 credential_unavailable \
+                     until one is set (airlock credential set {provider})\n"
+                )
+            } else {
+                format!("provider {provider} had no stored credential: nothing removed\n")
+            };
+            crate::output::print(&said)?;
         }
         CredentialCommand::Show { provider, .. } => {
             check_provider(&provider)?;

@@ -93,7 +93,16 @@ pub async fn run(args: ExecArgs, config: &Config) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    // Also after --clean-env: --pass-env names no credential.
+    // Also after --clean-env: --pass-env names no credential. Said once
+    // per name it named (round 43: the operator was not told).
+    for name in &args.pass_env {
+        if hidden.contains(name.as_str()) {
+            crate::output::error_line(format_args!(
+                "--pass-env {name}: not passed on, it names a provider's credential or base URL \
+                 (the session's value is set instead, where it has one)"
+            ));
+        }
+    }
     for var in hidden {
         command.env_remove(var);
     }
