@@ -4,15 +4,23 @@ use std::time::Duration;
 
 /// Why a duration was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid duration {0:?}: use a number followed by ms, s, m, h or d, e.g. 500ms, 90s, 15m, 2h, 1h30m"
-)]
-pub struct DurationError(String);
+pub enum DurationError {
+    /// Not written as a duration.
+    #[error(
+        "invalid duration {0:?}: use a number followed by ms, s, m, h or d, e.g. 500ms, 90s, 15m, 2h, 1h30m"
+    )]
+    Invalid(String),
+    /// Written as one, but too large to count (round 43: said to be no
+    /// duration at all).
+    #[error("duration {0:?} is too large: at most 2^64 milliseconds (about 584 million years)")]
+    TooLarge(String),
+}
 
 /// Parses `500ms`, `90s`, `15m`, `2h`, `1d` and combinations such as `1h30m`
 /// (each unit once, largest first).
 pub fn parse(input: &str) -> Result<Duration, DurationError> {
-    let fail = || DurationError(input.to_owned());
+    let fail = || DurationError::Invalid(input.to_owned());
+    let too_large = || DurationError::TooLarge(input.to_owned());
     let mut total: u64 = 0;
     let mut number: Option<u64> = None;
     let mut last_unit: Option<u64> = None;
@@ -23,7 +31,7 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
             number = Some(
                 n.checked_mul(10)
                     .and_then(|n| n.checked_add(u64::from(digit)))
-                    .ok_or_else(fail)?,
+                    .ok_or_else(too_large)?,
             );
             continue;
         }
@@ -49,7 +57,7 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
         total = n
             .checked_mul(unit)
             .and_then(|s| total.checked_add(s))
-            .ok_or_else(fail)?;
+            .ok_or_else(too_large)?;
     }
     if number.is_some() || total == 0 && input.trim().is_empty() {
         return Err(fail());

@@ -1027,6 +1027,17 @@ async fn cli_errors_are_one_clear_line_and_nonzero() {
                 "--allow",
                 "openai:POST:/v1",
                 "--ttl",
+                "99999999999999d",
+            ],
+            "--ttl 99999999999999d: far too long",
+        ),
+        (
+            &[
+                "session",
+                "create",
+                "--allow",
+                "openai:POST:/v1",
+                "--ttl",
                 "2h",
             ],
             "--ttl 2h: must be at most 1h",

@@ -15,23 +15,27 @@ fn parses_units() {
 #[test]
 fn refuses_garbage() {
     for bad in [
-        "",
-        "15",
-        "m",
-        "15x",
-        "-5m",
-        "1.5h",
-        "99999999999999999999s",
-        "5 m",
-        "ms",
-        "5mss",
-        "30m1h",
-        "1m1m",
-        "1s1m",
+        "", "15", "m", "15x", "-5m", "1.5h", "5 m", "ms", "5mss", "30m1h", "1m1m", "1s1m",
         "500ms1s",
     ] {
         assert!(parse(bad).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn a_duration_too_large_is_named_as_such() {
+    for big in [
+        "99999999999999999999s",
+        "99999999999999d",
+        "213503982335d1h",
+    ] {
+        assert_eq!(
+            parse(big),
+            Err(DurationError::TooLarge(big.to_owned())),
+            "{big}"
+        );
+    }
+    assert_eq!(parse("15"), Err(DurationError::Invalid("15".to_owned())));
 }
 
 #[test]

@@ -515,11 +515,16 @@ fn create_body(args: &SessionArgs) -> anyhow::Result<Value> {
 
 /// `--ttl`: a duration of whole seconds, at least 1s.
 fn parse_ttl(text: &str) -> anyhow::Result<Duration> {
-    let ttl = duration::parse(text).map_err(|_| {
-        usage(format!(
+    let ttl = duration::parse(text).map_err(|e| match e {
+        // Far over any max_ttl: said as such (round 43: "not a duration").
+        duration::DurationError::TooLarge(_) => usage(format!(
+            "--ttl {text}: far too long (the server's [sessions] max_ttl bounds a TTL; the \
+             default is 24h)"
+        )),
+        duration::DurationError::Invalid(_) => usage(format!(
             "--ttl {text}: not a duration: use a whole number followed by s, m, h or d, e.g. \
              90s, 15m, 2h or 1h30m"
-        ))
+        )),
     })?;
     if ttl < Duration::from_secs(1) {
         return Err(usage(format!("--ttl {text}: a session lasts at least 1s")));
