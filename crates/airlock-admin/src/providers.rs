@@ -67,6 +67,13 @@ pub enum CredentialAdminError {
     UnknownProvider(String),
     #[error("provider {provider} takes its credential from {origin}; set `credential = \"store\"` in its config to manage it here")]
     NotStored { provider: String, origin: String },
+    /// A removal asked of a provider whose credential is not stored.
+    #[error("provider {provider} takes its credential from {origin}, not the store: to take it out of use, {how}")]
+    NotRemovable {
+        provider: String,
+        origin: String,
+        how: &'static str,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -87,7 +94,9 @@ impl From<CredentialAdminError> for ApiError {
     fn from(e: CredentialAdminError) -> Self {
         match e {
             CredentialAdminError::UnknownProvider(_) => ApiError::NotFound(e.to_string()),
-            CredentialAdminError::NotStored { .. } => ApiError::Conflict(e.to_string()),
+            CredentialAdminError::NotStored { .. } | CredentialAdminError::NotRemovable { .. } => {
+                ApiError::Conflict(e.to_string())
+            }
             CredentialAdminError::Invalid(m) => ApiError::BadRequest(m),
             CredentialAdminError::Internal(m) => ApiError::Internal(m),
             CredentialAdminError::Store(e) => e.into(),

@@ -12,7 +12,7 @@ pub enum DurationError {
     Invalid(String),
     /// Written as one, but too large to count (round 43: said to be no
     /// duration at all).
-    #[error("duration {0:?} is too large: at most 2^64 milliseconds (about 584 million years)")]
+    #[error("duration {0:?} is too large: at most about 584 million years")]
     TooLarge(String),
 }
 

@@ -45,6 +45,10 @@ pub struct Loaded<T> {
 /// empty credential file). Readers never lock; writers are serialised.
 pub struct CredentialCell<T> {
     current: ArcSwapOption<Loaded<T>>,
+    /// The value a removal took out of force, until another is stored:
+    /// what that one guards against as the key it replaces (a removed key
+    /// may well still be valid at the provider).
+    retired: ArcSwapOption<Loaded<T>>,
     /// Bumped after every store, so a reader that sees version `n` also sees
     /// the value stored as `n` (or a later one).
     version: AtomicU64,
@@ -165,6 +169,7 @@ impl<T> CredentialCell<T> {
     pub fn new() -> Self {
         Self {
             current: ArcSwapOption::empty(),
+            retired: ArcSwapOption::empty(),
             version: AtomicU64::new(0),
             writer: Mutex::new(()),
         }
@@ -182,12 +187,26 @@ impl<T> CredentialCell<T> {
         self.current.load_full()
     }
 
-    /// Replaces the value (`None` removes it). Returns the new version.
+    /// The current value or, when there is none, the one last removed
+    /// (see [`CredentialCell::store`]): what a new value replaces.
+    pub fn last(&self) -> Option<Arc<Loaded<T>>> {
+        self.load().or_else(|| self.retired.load_full())
+    }
+
+    /// Replaces the value (`None` removes it, keeping it as the one
+    /// [`CredentialCell::last`] gives until another is stored). Returns the
+    /// new version.
     pub fn store(&self, value: Option<T>) -> u64 {
         let _guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let version = self.version.load(Ordering::Relaxed) + 1;
-        self.current
-            .store(value.map(|value| Arc::new(Loaded { value, version })));
+        let previous = self
+            .current
+            .swap(value.map(|value| Arc::new(Loaded { value, version })));
+        if self.current.load().is_some() {
+            self.retired.store(None);
+        } else if previous.is_some() {
+            self.retired.store(previous);
+        }
         self.version.store(version, Ordering::Release);
         version
     }

@@ -254,12 +254,14 @@ impl Credentials {
     }
 }
 
-/// `new`, guarding as well against the key it replaces in `cell`, if any.
+/// `new`, guarding as well against the key it replaces in `cell`, if any:
+/// the one in force, else the one last removed (round 43 review: a leaked
+/// key removed, then its successor set, went unguarded).
 fn rotated(
     new: PreparedCredential,
     cell: &CredentialCell<PreparedCredential>,
 ) -> Result<PreparedCredential, ProviderError> {
-    match cell.load() {
+    match cell.last() {
         Some(previous) => new.also_guarding(&previous.value),
         None => Ok(new),
     }
@@ -302,10 +304,20 @@ impl CredentialAdmin for Credentials {
             .providers
             .get(provider)
             .ok_or_else(|| CredentialAdminError::UnknownProvider(provider.to_owned()))?;
-        if p.source != CredentialSource::Store {
-            return Err(CredentialAdminError::NotStored {
+        let how = match &p.source {
+            CredentialSource::Store => None,
+            CredentialSource::Env(_) => {
+                Some("unset the variable and restart airlock (or set another key in it)")
+            }
+            CredentialSource::File(_) => {
+                Some("empty the file (the next call then gets 503) or write another key to it")
+            }
+        };
+        if let Some(how) = how {
+            return Err(CredentialAdminError::NotRemovable {
                 provider: provider.to_owned(),
                 origin: describe(&p.source),
+                how,
             });
         }
         let removed = self.store.remove_credential(provider).await?;

@@ -2420,6 +2420,29 @@ async fn audit_commands_refuse_a_store_that_does_not_exist() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// A time given as an age too large to count is said to be too large
+/// (round 43: it was said to be neither a time nor a duration).
+#[tokio::test]
+async fn an_age_too_large_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["audit", "export", "--since", "99999999999999d"][..],
+        &["audit", "prune", "--before", "99999999999999d"],
+    ] {
+        let out = airlock_cmd(args)
+            .current_dir(dir.path())
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("duration \"99999999999999d\" is too large"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 /// A SQLite file that is not airlock's (empty, or another program's
 /// database) is refused as well, and left as it was: nothing is written to
 /// it.

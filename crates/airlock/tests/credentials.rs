@@ -715,13 +715,29 @@ async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
     let elsewhere = credential_cli(&airlock, &["remove", "e"], "");
     assert_eq!(elsewhere.status.code(), Some(1), "{elsewhere:?}");
     assert!(
-        String::from_utf8_lossy(&elsewhere.stderr).contains("takes its credential from env:E_KEY"),
+        String::from_utf8_lossy(&elsewhere.stderr).contains(
+            "takes its credential from env:E_KEY, not the store: to take it out of use, unset \
+             the variable and restart airlock"
+        ),
         "{elsewhere:?}"
     );
     let unknown = credential_cli(&airlock, &["remove", "nope"], "");
     assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
-    let (status, body) = put("p", json!({ "value": second })).await;
+    // The successor of a removed key guards it too: a removed (leaked) key
+    // is likely still valid at the provider.
+    let third = "store-secret-version-three-0";
+    let (status, body) = put("p", json!({ "value": third })).await;
     assert_eq!(status, 200, "{body}");
+    let reply = request(
+        "POST",
+        &format!("{}/p/echo", airlock.proxy_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        Bytes::from(format!("removed: {second}, new: {third}")),
+    )
+    .await;
+    let text = reply.text();
+    assert_eq!(reply.status, 200, "{text}");
+    assert!(!text.contains(second) && !text.contains(third), "{text}");
     // Blank or padded (round 43: twelve spaces were stored, and the leak
     // guard masked every indentation of that width), through the API and
     // the CLI alike; the key in force stays.
@@ -738,7 +754,7 @@ async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("white space"), "{value:?}: {err}");
     }
-    wait_for_credential(&airlock, &mock, &token, second).await;
+    wait_for_credential(&airlock, &mock, &token, third).await;
     // A provider whose credential comes from elsewhere is refused before a
     // secret is asked for; one the server does not have is a usage error
     // naming PROVIDER and the configured ones.
@@ -760,7 +776,13 @@ async fn store_credentials_are_set_from_stdin_sealed_and_never_shown() {
     let (_, metrics) = airlock.admin("GET", "/metrics", None).await.unwrap();
     let store = files_under(airlock.dir());
     let logs = airlock.output();
-    for secret in [first, second, token.as_str(), "env-real-key-00000001"] {
+    for secret in [
+        first,
+        second,
+        third,
+        token.as_str(),
+        "env-real-key-00000001",
+    ] {
         assert!(!holds(&store, secret), "store files hold {secret}");
         assert!(!logs.contains(secret), "logs hold {secret}");
         assert!(

@@ -40,6 +40,28 @@ fn rotate_by_rename(path: &Path, content: &str) {
 
 // === CredentialCell ===
 
+/// The value a removal took out of force stays what a new one replaces
+/// (`last`), until one is stored: a removed key is guarded by its
+/// successor.
+#[test]
+fn a_removed_value_is_the_last_one_until_another_is_stored() {
+    let cell: CredentialCell<Secret> = CredentialCell::new();
+    assert!(cell.last().is_none());
+    cell.store(Some(Secret::new("sk-one")));
+    let last = |cell: &CredentialCell<Secret>| cell.last().map(|l| l.value.expose().to_owned());
+    assert_eq!(last(&cell).as_deref(), Some("sk-one"));
+    cell.store(None);
+    assert!(cell.load().is_none());
+    assert_eq!(last(&cell).as_deref(), Some("sk-one"));
+    // Removing again keeps it.
+    cell.store(None);
+    assert_eq!(last(&cell).as_deref(), Some("sk-one"));
+    cell.store(Some(Secret::new("sk-two")));
+    assert_eq!(last(&cell).as_deref(), Some("sk-two"));
+    cell.store(None);
+    assert_eq!(last(&cell).as_deref(), Some("sk-two"));
+}
+
 #[test]
 fn cell_stores_and_versions() {
     let cell: CredentialCell<Secret> = CredentialCell::new();

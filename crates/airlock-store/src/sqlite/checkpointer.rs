@@ -20,7 +20,7 @@
 //! worth of log instead of a tenth of a second's, and the kernel's
 //! write-back, which competes with the proxy for the CPUs, comes in small
 //! pieces rather than bursts (at concurrency 1 flat out the calls' p99
-//! fell by about 40 % on a VM's ext4, see BENCHMARKS.md). At a moderate
+//! fell by about a third on a VM's ext4, see BENCHMARKS.md). At a moderate
 //! rate checkpoints stay a tenth of a second apart: a complete checkpoint
 //! makes the next commit start the log over, which syncs the log's header
 //! inside that commit, so checkpointing every few commits would put a sync

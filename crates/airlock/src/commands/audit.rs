@@ -710,9 +710,15 @@ fn refuse_future_cut(value: &str, before_ms: i64, now_ms: i64) -> anyhow::Result
 /// `--since` or `--before` (`flag`): an RFC 3339 time, or a duration
 /// meaning "that long ago".
 fn parse_time(flag: &str, value: &str) -> anyhow::Result<i64> {
-    if let Ok(ago) = duration::parse(value) {
-        let ago = i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);
-        return Ok(now_ms().saturating_sub(ago));
+    match duration::parse(value) {
+        Ok(ago) => {
+            let ago = i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);
+            return Ok(now_ms().saturating_sub(ago));
+        }
+        Err(e @ duration::DurationError::TooLarge(_)) => {
+            return Err(crate::cli::usage(format!("{flag}: {e}")));
+        }
+        Err(duration::DurationError::Invalid(_)) => {}
     }
     let t = OffsetDateTime::parse(value, &Rfc3339).map_err(|_| {
         crate::cli::usage(format!(
