@@ -11,7 +11,9 @@
 //! reads with one atomic load.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use airlock_admin::{CredentialAdmin, CredentialAdminError, CredentialStatus};
 use airlock_core::seal::{self, credential_aad, load_or_create_key, KeyOrigin, KeyPurpose};
@@ -31,7 +33,20 @@ struct ProviderCredential {
     source: CredentialSource,
     format: CredentialFormat,
     cell: Arc<CredentialCell<PreparedCredential>>,
+    /// For a `store` credential: the `updated_at` of the row last read or
+    /// written (`NONE_READ` when there was none), which the periodic
+    /// re-check compares with the store's.
+    read_at: AtomicI64,
 }
+
+/// [`ProviderCredential::read_at`] when no row was read.
+const NONE_READ: i64 = i64::MIN;
+
+/// How often a replica compares its stored credentials with the store,
+/// besides hearing of changes: a removal or a new value whose announcement
+/// was lost without the feed noticing (a half-open connection, say)
+/// applies within this long.
+const RECHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// Every provider's credential, and what keeps them current.
 pub struct Credentials {
@@ -120,6 +135,7 @@ impl Credentials {
                     source: p.credential.clone(),
                     format,
                     cell,
+                    read_at: AtomicI64::new(NONE_READ),
                 },
             );
         }
@@ -177,8 +193,10 @@ impl Credentials {
         };
         let Some(stored) = self.store.credential(provider).await? else {
             p.cell.store(None);
+            p.read_at.store(NONE_READ, Ordering::Relaxed);
             return Ok(());
         };
+        p.read_at.store(stored.updated_at, Ordering::Relaxed);
         let secret = seal::open(key, &credential_aad(provider), &stored.sealed)
             .and_then(|bytes| bytes.into_secret())
             .with_context(|| {
@@ -221,8 +239,18 @@ impl Credentials {
         };
         // A change between loading and subscribing was announced to no one.
         self.reload_stored().await;
+        let mut recheck =
+            tokio::time::interval_at(tokio::time::Instant::now() + RECHECK_EVERY, RECHECK_EVERY);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            match changes.recv().await {
+            let change = tokio::select! {
+                change = changes.recv() => change,
+                _ = recheck.tick() => {
+                    self.recheck_stored().await;
+                    continue;
+                }
+            };
+            match change {
                 Ok(Change::Credential { provider }) => {
                     if let Err(e) = self.reload(&provider).await {
                         tracing::error!(provider, error = %format!("{e:#}"), "could not reload a changed credential");
@@ -235,6 +263,37 @@ impl Credentials {
                 }
                 Ok(Change::Session { .. } | Change::Denied { .. }) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Compares each stored credential's row with the one last read, and
+    /// reloads those that changed or went (review of round 43: a removal
+    /// whose announcement was lost left the key in use until some other
+    /// change). One small query per provider; a store out of reach is
+    /// asked again at the next round.
+    async fn recheck_stored(&self) {
+        let stored = self
+            .providers
+            .iter()
+            .filter(|(_, p)| p.source == CredentialSource::Store);
+        for (provider, p) in stored {
+            let now = match self.store.credential(provider).await {
+                Ok(row) => row.map_or(NONE_READ, |row| row.updated_at),
+                Err(e) => {
+                    tracing::debug!(provider, error = %e, "could not re-check a stored credential");
+                    continue;
+                }
+            };
+            if now == p.read_at.load(Ordering::Relaxed) {
+                continue;
+            }
+            tracing::warn!(
+                provider,
+                "the stored credential changed without this replica hearing of it; reloading"
+            );
+            if let Err(e) = self.reload(provider).await {
+                tracing::error!(provider, error = %format!("{e:#}"), "could not reload a changed credential");
             }
         }
     }
@@ -292,9 +351,9 @@ impl CredentialAdmin for Credentials {
             .map_err(|e| CredentialAdminError::Invalid(format!("value: {e}")))?;
         let sealed = seal::seal(key, &credential_aad(provider), value.expose().as_bytes())
             .map_err(|e| CredentialAdminError::Internal(e.to_string()))?;
-        self.store
-            .set_credential(provider, &sealed, now_ms())
-            .await?;
+        let at = now_ms();
+        self.store.set_credential(provider, &sealed, at).await?;
+        p.read_at.store(at, Ordering::Relaxed);
         p.cell.store(Some(prepared));
         Ok(())
     }
@@ -321,6 +380,7 @@ impl CredentialAdmin for Credentials {
             });
         }
         let removed = self.store.remove_credential(provider).await?;
+        p.read_at.store(NONE_READ, Ordering::Relaxed);
         // Whether or not the row was there: this replica stops using the
         // key now, the others when they hear of the change.
         p.cell.store(None);

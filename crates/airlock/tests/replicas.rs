@@ -1280,6 +1280,26 @@ async fn a_stored_credential_set_on_one_replica_applies_on_the_others() {
     .await;
     eprintln!("MEASURED: B took up the unannounced credential {took:?} after its feed dropped");
 
+    // A removal announced to no one, its feed up all along: B's periodic
+    // re-check of the stored credentials (every 10 s) takes the key out of
+    // use (review of round 43: it stayed in use until some other change).
+    db.execute(
+        "SET session_replication_role = replica; DELETE FROM credentials WHERE provider = 'vault'",
+    )
+    .await;
+    let took = eventually(
+        Duration::from_secs(25),
+        "B without the silently removed credential",
+        async || {
+            mock.clear();
+            get(&b).await.status == 503 && mock.requests().is_empty()
+        },
+    )
+    .await;
+    eprintln!("MEASURED: B dropped the unannounced removal after {took:?}");
+    b.wait_for_output("changed without this replica hearing of it", 0)
+        .await;
+
     // The database gone longer than max_staleness: `airlock status` still
     // reports, the stored credential's state unknown (round 40: it gave up
     // on the whole report at that credential's 503).
