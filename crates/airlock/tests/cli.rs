@@ -376,6 +376,9 @@ async fn session_output_snapshots() {
             "agent=a1",
             "--label",
             "team=ml",
+            // A value that would read as more labels is shown quoted.
+            "--label",
+            "note=a, b=c",
             "--rpm",
             "60",
             "--max-requests",

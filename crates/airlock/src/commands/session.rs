@@ -414,9 +414,25 @@ fn parse_labels(given: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 fn shown_labels(labels: &BTreeMap<String, String>) -> String {
     labels
         .iter()
-        .map(|(k, v)| format!("{k}={v}"))
+        .map(|(k, v)| label_pair(k, v))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// One label as people read it, `k=v`, with the value quoted (`k="a, b=c"`)
+/// when it is empty or holds what would make the list ambiguous: a comma,
+/// `=`, a quote, a backslash or white space (round 43: `team=a, b=c` read
+/// as two labels). Keys hold none of these.
+fn label_pair(key: &str, value: &str) -> String {
+    let plain = !value.is_empty()
+        && !value
+            .chars()
+            .any(|c| matches!(c, ',' | '=' | '"' | '\\') || c.is_whitespace());
+    if plain {
+        format!("{key}={value}")
+    } else {
+        format!("{key}={value:?}")
+    }
 }
 
 /// One page of `GET /v1/sessions` at `path` (the page after `after`): its
@@ -730,6 +746,7 @@ fn render_text(s: &Value) -> String {
             .map(|m| {
                 m.iter()
                     .map(|(k, v)| match v.as_str() {
+                        Some(v) if key == "labels" => label_pair(k, v),
                         Some(v) => format!("{k}={v}"),
                         None => format!("{k}={v}"),
                     })
@@ -800,11 +817,12 @@ fn table_row(s: &Value, now_ms: i64) -> [String; 5] {
         .and_then(Value::as_object)
         .map(|m| {
             m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .map(|(k, v)| label_pair(k, v.as_str().unwrap_or("")))
                 .collect::<Vec<_>>()
                 .join(",")
         })
-        .unwrap_or_default();
+        .filter(|joined| !joined.is_empty())
+        .unwrap_or_else(|| "-".to_owned());
     [text("id"), text("state"), expires_in, calls, labels]
 }
 
