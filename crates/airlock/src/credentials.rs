@@ -37,6 +37,11 @@ struct ProviderCredential {
     /// written (`NONE_READ` when there was none), which the periodic
     /// re-check compares with the store's.
     read_at: AtomicI64,
+    /// Held by whatever changes a `store` credential here (`set`, `remove`,
+    /// `reload`), from its store read or write to its cell update, so that
+    /// a reload that read the row before a removal cannot put the key back
+    /// after it (review of round 43).
+    changing: tokio::sync::Mutex<()>,
 }
 
 /// [`ProviderCredential::read_at`] when no row was read.
@@ -136,6 +141,7 @@ impl Credentials {
                     format,
                     cell,
                     read_at: AtomicI64::new(NONE_READ),
+                    changing: tokio::sync::Mutex::new(()),
                 },
             );
         }
@@ -191,6 +197,7 @@ impl Credentials {
         else {
             return Ok(());
         };
+        let _changing = p.changing.lock().await;
         let Some(stored) = self.store.credential(provider).await? else {
             p.cell.store(None);
             p.read_at.store(NONE_READ, Ordering::Relaxed);
@@ -342,6 +349,7 @@ impl CredentialAdmin for Credentials {
                 })
             }
         };
+        let _changing = p.changing.lock().await;
         let prepared = p
             .format
             .prepare(&value)
@@ -379,6 +387,7 @@ impl CredentialAdmin for Credentials {
                 how,
             });
         }
+        let _changing = p.changing.lock().await;
         let removed = self.store.remove_credential(provider).await?;
         p.read_at.store(NONE_READ, Ordering::Relaxed);
         // Whether or not the row was there: this replica stops using the
