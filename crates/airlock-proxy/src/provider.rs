@@ -472,8 +472,8 @@ impl PreparedCredential {
         }
     }
 
-    /// The leak guard for this credential.
-    pub(crate) fn redactor(&self) -> &Redactor {
+    /// The leak guard for this credential (also the keys it replaced).
+    pub fn redactor(&self) -> &Redactor {
         &self.redactor
     }
 

@@ -40,8 +40,12 @@ struct ProviderCredential {
     /// Held by whatever changes a `store` credential here (`set`, `remove`,
     /// `reload`), from its store read or write to its cell update, so that
     /// a reload that read the row before a removal cannot put the key back
-    /// after it (review of round 43).
-    changing: tokio::sync::Mutex<()>,
+    /// after it (review of round 43). It holds the sealed value of the row
+    /// the cell was last given from: a reload that finds the same row
+    /// changes nothing (round 44: the replica that set a key reloaded it
+    /// when it heard of its own change, and the key then replaced itself
+    /// rather than the one before, which went unmasked).
+    changing: tokio::sync::Mutex<Option<Vec<u8>>>,
 }
 
 /// [`ProviderCredential::read_at`] when no row was read.
@@ -141,7 +145,7 @@ impl Credentials {
                     format,
                     cell,
                     read_at: AtomicI64::new(NONE_READ),
-                    changing: tokio::sync::Mutex::new(()),
+                    changing: tokio::sync::Mutex::new(None),
                 },
             );
         }
@@ -197,13 +201,18 @@ impl Credentials {
         else {
             return Ok(());
         };
-        let _changing = p.changing.lock().await;
+        let mut loaded = p.changing.lock().await;
         let Some(stored) = self.store.credential(provider).await? else {
             p.cell.store(None);
             p.read_at.store(NONE_READ, Ordering::Relaxed);
+            *loaded = None;
             return Ok(());
         };
         p.read_at.store(stored.updated_at, Ordering::Relaxed);
+        if loaded.as_deref() == Some(stored.sealed.as_slice()) {
+            return Ok(());
+        }
+        *loaded = Some(stored.sealed.clone());
         let secret = seal::open(key, &credential_aad(provider), &stored.sealed)
             .and_then(|bytes| bytes.into_secret())
             .with_context(|| {
@@ -349,7 +358,7 @@ impl CredentialAdmin for Credentials {
                 })
             }
         };
-        let _changing = p.changing.lock().await;
+        let mut loaded = p.changing.lock().await;
         let prepared = p
             .format
             .prepare(&value)
@@ -363,6 +372,7 @@ impl CredentialAdmin for Credentials {
         self.store.set_credential(provider, &sealed, at).await?;
         p.read_at.store(at, Ordering::Relaxed);
         p.cell.store(Some(prepared));
+        *loaded = Some(sealed);
         Ok(())
     }
 
@@ -387,9 +397,10 @@ impl CredentialAdmin for Credentials {
                 how,
             });
         }
-        let _changing = p.changing.lock().await;
+        let mut loaded = p.changing.lock().await;
         let removed = self.store.remove_credential(provider).await?;
         p.read_at.store(NONE_READ, Ordering::Relaxed);
+        *loaded = None;
         // Whether or not the row was there: this replica stops using the
         // key now, the others when they hear of the change.
         p.cell.store(None);
@@ -489,4 +500,49 @@ fn master_key_env(config: &Config) -> anyhow::Result<Option<String>> {
     Ok(std::env::var(seal::MASTER_KEY_ENV)
         .ok()
         .filter(|v| !v.trim().is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A replica hears of its own change through the change feed and
+    /// reloads: the key it set must still mask the key it replaced (round
+    /// 44: it reloaded the same row, and the key then replaced itself).
+    #[tokio::test]
+    async fn reloading_the_row_in_force_keeps_the_replaced_key_masked() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/airlock.db", dir.path().display());
+        let config = Config::parse(
+            "test.toml",
+            &format!(
+                "[store]\nurl = \"{url}\"\n\n[providers.p]\nupstream = \"http://127.0.0.1:9\"\n\
+                 auth = \"bearer\"\ncredential = \"store\"\nenv_key = \"P_KEY\"\n\
+                 env_base_url = \"P_BASE_URL\"\n"
+            ),
+        )
+        .unwrap();
+        let store = airlock_store::open(&url).await.unwrap();
+        let credentials = Credentials::load(&config, Arc::clone(&store))
+            .await
+            .unwrap();
+        let (first, second) = ("first-key-0000000001", "second-key-000000002");
+        for key in [first, second] {
+            credentials
+                .set("p", Secret::new(key.to_owned()))
+                .await
+                .unwrap();
+        }
+        credentials.reload("p").await.unwrap();
+        let current = credentials.cell("p").unwrap().load().unwrap();
+        let guard = current.value.redactor();
+        assert!(guard.contains_secret(second.as_bytes()));
+        assert!(
+            guard.contains_secret(first.as_bytes()),
+            "the replaced key went unmasked"
+        );
+        store.close().await;
+    }
 }
