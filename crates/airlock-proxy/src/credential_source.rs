@@ -199,10 +199,11 @@ impl<T> CredentialCell<T> {
     pub fn store(&self, value: Option<T>) -> u64 {
         let _guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let version = self.version.load(Ordering::Relaxed) + 1;
+        let removing = value.is_none();
         let previous = self
             .current
             .swap(value.map(|value| Arc::new(Loaded { value, version })));
-        if self.current.load().is_some() {
+        if !removing {
             self.retired.store(None);
         } else if previous.is_some() {
             self.retired.store(previous);

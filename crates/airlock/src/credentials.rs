@@ -11,7 +11,6 @@
 //! reads with one atomic load.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use airlock_core::{MasterKey, Secret};
 use airlock_proxy::credential_source::{read_credential_file, CredentialCell, FileWatcher};
 use airlock_proxy::{CredentialFormat, PreparedCredential, ProviderError};
 use airlock_session::now_ms;
-use airlock_store::{Change, Store};
+use airlock_store::{Change, Store, StoredCredential};
 use anyhow::Context;
 use async_trait::async_trait;
 
@@ -33,23 +32,17 @@ struct ProviderCredential {
     source: CredentialSource,
     format: CredentialFormat,
     cell: Arc<CredentialCell<PreparedCredential>>,
-    /// For a `store` credential: the `updated_at` of the row last read or
-    /// written (`NONE_READ` when there was none), which the periodic
-    /// re-check compares with the store's.
-    read_at: AtomicI64,
-    /// Held by whatever changes a `store` credential here (`set`, `remove`,
-    /// `reload`), from its store read or write to its cell update, so that
-    /// a reload that read the row before a removal cannot put the key back
-    /// after it (review of round 43). It holds the sealed value of the row
-    /// the cell was last given from: a reload that finds the same row
-    /// changes nothing (round 44: the replica that set a key reloaded it
-    /// when it heard of its own change, and the key then replaced itself
-    /// rather than the one before, which went unmasked).
-    changing: tokio::sync::Mutex<Option<Vec<u8>>>,
+    /// For a `store` credential, the row the cell was last given from
+    /// (`None`: no row). Held by whatever changes the credential here
+    /// (`set`, `remove`, `reload`, the re-check), from its store read or
+    /// write to its cell update, so that a reload that read the row before
+    /// a removal cannot put the key back after it (review of round 43). A
+    /// reload that finds this same row changes nothing (round 44: the
+    /// replica that set a key reloaded it when it heard of its own change,
+    /// and the key then replaced itself rather than the one before, which
+    /// went unmasked); the re-check compares its `updated_at`.
+    applied: tokio::sync::Mutex<Option<StoredCredential>>,
 }
-
-/// [`ProviderCredential::read_at`] when no row was read.
-const NONE_READ: i64 = i64::MIN;
 
 /// How often a replica compares its stored credentials with the store,
 /// besides hearing of changes: a removal or a new value whose announcement
@@ -144,8 +137,7 @@ impl Credentials {
                     source: p.credential.clone(),
                     format,
                     cell,
-                    read_at: AtomicI64::new(NONE_READ),
-                    changing: tokio::sync::Mutex::new(None),
+                    applied: tokio::sync::Mutex::new(None),
                 },
             );
         }
@@ -201,18 +193,16 @@ impl Credentials {
         else {
             return Ok(());
         };
-        let mut loaded = p.changing.lock().await;
+        let mut applied = p.applied.lock().await;
         let Some(stored) = self.store.credential(provider).await? else {
             p.cell.store(None);
-            p.read_at.store(NONE_READ, Ordering::Relaxed);
-            *loaded = None;
+            *applied = None;
             return Ok(());
         };
-        p.read_at.store(stored.updated_at, Ordering::Relaxed);
-        if loaded.as_deref() == Some(stored.sealed.as_slice()) {
+        if applied.as_ref().is_some_and(|a| a.sealed == stored.sealed) {
             return Ok(());
         }
-        *loaded = Some(stored.sealed.clone());
+        let stored = &*applied.insert(stored);
         let secret = seal::open(key, &credential_aad(provider), &stored.sealed)
             .and_then(|bytes| bytes.into_secret())
             .with_context(|| {
@@ -294,14 +284,16 @@ impl Credentials {
             .iter()
             .filter(|(_, p)| p.source == CredentialSource::Store);
         for (provider, p) in stored {
-            let now = match self.store.credential(provider).await {
-                Ok(row) => row.map_or(NONE_READ, |row| row.updated_at),
+            let applied = p.applied.lock().await;
+            let changed = match self.store.credential(provider).await {
+                Ok(row) => row.map(|r| r.updated_at) != applied.as_ref().map(|a| a.updated_at),
                 Err(e) => {
                     tracing::debug!(provider, error = %e, "could not re-check a stored credential");
-                    continue;
+                    false
                 }
             };
-            if now == p.read_at.load(Ordering::Relaxed) {
+            drop(applied);
+            if !changed {
                 continue;
             }
             tracing::warn!(
@@ -358,7 +350,7 @@ impl CredentialAdmin for Credentials {
                 })
             }
         };
-        let mut loaded = p.changing.lock().await;
+        let mut applied = p.applied.lock().await;
         let prepared = p
             .format
             .prepare(&value)
@@ -370,9 +362,11 @@ impl CredentialAdmin for Credentials {
             .map_err(|e| CredentialAdminError::Internal(e.to_string()))?;
         let at = now_ms();
         self.store.set_credential(provider, &sealed, at).await?;
-        p.read_at.store(at, Ordering::Relaxed);
         p.cell.store(Some(prepared));
-        *loaded = Some(sealed);
+        *applied = Some(StoredCredential {
+            sealed,
+            updated_at: at,
+        });
         Ok(())
     }
 
@@ -397,10 +391,9 @@ impl CredentialAdmin for Credentials {
                 how,
             });
         }
-        let mut loaded = p.changing.lock().await;
+        let mut applied = p.applied.lock().await;
         let removed = self.store.remove_credential(provider).await?;
-        p.read_at.store(NONE_READ, Ordering::Relaxed);
-        *loaded = None;
+        *applied = None;
         // Whether or not the row was there: this replica stops using the
         // key now, the others when they hear of the change.
         p.cell.store(None);
