@@ -187,6 +187,15 @@ impl AdminClient {
         &self.shown
     }
 
+    /// The admin token, or why there is none to send: every route the CLI
+    /// calls but `/readyz` needs it, and a request bound to be refused is
+    /// not sent.
+    fn token(&self) -> Result<&str, NoAdminToken> {
+        self.token.as_deref().ok_or(NoAdminToken {
+            not_utf8: self.token_not_utf8,
+        })
+    }
+
     /// The error for an answer (of `status`) that airlock's admin API would
     /// not give, `what` saying what gives it away.
     fn not_airlock(&self, status: StatusCode, what: &str) -> NotAirlock {
@@ -279,6 +288,13 @@ impl AdminClient {
                 };
                 format!("{NO_ROUTE}: {method} {}{path}{hint}", self.shown)
             }
+            // The CLI uses only the methods a route has: a server that
+            // has the route without the method is older than the command.
+            Some(message) if status == StatusCode::METHOD_NOT_ALLOWED => format!(
+                "{message}: {method} {}{path} (a server older than this command? `airlock \
+                 status` shows its version)",
+                self.shown
+            ),
             Some(message) if !status.is_success() => message.to_owned(),
             // A 5xx may come from a proxy or load balancer in front of a
             // restarting airlock: still a refusal, one that may pass.
@@ -303,6 +319,24 @@ impl AdminClient {
         method: Method,
         path: &str,
         body: Option<&Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        self.send(method, path, body, Token::Required).await
+    }
+
+    /// `GET /readyz`, which needs no token: sent without one, so that a
+    /// server can be asked whether it is ready with AIRLOCK_ADMIN_TOKEN
+    /// unset (or one it refuses). Returns the status and the JSON answer.
+    pub async fn readiness(&self) -> anyhow::Result<(StatusCode, Value)> {
+        self.send(Method::GET, "/readyz", None, Token::Withheld)
+            .await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        token: Token,
     ) -> anyhow::Result<(StatusCode, Value)> {
         if !self.base.starts_with("http://") && !self.base.starts_with("https://") {
             anyhow::bail!(
@@ -332,25 +366,10 @@ impl AdminClient {
             .parse()
             .map_err(|e| anyhow!("invalid admin API path {path:?}: {e}"))?;
         let timeout = self.timeout.clone().map_err(|e| anyhow!(e))?;
-        // Every route the CLI calls needs the token: without one, say so
-        // rather than send a request bound to be refused.
-        let Some(token) = &self.token else {
-            if self.token_not_utf8 {
-                anyhow::bail!(
-                    "AIRLOCK_ADMIN_TOKEN is not valid UTF-8: it cannot be sent in a header (the \
-                     admin token is printable ASCII)"
-                );
-            }
-            anyhow::bail!(
-                "AIRLOCK_ADMIN_TOKEN is not set: the admin API needs the admin token (`airlock \
-                 serve` prints it once at its first start, unless AIRLOCK_ADMIN_TOKEN was set \
-                 for it); export AIRLOCK_ADMIN_TOKEN=..."
-            );
-        };
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(AUTHORIZATION, bearer(token)?);
+        let mut req = Request::builder().method(method).uri(uri);
+        if token == Token::Required {
+            req = req.header(AUTHORIZATION, bearer(self.token()?)?);
+        }
         let payload = match body {
             Some(v) => {
                 req = req.header(CONTENT_TYPE, "application/json");
@@ -406,6 +425,41 @@ impl AdminClient {
         Ok((status, value))
     }
 }
+
+/// Whether a request carries the admin token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token {
+    /// Sent; a request is not made without one.
+    Required,
+    /// Not sent: the route needs none (`/readyz`).
+    Withheld,
+}
+
+/// AIRLOCK_ADMIN_TOKEN unset (or not UTF-8): a request that needs the token
+/// was not sent.
+#[derive(Debug)]
+pub struct NoAdminToken {
+    not_utf8: bool,
+}
+
+impl std::fmt::Display for NoAdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.not_utf8 {
+            f.write_str(
+                "AIRLOCK_ADMIN_TOKEN is not valid UTF-8: it cannot be sent in a header (the \
+                 admin token is printable ASCII)",
+            )
+        } else {
+            f.write_str(
+                "AIRLOCK_ADMIN_TOKEN is not set: the admin API needs the admin token (`airlock \
+                 serve` prints it once at its first start, unless AIRLOCK_ADMIN_TOKEN was set \
+                 for it); export AIRLOCK_ADMIN_TOKEN=...",
+            )
+        }
+    }
+}
+
+impl std::error::Error for NoAdminToken {}
 
 /// `url` with the user information of its authority (`user:password@`)
 /// withheld, for messages.

@@ -886,6 +886,31 @@ async fn an_admin_url_that_is_not_airlock_is_said_to_be() {
     }
 }
 
+/// A server that has a route the CLI calls but not its method answers 405:
+/// the server is older than the command, and the message says so (round
+/// 43: `credential remove` against a server from before it said only
+/// "method not allowed").
+#[tokio::test]
+async fn a_method_the_server_does_not_have_names_an_older_server() {
+    let server = foreign_server_answering(
+        "405 Method Not Allowed",
+        "application/json",
+        r#"{"error":{"type":"invalid_request_error","code":"method_not_allowed","message":"method not allowed"}}"#,
+    )
+    .await;
+    let out = against(&server.url(), &["credential", "remove", "openai"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "method not allowed: DELETE {}/v1/providers/openai/credential (a server older than \
+             this command? `airlock status` shows its version)",
+            server.url()
+        )),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// A server answering JSON objects of another API: no command takes them
 /// for airlock's answer (a session created, a credential stored, a trail
 /// verified); each names the field that is missing and the variable.
@@ -3181,6 +3206,24 @@ async fn json_answers_stay_json_when_the_command_fails() {
     assert_eq!(status["ready"], true, "{status}");
     assert!(
         status["error"].as_str().unwrap().contains("401"),
+        "{status}"
+    );
+    // Nor does a CLI without a token (round 43: `ready` false without
+    // asking).
+    let out = airlock_cmd(&["status", "--json"])
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env_remove("AIRLOCK_ADMIN_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["ready"], true, "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap()
+            .contains("AIRLOCK_ADMIN_TOKEN is not set"),
         "{status}"
     );
 

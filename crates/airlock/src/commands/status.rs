@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::client::{path_segment, AdminClient, ApiRefusal};
+use crate::client::{path_segment, AdminClient, ApiRefusal, NoAdminToken};
 use crate::output;
 
 /// Runs `status` against the admin API at `admin_url` (unless
@@ -19,11 +19,12 @@ pub async fn run(admin_url: String, json: bool) -> anyhow::Result<ExitCode> {
     let outcome = report(&client, json).await;
     if let (Err(e), true) = (&outcome, json) {
         // `/readyz` needs no token: a server that answered with a refusal
-        // (a wrong token, say) may still say whether it is ready. One that
-        // did not answer is not asked again (a hung one would take the
-        // whole timeout once more).
-        let ready = e.downcast_ref::<ApiRefusal>().is_some()
-            && match client.exchange(Method::GET, "/readyz", None).await {
+        // (a wrong token, say), or was not asked for want of a token, may
+        // still say whether it is ready. One that did not answer is not
+        // asked again (a hung one would take the whole timeout once more).
+        let ready = (e.downcast_ref::<ApiRefusal>().is_some()
+            || e.downcast_ref::<NoAdminToken>().is_some())
+            && match client.readiness().await {
                 Ok((status, answer)) => status.is_success() && answer["status"] == "ready",
                 Err(_) => false,
             };
@@ -42,7 +43,7 @@ async fn report(client: &AdminClient, json: bool) -> anyhow::Result<ExitCode> {
     // With the token first: a server that refuses it is named as such
     // (`/readyz` needs none).
     let names = client.provider_names().await?;
-    let (ready_status, readiness) = client.exchange(Method::GET, "/readyz", None).await?;
+    let (ready_status, readiness) = client.readiness().await?;
     let readiness = readiness
         .get("status")
         .and_then(Value::as_str)
