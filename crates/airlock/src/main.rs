@@ -16,7 +16,7 @@ mod logging;
 mod output;
 mod paths;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, LogFormat};
 
 /// `EX_USAGE`: the config is bad.
 const EXIT_CONFIG: u8 = 64;
@@ -50,11 +50,36 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve => {
-            let config = match load_config_to_serve(cli.config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
+            // With JSON logs, why serve cannot go on is a log event too:
+            // stderr stays one JSON object a line for the log pipeline.
+            let json_logs = matches!(cli.log_format, LogFormat::Json);
+            let say = |message: &str| {
+                if json_logs {
+                    tracing::error!("{}", output::withheld(message));
+                } else {
+                    output::error_line(message);
+                }
             };
-            report(commands::serve::run(config).await)
+            let loaded = config::Config::load(cli.config.as_deref())
+                .and_then(|config| config.check_tls().map(|()| config));
+            let config = match loaded {
+                Ok(config) => config,
+                Err(e) => {
+                    say(&format!("invalid config: {e}"));
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match commands::serve::run(config).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    say(&format!("{e:#}"));
+                    ExitCode::from(if cli::is_usage(&e) {
+                        cli::EXIT_USAGE
+                    } else {
+                        1
+                    })
+                }
+            }
         }
         Command::Session(cmd) => match admin_url(cli.config.as_deref()) {
             Ok(url) => report(commands::session::run(cmd, url).await),

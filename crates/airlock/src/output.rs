@@ -4,6 +4,7 @@
 //! ([`is_stdout_closed`]). Every command writes its output through here.
 //! (`session create` fails instead: see `commands/session.rs`.)
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io::{self, ErrorKind, Write};
 
@@ -117,10 +118,15 @@ pub fn stdout_gone() -> bool {
 /// token's shape withheld (`sess_[withheld]`): messages may quote what the
 /// user typed, and a token pasted in the wrong place is never printed back.
 pub fn error_line(message: impl fmt::Display) {
-    let line = format!("airlock: {message}");
-    match airlock_core::token::withhold_runs(&line) {
-        Some(withheld) => eprintln!("{withheld}"),
-        None => eprintln!("{line}"),
+    eprintln!("{}", withheld(&format!("airlock: {message}")));
+}
+
+/// `message` with whatever has a session token's shape withheld, as
+/// [`error_line`] prints it.
+pub fn withheld(message: &str) -> Cow<'_, str> {
+    match airlock_core::token::withhold_runs(message) {
+        Some(withheld) => Cow::Owned(withheld),
+        None => Cow::Borrowed(message),
     }
 }
 

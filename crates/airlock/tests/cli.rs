@@ -886,6 +886,60 @@ async fn an_admin_url_that_is_not_airlock_is_said_to_be() {
     }
 }
 
+/// With `--log-format json`, why `serve` cannot start is a JSON log line at
+/// ERROR like every other line on stderr, with its exit status (round 43:
+/// plain text, which a log pipeline reading JSON lines drops or chokes
+/// on); a session token the message would quote is withheld, as in text.
+#[tokio::test]
+async fn serve_with_json_logs_says_why_it_cannot_start_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, format!("[proxy]\nlisten = \"{UNKNOWN_TOKEN}\"\n")).unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let cases = [
+        (&bad, None, 64, "invalid config: "),
+        (
+            &good,
+            Some("short"),
+            1,
+            "AIRLOCK_ADMIN_TOKEN has only 5 characters",
+        ),
+    ];
+    for (config, admin_token, code, said) in cases {
+        let mut cmd = airlock_cmd(&[
+            "--log-format",
+            "json",
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        cmd.current_dir(dir.path())
+            .env_remove("AIRLOCK_ADMIN_TOKEN");
+        if let Some(token) = admin_token {
+            cmd.env("AIRLOCK_ADMIN_TOKEN", token);
+        }
+        let out = tokio::time::timeout(DEADLINE, cmd.output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{}", stderr(&out));
+        let lines: Vec<Value> = stderr(&out)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        let last = lines.last().unwrap();
+        assert_eq!(last["level"], "ERROR", "{last}");
+        let message = last["fields"]["message"].as_str().unwrap();
+        assert!(message.contains(said), "{message}");
+        assert!(!stderr(&out).contains(UNKNOWN_TOKEN), "{}", stderr(&out));
+    }
+}
+
 /// A server that has a route the CLI calls but not its method answers 405:
 /// the server is older than the command, and the message says so (round
 /// 43: `credential remove` against a server from before it said only
