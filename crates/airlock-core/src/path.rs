@@ -12,7 +12,11 @@
 //!   `.`, `%`, `?`, `#`, `;` (a server that decodes before it splits off the
 //!   query, fragment or parameters would cut the path there), NUL or another
 //!   control character; the decoded bytes of every segment must be valid
-//!   UTF-8 (which rules out overlong encodings).
+//!   UTF-8 (which rules out overlong encodings), and no character they
+//!   decode to may stand for one of those under Unicode's compatibility
+//!   mapping (NFKC: the fullwidth `．` and `／`, the leader `‥`) or a
+//!   best-fit mapping to a code page (the division slash `∕`): a server that
+//!   normalises after decoding would read `．．／` as `../`.
 
 use std::fmt;
 
@@ -34,6 +38,10 @@ pub enum PathError {
     EmptySegment,
     /// A segment whose decoded bytes are not UTF-8.
     NotUtf8,
+    /// An escape decoding to a character that a server normalising
+    /// Unicode may read as a character [`PathError::ForbiddenEscape`]
+    /// refuses (the character, and that one).
+    Lookalike(char, u8),
 }
 
 /// A request path that [`validate`] accepted. Only `validate` makes one, so
@@ -94,10 +102,7 @@ pub(crate) fn validate_segment(segment: &str, is_last: bool) -> Result<(), PathE
         let b = bytes[i];
         if b == b'%' {
             let decoded = decode_escape(bytes.get(i + 1..i + 3)).ok_or(PathError::BadEscape)?;
-            if matches!(decoded, b'/' | b'\\' | b'.' | b'%' | b'?' | b'#' | b';')
-                || decoded < 0x20
-                || decoded == 0x7f
-            {
+            if is_forbidden_decoded(decoded) {
                 return Err(PathError::ForbiddenEscape(decoded));
             }
             escaped = true;
@@ -109,10 +114,52 @@ pub(crate) fn validate_segment(segment: &str, is_last: bool) -> Result<(), PathE
         }
         i += 1;
     }
-    if escaped && std::str::from_utf8(&percent_decode(bytes)).is_err() {
-        return Err(PathError::NotUtf8);
+    if escaped {
+        let decoded = percent_decode(bytes);
+        let text = std::str::from_utf8(&decoded).map_err(|_| PathError::NotUtf8)?;
+        if let Some((c, read_as)) = text.chars().find_map(lookalike) {
+            return Err(PathError::Lookalike(c, read_as));
+        }
     }
     Ok(())
+}
+
+/// Whether `b`, decoded from an escape, would end or split the path for a
+/// server that decodes before it parses (or is a control character).
+fn is_forbidden_decoded(b: u8) -> bool {
+    matches!(b, b'/' | b'\\' | b'.' | b'%' | b'?' | b'#' | b';') || b < 0x20 || b == 0x7f
+}
+
+/// Slash look-alikes that no compatibility mapping touches but that
+/// best-fit conversions to a code page (Windows' `WideCharToMultiByte`,
+/// which IIS-style servers apply) turn into `/` or `\`.
+const BEST_FIT: [(char, u8); 5] = [
+    ('\u{2044}', b'/'),  // fraction slash
+    ('\u{2215}', b'/'),  // division slash
+    ('\u{29f8}', b'/'),  // big solidus
+    ('\u{2216}', b'\\'), // set minus
+    ('\u{29f9}', b'\\'), // big reverse solidus
+];
+
+/// `c` and the ASCII character [`is_forbidden_decoded`] refuses that a
+/// server normalising Unicode may read it as, if any (ASCII itself is
+/// checked byte by byte).
+fn lookalike(c: char) -> Option<(char, u8)> {
+    if c.is_ascii() {
+        return None;
+    }
+    if let Some(&(_, read_as)) = BEST_FIT.iter().find(|(fit, _)| *fit == c) {
+        return Some((c, read_as));
+    }
+    let mut read_as = None;
+    unicode_normalization::char::decompose_compatible(c, |d| {
+        if let Ok(b) = u8::try_from(d) {
+            if b.is_ascii() && is_forbidden_decoded(b) {
+                read_as = read_as.or(Some(b));
+            }
+        }
+    });
+    read_as.map(|b| (c, b))
 }
 
 /// Unreserved, sub-delims without `;`, `:` and `@`.
@@ -185,6 +232,18 @@ impl fmt::Display for PathError {
             Self::DotSegment => f.write_str("path contains a '.' or '..' segment"),
             Self::EmptySegment => f.write_str("path contains an empty segment ('//')"),
             Self::NotUtf8 => f.write_str("path does not decode to UTF-8"),
+            Self::Lookalike(c, read_as) if read_as.is_ascii_graphic() => write!(
+                f,
+                "path contains an encoded {}, which servers that normalise Unicode read as '{}'",
+                describe_char(*c),
+                char::from(*read_as)
+            ),
+            Self::Lookalike(c, _) => write!(
+                f,
+                "path contains an encoded {}, which servers that normalise Unicode read as a \
+                 control character",
+                describe_char(*c)
+            ),
         }
     }
 }

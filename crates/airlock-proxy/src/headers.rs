@@ -38,12 +38,13 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Headers that ask a server to act as if the request had another method.
-const METHOD_OVERRIDE: [&str; 5] = [
+const METHOD_OVERRIDE: [&str; 6] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
     "x-http-verb",
     "x-method",
+    "x-original-method",
 ];
 
 /// Query parameters that frameworks read as a method override.
@@ -56,13 +57,19 @@ const METHOD_OVERRIDE_PARAMS: [&str; 4] = [
 
 /// Headers that some servers and frameworks use to route to another path or
 /// host than the request line's.
-const TARGET_OVERRIDE: [&str; 6] = [
+const TARGET_OVERRIDE: [&str; 12] = [
     "x-original-url",
     "x-original-uri",
+    "x-original-path",
+    "x-original-host",
     "x-rewrite-url",
     "x-override-url",
     "x-host",
     "x-http-host-override",
+    "x-real-host",
+    "x-backend-host",
+    "x-envoy-original-path",
+    "x-envoy-original-host",
 ];
 
 /// Default [`RequestPolicy::max_request_body`]: 2 GiB.
@@ -218,9 +225,17 @@ fn is_forwarding(name: &str) -> bool {
             | "x-forwarded"
             | "x-real-ip"
             | "x-client-ip"
+            | "client-ip"
             | "true-client-ip"
             | "x-cluster-client-ip"
             | "x-originating-ip"
+            | "x-remote-ip"
+            | "x-remote-addr"
+            | "cf-connecting-ip"
+            | "cf-connecting-ipv6"
+            | "fastly-client-ip"
+            | "x-envoy-external-address"
+            | "x-envoy-internal"
     ) || name.starts_with("x-forwarded-")
 }
 
@@ -402,17 +417,22 @@ pub(crate) fn loose_query_keys(query: Option<&str>) -> impl Iterator<Item = &str
 }
 
 /// The parameter name `key` (as sent) as a lenient server may read it:
-/// `+` as a space, percent-decoded, without surrounding whitespace or
-/// control characters, and without what follows a `[` (`key[]`,
-/// `key[0]`, `key[a][b]`: PHP, Rails and Node's `qs` read each as a
-/// parameter `key`); compared with a name in any case. Borrowed when there
-/// is nothing to undo.
+/// `+` as a space, percent-decoded, Unicode normalised (NFKC: a
+/// fullwidth `＿ｍｅｔｈｏｄ` reads as `_method`), without surrounding
+/// whitespace or control characters, and without what follows a `[`
+/// (`key[]`, `key[0]`, `key[a][b]`: PHP, Rails and Node's `qs` read each
+/// as a parameter `key`); compared with a name in any case. Borrowed when
+/// there is nothing to undo.
 pub(crate) fn loosely_read(key: &str) -> Cow<'_, str> {
     if !key.contains(['+', '%', '[', ' ', '\t']) {
         return Cow::Borrowed(key);
     }
     let spaced = key.replace('+', " ");
-    let decoded = percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy();
+    let mut decoded = percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy();
+    if !decoded.is_ascii() {
+        decoded =
+            Cow::Owned(unicode_normalization::UnicodeNormalization::nfkc(&*decoded).collect());
+    }
     // Whitespace and control characters (`_method%00`) around it too.
     let ignored = |c: char| c.is_whitespace() || c.is_control();
     let trimmed = decoded.trim_matches(ignored);

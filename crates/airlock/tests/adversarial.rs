@@ -288,6 +288,14 @@ async fn path_tricks_are_refused() {
         case("overlong UTF-8 %c0%ae", get("/openai/v1/models/%c0%ae%c0%ae/admin", t), BAD),
         case("invalid UTF-8 %ff", get("/openai/v1/models/%ff", t), BAD),
         case("double encoding %252e", get("/openai/v1/models/%252e%252e/admin", t), BAD),
+        // Round 45: what NFKC (or a best-fit code page) reads as `../`.
+        case(
+            "fullwidth dots and slash",
+            get("/openai/v1/models/%EF%BC%8E%EF%BC%8E%EF%BC%8Fadmin", t),
+            BAD,
+        ),
+        case("two dot leader", get("/openai/v1/models/%E2%80%A5%EF%BC%8Fadmin", t), BAD),
+        case("division slash", get("/openai/v1/models/x%E2%88%95..%E2%88%95admin", t), BAD),
         // A server that decodes before it splits off the query would see
         // `/v1/models/x` and a query: each of these matches `/v1/models/*`.
         case("encoded ? %3F", get("/openai/v1/models/x%3F", t), BAD),
@@ -775,6 +783,13 @@ async fn header_tricks_are_refused() {
         case("X_Forwarded_For (underscores)", req("GET", m, t, "X_Forwarded_For: 10.0.0.1\r\n"), BAD),
         case("X-Original-URL", req("GET", m, t, "X-Original-URL: /v1/admin\r\n"), BAD),
         case("X-Rewrite-URL", req("GET", m, t, "X-Rewrite-URL: /v1/admin\r\n"), BAD),
+        // Round 45: relatives of the listed ones that passed.
+        case("CF-Connecting-IP", req("GET", m, t, "CF-Connecting-IP: 10.0.0.1\r\n"), BAD),
+        case("Client-IP", req("GET", m, t, "Client-IP: 10.0.0.1\r\n"), BAD),
+        case("X-Envoy-External-Address", req("GET", m, t, "X-Envoy-External-Address: 10.0.0.1\r\n"), BAD),
+        case("X-Original-Host", req("GET", m, t, "X-Original-Host: evil.example\r\n"), BAD),
+        case("X-Envoy-Original-Path", req("GET", m, t, "X-Envoy-Original-Path: /v1/admin\r\n"), BAD),
+        case("X-Original-Method", req("GET", m, t, "X-Original-Method: DELETE\r\n"), BAD),
         case("second Authorization header", req("GET", m, t, &format!("Authorization: Bearer {t}\r\n")), BAD),
         case(
             "Bearer and x-api-key disagree",

@@ -13,6 +13,9 @@ fn plain_paths_pass_unchanged() {
         "/a/%20b/caf%C3%A9",
         "/a/b.json",
         "/a/...x",
+        // Non-ASCII that no normalisation reads as a delimiter.
+        "/v1/%E2%82%AC/%E3%81%82/%C3%BCber",
+        "/v1/%EF%BD%81",
     ] {
         assert_eq!(validate(p).map(ValidPath::as_str), Ok(p), "{p}");
     }
@@ -51,6 +54,23 @@ fn ambiguous_paths_are_refused() {
         ("/v1/a%zz", PathError::BadEscape),
         ("/v1/%c0%ae%c0%ae", PathError::NotUtf8),
         ("/v1/%ff", PathError::NotUtf8),
+        // Round 45: fullwidth `．．／` and the two-dot leader `‥／` went
+        // upstream, which NFKC and dot resolution turn into `../`.
+        (
+            "/v1/a/%EF%BC%8E%EF%BC%8E%EF%BC%8Fok",
+            PathError::Lookalike('\u{ff0e}', b'.'),
+        ),
+        ("/v1/a/%E2%80%A5", PathError::Lookalike('\u{2025}', b'.')),
+        ("/v1/a%EF%BC%8Fb", PathError::Lookalike('\u{ff0f}', b'/')),
+        ("/v1/a%ef%bc%bcb", PathError::Lookalike('\u{ff3c}', b'\\')),
+        ("/v1/a%EF%B9%92", PathError::Lookalike('\u{fe52}', b'.')),
+        ("/v1/a%CD%BE", PathError::Lookalike('\u{37e}', b';')),
+        ("/v1/a%EF%BC%9F", PathError::Lookalike('\u{ff1f}', b'?')),
+        ("/v1/a%EF%BC%83", PathError::Lookalike('\u{ff03}', b'#')),
+        ("/v1/a%EF%BC%85", PathError::Lookalike('\u{ff05}', b'%')),
+        ("/v1/a%E2%88%95b", PathError::Lookalike('\u{2215}', b'/')),
+        ("/v1/a%E2%81%84b", PathError::Lookalike('\u{2044}', b'/')),
+        ("/v1/a%E2%88%96b", PathError::Lookalike('\u{2216}', b'\\')),
     ];
     for (path, expected) in cases {
         assert_eq!(
@@ -62,12 +82,23 @@ fn ambiguous_paths_are_refused() {
 }
 
 /// What a lenient upstream might do to a path: percent-decode it (once or
-/// twice), turn backslashes into slashes, and resolve dot segments.
+/// twice), normalise Unicode (NFKC, or a best-fit mapping of slash
+/// look-alikes), turn backslashes into slashes, and resolve dot segments.
 fn lenient_interpretations(path: &str) -> Vec<String> {
+    use unicode_normalization::UnicodeNormalization;
     let once = String::from_utf8_lossy(&percent_decode(path.as_bytes())).into_owned();
     let twice = String::from_utf8_lossy(&percent_decode(once.as_bytes())).into_owned();
+    let normalised = once.nfkc().collect::<String>();
+    let best_fit = once
+        .chars()
+        .map(|c| match c {
+            '\u{2044}' | '\u{2215}' | '\u{29f8}' => '/',
+            '\u{2216}' | '\u{29f9}' => '\\',
+            c => c,
+        })
+        .collect::<String>();
     let mut out = Vec::new();
-    for p in [path.to_owned(), once, twice] {
+    for p in [path.to_owned(), once, twice, normalised, best_fit] {
         let slashed = p.replace('\\', "/");
         out.push(resolve_dots(&slashed));
         out.push(slashed);
@@ -105,7 +136,7 @@ proptest! {
     /// same segment structure that the scope was matched against.
     #[test]
     fn accepted_paths_keep_their_structure_under_any_decoding(
-        path in "(/([a-zA-Z0-9._~-]|%[0-9a-fA-F]{2}|[\\\\;:@%/.]){0,8}){1,6}"
+        path in "(/([a-zA-Z0-9._~-]|%[0-9a-fA-F]{2}|[\\\\;:@%/.]|%EF%BC%8[EF]|%E2%80%A[45]|%E2%88%9[56]|%EF%B9%92|%C3%A9){0,8}){1,6}"
     ) {
         if validate(&path).is_ok() {
             let expected = segments(&path);
@@ -273,6 +304,11 @@ fn errors_name_the_character() {
         ),
         ("/v1/a\u{1}", "path contains a control character (0x01)"),
         ("/v1%2fadmin", "path contains an encoded '/' (%2F)"),
+        (
+            "/a/%EF%BC%8E%EF%BC%8E",
+            "path contains an encoded '\u{ff0e}' (U+FF0E), which servers that normalise \
+             Unicode read as '.'",
+        ),
         (
             "/v1/a%0a",
             "path contains an encoded control character (%0A)",

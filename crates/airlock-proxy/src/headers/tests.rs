@@ -299,6 +299,9 @@ fn methods_and_anomalies() {
     assert!(run(&Method::GET, &uri, None).is_err());
     let uri: Uri = "/v1/models?%5Fmethod=DELETE".parse().unwrap();
     assert!(run(&Method::GET, &uri, None).is_err());
+    // Fullwidth, which NFKC reads as `_method` (round 45).
+    let uri: Uri = "/v1/models?%EF%BC%BF%EF%BD%8Dethod=DELETE".parse().unwrap();
+    assert!(run(&Method::GET, &uri, None).is_err());
     let uri: Uri = "/v1/models".parse().unwrap();
     assert!(run(&Method::TRACE, &uri, None).is_err());
     assert!(run(&Method::CONNECT, &uri, None).is_err());
