@@ -80,6 +80,14 @@ pub fn load_existing(config: &AuditConfig, store_url: &str) -> anyhow::Result<Au
     let env = std::env::var(AUDIT_KEY_ENV)
         .ok()
         .filter(|v| !v.trim().is_empty());
+    if env.is_none() && !config.key_file_explicit && airlock_store::is_postgres_url(store_url) {
+        // No default key file applies: serve never makes one for a shared
+        // store.
+        anyhow::bail!(
+            "no audit key: set {AUDIT_KEY_ENV} or [audit] key_file to the key the servers on \
+             this PostgreSQL store run with"
+        );
+    }
     if env.is_none() && !config.key_file.exists() {
         let relative = if config.key_file.is_relative() {
             "; a relative key_file is relative to the working directory, not to the config file"

@@ -3308,6 +3308,16 @@ async fn json_answers_stay_json_when_the_command_fails() {
             .contains("no database at"),
         "{verdict}"
     );
+    // By prune too (round 43: it named the missing key first).
+    let out = airlock_cmd(&["audit", "prune", "--before", "30d"])
+        .current_dir(dir.path())
+        .env_remove("AIRLOCK_AUDIT_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr(&out).contains("no database at"), "{out:?}");
+    assert!(!stderr(&out).contains("no audit key"), "{out:?}");
 
     // A config that cannot be read: exit 64, and still the JSON (round 34).
     for (args, field) in [

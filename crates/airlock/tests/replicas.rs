@@ -660,6 +660,24 @@ async fn audit_of_every_replica_lands_in_postgres_and_verifies_as_one_trail() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Without the key: named as the servers' key, not a default key file
+    // that a PostgreSQL store never has (round 43).
+    let keyless = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--config")
+        .arg(&config)
+        .args(["audit", "verify"])
+        .env_remove("AIRLOCK_AUDIT_KEY")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&keyless.stderr);
+    assert_eq!(keyless.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains(
+            "no audit key: set AIRLOCK_AUDIT_KEY or [audit] key_file to the key the servers on \
+             this PostgreSQL store run with"
+        ),
+        "{said}"
+    );
     assert_eq!(
         stdout.trim(),
         format!("audit trail intact: {calls} records in 3 chains")

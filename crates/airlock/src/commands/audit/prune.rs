@@ -24,8 +24,17 @@ pub async fn run(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let key = audit_key::load_existing(&config.audit, &config.store_url)?;
+    // The store first, as verify: a config read from another directory
+    // than `serve`'s misses both, and the database is what to say is
+    // missing.
     let store = open_store(config).await?;
+    let key = match audit_key::load_existing(&config.audit, &config.store_url) {
+        Ok(key) => key,
+        Err(e) => {
+            store.close().await;
+            return Err(e);
+        }
+    };
     let outcome = prune(store.as_ref(), &key, before_ms, dry_run).await;
     store.close().await;
     let pruned = match outcome? {
