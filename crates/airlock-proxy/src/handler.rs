@@ -876,7 +876,7 @@ impl Proxy {
                 // usual answer when it is full (see `descriptors`).
                 let shed = self.shed_idle_upstream();
                 tracing::warn!(
-                    provider = provider.name(),
+                    provider = %provider.name(),
                     request_id = %call.request_id(),
                     error = %e,
                     idle_connections_closed = shed,
@@ -893,7 +893,7 @@ impl Proxy {
                 // The call's id leads to its `airlock::call` line (round
                 // 43: only the time linked the two).
                 tracing::warn!(
-                    provider = provider.name(),
+                    provider = %provider.name(),
                     request_id = %call.request_id(),
                     error = %e,
                     "upstream request failed"
@@ -950,7 +950,7 @@ fn unrelayable(
 ) -> Option<Denial> {
     let status = parts.status.as_u16();
     if parts.status == StatusCode::UNAUTHORIZED {
-        tracing::warn!(provider, status, "the provider refused the real credential");
+        tracing::warn!(%provider, status, "the provider refused the real credential");
         let message = format!(
             "the provider refused airlock's credential (HTTP {status}); ask the operator to check it"
         );
@@ -970,7 +970,7 @@ fn unrelayable(
         && parts.headers.contains_key(http::header::CONTENT_LENGTH)
     {
         tracing::warn!(
-            provider,
+            %provider,
             "the provider's answer had both Content-Length and Transfer-Encoding"
         );
         return Some(Denial::new(
@@ -981,8 +981,8 @@ fn unrelayable(
     }
     let coding = opaque_coding(&parts.headers).filter(|_| has_body(parts.status, body))?;
     tracing::warn!(
-        provider,
-        coding,
+        %provider,
+        %coding,
         "the provider sent an encoded answer the leak guard cannot scan"
     );
     let message = format!(

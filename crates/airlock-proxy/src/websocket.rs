@@ -199,7 +199,7 @@ pub(crate) fn unacceptable(headers: &HeaderMap, provider: &str) -> Option<Denial
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
     if !upgrade || headers.get_all(header::UPGRADE).iter().count() != 1 {
         tracing::warn!(
-            provider,
+            %provider,
             "the provider switched to a protocol other than websocket"
         );
         return Some(Denial::new(
@@ -209,7 +209,7 @@ pub(crate) fn unacceptable(headers: &HeaderMap, provider: &str) -> Option<Denial
     }
     if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
         tracing::warn!(
-            provider,
+            %provider,
             "the provider negotiated a WebSocket extension airlock did not offer"
         );
         return Some(Denial::new(

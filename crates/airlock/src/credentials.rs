@@ -225,7 +225,7 @@ impl Credentials {
             Err(e) => {
                 p.cell.store(None);
                 tracing::error!(
-                    provider,
+                    %provider,
                     "the stored credential of {provider} is refused ({e}): calls to it get 503 \
                      until a new one is set (airlock credential set {provider})"
                 );
@@ -233,7 +233,7 @@ impl Credentials {
             }
         };
         p.cell.store(Some(prepared));
-        tracing::info!(provider, "credential loaded from the store");
+        tracing::info!(%provider, "credential loaded from the store");
         Ok(())
     }
 
@@ -259,7 +259,7 @@ impl Credentials {
             match change {
                 Ok(Change::Credential { provider }) => {
                     if let Err(e) = self.reload(&provider).await {
-                        tracing::error!(provider, error = %format!("{e:#}"), "could not reload a changed credential");
+                        tracing::error!(%provider, error = %format!("{e:#}"), "could not reload a changed credential");
                     }
                 }
                 // Announcements were lost (the feed's connection dropped, or
@@ -288,7 +288,7 @@ impl Credentials {
             let changed = match self.store.credential(provider).await {
                 Ok(row) => row.map(|r| r.updated_at) != applied.as_ref().map(|a| a.updated_at),
                 Err(e) => {
-                    tracing::debug!(provider, error = %e, "could not re-check a stored credential");
+                    tracing::debug!(%provider, error = %e, "could not re-check a stored credential");
                     false
                 }
             };
@@ -297,11 +297,11 @@ impl Credentials {
                 continue;
             }
             tracing::warn!(
-                provider,
+                %provider,
                 "the stored credential changed without this replica hearing of it; reloading"
             );
             if let Err(e) = self.reload(provider).await {
-                tracing::error!(provider, error = %format!("{e:#}"), "could not reload a changed credential");
+                tracing::error!(%provider, error = %format!("{e:#}"), "could not reload a changed credential");
             }
         }
     }
@@ -315,7 +315,7 @@ impl Credentials {
             .map(|(name, _)| name);
         for provider in stored {
             if let Err(e) = self.reload(provider).await {
-                tracing::error!(provider, error = %format!("{e:#}"), "could not reload a credential");
+                tracing::error!(%provider, error = %format!("{e:#}"), "could not reload a credential");
             }
         }
     }

@@ -2544,6 +2544,8 @@ async fn a_failed_upstream_request_is_warned_about_under_the_calls_id() {
     let id = reply.headers["x-request-id"].to_str().unwrap().to_owned();
     let warning = airlock.wait_for_output("upstream request failed", 0).await;
     assert!(warning.contains(&format!("request_id={id}")), "{warning}");
+    // The provider named as the call line names it, unquoted (round 43).
+    assert!(warning.contains(" provider=up "), "{warning}");
 }
 
 /// A provider answer framed both by `Content-Length` and chunked
