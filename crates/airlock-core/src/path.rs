@@ -13,10 +13,13 @@
 //!   query, fragment or parameters would cut the path there), NUL or another
 //!   control character; the decoded bytes of every segment must be valid
 //!   UTF-8 (which rules out overlong encodings), and no character they
-//!   decode to may stand for one of those under Unicode's compatibility
-//!   mapping (NFKC: the fullwidth `．` and `／`, the leader `‥`) or a
-//!   best-fit mapping to a code page (the division slash `∕`): a server that
-//!   normalises after decoding would read `．．／` as `../`.
+//!   decode to may stand for one of those but `.` under Unicode's
+//!   compatibility mapping (NFKC: the fullwidth `／` and `？`) or for a
+//!   slash under a best-fit mapping to a code page (the division slash `∕`,
+//!   the yen sign `¥` of Japanese code pages), nor may a segment read as `.`
+//!   or `..` under NFKC (`．．`, the leader `‥`): a server that normalises
+//!   after decoding would read `．．／` as `../`. Other look-alikes of `.`
+//!   are left alone (`notes…` reads as `notes...`, which changes nothing).
 
 use std::fmt;
 
@@ -117,8 +120,20 @@ pub(crate) fn validate_segment(segment: &str, is_last: bool) -> Result<(), PathE
     if escaped {
         let decoded = percent_decode(bytes);
         let text = std::str::from_utf8(&decoded).map_err(|_| PathError::NotUtf8)?;
-        if let Some((c, read_as)) = text.chars().find_map(lookalike) {
-            return Err(PathError::Lookalike(c, read_as));
+        let mut dot = None;
+        for (c, read_as) in text.chars().filter_map(lookalike) {
+            if read_as != b'.' {
+                return Err(PathError::Lookalike(c, read_as));
+            }
+            dot = dot.or(Some(c));
+        }
+        // A look-alike of `.` matters only where the segment reads as a
+        // dot segment.
+        if let Some(c) = dot {
+            let read: String = unicode_normalization::UnicodeNormalization::nfkc(text).collect();
+            if read == "." || read == ".." {
+                return Err(PathError::Lookalike(c, b'.'));
+            }
         }
     }
     Ok(())
@@ -132,34 +147,46 @@ fn is_forbidden_decoded(b: u8) -> bool {
 
 /// Slash look-alikes that no compatibility mapping touches but that
 /// best-fit conversions to a code page (Windows' `WideCharToMultiByte`,
-/// which IIS-style servers apply) turn into `/` or `\`.
-const BEST_FIT: [(char, u8); 5] = [
+/// which IIS-style servers apply) turn into `/` or `\`: the yen and won
+/// signs are the backslash of Japanese and Korean code pages.
+const BEST_FIT: [(char, u8); 7] = [
     ('\u{2044}', b'/'),  // fraction slash
     ('\u{2215}', b'/'),  // division slash
     ('\u{29f8}', b'/'),  // big solidus
+    ('\u{00a5}', b'\\'), // yen sign
+    ('\u{20a9}', b'\\'), // won sign
     ('\u{2216}', b'\\'), // set minus
     ('\u{29f9}', b'\\'), // big reverse solidus
 ];
 
+/// The ASCII character [`is_forbidden_decoded`] refuses that `d` is, or
+/// that a best-fit conversion turns it into.
+fn read_as(d: char) -> Option<u8> {
+    match u8::try_from(d) {
+        Ok(b) if b.is_ascii() => is_forbidden_decoded(b).then_some(b),
+        _ => BEST_FIT.iter().find(|(fit, _)| *fit == d).map(|&(_, b)| b),
+    }
+}
+
 /// `c` and the ASCII character [`is_forbidden_decoded`] refuses that a
-/// server normalising Unicode may read it as, if any (ASCII itself is
+/// server normalising Unicode (NFKC, then perhaps a best-fit conversion)
+/// may read in it, if any; any other than `.` first (ASCII itself is
 /// checked byte by byte).
-fn lookalike(c: char) -> Option<(char, u8)> {
+pub(crate) fn lookalike(c: char) -> Option<(char, u8)> {
     if c.is_ascii() {
         return None;
     }
-    if let Some(&(_, read_as)) = BEST_FIT.iter().find(|(fit, _)| *fit == c) {
-        return Some((c, read_as));
-    }
-    let mut read_as = None;
+    let mut found = read_as(c);
+    // NFKC composes nothing into these ASCII characters: the compatibility
+    // decomposition holds every one NFKC yields.
     unicode_normalization::char::decompose_compatible(c, |d| {
-        if let Ok(b) = u8::try_from(d) {
-            if b.is_ascii() && is_forbidden_decoded(b) {
-                read_as = read_as.or(Some(b));
+        if let Some(b) = read_as(d) {
+            if found.is_none_or(|seen| seen == b'.') {
+                found = Some(b);
             }
         }
     });
-    read_as.map(|b| (c, b))
+    found.map(|b| (c, b))
 }
 
 /// Unreserved, sub-delims without `;`, `:` and `@`.
@@ -232,17 +259,17 @@ impl fmt::Display for PathError {
             Self::DotSegment => f.write_str("path contains a '.' or '..' segment"),
             Self::EmptySegment => f.write_str("path contains an empty segment ('//')"),
             Self::NotUtf8 => f.write_str("path does not decode to UTF-8"),
-            Self::Lookalike(c, read_as) if read_as.is_ascii_graphic() => write!(
+            Self::Lookalike(c, b'.') => write!(
+                f,
+                "path contains a segment of encoded {}, which servers that normalise Unicode \
+                 read as a '.' or '..' segment",
+                describe_char(*c)
+            ),
+            Self::Lookalike(c, read_as) => write!(
                 f,
                 "path contains an encoded {}, which servers that normalise Unicode read as '{}'",
                 describe_char(*c),
                 char::from(*read_as)
-            ),
-            Self::Lookalike(c, _) => write!(
-                f,
-                "path contains an encoded {}, which servers that normalise Unicode read as a \
-                 control character",
-                describe_char(*c)
             ),
         }
     }

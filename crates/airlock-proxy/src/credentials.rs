@@ -14,7 +14,9 @@ use http::Request;
 use percent_encoding::percent_decode_str;
 
 use crate::error::Denial;
-use crate::headers::{check_head, loose_query_keys, loosely_read, FramingAnomaly, RequestPolicy};
+use crate::headers::{
+    check_head, loose_query_keys, loosely_read, same_name, FramingAnomaly, RequestPolicy,
+};
 use crate::provider::{AuthStyle, PreparedCredential, Provider};
 
 /// Finds the session token in the request. `Ok(None)` when none was given.
@@ -230,7 +232,7 @@ fn check_query_auth(auth: &AuthStyle, query: Option<&str>) -> Result<(), Denial>
     };
     let exact = query_pairs(query).filter(|(key, _)| key == name).count();
     let loose = loose_query_keys(query)
-        .filter(|key| loosely_read(key).eq_ignore_ascii_case(name))
+        .filter(|key| same_name(&loosely_read(key), name))
         .count();
     if loose != exact {
         return Err(Denial::bad_request(format!(

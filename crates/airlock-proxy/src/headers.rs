@@ -205,11 +205,15 @@ pub fn opaque_coding(headers: &HeaderMap) -> Option<&'static str> {
     None
 }
 
-/// Removes client-address headers (`Forwarded`, `X-Forwarded-*`, ...).
+/// Removes client-address headers (`Forwarded`, `X-Forwarded-*`, ...) and
+/// target-override headers (`X-Original-URL`, `X-Envoy-Original-Path`,
+/// ...): with `forwarded_headers = "strip"` a load balancer in front may
+/// add either (Envoy's path rewrites, Azure Application Gateway's host
+/// override); otherwise [`check_head`] refused them.
 pub fn strip_forwarded(headers: &mut HeaderMap) {
     let names: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| is_forwarding(name.as_str()))
+        .filter(|name| is_forwarding(name.as_str()) || TARGET_OVERRIDE.contains(&name.as_str()))
         .cloned()
         .collect();
     for name in names {
@@ -295,7 +299,7 @@ pub fn check_head(
         )));
     }
     check_target(uri, version, headers, policy)?;
-    check_overrides(headers, uri.query())?;
+    check_overrides(headers, uri.query(), policy)?;
     check_names(headers, auth, policy)?;
     check_connection(headers, auth)?;
     check_framing(headers, policy)
@@ -367,9 +371,14 @@ fn check_target(
     }
 }
 
-/// Method and target override headers and query parameters; a query
-/// with a byte outside visible ASCII.
-fn check_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<(), Denial> {
+/// Method and target override headers (the latter stripped instead with
+/// [`ForwardedPolicy::Strip`]) and query parameters; a query with a byte
+/// outside visible ASCII.
+fn check_overrides(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    policy: &RequestPolicy,
+) -> Result<(), Denial> {
     // HTTP/1.1's parser refuses such a target; an HTTP/2 `:path` may carry
     // one (round 41: raw UTF-8 in the query went upstream as it came),
     // which servers then decode each their own way.
@@ -387,7 +396,7 @@ fn check_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<(), Denia
                 "method override headers are not accepted ({name}); send the method itself"
             )));
         }
-        if TARGET_OVERRIDE.contains(&name) {
+        if policy.forwarded == ForwardedPolicy::Refuse && TARGET_OVERRIDE.contains(&name) {
             return Err(Denial::bad_request(format!(
                 "target override headers are not accepted ({name})"
             )));
@@ -395,16 +404,25 @@ fn check_overrides(headers: &HeaderMap, query: Option<&str>) -> Result<(), Denia
     }
     for key in loose_query_keys(query) {
         let read = loosely_read(key);
-        if let Some(param) = METHOD_OVERRIDE_PARAMS
-            .iter()
-            .find(|p| read.eq_ignore_ascii_case(p))
-        {
+        if let Some(param) = METHOD_OVERRIDE_PARAMS.iter().find(|p| same_name(&read, p)) {
             return Err(Denial::bad_request(format!(
                 "method override parameters are not accepted ({param})"
             )));
         }
     }
     Ok(())
+}
+
+/// Whether `read` (a name as [`loosely_read`] gives it) is `name` in any
+/// case, Unicode's included: a server comparing names without regard to
+/// case may upper-case the dotless `ı` to `I` or the long `ſ` to `S`.
+pub(crate) fn same_name(read: &str, name: &str) -> bool {
+    if read.is_ascii() {
+        return read.eq_ignore_ascii_case(name);
+    }
+    let upper = |s: &str| s.chars().flat_map(char::to_uppercase).collect::<String>();
+    let lower = |s: &str| s.chars().flat_map(char::to_lowercase).collect::<String>();
+    upper(read) == upper(name) || lower(read) == lower(name)
 }
 
 /// The query's parameter names as lenient servers split it: at `&` and at

@@ -267,6 +267,7 @@ impl AdminClient {
         let expected_code = match status {
             StatusCode::NOT_FOUND => Some("not_found"),
             StatusCode::UNAUTHORIZED => Some("unauthorized"),
+            StatusCode::METHOD_NOT_ALLOWED => Some("method_not_allowed"),
             _ => None,
         };
         if let Some(expected) =

@@ -28,7 +28,8 @@ fn main() -> ExitCode {
     };
     // Log lines are written by a background thread: the request path never
     // blocks on stderr. The guard flushes what is pending at exit.
-    let _log_guard = logging::init(cli.log_format);
+    let log_guard = logging::init(cli.log_format);
+    let json_logs = matches!(cli.log_format, LogFormat::Json);
     // The control plane: admin API, store sync, PostgreSQL audit writes.
     // Proxy traffic runs on `proxy.workers` threads of its own (see
     // airlock_proxy::server), so two threads are plenty here.
@@ -40,39 +41,41 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            crate::output::error_line(format_args!("cannot start the async runtime: {e}"));
+            drop(log_guard);
+            output::fatal_line(json_logs, &format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli))
+    let mut fatal = None;
+    let code = runtime.block_on(run(cli, &mut fatal));
+    // Why serve could not go on comes last, after every log line before it
+    // (and whatever RUST_LOG filters out).
+    drop(runtime);
+    drop(log_guard);
+    if let Some(message) = fatal {
+        output::fatal_line(json_logs, &message);
+    }
+    code
 }
 
-async fn run(cli: Cli) -> ExitCode {
+/// Runs the command; `fatal` receives why `serve` could not start or had
+/// to stop, which `main` says once the log is flushed.
+async fn run(cli: Cli, fatal: &mut Option<String>) -> ExitCode {
     match cli.command {
         Command::Serve => {
-            // With JSON logs, why serve cannot go on is a log event too:
-            // stderr stays one JSON object a line for the log pipeline.
-            let json_logs = matches!(cli.log_format, LogFormat::Json);
-            let say = |message: &str| {
-                if json_logs {
-                    tracing::error!("{}", output::withheld(message));
-                } else {
-                    output::error_line(message);
-                }
-            };
             let loaded = config::Config::load(cli.config.as_deref())
                 .and_then(|config| config.check_tls().map(|()| config));
             let config = match loaded {
                 Ok(config) => config,
                 Err(e) => {
-                    say(&format!("invalid config: {e}"));
+                    *fatal = Some(format!("invalid config: {e}"));
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
             match commands::serve::run(config).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    say(&format!("{e:#}"));
+                    *fatal = Some(format!("{e:#}"));
                     ExitCode::from(if cli::is_usage(&e) {
                         cli::EXIT_USAGE
                     } else {

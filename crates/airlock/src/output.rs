@@ -121,6 +121,27 @@ pub fn error_line(message: impl fmt::Display) {
     eprintln!("{}", withheld(&format!("airlock: {message}")));
 }
 
+/// Says why the command could not go on: as [`error_line`], or with
+/// `json` as a log line of `--log-format json` at ERROR (stderr stays one
+/// JSON object a line for a log pipeline), written directly, whatever
+/// `RUST_LOG` filters.
+pub fn fatal_line(json: bool, message: &str) {
+    if !json {
+        error_line(message);
+        return;
+    }
+    let timestamp = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let line = serde_json::json!({
+        "timestamp": timestamp,
+        "level": "ERROR",
+        "fields": { "message": withheld(message) },
+        "target": "airlock",
+    });
+    eprintln!("{line}");
+}
+
 /// `message` with whatever has a session token's shape withheld, as
 /// [`error_line`] prints it.
 pub fn withheld(message: &str) -> Cow<'_, str> {

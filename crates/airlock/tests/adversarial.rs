@@ -233,6 +233,54 @@ async fn assert_normal_call_works(env: &Env) {
     );
 }
 
+/// With `forwarded_headers = "strip"` (airlock behind a load balancer or
+/// gateway), client-address and target-override headers such a gateway
+/// adds are removed, not refused: the call goes through and the provider
+/// sees none of them (review of round 45: Envoy's `x-envoy-original-path`
+/// and Azure's `X-Original-Host` had no way through).
+#[tokio::test]
+async fn a_gateway_s_headers_are_stripped_when_so_configured() {
+    let env = env(&[r#"forwarded_headers = "strip""#]).await;
+    let added = [
+        ("x-forwarded-for", "10.0.0.1"),
+        ("cf-connecting-ip", "10.0.0.1"),
+        ("x-envoy-external-address", "10.0.0.1"),
+        ("x-envoy-original-path", "/gw/openai/v1/models/x"),
+        ("x-original-host", "airlock.example"),
+        ("x-original-url", "/admin"),
+    ];
+    let mut headers = vec![("authorization".to_owned(), format!("Bearer {}", env.token))];
+    headers.extend(
+        added
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let reply = request(
+        "GET",
+        &format!("{}/openai/v1/models/x", env.airlock.proxy_url()),
+        &headers,
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let seen = env.mock.requests();
+    assert_eq!(seen.len(), 1);
+    for (name, _) in added {
+        assert!(
+            seen[0].header(name).is_none(),
+            "{name} reached the provider"
+        );
+    }
+    assert_eq!(
+        seen[0].header("authorization").unwrap(),
+        format!("Bearer {OPENAI_KEY}")
+    );
+}
+
 /// `METHOD TARGET HTTP/1.1` with Host and the token, plus `extra` header
 /// lines (each ending in CRLF), and no body.
 fn req(method: &str, target: &str, token: &str, extra: &str) -> Vec<u8> {

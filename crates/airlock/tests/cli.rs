@@ -901,16 +901,19 @@ async fn serve_with_json_logs_says_why_it_cannot_start_in_json() {
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
     )
     .unwrap();
+    // The last with every log line filtered out: said all the same.
     let cases = [
-        (&bad, None, 64, "invalid config: "),
+        (&bad, None, 64, "invalid config: ", "info"),
         (
             &good,
             Some("short"),
             1,
             "AIRLOCK_ADMIN_TOKEN has only 5 characters",
+            "info",
         ),
+        (&bad, None, 64, "invalid config: ", "off"),
     ];
-    for (config, admin_token, code, said) in cases {
+    for (config, admin_token, code, said, rust_log) in cases {
         let mut cmd = airlock_cmd(&[
             "--log-format",
             "json",
@@ -919,7 +922,8 @@ async fn serve_with_json_logs_says_why_it_cannot_start_in_json() {
             config.to_str().unwrap(),
         ]);
         cmd.current_dir(dir.path())
-            .env_remove("AIRLOCK_ADMIN_TOKEN");
+            .env_remove("AIRLOCK_ADMIN_TOKEN")
+            .env("RUST_LOG", rust_log);
         if let Some(token) = admin_token {
             cmd.env("AIRLOCK_ADMIN_TOKEN", token);
         }

@@ -16,6 +16,12 @@ fn plain_paths_pass_unchanged() {
         // Non-ASCII that no normalisation reads as a delimiter.
         "/v1/%E2%82%AC/%E3%81%82/%C3%BCber",
         "/v1/%EF%BD%81",
+        // Look-alikes of `.` in a segment that does not read as `.` or
+        // `..` (a macOS ellipsis, a fullwidth dot inside a name).
+        "/v1/notes%E2%80%A6",
+        "/v1/%E2%80%A6",
+        "/v1/a%EF%BC%8Eb",
+        "/v1/a%EF%BC%8E%EF%BC%8E",
     ] {
         assert_eq!(validate(p).map(ValidPath::as_str), Ok(p), "{p}");
     }
@@ -58,12 +64,26 @@ fn ambiguous_paths_are_refused() {
         // upstream, which NFKC and dot resolution turn into `../`.
         (
             "/v1/a/%EF%BC%8E%EF%BC%8E%EF%BC%8Fok",
+            PathError::Lookalike('\u{ff0f}', b'/'),
+        ),
+        (
+            "/v1/a/%EF%BC%8E%EF%BC%8E/ok",
+            PathError::Lookalike('\u{ff0e}', b'.'),
+        ),
+        (
+            "/v1/a/.%EF%BC%8E/ok",
             PathError::Lookalike('\u{ff0e}', b'.'),
         ),
         ("/v1/a/%E2%80%A5", PathError::Lookalike('\u{2025}', b'.')),
+        ("/v1/%EF%B9%92/a", PathError::Lookalike('\u{fe52}', b'.')),
         ("/v1/a%EF%BC%8Fb", PathError::Lookalike('\u{ff0f}', b'/')),
         ("/v1/a%ef%bc%bcb", PathError::Lookalike('\u{ff3c}', b'\\')),
-        ("/v1/a%EF%B9%92", PathError::Lookalike('\u{fe52}', b'.')),
+        // Japanese and Korean code pages' backslash.
+        ("/v1/a%C2%A5b", PathError::Lookalike('\u{a5}', b'\\')),
+        ("/v1/a%E2%82%A9b", PathError::Lookalike('\u{20a9}', b'\\')),
+        ("/v1/a%EF%BF%A5b", PathError::Lookalike('\u{ffe5}', b'\\')),
+        // NFKC, then best-fit: `1⁄`.
+        ("/v1/x%E2%85%9Fy", PathError::Lookalike('\u{215f}', b'/')),
         ("/v1/a%CD%BE", PathError::Lookalike('\u{37e}', b';')),
         ("/v1/a%EF%BC%9F", PathError::Lookalike('\u{ff1f}', b'?')),
         ("/v1/a%EF%BC%83", PathError::Lookalike('\u{ff03}', b'#')),
@@ -89,11 +109,11 @@ fn lenient_interpretations(path: &str) -> Vec<String> {
     let once = String::from_utf8_lossy(&percent_decode(path.as_bytes())).into_owned();
     let twice = String::from_utf8_lossy(&percent_decode(once.as_bytes())).into_owned();
     let normalised = once.nfkc().collect::<String>();
-    let best_fit = once
+    let best_fit = normalised
         .chars()
         .map(|c| match c {
             '\u{2044}' | '\u{2215}' | '\u{29f8}' => '/',
-            '\u{2216}' | '\u{29f9}' => '\\',
+            '\u{a5}' | '\u{20a9}' | '\u{2216}' | '\u{29f9}' => '\\',
             c => c,
         })
         .collect::<String>();
@@ -306,8 +326,13 @@ fn errors_name_the_character() {
         ("/v1%2fadmin", "path contains an encoded '/' (%2F)"),
         (
             "/a/%EF%BC%8E%EF%BC%8E",
-            "path contains an encoded '\u{ff0e}' (U+FF0E), which servers that normalise \
-             Unicode read as '.'",
+            "path contains a segment of encoded '\u{ff0e}' (U+FF0E), which servers that \
+             normalise Unicode read as a '.' or '..' segment",
+        ),
+        (
+            "/a/%EF%BC%8F",
+            "path contains an encoded '\u{ff0f}' (U+FF0F), which servers that normalise \
+             Unicode read as '/'",
         ),
         (
             "/v1/a%0a",
@@ -319,4 +344,39 @@ fn errors_name_the_character() {
     }
     assert_eq!(describe_char('\u{a0}'), "a no-break space (U+00A0)");
     assert_eq!(describe_char('\u{2003}'), "a whitespace character (U+2003)");
+}
+
+/// Every character, against what NFKC followed by a best-fit conversion of
+/// slash look-alikes makes of it: `lookalike` names exactly those in which
+/// such a server reads a character the path check refuses.
+#[test]
+fn lookalikes_are_exactly_what_nfkc_and_best_fit_read_as_delimiters() {
+    use unicode_normalization::UnicodeNormalization;
+    let best_fit = |c: char| match c {
+        '\u{2044}' | '\u{2215}' | '\u{29f8}' => '/',
+        '\u{a5}' | '\u{20a9}' | '\u{2216}' | '\u{29f9}' => '\\',
+        c => c,
+    };
+    let refused = |c: char| {
+        u8::try_from(c).is_ok_and(|b| {
+            matches!(b, b'/' | b'\\' | b'.' | b'%' | b'?' | b'#' | b';') || b < 0x20 || b == 0x7f
+        })
+    };
+    let mut found = 0;
+    for c in ('\u{80}'..=char::MAX).filter(|c| !c.is_ascii()) {
+        let read: Vec<char> = std::iter::once(c)
+            .nfkc()
+            .map(best_fit)
+            .filter(|&d| refused(d))
+            .collect();
+        let expected = read
+            .iter()
+            .find(|&&d| d != '.')
+            .or(read.first())
+            .map(|&d| (c, u8::try_from(d).unwrap()));
+        assert_eq!(lookalike(c), expected, "U+{:04X}", u32::from(c));
+        found += usize::from(expected.is_some());
+    }
+    // The fullwidth forms, the leaders, the yen sign, ...
+    assert!(found > 50, "{found}");
 }

@@ -82,6 +82,10 @@ fn strips_client_address_headers() {
         ("x-forwarded-for", "1.2.3.4"),
         ("x-forwarded-host", "evil"),
         ("x-real-ip", "1.2.3.4"),
+        ("cf-connecting-ip", "1.2.3.4"),
+        ("x-envoy-original-path", "/gw/v1/models"),
+        ("x-original-host", "api.example"),
+        ("x-original-url", "/admin"),
         ("x-kept", "1"),
     ]);
     strip_forwarded(&mut h);
@@ -183,6 +187,17 @@ fn forwarded_headers_may_be_stripped_instead() {
         check(&[("host", "a"), ("x-forwarded-for", "1.2.3.4")], &policy),
         Ok(())
     );
+    // A gateway's path rewrite (Envoy, Istio) or host override (Azure
+    // Application Gateway) adds these: stripped too, not refused.
+    assert_eq!(
+        check(
+            &[("host", "a"), ("x-envoy-original-path", "/gw/v1/messages")],
+            &policy
+        ),
+        Ok(())
+    );
+    // Method overrides stay refused.
+    assert!(check(&[("host", "a"), ("x-http-method", "DELETE")], &policy).is_err());
 }
 
 #[test]
@@ -302,6 +317,18 @@ fn methods_and_anomalies() {
     // Fullwidth, which NFKC reads as `_method` (round 45).
     let uri: Uri = "/v1/models?%EF%BC%BF%EF%BD%8Dethod=DELETE".parse().unwrap();
     assert!(run(&Method::GET, &uri, None).is_err());
+    // The dotless i, which upper-cases to `I`: `X-HTTP-METHOD-OVERRIDE`
+    // to a server comparing names in any case (review of round 45).
+    let uri: Uri = "/v1/models?x-http-method-overr%C4%B1de=DELETE"
+        .parse()
+        .unwrap();
+    assert!(run(&Method::GET, &uri, None).is_err());
+    assert!(same_name("_\u{17f}", "_s"));
+    assert!(same_name(
+        "x-http-method-overr\u{131}de",
+        "x-http-method-override"
+    ));
+    assert!(!same_name("_m\u{e9}thod", "_method"));
     let uri: Uri = "/v1/models".parse().unwrap();
     assert!(run(&Method::TRACE, &uri, None).is_err());
     assert!(run(&Method::CONNECT, &uri, None).is_err());
