@@ -24,6 +24,7 @@ use crate::descriptors::UpstreamSlot;
 use crate::error::{Denial, ErrorCode};
 use crate::headers::{opaque_coding, strip_hop_by_hop};
 use crate::in_flight::{EnteredHere, InFlightCount};
+use crate::linger::linger;
 use crate::metrics::ProviderMetrics;
 use crate::provider::{PreparedCredential, Provider};
 use crate::redact::{RedactingBody, RedactionFlag};
@@ -236,11 +237,13 @@ impl Proxy {
             }
             withhold_presented(&mut call, &req);
             drop(finish_refused(&mut call, &response));
+            linger(req.into_body(), &self.cut);
             return (response, None);
         }
         let mut call = CallRecord::begin(&self.auditor, &req, started, &self.cut);
         let request_id = call.request_id();
-        let (provider, result) = self.process(req, &mut call, head_timer).await;
+        let mut unread = None;
+        let (provider, result) = self.process(req, &mut call, head_timer, &mut unread).await;
         let metrics = provider.map_or(&self.unknown_provider, |p| &p.metrics);
         let mut unanswered = Unanswered {
             metrics,
@@ -263,7 +266,11 @@ impl Proxy {
             Err(denial) => {
                 tracing::debug!(code = %denial.code(), "call refused");
                 unanswered.refused = Some((denial.code(), started));
-                (self.refuse(denial, call).await, None)
+                let answer = self.refuse(denial, call).await;
+                if let Some(body) = unread {
+                    linger(body, &self.cut);
+                }
+                (answer, None)
             }
         };
         unanswered.answered = true;
@@ -278,11 +285,14 @@ impl Proxy {
         (answer, tunnel)
     }
 
+    /// `unread` receives the body of a call refused before it went
+    /// upstream (see [`linger`]).
     async fn process(
         &self,
         req: Request<Incoming>,
         call: &mut CallRecord,
         head_timer: &HeadTimer,
+        unread: &mut Option<Incoming>,
     ) -> (Option<&Provider>, Result<Forwarded, Denial>) {
         let Some((provider, path_start)) = self.route(req.uri().path()) else {
             // Counted as `client_aborted` should the agent leave while the
@@ -294,6 +304,7 @@ impl Proxy {
             };
             let denial = self.refuse_unrouted(&req, call).await;
             unanswered.answered = true;
+            *unread = Some(req.into_body());
             return (None, Err(denial));
         };
         call.set_provider(provider.recorded_name());
@@ -302,29 +313,37 @@ impl Proxy {
             answered: false,
             refused: None,
         };
-        let result = self
-            .process_for(provider, path_start, req, call, head_timer)
-            .await;
+        let result = match self.clear(provider, path_start, &req, call).await {
+            Ok((admitted, cleared, session)) => {
+                self.forward(admitted, cleared, &session, req, call, head_timer)
+                    .await
+            }
+            Err(denial) => {
+                *unread = Some(req.into_body());
+                Err(denial)
+            }
+        };
         unanswered.answered = true;
         (Some(provider), result)
     }
 
-    async fn process_for(
+    /// Everything a call must pass before it goes upstream: the token, the
+    /// scope, the limits, a credential to send.
+    async fn clear<'a>(
         &self,
-        provider: &Provider,
+        provider: &'a Provider,
         path_start: usize,
-        req: Request<Incoming>,
+        req: &Request<Incoming>,
         call: &mut CallRecord,
-        head_timer: &HeadTimer,
-    ) -> Result<Forwarded, Denial> {
+    ) -> Result<(Admitted<'a>, Cleared, Arc<LiveSession>), Denial> {
         let token = credentials::find_token(provider.auth(), req.headers(), req.uri().query())
-            .inspect_err(|_| withhold_presented(call, &req))?;
+            .inspect_err(|_| withhold_presented(call, req))?;
         let session = self
             .authenticate_call(token, call)
             .await
-            .inspect_err(|_| withhold_presented(call, &req))?;
+            .inspect_err(|_| withhold_presented(call, req))?;
         call.set_session(&session);
-        let admitted = match self.authorize(&session, provider, path_start, &req, token) {
+        let admitted = match self.authorize(&session, provider, path_start, req, token) {
             Ok(admitted) => admitted,
             Err(denial) => {
                 // A path that holds the token is refused; its record must
@@ -416,8 +435,7 @@ impl Proxy {
             credential,
             upstream_slot,
         };
-        self.forward(admitted, cleared, &session, req, call, head_timer)
-            .await
+        Ok((admitted, cleared, session))
     }
 
     /// The session's limits (429): `max_requests`, `requests_per_minute`.

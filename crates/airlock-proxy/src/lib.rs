@@ -16,6 +16,7 @@ pub mod error;
 pub mod handler;
 pub mod headers;
 mod in_flight;
+mod linger;
 pub mod metrics;
 pub mod provider;
 pub mod redact;

@@ -233,6 +233,143 @@ async fn assert_normal_call_works(env: &Env) {
     );
 }
 
+/// A call refused on its head (out of scope, an unknown token) whose agent
+/// writes its whole body before reading the answer, as Node's `fetch` does,
+/// reads the refusal: airlock reads and discards the rest of the body
+/// before it closes the connection (round 46: the connection was reset
+/// under the upload, the SDK saw a connection error and retried, each retry
+/// counting toward `max_denied`). The provider sees nothing.
+#[tokio::test]
+async fn a_refused_upload_s_agent_reads_the_refusal() {
+    let env = env(&[]).await;
+    let body = vec![b'x'; 16 * 1024 * 1024];
+    let unknown = "sess_0123456789abcdefghijABCDEFGHIJ0123456789xyz";
+    let cases = [
+        (env.token.as_str(), false, "403", "out_of_scope"),
+        (unknown, true, "401", "invalid_token"),
+    ];
+    for (token, chunked, status, code) in cases {
+        let framing = if chunked {
+            "Transfer-Encoding: chunked".to_owned()
+        } else {
+            format!("Content-Length: {}", body.len())
+        };
+        let head = format!(
+            "POST /openai/v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/octet-stream\r\n{framing}\r\n\r\n"
+        );
+        let mut stream = TcpStream::connect(hostile::authority(&env.airlock.proxy_url()))
+            .await
+            .unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        if chunked {
+            for chunk in body.chunks(1024 * 1024) {
+                let size = format!("{:x}\r\n", chunk.len());
+                stream.write_all(size.as_bytes()).await.unwrap();
+                stream.write_all(chunk).await.unwrap();
+                stream.write_all(b"\r\n").await.unwrap();
+            }
+            stream.write_all(b"0\r\n\r\n").await.unwrap();
+        } else {
+            stream
+                .write_all(&body)
+                .await
+                .unwrap_or_else(|e| panic!("{code}: the upload was cut: {e}"));
+        }
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{code}: the answer was lost: {e}"));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{code}: {answer}"
+        );
+        assert!(answer.contains(&format!("\"code\":\"{code}\"")), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    assert_eq!(env.mock.request_count(), 0, "{:#?}", env.mock.requests());
+}
+
+/// The same over HTTP/2: the refusal ends its stream and the rest of the
+/// upload is read, not reset (round 46: httpx took the reset after a
+/// large upload for a connection error); and over HTTP/1.1 the reading
+/// stops at a bound, closing the connection under an endless upload.
+#[tokio::test]
+async fn a_refused_upload_is_read_within_bounds() {
+    let env = env(&[]).await;
+    let authority = hostile::authority(&env.airlock.proxy_url()).to_owned();
+    let tcp = TcpStream::connect(&authority).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{authority}/openai/v1/files"))
+        .header("authorization", format!("Bearer {}", env.token))
+        .body(())
+        .unwrap();
+    let (response, mut upload) = client.send_request(request, false).unwrap();
+    let sender = tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        for _ in 0..64 {
+            upload.reserve_capacity(chunk.len());
+            while upload.capacity() < chunk.len() {
+                match std::future::poll_fn(|cx| upload.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(h2::Error::from(h2::Reason::CANCEL)),
+                }
+            }
+            upload.send_data(chunk.clone(), false)?;
+        }
+        upload.send_data(bytes::Bytes::new(), true)?;
+        Ok(())
+    });
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 403);
+    let mut body = response.into_body();
+    let mut answer = Vec::new();
+    while let Some(data) = body.data().await {
+        answer.extend_from_slice(&data.unwrap());
+    }
+    assert!(String::from_utf8_lossy(&answer).contains("out_of_scope"));
+    tokio::time::timeout(Duration::from_secs(30), sender)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the upload was reset");
+
+    // HTTP/1.1, a length of 1 TiB: read up to the bound, then closed.
+    let mut stream = TcpStream::connect(&authority).await.unwrap();
+    let head = format!(
+        "POST /openai/v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 1099511627776\r\n\r\n",
+        env.token
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'x'; 1024 * 1024];
+    let mut sent: u64 = 0;
+    let cut = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if stream.write_all(&chunk).await.is_err() {
+                return;
+            }
+            sent += chunk.len() as u64;
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "still reading after {sent} bytes");
+    // 64 MiB read, plus what the socket buffers held.
+    assert!(sent >= 64 << 20, "{sent}");
+    assert!(sent < 128 << 20, "{sent}");
+    assert_eq!(env.mock.request_count(), 0);
+}
+
 /// With `forwarded_headers = "strip"` (airlock behind a load balancer or
 /// gateway), client-address and target-override headers such a gateway
 /// adds are removed, not refused: the call goes through and the provider
