@@ -3284,6 +3284,22 @@ async fn json_answers_stay_json_when_the_command_fails() {
             .contains("AIRLOCK_ADMIN_TOKEN is not set"),
         "{status}"
     );
+    // In text, the server's line, then what the rest needs.
+    let out = airlock_cmd(&["status"])
+        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
+        .env_remove("AIRLOCK_ADMIN_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        format!("server:     {}: ready\n", airlock.admin_url())
+    );
+    assert!(
+        stderr(&out).contains("AIRLOCK_ADMIN_TOKEN is not set"),
+        "{out:?}"
+    );
 
     let out = against(&url, &["audit", "verify", "--remote", "--json"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -17,23 +17,38 @@ use crate::output;
 pub async fn run(admin_url: String, json: bool) -> anyhow::Result<ExitCode> {
     let client = AdminClient::from_env(admin_url);
     let outcome = report(&client, json).await;
-    if let (Err(e), true) = (&outcome, json) {
-        // `/readyz` needs no token: a server that answered with a refusal
-        // (a wrong token, say), or was not asked for want of a token, may
-        // still say whether it is ready. One that did not answer is not
-        // asked again (a hung one would take the whole timeout once more).
-        let ready = (e.downcast_ref::<ApiRefusal>().is_some()
-            || e.downcast_ref::<NoAdminToken>().is_some())
-            && match client.readiness().await {
-                Ok((status, answer)) => status.is_success() && answer["status"] == "ready",
-                Err(_) => false,
-            };
+    let Err(e) = &outcome else {
+        return outcome;
+    };
+    // `/readyz` needs no token: a server that answered with a refusal (a
+    // wrong token, say), or was not asked for want of a token, may still
+    // say whether it is ready. One that did not answer is not asked again
+    // (a hung one would take the whole timeout once more).
+    let asked =
+        e.downcast_ref::<ApiRefusal>().is_some() || e.downcast_ref::<NoAdminToken>().is_some();
+    let readiness = if asked {
+        match client.readiness().await {
+            Ok((_, answer)) => answer["status"].as_str().map(str::to_owned),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    if json {
         let status = json!({
             "url": client.shown_url(),
-            "ready": ready,
+            "ready": readiness.as_deref() == Some("ready"),
             "error": format!("{e:#}"),
         });
         output::print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
+    } else if let Some(readiness) = readiness {
+        // The one line the server tells anyone; the error (on stderr)
+        // says what the rest needs.
+        output::print(&format!(
+            "server:     {}: {}\n",
+            client.shown_url(),
+            readiness_text(&readiness)
+        ))?;
     }
     outcome
 }
