@@ -14,12 +14,14 @@
 //!   control character; the decoded bytes of every segment must be valid
 //!   UTF-8 (which rules out overlong encodings), and no character they
 //!   decode to may stand for one of those but `.` under Unicode's
-//!   compatibility mapping (NFKC: the fullwidth `／` and `？`) or for a
-//!   slash under a best-fit mapping to a code page (the division slash `∕`,
-//!   the yen sign `¥` of Japanese code pages), nor may a segment read as `.`
-//!   or `..` under NFKC (`．．`, the leader `‥`): a server that normalises
-//!   after decoding would read `．．／` as `../`. Other look-alikes of `.`
-//!   are left alone (`notes…` reads as `notes...`, which changes nothing).
+//!   compatibility mapping (NFKC: the fullwidth `／` and `？`) or under a
+//!   known best-fit mapping to a code page (the division slash `∕`, the yen
+//!   sign `¥` of Japanese code pages, the Arabic percent sign), nor may a segment read as `.`
+//!   or `..` or nothing under NFKC with invisible characters dropped and
+//!   spaces trimmed (`．．`, the leader `‥`, `..%20`, `.%C2%AD.`, `%C2%AD`): a server that
+//!   normalises after decoding would read `．．／` as `../`. Other
+//!   look-alikes of `.` are left alone (`notes…` reads as `notes...`,
+//!   which changes nothing).
 
 use std::fmt;
 
@@ -45,6 +47,9 @@ pub enum PathError {
     /// Unicode may read as a character [`PathError::ForbiddenEscape`]
     /// refuses (the character, and that one).
     Lookalike(char, u8),
+    /// A segment with escapes that a server normalising Unicode (or
+    /// trimming spaces) reads as `.`, `..` or nothing.
+    ReadsAsDotOrEmpty,
 }
 
 /// A request path that [`validate`] accepted. Only `validate` makes one, so
@@ -120,23 +125,52 @@ pub(crate) fn validate_segment(segment: &str, is_last: bool) -> Result<(), PathE
     if escaped {
         let decoded = percent_decode(bytes);
         let text = std::str::from_utf8(&decoded).map_err(|_| PathError::NotUtf8)?;
-        let mut dot = None;
+        let mut dots = text.contains('.');
         for (c, read_as) in text.chars().filter_map(lookalike) {
             if read_as != b'.' {
                 return Err(PathError::Lookalike(c, read_as));
             }
-            dot = dot.or(Some(c));
+            dots = true;
         }
-        // A look-alike of `.` matters only where the segment reads as a
-        // dot segment.
-        if let Some(c) = dot {
-            let read: String = unicode_normalization::UnicodeNormalization::nfkc(text).collect();
-            if read == "." || read == ".." {
-                return Err(PathError::Lookalike(c, b'.'));
-            }
+        // A look-alike of `.`, an escaped space or an invisible character
+        // matters only where the segment reads as a dot segment, or as an
+        // empty one.
+        if (dots || !text.bytes().all(|b| b.is_ascii_graphic())) && reads_as_dot_or_empty(text) {
+            return Err(PathError::ReadsAsDotOrEmpty);
         }
     }
     Ok(())
+}
+
+/// Whether a server that normalises `segment` (decoded) — NFKC, invisible
+/// characters dropped ([`is_ignorable`]), spaces trimmed from its ends (as
+/// Windows trims them) — reads it as `.`, `..` or nothing.
+fn reads_as_dot_or_empty(segment: &str) -> bool {
+    use unicode_normalization::UnicodeNormalization;
+    let read: String = segment.nfkc().filter(|&c| !is_ignorable(c)).collect();
+    matches!(read.trim(), "" | "." | "..")
+}
+
+/// Unicode's default-ignorable characters, which NFKC with case folding
+/// (IDNA, ICU's `nfkc_cf`) removes: format characters (the soft hyphen,
+/// zero-width spaces and joiners, tags), variation selectors, the
+/// combining grapheme joiner, Hangul fillers, Mongolian selectors.
+pub(crate) fn is_ignorable(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    c.general_category() == GeneralCategory::Format
+        || matches!(
+            c,
+            '\u{34f}'
+                | '\u{115f}'
+                | '\u{1160}'
+                | '\u{17b4}'
+                | '\u{17b5}'
+                | '\u{180b}'..='\u{180f}'
+                | '\u{3164}'
+                | '\u{fe00}'..='\u{fe0f}'
+                | '\u{ffa0}'
+                | '\u{e0000}'..='\u{e0fff}'
+        )
 }
 
 /// Whether `b`, decoded from an escape, would end or split the path for a
@@ -145,11 +179,12 @@ fn is_forbidden_decoded(b: u8) -> bool {
     matches!(b, b'/' | b'\\' | b'.' | b'%' | b'?' | b'#' | b';') || b < 0x20 || b == 0x7f
 }
 
-/// Slash look-alikes that no compatibility mapping touches but that
-/// best-fit conversions to a code page (Windows' `WideCharToMultiByte`,
-/// which IIS-style servers apply) turn into `/` or `\`: the yen and won
+/// Look-alikes that no compatibility mapping touches but that best-fit
+/// conversions to a code page (Windows' `WideCharToMultiByte`, which
+/// IIS-style servers apply) turn into `/`, `\` or `%`: the yen and won
 /// signs are the backslash of Japanese and Korean code pages.
-const BEST_FIT: [(char, u8); 7] = [
+const BEST_FIT: [(char, u8); 8] = [
+    ('\u{066a}', b'%'),  // Arabic percent sign
     ('\u{2044}', b'/'),  // fraction slash
     ('\u{2215}', b'/'),  // division slash
     ('\u{29f8}', b'/'),  // big solidus
@@ -259,11 +294,9 @@ impl fmt::Display for PathError {
             Self::DotSegment => f.write_str("path contains a '.' or '..' segment"),
             Self::EmptySegment => f.write_str("path contains an empty segment ('//')"),
             Self::NotUtf8 => f.write_str("path does not decode to UTF-8"),
-            Self::Lookalike(c, b'.') => write!(
-                f,
-                "path contains a segment of encoded {}, which servers that normalise Unicode \
-                 read as a '.' or '..' segment",
-                describe_char(*c)
+            Self::ReadsAsDotOrEmpty => f.write_str(
+                "path contains a segment that servers normalising Unicode or trimming spaces \
+                 read as '.', '..' or an empty segment",
             ),
             Self::Lookalike(c, read_as) => write!(
                 f,

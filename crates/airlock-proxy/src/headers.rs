@@ -226,7 +226,9 @@ fn is_forwarding(name: &str) -> bool {
     matches!(
         name,
         "forwarded"
+            | "forwarded-for"
             | "x-forwarded"
+            | "x-original-forwarded-for"
             | "x-real-ip"
             | "x-client-ip"
             | "client-ip"
@@ -235,6 +237,10 @@ fn is_forwarding(name: &str) -> bool {
             | "x-originating-ip"
             | "x-remote-ip"
             | "x-remote-addr"
+            | "x-proxyuser-ip"
+            | "x-azure-clientip"
+            | "x-azure-socketip"
+            | "x-appengine-user-ip"
             | "cf-connecting-ip"
             | "cf-connecting-ipv6"
             | "fastly-client-ip"

@@ -244,6 +244,12 @@ pub trait Store: Send + Sync + 'static {
     async fn setting(&self, key: &str) -> Result<Option<String>>;
     /// Stores a server setting unless one exists; returns the value in force.
     async fn set_setting_if_absent(&self, key: &str, value: &str) -> Result<String>;
+    /// Removes a server setting if its value is still `value`; returns
+    /// whether it did. A store that keeps no settings removes nothing.
+    async fn remove_setting_if(&self, key: &str, value: &str) -> Result<bool> {
+        let _ = (key, value);
+        Ok(false)
+    }
 
     /// The sealed credential of `provider`, if one was set.
     async fn credential(&self, provider: &str) -> Result<Option<StoredCredential>>;

@@ -368,6 +368,15 @@ impl Store for PgStore {
         Ok(self.setting(key).await?.unwrap_or_else(|| value.to_owned()))
     }
 
+    async fn remove_setting_if(&self, key: &str, value: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM settings WHERE key = $1 AND value = $2")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn credential(&self, provider: &str) -> Result<Option<StoredCredential>> {
         let row: Option<(Vec<u8>, i64)> =
             sqlx::query_as("SELECT sealed, updated_at FROM credentials WHERE provider = $1")

@@ -439,6 +439,16 @@ impl Store for SqliteStore {
         Ok(self.setting(key).await?.unwrap_or_else(|| value.to_owned()))
     }
 
+    async fn remove_setting_if(&self, key: &str, value: &str) -> Result<bool> {
+        self.file_present()?;
+        let done = sqlx::query("DELETE FROM settings WHERE key = ? AND value = ?")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn credential(&self, provider: &str) -> Result<Option<StoredCredential>> {
         self.file_present()?;
         let row: Option<(Vec<u8>, i64)> =

@@ -690,6 +690,12 @@ mod cases {
         assert_eq!(store.set_setting_if_absent("k", "v1").await.unwrap(), "v1");
         assert_eq!(store.set_setting_if_absent("k", "v2").await.unwrap(), "v1");
         assert_eq!(store.setting("k").await.unwrap().as_deref(), Some("v1"));
+        // Removed only while it still has the value given.
+        assert!(!store.remove_setting_if("k", "v2").await.unwrap());
+        assert_eq!(store.setting("k").await.unwrap().as_deref(), Some("v1"));
+        assert!(store.remove_setting_if("k", "v1").await.unwrap());
+        assert_eq!(store.setting("k").await.unwrap(), None);
+        assert_eq!(store.set_setting_if_absent("k", "v3").await.unwrap(), "v3");
         store.close().await;
     }
 

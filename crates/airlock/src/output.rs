@@ -118,7 +118,8 @@ pub fn stdout_gone() -> bool {
 /// token's shape withheld (`sess_[withheld]`): messages may quote what the
 /// user typed, and a token pasted in the wrong place is never printed back.
 pub fn error_line(message: impl fmt::Display) {
-    eprintln!("{}", withheld(&format!("airlock: {message}")));
+    // Not `eprintln!`, which panics when stderr is closed (`2>&1 | head`).
+    let _ = writeln!(io::stderr(), "{}", withheld(&format!("airlock: {message}")));
 }
 
 /// Says why the command could not go on: as [`error_line`], or with
@@ -139,7 +140,7 @@ pub fn fatal_line(json: bool, message: &str) {
         "fields": { "message": withheld(message) },
         "target": "airlock",
     });
-    eprintln!("{line}");
+    let _ = writeln!(io::stderr(), "{line}");
 }
 
 /// `message` with whatever has a session token's shape withheld, as

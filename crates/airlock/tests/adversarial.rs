@@ -971,6 +971,8 @@ async fn header_tricks_are_refused() {
         // Round 45: relatives of the listed ones that passed.
         case("CF-Connecting-IP", req("GET", m, t, "CF-Connecting-IP: 10.0.0.1\r\n"), BAD),
         case("Client-IP", req("GET", m, t, "Client-IP: 10.0.0.1\r\n"), BAD),
+        case("X-Azure-ClientIP (round 47)", req("GET", m, t, "X-Azure-ClientIP: 10.0.0.1\r\n"), BAD),
+        case("X-Original-Forwarded-For", req("GET", m, t, "X-Original-Forwarded-For: 10.0.0.1\r\n"), BAD),
         case("X-Envoy-External-Address", req("GET", m, t, "X-Envoy-External-Address: 10.0.0.1\r\n"), BAD),
         case("X-Original-Host", req("GET", m, t, "X-Original-Host: evil.example\r\n"), BAD),
         case("X-Envoy-Original-Path", req("GET", m, t, "X-Envoy-Original-Path: /v1/admin\r\n"), BAD),

@@ -3173,6 +3173,55 @@ async fn the_start_up_log_names_listeners_and_resolved_paths() {
     airlock.terminate().await.unwrap();
 }
 
+/// A generated admin token that cannot be printed (stdout closed) is not
+/// kept: `serve` stops saying so, and the next start generates and prints
+/// another (round 47: the hash was stored, and the token lost for good).
+#[tokio::test]
+async fn an_admin_token_that_cannot_be_printed_is_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("airlock.toml"),
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let serve = || {
+        let mut cmd = airlock_cmd(&["serve", "--config", "airlock.toml"]);
+        cmd.current_dir(dir.path())
+            .env_remove("AIRLOCK_ADMIN_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd.spawn().unwrap()
+    };
+    let mut first = serve();
+    drop(first.stdout.take());
+    let out = tokio::time::timeout(DEADLINE, first.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("could not print the generated admin token on stdout"),
+        "{}",
+        stderr(&out)
+    );
+
+    let mut second = serve();
+    let mut lines = BufReader::new(second.stdout.take().unwrap()).lines();
+    let export = tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("export AIRLOCK_ADMIN_TOKEN=adm_") {
+                return line;
+            }
+        }
+        panic!("no admin token printed");
+    })
+    .await
+    .unwrap();
+    assert!(export.trim().len() > "export AIRLOCK_ADMIN_TOKEN=adm_".len());
+    second.kill().await.unwrap();
+}
+
 /// `serve` says which admin token is in force (never the token): one it
 /// generated, the stored one, or `AIRLOCK_ADMIN_TOKEN`, which replaces the
 /// stored one while it is set.

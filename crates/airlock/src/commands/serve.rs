@@ -718,14 +718,30 @@ async fn admin_token_hash(store: &dyn airlock_store::Store) -> anyhow::Result<To
         );
         return TokenHash::from_hex(&stored).context("stored admin token hash is corrupt");
     }
+    let printed = {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "airlock admin token (shown once; only its hash is stored):"
+        )
+        .and_then(|()| writeln!(out, "  export AIRLOCK_ADMIN_TOKEN={}", token.expose()))
+        .and_then(|()| out.flush())
+    };
+    if let Err(e) = printed {
+        // Nobody saw it: its hash goes, so that the next start makes and
+        // prints another (round 47: a closed stdout left a token no one
+        // could ever use).
+        store
+            .remove_setting_if(ADMIN_TOKEN_HASH, &hash.to_hex())
+            .await
+            .context("removing the hash of an admin token that could not be printed")?;
+        anyhow::bail!(
+            "could not print the generated admin token on stdout ({e}); nothing was kept: start \
+             again with stdout open (not closed or piped into a command that exits early), or \
+             set AIRLOCK_ADMIN_TOKEN"
+        );
+    }
     tracing::info!("admin token: generated now, printed once on stdout (only its hash is stored)");
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "airlock admin token (shown once; only its hash is stored):"
-    )?;
-    writeln!(out, "  export AIRLOCK_ADMIN_TOKEN={}", token.expose())?;
-    out.flush()?;
     Ok(hash)
 }
 
