@@ -3173,6 +3173,23 @@ async fn the_start_up_log_names_listeners_and_resolved_paths() {
     airlock.terminate().await.unwrap();
 }
 
+/// An error said on a closed stderr (`2>&1 | head` that has exited) ends
+/// the command with its own exit status, not a panic (round 47: exit 101).
+#[tokio::test]
+async fn an_error_on_a_closed_stderr_is_no_panic() {
+    let mut child = airlock_cmd(&["serve", "--config", "/nonexistent/airlock.toml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(64));
+}
+
 /// A generated admin token that cannot be printed (stdout closed) is not
 /// kept: `serve` stops saying so, and the next start generates and prints
 /// another (round 47: the hash was stored, and the token lost for good).
