@@ -1044,6 +1044,16 @@ async fn against(url: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `airlock ARGS...` against the admin API at `url` with no admin token.
+async fn without_token(url: &str, args: &[&str]) -> Output {
+    airlock_cmd(args)
+        .env("AIRLOCK_ADMIN_URL", url)
+        .env_remove("AIRLOCK_ADMIN_TOKEN")
+        .output()
+        .await
+        .unwrap()
+}
+
 /// A listener that never accepts, and its URL: a connection to it would
 /// wait in the backlog, where [`assert_nothing_sent`] finds it.
 fn unanswering_listener() -> (std::net::TcpListener, String) {
@@ -3334,12 +3344,7 @@ async fn json_answers_stay_json_when_the_command_fails() {
     );
     // Nor does a CLI without a token (round 43: `ready` false without
     // asking).
-    let out = airlock_cmd(&["status", "--json"])
-        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
-        .env_remove("AIRLOCK_ADMIN_TOKEN")
-        .output()
-        .await
-        .unwrap();
+    let out = without_token(&airlock.admin_url(), &["status", "--json"]).await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(status["ready"], true, "{status}");
@@ -3351,12 +3356,7 @@ async fn json_answers_stay_json_when_the_command_fails() {
         "{status}"
     );
     // In text, the server's line, then what the rest needs.
-    let out = airlock_cmd(&["status"])
-        .env("AIRLOCK_ADMIN_URL", airlock.admin_url())
-        .env_remove("AIRLOCK_ADMIN_TOKEN")
-        .output()
-        .await
-        .unwrap();
+    let out = without_token(&airlock.admin_url(), &["status"]).await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert_eq!(
         stdout(&out),
