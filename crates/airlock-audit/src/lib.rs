@@ -211,12 +211,21 @@ impl Auditor {
         key: Arc<AuditKey>,
         settings: AuditSettings,
     ) -> Result<(Self, WriterHandle), AuditError> {
+        // A store with a journal acknowledges a batch once it is there:
+        // one write instead of a commit (see airlock-store's
+        // `sqlite/journal.rs`).
+        let journal = store.audit_use_journal().await?;
         let head = store
             .audit_claim_chain(&|chain| {
                 head_seal(&key, chain, 0, &airlock_core::audit::GENESIS_MAC)
             })
             .await?;
-        tracing::info!(chain = head.chain, seq = head.seq, "audit chain claimed");
+        tracing::info!(
+            chain = head.chain,
+            seq = head.seq,
+            journal,
+            "audit chain claimed"
+        );
         let (shared, rx) = Shared::new(settings);
         let tx = shared.tx.clone();
         let inline = store.audit_appends_inline();

@@ -1,6 +1,7 @@
 //! The audit trail's write path on SQLite: `audit_append` of batches of 1,
-//! 16 and 256 records onto one chain of a store in a temporary directory.
-//! Only the append is timed (building the batches is not).
+//! 16 and 256 records onto one chain of a store in a temporary directory,
+//! committed directly and through the audit journal. Only the append is
+//! timed (building the batches is not).
 //!
 //! `cargo bench -p airlock-store --bench audit_append` (under a minute).
 #![allow(clippy::expect_used)]
@@ -84,12 +85,56 @@ fn bench_audit_append(c: &mut Criterion) {
     rt.block_on(store.close());
 }
 
+/// The same batches through the audit journal, as `serve`'s audit writer
+/// appends them (`audit_append_blocking` on its own thread): the cost a
+/// call waits for. The journal's thread moves them into the database
+/// meanwhile (on the other cores), which this does not time.
+fn bench_journal_append(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/bench.db", dir.path().display());
+    let (store, mut head) = rt.block_on(async {
+        let store = SqliteStore::open(&url).await.expect("open");
+        assert!(store.audit_use_journal().await.expect("journal"));
+        let genesis = |_chain: u32| GENESIS_MAC;
+        let head = store.audit_claim_chain(&genesis).await.expect("claim");
+        (store, head)
+    });
+
+    let mut group = c.benchmark_group("sqlite journal append");
+    for n in [1_u64, 16, 256] {
+        group.throughput(Throughput::Elements(n));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let (records, next) = batch(&head, n);
+                    let started = Instant::now();
+                    store
+                        .audit_append_blocking(&records, &next)
+                        .expect("inline")
+                        .expect("append");
+                    spent += started.elapsed();
+                    head = next;
+                }
+                spent
+            });
+        });
+    }
+    group.finish();
+    rt.block_on(store.close());
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3))
         .sample_size(30);
-    targets = bench_audit_append
+    targets = bench_audit_append, bench_journal_append
 }
 criterion_main!(benches);

@@ -141,6 +141,10 @@ pub enum StoreError {
     },
     #[error("audit batch refused: {0}")]
     InvalidBatch(String),
+    /// The SQLite store's audit journal refuses appends until its batches
+    /// are in the database (see `sqlite/journal.rs`).
+    #[error("the audit journal could not be moved into the database: {0}")]
+    JournalStuck(String),
     #[error("corrupt row for {what}: {reason}")]
     Corrupt { what: String, reason: String },
     #[error("the store's runtime has shut down")]
@@ -265,8 +269,19 @@ pub trait Store: Send + Sync + 'static {
     /// several writers share the store, a chain no live writer holds, or a
     /// new one whose head is sealed with `genesis`.
     async fn audit_claim_chain(&self, genesis: GenesisSeal<'_>) -> Result<ChainHead>;
+    /// Lets this process's audit appends be acknowledged once they are in
+    /// a journal of the store's own, which the store moves into the
+    /// database behind them; every audit read of this store sees them
+    /// (SQLite: see `sqlite/journal.rs`). For the one writer of a store,
+    /// before it claims its chain. `false` where the store keeps no
+    /// journal, or another process holds it: appends then commit.
+    async fn audit_use_journal(&self) -> Result<bool> {
+        Ok(false)
+    }
     /// Appends `records` (consecutive, on `head.chain`) and moves the chain
-    /// head to `head`, in one transaction: all or nothing.
+    /// head to `head`, in one transaction: all or nothing. With a journal
+    /// ([`Store::audit_use_journal`]) the batch is checked the same way,
+    /// and then written to the journal.
     async fn audit_append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()>;
     /// Whether [`Store::audit_append_blocking`] appends on the caller's
     /// thread (SQLite): the audit writer then gets a thread of its own and

@@ -26,6 +26,7 @@ use crate::{
 mod audit_batches;
 mod audit_writer;
 mod checkpointer;
+mod journal;
 
 /// A store in one SQLite file.
 pub struct SqliteStore {
@@ -191,6 +192,15 @@ impl SqliteStore {
     fn file_present(&self) -> Result<()> {
         match &self.audit {
             Some(writer) => writer.file_present(),
+            None => Ok(()),
+        }
+    }
+
+    /// Moves the audit journal into the database, so that a read sees
+    /// every record appended before it.
+    async fn flush_journal(&self) -> Result<()> {
+        match &self.audit {
+            Some(writer) => writer.flush().await,
             None => Ok(()),
         }
     }
@@ -485,6 +495,8 @@ impl Store for SqliteStore {
     async fn audit_claim_chain(&self, genesis: GenesisSeal<'_>) -> Result<ChainHead> {
         // One SQLite file has one server, so it has one chain: resume it.
         const CHAIN: u32 = 1;
+        // The head is read once the journal's batches are in the database.
+        self.flush_journal().await?;
         // A new chain only where none was: records (or a floor) without a
         // head mean the head was deleted, and a chain started again at
         // seq 1 would collide with them — refused below instead.
@@ -515,6 +527,13 @@ impl Store for SqliteStore {
                          the database from a backup"
                     .to_owned(),
             }),
+        }
+    }
+
+    async fn audit_use_journal(&self) -> Result<bool> {
+        match &self.audit {
+            Some(writer) => writer.use_journal().await,
+            None => Ok(false),
         }
     }
 
@@ -598,17 +617,20 @@ impl Store for SqliteStore {
 
     async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
         self.file_present()?;
+        self.flush_journal().await?;
         read_records(&self.pool, q).await
     }
 
     async fn audit_floors(&self) -> Result<Vec<ChainFloor>> {
         self.file_present()?;
+        self.flush_journal().await?;
         let mut conn = self.pool.acquire().await?;
         crate::batch_trail::floors(&mut *conn).await
     }
 
     async fn audit_headless_chains(&self) -> Result<Vec<(u32, u64)>> {
         self.file_present()?;
+        self.flush_journal().await?;
         let mut conn = self.pool.acquire().await?;
         crate::batch_trail::headless_chains(&mut *conn).await
     }
@@ -621,6 +643,7 @@ impl Store for SqliteStore {
         dry_run: bool,
     ) -> Result<Vec<Pruned>> {
         self.file_present()?;
+        self.flush_journal().await?;
         let mut pruned = Vec::new();
         loop {
             // IMMEDIATE: the write lock from the start of each step, so
@@ -641,6 +664,7 @@ impl Store for SqliteStore {
 
     async fn audit_heads(&self) -> Result<Vec<ChainHead>> {
         self.file_present()?;
+        self.flush_journal().await?;
         let rows =
             sqlx::query("SELECT id, head_seq, head_mac, head_seal FROM audit_chains ORDER BY id")
                 .fetch_all(&self.pool)
@@ -651,6 +675,8 @@ impl Store for SqliteStore {
     async fn audit_probe(&self) -> Result<()> {
         if let Some(writer) = &self.audit {
             writer.file_present()?;
+            // A journal refusing appends takes them again once it is in.
+            writer.flush().await?;
         }
         sqlx::query(
             "INSERT INTO settings (key, value) VALUES ('audit_probe', ?) \

@@ -1530,6 +1530,86 @@ mod sqlite_only {
 
     use super::*;
 
+    /// With the journal, appends are acknowledged before they are in the
+    /// database: every read of the store sees them all the same, a second
+    /// store on the file commits directly, and a store dropped without
+    /// closing (a crash) leaves them for the next one, which moves them in
+    /// before it claims the chain.
+    #[tokio::test]
+    async fn journaled_appends_are_read_at_once_and_outlive_the_store() {
+        let backend = Backend::sqlite().await.unwrap();
+        let store = backend.open().await;
+        assert!(store.audit_use_journal().await.unwrap());
+        let mut head = store.audit_claim_chain(&genesis).await.unwrap();
+        let mut appended = Vec::new();
+        for batch in 0..5_i64 {
+            let (records, next) = records_after(&head, 2, 1_000 + batch * 10, "ses_j");
+            store.audit_append(&records, &next).await.unwrap();
+            appended.extend(records);
+            head = next;
+            // Every append is readable at once, in the database's order.
+            let read = store.audit_records(&by_chain(head.chain, 0)).await.unwrap();
+            assert_eq!(read, appended);
+            assert_eq!(store.audit_heads().await.unwrap(), vec![head.clone()]);
+        }
+        // The journal is this store's: another one on the file (a CLI
+        // reading it) does without.
+        let other = backend.open().await;
+        assert!(!other.audit_use_journal().await.unwrap());
+        other.close().await;
+
+        let (records, last) = records_after(&head, 3, 2_000, "ses_j");
+        store.audit_append(&records, &last).await.unwrap();
+        appended.extend(records);
+        drop(store);
+        let store = backend.open().await;
+        assert!(store.audit_use_journal().await.unwrap());
+        assert_eq!(store.audit_claim_chain(&genesis).await.unwrap(), last);
+        let read = store.audit_records(&by_chain(last.chain, 0)).await.unwrap();
+        assert_eq!(read, appended);
+        store.close().await;
+    }
+
+    /// While the journal cannot be moved into the database (another
+    /// process holds its write lock past the busy timeout), appends are
+    /// refused, not piled up; once it can, they are taken again and every
+    /// acknowledged record is there, once.
+    #[tokio::test]
+    async fn a_journal_the_database_refuses_refuses_appends_until_it_is_in() {
+        let backend = Backend::sqlite().await.unwrap();
+        let store = backend.open().await;
+        assert!(store.audit_use_journal().await.unwrap());
+        let head = store.audit_claim_chain(&genesis).await.unwrap();
+        let mut locker = sqlx::SqliteConnection::connect(&backend.url).await.unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        // Acknowledged without the database.
+        let (first, head1) = records_after(&head, 2, 1_000, "ses_a");
+        tokio::time::timeout(Duration::from_secs(1), store.audit_append(&first, &head1))
+            .await
+            .expect("a journaled append does not wait for the database")
+            .unwrap();
+        // A read has to wait for the journal to get in, and fails.
+        assert!(store.audit_heads().await.is_err());
+        let (next, head2) = records_after(&head1, 2, 2_000, "ses_a");
+        let refused = store.audit_append(&next, &head2).await;
+        assert!(
+            matches!(refused, Err(StoreError::JournalStuck(_))),
+            "{refused:?}"
+        );
+        sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+        locker.close().await.unwrap();
+
+        store.audit_probe().await.unwrap();
+        assert_eq!(store.audit_heads().await.unwrap(), vec![head1]);
+        store.audit_append(&next, &head2).await.unwrap();
+        let all = store.audit_records(&by_chain(head.chain, 0)).await.unwrap();
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        store.close().await;
+    }
+
     /// A database file deleted under a running store: SQLite would go on
     /// writing into the unlinked file, losing every record; appends and the
     /// audit probe fail instead (a fail-closed auditor then refuses calls).

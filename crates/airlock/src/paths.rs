@@ -72,8 +72,8 @@ pub fn sqlite_location(store_url: &str) -> Result<Option<PathBuf>, String> {
     if let Err(e) = rustix::fs::access(dir, rustix::fs::Access::WRITE_OK) {
         return Err(format!(
             "directory {} is not writable by this user ({e}): the database {} needs its \
-             directory writable (SQLite's -wal and -shm files, airlock's .lock file); fix its \
-             permissions or point store.url elsewhere",
+             directory writable (SQLite's -wal and -shm files, airlock's .lock and -auditlog \
+             files); fix its permissions or point store.url elsewhere",
             dir.display(),
             file.display()
         ));

@@ -212,7 +212,11 @@ async fn records(airlock: &Airlock, session: &str, n: usize) -> Vec<Value> {
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
         let (status, body) = airlock
-            .admin("GET", &format!("/v1/audit?session={session}"), None)
+            .admin(
+                "GET",
+                &format!("/v1/audit?session={session}&limit=10000"),
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(status, 200, "{body}");
@@ -685,7 +689,8 @@ async fn a_tunnel_closes_when_the_audit_trail_stops_taking_writes() {
     assert_eq!(next_message(&mut socket).await, Message::text("before"));
 
     // Another process takes the database's write lock and keeps it: the
-    // next call's record fails, and from then on calls get 503.
+    // audit journal cannot be moved in, and from then on (2 s later)
+    // calls get 503.
     let db = s.airlock.dir().join("airlock.db");
     let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
         .await
@@ -723,11 +728,21 @@ async fn a_tunnel_closes_when_the_audit_trail_stops_taking_writes() {
     // Once the store takes writes again, the tunnel's record is there.
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     locker.close().await.unwrap();
-    let records = records(&s.airlock, &id, 2).await;
-    let tunnel = records
-        .iter()
-        .find(|r| r["path"] == "/openai/ws/echo")
-        .unwrap_or_else(|| panic!("no record of the tunnel: {records:?}"));
+    // (Held back while the trail took no records, it is written once the
+    // writer's probe finds the store writable again.)
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let tunnel = loop {
+        let records = records(&s.airlock, &id, 2).await;
+        if let Some(tunnel) = records.iter().find(|r| r["path"] == "/openai/ws/echo") {
+            break tunnel.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no record of the tunnel among {} records",
+            records.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(tunnel["status"], 101, "{tunnel}");
     let flags = tunnel["flags"].as_array().unwrap();
     assert!(flags.contains(&json!("incomplete")), "{tunnel}");

@@ -1,6 +1,10 @@
 //! The SQLite audit trail's write path: one `rusqlite` connection to the
-//! store's file, committing each batch of records in one transaction of
-//! its own, as one row (see `audit_batch`).
+//! store's file, on which each batch of records becomes one row (see
+//! `audit_batch`). Once the audit writer asked for the journal
+//! ([`AuditWriter::use_journal`], see `journal`), an append goes to the
+//! journal and the thread `airlock-audit-journal` commits the batches it
+//! holds, many to a transaction; until then, and in a process that cannot
+//! have the journal, each batch is committed in a transaction of its own.
 //!
 //! Going through sqlx costs a round trip to its worker thread for every
 //! statement of a batch (BEGIN, the head update, the insert, COMMIT); here
@@ -16,16 +20,17 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Weak};
 use std::time::Duration;
 
-use airlock_core::audit::AuditRecord;
-use parking_lot::Mutex;
+use airlock_core::audit::{AuditRecord, MacBytes};
+use parking_lot::{Mutex, RwLock};
 use rusqlite::{ffi, params, CachedStatement, Connection, OpenFlags, OptionalExtension};
 use sqlx::error::{DatabaseError, ErrorKind};
 
 use super::audit_batches::LAST_TS_MAX;
 use super::checkpointer::{Checkpointer, Commits, FileWatch, WRITER_CHECKPOINT_PAGES};
+use super::journal::{Frame, Journal, INGEST_EVERY};
 use crate::audit_batch::{encode_batch, sessions, summarise};
 use crate::batch_trail::{INSERT_BATCH, INSERT_SESSION};
 use crate::to_i64;
@@ -69,6 +74,14 @@ struct LastBatch {
 /// The audit write path of one SQLite store.
 pub(super) struct AuditWriter {
     conn: Slot,
+    /// The database file (the journal is named after it).
+    database: PathBuf,
+    /// Takes the appends once the audit writer asked for it
+    /// ([`AuditWriter::use_journal`]) and this process holds the journal's
+    /// lock (see `journal`); unset, appends commit directly.
+    journal: RwLock<Option<Arc<Journal>>>,
+    /// Moves the journal into the database; stops with the writer.
+    ingester: Mutex<Option<Ingester>>,
     /// Whether the file opened is still at its path.
     watch: Arc<FileWatch>,
     /// Keeps commits free of checkpoints; stops when the writer is closed
@@ -82,7 +95,9 @@ impl AuditWriter {
     /// Opens the connection to the database file at `path` (which must
     /// exist and be migrated) and prepares its statements.
     pub(super) async fn start(path: PathBuf) -> Result<Self> {
-        let io_error = |e| StoreError::Database(sqlx::Error::Io(e));
+        // The journal is named after the file itself, whatever link led
+        // to it, so that every process finds the same one.
+        let database = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         let watch = Arc::new(FileWatch::of(&path).map_err(io_error)?);
         let checkpoint_watch = Arc::clone(&watch);
         let commits = Commits::default();
@@ -97,16 +112,89 @@ impl AuditWriter {
         .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
         let checkpointer = checkpointer.map_err(io_error)?;
         let conn = opened.map_err(database_error)?;
-        Ok(Self {
+        let writer = Self {
             conn: Arc::new(Mutex::new(Some(Open {
                 conn,
                 encoded: Vec::new(),
                 last: None,
                 commits,
             }))),
+            database: database.clone(),
+            journal: RwLock::new(None),
+            ingester: Mutex::new(None),
             watch,
             checkpointer: Mutex::new(Some(checkpointer)),
-        })
+        };
+        Ok(writer)
+    }
+
+    /// Makes this process the journal's owner, once: takes its lock,
+    /// moves in what it holds (a dead server's batches), and starts the
+    /// thread that moves appends in from then on. `false` when another
+    /// process holds the lock, or the store is closed: appends then commit
+    /// directly.
+    pub(super) async fn use_journal(&self) -> Result<bool> {
+        if self.journal.read().is_some() {
+            return Ok(true);
+        }
+        if self.conn.lock().is_none() {
+            return Ok(false);
+        }
+        {
+            let database = self.database.clone();
+            let conn = Arc::clone(&self.conn);
+            let opened = tokio::task::spawn_blocking(move || {
+                let Some(journal) = Journal::open(&database).map_err(io_error)? else {
+                    return Ok(None);
+                };
+                let moved = replay(&journal, &conn)?;
+                if moved > 0 {
+                    tracing::info!(
+                        records = moved,
+                        "audit records from the journal moved into the database"
+                    );
+                }
+                Ok(Some(journal))
+            })
+            .await
+            .unwrap_or(Err(StoreError::Database(sqlx::Error::WorkerCrashed)))?;
+            match opened {
+                Some(journal) => {
+                    let journal = Arc::new(journal);
+                    let ingester = Ingester::start(
+                        Arc::downgrade(&journal),
+                        Arc::clone(&self.conn),
+                        Arc::clone(&self.watch),
+                    )
+                    .map_err(io_error)?;
+                    *self.ingester.lock() = Some(ingester);
+                    *self.journal.write() = Some(journal);
+                }
+                None => {
+                    tracing::warn!(
+                        database = %self.database.display(),
+                        "another process holds the audit journal's lock (a second server \
+                         on this database?): each audit batch is committed to the database \
+                         directly (slower)"
+                    );
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Moves every batch the journal holds into the database (the read
+    /// barrier: after it, the database holds every record appended before).
+    pub(super) async fn flush(&self) -> Result<()> {
+        let Some(journal) = self.journal.read().clone() else {
+            return Ok(());
+        };
+        let conn = Arc::clone(&self.conn);
+        let watch = Arc::clone(&self.watch);
+        tokio::task::spawn_blocking(move || ingest(&journal, &conn, &watch))
+            .await
+            .unwrap_or(Err(StoreError::Database(sqlx::Error::WorkerCrashed)))
     }
 
     /// Appends `records` and moves the chain head to `head` in one
@@ -114,18 +202,27 @@ impl AuditWriter {
     pub(super) async fn append(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
         self.file_present()?;
         let conn = Arc::clone(&self.conn);
+        let journal = self.journal.read().clone();
+        let watch = Arc::clone(&self.watch);
         let records = records.to_vec();
         let head = head.clone();
-        tokio::task::spawn_blocking(move || append_on(&conn, &records, &head))
-            .await
-            .unwrap_or(Err(StoreError::Database(sqlx::Error::WorkerCrashed)))
+        tokio::task::spawn_blocking(move || match journal {
+            Some(journal) => journal_append(&journal, &conn, &watch, &records, &head),
+            None => append_on(&conn, &records, &head),
+        })
+        .await
+        .unwrap_or(Err(StoreError::Database(sqlx::Error::WorkerCrashed)))
     }
 
     /// The same as [`AuditWriter::append`], on the calling thread (which
-    /// it blocks for the commit); see `Store::audit_append_blocking`.
+    /// it blocks for the journal's write or the commit); see
+    /// `Store::audit_append_blocking`.
     pub(super) fn append_blocking(&self, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
         self.file_present()?;
-        append_on(&self.conn, records, head)
+        match &*self.journal.read() {
+            Some(journal) => journal_append(journal, &self.conn, &self.watch, records, head),
+            None => append_on(&self.conn, records, head),
+        }
     }
 
     /// Fails once the database file was deleted or replaced: what is
@@ -142,7 +239,24 @@ impl AuditWriter {
     pub(super) async fn close(&self) {
         let conn = Arc::clone(&self.conn);
         let checkpointer = self.checkpointer.lock().take();
+        let journal = self.journal.write().take();
+        let ingester = self.ingester.lock().take();
+        let watch = Arc::clone(&self.watch);
         let closing = tokio::task::spawn_blocking(move || {
+            if let Some(journal) = journal {
+                journal.close();
+                if let Some(ingester) = ingester {
+                    ingester.stop();
+                }
+                if let Err(e) = ingest(&journal, &conn, &watch) {
+                    tracing::error!(
+                        error = %e,
+                        journal = %journal.path().display(),
+                        "audit records stay in the journal; the next server on the store \
+                         moves them into the database before it starts"
+                    );
+                }
+            }
             if let Some(open) = conn.lock().take() {
                 close(open.conn);
             }
@@ -152,6 +266,118 @@ impl AuditWriter {
         });
         // An error only says the closing task panicked: nothing left to do.
         let _ = closing.await;
+    }
+}
+
+/// Appends one batch to the journal; when the journal is past its bound
+/// (the ingest thread behind), moves it into the database first.
+fn journal_append(
+    journal: &Journal,
+    slot: &Slot,
+    watch: &FileWatch,
+    records: &[AuditRecord],
+    head: &ChainHead,
+) -> Result<()> {
+    if journal.overfull() {
+        ingest(journal, slot, watch)?;
+    }
+    journal.append(records, head, &mut |chain| stored_head(slot, chain))
+}
+
+/// `chain`'s head in the database (seq and mac), on the connection in
+/// `slot`.
+fn stored_head(slot: &Slot, chain: u32) -> Result<Option<(u64, MacBytes)>> {
+    let guard = slot.lock();
+    let Some(open) = guard.as_ref() else {
+        return Err(StoreError::Database(sqlx::Error::PoolClosed));
+    };
+    let head: Option<(i64, Vec<u8>)> = open
+        .conn
+        .query_row(
+            "SELECT head_seq, head_mac FROM audit_chains WHERE id = ?1",
+            [i64::from(chain)],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()
+        .map_err(database_error)?;
+    let Some((seq, mac)) = head else {
+        return Ok(None);
+    };
+    let mac = MacBytes::try_from(mac.as_slice()).map_err(|_| StoreError::Corrupt {
+        what: format!("audit chain {chain}"),
+        reason: "its head mac is not 32 bytes".to_owned(),
+    })?;
+    Ok(Some((crate::to_u64(seq), mac)))
+}
+
+/// Moves the journal's batches into the database on the connection in
+/// `slot`; refused once the database file is gone (they would be lost with
+/// it).
+fn ingest(journal: &Journal, slot: &Slot, watch: &FileWatch) -> Result<()> {
+    journal.ingest(&mut |chain| stored_head(slot, chain), &mut |frames| {
+        if let Some(path) = watch.gone() {
+            return Err(StoreError::FileGone(path.to_path_buf()));
+        }
+        append_frames_on(slot, frames)
+    })
+}
+
+/// Moves what `journal`'s files hold into the database on the connection
+/// in `slot`; returns the records moved.
+fn replay(journal: &Journal, slot: &Slot) -> Result<usize> {
+    journal.replay(&mut |chain| stored_head(slot, chain), &mut |frames| {
+        append_frames_on(slot, frames)
+    })
+}
+
+/// The thread that moves the journal into the database every
+/// `journal::INGEST_EVERY` (sooner when the journal asks).
+struct Ingester {
+    wake: mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Ingester {
+    /// Holds the journal weakly: a store dropped without being closed
+    /// drops it (and its files), and the thread ends.
+    fn start(journal: Weak<Journal>, slot: Slot, watch: Arc<FileWatch>) -> std::io::Result<Self> {
+        let (wake, woken) = mpsc::sync_channel(1);
+        if let Some(journal) = journal.upgrade() {
+            journal.set_wake(wake.clone());
+        }
+        let thread = std::thread::Builder::new()
+            .name("airlock-audit-journal".to_owned())
+            .spawn(move || ingest_every(&journal, &slot, &watch, &woken))?;
+        Ok(Self { wake, thread })
+    }
+    /// Stops the thread (the journal must have dropped its sender:
+    /// `Journal::close`) and waits for it.
+    fn stop(self) {
+        drop(self.wake);
+        // An error only says the thread panicked: it is gone either way.
+        let _ = self.thread.join();
+    }
+}
+
+/// The ingest thread's loop: moves the journal in every `INGEST_EVERY`,
+/// or when woken, until the journal or the wake-up's sender is gone.
+fn ingest_every(
+    journal: &Weak<Journal>,
+    slot: &Slot,
+    watch: &FileWatch,
+    woken: &mpsc::Receiver<()>,
+) {
+    loop {
+        match woken.recv_timeout(INGEST_EVERY) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        let Some(journal) = journal.upgrade() else {
+            return;
+        };
+        // A failure refuses appends (logged there); the audit writer's
+        // probes, and this thread, try again.
+        let _ = ingest(&journal, slot, watch);
     }
 }
 
@@ -167,6 +393,19 @@ fn append_on(slot: &Slot, records: &[AuditRecord], head: &ChainHead) -> Result<(
     let last = open.last.take();
     let mut statements = Statements::prepare(&open.conn).map_err(database_error)?;
     open.last = statements.append(records, &open.encoded, head, last)?;
+    open.commits.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The journal's `frames` on the connection in `slot`, in one transaction.
+fn append_frames_on(slot: &Slot, frames: &[Frame]) -> Result<()> {
+    let mut guard = slot.lock();
+    let Some(open) = guard.as_mut() else {
+        return Err(StoreError::Database(sqlx::Error::PoolClosed));
+    };
+    let last = open.last.take();
+    let mut statements = Statements::prepare(&open.conn).map_err(database_error)?;
+    open.last = statements.append_frames(frames, last)?;
     open.commits.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -249,11 +488,60 @@ impl<'c> Statements<'c> {
         // IMMEDIATE: take the write lock now (waiting up to the busy
         // timeout), so that nothing later fails for want of it.
         self.begin.execute([]).map_err(database_error)?;
-        let result = self.append_in_transaction(first.seq, records, encoded, head, last);
+        let result = self
+            .append_in_transaction(first.seq, records, encoded, head, last)
+            .and_then(|last| {
+                self.commit.execute([]).map_err(database_error)?;
+                Ok(last)
+            });
         if result.is_err() {
             self.roll_back();
         }
         result.map(Some)
+    }
+
+    /// The journal's `frames` in one transaction, all or nothing; each
+    /// stays a batch (a row) of its own, as the writer grouped it.
+    fn append_frames(
+        &mut self,
+        frames: &[Frame],
+        mut last: Option<LastBatch>,
+    ) -> Result<Option<LastBatch>> {
+        self.roll_back();
+        self.begin.execute([]).map_err(database_error)?;
+        let mut result = Ok(());
+        for frame in frames {
+            match self.append_frame(&frame.records, &frame.encoded, &frame.head, last) {
+                Ok(batch) => last = batch,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let result = result.and_then(|()| self.commit.execute([]).map_err(database_error));
+        match result {
+            Ok(_) => Ok(last),
+            Err(e) => {
+                self.roll_back();
+                Err(e)
+            }
+        }
+    }
+
+    /// One batch inside the transaction under way; `last` when it is empty.
+    fn append_frame(
+        &mut self,
+        records: &[AuditRecord],
+        encoded: &[u8],
+        head: &ChainHead,
+        last: Option<LastBatch>,
+    ) -> Result<Option<LastBatch>> {
+        let Some(first) = records.first() else {
+            return Ok(last);
+        };
+        self.append_in_transaction(first.seq, records, encoded, head, last)
+            .map(Some)
     }
 
     /// Rolls back the transaction in progress, if any (SQLite ends some
@@ -324,13 +612,16 @@ impl<'c> Statements<'c> {
                 .execute(params![session, chain, first])
                 .map_err(database_error)?;
         }
-        self.commit.execute([]).map_err(database_error)?;
         Ok(LastBatch {
             chain,
             last_seq: summary.last_seq,
             ts_max,
         })
     }
+}
+
+fn io_error(e: std::io::Error) -> StoreError {
+    StoreError::Database(sqlx::Error::Io(e))
 }
 
 /// A `rusqlite` error as the store's database error (the same variant the
