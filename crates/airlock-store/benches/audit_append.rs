@@ -47,7 +47,16 @@ fn batch(head: &ChainHead, n: u64) -> (Vec<AuditRecord>, ChainHead) {
     (records, next)
 }
 
-fn bench_audit_append(c: &mut Criterion) {
+/// A runtime and a store in a temporary directory (kept while it lives),
+/// its chain claimed; with the audit journal if `journal`.
+fn claimed_store(
+    journal: bool,
+) -> (
+    tokio::runtime::Runtime,
+    SqliteStore,
+    ChainHead,
+    tempfile::TempDir,
+) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -55,12 +64,20 @@ fn bench_audit_append(c: &mut Criterion) {
         .expect("tokio runtime");
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}/bench.db", dir.path().display());
-    let (store, mut head) = rt.block_on(async {
+    let (store, head) = rt.block_on(async {
         let store = SqliteStore::open(&url).await.expect("open");
+        if journal {
+            assert!(store.audit_use_journal().await.expect("journal"));
+        }
         let genesis = |_chain: u32| GENESIS_MAC;
         let head = store.audit_claim_chain(&genesis).await.expect("claim");
         (store, head)
     });
+    (rt, store, head, dir)
+}
+
+fn bench_audit_append(c: &mut Criterion) {
+    let (rt, store, mut head, _dir) = claimed_store(false);
 
     let mut group = c.benchmark_group("sqlite audit_append");
     for n in [1_u64, 16, 256] {
@@ -90,20 +107,7 @@ fn bench_audit_append(c: &mut Criterion) {
 /// call waits for. The journal's thread moves them into the database
 /// meanwhile (on the other cores), which this does not time.
 fn bench_journal_append(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = format!("sqlite://{}/bench.db", dir.path().display());
-    let (store, mut head) = rt.block_on(async {
-        let store = SqliteStore::open(&url).await.expect("open");
-        assert!(store.audit_use_journal().await.expect("journal"));
-        let genesis = |_chain: u32| GENESIS_MAC;
-        let head = store.audit_claim_chain(&genesis).await.expect("claim");
-        (store, head)
-    });
+    let (rt, store, mut head, _dir) = claimed_store(true);
 
     let mut group = c.benchmark_group("sqlite journal append");
     for n in [1_u64, 16, 256] {

@@ -480,24 +480,10 @@ impl<'c> Statements<'c> {
         head: &ChainHead,
         last: Option<LastBatch>,
     ) -> Result<Option<LastBatch>> {
-        let Some(first) = records.first() else {
+        if records.is_empty() {
             return Ok(last);
-        };
-        // A transaction whose rollback failed last time is not carried on.
-        self.roll_back();
-        // IMMEDIATE: take the write lock now (waiting up to the busy
-        // timeout), so that nothing later fails for want of it.
-        self.begin.execute([]).map_err(database_error)?;
-        let result = self
-            .append_in_transaction(first.seq, records, encoded, head, last)
-            .and_then(|last| {
-                self.commit.execute([]).map_err(database_error)?;
-                Ok(last)
-            });
-        if result.is_err() {
-            self.roll_back();
         }
-        result.map(Some)
+        self.append_all([(records, encoded, head)], last)
     }
 
     /// The journal's `frames` in one transaction, all or nothing; each
@@ -505,43 +491,42 @@ impl<'c> Statements<'c> {
     fn append_frames(
         &mut self,
         frames: &[Frame],
-        mut last: Option<LastBatch>,
-    ) -> Result<Option<LastBatch>> {
-        self.roll_back();
-        self.begin.execute([]).map_err(database_error)?;
-        let mut result = Ok(());
-        for frame in frames {
-            match self.append_frame(&frame.records, &frame.encoded, &frame.head, last) {
-                Ok(batch) => last = batch,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        let result = result.and_then(|()| self.commit.execute([]).map_err(database_error));
-        match result {
-            Ok(_) => Ok(last),
-            Err(e) => {
-                self.roll_back();
-                Err(e)
-            }
-        }
-    }
-
-    /// One batch inside the transaction under way; `last` when it is empty.
-    fn append_frame(
-        &mut self,
-        records: &[AuditRecord],
-        encoded: &[u8],
-        head: &ChainHead,
         last: Option<LastBatch>,
     ) -> Result<Option<LastBatch>> {
-        let Some(first) = records.first() else {
-            return Ok(last);
+        let batches = frames
+            .iter()
+            .map(|f| (f.records.as_slice(), f.encoded.as_slice(), &f.head));
+        self.append_all(batches, last)
+    }
+
+    /// `batches` (records, encoded, the head they move the chain to) in
+    /// one transaction, all or nothing.
+    fn append_all<'b>(
+        &mut self,
+        batches: impl IntoIterator<Item = (&'b [AuditRecord], &'b [u8], &'b ChainHead)>,
+        mut last: Option<LastBatch>,
+    ) -> Result<Option<LastBatch>> {
+        // A transaction whose rollback failed last time is not carried on.
+        self.roll_back();
+        // IMMEDIATE: take the write lock now (waiting up to the busy
+        // timeout), so that nothing later fails for want of it.
+        self.begin.execute([]).map_err(database_error)?;
+        let in_transaction = || {
+            for (records, encoded, head) in batches {
+                if let Some(first) = records.first() {
+                    let batch =
+                        self.append_in_transaction(first.seq, records, encoded, head, last)?;
+                    last = Some(batch);
+                }
+            }
+            self.commit.execute([]).map_err(database_error)?;
+            Ok(last)
         };
-        self.append_in_transaction(first.seq, records, encoded, head, last)
-            .map(Some)
+        let result = in_transaction();
+        if result.is_err() {
+            self.roll_back();
+        }
+        result
     }
 
     /// Rolls back the transaction in progress, if any (SQLite ends some
