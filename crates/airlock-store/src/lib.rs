@@ -145,6 +145,13 @@ pub enum StoreError {
     /// are in the database (see `sqlite/journal.rs`).
     #[error("the audit journal could not be moved into the database: {0}")]
     JournalStuck(String),
+    /// Another holder has the SQLite store's audit journal: appends that
+    /// bypassed it could take seqs it already acknowledged.
+    #[error(
+        "the audit journal {} is held by another process (a second server on this database?)",
+        .0.display()
+    )]
+    JournalHeld(std::path::PathBuf),
     #[error("corrupt row for {what}: {reason}")]
     Corrupt { what: String, reason: String },
     #[error("the store's runtime has shut down")]
@@ -274,7 +281,8 @@ pub trait Store: Send + Sync + 'static {
     /// database behind them; every audit read of this store sees them
     /// (SQLite: see `sqlite/journal.rs`). For the one writer of a store,
     /// before it claims its chain. `false` where the store keeps no
-    /// journal, or another process holds it: appends then commit.
+    /// journal (appends then commit); [`StoreError::JournalHeld`] when
+    /// another process holds it.
     async fn audit_use_journal(&self) -> Result<bool> {
         Ok(false)
     }

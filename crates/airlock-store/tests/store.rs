@@ -1552,10 +1552,12 @@ mod sqlite_only {
             assert_eq!(read, appended);
             assert_eq!(store.audit_heads().await.unwrap(), vec![head.clone()]);
         }
-        // The journal is this store's: another one on the file (a CLI
-        // reading it) does without.
+        // The journal is this store's: another one on the file cannot
+        // have it (a CLI reading the file never asks), and is told so
+        // rather than committing beside it.
         let other = backend.open().await;
-        assert!(!other.audit_use_journal().await.unwrap());
+        let held = other.audit_use_journal().await;
+        assert!(matches!(held, Err(StoreError::JournalHeld(_))), "{held:?}");
         other.close().await;
 
         let (records, last) = records_after(&head, 3, 2_000, "ses_j");

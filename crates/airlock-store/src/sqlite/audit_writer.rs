@@ -130,9 +130,10 @@ impl AuditWriter {
 
     /// Makes this process the journal's owner, once: takes its lock,
     /// moves in what it holds (a dead server's batches), and starts the
-    /// thread that moves appends in from then on. `false` when another
-    /// process holds the lock, or the store is closed: appends then commit
-    /// directly.
+    /// thread that moves appends in from then on. `false` once the store
+    /// is closed; [`StoreError::JournalHeld`] when another holder keeps the
+    /// lock past `LOCK_PATIENCE` (committing beside it could take seqs it
+    /// acknowledged).
     pub(super) async fn use_journal(&self) -> Result<bool> {
         if self.journal.read().is_some() {
             return Ok(true);
@@ -140,47 +141,31 @@ impl AuditWriter {
         if self.conn.lock().is_none() {
             return Ok(false);
         }
-        {
-            let database = self.database.clone();
-            let conn = Arc::clone(&self.conn);
-            let opened = tokio::task::spawn_blocking(move || {
-                let Some(journal) = Journal::open(&database).map_err(io_error)? else {
-                    return Ok(None);
-                };
-                let moved = replay(&journal, &conn)?;
-                if moved > 0 {
-                    tracing::info!(
-                        records = moved,
-                        "audit records from the journal moved into the database"
-                    );
-                }
-                Ok(Some(journal))
-            })
-            .await
-            .unwrap_or(Err(StoreError::Database(sqlx::Error::WorkerCrashed)))?;
-            match opened {
-                Some(journal) => {
-                    let journal = Arc::new(journal);
-                    let ingester = Ingester::start(
-                        Arc::downgrade(&journal),
-                        Arc::clone(&self.conn),
-                        Arc::clone(&self.watch),
-                    )
-                    .map_err(io_error)?;
-                    *self.ingester.lock() = Some(ingester);
-                    *self.journal.write() = Some(journal);
-                }
-                None => {
-                    tracing::warn!(
-                        database = %self.database.display(),
-                        "another process holds the audit journal's lock (a second server \
-                         on this database?): each audit batch is committed to the database \
-                         directly (slower)"
-                    );
-                    return Ok(false);
-                }
+        let database = self.database.clone();
+        let conn = Arc::clone(&self.conn);
+        let journal = tokio::task::spawn_blocking(move || {
+            let Some(journal) = open_patiently(&database)? else {
+                return Err(StoreError::JournalHeld(database));
+            };
+            let moved = replay(&journal, &conn)?;
+            if moved > 0 {
+                tracing::info!(
+                    records = moved,
+                    "audit records from the journal moved into the database"
+                );
             }
-        }
+            Ok(Arc::new(journal))
+        })
+        .await
+        .unwrap_or(Err(StoreError::Database(sqlx::Error::WorkerCrashed)))?;
+        let ingester = Ingester::start(
+            Arc::downgrade(&journal),
+            Arc::clone(&self.conn),
+            Arc::clone(&self.watch),
+        )
+        .map_err(io_error)?;
+        *self.ingester.lock() = Some(ingester);
+        *self.journal.write() = Some(journal);
         Ok(true)
     }
 
@@ -266,6 +251,28 @@ impl AuditWriter {
         });
         // An error only says the closing task panicked: nothing left to do.
         let _ = closing.await;
+    }
+}
+
+/// How long `use_journal` waits for the journal's lock: a store of this
+/// process dropped a moment ago lets go of it once its thread's ingest
+/// under way ends.
+const LOCK_PATIENCE: Duration = Duration::from_secs(1);
+
+/// The journal of `database` with its lock, waiting up to
+/// [`LOCK_PATIENCE`] for another holder to let go; `None` if it does not.
+fn open_patiently(database: &Path) -> Result<Option<Journal>> {
+    const LOOK_EVERY: Duration = Duration::from_millis(10);
+    let until = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        if let Some(journal) = Journal::open(database).map_err(io_error)? {
+            return Ok(Some(journal));
+        }
+        if std::time::Instant::now() >= until {
+            return Ok(None);
+        }
+        // Another holder's lock: nothing to wait on but time.
+        std::thread::sleep(LOOK_EVERY);
     }
 }
 

@@ -32,9 +32,10 @@
 //! `DATABASE-auditlog-a` and `-b`: one takes appends while the other's
 //! batches are being committed, then is emptied. Only the audit writer of
 //! a server takes the journal (`Store::audit_use_journal`), holding an
-//! exclusive `flock` on `-a` for as long as it runs; a process that cannot
-//! take it (another holds it) commits each batch directly, as before the
-//! journal. Other processes (`airlock audit ...`) never touch it.
+//! exclusive `flock` on `-a` for as long as it runs; one that cannot take
+//! it (another holds it) is refused (`StoreError::JournalHeld`): committing
+//! beside it could take seqs the holder acknowledged. Other processes
+//! (`airlock audit ...`) never touch it.
 //!
 //! **Failure.** When an ingest fails (the database locked past the busy
 //! timeout, the disk full), appends are refused until one succeeds — the
@@ -111,9 +112,11 @@ pub(super) struct Journal {
 struct Appending {
     active: usize,
     /// The frames appended to the active file since it became active
-    /// (the file's content, kept to spare the ingest a read).
+    /// (the file's content unless `dirty`, kept to spare the ingest a
+    /// read).
     pending: Vec<u8>,
-    /// Why appends are refused: the last ingest failed.
+    /// Why appends are refused: the last ingest failed, or a failed write
+    /// could not be cut off (`dirty`).
     refused: Option<String>,
     /// The batch being appended, encoded.
     encoded: Vec<u8>,
@@ -150,7 +153,7 @@ pub(super) struct Frame {
 
 impl Journal {
     /// Opens (creating) the journal of the database at `database` and takes
-    /// its lock; `None` while another process holds it.
+    /// its lock; `None` while another holder has it.
     pub(super) fn open(database: &Path) -> std::io::Result<Option<Self>> {
         let paths = paths_of(database);
         let first = open_file(&paths[0])?;
@@ -279,12 +282,20 @@ impl Journal {
             }
             skip += 1;
         }
+        // All in the database: the last must end at its head (a database
+        // that went on past the journal went its own way).
+        if skip == frames.len() && frames.last().is_some_and(|f| f.head.seq != seq) {
+            return Err(diverged(format!(
+                "the database's chain goes on to record {seq}, past the journal's end"
+            )));
+        }
         Ok(skip)
     }
 
     /// Appends one batch: `records` moving their chain to `head`. Refused
-    /// while the last ingest failed, while the ingest under way has run
-    /// longer than [`INGEST_STALL`], and once closed.
+    /// while the last ingest failed, while a failed write is left in the
+    /// file, while the ingest under way has run longer than
+    /// [`INGEST_STALL`], and once closed.
     ///
     /// The batch is checked as the database would check it, since it is
     /// acknowledged before it gets there: consecutive records ending at
@@ -327,6 +338,12 @@ impl Journal {
             return Err(StoreError::ChainConflict(head.chain));
         }
         encode_batch(records, &mut appending.encoded)?;
+        if appending.encoded.len() + HEAD_LEN > MAX_FRAME {
+            return Err(StoreError::InvalidBatch(format!(
+                "{} bytes encoded, more than a journal frame holds",
+                appending.encoded.len()
+            )));
+        }
         let start = appending.pending.len();
         push_frame(&mut appending.pending, head, &appending.encoded);
         let active = appending.active;
@@ -377,7 +394,9 @@ impl Journal {
         let result = self.ingest_locked(&mut ingesting, stored, commit);
         let mut appending = self.appending.lock();
         appending.ingest_began = None;
-        if result.is_ok() {
+        // A failed write left in the file is cleared only by the ingest
+        // that empties that file (`dirty` is unset then).
+        if result.is_ok() && !appending.dirty {
             appending.refused = None;
         }
         result
@@ -717,8 +736,11 @@ mod tests {
         let last = append_batches(&journal, third.clone(), &[3, 1]);
         drop(journal);
         let journal = Journal::open(&db).unwrap().unwrap();
-        // A database whose record 3 is another one: refused, kept.
+        // A database whose record 3 is another one, or whose chain went
+        // on past the journal's end: refused, kept.
         let err = journal.replay(&mut |_| Ok(Some((3, [9; 32]))), &mut |_| Ok(()));
+        assert!(matches!(err, Err(StoreError::Corrupt { .. })), "{err:?}");
+        let err = journal.replay(&mut |_| Ok(Some((9, last.mac))), &mut |_| Ok(()));
         assert!(matches!(err, Err(StoreError::Corrupt { .. })), "{err:?}");
         let mut stored = |_| Ok(Some((3, third.mac)));
         let mut replayed = Committed {
