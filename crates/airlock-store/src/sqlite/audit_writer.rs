@@ -112,20 +112,19 @@ impl AuditWriter {
         .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
         let checkpointer = checkpointer.map_err(io_error)?;
         let conn = opened.map_err(database_error)?;
-        let writer = Self {
+        Ok(Self {
             conn: Arc::new(Mutex::new(Some(Open {
                 conn,
                 encoded: Vec::new(),
                 last: None,
                 commits,
             }))),
-            database: database.clone(),
+            database,
             journal: RwLock::new(None),
             ingester: Mutex::new(None),
             watch,
             checkpointer: Mutex::new(Some(checkpointer)),
-        };
-        Ok(writer)
+        })
     }
 
     /// Makes this process the journal's owner, once: takes its lock,
@@ -390,29 +389,39 @@ fn ingest_every(
 
 /// One batch on the connection in `slot`, all or nothing.
 fn append_on(slot: &Slot, records: &[AuditRecord], head: &ChainHead) -> Result<()> {
-    let mut guard = slot.lock();
-    let Some(open) = guard.as_mut() else {
-        return Err(StoreError::Database(sqlx::Error::PoolClosed));
-    };
-    encode_batch(records, &mut open.encoded)?;
-    // Forgotten until this append succeeds: after a failure the store is
-    // asked again.
-    let last = open.last.take();
-    let mut statements = Statements::prepare(&open.conn).map_err(database_error)?;
-    open.last = statements.append(records, &open.encoded, head, last)?;
-    open.commits.fetch_add(1, Ordering::Relaxed);
-    Ok(())
+    commit_on(slot, |statements, encoded, last| {
+        encode_batch(records, encoded)?;
+        statements.append(records, encoded, head, last)
+    })
 }
 
 /// The journal's `frames` on the connection in `slot`, in one transaction.
 fn append_frames_on(slot: &Slot, frames: &[Frame]) -> Result<()> {
+    commit_on(slot, |statements, _, last| {
+        statements.append_frames(frames, last)
+    })
+}
+
+/// One transaction on the connection in `slot`, made by `commit` (given
+/// the statements, the encoding buffer and the batch committed last),
+/// counted for the checkpoints.
+fn commit_on(
+    slot: &Slot,
+    commit: impl FnOnce(
+        &mut Statements<'_>,
+        &mut Vec<u8>,
+        Option<LastBatch>,
+    ) -> Result<Option<LastBatch>>,
+) -> Result<()> {
     let mut guard = slot.lock();
     let Some(open) = guard.as_mut() else {
         return Err(StoreError::Database(sqlx::Error::PoolClosed));
     };
+    // Forgotten until this commit succeeds: after a failure the store is
+    // asked again.
     let last = open.last.take();
     let mut statements = Statements::prepare(&open.conn).map_err(database_error)?;
-    open.last = statements.append_frames(frames, last)?;
+    open.last = commit(&mut statements, &mut open.encoded, last)?;
     open.commits.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }

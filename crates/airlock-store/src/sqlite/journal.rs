@@ -410,25 +410,7 @@ impl Journal {
     ) -> Result<()> {
         if let Some((file, bytes)) = ingesting.stuck.take() {
             // The commit that failed may have landed all the same.
-            let (frames, starts, _) = decode_frames(&bytes);
-            let retried = self.leading_stored(&frames, stored).and_then(|skip| {
-                let rest = frames.get(skip..).unwrap_or_default();
-                commit_groups(rest, commit).map_err(|(failed, e)| {
-                    let at = starts.get(skip + failed).copied().unwrap_or(0);
-                    ingesting.stuck = Some((file, bytes[at..].to_vec()));
-                    e
-                })
-            });
-            if let Err(e) = retried {
-                if ingesting.stuck.is_none() {
-                    ingesting.stuck = Some((file, bytes));
-                }
-                return Err(self.refuse(e));
-            }
-            if let Err(e) = self.files[file].set_len(0) {
-                ingesting.stuck = Some((file, Vec::new()));
-                return Err(self.refuse(io_error(e)));
-            }
+            self.move_in(ingesting, file, &bytes, Some(stored), commit)?;
         }
         let mut frames = std::mem::take(&mut ingesting.spare);
         let old = {
@@ -443,23 +425,51 @@ impl Journal {
             appending.active = 1 - old;
             old
         };
-        match self.commit_bytes(&frames, commit) {
-            Ok(()) => match self.files[old].set_len(0) {
-                Ok(()) => {
-                    frames.clear();
-                    ingesting.spare = frames;
-                    Ok(())
-                }
-                Err(e) => {
-                    ingesting.stuck = Some((old, Vec::new()));
-                    Err(self.refuse(io_error(e)))
-                }
-            },
-            Err((left, e)) => {
-                ingesting.stuck = Some((old, frames[left..].to_vec()));
-                Err(self.refuse(e))
-            }
+        let moved = self.move_in(ingesting, old, &frames, None, commit);
+        frames.clear();
+        ingesting.spare = frames;
+        moved
+    }
+
+    /// Commits the frames in `bytes`, which `file` holds — less those the
+    /// database already holds, when `stored` is given — then empties
+    /// `file`. On failure what is left becomes `stuck`, for the next
+    /// ingest, and appends are refused.
+    fn move_in(
+        &self,
+        ingesting: &mut Ingesting,
+        file: usize,
+        bytes: &[u8],
+        stored: Option<&mut StoredHead<'_>>,
+        commit: &mut CommitFn<'_>,
+    ) -> Result<()> {
+        let (frames, starts, undecodable) = decode_frames(bytes);
+        if undecodable > 0 {
+            // This process wrote them: only a bug gets here.
+            tracing::error!(
+                bytes = undecodable,
+                "audit journal frames that do not decode were left out"
+            );
         }
+        let skip = match stored.map(|stored| self.leading_stored(&frames, stored)) {
+            None => 0,
+            Some(Ok(skip)) => skip,
+            Some(Err(e)) => {
+                ingesting.stuck = Some((file, bytes.to_vec()));
+                return Err(self.refuse(e));
+            }
+        };
+        let rest = frames.get(skip..).unwrap_or_default();
+        if let Err((failed, e)) = commit_groups(rest, commit) {
+            let at = starts.get(skip + failed).copied().unwrap_or(0);
+            ingesting.stuck = Some((file, bytes[at..].to_vec()));
+            return Err(self.refuse(e));
+        }
+        if let Err(e) = self.files[file].set_len(0) {
+            ingesting.stuck = Some((file, Vec::new()));
+            return Err(self.refuse(io_error(e)));
+        }
+        Ok(())
     }
 
     /// Refuses appends from now on (until an ingest succeeds), for `e`.
@@ -474,24 +484,6 @@ impl Journal {
         }
         appending.refused = Some(e.to_string());
         e
-    }
-
-    /// Commits the frames in `bytes`; on failure, the offset of the first
-    /// frame not committed.
-    fn commit_bytes(
-        &self,
-        bytes: &[u8],
-        commit: &mut CommitFn<'_>,
-    ) -> std::result::Result<(), (usize, StoreError)> {
-        let (frames, starts, undecodable) = decode_frames(bytes);
-        if undecodable > 0 {
-            // This process wrote them: only a bug gets here.
-            tracing::error!(
-                bytes = undecodable,
-                "audit journal frames that do not decode were left out"
-            );
-        }
-        commit_groups(&frames, commit).map_err(|(first, e)| (starts[first], e))
     }
 
     /// Stops appends: everything appended from now on fails.
@@ -552,7 +544,7 @@ fn push_frame(out: &mut Vec<u8>, head: &ChainHead, batch: &[u8]) {
 /// The frames of `bytes` up to the first that is cut short or does not
 /// check, each with its offset, and how many bytes are left from there
 /// (0: none).
-pub(super) fn decode_frames(bytes: &[u8]) -> (Vec<Frame>, Vec<usize>, usize) {
+fn decode_frames(bytes: &[u8]) -> (Vec<Frame>, Vec<usize>, usize) {
     let mut frames = Vec::new();
     let mut starts = Vec::new();
     let mut at = 0;
